@@ -1,0 +1,361 @@
+"""The padded, fixed-capacity multi-system batch.
+
+A :class:`Batch` holds up to ``S`` systems in up to ``N`` atom slots. Both capacities are the
+static shapes of its arrays, so one compiled step serves every batch of the same capacity: systems
+of any size are written into free slots in place and nothing recompiles.
+
+Layout invariants (checked by :meth:`Batch.from_atoms`, kept by every update):
+
+- atoms of one system are contiguous on the atom axis; ``system_idx[i]`` is the slot of atom ``i``
+  and padding atoms carry ``system_idx == S`` (a sentinel that every reduction drops);
+- ``atom_mask`` / ``system_mask`` mark occupied atom and system slots;
+- a system has at most ``max_atoms_per_system`` atoms (a third static capacity, used by the dense
+  pair evaluation and by per-system views of per-atom data);
+- cells follow ASE: rows are lattice vectors. Units are ASE's: Å, eV, amu, and velocities in ASE's
+  native unit Å·sqrt(eV/amu), so that ``0.5 * m * v**2`` is in eV and ``ase.Atoms`` round-trip
+  exactly. Integrators take their time step in fs and convert with ``ase.units.fs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import ase
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from . import segment
+
+__all__ = ["Batch", "default_float"]
+
+
+def default_float():
+    """The float dtype used when none is given: float64 with ``jax_enable_x64``, else float32."""
+    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+class Batch(eqx.Module):
+    """A padded batch of atomic systems: a pytree of fixed-shape arrays.
+
+    Attributes
+    ----------
+    positions, velocities, forces : Array, shape (N, 3)
+    masses : Array, shape (N,)
+        In amu; padding atoms hold 1 so that divisions stay finite.
+    atomic_numbers : Array, shape (N,) int32
+    system_idx : Array, shape (N,) int32
+        Slot of each atom; ``S`` for padding.
+    atom_mask : Array, shape (N,) bool
+    cell : Array, shape (S, 3, 3)
+        Rows are lattice vectors (ASE convention). Empty slots hold the identity.
+    pbc : Array, shape (S, 3) bool
+    energy : Array, shape (S,)
+    stress : Array, shape (S, 3, 3)
+        ``(1/V) dE/dε`` in eV/Å³, ASE's sign convention.
+    system_mask : Array, shape (S,) bool
+    status : Array, shape (S,) int32
+        Selects the sub-stage that updates the system (see :class:`~fused_dynamics.FusedStage`).
+    system_id : Array, shape (S,) int32
+        The caller's index of the system in its dataset; -1 for an empty slot.
+    stage_state : tuple
+        Per-sub-stage state; every leaf has a leading axis of length S.
+    info : dict[str, Array]
+        Per-system bookkeeping arrays (leading axis S) kept by the run loop.
+    max_atoms_per_system : int
+        Static capacity of one system.
+    """
+
+    positions: jax.Array
+    velocities: jax.Array
+    masses: jax.Array
+    atomic_numbers: jax.Array
+    forces: jax.Array
+    system_idx: jax.Array
+    atom_mask: jax.Array
+    cell: jax.Array
+    pbc: jax.Array
+    energy: jax.Array
+    stress: jax.Array
+    system_mask: jax.Array
+    status: jax.Array
+    system_id: jax.Array
+    stage_state: tuple = ()
+    info: dict = eqx.field(default_factory=dict)
+    max_atoms_per_system: int = eqx.field(static=True, default=0)
+
+    # ------------------------------------------------------------------ capacities
+    @property
+    def max_atoms(self) -> int:
+        """Atom capacity N."""
+        return self.system_idx.shape[-1]
+
+    @property
+    def max_systems(self) -> int:
+        """System capacity S."""
+        return self.system_mask.shape[-1]
+
+    @property
+    def dtype(self):
+        return self.positions.dtype
+
+    # ------------------------------------------------------------------ per-system views
+    @property
+    def n_atoms(self) -> jax.Array:
+        """Number of atoms of each slot, shape (S,) int32 (0 for an empty slot)."""
+        return segment.segment_count(self.system_idx, self.max_systems)
+
+    @property
+    def volume(self) -> jax.Array:
+        """Cell volume of each slot, shape (S,)."""
+        return jnp.abs(jnp.linalg.det(self.cell))
+
+    def sum_atoms(self, x: jax.Array) -> jax.Array:
+        """Sum a per-atom array over each system, shape (S, ...)."""
+        return segment.segment_sum(x, self.system_idx, self.max_systems)
+
+    def max_atoms_of(self, x: jax.Array) -> jax.Array:
+        """Maximum of a per-atom array over each system (``-inf`` for empty slots)."""
+        return segment.segment_max(x, self.system_idx, self.max_systems)
+
+    def to_atoms_axis(self, x: jax.Array) -> jax.Array:
+        """Broadcast a per-system array (S, ...) to the atoms (N, ...); padding gets zero."""
+        return segment.to_atoms(x, self.system_idx)
+
+    def system_view_index(self) -> tuple[jax.Array, jax.Array]:
+        """Gather indices for a per-system view (S, A) of per-atom data.
+
+        Returns
+        -------
+        index : Array, shape (S, A) int32
+            Atom index of the k-th atom of system s (clipped into range where invalid).
+        valid : Array, shape (S, A) bool
+            Whether that atom exists.
+        """
+        a = self.max_atoms_per_system
+        start = segment.first_atom(self.system_idx, self.max_systems)
+        k = jnp.arange(a, dtype=jnp.int32)
+        index = start[:, None] + k[None, :]
+        valid = k[None, :] < self.n_atoms[:, None]
+        return jnp.clip(index, 0, self.max_atoms - 1), valid
+
+    # ------------------------------------------------------------------ ASE in/out
+    @classmethod
+    def from_atoms(
+        cls,
+        atoms_list: Sequence[ase.Atoms],
+        max_atoms: int | None = None,
+        max_systems: int | None = None,
+        dtype=None,
+        *,
+        max_atoms_per_system: int | None = None,
+        system_ids: Sequence[int] | None = None,
+    ) -> Batch:
+        """Pack a list of ``ase.Atoms`` into a padded batch.
+
+        Parameters
+        ----------
+        atoms_list : sequence of ase.Atoms
+            The systems, placed in slots 0, 1, ... in order.
+        max_atoms : int, optional
+            Atom capacity N (default: the total number of atoms).
+        max_systems : int, optional
+            System capacity S (default: ``len(atoms_list)``).
+        dtype : float dtype, optional
+            float32 by default, float64 when ``jax_enable_x64`` is on. Asking for float64
+            without x64 raises.
+        max_atoms_per_system : int, optional
+            Capacity of one system (default: the largest system given).
+        system_ids : sequence of int, optional
+            Dataset index of each system (default: 0, 1, ...).
+
+        Raises
+        ------
+        ValueError
+            Empty input, capacities too small, non-finite positions, a singular periodic cell,
+            non-positive masses, an empty system. The message names the system index.
+        TypeError
+            An element that is not ``ase.Atoms``, or a dtype that is not a float or not enabled.
+        """
+        dtype = _check_dtype(dtype)
+        atoms_list = list(atoms_list)
+        if len(atoms_list) == 0:
+            raise ValueError("Batch.from_atoms: atoms_list is empty; give at least one ase.Atoms.")
+        for i, atoms in enumerate(atoms_list):
+            _validate_atoms(atoms, i)
+        sizes = [len(a) for a in atoms_list]
+        n_total = sum(sizes)
+        max_systems = len(atoms_list) if max_systems is None else int(max_systems)
+        max_atoms = n_total if max_atoms is None else int(max_atoms)
+        a_cap = max(sizes) if max_atoms_per_system is None else int(max_atoms_per_system)
+        if len(atoms_list) > max_systems:
+            raise ValueError(
+                f"Batch.from_atoms: {len(atoms_list)} systems do not fit max_systems={max_systems}."
+            )
+        for i, n in enumerate(sizes):
+            if n > a_cap:
+                raise ValueError(
+                    f"Batch.from_atoms: system {i} has {n} atoms, more than "
+                    f"max_atoms_per_system={a_cap}."
+                )
+        if n_total > max_atoms:
+            raise ValueError(
+                f"Batch.from_atoms: {n_total} atoms in all do not fit max_atoms={max_atoms} "
+                f"(system {_first_overflow(sizes, max_atoms)} is the first that does not fit)."
+            )
+        if system_ids is None:
+            system_ids = range(len(atoms_list))
+        system_ids = np.asarray(list(system_ids), dtype=np.int32)
+        if system_ids.shape != (len(atoms_list),):
+            raise ValueError("Batch.from_atoms: system_ids must give one id per system.")
+
+        host = empty_host_arrays(max_atoms, max_systems)
+        offset = 0
+        for slot, atoms in enumerate(atoms_list):
+            write_system(host, slot, offset, atoms, int(system_ids[slot]))
+            offset += len(atoms)
+        return cls.from_host_arrays(host, dtype, a_cap)
+
+    @classmethod
+    def from_host_arrays(cls, host: dict[str, np.ndarray], dtype, max_atoms_per_system: int):
+        """Build a batch from the NumPy arrays made by :func:`empty_host_arrays`."""
+        fl = {"positions", "velocities", "masses", "forces", "cell", "energy", "stress"}
+        arrays = {
+            k: jnp.asarray(v, dtype=dtype) if k in fl else jnp.asarray(v) for k, v in host.items()
+        }
+        return cls(**arrays, max_atoms_per_system=int(max_atoms_per_system))
+
+    def to_atoms(self) -> list[ase.Atoms]:
+        """The occupied slots as ``ase.Atoms``, in slot order.
+
+        Each carries velocities and a ``SinglePointCalculator`` with energy, forces and stress
+        (stress in Voigt order, eV/Å³, as ASE returns it), and ``atoms.info["system_id"]`` and
+        ``atoms.info["status"]``.
+        """
+        host = jax.device_get(self)
+        out = []
+        system_idx = np.asarray(host.system_idx)
+        for slot in np.flatnonzero(np.asarray(host.system_mask)):
+            sel = np.flatnonzero(system_idx == slot)
+            atoms = ase.Atoms(
+                numbers=np.asarray(host.atomic_numbers)[sel],
+                positions=np.asarray(host.positions, dtype=np.float64)[sel],
+                masses=np.asarray(host.masses, dtype=np.float64)[sel],
+                cell=np.asarray(host.cell, dtype=np.float64)[slot],
+                pbc=np.asarray(host.pbc)[slot],
+            )
+            atoms.set_velocities(np.asarray(host.velocities, dtype=np.float64)[sel])
+            stress = np.asarray(host.stress, dtype=np.float64)[slot]
+            atoms.calc = SinglePointCalculator(
+                atoms,
+                energy=float(host.energy[slot]),
+                forces=np.asarray(host.forces, dtype=np.float64)[sel],
+                stress=_voigt(stress),
+            )
+            atoms.info["system_id"] = int(host.system_id[slot])
+            atoms.info["status"] = int(host.status[slot])
+            out.append(atoms)
+        return out
+
+
+# ---------------------------------------------------------------------- host-side packing
+def empty_host_arrays(max_atoms: int, max_systems: int) -> dict[str, np.ndarray]:
+    """NumPy arrays of an empty batch (every slot free), to be filled by :func:`write_system`."""
+    n, s = max_atoms, max_systems
+    return {
+        "positions": np.zeros((n, 3)),
+        "velocities": np.zeros((n, 3)),
+        "masses": np.ones(n),
+        "atomic_numbers": np.zeros(n, np.int32),
+        "forces": np.zeros((n, 3)),
+        "system_idx": np.full(n, s, np.int32),
+        "atom_mask": np.zeros(n, bool),
+        "cell": np.tile(np.eye(3), (s, 1, 1)),
+        "pbc": np.zeros((s, 3), bool),
+        "energy": np.zeros(s),
+        "stress": np.zeros((s, 3, 3)),
+        "system_mask": np.zeros(s, bool),
+        "status": np.zeros(s, np.int32),
+        "system_id": np.full(s, -1, np.int32),
+    }
+
+
+def write_system(host: dict, slot: int, offset: int, atoms: ase.Atoms, system_id: int) -> None:
+    """Write one ``ase.Atoms`` into slot ``slot`` and atoms ``offset:offset+len(atoms)``."""
+    n = len(atoms)
+    sel = slice(offset, offset + n)
+    host["positions"][sel] = atoms.get_positions()
+    host["velocities"][sel] = atoms.get_velocities()
+    host["masses"][sel] = atoms.get_masses()
+    host["atomic_numbers"][sel] = atoms.get_atomic_numbers()
+    host["forces"][sel] = 0.0
+    host["system_idx"][sel] = slot
+    host["atom_mask"][sel] = True
+    host["cell"][slot] = np.asarray(atoms.get_cell()) if atoms.pbc.any() else _safe_cell(atoms)
+    host["pbc"][slot] = atoms.get_pbc()
+    host["energy"][slot] = 0.0
+    host["stress"][slot] = 0.0
+    host["system_mask"][slot] = True
+    host["status"][slot] = 0
+    host["system_id"][slot] = system_id
+
+
+def _safe_cell(atoms: ase.Atoms) -> np.ndarray:
+    # A non-periodic system needs no cell, but volumes and strain derivatives want an invertible
+    # one: keep the user's cell if it is regular, else use the identity.
+    cell = np.asarray(atoms.get_cell())
+    return cell if abs(np.linalg.det(cell)) > 1e-12 else np.eye(3)
+
+
+def _voigt(s: np.ndarray) -> np.ndarray:
+    return np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+
+
+def _first_overflow(sizes, capacity) -> int:
+    total = 0
+    for i, n in enumerate(sizes):
+        total += n
+        if total > capacity:
+            return i
+    return len(sizes) - 1
+
+
+def _check_dtype(dtype):
+    if dtype is None:
+        return default_float()
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"Batch dtype must be a float dtype, got {dtype}.")
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise TypeError(
+            "Batch dtype float64 was asked for but jax_enable_x64 is off: call "
+            "jax.config.update('jax_enable_x64', True) first, or use float32."
+        )
+    return dtype
+
+
+def _validate_atoms(atoms: Any, i: int) -> None:
+    if not isinstance(atoms, ase.Atoms):
+        raise TypeError(f"system {i}: expected ase.Atoms, got {type(atoms).__name__}.")
+    if len(atoms) == 0:
+        raise ValueError(f"system {i}: has no atoms.")
+    pos = atoms.get_positions()
+    if not np.all(np.isfinite(pos)):
+        bad = int(np.flatnonzero(~np.isfinite(pos).all(axis=1))[0])
+        raise ValueError(f"system {i}: non-finite position (atom {bad}).")
+    if not np.all(np.isfinite(atoms.get_velocities())):
+        raise ValueError(f"system {i}: non-finite velocities.")
+    masses = atoms.get_masses()
+    if np.any(~(masses > 0)):
+        bad = int(np.flatnonzero(~(masses > 0))[0])
+        raise ValueError(f"system {i}: mass of atom {bad} is {masses[bad]}; masses must be > 0.")
+    if atoms.pbc.any():
+        cell = np.asarray(atoms.get_cell())
+        if not np.all(np.isfinite(cell)) or abs(np.linalg.det(cell)) < 1e-10:
+            raise ValueError(
+                f"system {i}: periodic boundaries (pbc={atoms.pbc.tolist()}) with a singular "
+                f"cell (volume {abs(np.linalg.det(cell)) if np.all(np.isfinite(cell)) else 'nan'})."
+            )

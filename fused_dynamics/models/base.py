@@ -1,0 +1,79 @@
+"""The model interface: energy per system, forces and stress by automatic differentiation."""
+
+from __future__ import annotations
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ..batch import Batch
+
+__all__ = ["Model", "ModelOutput"]
+
+
+class ModelOutput(eqx.Module):
+    """What a model returns for a batch.
+
+    Attributes
+    ----------
+    energy : Array, shape (S,)
+        Potential energy of each system in eV (0 for empty slots).
+    forces : Array, shape (N, 3)
+        ``-dE/dr`` in eV/Å (0 for padding atoms).
+    stress : Array, shape (S, 3, 3)
+        ``(1/V) dE/dε`` in eV/Å³, ASE's sign convention (negative under compression; the
+        pressure is ``-trace(stress) / 3``).
+    """
+
+    energy: jax.Array
+    forces: jax.Array
+    stress: jax.Array
+
+
+class Model(eqx.Module):
+    """An energy model for a padded batch.
+
+    Subclasses implement :meth:`energy`: the potential energy of every system of a batch, shape
+    (S,), as a differentiable function of the positions and cells. Calling the model returns
+    energy, forces (``-dE/dr``) and stress (``(1/V) dE/dε`` for a symmetric strain ``ε`` applied as
+    ``r -> r (1 + ε)`` and ``cell -> cell (1 + ε)``), all from one reverse pass.
+    """
+
+    @abc.abstractmethod
+    def energy(self, batch: Batch) -> jax.Array:
+        """Potential energy of each system, shape (S,)."""
+
+    def prepare(self, batch: Batch) -> Model:
+        """Resolve host-side static choices for ``batch`` (default: none). Called eagerly."""
+        return self
+
+    def __call__(self, batch: Batch) -> ModelOutput:
+        self = self.prepare(batch)
+        s = batch.max_systems
+        eye = jnp.eye(3, dtype=batch.dtype)
+
+        def total_energy(positions, strain):
+            strain = 0.5 * (strain + jnp.swapaxes(strain, -1, -2))
+            deform = eye + strain
+            atom_deform = batch.to_atoms_axis(deform) + jnp.where(
+                batch.atom_mask[:, None, None], 0.0, eye
+            )
+            strained = eqx.tree_at(
+                lambda b: (b.positions, b.cell),
+                batch,
+                (jnp.einsum("ni,nij->nj", positions, atom_deform), batch.cell @ deform),
+            )
+            e = self.energy(strained)
+            return jnp.sum(e), e
+
+        zero = jnp.zeros((s, 3, 3), batch.dtype)
+        (_, energy), (de_dr, de_deps) = jax.value_and_grad(
+            total_energy, argnums=(0, 1), has_aux=True
+        )(batch.positions, zero)
+        volume = jnp.where(batch.system_mask, batch.volume, 1.0)
+        forces = jnp.where(batch.atom_mask[:, None], -de_dr, 0.0)
+        stress = jnp.where(batch.system_mask[:, None, None], de_deps / volume[:, None, None], 0.0)
+        energy = jnp.where(batch.system_mask, energy, 0.0)
+        return ModelOutput(energy=energy, forces=forces, stress=stress)

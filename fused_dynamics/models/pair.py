@@ -1,0 +1,219 @@
+"""Pair potentials on the dense all-pairs-within-system path.
+
+The dense path pairs every atom with every atom of its own system (the ``max_atoms_per_system``
+block of the batch) and with their periodic images: ``O(N * A * K)`` work for N atom slots, A atoms
+per system and K image shifts. It is exact for any cell (triclinic, mixed periodicity, cells
+smaller than twice the cutoff) and is the reference for the neighbor-list path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..batch import Batch
+from .base import Model
+
+__all__ = ["PairPotential", "LennardJones", "Morse", "SoftSphere", "required_images"]
+
+
+def required_images(cell: jax.Array, pbc: jax.Array, cutoff: float) -> jax.Array:
+    """Image shifts needed along each lattice vector so that every pair within ``cutoff`` is seen.
+
+    Displacements are first wrapped to the nearest image in fractional coordinates (each component
+    in [-1/2, 1/2]), so along lattice vector k the shifts ``-n..n`` with
+    ``n = floor(cutoff / d_k + 1/2)`` suffice, where ``d_k`` is the spacing of the lattice planes
+    normal to the reciprocal vector ``b_k``.
+
+    Returns
+    -------
+    Array, shape (S, 3) int32 (0 along non-periodic directions).
+    """
+    recip = jnp.linalg.inv(cell)  # columns are reciprocal vectors b_k (without 2π)
+    spacing = 1.0 / jnp.linalg.norm(recip, axis=-2)
+    n = jnp.floor(cutoff / spacing + 0.5).astype(jnp.int32)
+    return jnp.where(pbc, n, 0)
+
+
+class PairPotential(Model):
+    """Base class of isotropic pair potentials ``E = 1/2 Σ_i Σ_j φ(r_ij)`` within each system.
+
+    Subclasses give :meth:`pair_energy` (``φ(r)`` for ``r < cutoff``) and ``cutoff``.
+
+    Parameters
+    ----------
+    images : tuple of 3 int, optional
+        Static number of periodic image shifts to include along each lattice vector. ``None``
+        means: computed from the cells when called on a concrete batch, else ``(1, 1, 1)``. A cell
+        too small for the images given is caught at run time with an error that names the system
+        (never silently wrong forces).
+    """
+
+    cutoff: float = eqx.field(static=True)
+    images: tuple[int, int, int] | None = eqx.field(static=True, default=None, kw_only=True)
+
+    def pair_energy(self, r: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def prepare(self, batch: Batch) -> PairPotential:
+        if self.images is not None or isinstance(batch.cell, jax.core.Tracer):
+            return self
+        return self.with_images(batch)
+
+    def with_images(self, batch: Batch) -> PairPotential:
+        """A copy whose static image range covers every system of ``batch`` (host-side)."""
+        need = np.asarray(required_images(batch.cell, batch.pbc, self.cutoff))
+        need = need[np.asarray(batch.system_mask)]
+        images = tuple(int(n) for n in need.max(axis=0)) if need.size else (0, 0, 0)
+        return dataclasses.replace(self, images=images)
+
+    def energy(self, batch: Batch) -> jax.Array:
+        n_img = (1, 1, 1) if self.images is None else tuple(self.images)
+        need = required_images(batch.cell, batch.pbc, self.cutoff)
+        too_small = batch.system_mask & jnp.any(need > jnp.asarray(n_img), axis=-1)
+        cell = eqx.error_if(
+            batch.cell,
+            jnp.any(too_small),
+            f"A periodic cell is too small for cutoff {self.cutoff} with the static image range "
+            f"{n_img} of {type(self).__name__}: build the model with images=... large enough "
+            "(see fused_dynamics.models.required_images) or call model.with_images(batch).",
+        )
+        shifts = jnp.asarray(
+            list(itertools.product(*(range(-n, n + 1) for n in n_img))), dtype=batch.dtype
+        )  # (K, 3) in units of the lattice vectors
+
+        index, valid = batch.system_view_index()  # (S, A)
+        sys = jnp.minimum(batch.system_idx, batch.max_systems - 1)
+        j = index[sys]  # (N, A)
+        pair_ok = valid[sys] & batch.atom_mask[:, None]
+        inv_cell = jnp.linalg.inv(cell)
+        pbc = batch.pbc[sys]  # (N, 3)
+        ds = jnp.einsum("nai,nij->naj", batch.positions[j] - batch.positions[:, None], inv_cell[sys])
+        ds = ds - jnp.where(pbc[:, None], jnp.round(ds), 0.0)
+        # shifts along non-periodic directions are not images
+        shift_ok = jnp.all((shifts[None] == 0) | pbc[:, None], axis=-1)  # (N, K)
+        frac = ds[:, :, None, :] + shifts[None, None]  # (N, A, K, 3)
+        d = jnp.einsum("nakj,njl->nakl", frac, cell[sys])
+        self_pair = (j == jnp.arange(batch.max_atoms)[:, None])[:, :, None] & jnp.all(
+            shifts == 0, axis=-1
+        )[None, None]
+        ok = pair_ok[:, :, None] & shift_ok[:, None, :] & ~self_pair
+        r2 = jnp.sum(d * d, axis=-1)
+        ok = ok & (r2 < self.cutoff**2)
+        r = jnp.sqrt(jnp.where(ok, r2, 1.0))
+        phi = jnp.where(ok, self.pair_energy(r), 0.0)
+        atom_energy = 0.5 * jnp.sum(phi, axis=(1, 2))
+        return batch.sum_atoms(atom_energy)
+
+
+def _switch_r2(r: jax.Array, cutoff: float, onset: float) -> jax.Array:
+    """ASE's (and JAX-MD's) C¹ switch in r²: 1 below ``onset``, 0 at ``cutoff``."""
+    r2, rc2, ro2 = r * r, cutoff**2, onset**2
+    s = (rc2 - r2) ** 2 * (rc2 + 2 * r2 - 3 * ro2) / (rc2 - ro2) ** 3
+    return jnp.where(r2 < ro2, 1.0, s)
+
+
+def _switch_quintic(r: jax.Array, cutoff: float, onset: float) -> jax.Array:
+    """ASE's ``MorsePotential`` C² switch: 1 below ``onset``, 0 at ``cutoff``."""
+    s = 1.0 - (r - onset) / (cutoff - onset)
+    return jnp.where(s >= 1.0, 1.0, 6.0 * s**5 - 15.0 * s**4 + 10.0 * s**3)
+
+
+class LennardJones(PairPotential):
+    """Lennard-Jones ``φ(r) = 4ε[(σ/r)^12 - (σ/r)^6]``.
+
+    Parameters
+    ----------
+    sigma, epsilon : float
+        Å and eV.
+    cutoff : float
+        Å; pairs at ``r >= cutoff`` do not interact.
+    shift : bool, default True
+        Shift ``φ`` to zero at the cutoff (ASE's ``LennardJones(smooth=False)``). Ignored when
+        ``switch_onset`` is given.
+    switch_onset : float, optional
+        Multiply ``φ`` by the C¹ switch of ASE's ``LennardJones(smooth=True, ro=switch_onset)``
+        (the same form as JAX-MD's ``multiplicative_isotropic_cutoff``).
+    """
+
+    sigma: float | jax.Array
+    epsilon: float | jax.Array
+    cutoff: float = eqx.field(static=True)
+    shift: bool = eqx.field(static=True, default=True)
+    switch_onset: float | None = eqx.field(static=True, default=None)
+
+    def pair_energy(self, r):
+        def lj(r):
+            c6 = (self.sigma / r) ** 6
+            return 4.0 * self.epsilon * (c6 * c6 - c6)
+
+        if self.switch_onset is not None:
+            return lj(r) * _switch_r2(r, self.cutoff, self.switch_onset)
+        if self.shift:
+            return lj(r) - lj(jnp.asarray(self.cutoff, r.dtype))
+        return lj(r)
+
+
+class Morse(PairPotential):
+    """Morse ``φ(r) = D[e^{-2α(r - r0)} - 2e^{-α(r - r0)}]``.
+
+    Parameters
+    ----------
+    D, alpha, r0 : float
+        Well depth (eV), stiffness (1/Å), equilibrium distance (Å). ASE's ``MorsePotential``
+        has ``epsilon = D`` and ``rho0 = alpha * r0``.
+    cutoff : float
+        Å.
+    shift : bool, default True
+        Shift ``φ`` to zero at the cutoff (ignored when ``switch_onset`` is given).
+    switch_onset : float, optional
+        Multiply ``φ`` by ASE's quintic switch between ``switch_onset`` and ``cutoff``
+        (``MorsePotential(rcut1=switch_onset / r0, rcut2=cutoff / r0)``).
+    """
+
+    D: float | jax.Array
+    alpha: float | jax.Array
+    r0: float | jax.Array
+    cutoff: float = eqx.field(static=True)
+    shift: bool = eqx.field(static=True, default=True)
+    switch_onset: float | None = eqx.field(static=True, default=None)
+
+    def pair_energy(self, r):
+        def morse(r):
+            e = jnp.exp(-self.alpha * (r - self.r0))
+            return self.D * e * (e - 2.0)
+
+        if self.switch_onset is not None:
+            return morse(r) * _switch_quintic(r, self.cutoff, self.switch_onset)
+        if self.shift:
+            return morse(r) - morse(jnp.asarray(self.cutoff, r.dtype))
+        return morse(r)
+
+
+class SoftSphere(PairPotential):
+    """Soft sphere ``φ(r) = ε/α (1 - r/σ)^α`` for ``r < σ`` (JAX-MD's ``soft_sphere``).
+
+    Parameters
+    ----------
+    sigma : float
+        Contact distance in Å; also the cutoff.
+    epsilon : float
+        eV.
+    alpha : float, default 2.0
+    """
+
+    sigma: float = eqx.field(static=True)
+    epsilon: float | jax.Array = 1.0
+    alpha: float | jax.Array = 2.0
+    cutoff: float = eqx.field(static=True, init=False)
+
+    def __post_init__(self):
+        self.cutoff = float(self.sigma)
+
+    def pair_energy(self, r):
+        return self.epsilon / self.alpha * (1.0 - r / self.sigma) ** self.alpha
