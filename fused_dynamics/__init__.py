@@ -4,8 +4,33 @@ Many systems share one padded :class:`Batch`; a chain of sub-stages runs as one 
 with one model evaluation per step.
 """
 
-from . import models, segment
+from . import models, observables, segment
 from .batch import Batch, default_float
+from .convergence import ConvergenceHook, Criterion
+from .fused import FusedStage, StepReport
+from .hooks import DynamicsStage, ExitReason, Hook, HookData
 from .models import ModelOutput
+from .observables import initialize_velocities, kinetic_energy, temperature
+from .stages import NVE, Stage
 
-__all__ = ["Batch", "ModelOutput", "default_float", "models", "segment"]
+__all__ = [
+    "Batch",
+    "ConvergenceHook",
+    "Criterion",
+    "DynamicsStage",
+    "ExitReason",
+    "FusedStage",
+    "Hook",
+    "HookData",
+    "ModelOutput",
+    "NVE",
+    "Stage",
+    "StepReport",
+    "default_float",
+    "initialize_velocities",
+    "kinetic_energy",
+    "models",
+    "observables",
+    "segment",
+    "temperature",
+]

@@ -18,6 +18,7 @@ Layout invariants (checked by :meth:`Batch.from_atoms`, kept by every update):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,6 +102,10 @@ class Batch(eqx.Module):
     @property
     def dtype(self):
         return self.positions.dtype
+
+    def replace(self, **fields) -> Batch:
+        """A copy with some fields replaced (the original is untouched)."""
+        return dataclasses.replace(self, **fields)
 
     # ------------------------------------------------------------------ per-system views
     @property

@@ -93,7 +93,9 @@ class PairPotential(Model):
         pair_ok = valid[sys] & batch.atom_mask[:, None]
         inv_cell = jnp.linalg.inv(cell)
         pbc = batch.pbc[sys]  # (N, 3)
-        ds = jnp.einsum("nai,nij->naj", batch.positions[j] - batch.positions[:, None], inv_cell[sys])
+        ds = jnp.einsum(
+            "nai,nij->naj", batch.positions[j] - batch.positions[:, None], inv_cell[sys]
+        )
         ds = ds - jnp.where(pbc[:, None], jnp.round(ds), 0.0)
         # shifts along non-periodic directions are not images
         shift_ok = jnp.all((shifts[None] == 0) | pbc[:, None], axis=-1)  # (N, K)

@@ -1,0 +1,142 @@
+"""Convergence criteria and the per-system convergence mask."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .batch import Batch
+
+__all__ = ["ConvergenceHook", "Criterion", "DEFAULT_FMAX"]
+
+DEFAULT_FMAX = 0.05  # eV/Å, the default criterion of a stage that must converge
+
+_REDUCE_OPS = {
+    "min": jnp.min,
+    "max": jnp.max,
+    "norm": jnp.linalg.norm,
+    "mean": jnp.mean,
+    "sum": jnp.sum,
+}
+_ATOM_FIELDS = ("forces", "velocities", "positions")
+
+
+class Criterion(eqx.Module):
+    """One criterion: ``reduce(field) <= threshold``.
+
+    Parameters
+    ----------
+    key : str
+        A per-system observable (``fmax``, ``energy``, ``energy_change``, ``temperature``,
+        anything a stage's ``observables`` gives) or a per-atom field of the batch (``forces``,
+        ``velocities``, ``positions``).
+    threshold : float
+    reduce_op : {"min", "max", "norm", "mean", "sum"}, optional
+        For a per-atom field: how each atom's row is reduced over ``reduce_dims`` (default: the
+        absolute maximum). The system value is then the maximum over its atoms.
+    reduce_dims : int or tuple of int, default -1
+    """
+
+    key: str = eqx.field(static=True)
+    threshold: float | jax.Array
+    reduce_op: str | None = eqx.field(static=True, default=None)
+    reduce_dims: int | tuple[int, ...] = eqx.field(static=True, default=-1)
+
+    def __check_init__(self):
+        if self.reduce_op is not None and self.reduce_op not in _REDUCE_OPS:
+            raise ValueError(
+                f"Criterion {self.key!r}: reduce_op={self.reduce_op!r} is not one of "
+                f"{sorted(_REDUCE_OPS)}."
+            )
+
+    def value(self, batch: Batch, fields: Mapping[str, jax.Array]) -> jax.Array:
+        """The system value of this criterion, shape (S,)."""
+        if self.key in fields:
+            return fields[self.key]
+        if self.key in _ATOM_FIELDS:
+            x = getattr(batch, self.key)
+            if self.reduce_op is None:
+                per_atom = jnp.max(jnp.abs(x), axis=self.reduce_dims)
+            else:
+                per_atom = _REDUCE_OPS[self.reduce_op](x, axis=self.reduce_dims)
+            per_atom = jnp.where(batch.atom_mask, per_atom, -jnp.inf)
+            return batch.max_atoms_of(per_atom)
+        known = sorted(set(fields) | set(_ATOM_FIELDS))
+        raise KeyError(f"Convergence criterion key {self.key!r} is unknown; known keys: {known}.")
+
+
+class ConvergenceHook(eqx.Module):
+    """Per-system convergence test: every criterion holds (AND), and ``custom_op`` if given.
+
+    Parameters
+    ----------
+    criteria : sequence of dict or Criterion
+        Each dict has ``key`` and ``threshold`` and optionally ``reduce_op`` and ``reduce_dims``.
+        Default: ``[{"key": "fmax", "threshold": 0.05}]``.
+    source_status, target_status : int, optional
+        Set by :class:`~fused_dynamics.FusedStage` from the stage's code and the next code; a
+        hook given explicitly may name them.
+    custom_op : callable, optional
+        ``custom_op(batch, fields) -> bool array (S,)``, traceable; combined with AND.
+    """
+
+    criteria: tuple[Criterion, ...]
+    source_status: int | None = eqx.field(static=True, default=None)
+    target_status: int | None = eqx.field(static=True, default=None)
+    custom_op: Callable | None = eqx.field(static=True, default=None)
+
+    def __init__(
+        self,
+        criteria: Sequence[Mapping[str, Any] | Criterion] | None = None,
+        source_status: int | None = None,
+        target_status: int | None = None,
+        custom_op: Callable | None = None,
+    ):
+        if criteria is None:
+            criteria = [] if custom_op is not None else [{"key": "fmax", "threshold": DEFAULT_FMAX}]
+        parsed = []
+        for i, c in enumerate(criteria):
+            if isinstance(c, Criterion):
+                parsed.append(c)
+                continue
+            if not isinstance(c, Mapping) or "key" not in c or "threshold" not in c:
+                raise ValueError(
+                    f"ConvergenceHook criterion {i}: expected a dict with 'key' and 'threshold', "
+                    f"got {c!r}."
+                )
+            unknown = set(c) - {"key", "threshold", "reduce_op", "reduce_dims"}
+            if unknown:
+                raise ValueError(
+                    f"ConvergenceHook criterion {i}: unknown entries {sorted(unknown)}."
+                )
+            dims = c.get("reduce_dims", -1)
+            parsed.append(
+                Criterion(
+                    key=str(c["key"]),
+                    threshold=c["threshold"],
+                    reduce_op=c.get("reduce_op"),
+                    reduce_dims=tuple(dims) if isinstance(dims, (list, tuple)) else int(dims),
+                )
+            )
+        self.criteria = tuple(parsed)
+        self.source_status = source_status
+        self.target_status = target_status
+        self.custom_op = custom_op
+
+    @classmethod
+    def from_fmax(cls, threshold: float = DEFAULT_FMAX, **kwargs) -> ConvergenceHook:
+        """Converged when the largest atomic force is at most ``threshold`` eV/Å."""
+        return cls([{"key": "fmax", "threshold": threshold}], **kwargs)
+
+    def converged(self, batch: Batch, fields: Mapping[str, jax.Array]) -> jax.Array:
+        """Per-system boolean (S,): every criterion holds. Empty slots are False."""
+        ok = batch.system_mask
+        for c in self.criteria:
+            ok = ok & (c.value(batch, fields) <= c.threshold)
+        if self.custom_op is not None:
+            ok = ok & jnp.asarray(self.custom_op(batch, fields), bool)
+        return ok

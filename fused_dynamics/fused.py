@@ -1,0 +1,394 @@
+"""FusedStage: a chain of sub-stages run as one compiled step with one model evaluation.
+
+Every system slot carries a ``status``; the sub-stage whose code equals it updates the system.
+One step (see ``shared/SEMANTICS.md``)::
+
+    BEFORE_STEP hooks
+    for each sub-stage: BEFORE_PRE_UPDATE hooks, first half on its systems
+    ONE model evaluation on the whole batch; AFTER_COMPUTE hooks
+    for each sub-stage: second half on its systems, AFTER_POST_UPDATE hooks
+    AFTER_STEP hooks
+    step counters, budgets -> migration, convergence -> migration, ON_CONVERGE hooks
+
+The set of systems a sub-stage updates is fixed by the status at the start of the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .batch import Batch
+from .convergence import ConvergenceHook
+from .hooks import DynamicsStage, ExitReason, Hook, fire_hooks
+from .stages.base import Stage
+
+__all__ = ["FusedStage", "StepReport"]
+
+
+class StepReport(eqx.Module):
+    """What one fused step reports besides the new batch.
+
+    Attributes
+    ----------
+    graduated : Array, shape (S,) bool
+        Systems that reached ``exit_status`` during this step, by convergence or by budget.
+    converged : Array, shape (S,) bool
+        Systems whose stage criterion held this step (they migrated).
+    budget_spent : Array, shape (S,) bool
+        Systems that used up their stage's step budget this step (they migrated).
+    """
+
+    graduated: jax.Array
+    converged: jax.Array
+    budget_spent: jax.Array
+
+
+class FusedStage(eqx.Module):
+    """Sub-stages sharing one batch and one model evaluation per step.
+
+    Parameters
+    ----------
+    sub_stages : sequence of (int, Stage)
+        ``(status_code, stage)`` pairs, in the order systems move through them.
+    entry_status : int, default 0
+        Status a newly loaded system gets.
+    exit_status : int, default -1
+        Status of a graduated system; -1 means ``len(sub_stages)``.
+    compile_step : bool, default True
+        ``jax.jit`` the run loop and the step.
+    compile_kwargs : dict, optional
+        Forwarded to ``jax.jit``.
+    init_fn : callable, optional
+        ``init_fn(batch) -> batch`` applied to a batch before its first step (and to each batch
+        of refilled systems in inflight runs), for example to draw velocities.
+    hooks : sequence of (DynamicsStage, Hook), optional
+        Fused-level hooks (see :meth:`register_fused_hook`).
+
+    Examples
+    --------
+    >>> fused = fd.FIRE(model) + fd.NVE(model, dt=2.0, n_steps=100)
+    >>> final = fused.run(batch)
+    """
+
+    sub_stages: tuple[tuple[int, Stage], ...]
+    entry_status: int = eqx.field(static=True)
+    exit_status: int = eqx.field(static=True)
+    compile_step: bool = eqx.field(static=True)
+    compile_kwargs: dict = eqx.field(static=True)
+    init_fn: Callable | None = eqx.field(static=True)
+    hooks: tuple = eqx.field(static=True)
+
+    def __init__(
+        self,
+        sub_stages: Sequence[tuple[int, Stage]],
+        *,
+        entry_status: int = 0,
+        exit_status: int = -1,
+        compile_step: bool = True,
+        compile_kwargs: dict | None = None,
+        init_fn: Callable | None = None,
+        hooks: Sequence[tuple[DynamicsStage, Hook]] = (),
+    ):
+        pairs = []
+        for i, item in enumerate(sub_stages):
+            if isinstance(item, Stage):
+                item = (i, item)
+            code, stage = item
+            if not isinstance(stage, Stage):
+                raise TypeError(f"sub-stage {i}: expected a Stage, got {type(stage).__name__}.")
+            pairs.append((int(code), stage))
+        if not pairs:
+            raise ValueError("FusedStage needs at least one sub-stage.")
+        codes = [c for c, _ in pairs]
+        if len(set(codes)) != len(codes):
+            raise ValueError(f"FusedStage: status codes must be distinct, got {codes}.")
+        exit_status = len(pairs) if exit_status == -1 else int(exit_status)
+        if exit_status in codes:
+            raise ValueError(f"FusedStage: exit_status {exit_status} is also a sub-stage code.")
+        model0 = pairs[0][1].model
+        for i, (_, stage) in enumerate(pairs[1:], start=1):
+            if not _same_model(model0, stage.model):
+                raise ValueError(
+                    f"FusedStage: sub-stage {i} ({type(stage).__name__}) holds a different model "
+                    "from sub-stage 0; all sub-stages must share one model (one evaluation per "
+                    "step)."
+                )
+        self.sub_stages = tuple(pairs)
+        self.entry_status = int(entry_status)
+        self.exit_status = exit_status
+        self.compile_step = bool(compile_step)
+        self.compile_kwargs = dict(compile_kwargs or {})
+        self.init_fn = init_fn
+        self.hooks = tuple(hooks)
+
+    # ------------------------------------------------------------------ composition
+    def __add__(self, other: Stage | FusedStage) -> FusedStage:
+        """Append a sub-stage (or every sub-stage of another fused stage) with the next codes."""
+        extra = [s for _, s in other.sub_stages] if isinstance(other, FusedStage) else [other]
+        stages = [s for _, s in self.sub_stages] + extra
+        return FusedStage(
+            list(enumerate(stages)),
+            entry_status=self.entry_status,
+            compile_step=self.compile_step,
+            compile_kwargs=self.compile_kwargs,
+            init_fn=self.init_fn,
+            hooks=self.hooks + (other.hooks if isinstance(other, FusedStage) else ()),
+        )
+
+    def __repr__(self) -> str:
+        lines = [f"FusedStage(entry_status={self.entry_status}, exit_status={self.exit_status},"]
+        for code, stage in self.sub_stages:
+            budget = f", n_steps={stage.n_steps}" if stage.n_steps is not None else ""
+            lines.append(f"  {code}: {type(stage).__name__}{budget},")
+        lines.append(f"  hooks={len(self.hooks)})")
+        return "\n".join(lines)
+
+    def register_fused_hook(self, hook: Hook, stage: DynamicsStage | None = None) -> FusedStage:
+        """A new fused stage with ``hook`` added at the fused level (inputs untouched)."""
+        stage = hook.stage if stage is None else stage
+        return eqx.tree_at(lambda f: f.hooks, self, self.hooks + ((stage, hook),))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model(self):
+        return self.sub_stages[0][1].model
+
+    @property
+    def codes(self) -> tuple[int, ...]:
+        return tuple(c for c, _ in self.sub_stages)
+
+    def next_code(self, i: int) -> int:
+        """Status a system leaving sub-stage ``i`` moves to."""
+        return self.sub_stages[i + 1][0] if i + 1 < len(self.sub_stages) else self.exit_status
+
+    def migration_rule(self, i: int) -> ConvergenceHook | None:
+        """The convergence criterion of sub-stage ``i`` ([S10]), with its codes filled in."""
+        code, stage = self.sub_stages[i]
+        hook = stage.convergence_hook
+        last = i == len(self.sub_stages) - 1
+        if hook is None and not last:
+            hook = ConvergenceHook()
+        if hook is None:
+            return None
+        return ConvergenceHook(
+            hook.criteria,
+            source_status=code if hook.source_status is None else hook.source_status,
+            target_status=self.next_code(i) if hook.target_status is None else hook.target_status,
+            custom_op=hook.custom_op,
+        )
+
+    def graduates(self) -> bool:
+        """Whether the final sub-stage can ever send a system to ``exit_status``."""
+        _, last = self.sub_stages[-1]
+        return last.convergence_hook is not None or last.n_steps is not None
+
+    # ------------------------------------------------------------------ state
+    def init(self, batch: Batch) -> Batch:
+        """Prepare a batch for this fused stage: status, stage state, bookkeeping, forces.
+
+        Occupied slots get ``entry_status``; each sub-stage's state is created; the model is
+        evaluated once to prime energy, forces and stress ([S6]). ``init_fn`` is applied first.
+        """
+        if self.init_fn is not None:
+            batch = self.init_fn(batch)
+        s = batch.max_systems
+        status = jnp.where(batch.system_mask, self.entry_status, self.exit_status).astype(jnp.int32)
+        batch = batch.replace(
+            status=status,
+            stage_state=tuple(stage.init_state(batch) for _, stage in self.sub_stages),
+            info=fresh_info(s, len(self.sub_stages), batch.dtype),
+        )
+        return self.evaluate(batch)
+
+    def is_initialized(self, batch: Batch) -> bool:
+        return len(batch.stage_state) == len(self.sub_stages) and "stage_steps" in batch.info
+
+    def evaluate(self, batch: Batch) -> Batch:
+        """Evaluate the model once and write energy, forces and stress into the batch."""
+        out = self.model(batch)
+        return batch.replace(energy=out.energy, forces=out.forces, stress=out.stress)
+
+    # ------------------------------------------------------------------ the step
+    def step(self, batch: Batch, step_count: jax.Array | int = 0) -> tuple[Batch, StepReport]:
+        """One fused step on an initialized batch (see the module docstring for the order).
+
+        Parameters
+        ----------
+        batch : Batch
+            Prepared by :meth:`init` (or returned by a previous step).
+        step_count : int or Array
+            The fused step number, used by hook frequencies ([S8]).
+
+        Returns
+        -------
+        batch : Batch
+        report : StepReport
+        """
+        step_count = jnp.asarray(step_count, jnp.int32)
+        status0 = batch.status
+        n_sub = len(self.sub_stages)
+        masks = [batch.system_mask & (status0 == code) for code, _ in self.sub_stages]
+        states = list(batch.stage_state)
+
+        batch = self._fire(DynamicsStage.BEFORE_STEP, batch, step_count, None)
+        for i, (_, stage) in enumerate(self.sub_stages):
+            batch = self._fire(DynamicsStage.BEFORE_PRE_UPDATE, batch, step_count, i)
+            batch, states[i] = stage.pre_update(batch, states[i], masks[i])
+
+        batch = self._fire(DynamicsStage.BEFORE_COMPUTE, batch, step_count, None, fused_only=True)
+        batch = self.evaluate(batch)
+        batch = self._fire(DynamicsStage.AFTER_COMPUTE, batch, step_count, None)
+
+        for i, (_, stage) in enumerate(self.sub_stages):
+            batch, states[i] = stage.post_update(batch, states[i], masks[i])
+            batch = self._fire(DynamicsStage.AFTER_POST_UPDATE, batch, step_count, i)
+        batch = batch.replace(stage_state=tuple(states))
+        batch = self._fire(DynamicsStage.AFTER_STEP, batch, step_count, None)
+
+        # ---- bookkeeping and migration ([S5], [S10]-[S12])
+        info = dict(batch.info)
+        in_stage = jnp.stack(masks, axis=-1)  # (S, n_sub)
+        stage_steps = info["stage_steps"] + in_stage.astype(jnp.int32)
+        energy_change = jnp.abs(batch.energy - info["prev_energy"])
+        status = status0
+        budget_spent = jnp.zeros_like(batch.system_mask)
+        converged = jnp.zeros_like(batch.system_mask)
+        for i, (_, stage) in enumerate(self.sub_stages):
+            if stage.n_steps is not None:
+                spent = masks[i] & (stage_steps[:, i] >= stage.n_steps)
+                budget_spent = budget_spent | spent
+                status = jnp.where(spent, self.next_code(i), status)
+        for i, (_, stage) in enumerate(self.sub_stages):
+            rule = self.migration_rule(i)
+            if rule is None:
+                continue
+            fields = dict(stage.observables(batch, states[i]))
+            fields["energy_change"] = energy_change
+            conv = masks[i] & (status0 == rule.source_status) & rule.converged(batch, fields)
+            converged = converged | conv
+            status = jnp.where(conv, rule.target_status, status)
+        moved = status != status0
+        graduated = moved & (status == self.exit_status)
+        reason = jnp.where(
+            graduated & converged,
+            ExitReason.CONVERGED,
+            jnp.where(graduated & budget_spent, ExitReason.BUDGET, info["exit_reason"]),
+        )
+        info["stage_steps"] = stage_steps
+        info["prev_energy"] = jnp.where(moved, jnp.inf, batch.energy)
+        info["exit_reason"] = reason.astype(jnp.int32)
+        batch = batch.replace(status=status.astype(jnp.int32), info=info)
+        report = StepReport(graduated=graduated, converged=converged, budget_spent=budget_spent)
+        batch = self._fire(DynamicsStage.ON_CONVERGE, batch, step_count, None, report=report)
+        return batch, report
+
+    def _fire(self, when, batch, step_count, sub_index, fused_only=False, report=None):
+        hooks = [h for w, h in self.hooks if w == when]
+        if not fused_only:
+            if when in _PER_SUBSTAGE and sub_index is not None:
+                _, stage = self.sub_stages[sub_index]
+                hooks += [h for w, h in getattr(stage, "hooks", ()) if w == when]
+            elif when in _ALL_SUBSTAGES:
+                for _, stage in self.sub_stages:
+                    hooks += [h for w, h in getattr(stage, "hooks", ()) if w == when]
+        if not hooks:
+            return batch
+        return fire_hooks(hooks, batch, step_count, when, self, report)
+
+    # ------------------------------------------------------------------ the run loop
+    def run(self, batch: Batch, n_steps: int | None = None) -> Batch:
+        """Run until every occupied slot has graduated, or for at most ``n_steps`` steps.
+
+        Parameters
+        ----------
+        batch : Batch
+            A batch from :meth:`Batch.from_atoms`, or one returned by an earlier run (which then
+            continues where it stopped).
+        n_steps : int, optional
+            Maximum number of steps. Required when the final sub-stage never graduates.
+
+        Returns
+        -------
+        Batch
+            The final batch, with ``info["exit_reason"]`` (:class:`ExitReason`) and
+            ``info["stage_steps"]`` (steps each system spent in each sub-stage).
+        """
+        if n_steps is None and not self.graduates():
+            raise ValueError(
+                "FusedStage.run: the final sub-stage has neither a convergence_hook nor n_steps, "
+                "so systems never graduate; give run(..., n_steps=...) or a budget/criterion."
+            )
+        limit = jnp.iinfo(jnp.int32).max if n_steps is None else int(n_steps)
+        fn = _run_loop
+        if self.compile_step:
+            fn = _compiled_run(self.compile_kwargs)
+        return fn(self, batch, jnp.asarray(limit, jnp.int32))
+
+
+def _run_loop(fused: FusedStage, batch: Batch, limit: jax.Array) -> Batch:
+    if not fused.is_initialized(batch):
+        batch = fused.init(batch)
+
+    def cond(carry):
+        batch, step = carry
+        pending = batch.system_mask & (batch.status != fused.exit_status)
+        return (step < limit) & jnp.any(pending)
+
+    def body(carry):
+        batch, step = carry
+        batch, _ = fused.step(batch, step)
+        return batch, step + 1
+
+    batch, _ = jax.lax.while_loop(cond, body, (batch, jnp.zeros((), jnp.int32)))
+    return batch
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_run(compile_kwargs: dict):
+    key = tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items()))
+    if key not in _COMPILED:
+        _COMPILED[key] = jax.jit(_run_loop, **compile_kwargs)
+    return _COMPILED[key]
+
+
+def fresh_info(num_systems: int, num_sub_stages: int, dtype) -> dict[str, jax.Array]:
+    """Per-system bookkeeping of a fresh batch (every leaf has leading axis S)."""
+    return {
+        "stage_steps": jnp.zeros((num_systems, num_sub_stages), jnp.int32),
+        "prev_energy": jnp.full((num_systems,), jnp.inf, dtype),
+        "exit_reason": jnp.full((num_systems,), ExitReason.RUNNING, jnp.int32),
+    }
+
+
+def _same_model(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    if ta != tb:
+        return False
+    for x, y in zip(la, lb, strict=True):
+        if x is y:
+            continue
+        if isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer):
+            return False
+        if np.shape(x) != np.shape(y) or not np.all(np.asarray(x) == np.asarray(y)):
+            return False
+    return True
+
+
+_PER_SUBSTAGE = (DynamicsStage.BEFORE_PRE_UPDATE, DynamicsStage.AFTER_POST_UPDATE)
+_ALL_SUBSTAGES = (
+    DynamicsStage.BEFORE_STEP,
+    DynamicsStage.AFTER_COMPUTE,
+    DynamicsStage.AFTER_STEP,
+    DynamicsStage.ON_CONVERGE,
+)

@@ -1,0 +1,113 @@
+"""Per-system observables: kinetic energy, temperature, fmax, pressure; Maxwell–Boltzmann velocities.
+
+Temperature convention: ``T = 2 KE / (n_dof k_B)`` with ``n_dof = 3 n_atoms`` per system, as
+``ase.Atoms.get_temperature`` (no degrees of freedom removed for the centre of mass). Padding atoms
+never count.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from ase import units
+
+from . import segment
+from .batch import Batch
+
+__all__ = [
+    "kinetic_energy",
+    "temperature",
+    "fmax",
+    "pressure",
+    "initialize_velocities",
+    "degrees_of_freedom",
+]
+
+
+def kinetic_energy(batch: Batch) -> jax.Array:
+    """Kinetic energy ``Σ ½ m v²`` of each system in eV, shape (S,)."""
+    ke_atom = 0.5 * batch.masses * jnp.sum(batch.velocities**2, axis=-1)
+    return batch.sum_atoms(jnp.where(batch.atom_mask, ke_atom, 0.0))
+
+
+def degrees_of_freedom(batch: Batch) -> jax.Array:
+    """``3 n_atoms`` per system (ASE's convention), shape (S,), in the batch's float dtype."""
+    return 3.0 * batch.n_atoms.astype(batch.dtype)
+
+
+def temperature(batch: Batch) -> jax.Array:
+    """Instantaneous temperature of each system in K, shape (S,) (0 for empty slots)."""
+    dof = degrees_of_freedom(batch)
+    return 2.0 * kinetic_energy(batch) / (jnp.maximum(dof, 1.0) * units.kB)
+
+
+def fmax(batch: Batch, forces: jax.Array | None = None) -> jax.Array:
+    """Largest atomic force norm of each system in eV/Å, shape (S,) (0 for empty slots)."""
+    f = batch.forces if forces is None else forces
+    norm = jnp.where(batch.atom_mask, jnp.linalg.norm(f, axis=-1), 0.0)
+    return jnp.maximum(batch.max_atoms_of(norm), 0.0)
+
+
+def pressure(batch: Batch, include_kinetic: bool = True) -> jax.Array:
+    """Pressure of each system in eV/Å³, shape (S,): ``-tr(σ)/3 + 2 KE / (3 V)``."""
+    p = -jnp.trace(batch.stress, axis1=-2, axis2=-1) / 3.0
+    if include_kinetic:
+        volume = jnp.where(batch.system_mask, batch.volume, 1.0)
+        p = p + 2.0 * kinetic_energy(batch) / (3.0 * volume)
+    return jnp.where(batch.system_mask, p, 0.0)
+
+
+def initialize_velocities(
+    batch: Batch,
+    temperature: float | jax.Array,
+    key: jax.Array,
+    remove_com: bool = True,
+    rescale: bool = True,
+) -> Batch:
+    """Draw Maxwell–Boltzmann velocities for every occupied system.
+
+    Parameters
+    ----------
+    batch : Batch
+    temperature : float or Array of shape (S,)
+        Target temperature in K, per system if an array.
+    key : PRNG key
+        Folded with each system's ``system_id`` and the atom's index inside its system, so a
+        system draws the same velocities whatever slot it occupies.
+    remove_com : bool, default True
+        Subtract each system's centre-of-mass velocity (zero total momentum).
+    rescale : bool, default True
+        Rescale each system to exactly ``temperature`` (ASE's convention, ``3 n_atoms`` dof).
+
+    Returns
+    -------
+    Batch
+        With new velocities; padding atoms keep zero velocity.
+    """
+    s = batch.max_systems
+    t = jnp.broadcast_to(jnp.asarray(temperature, batch.dtype), (s,))
+    local = segment.local_index(batch.system_idx, s)
+    sid = batch.to_atoms_axis(batch.system_id)
+
+    def draw(sid, i):
+        k = jax.random.fold_in(jax.random.fold_in(key, sid), i)
+        return jax.random.normal(k, (3,), batch.dtype)
+
+    z = jax.vmap(draw)(sid, local)
+    kt = batch.to_atoms_axis(t * units.kB)
+    v = z * jnp.sqrt(kt / batch.masses)[:, None]
+    v = jnp.where(batch.atom_mask[:, None], v, 0.0)
+    if remove_com:
+        p = batch.sum_atoms(batch.masses[:, None] * v)
+        m = batch.sum_atoms(jnp.where(batch.atom_mask, batch.masses, 0.0))
+        v_com = p / jnp.maximum(m, 1e-30)[:, None]
+        v = jnp.where(batch.atom_mask[:, None], v - batch.to_atoms_axis(v_com), 0.0)
+    new = batch.replace(velocities=v)
+    if rescale:
+        current = temperature_of(new)
+        factor = jnp.where(current > 0, jnp.sqrt(t / jnp.where(current > 0, current, 1.0)), 0.0)
+        new = new.replace(velocities=v * batch.to_atoms_axis(factor)[:, None])
+    return new
+
+
+temperature_of = temperature

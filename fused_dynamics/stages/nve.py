@@ -1,0 +1,47 @@
+"""Velocity Verlet (NVE)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..batch import Batch
+from .base import Stage, fs_to_ase_time
+
+__all__ = ["NVE"]
+
+
+class NVE(Stage):
+    """Velocity Verlet, as ``ase.md.verlet.VelocityVerlet``.
+
+    Parameters
+    ----------
+    model : Model
+    dt : float or Array of shape (S,)
+        Time step in fs (per system if an array).
+    n_steps, convergence_hook
+        See :class:`~fused_dynamics.stages.base.Stage`.
+    """
+
+    dt: float | jax.Array
+
+    def _dt_atoms(self, batch: Batch) -> jax.Array:
+        dt = jnp.broadcast_to(
+            jnp.asarray(fs_to_ase_time(self.dt), batch.dtype), (batch.max_systems,)
+        )
+        return batch.to_atoms_axis(dt)[:, None]
+
+    def _kick(self, batch: Batch) -> Batch:
+        half = 0.5 * self._dt_atoms(batch)
+        return batch.replace(
+            velocities=batch.velocities + half * batch.forces / batch.masses[:, None]
+        )
+
+    def first_half(self, batch, state):
+        batch = self._kick(batch)
+        return batch.replace(
+            positions=batch.positions + self._dt_atoms(batch) * batch.velocities
+        ), state
+
+    def second_half(self, batch, state):
+        return self._kick(batch), state
