@@ -232,7 +232,6 @@ class FusedStage(eqx.Module):
         """
         step_count = jnp.asarray(step_count, jnp.int32)
         status0 = batch.status
-        n_sub = len(self.sub_stages)
         masks = [batch.system_mask & (status0 == code) for code, _ in self.sub_stages]
         states = list(batch.stage_state)
 

@@ -1,4 +1,4 @@
-"""Per-system observables: kinetic energy, temperature, fmax, pressure; Maxwell–Boltzmann velocities.
+"""Per-system observables: kinetic energy, temperature, fmax, pressure; initial velocities.
 
 Temperature convention: ``T = 2 KE / (n_dof k_B)`` with ``n_dof = 3 n_atoms`` per system, as
 ``ase.Atoms.get_temperature`` (no degrees of freedom removed for the centre of mass). Padding atoms
