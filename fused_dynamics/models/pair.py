@@ -43,7 +43,8 @@ def required_images(cell: jax.Array, pbc: jax.Array, cutoff: float) -> jax.Array
 class PairPotential(Model):
     """Base class of isotropic pair potentials ``E = 1/2 Σ_i Σ_j φ(r_ij)`` within each system.
 
-    Subclasses give :meth:`pair_energy` (``φ(r)`` for ``r < cutoff``) and ``cutoff``.
+    Subclasses give :meth:`pair_energy` (``φ(r)`` for ``r < cutoff``) and ``cutoff`` (a static
+    float field, or a property).
 
     Parameters
     ----------
@@ -54,7 +55,8 @@ class PairPotential(Model):
         (never silently wrong forces).
     """
 
-    cutoff: float = eqx.field(static=True)
+    # ``cutoff`` (Å) is given by each subclass, as a static field or a property; it is not declared
+    # here because a base-class field would come first in every subclass's positional signature.
     images: tuple[int, int, int] | None = eqx.field(static=True, default=None, kw_only=True)
 
     def pair_energy(self, r: jax.Array) -> jax.Array:
@@ -76,12 +78,18 @@ class PairPotential(Model):
         n_img = (1, 1, 1) if self.images is None else tuple(self.images)
         need = required_images(batch.cell, batch.pbc, self.cutoff)
         too_small = batch.system_mask & jnp.any(need > jnp.asarray(n_img), axis=-1)
-        cell = eqx.error_if(
+        # One static message per slot, so that the error names the offending system.
+        cell = eqx.branched_error_if(
             batch.cell,
             jnp.any(too_small),
-            f"A periodic cell is too small for cutoff {self.cutoff} with the static image range "
-            f"{n_img} of {type(self).__name__}: build the model with images=... large enough "
-            "(see fused_dynamics.models.required_images) or call model.with_images(batch).",
+            jnp.argmax(too_small),
+            [
+                f"System slot {s}: its periodic cell is too small for cutoff {self.cutoff} with "
+                f"the static image range {n_img} of {type(self).__name__}: build the model with "
+                "images=... large enough (see fused_dynamics.models.required_images) or call "
+                "model.with_images(batch)."
+                for s in range(batch.max_systems)
+            ],
         )
         shifts = jnp.asarray(
             list(itertools.product(*(range(-n, n + 1) for n in n_img))), dtype=batch.dtype
@@ -107,7 +115,10 @@ class PairPotential(Model):
         ok = pair_ok[:, :, None] & shift_ok[:, None, :] & ~self_pair
         r2 = jnp.sum(d * d, axis=-1)
         ok = ok & (r2 < self.cutoff**2)
-        r = jnp.sqrt(jnp.where(ok, r2, 1.0))
+        # Masked pairs are evaluated at r = cutoff / 2, where every φ here is finite with finite
+        # derivatives (r = 1 is not: (1 - r/σ)^α is NaN for σ < 1 and non-integer α, and a NaN
+        # in the unused branch of `where` poisons gradients with respect to the parameters).
+        r = jnp.sqrt(jnp.where(ok, r2, 0.25 * self.cutoff**2))
         phi = jnp.where(ok, self.pair_energy(r), 0.0)
         atom_energy = 0.5 * jnp.sum(phi, axis=(1, 2))
         return batch.sum_atoms(atom_energy)
@@ -212,10 +223,10 @@ class SoftSphere(PairPotential):
     sigma: float = eqx.field(static=True)
     epsilon: float | jax.Array = 1.0
     alpha: float | jax.Array = 2.0
-    cutoff: float = eqx.field(static=True, init=False)
 
-    def __post_init__(self):
-        self.cutoff = float(self.sigma)
+    @property
+    def cutoff(self) -> float:
+        return float(self.sigma)
 
     def pair_energy(self, r):
         return self.epsilon / self.alpha * (1.0 - r / self.sigma) ** self.alpha
