@@ -8,12 +8,42 @@ from . import models, observables, segment
 from .batch import Batch, default_float
 from .convergence import ConvergenceHook, Criterion
 from .fused import FusedStage, StepReport
-from .hooks import DynamicsStage, ExitReason, Hook, HookData
+from .hooks import (
+    BiasedPotentialHook,
+    ConvergedSnapshotHook,
+    DynamicsStage,
+    EnergyDriftMonitorHook,
+    ExitReason,
+    FreezeAtomsHook,
+    Hook,
+    HookContext,
+    HookData,
+    LoggingHook,
+    MaxForceHook,
+    NaNDetectorHook,
+    ProgressHook,
+    SnapshotHook,
+    WrapPeriodicHook,
+)
 from .models import ModelOutput
 from .observables import initialize_velocities, kinetic_energy, temperature
+from .sinks import ExtXYZSink, HostMemory
 from .stages import NVE, Stage
 
 __all__ = [
+    "BiasedPotentialHook",
+    "ConvergedSnapshotHook",
+    "EnergyDriftMonitorHook",
+    "ExtXYZSink",
+    "FreezeAtomsHook",
+    "HookContext",
+    "HostMemory",
+    "LoggingHook",
+    "MaxForceHook",
+    "NaNDetectorHook",
+    "ProgressHook",
+    "SnapshotHook",
+    "WrapPeriodicHook",
     "Batch",
     "ConvergenceHook",
     "Criterion",

@@ -15,6 +15,7 @@ The set of systems a sub-stage updates is fixed by the status at the start of th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from .batch import Batch
 from .convergence import ConvergenceHook
-from .hooks import DynamicsStage, ExitReason, Hook, fire_hooks
+from .hooks import DynamicsStage, ExitReason, Hook, HookContext, fire_hooks
 from .stages.base import Stage
 
 __all__ = ["FusedStage", "StepReport"]
@@ -67,7 +68,7 @@ class FusedStage(eqx.Module):
     init_fn : callable, optional
         ``init_fn(batch) -> batch`` applied to a batch before its first step (and to each batch
         of refilled systems in inflight runs), for example to draw velocities.
-    hooks : sequence of (DynamicsStage, Hook), optional
+    hooks : sequence of Hook, optional
         Fused-level hooks (see :meth:`register_fused_hook`).
 
     Examples
@@ -76,13 +77,14 @@ class FusedStage(eqx.Module):
     >>> final = fused.run(batch)
     """
 
-    sub_stages: tuple[tuple[int, Stage], ...]
+    stages: tuple[Stage, ...]
+    codes: tuple[int, ...] = eqx.field(static=True)
     entry_status: int = eqx.field(static=True)
     exit_status: int = eqx.field(static=True)
     compile_step: bool = eqx.field(static=True)
-    compile_kwargs: dict = eqx.field(static=True)
+    compile_options: tuple = eqx.field(static=True)
     init_fn: Callable | None = eqx.field(static=True)
-    hooks: tuple = eqx.field(static=True)
+    hooks: tuple[Hook, ...]
 
     def __init__(
         self,
@@ -93,7 +95,7 @@ class FusedStage(eqx.Module):
         compile_step: bool = True,
         compile_kwargs: dict | None = None,
         init_fn: Callable | None = None,
-        hooks: Sequence[tuple[DynamicsStage, Hook]] = (),
+        hooks: Sequence[Hook] = (),
     ):
         pairs = []
         for i, item in enumerate(sub_stages):
@@ -119,12 +121,16 @@ class FusedStage(eqx.Module):
                     "from sub-stage 0; all sub-stages must share one model (one evaluation per "
                     "step)."
                 )
-        self.sub_stages = tuple(pairs)
+        self.stages = tuple(stage for _, stage in pairs)
+        self.codes = tuple(codes)
         self.entry_status = int(entry_status)
         self.exit_status = exit_status
         self.compile_step = bool(compile_step)
-        self.compile_kwargs = dict(compile_kwargs or {})
+        self.compile_options = tuple(sorted((compile_kwargs or {}).items()))
         self.init_fn = init_fn
+        for h in hooks:
+            if not isinstance(h, Hook):
+                raise TypeError(f"FusedStage hooks must be Hook instances, got {type(h).__name__}.")
         self.hooks = tuple(hooks)
 
     # ------------------------------------------------------------------ composition
@@ -150,9 +156,27 @@ class FusedStage(eqx.Module):
         return "\n".join(lines)
 
     def register_fused_hook(self, hook: Hook, stage: DynamicsStage | None = None) -> FusedStage:
-        """A new fused stage with ``hook`` added at the fused level (inputs untouched)."""
-        stage = hook.stage if stage is None else stage
-        return eqx.tree_at(lambda f: f.hooks, self, self.hooks + ((stage, hook),))
+        """A new fused stage with ``hook`` added at the fused level (inputs untouched).
+
+        Fused-level hooks fire at every one of the nine points, BEFORE_COMPUTE included (the
+        place for a neighbor-list refresh).
+        """
+        if stage is not None:
+            hook = dataclasses.replace(hook, stage=stage)
+        return FusedStage(
+            self.sub_stages,
+            entry_status=self.entry_status,
+            exit_status=self.exit_status,
+            compile_step=self.compile_step,
+            compile_kwargs=self.compile_kwargs,
+            init_fn=self.init_fn,
+            hooks=self.hooks + (hook,),
+        )
+
+    @property
+    def compile_kwargs(self) -> dict:
+        """Keyword arguments forwarded to ``jax.jit``."""
+        return dict(self.compile_options)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -160,8 +184,9 @@ class FusedStage(eqx.Module):
         return self.sub_stages[0][1].model
 
     @property
-    def codes(self) -> tuple[int, ...]:
-        return tuple(c for c, _ in self.sub_stages)
+    def sub_stages(self) -> tuple[tuple[int, Stage], ...]:
+        """The ``(status_code, stage)`` pairs."""
+        return tuple(zip(self.codes, self.stages, strict=True))
 
     def next_code(self, i: int) -> int:
         """Status a system leaving sub-stage ``i`` moves to."""
@@ -199,12 +224,39 @@ class FusedStage(eqx.Module):
             batch = self.init_fn(batch)
         s = batch.max_systems
         status = jnp.where(batch.system_mask, self.entry_status, self.exit_status).astype(jnp.int32)
+        info = fresh_info(s, len(self.sub_stages), batch.dtype)
+        for hook in self.all_hooks():
+            info.update(hook.init_info(batch))
         batch = batch.replace(
             status=status,
             stage_state=tuple(stage.init_state(batch) for _, stage in self.sub_stages),
-            info=fresh_info(s, len(self.sub_stages), batch.dtype),
+            info=info,
         )
         return self.evaluate(batch)
+
+    def all_hooks(self) -> list[Hook]:
+        """Fused-level hooks and every sub-stage's hooks."""
+        return list(self.hooks) + [h for _, st in self.sub_stages for h in st.hooks]
+
+    def fields(self, batch: Batch) -> dict[str, jax.Array]:
+        """Per-system observables, each system's from the sub-stage whose code it has.
+
+        Keys present in only some sub-stages (``conserved_energy``) are NaN for systems in the
+        others.
+        """
+        per_stage = [
+            stage.observables(batch, state)
+            for (_, stage), state in zip(self.sub_stages, batch.stage_state, strict=True)
+        ]
+        keys = dict.fromkeys(k for f in per_stage for k in f)
+        out = {}
+        for k in keys:
+            value = None
+            for (code, _), f in zip(self.sub_stages, per_stage, strict=True):
+                v = f.get(k, jnp.full(batch.max_systems, jnp.nan, batch.dtype))
+                value = v if value is None else jnp.where(batch.status == code, v, value)
+            out[k] = value
+        return out
 
     def is_initialized(self, batch: Batch) -> bool:
         return len(batch.stage_state) == len(self.sub_stages) and "stage_steps" in batch.info
@@ -231,36 +283,43 @@ class FusedStage(eqx.Module):
         report : StepReport
         """
         step_count = jnp.asarray(step_count, jnp.int32)
+        ctx = HookContext(step=step_count, exit_status=self.exit_status, fields=self.fields)
         status0 = batch.status
         masks = [batch.system_mask & (status0 == code) for code, _ in self.sub_stages]
         states = list(batch.stage_state)
 
-        batch = self._fire(DynamicsStage.BEFORE_STEP, batch, step_count, None)
+        every = range(len(self.sub_stages))
+        last = len(self.sub_stages) - 1
+        batch = self._fire(DynamicsStage.BEFORE_STEP, batch, ctx, True, every)
         for i, (_, stage) in enumerate(self.sub_stages):
-            batch = self._fire(DynamicsStage.BEFORE_PRE_UPDATE, batch, step_count, i)
+            batch = self._fire(DynamicsStage.BEFORE_PRE_UPDATE, batch, ctx, i == 0, [i])
             batch, states[i] = stage.pre_update(batch, states[i], masks[i])
-
-        batch = self._fire(DynamicsStage.BEFORE_COMPUTE, batch, step_count, None, fused_only=True)
+        batch = self._fire(DynamicsStage.AFTER_PRE_UPDATE, batch, ctx, True, [])
+        batch = self._fire(DynamicsStage.BEFORE_COMPUTE, batch, ctx, True, [])
         batch = self.evaluate(batch)
-        batch = self._fire(DynamicsStage.AFTER_COMPUTE, batch, step_count, None)
-
+        batch = self._fire(DynamicsStage.AFTER_COMPUTE, batch, ctx, True, every)
+        batch = self._fire(DynamicsStage.BEFORE_POST_UPDATE, batch, ctx, True, [])
         for i, (_, stage) in enumerate(self.sub_stages):
             batch, states[i] = stage.post_update(batch, states[i], masks[i])
-            batch = self._fire(DynamicsStage.AFTER_POST_UPDATE, batch, step_count, i)
+            batch = self._fire(DynamicsStage.AFTER_POST_UPDATE, batch, ctx, i == last, [i])
         batch = batch.replace(stage_state=tuple(states))
-        batch = self._fire(DynamicsStage.AFTER_STEP, batch, step_count, None)
+        batch = self._fire(DynamicsStage.AFTER_STEP, batch, ctx, True, every)
 
         # ---- bookkeeping and migration ([S5], [S10]-[S12])
         info = dict(batch.info)
         in_stage = jnp.stack(masks, axis=-1)  # (S, n_sub)
         stage_steps = info["stage_steps"] + in_stage.astype(jnp.int32)
+        info["stage_steps"] = stage_steps
+        batch = batch.replace(info=info)  # criteria (custom_op) see this step's counts
         energy_change = jnp.abs(batch.energy - info["prev_energy"])
-        status = status0
+        # hooks (a failure detector) may already have moved systems out: start from their status
+        status = batch.status
+        still = [m & (status == code) for m, (code, _) in zip(masks, self.sub_stages, strict=True)]
         budget_spent = jnp.zeros_like(batch.system_mask)
         converged = jnp.zeros_like(batch.system_mask)
         for i, (_, stage) in enumerate(self.sub_stages):
             if stage.n_steps is not None:
-                spent = masks[i] & (stage_steps[:, i] >= stage.n_steps)
+                spent = still[i] & (stage_steps[:, i] >= stage.n_steps)
                 budget_spent = budget_spent | spent
                 status = jnp.where(spent, self.next_code(i), status)
         for i, (_, stage) in enumerate(self.sub_stages):
@@ -269,48 +328,68 @@ class FusedStage(eqx.Module):
                 continue
             fields = dict(stage.observables(batch, states[i]))
             fields["energy_change"] = energy_change
-            conv = masks[i] & (status0 == rule.source_status) & rule.converged(batch, fields)
+            conv = still[i] & (status0 == rule.source_status) & rule.converged(batch, fields)
             converged = converged | conv
             status = jnp.where(conv, rule.target_status, status)
         moved = status != status0
-        graduated = moved & (status == self.exit_status)
+        graduated = moved & (status == self.exit_status) & batch.system_mask
         reason = jnp.where(
             graduated & converged,
             ExitReason.CONVERGED,
             jnp.where(graduated & budget_spent, ExitReason.BUDGET, info["exit_reason"]),
         )
-        info["stage_steps"] = stage_steps
         info["prev_energy"] = jnp.where(moved, jnp.inf, batch.energy)
         info["exit_reason"] = reason.astype(jnp.int32)
         batch = batch.replace(status=status.astype(jnp.int32), info=info)
         report = StepReport(graduated=graduated, converged=converged, budget_spent=budget_spent)
-        batch = self._fire(DynamicsStage.ON_CONVERGE, batch, step_count, None, report=report)
+        ctx = HookContext(
+            step=step_count, exit_status=self.exit_status, fields=self.fields, report=report
+        )
+        batch = self._fire(DynamicsStage.ON_CONVERGE, batch, ctx, True, every)
         return batch, report
 
-    def _fire(self, when, batch, step_count, sub_index, fused_only=False, report=None):
-        hooks = [h for w, h in self.hooks if w == when]
-        if not fused_only:
-            if when in _PER_SUBSTAGE and sub_index is not None:
-                _, stage = self.sub_stages[sub_index]
-                hooks += [h for w, h in getattr(stage, "hooks", ()) if w == when]
-            elif when in _ALL_SUBSTAGES:
-                for _, stage in self.sub_stages:
-                    hooks += [h for w, h in getattr(stage, "hooks", ()) if w == when]
+    def _fire(self, when, batch, ctx, fused_level, sub_indices):
+        """Fire the hooks due at ``when``: fused-level first, then the listed sub-stages'.
+
+        Sub-stage hooks never fire at BEFORE_COMPUTE, AFTER_PRE_UPDATE or BEFORE_POST_UPDATE
+        (the callers pass no sub-stage there, [S7]); fused-level hooks fire at all nine points,
+        BEFORE_PRE_UPDATE before the first sub-stage and AFTER_POST_UPDATE after the last.
+        """
+        hooks = [h for h in self.hooks if h.stage == when] if fused_level else []
+        for i in sub_indices:
+            hooks += [h for h in self.sub_stages[i][1].hooks if h.stage == when]
         if not hooks:
             return batch
-        return fire_hooks(hooks, batch, step_count, when, self, report)
+        return fire_hooks(hooks, batch, ctx)
 
     # ------------------------------------------------------------------ the run loop
-    def run(self, batch: Batch, n_steps: int | None = None) -> Batch:
+    def run(
+        self,
+        batch: Batch,
+        n_steps: int | None = None,
+        *,
+        resume: bool = False,
+        differentiable: bool = False,
+    ) -> Batch:
         """Run until every occupied slot has graduated, or for at most ``n_steps`` steps.
+
+        The whole loop is one ``lax.while_loop`` inside one ``jax.jit`` (no Python per step);
+        it compiles once per fused stage structure, capacity and dtype. It works under
+        ``jax.vmap`` (a leading ensemble axis on the batch or on stage parameters).
 
         Parameters
         ----------
         batch : Batch
-            A batch from :meth:`Batch.from_atoms`, or one returned by an earlier run (which then
-            continues where it stopped).
+            A batch from :meth:`Batch.from_atoms`. It is initialized first (:meth:`init`:
+            statuses set to ``entry_status``, fresh stage state and bookkeeping, forces primed by
+            one evaluation) unless ``resume``.
         n_steps : int, optional
             Maximum number of steps. Required when the final sub-stage never graduates.
+        resume : bool, default False
+            Continue a batch returned by an earlier run of this fused stage where it stopped.
+        differentiable : bool, default False
+            Use a checkpointed loop of at most ``n_steps`` steps that supports reverse-mode
+            ``jax.grad`` (``n_steps`` required).
 
         Returns
         -------
@@ -323,15 +402,25 @@ class FusedStage(eqx.Module):
                 "FusedStage.run: the final sub-stage has neither a convergence_hook nor n_steps, "
                 "so systems never graduate; give run(..., n_steps=...) or a budget/criterion."
             )
+        if differentiable and n_steps is None:
+            raise ValueError("FusedStage.run(differentiable=True) needs n_steps.")
+        if resume and not self.is_initialized(batch):
+            raise ValueError(
+                "FusedStage.run(resume=True): the batch was not prepared by this fused stage "
+                "(stage state or bookkeeping missing); run it without resume first."
+            )
         limit = jnp.iinfo(jnp.int32).max if n_steps is None else int(n_steps)
+        max_steps = int(n_steps) if differentiable else None
         fn = _run_loop
         if self.compile_step:
             fn = _compiled_run(self.compile_kwargs)
-        return fn(self, batch, jnp.asarray(limit, jnp.int32))
+        return fn(self, batch, jnp.asarray(limit, jnp.int32), bool(resume), max_steps)
 
 
-def _run_loop(fused: FusedStage, batch: Batch, limit: jax.Array) -> Batch:
-    if not fused.is_initialized(batch):
+def _run_loop(
+    fused: FusedStage, batch: Batch, limit: jax.Array, resume: bool, max_steps: int | None
+) -> Batch:
+    if not resume:
         batch = fused.init(batch)
 
     def cond(carry):
@@ -344,7 +433,13 @@ def _run_loop(fused: FusedStage, batch: Batch, limit: jax.Array) -> Batch:
         batch, _ = fused.step(batch, step)
         return batch, step + 1
 
-    batch, _ = jax.lax.while_loop(cond, body, (batch, jnp.zeros((), jnp.int32)))
+    init = (batch, jnp.zeros((), jnp.int32))
+    if max_steps is None:
+        batch, _ = jax.lax.while_loop(cond, body, init)
+    else:
+        import equinox.internal as eqxi
+
+        batch, _ = eqxi.while_loop(cond, body, init, max_steps=max_steps, kind="checkpointed")
     return batch
 
 
@@ -354,7 +449,7 @@ _COMPILED: dict = {}
 def _compiled_run(compile_kwargs: dict):
     key = tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items()))
     if key not in _COMPILED:
-        _COMPILED[key] = jax.jit(_run_loop, **compile_kwargs)
+        _COMPILED[key] = jax.jit(_run_loop, static_argnums=(3, 4), **compile_kwargs)
     return _COMPILED[key]
 
 
@@ -382,12 +477,3 @@ def _same_model(a: Any, b: Any) -> bool:
         if np.shape(x) != np.shape(y) or not np.all(np.asarray(x) == np.asarray(y)):
             return False
     return True
-
-
-_PER_SUBSTAGE = (DynamicsStage.BEFORE_PRE_UPDATE, DynamicsStage.AFTER_POST_UPDATE)
-_ALL_SUBSTAGES = (
-    DynamicsStage.BEFORE_STEP,
-    DynamicsStage.AFTER_COMPUTE,
-    DynamicsStage.AFTER_STEP,
-    DynamicsStage.ON_CONVERGE,
-)

@@ -21,6 +21,7 @@ padding (divide by ``max(n, 1)``, never by a count that can be zero), or gradien
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import equinox as eqx
@@ -72,6 +73,8 @@ class Stage(eqx.Module):
     ----------
     model : Model
         The energy model; every sub-stage of a fused run must hold the same one.
+    hooks : tuple of Hook
+        Hooks of this sub-stage (see :meth:`register_hook`).
     n_steps : int, optional
         Per-system step budget: a system moves on after this many steps in the stage.
     convergence_hook : ConvergenceHook, optional
@@ -82,6 +85,17 @@ class Stage(eqx.Module):
     model: Model
     n_steps: int | None = eqx.field(static=True, default=None, kw_only=True)
     convergence_hook: Any = eqx.field(default=None, kw_only=True)
+    hooks: tuple = eqx.field(default=(), kw_only=True)
+
+    def register_hook(self, hook, stage=None) -> Stage:
+        """A copy of this stage with ``hook`` added (at ``stage``, default ``hook.stage``).
+
+        Inside a fused step only BEFORE_STEP, BEFORE_PRE_UPDATE, AFTER_COMPUTE,
+        AFTER_POST_UPDATE, AFTER_STEP and ON_CONVERGE hooks of a sub-stage fire (SEMANTICS [S7]).
+        """
+        if stage is not None:
+            hook = dataclasses.replace(hook, stage=stage)
+        return dataclasses.replace(self, hooks=tuple(self.hooks) + (hook,))
 
     # ----------------------------------------------------------- to implement
     def init_state(self, batch: Batch) -> Any:
