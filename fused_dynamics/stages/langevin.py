@@ -1,0 +1,126 @@
+"""Langevin dynamics (NVT) with the BAOAB splitting."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from ase import units
+
+from .. import segment
+from ..batch import Batch
+from .base import Stage, fs_to_ase_time
+
+__all__ = ["NVTLangevin"]
+
+
+def _per_system(batch: Batch, x) -> jax.Array:
+    """A scalar or (S,) hyper-parameter as an (S,) array of the batch's float dtype."""
+    return jnp.broadcast_to(jnp.asarray(x, batch.dtype), (batch.max_systems,))
+
+
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+    # sqrt with a finite gradient at 0 (friction 0, temperature 0, padding)
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
+class NVTLangevin(Stage):
+    """Langevin dynamics with the BAOAB splitting of Leimkuhler and Matthews.
+
+    One step is ``B A O A`` in :meth:`first_half` (using the forces of the previous step), the
+    model evaluation, then ``B`` in :meth:`second_half`:
+
+    - B: ``v += ½ dt F / m``
+    - A: ``r += ½ dt v``
+    - O: the exact Ornstein–Uhlenbeck update ``v <- c1 v + sqrt((1 - c1²) kT / m) ξ`` with
+      ``c1 = exp(-γ dt)`` and ``ξ`` standard normal.
+
+    With ``friction=0`` the O step is the identity and the step is velocity Verlet.
+
+    Random numbers do not depend on the slot a system occupies nor on its neighbours in the
+    batch: the normal deviates of atom ``i`` (its index inside its own system) of the system
+    with ``system_id`` ``sid`` at that system's ``k``-th step in this stage are drawn from
+    ``fold_in(fold_in(fold_in(PRNGKey(seed), sid), k), i)``. The per-system step counter ``k``
+    is the stage state (``{"step": (S,) int32}``), advanced only for the systems the stage
+    updates.
+
+    Parameters
+    ----------
+    model : Model
+    dt : float or Array of shape (S,)
+        Time step in fs (per system if an array).
+    temperature : float or Array of shape (S,)
+        Target temperature in K (per system if an array).
+    friction : float or Array of shape (S,)
+        Friction coefficient ``γ`` in 1/fs (per system if an array). ASE's
+        ``Langevin(friction=...)`` takes ASE's inverse time unit instead:
+        ``friction_ase = friction / ase.units.fs``.
+    seed : int, default 0
+        Seed of the random stream (a pytree leaf, so it can be vmapped over for ensembles).
+    n_steps, convergence_hook
+        See :class:`~fused_dynamics.stages.base.Stage`.
+    """
+
+    dt: float | jax.Array
+    temperature: float | jax.Array
+    friction: float | jax.Array
+    seed: int | jax.Array = 0
+
+    def init_state(self, batch: Batch) -> dict[str, jax.Array]:
+        return {"step": jnp.zeros((batch.max_systems,), jnp.int32)}
+
+    # ----------------------------------------------------------- pieces
+    def _dt(self, batch: Batch) -> jax.Array:
+        """Time step per atom in ASE units, shape (N, 1); 0 for padding atoms."""
+        dt = _per_system(batch, fs_to_ase_time(jnp.asarray(self.dt, batch.dtype)))
+        return batch.to_atoms_axis(dt)[:, None]
+
+    def _kick(self, batch: Batch) -> Batch:
+        half = 0.5 * self._dt(batch)
+        return batch.replace(
+            velocities=batch.velocities + half * batch.forces / batch.masses[:, None]
+        )
+
+    def _drift(self, batch: Batch) -> Batch:
+        half = 0.5 * self._dt(batch)
+        return batch.replace(positions=batch.positions + half * batch.velocities)
+
+    def _noise(self, batch: Batch, step: jax.Array) -> jax.Array:
+        """Standard normal deviates, shape (N, 3), keyed by system id, step and local index."""
+        s = batch.max_systems
+        base = jax.random.PRNGKey(self.seed)
+
+        def system_key(sid, k):
+            key = jax.random.fold_in(base, sid.astype(jnp.uint32))
+            return jax.random.fold_in(key, k.astype(jnp.uint32))
+
+        keys = jax.vmap(system_key)(batch.system_id, step)  # (S, 2)
+        atom_keys = keys[jnp.clip(batch.system_idx, 0, s - 1)]
+        local = segment.local_index(batch.system_idx, s)
+
+        def draw(key, i):
+            return jax.random.normal(jax.random.fold_in(key, i.astype(jnp.uint32)), (3,))
+
+        z = jax.vmap(draw)(atom_keys, local).astype(batch.dtype)
+        return jnp.where(batch.atom_mask[:, None], z, 0.0)
+
+    def _ou(self, batch: Batch, step: jax.Array) -> Batch:
+        dt = fs_to_ase_time(_per_system(batch, self.dt))
+        gamma = _per_system(batch, self.friction) / units.fs
+        kt = units.kB * _per_system(batch, self.temperature)
+        c1 = batch.to_atoms_axis(jnp.exp(-gamma * dt))[:, None]
+        one_minus_c1sq = batch.to_atoms_axis(-jnp.expm1(-2.0 * gamma * dt))
+        sigma = _safe_sqrt(one_minus_c1sq * batch.to_atoms_axis(kt) / batch.masses)[:, None]
+        v = c1 * batch.velocities + sigma * self._noise(batch, step)
+        return batch.replace(velocities=jnp.where(batch.atom_mask[:, None], v, 0.0))
+
+    # ----------------------------------------------------------- the two halves
+    def first_half(self, batch, state):
+        batch = self._kick(batch)
+        batch = self._drift(batch)
+        batch = self._ou(batch, state["step"])
+        batch = self._drift(batch)
+        return batch, {"step": state["step"] + 1}
+
+    def second_half(self, batch, state):
+        return self._kick(batch), state
