@@ -4,7 +4,7 @@ Many systems share one padded :class:`Batch`; a chain of sub-stages runs as one 
 with one model evaluation per step.
 """
 
-from . import models, observables, segment
+from . import inflight, models, observables, sampling, segment
 from .batch import Batch, default_float
 from .convergence import ConvergenceHook, Criterion
 from .fused import FusedStage, StepReport
@@ -27,6 +27,8 @@ from .hooks import (
 )
 from .models import ModelOutput
 from .observables import initialize_velocities, kinetic_energy, temperature
+from .inflight import RunStats
+from .sampling import SizeAwareSampler
 from .sinks import ExtXYZSink, HostMemory
 from .stages import NVE, Stage
 
@@ -45,6 +47,10 @@ __all__ = [
     "SnapshotHook",
     "WrapPeriodicHook",
     "Batch",
+    "RunStats",
+    "SizeAwareSampler",
+    "inflight",
+    "sampling",
     "ConvergenceHook",
     "Criterion",
     "DynamicsStage",

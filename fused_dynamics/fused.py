@@ -363,45 +363,89 @@ class FusedStage(eqx.Module):
         return fire_hooks(hooks, batch, ctx)
 
     # ------------------------------------------------------------------ the run loop
+    def prepare_for_cells(self, cells, pbc) -> FusedStage:
+        """A copy whose model has the static choices (periodic image range) these cells need.
+
+        Host-side; a model without a ``with_images_for`` method, or whose image range is set
+        explicitly, is kept as it is.
+        """
+        model = self.model
+        if getattr(model, "images", 0) is not None or not hasattr(model, "with_images_for"):
+            return self
+        fitted = model.with_images_for(cells, pbc)
+        return eqx.tree_at(
+            lambda f: [st.model for st in f.stages], self, [fitted] * len(self.stages)
+        )
+
     def run(
         self,
-        batch: Batch,
+        batch: Batch | None = None,
         n_steps: int | None = None,
         *,
+        sampler=None,
+        refill_frequency: int = 50,
+        sinks=(),
         resume: bool = False,
         differentiable: bool = False,
-    ) -> Batch:
+        dtype=None,
+        stats=None,
+    ) -> Batch | None:
         """Run until every occupied slot has graduated, or for at most ``n_steps`` steps.
 
-        The whole loop is one ``lax.while_loop`` inside one ``jax.jit`` (no Python per step);
-        it compiles once per fused stage structure, capacity and dtype. It works under
+        The loop is a ``lax.while_loop`` inside one ``jax.jit`` (no Python per step); it
+        compiles once per fused-stage structure, capacity and dtype. It works under
         ``jax.vmap`` (a leading ensemble axis on the batch or on stage parameters).
 
         Parameters
         ----------
-        batch : Batch
+        batch : Batch, optional
             A batch from :meth:`Batch.from_atoms`. It is initialized first (:meth:`init`:
-            statuses set to ``entry_status``, fresh stage state and bookkeeping, forces primed by
-            one evaluation) unless ``resume``.
+            statuses set to ``entry_status``, fresh stage state and bookkeeping, forces primed
+            by one evaluation) unless ``resume``. Omit it in inflight mode.
         n_steps : int, optional
             Maximum number of steps. Required when the final sub-stage never graduates.
+        sampler : SizeAwareSampler, optional
+            Inflight mode ([S14]): the batch comes from the sampler, graduated systems are
+            written to ``sinks`` and their slots refilled every ``refill_frequency`` steps,
+            until the sampler is exhausted and nothing is in flight. Returns ``None``.
+        refill_frequency : int, default 50
+            Steps per compiled chunk between host visits (inflight, or a batch with sinks).
+        sinks : sequence of sinks
+            Where graduated systems are written, each to the first with room ([S15]). With a
+            batch, systems are streamed out as they graduate.
         resume : bool, default False
             Continue a batch returned by an earlier run of this fused stage where it stopped.
         differentiable : bool, default False
             Use a checkpointed loop of at most ``n_steps`` steps that supports reverse-mode
             ``jax.grad`` (``n_steps`` required).
+        dtype : float dtype, optional
+            Inflight mode: dtype of the batch built from the sampler.
+        stats : RunStats, optional
+            Filled in by inflight and streaming runs (steps, utilisation, compilations).
 
         Returns
         -------
-        Batch
+        Batch or None
             The final batch, with ``info["exit_reason"]`` (:class:`ExitReason`) and
-            ``info["stage_steps"]`` (steps each system spent in each sub-stage).
+            ``info["stage_steps"]`` (steps each system spent in each sub-stage); ``None`` in
+            inflight mode.
         """
         if n_steps is None and not self.graduates():
             raise ValueError(
                 "FusedStage.run: the final sub-stage has neither a convergence_hook nor n_steps, "
                 "so systems never graduate; give run(..., n_steps=...) or a budget/criterion."
             )
+        if sampler is not None:
+            if batch is not None:
+                raise ValueError("FusedStage.run: give either a batch or a sampler, not both.")
+            if n_steps is not None:
+                raise ValueError("FusedStage.run: n_steps is not used in inflight mode.")
+            from .inflight import run_inflight
+
+            run_inflight(self, sampler, refill_frequency, list(sinks), dtype=dtype, stats=stats)
+            return None
+        if batch is None:
+            raise ValueError("FusedStage.run: give a batch (or a sampler for inflight mode).")
         if differentiable and n_steps is None:
             raise ValueError("FusedStage.run(differentiable=True) needs n_steps.")
         if resume and not self.is_initialized(batch):
@@ -409,12 +453,57 @@ class FusedStage(eqx.Module):
                 "FusedStage.run(resume=True): the batch was not prepared by this fused stage "
                 "(stage state or bookkeeping missing); run it without resume first."
             )
+        fused = self
+        if not isinstance(batch.cell, jax.core.Tracer):
+            fused = self.prepare_for_cells(
+                batch.cell[batch.system_mask], batch.pbc[batch.system_mask]
+            )
+        if sinks:
+            from .inflight import run_streaming
+
+            return run_streaming(
+                fused, batch, n_steps, refill_frequency, list(sinks), resume, stats
+            )
         limit = jnp.iinfo(jnp.int32).max if n_steps is None else int(n_steps)
         max_steps = int(n_steps) if differentiable else None
         fn = _run_loop
         if self.compile_step:
             fn = _compiled_run(self.compile_kwargs)
-        return fn(self, batch, jnp.asarray(limit, jnp.int32), bool(resume), max_steps)
+        return fn(fused, batch, jnp.asarray(limit, jnp.int32), bool(resume), max_steps)
+
+
+def run_steps(fused: FusedStage, batch: Batch, limit, start=0, max_steps=None):
+    """At most ``limit`` steps numbered from ``start``, stopping early when all graduated.
+
+    Returns
+    -------
+    batch : Batch
+    taken : Array
+        Steps taken.
+    active : Array
+        Sum over the steps of the slots holding a system not yet graduated.
+    """
+
+    def pending(batch):
+        return batch.system_mask & (batch.status != fused.exit_status)
+
+    def cond(carry):
+        batch, k, _ = carry
+        return (k < limit) & jnp.any(pending(batch))
+
+    def body(carry):
+        batch, k, active = carry
+        active = active + jnp.sum(pending(batch), dtype=jnp.int32)
+        batch, _ = fused.step(batch, start + k)
+        return batch, k + 1, active
+
+    zero = jnp.zeros((), jnp.int32)
+    init = (batch, zero, zero)
+    if max_steps is None:
+        return jax.lax.while_loop(cond, body, init)
+    import equinox.internal as eqxi
+
+    return eqxi.while_loop(cond, body, init, max_steps=max_steps, kind="checkpointed")
 
 
 def _run_loop(
@@ -422,25 +511,7 @@ def _run_loop(
 ) -> Batch:
     if not resume:
         batch = fused.init(batch)
-
-    def cond(carry):
-        batch, step = carry
-        pending = batch.system_mask & (batch.status != fused.exit_status)
-        return (step < limit) & jnp.any(pending)
-
-    def body(carry):
-        batch, step = carry
-        batch, _ = fused.step(batch, step)
-        return batch, step + 1
-
-    init = (batch, jnp.zeros((), jnp.int32))
-    if max_steps is None:
-        batch, _ = jax.lax.while_loop(cond, body, init)
-    else:
-        import equinox.internal as eqxi
-
-        batch, _ = eqxi.while_loop(cond, body, init, max_steps=max_steps, kind="checkpointed")
-    return batch
+    return run_steps(fused, batch, limit, 0, max_steps)[0]
 
 
 _COMPILED: dict = {}

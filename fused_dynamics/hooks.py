@@ -68,6 +68,7 @@ class ExitReason(enum.IntEnum):
     CONVERGED = 1
     BUDGET = 2
     FAILED = 3
+    REJECTED = 4
 
 
 @dataclass(frozen=True)
