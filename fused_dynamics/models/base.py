@@ -50,30 +50,38 @@ class Model(eqx.Module):
         return self
 
     def __call__(self, batch: Batch) -> ModelOutput:
-        self = self.prepare(batch)
-        s = batch.max_systems
-        eye = jnp.eye(3, dtype=batch.dtype)
+        # ``prepare`` runs here, eagerly, where it can look at concrete cells; the evaluation
+        # itself is always compiled (inlined when the caller is already under ``jax.jit``), so
+        # an eager call costs one compilation per shape instead of op-by-op dispatch.
+        return _evaluate(self.prepare(batch), batch)
 
-        def total_energy(positions, strain):
-            strain = 0.5 * (strain + jnp.swapaxes(strain, -1, -2))
-            deform = eye + strain
-            atom_deform = batch.to_atoms_axis(deform) + jnp.where(
-                batch.atom_mask[:, None, None], 0.0, eye
-            )
-            strained = eqx.tree_at(
-                lambda b: (b.positions, b.cell),
-                batch,
-                (jnp.einsum("ni,nij->nj", positions, atom_deform), batch.cell @ deform),
-            )
-            e = self.energy(strained)
-            return jnp.sum(e), e
 
-        zero = jnp.zeros((s, 3, 3), batch.dtype)
-        (_, energy), (de_dr, de_deps) = jax.value_and_grad(
-            total_energy, argnums=(0, 1), has_aux=True
-        )(batch.positions, zero)
-        volume = jnp.where(batch.system_mask, batch.volume, 1.0)
-        forces = jnp.where(batch.atom_mask[:, None], -de_dr, 0.0)
-        stress = jnp.where(batch.system_mask[:, None, None], de_deps / volume[:, None, None], 0.0)
-        energy = jnp.where(batch.system_mask, energy, 0.0)
-        return ModelOutput(energy=energy, forces=forces, stress=stress)
+@eqx.filter_jit
+def _evaluate(model: Model, batch: Batch) -> ModelOutput:
+    """Energy, forces (-dE/dr) and stress ((1/V) dE/dε) from one reverse pass."""
+    s = batch.max_systems
+    eye = jnp.eye(3, dtype=batch.dtype)
+
+    def total_energy(positions, strain):
+        strain = 0.5 * (strain + jnp.swapaxes(strain, -1, -2))
+        deform = eye + strain
+        atom_deform = batch.to_atoms_axis(deform) + jnp.where(
+            batch.atom_mask[:, None, None], 0.0, eye
+        )
+        strained = eqx.tree_at(
+            lambda b: (b.positions, b.cell),
+            batch,
+            (jnp.einsum("ni,nij->nj", positions, atom_deform), batch.cell @ deform),
+        )
+        e = model.energy(strained)
+        return jnp.sum(e), e
+
+    zero = jnp.zeros((s, 3, 3), batch.dtype)
+    (_, energy), (de_dr, de_deps) = jax.value_and_grad(total_energy, argnums=(0, 1), has_aux=True)(
+        batch.positions, zero
+    )
+    volume = jnp.where(batch.system_mask, batch.volume, 1.0)
+    forces = jnp.where(batch.atom_mask[:, None], -de_dr, 0.0)
+    stress = jnp.where(batch.system_mask[:, None, None], de_deps / volume[:, None, None], 0.0)
+    energy = jnp.where(batch.system_mask, energy, 0.0)
+    return ModelOutput(energy=energy, forces=forces, stress=stress)
