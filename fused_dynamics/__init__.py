@@ -29,7 +29,7 @@ from .models import ModelOutput
 from .observables import initialize_velocities, kinetic_energy, temperature
 from .inflight import RunStats
 from .sampling import SizeAwareSampler
-from .sinks import ExtXYZSink, HostMemory
+from .sinks import ExtXYZSink, HostMemory, ZarrSink, read_zarr
 from .stages import NVE, Stage
 
 __all__ = [
@@ -48,6 +48,8 @@ __all__ = [
     "WrapPeriodicHook",
     "Batch",
     "RunStats",
+    "ZarrSink",
+    "read_zarr",
     "SizeAwareSampler",
     "inflight",
     "sampling",
