@@ -239,6 +239,11 @@ class Batch(eqx.Module):
         Each carries velocities and a ``SinglePointCalculator`` with energy, forces and stress
         (stress in Voigt order, eV/Å³, as ASE returns it), and ``atoms.info["system_id"]`` and
         ``atoms.info["status"]``.
+
+        In float64, positions, numbers, masses, cells, pbc and velocities come back bit for bit
+        as :meth:`from_atoms` read them, with one exception: a non-periodic system given without
+        a regular cell (e.g. ``ase.build.molecule``) is stored, and returned, with the identity
+        cell. Momenta are ``m * v`` and can differ from the original ones in the last bit.
         """
         host = jax.device_get(self)
         out = []
@@ -351,12 +356,16 @@ def _validate_atoms(atoms: Any, i: int) -> None:
     if not np.all(np.isfinite(pos)):
         bad = int(np.flatnonzero(~np.isfinite(pos).all(axis=1))[0])
         raise ValueError(f"system {i}: non-finite position (atom {bad}).")
-    if not np.all(np.isfinite(atoms.get_velocities())):
-        raise ValueError(f"system {i}: non-finite velocities.")
+    # Masses before velocities: ASE derives velocities as momenta / masses, so a zero mass would
+    # otherwise be reported as a non-finite velocity.
     masses = atoms.get_masses()
     if np.any(~(masses > 0)):
         bad = int(np.flatnonzero(~(masses > 0))[0])
         raise ValueError(f"system {i}: mass of atom {bad} is {masses[bad]}; masses must be > 0.")
+    vel = atoms.get_velocities()
+    if not np.all(np.isfinite(vel)):
+        bad = int(np.flatnonzero(~np.isfinite(vel).all(axis=1))[0])
+        raise ValueError(f"system {i}: non-finite velocity (atom {bad}).")
     if atoms.pbc.any():
         cell = np.asarray(atoms.get_cell())
         if not np.all(np.isfinite(cell)) or abs(np.linalg.det(cell)) < 1e-10:
