@@ -7,6 +7,7 @@ never count.
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from ase import units
@@ -78,14 +79,22 @@ def initialize_velocities(
         Subtract each system's centre-of-mass velocity (zero total momentum).
     rescale : bool, default True
         Rescale each system to exactly ``temperature`` (ASE's convention, ``3 n_atoms`` dof).
+        A one-atom system with ``remove_com`` has no motion left and keeps zero velocity.
 
     Returns
     -------
     Batch
         With new velocities; padding atoms keep zero velocity.
     """
+    t = jnp.broadcast_to(jnp.asarray(temperature, batch.dtype), (batch.max_systems,))
+    return _initialize_velocities(batch, t, key, bool(remove_com), bool(rescale))
+
+
+@eqx.filter_jit  # compiled once per shape even when called eagerly (inlined under jit)
+def _initialize_velocities(
+    batch: Batch, t: jax.Array, key: jax.Array, remove_com: bool, rescale: bool
+) -> Batch:
     s = batch.max_systems
-    t = jnp.broadcast_to(jnp.asarray(temperature, batch.dtype), (s,))
     local = segment.local_index(batch.system_idx, s)
     sid = batch.to_atoms_axis(batch.system_id)
 
@@ -101,13 +110,13 @@ def initialize_velocities(
         p = batch.sum_atoms(batch.masses[:, None] * v)
         m = batch.sum_atoms(jnp.where(batch.atom_mask, batch.masses, 0.0))
         v_com = p / jnp.maximum(m, 1e-30)[:, None]
-        v = jnp.where(batch.atom_mask[:, None], v - batch.to_atoms_axis(v_com), 0.0)
+        # A one-atom system has only centre-of-mass motion: set it to exactly zero, since
+        # v - p/m leaves a rounding residue that the rescale below would blow up to full speed.
+        keep = batch.atom_mask & (batch.to_atoms_axis(batch.n_atoms) > 1)
+        v = jnp.where(keep[:, None], v - batch.to_atoms_axis(v_com), 0.0)
     new = batch.replace(velocities=v)
     if rescale:
-        current = temperature_of(new)
+        current = temperature(new)
         factor = jnp.where(current > 0, jnp.sqrt(t / jnp.where(current > 0, current, 1.0)), 0.0)
         new = new.replace(velocities=v * batch.to_atoms_axis(factor)[:, None])
     return new
-
-
-temperature_of = temperature
