@@ -147,8 +147,11 @@ class Stage(eqx.Module):
 
         return FusedStage([(0, self)]) + other
 
-    def run(self, batch: Batch, n_steps: int | None = None, **kwargs):
-        """Run this stage alone: a one-stage :class:`~fused_dynamics.FusedStage`."""
+    def run(self, batch: Batch | None = None, n_steps: int | None = None, **kwargs):
+        """Run this stage alone: a one-stage :class:`~fused_dynamics.FusedStage` (same engine).
+
+        Takes the arguments of :meth:`FusedStage.run`.
+        """
         from ..fused import FusedStage
 
         return FusedStage([(0, self)]).run(batch, n_steps=n_steps, **kwargs)
