@@ -25,9 +25,9 @@ from .hooks import (
     SnapshotHook,
     WrapPeriodicHook,
 )
+from .inflight import RunStats
 from .models import ModelOutput
 from .observables import initialize_velocities, kinetic_energy, temperature
-from .inflight import RunStats
 from .sampling import SizeAwareSampler
 from .sinks import ExtXYZSink, HostMemory, ZarrSink, read_zarr
 from .stages import NVE, Stage

@@ -19,7 +19,7 @@ def dataset(n: int, seed: int = 0, max_atoms: int = 64) -> list[ase.Atoms]:
     """Perturbed argon clusters (13 or 55 atoms, fragments) and small periodic crystals."""
     rng = np.random.default_rng(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         kind = rng.integers(3)
         if kind == 0:
             a = Icosahedron("Ar", 2).copy()
