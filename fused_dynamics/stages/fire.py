@@ -1,0 +1,465 @@
+"""FIRE and FIRE 2.0 relaxation, per system, with optional variable cell.
+
+Every quantity FIRE reduces (``v·F``, ``|F|``, ``|v|``, the norm of the step) is reduced per
+system, and every FIRE parameter that evolves (time step, mixing ``alpha``, step counters) is a
+per-system array in the stage state, so a padded batch of systems relaxes exactly as each system
+would alone.
+
+With ``cell_filter="frechet"`` the optimizer works on the generalized coordinates of
+:class:`~fused_dynamics.stages.cell_filter.FrechetCellFilter`: one row per atom (positions in the
+reference cell frame) plus three cell rows, and the generalized forces (transformed forces plus
+the virial). FIRE's velocity of the atom rows is ``batch.velocities``; that of the cell rows lives
+in the stage state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .. import observables as obs
+from ..batch import Batch
+from .base import Stage, fs_to_ase_time
+from .cell_filter import CellFilterState, FrechetCellFilter, make_cell_filter
+
+__all__ = ["FIRE", "FIRE2", "FIREState"]
+
+_FLAVORS = ("ase", "vv")
+
+# A generalized vector: (atom rows (N, 3), cell rows (S, 3, 3) or None without a cell filter).
+Dof = tuple[jax.Array, jax.Array | None]
+
+
+class FIREState(eqx.Module):
+    """Per-system FIRE state (every leaf has leading axis S).
+
+    Attributes
+    ----------
+    dt : Array (S,)
+        Current time step.
+    alpha : Array (S,)
+        Current mixing coefficient.
+    n_pos : Array (S,) int32
+        Steps since ``v·F`` was last non-positive (ASE's ``Nsteps``).
+    n_neg : Array (S,) int32
+        Consecutive steps with ``v·F <= 0`` (FIRE 2.0's ``N_P<=0``).
+    n_iter : Array (S,) int32
+        Steps done in this stage (FIRE 2.0's ``initialdelay`` counts them).
+    first : Array (S,) bool
+        The system has not made a step yet: its next step starts it afresh (zero velocity, fresh
+        time step and mixing, new reference cell).
+    cell : CellFilterState or None
+        Reference cell and ``log F`` with a cell filter.
+    cell_velocity : Array (S, 3, 3) or None
+        FIRE velocity of the three cell rows with a cell filter.
+    """
+
+    dt: jax.Array
+    alpha: jax.Array
+    n_pos: jax.Array
+    n_neg: jax.Array
+    n_iter: jax.Array
+    first: jax.Array
+    cell: CellFilterState | None = None
+    cell_velocity: jax.Array | None = None
+
+
+# ---------------------------------------------------------------------- generalized vectors
+def _map(f, *xs: Dof) -> Dof:
+    atoms = f(*(x[0] for x in xs))
+    cell = None if xs[0][1] is None else f(*(x[1] for x in xs))
+    return atoms, cell
+
+
+def _vdot(batch: Batch, a: Dof, b: Dof) -> jax.Array:
+    """Per-system dot product over atom rows and cell rows, shape (S,)."""
+    atom_part = jnp.where(batch.atom_mask, jnp.sum(a[0] * b[0], axis=-1), 0.0)
+    out = batch.sum_atoms(atom_part)
+    if a[1] is not None:
+        out = out + jnp.sum(a[1] * b[1], axis=(-2, -1))
+    return out
+
+
+def _scale(batch: Batch, c: jax.Array, a: Dof) -> Dof:
+    """Multiply each system's rows by the per-system scalar ``c`` (S,)."""
+    atoms = batch.to_atoms_axis(c)[:, None] * a[0]
+    cell = None if a[1] is None else c[:, None, None] * a[1]
+    return atoms, cell
+
+
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` with a finite gradient at 0."""
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
+def _cap_norm(batch: Batch, d: Dof, maxstep) -> Dof:
+    """Scale each system's step so that its norm over all rows is at most ``maxstep`` (ASE)."""
+    norm = _safe_sqrt(_vdot(batch, d, d))
+    scale = jnp.where(norm > maxstep, maxstep / jnp.where(norm > 0, norm, 1.0), 1.0)
+    return _scale(batch, scale, d)
+
+
+def _per_system(batch: Batch, x, dtype=None) -> jax.Array:
+    dtype = batch.dtype if dtype is None else dtype
+    return jnp.broadcast_to(jnp.asarray(x, dtype), (batch.max_systems,))
+
+
+# ---------------------------------------------------------------------- shared machinery
+class _FIREMixin:
+    """Generalized coordinates, state handling and observables shared by FIRE and FIRE2."""
+
+    @property
+    def is_optimizer(self) -> bool:
+        return True
+
+    def _filter(self) -> FrechetCellFilter | None:
+        return make_cell_filter(self.cell_filter, self.scalar_pressure, self.exp_cell_factor)
+
+    def _fresh(self, batch: Batch, dt0, alpha0) -> FIREState:
+        s = batch.max_systems
+        filt = self._filter()
+        zeros_i = jnp.zeros((s,), jnp.int32)
+        return FIREState(
+            dt=_per_system(batch, dt0),
+            alpha=_per_system(batch, alpha0),
+            n_pos=zeros_i,
+            n_neg=zeros_i,
+            n_iter=zeros_i,
+            first=jnp.ones((s,), bool),
+            cell=None if filt is None else filt.init_state(batch),
+            cell_velocity=None if filt is None else jnp.zeros_like(batch.cell),
+        )
+
+    def _start(self, batch: Batch, state: FIREState) -> tuple[Batch, FIREState]:
+        """Start the systems on their first step afresh: new state, zero velocities."""
+        fresh = self.init_state(batch)
+        first = state.first
+
+        def pick(a, b):
+            return jnp.where(first.reshape((-1,) + (1,) * (jnp.ndim(a) - 1)), a, b)
+
+        state = jax.tree_util.tree_map(pick, fresh, state)
+        v = jnp.where(batch.to_atoms_axis(first)[:, None], 0.0, batch.velocities)
+        return batch.replace(velocities=v), state
+
+    def _forces(self, batch: Batch, state: FIREState) -> Dof:
+        filt = self._filter()
+        if filt is None:
+            return batch.forces, None
+        return filt.generalized_forces(batch, state.cell)
+
+    def _velocities(self, batch: Batch, state: FIREState) -> Dof:
+        return batch.velocities, state.cell_velocity
+
+    def _set_velocities(self, batch: Batch, state: FIREState, v: Dof) -> tuple[Batch, FIREState]:
+        vel = jnp.where(batch.atom_mask[:, None], v[0], 0.0)
+        batch = batch.replace(velocities=vel)
+        if v[1] is not None:
+            state = eqx.tree_at(lambda s: s.cell_velocity, state, v[1])
+        return batch, state
+
+    def _displace(self, batch: Batch, state: FIREState, d: Dof) -> tuple[Batch, FIREState]:
+        filt = self._filter()
+        if filt is None:
+            d_atoms = jnp.where(batch.atom_mask[:, None], d[0], 0.0)
+            return batch.replace(positions=batch.positions + d_atoms), state
+        batch, cell_state = filt.displace(batch, state.cell, d[0], d[1])
+        return batch, eqx.tree_at(lambda s: s.cell, state, cell_state)
+
+    def _masses(self, batch: Batch) -> Dof:
+        """Masses of the rows: atomic masses, and each system's mean atomic mass for the cell."""
+        atoms = batch.masses[:, None]
+        if self.cell_filter is None:
+            return atoms, None
+        total = batch.sum_atoms(jnp.where(batch.atom_mask, batch.masses, 0.0))
+        mean = total / jnp.maximum(batch.n_atoms, 1).astype(batch.dtype)
+        mean = jnp.where(batch.system_mask, mean, 1.0)
+        return atoms, jnp.broadcast_to(mean[:, None, None], batch.cell.shape)
+
+    def _mix(self, batch: Batch, alpha: jax.Array, v: Dof, g: Dof) -> Dof:
+        """``(1 - alpha) v + alpha |v| g / |g|``, per system (``g = 0`` leaves ``(1-alpha) v``)."""
+        g2 = _vdot(batch, g, g)
+        coef = alpha * _safe_sqrt(_vdot(batch, v, v)) / jnp.where(g2 > 0, _safe_sqrt(g2), 1.0)
+        return _map(jnp.add, _scale(batch, 1.0 - alpha, v), _scale(batch, coef, g))
+
+    def observables(self, batch: Batch, state: Any) -> dict[str, jax.Array]:
+        """The base observables; with a cell filter ``fmax`` is over atoms and cell rows.
+
+        As ASE's filter: the largest row norm of the generalized forces, atoms (``f F``) and the
+        three cell rows together, so convergence needs both small forces and small stress.
+        """
+        out = dict(Stage.observables(self, batch, state))
+        filt = self._filter()
+        if filt is not None:
+            f_atoms, f_cell = filt.generalized_forces(batch, state.cell)
+            atoms_max = obs.fmax(batch, f_atoms)
+            cell_max = jnp.max(jnp.linalg.norm(f_cell, axis=-1), axis=-1)
+            out["fmax"] = jnp.where(batch.system_mask, jnp.maximum(atoms_max, cell_max), 0.0)
+            out["fmax_atoms"] = atoms_max
+            out["fmax_cell"] = jnp.where(batch.system_mask, cell_max, 0.0)
+        return out
+
+
+def _check_cell_filter(name: str, cell_filter) -> None:
+    if cell_filter is not None and cell_filter != "frechet":
+        raise ValueError(f"{name}: cell_filter={cell_filter!r} is not one of ('frechet', None).")
+
+
+# ---------------------------------------------------------------------- FIRE
+class FIRE(_FIREMixin, Stage):
+    """FIRE relaxation (Bitzek et al., PRL 97, 170201 (2006)), per system.
+
+    Parameters
+    ----------
+    model : Model
+    dt : float or Array of shape (S,), optional
+        Initial time step. ``flavor="ase"``: in ASE's internal time unit (Å·sqrt(amu/eV)), exactly
+        as ``ase.optimize.FIRE`` (default 0.1); it is not in fs. ``flavor="vv"``: in fs (default
+        1.0).
+    maxstep : float
+        Largest step of a system per iteration, in Å: the norm of the whole step of the system
+        (all atoms and, with a cell filter, the cell rows), as ASE's FIRE.
+    dtmax : float or Array of shape (S,), optional
+        Largest time step, same unit as ``dt`` (default 1.0 for "ase", 10.0 fs for "vv").
+    Nmin : int
+        Steps with ``v·F > 0`` before ``dt`` may grow.
+    finc, fdec : float
+        Growth and shrink factors of ``dt``.
+    astart : float
+        Initial (and reset) mixing coefficient ``alpha``.
+    fa : float
+        Decay factor of ``alpha``.
+    flavor : {"ase", "vv"}
+        ``"ase"``: ``ase.optimize.FIRE`` step for step: mass-free Euler steps that use the forces
+        of the previous evaluation; the whole update is done before the model evaluation. On a
+        system's first step the velocity is zero and ``v·F`` is not tested, as ASE.
+        ``"vv"``: the mass-weighted form of the paper on velocity Verlet: half kick and drift
+        before the evaluation, half kick and the FIRE velocity update (mixing, time-step and
+        ``alpha`` adaptation, reset on ``v·F <= 0``) after it.
+    cell_filter : {None, "frechet"}
+        Relax the cell too, with ASE's ``FrechetCellFilter`` parametrisation. With "vv" the cell
+        rows get the system's mean atomic mass.
+    scalar_pressure : float or Array of shape (S,)
+        External pressure in eV/Å³ for the cell filter.
+    exp_cell_factor : float or Array of shape (S,), optional
+        Scale of the cell coordinates (default: the number of atoms, as ASE).
+    n_steps, convergence_hook
+        See :class:`~fused_dynamics.stages.base.Stage`. ``fmax`` (over atoms and cell rows with a
+        cell filter) is what a criterion on ``"fmax"`` tests.
+
+    Notes
+    -----
+    ``batch.velocities`` is FIRE's velocity: mass-free in "ase" (so not a physical velocity) and
+    in ASE's unit with "vv"; with a cell filter it is the velocity of the reference-frame atom
+    rows. ASE's separate ``a`` argument (initial alpha) is ``astart`` here.
+    """
+
+    dt: float | jax.Array | None = None
+    maxstep: float | jax.Array = 0.2
+    dtmax: float | jax.Array | None = None
+    Nmin: int | jax.Array = 5
+    finc: float | jax.Array = 1.1
+    fdec: float | jax.Array = 0.5
+    astart: float | jax.Array = 0.1
+    fa: float | jax.Array = 0.99
+    flavor: str = eqx.field(static=True, default="ase")
+    cell_filter: str | None = eqx.field(static=True, default=None)
+    scalar_pressure: float | jax.Array = 0.0
+    exp_cell_factor: float | jax.Array | None = None
+
+    def __check_init__(self):
+        if self.flavor not in _FLAVORS:
+            raise ValueError(f"FIRE: flavor={self.flavor!r} is not one of {_FLAVORS}.")
+        _check_cell_filter("FIRE", self.cell_filter)
+
+    # time steps in the unit the update uses
+    def _dt0(self):
+        if self.flavor == "ase":
+            return 0.1 if self.dt is None else self.dt
+        return fs_to_ase_time(1.0 if self.dt is None else self.dt)
+
+    def _dtmax(self):
+        if self.flavor == "ase":
+            return 1.0 if self.dtmax is None else self.dtmax
+        return fs_to_ase_time(10.0 if self.dtmax is None else self.dtmax)
+
+    def init_state(self, batch: Batch) -> FIREState:
+        return self._fresh(batch, self._dt0(), self.astart)
+
+    def _adapt(self, batch, state, v, g, active):
+        """FIRE's velocity and parameter update where ``active`` (S,) (ASE's branch on v·F)."""
+        vf = _vdot(batch, g, v)
+        up = active & (vf > 0.0)
+        down = active & ~(vf > 0.0)
+        grow = up & (state.n_pos > self.Nmin)
+        dt = jnp.where(grow, jnp.minimum(state.dt * self.finc, self._dtmax()), state.dt)
+        alpha = jnp.where(grow, state.alpha * self.fa, state.alpha)
+        n_pos = jnp.where(up, state.n_pos + 1, state.n_pos)
+        v_mix = self._mix(batch, state.alpha, v, g)  # ASE mixes with alpha before the decay
+        v = _select(batch, up, v_mix, v)
+        v = _select(batch, down, _scale(batch, jnp.zeros_like(dt), v), v)
+        alpha = jnp.where(down, _per_system(batch, self.astart), alpha)
+        dt = jnp.where(down, dt * self.fdec, dt)
+        n_pos = jnp.where(down, 0, n_pos)
+        state = eqx.tree_at(lambda s: (s.dt, s.alpha, s.n_pos), state, (dt, alpha, n_pos))
+        return v, state
+
+    def first_half(self, batch, state):
+        batch, state = self._start(batch, state)
+        g = self._forces(batch, state)
+        v = self._velocities(batch, state)
+        if self.flavor == "ase":
+            v, state = self._adapt(batch, state, v, g, ~state.first)
+            v = _map(jnp.add, v, _scale(batch, state.dt, g))
+        else:
+            m = self._masses(batch)
+            v = _map(lambda v, g, m: v + g / m, v, _scale(batch, 0.5 * state.dt, g), m)
+        d = _cap_norm(batch, _scale(batch, state.dt, v), self.maxstep)
+        batch, state = self._set_velocities(batch, state, v)
+        batch, state = self._displace(batch, state, d)
+        n_iter = state.n_iter + 1
+        state = eqx.tree_at(
+            lambda s: (s.first, s.n_iter), state, (jnp.zeros_like(state.first), n_iter)
+        )
+        return batch, state
+
+    def second_half(self, batch, state):
+        if self.flavor == "ase":
+            return batch, state
+        g = self._forces(batch, state)
+        v = self._velocities(batch, state)
+        m = self._masses(batch)
+        v = _map(lambda v, g, m: v + g / m, v, _scale(batch, 0.5 * state.dt, g), m)
+        v, state = self._adapt(batch, state, v, g, jnp.ones_like(state.first))
+        return self._set_velocities(batch, state, v)
+
+
+def _select(batch: Batch, c: jax.Array, a: Dof, b: Dof) -> Dof:
+    """Per-system ``where(c, a, b)`` on generalized vectors."""
+    atoms = jnp.where(batch.to_atoms_axis(c)[:, None], a[0], b[0])
+    cell = None if a[1] is None else jnp.where(c[:, None, None], a[1], b[1])
+    return atoms, cell
+
+
+# ---------------------------------------------------------------------- FIRE 2.0
+class FIRE2(_FIREMixin, Stage):
+    """FIRE 2.0 (Guénolé et al., Comput. Mater. Sci. 175, 109584 (2020)), per system.
+
+    Semi-implicit Euler with the velocity mixing inside the integrator (after the velocity
+    update), the time step and ``alpha`` adapted after ``Nmin`` (the paper's ``N_delay``) steps
+    with ``v·F > 0``, and on ``v·F <= 0``: the half-step correction ``x -= dt v / 2``, zero
+    velocity, and, unless within the first ``Nmin`` steps (``initialdelay``), ``alpha`` reset and
+    ``dt`` shrunk (never below ``dtmin``). A system stuck with ``v·F <= 0`` for more than
+    ``Npneg_max`` consecutive steps stops moving (the paper's stopping criterion): the
+    observable ``fire_stuck`` is 1 for it, for a custom criterion or hook to act on.
+
+    Mass-free, as ``ase.optimize.FIRE2`` (the paper with unit masses); the whole step is done
+    before the model evaluation, using the forces of the previous one. Defaults are the paper's
+    (``dtmax = 10 dt``, ``dtmin = 0.02 dt``, ``N_delay = 20``, ``finc = 1.1``, ``fdec = 0.5``,
+    ``alpha0 = 0.25``, ``falpha = 0.99``, ``N_P<0,max = 2000``, ``initialdelay``), with ASE's time
+    scale and ``maxstep`` cap. With ``initialdelay=False`` and ``Npneg_max=None`` it is ASE's
+    FIRE2 except that after a correction ASE evaluates the forces again at the corrected
+    positions, while here the step uses the forces already evaluated (one model evaluation per
+    step), and that ASE clamps ``dt`` to ``dtmin`` where the paper keeps it.
+
+    Parameters
+    ----------
+    model : Model
+    dt : float or Array of shape (S,)
+        Initial time step, in ASE's internal time unit (Å·sqrt(amu/eV)), as ASE's FIRE2; not fs.
+    maxstep : float
+        Largest norm of a system's step per iteration (Å), as ASE.
+    dtmax, dtmin : float or Array of shape (S,)
+        Bounds of the time step (same unit as ``dt``).
+    Nmin : int
+        ``N_delay``.
+    finc, fdec, astart, fa : float
+        ``f_inc``, ``f_dec``, ``alpha_0``, ``f_alpha``.
+    Npneg_max : int or None
+        Stop a system after this many consecutive steps with ``v·F <= 0``; None never stops.
+    initialdelay : bool
+        Do not shrink ``dt`` or reset ``alpha`` during a system's first ``Nmin`` steps.
+    cell_filter, scalar_pressure, exp_cell_factor
+        As :class:`FIRE`.
+    n_steps, convergence_hook
+        See :class:`~fused_dynamics.stages.base.Stage`.
+    """
+
+    dt: float | jax.Array = 0.1
+    maxstep: float | jax.Array = 0.2
+    dtmax: float | jax.Array = 1.0
+    dtmin: float | jax.Array = 2e-3
+    Nmin: int | jax.Array = 20
+    finc: float | jax.Array = 1.1
+    fdec: float | jax.Array = 0.5
+    astart: float | jax.Array = 0.25
+    fa: float | jax.Array = 0.99
+    Npneg_max: int | None = eqx.field(static=True, default=2000)
+    initialdelay: bool | jax.Array = True
+    cell_filter: str | None = eqx.field(static=True, default=None)
+    scalar_pressure: float | jax.Array = 0.0
+    exp_cell_factor: float | jax.Array | None = None
+
+    def __check_init__(self):
+        _check_cell_filter("FIRE2", self.cell_filter)
+
+    def init_state(self, batch: Batch) -> FIREState:
+        return self._fresh(batch, self.dt, self.astart)
+
+    def _stuck(self, state: FIREState) -> jax.Array:
+        if self.Npneg_max is None:
+            return jnp.zeros_like(state.first)
+        return state.n_neg > self.Npneg_max
+
+    def first_half(self, batch, state):
+        batch, state = self._start(batch, state)
+        g = self._forces(batch, state)
+        v = self._velocities(batch, state)
+        active = ~state.first
+        vf = _vdot(batch, g, v)
+        up = active & (vf > 0.0)
+        down = active & ~(vf > 0.0)
+
+        n_pos = jnp.where(up, state.n_pos + 1, jnp.where(down, 0, state.n_pos))
+        n_neg = jnp.where(up, 0, jnp.where(down, state.n_neg + 1, state.n_neg))
+        grow = up & (n_pos > self.Nmin)
+        dt = jnp.where(grow, jnp.minimum(state.dt * self.finc, self.dtmax), state.dt)
+        alpha = jnp.where(grow, state.alpha * self.fa, state.alpha)
+        # LAMMPS counts the step being made (1-based): shrinking is allowed from step N_delay on
+        delay_ok = jnp.logical_not(self.initialdelay) | (state.n_iter + 1 >= self.Nmin)
+        shrink = down & delay_ok
+        smaller = dt * self.fdec
+        dt = jnp.where(shrink & (smaller >= self.dtmin), smaller, dt)
+        alpha = jnp.where(shrink, _per_system(batch, self.astart), alpha)
+
+        # half-step correction and velocity reset on v·F <= 0
+        zero = jnp.zeros_like(dt)
+        back = _scale(batch, jnp.where(down, -0.5 * dt, zero), v)
+        v = _select(batch, down, _scale(batch, zero, v), v)
+
+        # semi-implicit Euler with mixing
+        v = _map(jnp.add, v, _scale(batch, dt, g))
+        v = self._mix(batch, alpha, v, g)
+        step = _cap_norm(batch, _scale(batch, dt, v), self.maxstep)
+        d = _map(jnp.add, back, step)
+
+        state = eqx.tree_at(
+            lambda s: (s.dt, s.alpha, s.n_pos, s.n_neg, s.n_iter, s.first),
+            state,
+            (dt, alpha, n_pos, n_neg, state.n_iter + 1, jnp.zeros_like(state.first)),
+        )
+        stuck = self._stuck(state)
+        d = _scale(batch, jnp.where(stuck, zero, 1.0), d)
+        v = _scale(batch, jnp.where(stuck, zero, 1.0), v)
+        batch, state = self._set_velocities(batch, state, v)
+        batch, state = self._displace(batch, state, d)
+        return batch, state
+
+    def observables(self, batch, state):
+        out = super().observables(batch, state)
+        out["fire_stuck"] = self._stuck(state).astype(batch.dtype)
+        return out

@@ -1,0 +1,130 @@
+"""Gradient descent and any optax transformation as per-system relaxation stages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+from .. import segment
+from ..batch import Batch
+from .base import Stage
+
+__all__ = ["GradientDescent", "OptaxRelax", "OptaxState", "cap_atom_step"]
+
+
+def cap_atom_step(batch: Batch, d: jax.Array, maxstep) -> jax.Array:
+    """Scale each system's step so that no atom moves more than ``maxstep`` Å (as ASE's BFGS)."""
+    norm = jnp.where(batch.atom_mask, jnp.linalg.norm(d, axis=-1), 0.0)
+    largest = jnp.maximum(batch.max_atoms_of(norm), 0.0)
+    scale = jnp.where(largest > maxstep, maxstep / jnp.where(largest > 0, largest, 1.0), 1.0)
+    return d * batch.to_atoms_axis(scale)[:, None]
+
+
+class GradientDescent(Stage):
+    """Steepest descent ``r += step_size * F``, per system.
+
+    Parameters
+    ----------
+    model : Model
+    step_size : float or Array of shape (S,)
+        In Å²/eV (per system if an array).
+    maxstep : float, optional
+        Largest displacement of any atom per step, in Å; a longer step of a system is scaled
+        down as a whole. None: no cap.
+    n_steps, convergence_hook
+        See :class:`~fused_dynamics.stages.base.Stage`.
+    """
+
+    step_size: float | jax.Array
+    maxstep: float | jax.Array | None = None
+
+    @property
+    def is_optimizer(self) -> bool:
+        return True
+
+    def first_half(self, batch, state):
+        step = jnp.broadcast_to(jnp.asarray(self.step_size, batch.dtype), (batch.max_systems,))
+        d = batch.to_atoms_axis(step)[:, None] * batch.forces
+        if self.maxstep is not None:
+            d = cap_atom_step(batch, d, self.maxstep)
+        d = jnp.where(batch.atom_mask[:, None], d, 0.0)
+        return batch.replace(positions=batch.positions + d), state
+
+
+class OptaxState(eqx.Module):
+    """Per-system state of :class:`OptaxRelax` (every leaf has leading axis S).
+
+    Attributes
+    ----------
+    opt_state : optax.OptState
+        The transformation's state, vmapped over systems: each leaf is (S, ...), with per-atom
+        leaves in the per-system view (S, A, 3).
+    first : Array (S,) bool
+        The system has not made a step yet; its optimizer state is started afresh on it.
+    """
+
+    opt_state: Any
+    first: jax.Array
+
+
+class OptaxRelax(Stage):
+    """Relax positions with an ``optax.GradientTransformation``, one optimizer per system.
+
+    The gradient is ``-forces``. Per-atom data is gathered into a per-system view (S, A, 3)
+    (``A = batch.max_atoms_per_system``; padding rows are zero and their updates are dropped),
+    the transformation's ``init``/``update`` are vmapped over the system axis so that every state
+    leaf has leading axis S and is selected per system like any stage state, and the updates are
+    scattered back to the atoms. A transformation that reduces over its parameters (global-norm
+    clipping, ...) therefore reduces over one system's atoms only.
+
+    Parameters
+    ----------
+    model : Model
+    optax_transform : optax.GradientTransformation
+        For example ``optax.adam(1e-2)`` (learning rates in Å per unit update). Transformations
+        whose ``update`` needs extra arguments (line searches) are not supported.
+    n_steps, convergence_hook
+        See :class:`~fused_dynamics.stages.base.Stage`.
+    """
+
+    optax_transform: optax.GradientTransformation = eqx.field(static=True)
+
+    @property
+    def is_optimizer(self) -> bool:
+        return True
+
+    def _view(self, batch: Batch, x: jax.Array) -> jax.Array:
+        index, valid = batch.system_view_index()
+        return jnp.where(valid[..., None], x[index], 0.0)
+
+    def _init(self, batch: Batch) -> Any:
+        return jax.vmap(self.optax_transform.init)(self._view(batch, batch.positions))
+
+    def init_state(self, batch: Batch) -> OptaxState:
+        return OptaxState(opt_state=self._init(batch), first=jnp.ones((batch.max_systems,), bool))
+
+    def first_half(self, batch, state):
+        params = self._view(batch, batch.positions)
+        grads = self._view(batch, -batch.forces)
+        first = state.first
+
+        def pick(a, b):
+            return jnp.where(first.reshape((-1,) + (1,) * (jnp.ndim(a) - 1)), a, b)
+
+        opt_state = jax.tree_util.tree_map(pick, self._init(batch), state.opt_state)
+        updates, opt_state = jax.vmap(self.optax_transform.update)(grads, opt_state, params)
+        _, valid = batch.system_view_index()
+        updates = jnp.where(valid[..., None], updates, 0.0)
+        # scatter back: atom i is row local_index[i] of its system's view
+        s = batch.max_systems
+        local = jnp.clip(
+            segment.local_index(batch.system_idx, s), 0, batch.max_atoms_per_system - 1
+        )
+        sys = jnp.minimum(batch.system_idx, s - 1)
+        d = jnp.where(batch.atom_mask[:, None], updates[sys, local], 0.0)
+        batch = batch.replace(positions=batch.positions + d.astype(batch.dtype))
+        return batch, OptaxState(opt_state=opt_state, first=jnp.zeros_like(first))
