@@ -190,15 +190,15 @@ def fire_hooks(hooks, batch, ctx: HookContext):
             batch = jax.lax.cond(due, lambda b, h=hook: h.apply(b, ctx), lambda b: b, batch)
         if _has_host(hook):
 
-            def send(payload, hook=hook, stage=hook.stage):
+            def send(b, hook=hook, stage=hook.stage):
                 def host(step, payload):
                     arrays = {k: np.asarray(v) for k, v in payload.items()}
                     hook.on_host(HookData(step=int(step), stage=stage, arrays=arrays))
 
-                jax.debug.callback(host, ctx.step, payload, ordered=True)
+                # the payload is gathered inside the branch: an idle hook computes nothing
+                jax.debug.callback(host, ctx.step, _gather_fields(hook, b, ctx), ordered=True)
 
-            payload = _gather_fields(hook, batch, ctx)
-            jax.lax.cond(due, send, lambda _: None, payload)
+            jax.lax.cond(due, send, lambda _: None, batch)
     return batch
 
 

@@ -1,0 +1,47 @@
+"""Shared helpers of the benchmarks: timing and result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import jax
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def block(x):
+    return jax.block_until_ready(x)
+
+
+def timed(fn, *args, repeat: int = 3):
+    """(first-call seconds, best of ``repeat`` later calls in seconds, result)."""
+    t = time.perf_counter()
+    out = block(fn(*args))
+    first = time.perf_counter() - t
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = block(fn(*args))
+        best = min(best, time.perf_counter() - t)
+    return first, best, out
+
+
+def save(name: str, payload: dict) -> Path:
+    """Write ``benchmarks/results/NAME.json`` with the machine described."""
+    RESULTS.mkdir(exist_ok=True)
+    payload = dict(payload)
+    payload["machine"] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "x64": bool(jax.config.jax_enable_x64),
+    }
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    return path
