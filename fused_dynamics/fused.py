@@ -529,7 +529,7 @@ def fresh_info(num_systems: int, num_sub_stages: int, dtype) -> dict[str, jax.Ar
     return {
         "stage_steps": jnp.zeros((num_systems, num_sub_stages), jnp.int32),
         "prev_energy": jnp.full((num_systems,), jnp.inf, dtype),
-        "exit_reason": jnp.full((num_systems,), ExitReason.RUNNING, jnp.int32),
+        "exit_reason": jnp.zeros((num_systems,), jnp.int32),  # ExitReason.RUNNING
     }
 
 

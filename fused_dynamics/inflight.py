@@ -104,7 +104,19 @@ def _admit(fused, batch: Batch, new: jax.Array) -> Batch:
 
 
 _ADMIT = jax.jit(_admit)
-_INIT = jax.jit(lambda fused, batch: fused.init(batch))
+
+
+def _initialize(fused, batch: Batch) -> Batch:
+    """Initialize every occupied slot through the one compiled admission function.
+
+    The batch is given stage state and bookkeeping of the right shapes (zeros, from
+    ``jax.eval_shape``: no compilation) and then every occupied slot is admitted, so an inflight
+    run compiles two programs: the admission and the chunk.
+    """
+    shapes = jax.eval_shape(fused.init, batch)
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    blank = batch.replace(stage_state=zeros.stage_state, info=zeros.info)
+    return _ADMIT(fused, blank, batch.system_mask)
 
 
 def write_graduated(host, slots, sinks) -> int:
@@ -200,7 +212,7 @@ def run_inflight(fused, sampler, refill_frequency: int, sinks, dtype=None, stats
 
     report_rejected()
     batch = sampler.initial_batch(dtype)
-    batch = _INIT(fused, batch)
+    batch = _initialize(fused, batch)
     step = 0
     while True:
         batch, taken, active = _CHUNK(fused, batch, jnp.int32(refill_frequency), jnp.int32(step))
@@ -255,7 +267,7 @@ def run_streaming(fused, batch, n_steps, refill_frequency, sinks, resume, stats=
     t0 = time.perf_counter()
     cache0 = _CHUNK._cache_size()
     if not resume:
-        batch = _INIT(fused, batch)
+        batch = _initialize(fused, batch)
     written = ~np.asarray(batch.system_mask) | (np.asarray(batch.status) == fused.exit_status)
     step = 0
     limit = np.iinfo(np.int32).max if n_steps is None else int(n_steps)
