@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.linalg
 from ase.build import bulk
 from ase.calculators.lj import LennardJones as AseLJ
 from ase.cluster import Icosahedron
@@ -62,8 +63,6 @@ def _single_threaded_blas():
             if fn is not None:
                 fn(1)
 
-
-import scipy.linalg  # noqa: E402,F401  (load scipy's OpenBLAS before limiting its threads)
 
 _single_threaded_blas()
 
@@ -167,7 +166,7 @@ def test_fire_ase_flavor_follows_ase_step_by_step():
         assert steps[s] == ase_n
         assert int(b.status[s]) == 1  # graduated
         # Same arithmetic up to the order of floating-point sums (np.vdot vs segment sums):
-        # observed ≤ 1e-13 Å; 1e-8 Å leaves room for the rounding to grow over the steps.
+        # observed ≤ 5e-16 Å; 1e-8 Å leaves room for rounding to grow on other platforms.
         err = max(np.abs(pos[k][sl] - ase_pos[k]).max() for k in range(ase_n))
         assert err < 1e-8, (s, err)
         # a graduated system is not moved any more
@@ -188,20 +187,20 @@ def test_fire2_follows_ase_fire2_until_first_correction():
         ase_pos, _, _ = ase_trajectory(AseFIRE2(atoms, logfile=None), atoms, 1e-4, n)
         down = [k for k in range(n) if states[k].n_neg[s] > 0]
         same = down[0] if down else n  # steps before the first correction
-        assert same >= 30, same  # observed 33, 37, 63: a long stretch to compare
-        # Same arithmetic up to the order of sums: observed ≤ 4e-15 Å.
+        assert same >= 30, same  # observed 37, 33 and > 40 steps: a long stretch to compare
+        # Same arithmetic up to the order of sums: observed ≤ 9e-16 Å.
         err = max(np.abs(pos[k][sl] - ase_pos[k]).max() for k in range(same))
         assert err < 1e-8, (s, err)
 
 
 # ------------------------------------------------------------------ relaxations reach the minimum
+ADAM = optax.adam(1e-2)  # one transformation object: a static field, so one compilation
 RELAXERS = {
     "fire_vv": lambda: FIRE(MODEL, flavor="vv"),
     "fire2": lambda: FIRE2(MODEL),
     "gradient_descent": lambda: GradientDescent(MODEL, step_size=2.0),
     "optax_adam": lambda: OptaxRelax(MODEL, ADAM),
 }
-ADAM = optax.adam(1e-2)
 
 
 @pytest.mark.parametrize("name", sorted(RELAXERS))
@@ -349,7 +348,8 @@ def test_variable_cell_matches_ase_frechet_filter(optimizer):
         for s, sl in enumerate(slices(systems)):
             ase_pos, ase_cells, ase_n = ref[s]
             assert steps[s] == ase_n
-            # identical algorithm; observed ≤ 6e-14 Å over ~100 steps
+            # identical algorithm up to rounding (ASE recomputes log F with scipy's logm, we
+            # keep it): observed ≤ 5e-14 Å over ~100 steps
             err = max(np.abs(pos[k][sl] - ase_pos[k]).max() for k in range(ase_n))
             cerr = max(np.abs(cells[k][s] - ase_cells[k]).max() for k in range(ase_n))
             assert err < 1e-8 and cerr < 1e-8, (s, err, cerr)
@@ -363,9 +363,10 @@ def test_variable_cell_matches_ase_frechet_filter(optimizer):
         final_ase = [atoms for atoms, _ in refs]
     assert np.all(np.asarray(b.status[:2]) == 1)
 
-    # lattice constant of the 4-atom cubic cell: a = V^(1/3). At fmax 1e-5 eV/Å the residual
-    # stress is ~1e-6 eV/Å³, a lattice error ~1e-6 Å for bulk modulus ~0.02 eV/Å³; 1e-4 Å is
-    # the required agreement.
+    # lattice constant of the 4-atom cell: a = V^(1/3). At fmax 1e-5 eV/Å the residual stress
+    # is ≤ 3e-7 eV/Å³, a lattice error of about a·δσ/(3B) ~ 3e-5 Å (bulk modulus B ~ 0.02 eV/Å³),
+    # within the required 1e-4 Å. Observed: 3e-15 Å with FIRE (the same path as ASE), 1e-5 Å
+    # with FIRE2 (another path to the same minimum).
     a_ours = np.abs(np.linalg.det(np.asarray(b.cell[:2]))) ** (1 / 3)
     a_ase = np.array([abs(np.linalg.det(atoms.cell[:])) ** (1 / 3) for atoms in final_ase])
     np.testing.assert_allclose(a_ours, a_ase, rtol=0, atol=1e-4)
@@ -374,4 +375,4 @@ def test_variable_cell_matches_ase_frechet_filter(optimizer):
     # the relaxed cell is stress-free up to the applied pressure
     stress = np.asarray(b.stress[:2])
     target = -pressure[:2, None, None] * np.eye(3)
-    assert np.abs(stress - target).max() < 1e-6
+    assert np.abs(stress - target).max() < 1e-6  # observed 2.7e-7 eV/Å³ (fmax 1e-5 eV/Å)
