@@ -5,6 +5,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ase import units
 
 from .. import observables as obs
@@ -152,17 +153,27 @@ class NVTNoseHoover(Stage):
             a = jnp.exp(-0.25 * d * v[k + 1])
             return a * (a * v[k] + 0.5 * d * g)
 
-        for _ in range(self.chain_steps):
-            for w in suzuki_yoshida_weights(self.sy_order):
-                d = (w / self.chain_steps) * h
-                for k in reversed(range(m)):
-                    v[k] = damped(k, v, ke2, d)
-                s = jnp.exp(-d * v[0])
-                scale_total = scale_total * s
-                ke2 = ke2 * s * s
-                eta = eta + d[:, None] * jnp.stack(v, axis=-1)
-                for k in range(m):
-                    v[k] = damped(k, v, ke2, d)
+        def sub_step(carry, w):
+            # one MTK sub-step of length d = w h: a lax.scan body, so that the chain_steps x
+            # sy_order sub-steps compile once rather than unrolled
+            v, eta, ke2, scale_total = carry
+            v = list(v)
+            d = w * h
+            for k in reversed(range(m)):
+                v[k] = damped(k, v, ke2, d)
+            s = jnp.exp(-d * v[0])
+            scale_total = scale_total * s
+            ke2 = ke2 * s * s
+            eta = eta + d[:, None] * jnp.stack(v, axis=-1)
+            for k in range(m):
+                v[k] = damped(k, v, ke2, d)
+            return (tuple(v), eta, ke2, scale_total), None
+
+        weights = np.tile(np.asarray(suzuki_yoshida_weights(self.sy_order)), self.chain_steps)
+        weights = jnp.asarray(weights / self.chain_steps, batch.dtype)
+        (v, eta, _, scale_total), _ = jax.lax.scan(
+            sub_step, (tuple(v), eta, ke2, scale_total), weights
+        )
 
         velocities = batch.velocities * batch.to_atoms_axis(scale_total)[:, None]
         return batch.replace(velocities=velocities), {"eta": eta, "v_eta": jnp.stack(v, axis=-1)}
