@@ -30,7 +30,16 @@ from .models import ModelOutput
 from .observables import initialize_velocities, kinetic_energy, temperature
 from .sampling import SizeAwareSampler
 from .sinks import ExtXYZSink, HostMemory, ZarrSink, read_zarr
-from .stages import NVE, Stage
+from .stages import (
+    FIRE,
+    FIRE2,
+    NVE,
+    GradientDescent,
+    NVTLangevin,
+    NVTNoseHoover,
+    OptaxRelax,
+    Stage,
+)
 
 __all__ = [
     "BiasedPotentialHook",
@@ -62,6 +71,12 @@ __all__ = [
     "HookData",
     "ModelOutput",
     "NVE",
+    "FIRE",
+    "FIRE2",
+    "GradientDescent",
+    "NVTLangevin",
+    "NVTNoseHoover",
+    "OptaxRelax",
     "Stage",
     "StepReport",
     "default_float",

@@ -219,20 +219,9 @@ class FusedStage(eqx.Module):
 
         Occupied slots get ``entry_status``; each sub-stage's state is created; the model is
         evaluated once to prime energy, forces and stress ([S6]). ``init_fn`` is applied first.
+        Always compiled (inlined when called under ``jax.jit``).
         """
-        if self.init_fn is not None:
-            batch = self.init_fn(batch)
-        s = batch.max_systems
-        status = jnp.where(batch.system_mask, self.entry_status, self.exit_status).astype(jnp.int32)
-        info = fresh_info(s, len(self.sub_stages), batch.dtype)
-        for hook in self.all_hooks():
-            info.update(hook.init_info(batch))
-        batch = batch.replace(
-            status=status,
-            stage_state=tuple(stage.init_state(batch) for _, stage in self.sub_stages),
-            info=info,
-        )
-        return self.evaluate(batch)
+        return _init(self, batch)
 
     def all_hooks(self) -> list[Hook]:
         """Fused-level hooks and every sub-stage's hooks."""
@@ -513,6 +502,25 @@ def _run_loop(
         batch = fused.init(batch)
     return run_steps(fused, batch, limit, 0, max_steps)[0]
 
+
+def _init_impl(fused, batch: Batch) -> Batch:
+    """The body of :meth:`FusedStage.init`."""
+    if fused.init_fn is not None:
+        batch = fused.init_fn(batch)
+    s = batch.max_systems
+    status = jnp.where(batch.system_mask, fused.entry_status, fused.exit_status).astype(jnp.int32)
+    info = fresh_info(s, len(fused.sub_stages), batch.dtype)
+    for hook in fused.all_hooks():
+        info.update(hook.init_info(batch))
+    batch = batch.replace(
+        status=status,
+        stage_state=tuple(stage.init_state(batch) for _, stage in fused.sub_stages),
+        info=info,
+    )
+    return fused.evaluate(batch)
+
+
+_init = eqx.filter_jit(_init_impl)
 
 _COMPILED: dict = {}
 
