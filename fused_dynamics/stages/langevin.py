@@ -42,7 +42,9 @@ class NVTLangevin(Stage):
     with ``system_id`` ``sid`` at that system's ``k``-th step in this stage are drawn from
     ``fold_in(fold_in(fold_in(PRNGKey(seed), sid), k), i)``. The per-system step counter ``k``
     is the stage state (``{"step": (S,) int32}``), advanced only for the systems the stage
-    updates.
+    updates and reset to 0 with the rest of the state for a new occupant of the slot. Two
+    Langevin sub-stages of one fused stage each count from 0, so give them different seeds
+    unless they should share a noise sequence.
 
     Parameters
     ----------
@@ -97,11 +99,12 @@ class NVTLangevin(Stage):
         keys = jax.vmap(system_key)(batch.system_id, step)  # (S, 2)
         atom_keys = keys[jnp.clip(batch.system_idx, 0, s - 1)]
         local = segment.local_index(batch.system_idx, s)
+        dtype = batch.dtype
 
         def draw(key, i):
-            return jax.random.normal(jax.random.fold_in(key, i.astype(jnp.uint32)), (3,))
+            return jax.random.normal(jax.random.fold_in(key, i.astype(jnp.uint32)), (3,), dtype)
 
-        z = jax.vmap(draw)(atom_keys, local).astype(batch.dtype)
+        z = jax.vmap(draw)(atom_keys, local)
         return jnp.where(batch.atom_mask[:, None], z, 0.0)
 
     def _ou(self, batch: Batch, step: jax.Array) -> Batch:
