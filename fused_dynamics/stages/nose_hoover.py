@@ -43,7 +43,10 @@ class NVTNoseHoover(Stage):
     and velocities ``v_k = p_k / Q_k`` (state ``{"eta", "v_eta"}``, shape (S, chain_length)), and
     masses ``Q_1 = g kT τ²``, ``Q_k = kT τ²`` (k ≥ 2), where ``g = 3 n_atoms`` is the package's
     count of degrees of freedom (:func:`~fused_dynamics.observables.degrees_of_freedom`) and
-    ``τ = tdamp``.
+    ``τ = tdamp``. The chain drives the time average of ``2 KE`` to ``g kT`` exactly, so the mean
+    temperature (same convention) is the target; a system whose total momentum is zero (which
+    the chain's uniform scaling keeps) has only ``3 n_atoms - 3`` fluctuating momenta, and its
+    kinetic-energy variance is then ``g / (g - 3)`` times the canonical ``(g/2)(kT)²``.
 
     One step is the symmetric Trotter splitting::
 
