@@ -108,11 +108,11 @@ def test_matches_ase_mtk(coupling):
     if not hasattr(md, "MaskedMTKNPT"):
         pytest.skip("ASE too old for MTKNPT")
     from ase.calculators.lj import LennardJones as AseLJ
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
     atoms = argon(scale=(1.0, 1.02, 0.99) if coupling == "anisotropic" else (1, 1, 1), seed=0)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=T_TARGET, rng=np.random.default_rng(1))
-    Stationary(atoms)
+    m = atoms.get_masses()[:, None]
+    v = np.random.default_rng(1).normal(size=(len(atoms), 3)) * np.sqrt(units.kB * T_TARGET / m)
+    atoms.set_velocities(v - (m * v).sum(axis=0) / m.sum())
     dt, tdamp, pdamp, n_steps = 5.0, 100.0, 500.0, 100
     stage = NPT(lj(), dt, T_TARGET, P_HIGH, tdamp, pdamp, coupling=coupling)
     _, _, traj = trajectory(stage, fd.Batch.from_atoms([atoms]), n_steps)
@@ -159,7 +159,7 @@ def test_npt_mean_pressure(long_npt):
     not 1/√t: 3 V (P - P_ext) is the force on the barostat momentum, whose integral is bounded
     by the momentum's own thermal size √(W kT). Over 25 ps that bounds the mean's error to
     ~3e-4 GPa; the remaining bias of the MTK ensemble, -kT/V ≈ -5e-4 GPa, is also below the
-    tolerance. Measured: |mean - target| ≤ 2e-4 GPa.
+    tolerance. Measured: |mean - target| ≤ 1.6e-4 GPa.
     """
     targets, _, traj = long_npt
     mean_p = second_half(traj["pressure"]).mean(axis=0)
@@ -172,8 +172,8 @@ def test_npt_mean_temperature(long_npt):
 
     32 atoms give an instantaneous std of T √(2/N_f) ≈ 7 K, with the slow Nosé–Hoover
     oscillation (tdamp = 250 fs) the 25 ps mean of one replica scatters by ~0.9 K (measured over
-    8 runs), so the 2-replica mean by ~0.65 K: 2.5 K is ~4 standard errors. Measured: 49.1 and
-    50.0 K.
+    8 runs), so the 2-replica mean by ~0.65 K: 2.5 K is ~4 standard errors. Measured: 50.5 K
+    (0 GPa) and 49.3 K (0.1 GPa); single replicas 49.0..50.6 K.
     """
     _, _, traj = long_npt
     mean_t = second_half(traj["temperature"]).mean(axis=0)
@@ -189,7 +189,7 @@ def test_npt_conserved_energy_drift(long_npt):
     At dt = 5 fs the shadow-Hamiltonian error of the second-order splitting oscillates with an
     amplitude of ~5e-6 eV/atom (it scales as dt², see
     ``test_conserved_energy_error_is_second_order``) and random-walks slowly (the LJ switch is
-    only C¹). Measured over several seeds: max |ΔH| 4e-6..8e-6 eV/atom, fitted drift ≤ 6e-6.
+    only C¹). Measured: max |ΔH| 5.7e-6..8.0e-6 eV/atom, fitted drift ≤ 5.9e-6 eV/atom.
     A gross error (a missing force term) gives O(kT) = 4e-3 eV/atom; a subtle one (dropping the
     tr(L)/N_f momentum term) gave 1.7e-5 eV/atom within 20 ps: that one the dt² test catches.
     """
@@ -204,8 +204,9 @@ def test_npt_conserved_energy_drift(long_npt):
 @pytest.mark.slow
 def test_npt_two_pressures_in_one_batch(long_npt):
     """Systems at different targets in one batch each reach their own: the 0.1 GPa pair is
-    compressed by ~4.5 % in volume relative to the 0 GPa pair (bulk modulus ~2 GPa), while the
-    replicas at equal targets agree within 0.5 % (volume fluctuations ~1 %, averaged)."""
+    compressed by ~5 % in volume relative to the 0 GPa pair (measured 4.9 %; bulk modulus ~2 GPa),
+    while the replicas at equal targets agree within 0.5 % (volume fluctuations ~1 %, averaged;
+    measured 0.08 %)."""
     targets, _, traj = long_npt
     v = second_half(traj["volume"]).mean(axis=0)
     assert abs(v[0] - v[1]) < 0.005 * v[0] and abs(v[2] - v[3]) < 0.005 * v[2], v
@@ -217,10 +218,10 @@ def test_npt_two_pressures_in_one_batch(long_npt):
 def test_nph_conserved_energy_and_pressure():
     """NPH conserves its enthalpy-like H to 2e-5 eV/atom over 20 ps and holds the pressure.
 
-    Same argument as for NPT (measured max |ΔH| ≈ 5e-6 eV/atom); the mean pressure over the
+    Same argument as for NPT (measured max |ΔH| ≤ 3.1e-6 eV/atom); the mean pressure over the
     last 10 ps is within 0.005 GPa of the target by the bounded-barostat-momentum argument
-    (measured ≤ 1e-4 GPa). Without a thermostat the crystal equilibrates at ~25 K (half of the
-    initial 50 K goes into potential energy).
+    (measured ≤ 1.4e-4 GPa). Without a thermostat the crystal equilibrates at ~25 K (half of the
+    initial 50 K kinetic energy goes into potential energy).
     """
     pressures = jnp.asarray([0.0, P_HIGH])
     batch = thermal_batch([argon(seed=s) for s in range(2)])
@@ -245,8 +246,9 @@ def test_conserved_energy_error_is_second_order(make):
 
     The same sheared crystal twice in one batch with per-system dt = (8, 4) fs; max |H - H(0)|
     over the first picosecond of each. A Trotter splitting of a flow that conserves H has an
-    O(dt²) error; an inconsistent term would leave an O(1) error that does not shrink.
-    Measured ratio 4.00.
+    O(dt²) error; an inconsistent term leaves an error that does not shrink so: dropping the
+    tr(L)/N_f momentum term gives a ratio of 1.95. Measured ratios 4.14 (NPT triclinic) and
+    4.07 (NPH anisotropic); err(8 fs) = 8.3e-6 eV/atom (bound 2e-5).
     """
     atoms = argon(skew=True, seed=0)
     batch = thermal_batch([atoms, atoms])
@@ -261,7 +263,8 @@ def test_conserved_energy_error_is_second_order(make):
 # ---------------------------------------------------------------------- cell shape
 def test_isotropic_keeps_cell_shape():
     """Isotropic coupling only scales the cell: cell(t) = λ(t) cell(0) to 1e-12 (rounding of
-    1000 multiplications by a scalar), even for a sheared cell, while λ moves by > 0.2 %."""
+    1000 multiplications by a scalar; measured 2e-15), even for a sheared cell, while λ moves by
+    > 1 % (measured 3.8 %)."""
     atoms = argon(skew=True, seed=0)
     batch = thermal_batch([atoms])
     stage = NPT(lj(), 5.0, T_TARGET, P_HIGH, 250.0, 1000.0, coupling="isotropic")
@@ -269,7 +272,7 @@ def test_isotropic_keeps_cell_shape():
     cell0 = init["cell"][0]
     lam = (traj["volume"][:, 0] / init["volume"][0]) ** (1.0 / 3.0)
     np.testing.assert_allclose(traj["cell"][:, 0], lam[:, None, None] * cell0, rtol=0, atol=1e-12)
-    assert np.ptp(lam) > 2e-3
+    assert np.ptp(lam) > 1e-2
 
 
 def test_anisotropic_keeps_orthorhombic_and_balances_axes():
@@ -277,7 +280,7 @@ def test_anisotropic_keeps_orthorhombic_and_balances_axes():
     diagonal component of the pressure tensor to P_ext on its own: a crystal strained by
     (+3 %, 0, -3 %) starts with axial pressures ~0.08 GPa apart; over the last 10 ps each
     averages to P_ext within 0.005 GPa (each is the force on its own barostat momentum, so the
-    bounded-momentum argument of ``test_npt_mean_pressure`` holds per axis; measured ≤ 2e-3).
+    bounded-momentum argument of ``test_npt_mean_pressure`` holds per axis; measured ≤ 6e-4).
 
     (Mean axis lengths are no test: a 32-atom cell under an anisotropic barostat has ~2 %
     shape fluctuations and can even re-orient its crystal into another orthorhombic cell,
@@ -296,9 +299,9 @@ def test_anisotropic_keeps_orthorhombic_and_balances_axes():
 def test_triclinic_stays_lower_triangular_and_balances_stress():
     """Triclinic coupling keeps ASE's lower-triangular form (no rotation: the upper triangle
     stays exactly 0) and drives the six lower-triangular components of the pressure tensor to
-    P_ext 1: a sheared crystal starts with shear stresses up to ~0.04 GPa; over the last 10 ps
+    P_ext 1: a sheared crystal starts with shear stresses up to ~0.06 GPa; over the last 10 ps
     every component averages to its target within 0.005 GPa (bounded-momentum argument per
-    component; measured ≤ 2e-3 GPa)."""
+    component; measured ≤ 9e-4 GPa)."""
     batch = thermal_batch([argon(skew=True, seed=0)])
     stage = NPT(lj(), 5.0, T_TARGET, 0.0, 250.0, 1000.0, coupling="triclinic")
     _, init, traj = trajectory(stage, batch, 4000)
@@ -379,3 +382,7 @@ def test_fused_run_and_validation():
         NPT(lj(), 5.0, T_TARGET, 0.0, 250.0, 1000.0, coupling="cubic")
     with pytest.raises(ValueError, match="chain_length"):
         NPT(lj(), 5.0, T_TARGET, 0.0, 250.0, 1000.0, chain_length=0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        NPT(lj(), 5.0, jnp.asarray([50.0, 0.0]), 0.0, 250.0, 1000.0)
+    with pytest.raises(ValueError, match="pdamp"):
+        NPH(lj(), 5.0, 0.0, -1.0)

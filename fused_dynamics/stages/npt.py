@@ -40,6 +40,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ase import units
 
 from .. import observables as obs
@@ -170,6 +171,8 @@ class NPT(Stage):
             raise ValueError(f"chain_length must be at least 1, got {self.chain_length}.")
         if self.thermostat and (self.temperature is None or self.tdamp is None):
             raise ValueError("NPT needs a temperature and a tdamp (use NPH for no thermostat).")
+        for name in ("dt", "temperature", "tdamp", "pdamp"):
+            _check_positive(type(self).__name__, name, getattr(self, name))
 
     # ------------------------------------------------------------------ helpers
     def _per_system(self, batch: Batch, x) -> jax.Array:
@@ -387,6 +390,14 @@ class NPH(NPT):
         self.thermostat = False
         self.n_steps = n_steps
         self.convergence_hook = convergence_hook
+
+
+def _check_positive(owner: str, name: str, value) -> None:
+    """Raise on a concrete non-positive value (traced values are left to the caller)."""
+    if value is None or isinstance(value, jax.core.Tracer):
+        return
+    if not bool(np.all(np.asarray(value) > 0)):
+        raise ValueError(f"{owner}: {name} must be > 0 (per system), got {value!r}.")
 
 
 # ---------------------------------------------------------------------- chain helpers
