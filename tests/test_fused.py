@@ -158,6 +158,22 @@ def test_both_graduation_paths_reported_in_the_same_step():
     )
 
 
+def test_default_criterion_only_for_non_final_stages_without_budget():
+    """[S10]: no criterion and no budget -> fmax <= 0.05; a budget alone governs otherwise."""
+    relaxed = Descent(LJ, step_size=0.3, convergence_hook=fd.ConvergenceHook.from_fmax(1e-3))
+    b = relaxed.run(batch_of(clusters(2)), n_steps=500)  # forces now far below 0.05 eV/Å
+    b = fd.Batch.from_atoms(b.to_atoms())
+    budgeted = fd.NVE(LJ, dt=1.0, n_steps=5) + fd.NVE(LJ, dt=1.0, n_steps=3)
+    out = budgeted.run(b)
+    np.testing.assert_array_equal(np.asarray(out.info["stage_steps"]), [[5, 3], [5, 3]])
+    free = Descent(LJ) + fd.NVE(LJ, dt=1.0, n_steps=3)
+    assert free.migration_rule(0).criteria[0].key == "fmax"
+    assert float(free.migration_rule(0).criteria[0].threshold) == 0.05
+    assert budgeted.migration_rule(0) is None and free.migration_rule(1) is None
+    out = free.run(b)
+    np.testing.assert_array_equal(np.asarray(out.info["stage_steps"]), [[1, 3], [1, 3]])
+
+
 def test_energy_change_criterion_is_computed():
     """[S9]: energy_change is |E - E_prev| within the stage; inf on a system's first step."""
     crit = fd.ConvergenceHook([{"key": "energy_change", "threshold": 1e-9}])
