@@ -87,10 +87,13 @@ def initialize_velocities(
         With new velocities; padding atoms keep zero velocity.
     """
     t = jnp.broadcast_to(jnp.asarray(temperature, batch.dtype), (batch.max_systems,))
-    return _initialize_velocities(batch, t, key, bool(remove_com), bool(rescale))
+    # Called eagerly, compile (one compilation per shape instead of op-by-op dispatch); called
+    # while tracing, trace inline.
+    tracing = isinstance(batch.positions, jax.core.Tracer)
+    impl = _initialize_velocities if tracing else _initialize_velocities_jit
+    return impl(batch, t, key, bool(remove_com), bool(rescale))
 
 
-@eqx.filter_jit  # compiled once per shape even when called eagerly (inlined under jit)
 def _initialize_velocities(
     batch: Batch, t: jax.Array, key: jax.Array, remove_com: bool, rescale: bool
 ) -> Batch:
@@ -120,3 +123,6 @@ def _initialize_velocities(
         factor = jnp.where(current > 0, jnp.sqrt(t / jnp.where(current > 0, current, 1.0)), 0.0)
         new = new.replace(velocities=v * batch.to_atoms_axis(factor)[:, None])
     return new
+
+
+_initialize_velocities_jit = eqx.filter_jit(_initialize_velocities)

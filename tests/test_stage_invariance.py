@@ -137,7 +137,7 @@ def test_masking_and_independence(name, layout):
     step = _STEP[name]
     b0, s0 = step(batch, jnp.zeros(S_CAP, bool))  # nobody updated: the reference for "untouched"
     b1, s1 = step(batch, mask)
-    for k, slot in enumerate(slots):
+    for slot in slots:
         if not mask_bits[slot]:
             _same(_system(b1, s1, slot), _system(b0, s0, slot))
     # independence: system 0 alone in slot 3 of the same capacity gives the same update as

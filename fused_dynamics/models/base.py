@@ -50,13 +50,15 @@ class Model(eqx.Module):
         return self
 
     def __call__(self, batch: Batch) -> ModelOutput:
-        # ``prepare`` runs here, eagerly, where it can look at concrete cells; the evaluation
-        # itself is always compiled (inlined when the caller is already under ``jax.jit``), so
-        # an eager call costs one compilation per shape instead of op-by-op dispatch.
-        return _evaluate(self.prepare(batch), batch)
+        # ``prepare`` runs here, eagerly, where it can look at concrete cells. Called eagerly,
+        # the evaluation is compiled (one compilation per shape instead of slow op-by-op
+        # dispatch); called while tracing (jit, vmap, grad), it is traced inline as it stands.
+        model = self.prepare(batch)
+        if isinstance(batch.positions, jax.core.Tracer):
+            return _evaluate(model, batch)
+        return _evaluate_jit(model, batch)
 
 
-@eqx.filter_jit
 def _evaluate(model: Model, batch: Batch) -> ModelOutput:
     """Energy, forces (-dE/dr) and stress ((1/V) dE/dε) from one reverse pass."""
     s = batch.max_systems
@@ -85,3 +87,6 @@ def _evaluate(model: Model, batch: Batch) -> ModelOutput:
     stress = jnp.where(batch.system_mask[:, None, None], de_deps / volume[:, None, None], 0.0)
     energy = jnp.where(batch.system_mask, energy, 0.0)
     return ModelOutput(energy=energy, forces=forces, stress=stress)
+
+
+_evaluate_jit = eqx.filter_jit(_evaluate)
