@@ -223,8 +223,10 @@ class FusedStage(eqx.Module):
 
         Occupied slots get ``entry_status``; each sub-stage's state is created; the model is
         evaluated once to prime energy, forces and stress ([S6]). ``init_fn`` is applied first.
-        Always compiled (inlined when called under ``jax.jit``).
+        Called eagerly it is compiled (once per shape); while tracing it is traced inline.
         """
+        if isinstance(batch.positions, jax.core.Tracer):
+            return _init_impl(self, batch)
         return _init(self, batch)
 
     def all_hooks(self) -> list[Hook]:
