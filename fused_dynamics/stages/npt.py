@@ -32,7 +32,10 @@ Positions and cell move together under the exact flow of ``dr/dt = v + r L``,
 exact flow of ``dp/dt = F - p K`` with frozen forces.
 
 With ``coupling="isotropic"`` (and ``"anisotropic"`` on an orthorhombic cell) one step is the same
-map as ASE's ``IsotropicMTKNPT`` (``MaskedMTKNPT(mask=(True, True, True))``) given the same masses.
+map as ASE's ``IsotropicMTKNPT`` (``MaskedMTKNPT(mask=(True, True, True))``) given the same masses
+(ASE's isotropic barostat chain has ``R_1 = 9 kT pdamp²``, ours ``1 kT pdamp²``: one cell degree of
+freedom). ``"triclinic"`` differs from ASE's ``MTKNPT``, which moves a symmetric 3x3 rate: here the
+six lower-triangular entries move, so the cell never rotates and keeps ASE's standard form.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from .. import observables as obs
 from ..batch import Batch
 from .base import Stage, fs_to_ase_time
 
-__all__ = ["NPT", "NPH", "NPTState", "COUPLINGS"]
+__all__ = ["NPT", "NPH", "NPTState", "COUPLINGS", "cell_basis"]
 
 COUPLINGS = ("isotropic", "anisotropic", "triclinic")
 
