@@ -33,6 +33,8 @@ from .sinks import ExtXYZSink, HostMemory, ZarrSink, read_zarr
 from .stages import (
     FIRE,
     FIRE2,
+    NPH,
+    NPT,
     NVE,
     GradientDescent,
     NVTLangevin,
@@ -71,6 +73,8 @@ __all__ = [
     "HookData",
     "ModelOutput",
     "NVE",
+    "NPH",
+    "NPT",
     "FIRE",
     "FIRE2",
     "GradientDescent",

@@ -5,6 +5,7 @@ from .cell_filter import FrechetCellFilter
 from .fire import FIRE, FIRE2
 from .langevin import NVTLangevin
 from .nose_hoover import NVTNoseHoover
+from .npt import NPH, NPT
 from .nve import NVE
 from .optimizers import GradientDescent, OptaxRelax
 
@@ -13,6 +14,8 @@ __all__ = [
     "FIRE2",
     "FrechetCellFilter",
     "GradientDescent",
+    "NPH",
+    "NPT",
     "NVE",
     "NVTLangevin",
     "NVTNoseHoover",
