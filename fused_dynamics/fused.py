@@ -113,6 +113,10 @@ class FusedStage(eqx.Module):
         exit_status = len(pairs) if exit_status == -1 else int(exit_status)
         if exit_status in codes:
             raise ValueError(f"FusedStage: exit_status {exit_status} is also a sub-stage code.")
+        if int(entry_status) not in codes:
+            raise ValueError(
+                f"FusedStage: entry_status {entry_status} is not one of the codes {codes}."
+            )
         model0 = pairs[0][1].model
         for i, (_, stage) in enumerate(pairs[1:], start=1):
             if not _same_model(model0, stage.model):
@@ -121,6 +125,12 @@ class FusedStage(eqx.Module):
                     "from sub-stage 0; all sub-stages must share one model (one evaluation per "
                     "step)."
                 )
+        devices = {i: _devices(stage) for i, (_, stage) in enumerate(pairs)}
+        if len({d for d in devices.values() if d}) > 1:
+            raise ValueError(
+                f"FusedStage: sub-stages hold arrays on different devices {devices}; put them on "
+                "one device (a fused step runs on one device, [S3])."
+            )
         self.stages = tuple(stage for _, stage in pairs)
         self.codes = tuple(codes)
         self.entry_status = int(entry_status)
@@ -545,6 +555,15 @@ def fresh_info(num_systems: int, num_sub_stages: int, dtype) -> dict[str, jax.Ar
         "prev_energy": jnp.full((num_systems,), jnp.inf, dtype),
         "exit_reason": jnp.zeros((num_systems,), jnp.int32),  # ExitReason.RUNNING
     }
+
+
+def _devices(tree: Any) -> frozenset:
+    """Devices of the concrete arrays in ``tree`` (empty for tracers and Python numbers)."""
+    out = set()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+            out |= set(leaf.devices())
+    return frozenset(out)
 
 
 def _same_model(a: Any, b: Any) -> bool:

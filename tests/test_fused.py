@@ -69,6 +69,17 @@ def test_sub_stages_must_share_one_model():
     assert (Descent(LJ) + fd.NVE(twin, dt=1.0)).exit_status == 2
 
 
+def test_bad_codes_are_rejected_at_construction():
+    with pytest.raises(ValueError, match="entry_status 5"):
+        fd.FusedStage([(0, Descent(LJ))], entry_status=5)
+    with pytest.raises(ValueError, match="distinct"):
+        fd.FusedStage([(0, Descent(LJ)), (0, Descent(LJ))])
+    with pytest.raises(ValueError, match="exit_status 1 is also"):
+        fd.FusedStage([(0, Descent(LJ)), (1, Descent(LJ))], exit_status=1)
+    with pytest.raises(TypeError, match="expected a Stage"):
+        fd.FusedStage([(0, LJ)])
+
+
 def test_entry_status_is_applied():
     fused = fd.FusedStage([(0, Descent(LJ)), (1, fd.NVE(LJ, dt=1.0, n_steps=2))], entry_status=1)
     out = fused.run(batch_of(clusters(2), max_systems=3))
