@@ -477,7 +477,7 @@ class ConvergedSnapshotHook(SnapshotHook):
 
 
 class ProgressHook(Hook):
-    """A tqdm progress bar of graduated systems (``AFTER_STEP``)."""
+    """A tqdm progress bar of graduated systems (``ON_CONVERGE``: after migration)."""
 
     total: int | None = eqx.field(static=True, default=None)
     bar: Any = eqx.field(static=True, default=None)
@@ -488,7 +488,7 @@ class ProgressHook(Hook):
         self.total = total
         self.bar = tqdm(total=total, desc=desc, unit="sys")
         self.every_n_steps = every_n_steps
-        self.stage = DynamicsStage.AFTER_STEP
+        self.stage = DynamicsStage.ON_CONVERGE
         self.fields = ("exit_reason",)
 
     def on_host(self, data):

@@ -490,3 +490,29 @@ def test_logging_snapshot_and_converged_snapshot_hooks(tmp_path):
     ids = sorted(a.info["system_id"] for a in converged.atoms)
     assert ids == [0, 1, 2]
     assert len(frames) > 0 and all("step" in a.info for a in frames.atoms)
+
+
+def test_energy_drift_monitor_fails_only_the_drifting_system():
+    """Per-system drift: dt = 1 fs conserves energy (1e-10 eV/atom measured over 30 steps), dt =
+    30 fs on a compressed cluster drifts by 1.4e-4 eV/atom; the threshold 1e-5 lies between."""
+    atoms = clusters(2)
+    hot = atoms[1].copy()
+    hot.positions *= 0.93  # compressed: large forces, poor energy conservation at 30 fs
+    md = fd.NVE(LJ, dt=jnp.array([1.0, 30.0]), n_steps=30)
+    md = md.register_hook(fd.EnergyDriftMonitorHook(threshold=1e-5, action="fail"))
+    out = md.run(batch_of([atoms[0], hot]))
+    np.testing.assert_array_equal(
+        np.asarray(out.info["exit_reason"]), [fd.ExitReason.BUDGET, fd.ExitReason.FAILED]
+    )
+    with pytest.raises(ValueError, match="action"):
+        fd.EnergyDriftMonitorHook(action="explode")
+
+
+def test_progress_hook_counts_graduated_systems():
+    hook = fd.ProgressHook(total=3, every_n_steps=1)
+    md = fd.NVE(LJ, dt=1.0, n_steps=4).register_hook(hook)
+    md.run(batch_of(clusters(3)))
+    jax.effects_barrier()
+    # the bar is updated at ON_CONVERGE, after migration: all three graduated at step 4
+    assert hook.bar.n == 3
+    hook.bar.close()
