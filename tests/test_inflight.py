@@ -66,7 +66,9 @@ def test_every_system_once_and_equal_to_running_alone(n_systems):
     assert fused.run(sampler=sampler, refill_frequency=10, sinks=[sink], stats=stats) is None
     ids = [a.info["system_id"] for a in sink.atoms]
     assert sorted(ids) == list(range(n_systems)), "each dataset index exactly once"
-    assert stats.compilations == 1, "one compilation of the chunk for the whole run"
+    # one compilation of the chunk for the whole run (none if this process already compiled
+    # the same shapes, as when the 120-system case ran first)
+    assert stats.compilations <= 1, "at most one compilation of the chunk for the whole run"
     print(f"utilization {stats.utilization:.3f} over {stats.steps} steps")
     rng = np.random.default_rng(3)
     for index in rng.choice(n_systems, size=min(20, n_systems), replace=False):

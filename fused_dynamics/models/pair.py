@@ -69,10 +69,21 @@ class PairPotential(Model):
 
     def with_images(self, batch: Batch) -> PairPotential:
         """A copy whose static image range covers every system of ``batch`` (host-side)."""
-        need = np.asarray(required_images(batch.cell, batch.pbc, self.cutoff))
-        need = need[np.asarray(batch.system_mask)]
-        images = tuple(int(n) for n in need.max(axis=0)) if need.size else (0, 0, 0)
-        return dataclasses.replace(self, images=images)
+        mask = np.asarray(batch.system_mask)
+        return self.with_images_for(np.asarray(batch.cell)[mask], np.asarray(batch.pbc)[mask])
+
+    def with_images_for(self, cells, pbc) -> PairPotential:
+        """A copy whose static image range covers cells (n, 3, 3) with periodicity (n, 3).
+
+        Used by :meth:`FusedStage.run` on the cells of a batch or of a whole dataset before
+        compiling, so that large cells evaluate with the minimum image alone.
+        """
+        cells = np.asarray(cells, np.float64).reshape(-1, 3, 3)
+        pbc = np.asarray(pbc, bool).reshape(-1, 3)
+        if not len(cells):
+            return dataclasses.replace(self, images=(0, 0, 0))
+        need = np.asarray(required_images(cells, pbc, self.cutoff))
+        return dataclasses.replace(self, images=tuple(int(n) for n in need.max(axis=0)))
 
     def energy(self, batch: Batch) -> jax.Array:
         n_img = (1, 1, 1) if self.images is None else tuple(self.images)
