@@ -66,6 +66,10 @@ class Batch(eqx.Module):
         Per-sub-stage state; every leaf has a leading axis of length S.
     info : dict[str, Array]
         Per-system bookkeeping arrays (leading axis S) kept by the run loop.
+    neighbors : pytree or None
+        A neighbor list the model consumes (see ``fused_dynamics.models.neighbors``). When it
+        has a true ``overflow`` flag after a run, the run loop grows it (``neighbors.grown()``)
+        and runs again from the last good state.
     max_atoms_per_system : int
         Static capacity of one system.
     """
@@ -86,6 +90,7 @@ class Batch(eqx.Module):
     system_id: jax.Array
     stage_state: tuple = ()
     info: dict = eqx.field(default_factory=dict)
+    neighbors: Any = None
     max_atoms_per_system: int = eqx.field(static=True, default=0)
 
     # ------------------------------------------------------------------ capacities

@@ -474,7 +474,33 @@ class FusedStage(eqx.Module):
         fn = _run_loop
         if self.compile_step:
             fn = _compiled_run(self.compile_kwargs)
-        return fn(fused, batch, jnp.asarray(limit, jnp.int32), bool(resume), max_steps)
+        while True:
+            out = fn(fused, batch, jnp.asarray(limit, jnp.int32), bool(resume), max_steps)
+            if not overflowed(out):
+                return out
+            batch = grow_neighbors(batch)  # and run again from the same start
+
+
+def overflowed(batch: Batch) -> bool:
+    """Whether a concrete batch's neighbor list overflowed during a run (host-side)."""
+    nl = batch.neighbors
+    if nl is None or isinstance(nl.overflow, jax.core.Tracer):
+        return False
+    return bool(np.any(np.asarray(nl.overflow)))
+
+
+def grow_neighbors(batch: Batch) -> Batch:
+    """The batch with a larger neighbor list (one recompilation), with a warning."""
+    import warnings
+
+    grown = batch.neighbors.grown()
+    warnings.warn(
+        f"fused_dynamics: the neighbor list overflowed its capacity; grown to "
+        f"{grown.capacity} pairs and re-run from the last good state (one recompilation).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return batch.replace(neighbors=grown)
 
 
 def run_steps(fused: FusedStage, batch: Batch, limit, start=0, max_steps=None):

@@ -79,6 +79,17 @@ def _chunk(fused, batch, limit, start):
 _CHUNK = jax.jit(_chunk)
 
 
+def _run_chunk(fused, batch, limit: int, step: int):
+    """One compiled chunk; on a neighbor-list overflow, grow it and redo the chunk."""
+    from .fused import grow_neighbors, overflowed
+
+    while True:
+        out = _CHUNK(fused, batch, jnp.int32(limit), jnp.int32(step))
+        if not overflowed(out[0]):
+            return out
+        batch = grow_neighbors(batch)
+
+
 def _admit(fused, batch: Batch, new: jax.Array) -> Batch:
     """Initialize the systems in slots ``new`` (S,) bool; leave every other slot as it is."""
     fresh = fused.init(batch)
@@ -215,7 +226,7 @@ def run_inflight(fused, sampler, refill_frequency: int, sinks, dtype=None, stats
     batch = _initialize(fused, batch)
     step = 0
     while True:
-        batch, taken, active = _CHUNK(fused, batch, jnp.int32(refill_frequency), jnp.int32(step))
+        batch, taken, active = _run_chunk(fused, batch, refill_frequency, step)
         host = jax.device_get(batch)
         taken = int(taken)
         step += taken
@@ -258,6 +269,8 @@ def run_inflight(fused, sampler, refill_frequency: int, sinks, dtype=None, stats
 def _rebuild(batch: Batch, host: Batch, arrays: dict) -> Batch:
     """The device batch with re-packed atoms; per-slot state and bookkeeping carried over."""
     fields = {k: jnp.asarray(v, dtype=getattr(batch, k).dtype) for k, v in arrays.items()}
+    if batch.neighbors is not None:  # atoms moved on the atom axis: the list must be rebuilt
+        fields["neighbors"] = batch.neighbors.invalidated()
     return batch.replace(**fields)
 
 
@@ -273,7 +286,7 @@ def run_streaming(fused, batch, n_steps, refill_frequency, sinks, resume, stats=
     limit = np.iinfo(np.int32).max if n_steps is None else int(n_steps)
     while step < limit:
         k = min(refill_frequency, limit - step)
-        batch, taken, active = _CHUNK(fused, batch, jnp.int32(k), jnp.int32(step))
+        batch, taken, active = _run_chunk(fused, batch, k, step)
         taken = int(taken)
         step += taken
         stats.chunks += 1
