@@ -242,8 +242,8 @@ class Batch(eqx.Module):
         """The occupied slots as ``ase.Atoms``, in slot order.
 
         Each carries velocities and a ``SinglePointCalculator`` with energy, forces and stress
-        (stress in Voigt order, eV/Å³, as ASE returns it), and ``atoms.info["system_id"]`` and
-        ``atoms.info["status"]``.
+        (stress in Voigt order, eV/Å³, as ASE returns it), and in ``atoms.info``:
+        ``system_id``, ``status``, and after a run ``exit_reason`` and ``stage_steps``.
 
         In float64, positions, numbers, masses, cells, pbc and velocities come back bit for bit
         as :meth:`from_atoms` read them, with one exception: a non-periodic system given without
@@ -251,32 +251,66 @@ class Batch(eqx.Module):
         cell. Momenta are ``m * v`` and can differ from the original ones in the last bit.
         """
         host = jax.device_get(self)
-        out = []
-        system_idx = np.asarray(host.system_idx)
-        for slot in np.flatnonzero(np.asarray(host.system_mask)):
-            sel = np.flatnonzero(system_idx == slot)
-            atoms = ase.Atoms(
-                numbers=np.asarray(host.atomic_numbers)[sel],
-                positions=np.asarray(host.positions, dtype=np.float64)[sel],
-                masses=np.asarray(host.masses, dtype=np.float64)[sel],
-                cell=np.asarray(host.cell, dtype=np.float64)[slot],
-                pbc=np.asarray(host.pbc)[slot],
-            )
-            atoms.set_velocities(np.asarray(host.velocities, dtype=np.float64)[sel])
-            stress = np.asarray(host.stress, dtype=np.float64)[slot]
-            atoms.calc = SinglePointCalculator(
-                atoms,
-                energy=float(host.energy[slot]),
-                forces=np.asarray(host.forces, dtype=np.float64)[sel],
-                stress=_voigt(stress),
-            )
-            atoms.info["system_id"] = int(host.system_id[slot])
-            atoms.info["status"] = int(host.status[slot])
-            out.append(atoms)
-        return out
+        arrays = {k: getattr(host, k) for k in HOST_FIELDS}
+        arrays.update({k: host.info[k] for k in ("exit_reason", "stage_steps") if k in host.info})
+        return atoms_from_arrays(arrays, np.flatnonzero(np.asarray(host.system_mask)))
 
 
 # ---------------------------------------------------------------------- host-side packing
+HOST_FIELDS = (
+    "positions",
+    "velocities",
+    "masses",
+    "atomic_numbers",
+    "forces",
+    "system_idx",
+    "cell",
+    "pbc",
+    "energy",
+    "stress",
+    "status",
+    "system_id",
+)
+
+
+def atoms_from_arrays(arrays: dict[str, np.ndarray], slots) -> list[ase.Atoms]:
+    """Build ``ase.Atoms`` for the given slots from host copies of batch fields.
+
+    ``arrays`` holds at least ``positions``, ``atomic_numbers``, ``masses``, ``system_idx``,
+    ``cell`` and ``pbc``; ``velocities``, ``energy``, ``forces``, ``stress``, ``system_id``,
+    ``status``, ``exit_reason`` and ``stage_steps`` are carried over when present.
+    """
+    system_idx = np.asarray(arrays["system_idx"])
+    out = []
+    for slot in slots:
+        sel = np.flatnonzero(system_idx == slot)
+        atoms = ase.Atoms(
+            numbers=np.asarray(arrays["atomic_numbers"])[sel],
+            positions=np.asarray(arrays["positions"], np.float64)[sel],
+            masses=np.asarray(arrays["masses"], np.float64)[sel],
+            cell=np.asarray(arrays["cell"], np.float64)[slot],
+            pbc=np.asarray(arrays["pbc"])[slot],
+        )
+        if "velocities" in arrays:
+            atoms.set_velocities(np.asarray(arrays["velocities"], np.float64)[sel])
+        results = {}
+        if "energy" in arrays:
+            results["energy"] = float(arrays["energy"][slot])
+        if "forces" in arrays:
+            results["forces"] = np.asarray(arrays["forces"], np.float64)[sel]
+        if "stress" in arrays:
+            results["stress"] = _voigt(np.asarray(arrays["stress"], np.float64)[slot])
+        if results:
+            atoms.calc = SinglePointCalculator(atoms, **results)
+        for key in ("system_id", "status", "exit_reason"):
+            if key in arrays:
+                atoms.info[key] = int(np.asarray(arrays[key])[slot])
+        if "stage_steps" in arrays:
+            atoms.info["stage_steps"] = np.asarray(arrays["stage_steps"])[slot].tolist()
+        out.append(atoms)
+    return out
+
+
 def empty_host_arrays(max_atoms: int, max_systems: int) -> dict[str, np.ndarray]:
     """NumPy arrays of an empty batch (every slot free), to be filled by :func:`write_system`."""
     n, s = max_atoms, max_systems

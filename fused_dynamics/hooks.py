@@ -457,7 +457,7 @@ class SnapshotHook(Hook):
         return data["system_mask"] & (data["exit_reason"] == ExitReason.RUNNING)
 
     def on_host(self, data):
-        from .sinks import atoms_from_arrays
+        from .batch import atoms_from_arrays
 
         slots = np.flatnonzero(self.select(data))
         if slots.size:

@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .batch import Batch, empty_host_arrays, write_system
+from .batch import HOST_FIELDS, Batch, atoms_from_arrays, empty_host_arrays, write_system
 from .hooks import ExitReason
-from .sinks import atoms_from_arrays
 
 __all__ = ["RunStats", "run_inflight", "write_graduated"]
 
@@ -134,27 +133,11 @@ def write_graduated(host, slots, sinks) -> int:
     """Write the systems in ``slots`` of a host batch to the first sink with room each ([S15])."""
     if len(slots) == 0:
         return 0
-    arrays = {k: getattr(host, k) for k in _HOST_FIELDS}
+    arrays = {k: getattr(host, k) for k in HOST_FIELDS}
     arrays.update({k: host.info[k] for k in ("exit_reason", "stage_steps") if k in host.info})
     frames = atoms_from_arrays(arrays, slots)
     write_to_sinks(frames, sinks)
     return len(frames)
-
-
-_HOST_FIELDS = (
-    "positions",
-    "velocities",
-    "masses",
-    "atomic_numbers",
-    "forces",
-    "system_idx",
-    "cell",
-    "pbc",
-    "energy",
-    "stress",
-    "status",
-    "system_id",
-)
 
 
 def write_to_sinks(frames, sinks) -> None:

@@ -14,46 +14,9 @@ import ase.io
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from .batch import _voigt, atoms_from_arrays
+
 __all__ = ["HostMemory", "ExtXYZSink", "ZarrSink", "atoms_from_arrays", "read_zarr"]
-
-
-def atoms_from_arrays(arrays: dict[str, np.ndarray], slots) -> list[ase.Atoms]:
-    """Build ``ase.Atoms`` for the given slots from host copies of batch fields.
-
-    ``arrays`` holds at least ``positions``, ``atomic_numbers``, ``masses``, ``system_idx``,
-    ``cell`` and ``pbc``; ``velocities``, ``energy``, ``forces``, ``stress``, ``system_id``,
-    ``status``, ``exit_reason`` and ``stage_steps`` are carried over when present.
-    """
-    system_idx = np.asarray(arrays["system_idx"])
-    out = []
-    for slot in slots:
-        sel = np.flatnonzero(system_idx == slot)
-        atoms = ase.Atoms(
-            numbers=np.asarray(arrays["atomic_numbers"])[sel],
-            positions=np.asarray(arrays["positions"], np.float64)[sel],
-            masses=np.asarray(arrays["masses"], np.float64)[sel],
-            cell=np.asarray(arrays["cell"], np.float64)[slot],
-            pbc=np.asarray(arrays["pbc"])[slot],
-        )
-        if "velocities" in arrays:
-            atoms.set_velocities(np.asarray(arrays["velocities"], np.float64)[sel])
-        results = {}
-        if "energy" in arrays:
-            results["energy"] = float(arrays["energy"][slot])
-        if "forces" in arrays:
-            results["forces"] = np.asarray(arrays["forces"], np.float64)[sel]
-        if "stress" in arrays:
-            s = np.asarray(arrays["stress"], np.float64)[slot]
-            results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
-        if results:
-            atoms.calc = SinglePointCalculator(atoms, **results)
-        for key in ("system_id", "status", "exit_reason"):
-            if key in arrays:
-                atoms.info[key] = int(np.asarray(arrays[key])[slot])
-        if "stage_steps" in arrays:
-            atoms.info["stage_steps"] = np.asarray(arrays["stage_steps"])[slot].tolist()
-        out.append(atoms)
-    return out
 
 
 class HostMemory:
@@ -267,7 +230,7 @@ def read_zarr(path: str | os.PathLike) -> list[ase.Atoms]:
         s = sys["stress"][i]
         results = {"energy": float(sys["energy"][i]), "forces": atoms_arr["forces"][sel]}
         if np.all(np.isfinite(s)):
-            results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+            results["stress"] = _voigt(s)
         a.calc = SinglePointCalculator(a, **results)
         a.info.update(
             system_id=int(sys["system_id"][i]),
