@@ -1,0 +1,230 @@
+"""Inflight batching against static batches run one after another (issue: inflight batching).
+
+Workload: ``--systems`` (300) LJ argon systems of 8 to 128 atoms from a fixed seed: 70 %
+non-periodic clusters (the k fcc sites nearest a random point, rattled by 0.05-0.25 Å) and 30 %
+small periodic crystals (fcc supercells of 64-125 atoms, rattled by 0.05-0.15 Å). Every system is
+relaxed with FIRE to fmax <= 0.05 eV/Å (at most 1000 steps) and then runs 200 steps of Langevin
+NVT: one fused stage ``FIRE + NVTLangevin`` with one model evaluation per step. LJ: sigma 3.405 Å,
+epsilon 0.0104 eV, cutoff 6.0 Å, energy shifted to zero at the cutoff (the default); with 6 Å
+every cell is larger than twice the cutoff, so the dense model needs no image shifts.
+
+- inflight: ``fused.run(sampler=fd.SizeAwareSampler(data, max_atoms, max_systems),
+  refill_frequency=k, sinks=[fd.HostMemory()], stats=fd.RunStats())``: a finished system leaves
+  its slot at the next refill and a queued one takes it; the chunk compiles once.
+- static: the same capacity (``max_atoms``, ``max_systems``) filled with consecutive systems in
+  dataset order (as many as fit), each batch run to completion with ``fused.run(batch)`` before
+  the next: a batch takes as long as its slowest system.
+
+Reported: wall times (compile excluded: both modes are warmed up on a small dataset of the same
+capacity first, whose compile time is reported apart), the throughput ratio static / inflight
+(target >= 2 on CPU), slot utilisation of the inflight run (``stats.utilization``, target >= 0.9;
+the same measure for the static batches), compilations during the run (``stats.compilations``).
+
+Run: ``.venv/bin/python benchmarks/bench_inflight.py [--systems 300] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import numpy as np  # noqa: E402
+from ase import Atoms  # noqa: E402
+from ase.build import bulk  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import save  # noqa: E402
+
+import fused_dynamics as fd  # noqa: E402
+
+A_FCC = 5.26
+CUTOFF = 6.0
+A_CAP = 128  # atoms per system slot: the same static shape for the warm-up and the run
+PRIMITIVE_SHAPES = [(4, 4, 4), (4, 4, 5), (4, 5, 5), (5, 5, 5)]  # 64, 80, 100, 125 atoms
+
+
+def dataset(n: int, seed: int = 0) -> list[Atoms]:
+    """Perturbed argon clusters (70 %) and small periodic crystals (30 %) of 8-128 atoms."""
+    rng = np.random.default_rng(seed)
+    block = bulk("Ar", "fcc", a=A_FCC, cubic=True) * (8, 8, 8)
+    centre = block.positions.mean(axis=0)
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.7:
+            k = int(rng.integers(8, 129))
+            c = centre + rng.uniform(-A_FCC / 2, A_FCC / 2, size=3)
+            idx = np.argsort(np.linalg.norm(block.positions - c, axis=1))[:k]
+            atoms = Atoms(f"Ar{k}", positions=block.positions[idx])
+            atoms.set_cell(np.ptp(atoms.positions, axis=0) + 2 * CUTOFF)
+            atoms.center()
+            atoms.pbc = False
+            atoms.positions += rng.normal(scale=rng.uniform(0.05, 0.25), size=(k, 3))
+        else:
+            if rng.random() < 0.2:
+                atoms = bulk("Ar", "fcc", a=A_FCC, cubic=True) * (3, 3, 3)  # 108 atoms
+            else:
+                shape = PRIMITIVE_SHAPES[int(rng.integers(len(PRIMITIVE_SHAPES)))]
+                atoms = bulk("Ar", "fcc", a=A_FCC) * shape
+            atoms.positions += rng.normal(scale=rng.uniform(0.05, 0.15), size=(len(atoms), 3))
+            atoms.wrap()
+        out.append(atoms)
+    return out
+
+
+def make_fused(temperature: float = 30.0):
+    model = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=CUTOFF)
+    relax = fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(0.05), n_steps=1000)
+    md = fd.NVTLangevin(model, dt=2.0, temperature=temperature, friction=0.01, seed=0, n_steps=200)
+    return relax + md
+
+
+def static_groups(data, max_atoms, max_systems):
+    """Consecutive systems, as many as fit the capacity, one batch after another."""
+    groups, cur, n = [], [], 0
+    for i, atoms in enumerate(data):
+        if cur and (n + len(atoms) > max_atoms or len(cur) == max_systems):
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append(i)
+        n += len(atoms)
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def run_inflight(data, max_atoms, max_systems, refill):
+    fused = make_fused()
+    sampler = fd.SizeAwareSampler(
+        data, max_atoms=max_atoms, max_systems=max_systems, max_atoms_per_system=A_CAP
+    )
+    sink = fd.HostMemory()
+    stats = fd.RunStats()
+    t = time.perf_counter()
+    fused.run(sampler=sampler, refill_frequency=refill, sinks=[sink], stats=stats)
+    wall = time.perf_counter() - t
+    frames = sink.atoms
+    return wall, stats, frames
+
+
+def run_static(data, max_atoms, max_systems):
+    fused = make_fused()
+    slot_active = slot_total = steps = 0
+    graduated = 0
+    t = time.perf_counter()
+    for group in static_groups(data, max_atoms, max_systems):
+        batch = fd.Batch.from_atoms(
+            [data[i] for i in group],
+            max_atoms=max_atoms,
+            max_systems=max_systems,
+            max_atoms_per_system=A_CAP,
+            system_ids=group,
+        )
+        final = jax.block_until_ready(fused.run(batch))
+        stage_steps = np.asarray(final.info["stage_steps"])
+        n = int(stage_steps.sum(axis=1).max())
+        steps += n
+        slot_active += int(stage_steps.sum())
+        slot_total += n * max_systems
+        graduated += int(np.sum(np.asarray(final.status)[: len(group)] == fused.exit_status))
+    wall = time.perf_counter() - t
+    return wall, {
+        "steps": steps,
+        "utilization": slot_active / max(slot_total, 1),
+        "batches": len(static_groups(data, max_atoms, max_systems)),
+        "graduated": graduated,
+    }
+
+
+def main(n_systems, max_atoms, max_systems, refill, warm_systems) -> dict:
+    data = dataset(n_systems)
+    sizes = np.array([len(a) for a in data])
+    warm = data[:warm_systems]
+
+    # compile: a cold and a warm run on a small dataset of the same capacity, for each mode
+    cold_i, stats_cold, _ = run_inflight(warm, max_atoms, max_systems, refill)
+    hot_i, _, _ = run_inflight(warm, max_atoms, max_systems, refill)
+    cold_s, _ = run_static(warm, max_atoms, max_systems)
+    hot_s, _ = run_static(warm, max_atoms, max_systems)
+
+    wall_i, stats, frames = run_inflight(data, max_atoms, max_systems, refill)
+    wall_s, static = run_static(data, max_atoms, max_systems)
+    n_out = stats.written
+    fire = np.array(
+        [
+            int(np.asarray(a.info["stage_steps"]).reshape(-1)[0])
+            for a in frames
+            if "stage_steps" in a.info
+        ]
+    )
+    atom_count = int(sizes.sum())
+    return {
+        "workload": (
+            f"{n_systems} LJ argon systems of {sizes.min()}-{sizes.max()} atoms (mean "
+            f"{sizes.mean():.0f}; 70% clusters, 30% periodic crystals), FIRE to fmax 0.05 "
+            f"(<= 1000 steps) + 200 steps NVTLangevin, cutoff {CUTOFF} A, float64"
+        ),
+        "capacity": {"max_atoms": max_atoms, "max_systems": max_systems},
+        "refill_frequency": refill,
+        "inflight": {
+            "wall_s": wall_i,
+            "systems_per_s": n_systems / wall_i,
+            "steps": stats.steps,
+            "chunks": stats.chunks,
+            "utilization": stats.utilization,
+            "compilations": stats.compilations,
+            "written": n_out,
+        },
+        "static": {
+            "wall_s": wall_s,
+            "systems_per_s": n_systems / wall_s,
+            **static,
+        },
+        "throughput_ratio": wall_s / wall_i,
+        "compile_s": {
+            "inflight": cold_i - hot_i,
+            "static": cold_s - hot_s,
+            "inflight_compilations_cold": stats_cold.compilations,
+            "warmup_systems": warm_systems,
+        },
+        "atoms": atom_count,
+        "fire_steps_per_system": {
+            "min": int(fire.min()),
+            "median": float(np.median(fire)),
+            "max": int(fire.max()),
+        }
+        if fire.size
+        else None,
+        "targets": {
+            "throughput_ratio": ">= 2",
+            "utilization": ">= 0.9",
+            "compilations": "0 after warm-up (1 cold)",
+        },
+    }
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--systems", type=int, default=300)
+    p.add_argument("--max-atoms", type=int, default=1536)
+    p.add_argument("--max-systems", type=int, default=16)
+    p.add_argument("--refill", type=int, default=10, help="refill_frequency (steps per chunk)")
+    p.add_argument("--warm-systems", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="60 systems")
+    p.add_argument("--name", default=None)
+    args = p.parse_args()
+    if args.quick:
+        args.systems = 60
+    t0 = time.perf_counter()
+    res = main(args.systems, args.max_atoms, args.max_systems, args.refill, args.warm_systems)
+    res["quick"] = bool(args.quick)
+    res["total_wall_s"] = time.perf_counter() - t0
+    path = save(args.name or ("inflight_quick" if args.quick else "inflight"), res)
+    for k, v in res.items():
+        print(f"{k}: {v}")
+    print(f"wrote {path}")
