@@ -1,0 +1,213 @@
+"""Write the benchmark tables of README.md from ``benchmarks/results/*.json``.
+
+Replaces everything between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in README.md
+with tables generated from the result files (never typed by hand). A full run's file
+(``peers.json``) is preferred over a quick one (``peers_quick.json``). Files whose names end in
+``_test`` are ignored.
+
+Run: ``python benchmarks/report.py [--readme README.md] [--check]`` (``--check`` exits 1 when the
+README section is not what the result files give, without writing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+README = HERE.parent / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+MD_NAMES = {
+    "fused_dynamics": "fused_dynamics (dense)",
+    "jax_md_dense": "JAX-MD, dense pairs (vmap)",
+    "jax_md_neighbor_list": "JAX-MD, neighbor list (vmap)",
+    "torch_sim": "TorchSim",
+    "nvalchemi": "nvalchemi",
+    "kups": "kUPS",
+    "ase": "ASE (one system at a time)",
+}
+VERSION_KEY = {
+    "fused_dynamics": "fused_dynamics",
+    "jax_md_dense": "jax_md",
+    "jax_md_neighbor_list": "jax_md",
+    "jax_md": "jax_md",
+    "torch_sim": "torch_sim",
+    "nvalchemi": "nvalchemi",
+    "kups": "kups",
+    "ase": "ase",
+}
+
+
+def load(name: str) -> dict | None:
+    """``name.json``, else ``name_quick.json``, else None."""
+    for stem in (name, f"{name}_quick"):
+        path = RESULTS / f"{stem}.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            data["_file"] = path.name
+            return data
+    return None
+
+
+def fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if abs(x) >= 1e3:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def machine_line(data: dict) -> str:
+    m = data.get("machine", {})
+    load_avg = data.get("load_average", {}).get("start")
+    extra = f", load average {load_avg[0]:.1f} at start" if load_avg else ""
+    return (
+        f"{m.get('processor', '?')}, {m.get('cpus', '?')} CPUs, {m.get('platform', '?')}, "
+        f"jax {m.get('jax', '?')} ({m.get('backend', '?')}){extra}"
+    )
+
+
+def peers_section(data: dict) -> list[str]:
+    w = data["workload"]
+    versions = data.get("versions", {})
+    md = data.get("md", {})
+    f64, f32 = md.get("float64", {}), md.get("float32", {})
+    sanity = data.get("sanity", {})
+    out = [
+        f"**Peers, NVE MD** (`bench_peers.py`, `{data['_file']}`): {w['md']}. {w['model']}.",
+        f"Machine: {machine_line(data)}.",
+        "",
+        "| code | version | float64 atom-steps/s | fused_dynamics speed-up | "
+        "float32 atom-steps/s | fused_dynamics speed-up | compile s | same energies & forces |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(f64, key=lambda k: list(MD_NAMES).index(k) if k in MD_NAMES else 99)
+    for name in order:
+        r64, r32 = f64[name], f32.get(name, {})
+        check = sanity.get("md_float64", {}).get(name, {})
+        out.append(
+            f"| {MD_NAMES.get(name, name)} | {versions.get(VERSION_KEY.get(name, name)) or '?'} "
+            f"| {fmt(r64.get('atom_steps_per_s'))} | {fmt(r64.get('fused_speedup'))} "
+            f"| {fmt(r32.get('atom_steps_per_s'))} | {fmt(r32.get('fused_speedup'))} "
+            f"| {fmt(r64.get('compile_s'), 2)} | {fmt(check.get('ok'))} |"
+        )
+    out += [
+        "",
+        "fused_dynamics speed-up = peer time / fused_dynamics time for the same work (above 1: "
+        'fused_dynamics is faster). "Same energies & forces": single-point energies and forces '
+        f"of the {w.get('md_atoms', 0) // 256} initial structures within "
+        f"{sanity.get('tolerance_md_energy0_per_atom', {}).get('float64', '?')} eV/atom and "
+        f"{sanity.get('tolerance_md_forces0', {}).get('float64', '?')} eV/Å of fused_dynamics.",
+    ]
+    relax = data.get("relax", {})
+    if relax:
+        checks = sanity.get("relax", {})
+        out += [
+            "",
+            f"**Peers, FIRE relaxation**: {w['relax']}.",
+            "",
+            "| code | wall s | batched model calls | evaluations per system, summed "
+            "| fused_dynamics speed-up | compile s | converged, same minima |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name in [k for k in ("fused_dynamics", "jax_md", "torch_sim", "ase") if k in relax]:
+            r = relax[name]
+            label = {"jax_md": "JAX-MD (vmap per shape)", "ase": "ASE (one by one)"}.get(
+                name, MD_NAMES.get(name, name)
+            )
+            out.append(
+                f"| {label} | {fmt(r['wall_s'])} | {fmt(r['model_calls'])} "
+                f"| {fmt(r['system_evals'])} | {fmt(r.get('fused_speedup'))} "
+                f"| {fmt(r.get('compile_s'), 2)} | {fmt(checks.get(name, {}).get('ok'))} |"
+            )
+    errors = data.get("errors", {})
+    if errors:
+        out += [
+            "",
+            "Did not run: "
+            + "; ".join(f"{k} ({v.splitlines()[0][:120]})" for k, v in sorted(errors.items())),
+        ]
+    return out
+
+
+def inflight_section(data: dict) -> list[str]:
+    i, s = data["inflight"], data["static"]
+    c = data.get("compile_s", {})
+    cap = data.get("capacity", {})
+    fire = data.get("fire_steps_per_system") or {}
+    out = [
+        f"**Inflight batching** (`bench_inflight.py`, `{data['_file']}`): {data['workload']}; "
+        f"capacity {cap.get('max_atoms')} atoms / {cap.get('max_systems')} systems, refill every "
+        f"{data.get('refill_frequency')} steps.",
+        f"Machine: {machine_line(data)}.",
+        "",
+        "| mode | wall s | systems/s | steps | slot utilisation | compilations in the run |",
+        "|---|---|---|---|---|---|",
+        f"| inflight refill | {fmt(i['wall_s'])} | {fmt(i['systems_per_s'])} | {fmt(i['steps'])} "
+        f"| {fmt(i['utilization'])} | {fmt(i['compilations'])} |",
+        f"| static batches, one after another | {fmt(s['wall_s'])} | {fmt(s['systems_per_s'])} "
+        f"| {fmt(s['steps'])} | {fmt(s['utilization'])} | – |",
+        "",
+        f"Throughput ratio inflight / static: **{fmt(data['throughput_ratio'])}** "
+        f"(target >= 2). Compile (warm-up, excluded above): inflight "
+        f"{fmt(c.get('inflight'), 2)} s, static {fmt(c.get('static'), 2)} s. FIRE steps per "
+        f"system: {fire.get('min', '?')}–{fire.get('max', '?')} (median "
+        f"{fmt(fire.get('median'))}) before the 200 NVT steps.",
+    ]
+    return out
+
+
+def overhead_section(data: dict) -> list[str]:
+    return [
+        f"**Fused-step overhead** (`bench_fused_overhead.py`, `{data['_file']}`): "
+        f"{data.get('workload')}: fused step / model-only step "
+        f"{fmt(data.get('fused_over_model_only'))} (target <= 1.10), idle-hook overhead "
+        f"{fmt(data.get('idle_hook_overhead'))} (target < 0.02).",
+    ]
+
+
+def render() -> str:
+    parts = []
+    for name, section in (
+        ("peers", peers_section),
+        ("inflight", inflight_section),
+        ("fused_overhead", overhead_section),
+    ):
+        data = load(name)
+        if data is not None:
+            parts.append("\n".join(section(data)))
+    if not parts:
+        return (
+            "(no benchmark results yet: run the scripts in `benchmarks/`, then "
+            "`python benchmarks/report.py`)"
+        )
+    return "\n\n".join(parts)
+
+
+def rewrite(readme: Path, body: str) -> str:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme}: the markers {START} and {END} are missing.")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{body}\n{END}{tail}"
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--readme", type=Path, default=README)
+    p.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
+    args = p.parse_args()
+    new = rewrite(args.readme, render())
+    if args.check:
+        sys.exit(0 if new == args.readme.read_text() else 1)
+    args.readme.write_text(new)
+    print(f"updated {args.readme}")
