@@ -1,0 +1,282 @@
+"""The command line: `run` with TOML and YAML configurations, `inspect`, help, exit codes.
+
+Runs that compile go through subprocesses (``python -m fused_dynamics.cli``), started together
+by one module-scoped fixture so that their imports and compilations overlap. Configuration
+errors are caught before any JAX state is touched, so those tests run in-process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import ase.io
+import pytest
+from typer.testing import CliRunner
+
+from fused_dynamics.cli import app
+from fused_dynamics.demo import make_structures
+from fused_dynamics.sinks import read_zarr
+
+CLI = [sys.executable, "-m", "fused_dynamics.cli"]
+
+TOML = """\
+seed = 3
+dtype = "float64"
+device = "cpu"
+refill_frequency = 5
+
+[structures]
+generate = "argon"
+count = 6
+max_size = 8
+
+[model]
+type = "morse"
+D = 0.0104
+alpha = 1.3
+r0 = 3.82
+cutoff = 7.5
+switch_onset = 6.5
+
+[capacity]
+max_atoms = 24
+max_systems = 3
+
+[[stages]]
+type = "fire2"
+fmax = 0.02
+n_steps = 200
+
+[[stages]]
+type = "nvt_nose_hoover"
+dt = 5.0
+temperature = 30.0
+tdamp = 250.0
+n_steps = 12
+
+[[outputs]]
+type = "zarr"
+path = "out/run.zarr"
+
+[report]
+plot = "out/run.png"
+record = "out/record.csv"
+record_every = 2
+"""
+
+YAML = """\
+seed: 0
+structures:
+  path: data/*.extxyz
+capacity: {max_atoms: 32, max_systems: 4}
+model: {type: lennard_jones, sigma: 3.405, epsilon: 0.0104, cutoff: 7.5, switch_onset: 6.5}
+stages:
+  - {type: fire, fmax: 0.02, n_steps: 200}
+  - {type: nvt_langevin, dt: 5.0, temperature: 40.0, friction: 0.02, n_steps: 10}
+outputs:
+  - {type: extxyz, path: out/run.extxyz}
+"""
+
+
+def _env():
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env["MPLBACKEND"] = "Agg"
+    return env
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two CLI runs started at once: TOML (float64, zarr) and YAML (files, extxyz)."""
+    root = tmp_path_factory.mktemp("cli")
+    toml = _write(root / "toml" / "job.toml", TOML)
+    yaml_dir = root / "yaml"
+    data = make_structures(7, seed=5, max_size=8)
+    ase.io.write(_write(yaml_dir / "data" / "a.extxyz", ""), data[:4])
+    ase.io.write(yaml_dir / "data" / "b.extxyz", data[4:])
+    yaml = _write(yaml_dir / "job.yml", YAML)
+    procs = {
+        name: subprocess.Popen(
+            [*CLI, "run", str(cfg), "--no-progress"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for name, cfg in (("toml", toml), ("yaml", yaml))
+    }
+    results = {}
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=600)
+        results[name] = (p.returncode, out, err)
+    return root, results
+
+
+def test_run_toml_float64_zarr(runs):
+    root, results = runs
+    rc, out, err = results["toml"]
+    assert rc == 0, out + err
+    assert "float64" in out  # dtype float64 turned on jax_enable_x64
+    frames = read_zarr(root / "toml" / "out" / "run.zarr")
+    assert sorted(a.info["system_id"] for a in frames) == list(range(6))
+    assert {a.info["exit_reason"] for a in frames} <= {1, 2}
+    assert all(a.info["stage_steps"][1] == 12 for a in frames)
+    png = root / "toml" / "out" / "run.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    header = (root / "toml" / "out" / "record.csv").read_text().splitlines()[0]
+    assert header.startswith("step,system_id,status,stage_step,fmax,energy,temperature")
+
+
+def test_run_yaml_from_a_glob_of_files(runs):
+    root, results = runs
+    rc, out, err = results["yaml"]
+    assert rc == 0, out + err
+    frames = ase.io.read(root / "yaml" / "out" / "run.extxyz", index=":")
+    assert sorted(a.info["system_id"] for a in frames) == list(range(7))
+    assert {a.info["exit_reason"] for a in frames} <= {1, 2}
+    assert "FIRE" in out and "NVTLangevin" in out
+
+
+def test_a_failure_while_running_exits_1(tmp_path, monkeypatch):
+    import fused_dynamics.cli as cli
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("Every sink is full; systems [4, 5] cannot be written")
+
+    monkeypatch.setattr(cli, "execute", failing)
+    res = CliRunner().invoke(app, ["run", str(_write(tmp_path / "job.toml", TOML))])
+    assert res.exit_code == 1
+    assert "the run failed" in res.output and "full" in res.output and "--debug" in res.output
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "job.toml"), "--debug"])
+    assert res.exit_code == 1 and isinstance(res.exception, RuntimeError)  # the traceback
+
+
+def test_inspect_zarr_and_extxyz(runs):
+    root, _ = runs
+    proc = subprocess.run(
+        [*CLI, "inspect", str(root / "toml" / "out" / "run.zarr"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["systems"] == 6 and summary["format"] == "zarr"
+    assert set(summary["exit_reasons"]) <= {"converged", "budget"}
+    assert summary["energy_per_atom"]["max"] < 0
+    assert len(summary["stage_steps_mean"]) == 2
+    text = CliRunner().invoke(app, ["inspect", str(root / "yaml" / "out" / "run.extxyz")])
+    assert text.exit_code == 0, text.output
+    for word in ("systems", "7", "exit reasons", "energy", "fmax", "temperature"):
+        assert word in text.output
+
+
+# ----------------------------------------------------------------------------- help
+def test_help_of_every_command():
+    runner = CliRunner()
+    for args in ([], ["run"], ["demo"], ["inspect"]):
+        res = runner.invoke(app, [*args, "--help"])
+        assert res.exit_code == 0, res.output
+        assert "Usage" in res.output
+    proc = subprocess.run([*CLI, "--help"], capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0
+    for cmd in ("run", "demo", "inspect"):
+        assert cmd in proc.stdout
+
+
+# ----------------------------------------------------------------------------- bad configs
+def _bad(tmp_path, text, name="job.toml"):
+    path = _write(tmp_path / name, text)
+    res = CliRunner().invoke(app, ["run", str(path)])
+    return res.exit_code, res.output
+
+
+def test_unknown_key(tmp_path):
+    rc, msg = _bad(tmp_path, TOML.replace("alpha = 1.3", "alpha = 1.3\nalpah = 2"))
+    assert rc == 2
+    assert "model" in msg and "'alpah'" in msg and "allowed keys" in msg
+
+
+def test_unknown_key_in_a_stage_suggests_the_right_one(tmp_path):
+    rc, msg = _bad(tmp_path, TOML.replace("tdamp = 250.0", "tdump = 250.0"))
+    assert rc == 2
+    assert "stages[1]" in msg and "'tdump'" in msg and "did you mean 'tdamp'" in msg
+
+
+def test_wrong_type(tmp_path):
+    rc, msg = _bad(tmp_path, TOML.replace("D = 0.0104", 'D = "deep"'))
+    assert rc == 2
+    assert "model.D" in msg and "deep" in msg
+
+
+def test_unknown_stage(tmp_path):
+    rc, msg = _bad(tmp_path, TOML.replace('"nvt_nose_hoover"', '"nvt_berendsen"'))
+    assert rc == 2
+    assert "stages[1].type" in msg and "nvt_berendsen" in msg
+    assert "nvt_langevin" in msg  # the allowed values are listed
+
+
+def test_missing_structure_file(tmp_path):
+    text = TOML.replace('generate = "argon"', 'path = "missing/*.extxyz"')
+    rc, msg = _bad(tmp_path, text)
+    assert rc == 2
+    assert "structures.path" in msg and "missing/*.extxyz" in msg
+
+
+def test_bad_values_name_the_key_and_the_allowed_values(tmp_path):
+    rc, msg = _bad(tmp_path, TOML.replace('dtype = "float64"', 'dtype = "float16"'))
+    assert rc == 2 and "dtype" in msg and "float32" in msg and "float16" in msg
+    rc, msg = _bad(tmp_path, TOML.replace('type = "morse"', 'type = "buckingham"'))
+    assert rc == 2 and "model.type" in msg and "lennard_jones" in msg
+    rc, msg = _bad(tmp_path, TOML.replace("n_steps = 12", "n_steps = -1"))
+    assert rc == 2 and "stages[1].n_steps" in msg
+    rc, msg = _bad(tmp_path, TOML.replace("[capacity]\nmax_atoms = 24\nmax_systems = 3\n", ""))
+    assert rc == 2 and "capacity" in msg and "missing" in msg
+    # a final stage that never finishes
+    rc, msg = _bad(tmp_path, TOML.replace("n_steps = 12\n", ""))
+    assert rc == 2 and "stages[1]" in msg and "never finish" in msg
+
+
+def test_bad_files(tmp_path):
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "nope.toml")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    rc, msg = _bad(tmp_path, "seed = 1\n", name="job.ini")
+    assert rc == 2 and ".toml" in msg and ".yaml" in msg
+    rc, msg = _bad(tmp_path, "seed = [1,\n")
+    assert rc == 2 and "TOML" in msg
+    res = CliRunner().invoke(app, ["inspect", str(tmp_path / "nothing.extxyz")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_validate_only_and_exit_code_of_a_real_process(tmp_path):
+    good = _write(tmp_path / "good.toml", TOML)
+    res = CliRunner().invoke(app, ["run", str(good), "--validate-only"])
+    assert res.exit_code == 0 and "valid" in res.output
+    bad = _write(tmp_path / "bad.yaml", YAML.replace("max_systems: 4", "max_systems: many"))
+    proc = subprocess.run([*CLI, "run", str(bad)], capture_output=True, text=True, env=_env())
+    assert proc.returncode == 2
+    assert "capacity.max_systems" in proc.stderr
+
+
+def test_demo_save_config_round_trips(tmp_path):
+    from fused_dynamics.config import load_config
+    from fused_dynamics.demo import demo_config
+
+    for name in ("demo.toml", "demo.yaml"):
+        res = CliRunner().invoke(
+            app, ["demo", "--quick", "--save-config", str(tmp_path / name), "-o", "out"]
+        )
+        assert res.exit_code == 0, res.output
+        cfg, _ = load_config(tmp_path / name)
+        from fused_dynamics.config import validate_config
+
+        assert cfg == validate_config(demo_config(True, "out"))
