@@ -73,9 +73,10 @@ def configure_jax(cfg: RunConfig) -> None:
         try:
             jax.config.update("jax_platforms", platform)
             devices = jax.devices()
-        except RuntimeError as exc:
+        except Exception as exc:  # RuntimeError, or an AssertionError inside jax
+            why = f" ({type(exc).__name__}: {exc})" if str(exc) else ""
             raise ConfigError(
-                f"device: {cfg.device!r} is not available here ({exc}); use 'auto' or 'cpu'"
+                f"device: {cfg.device!r} is not available here{why}; use 'auto' or 'cpu'"
             ) from None
         if devices[0].platform not in (platform, "gpu" if platform in ("cuda", "rocm") else ""):
             raise ConfigError(
@@ -221,6 +222,7 @@ def execute(
     for p in (plot_path, record_path):
         if p is not None:
             echo(f"wrote {p}")
+    echo(f"look inside: fused-dynamics inspect {out_paths[0]}")
     return RunResult(
         config=cfg,
         outputs=out_paths,

@@ -63,6 +63,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -293,6 +294,11 @@ class LennardJonesConfig(_Section):
     cutoff: PositiveFloat = Field(description="Å")
     switch_onset: PositiveFloat | None = None
     shift: bool = True
+    images: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] | None = Field(
+        None,
+        description="periodic image shifts along each cell vector (default: from the first "
+        "cells; give it for variable-cell runs whose cells shrink)",
+    )
 
 
 class MorseConfig(_Section):
@@ -303,6 +309,11 @@ class MorseConfig(_Section):
     cutoff: PositiveFloat = Field(description="Å")
     switch_onset: PositiveFloat | None = None
     shift: bool = True
+    images: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] | None = Field(
+        None,
+        description="periodic image shifts along each cell vector (default: from the first "
+        "cells; give it for variable-cell runs whose cells shrink)",
+    )
 
 
 class SoftSphereConfig(_Section):
@@ -310,6 +321,11 @@ class SoftSphereConfig(_Section):
     sigma: PositiveFloat = Field(description="Å (also the cutoff)")
     epsilon: PositiveFloat = 1.0
     alpha: PositiveFloat = 2.0
+    images: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] | None = Field(
+        None,
+        description="periodic image shifts along each cell vector (default: from the first "
+        "cells; give it for variable-cell runs whose cells shrink)",
+    )
 
 
 MODEL_TYPES = ("lennard_jones", "morse", "soft_sphere")
@@ -624,6 +640,10 @@ def build_model(cfg: RunConfig):
         "morse": fd.models.Morse,
         "soft_sphere": fd.models.SoftSphere,
     }[kind]
+    if m.get("images") is None:
+        m.pop("images", None)
+    else:
+        m["images"] = tuple(m["images"])
     if m.get("switch_onset") is None:
         m.pop("switch_onset", None)
     elif m["switch_onset"] >= m["cutoff"]:

@@ -262,6 +262,7 @@ def summary_table(record: RunRecord, wall_time: float | None = None) -> str:
     lines.append("-" * len(head))
     exits = ", ".join(f"{k}: {v}" for k, v in record.exit_counts().items()) or "none"
     lines.append(f"exit reasons: {exits}")
+    lines.append("(time: the run's wall time, compilation included, split by slot-steps per stage)")
     return "\n".join(lines)
 
 

@@ -280,3 +280,97 @@ def test_demo_save_config_round_trips(tmp_path):
         from fused_dynamics.config import validate_config
 
         assert cfg == validate_config(demo_config(True, "out"))
+
+
+# ----------------------------------------------------------------------------- building
+STAGE_EXAMPLES = {
+    "fire": {"fmax": 0.05, "dt": 0.1, "maxstep": 0.1, "flavor": "vv", "cell_filter": "frechet"},
+    "fire2": {"fmax": 0.05, "Npneg_max": 100, "initialdelay": False},
+    "gradient_descent": {"step_size": 0.01, "maxstep": 0.1, "fmax": 0.05},
+    "nve": {"dt": 2.0, "n_steps": 5},
+    "nvt_langevin": {"dt": 2.0, "temperature": 50.0, "friction": 0.01, "n_steps": 5},
+    "nvt_nose_hoover": {"dt": 2.0, "temperature": 50.0, "tdamp": 100.0, "n_steps": 5},
+    "npt": {
+        "dt": 2.0,
+        "temperature": 50.0,
+        "pressure": 0.0,
+        "tdamp": 100.0,
+        "pdamp": 1000.0,
+        "coupling": "anisotropic",
+        "n_steps": 5,
+    },
+    "nph": {"dt": 2.0, "pressure": 0.0, "pdamp": 1000.0, "n_steps": 5},
+}
+
+
+def _config(stages, model=None):
+    from fused_dynamics.config import validate_config
+
+    return validate_config(
+        {
+            "structures": {"generate": "argon", "count": 2},
+            "model": model or {"type": "lennard_jones", "sigma": 3.4, "epsilon": 0.01, "cutoff": 7},
+            "stages": stages,
+            "capacity": {"max_atoms": 64, "max_systems": 2},
+            "outputs": [{"type": "extxyz", "path": "out.extxyz"}],
+        }
+    )
+
+
+def test_every_stage_type_builds_with_its_keys():
+    """Each stage's keys reach the stage class (building compiles nothing)."""
+    from fused_dynamics.config import STAGE_TYPES, build_fused
+
+    for kind in STAGE_TYPES:
+        cfg = _config([{"type": "fire", "fmax": 0.1}, {"type": kind, **STAGE_EXAMPLES[kind]}])
+        fused = build_fused(cfg)
+        stage = fused.stages[1]
+        for key, value in STAGE_EXAMPLES[kind].items():
+            if key not in ("fmax", "n_steps"):
+                assert getattr(stage, key) == value, (kind, key)
+        assert stage.n_steps == STAGE_EXAMPLES[kind].get("n_steps")
+        if "fmax" in STAGE_EXAMPLES[kind]:
+            assert stage.convergence_hook.criteria[0].threshold == STAGE_EXAMPLES[kind]["fmax"]
+    # thermalising hook on entry after an optimizer, for stages with a temperature, by default
+    cfg = _config(
+        [{"type": "fire", "fmax": 0.1}, {"type": "nvt_langevin", **STAGE_EXAMPLES["nvt_langevin"]}]
+    )
+    assert [type(h).__name__ for h in build_fused(cfg).hooks] == ["ThermalizeOnEntryHook"]
+    cfg = _config(
+        [
+            {"type": "fire", "fmax": 0.1},
+            {"type": "nve", "dt": 1.0, "n_steps": 3, "entry_velocities": "keep"},
+        ]
+    )
+    assert build_fused(cfg).hooks == ()
+
+
+def test_every_model_type_builds():
+    from fused_dynamics.config import build_model
+
+    models = [
+        {
+            "type": "lennard_jones",
+            "sigma": 3.4,
+            "epsilon": 0.01,
+            "cutoff": 7.0,
+            "images": [1, 1, 1],
+        },
+        {"type": "morse", "D": 0.01, "alpha": 1.3, "r0": 3.8, "cutoff": 7.0, "switch_onset": 6.0},
+        {"type": "soft_sphere", "sigma": 3.0, "alpha": 2.5},
+    ]
+    for m in models:
+        model = build_model(_config([{"type": "nve", "dt": 1.0, "n_steps": 2}], m))
+        assert type(model).__name__.lower().replace("_", "") == m["type"].replace("_", "")
+    assert build_model(_config([{"type": "nve", "dt": 1.0, "n_steps": 2}], models[0])).images == (
+        1,
+        1,
+        1,
+    )
+
+
+def test_an_unavailable_device_exits_2(tmp_path):
+    cfg = _write(tmp_path / "job.toml", TOML.replace('device = "cpu"', 'device = "tpu"'))
+    proc = subprocess.run([*CLI, "run", str(cfg)], capture_output=True, text=True, env=_env())
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "device" in proc.stderr and "tpu" in proc.stderr
