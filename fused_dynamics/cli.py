@@ -65,7 +65,8 @@ def configure_jax(cfg: RunConfig) -> None:
     """Apply ``dtype`` and ``device`` before any array is made; ConfigError if impossible."""
     import jax
 
-    jax.config.update("jax_enable_x64", cfg.dtype == "float64")
+    if cfg.dtype == "float64":  # float32 needs nothing: the batch is built with that dtype
+        jax.config.update("jax_enable_x64", True)
     if cfg.device != "auto":
         platform = {"gpu": "cuda", "cuda": "cuda", "rocm": "rocm", "tpu": "tpu", "cpu": "cpu"}[
             cfg.device
@@ -84,6 +85,27 @@ def configure_jax(cfg: RunConfig) -> None:
                 f"{devices[0].platform!r} (already initialised); use 'auto' or run in a new "
                 "process"
             )
+
+
+class TeeSink:
+    """Write every system to each of ``sinks`` (a run's outputs are copies, not overflow)."""
+
+    def __init__(self, sinks):
+        self.sinks = list(sinks)
+
+    def has_room(self, n: int = 1) -> bool:
+        return all(s.has_room(n) for s in self.sinks)
+
+    def write(self, atoms_list) -> None:
+        for s in self.sinks:
+            s.write(atoms_list)
+
+    def __len__(self) -> int:
+        return min(len(s) for s in self.sinks)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()
 
 
 def _output_path(path: str, base_dir: Path) -> Path:
@@ -191,7 +213,7 @@ def execute(
         fused.run(
             sampler=sampler,
             refill_frequency=cfg.refill_frequency,
-            sinks=[RecordingSink(s, record) for s in sinks],
+            sinks=[RecordingSink(TeeSink(sinks), record)],
             dtype=dtype,
             stats=stats,
         )

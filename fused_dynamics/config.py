@@ -40,7 +40,7 @@ Example (TOML)::
     friction = 0.01              # 1/fs
     n_steps = 100
 
-    [[outputs]]
+    [[outputs]]                  # every output receives every system
     type = "extxyz"              # extxyz | zarr
     path = "outputs/run.extxyz"
 
@@ -355,6 +355,14 @@ class StructuresConfig(_Section):
                 "give exactly one of 'path' (a file or glob of structures) or "
                 "'generate' (allowed: 'argon')"
             )
+        misplaced = sorted(
+            (self.model_fields_set & {"count", "rattle", "max_size", "seed"})
+            if self.path is not None
+            else (self.model_fields_set & {"index", "format"})
+        )
+        if misplaced:
+            other = "generate" if self.path is not None else "path"
+            raise ValueError(f"{', '.join(misplaced)} only go with '{other}'")
         return self
 
     @field_validator("path")
@@ -388,6 +396,8 @@ class CapacityConfig(_Section):
 
 
 class OutputConfig(_Section):
+    """One output; every output receives every system that leaves the run."""
+
     type: Literal["extxyz", "zarr"]
     path: str
     capacity: PositiveInt | None = None

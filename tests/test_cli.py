@@ -77,6 +77,7 @@ stages:
   - {type: nvt_langevin, dt: 5.0, temperature: 40.0, friction: 0.02, n_steps: 10}
 outputs:
   - {type: extxyz, path: out/run.extxyz}
+  - {type: zarr, path: out/run.zarr}
 """
 
 
@@ -135,13 +136,16 @@ def test_run_toml_float64_zarr(runs):
     assert header.startswith("step,system_id,status,stage_step,fmax,energy,temperature")
 
 
-def test_run_yaml_from_a_glob_of_files(runs):
+def test_run_yaml_from_a_glob_of_files_to_two_outputs(runs):
     root, results = runs
     rc, out, err = results["yaml"]
     assert rc == 0, out + err
     frames = ase.io.read(root / "yaml" / "out" / "run.extxyz", index=":")
     assert sorted(a.info["system_id"] for a in frames) == list(range(7))
     assert {a.info["exit_reason"] for a in frames} <= {1, 2}
+    # every output gets every system
+    copies = read_zarr(root / "yaml" / "out" / "run.zarr")
+    assert sorted(a.info["system_id"] for a in copies) == list(range(7))
     assert "FIRE" in out and "NVTLangevin" in out
 
 
@@ -244,6 +248,18 @@ def test_bad_values_name_the_key_and_the_allowed_values(tmp_path):
     # a final stage that never finishes
     rc, msg = _bad(tmp_path, TOML.replace("n_steps = 12\n", ""))
     assert rc == 2 and "stages[1]" in msg and "never finish" in msg
+
+
+def test_structures_need_exactly_one_source(tmp_path):
+    data = tmp_path / "d.extxyz"
+    ase.io.write(data, make_structures(2, max_size=4))
+    both = f'generate = "argon"\npath = "{data.name}"'
+    rc, msg = _bad(tmp_path, TOML.replace('generate = "argon"', both))
+    assert rc == 2 and "structures" in msg and "exactly one" in msg
+    rc, msg = _bad(tmp_path, TOML.replace('generate = "argon"', 'generate = "neon"'))
+    assert rc == 2 and "structures.generate" in msg and "argon" in msg
+    rc, msg = _bad(tmp_path, TOML.replace('generate = "argon"', f'path = "{data.name}"'))
+    assert rc == 2 and "count, max_size only go with 'generate'" in msg
 
 
 def test_bad_files(tmp_path):
