@@ -23,6 +23,7 @@ from .hooks import (
     NaNDetectorHook,
     ProgressHook,
     SnapshotHook,
+    ThermalizeOnEntryHook,
     WrapPeriodicHook,
 )
 from .inflight import RunStats
@@ -56,6 +57,7 @@ __all__ = [
     "NaNDetectorHook",
     "ProgressHook",
     "SnapshotHook",
+    "ThermalizeOnEntryHook",
     "WrapPeriodicHook",
     "Batch",
     "RunStats",

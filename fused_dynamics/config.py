@@ -58,7 +58,6 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import equinox as eqx
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -89,7 +88,7 @@ __all__ = [
 ]
 
 
-from .hooks import DynamicsStage, Hook
+from .hooks import ThermalizeOnEntryHook
 
 
 class ConfigError(ValueError):
@@ -729,35 +728,3 @@ def build_fused(cfg: RunConfig, model=None, hooks=()):
     return fd.FusedStage(
         list(enumerate(stages)), init_fn=init_fn, hooks=tuple(entry) + tuple(hooks)
     )
-
-
-class ThermalizeOnEntryHook(Hook):
-    """Draw Maxwell-Boltzmann velocities for the systems that just entered sub-stage ``code``.
-
-    Runs at ``ON_CONVERGE``: a system that left the previous stage this step (converged or
-    budget spent) and now has status ``code`` gets velocities at ``temperature`` (K), drawn
-    from a key folded with its ``system_id`` (so it does not depend on its slot). Useful after
-    FIRE, whose velocities are FIRE's (mass-free), not physical ones.
-    """
-
-    code: int = eqx.field(static=True)
-    temperature: float
-    seed: int = eqx.field(static=True, default=0)
-    stage: DynamicsStage = eqx.field(static=True, default=DynamicsStage.ON_CONVERGE, kw_only=True)
-
-    def apply(self, batch, ctx):
-        import jax
-        import jax.numpy as jnp
-
-        from .observables import initialize_velocities
-
-        report = ctx.report
-        entered = (report.converged | report.budget_spent) & (batch.status == self.code)
-
-        def draw(batch):
-            key = jax.random.PRNGKey(self.seed)
-            fresh = initialize_velocities(batch, self.temperature, key)
-            pick = batch.to_atoms_axis(entered)[:, None]
-            return batch.replace(velocities=jnp.where(pick, fresh.velocities, batch.velocities))
-
-        return jax.lax.cond(jnp.any(entered), draw, lambda b: b, batch)

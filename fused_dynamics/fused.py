@@ -338,6 +338,14 @@ class FusedStage(eqx.Module):
             status = jnp.where(conv, rule.target_status, status)
         moved = status != status0
         graduated = moved & (status == self.exit_status) & batch.system_mask
+        # an optimizer's velocities are its own bookkeeping (FIRE's are mass-free), not
+        # physical ones: a system leaving an optimizer starts the next stage at rest
+        left_optimizer = jnp.zeros_like(moved)
+        for i, (_, stage) in enumerate(self.sub_stages):
+            if stage.is_optimizer:
+                left_optimizer = left_optimizer | (masks[i] & moved)
+        at_rest = batch.to_atoms_axis(left_optimizer)[:, None]
+        batch = batch.replace(velocities=jnp.where(at_rest, 0.0, batch.velocities))
         reason = jnp.where(
             graduated & converged,
             ExitReason.CONVERGED,

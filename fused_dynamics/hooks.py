@@ -44,6 +44,7 @@ __all__ = [
     "SnapshotHook",
     "ConvergedSnapshotHook",
     "ProgressHook",
+    "ThermalizeOnEntryHook",
 ]
 
 
@@ -474,6 +475,35 @@ class ConvergedSnapshotHook(SnapshotHook):
 
     def select(self, data):
         return data["converged"]
+
+
+class ThermalizeOnEntryHook(Hook):
+    """Draw Maxwell-Boltzmann velocities for the systems that just entered sub-stage ``code``.
+
+    Runs at ``ON_CONVERGE``: a system that left the previous stage this step (converged or
+    budget spent) and now has status ``code`` gets velocities at ``temperature`` (K), drawn
+    from a key folded with its ``system_id`` (so it does not depend on its slot). Useful after
+    FIRE, whose velocities are FIRE's (mass-free), not physical ones.
+    """
+
+    code: int = eqx.field(static=True)
+    temperature: float
+    seed: int = eqx.field(static=True, default=0)
+    stage: DynamicsStage = eqx.field(static=True, default=DynamicsStage.ON_CONVERGE, kw_only=True)
+
+    def apply(self, batch, ctx):
+        from .observables import initialize_velocities
+
+        report = ctx.report
+        entered = (report.converged | report.budget_spent) & (batch.status == self.code)
+
+        def draw(batch):
+            key = jax.random.PRNGKey(self.seed)
+            fresh = initialize_velocities(batch, self.temperature, key)
+            pick = batch.to_atoms_axis(entered)[:, None]
+            return batch.replace(velocities=jnp.where(pick, fresh.velocities, batch.velocities))
+
+        return jax.lax.cond(jnp.any(entered), draw, lambda b: b, batch)
 
 
 class ProgressHook(Hook):
