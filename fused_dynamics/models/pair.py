@@ -1,9 +1,14 @@
-"""Pair potentials on the dense all-pairs-within-system path.
+"""Pair potentials: a dense all-pairs-within-system path and a neighbor-list path.
 
 The dense path pairs every atom with every atom of its own system (the ``max_atoms_per_system``
 block of the batch) and with their periodic images: ``O(N * A * K)`` work for N atom slots, A atoms
 per system and K image shifts. It is exact for any cell (triclinic, mixed periodicity, cells
 smaller than twice the cutoff) and is the reference for the neighbor-list path.
+
+The neighbor-list path (``model.with_neighbors(skin=...)``) sums the same ``pair_energy`` over
+the pairs of ``batch.neighbors`` (a :class:`~fused_dynamics.models.neighbors.NeighborList`):
+``O(N)`` work per step. Displacements are ``r_j - r_i + shift @ cell`` with the batch's (strained)
+cell, so forces and stress come from the same autodiff pass as on the dense path.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import segment
 from ..batch import Batch
 from .base import Model
+from .neighbors import NeighborList
 
 __all__ = ["PairPotential", "LennardJones", "Morse", "SoftSphere", "required_images"]
 
@@ -52,12 +59,25 @@ class PairPotential(Model):
         Static number of periodic image shifts to include along each lattice vector. ``None``
         means: computed from the cells when called on a concrete batch, else ``(1, 1, 1)``. A cell
         too small for the images given is caught at run time with an error that names the system
-        (never silently wrong forces).
+        (never silently wrong forces). Dense path only.
+    skin : float, optional
+        Verlet skin in Å. When given, the energy is summed over ``batch.neighbors`` (a
+        :class:`~fused_dynamics.models.neighbors.NeighborList`, which the batch must then carry)
+        instead of the dense all-pairs block; see :meth:`with_neighbors`.
+    auto_refresh : bool, default True
+        Neighbor-list path: the evaluation itself rebuilds (under ``lax.cond``, without storing
+        the result) a list that is stale or out of date, so results are right even without a
+        :class:`~fused_dynamics.models.neighbors.NeighborListHook` (which is what stores the
+        refreshed list and makes rebuilds rare). Under ``jax.vmap`` this check becomes a select
+        that builds on every evaluation: turn it off there when the hook and the run loop keep the
+        list fresh.
     """
 
     # ``cutoff`` (Å) is given by each subclass, as a static field or a property; it is not declared
     # here because a base-class field would come first in every subclass's positional signature.
     images: tuple[int, int, int] | None = eqx.field(static=True, default=None, kw_only=True)
+    skin: float | None = eqx.field(static=True, default=None, kw_only=True)
+    auto_refresh: bool = eqx.field(static=True, default=True, kw_only=True)
 
     def pair_energy(self, r: jax.Array) -> jax.Array:
         raise NotImplementedError
@@ -65,7 +85,64 @@ class PairPotential(Model):
     def prepare(self, batch: Batch) -> PairPotential:
         if self.images is not None or isinstance(batch.cell, jax.core.Tracer):
             return self
+        if self.skin is not None:  # the neighbor-list path needs no image range
+            return self
         return self.with_images(batch)
+
+    # ------------------------------------------------------------------ neighbor lists
+    def with_neighbors(self, skin: float = 1.0, auto_refresh: bool = True) -> PairPotential:
+        """A copy that sums over ``batch.neighbors`` instead of the dense all-pairs block.
+
+        The batch must carry a :class:`~fused_dynamics.models.neighbors.NeighborList` with
+        ``cutoff >= self.cutoff`` (:meth:`attach_neighbors` makes one); register a
+        :class:`~fused_dynamics.models.neighbors.NeighborListHook` on the fused stage so that it
+        is refreshed before each evaluation.
+        """
+        if not float(skin) >= 0.0:
+            raise ValueError(
+                f"{type(self).__name__}.with_neighbors: skin must be >= 0, got {skin}."
+            )
+        return dataclasses.replace(self, skin=float(skin), auto_refresh=bool(auto_refresh))
+
+    def neighbor_list(self, batch: Batch, capacity: int | None = None, **kwargs) -> NeighborList:
+        """A neighbor list for this model's cutoff and skin, sized and built on ``batch``.
+
+        ``kwargs`` go to :meth:`NeighborList.allocate` (``half`` defaults to True here: a pair
+        potential needs each pair once).
+        """
+        skin = kwargs.pop("skin", self.skin if self.skin is not None else 1.0)
+        kwargs.setdefault("half", True)
+        return NeighborList.allocate(batch, self.cutoff, skin, capacity, **kwargs)
+
+    def attach_neighbors(self, batch: Batch, capacity: int | None = None, **kwargs) -> Batch:
+        """``batch`` with ``neighbors`` set to :meth:`neighbor_list` (host-side)."""
+        return batch.replace(neighbors=self.neighbor_list(batch, capacity, **kwargs))
+
+    def _neighbor_energy(self, batch: Batch) -> jax.Array:
+        nl = batch.neighbors
+        if not isinstance(nl, NeighborList):
+            raise TypeError(
+                f"{type(self).__name__} was configured for neighbor lists (skin={self.skin}) but "
+                f"batch.neighbors is {type(nl).__name__}: give the batch one with "
+                "model.attach_neighbors(batch) (or NeighborList.allocate), or use the dense "
+                "path (a model without with_neighbors)."
+            )
+        if nl.cutoff < self.cutoff:
+            raise ValueError(
+                f"{type(self).__name__}: batch.neighbors has cutoff {nl.cutoff} < the model's "
+                f"cutoff {self.cutoff}; allocate the list with the model's cutoff."
+            )
+        if self.auto_refresh:
+            nl = nl.update(batch)
+        s = batch.max_systems
+        d = nl.displacements(batch.positions, batch.cell, batch.system_idx)
+        r2 = jnp.sum(d * d, axis=-1)
+        ok = nl.mask & (r2 < self.cutoff**2)
+        # masked pairs at r = cutoff / 2, as on the dense path (finite φ and derivatives)
+        r = jnp.sqrt(jnp.where(ok, r2, 0.25 * self.cutoff**2))
+        phi = jnp.where(ok, self.pair_energy(r), 0.0)
+        weight = 1.0 if nl.half else 0.5
+        return segment.segment_sum(weight * phi, nl.pair_system(batch.system_idx, s), s)
 
     def with_images(self, batch: Batch) -> PairPotential:
         """A copy whose static image range covers every system of ``batch`` (host-side)."""
@@ -86,6 +163,11 @@ class PairPotential(Model):
         return dataclasses.replace(self, images=tuple(int(n) for n in need.max(axis=0)))
 
     def energy(self, batch: Batch) -> jax.Array:
+        if self.skin is not None:
+            return self._neighbor_energy(batch)
+        return self._dense_energy(batch)
+
+    def _dense_energy(self, batch: Batch) -> jax.Array:
         n_img = (1, 1, 1) if self.images is None else tuple(self.images)
         need = required_images(batch.cell, batch.pbc, self.cutoff)
         too_small = batch.system_mask & jnp.any(need > jnp.asarray(n_img), axis=-1)

@@ -1,0 +1,662 @@
+"""Batched neighbor lists: O(N) cell lists for a padded multi-system batch, with a Verlet skin.
+
+A :class:`NeighborList` lives in ``batch.neighbors``. It is a flat list of ``P`` directed pairs
+(``P``, the capacity, is a static array size) over the whole batch::
+
+    d_p = positions[receivers[p]] - positions[senders[p]] + shifts[p] @ cell[system of senders[p]]
+
+with ``mask[p]`` marking real pairs. This is ASE's ``neighbor_list("ijS")`` convention (``i =
+senders``, ``j = receivers``, ``S = shifts``): integer image shifts, applied to the positions as
+they are stored (not wrapped), so a pair's displacement is continuous while atoms move and, for
+the stress, depends on the (strained) cell. Pairs never cross systems. Unused slots hold
+``senders == receivers == N`` (the atom capacity, a sentinel that ``segment_sum(...,
+num_segments=N)`` drops) and zero shifts. With ``half=True`` each unordered pair is stored once
+(``i < j``, or ``i == j`` with a lexicographically positive shift); pair potentials sum it with
+weight 1. The full list (both directions) is what message-passing models consume.
+
+Construction (``build``) is a cell list per system, all systems at once with static shapes:
+
+1. each system's cell is cut into ``n_d`` bins along each lattice vector, of thickness (the
+   distance between bin planes) at least ``(cutoff + skin) / stencil``; along non-periodic
+   directions the bins span the atoms' extent. A system of ``n`` atoms gets at most
+   ``max(1, 2 n)`` bins (coarser bins are still correct: a sparse system or an evaporating
+   cluster costs memory in proportion to its atoms, not its volume), so the bins of all systems
+   fit a table of ``2 N + S`` rows with ``bin_capacity`` atom slots each, a contiguous range per
+   system;
+2. atoms are sorted by bin (their rank in the bin is their column in the table);
+3. for each of the ``(2 stencil + 1)^3`` bin offsets, every atom reads the ``bin_capacity``
+   atoms of the offset bin (wrapped with an image shift along periodic directions, so a cell
+   smaller than the cutoff is seen through several images), keeps those within
+   ``cutoff + skin`` and appends them to the list at the running count.
+
+Work and memory are ``O(N (2 stencil + 1)^3 bin_capacity + P)``: linear in the number of atoms
+for a fixed density. Every capacity is static; whatever does not fit (pairs, atoms per bin, bins,
+a cell too small for the stencil) sets the sticky ``overflow`` flag instead of being dropped
+silently, and records what was needed so that :meth:`NeighborList.grown` can size the next try.
+The run loops (``FusedStage.run``, inflight chunks) see the flag after a run, call ``grown()``,
+warn, and run again from the same start.
+
+Rebuild criterion (:meth:`NeighborList.needs_rebuild`): a pair within ``cutoff`` now was within
+``cutoff + skin`` at the last build if, for every system,
+
+    2 max_i |r_i C^-1 C_ref - r_ref,i| + cutoff ||C^-1 C_ref - 1||_F <= skin
+
+where ``C`` is the current cell and ``C_ref`` the cell at the last build (for a fixed cell this
+is the usual "no atom moved more than half the skin"). Otherwise, or when the list is marked
+stale (:meth:`NeighborList.invalidated`, :meth:`NeighborList.grown`), or when the atoms' systems or
+the periodicity changed, the whole list is rebuilt. :meth:`NeighborList.update` does that under
+``lax.cond``, so a step without rebuild costs one ``O(N)`` check; :class:`NeighborListHook` calls
+it at ``BEFORE_COMPUTE``, the fused-level point just before the one model evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import segment
+from ..hooks import DynamicsStage, Hook
+
+__all__ = ["NeighborList", "NeighborListHook", "refresh_neighbors"]
+
+#: ``NeighborList.needed`` holds, in this order, the largest values seen by the builds since the
+#: allocation up to the first overflow: pairs, atoms in one bin, bins used (never more than the
+#: table holds), stencil half-width.
+NEEDED_FIELDS = ("pairs", "bin_occupancy", "bins", "stencil")
+_PAIRS, _OCCUPANCY, _BINS, _STENCIL = range(4)
+# Bins of a system of n atoms are capped at max(1, BINS_PER_ATOM * n): coarser bins are always
+# correct, and the table then has a static number of rows (BINS_PER_ATOM * N + S).
+BINS_PER_ATOM = 2
+_MAX_STENCIL = 64
+
+
+class NeighborList(eqx.Module):
+    """A fixed-capacity pair list for every system of a padded batch (see the module docstring).
+
+    Create one with :meth:`allocate` (host-side, sizes the capacities from a batch) and keep it
+    in ``batch.neighbors``; refresh it with :meth:`update` (under ``jit``) or
+    :class:`NeighborListHook`.
+
+    Attributes
+    ----------
+    senders, receivers : Array, shape (P,) int32
+        Atoms ``i`` and ``j`` of each pair (``N`` in unused slots).
+    shifts : Array, shape (P, 3) int32
+        Image shift ``S`` of each pair: ``d = r_j - r_i + S @ cell``.
+    mask : Array, shape (P,) bool
+        Real pairs: within ``cutoff + skin`` at the last build.
+    reference_positions : Array, shape (N, 3)
+        Positions at the last build.
+    reference_cell : Array, shape (S, 3, 3)
+        Cells at the last build.
+    reference_system_idx : Array, shape (N,) int32
+        ``system_idx`` at the last build (a re-packed batch is rebuilt even if not invalidated).
+    reference_pbc : Array, shape (S, 3) bool
+    overflow : Array, shape () bool
+        Sticky: some build needed more than a capacity. Pairs beyond the capacity were not stored,
+        so results since then are wrong and the run must be repeated with :meth:`grown`.
+    stale : Array, shape () bool
+        The next :meth:`update` rebuilds whatever the displacements.
+    rebuilds : Array, shape () int32
+        Number of builds since :meth:`allocate` (the allocation's own build included).
+    n_pairs : Array, shape () int32
+        Pairs found by the last build (may exceed the capacity when it overflowed).
+    needed : Array, shape (4,) int32
+        Largest pairs, bin occupancy, bins and stencil needed by the builds so far (up to the first
+        overflow), see ``NEEDED_FIELDS``; used by :meth:`grown`.
+    cutoff, skin : float
+        Static. Pairs are stored within ``cutoff + skin``.
+    half : bool
+        Static. Each unordered pair once instead of both directions.
+    stencil : int
+        Static. Bin offsets ``-stencil..stencil`` are searched; bins are at least
+        ``(cutoff + skin) / stencil`` thick.
+    bin_capacity : int
+        Static. Atom slots per bin.
+    margin : float
+        Static. Head room :meth:`allocate` and :meth:`grown` give over a measured need.
+    """
+
+    senders: jax.Array
+    receivers: jax.Array
+    shifts: jax.Array
+    mask: jax.Array
+    reference_positions: jax.Array
+    reference_cell: jax.Array
+    reference_system_idx: jax.Array
+    reference_pbc: jax.Array
+    overflow: jax.Array
+    stale: jax.Array
+    rebuilds: jax.Array
+    n_pairs: jax.Array
+    needed: jax.Array
+    cutoff: float = eqx.field(static=True)
+    skin: float = eqx.field(static=True)
+    half: bool = eqx.field(static=True, default=False)
+    stencil: int = eqx.field(static=True, default=1)
+    bin_capacity: int = eqx.field(static=True, default=8)
+    margin: float = eqx.field(static=True, default=1.15)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def capacity(self) -> int:
+        """Pair capacity P (the static length of the pair arrays)."""
+        return int(self.senders.shape[-1])
+
+    @property
+    def max_bins(self) -> int:
+        """Rows of the bin table: ``2 N + S`` (no system ever needs more, see the module doc)."""
+        n = int(self.reference_positions.shape[-2])
+        s = int(self.reference_cell.shape[-3])
+        return BINS_PER_ATOM * n + s
+
+    @property
+    def interaction_range(self) -> float:
+        """``cutoff + skin``: the range within which pairs are stored."""
+        return float(self.cutoff) + float(self.skin)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def empty(
+        cls,
+        batch,
+        cutoff: float,
+        skin: float,
+        capacity: int,
+        *,
+        half: bool = False,
+        stencil: int = 1,
+        bin_capacity: int = 8,
+        margin: float = 1.15,
+    ) -> NeighborList:
+        """A stale list of the given static capacities (built on its first :meth:`update`).
+
+        Works under ``jit``: nothing here looks at values.
+        """
+        _check_range(cutoff, skin)
+        n, s = batch.max_atoms, batch.max_systems
+        return cls(
+            senders=jnp.full((int(capacity),), n, jnp.int32),
+            receivers=jnp.full((int(capacity),), n, jnp.int32),
+            shifts=jnp.zeros((int(capacity), 3), jnp.int32),
+            mask=jnp.zeros((int(capacity),), bool),
+            reference_positions=jax.lax.stop_gradient(batch.positions),
+            reference_cell=jax.lax.stop_gradient(batch.cell),
+            reference_system_idx=batch.system_idx,
+            reference_pbc=batch.pbc,
+            overflow=jnp.zeros((), bool),
+            stale=jnp.ones((), bool),
+            rebuilds=jnp.zeros((), jnp.int32),
+            n_pairs=jnp.zeros((), jnp.int32),
+            needed=jnp.zeros((4,), jnp.int32),
+            cutoff=float(cutoff),
+            skin=float(skin),
+            half=bool(half),
+            stencil=int(stencil),
+            bin_capacity=int(bin_capacity),
+            margin=float(margin),
+        )._checked(n, s)
+
+    def _checked(self, n, s):
+        if self.stencil < 1 or self.bin_capacity < 1 or self.capacity < 0:
+            raise ValueError(
+                f"NeighborList: stencil and bin_capacity must be >= 1 and capacity >= 0 "
+                f"(got {self.stencil}, {self.bin_capacity}, {self.capacity})."
+            )
+        if self.margin < 1.0:
+            raise ValueError(f"NeighborList: margin must be >= 1, got {self.margin}.")
+        return self
+
+    @classmethod
+    def allocate(
+        cls,
+        batch,
+        cutoff: float,
+        skin: float = 1.0,
+        capacity: int | None = None,
+        *,
+        half: bool = False,
+        margin: float = 1.15,
+        stencil: int | None = None,
+        bin_capacity: int | None = None,
+        cells=None,
+        pbc=None,
+    ) -> NeighborList:
+        """A list sized for ``batch`` and built on it (host-side, eager).
+
+        Parameters
+        ----------
+        batch : Batch
+            Concrete (not traced). The capacities are measured on it.
+        cutoff : float
+            Å; the largest cutoff of the model(s) that will use the list.
+        skin : float, default 1.0
+            Å; pairs are kept within ``cutoff + skin`` and the list is rebuilt only when some atom
+            moved more than ``skin / 2`` (see the module docstring).
+        capacity : int, optional
+            Pair capacity P. Default: ``ceil(margin * pairs) + 16`` for the pairs of ``batch``.
+        half : bool, default False
+            Store each unordered pair once (pair potentials); the default stores both directions.
+        margin : float, default 1.15
+            Head room over measured needs (pairs, bin occupancy, bins).
+        stencil : int, optional
+            Bin-offset half-width (default 1, raised to what the thinnest periodic cell of the
+            batch, and of ``cells``, needs: ``ceil((cutoff + skin) / plane spacing)``).
+        bin_capacity : int, optional
+            Atom slots per bin (default: measured, with the margin, plus 2).
+        cells, pbc : array (n, 3, 3) and (n, 3), optional
+            More cells the list must serve without growing its stencil (the cells of a dataset
+            that an inflight run will load).
+
+        Returns
+        -------
+        NeighborList
+            Built on ``batch``: ``rebuilds == 1``; ``overflow`` is already true if an explicit
+            capacity is too small (the run loop then grows it before going on).
+
+        Notes
+        -----
+        Compiles the binning and the build for the batch's shapes (a count pass with no pair
+        storage when ``capacity`` is not given, then the build with the chosen capacity).
+        """
+        if isinstance(batch.positions, jax.core.Tracer):
+            raise TypeError(
+                "NeighborList.allocate measures a concrete batch; under jit use "
+                "NeighborList.empty(batch, cutoff, skin, capacity, stencil=..., bin_capacity=...) "
+                "followed by .update(batch)."
+            )
+        _check_range(cutoff, skin)
+        rc = float(cutoff) + float(skin)
+        geo = _bin_geometry_jit(_geometry_inputs(batch), rc, max(1, int(stencil or 1)))
+        k_needed = max(int(geo["stencil_needed"]), stencil_for_cells(cells, pbc, rc))
+        k = max(int(stencil or 1), k_needed)
+        if k != int(stencil or 1):
+            geo = _bin_geometry_jit(_geometry_inputs(batch), rc, k)
+        occupancy = _max_occupancy(np.asarray(geo["global_bin"]))
+        if bin_capacity is None:
+            bin_capacity = max(int(math.ceil(margin * occupancy)) + 2, 4)
+        kw = dict(half=half, stencil=k, bin_capacity=bin_capacity, margin=margin)
+        if capacity is None:
+            probe = _build_jit(cls.empty(batch, cutoff, skin, 0, **kw), batch)
+            pairs = int(probe.n_pairs)
+            capacity = int(math.ceil(margin * pairs)) + 16
+        nl = _build_jit(cls.empty(batch, cutoff, skin, int(capacity), **kw), batch)
+        return nl
+
+    # ------------------------------------------------------------------ state changes
+    def invalidated(self) -> NeighborList:
+        """The same list marked stale: the next :meth:`update` rebuilds it.
+
+        Call it when atoms were moved on the atom axis or systems replaced (inflight refill).
+        """
+        return dataclasses.replace(self, stale=jnp.ones_like(self.stale))
+
+    def grown(self, factor: float = 2.0, seen: NeighborList | None = None) -> NeighborList:
+        """A larger, stale, non-overflowed copy (host-side; one recompilation follows).
+
+        - pair capacity: ``max(ceil(factor * capacity), ceil(margin * pairs needed))``;
+        - atoms per bin: ``ceil(margin * needed) + 2`` when a build needed more than
+          ``bin_capacity``;
+        - stencil: what the thinnest cell needed, when that was more;
+        - when no recorded need explains the overflow (it happened in a run started from this
+          list, whose own builds were fine, and ``seen`` is not given), the atoms per bin grow by
+          ``factor`` too.
+
+        Every other field is kept (the rebuild counter continues).
+
+        Parameters
+        ----------
+        factor : float, default 2.0
+            Least growth of the pair capacity.
+        seen : NeighborList, optional
+            The list at the end of the run that overflowed (``out.neighbors``): its recorded
+            needs (up to the first overflow) size the new capacities exactly. Without it only
+            this list's own needs are known.
+        """
+        if factor <= 1.0:
+            raise ValueError(f"NeighborList.grown: factor must be > 1, got {factor}.")
+        lists = [self] if seen is None else [self, seen]
+        if any(isinstance(nl.needed, jax.core.Tracer) for nl in lists):
+            raise TypeError("NeighborList.grown is host-side: call it on a concrete list.")
+        needed = np.max([np.asarray(nl.needed).reshape(-1, 4).max(axis=0) for nl in lists], 0)
+        m = self.margin
+        capacity = max(_ceil(factor * max(self.capacity, 1)), _ceil(m * needed[_PAIRS]))
+        occ = self.bin_capacity
+        known = (
+            needed[_PAIRS] > self.capacity
+            or needed[_OCCUPANCY] > occ
+            or needed[_STENCIL] > self.stencil
+        )
+        if needed[_OCCUPANCY] > occ:
+            occ = max(_ceil(m * needed[_OCCUPANCY]) + 2, occ + 1)
+        elif not known:
+            occ = _ceil(factor * occ)
+        stencil = max(self.stencil, int(needed[_STENCIL]))
+        lead = self.senders.shape[:-1]
+        n = int(self.reference_positions.shape[-2])
+        return dataclasses.replace(
+            self,
+            senders=jnp.full(lead + (capacity,), n, jnp.int32),
+            receivers=jnp.full(lead + (capacity,), n, jnp.int32),
+            shifts=jnp.zeros(lead + (capacity, 3), jnp.int32),
+            mask=jnp.zeros(lead + (capacity,), bool),
+            overflow=jnp.zeros_like(self.overflow),
+            stale=jnp.ones_like(self.stale),
+            stencil=stencil,
+            bin_capacity=occ,
+        )
+
+    # ------------------------------------------------------------------ refresh
+    def needs_rebuild(self, batch) -> jax.Array:
+        """Per-system criterion of the module docstring, shape (S,) bool (traced, no gradient).
+
+        True for a system whose atoms moved too far since the last build (relative to its cell,
+        which may have changed too). Staleness and a changed layout are not included (see
+        :meth:`must_rebuild`).
+        """
+        pos = jax.lax.stop_gradient(batch.positions)
+        cell = jax.lax.stop_gradient(batch.cell)
+        s = batch.max_systems
+        sys = jnp.minimum(batch.system_idx, s - 1)
+        # A = C^-1 C_ref maps positions into the frame of the reference cell
+        a = jnp.linalg.solve(cell, self.reference_cell.astype(cell.dtype))
+        moved = jnp.einsum("ni,nij->nj", pos, a[sys]) - self.reference_positions.astype(pos.dtype)
+        d2 = jnp.where(batch.atom_mask, jnp.sum(moved * moved, axis=-1), 0.0)
+        max_d = jnp.sqrt(jnp.maximum(segment.segment_max(d2, batch.system_idx, s), 0.0))
+        strain = jnp.sqrt(jnp.sum((a - jnp.eye(3, dtype=a.dtype)) ** 2, axis=(-2, -1)))
+        return batch.system_mask & ~(2.0 * max_d + self.cutoff * strain <= self.skin)
+
+    def must_rebuild(self, batch) -> jax.Array:
+        """Whether :meth:`update` would rebuild: stale, re-packed, or moved (scalar bool)."""
+        layout = jnp.any(batch.system_idx != self.reference_system_idx) | jnp.any(
+            batch.pbc != self.reference_pbc
+        )
+        return self.stale | layout | jnp.any(self.needs_rebuild(batch))
+
+    def update(self, batch) -> NeighborList:
+        """Rebuild if :meth:`must_rebuild`, else return the list as it is (``lax.cond``).
+
+        Under ``jax.vmap`` with a batched criterion ``lax.cond`` becomes a select and the build
+        runs on every call (results are the same; only the cost differs).
+        """
+        return jax.lax.cond(self.must_rebuild(batch), _build, lambda nl, b: nl, self, batch)
+
+    def build(self, batch) -> NeighborList:
+        """Rebuild now on ``batch`` (traced; same capacities)."""
+        return _build(self, batch)
+
+    # ------------------------------------------------------------------ consumers
+    def displacements(self, positions, cell, system_idx) -> jax.Array:
+        """``r_j - r_i + S @ cell`` of every pair, shape (P, 3) (zero for unused slots).
+
+        Differentiable in ``positions`` and ``cell`` (give the strained cell for the stress).
+        """
+        n = positions.shape[0]
+        s = cell.shape[0]
+        i = jnp.minimum(self.senders, n - 1)
+        j = jnp.minimum(self.receivers, n - 1)
+        sys = jnp.minimum(system_idx[i], s - 1)
+        image = jnp.einsum("pk,pkl->pl", self.shifts.astype(positions.dtype), cell[sys])
+        d = positions[j] - positions[i] + image
+        return jnp.where(self.mask[:, None], d, 0.0)
+
+    def pair_system(self, system_idx, num_systems: int) -> jax.Array:
+        """System slot of each pair, shape (P,) (``num_systems`` for unused slots)."""
+        sys = jnp.take(system_idx, self.senders, mode="fill", fill_value=num_systems)
+        return jnp.where(self.mask, sys, num_systems)
+
+
+# ============================================================================ hook
+def refresh_neighbors(batch):
+    """``batch`` with its neighbor list refreshed (:meth:`NeighborList.update`), traced."""
+    if not isinstance(batch.neighbors, NeighborList):
+        raise TypeError(
+            "refresh_neighbors: batch.neighbors is not a NeighborList; create one with "
+            "batch.replace(neighbors=NeighborList.allocate(batch, cutoff, skin)) or "
+            "model.attach_neighbors(batch)."
+        )
+    return batch.replace(neighbors=batch.neighbors.update(batch))
+
+
+class NeighborListHook(Hook):
+    """Refresh ``batch.neighbors`` just before the model evaluation (``BEFORE_COMPUTE``).
+
+    Register it at the fused level: ``fused.register_fused_hook(NeighborListHook())`` or
+    ``FusedStage(..., hooks=[NeighborListHook()])``. Each step it checks the rebuild criterion
+    (``O(N)``) and rebuilds under ``lax.cond`` when needed.
+    """
+
+    stage: DynamicsStage = eqx.field(
+        static=True, default=DynamicsStage.BEFORE_COMPUTE, kw_only=True
+    )
+
+    def apply(self, batch, ctx):
+        return refresh_neighbors(batch)
+
+
+# ============================================================================ construction
+def _check_range(cutoff, skin):
+    if not (float(cutoff) > 0.0) or not (float(skin) >= 0.0):
+        raise ValueError(f"NeighborList: need cutoff > 0 and skin >= 0, got {cutoff}, {skin}.")
+
+
+def _ceil(x) -> int:
+    return int(math.ceil(float(x)))
+
+
+def _max_occupancy(global_bin: np.ndarray) -> int:
+    real = global_bin[global_bin >= 0]
+    return int(np.bincount(real).max()) if real.size else 0
+
+
+def _geometry_inputs(batch) -> dict:
+    return {
+        "positions": batch.positions,
+        "cell": batch.cell,
+        "pbc": batch.pbc,
+        "system_idx": batch.system_idx,
+        "atom_mask": batch.atom_mask,
+        "system_mask": batch.system_mask,
+    }
+
+
+def _bin_geometry(g: dict, rc: float, stencil: int) -> dict:
+    """Bins of every system and the bin of every atom (traced; no capacity involved).
+
+    Returns a dict with ``frac`` (N, 3) fractional positions, ``image`` (N, 3) int32 (the whole
+    cells wrapped away along periodic directions), ``coord`` (N, 3) int32 bin coordinates,
+    ``n_bins`` (S, 3) int32, ``offset`` (S,) int32 first global bin of each system,
+    ``global_bin`` (N,) int32 (-1 for padding), ``bins_total`` and ``stencil_needed`` (scalars).
+    """
+    pos = jax.lax.stop_gradient(g["positions"])
+    cell = jax.lax.stop_gradient(g["cell"])
+    pbc, system_idx = g["pbc"], g["system_idx"]
+    s = cell.shape[0]
+    sys = jnp.minimum(system_idx, s - 1)
+    real = g["atom_mask"] & (system_idx < s)
+    inv = jnp.linalg.inv(cell)
+    spacing = 1.0 / jnp.linalg.norm(inv, axis=-2)  # (S, 3) distance between lattice planes
+    frac = jnp.einsum("ni,nij->nj", pos, inv[sys])
+    per = pbc[sys]
+    image = jnp.where(per, jnp.floor(frac), 0.0)
+    w = frac - image
+    # extent of non-periodic directions from the atoms; periodic ones span [0, 1)
+    lo = segment.segment_min(jnp.where(real[:, None], w, jnp.inf), system_idx, s)
+    hi = segment.segment_max(jnp.where(real[:, None], w, -jnp.inf), system_idx, s)
+    ok = jnp.isfinite(lo) & jnp.isfinite(hi)
+    lo = jnp.where(pbc | ~ok, 0.0, lo)
+    extent = jnp.where(pbc, 1.0, jnp.where(ok, hi - lo, 0.0))
+    thickness = extent * spacing
+    n = jnp.floor(stencil * thickness / rc)
+    cap = jnp.maximum(BINS_PER_ATOM * segment.segment_count(system_idx, s), 1).astype(n.dtype)
+    n = jnp.where(jnp.isfinite(n), jnp.clip(n, 1.0, cap[:, None]), 1.0)
+    n = _cap_bins(n, cap).astype(jnp.int32)
+    bins = jnp.where(g["system_mask"], jnp.prod(n, axis=-1, dtype=jnp.int32), 0)
+    offset = jnp.cumsum(bins, dtype=jnp.int32) - bins
+    bins_total = jnp.sum(bins.astype(jnp.float32))
+    need = jnp.where(pbc & g["system_mask"][:, None], jnp.ceil(rc / spacing), 1.0)
+    need = jnp.where(jnp.isfinite(need), jnp.clip(need, 1.0, _MAX_STENCIL), _MAX_STENCIL)
+    stencil_needed = jnp.max(need, initial=1.0).astype(jnp.int32)
+
+    n_atom = n[sys]
+    u = jnp.where(extent[sys] > 0, (w - lo[sys]) / jnp.where(extent[sys] > 0, extent[sys], 1), 0)
+    coord = jnp.floor(u * n_atom)
+    coord = jnp.where(jnp.isfinite(coord), coord, 0.0)
+    coord = jnp.clip(coord, 0, n_atom - 1).astype(jnp.int32)
+    linear = (coord[:, 0] * n_atom[:, 1] + coord[:, 1]) * n_atom[:, 2] + coord[:, 2]
+    global_bin = jnp.where(real, offset[sys] + linear, -1)
+    return {
+        "frac": frac,
+        "image": jnp.where(jnp.isfinite(image), image, 0.0).astype(jnp.int32),
+        "coord": coord,
+        "n_bins": n,
+        "offset": offset,
+        "global_bin": global_bin,
+        "bins_total": jnp.minimum(bins_total, 2.0**31 - 1).astype(jnp.int32),
+        "stencil_needed": stencil_needed,
+    }
+
+
+_bin_geometry_jit = jax.jit(_bin_geometry, static_argnums=(1, 2))
+
+
+def _cap_bins(n, cap):
+    """Bin counts (S, 3) coarsened so that each system has at most ``cap`` (S,) bins."""
+    for _ in range(3):  # scale the directions that still have more than one bin
+        total = jnp.prod(n, axis=-1)
+        free = jnp.sum(n > 1, axis=-1).astype(n.dtype)
+        f = jnp.where(total > cap, (cap / total) ** (1.0 / jnp.maximum(free, 1.0)), 1.0)
+        n = jnp.where(n > 1, jnp.maximum(jnp.floor(n * f[:, None]), 1.0), n)
+    # what rounding left over (rare): one bin, always correct
+    return jnp.where((jnp.prod(n, axis=-1) > cap)[:, None], 1.0, n)
+
+
+def stencil_for_cells(cells, pbc, interaction_range: float) -> int:
+    """Stencil half-width that periodic ``cells`` (n, 3, 3) with ``pbc`` (n, 3) need (host-side)."""
+    if cells is None:
+        return 1
+    cells = np.asarray(cells, np.float64).reshape(-1, 3, 3)
+    pbc = np.ones(cells.shape[:2], bool) if pbc is None else np.asarray(pbc, bool).reshape(-1, 3)
+    keep = pbc.any(axis=1)
+    if not keep.any():
+        return 1
+    spacing = 1.0 / np.linalg.norm(np.linalg.inv(cells[keep]), axis=-2)
+    need = np.where(pbc[keep], np.ceil(interaction_range / spacing), 1.0)
+    return int(min(max(need.max(), 1.0), _MAX_STENCIL))
+
+
+def _bin_table(global_bin, n_atoms: int, max_bins: int, bin_capacity: int):
+    """Table (max_bins + 1, bin_capacity) of atom indices per bin (N = empty) and max occupancy.
+
+    The last row is the empty bin that out-of-range lookups read.
+    """
+    b = max_bins
+    gb = jnp.where((global_bin >= 0) & (global_bin < b), global_bin, b)
+    counts = jax.ops.segment_sum(jnp.ones_like(gb), gb, num_segments=b + 1)
+    order = jnp.argsort(gb, stable=True)
+    start = jnp.cumsum(counts, dtype=jnp.int32) - counts
+    rank_sorted = jnp.arange(n_atoms, dtype=jnp.int32) - start[gb[order]]
+    rank = jnp.zeros(n_atoms, jnp.int32).at[order].set(rank_sorted)
+    row = jnp.where(gb < b, gb, b + 1)  # padding is dropped, the empty row stays empty
+    table = jnp.full((b + 1, bin_capacity), n_atoms, jnp.int32)
+    table = table.at[row, rank].set(jnp.arange(n_atoms, dtype=jnp.int32), mode="drop")
+    occupancy = jnp.max(counts[:b], initial=0)
+    return table, occupancy
+
+
+def _positive_shift(t):
+    """Whether integer shifts (..., 3) are lexicographically positive."""
+    t0, t1, t2 = t[..., 0], t[..., 1], t[..., 2]
+    return (t0 > 0) | ((t0 == 0) & ((t1 > 0) | ((t1 == 0) & (t2 > 0))))
+
+
+def _build(nl: NeighborList, batch) -> NeighborList:
+    """Rebuild ``nl`` on ``batch`` with its static capacities (see the module docstring)."""
+    n, s = batch.max_atoms, batch.max_systems
+    k, p, m, b = nl.stencil, nl.capacity, nl.bin_capacity, nl.max_bins
+    rc = nl.interaction_range
+    geo = _bin_geometry(_geometry_inputs(batch), rc, k)
+    pos = jax.lax.stop_gradient(batch.positions)
+    cell = jax.lax.stop_gradient(batch.cell)
+    system_idx = batch.system_idx
+    sys = jnp.minimum(system_idx, s - 1)
+    real = batch.atom_mask & (system_idx < s)
+    table, occupancy = _bin_table(geo["global_bin"], n, b, m)
+    n_atom = geo["n_bins"][sys]  # (N, 3)
+    per = batch.pbc[sys]
+    image = geo["image"]
+    coord = geo["coord"]
+    offset = geo["offset"][sys]
+    cell_i = cell[sys]  # (N, 3, 3)
+    atoms = jnp.arange(n, dtype=jnp.int32)
+    offsets = np.array(list(itertools.product(range(-k, k + 1), repeat=3)), np.int32)
+    rc2 = rc * rc
+
+    def body(carry, o):
+        senders, receivers, shifts, mask, count = carry
+        ub = coord + o  # unwrapped bin coordinates (N, 3)
+        wrapped = jnp.where(per, jnp.mod(ub, n_atom), ub)
+        wrap_shift = jnp.where(per, jnp.floor_divide(ub, n_atom), 0)
+        inside = jnp.all(per | ((ub >= 0) & (ub < n_atom)), axis=-1)
+        linear = (wrapped[:, 0] * n_atom[:, 1] + wrapped[:, 1]) * n_atom[:, 2] + wrapped[:, 2]
+        row = jnp.where(real & inside & (geo["global_bin"] >= 0), offset + linear, b)
+        row = jnp.where((row >= 0) & (row < b), row, b)
+        cand = table[row]  # (N, M)
+        jc = jnp.minimum(cand, n - 1)
+        # shift applied to the stored (unwrapped) positions
+        shift = wrap_shift[:, None, :] + image[:, None, :] - image[jc]  # (N, M, 3)
+        d = pos[jc] - pos[:, None, :] + jnp.einsum("nmk,nkl->nml", shift.astype(pos.dtype), cell_i)
+        r2 = jnp.sum(d * d, axis=-1)
+        i = atoms[:, None]
+        same = i == jc
+        keep = (cand < n) & (system_idx[jc] == system_idx[:, None]) & (r2 < rc2)
+        keep = keep & ~(same & jnp.all(shift == 0, axis=-1))
+        if nl.half:
+            keep = keep & ((i < jc) | (same & _positive_shift(shift)))
+        flat = keep.reshape(-1)
+        slot = count + jnp.cumsum(flat, dtype=jnp.int32) - 1
+        slot = jnp.where(flat & (slot < p), slot, p)  # out of range: dropped
+        senders = senders.at[slot].set(jnp.broadcast_to(i, keep.shape).reshape(-1), mode="drop")
+        receivers = receivers.at[slot].set(jc.reshape(-1), mode="drop")
+        shifts = shifts.at[slot].set(shift.reshape(-1, 3), mode="drop")
+        mask = mask.at[slot].set(True, mode="drop")
+        return (senders, receivers, shifts, mask, count + jnp.sum(flat, dtype=jnp.int32)), None
+
+    init = (
+        jnp.full((p,), n, jnp.int32),
+        jnp.full((p,), n, jnp.int32),
+        jnp.zeros((p, 3), jnp.int32),
+        jnp.zeros((p,), bool),
+        jnp.zeros((), jnp.int32),
+    )
+    (senders, receivers, shifts, mask, count), _ = jax.lax.scan(body, init, jnp.asarray(offsets))
+    now = jnp.stack([count, occupancy, geo["bins_total"], geo["stencil_needed"]])
+    # bins_total <= b always (per-system caps); checked anyway so that nothing is dropped silently
+    over = (count > p) | (occupancy > m) | (geo["bins_total"] > b) | (geo["stencil_needed"] > k)
+    # needs are recorded up to the first overflow: after it, the dynamics is no longer trusted
+    needed = jnp.where(nl.overflow, nl.needed, jnp.maximum(nl.needed, now))
+    return dataclasses.replace(
+        nl,
+        senders=senders,
+        receivers=receivers,
+        shifts=shifts,
+        mask=mask,
+        reference_positions=pos.astype(nl.reference_positions.dtype),
+        reference_cell=cell.astype(nl.reference_cell.dtype),
+        reference_system_idx=system_idx,
+        reference_pbc=batch.pbc,
+        overflow=nl.overflow | over,
+        stale=jnp.zeros((), bool),
+        rebuilds=nl.rebuilds + 1,
+        n_pairs=count,
+        needed=needed.astype(jnp.int32),
+    )
+
+
+_build_jit = eqx.filter_jit(_build)
