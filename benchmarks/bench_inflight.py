@@ -26,6 +26,8 @@ Run: ``.venv/bin/python benchmarks/bench_inflight.py [--systems 300] [--quick]``
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,10 +45,25 @@ from _common import save  # noqa: E402
 
 import fused_dynamics as fd  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 A_FCC = 5.26
 CUTOFF = 6.0
 A_CAP = 128  # atoms per system slot: the same static shape for the warm-up and the run
 PRIMITIVE_SHAPES = [(4, 4, 4), (4, 4, 5), (4, 5, 5), (5, 5, 5)]  # 64, 80, 100, 125 atoms
+
+
+def git_state() -> dict:
+    """Commit of the working tree measured, and the files of the package changed from it."""
+
+    def git(*cmd):
+        proc = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT)
+        return proc.stdout.strip()
+
+    changed = git("status", "--porcelain", "--", "fused_dynamics")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "fused_dynamics_changed": [line[3:] for line in changed.splitlines()],
+    }
 
 
 def dataset(n: int, seed: int = 0) -> list[Atoms]:
@@ -142,6 +159,7 @@ def run_static(data, max_atoms, max_systems):
 
 
 def main(n_systems, max_atoms, max_systems, refill, warm_systems) -> dict:
+    load0 = os.getloadavg()
     data = dataset(n_systems)
     sizes = np.array([len(a) for a in data])
     warm = data[:warm_systems]
@@ -193,6 +211,8 @@ def main(n_systems, max_atoms, max_systems, refill, warm_systems) -> dict:
             "warmup_systems": warm_systems,
         },
         "atoms": atom_count,
+        "load_average": {"start": load0, "end": os.getloadavg()},
+        "git": git_state(),
         "fire_steps_per_system": {
             "min": int(fire.min()),
             "median": float(np.median(fire)),

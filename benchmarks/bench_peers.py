@@ -767,6 +767,7 @@ def _error(exc) -> str:
 def _interleaved(prepared: dict, repeat: int, label: str) -> dict:
     """Time every prepared ``run`` ``repeat`` times in rounds (code A, B, ..., A, B, ...)."""
     best = {name: (float("inf"), None) for name in prepared}
+    rounds = {name: [] for name in prepared}
     errors = {}
     for r in range(repeat):
         for name, (_info, run) in prepared.items():
@@ -778,8 +779,9 @@ def _interleaved(prepared: dict, repeat: int, label: str) -> dict:
                 errors[name] = _error(exc)
                 continue
             print(f"  [{label} round {r + 1}] {name}: {wall:.3g} s", flush=True)
+            rounds[name].append(wall)
             if wall < best[name][0]:
-                best[name] = (wall, res)
+                best[name] = (wall, {**res, "round_walls_s": rounds[name]})
     return best, errors
 
 
@@ -868,6 +870,7 @@ def main(args) -> dict:
             rec["compile_s"] = max(info["warmup_s"], 0.0)
             result["relax"][name] = rec
     result["load_average"] = {"start": load0, "end": os.getloadavg()}
+    result["git"] = git_state()
     _ratios_and_sanity(result, len(clusters) + len(crystals))
     return result
 
@@ -942,6 +945,20 @@ def _ratios_and_sanity(result, n_relax):
         ok &= good
     result["sanity"]["relax"] = checks
     result["sanity"]["ok"] = bool(ok)
+
+
+def git_state() -> dict:
+    """Commit of the working tree measured, and the files of the package changed from it."""
+
+    def git(*cmd):
+        proc = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT)
+        return proc.stdout.strip()
+
+    changed = git("status", "--porcelain", "--", "fused_dynamics")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "fused_dynamics_changed": [line[3:] for line in changed.splitlines()],
+    }
 
 
 def _version_in(python: Path, dist: str) -> str | None:

@@ -5,14 +5,16 @@ with tables generated from the result files (never typed by hand). A full run's 
 (``peers.json``) is preferred over a quick one (``peers_quick.json``). Files whose names end in
 ``_test`` are ignored.
 
-Run: ``python benchmarks/report.py [--readme README.md] [--check]`` (``--check`` exits 1 when the
-README section is not what the result files give, without writing).
+Run: ``python benchmarks/report.py [--readme README.md] [--check] [--tracked-only]``
+(``--check`` exits 1 when the README section is not what the result files give, without writing;
+``--tracked-only`` reads only the result files git knows, so that the README matches a checkout).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,10 +44,27 @@ VERSION_KEY = {
 }
 
 
+TRACKED: set[str] | None = None  # with --tracked-only: the result files git knows
+
+
+def tracked_results() -> set[str]:
+    """Names of the result files committed to (or staged in) git."""
+    out = subprocess.run(
+        ["git", "ls-files", "--", str(RESULTS)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=HERE.parent,
+    ).stdout
+    return {Path(line).name for line in out.splitlines()}
+
+
 def load(name: str) -> dict | None:
     """``name.json``, else ``name_quick.json``, else None."""
     for stem in (name, f"{name}_quick"):
         path = RESULTS / f"{stem}.json"
+        if TRACKED is not None and path.name not in TRACKED:
+            continue
         if path.exists():
             data = json.loads(path.read_text())
             data["_file"] = path.name
@@ -63,6 +82,15 @@ def fmt(x, digits: int = 3) -> str:
     if abs(x) >= 1e3:
         return f"{x:,.0f}"
     return f"{x:.{digits}g}"
+
+
+MARK, SPREAD = "†", 2.0
+
+
+def unstable(rec: dict) -> str:
+    """MARK when the timed rounds of a record differ by more than SPREAD times."""
+    walls = rec.get("round_walls_s") or []
+    return MARK if len(walls) > 1 and max(walls) > SPREAD * min(walls) else ""
 
 
 def machine_line(data: dict) -> str:
@@ -90,13 +118,16 @@ def peers_section(data: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     order = sorted(f64, key=lambda k: list(MD_NAMES).index(k) if k in MD_NAMES else 99)
+    noisy = False
     for name in order:
         r64, r32 = f64[name], f32.get(name, {})
         check = sanity.get("md_float64", {}).get(name, {})
+        m64, m32 = unstable(r64), unstable(r32)
+        noisy |= bool(m64 or m32)
         out.append(
             f"| {MD_NAMES.get(name, name)} | {versions.get(VERSION_KEY.get(name, name)) or '?'} "
-            f"| {fmt(r64.get('atom_steps_per_s'))} | {fmt(r64.get('fused_speedup'))} "
-            f"| {fmt(r32.get('atom_steps_per_s'))} | {fmt(r32.get('fused_speedup'))} "
+            f"| {fmt(r64.get('atom_steps_per_s'))}{m64} | {fmt(r64.get('fused_speedup'))} "
+            f"| {fmt(r32.get('atom_steps_per_s'))}{m32} | {fmt(r32.get('fused_speedup'))} "
             f"| {fmt(r64.get('compile_s'), 2)} | {fmt(check.get('ok'))} |"
         )
     out += [
@@ -107,6 +138,11 @@ def peers_section(data: dict) -> list[str]:
         f"{sanity.get('tolerance_md_energy0_per_atom', {}).get('float64', '?')} eV/atom and "
         f"{sanity.get('tolerance_md_forces0', {}).get('float64', '?')} eV/Å of fused_dynamics.",
     ]
+    if noisy:
+        out.append(
+            f"{MARK}: its timing rounds differed by more than {SPREAD:g}x (a contended machine);"
+            " the best round is shown."
+        )
     relax = data.get("relax", {})
     if relax:
         checks = sanity.get("relax", {})
@@ -205,7 +241,14 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--readme", type=Path, default=README)
     p.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
+    p.add_argument(
+        "--tracked-only",
+        action="store_true",
+        help="use only result files known to git (the README then matches a checkout)",
+    )
     args = p.parse_args()
+    if args.tracked_only:
+        TRACKED = tracked_results()
     new = rewrite(args.readme, render())
     if args.check:
         sys.exit(0 if new == args.readme.read_text() else 1)
