@@ -68,9 +68,10 @@ class PairPotential(Model):
         Neighbor-list path: the evaluation itself rebuilds (under ``lax.cond``, without storing
         the result) a list that is stale or out of date, so results are right even without a
         :class:`~fused_dynamics.models.neighbors.NeighborListHook` (which is what stores the
-        refreshed list and makes rebuilds rare). Under ``jax.vmap`` this check becomes a select
-        that builds on every evaluation: turn it off there when the hook and the run loop keep the
-        list fresh.
+        refreshed list and makes rebuilds rare). If such an unstored rebuild overflows, the
+        energies are NaN (the overflow flag could not reach the run loop). Under ``jax.vmap``
+        this check becomes a select that builds on every evaluation: turn it off there when the
+        hook and the run loop keep the list fresh.
     """
 
     # ``cutoff`` (Å) is given by each subclass, as a static field or a property; it is not declared
@@ -132,8 +133,13 @@ class PairPotential(Model):
                 f"{type(self).__name__}: batch.neighbors has cutoff {nl.cutoff} < the model's "
                 f"cutoff {self.cutoff}; allocate the list with the model's cutoff."
             )
+        lost = False
         if self.auto_refresh:
-            nl = nl.update(batch)
+            fresh = nl.update(batch)
+            # A rebuild here is not stored, so an overflow of it would never reach the run loop:
+            # make it loud (NaN energies) instead of silently missing pairs.
+            lost = fresh.overflow & ~nl.overflow
+            nl = fresh
         s = batch.max_systems
         d = nl.displacements(batch.positions, batch.cell, batch.system_idx)
         r2 = jnp.sum(d * d, axis=-1)
@@ -142,7 +148,8 @@ class PairPotential(Model):
         r = jnp.sqrt(jnp.where(ok, r2, 0.25 * self.cutoff**2))
         phi = jnp.where(ok, self.pair_energy(r), 0.0)
         weight = 1.0 if nl.half else 0.5
-        return segment.segment_sum(weight * phi, nl.pair_system(batch.system_idx, s), s)
+        energy = segment.segment_sum(weight * phi, nl.pair_system(batch.system_idx, s), s)
+        return jnp.where(lost, jnp.nan, energy)
 
     def with_images(self, batch: Batch) -> PairPotential:
         """A copy whose static image range covers every system of ``batch`` (host-side)."""
