@@ -299,7 +299,9 @@ def atoms_from_arrays(arrays: dict[str, np.ndarray], slots) -> list[ase.Atoms]:
         if "forces" in arrays:
             results["forces"] = np.asarray(arrays["forces"], np.float64)[sel]
         if "stress" in arrays:
-            results["stress"] = _voigt(np.asarray(arrays["stress"], np.float64)[slot])
+            stress = np.asarray(arrays["stress"], np.float64)[slot]
+            if np.all(np.isfinite(stress)):  # NaN: not computed in this run; leave it out
+                results["stress"] = _voigt(stress)
         if results:
             atoms.calc = SinglePointCalculator(atoms, **results)
         for key in ("system_id", "status", "exit_reason"):

@@ -266,9 +266,27 @@ class FusedStage(eqx.Module):
     def is_initialized(self, batch: Batch) -> bool:
         return len(batch.stage_state) == len(self.sub_stages) and "stage_steps" in batch.info
 
+    @property
+    def needs_stress(self) -> bool:
+        """Whether any sub-stage, criterion or hook reads the stress."""
+        uses = [st.needs_stress for st in self.stages]
+        for st in self.stages:
+            if st.convergence_hook is not None:
+                uses += [c.key == "stress" for c in st.convergence_hook.criteria]
+                uses.append(st.convergence_hook.custom_op is not None)
+        uses += [
+            "stress" in h.fields or getattr(h, "needs_stress", False) for h in self.all_hooks()
+        ]
+        return any(uses)
+
     def evaluate(self, batch: Batch) -> Batch:
-        """Evaluate the model once and write energy, forces and stress into the batch."""
-        out = self.model(batch)
+        """Evaluate the model once and write energy, forces and stress into the batch.
+
+        The stress is computed only when something reads it (:attr:`needs_stress`); else it is
+        NaN ("not computed"), and ``to_atoms`` and the sinks leave it out rather than report a
+        wrong number.
+        """
+        out = self.model(batch, stress=self.needs_stress)
         return batch.replace(energy=out.energy, forces=out.forces, stress=out.stress)
 
     # ------------------------------------------------------------------ the step

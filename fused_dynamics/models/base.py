@@ -49,20 +49,37 @@ class Model(eqx.Module):
         """Resolve host-side static choices for ``batch`` (default: none). Called eagerly."""
         return self
 
-    def __call__(self, batch: Batch) -> ModelOutput:
+    def __call__(self, batch: Batch, *, stress: bool = True) -> ModelOutput:
+        """Energy, forces and stress of every system (``stress=False``: NaN, "not computed").
+
+        The strain derivative costs about as much again as the forces, so the fused step asks
+        for it only when a sub-stage uses it (barostats, cell filters).
+        """
         # ``prepare`` runs here, eagerly, where it can look at concrete cells. Called eagerly,
         # the evaluation is compiled (one compilation per shape instead of slow op-by-op
         # dispatch); called while tracing (jit, vmap, grad), it is traced inline as it stands.
         model = self.prepare(batch)
         if isinstance(batch.positions, jax.core.Tracer):
-            return _evaluate(model, batch)
-        return _evaluate_jit(model, batch)
+            return _evaluate(model, batch, stress)
+        return _evaluate_jit(model, batch, stress)
 
 
-def _evaluate(model: Model, batch: Batch) -> ModelOutput:
+def _evaluate(model: Model, batch: Batch, with_stress: bool = True) -> ModelOutput:
     """Energy, forces (-dE/dr) and stress ((1/V) dE/dε) from one reverse pass."""
     s = batch.max_systems
     eye = jnp.eye(3, dtype=batch.dtype)
+    if not with_stress:
+
+        def energy_only(positions):
+            e = model.energy(batch.replace(positions=positions))
+            return jnp.sum(e), e
+
+        (_, energy), de_dr = jax.value_and_grad(energy_only, has_aux=True)(batch.positions)
+        return ModelOutput(
+            energy=jnp.where(batch.system_mask, energy, 0.0),
+            forces=jnp.where(batch.atom_mask[:, None], -de_dr, 0.0),
+            stress=jnp.full((s, 3, 3), jnp.nan, batch.dtype),  # "not computed"
+        )
 
     def total_energy(positions, strain):
         strain = 0.5 * (strain + jnp.swapaxes(strain, -1, -2))

@@ -126,6 +126,11 @@ class Stage(eqx.Module):
         }
 
     @property
+    def needs_stress(self) -> bool:
+        """Whether the stage reads ``batch.stress`` (barostats, cell filters)."""
+        return False
+
+    @property
     def is_optimizer(self) -> bool:
         """Whether the stage relaxes (and so converges by default when not last)."""
         return False

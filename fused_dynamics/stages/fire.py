@@ -113,6 +113,10 @@ class _FIREMixin:
     """Generalized coordinates, state handling and observables shared by FIRE and FIRE2."""
 
     @property
+    def needs_stress(self) -> bool:
+        return self.cell_filter is not None
+
+    @property
     def is_optimizer(self) -> bool:
         return True
 

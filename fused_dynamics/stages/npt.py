@@ -338,6 +338,10 @@ class NPT(Stage):
             h = h + _chain_energy(state.p_xi, state.xi, state.R, self.n_cell_dof, state.kT)
         return jnp.where(batch.system_mask, h, 0.0)
 
+    @property
+    def needs_stress(self) -> bool:
+        return True
+
     def observables(self, batch, state):
         out = super().observables(batch, state)
         out["conserved_energy"] = self.conserved_energy(batch, state)
