@@ -97,7 +97,9 @@ def check_against_ase(systems, batch, nl):
         ref = ase_pairs(atoms, nl.interaction_range)
         got = nl_pairs(nl, offset, len(atoms))
         if nl.half:  # each unordered pair once: with the reversed pairs it is ASE's full list
-            got |= {(j, i, tuple(-np.asarray(s))) for i, j, s in got}
+            reverse = {(j, i, tuple(-np.asarray(s))) for i, j, s in got}
+            assert not got & reverse, "a half list holds a pair in both directions"
+            got |= reverse
         assert got == ref, (sorted(ref - got)[:5], sorted(got - ref)[:5])
         offset += len(atoms)
 

@@ -576,8 +576,26 @@ def _positive_shift(t):
     return (t0 > 0) | ((t0 == 0) & ((t1 > 0) | ((t1 == 0) & (t2 > 0))))
 
 
+def _stencil(k: int, half: bool) -> np.ndarray:
+    """Bin offsets searched, (n, 3) int32. A half list needs the zero offset and the
+    lexicographically positive ones: the reverse of a pair found through offset ``o`` is found
+    through ``-o``, so each unordered pair is met exactly once (from the zero offset: ``i < j``).
+    """
+    offsets = np.array(list(itertools.product(range(-k, k + 1), repeat=3)), np.int32)
+    if half:
+        offsets = offsets[_positive_shift(offsets) | np.all(offsets == 0, axis=-1)]
+    return offsets
+
+
 def _build(nl: NeighborList, batch) -> NeighborList:
-    """Rebuild ``nl`` on ``batch`` with its static capacities (see the module docstring)."""
+    """Rebuild ``nl`` on ``batch`` with its static capacities (see the module docstring).
+
+    The loop over bin offsets stores one int32 code per pair, ``(offset, i, column)``, with one
+    scatter; the pairs' atoms and shifts are decoded from the codes afterwards (gathers of size
+    P). Distances use the positions wrapped into the cell, ``x = r - image @ C``, so that a
+    candidate costs one gather: ``d = x_j - x_i + wrap @ C``, ``wrap`` being the image shift of
+    the offset bin (the same for the whole row).
+    """
     n, s = batch.max_atoms, batch.max_systems
     k, p, m, b = nl.stencil, nl.capacity, nl.bin_capacity, nl.max_bins
     rc = nl.interaction_range
@@ -586,56 +604,70 @@ def _build(nl: NeighborList, batch) -> NeighborList:
     cell = jax.lax.stop_gradient(batch.cell)
     system_idx = batch.system_idx
     sys = jnp.minimum(system_idx, s - 1)
-    real = batch.atom_mask & (system_idx < s)
+    real = batch.atom_mask & (system_idx < s) & (geo["global_bin"] >= 0)
     table, occupancy = _bin_table(geo["global_bin"], n, b, m)
     n_atom = geo["n_bins"][sys]  # (N, 3)
     per = batch.pbc[sys]
     image = geo["image"]
     coord = geo["coord"]
-    offset = geo["offset"][sys]
+    first_bin = geo["offset"][sys]
     cell_i = cell[sys]  # (N, 3, 3)
+    x = pos - jnp.einsum("nk,nkl->nl", image.astype(pos.dtype), cell_i)  # wrapped (N, 3)
     atoms = jnp.arange(n, dtype=jnp.int32)
-    offsets = np.array(list(itertools.product(range(-k, k + 1), repeat=3)), np.int32)
+    offsets = _stencil(k, nl.half)
+    n_off = len(offsets)
     rc2 = rc * rc
+    if n_off * n * m >= 2**31 - 1:
+        raise ValueError(
+            f"NeighborList: {n_off} bin offsets x {n} atoms x {m} atoms per bin do not fit int32 "
+            "pair codes; use a smaller stencil or split the batch."
+        )
 
-    def body(carry, o):
-        senders, receivers, shifts, mask, count = carry
-        ub = coord + o  # unwrapped bin coordinates (N, 3)
-        wrapped = jnp.where(per, jnp.mod(ub, n_atom), ub)
-        wrap_shift = jnp.where(per, jnp.floor_divide(ub, n_atom), 0)
-        inside = jnp.all(per | ((ub >= 0) & (ub < n_atom)), axis=-1)
-        linear = (wrapped[:, 0] * n_atom[:, 1] + wrapped[:, 1]) * n_atom[:, 2] + wrapped[:, 2]
-        row = jnp.where(real & inside & (geo["global_bin"] >= 0), offset + linear, b)
-        row = jnp.where((row >= 0) & (row < b), row, b)
+    def rows(i, o):
+        """Table row of bin offset ``o`` from atom ``i`` and its image shift (any shape)."""
+        na = n_atom[i]
+        ub = coord[i] + o  # unwrapped bin coordinates
+        wrapped = jnp.where(per[i], jnp.mod(ub, na), ub)
+        wrap = jnp.where(per[i], jnp.floor_divide(ub, na), 0)
+        inside = jnp.all(per[i] | ((ub >= 0) & (ub < na)), axis=-1)
+        linear = (wrapped[..., 0] * na[..., 1] + wrapped[..., 1]) * na[..., 2] + wrapped[..., 2]
+        row = jnp.where(real[i] & inside, first_bin[i] + linear, b)
+        return jnp.where((row >= 0) & (row < b), row, b), wrap
+
+    def body(carry, index):
+        code, count = carry
+        o = jnp.asarray(offsets)[index]
+        row, wrap = rows(atoms, o)
         cand = table[row]  # (N, M)
         jc = jnp.minimum(cand, n - 1)
-        # shift applied to the stored (unwrapped) positions
-        shift = wrap_shift[:, None, :] + image[:, None, :] - image[jc]  # (N, M, 3)
-        d = pos[jc] - pos[:, None, :] + jnp.einsum("nmk,nkl->nml", shift.astype(pos.dtype), cell_i)
-        r2 = jnp.sum(d * d, axis=-1)
+        here = x - jnp.einsum("nk,nkl->nl", wrap.astype(pos.dtype), cell_i)
+        d = x[jc] - here[:, None, :]
+        keep = (cand < n) & (jnp.sum(d * d, axis=-1) < rc2)
+        zero = jnp.all(o == 0)
         i = atoms[:, None]
-        same = i == jc
-        keep = (cand < n) & (system_idx[jc] == system_idx[:, None]) & (r2 < rc2)
-        keep = keep & ~(same & jnp.all(shift == 0, axis=-1))
-        if nl.half:
-            keep = keep & ((i < jc) | (same & _positive_shift(shift)))
+        # from the zero offset: no self pair; a half list keeps i < j (the other offsets, which
+        # hold the self-images, each meet a pair from one side only)
+        keep = keep & ~(zero & ((i >= jc) if nl.half else (i == jc)))
         flat = keep.reshape(-1)
         slot = count + jnp.cumsum(flat, dtype=jnp.int32) - 1
         slot = jnp.where(flat & (slot < p), slot, p)  # out of range: dropped
-        senders = senders.at[slot].set(jnp.broadcast_to(i, keep.shape).reshape(-1), mode="drop")
-        receivers = receivers.at[slot].set(jc.reshape(-1), mode="drop")
-        shifts = shifts.at[slot].set(shift.reshape(-1, 3), mode="drop")
-        mask = mask.at[slot].set(True, mode="drop")
-        return (senders, receivers, shifts, mask, count + jnp.sum(flat, dtype=jnp.int32)), None
+        value = (index * n + i) * m + jnp.arange(m, dtype=jnp.int32)[None, :]
+        code = code.at[slot].set(value.reshape(-1), mode="drop")
+        return (code, count + jnp.sum(flat, dtype=jnp.int32)), None
 
-    init = (
-        jnp.full((p,), n, jnp.int32),
-        jnp.full((p,), n, jnp.int32),
-        jnp.zeros((p, 3), jnp.int32),
-        jnp.zeros((p,), bool),
-        jnp.zeros((), jnp.int32),
-    )
-    (senders, receivers, shifts, mask, count), _ = jax.lax.scan(body, init, jnp.asarray(offsets))
+    init = (jnp.full((p,), -1, jnp.int32), jnp.zeros((), jnp.int32))
+    (code, count), _ = jax.lax.scan(body, init, jnp.arange(n_off, dtype=jnp.int32))
+    # decode the pairs
+    mask = code >= 0
+    c = jnp.maximum(code, 0)
+    index, rest = c // (n * m), c % (n * m)
+    i, column = rest // m, rest % m
+    row, wrap = rows(i, jnp.asarray(offsets)[index])
+    j = table[row, column]
+    j_ok = jnp.minimum(j, n - 1)
+    shifts = jnp.where(mask[:, None], wrap + image[i] - image[j_ok], 0)
+    senders = jnp.where(mask, i, n).astype(jnp.int32)
+    receivers = jnp.where(mask, j, n).astype(jnp.int32)
     now = jnp.stack([count, occupancy, geo["bins_total"], geo["stencil_needed"]])
     # bins_total <= b always (per-system caps); checked anyway so that nothing is dropped silently
     over = (count > p) | (occupancy > m) | (geo["bins_total"] > b) | (geo["stencil_needed"] > k)
