@@ -11,8 +11,8 @@ they are stored (not wrapped), so a pair's displacement is continuous while atom
 the stress, depends on the (strained) cell. Pairs never cross systems. Unused slots hold
 ``senders == receivers == N`` (the atom capacity, a sentinel that ``segment_sum(...,
 num_segments=N)`` drops) and zero shifts. With ``half=True`` each unordered pair is stored once
-(``i < j``, or ``i == j`` with a lexicographically positive shift); pair potentials sum it with
-weight 1. The full list (both directions) is what message-passing models consume.
+(in one direction or the other; pair potentials sum it with weight 1). The full list (both
+directions) is what message-passing models consume. Pairs are ordered by bin offset, then atom.
 
 Construction (``build``) is a cell list per system, all systems at once with static shapes:
 
@@ -24,17 +24,19 @@ Construction (``build``) is a cell list per system, all systems at once with sta
    fit a table of ``2 N + S`` rows with ``bin_capacity`` atom slots each, a contiguous range per
    system;
 2. atoms are sorted by bin (their rank in the bin is their column in the table);
-3. for each of the ``(2 stencil + 1)^3`` bin offsets, every atom reads the ``bin_capacity``
-   atoms of the offset bin (wrapped with an image shift along periodic directions, so a cell
-   smaller than the cutoff is seen through several images), keeps those within
-   ``cutoff + skin`` and appends them to the list at the running count.
+3. for each of the ``(2 stencil + 1)^3`` bin offsets (about half of them for a half list: the
+   reverse of a pair met through offset ``o`` is met through ``-o``), every atom reads the
+   ``bin_capacity`` atoms of the offset bin (wrapped with an image shift along periodic
+   directions, so a cell smaller than the cutoff is seen through several images), keeps those
+   within ``cutoff + skin`` and appends them to the list at the running count (a cumulative sum
+   and one scatter of an int32 code per candidate; atoms and shifts are decoded at the end).
 
-Work and memory are ``O(N (2 stencil + 1)^3 bin_capacity + P)``: linear in the number of atoms
-for a fixed density. Every capacity is static; whatever does not fit (pairs, atoms per bin, bins,
-a cell too small for the stencil) sets the sticky ``overflow`` flag instead of being dropped
-silently, and records what was needed so that :meth:`NeighborList.grown` can size the next try.
-The run loops (``FusedStage.run``, inflight chunks) see the flag after a run, call ``grown()``,
-warn, and run again from the same start.
+Work and memory are ``O(N (2 stencil + 1)^3 bin_capacity + N log N + P)`` (the log from sorting
+atoms by bin): linear in the number of atoms for a fixed density. Every capacity is static;
+whatever does not fit (pairs, atoms per bin, a cell too thin for the stencil) sets the sticky
+``overflow`` flag instead of being dropped silently, and records what was needed so that
+:meth:`NeighborList.grown` can size the next try. The run loops (``FusedStage.run``, inflight
+chunks) see the flag after a run, call ``grown()``, warn, and run again from the same start.
 
 Rebuild criterion (:meth:`NeighborList.needs_rebuild`): a pair within ``cutoff`` now was within
 ``cutoff + skin`` at the last build if, for every system,
@@ -121,6 +123,8 @@ class NeighborList(eqx.Module):
         Static. Atom slots per bin.
     margin : float
         Static. Head room :meth:`allocate` and :meth:`grown` give over a measured need.
+    blind_growths : int
+        Static. Growths in a row that no recorded need explained (see :meth:`grown`).
     """
 
     senders: jax.Array
@@ -142,6 +146,7 @@ class NeighborList(eqx.Module):
     stencil: int = eqx.field(static=True, default=1)
     bin_capacity: int = eqx.field(static=True, default=8)
     margin: float = eqx.field(static=True, default=1.15)
+    blind_growths: int = eqx.field(static=True, default=0)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -306,7 +311,9 @@ class NeighborList(eqx.Module):
         - stencil: what the thinnest cell needed, when that was more;
         - when no recorded need explains the overflow (it happened in a run started from this
           list, whose own builds were fine, and ``seen`` is not given), the atoms per bin grow by
-          ``factor`` too.
+          ``factor`` too, and from the second such blind growth in a row on, the stencil by one
+          (a cell that became thinner than the stencil allows is the remaining cause, so that
+          repeated growth always ends).
 
         Every other field is kept (the rebuild counter continues).
 
@@ -333,11 +340,12 @@ class NeighborList(eqx.Module):
             or needed[_OCCUPANCY] > occ
             or needed[_STENCIL] > self.stencil
         )
+        blind = 0 if known else self.blind_growths + 1
         if needed[_OCCUPANCY] > occ:
             occ = max(_ceil(m * needed[_OCCUPANCY]) + 2, occ + 1)
         elif not known:
             occ = _ceil(factor * occ)
-        stencil = max(self.stencil, int(needed[_STENCIL]))
+        stencil = max(self.stencil + (blind >= 2), int(needed[_STENCIL]))
         lead = self.senders.shape[:-1]
         n = int(self.reference_positions.shape[-2])
         return dataclasses.replace(
@@ -350,6 +358,7 @@ class NeighborList(eqx.Module):
             stale=jnp.ones_like(self.stale),
             stencil=stencil,
             bin_capacity=occ,
+            blind_growths=blind,
         )
 
     # ------------------------------------------------------------------ refresh
