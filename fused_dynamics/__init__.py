@@ -27,7 +27,7 @@ from .hooks import (
     WrapPeriodicHook,
 )
 from .inflight import RunStats
-from .models import ModelOutput
+from .models import ModelOutput, NeighborList, NeighborListHook
 from .observables import initialize_velocities, kinetic_energy, temperature
 from .sampling import SizeAwareSampler
 from .sinks import ExtXYZSink, HostMemory, ZarrSink, read_zarr
@@ -74,6 +74,8 @@ __all__ = [
     "Hook",
     "HookData",
     "ModelOutput",
+    "NeighborList",
+    "NeighborListHook",
     "NVE",
     "NPH",
     "NPT",

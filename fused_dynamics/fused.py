@@ -504,7 +504,7 @@ class FusedStage(eqx.Module):
             out = fn(fused, batch, jnp.asarray(limit, jnp.int32), bool(resume), max_steps)
             if not overflowed(out):
                 return out
-            batch = grow_neighbors(batch)  # and run again from the same start
+            batch = grow_neighbors(batch, out)  # and run again from the same start
 
 
 def overflowed(batch: Batch) -> bool:
@@ -515,11 +515,14 @@ def overflowed(batch: Batch) -> bool:
     return bool(np.any(np.asarray(nl.overflow)))
 
 
-def grow_neighbors(batch: Batch) -> Batch:
-    """The batch with a larger neighbor list (one recompilation), with a warning."""
+def grow_neighbors(batch: Batch, out: Batch | None = None) -> Batch:
+    """The batch with a larger neighbor list (one recompilation), with a warning.
+
+    ``out`` is the batch the overflowing run returned: its list recorded what was needed.
+    """
     import warnings
 
-    grown = batch.neighbors.grown()
+    grown = batch.neighbors.grown(seen=None if out is None else out.neighbors)
     warnings.warn(
         f"fused_dynamics: the neighbor list overflowed its capacity; grown to "
         f"{grown.capacity} pairs and re-run from the last good state (one recompilation).",
@@ -585,6 +588,8 @@ def _init_impl(fused, batch: Batch) -> Batch:
         stage_state=tuple(stage.init_state(batch) for _, stage in fused.sub_stages),
         info=info,
     )
+    if batch.neighbors is not None:  # a rebuild for the priming evaluation is kept ([S6])
+        batch = batch.replace(neighbors=batch.neighbors.update(batch))
     return fused.evaluate(batch)
 
 

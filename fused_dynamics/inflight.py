@@ -86,7 +86,7 @@ def _run_chunk(fused, batch, limit: int, step: int):
         out = _CHUNK(fused, batch, jnp.int32(limit), jnp.int32(step))
         if not overflowed(out[0]):
             return out
-        batch = grow_neighbors(batch)
+        batch = grow_neighbors(batch, out[0])
 
 
 def _admit(fused, batch: Batch, new: jax.Array) -> Batch:
@@ -110,10 +110,30 @@ def _admit(fused, batch: Batch, new: jax.Array) -> Batch:
     for k, v in batch.info.items():
         info[k] = pick_systems(info[k], v) if k in info else v
     changes["info"] = info
+    if fresh.neighbors is not None:  # refreshed by fused.init for the new atoms
+        changes["neighbors"] = fresh.neighbors
     return batch.replace(**changes)
 
 
-_ADMIT = jax.jit(_admit)
+_ADMIT_JIT = jax.jit(_admit)
+
+
+def _ADMIT(fused, batch: Batch, new) -> Batch:
+    """The compiled admission; on a neighbor-list overflow, grow it and admit again."""
+    from .fused import grow_neighbors, overflowed
+
+    while True:
+        out = _ADMIT_JIT(fused, batch, new)
+        if not overflowed(out):
+            return out
+        batch = grow_neighbors(batch, out)
+
+
+def attach_neighbors(model, batch: Batch, cells=None, pbc=None) -> Batch:
+    """``batch`` with a neighbor list if ``model`` sums over one and the batch has none."""
+    if batch.neighbors is not None or getattr(model, "skin", None) is None:
+        return batch
+    return model.attach_neighbors(batch, cells=cells, pbc=pbc)
 
 
 def _initialize(fused, batch: Batch) -> Batch:
@@ -196,7 +216,8 @@ def run_inflight(fused, sampler, refill_frequency: int, sinks, dtype=None, stats
     stats = RunStats() if stats is None else stats
     t0 = time.perf_counter()
     cache0 = _CHUNK._cache_size()
-    fused = fused.prepare_for_cells(*sampler.cells())
+    cells, pbc = sampler.cells()
+    fused = fused.prepare_for_cells(cells, pbc)
 
     def report_rejected():
         frames = _rejected_frames(sampler.take_rejected())
@@ -206,6 +227,7 @@ def run_inflight(fused, sampler, refill_frequency: int, sinks, dtype=None, stats
 
     report_rejected()
     batch = sampler.initial_batch(dtype)
+    batch = attach_neighbors(fused.model, batch, cells, pbc)
     batch = _initialize(fused, batch)
     step = 0
     while True:

@@ -1,6 +1,8 @@
 """Energy models: ``model(batch) -> ModelOutput(energy, forces, stress)``."""
 
+from . import neighbors
 from .base import Model, ModelOutput
+from .neighbors import NeighborList, NeighborListHook
 from .pair import LennardJones, Morse, PairPotential, SoftSphere, required_images
 
 __all__ = [
@@ -11,4 +13,7 @@ __all__ = [
     "Morse",
     "SoftSphere",
     "required_images",
+    "neighbors",
+    "NeighborList",
+    "NeighborListHook",
 ]
