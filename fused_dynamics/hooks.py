@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .batch import HOST_FIELDS
+
 __all__ = [
     "DynamicsStage",
     "ExitReason",
@@ -425,17 +427,8 @@ class LoggingHook(Hook):
             w.writerow(row)
 
 
-_FRAME_FIELDS = (
-    "positions",
-    "velocities",
-    "masses",
-    "atomic_numbers",
-    "forces",
-    "system_idx",
-    "cell",
-    "pbc",
-    "energy",
-    "stress",
+# what a snapshot needs: the batch fields of an ase.Atoms (status and system_id are always sent)
+_FRAME_FIELDS = tuple(f for f in HOST_FIELDS if f not in ("status", "system_id")) + (
     "exit_reason",
     "stage_steps",
 )
