@@ -286,10 +286,9 @@ StageConfig = Annotated[
 ]
 
 
-class LennardJonesConfig(_Section):
-    type: Literal["lennard_jones"]
-    sigma: PositiveFloat = Field(description="Å")
-    epsilon: PositiveFloat = Field(description="eV")
+class _CutoffPairConfig(_Section):
+    """Keys shared by the pair potentials with a cutoff."""
+
     cutoff: PositiveFloat = Field(description="Å")
     switch_onset: PositiveFloat | None = None
     shift: bool = True
@@ -300,19 +299,17 @@ class LennardJonesConfig(_Section):
     )
 
 
-class MorseConfig(_Section):
+class LennardJonesConfig(_CutoffPairConfig):
+    type: Literal["lennard_jones"]
+    sigma: PositiveFloat = Field(description="Å")
+    epsilon: PositiveFloat = Field(description="eV")
+
+
+class MorseConfig(_CutoffPairConfig):
     type: Literal["morse"]
     D: PositiveFloat = Field(description="eV")
     alpha: PositiveFloat = Field(description="1/Å")
     r0: PositiveFloat = Field(description="Å")
-    cutoff: PositiveFloat = Field(description="Å")
-    switch_onset: PositiveFloat | None = None
-    shift: bool = True
-    images: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] | None = Field(
-        None,
-        description="periodic image shifts along each cell vector (default: from the first "
-        "cells; give it for variable-cell runs whose cells shrink)",
-    )
 
 
 class SoftSphereConfig(_Section):
