@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
 import jax
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def block(x):
@@ -45,3 +47,17 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=True))
     return path
+
+
+def git_state() -> dict:
+    """Commit of the working tree measured, and the files of the package changed from it."""
+
+    def git(*cmd):
+        proc = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT)
+        return proc.stdout.strip()
+
+    changed = git("status", "--porcelain", "--", "fused_dynamics")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "fused_dynamics_changed": [line[3:] for line in changed.splitlines()],
+    }

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,29 +40,14 @@ from ase import Atoms  # noqa: E402
 from ase.build import bulk  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import save  # noqa: E402
+from _common import git_state, save  # noqa: E402
 
 import fused_dynamics as fd  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 A_FCC = 5.26
 CUTOFF = 6.0
 A_CAP = 128  # atoms per system slot: the same static shape for the warm-up and the run
 PRIMITIVE_SHAPES = [(4, 4, 4), (4, 4, 5), (4, 5, 5), (5, 5, 5)]  # 64, 80, 100, 125 atoms
-
-
-def git_state() -> dict:
-    """Commit of the working tree measured, and the files of the package changed from it."""
-
-    def git(*cmd):
-        proc = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT)
-        return proc.stdout.strip()
-
-    changed = git("status", "--porcelain", "--", "fused_dynamics")
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "fused_dynamics_changed": [line[3:] for line in changed.splitlines()],
-    }
 
 
 def dataset(n: int, seed: int = 0) -> list[Atoms]:

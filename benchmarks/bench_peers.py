@@ -67,7 +67,7 @@ from ase.cluster import Icosahedron  # noqa: E402
 from ase.md.velocitydistribution import Stationary, thermalize_momenta  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import save  # noqa: E402
+from _common import git_state, save  # noqa: E402
 
 SIGMA, EPSILON, CUTOFF = 3.405, 0.0104, 8.5
 MASS = 39.948
@@ -945,20 +945,6 @@ def _ratios_and_sanity(result, n_relax):
         ok &= good
     result["sanity"]["relax"] = checks
     result["sanity"]["ok"] = bool(ok)
-
-
-def git_state() -> dict:
-    """Commit of the working tree measured, and the files of the package changed from it."""
-
-    def git(*cmd):
-        proc = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT)
-        return proc.stdout.strip()
-
-    changed = git("status", "--porcelain", "--", "fused_dynamics")
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "fused_dynamics_changed": [line[3:] for line in changed.splitlines()],
-    }
 
 
 def _version_in(python: Path, dist: str) -> str | None:

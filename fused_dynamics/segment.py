@@ -12,10 +12,6 @@ import jax
 import jax.numpy as jnp
 
 
-def _num_systems(system_idx_or_s) -> int:
-    return int(system_idx_or_s)
-
-
 def segment_sum(x: jax.Array, system_idx: jax.Array, num_systems: int) -> jax.Array:
     """Sum a per-atom array over the atoms of each system.
 
