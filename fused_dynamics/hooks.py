@@ -169,7 +169,7 @@ def _gather_fields(hook: Hook, batch, ctx: HookContext) -> dict[str, Any]:
     for name in hook.fields:
         if name in batch.info:
             out[name] = batch.info[name]
-        elif hasattr(batch, name) and name not in ("fields",):
+        elif hasattr(batch, name):
             out[name] = getattr(batch, name)
         else:
             derived = ctx.fields(batch) if derived is None else derived
