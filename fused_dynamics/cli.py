@@ -9,16 +9,31 @@ Commands
 ``fused-dynamics inspect OUTPUT``
     Summarise an output file (extxyz, or a zarr store): systems, exit reasons, energies.
 
-Exit codes: 0 success; 2 a bad configuration or input (the message names the key and what to
-fix); 1 a failure while running; 130 interrupted.
+Outputs never destroy work: an output (or report) path that exists is refused before anything
+compiles, unless ``--overwrite`` (an extxyz file or a report file is replaced; a directory,
+such as a zarr store, never is) or ``--resume`` (the systems already written, by ``system_id``,
+are skipped and the rest appended; a last extxyz frame cut short by a kill is moved aside to
+``<path>.incomplete-tail``, never deleted). Ctrl-C and SIGTERM stop the run between two
+writes: every output then holds the same systems, each record complete.
+
+Systems that fail (``exit_reason`` FAILED: a non-finite or too large quantity), are rejected
+(they cannot be run) or are written with non-finite values are listed in a warning on stderr
+and in the summary; the exit code stays 0 unless ``--strict`` is given, then it is 1.
+
+Exit codes: 0 success; 2 a bad configuration or input, or an output path that exists (the
+message names the key and what to do); 1 a failure while running, or with ``--strict`` some
+system failed or was rejected; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 
 ``python -m fused_dynamics.cli ...`` works as well as the console script.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +43,17 @@ import typer
 
 from .config import ConfigError, RunConfig, load_config
 
-__all__ = ["app", "execute", "RunResult", "summarize_output", "EXIT_OK", "EXIT_CONFIG", "EXIT_RUN"]
+__all__ = [
+    "app",
+    "execute",
+    "plan_outputs",
+    "OutputPlan",
+    "RunResult",
+    "summarize_output",
+    "EXIT_OK",
+    "EXIT_CONFIG",
+    "EXIT_RUN",
+]
 
 EXIT_OK, EXIT_RUN, EXIT_CONFIG = 0, 1, 2
 
@@ -48,7 +73,12 @@ def _err(msg: str) -> None:
 # ============================================================================ running
 @dataclass
 class RunResult:
-    """What :func:`execute` did."""
+    """What :func:`execute` did.
+
+    ``problems`` lists the systems that need attention: ``{"system_id", "kind"}`` with kind
+    ``"failed"`` (plus ``failure`` names and ``failure_step``), ``"rejected"`` or
+    ``"non-finite"`` (written with non-finite values but not marked failed).
+    """
 
     config: RunConfig
     outputs: list[Path]
@@ -59,6 +89,8 @@ class RunResult:
     stats: Any = None
     record: Any = None
     extra: dict = field(default_factory=dict)
+    problems: list = field(default_factory=list)
+    skipped: int = 0
 
 
 def configure_jax(cfg: RunConfig) -> None:
@@ -87,18 +119,79 @@ def configure_jax(cfg: RunConfig) -> None:
             )
 
 
-class TeeSink:
-    """Write every system to each of ``sinks`` (a run's outputs are copies, not overflow)."""
+# ============================================================================ interrupts
+class _Interrupts:
+    """Turns SIGINT and SIGTERM into KeyboardInterrupt, never in the middle of a write.
 
-    def __init__(self, sinks):
+    While :meth:`deferred` is active (a write to the outputs), a signal is remembered and
+    raised when the write is complete, so every output holds the same systems and every
+    record is whole.
+    """
+
+    def __init__(self):
+        self.depth = 0
+        self.pending: int | None = None
+        self.installed = False
+
+    def _handler(self, signum, frame):
+        if self.depth:
+            self.pending = signum
+            return
+        raise KeyboardInterrupt(signum)
+
+    @contextlib.contextmanager
+    def installed_handlers(self):
+        """Install the handlers (main thread only; elsewhere a no-op)."""
+        try:
+            old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread
+            yield
+            return
+        self.installed, self.pending = True, None
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.installed = False
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise KeyboardInterrupt(signum)
+
+
+_INTERRUPTS = _Interrupts()
+
+
+class TeeSink:
+    """Write every system to each of ``sinks`` (a run's outputs are copies, not overflow).
+
+    ``written[k]`` is the set of ids sink ``k`` holds already (a resumed output): a system is
+    written only to the sinks that lack it. A write is never cut by Ctrl-C or SIGTERM (see
+    :class:`_Interrupts`).
+    """
+
+    def __init__(self, sinks, written=None):
         self.sinks = list(sinks)
+        self.written = [set(w) for w in written] if written else [set() for _ in self.sinks]
 
     def has_room(self, n: int = 1) -> bool:
         return all(s.has_room(n) for s in self.sinks)
 
     def write(self, atoms_list) -> None:
-        for s in self.sinks:
-            s.write(atoms_list)
+        with _INTERRUPTS.deferred():
+            for sink, done in zip(self.sinks, self.written, strict=True):
+                new = [a for a in atoms_list if a.info.get("system_id") not in done]
+                if new:
+                    sink.write(new)
+                    done.update(a.info.get("system_id") for a in new)
 
     def __len__(self) -> int:
         return min(len(s) for s in self.sinks)
@@ -112,26 +205,240 @@ def _output_path(path: str, base_dir: Path) -> Path:
     return (base_dir / os.path.expanduser(path)).resolve()
 
 
-def _make_sinks(cfg: RunConfig, base_dir: Path):
-    import shutil
+# ============================================================================ output plan
+@dataclass
+class OutputPlan:
+    """One path a run writes, and what the run will do with it.
 
+    Attributes
+    ----------
+    key : str
+        The configuration key that names it (``outputs[0].path``, ``stages[0].write``,
+        ``report.plot``).
+    path : Path
+    kind : str
+        ``"extxyz"``, ``"zarr"``, ``"plot"`` or ``"record"``.
+    action : str
+        ``"new"`` (does not exist), ``"overwrite"`` (an existing file, replaced), ``"resume"``
+        (append to it) or ``"keep"`` (an existing report file left alone on resume).
+    written : set of int
+        Ids of the systems it holds (resume).
+    complete, size : int
+        extxyz resume: bytes up to the last complete frame, and of the file.
+    capacity : int or None
+    stage : int or None
+        For ``stages[i].write``: i.
+    """
+
+    key: str
+    path: Path
+    kind: str
+    action: str = "new"
+    written: set = field(default_factory=set)
+    complete: int = 0
+    size: int = 0
+    capacity: int | None = None
+    stage: int | None = None
+
+
+def _existing_ids(p: OutputPlan) -> None:
+    """Fill ``p.written`` (and the extxyz byte counts) from an existing output."""
+    from .sinks import read_extxyz_ids, zarr_ids
+
+    where = f"{p.key}: cannot resume {os.fspath(p.path)!r}"
+    try:
+        if p.kind == "zarr":
+            ids = zarr_ids(p.path)
+        else:
+            ids, p.complete, p.size = read_extxyz_ids(p.path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    missing = [k for k, i in enumerate(ids) if i is None]
+    if missing:
+        raise ConfigError(
+            f"{where}: frame {missing[0]} has no system_id (not an output of fused-dynamics); "
+            "choose another path"
+        )
+    p.written = set(ids)
+
+
+def _plan_one(p: OutputPlan, overwrite: bool, resume: bool) -> None:
+    path, key = p.path, p.key
+    where = f"{key}: {os.fspath(path)!r}"
+    directory_kind = p.kind == "zarr"
+    if path.is_dir() and not directory_kind:
+        raise ConfigError(
+            f"{where} is an existing directory; a directory is never deleted or replaced by an "
+            "output, even with --overwrite: give a file path"
+        )
+    if path.exists() or path.is_symlink():
+        if directory_kind and not path.is_dir():
+            raise ConfigError(f"{where} exists and is not a zarr store (a directory)")
+        if p.kind in ("plot", "record"):
+            if resume:
+                p.action = "keep"
+            elif overwrite:
+                p.action = "overwrite"
+            else:
+                raise ConfigError(
+                    f"{where} exists; give --overwrite to replace it, or choose another path"
+                )
+        elif resume:
+            p.action = "resume"
+            _existing_ids(p)
+        elif overwrite and not directory_kind:
+            p.action = "overwrite"
+        elif overwrite:
+            raise ConfigError(
+                f"{where} exists and is a zarr store, a directory: it is never deleted, even "
+                "with --overwrite; give --resume to continue it, or choose another path"
+            )
+        else:
+            raise ConfigError(
+                f"{where} exists (an earlier run?); give --resume to skip the systems it holds "
+                "and append the rest, or --overwrite to replace it"
+                + (" (a zarr store cannot be overwritten)" if directory_kind else "")
+                + ", or choose another path"
+            )
+    from .sinks import check_writable
+
+    try:
+        check_writable(path)
+    except PermissionError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def plan_outputs(
+    cfg: RunConfig,
+    base_dir: str | os.PathLike = ".",
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    inputs=(),
+) -> list[OutputPlan]:
+    """Check every path the run writes before anything compiles, and say what happens to it.
+
+    Outputs (``outputs[i].path``), stage outputs (``stages[i].write``) and report files
+    (``report.plot``, ``report.record``) are checked: no two the same, none an input file,
+    none an existing directory (unless a zarr store being resumed), an existing path only with
+    ``overwrite`` or ``resume``, and every folder writable (a probe file is created and
+    removed; folders are created).
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, the path and what to do.
+    """
+    from .config import output_format
+
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume exclude each other; give one of them")
+    base_dir = Path(base_dir)
+    plans = [
+        OutputPlan(
+            f"outputs[{i}].path", _output_path(o.path, base_dir), o.type, capacity=o.capacity
+        )
+        for i, o in enumerate(cfg.outputs)
+    ]
+    for i, st in enumerate(cfg.stages):
+        if st.write is not None:
+            path = _output_path(st.write, base_dir)
+            plans.append(OutputPlan(f"stages[{i}].write", path, output_format(st.write), stage=i))
+    for kind in ("plot", "record"):
+        value = getattr(cfg.report, kind)
+        if value:
+            plans.append(OutputPlan(f"report.{kind}", _output_path(value, base_dir), kind))
+    seen: dict[Path, str] = {}
+    inputs = {Path(f).resolve(): None for f in inputs}
+    for p in plans:
+        if p.path in seen:
+            raise ConfigError(f"{p.key} and {seen[p.path]} are the same path {os.fspath(p.path)!r}")
+        if p.path in inputs:
+            raise ConfigError(
+                f"{p.key}: {os.fspath(p.path)!r} is an input structure file; an output never "
+                "replaces an input: choose another path"
+            )
+        seen[p.path] = p.key
+        _plan_one(p, overwrite, resume)
+    return plans
+
+
+def _metadata(cfg: RunConfig) -> dict:
+    """What every output records about the run: the configuration and the command line."""
+    return {
+        "run_config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
+        "command_line": " ".join(sys.argv),
+    }
+
+
+def _open_sink(p: OutputPlan, cfg: RunConfig, echo):
+    """The sink of one planned output (an incomplete extxyz tail is moved aside first)."""
     import fused_dynamics as fd
 
-    sinks, paths = [], []
-    for i, o in enumerate(cfg.outputs):
-        p = _output_path(o.path, base_dir)
-        try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()  # the extxyz sink appends: start from an empty file
-            cls = fd.ExtXYZSink if o.type == "extxyz" else fd.ZarrSink
-            sinks.append(cls(p, capacity=o.capacity))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"outputs[{i}].path: cannot write {os.fspath(p)!r}: {exc}") from exc
-        paths.append(p)
-    return sinks, paths
+    from .sinks import set_aside_tail
+
+    if p.action == "resume" and p.kind == "extxyz" and p.complete < p.size:
+        side = set_aside_tail(p.path, p.complete)
+        echo(
+            f"{p.key}: the last frame of {os.fspath(p.path)!r} was cut short (a killed run); "
+            f"its {p.size - p.complete} bytes were moved to {side!r}"
+        )
+    mode = {"new": "x", "overwrite": "w", "resume": "a"}[p.action]
+    cls = fd.ExtXYZSink if p.kind == "extxyz" else fd.ZarrSink
+    try:
+        return cls(p.path, capacity=p.capacity, mode=mode, metadata=_metadata(cfg))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{p.key}: cannot write {os.fspath(p.path)!r}: {exc}") from exc
+
+
+# ============================================================================ problems
+def _problems(record) -> list[dict]:
+    """The systems of a run that need attention, from its record of what was written."""
+    from .hooks import ExitReason
+
+    out = []
+    for r in record.left:
+        reason = r["exit_reason"]
+        if reason == ExitReason.FAILED:
+            out.append(
+                {
+                    "system_id": r["system_id"],
+                    "kind": "failed",
+                    "failure": r.get("failure") or "unknown",
+                    "failure_step": r.get("failure_step"),
+                }
+            )
+        elif reason == ExitReason.REJECTED:
+            out.append({"system_id": r["system_id"], "kind": "rejected", "why": r.get("why")})
+        elif not r.get("finite", True):
+            out.append({"system_id": r["system_id"], "kind": "non-finite"})
+    return out
+
+
+def _describe_problems(problems: list[dict], limit: int = 20) -> list[str]:
+    """Lines of a warning: how many failed / were rejected / are non-finite, and which."""
+    lines = []
+    for kind, what in (
+        ("failed", "FAILED (left the run with exit_reason failed)"),
+        ("non-finite", "written with NaN or inf values but not marked failed"),
+        ("rejected", "REJECTED (could not be run)"),
+    ):
+        rows = [p for p in problems if p["kind"] == kind]
+        if not rows:
+            continue
+        lines.append(f"warning: {len(rows)} system(s) {what}:")
+        for p in rows[:limit]:
+            if kind == "failed":
+                step = p["failure_step"]
+                at = f" at step {step}" if step is not None and step >= 0 else ""
+                lines.append(f"  system {p['system_id']}: {p['failure']}{at}")
+            elif kind == "rejected":
+                lines.append(f"  system {p['system_id']}: {p['why']}")
+            else:
+                lines.append(f"  system {p['system_id']}")
+        if len(rows) > limit:
+            lines.append(f"  ... and {len(rows) - limit} more (fused-dynamics inspect lists them)")
+    return lines
 
 
 def execute(
@@ -139,23 +446,49 @@ def execute(
     base_dir: str | os.PathLike = ".",
     *,
     echo=print,
+    warn=None,
     title: str | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> RunResult:
     """Run a validated configuration: build, run inflight, write outputs, summary and plot.
 
-    Raises :class:`~fused_dynamics.config.ConfigError` for problems found before the run
-    starts (unreadable structures, a model or stage that rejects its parameters, a capacity
-    no structure fits, an unavailable device); anything else comes from the run itself.
+    Parameters
+    ----------
+    cfg : RunConfig
+    base_dir : path
+        Relative paths of the configuration are resolved against it.
+    echo, warn : callable
+        Where progress lines (stdout) and warnings (default: stderr) go.
+    title : str, optional
+    overwrite : bool
+        Replace existing output and report *files* (never a directory).
+    resume : bool
+        Continue existing outputs: the systems they hold (by ``system_id``) are skipped and the
+        rest appended; existing report files are kept.
+
+    Raises
+    ------
+    ConfigError
+        For problems found before the run starts (an output path that exists or cannot be
+        written, unreadable structures, a model or stage that rejects its parameters, a
+        capacity no structure fits, an unavailable device); anything else comes from the run.
     """
     t0, c0 = time.perf_counter(), time.process_time()
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
     base_dir = Path(base_dir)
+    from . import config as C
+
+    plans = plan_outputs(
+        cfg, base_dir, overwrite=overwrite, resume=resume, inputs=cfg.structures.files(base_dir)
+    )
     configure_jax(cfg)
     import fused_dynamics as fd
 
-    from . import config as C
+    from .inflight import StageExitWriter, run_inflight
     from .plotting import RecorderHook, RecordingSink, RunRecord, plot_run, summary_table
 
-    structures = C.load_structures(cfg, base_dir)
+    structures, sources = C.load_structures_with_sources(cfg, base_dir)
     model = C.build_model(cfg)
     stages = C.build_stages(cfg, model)
     cap = cfg.capacity
@@ -166,6 +499,8 @@ def execute(
             max_systems=cap.max_systems,
             max_atoms_per_system=cap.max_atoms_per_system,
             sort_by_size=cap.sort_by_size,
+            id_key=cfg.structures.id_key,
+            sources=sources,
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"structures/capacity: {exc}") from exc
@@ -174,12 +509,19 @@ def execute(
             f"capacity: no structure fits max_atoms={cap.max_atoms} (the largest has "
             f"{int(sampler.sizes.max())} atoms); raise capacity.max_atoms"
         )
-    sinks, out_paths = _make_sinks(cfg, base_dir)
-    plot_path = _output_path(cfg.report.plot, base_dir) if cfg.report.plot else None
-    record_path = _output_path(cfg.report.record, base_dir) if cfg.report.record else None
-    for p in (plot_path, record_path):
-        if p is not None:
-            p.parent.mkdir(parents=True, exist_ok=True)
+    outputs = [p for p in plans if p.key.startswith("outputs")]
+    stage_plans = [p for p in plans if p.stage is not None]
+    skipped = 0
+    if resume:
+        done = set.intersection(*(p.written for p in outputs))
+        skipped = sampler.skip(done)
+        foreign = sorted(set.union(*(p.written for p in outputs)) - set(sampler.ids.tolist()))
+        if foreign:
+            warn(
+                f"warning: the outputs hold {len(foreign)} system(s) that are not in the "
+                f"structures (ids {foreign[:10]}{' ...' if len(foreign) > 10 else ''}); kept"
+            )
+        echo(f"resuming: {skipped} systems already written are skipped, {len(sampler)} to run")
 
     names = [type(s).__name__ for s in stages]
     import jax
@@ -197,30 +539,53 @@ def execute(
         names,
         [s.is_optimizer for s in stages],
         max_systems=cap.max_systems,
-        total=len(structures),
+        total=len(sampler) + len(sampler.rejected),
         progress=cfg.report.progress,
         targets=targets,
         budgets=[sc.n_steps for sc in cfg.stages],
         record_every=cfg.report.record_every,
     )
     recorder = RecorderHook(record, every_n_steps=cfg.report.record_every)
-    fused = C.build_fused(cfg, model, hooks=(recorder,))
-
-    stats = fd.RunStats()
-    dtype = {"float32": jax.numpy.float32, "float64": jax.numpy.float64}[cfg.dtype]
-    t_run = time.perf_counter()
+    sinks = []
+    writers = []
     try:
-        fused.run(
-            sampler=sampler,
-            refill_frequency=cfg.refill_frequency,
-            sinks=[RecordingSink(TeeSink(sinks), record)],
+        sinks = [_open_sink(p, cfg, echo) for p in outputs]
+        for p in stage_plans:
+            sink = TeeSink([_open_sink(p, cfg, echo)], [p.written])
+            sinks.append(sink)
+            writers.append(
+                StageExitWriter(
+                    p.stage,
+                    p.stage + 1,
+                    sink,
+                    annotate=sampler.annotate,
+                    stage_type=cfg.stages[p.stage].type,
+                )
+            )
+        fused = C.build_fused(
+            cfg, model, hooks=(recorder,), first_hooks=[w.hook() for w in writers]
+        )
+        fused = _with_stress(cfg, fused)
+        stats = fd.RunStats()
+        dtype = {"float32": jax.numpy.float32, "float64": jax.numpy.float64}[cfg.dtype]
+        tee = TeeSink(sinks[: len(outputs)], [p.written for p in outputs])
+        t_run = time.perf_counter()
+        run_inflight(
+            fused,
+            sampler,
+            cfg.refill_frequency,
+            [RecordingSink(tee, record)],
             dtype=dtype,
             stats=stats,
+            listeners=writers,
         )
     finally:
         record.close()
+        for sink in sinks:
+            sink.close()
     run_time = time.perf_counter() - t_run
     record.wall_time = run_time
+    problems = _problems(record)
     if cfg.report.summary:
         echo("")
         echo(summary_table(record, run_time))
@@ -230,31 +595,61 @@ def execute(
             f"slot utilisation {stats.utilization:.0%}, {stats.compilations} compilation(s) "
             "of the step"
         )
-    if record_path is not None:
-        record.write_csv(record_path)
-    if plot_path is not None:
-        plot_run(
-            record,
-            plot_path,
-            title=title
-            and f"{title}: {len(record.left)} systems, {stats.steps} fused steps, {run_time:.1f} s",
-        )
-    for p in out_paths:
-        echo(f"wrote {p}")
-    for p in (plot_path, record_path):
-        if p is not None:
-            echo(f"wrote {p}")
-    echo(f"look inside: fused-dynamics inspect {out_paths[0]}")
+        for line in _describe_problems(problems):
+            echo(line)
+    report_paths = {p.kind: p for p in plans if p.kind in ("plot", "record")}
+    written_reports = []
+    for kind, p in report_paths.items():
+        if p.action == "keep":
+            echo(f"{p.key}: kept the existing {os.fspath(p.path)!r} (not rewritten on --resume)")
+            continue
+        if kind == "record":
+            record.write_csv(p.path)
+        else:
+            plot_run(
+                record,
+                p.path,
+                title=title
+                and f"{title}: {len(record.left)} systems, {stats.steps} fused steps, "
+                f"{run_time:.1f} s",
+            )
+        written_reports.append(p.path)
+    for p in outputs + stage_plans:
+        echo(f"wrote {p.path}")
+    for path in written_reports:
+        echo(f"wrote {path}")
+    echo(f"look inside: fused-dynamics inspect {outputs[0].path}")
+    if problems:
+        for line in _describe_problems(problems):
+            warn(line)
+    plot = report_paths.get("plot")
     return RunResult(
         config=cfg,
-        outputs=out_paths,
-        plot=plot_path,
+        outputs=[p.path for p in outputs],
+        plot=None if plot is None or plot.action == "keep" else plot.path,
         wall_time=time.perf_counter() - t0,
         run_time=run_time,
         cpu_time=time.process_time() - c0,
         stats=stats,
         record=record,
+        problems=problems,
+        skipped=skipped,
     )
+
+
+def _with_stress(cfg: RunConfig, fused):
+    """The fused stage computing the stress at every step when an output asks for it."""
+    asked = [i for i, o in enumerate(cfg.outputs) if o.stress]
+    if not asked:
+        return fused
+    with_stress = getattr(fused, "with_stress", None)
+    if with_stress is None:
+        raise ConfigError(
+            f"outputs[{asked[0]}].stress: this version of fused_dynamics cannot be asked to "
+            "compute the stress always; remove the key (the stress is written whenever a "
+            "stage computes it)"
+        )
+    return with_stress()
 
 
 def _guarded(fn, debug: bool) -> None:
@@ -264,9 +659,14 @@ def _guarded(fn, debug: bool) -> None:
     except ConfigError as exc:
         _err(f"error: {exc}")
         raise typer.Exit(EXIT_CONFIG) from None
-    except KeyboardInterrupt:
-        _err("interrupted")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        _err(
+            f"interrupted ({signal.Signals(signum).name}): the outputs hold every system "
+            "written so far, each record complete; run the same command with --resume to "
+            "continue"
+        )
+        raise typer.Exit(128 + int(signum)) from None
     except typer.Exit:
         raise
     except Exception as exc:  # a failure of the run itself
@@ -278,6 +678,33 @@ def _guarded(fn, debug: bool) -> None:
 
 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of a failure.")]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace output and report files that exist (a directory, such as a zarr store, "
+        "is never deleted).",
+    ),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue outputs that exist: skip the systems they hold (by system_id) and "
+        "append the rest.",
+    ),
+]
+StrictOpt = Annotated[
+    bool,
+    typer.Option("--strict", help="Exit with code 1 when some system failed or was rejected."),
+]
+
+
+def _finish(result: RunResult, strict: bool) -> None:
+    """Exit 1 under --strict when some system needs attention (listed already)."""
+    if strict and result.problems:
+        _err(f"error: --strict: {len(result.problems)} system(s) failed or were rejected")
+        raise typer.Exit(EXIT_RUN)
 
 
 @app.command()
@@ -289,25 +716,40 @@ def run(
         bool, typer.Option("--validate-only", help="Check the configuration and stop.")
     ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    strict: StrictOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Run the job described by CONFIG (structures, model, stages, capacity, outputs).
 
-    The configuration is validated before anything is compiled; relative paths in it are
-    resolved against its folder. Exit code 2 means the configuration or an input needs fixing
-    (the message names the key), 1 that the run failed.
+    The configuration and every output path are checked before anything is compiled;
+    relative paths in it are resolved against its folder. An output that exists is refused
+    unless --overwrite or --resume. Exit code 2 means the configuration, an input or an output
+    path needs fixing (the message names the key), 1 that the run failed (or, with --strict,
+    that some system failed), 130/143 that it was interrupted (outputs stay consistent:
+    continue with --resume).
     """
 
     def go():
         cfg, base = load_config(config)
         if validate_only:
+            plan_outputs(
+                cfg,
+                base,
+                overwrite=overwrite,
+                resume=resume,
+                inputs=cfg.structures.files(base),
+            )
             typer.echo(f"{config}: valid ({len(cfg.stages)} stages, {len(cfg.outputs)} outputs)")
             return
         if no_progress:
             cfg = cfg.model_copy(
                 update={"report": cfg.report.model_copy(update={"progress": False})}
             )
-        execute(cfg, base, echo=typer.echo)
+        with _INTERRUPTS.installed_handlers():
+            result = execute(cfg, base, echo=typer.echo, overwrite=overwrite, resume=resume)
+        _finish(result, strict)
 
     _guarded(go, debug)
 
@@ -327,13 +769,16 @@ def demo(
         ),
     ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    strict: StrictOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Relax (FIRE) then simulate (NVT Langevin) a few hundred generated argon structures.
 
     One FusedStage with inflight refill; writes OUTPUT_DIR/demo.extxyz and OUTPUT_DIR/demo.png
-    and prints a summary table. About a minute on two CPU cores; --quick takes seconds after
-    compilation.
+    (refused if they exist, unless --overwrite or --resume) and prints a summary table. About
+    a minute on two CPU cores; --quick takes seconds after compilation.
     """
     from .demo import demo_config, run_demo
 
@@ -343,7 +788,16 @@ def demo(
             typer.echo(f"wrote {save_config}")
             return
         t0, c0 = time.perf_counter(), time.process_time()
-        run_demo(quick=quick, output_dir=output_dir, progress=not no_progress, echo=typer.echo)
+        with _INTERRUPTS.installed_handlers():
+            result = run_demo(
+                quick=quick,
+                output_dir=output_dir,
+                progress=not no_progress,
+                echo=typer.echo,
+                overwrite=overwrite,
+                resume=resume,
+            )
+        _finish(result, strict)
         typer.echo(
             f"demo finished in {time.perf_counter() - t0:.1f} s wall, "
             f"{time.process_time() - c0:.1f} s CPU (this process, after imports)"
@@ -362,6 +816,11 @@ def _save_config(cfg: dict, path: Path) -> None:
         text = _to_toml(cfg)
     else:
         raise ConfigError(f"--save-config: unknown format {suffix!r}; allowed: .yaml, .yml, .toml")
+    if path.exists():
+        raise ConfigError(
+            f"--save-config: {os.fspath(path)!r} exists; it is never overwritten: choose another "
+            "path"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 

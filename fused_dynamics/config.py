@@ -43,12 +43,46 @@ Example (TOML)::
     [[outputs]]                  # every output receives every system
     type = "extxyz"              # extxyz | zarr
     path = "outputs/run.extxyz"
+    # stress = true              # always compute the stress, so every system carries it
 
     [report]
     plot = "outputs/run.png"
 
 Relative paths are resolved against the folder of the configuration file. Units are the
 package's (ASE's): Å, eV, amu, fs, K, eV/Å³.
+
+Keys about outputs and inputs
+-----------------------------
+``structures.id_key``
+    Take each structure's ``system_id`` from ``atoms.info[id_key]`` (an integer, unique,
+    ``0 <= id < 2**31 - 1``) instead of its position in the list of structures. Random
+    streams (Langevin noise, Maxwell–Boltzmann velocities) are keyed by the ``system_id``, so
+    with an ``id_key`` removing or reordering structures does not change the trajectories of
+    the others. Only with ``path``.
+``outputs[i].path``
+    A file (extxyz) or a store (zarr, a directory). A path that exists is refused unless the
+    command line says ``--overwrite`` (an extxyz file is replaced) or ``--resume`` (the
+    systems already in it are skipped and the rest appended). A directory is never deleted or
+    replaced, so a zarr store can be resumed but not overwritten. Every output folder is
+    checked for writability (a probe file is created and removed) before anything compiles.
+``outputs[i].stress``
+    ``true``: compute the stress at every step so every written system carries it (it costs
+    about as much as the forces). Without it the stress is written only when a stage, a
+    criterion or a hook needs it (NPT, NPH, variable-cell FIRE), and left out otherwise.
+``stages[i].write``
+    A path (``.extxyz``/``.xyz``, or ``.zarr``): each system is written there as it leaves
+    this stage, converged or out of budget, with its structure, energy and forces at that
+    moment (``info["stage"] = i``; ``exit_reason`` says how it left the stage). For a chain
+    that relaxes then simulates, ``write`` on the relaxation stage keeps the minima. The same
+    rules as for ``outputs`` apply (refused if it exists, ``--overwrite``, ``--resume``).
+``report.plot``, ``report.record``
+    Refused if they exist, unless ``--overwrite``; with ``--resume`` an existing one is kept
+    and not rewritten.
+
+What every written system carries is described in :mod:`fused_dynamics.sinks` and
+:mod:`fused_dynamics.provenance` (the input's ``info`` and per-atom arrays, ``source_file``,
+``source_index``, ``system_id``, ``exit_reason`` and ``exit_reason_name``, ``failure`` and
+``failure_step`` for failed systems, units, the package version and the configuration).
 """
 
 from __future__ import annotations
@@ -83,6 +117,8 @@ __all__ = [
     "build_stages",
     "build_fused",
     "load_structures",
+    "load_structures_with_sources",
+    "output_format",
     "npt_classes",
     "ThermalizeOnEntryHook",
 ]
@@ -144,6 +180,17 @@ class _StageBase(_Section):
     entry_temperature: float | None = Field(
         None, ge=0, description="K, for entry_velocities = 'thermal'"
     )
+    write: str | None = Field(
+        None,
+        description="write each system here as it leaves this stage (.extxyz, .xyz or .zarr)",
+    )
+
+    @field_validator("write")
+    @classmethod
+    def _write_format(cls, v: str | None) -> str | None:
+        if v is not None:
+            output_format(v)
+        return v
 
     def has_criterion(self) -> bool:
         return self.fmax is not None or bool(self.criteria)
@@ -157,6 +204,7 @@ class _StageBase(_Section):
             "criteria",
             "entry_velocities",
             "entry_temperature",
+            "write",
         }
         return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
 
@@ -343,6 +391,11 @@ class StructuresConfig(_Section):
     rattle: float = Field(0.15, ge=0, description="generate: Gaussian noise on positions (Å)")
     max_size: PositiveInt = Field(32, description="generate: largest structure (atoms)")
     seed: int | None = Field(None, description="generate: default is the run's seed")
+    id_key: str | None = Field(
+        None,
+        description="path: take each system_id (and so its random stream) from "
+        "atoms.info[id_key] instead of the structure's position",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> StructuresConfig:
@@ -354,7 +407,7 @@ class StructuresConfig(_Section):
         misplaced = sorted(
             (self.model_fields_set & {"count", "rattle", "max_size", "seed"})
             if self.path is not None
-            else (self.model_fields_set & {"index", "format"})
+            else (self.model_fields_set & {"index", "format", "id_key"})
         )
         if misplaced:
             other = "generate" if self.path is not None else "path"
@@ -397,18 +450,7 @@ class OutputConfig(_Section):
     type: Literal["extxyz", "zarr"]
     path: str
     capacity: PositiveInt | None = None
-
-    @field_validator("path")
-    @classmethod
-    def _writable(cls, v: str, info: ValidationInfo) -> str:
-        folder = os.path.dirname(_abs(v, info)) or "."
-        # the folder is created if missing; refuse only when it cannot be
-        probe = folder
-        while probe and not os.path.exists(probe):
-            probe = os.path.dirname(probe)
-        if probe and (not os.path.isdir(probe) or not os.access(probe, os.W_OK)):
-            raise ValueError(f"cannot write {v!r}: {probe!r} is not a writable folder")
-        return v
+    stress: bool = Field(False, description="always compute the stress and write it")
 
 
 class ReportConfig(_Section):
@@ -609,30 +651,78 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
     return "\n".join(lines)
 
 
+def output_format(path: str) -> str:
+    """``"extxyz"`` or ``"zarr"`` from a path's suffix; ValueError for any other suffix."""
+    suffix = os.path.splitext(path.rstrip("/"))[1].lower()
+    if suffix in (".extxyz", ".xyz"):
+        return "extxyz"
+    if suffix == ".zarr":
+        return "zarr"
+    raise ValueError(
+        f"cannot tell the format of {path!r} from its suffix {suffix!r}; allowed: .extxyz, "
+        ".xyz, .zarr"
+    )
+
+
 # ============================================================================ building
 def load_structures(cfg: RunConfig, base_dir: str | os.PathLike = ".") -> list:
     """The structures a configuration names, as a list of ``ase.Atoms``.
 
     Raises :class:`ConfigError` when a file cannot be read or holds no structure.
     """
+    return load_structures_with_sources(cfg, base_dir)[0]
+
+
+def _frame_numbers(index: str, n: int) -> list[int]:
+    """The frame numbers an ase.io ``index`` string selects from a file of ``n`` frames."""
+    from ase.io.formats import string2index
+
+    sel = string2index(index)
+    frames = list(range(n))
+    return [frames[sel]] if isinstance(sel, int) else frames[sel]
+
+
+def load_structures_with_sources(
+    cfg: RunConfig, base_dir: str | os.PathLike = "."
+) -> tuple[list, list[tuple[str | None, int]]]:
+    """The structures and, for each, ``(file, frame index in that file)``.
+
+    Generated structures have no file: ``(None, i)``. The frame index counts every frame of
+    the file, also those that ``structures.index`` leaves out.
+
+    Raises
+    ------
+    ConfigError
+        A file cannot be read, an index selects nothing valid, or no structure at all.
+    """
     s = cfg.structures
     if s.generate is not None:
         from .demo import make_structures
 
         seed = cfg.seed if s.seed is None else s.seed
-        return make_structures(s.count, seed=seed, rattle=s.rattle, max_size=s.max_size)
+        made = make_structures(s.count, seed=seed, rattle=s.rattle, max_size=s.max_size)
+        return made, [(None, i) for i in range(len(made))]
     import ase.io
 
-    out = []
+    out, sources = [], []
     for f in s.files(base_dir):
         try:
-            frames = ase.io.read(f, index=s.index, format=s.format)
+            frames = ase.io.read(f, index=":", format=s.format)
         except Exception as exc:  # ase raises many kinds
             raise ConfigError(f"structures.path: cannot read {f!r} with ase.io: {exc}") from exc
-        out.extend(frames if isinstance(frames, list) else [frames])
+        frames = frames if isinstance(frames, list) else [frames]
+        try:
+            keep = _frame_numbers(s.index, len(frames))
+        except (ValueError, IndexError) as exc:
+            raise ConfigError(
+                f"structures.index: {s.index!r} does not select frames of {f!r} "
+                f"({len(frames)} frames): {exc}"
+            ) from None
+        out.extend(frames[k] for k in keep)
+        sources.extend((f, k) for k in keep)
     if not out:
         raise ConfigError(f"structures.path: {s.path!r} holds no structure.")
-    return out
+    return out, sources
 
 
 def build_model(cfg: RunConfig):
@@ -702,8 +792,12 @@ def build_stages(cfg: RunConfig, model=None) -> list:
     return stages
 
 
-def build_fused(cfg: RunConfig, model=None, hooks=()):
-    """The :class:`~fused_dynamics.FusedStage` of a configuration (with ``hooks`` fused-level)."""
+def build_fused(cfg: RunConfig, model=None, hooks=(), first_hooks=()):
+    """The :class:`~fused_dynamics.FusedStage` of a configuration.
+
+    ``first_hooks`` are fused-level hooks placed before the ones the configuration makes
+    (thermalisation on entry), ``hooks`` after them.
+    """
     import jax
 
     import fused_dynamics as fd
@@ -723,5 +817,7 @@ def build_fused(cfg: RunConfig, model=None, hooks=()):
         if t is not None:
             entry.append(ThermalizeOnEntryHook(code=i, temperature=t, seed=cfg.seed + 1000 + i))
     return fd.FusedStage(
-        list(enumerate(stages)), init_fn=init_fn, hooks=tuple(entry) + tuple(hooks)
+        list(enumerate(stages)),
+        init_fn=init_fn,
+        hooks=tuple(first_hooks) + tuple(entry) + tuple(hooks),
     )

@@ -144,8 +144,14 @@ def run_demo(
     output_dir: str | os.PathLike = "outputs",
     progress: bool = True,
     echo=print,
+    overwrite: bool = False,
+    resume: bool = False,
 ):
-    """Run the demo; returns the :class:`~fused_dynamics.cli.RunResult`."""
+    """Run the demo; returns the :class:`~fused_dynamics.cli.RunResult`.
+
+    Outputs that exist in ``output_dir`` are refused (``ConfigError``) unless ``overwrite``
+    (replace the files) or ``resume`` (skip the systems already written).
+    """
     from .cli import execute
     from .config import validate_config
 
@@ -153,11 +159,12 @@ def run_demo(
     if not progress:
         cfg = cfg.model_copy(update={"report": cfg.report.model_copy(update={"progress": False})})
     title = "fused_dynamics demo" + (" (--quick)" if quick else "")
-    return execute(cfg, Path("."), echo=echo, title=title)
+    return execute(cfg, Path("."), echo=echo, title=title, overwrite=overwrite, resume=resume)
 
 
 def main(argv=None) -> int:
-    """``python -m fused_dynamics.demo [--quick] [--output-dir DIR] [--no-progress]``."""
+    """``python -m fused_dynamics.demo [--quick] [--output-dir DIR] [--no-progress] [--overwrite]
+    [--resume]``."""
     p = argparse.ArgumentParser(
         prog="python -m fused_dynamics.demo",
         description="fused_dynamics demo: FIRE -> NVT Langevin over argon structures, inflight.",
@@ -165,12 +172,14 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a small run for tests")
     p.add_argument("--output-dir", default="outputs", help="where to write (default: outputs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    p.add_argument("--resume", action="store_true", help="continue outputs that exist")
     args = p.parse_args(argv)
     from .cli import app
 
     cmd = ["demo", "--output-dir", args.output_dir]
-    cmd += ["--quick"] if args.quick else []
-    cmd += ["--no-progress"] if args.no_progress else []
+    for flag in ("quick", "no_progress", "overwrite", "resume"):
+        cmd += [f"--{flag.replace('_', '-')}"] if getattr(args, flag) else []
     try:
         app(cmd, prog_name="fused-dynamics")
     except SystemExit as exc:

@@ -16,15 +16,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .batch import HOST_FIELDS, Batch, atoms_from_arrays, empty_host_arrays, write_system
-from .hooks import ExitReason
+from .hooks import DynamicsStage, ExitReason, Hook
+from .provenance import name_exit_reason
 
-__all__ = ["RunStats", "run_inflight", "write_graduated"]
+__all__ = ["RunStats", "StageExitHook", "StageExitWriter", "run_inflight", "write_graduated"]
+
+# bookkeeping of the run loop that outputs carry (when the engine keeps it)
+_INFO_OUT = ("exit_reason", "stage_steps", "failure", "failure_step")
 
 _ATOM_FIELDS = ("positions", "velocities", "masses", "atomic_numbers", "forces")
 
@@ -78,13 +84,23 @@ def _chunk(fused, batch, limit, start):
 _CHUNK = jax.jit(_chunk)
 
 
-def _run_chunk(fused, batch, limit: int, step: int):
-    """One compiled chunk; on a neighbor-list overflow, grow it and redo the chunk."""
+def _run_chunk(fused, batch, limit: int, step: int, listeners=()):
+    """One compiled chunk; on a neighbor-list overflow, grow it and redo the chunk.
+
+    ``listeners`` (see :class:`StageExitWriter`) collect frames from host callbacks during the
+    chunk: they are told to ``discard()`` them when the chunk is redone and to ``commit()``
+    them once it is kept, so nothing computed by a discarded chunk is ever written.
+    """
     from .fused import grow_neighbors, overflowed
 
     while True:
         out = _CHUNK(fused, batch, jnp.int32(limit), jnp.int32(step))
-        if not overflowed(out[0]):
+        done = not overflowed(out[0])
+        if listeners:
+            jax.effects_barrier()  # every host callback of the chunk has run
+        for listener in listeners:
+            listener.commit() if done else listener.discard()
+        if done:
             return out
         batch = grow_neighbors(batch, out[0])
 
@@ -149,13 +165,24 @@ def _initialize(fused, batch: Batch) -> Batch:
     return _ADMIT(fused, blank, batch.system_mask)
 
 
-def write_graduated(host, slots, sinks) -> int:
-    """Write the systems in ``slots`` of a host batch to the first sink with room each ([S15])."""
+def host_arrays(host) -> dict:
+    """The fields of a host batch that :func:`~fused_dynamics.batch.atoms_from_arrays` reads."""
+    arrays = {k: getattr(host, k) for k in HOST_FIELDS}
+    arrays.update({k: host.info[k] for k in _INFO_OUT if k in host.info})
+    return arrays
+
+
+def write_graduated(host, slots, sinks, annotate=None) -> int:
+    """Write the systems in ``slots`` of a host batch to the first sink with room each ([S15]).
+
+    Each frame gets ``exit_reason_name``; ``annotate(frames)`` (a sampler's
+    :meth:`~fused_dynamics.SizeAwareSampler.annotate`) adds the input's provenance.
+    """
     if len(slots) == 0:
         return 0
-    arrays = {k: getattr(host, k) for k in HOST_FIELDS}
-    arrays.update({k: host.info[k] for k in ("exit_reason", "stage_steps") if k in host.info})
-    frames = atoms_from_arrays(arrays, slots)
+    frames = [name_exit_reason(a) for a in atoms_from_arrays(host_arrays(host), slots)]
+    if annotate is not None:
+        frames = annotate(frames)
     write_to_sinks(frames, sinks)
     return len(frames)
 
@@ -195,43 +222,85 @@ def _repack(host: Batch, keep: np.ndarray) -> tuple[dict, int]:
     return arrays, offset
 
 
-def _rejected_frames(rejected) -> list:
+def _rejected_frames(rejected, annotate=None) -> list:
+    """Frames of rejected systems: the input structure, ``exit_reason`` REJECTED and why."""
+    import ase
+
     frames = []
-    for i, atoms, why in rejected:
-        import ase
+    for sid, atoms, why in rejected:
+        a = ase.Atoms()
+        if atoms is not None:  # the input's atoms; its info and arrays come with annotate
+            a = ase.Atoms(
+                numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc
+            )
+            if atoms.has("masses"):
+                a.set_masses(atoms.get_masses())
+        a.info.update(system_id=int(sid), exit_reason=int(ExitReason.REJECTED), rejected=why)
+        frames.append(name_exit_reason(a))
+    return annotate(frames) if annotate is not None else frames
 
-        a = ase.Atoms() if atoms is None else atoms.copy()
-        a.calc = None
-        a.info.update(system_id=i, exit_reason=int(ExitReason.REJECTED), rejected=why)
-        frames.append(a)
-    return frames
 
+def run_inflight(
+    fused, sampler, refill_frequency: int, sinks, dtype=None, stats=None, listeners=()
+):
+    """Drive ``fused`` over a sampler's dataset with in-place refill; see the module docstring.
 
-def run_inflight(fused, sampler, refill_frequency: int, sinks, dtype=None, stats=None):
-    """Drive ``fused`` over a sampler's dataset with in-place refill; see the module docstring."""
+    Parameters
+    ----------
+    fused : FusedStage
+    sampler : SizeAwareSampler
+        Its :meth:`~fused_dynamics.SizeAwareSampler.annotate`, when it has one, adds each
+        input's provenance to the frames written.
+    refill_frequency : int
+        Steps per compiled chunk.
+    sinks : list of sinks
+        Each system goes to the first with room. They are closed when the run ends, also by
+        an exception or an interrupt.
+    dtype : float dtype, optional
+    stats : RunStats, optional
+    listeners : sequence of StageExitWriter
+        Told to commit what their hooks collected after each kept chunk (see
+        :func:`_run_chunk`).
+
+    Returns
+    -------
+    RunStats
+    """
     if refill_frequency < 1:
         raise ValueError(f"refill_frequency must be >= 1, got {refill_frequency}.")
     if not sinks:
         raise ValueError("An inflight run needs at least one sink to write systems to.")
     stats = RunStats() if stats is None else stats
+    try:
+        return _run_inflight(fused, sampler, refill_frequency, sinks, dtype, stats, listeners)
+    finally:
+        for sink in sinks:
+            sink.close()
+
+
+def _run_inflight(fused, sampler, refill_frequency, sinks, dtype, stats, listeners):
     t0 = time.perf_counter()
     cache0 = _CHUNK._cache_size()
-    cells, pbc = sampler.cells()
-    fused = fused.prepare_for_cells(cells, pbc)
+    annotate = getattr(sampler, "annotate", None)
 
     def report_rejected():
-        frames = _rejected_frames(sampler.take_rejected())
+        frames = _rejected_frames(sampler.take_rejected(), annotate)
         write_to_sinks(frames, sinks)
         stats.rejected += len(frames)
         stats.written += len(frames)
 
     report_rejected()
+    if sampler.exhausted:  # nothing left to run (every system written before, or rejected)
+        stats.wall_time = time.perf_counter() - t0
+        return stats
+    cells, pbc = sampler.cells()
+    fused = fused.prepare_for_cells(cells, pbc)
     batch = sampler.initial_batch(dtype)
     batch = attach_neighbors(fused.model, batch, cells, pbc)
     batch = _initialize(fused, batch)
     step = 0
     while True:
-        batch, taken, active = _run_chunk(fused, batch, refill_frequency, step)
+        batch, taken, active = _run_chunk(fused, batch, refill_frequency, step, listeners)
         host = jax.device_get(batch)
         taken = int(taken)
         step += taken
@@ -240,7 +309,7 @@ def run_inflight(fused, sampler, refill_frequency: int, sinks, dtype=None, stats
         stats.slot_steps_active += int(active)
         stats.slot_steps_total += taken * host.max_systems
         done = np.asarray(host.system_mask) & (np.asarray(host.status) == fused.exit_status)
-        stats.written += write_graduated(host, np.flatnonzero(done), sinks)
+        stats.written += write_graduated(host, np.flatnonzero(done), sinks, annotate)
         keep = np.asarray(host.system_mask) & ~done
         report_rejected()
         if sampler.exhausted and not keep.any():
@@ -266,8 +335,6 @@ def run_inflight(fused, sampler, refill_frequency: int, sinks, dtype=None, stats
             batch = _ADMIT(fused, batch, jnp.asarray(new))
     stats.compilations = _CHUNK._cache_size() - cache0
     stats.wall_time = time.perf_counter() - t0
-    for sink in sinks:
-        sink.close()
     return stats
 
 
@@ -308,3 +375,102 @@ def run_streaming(fused, batch, n_steps, refill_frequency, sinks, resume, stats=
     stats.compilations = _CHUNK._cache_size() - cache0
     stats.wall_time = time.perf_counter() - t0
     return batch
+
+
+# ============================================================================ stage outputs
+class StageExitWriter:
+    """Writes each system as it leaves one sub-stage (converged or out of budget).
+
+    The frames hold the structure, energy, forces and velocities at the moment the system
+    left the stage, and in ``info``: ``stage`` (the sub-stage index), ``stage_type``,
+    ``exit_reason`` (``CONVERGED`` or ``BUDGET``: how it left *that stage*, with
+    ``exit_reason_name``), ``step`` (the fused step), ``stage_steps`` and the input's
+    provenance. Systems that fail in the stage are not written here (they leave the run with
+    exit reason FAILED and go to the run's outputs).
+
+    Frames are collected by a :class:`StageExitHook` during a compiled chunk and written by
+    :meth:`commit` once the chunk is kept (a chunk redone after a neighbor-list overflow is
+    :meth:`discard`-ed), so what is written always comes from the kept trajectory.
+
+    Parameters
+    ----------
+    stage : int
+        Index of the sub-stage in the fused stage.
+    next_code : int
+        Status of a system that left it (``fused.next_code(stage)``).
+    sink : sink
+        Where the frames go (``write(list[ase.Atoms])``).
+    annotate : callable, optional
+        ``annotate(frames)``: adds the input's provenance (a sampler's ``annotate``).
+    stage_type : str, optional
+        Written as ``info["stage_type"]`` (e.g. ``"fire"``).
+    """
+
+    def __init__(self, stage: int, next_code: int, sink, annotate=None, stage_type=None):
+        self.stage = int(stage)
+        self.next_code = int(next_code)
+        self.sink = sink
+        self.annotate = annotate
+        self.stage_type = stage_type
+        self.pending: list = []
+        self.written = 0
+
+    def hook(self) -> StageExitHook:
+        """The fused-level hook that collects this writer's frames."""
+        return StageExitHook(writer=self, next_code=self.next_code)
+
+    def collect(self, step, arrays: dict) -> None:
+        """Host callback: keep the frames of the systems that left the stage this step."""
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        slots = np.flatnonzero(arrays.pop("left"))
+        converged = arrays.pop("converged")
+        frames = atoms_from_arrays(arrays, slots)
+        for slot, a in zip(slots, frames, strict=True):
+            reason = ExitReason.CONVERGED if converged[slot] else ExitReason.BUDGET
+            a.info.pop("status", None)
+            a.info.update(exit_reason=int(reason), stage=self.stage, step=int(step))
+            if self.stage_type is not None:
+                a.info["stage_type"] = self.stage_type
+            name_exit_reason(a)
+        self.pending.extend(frames)
+
+    def commit(self) -> None:
+        """Write what was collected (called after a chunk is kept)."""
+        frames, self.pending = self.pending, []
+        if frames and self.annotate is not None:
+            frames = self.annotate(frames)
+        if frames:
+            self.sink.write(frames)
+            self.written += len(frames)
+
+    def discard(self) -> None:
+        """Forget what was collected (the chunk is being redone)."""
+        self.pending = []
+
+
+class StageExitHook(Hook):
+    """Sends the systems leaving a sub-stage to a :class:`StageExitWriter` (``ON_CONVERGE``).
+
+    The host callback runs only in steps in which some system left the stage (a
+    ``lax.cond`` on the step report), so it costs one reduction in the other steps.
+    """
+
+    writer: Any = eqx.field(static=True)
+    next_code: int = eqx.field(static=True)
+    stage: DynamicsStage = eqx.field(static=True, default=DynamicsStage.ON_CONVERGE, kw_only=True)
+
+    def apply(self, batch, ctx):
+        report = ctx.report
+        left = (
+            batch.system_mask
+            & (report.converged | report.budget_spent)
+            & (batch.status == self.next_code)
+        )
+
+        def send(b):
+            payload = host_arrays(b)
+            payload.update(left=left, converged=report.converged)
+            jax.debug.callback(self.writer.collect, ctx.step, payload, ordered=True)
+
+        jax.lax.cond(jnp.any(left), send, lambda b: None, batch)
+        return batch

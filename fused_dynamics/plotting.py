@@ -125,6 +125,10 @@ class RunRecord:
             energy = np.nan
             if a.calc is not None and "energy" in getattr(a.calc, "results", {}):
                 energy = float(a.calc.results["energy"])
+            finite = bool(np.isfinite(a.positions).all()) and not np.isnan(energy)
+            if a.calc is not None and "forces" in getattr(a.calc, "results", {}):
+                finite = finite and bool(np.isfinite(a.calc.results["forces"]).all())
+            step = info.get("failure_step")
             self.left.append(
                 {
                     "system_id": int(info.get("system_id", -1)),
@@ -132,6 +136,10 @@ class RunRecord:
                     "stage_steps": list(info.get("stage_steps", [])),
                     "n_atoms": len(a),
                     "energy": energy,
+                    "finite": finite and bool(np.isfinite(energy) or len(a) == 0),
+                    "failure": info.get("failure") or None,
+                    "failure_step": None if step is None else int(step),
+                    "why": info.get("rejected"),
                 }
             )
             self.left_steps.append(self.last_step)

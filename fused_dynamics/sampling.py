@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import ase
 import ase.io
@@ -16,6 +16,8 @@ from .batch import Batch, _validate_atoms
 __all__ = ["SizeAwareSampler"]
 
 log = logging.getLogger("fused_dynamics")
+
+_ID_MAX = np.iinfo(np.int32).max  # Batch.system_id is int32; -1 marks an empty slot
 
 
 def _load(dataset) -> Sequence[ase.Atoms]:
@@ -37,6 +39,52 @@ def _load(dataset) -> Sequence[ase.Atoms]:
     return dataset
 
 
+def _where(i: int, sources) -> str:
+    """``frame 3 of 'a.extxyz'`` or ``structure 3``: how an error names an input."""
+    file, frame = sources[i]
+    return f"frame {frame} of {file!r}" if file is not None else f"structure {i}"
+
+
+def ids_from_key(dataset, id_key: str, sources) -> np.ndarray:
+    """Each structure's ``atoms.info[id_key]`` as a system id, checked.
+
+    Raises
+    ------
+    ValueError
+        A structure without the key, a value that is not an integer in ``[0, 2**31 - 1)``,
+        or an id used twice; the message names the frame (and its file).
+    """
+    ids = np.empty(len(dataset), np.int64)
+    first: dict[int, int] = {}
+    for i in range(len(dataset)):
+        info = dataset[i].info
+        if id_key not in info:
+            raise ValueError(
+                f"SizeAwareSampler: id_key={id_key!r}: {_where(i, sources)} has no "
+                f"info[{id_key!r}]; every structure needs one (an integer id)."
+            )
+        value = info[id_key]
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise ValueError(
+                f"SizeAwareSampler: id_key={id_key!r}: {_where(i, sources)} has "
+                f"info[{id_key!r}] = {value!r} ({type(value).__name__}); it must be an integer."
+            )
+        if not 0 <= int(value) < _ID_MAX:
+            raise ValueError(
+                f"SizeAwareSampler: id_key={id_key!r}: {_where(i, sources)} has "
+                f"info[{id_key!r}] = {value}; ids must be in [0, {_ID_MAX})."
+            )
+        if int(value) in first:
+            raise ValueError(
+                f"SizeAwareSampler: id_key={id_key!r}: {_where(i, sources)} has "
+                f"info[{id_key!r}] = {value}, the same as {_where(first[int(value)], sources)}; "
+                "ids must be unique."
+            )
+        first[int(value)] = i
+        ids[i] = int(value)
+    return ids
+
+
 class SizeAwareSampler:
     """Hands out systems of a dataset that fit the free room of a fixed-capacity batch.
 
@@ -52,13 +100,33 @@ class SizeAwareSampler:
         ``max_atoms``).
     sort_by_size : bool, default False
         Hand systems out largest first (better packing) instead of in dataset order.
+    id_key : str, optional
+        Take each structure's ``system_id`` from ``atoms.info[id_key]`` (for example
+        ``"seed"`` or ``"system_id"``) instead of its index in the dataset. Values must be
+        integers in ``[0, 2**31 - 1)`` and unique (else ``ValueError`` naming the frame).
+    sources : sequence of (str or None, int), optional
+        For each structure, the file it was read from and its frame index in that file,
+        written to the outputs as ``source_file`` and ``source_index``. Default: the path and
+        frame index when ``dataset`` is a path, else ``(None, index in the dataset)``.
 
     Notes
     -----
-    A system that can never fit (more atoms than ``max_atoms`` or ``max_atoms_per_system``) or
-    that is invalid (non-finite positions, bad masses, singular periodic cell) is *rejected*:
-    it is logged with its index and size and listed in :attr:`rejected`; the run writes it to
-    the sinks with ``exit_reason == ExitReason.REJECTED``. It is never silently skipped.
+    **Ids and random streams.** A system's random numbers (Langevin noise, Maxwell–Boltzmann
+    velocities) are keyed by its ``system_id`` and its own step counter, never by its slot or
+    its neighbours in the batch (see :class:`~fused_dynamics.NVTLangevin`). By default the id
+    is the structure's index in the dataset, so removing a structure from a file renumbers the
+    ones after it and changes their trajectories. With ``id_key`` the id (and so each
+    trajectory) belongs to the structure and not to its position in the file: removing or
+    reordering structures leaves the others' trajectories unchanged.
+
+    **Rejected systems.** A system that can never fit (more atoms than ``max_atoms`` or
+    ``max_atoms_per_system``) or that is invalid (non-finite positions, bad masses, singular
+    periodic cell) is *rejected*: it is logged with its index and size and listed in
+    :attr:`rejected`; the run writes it to the sinks with ``exit_reason == ExitReason.REJECTED``.
+    It is never silently skipped.
+
+    **Provenance.** :meth:`annotate` copies each input's ``info``, per-atom arrays and source
+    onto the output built for it (see :mod:`fused_dynamics.provenance`).
     """
 
     def __init__(
@@ -68,7 +136,10 @@ class SizeAwareSampler:
         max_systems: int,
         max_atoms_per_system: int | None = None,
         sort_by_size: bool = False,
+        id_key: str | None = None,
+        sources: Sequence[tuple[str | None, int]] | None = None,
     ):
+        path = os.fspath(dataset) if isinstance(dataset, (str, os.PathLike)) else None
         self.dataset = _load(dataset)
         self.max_atoms = int(max_atoms)
         self.max_systems = int(max_systems)
@@ -77,6 +148,19 @@ class SizeAwareSampler:
             raise ValueError("SizeAwareSampler: the dataset is empty.")
         if self.max_atoms < 1 or self.max_systems < 1:
             raise ValueError("SizeAwareSampler: max_atoms and max_systems must be >= 1.")
+        if sources is None:
+            sources = [(path, i) for i in range(n)]
+        self.sources = [(None if f is None else os.fspath(f), int(k)) for f, k in sources]
+        if len(self.sources) != n:
+            raise ValueError(
+                f"SizeAwareSampler: sources gives {len(self.sources)} entries for {n} structures."
+            )
+        self.id_key = id_key
+        if id_key is None:
+            self.ids = np.arange(n, dtype=np.int64)
+        else:
+            self.ids = ids_from_key(self.dataset, id_key, self.sources)
+        self._index_of = {int(sid): i for i, sid in enumerate(self.ids)}
         sizes = np.array([len(self.dataset[i]) for i in range(n)])
         fits = sizes <= self.max_atoms
         if max_atoms_per_system is None:
@@ -91,8 +175,9 @@ class SizeAwareSampler:
             if sizes[i] > min(self.max_atoms, self.max_atoms_per_system):
                 self._reject(
                     i,
-                    f"system {i} has {sizes[i]} atoms; the batch holds at most "
-                    f"{min(self.max_atoms, self.max_atoms_per_system)} per system",
+                    f"system {self.ids[i]} ({_where(i, self.sources)}) has {sizes[i]} atoms; "
+                    f"the batch holds at most {min(self.max_atoms, self.max_atoms_per_system)} "
+                    "per system",
                 )
             else:
                 self._queue.append(i)
@@ -110,22 +195,69 @@ class SizeAwareSampler:
     def exhausted(self) -> bool:
         return not self._queue
 
+    def skip(self, system_ids: Iterable[int]) -> int:
+        """Leave out the systems with these ids (already written by an earlier run).
+
+        They are neither handed out nor reported as rejected. Ids the dataset does not have
+        are ignored. Returns the number of structures left out.
+        """
+        drop = {self._index_of[int(s)] for s in system_ids if int(s) in self._index_of}
+        before = len(self._queue) + len(self._pending_rejects)
+        self._queue = deque(i for i in self._queue if i not in drop)
+        self._pending_rejects = [(i, w) for i, w in self._pending_rejects if i not in drop]
+        return before - len(self._queue) - len(self._pending_rejects)
+
+    def index_of(self, system_id: int) -> int:
+        """The dataset index of the structure with this ``system_id`` (KeyError if none)."""
+        return self._index_of[int(system_id)]
+
+    def annotate(self, frames: Sequence[ase.Atoms]) -> list[ase.Atoms]:
+        """Copy each input's info, per-atom arrays and source onto the output made for it.
+
+        ``frames`` are outputs of the run carrying ``info["system_id"]``; each is modified in
+        place (see :func:`~fused_dynamics.provenance.copy_provenance`) and returned. Frames
+        whose id is not from this dataset are returned unchanged.
+        """
+        from .provenance import copy_provenance
+
+        for a in frames:
+            sid = a.info.get("system_id")
+            i = self._index_of.get(int(sid)) if sid is not None else None
+            if i is None:
+                continue
+            try:
+                source = self.dataset[i]
+            except Exception:  # an unreadable entry: its source is still named
+                source = None
+            file, frame = self.sources[i]
+            if source is None or len(source) != len(a):  # a placeholder without its atoms
+                source = ase.Atoms(info=dict(source.info) if source is not None else {})
+                target = ase.Atoms()
+                target.info = a.info  # shared: only info is copied
+            else:
+                target = a
+            copy_provenance(
+                source, target, source_index=frame, source_file=file, system_id=int(sid)
+            )
+        return list(frames)
+
     def take_rejected(self) -> list[tuple[int, ase.Atoms | None, str]]:
-        """Rejected systems not yet reported: ``(index, atoms, reason)``, each returned once."""
+        """Rejected systems not yet reported: ``(system_id, atoms, reason)``, each once."""
         out = []
         for i, why in self._pending_rejects:
             try:
                 atoms = self.dataset[i]
             except Exception:  # an unreadable entry is still reported
                 atoms = None
-            out.append((i, atoms, why))
+            out.append((int(self.ids[i]), atoms, why))
         self._pending_rejects = []
         return out
 
     def take(self, free_atoms: int, free_slots: int) -> list[tuple[int, ase.Atoms]]:
         """Pop the next systems, in order, while they fit ``free_atoms`` and ``free_slots``.
 
-        A system that fails validation is rejected and skipped over (reported, not lost).
+        Returns ``(system_id, atoms)`` pairs. A system that fails validation is rejected and
+        skipped over (reported, not lost).
         """
         out = []
         while self._queue and free_slots > 0:
@@ -135,12 +267,12 @@ class SizeAwareSampler:
             self._queue.popleft()
             atoms = self.dataset[i]
             try:
-                _validate_atoms(atoms, i)
+                _validate_atoms(atoms, int(self.ids[i]))
             except (TypeError, ValueError) as exc:
-                self._reject(i, str(exc))
+                self._reject(i, f"{exc} ({_where(i, self.sources)})")
                 self._pending_rejects.append(self.rejected[-1])
                 continue
-            out.append((i, atoms))
+            out.append((int(self.ids[i]), atoms))
             free_atoms -= len(atoms)
             free_slots -= 1
         return out

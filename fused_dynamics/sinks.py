@@ -1,13 +1,32 @@
-"""Where systems go when they leave a run: in memory or to an extxyz file.
+"""Where systems go when they leave a run: in memory, to an extxyz file or a zarr store.
 
 A sink has ``write(atoms_list)``, ``has_room(n)`` and ``close()``. Each written ``ase.Atoms``
-carries energy, forces and stress in a ``SinglePointCalculator``, velocities, and in
-``atoms.info``: ``system_id``, ``status``, ``exit_reason`` and ``stage_steps`` where known.
+carries energy and forces in a ``SinglePointCalculator`` (and the stress whenever the run
+computed it: see :attr:`fused_dynamics.FusedStage.needs_stress`), velocities, and in
+``atoms.info``: ``system_id``, ``status``, ``exit_reason`` with its name ``exit_reason_name``,
+``stage_steps``, ``failure``/``failure_step`` for failed systems, and what
+:mod:`fused_dynamics.provenance` copies from the input (its ``info``, per-atom ``arrays``,
+``source_file``, ``source_index``).
+
+File sinks never destroy data. ``mode="x"`` (the default) refuses a path that exists,
+``mode="a"`` appends to an output written before (to continue a run), ``mode="w"`` replaces
+an existing extxyz *file*; a directory is never deleted or replaced. Every record is written
+whole and flushed before ``write`` returns, so a crash loses only systems not yet written, and
+:func:`read_extxyz_ids` / :func:`read_zarr` ignore a record cut short by a kill.
+
+Units are ASE's (:data:`fused_dynamics.provenance.UNITS`): Å, eV, amu, eV/Å³. Every extxyz
+frame carries ``units`` and ``fused_dynamics_version``; the first frame a sink writes also
+carries the ``exit_reason_legend`` and whatever ``metadata`` it was given (the command line
+gives the run configuration as ``run_config``, JSON). A zarr store keeps the same in its
+attributes.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import tempfile
 
 import ase
 import ase.io
@@ -15,8 +34,21 @@ import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from .batch import _voigt, atoms_from_arrays
+from .provenance import UNITS, exit_reason_legend, name_exit_reason, package_version
 
-__all__ = ["HostMemory", "ExtXYZSink", "ZarrSink", "atoms_from_arrays", "read_zarr"]
+__all__ = [
+    "HostMemory",
+    "ExtXYZSink",
+    "ZarrSink",
+    "atoms_from_arrays",
+    "check_writable",
+    "read_extxyz_ids",
+    "read_zarr",
+    "zarr_ids",
+]
+
+_MODES = ("x", "a", "w")
+_UNITS_TEXT = ", ".join(f"{k}: {v}" for k, v in UNITS.items())
 
 
 class HostMemory:
@@ -50,20 +82,138 @@ class HostMemory:
         pass
 
 
+# ============================================================================ safety checks
+def check_writable(path: str | os.PathLike) -> None:
+    """Check that a file can be created next to ``path``, by creating and removing one.
+
+    The folder is created if it is missing. ``os.access`` is not used: it says yes to root
+    for read-only file systems and ``/proc``.
+
+    Raises
+    ------
+    PermissionError
+        The folder cannot be created or written; the message names it and the cause.
+    """
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fused_dynamics-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)  # our own empty probe file, never user data
+    except OSError as exc:
+        raise PermissionError(
+            f"cannot write in {folder!r}: {exc.strerror or exc} (probed by creating a file)"
+        ) from None
+
+
+def _check_mode(kind: str, path: str, mode: str) -> None:
+    """Refuse what would destroy data: an existing path in mode 'x', any directory in 'w'."""
+    if mode not in _MODES:
+        raise ValueError(f"{kind}: mode must be one of {_MODES}, got {mode!r}.")
+    if mode == "x" and os.path.lexists(path):
+        raise FileExistsError(
+            f"{kind}: {path!r} already exists; it is never overwritten silently: append to it "
+            "(mode='a'), replace a file explicitly (mode='w'), or choose another path."
+        )
+
+
+# ============================================================================ extxyz
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _extxyz_frame(atoms: ase.Atoms, extra: dict) -> ase.Atoms:
+    """A copy that ASE's extxyz writer and reader round-trip: empty strings and None left out
+    (ASE misreads ``key=``), dicts and ragged lists as JSON strings."""
+    out = atoms.copy()
+    out.calc = atoms.calc
+    info = {}
+    for key, value in {**atoms.info, **extra}.items():
+        if value is None or (isinstance(value, str) and value == ""):
+            continue
+        if isinstance(value, dict):
+            value = json.dumps(_jsonable(value))
+        elif isinstance(value, (list, tuple)) and any(
+            isinstance(v, (list, tuple, dict, str)) for v in value
+        ):
+            value = json.dumps(_jsonable(value))
+        info[key] = value
+    out.info = info
+    return out
+
+
 class ExtXYZSink:
     """Append systems to an extxyz file readable by ``ase.io.read(path, index=":")``.
 
-    Each write is flushed to disk before it returns, so a crash loses only what was not yet
-    written.
+    Parameters
+    ----------
+    path : str or path
+    capacity : int, optional
+        Most systems this sink takes (``None``: no limit).
+    mode : {"x", "a", "w"}, default "x"
+        ``"x"``: the file must not exist (``FileExistsError``); ``"a"``: append to it (an
+        earlier run's output); ``"w"``: start an empty file, replacing an existing *file*.
+        A directory is always refused (``IsADirectoryError``), whatever the mode.
+    metadata : dict of str, optional
+        Keys written into the comment line of the first frame this sink writes (for example
+        the run configuration as JSON).
+
+    Notes
+    -----
+    Each call to :meth:`write` formats its frames first and then writes them with one
+    ``write``, ``flush`` and ``fsync``: a crash loses only what was not yet written, and at
+    most the last frame can be cut short (see :func:`read_extxyz_ids`). Empty strings in
+    ``atoms.info`` are left out of the file (ASE cannot read ``key=`` back).
+
+    Raises
+    ------
+    ValueError
+        The folder does not exist or cannot be written, or a bad mode.
+    FileExistsError, IsADirectoryError
+        See ``mode``.
     """
 
-    def __init__(self, path: str | os.PathLike, capacity: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        capacity: int | None = None,
+        *,
+        mode: str = "x",
+        metadata: dict | None = None,
+    ):
         self.path = os.fspath(path)
         self.capacity = capacity
         self.count = 0
+        self.mode = mode
+        _check_mode("ExtXYZSink", self.path, mode)
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(
+                f"ExtXYZSink: {self.path!r} is a directory; a directory is never replaced by "
+                "an output file: choose a file path."
+            )
         directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-            raise ValueError(f"ExtXYZSink: cannot write to {self.path!r} (no writable folder).")
+        if not os.path.isdir(directory):
+            raise ValueError(f"ExtXYZSink: cannot write to {self.path!r} (no such folder).")
+        try:
+            with open(self.path, {"x": "x", "a": "a", "w": "w"}[mode]):
+                pass  # create (x), truncate (w) or check (a) the file now, not at the first write
+        except OSError as exc:
+            raise ValueError(f"ExtXYZSink: cannot write to {self.path!r}: {exc}") from None
+        self.header = {
+            "exit_reason_legend": " ".join(f"{k}={v}" for k, v in exit_reason_legend().items()),
+            **{
+                k: v if isinstance(v, str) else json.dumps(_jsonable(v))
+                for k, v in (metadata or {}).items()
+            },
+        }
 
     def has_room(self, n: int = 1) -> bool:
         return self.capacity is None or self.count + n <= self.capacity
@@ -71,8 +221,21 @@ class ExtXYZSink:
     def write(self, atoms_list: list[ase.Atoms]) -> None:
         if not self.has_room(len(atoms_list)):
             raise RuntimeError(f"ExtXYZSink {self.path!r} is full ({self.count}).")
+        if not atoms_list:
+            return
+        every = {"units": _UNITS_TEXT, "fused_dynamics_version": package_version()}
+        frames = []
+        for a in atoms_list:
+            name_exit_reason(a)
+            extra = dict(every)
+            if self.header is not None:
+                extra.update(self.header)
+                self.header = None
+            frames.append(_extxyz_frame(a, extra))
+        buf = io.StringIO()
+        ase.io.write(buf, frames, format="extxyz")
         with open(self.path, "a") as fh:
-            ase.io.write(fh, atoms_list, format="extxyz")
+            fh.write(buf.getvalue())
             fh.flush()
             os.fsync(fh.fileno())
         self.count += len(atoms_list)
@@ -84,6 +247,99 @@ class ExtXYZSink:
         pass
 
 
+def _frame_ends(text: str) -> tuple[list[int], int]:
+    """Character offsets where each complete extxyz frame ends, and where the text is cut.
+
+    A frame is complete when its atom-count line, its comment line and its atom lines are all
+    there and end with a newline. Returns ``(ends, cut)``: ``cut`` is the end of the last
+    complete frame (``len(text)`` when nothing is cut short).
+    """
+    ends, pos, n = [], 0, len(text)
+    while pos < n:
+        nl = text.find("\n", pos)
+        if nl < 0:
+            break
+        head = text[pos:nl].strip()
+        if not head:  # blank line between frames
+            pos = nl + 1
+            continue
+        try:
+            count = int(head)
+        except ValueError:
+            break
+        end = nl
+        for _ in range(count + 1):  # comment line and atom lines
+            end = text.find("\n", end + 1)
+            if end < 0:
+                break
+        if end < 0:
+            break
+        pos = end + 1
+        ends.append(pos)
+    cut = ends[-1] if ends else 0
+    if text[cut:].strip() == "":
+        cut = n
+    return ends, cut
+
+
+def read_extxyz_ids(path: str | os.PathLike) -> tuple[list[int | None], int, int]:
+    """The ``system_id`` of every complete frame of an extxyz output.
+
+    Returns
+    -------
+    ids : list of int or None
+        One per complete frame (None where a frame has no ``system_id``).
+    complete : int
+        Bytes of the file up to the end of the last complete frame.
+    size : int
+        Bytes of the file. ``complete < size`` means the last frame was cut short (a run
+        killed while writing); :func:`set_aside_tail` moves that tail aside.
+
+    Raises
+    ------
+    ValueError
+        A complete part that ASE cannot read as extxyz (not an output of this package).
+    """
+    with open(path, "rb") as fh:
+        data = fh.read()
+    text = data.decode("utf-8", errors="replace")
+    _, cut = _frame_ends(text)
+    complete = len(text[:cut].encode("utf-8", errors="replace"))
+    if cut == 0:
+        return [], complete, len(data)
+    try:
+        frames = ase.io.read(io.StringIO(text[:cut]), index=":", format="extxyz")
+    except Exception as exc:
+        raise ValueError(f"{os.fspath(path)!r} is not a readable extxyz file: {exc}") from exc
+    ids = [a.info.get("system_id") for a in frames]
+    return [None if i is None else int(i) for i in ids], complete, len(data)
+
+
+def set_aside_tail(path: str | os.PathLike, complete: int) -> str:
+    """Move the bytes after ``complete`` (a frame cut short) to a side file; return its path.
+
+    The side file is ``<path>.incomplete-tail`` (``...-tail.1``, ... when taken); nothing is
+    deleted. The output then ends with its last complete frame.
+    """
+    path = os.fspath(path)
+    side, k = f"{path}.incomplete-tail", 0
+    while os.path.lexists(side):
+        k += 1
+        side = f"{path}.incomplete-tail.{k}"
+    with open(path, "rb+") as fh:
+        fh.seek(complete)
+        tail = fh.read()
+        with open(side, "xb") as out:
+            out.write(tail)
+            out.flush()
+            os.fsync(out.fileno())
+        fh.truncate(complete)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return side
+
+
+# ============================================================================ zarr
 # per-system records of a ZarrSink: name -> (trailing shape, dtype)
 _ZARR_SYSTEM = {
     "n_atoms": ((), "int64"),
@@ -103,6 +359,22 @@ _ZARR_ATOM = {
     "masses": ((), "float64"),
     "numbers": ((), "int32"),
 }
+# info keys stored in their own arrays, not in the per-system JSON record
+_ZARR_INFO_ARRAYS = ("system_id", "status", "exit_reason", "stage_steps")
+_ZARR_FORMAT = "fused_dynamics.ZarrSink/2"
+
+
+def _info_record(atoms: ase.Atoms) -> str:
+    """Everything of an output the fixed arrays do not hold, as JSON: info and extra arrays."""
+    info = {k: _jsonable(v) for k, v in atoms.info.items() if k not in _ZARR_INFO_ARRAYS}
+    arrays = {
+        k: {"dtype": np.asarray(v).dtype.str, "data": _jsonable(np.asarray(v))}
+        for k, v in atoms.arrays.items()
+        if k not in ("numbers", "positions", "momenta", "masses")
+    }
+    if arrays:
+        info["__arrays__"] = arrays
+    return json.dumps(info)
 
 
 class ZarrSink:
@@ -110,26 +382,89 @@ class ZarrSink:
 
     Layout: per-atom arrays (``positions``, ``velocities``, ``forces``, ``masses``,
     ``numbers``) concatenated over systems, and per-system arrays (``n_atoms``,
-    ``atom_start``, ``cell``, ``pbc``, ``energy``, ``stress``, ``status``, ``exit_reason``,
-    ``system_id``, and ``stage_steps`` of shape (n, n_sub_stages)). Each write resizes and
-    writes the arrays before it returns, so a crash loses only systems still in flight.
+    ``atom_start``, ``cell``, ``pbc``, ``energy``, ``stress`` (NaN where not computed),
+    ``status``, ``exit_reason``, ``system_id``, ``stage_steps`` of shape (n, n_sub_stages),
+    and ``info_json``: the rest of ``atoms.info`` (names, ``exit_reason_name``, ``failure``,
+    ``failure_step``, provenance) and the input's extra per-atom arrays, as JSON).
     :func:`read_zarr` gives the systems back as ``ase.Atoms``.
+
+    The store's attributes hold ``count`` and ``atom_count`` (the committed systems and atoms:
+    each write updates them last, so a record cut short by a kill is not counted), ``format``,
+    ``fused_dynamics_version``, ``units``, ``exit_reason_legend`` and ``metadata`` (the run
+    configuration, when the command line wrote it).
+
+    Parameters
+    ----------
+    path : str or path
+    capacity : int, optional
+    mode : {"x", "a"}, default "x"
+        ``"x"``: the path must not exist; ``"a"``: append to a store this class wrote (to
+        continue a run). A store is a directory and is never deleted or replaced.
+    metadata : dict, optional
+        JSON-serialisable description of the run, kept in the attributes.
+
+    Raises
+    ------
+    ValueError
+        No writable folder, a bad mode, or (mode "a") a path that is not a store of this class.
+    FileExistsError
+        Mode "x" and the path exists.
     """
 
-    def __init__(self, path: str | os.PathLike, capacity: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        capacity: int | None = None,
+        *,
+        mode: str = "x",
+        metadata: dict | None = None,
+    ):
         import zarr
 
         self.path = os.fspath(path)
         self.capacity = capacity
+        if mode == "w":
+            raise ValueError(
+                "ZarrSink: mode 'w' is not offered: a store is a directory and is never deleted; "
+                "append to it (mode='a') or choose another path."
+            )
+        _check_mode("ZarrSink", self.path, mode)
         directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-            raise ValueError(f"ZarrSink: cannot write to {self.path!r} (no writable folder).")
-        self.root = zarr.open_group(self.path, mode="w", zarr_format=3)
+        if not os.path.isdir(directory):
+            raise ValueError(f"ZarrSink: cannot write to {self.path!r} (no such folder).")
+        if mode == "a":
+            self.root = _open_store(self.path, "r+")
+            self.count = int(self.root.attrs["count"])
+            self.atom_count = int(self.root.attrs["atom_count"])
+            self._trim()
+            return
+        try:
+            self.root = zarr.open_group(self.path, mode="w-", zarr_format=3)
+        except Exception as exc:
+            raise ValueError(f"ZarrSink: cannot write to {self.path!r}: {exc}") from None
         for name, (shape, dtype) in {**_ZARR_SYSTEM, **_ZARR_ATOM}.items():
             chunk = 256 if name in _ZARR_SYSTEM else 4096
             self.root.create_array(name, shape=(0, *shape), chunks=(chunk, *shape), dtype=dtype)
+        self.root.create_array("info_json", shape=(0,), chunks=(256,), dtype=str)
         self.count = 0
         self.atom_count = 0
+        self.root.attrs.update(
+            format=_ZARR_FORMAT,
+            fused_dynamics_version=package_version(),
+            units=UNITS,
+            exit_reason_legend={str(k): v for k, v in exit_reason_legend().items()},
+            metadata=_jsonable(metadata or {}),
+            count=0,
+            atom_count=0,
+        )
+
+    def _trim(self) -> None:
+        """Drop rows past the committed counts (a write cut short by a kill)."""
+        for name in self.root.array_keys():
+            arr = self.root[name]
+            n = self.atom_count if name in _ZARR_ATOM else self.count
+            if arr.shape[0] > n:
+                arr.resize((n, *arr.shape[1:]))
 
     def has_room(self, n: int = 1) -> bool:
         return self.capacity is None or self.count + n <= self.capacity
@@ -144,29 +479,35 @@ class ZarrSink:
             raise RuntimeError(f"ZarrSink {self.path!r} is full ({self.count}).")
         if not atoms_list:
             return
+        for a in atoms_list:
+            name_exit_reason(a)
         sizes = np.array([len(a) for a in atoms_list])
         starts = self.atom_count + np.concatenate([[0], np.cumsum(sizes)[:-1]])
         rec = {
             "n_atoms": sizes,
             "atom_start": starts,
-            "cell": np.array([np.asarray(a.get_cell()) for a in atoms_list]),
-            "pbc": np.array([a.get_pbc() for a in atoms_list]),
-            "energy": np.array([_result(a, "energy", np.nan) for a in atoms_list]),
-            "stress": np.array([_stress33(a) for a in atoms_list]),
+            "cell": np.array([np.asarray(a.get_cell()) for a in atoms_list]).reshape(-1, 3, 3),
+            "pbc": np.array([a.get_pbc() for a in atoms_list]).reshape(-1, 3),
+            "energy": np.array([_result(a, "energy", np.nan) for a in atoms_list], np.float64),
+            "stress": np.array([_stress33(a) for a in atoms_list]).reshape(-1, 3, 3),
             "status": np.array([a.info.get("status", -1) for a in atoms_list]),
             "exit_reason": np.array([a.info.get("exit_reason", 0) for a in atoms_list]),
             "system_id": np.array([a.info.get("system_id", -1) for a in atoms_list]),
+            "info_json": np.array([_info_record(a) for a in atoms_list], dtype=object),
         }
-        per_atom = {
-            "positions": np.concatenate([a.get_positions() for a in atoms_list]),
-            "velocities": np.concatenate([a.get_velocities() for a in atoms_list]),
-            "forces": np.concatenate(
-                [_result(a, "forces", np.full((len(a), 3), np.nan)) for a in atoms_list]
-            ),
-            "masses": np.concatenate([a.get_masses() for a in atoms_list]),
+
+        def per_atom(fn, width):
+            parts = [np.asarray(fn(a), np.float64).reshape(len(a), *width) for a in atoms_list]
+            return np.concatenate(parts)
+
+        atoms_rec = {
+            "positions": per_atom(lambda a: a.get_positions(), (3,)),
+            "velocities": per_atom(lambda a: a.get_velocities(), (3,)),
+            "forces": per_atom(lambda a: _result(a, "forces", np.full((len(a), 3), np.nan)), (3,)),
+            "masses": per_atom(lambda a: a.get_masses(), ()),
             "numbers": np.concatenate([a.get_atomic_numbers() for a in atoms_list]),
         }
-        for name, values in per_atom.items():
+        for name, values in atoms_rec.items():
             self._append(name, values, self.atom_count)
         steps = [a.info.get("stage_steps") for a in atoms_list]
         if all(s is not None for s in steps):
@@ -174,22 +515,50 @@ class ZarrSink:
             if "stage_steps" not in self.root:
                 self.root.create_array(
                     "stage_steps",
-                    shape=(0, steps.shape[1]),
+                    shape=(self.count, steps.shape[1]),
                     chunks=(256, steps.shape[1]),
                     dtype="int64",
+                    fill_value=-1,
                 )
             self._append("stage_steps", steps, self.count)
-        # per-system records last: a reader trusts only systems whose record is complete
         for name, values in rec.items():
             self._append(name, values, self.count)
+        # commit last: a reader trusts only the systems counted here
         self.count += len(atoms_list)
         self.atom_count += int(sizes.sum())
+        self.root.attrs.update(count=self.count, atom_count=self.atom_count)
 
     def __len__(self) -> int:
         return self.count
 
     def close(self) -> None:
         pass
+
+
+def _open_store(path: str, mode: str):
+    """Open a store a :class:`ZarrSink` wrote; ValueError naming the path if it is not one."""
+    import zarr
+
+    try:
+        root = zarr.open_group(os.fspath(path), mode=mode)
+    except Exception as exc:
+        raise ValueError(f"{os.fspath(path)!r} is not a zarr store: {exc}") from None
+    if "system_id" not in root:
+        raise ValueError(f"{os.fspath(path)!r} is not a store written by fused_dynamics' ZarrSink")
+    return root
+
+
+def _committed(root) -> int:
+    """Systems whose record is complete (stores of older versions: every row)."""
+    if "count" in root.attrs:
+        return int(root.attrs["count"])
+    return root["system_id"].shape[0]
+
+
+def zarr_ids(path: str | os.PathLike) -> list[int]:
+    """The ``system_id`` of every committed system of a :class:`ZarrSink` store."""
+    root = _open_store(os.fspath(path), "r")
+    return [int(x) for x in root["system_id"][: _committed(root)]]
 
 
 def _result(atoms: ase.Atoms, key: str, default):
@@ -203,19 +572,27 @@ def _stress33(atoms: ase.Atoms) -> np.ndarray:
     v = _result(atoms, "stress", None)
     if v is None:
         return np.full((3, 3), np.nan)
+    v = np.asarray(v, np.float64)
+    if v.shape == (3, 3):
+        return v
     xx, yy, zz, yz, xz, xy = v
     return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
 
 
 def read_zarr(path: str | os.PathLike) -> list[ase.Atoms]:
-    """Read the systems written by a :class:`ZarrSink` back as ``ase.Atoms``."""
-    import zarr
+    """Read the systems written by a :class:`ZarrSink` back as ``ase.Atoms``.
 
-    root = zarr.open_group(os.fspath(path), mode="r")
-    n = root["system_id"].shape[0]
+    Only committed systems are returned (a record cut short by a kill is ignored). The stress
+    is attached where it was computed (finite); ``info`` and the input's extra per-atom arrays
+    come back from ``info_json``.
+    """
+    root = _open_store(os.fspath(path), "r")
+    n = _committed(root)
     sys = {k: root[k][:n] for k in _ZARR_SYSTEM}
-    atoms_arr = {k: root[k][:] for k in _ZARR_ATOM}
+    n_atoms_total = int((sys["atom_start"] + sys["n_atoms"]).max()) if n else 0
+    atoms_arr = {k: root[k][:n_atoms_total] for k in _ZARR_ATOM}
     steps = root["stage_steps"][:n] if "stage_steps" in root else None
+    records = root["info_json"][:n] if "info_json" in root else [None] * n
     out = []
     for i in range(n):
         sel = slice(int(sys["atom_start"][i]), int(sys["atom_start"][i] + sys["n_atoms"][i]))
@@ -237,7 +614,12 @@ def read_zarr(path: str | os.PathLike) -> list[ase.Atoms]:
             status=int(sys["status"][i]),
             exit_reason=int(sys["exit_reason"][i]),
         )
-        if steps is not None:
+        if steps is not None and steps[i][0] >= 0:
             a.info["stage_steps"] = steps[i].tolist()
+        if records[i]:
+            extra = json.loads(str(records[i]))
+            for key, spec in extra.pop("__arrays__", {}).items():
+                a.arrays[key] = np.asarray(spec["data"], dtype=np.dtype(spec["dtype"]))
+            a.info.update(extra)
         out.append(a)
     return out

@@ -1,0 +1,205 @@
+"""Provenance of written systems: what each output record carries over from its input.
+
+Every system a run writes is built from the batch (positions, numbers, masses, velocities,
+cell, pbc, energy, forces, stress and the run's bookkeeping). :func:`copy_provenance` adds
+what the input structure carried and the engine does not compute, so that every result can be
+traced back to its input:
+
+- the input's ``atoms.info`` (names, ids, tags, any custom key), unchanged;
+- the input's per-atom ``atoms.arrays`` (``tags``, ``initial_charges``, custom keys), except
+  ``numbers``, ``positions``, ``momenta`` and ``masses``, which the engine writes itself;
+- the input's calculator results, if it had any (for example reference DFT energies and forces
+  read from an extxyz file), as ``input_energy``, ``input_forces``, ...;
+- ``source_index`` (the frame index in its file, or the index in an in-memory list),
+  ``source_file`` (when it was read from a file) and the run's ``system_id``.
+
+Input keys that clash with a key the engine writes (:data:`ENGINE_INFO_KEYS` and the
+calculator results ``energy``, ``forces``, ``stress``, ...) are kept under the prefix
+``input_`` (:data:`INPUT_PREFIX`): an input ``info["energy"]`` becomes ``info["input_energy"]``
+and an input ``info["system_id"]`` becomes ``info["input_system_id"]``. Nothing of the input is
+dropped.
+
+Exit reasons are written with their names: :func:`name_exit_reason` adds
+``exit_reason_name`` (``"converged"``, ``"budget"``, ``"failed"``, ...) next to the integer
+``exit_reason``. :data:`UNITS` and :func:`exit_reason_legend` describe the numbers of an output.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ase
+import numpy as np
+
+__all__ = [
+    "ENGINE_ARRAY_KEYS",
+    "ENGINE_INFO_KEYS",
+    "INPUT_PREFIX",
+    "UNITS",
+    "copy_provenance",
+    "exit_reason_legend",
+    "name_exit_reason",
+    "package_version",
+]
+
+INPUT_PREFIX = "input_"
+
+#: ``atoms.info`` keys written by the engine or the outputs; input keys of these names are kept
+#: as ``input_<key>``.
+ENGINE_INFO_KEYS = frozenset(
+    {
+        "system_id",
+        "status",
+        "exit_reason",
+        "exit_reason_name",
+        "stage_steps",
+        "failure",
+        "failure_step",
+        "source_file",
+        "source_index",
+        "rejected",
+        "step",
+        "stage",
+        "stage_type",
+        "units",
+        "fused_dynamics_version",
+        "run_config",
+        "exit_reason_legend",
+        # calculator results and the extxyz writer's own keys
+        "energy",
+        "free_energy",
+        "stress",
+        "virial",
+        "pbc",
+        "Lattice",
+        "Properties",
+    }
+)
+
+#: per-atom arrays the engine writes itself (never copied from the input)
+ENGINE_ARRAY_KEYS = frozenset({"numbers", "positions", "momenta", "masses"})
+
+# per-atom keys of calculator results in the outputs: an input array of this name is renamed
+_RESULT_ARRAY_KEYS = frozenset({"forces", "energies", "stresses", "charges", "magmoms"})
+
+#: the units of every number an output holds (ASE's)
+UNITS = {
+    "length": "Å",
+    "energy": "eV",
+    "mass": "amu",
+    "time": "fs",
+    "velocity": "Å·sqrt(eV/amu) (ASE's native unit)",
+    "force": "eV/Å",
+    "stress": "eV/Å³ (ASE's sign convention, Voigt order xx yy zz yz xz xy in extxyz)",
+    "temperature": "K",
+}
+
+
+def package_version() -> str:
+    """The installed version of fused_dynamics (``"unknown"`` when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fused_dynamics")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def exit_reason_legend() -> dict[int, str]:
+    """``{code: name}`` of :class:`~fused_dynamics.ExitReason`, names in lower case."""
+    from .hooks import ExitReason
+
+    return {int(r): r.name.lower() for r in ExitReason}
+
+
+def name_exit_reason(atoms: ase.Atoms) -> ase.Atoms:
+    """Add ``info["exit_reason_name"]`` for the integer ``info["exit_reason"]`` (in place).
+
+    Returns ``atoms``. Unknown codes are named ``"unknown_<code>"``; atoms without an
+    ``exit_reason`` are left as they are.
+    """
+    code = atoms.info.get("exit_reason")
+    if code is not None:
+        atoms.info["exit_reason_name"] = exit_reason_legend().get(int(code), f"unknown_{code}")
+    return atoms
+
+
+def _free_key(key: str, taken) -> str:
+    """``input_<key>`` (``input_input_<key>``, ... if that is taken too)."""
+    new = INPUT_PREFIX + key
+    while new in taken:
+        new = INPUT_PREFIX + new
+    return new
+
+
+def copy_provenance(
+    source: ase.Atoms,
+    target: ase.Atoms,
+    *,
+    source_index: int | None = None,
+    source_file: str | os.PathLike | None = None,
+    system_id: int | None = None,
+) -> ase.Atoms:
+    """Copy the input's ``info``, per-atom ``arrays`` and calculator results onto an output.
+
+    Parameters
+    ----------
+    source : ase.Atoms
+        The input structure, as it was given to the run.
+    target : ase.Atoms
+        The output built from the batch (same atoms in the same order). Modified in place.
+    source_index : int, optional
+        Frame index of the input in its file, or its index in an in-memory list; written as
+        ``info["source_index"]``.
+    source_file : str or path, optional
+        The file it was read from; written as ``info["source_file"]``.
+    system_id : int, optional
+        The run's id of the system; written as ``info["system_id"]`` (else the target's is
+        kept).
+
+    Returns
+    -------
+    ase.Atoms
+        ``target``.
+
+    Raises
+    ------
+    ValueError
+        When ``source`` and ``target`` differ in their number of atoms.
+
+    Notes
+    -----
+    Keys of the target are never overwritten: an input key that the target already holds, or
+    that the engine writes (:data:`ENGINE_INFO_KEYS`, calculator results), is stored under
+    ``input_<key>``. Values are copied (arrays are not shared with the input).
+    """
+    n = len(target)
+    if len(source) != n:
+        raise ValueError(
+            f"copy_provenance: the input has {len(source)} atoms and the output {n}; they must "
+            "be the same structure"
+        )
+    info = target.info
+    for key, value in source.info.items():
+        new = key if key not in ENGINE_INFO_KEYS and key not in info else _free_key(key, info)
+        info[new] = value.copy() if isinstance(value, np.ndarray) else value
+    for key, value in source.arrays.items():
+        if key in ENGINE_ARRAY_KEYS:
+            continue
+        taken = key in target.arrays or key in _RESULT_ARRAY_KEYS
+        new = _free_key(key, target.arrays) if taken else key
+        target.arrays[new] = np.array(value, copy=True)
+    results = getattr(source.calc, "results", None) if source.calc is not None else None
+    for key, value in (results or {}).items():
+        value = np.array(value, copy=True)
+        if value.ndim >= 1 and value.shape[0] == n and key not in ("stress",):
+            target.arrays[_free_key(key, target.arrays)] = value
+        else:
+            info[_free_key(key, info)] = value.item() if value.ndim == 0 else value
+    if source_index is not None:
+        info["source_index"] = int(source_index)
+    if source_file is not None:
+        info["source_file"] = os.fspath(source_file)
+    if system_id is not None:
+        info["system_id"] = int(system_id)
+    return target
