@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from . import validation as v
 from .batch import Batch
 
 __all__ = ["ConvergenceHook", "Criterion", "DEFAULT_FMAX"]
@@ -33,25 +34,45 @@ class Criterion(eqx.Module):
     key : str
         A per-system observable (``fmax``, ``energy``, ``energy_change``, ``temperature``,
         anything a stage's ``observables`` gives) or a per-atom field of the batch (``forces``,
-        ``velocities``, ``positions``).
-    threshold : float
+        ``velocities``, ``positions``); a non-empty string.
+    threshold : float or Array of shape (S,)
+        In the unit of the key (eV/Å for ``fmax``, eV for energies, K for temperature); finite
+        (NaN and infinities are refused). A negative threshold on a quantity that is never
+        negative (``fmax``) never holds: a way to keep systems in a stage. Per system when an
+        array: one value per occupied system or one per slot (``per_system_parameters``).
     reduce_op : {"min", "max", "norm", "mean", "sum"}, optional
         For a per-atom field: how each atom's row is reduced over ``reduce_dims`` (default: the
         absolute maximum). The system value is then the maximum over its atoms.
     reduce_dims : int or tuple of int, default -1
+
+    Raises
+    ------
+    ValueError
+        At construction, for a parameter outside its range (the message names the criterion,
+        the parameter, the value and the rule).
     """
+
+    per_system_parameters: ClassVar[tuple[str, ...]] = ("threshold",)
 
     key: str = eqx.field(static=True)
     threshold: float | jax.Array
     reduce_op: str | None = eqx.field(static=True, default=None)
     reduce_dims: int | tuple[int, ...] = eqx.field(static=True, default=-1)
 
+    def validation_owner(self) -> str:
+        """How messages name this criterion: ``Criterion 'fmax'``."""
+        return f"Criterion {self.key!r}"
+
     def __check_init__(self):
-        if self.reduce_op is not None and self.reduce_op not in _REDUCE_OPS:
-            raise ValueError(
-                f"Criterion {self.key!r}: reduce_op={self.reduce_op!r} is not one of "
-                f"{sorted(_REDUCE_OPS)}."
-            )
+        if not isinstance(self.key, str) or not self.key:
+            raise ValueError(f"Criterion: key must be a non-empty string, got {self.key!r}.")
+        owner = self.validation_owner()
+        if self.reduce_op is not None:
+            v.check_choice(owner, "reduce_op", self.reduce_op, tuple(_REDUCE_OPS))
+        dims = self.reduce_dims if isinstance(self.reduce_dims, tuple) else (self.reduce_dims,)
+        for d in dims:
+            v.check_integer(owner, "reduce_dims", d)
+        v.check_real(owner, "threshold", self.threshold, v.finite(), per_system=True)
 
     def value(self, batch: Batch, fields: Mapping[str, jax.Array]) -> jax.Array:
         """The system value of this criterion, shape (S,)."""
@@ -82,6 +103,14 @@ class ConvergenceHook(eqx.Module):
         hook given explicitly may name them.
     custom_op : callable, optional
         ``custom_op(batch, fields) -> bool array (S,)``, traceable; combined with AND.
+
+    Raises
+    ------
+    ValueError
+        At construction: a criterion that is not a dict with ``key`` and ``threshold`` (or a
+        :class:`Criterion`) or whose values are invalid (see :class:`Criterion`); no criteria
+        and no ``custom_op`` (every system would converge at once); a status that is not an
+        integer; a ``custom_op`` that is not callable.
     """
 
     criteria: tuple[Criterion, ...]
@@ -98,6 +127,11 @@ class ConvergenceHook(eqx.Module):
     ):
         if criteria is None:
             criteria = [] if custom_op is not None else [{"key": "fmax", "threshold": DEFAULT_FMAX}]
+        if isinstance(criteria, (Mapping, Criterion, str)) or not isinstance(criteria, Sequence):
+            raise ValueError(
+                f"ConvergenceHook: criteria must be a list of dicts or Criterion objects, got "
+                f"{criteria!r} (wrap a single criterion in a list)."
+            )
         parsed = []
         for i, c in enumerate(criteria):
             if isinstance(c, Criterion):
@@ -127,9 +161,26 @@ class ConvergenceHook(eqx.Module):
         self.target_status = target_status
         self.custom_op = custom_op
 
+    def __check_init__(self):
+        owner = type(self).__name__
+        v.check_callable(owner, "custom_op", self.custom_op, allow_none=True)
+        v.check_integer(owner, "source_status", self.source_status, allow_none=True)
+        v.check_integer(owner, "target_status", self.target_status, allow_none=True)
+        if not self.criteria and self.custom_op is None:
+            raise ValueError(
+                f"{owner}: criteria must hold at least one criterion when custom_op is None, "
+                "got none (every system would converge at once)."
+            )
+
     @classmethod
     def from_fmax(cls, threshold: float = DEFAULT_FMAX, **kwargs) -> ConvergenceHook:
-        """Converged when the largest atomic force is at most ``threshold`` eV/Å."""
+        """Converged when the largest atomic force is at most ``threshold`` eV/Å.
+
+        Raises
+        ------
+        ValueError
+            ``threshold`` is not a finite number.
+        """
         return cls([{"key": "fmax", "threshold": threshold}], **kwargs)
 
     def converged(self, batch: Batch, fields: Mapping[str, jax.Array]) -> jax.Array:

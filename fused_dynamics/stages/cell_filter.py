@@ -24,10 +24,13 @@ so they never need the absolute generalized positions.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .. import validation as v
 from ..batch import Batch
 
 __all__ = ["FrechetCellFilter", "CellFilterState", "CELL_FILTERS"]
@@ -103,14 +106,41 @@ class FrechetCellFilter(eqx.Module):
     Parameters
     ----------
     scalar_pressure : float or Array of shape (S,)
-        External pressure in eV/Å³ (ASE's ``scalar_pressure``); the relaxation then minimizes the
-        enthalpy ``E + p V``.
+        External pressure in eV/Å³ (ASE's ``scalar_pressure``), finite (may be negative); the
+        relaxation then minimizes the enthalpy ``E + p V``.
     exp_cell_factor : float or Array of shape (S,), optional
-        Scale of the cell coordinates. Default: the number of atoms of each system, as ASE.
+        Scale of the cell coordinates, finite and > 0. Default: the number of atoms of each
+        system, as ASE.
+
+    Raises
+    ------
+    ValueError
+        At construction, for a parameter outside its range.
     """
+
+    per_system_parameters: ClassVar[tuple[str, ...]] = ("scalar_pressure", "exp_cell_factor")
 
     scalar_pressure: float | jax.Array = 0.0
     exp_cell_factor: float | jax.Array | None = None
+
+    def __check_init__(self):
+        owner = type(self).__name__
+        v.check_real(
+            owner,
+            "scalar_pressure",
+            self.scalar_pressure,
+            v.finite(),
+            unit="eV/Å³",
+            per_system=True,
+        )
+        v.check_real(
+            owner,
+            "exp_cell_factor",
+            self.exp_cell_factor,
+            v.positive(),
+            allow_none=True,
+            per_system=True,
+        )
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch: Batch) -> CellFilterState:

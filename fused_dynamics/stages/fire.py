@@ -14,13 +14,14 @@ in the stage state.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from .. import observables as obs
+from .. import validation as v
 from ..batch import Batch
 from .base import Stage, fs_to_ase_time
 from .cell_filter import CellFilterState, FrechetCellFilter, make_cell_filter
@@ -208,9 +209,53 @@ class _FIREMixin:
         return out
 
 
-def _check_cell_filter(name: str, cell_filter) -> None:
-    if cell_filter is not None and cell_filter != "frechet":
-        raise ValueError(f"{name}: cell_filter={cell_filter!r} is not one of ('frechet', None).")
+def _check_fire(stage, dt_unit: str) -> None:
+    """The checks FIRE and FIRE2 share (see their ``Raises`` sections)."""
+    owner = type(stage).__name__
+    v.check_stage(stage)
+    for name in ("dt", "dtmax", "dtmin"):
+        if hasattr(stage, name):
+            v.check_real(
+                owner,
+                name,
+                getattr(stage, name),
+                v.positive(),
+                unit=dt_unit,
+                allow_none=True,
+                per_system=True,
+            )
+    v.check_real(owner, "maxstep", stage.maxstep, v.positive(), unit="Å", per_system=True)
+    v.check_integer(owner, "Nmin", stage.Nmin, 0, per_system=True)
+    v.check_real(owner, "finc", stage.finc, v.Rule(1.0, lower_closed=True), per_system=True)
+    v.check_real(owner, "fdec", stage.fdec, v.interval(0.0, 1.0, "right"), per_system=True)
+    v.check_real(owner, "astart", stage.astart, v.interval(0.0, 1.0, "both"), per_system=True)
+    v.check_real(owner, "fa", stage.fa, v.interval(0.0, 1.0, "right"), per_system=True)
+    v.check_choice(owner, "cell_filter", stage.cell_filter, (None, "frechet"))
+    v.check_real(
+        owner, "scalar_pressure", stage.scalar_pressure, v.finite(), unit="eV/Å³", per_system=True
+    )
+    v.check_real(
+        owner,
+        "exp_cell_factor",
+        stage.exp_cell_factor,
+        v.positive(),
+        allow_none=True,
+        per_system=True,
+    )
+
+
+_FIRE_PER_SYSTEM = (
+    "dt",
+    "maxstep",
+    "dtmax",
+    "Nmin",
+    "finc",
+    "fdec",
+    "astart",
+    "fa",
+    "scalar_pressure",
+    "exp_cell_factor",
+)
 
 
 # ---------------------------------------------------------------------- FIRE
@@ -221,22 +266,24 @@ class FIRE(_FIREMixin, Stage):
     ----------
     model : Model
     dt : float or Array of shape (S,), optional
-        Initial time step. ``flavor="ase"``: in ASE's internal time unit (Å·sqrt(amu/eV)), exactly
-        as ``ase.optimize.FIRE`` (default 0.1); it is not in fs. ``flavor="vv"``: in fs (default
-        1.0).
+        Initial time step, finite and > 0. ``flavor="ase"``: in ASE's internal time unit
+        (Å·sqrt(amu/eV)), exactly as ``ase.optimize.FIRE`` (default 0.1); it is not in fs.
+        ``flavor="vv"``: in fs (default 1.0).
     maxstep : float
-        Largest step of a system per iteration, in Å: the norm of the whole step of the system
-        (all atoms and, with a cell filter, the cell rows), as ASE's FIRE.
+        Largest step of a system per iteration, in Å, finite and > 0: the norm of the whole step
+        of the system (all atoms and, with a cell filter, the cell rows), as ASE's FIRE.
     dtmax : float or Array of shape (S,), optional
-        Largest time step, same unit as ``dt`` (default 1.0 for "ase", 10.0 fs for "vv").
+        Largest time step, same unit as ``dt``, finite and > 0 (default 1.0 for "ase", 10.0 fs
+        for "vv").
     Nmin : int
-        Steps with ``v·F > 0`` before ``dt`` may grow.
+        Steps with ``v·F > 0`` before ``dt`` may grow, an integer >= 0.
     finc, fdec : float
-        Growth and shrink factors of ``dt``.
+        Growth and shrink factors of ``dt``: ``finc >= 1`` (1: ``dt`` never grows) and
+        ``0 < fdec <= 1`` (1: ``dt`` never shrinks).
     astart : float
-        Initial (and reset) mixing coefficient ``alpha``.
+        Initial (and reset) mixing coefficient ``alpha``, in [0, 1].
     fa : float
-        Decay factor of ``alpha``.
+        Decay factor of ``alpha``, in (0, 1] (1: no decay).
     flavor : {"ase", "vv"}
         ``"ase"``: ``ase.optimize.FIRE`` step for step: mass-free Euler steps that use the forces
         of the previous evaluation; the whole update is done before the model evaluation. On a
@@ -248,12 +295,22 @@ class FIRE(_FIREMixin, Stage):
         Relax the cell too, with ASE's ``FrechetCellFilter`` parametrisation. With "vv" the cell
         rows get the system's mean atomic mass.
     scalar_pressure : float or Array of shape (S,)
-        External pressure in eV/Å³ for the cell filter.
+        External pressure in eV/Å³ for the cell filter, finite (may be negative).
     exp_cell_factor : float or Array of shape (S,), optional
-        Scale of the cell coordinates (default: the number of atoms, as ASE).
+        Scale of the cell coordinates, finite and > 0 (default: the number of atoms, as ASE).
     n_steps, convergence_hook
-        See :class:`~fused_dynamics.stages.base.Stage`. ``fmax`` (over atoms and cell rows with a
-        cell filter) is what a criterion on ``"fmax"`` tests.
+        See :class:`~fused_dynamics.stages.base.Stage` (``n_steps``: None or an integer >= 1).
+        ``fmax`` (over atoms and cell rows with a cell filter) is what a criterion on
+        ``"fmax"`` tests.
+
+    Every numeric parameter may be per system (``per_system_parameters``): a 1-D array with
+    one value per occupied system or one per slot.
+
+    Raises
+    ------
+    ValueError
+        At construction, for a parameter outside its range (the message names the class, the
+        parameter, the value and the rule).
 
     Notes
     -----
@@ -261,6 +318,8 @@ class FIRE(_FIREMixin, Stage):
     in ASE's unit with "vv"; with a cell filter it is the velocity of the reference-frame atom
     rows. ASE's separate ``a`` argument (initial alpha) is ``astart`` here.
     """
+
+    per_system_parameters: ClassVar[tuple[str, ...]] = _FIRE_PER_SYSTEM
 
     dt: float | jax.Array | None = None
     maxstep: float | jax.Array = 0.2
@@ -276,9 +335,8 @@ class FIRE(_FIREMixin, Stage):
     exp_cell_factor: float | jax.Array | None = None
 
     def __check_init__(self):
-        if self.flavor not in _FLAVORS:
-            raise ValueError(f"FIRE: flavor={self.flavor!r} is not one of {_FLAVORS}.")
-        _check_cell_filter("FIRE", self.cell_filter)
+        v.check_choice(type(self).__name__, "flavor", self.flavor, _FLAVORS)
+        _check_fire(self, "ASE time units" if self.flavor == "ase" else "fs")
 
     # time steps in the unit the update uses
     def _dt0(self):
@@ -375,23 +433,38 @@ class FIRE2(_FIREMixin, Stage):
     model : Model
     dt : float or Array of shape (S,)
         Initial time step, in ASE's internal time unit (Å·sqrt(amu/eV)), as ASE's FIRE2; not fs.
+        Finite and > 0.
     maxstep : float
-        Largest norm of a system's step per iteration (Å), as ASE.
+        Largest norm of a system's step per iteration (Å), as ASE; finite and > 0.
     dtmax, dtmin : float or Array of shape (S,)
-        Bounds of the time step (same unit as ``dt``).
+        Bounds of the time step (same unit as ``dt``), finite and > 0, ``dtmin <= dtmax``.
     Nmin : int
-        ``N_delay``.
+        ``N_delay``, an integer >= 0.
     finc, fdec, astart, fa : float
-        ``f_inc``, ``f_dec``, ``alpha_0``, ``f_alpha``.
+        ``f_inc >= 1``, ``0 < f_dec <= 1``, ``alpha_0`` in [0, 1], ``f_alpha`` in (0, 1].
     Npneg_max : int or None
-        Stop a system after this many consecutive steps with ``v·F <= 0``; None never stops.
+        Stop a system after this many consecutive steps with ``v·F <= 0`` (an integer >= 1);
+        None never stops.
     initialdelay : bool
         Do not shrink ``dt`` or reset ``alpha`` during a system's first ``Nmin`` steps.
     cell_filter, scalar_pressure, exp_cell_factor
         As :class:`FIRE`.
     n_steps, convergence_hook
-        See :class:`~fused_dynamics.stages.base.Stage`.
+        See :class:`~fused_dynamics.stages.base.Stage` (``n_steps``: None or an integer >= 1).
+
+    Every numeric parameter but ``Npneg_max`` may be per system (``per_system_parameters``).
+
+    Raises
+    ------
+    ValueError
+        At construction, for a parameter outside its range (the message names the class, the
+        parameter, the value and the rule).
     """
+
+    per_system_parameters: ClassVar[tuple[str, ...]] = _FIRE_PER_SYSTEM + (
+        "dtmin",
+        "initialdelay",
+    )
 
     dt: float | jax.Array = 0.1
     maxstep: float | jax.Array = 0.2
@@ -409,7 +482,11 @@ class FIRE2(_FIREMixin, Stage):
     exp_cell_factor: float | jax.Array | None = None
 
     def __check_init__(self):
-        _check_cell_filter("FIRE2", self.cell_filter)
+        owner = type(self).__name__
+        _check_fire(self, "ASE time units")
+        v.check_order(owner, "dtmin", self.dtmin, "dtmax", self.dtmax)
+        v.check_integer(owner, "Npneg_max", self.Npneg_max, 1, allow_none=True)
+        v.check_bool(owner, "initialdelay", self.initialdelay, allow_array=True)
 
     def init_state(self, batch: Batch) -> FIREState:
         return self._fresh(batch, self.dt, self.astart)

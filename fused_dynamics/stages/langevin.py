@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 from ase import units
 
 from .. import segment
+from .. import validation as v
 from ..batch import Batch
 from .base import Stage, fs_to_ase_time
 
@@ -50,23 +53,47 @@ class NVTLangevin(Stage):
     ----------
     model : Model
     dt : float or Array of shape (S,)
-        Time step in fs (per system if an array).
+        Time step in fs, finite and > 0.
     temperature : float or Array of shape (S,)
-        Target temperature in K (per system if an array).
+        Target temperature in K, finite and >= 0 (0: friction only, no noise).
     friction : float or Array of shape (S,)
-        Friction coefficient ``γ`` in 1/fs (per system if an array). ASE's
+        Friction coefficient ``γ`` in 1/fs, finite and >= 0 (0: velocity Verlet). ASE's
         ``Langevin(friction=...)`` takes ASE's inverse time unit instead:
         ``friction_ase = friction / ase.units.fs``.
     seed : int, default 0
-        Seed of the random stream (a pytree leaf, so it can be vmapped over for ensembles).
+        Seed of the random stream, an integer in [0, 2**32) (larger ones would collide without
+        ``jax_enable_x64``). A pytree leaf, so it can be vmapped over for ensembles.
     n_steps, convergence_hook
-        See :class:`~fused_dynamics.stages.base.Stage`.
+        See :class:`~fused_dynamics.stages.base.Stage` (``n_steps``: None or an integer >= 1).
+
+    ``dt``, ``temperature`` and ``friction`` are per system when arrays: one value per occupied
+    system or one per slot (``per_system_parameters``).
+
+    Raises
+    ------
+    ValueError
+        At construction, for a parameter outside its range (the message names the class, the
+        parameter, the value and the rule).
     """
+
+    per_system_parameters: ClassVar[tuple[str, ...]] = ("dt", "temperature", "friction")
 
     dt: float | jax.Array
     temperature: float | jax.Array
     friction: float | jax.Array
     seed: int | jax.Array = 0
+
+    def __check_init__(self):
+        owner = type(self).__name__
+        v.check_stage(self)
+        v.check_real(owner, "dt", self.dt, v.positive(), unit="fs", per_system=True)
+        v.check_real(
+            owner, "temperature", self.temperature, v.non_negative(), unit="K", per_system=True
+        )
+        v.check_real(
+            owner, "friction", self.friction, v.non_negative(), unit="1/fs", per_system=True
+        )
+        v.check_integer(owner, "seed", self.seed, 0, v.SEED_LIMIT - 1, allow_array=True)
 
     def init_state(self, batch: Batch) -> dict[str, jax.Array]:
         return {"step": jnp.zeros((batch.max_systems,), jnp.int32)}

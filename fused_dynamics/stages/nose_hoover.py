@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import numpy as np
 from ase import units
 
 from .. import observables as obs
+from .. import validation as v
 from ..batch import Batch
 from .base import Stage, fs_to_ase_time
 
@@ -68,20 +71,31 @@ class NVTNoseHoover(Stage):
     ----------
     model : Model
     dt : float or Array of shape (S,)
-        Time step in fs (per system if an array).
+        Time step in fs, finite and > 0.
     temperature : float or Array of shape (S,)
-        Target temperature in K (per system if an array).
+        Target temperature in K, finite and >= 0.
     tdamp : float or Array of shape (S,)
-        Thermostat time constant ``τ`` in fs (per system if an array); ~100 dt is usual.
+        Thermostat time constant ``τ`` in fs, finite and > 0; ~100 dt is usual.
     chain_length : int, default 3
-        Number of thermostats in each chain (1 is plain Nosé–Hoover).
+        Number of thermostats in each chain, an integer >= 1 (1 is plain Nosé–Hoover).
     chain_steps : int, default 2
-        Multiple time steps of the chain propagator per half step.
+        Multiple time steps of the chain propagator per half step, an integer >= 1.
     sy_order : {1, 3, 5, 7}, default 3
         Order of the Suzuki–Yoshida composition of each chain sub-step.
     n_steps, convergence_hook
-        See :class:`~fused_dynamics.stages.base.Stage`.
+        See :class:`~fused_dynamics.stages.base.Stage` (``n_steps``: None or an integer >= 1).
+
+    ``dt``, ``temperature`` and ``tdamp`` are per system when arrays: one value per occupied
+    system or one per slot (``per_system_parameters``).
+
+    Raises
+    ------
+    ValueError
+        At construction, for a parameter outside its range (the message names the class, the
+        parameter, the value and the rule).
     """
+
+    per_system_parameters: ClassVar[tuple[str, ...]] = ("dt", "temperature", "tdamp")
 
     dt: float | jax.Array
     temperature: float | jax.Array
@@ -91,11 +105,16 @@ class NVTNoseHoover(Stage):
     sy_order: int = eqx.field(static=True, default=3, kw_only=True)
 
     def __check_init__(self):
-        if int(self.chain_length) < 1:
-            raise ValueError(f"NVTNoseHoover: chain_length must be >= 1, got {self.chain_length}.")
-        if int(self.chain_steps) < 1:
-            raise ValueError(f"NVTNoseHoover: chain_steps must be >= 1, got {self.chain_steps}.")
-        suzuki_yoshida_weights(self.sy_order)  # raises on a bad order
+        owner = type(self).__name__
+        v.check_stage(self)
+        v.check_real(owner, "dt", self.dt, v.positive(), unit="fs", per_system=True)
+        v.check_real(
+            owner, "temperature", self.temperature, v.non_negative(), unit="K", per_system=True
+        )
+        v.check_real(owner, "tdamp", self.tdamp, v.positive(), unit="fs", per_system=True)
+        v.check_integer(owner, "chain_length", self.chain_length, 1)
+        v.check_integer(owner, "chain_steps", self.chain_steps, 1)
+        v.check_choice(owner, "sy_order", self.sy_order, (1, 3, 5, 7))
 
     def init_state(self, batch: Batch) -> dict[str, jax.Array]:
         shape = (batch.max_systems, self.chain_length)

@@ -40,13 +40,15 @@ six lower-triangular entries move, so the cell never rotates and keeps ASE's sta
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from ase import units
 
 from .. import observables as obs
+from .. import validation as v
 from ..batch import Batch
 from .base import Stage, fs_to_ase_time
 
@@ -128,26 +130,39 @@ class NPT(Stage):
         range that covers the smallest cell the run reaches (``model.with_images(batch)`` or
         ``images=(n, n, n)``); a cell that shrinks below it raises at run time.
     dt : float or Array of shape (S,)
-        Time step in fs.
+        Time step in fs, finite and > 0.
     temperature : float or Array of shape (S,)
-        Target temperature in K.
+        Target temperature in K, finite and > 0 (the thermostat and barostat masses are
+        proportional to it, so 0 is refused).
     pressure : float or Array of shape (S,)
-        Target (external) pressure in eV/Å³ (``ase.units.GPa`` converts). Hydrostatic.
+        Target (external) pressure in eV/Å³ (``ase.units.GPa`` converts), finite; it may be
+        negative (tension). Hydrostatic.
     tdamp : float or Array of shape (S,)
-        Thermostat time scale in fs (typically 100 dt): ``Q_1 = N_f kT tdamp²``,
-        ``Q_j = kT tdamp²``.
+        Thermostat time scale in fs (typically 100 dt), finite and > 0:
+        ``Q_1 = N_f kT tdamp²``, ``Q_j = kT tdamp²``.
     pdamp : float or Array of shape (S,)
-        Barostat time scale in fs (typically 1000 dt): ``W = (N_f + 3) kT pdamp²`` for
-        ``isotropic``, a third of that per direction otherwise (ASE's choice);
-        barostat chain masses ``R_1 = k kT pdamp²``, ``R_j = kT pdamp²``.
+        Barostat time scale in fs (typically 1000 dt), finite and > 0:
+        ``W = (N_f + 3) kT pdamp²`` for ``isotropic``, a third of that per direction otherwise
+        (ASE's choice); barostat chain masses ``R_1 = k kT pdamp²``, ``R_j = kT pdamp²``.
     coupling : {"isotropic", "anisotropic", "triclinic"}, default "isotropic"
         Which cell degrees of freedom move: the volume only (shape kept), the three orthogonal
         axes (an orthorhombic cell stays orthorhombic), or the six entries of the
         lower-triangular cell (ASE's standard form; no rotation).
     chain_length : int, default 3
-        Length of both Nosé–Hoover chains.
+        Length of both Nosé–Hoover chains, an integer >= 1.
+    thermostat : bool, default True
+        False (NPH) leaves out both chains; then ``tdamp`` must be None.
     n_steps, convergence_hook
-        See :class:`~fused_dynamics.stages.base.Stage`.
+        See :class:`~fused_dynamics.stages.base.Stage` (``n_steps``: None or an integer >= 1).
+
+    ``dt``, ``temperature``, ``pressure``, ``tdamp`` and ``pdamp`` are per system when arrays:
+    one value per occupied system or one per slot (``per_system_parameters``).
+
+    Raises
+    ------
+    ValueError
+        At construction, for a parameter outside its range (the message names the class, the
+        parameter, the value and the rule).
 
     Notes
     -----
@@ -157,6 +172,15 @@ class NPT(Stage):
     correction), so the time-averaged :func:`~fused_dynamics.observables.temperature` equals the
     target.
     """
+
+    per_system_parameters: ClassVar[tuple[str, ...]] = (
+        "dt",
+        "temperature",
+        "pressure",
+        "tdamp",
+        "pdamp",
+    )
+    parameter_labels: ClassVar[dict[str, str]] = {}  # field -> name in messages (NPH)
 
     dt: float | jax.Array
     temperature: float | jax.Array | None
@@ -168,14 +192,40 @@ class NPT(Stage):
     thermostat: bool = eqx.field(static=True, default=True, kw_only=True)
 
     def __check_init__(self):
-        if self.coupling not in COUPLINGS:
-            raise ValueError(f"coupling must be one of {COUPLINGS}, got {self.coupling!r}.")
-        if int(self.chain_length) < 1:
-            raise ValueError(f"chain_length must be at least 1, got {self.chain_length}.")
-        if self.thermostat and (self.temperature is None or self.tdamp is None):
-            raise ValueError("NPT needs a temperature and a tdamp (use NPH for no thermostat).")
-        for name in ("dt", "temperature", "tdamp", "pdamp"):
-            _check_positive(type(self).__name__, name, getattr(self, name))
+        owner = type(self).__name__
+        v.check_stage(self)
+        v.check_bool(owner, "thermostat", self.thermostat)
+        v.check_real(owner, "dt", self.dt, v.positive(), unit="fs", per_system=True)
+        if self.thermostat:
+            for name in ("temperature", "tdamp"):
+                if getattr(self, name) is None:
+                    raise ValueError(
+                        f"{owner}: {name} must be > 0 and finite, got None (it is required "
+                        "with the thermostat; use NPH for none)."
+                    )
+            v.check_real(
+                owner, "temperature", self.temperature, v.positive(), unit="K", per_system=True
+            )
+            v.check_real(owner, "tdamp", self.tdamp, v.positive(), unit="fs", per_system=True)
+        else:
+            label = self.parameter_labels.get("temperature", "temperature")
+            v.check_real(
+                owner,
+                label,
+                self.temperature,
+                v.positive(),
+                unit="K",
+                allow_none=True,
+                per_system=True,
+            )
+            if self.tdamp is not None:
+                raise ValueError(
+                    f"{owner}: tdamp must be None without a thermostat, got {self.tdamp!r}."
+                )
+        v.check_real(owner, "pressure", self.pressure, v.finite(), unit="eV/Å³", per_system=True)
+        v.check_real(owner, "pdamp", self.pdamp, v.positive(), unit="fs", per_system=True)
+        v.check_choice(owner, "coupling", self.coupling, COUPLINGS)
+        v.check_integer(owner, "chain_length", self.chain_length, 1)
 
     # ------------------------------------------------------------------ helpers
     def _per_system(self, batch: Batch, x) -> jax.Array:
@@ -366,13 +416,20 @@ class NPH(NPT):
         for ``anisotropic`` / ``triclinic``).
     coupling : {"isotropic", "anisotropic", "triclinic"}, default "isotropic"
     mass_temperature : float or Array of shape (S,), optional
-        ``T_m`` of the barostat mass, in K (nothing is thermostatted). Default: each system's
-        instantaneous temperature when the stage state is created, at least 1 K.
-    n_steps, convergence_hook
-        See :class:`~fused_dynamics.stages.base.Stage`.
+        ``T_m`` of the barostat mass, in K, finite and > 0 (nothing is thermostatted). Default:
+        each system's instantaneous temperature when the stage state is created, at least 1 K.
+    n_steps, convergence_hook, hooks
+        See :class:`~fused_dynamics.stages.base.Stage` (``n_steps``: None or an integer >= 1).
 
     The conserved quantity is the enthalpy-like ``U + KE + Σ p_k²/2W + P_ext V``.
+
+    Raises
+    ------
+    ValueError
+        At construction, for a parameter outside its range (see :class:`NPT`).
     """
+
+    parameter_labels: ClassVar[dict[str, str]] = {"temperature": "mass_temperature"}
 
     def __init__(
         self,
@@ -385,7 +442,22 @@ class NPH(NPT):
         mass_temperature=None,
         n_steps: int | None = None,
         convergence_hook=None,
+        hooks: tuple = (),
+        temperature=None,
+        tdamp=None,
+        chain_length: int = 1,
+        thermostat: bool = False,
     ):
+        # temperature, tdamp, chain_length and thermostat are the NPT fields as NPH fixes them;
+        # they are accepted so that dataclasses.replace (register_hook) can rebuild an NPH
+        if temperature is not None:
+            if mass_temperature is not None:
+                raise ValueError("NPH: give mass_temperature only (temperature is its alias).")
+            mass_temperature = temperature
+        if tdamp is not None or thermostat or chain_length != 1:
+            raise ValueError(
+                "NPH: has no thermostat (tdamp None, chain_length 1); use NPT for one."
+            )
         self.model = model
         self.dt = dt
         self.temperature = mass_temperature
@@ -397,14 +469,7 @@ class NPH(NPT):
         self.thermostat = False
         self.n_steps = n_steps
         self.convergence_hook = convergence_hook
-
-
-def _check_positive(owner: str, name: str, value) -> None:
-    """Raise on a concrete non-positive value (traced values are left to the caller)."""
-    if value is None or isinstance(value, jax.core.Tracer):
-        return
-    if not bool(np.all(np.asarray(value) > 0)):
-        raise ValueError(f"{owner}: {name} must be > 0 (per system), got {value!r}.")
+        self.hooks = tuple(hooks)
 
 
 # ---------------------------------------------------------------------- chain helpers

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 
+from .. import validation as v
 from ..batch import Batch
 from .base import Stage, fs_to_ase_time
 
@@ -18,12 +21,25 @@ class NVE(Stage):
     ----------
     model : Model
     dt : float or Array of shape (S,)
-        Time step in fs (per system if an array).
+        Time step in fs, finite and > 0 (per system if an array: one value per occupied system
+        or one per slot).
     n_steps, convergence_hook
-        See :class:`~fused_dynamics.stages.base.Stage`.
+        See :class:`~fused_dynamics.stages.base.Stage` (``n_steps``: None or an integer >= 1).
+
+    Raises
+    ------
+    ValueError
+        At construction, for a parameter outside its range (the message names the class, the
+        parameter, the value and the rule).
     """
 
+    per_system_parameters: ClassVar[tuple[str, ...]] = ("dt",)
+
     dt: float | jax.Array
+
+    def __check_init__(self):
+        v.check_stage(self)
+        v.check_real(type(self).__name__, "dt", self.dt, v.positive(), unit="fs", per_system=True)
 
     def _dt_atoms(self, batch: Batch) -> jax.Array:
         dt = jnp.broadcast_to(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from .. import segment
+from .. import validation as v
 from ..batch import Batch
 from .base import Stage
 
@@ -31,16 +32,43 @@ class GradientDescent(Stage):
     ----------
     model : Model
     step_size : float or Array of shape (S,)
-        In Å²/eV (per system if an array).
-    maxstep : float, optional
-        Largest displacement of any atom per step, in Å; a longer step of a system is scaled
-        down as a whole. None: no cap.
+        In Å²/eV, finite and > 0.
+    maxstep : float or Array of shape (S,), optional
+        Largest displacement of any atom per step, in Å, finite and > 0; a longer step of a
+        system is scaled down as a whole. None: no cap.
     n_steps, convergence_hook
-        See :class:`~fused_dynamics.stages.base.Stage`.
+        See :class:`~fused_dynamics.stages.base.Stage` (``n_steps``: None or an integer >= 1).
+
+    ``step_size`` and ``maxstep`` are per system when arrays: one value per occupied system or
+    one per slot (``per_system_parameters``).
+
+    Raises
+    ------
+    ValueError
+        At construction, for a parameter outside its range (the message names the class, the
+        parameter, the value and the rule).
     """
+
+    per_system_parameters: ClassVar[tuple[str, ...]] = ("step_size", "maxstep")
 
     step_size: float | jax.Array
     maxstep: float | jax.Array | None = None
+
+    def __check_init__(self):
+        owner = type(self).__name__
+        v.check_stage(self)
+        v.check_real(
+            owner, "step_size", self.step_size, v.positive(), unit="Å²/eV", per_system=True
+        )
+        v.check_real(
+            owner,
+            "maxstep",
+            self.maxstep,
+            v.positive(),
+            unit="Å",
+            allow_none=True,
+            per_system=True,
+        )
 
     @property
     def is_optimizer(self) -> bool:
@@ -88,10 +116,28 @@ class OptaxRelax(Stage):
         For example ``optax.adam(1e-2)`` (learning rates in Å per unit update). Transformations
         whose ``update`` needs extra arguments (line searches) are not supported.
     n_steps, convergence_hook
-        See :class:`~fused_dynamics.stages.base.Stage`.
+        See :class:`~fused_dynamics.stages.base.Stage` (``n_steps``: None or an integer >= 1).
+
+    Raises
+    ------
+    ValueError
+        At construction, when ``optax_transform`` has no callable ``init`` and ``update`` or
+        ``n_steps`` / ``convergence_hook`` is invalid.
     """
 
+    per_system_parameters: ClassVar[tuple[str, ...]] = ()
+
     optax_transform: optax.GradientTransformation = eqx.field(static=True)
+
+    def __check_init__(self):
+        v.check_stage(self)
+        t = self.optax_transform
+        if not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):
+            raise ValueError(
+                f"{type(self).__name__}: optax_transform must be an "
+                f"optax.GradientTransformation (with init and update), e.g. optax.adam(1e-2), "
+                f"got {t!r}."
+            )
 
     @property
     def is_optimizer(self) -> bool:
