@@ -4,7 +4,7 @@ Many systems share one padded :class:`Batch`; a chain of sub-stages runs as one 
 with one model evaluation per step.
 """
 
-from . import inflight, models, observables, sampling, segment
+from . import constraints, inflight, models, observables, sampling, segment, status
 from .batch import Batch, default_float
 from .convergence import ConvergenceHook, Criterion
 from .fused import FusedStage, StepReport
@@ -14,6 +14,7 @@ from .hooks import (
     DynamicsStage,
     EnergyDriftMonitorHook,
     ExitReason,
+    Failure,
     FreezeAtomsHook,
     Hook,
     HookContext,
@@ -70,6 +71,9 @@ __all__ = [
     "Criterion",
     "DynamicsStage",
     "ExitReason",
+    "Failure",
+    "constraints",
+    "status",
     "FusedStage",
     "Hook",
     "HookData",

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from . import segment
+from . import constraints, segment
+from .status import exit_reason_name, failure_names
 
 __all__ = ["Batch", "default_float"]
 
@@ -62,6 +63,11 @@ class Batch(eqx.Module):
         Selects the sub-stage that updates the system (see :class:`~fused_dynamics.FusedStage`).
     system_id : Array, shape (S,) int32
         The caller's index of the system in its dataset; -1 for an empty slot.
+    fixed : Array, shape (N, 3) bool
+        Cartesian components held fixed (ASE's ``FixAtoms`` / ``FixCartesian``); see
+        :mod:`fused_dynamics.constraints`.
+    fix_com : Array, shape (S,) bool
+        Systems whose centre of mass is held (ASE's ``FixCom``).
     stage_state : tuple
         Per-sub-stage state; every leaf has a leading axis of length S.
     info : dict[str, Array]
@@ -88,6 +94,8 @@ class Batch(eqx.Module):
     system_mask: jax.Array
     status: jax.Array
     system_id: jax.Array
+    fixed: jax.Array
+    fix_com: jax.Array
     stage_state: tuple = ()
     info: dict = eqx.field(default_factory=dict)
     neighbors: Any = None
@@ -182,11 +190,15 @@ class Batch(eqx.Module):
         system_ids : sequence of int, optional
             Dataset index of each system (default: 0, 1, ...).
 
+        Constraints (``atoms.constraints``) of the types ``FixAtoms``, ``FixCartesian`` and
+        ``FixCom`` are carried into ``fixed`` / ``fix_com`` and honoured by every sub-stage.
+
         Raises
         ------
         ValueError
             Empty input, capacities too small, non-finite positions, a singular periodic cell,
-            non-positive masses, an empty system. The message names the system index.
+            non-positive masses, an empty system, an unsupported constraint type. The message
+            names the system index.
         TypeError
             An element that is not ``ase.Atoms``, or a dtype that is not a float or not enabled.
         """
@@ -242,8 +254,14 @@ class Batch(eqx.Module):
         """The occupied slots as ``ase.Atoms``, in slot order.
 
         Each carries velocities and a ``SinglePointCalculator`` with energy, forces and stress
-        (stress in Voigt order, eV/Å³, as ASE returns it), and in ``atoms.info``:
-        ``system_id``, ``status``, and after a run ``exit_reason`` and ``stage_steps``.
+        (stress in Voigt order, eV/Å³, as ASE returns it; present for a system periodic along at
+        least one direction whose stress is finite: every run computes it for what it returns,
+        a failed system has none, and a cluster, whose cell is not physical, has none), the
+        batch's constraints as ASE constraints, and in ``atoms.info``: ``system_id``,
+        ``status``, and after a run ``exit_reason`` (an :class:`~fused_dynamics.ExitReason`
+        code) with its name ``exit_reason_name``, ``stage_steps``, and ``failure`` (names of the
+        non-finite or out-of-bound quantities, ``""`` if none, see
+        :class:`~fused_dynamics.Failure`) with ``failure_step``.
 
         In float64, positions, numbers, masses, cells, pbc and velocities come back bit for bit
         as :meth:`from_atoms` read them, with one exception: a non-periodic system given without
@@ -252,7 +270,7 @@ class Batch(eqx.Module):
         """
         host = jax.device_get(self)
         arrays = {k: getattr(host, k) for k in HOST_FIELDS}
-        arrays.update({k: host.info[k] for k in ("exit_reason", "stage_steps") if k in host.info})
+        arrays.update({k: host.info[k] for k in INFO_FIELDS if k in host.info})
         return atoms_from_arrays(arrays, np.flatnonzero(np.asarray(host.system_mask)))
 
 
@@ -270,7 +288,11 @@ HOST_FIELDS = (
     "stress",
     "status",
     "system_id",
+    "fixed",
+    "fix_com",
 )
+#: per-system bookkeeping of a run (``batch.info``) that goes out with each system
+INFO_FIELDS = ("exit_reason", "stage_steps", "failure", "failure_step")
 
 
 def atoms_from_arrays(arrays: dict[str, np.ndarray], slots) -> list[ase.Atoms]:
@@ -298,15 +320,22 @@ def atoms_from_arrays(arrays: dict[str, np.ndarray], slots) -> list[ase.Atoms]:
             results["energy"] = float(arrays["energy"][slot])
         if "forces" in arrays:
             results["forces"] = np.asarray(arrays["forces"], np.float64)[sel]
-        if "stress" in arrays:
+        if "stress" in arrays and np.asarray(arrays["pbc"])[slot].any():
             stress = np.asarray(arrays["stress"], np.float64)[slot]
-            if np.all(np.isfinite(stress)):  # NaN: not computed in this run; leave it out
+            if np.all(np.isfinite(stress)):  # NaN: not computed, or the system failed
                 results["stress"] = _voigt(stress)
         if results:
             atoms.calc = SinglePointCalculator(atoms, **results)
-        for key in ("system_id", "status", "exit_reason"):
+        if "fixed" in arrays:
+            fix_com = bool(np.asarray(arrays["fix_com"])[slot]) if "fix_com" in arrays else False
+            atoms.set_constraint(constraints.to_ase(np.asarray(arrays["fixed"])[sel], fix_com))
+        for key in ("system_id", "status", "exit_reason", "failure_step"):
             if key in arrays:
                 atoms.info[key] = int(np.asarray(arrays[key])[slot])
+        if "exit_reason" in arrays:
+            atoms.info["exit_reason_name"] = exit_reason_name(atoms.info["exit_reason"])
+        if "failure" in arrays:
+            atoms.info["failure"] = failure_names(int(np.asarray(arrays["failure"])[slot]))
         if "stage_steps" in arrays:
             atoms.info["stage_steps"] = np.asarray(arrays["stage_steps"])[slot].tolist()
         out.append(atoms)
@@ -331,12 +360,15 @@ def empty_host_arrays(max_atoms: int, max_systems: int) -> dict[str, np.ndarray]
         "system_mask": np.zeros(s, bool),
         "status": np.zeros(s, np.int32),
         "system_id": np.full(s, -1, np.int32),
+        "fixed": np.zeros((n, 3), bool),
+        "fix_com": np.zeros(s, bool),
     }
 
 
 def write_system(host: dict, slot: int, offset: int, atoms: ase.Atoms, system_id: int) -> None:
     """Write one ``ase.Atoms`` into slot ``slot`` and atoms ``offset:offset+len(atoms)``."""
     n = len(atoms)
+    fixed, fix_com = constraints.from_ase(atoms, system_id)
     sel = slice(offset, offset + n)
     host["positions"][sel] = atoms.get_positions()
     host["velocities"][sel] = atoms.get_velocities()
@@ -352,6 +384,8 @@ def write_system(host: dict, slot: int, offset: int, atoms: ase.Atoms, system_id
     host["system_mask"][slot] = True
     host["status"][slot] = 0
     host["system_id"][slot] = system_id
+    host["fixed"][sel] = fixed
+    host["fix_com"][slot] = fix_com
 
 
 def _safe_cell(atoms: ase.Atoms) -> np.ndarray:
@@ -393,6 +427,7 @@ def _validate_atoms(atoms: Any, i: int) -> None:
         raise TypeError(f"system {i}: expected ase.Atoms, got {type(atoms).__name__}.")
     if len(atoms) == 0:
         raise ValueError(f"system {i}: has no atoms.")
+    constraints.from_ase(atoms, i)  # unsupported types are refused here, before anything runs
     pos = atoms.get_positions()
     if not np.all(np.isfinite(pos)):
         bad = int(np.flatnonzero(~np.isfinite(pos).all(axis=1))[0])

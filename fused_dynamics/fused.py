@@ -8,7 +8,8 @@ One step (see ``shared/SEMANTICS.md``)::
     ONE model evaluation on the whole batch; AFTER_COMPUTE hooks
     for each sub-stage: second half on its systems, AFTER_POST_UPDATE hooks
     AFTER_STEP hooks
-    step counters, budgets -> migration, convergence -> migration, ON_CONVERGE hooks
+    step counters, finite-or-failed check, budgets -> migration, convergence -> migration,
+    ON_CONVERGE hooks
 
 The set of systems a sub-stage updates is fixed by the status at the start of the step.
 """
@@ -24,9 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import constraints
 from .batch import Batch
 from .convergence import ConvergenceHook
-from .hooks import DynamicsStage, ExitReason, Hook, HookContext, fire_hooks
+from .hooks import DynamicsStage, ExitReason, Failure, Hook, HookContext, fire_hooks
+from .models.neighbors import NeighborList
 from .stages.base import Stage
 
 __all__ = ["FusedStage", "StepReport"]
@@ -70,6 +73,23 @@ class FusedStage(eqx.Module):
         of refilled systems in inflight runs), for example to draw velocities.
     hooks : sequence of Hook, optional
         Fused-level hooks (see :meth:`register_fused_hook`).
+    max_force : float or None, default 1e4
+        eV/Å. A system whose largest atomic force exceeds it fails (``Failure.MAX_FORCE``) before
+        it can blow up; ``None`` checks finiteness only. The default is far above any force of
+        a structure that relaxes or simulates sensibly (bonds break at O(10) eV/Å).
+    always_stress : bool, default False
+        Compute the stress at every evaluation even when nothing in the run reads it, so that
+        every output carries it (see :attr:`needs_stress`).
+
+    Notes
+    -----
+    Finite or failed: after the first evaluation and after every step, each running system is
+    checked (one per-system reduction): a non-finite energy, forces, stress (where computed),
+    positions, velocities or cell, or a force above ``max_force``, moves the system out of the
+    run with ``info["exit_reason"] == ExitReason.FAILED``, ``info["failure"]`` (a
+    :class:`~fused_dynamics.Failure` bit set naming the quantities) and ``info["failure_step"]``
+    (the steps it had taken, 0 for the first evaluation). It is never reported converged, and
+    no other system's arithmetic sees its values.
 
     Examples
     --------
@@ -85,6 +105,8 @@ class FusedStage(eqx.Module):
     compile_options: tuple = eqx.field(static=True)
     init_fn: Callable | None = eqx.field(static=True)
     hooks: tuple[Hook, ...]
+    max_force: float | None = eqx.field(static=True)
+    always_stress: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -96,7 +118,16 @@ class FusedStage(eqx.Module):
         compile_kwargs: dict | None = None,
         init_fn: Callable | None = None,
         hooks: Sequence[Hook] = (),
+        max_force: float | None = 1e4,
+        always_stress: bool = False,
     ):
+        if max_force is not None and (
+            isinstance(max_force, bool) or not np.isfinite(max_force) or not max_force > 0
+        ):
+            raise ValueError(
+                f"FusedStage: max_force must be a finite number > 0 (eV/Å) or None, got "
+                f"{max_force!r}."
+            )
         pairs = []
         for i, item in enumerate(sub_stages):
             if isinstance(item, Stage):
@@ -142,6 +173,8 @@ class FusedStage(eqx.Module):
             if not isinstance(h, Hook):
                 raise TypeError(f"FusedStage hooks must be Hook instances, got {type(h).__name__}.")
         self.hooks = tuple(hooks)
+        self.max_force = None if max_force is None else float(max_force)
+        self.always_stress = bool(always_stress)
 
     # ------------------------------------------------------------------ composition
     def __add__(self, other: Stage | FusedStage) -> FusedStage:
@@ -155,6 +188,9 @@ class FusedStage(eqx.Module):
             compile_kwargs=self.compile_kwargs,
             init_fn=self.init_fn,
             hooks=self.hooks + (other.hooks if isinstance(other, FusedStage) else ()),
+            max_force=self.max_force,
+            always_stress=self.always_stress
+            or (isinstance(other, FusedStage) and other.always_stress),
         )
 
     def __repr__(self) -> str:
@@ -181,6 +217,8 @@ class FusedStage(eqx.Module):
             compile_kwargs=self.compile_kwargs,
             init_fn=self.init_fn,
             hooks=self.hooks + (hook,),
+            max_force=self.max_force,
+            always_stress=self.always_stress,
         )
 
     @property
@@ -266,10 +304,25 @@ class FusedStage(eqx.Module):
     def is_initialized(self, batch: Batch) -> bool:
         return len(batch.stage_state) == len(self.sub_stages) and "stage_steps" in batch.info
 
+    def with_stress(self) -> FusedStage:
+        """A copy that computes the stress at every evaluation (``always_stress=True``)."""
+        return FusedStage(
+            self.sub_stages,
+            entry_status=self.entry_status,
+            exit_status=self.exit_status,
+            compile_step=self.compile_step,
+            compile_kwargs=self.compile_kwargs,
+            init_fn=self.init_fn,
+            hooks=self.hooks,
+            max_force=self.max_force,
+            always_stress=True,
+        )
+
     @property
     def needs_stress(self) -> bool:
-        """Whether any sub-stage, criterion or hook reads the stress."""
-        uses = [st.needs_stress for st in self.stages]
+        """Whether the stress is computed: ``always_stress``, or a sub-stage, criterion or hook
+        reads it. When it is not, ``batch.stress`` is NaN and outputs leave it out."""
+        uses = [self.always_stress] + [st.needs_stress for st in self.stages]
         for st in self.stages:
             if st.convergence_hook is not None:
                 uses += [c.key == "stress" for c in st.convergence_hook.criteria]
@@ -285,9 +338,51 @@ class FusedStage(eqx.Module):
         The stress is computed only when something reads it (:attr:`needs_stress`); else it is
         NaN ("not computed"), and ``to_atoms`` and the sinks leave it out rather than report a
         wrong number.
+
+        A batch carrying a :class:`~fused_dynamics.NeighborList` has it refreshed first and
+        stored, so that an overflow always reaches the run loop (which regrows the list and
+        repeats the work). Forces come out with the constraints applied
+        (:func:`fused_dynamics.constraints.project_forces`).
         """
+        if isinstance(batch.neighbors, NeighborList):
+            batch = batch.replace(neighbors=batch.neighbors.update(batch))
         out = self.model(batch, stress=self.needs_stress)
-        return batch.replace(energy=out.energy, forces=out.forces, stress=out.stress)
+        forces = constraints.project_forces(batch, out.forces)
+        return batch.replace(energy=out.energy, forces=forces, stress=out.stress)
+
+    def failures(self, batch: Batch) -> jax.Array:
+        """Failure code of every slot, shape (S,) int32 (0: healthy); see :class:`Failure`.
+
+        Per-system reductions only, so one system's values never decide another's code.
+        """
+
+        def atoms_bad(x):
+            bad = batch.atom_mask & ~jnp.all(jnp.isfinite(x), axis=-1)
+            return batch.sum_atoms(bad.astype(jnp.int32)) > 0
+
+        checks = [
+            (~jnp.isfinite(batch.energy), Failure.ENERGY),
+            (atoms_bad(batch.forces), Failure.FORCES),
+            (atoms_bad(batch.positions), Failure.POSITIONS),
+            (atoms_bad(batch.velocities), Failure.VELOCITIES),
+            (~jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1)), Failure.CELL),
+        ]
+        if self.needs_stress:
+            checks.append((~jnp.all(jnp.isfinite(batch.stress), axis=(-2, -1)), Failure.STRESS))
+        if self.max_force is not None:
+            f = jnp.where(jnp.isfinite(batch.forces), batch.forces, 0.0)
+            norm = jnp.where(batch.atom_mask, jnp.sqrt(jnp.sum(f * f, axis=-1)), 0.0)
+            checks.append((batch.max_atoms_of(norm) > self.max_force, Failure.MAX_FORCE))
+        if isinstance(batch.neighbors, NeighborList):
+            # Pairs were dropped: every result since is suspect. A concrete run regrows the list
+            # and repeats the work from its last good state (discarding this); a traced one (vmap,
+            # grad, a caller's jit) cannot, and its systems end FAILED instead of wrong.
+            overflow = jnp.broadcast_to(batch.neighbors.overflow, batch.energy.shape)
+            checks.append((overflow, Failure.NEIGHBOR_OVERFLOW))
+        code = jnp.zeros(batch.energy.shape, jnp.int32)
+        for bad, bit in checks:
+            code = code | jnp.where(bad, int(bit), 0)
+        return jnp.where(batch.system_mask, code, 0)
 
     # ------------------------------------------------------------------ the step
     def step(self, batch: Batch, step_count: jax.Array | int = 0) -> tuple[Batch, StepReport]:
@@ -333,10 +428,13 @@ class FusedStage(eqx.Module):
         in_stage = jnp.stack(masks, axis=-1)  # (S, n_sub)
         stage_steps = info["stage_steps"] + in_stage.astype(jnp.int32)
         info["stage_steps"] = stage_steps
-        batch = batch.replace(info=info)  # criteria (custom_op) see this step's counts
-        energy_change = jnp.abs(batch.energy - info["prev_energy"])
         # hooks (a failure detector) may already have moved systems out: start from their status
         status = batch.status
+        # finite or failed: checked before any criterion, so a failed system never converges
+        running = batch.system_mask & (status != self.exit_status)
+        status, info = _fail(self, batch, info, status, running, jnp.sum(stage_steps, axis=-1))
+        batch = batch.replace(info=info)  # criteria (custom_op) see this step's counts
+        energy_change = jnp.abs(batch.energy - info["prev_energy"])
         still = [m & (status == code) for m, (code, _) in zip(masks, self.sub_stages, strict=True)]
         budget_spent = jnp.zeros_like(batch.system_mask)
         converged = jnp.zeros_like(batch.system_mask)
@@ -560,10 +658,24 @@ def run_steps(fused: FusedStage, batch: Batch, limit, start=0, max_steps=None):
     zero = jnp.zeros((), jnp.int32)
     init = (batch, zero, zero)
     if max_steps is None:
-        return jax.lax.while_loop(cond, body, init)
-    import equinox.internal as eqxi
+        batch, taken, active = jax.lax.while_loop(cond, body, init)
+    else:
+        import equinox.internal as eqxi
 
-    return eqxi.while_loop(cond, body, init, max_steps=max_steps, kind="checkpointed")
+        loop = eqxi.while_loop(cond, body, init, max_steps=max_steps, kind="checkpointed")
+        batch, taken, active = loop
+    return output_stress(fused, batch), taken, active
+
+
+def output_stress(fused: FusedStage, batch: Batch) -> Batch:
+    """The batch with the stress of its final positions, for outputs (one evaluation).
+
+    A run whose steps do not read the stress skips it at every step (it costs about as much as
+    the forces); what leaves the run still carries it, computed once here.
+    """
+    if fused.needs_stress:
+        return batch
+    return batch.replace(stress=fused.model(batch, stress=True).stress)
 
 
 def _run_loop(
@@ -572,6 +684,21 @@ def _run_loop(
     if not resume:
         batch = fused.init(batch)
     return run_steps(fused, batch, limit, 0, max_steps)[0]
+
+
+def _fail(fused, batch, info, status, running, steps):
+    """Move the ``running`` systems whose :meth:`FusedStage.failures` code is set out of the run.
+
+    Returns the new status and info (``exit_reason`` FAILED, ``failure``, ``failure_step``).
+    """
+    code = jnp.where(running, fused.failures(batch), 0)
+    failed = code != 0
+    info = dict(info)
+    info["exit_reason"] = jnp.where(failed, int(ExitReason.FAILED), info["exit_reason"])
+    info["failure"] = jnp.where(failed, code, info["failure"]).astype(jnp.int32)
+    info["failure_step"] = jnp.where(failed, steps, info["failure_step"]).astype(jnp.int32)
+    status = jnp.where(failed, fused.exit_status, status).astype(jnp.int32)
+    return status, info
 
 
 def _init_impl(fused, batch: Batch) -> Batch:
@@ -588,9 +715,13 @@ def _init_impl(fused, batch: Batch) -> Batch:
         stage_state=tuple(stage.init_state(batch) for _, stage in fused.sub_stages),
         info=info,
     )
-    if batch.neighbors is not None:  # a rebuild for the priming evaluation is kept ([S6])
+    for hook in fused.all_hooks():
+        batch = hook.constrain(batch)
+    if batch.neighbors is not None and not isinstance(batch.neighbors, NeighborList):
         batch = batch.replace(neighbors=batch.neighbors.update(batch))
-    return fused.evaluate(batch)
+    batch = fused.evaluate(batch)  # a NeighborList is refreshed (and kept) there
+    status, info = _fail(fused, batch, batch.info, batch.status, batch.system_mask, 0)
+    return batch.replace(status=status, info=info)
 
 
 _init = eqx.filter_jit(_init_impl)
@@ -611,6 +742,8 @@ def fresh_info(num_systems: int, num_sub_stages: int, dtype) -> dict[str, jax.Ar
         "stage_steps": jnp.zeros((num_systems, num_sub_stages), jnp.int32),
         "prev_energy": jnp.full((num_systems,), jnp.inf, dtype),
         "exit_reason": jnp.zeros((num_systems,), jnp.int32),  # ExitReason.RUNNING
+        "failure": jnp.zeros((num_systems,), jnp.int32),  # Failure.NONE
+        "failure_step": jnp.full((num_systems,), -1, jnp.int32),
     }
 
 

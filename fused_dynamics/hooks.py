@@ -27,11 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .batch import HOST_FIELDS
+from .batch import HOST_FIELDS, INFO_FIELDS
+from .status import ExitReason, Failure
 
 __all__ = [
     "DynamicsStage",
     "ExitReason",
+    "Failure",
     "Hook",
     "HookContext",
     "HookData",
@@ -62,16 +64,6 @@ class DynamicsStage(enum.IntEnum):
     AFTER_POST_UPDATE = 6
     AFTER_STEP = 7
     ON_CONVERGE = 8
-
-
-class ExitReason(enum.IntEnum):
-    """How a system left the run (``batch.info["exit_reason"]``)."""
-
-    RUNNING = 0
-    CONVERGED = 1
-    BUDGET = 2
-    FAILED = 3
-    REJECTED = 4
 
 
 @dataclass(frozen=True)
@@ -147,6 +139,11 @@ class Hook(eqx.Module):
         """Per-system bookkeeping arrays (leading axis S) this hook keeps in ``batch.info``."""
         return {}
 
+    def constrain(self, batch):
+        """The batch with this hook's constraints added (``fixed`` / ``fix_com``), applied when
+        a run initializes the batch. Default: none."""
+        return batch
+
     def on_host(self, data: HookData) -> None:
         """Host-side work on NumPy copies. Default: nothing."""
 
@@ -205,13 +202,22 @@ def fire_hooks(hooks, batch, ctx: HookContext):
     return batch
 
 
-def fail_systems(batch, failed: jax.Array, exit_status: int):
-    """Move ``failed`` systems (S,) bool out of the run with exit reason FAILED."""
+def fail_systems(batch, failed: jax.Array, exit_status: int, code=Failure.NONE):
+    """Move ``failed`` systems (S,) bool out of the run with exit reason FAILED.
+
+    ``code`` (a :class:`Failure` or an int32 array (S,)) is recorded in ``info["failure"]`` and the
+    system's step count in ``info["failure_step"]``.
+    """
     failed = failed & batch.system_mask & (batch.status != exit_status)
     info = dict(batch.info)
     info["exit_reason"] = jnp.where(failed, ExitReason.FAILED, info["exit_reason"]).astype(
         jnp.int32
     )
+    if "failure" in info:
+        code = jnp.broadcast_to(jnp.asarray(code, jnp.int32), failed.shape)
+        info["failure"] = jnp.where(failed, info["failure"] | code, info["failure"])
+        steps = jnp.sum(info["stage_steps"], axis=-1, dtype=jnp.int32)
+        info["failure_step"] = jnp.where(failed, steps, info["failure_step"])
     return batch.replace(status=jnp.where(failed, exit_status, batch.status), info=info)
 
 
@@ -225,6 +231,9 @@ class NaNDetectorHook(Hook):
 
     stage: DynamicsStage = eqx.field(static=True, default=DynamicsStage.AFTER_COMPUTE, kw_only=True)
     warn: bool = eqx.field(static=True, default=True, kw_only=True)
+    code: int = eqx.field(
+        static=True, default=int(Failure.ENERGY | Failure.FORCES | Failure.POSITIONS), kw_only=True
+    )
 
     def bad(self, batch) -> jax.Array:
         atom_ok = jnp.all(jnp.isfinite(batch.forces), -1) & jnp.all(
@@ -238,7 +247,7 @@ class NaNDetectorHook(Hook):
         bad = self.bad(batch) & (batch.status != ctx.exit_status)
         if self.warn:
             jax.debug.callback(_warn_failed, type(self).__name__, bad, batch.system_id, ctx.step)
-        return fail_systems(batch, bad, ctx.exit_status)
+        return fail_systems(batch, bad, ctx.exit_status, self.code)
 
 
 def _warn_failed(name, bad, system_id, step):
@@ -254,6 +263,11 @@ class MaxForceHook(NaNDetectorHook):
     """Fail a system whose largest atomic force exceeds ``max_force`` eV/Å (or is non-finite)."""
 
     max_force: float = 100.0
+    code: int = eqx.field(static=True, default=int(Failure.MAX_FORCE), kw_only=True)
+
+    def __check_init__(self):
+        if isinstance(self.max_force, bool) or not float(self.max_force) > 0:
+            raise ValueError(f"MaxForceHook: max_force must be > 0 (eV/Å), got {self.max_force!r}.")
 
     def bad(self, batch):
         norm = jnp.where(batch.atom_mask, jnp.linalg.norm(batch.forces, axis=-1), 0.0)
@@ -282,6 +296,10 @@ class EnergyDriftMonitorHook(Hook):
         if self.action not in ("warn", "fail"):
             raise ValueError(
                 f"EnergyDriftMonitorHook: action must be 'warn' or 'fail', got {self.action!r}."
+            )
+        if isinstance(self.threshold, bool) or not float(self.threshold) > 0:
+            raise ValueError(
+                f"EnergyDriftMonitorHook: threshold must be > 0 (eV/atom), got {self.threshold!r}."
             )
 
     def init_info(self, batch):
@@ -312,9 +330,12 @@ class FreezeAtomsHook(Hook):
     positions : Array, shape (N, 3)
         Where they are held (use :meth:`from_batch`).
 
-    Runs at ``BEFORE_COMPUTE`` (a fused-level point): after the first halves moved atoms, the
-    frozen ones are put back before the evaluation, and their forces and velocities are zeroed
-    after it (at ``AFTER_COMPUTE`` through a second instance made by :meth:`from_batch`).
+    When a run initializes the batch, the frozen atoms are put at ``positions`` and added to the
+    batch's constraint mask ``fixed`` (:mod:`fused_dynamics.constraints`, the same mechanism as
+    ASE's ``FixAtoms``): every sub-stage then leaves them in place, their forces are zero, and
+    they do not count as degrees of freedom in temperatures and thermostats. Atom slots are
+    fixed, so use it with a static batch, not with inflight refills (give ``FixAtoms``
+    constraints on the ``ase.Atoms`` instead; they travel with the system).
     """
 
     atom_mask: jax.Array
@@ -333,12 +354,12 @@ class FreezeAtomsHook(Hook):
         atom_mask = jnp.asarray(atom_mask, bool) & batch.atom_mask
         return cls(atom_mask=atom_mask, positions=batch.positions)
 
-    def apply(self, batch, ctx):
-        m = self.atom_mask[:, None]
+    def constrain(self, batch):
+        m = (self.atom_mask & batch.atom_mask)[:, None]
         return batch.replace(
             positions=jnp.where(m, self.positions, batch.positions),
             velocities=jnp.where(m, 0.0, batch.velocities),
-            forces=jnp.where(m, 0.0, batch.forces),
+            fixed=batch.fixed | m,
         )
 
 
@@ -428,10 +449,7 @@ class LoggingHook(Hook):
 
 
 # what a snapshot needs: the batch fields of an ase.Atoms (status and system_id are always sent)
-_FRAME_FIELDS = tuple(f for f in HOST_FIELDS if f not in ("status", "system_id")) + (
-    "exit_reason",
-    "stage_steps",
-)
+_FRAME_FIELDS = tuple(f for f in HOST_FIELDS if f not in ("status", "system_id")) + INFO_FIELDS
 
 
 class SnapshotHook(Hook):

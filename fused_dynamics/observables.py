@@ -1,8 +1,9 @@
 """Per-system observables: kinetic energy, temperature, fmax, pressure; initial velocities.
 
-Temperature convention: ``T = 2 KE / (n_dof k_B)`` with ``n_dof = 3 n_atoms`` per system, as
-``ase.Atoms.get_temperature`` (no degrees of freedom removed for the centre of mass). Padding atoms
-never count.
+Temperature convention: ``T = 2 KE / (n_dof k_B)`` with ``n_dof = 3 n_atoms`` per system minus
+what the constraints remove (fixed components, 3 for a fixed centre of mass), as
+``ase.Atoms.get_temperature`` (no degrees of freedom removed for the centre of mass otherwise).
+Padding atoms never count.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from ase import units
 
-from . import segment
+from . import constraints, segment
 from .batch import Batch
 
 __all__ = [
@@ -32,8 +33,12 @@ def kinetic_energy(batch: Batch) -> jax.Array:
 
 
 def degrees_of_freedom(batch: Batch) -> jax.Array:
-    """``3 n_atoms`` per system (ASE's convention), shape (S,), in the batch's float dtype."""
-    return 3.0 * batch.n_atoms.astype(batch.dtype)
+    """``3 n_atoms`` minus the constrained components per system, shape (S,), float dtype.
+
+    ASE's convention (``Atoms.get_temperature``): each fixed Cartesian component removes one, a
+    fixed centre of mass three (:func:`fused_dynamics.constraints.removed_dof`).
+    """
+    return (3 * batch.n_atoms - constraints.removed_dof(batch)).astype(batch.dtype)
 
 
 def temperature(batch: Batch) -> jax.Array:
@@ -80,6 +85,9 @@ def initialize_velocities(
     rescale : bool, default True
         Rescale each system to exactly ``temperature`` (ASE's convention, ``3 n_atoms`` dof).
         A one-atom system with ``remove_com`` has no motion left and keeps zero velocity.
+        Fixed components (``batch.fixed``) get zero velocity, and a system with fixed atoms keeps
+        its centre-of-mass velocity (its momentum is not conserved anyway); the rescale uses
+        the constrained degrees of freedom (:func:`degrees_of_freedom`).
 
     Returns
     -------
@@ -108,7 +116,10 @@ def _initialize_velocities(
     z = jax.vmap(draw)(sid, local)
     kt = batch.to_atoms_axis(t * units.kB)
     v = z * jnp.sqrt(kt / batch.masses)[:, None]
-    v = jnp.where(batch.atom_mask[:, None], v, 0.0)
+    v = jnp.where(batch.atom_mask[:, None] & ~batch.fixed, v, 0.0)
+    v0 = v
+    # the momentum of a system with fixed atoms is not conserved: its centre of mass is left alone
+    pinned = batch.sum_atoms(jnp.any(batch.fixed, axis=-1).astype(jnp.int32)) > 0
     if remove_com:
         p = batch.sum_atoms(batch.masses[:, None] * v)
         m = batch.sum_atoms(jnp.where(batch.atom_mask, batch.masses, 0.0))
@@ -117,6 +128,7 @@ def _initialize_velocities(
         # v - p/m leaves a rounding residue that the rescale below would blow up to full speed.
         keep = batch.atom_mask & (batch.to_atoms_axis(batch.n_atoms) > 1)
         v = jnp.where(keep[:, None], v - batch.to_atoms_axis(v_com), 0.0)
+        v = jnp.where(batch.to_atoms_axis(pinned)[:, None], v0, v)
     new = batch.replace(velocities=v)
     if rescale:
         current = temperature(new)

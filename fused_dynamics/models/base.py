@@ -75,11 +75,12 @@ def _evaluate(model: Model, batch: Batch, with_stress: bool = True) -> ModelOutp
             return jnp.sum(e), e
 
         (_, energy), de_dr = jax.value_and_grad(energy_only, has_aux=True)(batch.positions)
-        return ModelOutput(
+        out = ModelOutput(
             energy=jnp.where(batch.system_mask, energy, 0.0),
             forces=jnp.where(batch.atom_mask[:, None], -de_dr, 0.0),
             stress=jnp.full((s, 3, 3), jnp.nan, batch.dtype),  # "not computed"
         )
+        return _non_finite_input_is_nan(batch, out)
 
     def total_energy(positions, strain):
         strain = 0.5 * (strain + jnp.swapaxes(strain, -1, -2))
@@ -103,7 +104,26 @@ def _evaluate(model: Model, batch: Batch, with_stress: bool = True) -> ModelOutp
     forces = jnp.where(batch.atom_mask[:, None], -de_dr, 0.0)
     stress = jnp.where(batch.system_mask[:, None, None], de_deps / volume[:, None, None], 0.0)
     energy = jnp.where(batch.system_mask, energy, 0.0)
-    return ModelOutput(energy=energy, forces=forces, stress=stress)
+    return _non_finite_input_is_nan(batch, ModelOutput(energy=energy, forces=forces, stress=stress))
+
+
+def _non_finite_input_is_nan(batch: Batch, out: ModelOutput) -> ModelOutput:
+    """NaN energy, forces and stress for a system whose positions or cell are not finite.
+
+    A model may drop a pair whose distance is NaN (``r2 < cutoff**2`` is False) and return a
+    plausible 0 eV for an exploded structure; no result may be computed from non-finite input.
+    """
+    atom_bad = batch.atom_mask & ~jnp.all(jnp.isfinite(batch.positions), axis=-1)
+    bad = batch.system_mask & (
+        (batch.sum_atoms(atom_bad.astype(jnp.int32)) > 0)
+        | ~jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))
+    )
+    atom = batch.to_atoms_axis(bad)[:, None]
+    return ModelOutput(
+        energy=jnp.where(bad, jnp.nan, out.energy),
+        forces=jnp.where(atom, jnp.nan, out.forces),
+        stress=jnp.where(bad[:, None, None], jnp.nan, out.stress),
+    )
 
 
 _evaluate_jit = eqx.filter_jit(_evaluate)

@@ -11,8 +11,11 @@ they are stored (not wrapped), so a pair's displacement is continuous while atom
 the stress, depends on the (strained) cell. Pairs never cross systems. Unused slots hold
 ``senders == receivers == N`` (the atom capacity, a sentinel that ``segment_sum(...,
 num_segments=N)`` drops) and zero shifts. With ``half=True`` each unordered pair is stored once
-(in one direction or the other; pair potentials sum it with weight 1). The full list (both
-directions) is what message-passing models consume. Pairs are ordered by bin offset, then atom.
+(``i < j``, or a positive shift for an atom's own image; pair potentials sum it with weight 1).
+The full list (both directions) is what message-passing models consume. Pairs are sorted by
+``(i, j, S)``: the stored order depends only on which pairs exist, not on where atoms sat in the
+bins when the list was built, so a system's sums are the same bit for bit whenever (and however
+often, for whatever other system) the list was rebuilt.
 
 Construction (``build``) is a cell list per system, all systems at once with static shapes:
 
@@ -379,7 +382,10 @@ class NeighborList(eqx.Module):
         d2 = jnp.where(batch.atom_mask, jnp.sum(moved * moved, axis=-1), 0.0)
         max_d = jnp.sqrt(jnp.maximum(segment.segment_max(d2, batch.system_idx, s), 0.0))
         strain = jnp.sqrt(jnp.sum((a - jnp.eye(3, dtype=a.dtype)) ** 2, axis=(-2, -1)))
-        return batch.system_mask & ~(2.0 * max_d + self.cutoff * strain <= self.skin)
+        # a system with non-finite positions or cell has failed: it has no pairs and never asks
+        # for a rebuild (it would ask on every step)
+        moved_far = ~(2.0 * max_d + self.cutoff * strain <= self.skin)
+        return batch.system_mask & finite_systems(batch) & moved_far
 
     def must_rebuild(self, batch) -> jax.Array:
         """Whether :meth:`update` would rebuild: stale, re-packed, or moved (scalar bool)."""
@@ -419,6 +425,13 @@ class NeighborList(eqx.Module):
         """System slot of each pair, shape (P,) (``num_systems`` for unused slots)."""
         sys = jnp.take(system_idx, self.senders, mode="fill", fill_value=num_systems)
         return jnp.where(self.mask, sys, num_systems)
+
+
+def finite_systems(batch) -> jax.Array:
+    """Whether each system's positions and cell are finite, shape (S,) bool."""
+    atom_bad = batch.atom_mask & ~jnp.all(jnp.isfinite(batch.positions), axis=-1)
+    bad_atoms = segment.segment_sum(atom_bad.astype(jnp.int32), batch.system_idx, batch.max_systems)
+    return (bad_atoms == 0) & jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))
 
 
 # ============================================================================ hook
@@ -470,8 +483,10 @@ def _geometry_inputs(batch) -> dict:
         "cell": batch.cell,
         "pbc": batch.pbc,
         "system_idx": batch.system_idx,
-        "atom_mask": batch.atom_mask,
-        "system_mask": batch.system_mask,
+        # atoms of a system with non-finite positions or cell are left out of the build: they
+        # would crowd one bin and overflow the list for everyone
+        "atom_mask": batch.atom_mask & segment.to_atoms(finite_systems(batch), batch.system_idx),
+        "system_mask": batch.system_mask & finite_systems(batch),
     }
 
 
@@ -596,6 +611,24 @@ def _stencil(k: int, half: bool) -> np.ndarray:
     return offsets
 
 
+def _canonical_order(senders, receivers, shifts, half: bool):
+    """Pairs in a canonical direction (half lists) and sorted by ``(i, j, S)``; unused last.
+
+    The order in which the cell list met the pairs depends on the bins at the build; sorting makes
+    every sum over the list (energies, scatter-added forces) independent of when it was built.
+    """
+    if half:  # (j, i, -S) is the same unordered pair as (i, j, S)
+        swap = (receivers < senders) | ((receivers == senders) & ~_positive_shift(shifts))
+        senders, receivers = (
+            jnp.where(swap, receivers, senders),
+            jnp.where(swap, senders, receivers),
+        )
+        shifts = jnp.where(swap[:, None], -shifts, shifts)
+    keys = (senders, receivers, shifts[:, 0], shifts[:, 1], shifts[:, 2])
+    senders, receivers, s0, s1, s2 = jax.lax.sort(keys, num_keys=5)
+    return senders, receivers, jnp.stack([s0, s1, s2], axis=-1)
+
+
 def _build(nl: NeighborList, batch) -> NeighborList:
     """Rebuild ``nl`` on ``batch`` with its static capacities (see the module docstring).
 
@@ -613,7 +646,7 @@ def _build(nl: NeighborList, batch) -> NeighborList:
     cell = jax.lax.stop_gradient(batch.cell)
     system_idx = batch.system_idx
     sys = jnp.minimum(system_idx, s - 1)
-    real = batch.atom_mask & (system_idx < s) & (geo["global_bin"] >= 0)
+    real = (system_idx < s) & (geo["global_bin"] >= 0)
     table, occupancy = _bin_table(geo["global_bin"], n, b, m)
     n_atom = geo["n_bins"][sys]  # (N, 3)
     per = batch.pbc[sys]
@@ -674,9 +707,11 @@ def _build(nl: NeighborList, batch) -> NeighborList:
     row, wrap = rows(i, jnp.asarray(offsets)[index])
     j = table[row, column]
     j_ok = jnp.minimum(j, n - 1)
-    shifts = jnp.where(mask[:, None], wrap + image[i] - image[j_ok], 0)
+    shifts = jnp.where(mask[:, None], wrap + image[i] - image[j_ok], 0).astype(jnp.int32)
     senders = jnp.where(mask, i, n).astype(jnp.int32)
     receivers = jnp.where(mask, j, n).astype(jnp.int32)
+    senders, receivers, shifts = _canonical_order(senders, receivers, shifts, nl.half)
+    mask = senders < n
     now = jnp.stack([count, occupancy, geo["bins_total"], geo["stencil_needed"]])
     # bins_total <= b always (per-system caps); checked anyway so that nothing is dropped silently
     over = (count > p) | (occupancy > m) | (geo["bins_total"] > b) | (geo["stencil_needed"] > k)

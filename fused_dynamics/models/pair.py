@@ -69,9 +69,10 @@ class PairPotential(Model):
         the result) a list that is stale or out of date, so results are right even without a
         :class:`~fused_dynamics.models.neighbors.NeighborListHook` (which is what stores the
         refreshed list and makes rebuilds rare). If such an unstored rebuild overflows, the
-        energies are NaN (the overflow flag could not reach the run loop). Under ``jax.vmap``
-        this check becomes a select that builds on every evaluation: turn it off there when the
-        hook and the run loop keep the list fresh.
+        energies, forces and stress are NaN (the overflow flag could not reach the run loop;
+        inside a fused run the engine stores the refreshed list, so this cannot happen there).
+        Under ``jax.vmap`` this check becomes a select that builds on every evaluation: turn it
+        off there when the hook and the run loop keep the list fresh.
     """
 
     # ``cutoff`` (Å) is given by each subclass, as a static field or a property; it is not declared
@@ -149,7 +150,9 @@ class PairPotential(Model):
         phi = jnp.where(ok, self.pair_energy(r), 0.0)
         weight = 1.0 if nl.half else 0.5
         energy = segment.segment_sum(weight * phi, nl.pair_system(batch.system_idx, s), s)
-        return jnp.where(lost, jnp.nan, energy)
+        # a factor, not a select: forces and stress (its derivatives) must be NaN too, never the
+        # zeros that d/dx where(lost, nan, e) would give
+        return energy * jnp.where(lost, jnp.nan, 1.0)
 
     def with_images(self, batch: Batch) -> PairPotential:
         """A copy whose static image range covers every system of ``batch`` (host-side)."""
@@ -177,7 +180,9 @@ class PairPotential(Model):
     def _dense_energy(self, batch: Batch) -> jax.Array:
         n_img = (1, 1, 1) if self.images is None else tuple(self.images)
         need = required_images(batch.cell, batch.pbc, self.cutoff)
-        too_small = batch.system_mask & jnp.any(need > jnp.asarray(n_img), axis=-1)
+        # a non-finite cell is that system's failure (reported by the run), not a run-wide error
+        finite = jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))
+        too_small = batch.system_mask & finite & jnp.any(need > jnp.asarray(n_img), axis=-1)
         # One static message per slot, so that the error names the offending system.
         cell = eqx.branched_error_if(
             batch.cell,
@@ -201,9 +206,12 @@ class PairPotential(Model):
         pair_ok = valid[sys] & batch.atom_mask[:, None]
         inv_cell = jnp.linalg.inv(cell)
         pbc = batch.pbc[sys]  # (N, 3)
-        ds = jnp.einsum(
-            "nai,nij->naj", batch.positions[j] - batch.positions[:, None], inv_cell[sys]
-        )
+        # Gathered rows outside the atom's own system (j of an invalid pair points anywhere) are
+        # replaced by the atom's own position before any arithmetic: another system's NaN would
+        # otherwise reach this system through the backward pass (0 * NaN = NaN).
+        own = batch.positions[:, None]
+        pos_j = jnp.where(pair_ok[..., None], batch.positions[j], own)
+        ds = jnp.einsum("nai,nij->naj", pos_j - own, inv_cell[sys])
         ds = ds - jnp.where(pbc[:, None], jnp.round(ds), 0.0)
         # shifts along non-periodic directions are not images
         shift_ok = jnp.all((shifts[None] == 0) | pbc[:, None], axis=-1)  # (N, K)

@@ -10,9 +10,11 @@ and writes ``energy``, ``forces`` and ``stress`` into the batch between the two 
 
 Subclasses implement :meth:`first_half` and :meth:`second_half` for the whole batch, unmasked;
 the base class selects the result per system with ``jnp.where`` so that systems outside ``mask``
-are bit-for-bit untouched. Per-system stage state (FIRE's dt and alpha, thermostat chains, random
-step counters, ...) is a pytree whose leaves all have a leading axis of length S; it is created by
-:meth:`init_state` and lives in ``batch.stage_state``.
+are bit-for-bit untouched, and applies the batch's constraints (fixed atoms or directions, fixed
+centre of mass; :mod:`fused_dynamics.constraints`) to the result, so no sub-stage handles them.
+Per-system stage state (FIRE's dt and alpha, thermostat chains, random step counters, ...) is
+a pytree whose leaves all have a leading axis of length S; it is created by :meth:`init_state`
+and lives in ``batch.stage_state``.
 
 Updates are computed for every slot, selected or not, so they must stay finite on empty slots and
 padding (divide by ``max(n, 1)``, never by a count that can be zero), or gradients through the
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from ase import units
 
+from .. import constraints
 from ..batch import Batch
 from ..models.base import Model
 
@@ -139,12 +142,14 @@ class Stage(eqx.Module):
     def pre_update(self, batch: Batch, state: Any, mask: jax.Array) -> tuple[Batch, Any]:
         """First half on the systems where ``mask`` (S,) is True; others untouched."""
         new_batch, new_state = self.first_half(batch, state)
-        return select_batch(mask, new_batch, batch), select_state(mask, new_state, state)
+        new_batch = constraints.constrain_update(batch, select_batch(mask, new_batch, batch), mask)
+        return new_batch, select_state(mask, new_state, state)
 
     def post_update(self, batch: Batch, state: Any, mask: jax.Array) -> tuple[Batch, Any]:
         """Second half on the systems where ``mask`` (S,) is True; others untouched."""
         new_batch, new_state = self.second_half(batch, state)
-        return select_batch(mask, new_batch, batch), select_state(mask, new_state, state)
+        new_batch = constraints.constrain_update(batch, select_batch(mask, new_batch, batch), mask)
+        return new_batch, select_state(mask, new_state, state)
 
     # ----------------------------------------------------------- composition
     def __add__(self, other):

@@ -1,0 +1,148 @@
+"""Constraints: atoms or Cartesian directions held fixed, and a fixed centre of mass.
+
+A :class:`~fused_dynamics.Batch` carries two masks:
+
+- ``fixed`` (N, 3) bool: direction ``k`` of atom ``i`` is held (ASE's ``FixAtoms`` holds all three
+  directions of an atom, ``FixCartesian(a, mask)`` the directions where ``mask`` is True);
+- ``fix_com`` (S,) bool: the system's centre of mass is held (ASE's ``FixCom``).
+
+The engine enforces them for every sub-stage, so no integrator or optimizer has to know about
+them (ASE's ``Atoms.set_positions`` / ``get_forces`` / ``set_momenta`` semantics):
+
+- after the model evaluation, :func:`project_forces` zeroes the fixed components and removes the
+  mass-weighted centre-of-mass force (ASE ``FixCom.adjust_forces``, Eqs. 3 and 7 of
+  doi:10.1021/jp9722824);
+- after each half-update, :func:`constrain_update` puts fixed components back at their old
+  positions with zero velocity, and shifts a ``fix_com`` system back to its old centre of mass
+  with zero centre-of-mass velocity (ASE ``adjust_positions`` / ``adjust_momenta``).
+
+The number of degrees of freedom of a system is ``3 n_atoms`` minus the fixed components minus 3
+for ``fix_com`` (ASE's ``get_removed_dof``); every temperature, thermostat and barostat uses it
+(:func:`fused_dynamics.observables.degrees_of_freedom`).
+
+Other ASE constraint types are refused by :func:`from_ase` with an error that names the type and
+the system: a constraint silently dropped would let "fixed" atoms move.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase.constraints import FixAtoms, FixCartesian, FixCom
+
+__all__ = ["from_ase", "to_ase", "project_forces", "constrain_update", "removed_dof"]
+
+SUPPORTED = (FixAtoms, FixCartesian, FixCom)
+
+
+def from_ase(atoms, system: int) -> tuple[np.ndarray, bool]:
+    """Masks of the constraints of one ``ase.Atoms``.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+    system : int
+        Index of the system in the caller's list (named in errors).
+
+    Returns
+    -------
+    fixed : numpy.ndarray, shape (n_atoms, 3) bool
+    fix_com : bool
+
+    Raises
+    ------
+    ValueError
+        A constraint type other than ``FixAtoms``, ``FixCartesian`` and ``FixCom`` (named), or an
+        atom index out of range.
+    """
+    n = len(atoms)
+    fixed = np.zeros((n, 3), bool)
+    fix_com = False
+    for c in atoms.constraints:
+        if isinstance(c, FixCom):
+            fix_com = True
+            continue
+        if not isinstance(c, FixAtoms | FixCartesian):
+            raise ValueError(
+                f"system {system}: constraint {type(c).__name__} is not supported (supported: "
+                "FixAtoms, FixCartesian, FixCom); remove it or express it with those. It is "
+                "refused rather than dropped, which would let the constrained atoms move."
+            )
+        index = np.asarray(c.get_indices(), int)
+        if index.size and (index.min() < 0 or index.max() >= n):
+            raise ValueError(
+                f"system {system}: {type(c).__name__} refers to atom {int(index.max())} of a "
+                f"system of {n} atoms."
+            )
+        mask = np.asarray(getattr(c, "mask", (True, True, True)), bool)
+        fixed[index] |= mask[None, :]
+    return fixed, fix_com
+
+
+def to_ase(fixed: np.ndarray, fix_com: bool) -> list:
+    """ASE constraints equal to the masks of one system (inverse of :func:`from_ase`).
+
+    Atoms with all three directions fixed become one ``FixAtoms``; the others one
+    ``FixCartesian`` per distinct direction mask; ``fix_com`` adds ``FixCom``.
+    """
+    fixed = np.asarray(fixed, bool)
+    out = []
+    whole = np.all(fixed, axis=1)
+    if whole.any():
+        out.append(FixAtoms(indices=np.flatnonzero(whole)))
+    partial = np.any(fixed, axis=1) & ~whole
+    for mask in np.unique(fixed[partial], axis=0):
+        atoms = np.flatnonzero(partial & np.all(fixed == mask, axis=1))
+        out.append(FixCartesian(atoms, mask=tuple(bool(m) for m in mask)))
+    if fix_com:
+        out.append(FixCom())
+    return out
+
+
+def removed_dof(batch) -> jax.Array:
+    """Degrees of freedom removed by the constraints of each system, shape (S,) int32."""
+    per_atom = jnp.sum(batch.fixed & batch.atom_mask[:, None], axis=-1, dtype=jnp.int32)
+    return batch.sum_atoms(per_atom) + 3 * batch.fix_com.astype(jnp.int32)
+
+
+def _com_weights(batch) -> tuple[jax.Array, jax.Array]:
+    """Per-atom masses (0 for padding) and per-atom ``fix_com`` of its system."""
+    m = jnp.where(batch.atom_mask, batch.masses, 0.0)
+    return m, batch.to_atoms_axis(batch.fix_com)
+
+
+def project_forces(batch, forces: jax.Array) -> jax.Array:
+    """Forces with the constrained components removed, shape (N, 3).
+
+    Fixed components become 0; in a ``fix_com`` system ``F_i - m_i (Σ m F) / Σ m²`` (ASE).
+    Systems without constraints are returned bit for bit.
+    """
+    m, com = _com_weights(batch)
+    lmd = batch.sum_atoms(m[:, None] * forces) / jnp.maximum(batch.sum_atoms(m * m), 1e-30)[:, None]
+    projected = forces - m[:, None] * batch.to_atoms_axis(lmd)
+    forces = jnp.where(com[:, None], projected, forces)
+    return jnp.where(batch.fixed, 0.0, forces)
+
+
+def constrain_update(old, new, mask: jax.Array):
+    """``new`` (a batch after a half-update of the systems in ``mask``) with constraints applied.
+
+    Fixed components keep ``old`` positions and get zero velocity; a ``fix_com`` system in
+    ``mask`` is shifted back to its old centre of mass and its centre-of-mass velocity removed
+    (ASE's ``adjust_positions`` and ``adjust_momenta``). Systems outside ``mask`` and systems
+    without constraints are returned bit for bit.
+    """
+    m, com = _com_weights(old)
+    com = com & old.to_atoms_axis(mask)
+    total = jnp.maximum(old.sum_atoms(m), 1e-30)[:, None]
+    shift = old.sum_atoms(m[:, None] * old.positions) - old.sum_atoms(m[:, None] * new.positions)
+    positions = jnp.where(
+        com[:, None], new.positions + old.to_atoms_axis(shift / total), new.positions
+    )
+    v_com = old.sum_atoms(m[:, None] * new.velocities) / total
+    velocities = jnp.where(com[:, None], new.velocities - old.to_atoms_axis(v_com), new.velocities)
+    return new.replace(
+        positions=jnp.where(old.fixed, old.positions, positions),
+        velocities=jnp.where(old.fixed, 0.0, velocities),
+    )

@@ -1,0 +1,66 @@
+"""How a system left a run: exit reasons and failure codes, with their names.
+
+``batch.info["exit_reason"]`` holds an :class:`ExitReason` per system. A system that went wrong
+(:class:`ExitReason.FAILED`) also has ``batch.info["failure"]``, a :class:`Failure` bit set naming
+every quantity that was non-finite or out of bounds when the fault was found, and
+``batch.info["failure_step"]``, the number of steps that system had taken in the run at that
+moment (0: the evaluation that started the run). Outputs carry the names
+(:func:`exit_reason_name`, :func:`failure_names`) next to the codes.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["ExitReason", "Failure", "exit_reason_name", "failure_names", "LEGEND"]
+
+
+class ExitReason(enum.IntEnum):
+    """How a system left the run (``batch.info["exit_reason"]``)."""
+
+    RUNNING = 0
+    CONVERGED = 1
+    BUDGET = 2
+    FAILED = 3
+    REJECTED = 4
+
+
+class Failure(enum.IntFlag):
+    """What made a system fail (``batch.info["failure"]``, a bit set; 0 when it did not).
+
+    ``ENERGY``, ``FORCES``, ``STRESS`` (where computed), ``POSITIONS``, ``VELOCITIES``, ``CELL``:
+    the quantity became non-finite. ``MAX_FORCE``: the largest atomic force exceeded the run's
+    bound (``FusedStage(max_force=...)``). ``NEIGHBOR_OVERFLOW``: the system's pairs did not fit
+    the neighbor list and could not be regrown.
+    """
+
+    NONE = 0
+    ENERGY = 1
+    FORCES = 2
+    STRESS = 4
+    POSITIONS = 8
+    VELOCITIES = 16
+    CELL = 32
+    MAX_FORCE = 64
+    NEIGHBOR_OVERFLOW = 128
+
+
+def exit_reason_name(code: int) -> str:
+    """Lower-case name of an exit reason code (``"converged"``, ``"failed"``, ...)."""
+    try:
+        return ExitReason(int(code)).name.lower()
+    except ValueError:
+        return f"unknown({int(code)})"
+
+
+def failure_names(code: int) -> str:
+    """Comma-separated lower-case names of the bits of a failure code (``""`` for none)."""
+    code = int(code)
+    return ",".join(f.name.lower() for f in Failure if f and code & f)
+
+
+#: The legend written into output metadata: code -> name for exit reasons and failure bits.
+LEGEND = {
+    "exit_reason": {int(r): r.name.lower() for r in ExitReason},
+    "failure": {int(f): f.name.lower() for f in Failure if f},
+}
