@@ -488,7 +488,10 @@ def fit_value(owner: str, name: str, value: Any, system_mask: Any) -> Any:
         index = np.zeros(s, np.int64)
         index[slots] = np.arange(n_occupied)
         return value[index] if hasattr(value, "shape") else np.asarray(value)[index]
-    count = f"{shape[0]} values" if len(shape) == 1 else f"shape {tuple(shape)}"
+    if len(shape) == 1:
+        count = f"{shape[0]} value" + ("" if shape[0] == 1 else "s")
+    else:
+        count = f"shape {tuple(shape)}"
     if traced_mask:
         accepted = (
             f"give a scalar or one per slot (max_systems={s}); one per occupied system needs "
