@@ -615,7 +615,7 @@ def execute(
             )
         written_reports.append(p.path)
     for p in outputs + stage_plans:
-        echo(f"wrote {p.path}")
+        echo(f"{'appended to' if p.action == 'resume' else 'wrote'} {p.path}")
     for path in written_reports:
         echo(f"wrote {path}")
     echo(f"look inside: fused-dynamics inspect {outputs[0].path}")

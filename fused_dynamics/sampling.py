@@ -175,9 +175,9 @@ class SizeAwareSampler:
             if sizes[i] > min(self.max_atoms, self.max_atoms_per_system):
                 self._reject(
                     i,
-                    f"system {self.ids[i]} ({_where(i, self.sources)}) has {sizes[i]} atoms; "
-                    f"the batch holds at most {min(self.max_atoms, self.max_atoms_per_system)} "
-                    "per system",
+                    f"system {self.ids[i]} has {sizes[i]} atoms; the batch holds at most "
+                    f"{min(self.max_atoms, self.max_atoms_per_system)} per system "
+                    f"({_where(i, self.sources)})",
                 )
             else:
                 self._queue.append(i)

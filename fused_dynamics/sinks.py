@@ -202,11 +202,11 @@ class ExtXYZSink:
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
             raise ValueError(f"ExtXYZSink: cannot write to {self.path!r} (no such folder).")
-        try:
-            with open(self.path, {"x": "x", "a": "a", "w": "w"}[mode]):
-                pass  # create (x), truncate (w) or check (a) the file now, not at the first write
-        except OSError as exc:
-            raise ValueError(f"ExtXYZSink: cannot write to {self.path!r}: {exc}") from None
+        if mode == "a" and not os.path.isfile(self.path):
+            raise ValueError(f"ExtXYZSink: mode 'a' appends to a file, and {self.path!r} is none.")
+        # the file is created (x) or replaced (w) by the first write: a reader never sees an
+        # empty file, and an existing one is kept until there is something to put in its place
+        self._open_mode = {"x": "x", "a": "a", "w": "w"}[mode]
         self.header = {
             "exit_reason_legend": " ".join(f"{k}={v}" for k, v in exit_reason_legend().items()),
             **{
@@ -234,7 +234,8 @@ class ExtXYZSink:
             frames.append(_extxyz_frame(a, extra))
         buf = io.StringIO()
         ase.io.write(buf, frames, format="extxyz")
-        with open(self.path, "a") as fh:
+        with open(self.path, self._open_mode) as fh:
+            self._open_mode = "a"
             fh.write(buf.getvalue())
             fh.flush()
             os.fsync(fh.fileno())

@@ -1,0 +1,402 @@
+"""Outputs never destroy work and carry what users need (README: "Command line"; the rules are
+in the docstrings of fused_dynamics.sinks, fused_dynamics.provenance and fused_dynamics.cli).
+
+Most tests touch no compiled code: sinks, provenance, the sampler's ids and the output plan of
+the command line. Two small float64 runs check stage outputs and that a structure's trajectory
+does not depend on the other structures of its file when ids come from an input key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ase
+import ase.io
+import numpy as np
+import pytest
+import zarr
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.cluster import Icosahedron
+from typer.testing import CliRunner
+
+import fused_dynamics as fd
+from fused_dynamics.cli import _describe_problems, _problems, app, plan_outputs
+from fused_dynamics.config import ConfigError, validate_config
+from fused_dynamics.provenance import copy_provenance, exit_reason_legend
+from fused_dynamics.sinks import (
+    check_writable,
+    read_extxyz_ids,
+    set_aside_tail,
+    zarr_ids,
+)
+
+LJ = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=6.0, switch_onset=5.0)
+
+
+def cluster(seed: int, n: int = 13) -> ase.Atoms:
+    a = Icosahedron("Ar", 2)[:n]
+    a.center(vacuum=5.0)
+    a.rattle(0.05, seed=seed)
+    return a
+
+
+def result_frame(sid: int, exit_reason=fd.ExitReason.CONVERGED, stress=None) -> ase.Atoms:
+    """An output as the run makes it: calculator results and the run's info keys."""
+    a = cluster(sid)
+    a.arrays.pop("tags", None)  # the engine writes no tags
+    a.set_velocities(np.full((len(a), 3), 0.01))
+    results = {"energy": -0.5 - sid, "forces": np.full((len(a), 3), 0.1 * sid)}
+    if stress is not None:
+        results["stress"] = np.asarray(stress, float)
+    a.calc = SinglePointCalculator(a, **results)
+    a.info.update(system_id=sid, status=2, exit_reason=int(exit_reason), stage_steps=[3, 5])
+    return a
+
+
+# ============================================================================ provenance
+def test_provenance_copies_info_arrays_and_results_and_renames_clashes():
+    src = cluster(0)
+    src.info.update(name="ico", energy=-1.25, system_id=77, tags_note="x")
+    src.set_tags(np.arange(len(src)))
+    src.arrays["label"] = np.array([f"a{i}" for i in range(len(src))])
+    src.calc = SinglePointCalculator(src, energy=-3.0, forces=np.ones((len(src), 3)))
+    out = result_frame(5)
+    copy_provenance(src, out, source_index=4, source_file="in.extxyz", system_id=5)
+    assert out.info["name"] == "ico" and out.info["tags_note"] == "x"
+    # keys the engine writes keep the engine's value; the input's is kept under input_
+    assert out.info["system_id"] == 5 and out.info["input_system_id"] == 77
+    assert out.info["input_energy"] == -1.25  # the input's info["energy"]
+    assert out.info["input_input_energy"] == -3.0  # ... and its calculator's energy
+    assert out.get_potential_energy() == -5.5  # the engine's result untouched
+    np.testing.assert_array_equal(out.get_tags(), np.arange(len(src)))
+    assert out.arrays["label"][3] == "a3"
+    np.testing.assert_array_equal(out.arrays["input_forces"], np.ones((len(src), 3)))
+    assert out.info["source_index"] == 4 and out.info["source_file"] == "in.extxyz"
+    with pytest.raises(ValueError, match="12 atoms and the output 13"):
+        copy_provenance(cluster(1, n=12), result_frame(1))
+
+
+def test_provenance_never_shares_arrays_with_the_input():
+    src = cluster(0)
+    src.arrays["charge_guess"] = np.zeros(len(src))
+    out = copy_provenance(src, result_frame(0))
+    src.arrays["charge_guess"][0] = 9.0
+    assert out.arrays["charge_guess"][0] == 0.0
+
+
+# ============================================================================ sampler ids
+def test_id_key_gives_ids_and_names_the_bad_frame(tmp_path):
+    frames = [cluster(i) for i in range(4)]
+    for seed, a in zip([40, 10, 30, 20], frames, strict=True):
+        a.info["seed"] = seed
+    s = fd.SizeAwareSampler(frames, max_atoms=64, max_systems=2, id_key="seed")
+    assert s.ids.tolist() == [40, 10, 30, 20]
+    assert [sid for sid, _ in s.take(64, 2)] == [40, 10]  # handed out in dataset order
+    # a file: the message names the frame and the file
+    path = tmp_path / "in.extxyz"
+    frames[2].info["seed"] = 10
+    ase.io.write(path, frames)
+    with pytest.raises(ValueError, match=r"frame 2 of .*in.extxyz.* same as frame 1"):
+        fd.SizeAwareSampler(path, max_atoms=64, max_systems=2, id_key="seed")
+    for bad, rule in ((-1, r"\[0, "), (2.5, "must be an integer"), ("7", "must be an integer")):
+        frames[2].info["seed"] = bad
+        with pytest.raises(ValueError, match=rf"structure 2 has info\['seed'\] = .*{rule}"):
+            fd.SizeAwareSampler(frames, max_atoms=64, max_systems=2, id_key="seed")
+    del frames[2].info["seed"]
+    with pytest.raises(ValueError, match=r"structure 2 has no info\['seed'\]"):
+        fd.SizeAwareSampler(frames, max_atoms=64, max_systems=2, id_key="seed")
+
+
+def test_skip_leaves_out_written_systems_also_rejected_ones():
+    frames = [cluster(i) for i in range(5)]
+    frames[3] = cluster(3) * (2, 2, 2)  # 104 atoms: rejected
+    s = fd.SizeAwareSampler(frames, max_atoms=64, max_systems=4)
+    assert [i for i, _ in s.rejected] == [3]
+    assert s.skip([0, 3, 99]) == 2  # an unknown id is ignored
+    assert s.take_rejected() == []
+    assert [sid for sid, _ in s.take(64, 4)] == [1, 2, 4]
+
+
+def test_annotate_adds_source_of_a_file(tmp_path):
+    frames = [cluster(i) for i in range(3)]
+    for i, a in enumerate(frames):
+        a.info["name"] = f"c{i}"
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    s = fd.SizeAwareSampler(tmp_path / "in.extxyz", max_atoms=64, max_systems=2)
+    (out,) = s.annotate([result_frame(2)])
+    assert out.info["name"] == "c2" and out.info["source_index"] == 2
+    assert out.info["source_file"] == os.fspath(tmp_path / "in.extxyz")
+
+
+# ============================================================================ extxyz sink
+def test_extxyz_sink_refuses_existing_paths_and_directories(tmp_path):
+    old = tmp_path / "old.extxyz"
+    old.write_text("precious")
+    with pytest.raises(FileExistsError, match="never overwritten silently"):
+        fd.ExtXYZSink(old)
+    for mode in ("x", "a", "w"):
+        with pytest.raises((IsADirectoryError, FileExistsError)):
+            fd.ExtXYZSink(tmp_path, mode=mode)
+    assert old.read_text() == "precious"
+    sink = fd.ExtXYZSink(old, mode="w")
+    assert old.read_text() == "precious"  # replaced by the first write, not before
+    sink.write([result_frame(0)])
+    assert [a.info["system_id"] for a in ase.io.read(old, ":")] == [0]
+
+
+def test_extxyz_sink_writes_names_units_header_stress_and_appends(tmp_path):
+    path = tmp_path / "out.extxyz"
+    sink = fd.ExtXYZSink(path, metadata={"run_config": {"seed": 3}})
+    with_stress = result_frame(1, stress=[1e-3, 2e-3, 3e-3, 0, 0, 4e-4])
+    failed = result_frame(2, fd.ExitReason.FAILED)
+    failed.info.update(failure="FORCES,POSITIONS", failure_step=7)
+    ok = result_frame(0)
+    ok.info.update(failure="", failure_step=-1)
+    sink.write([with_stress, failed])
+    sink.write([ok])
+    assert not path.with_name("out.extxyz.incomplete-tail").exists()
+    fd.ExtXYZSink(path, mode="a").write([result_frame(3)])
+    frames = ase.io.read(path, ":")
+    assert [a.info["system_id"] for a in frames] == [1, 2, 0, 3]
+    assert [a.info["exit_reason_name"] for a in frames] == [
+        "converged",
+        "failed",
+        "converged",
+        "converged",
+    ]
+    assert frames[1].info["failure"] == "FORCES,POSITIONS" and frames[1].info["failure_step"] == 7
+    assert "failure" not in frames[2].info  # an empty name is left out (ASE cannot read key=)
+    np.testing.assert_allclose(frames[0].get_stress(), [1e-3, 2e-3, 3e-3, 0, 0, 4e-4])
+    assert "stress" not in frames[2].calc.results  # not computed: absent, never zeros
+    for a in frames:
+        assert "eV/Å³" in a.info["units"] and a.info["fused_dynamics_version"]
+    # the first frame of each sink carries the legend and the metadata
+    assert json.loads(frames[0].info["run_config"]) == {"seed": 3}
+    assert "3=failed" in frames[0].info["exit_reason_legend"]
+    assert "run_config" not in frames[1].info
+    assert "exit_reason_legend" in frames[3].info
+
+
+def test_a_frame_cut_short_is_found_and_moved_aside_not_deleted(tmp_path):
+    path = tmp_path / "out.extxyz"
+    fd.ExtXYZSink(path).write([result_frame(i) for i in range(3)])
+    whole = path.read_bytes()
+    cut = whole[: len(whole) - 40]  # the last frame cut inside its atom lines
+    path.write_bytes(cut)
+    ids, complete, size = read_extxyz_ids(path)
+    assert ids == [0, 1] and size == len(cut) and complete < size
+    side = set_aside_tail(path, complete)
+    assert path.read_bytes() + open(side, "rb").read() == cut  # every byte kept
+    assert [a.info["system_id"] for a in ase.io.read(path, ":")] == [0, 1]
+    assert read_extxyz_ids(path) == ([0, 1], complete, complete)
+
+
+# ============================================================================ zarr sink
+def test_zarr_sink_round_trip_attributes_and_committed_records(tmp_path):
+    path = tmp_path / "out.zarr"
+    with pytest.raises(ValueError, match="never deleted"):
+        fd.ZarrSink(path, mode="w")
+    src = cluster(1)
+    src.set_tags(np.arange(13))
+    first = copy_provenance(src, result_frame(1, stress=[1e-3, 2e-3, 3e-3, 0, 0, 4e-4]))
+    first.info.update(name="ico", failure="", failure_step=-1)
+    sink = fd.ZarrSink(path, metadata={"run_config": "{}"})
+    sink.write([first, result_frame(2, fd.ExitReason.BUDGET)])
+    with pytest.raises(FileExistsError):
+        fd.ZarrSink(path)
+    root = zarr.open_group(path, mode="r")
+    assert root.attrs["units"]["stress"].startswith("eV/Å³")
+    assert root.attrs["exit_reason_legend"] == {str(k): v for k, v in exit_reason_legend().items()}
+    assert root.attrs["metadata"] == {"run_config": "{}"} and root.attrs["fused_dynamics_version"]
+    # a write cut short by a kill: rows past the committed count are not systems
+    arr = zarr.open_group(path, mode="r+")["system_id"]
+    arr.resize((3,))
+    assert zarr_ids(path) == [1, 2] and len(fd.read_zarr(path)) == 2
+    more = fd.ZarrSink(path, mode="a")
+    more.write([result_frame(4)])
+    back = fd.read_zarr(path)
+    assert [a.info["system_id"] for a in back] == [1, 2, 4]
+    assert back[0].info["name"] == "ico" and back[0].info["exit_reason_name"] == "converged"
+    assert back[1].info["exit_reason_name"] == "budget"
+    np.testing.assert_array_equal(back[0].get_tags(), np.arange(13))
+    np.testing.assert_allclose(back[0].get_stress(), [1e-3, 2e-3, 3e-3, 0, 0, 4e-4])
+    assert "stress" not in back[1].calc.results
+    np.testing.assert_array_equal(back[2].positions, result_frame(4).positions)
+
+
+def test_check_writable_probes_instead_of_trusting_os_access(tmp_path):
+    check_writable(tmp_path / "new" / "deeper" / "out.extxyz")  # folders are made
+    assert (tmp_path / "new" / "deeper").is_dir()
+    assert os.listdir(tmp_path / "new" / "deeper") == []  # the probe is gone
+    with pytest.raises(PermissionError, match="cannot write in '/proc'"):
+        check_writable("/proc/out.extxyz")
+
+
+# ============================================================================ the output plan
+def job(tmp_path, **extra):
+    ase.io.write(tmp_path / "in.extxyz", [cluster(i) for i in range(3)])
+    data = {
+        "structures": {"path": "in.extxyz"},
+        "model": {"type": "lennard_jones", "sigma": 3.4, "epsilon": 0.01, "cutoff": 6.0},
+        "stages": [
+            {"type": "fire", "fmax": 0.05, "n_steps": 20, "write": "out/relaxed.extxyz"},
+            {"type": "nve", "dt": 2.0, "n_steps": 3},
+        ],
+        "capacity": {"max_atoms": 64, "max_systems": 2},
+        "outputs": [{"type": "extxyz", "path": "out/run.extxyz"}],
+        "report": {"plot": "out/run.png"},
+    }
+    data.update(extra)
+    return validate_config(data, base_dir=tmp_path)
+
+
+def test_plan_refuses_existing_outputs_naming_key_path_and_options(tmp_path):
+    cfg = job(tmp_path)
+    plans = plan_outputs(cfg, tmp_path)
+    assert [(p.key, p.action) for p in plans] == [
+        ("outputs[0].path", "new"),
+        ("stages[0].write", "new"),
+        ("report.plot", "new"),
+    ]
+    fd.ExtXYZSink(tmp_path / "out" / "run.extxyz").write([result_frame(0)])
+    with pytest.raises(
+        ConfigError, match=r"outputs\[0\]\.path: .*run.extxyz.* exists.*--resume.*--overwrite"
+    ):
+        plan_outputs(cfg, tmp_path)
+    by_key = {p.key: p for p in plan_outputs(cfg, tmp_path, resume=True)}
+    assert by_key["outputs[0].path"].action == "resume"
+    assert by_key["outputs[0].path"].written == {0}
+    assert plan_outputs(cfg, tmp_path, overwrite=True)[0].action == "overwrite"
+    (tmp_path / "out" / "run.png").write_bytes(b"png")
+    assert {p.key: p.action for p in plan_outputs(cfg, tmp_path, resume=True)}["report.plot"] == (
+        "keep"
+    )
+    with pytest.raises(ConfigError, match="exclude each other"):
+        plan_outputs(cfg, tmp_path, overwrite=True, resume=True)
+
+
+def test_plan_never_replaces_a_directory_or_an_input(tmp_path):
+    for path in (".", "out"):
+        (tmp_path / "out").mkdir(exist_ok=True)
+        cfg = job(tmp_path, outputs=[{"type": "extxyz", "path": path}])
+        for flags in ({}, {"overwrite": True}, {"resume": True}):
+            with pytest.raises(ConfigError, match="directory is never deleted or replaced"):
+                plan_outputs(cfg, tmp_path, **flags)
+    cfg = job(tmp_path, outputs=[{"type": "zarr", "path": "out/run.zarr"}])
+    fd.ZarrSink(tmp_path / "out" / "run.zarr").write([result_frame(0)])
+    with pytest.raises(ConfigError, match="zarr store, a directory: it is never deleted"):
+        plan_outputs(cfg, tmp_path, overwrite=True)
+    assert plan_outputs(cfg, tmp_path, resume=True)[0].written == {0}
+    cfg = job(tmp_path, outputs=[{"type": "extxyz", "path": "in.extxyz"}])
+    with pytest.raises(ConfigError, match="is an input structure file"):
+        plan_outputs(cfg, tmp_path, overwrite=True, inputs=cfg.structures.files(tmp_path))
+    cfg = job(tmp_path, report={"plot": "out/relaxed.extxyz"})
+    with pytest.raises(ConfigError, match=r"report.plot and stages\[0\].write are the same path"):
+        plan_outputs(cfg, tmp_path)
+
+
+def test_cli_refuses_before_compiling_and_keeps_the_data(tmp_path):
+    """Exit 2 with the key, the path and both options; nothing on disk changes."""
+    job(tmp_path)  # writes in.extxyz
+    toml = tmp_path / "job.toml"
+    toml.write_text(
+        'structures = {path = "in.extxyz"}\n'
+        'model = {type = "lennard_jones", sigma = 3.4, epsilon = 0.01, cutoff = 6.0}\n'
+        "capacity = {max_atoms = 64, max_systems = 2}\n"
+        '[[stages]]\ntype = "nve"\ndt = 2.0\nn_steps = 2\n'
+        '[[outputs]]\ntype = "extxyz"\npath = "results"\n'
+    )
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "precious.txt").write_text("months of work")
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        res = CliRunner().invoke(app, ["run", str(toml), *flags])
+        assert res.exit_code == 2, res.output
+        assert "outputs[0].path" in res.output and "results" in res.output
+    assert (tmp_path / "results" / "precious.txt").read_text() == "months of work"
+    toml.write_text(toml.read_text().replace('"results"', '"/proc/out.extxyz"'))
+    res = CliRunner().invoke(app, ["run", str(toml), "--validate-only"])
+    assert res.exit_code == 2 and "cannot write in '/proc'" in res.output
+    toml.write_text(toml.read_text().replace('"/proc/out.extxyz"', '"in.extxyz"'))
+    res = CliRunner().invoke(app, ["run", str(toml), "--overwrite"])
+    assert res.exit_code == 2 and "is an input structure file" in res.output
+
+
+def test_failed_systems_are_listed_with_names_and_steps():
+    class Record:
+        left = [
+            {"system_id": 0, "exit_reason": 1, "finite": True},
+            {"system_id": 5, "exit_reason": 3, "failure": "FORCES,POSITIONS", "failure_step": 12},
+            {"system_id": 7, "exit_reason": 2, "finite": False},
+            {"system_id": 9, "exit_reason": 4, "why": "system 9 has 300 atoms"},
+        ]
+
+    problems = _problems(Record())
+    assert [(p["system_id"], p["kind"]) for p in problems] == [
+        (5, "failed"),
+        (7, "non-finite"),
+        (9, "rejected"),
+    ]
+    text = "\n".join(_describe_problems(problems))
+    assert "1 system(s) FAILED" in text and "system 5: FORCES,POSITIONS at step 12" in text
+    assert "NaN" in text and "system 7" in text and "system 9 has 300 atoms" in text
+    assert _describe_problems(_problems(type("R", (), {"left": Record.left[:1]}))) == []
+
+
+# ============================================================================ small runs
+def langevin_final(frames, id_key):
+    md = fd.NVTLangevin(LJ, dt=4.0, temperature=60.0, friction=0.05, seed=11, n_steps=15)
+    fused = fd.FusedStage([md])
+    sink = fd.HostMemory()
+    sampler = fd.SizeAwareSampler(
+        frames, max_atoms=40, max_systems=3, max_atoms_per_system=13, id_key=id_key
+    )
+    fused.run(sampler=sampler, refill_frequency=5, sinks=[sink], dtype=np.float64)
+    return {a.info["system_id"]: a for a in sink.atoms}
+
+
+def test_with_an_id_key_removing_a_structure_leaves_the_others_bit_identical():
+    frames = [cluster(i, n=9 + i % 4) for i in range(6)]
+    for i, a in enumerate(frames):
+        a.info["seed"] = 1000 + 7 * i
+    full = langevin_final(frames, "seed")
+    fewer = langevin_final(frames[:2] + frames[3:], "seed")
+    assert sorted(full) == [1000 + 7 * i for i in range(6)]
+    assert sorted(fewer) == sorted(set(full) - {1014})
+    for sid, a in fewer.items():
+        np.testing.assert_array_equal(a.positions, full[sid].positions)
+        np.testing.assert_array_equal(a.get_velocities(), full[sid].get_velocities())
+        assert a.info["source_index"] == full[sid].info["source_index"] - (sid > 1014)
+    # without the key the ids are positions in the list: the ones after the gap change
+    by_index = langevin_final(frames[:2] + frames[3:], None)
+    assert not np.array_equal(by_index[2].positions, full[1021].positions)
+
+
+def test_stage_write_keeps_each_system_as_it_left_the_relaxation():
+    from fused_dynamics.inflight import StageExitWriter, run_inflight
+
+    frames = [cluster(i, n=13) for i in range(4)]
+    frames[3].rattle(0.3, seed=9)  # needs more steps than the budget
+    relax = fd.FIRE(LJ, convergence_hook=fd.ConvergenceHook.from_fmax(0.05), n_steps=12)
+    md = fd.NVE(LJ, dt=2.0, n_steps=4)
+    relaxed, final = fd.HostMemory(), fd.HostMemory()
+    sampler = fd.SizeAwareSampler(frames, max_atoms=40, max_systems=2, max_atoms_per_system=13)
+    writer = StageExitWriter(0, 1, relaxed, annotate=sampler.annotate, stage_type="fire")
+    fused = fd.FusedStage([relax, md], hooks=[writer.hook()])
+    run_inflight(fused, sampler, 3, [final], dtype=np.float64, listeners=[writer])
+    assert sorted(a.info["system_id"] for a in relaxed.atoms) == [0, 1, 2, 3]
+    ends = {a.info["system_id"]: a for a in final.atoms}
+    for a in relaxed.atoms:
+        steps = a.info["stage_steps"]
+        assert steps[1] == 0 and a.info["stage"] == 0 and a.info["stage_type"] == "fire"
+        fmax = np.linalg.norm(a.get_forces(), axis=1).max()
+        if a.info["exit_reason_name"] == "converged":
+            assert fmax <= 0.05 and steps[0] <= 12
+        else:
+            assert a.info["exit_reason_name"] == "budget" and steps[0] == 12 and fmax > 0.05
+        # the structure and energy at that moment, not the final MD frame
+        assert ends[a.info["system_id"]].info["stage_steps"] == [steps[0], 4]
+        ref = fd.Batch.from_atoms([a])
+        e = LJ(ref).energy[0]
+        np.testing.assert_allclose(a.get_potential_energy(), float(e), rtol=0, atol=1e-12)
+    assert {a.info["exit_reason_name"] for a in relaxed.atoms} == {"converged", "budget"}
