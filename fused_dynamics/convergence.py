@@ -187,6 +187,7 @@ class ConvergenceHook(eqx.Module):
         """Per-system boolean (S,): every criterion holds. Empty slots are False."""
         ok = batch.system_mask
         for c in self.criteria:
+            v.check_fits(c, batch.max_systems)
             ok = ok & (c.value(batch, fields) <= c.threshold)
         if self.custom_op is not None:
             ok = ok & jnp.asarray(self.custom_op(batch, fields), bool)

@@ -44,6 +44,7 @@ __all__ = [
     "check_callable",
     "check_order",
     "check_stage",
+    "check_fits",
     "fit_per_system",
     "fit_value",
     "SEED_LIMIT",
@@ -503,6 +504,42 @@ def fit_value(owner: str, name: str, value: Any, system_mask: Any) -> Any:
             f"(max_systems={s})"
         )
     raise ValueError(f"{owner}: {name} has {count}; {accepted}.")
+
+
+def check_fits(obj: Any, max_systems: int) -> None:
+    """Check that every per-system parameter of ``obj`` is a scalar or has one value per slot.
+
+    Stages call it where they meet the batch (``init_state``, convergence tests), so that an
+    array of another length fails with a message naming it rather than deep inside JAX with a
+    broadcasting error. Only shapes are read, so it works on tracers.
+
+    Parameters
+    ----------
+    obj : equinox.Module
+        A sub-stage or criterion with ``per_system_parameters``.
+    max_systems : int
+        The batch's number of slots ``S``.
+
+    Raises
+    ------
+    ValueError
+        ``"NVTLangevin: temperature has 2 values; the batch has max_systems=3 slots: ..."``
+    """
+    for name in getattr(type(obj), "per_system_parameters", ()):
+        value = getattr(obj, name)
+        if value is None or isinstance(value, (numbers.Number, np.bool_)):
+            continue
+        shape = tuple(getattr(value, "shape", np.shape(value)))
+        if shape == () or shape == (max_systems,):
+            continue
+        count = f"{shape[0]} value" + ("" if shape[0] == 1 else "s") if len(shape) == 1 else None
+        count = count or f"shape {shape}"
+        raise ValueError(
+            f"{_owner(obj)}: {_label(obj, name)} has {count}; the batch has "
+            f"max_systems={max_systems} slots: give a scalar or one value per slot (one per "
+            "occupied system must first be spread over the slots with "
+            "fused_dynamics.validation.fit_per_system(stage, batch))."
+        )
 
 
 def fit_per_system(stage: Any, batch: Any) -> Any:

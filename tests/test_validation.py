@@ -434,3 +434,37 @@ def test_run_applies_one_value_per_occupied_system():
         np.testing.assert_allclose(
             np.asarray(out.positions)[sel], np.asarray(alone.positions)[sel], rtol=0, atol=1e-12
         )
+
+
+def test_run_with_a_wrong_length_names_the_parameter_and_the_slots():
+    # whether or not FusedStage.run fits per-system parameters first, the error is clear
+    b = _batch()
+    md = NVTLangevin(LJ, dt=2.0, temperature=np.ones(4), friction=0.05, n_steps=2)
+    with pytest.raises(ValueError, match=r"NVTLangevin: temperature has 4 values.*max_systems=3"):
+        md.run(b)
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        NVE(LJ, dt=np.ones(2)),
+        NVTNoseHoover(LJ, 2.0, 60.0, np.ones(2)),
+        NPH(LJ, 2.0, np.zeros(2), 1000.0),
+        FIRE(LJ, fa=np.full(2, 0.9)),
+        FIRE2(LJ, dtmin=np.full(2, 1e-3)),
+        GradientDescent(LJ, step_size=np.ones(2)),
+    ],
+    ids=lambda s: type(s).__name__,
+)
+def test_init_state_refuses_arrays_that_do_not_fit_the_slots(stage):
+    with pytest.raises(ValueError, match=rf"^{type(stage).__name__}: .* has 2 values.*=3 slots"):
+        stage.init_state(_batch())
+
+
+def test_convergence_refuses_thresholds_that_do_not_fit_the_slots():
+    hook = fd.ConvergenceHook.from_fmax(np.ones(2))
+    b = _batch()
+    with pytest.raises(ValueError, match=r"^Criterion 'fmax': threshold has 2 values"):
+        hook.converged(b, {"fmax": jnp.zeros(3)})
+    fitted = v.fit_per_system(FIRE(LJ, convergence_hook=hook), b).convergence_hook
+    np.testing.assert_array_equal(fitted.converged(b, {"fmax": jnp.zeros(3)}), [True, True, False])

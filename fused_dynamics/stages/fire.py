@@ -125,6 +125,7 @@ class _FIREMixin:
         return make_cell_filter(self.cell_filter, self.scalar_pressure, self.exp_cell_factor)
 
     def _fresh(self, batch: Batch, dt0, alpha0) -> FIREState:
+        v.check_fits(self, batch.max_systems)
         s = batch.max_systems
         filt = self._filter()
         zeros_i = jnp.zeros((s,), jnp.int32)

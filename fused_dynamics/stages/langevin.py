@@ -96,6 +96,7 @@ class NVTLangevin(Stage):
         v.check_integer(owner, "seed", self.seed, 0, v.SEED_LIMIT - 1, allow_array=True)
 
     def init_state(self, batch: Batch) -> dict[str, jax.Array]:
+        v.check_fits(self, batch.max_systems)
         return {"step": jnp.zeros((batch.max_systems,), jnp.int32)}
 
     # ----------------------------------------------------------- pieces

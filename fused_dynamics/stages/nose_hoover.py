@@ -117,6 +117,7 @@ class NVTNoseHoover(Stage):
         v.check_choice(owner, "sy_order", self.sy_order, (1, 3, 5, 7))
 
     def init_state(self, batch: Batch) -> dict[str, jax.Array]:
+        v.check_fits(self, batch.max_systems)
         shape = (batch.max_systems, self.chain_length)
         return {"eta": jnp.zeros(shape, batch.dtype), "v_eta": jnp.zeros(shape, batch.dtype)}
 

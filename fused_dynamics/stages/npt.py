@@ -244,6 +244,7 @@ class NPT(Stage):
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch: Batch) -> NPTState:
+        v.check_fits(self, batch.max_systems)
         s, dtype = batch.max_systems, batch.dtype
         m = int(self.chain_length)
         n_dof = self._n_dof(batch)

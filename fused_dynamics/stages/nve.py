@@ -41,6 +41,10 @@ class NVE(Stage):
         v.check_stage(self)
         v.check_real(type(self).__name__, "dt", self.dt, v.positive(), unit="fs", per_system=True)
 
+    def init_state(self, batch: Batch) -> tuple:
+        v.check_fits(self, batch.max_systems)
+        return ()
+
     def _dt_atoms(self, batch: Batch) -> jax.Array:
         dt = jnp.broadcast_to(
             jnp.asarray(fs_to_ase_time(self.dt), batch.dtype), (batch.max_systems,)

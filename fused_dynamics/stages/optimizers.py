@@ -74,6 +74,10 @@ class GradientDescent(Stage):
     def is_optimizer(self) -> bool:
         return True
 
+    def init_state(self, batch: Batch) -> tuple:
+        v.check_fits(self, batch.max_systems)
+        return ()
+
     def first_half(self, batch, state):
         step = jnp.broadcast_to(jnp.asarray(self.step_size, batch.dtype), (batch.max_systems,))
         d = batch.to_atoms_axis(step)[:, None] * batch.forces
