@@ -9,20 +9,47 @@ The neighbor-list path (``model.with_neighbors(skin=...)``) sums the same ``pair
 the pairs of ``batch.neighbors`` (a :class:`~fused_dynamics.models.neighbors.NeighborList`):
 ``O(N)`` work per step. Displacements are ``r_j - r_i + shift @ cell`` with the batch's (strained)
 cell, so forces and stress come from the same autodiff pass as on the dense path.
+
+Several species: every parameter of :class:`LennardJones`, :class:`Morse` and
+:class:`SoftSphere` is either a scalar (the same for all pairs) or a symmetric (K, K) matrix whose
+rows and columns are the elements ``species=(Z1, ..., ZK)`` (atomic numbers or symbols);
+``from_pairs`` builds such a model from a table keyed by element pairs, with optional mixing rules.
+Each atom's atomic number is mapped to its row through a static lookup table, and the pair's
+parameters are gathered for the pair's two species on both paths.
+
+Every parameter is checked when the model is built (``__check_init__``): a wrong value raises a
+:class:`ValueError` naming the class, the parameter, the value and the rule. Traced parameters
+(under ``jax.vmap``, ``jax.grad``) have their shapes checked, not their values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ase.data import atomic_numbers as _Z_OF_SYMBOL
+from ase.data import chemical_symbols as _SYMBOLS
 
 from .. import segment
 from ..batch import Batch
+from ..validation import (
+    Rule,
+    check_bool,
+    check_integer,
+    check_order,
+    check_real,
+    is_traced,
+    non_negative,
+    positive,
+)
 from .base import Model
 from .neighbors import NeighborList
 
@@ -47,11 +74,151 @@ def required_images(cell: jax.Array, pbc: jax.Array, cutoff: float) -> jax.Array
     return jnp.where(pbc, n, 0)
 
 
+_N_Z = 119  # atomic numbers 0 (padding) .. 118
+MIXING_RULES = ("lorentz_berthelot", "geometric")
+
+
+def _element(z: int) -> str:
+    """``Ar (Z=18)`` for an atomic number, ``atomic number 0`` where there is no element."""
+    z = int(z)
+    if 1 <= z < len(_SYMBOLS):
+        return f"{_SYMBOLS[z]} (Z={z})"
+    return f"atomic number {z}"
+
+
+def _symbols(species: Sequence[int]) -> str:
+    return ", ".join(_SYMBOLS[z] if 1 <= z < len(_SYMBOLS) else str(z) for z in species)
+
+
+def _atomic_number(x: Any) -> Any:
+    """An element symbol or atomic number as an int; anything else unchanged (refused later)."""
+    if isinstance(x, (bool, np.bool_)):
+        return x
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    if isinstance(x, str) and x in _Z_OF_SYMBOL and x != "X":
+        return int(_Z_OF_SYMBOL[x])
+    return x
+
+
+def _species_converter(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = (value,)
+    if isinstance(value, (Sequence, np.ndarray)):
+        return tuple(_atomic_number(v) for v in value)
+    return value
+
+
+def _matrix_converter(value: Any) -> Any:
+    """Nested lists and tuples become NumPy arrays (one pytree leaf); everything else is kept."""
+    if isinstance(value, (list, tuple)):
+        return np.asarray(value, dtype=np.float64)
+    return value
+
+
+def _static_matrix_converter(value: Any) -> Any:
+    """A concrete (K, K) matrix as a tuple of tuples of floats (hashable, for a static field)."""
+    if isinstance(value, (list, tuple, np.ndarray, jax.Array)) and not is_traced(value):
+        arr = np.asarray(value)
+        if arr.ndim == 2 and arr.dtype.kind in "iuf":
+            return tuple(tuple(float(x) for x in row) for row in arr)
+    return value
+
+
+def _ndim(value: Any) -> int:
+    shape = getattr(value, "shape", None)
+    return len(shape) if shape is not None else int(np.ndim(value))
+
+
+def _gather(value: Any, si: jax.Array | None, sj: jax.Array | None) -> Any:
+    """A parameter for pairs of species ``(si, sj)``: scalars as they are, matrices gathered."""
+    if si is None or _ndim(value) == 0:
+        return value
+    return jnp.asarray(value)[si, sj]
+
+
+def _check_parameter(owner: str, name: str, value: Any, rule: Rule, unit: str, species) -> None:
+    """A scalar (``check_real``) or a symmetric (K, K) matrix, every entry by ``rule``."""
+    if isinstance(value, (numbers.Number, np.bool_)) or _ndim(value) == 0:
+        check_real(owner, name, value, rule, unit=unit)
+        return
+    shape = tuple(getattr(value, "shape", np.shape(value)))
+    what = f"{rule.text} ({unit})"
+    if len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0:
+        raise ValueError(
+            f"{owner}: {name} must be a scalar or a symmetric (K, K) matrix of per-species-pair "
+            f"values, {what}; got shape {shape}."
+        )
+    if species is not None and shape[0] != len(species):
+        raise ValueError(
+            f"{owner}: {name} has shape {shape} but species names {len(species)} elements "
+            f"({_symbols(species)}); the matrix needs one row per species."
+        )
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(value).dtype
+    if np.dtype(dtype).kind not in "iuf":
+        raise ValueError(f"{owner}: {name} must be {what}, got an array of dtype {dtype}.")
+    if is_traced(value):
+        return
+    arr = np.asarray(value, dtype=np.float64)
+
+    def pair(a, b):
+        if species is None:
+            return f"entry [{a}, {b}]"
+        return f"pair ({_SYMBOLS[species[a]]}, {_SYMBOLS[species[b]]})"
+
+    bad = np.argwhere(~rule.holds(arr))
+    if len(bad):
+        a, b = (int(x) for x in bad[0])
+        raise ValueError(
+            f"{owner}: {name} must be {what} for every species pair, got {float(arr[a, b])!r} "
+            f"for {pair(a, b)}."
+        )
+    asym = np.argwhere(arr != arr.T)
+    if len(asym):
+        a, b = (int(x) for x in asym[0])
+        raise ValueError(
+            f"{owner}: {name} must be a symmetric matrix (the pair (i, j) is the pair (j, i)), "
+            f"got {float(arr[a, b])!r} for {pair(a, b)} and {float(arr[b, a])!r} for "
+            f"{pair(b, a)}."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _UnknownSpeciesMessages(Sequence):
+    """The run-time error messages, one per (system slot, atomic number), made when needed."""
+
+    owner: str
+    species: tuple[int, ...]
+    n_slots: int
+
+    def __len__(self) -> int:
+        return self.n_slots * _N_Z
+
+    def __getitem__(self, index):
+        slot, z = divmod(int(index), _N_Z)
+        return (
+            f"System slot {slot} contains {_element(z)}, which is not among the species of "
+            f"{self.owner} ({_symbols(self.species)}): give parameters for it (species=... with "
+            "(K, K) matrices, or from_pairs) or leave such systems out."
+        )
+
+
+def _mix(rule: str, a, b):
+    if rule == "arithmetic":
+        return 0.5 * (a + b)
+    return np.sqrt(a * b)
+
+
 class PairPotential(Model):
     """Base class of isotropic pair potentials ``E = 1/2 Σ_i Σ_j φ(r_ij)`` within each system.
 
-    Subclasses give :meth:`pair_energy` (``φ(r)`` for ``r < cutoff``) and ``cutoff`` (a static
-    float field, or a property).
+    Subclasses give :meth:`pair_energy` (``φ(r)`` for ``r < cutoff``), ``cutoff`` (a static
+    float field, or a property) and the class attribute ``_parameters`` (name: (rule, unit) of
+    each potential parameter, checked at construction and allowed per species pair).
 
     Parameters
     ----------
@@ -73,6 +240,32 @@ class PairPotential(Model):
         inside a fused run the engine stores the refreshed list, so this cannot happen there).
         Under ``jax.vmap`` this check becomes a select that builds on every evaluation: turn it
         off there when the hook and the run loop keep the list fresh.
+    species : sequence of str or int, optional
+        The elements (symbols such as ``"Ar"`` or atomic numbers) that name the rows and columns
+        of the parameters given as symmetric (K, K) matrices, in that order; stored as a tuple
+        of atomic numbers. Each parameter is then a scalar (the same for every pair) or such a
+        matrix. An atom of an element not in ``species`` is an error that names the element
+        and the system slot: a :class:`ValueError` when the model is called eagerly on a
+        concrete batch (:meth:`check_species`), an ``EquinoxRuntimeError`` (a
+        :class:`RuntimeError`) inside ``jax.jit`` and fused runs.
+
+        Without ``species``, matrices are allowed only for an eager call on a concrete batch
+        whose occupied atoms have exactly K distinct elements: the rows are then those elements
+        in increasing atomic number, with a warning that says so. This is never done under
+        ``jax.jit``, ``jax.vmap`` or in a fused run (which compile before seeing the elements
+        of every system): there a matrix without ``species`` is a :class:`ValueError` asking
+        for ``species=``. Give ``species`` (or use :meth:`from_pairs`) in anything but a quick
+        check.
+
+    Raises
+    ------
+    ValueError
+        At construction, for a parameter outside its rule (the message names the class, the
+        parameter, the value and the rule): ``cutoff`` finite and > 0 (Å); ``switch_onset``
+        finite, >= 0 and < ``cutoff``; ``skin`` finite and >= 0; ``images`` three integers >= 0;
+        ``species`` distinct elements; each potential parameter as documented by its class,
+        for every entry of a matrix, and matrices symmetric with one row per species. Values of
+        traced parameters (under ``jax.vmap`` or ``jax.grad``) are not checked, their shapes are.
     """
 
     # ``cutoff`` (Å) is given by each subclass, as a static field or a property; it is not declared
@@ -80,16 +273,330 @@ class PairPotential(Model):
     images: tuple[int, int, int] | None = eqx.field(static=True, default=None, kw_only=True)
     skin: float | None = eqx.field(static=True, default=None, kw_only=True)
     auto_refresh: bool = eqx.field(static=True, default=True, kw_only=True)
+    species: tuple[int, ...] | None = eqx.field(
+        static=True, default=None, kw_only=True, converter=_species_converter
+    )
 
-    def pair_energy(self, r: jax.Array) -> jax.Array:
+    # name -> (rule, unit) of each potential parameter (scalar or per species pair)
+    _parameters: ClassVar[dict[str, tuple[Rule, str]]] = {}
+    # mixing rule -> {parameter: "arithmetic" | "geometric"}, for from_pairs(mixing=...)
+    _mixing: ClassVar[dict[str, dict[str, str]]] = {}
+
+    def __check_init__(self):
+        owner = type(self).__name__
+        names = {f.name for f in dataclasses.fields(self)}
+        if "cutoff" in names:
+            check_real(owner, "cutoff", self.cutoff, positive(), unit="Å")
+        if "switch_onset" in names:
+            onset = self.switch_onset
+            check_real(owner, "switch_onset", onset, non_negative(), unit="Å", allow_none=True)
+            check_order(owner, "switch_onset", onset, "cutoff", self.cutoff, strict=True)
+        if "shift" in names:
+            check_bool(owner, "shift", self.shift)
+        check_bool(owner, "auto_refresh", self.auto_refresh)
+        check_real(owner, "skin", self.skin, non_negative(), unit="Å", allow_none=True)
+        if self.images is not None:
+            if not isinstance(self.images, (tuple, list)) or len(self.images) != 3:
+                raise ValueError(
+                    f"{owner}: images must be None or 3 integers >= 0 (image shifts along each "
+                    f"lattice vector), got {self.images!r}."
+                )
+            for k, n in enumerate(self.images):
+                check_integer(owner, f"images[{k}]", n, 0)
+        species = self.species
+        if species is not None:
+            if not isinstance(species, tuple) or not species:
+                raise ValueError(
+                    f"{owner}: species must be a non-empty sequence of element symbols or atomic "
+                    f"numbers, got {species!r}."
+                )
+            for z in species:
+                if not isinstance(z, int) or isinstance(z, bool) or not 1 <= z < len(_SYMBOLS):
+                    raise ValueError(
+                        f"{owner}: species entry {z!r} is not an element (give symbols such as "
+                        f"'Ar' or atomic numbers 1-{len(_SYMBOLS) - 1})."
+                    )
+            if len(set(species)) != len(species):
+                raise ValueError(
+                    f"{owner}: species must name each element once, got ({_symbols(species)})."
+                )
+        sizes = {}
+        for name, (rule, unit) in self._parameters.items():
+            value = getattr(self, name)
+            _check_parameter(owner, name, value, rule, unit, species)
+            if _ndim(value) == 2:
+                sizes[name] = int(value.shape[0]) if hasattr(value, "shape") else len(value)
+        if len(set(sizes.values())) > 1:
+            shown = ", ".join(f"{n} {k}x{k}" for n, k in sizes.items())
+            raise ValueError(
+                f"{owner}: per-pair parameter matrices must all have one row per species, got "
+                f"{shown}."
+            )
+
+    # ------------------------------------------------------------------ species
+    @property
+    def per_pair(self) -> bool:
+        """Whether parameters depend on the species (``species`` given or a matrix parameter)."""
+        return self.species is not None or any(
+            _ndim(getattr(self, n)) == 2 for n in self._parameters
+        )
+
+    def _n_species(self) -> int:
+        for name in self._parameters:
+            value = getattr(self, name)
+            if _ndim(value) == 2:
+                return int(value.shape[0]) if hasattr(value, "shape") else len(value)
+        return 0 if self.species is None else len(self.species)
+
+    def _matrix_names(self) -> str:
+        return ", ".join(n for n in self._parameters if _ndim(getattr(self, n)) == 2)
+
+    def with_species_of(self, batch: Batch) -> PairPotential:
+        """A copy with ``species`` taken from a concrete batch, for matrices given without it.
+
+        The rows are the distinct elements of the occupied atoms in increasing atomic number;
+        there must be exactly K of them. Returns ``self`` when ``species`` is set or no
+        parameter is a matrix. Host-side.
+
+        Raises
+        ------
+        ValueError
+            The batch has another number of distinct elements than the matrices have rows.
+        """
+        if self.species is not None or not self.per_pair:
+            return self
+        owner = type(self).__name__
+        z = np.asarray(batch.atomic_numbers)[np.asarray(batch.atom_mask)]
+        present = tuple(int(x) for x in np.unique(z))
+        k = self._n_species()
+        if len(present) != k:
+            raise ValueError(
+                f"{owner}: {self._matrix_names()} given as {k}x{k} matrices without species=; "
+                f"the batch has {len(present)} elements ({_symbols(present)}), so the rows "
+                f"cannot be named: give species=(...) with the element of each row."
+            )
+        warnings.warn(
+            f"{owner}: {self._matrix_names()} given as {k}x{k} matrices without species=; rows "
+            f"taken as ({_symbols(present)}), the batch's elements in increasing atomic number. "
+            f"Give species={tuple(_SYMBOLS[z] for z in present)!r} (or your order) to say so; "
+            "this guess is never made under jit or in a fused run.",
+            UserWarning,
+            stacklevel=6,
+        )
+        return dataclasses.replace(self, species=present)
+
+    def check_species(self, batch: Batch) -> None:
+        """Host-side: every occupied atom of a concrete batch is of one of ``species``.
+
+        Raises
+        ------
+        ValueError
+            Naming the unknown elements and the system slots (and ``system_id``) holding them.
+        """
+        if self.species is None:
+            return
+        z = np.asarray(batch.atomic_numbers)
+        mask = np.asarray(batch.atom_mask) & ~np.isin(z, self.species)
+        if not mask.any():
+            return
+        slots = np.asarray(batch.system_idx)[mask]
+        ids = np.asarray(batch.system_id)
+        found = sorted({(int(s), int(e)) for s, e in zip(slots, z[mask], strict=True)})
+        parts = []
+        for s, e in found[:5]:
+            sid = f", system_id {int(ids[s])}" if 0 <= s < len(ids) and ids[s] >= 0 else ""
+            parts.append(f"{_element(e)} in system slot {s}{sid}")
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        raise ValueError(
+            f"{type(self).__name__}: the batch has atoms of elements without parameters: "
+            f"{'; '.join(parts)}{more}. The model's species are ({_symbols(self.species)}); "
+            "give parameters for every element present (species=... with (K, K) matrices, or "
+            "from_pairs)."
+        )
+
+    def _atom_species(self, batch: Batch) -> tuple[Batch, jax.Array]:
+        """Each atom's species index (row of the parameter matrices), shape (N,) int32.
+
+        Unknown elements among the occupied atoms stop the run with an error naming the element
+        and the system slot; padding atoms get index 0 (finite parameters, masked anyway).
+        """
+        owner = type(self).__name__
+        if self.species is None:
+            raise ValueError(
+                f"{owner}: {self._matrix_names()} given as (K, K) matrices need species=(...) "
+                "naming the element of each row (or use from_pairs). Without it the rows are "
+                "guessed only for an eager call on a concrete batch, never under jit, vmap or "
+                "in a fused run."
+            )
+        table = np.full(_N_Z, -1, np.int32)
+        table[list(self.species)] = np.arange(len(self.species), dtype=np.int32)
+        z = batch.atomic_numbers
+        in_range = (z >= 0) & (z < _N_Z)
+        index = jnp.where(in_range, jnp.asarray(table)[jnp.clip(z, 0, _N_Z - 1)], -1)
+        unknown = batch.atom_mask & (index < 0)
+        first = jnp.argmax(unknown)
+        s = batch.max_systems
+        slot = jnp.clip(batch.system_idx[first], 0, s - 1)
+        code = slot * _N_Z + jnp.clip(z[first], 0, _N_Z - 1)
+        positions = eqx.branched_error_if(
+            batch.positions,
+            jnp.any(unknown),
+            code,
+            _UnknownSpeciesMessages(owner, self.species, s),
+        )
+        return batch.replace(positions=positions), jnp.maximum(index, 0)
+
+    @classmethod
+    def from_pairs(
+        cls, table: Mapping[Any, Any], *, mixing: str | None = None, **kwargs
+    ) -> PairPotential:
+        """A model with per-species-pair parameters from a table keyed by element pairs.
+
+        Parameters
+        ----------
+        table : mapping
+            Keys are element pairs ``("Ar", "Kr")`` (symbols or atomic numbers; the order in a
+            pair does not matter) or single elements ``"Ar"`` (the same as ``("Ar", "Ar")``).
+            Values are the class's per-pair parameters not given in ``kwargs``, in the order of
+            its signature (``LennardJones``: ``(sigma, epsilon)``; ``Morse``:
+            ``(D, alpha, r0)``; ``SoftSphere``: ``(sigma, epsilon, alpha)``), as a tuple, or a
+            mapping from their names. One value alone may be given bare.
+        mixing : {"lorentz_berthelot", "geometric"}, optional
+            Fill every unlisted pair of two different elements from the two elements' own
+            entries (pairs listed explicitly are kept). ``"lorentz_berthelot"``: ``σ_ij =
+            (σ_i + σ_j) / 2``, ``ε_ij = sqrt(ε_i ε_j)`` (H. A. Lorentz, Ann. Phys. 248, 127
+            (1881); D. Berthelot, C. R. Acad. Sci. 126, 1703 (1898)); ``"geometric"``: ``σ_ij =
+            sqrt(σ_i σ_j)``, ``ε_ij = sqrt(ε_i ε_j)`` (the OPLS convention, W. L. Jorgensen et
+            al., J. Am. Chem. Soc. 106, 6638 (1984); LAMMPS ``pair_modify mix geometric``).
+            For ``LennardJones`` and ``SoftSphere`` only; ``SoftSphere``'s ``alpha`` is not
+            mixed (give it as a scalar keyword). Without ``mixing`` every pair must be listed.
+        **kwargs
+            The other constructor arguments (``cutoff``, ``switch_onset``, a scalar parameter
+            shared by all pairs, ...).
+
+        Returns
+        -------
+        PairPotential
+            With ``species`` the listed elements in increasing atomic number and each table
+            parameter a symmetric (K, K) matrix.
+
+        Raises
+        ------
+        ValueError
+            An unknown element, a value of the wrong length, a pair given twice with different
+            values, a pair missing (named), or an unknown mixing rule.
+        """
+        owner = f"{cls.__name__}.from_pairs"
+        names = [n for n in cls._parameters if n not in kwargs]
+        if not names:
+            raise ValueError(
+                f"{owner}: every parameter is given as a keyword; the table is unused."
+            )
+        if "species" in kwargs:
+            raise ValueError(f"{owner}: species come from the table's keys; do not give species=.")
+        if mixing is not None and mixing not in MIXING_RULES:
+            raise ValueError(
+                f"{owner}: mixing must be one of {MIXING_RULES!r} or None, got {mixing!r}."
+            )
+        if not isinstance(table, Mapping) or not table:
+            raise ValueError(f"{owner}: table must be a non-empty mapping, got {table!r}.")
+
+        def element(x):
+            z = _atomic_number(x)
+            if not isinstance(z, int) or isinstance(z, bool) or not 1 <= z < len(_SYMBOLS):
+                raise ValueError(f"{owner}: {x!r} in the table is not an element.")
+            return z
+
+        def values(key, value):
+            if isinstance(value, Mapping):
+                if set(value) != set(names):
+                    raise ValueError(
+                        f"{owner}: entry {key!r} must give exactly {names}, got {sorted(value)}."
+                    )
+                return tuple(value[n] for n in names)
+            if isinstance(value, (tuple, list, np.ndarray)):
+                if len(value) != len(names):
+                    raise ValueError(
+                        f"{owner}: entry {key!r} must give {len(names)} values {tuple(names)}, "
+                        f"got {len(value)}."
+                    )
+                return tuple(value)
+            if len(names) == 1:
+                return (value,)
+            raise ValueError(f"{owner}: entry {key!r} must give {tuple(names)}, got {value!r}.")
+
+        entries = {}
+        for key, value in table.items():
+            pair = (key,) if isinstance(key, (str, numbers.Integral)) else tuple(key)
+            if len(pair) == 1:
+                pair = pair * 2
+            if len(pair) != 2:
+                raise ValueError(f"{owner}: key {key!r} must be an element or a pair of elements.")
+            a, b = sorted(element(x) for x in pair)
+            vals = tuple(float(v) for v in values(key, value))
+            if (a, b) in entries and entries[(a, b)] != vals:
+                raise ValueError(
+                    f"{owner}: pair ({_symbols((a, b))}) is given twice with different values, "
+                    f"{entries[(a, b)]} and {vals}."
+                )
+            entries[(a, b)] = vals
+        species = tuple(sorted({z for pair in entries for z in pair}))
+        row = {z: k for k, z in enumerate(species)}
+        k = len(species)
+        mats = {n: np.full((k, k), np.nan) for n in names}
+        given = np.zeros((k, k), bool)
+        for (a, b), vals in entries.items():
+            for n, v in zip(names, vals, strict=True):
+                mats[n][row[a], row[b]] = mats[n][row[b], row[a]] = v
+            given[row[a], row[b]] = given[row[b], row[a]] = True
+        if mixing is not None and not given.all():
+            rules = cls._mixing.get(mixing)
+            if rules is None:
+                raise ValueError(
+                    f"{owner}: {cls.__name__} has no mixing rule; list every pair of elements."
+                )
+            unmixed = [n for n in names if n not in rules]
+            if unmixed:
+                raise ValueError(
+                    f"{owner}: {', '.join(unmixed)} has no {mixing} mixing rule; give it as a "
+                    "scalar keyword (the same for every pair) or list every pair."
+                )
+            for i, j in itertools.combinations(range(k), 2):
+                if given[i, j] or not (given[i, i] and given[j, j]):
+                    continue
+                for n in names:
+                    mats[n][i, j] = mats[n][j, i] = _mix(rules[n], mats[n][i, i], mats[n][j, j])
+                given[i, j] = given[j, i] = True
+        if not given.all():
+            missing = [
+                f"({_symbols((species[i], species[j]))})"
+                for i, j in itertools.combinations_with_replacement(range(k), 2)
+                if not given[i, j]
+            ]
+            hint = "" if mixing else " (or give mixing= to fill cross pairs)"
+            raise ValueError(f"{owner}: no parameters for pair(s) {', '.join(missing)}{hint}.")
+        return cls(**mats, species=species, **kwargs)
+
+    def pair_energy(
+        self, r: jax.Array, si: jax.Array | None = None, sj: jax.Array | None = None
+    ) -> jax.Array:
+        """``φ(r)`` in eV for pair distances ``r`` (Å) below the cutoff.
+
+        ``si``, ``sj``: species indices (rows of the parameter matrices) of the two atoms of each
+        pair, broadcastable with ``r``; None when the parameters are the same for every pair.
+        """
         raise NotImplementedError
 
     def prepare(self, batch: Batch) -> PairPotential:
-        if self.images is not None or isinstance(batch.cell, jax.core.Tracer):
-            return self
-        if self.skin is not None:  # the neighbor-list path needs no image range
-            return self
-        return self.with_images(batch)
+        model = self
+        if self.per_pair and not isinstance(batch.atomic_numbers, jax.core.Tracer):
+            model = self.with_species_of(batch)
+            model.check_species(batch)
+        if model.images is not None or isinstance(batch.cell, jax.core.Tracer):
+            return model
+        if model.skin is not None:  # the neighbor-list path needs no image range
+            return model
+        return model.with_images(batch)
 
     # ------------------------------------------------------------------ neighbor lists
     def with_neighbors(self, skin: float = 1.0, auto_refresh: bool = True) -> PairPotential:
@@ -120,7 +627,7 @@ class PairPotential(Model):
         """``batch`` with ``neighbors`` set to :meth:`neighbor_list` (host-side)."""
         return batch.replace(neighbors=self.neighbor_list(batch, capacity, **kwargs))
 
-    def _neighbor_energy(self, batch: Batch) -> jax.Array:
+    def _neighbor_energy(self, batch: Batch, species: jax.Array | None = None) -> jax.Array:
         nl = batch.neighbors
         if not isinstance(nl, NeighborList):
             raise TypeError(
@@ -147,7 +654,13 @@ class PairPotential(Model):
         ok = nl.mask & (r2 < self.cutoff**2)
         # masked pairs at r = cutoff / 2, as on the dense path (finite φ and derivatives)
         r = jnp.sqrt(jnp.where(ok, r2, 0.25 * self.cutoff**2))
-        phi = jnp.where(ok, self.pair_energy(r), 0.0)
+        if species is None:
+            phi = self.pair_energy(r)
+        else:  # the parameters of each pair's two species (unused slots: species 0, masked)
+            n = batch.max_atoms
+            i, j = jnp.minimum(nl.senders, n - 1), jnp.minimum(nl.receivers, n - 1)
+            phi = self.pair_energy(r, species[i], species[j])
+        phi = jnp.where(ok, phi, 0.0)
         weight = 1.0 if nl.half else 0.5
         energy = segment.segment_sum(weight * phi, nl.pair_system(batch.system_idx, s), s)
         # a factor, not a select: forces and stress (its derivatives) must be NaN too, never the
@@ -173,11 +686,14 @@ class PairPotential(Model):
         return dataclasses.replace(self, images=tuple(int(n) for n in need.max(axis=0)))
 
     def energy(self, batch: Batch) -> jax.Array:
+        species = None
+        if self.per_pair:
+            batch, species = self._atom_species(batch)
         if self.skin is not None:
-            return self._neighbor_energy(batch)
-        return self._dense_energy(batch)
+            return self._neighbor_energy(batch, species)
+        return self._dense_energy(batch, species)
 
-    def _dense_energy(self, batch: Batch) -> jax.Array:
+    def _dense_energy(self, batch: Batch, species: jax.Array | None = None) -> jax.Array:
         n_img = (1, 1, 1) if self.images is None else tuple(self.images)
         need = required_images(batch.cell, batch.pbc, self.cutoff)
         # a non-finite cell is that system's failure (reported by the run), not a run-wide error
@@ -227,7 +743,11 @@ class PairPotential(Model):
         # derivatives (r = 1 is not: (1 - r/σ)^α is NaN for σ < 1 and non-integer α, and a NaN
         # in the unused branch of `where` poisons gradients with respect to the parameters).
         r = jnp.sqrt(jnp.where(ok, r2, 0.25 * self.cutoff**2))
-        phi = jnp.where(ok, self.pair_energy(r), 0.0)
+        if species is None:
+            phi = self.pair_energy(r)
+        else:  # (N, 1, 1) and (N, A, 1): j of an invalid pair is some atom, masked below
+            phi = self.pair_energy(r, species[:, None, None], species[j][:, :, None])
+        phi = jnp.where(ok, phi, 0.0)
         atom_energy = 0.5 * jnp.sum(phi, axis=(1, 2))
         return batch.sum_atoms(atom_energy)
 
@@ -245,33 +765,62 @@ def _switch_quintic(r: jax.Array, cutoff: float, onset: float) -> jax.Array:
     return jnp.where(s >= 1.0, 1.0, 6.0 * s**5 - 15.0 * s**4 + 10.0 * s**3)
 
 
+_LJ_MIXING = {
+    "lorentz_berthelot": {"sigma": "arithmetic", "epsilon": "geometric"},
+    "geometric": {"sigma": "geometric", "epsilon": "geometric"},
+}
+
+
 class LennardJones(PairPotential):
     """Lennard-Jones ``φ(r) = 4ε[(σ/r)^12 - (σ/r)^6]``.
 
     Parameters
     ----------
-    sigma, epsilon : float
-        Å and eV.
+    sigma : float or (K, K) array
+        Å, finite and > 0. A matrix gives one value per species pair (with ``species``).
+    epsilon : float or (K, K) array
+        Well depth in eV, finite and >= 0 (0: the pair does not interact). A negative ε is
+        refused: it turns the well into a barrier and the core into an attraction that diverges
+        to -∞ at r -> 0, which no relaxation or dynamics survives (for a purely repulsive
+        model use :class:`SoftSphere`).
     cutoff : float
-        Å; pairs at ``r >= cutoff`` do not interact.
+        Å, finite and > 0; pairs at ``r >= cutoff`` do not interact.
     shift : bool, default True
-        Shift ``φ`` to zero at the cutoff (ASE's ``LennardJones(smooth=False)``). Ignored when
-        ``switch_onset`` is given.
+        Shift ``φ`` to zero at the cutoff (ASE's ``LennardJones(smooth=False)``), for each
+        species pair with its own parameters. Ignored when ``switch_onset`` is given.
     switch_onset : float, optional
-        Multiply ``φ`` by the C¹ switch of ASE's ``LennardJones(smooth=True, ro=switch_onset)``
-        (the same form as JAX-MD's ``multiplicative_isotropic_cutoff``).
+        Å, finite, >= 0 and < ``cutoff``. Multiply ``φ`` by the C¹ switch of ASE's
+        ``LennardJones(smooth=True, ro=switch_onset)`` (the same form as JAX-MD's
+        ``multiplicative_isotropic_cutoff``).
+    species : sequence of str or int, optional
+        Elements naming the rows of ``sigma`` / ``epsilon`` given as symmetric (K, K) matrices
+        (see :class:`PairPotential`). :meth:`~PairPotential.from_pairs` builds them from a table
+        keyed by element pairs, optionally with Lorentz–Berthelot or geometric mixing::
+
+            LennardJones.from_pairs(
+                {"Ar": (3.405, 0.0104), "Kr": (3.65, 0.014)},
+                mixing="lorentz_berthelot", cutoff=8.5,
+            )
     """
 
-    sigma: float | jax.Array
-    epsilon: float | jax.Array
+    sigma: float | jax.Array = eqx.field(converter=_matrix_converter)
+    epsilon: float | jax.Array = eqx.field(converter=_matrix_converter)
     cutoff: float = eqx.field(static=True)
     shift: bool = eqx.field(static=True, default=True)
     switch_onset: float | None = eqx.field(static=True, default=None)
 
-    def pair_energy(self, r):
+    _parameters: ClassVar[dict[str, tuple[Rule, str]]] = {
+        "sigma": (positive(), "Å"),
+        "epsilon": (non_negative(), "eV"),
+    }
+    _mixing: ClassVar[dict[str, dict[str, str]]] = _LJ_MIXING
+
+    def pair_energy(self, r, si=None, sj=None):
+        sigma, epsilon = _gather(self.sigma, si, sj), _gather(self.epsilon, si, sj)
+
         def lj(r):
-            c6 = (self.sigma / r) ** 6
-            return 4.0 * self.epsilon * (c6 * c6 - c6)
+            c6 = (sigma / r) ** 6
+            return 4.0 * epsilon * (c6 * c6 - c6)
 
         if self.switch_onset is not None:
             return lj(r) * _switch_r2(r, self.cutoff, self.switch_onset)
@@ -285,29 +834,48 @@ class Morse(PairPotential):
 
     Parameters
     ----------
-    D, alpha, r0 : float
-        Well depth (eV), stiffness (1/Å), equilibrium distance (Å). ASE's ``MorsePotential``
-        has ``epsilon = D`` and ``rho0 = alpha * r0``.
+    D : float or (K, K) array
+        Well depth in eV, finite and >= 0 (a negative D turns the well into a barrier and is
+        refused, as LennardJones's negative ε).
+    alpha : float or (K, K) array
+        Stiffness in 1/Å, finite and > 0.
+    r0 : float or (K, K) array
+        Equilibrium distance in Å, finite and > 0. ASE's ``MorsePotential`` has
+        ``epsilon = D`` and ``rho0 = alpha * r0``.
     cutoff : float
-        Å.
+        Å, finite and > 0.
     shift : bool, default True
-        Shift ``φ`` to zero at the cutoff (ignored when ``switch_onset`` is given).
+        Shift ``φ`` to zero at the cutoff, per species pair (ignored when ``switch_onset`` is
+        given).
     switch_onset : float, optional
-        Multiply ``φ`` by ASE's quintic switch between ``switch_onset`` and ``cutoff``
-        (``MorsePotential(rcut1=switch_onset / r0, rcut2=cutoff / r0)``).
+        Å, finite, >= 0 and < ``cutoff``. Multiply ``φ`` by ASE's quintic switch between
+        ``switch_onset`` and ``cutoff`` (``MorsePotential(rcut1=switch_onset / r0,
+        rcut2=cutoff / r0)``).
+    species : sequence of str or int, optional
+        Elements naming the rows of parameters given as symmetric (K, K) matrices (see
+        :class:`PairPotential`; :meth:`~PairPotential.from_pairs` takes ``(D, alpha, r0)`` per
+        pair; Morse has no mixing rule).
     """
 
-    D: float | jax.Array
-    alpha: float | jax.Array
-    r0: float | jax.Array
+    D: float | jax.Array = eqx.field(converter=_matrix_converter)
+    alpha: float | jax.Array = eqx.field(converter=_matrix_converter)
+    r0: float | jax.Array = eqx.field(converter=_matrix_converter)
     cutoff: float = eqx.field(static=True)
     shift: bool = eqx.field(static=True, default=True)
     switch_onset: float | None = eqx.field(static=True, default=None)
 
-    def pair_energy(self, r):
+    _parameters: ClassVar[dict[str, tuple[Rule, str]]] = {
+        "D": (non_negative(), "eV"),
+        "alpha": (positive(), "1/Å"),
+        "r0": (positive(), "Å"),
+    }
+
+    def pair_energy(self, r, si=None, sj=None):
+        d, alpha, r0 = (_gather(p, si, sj) for p in (self.D, self.alpha, self.r0))
+
         def morse(r):
-            e = jnp.exp(-self.alpha * (r - self.r0))
-            return self.D * e * (e - 2.0)
+            e = jnp.exp(-alpha * (r - r0))
+            return d * e * (e - 2.0)
 
         if self.switch_onset is not None:
             return morse(r) * _switch_quintic(r, self.cutoff, self.switch_onset)
@@ -321,20 +889,53 @@ class SoftSphere(PairPotential):
 
     Parameters
     ----------
-    sigma : float
-        Contact distance in Å; also the cutoff.
-    epsilon : float
-        eV.
-    alpha : float, default 2.0
+    sigma : float or (K, K) array
+        Contact distance in Å, finite and > 0; also the cutoff (the largest entry for a
+        matrix). Static: it cannot be traced (vmap over ``epsilon`` or ``alpha`` instead).
+    epsilon : float or (K, K) array
+        eV, finite and >= 0 (a negative ε would make the core attractive).
+    alpha : float or (K, K) array, default 2.0
+        Exponent, finite and > 0.
+    species : sequence of str or int, optional
+        Elements naming the rows of parameters given as symmetric (K, K) matrices (see
+        :class:`PairPotential`); :meth:`~PairPotential.from_pairs` takes
+        ``(sigma, epsilon, alpha)`` per pair, or ``(sigma, epsilon)`` with ``alpha=`` a
+        keyword, and mixes ``sigma`` and ``epsilon`` as :class:`LennardJones` does.
     """
 
-    sigma: float = eqx.field(static=True)
-    epsilon: float | jax.Array = 1.0
-    alpha: float | jax.Array = 2.0
+    sigma: float | tuple[tuple[float, ...], ...] = eqx.field(
+        static=True, converter=_static_matrix_converter
+    )
+    epsilon: float | jax.Array = eqx.field(default=1.0, converter=_matrix_converter)
+    alpha: float | jax.Array = eqx.field(default=2.0, converter=_matrix_converter)
+
+    _parameters: ClassVar[dict[str, tuple[Rule, str]]] = {
+        "sigma": (positive(), "Å"),
+        "epsilon": (non_negative(), "eV"),
+        "alpha": (positive(), "dimensionless"),
+    }
+    _mixing: ClassVar[dict[str, dict[str, str]]] = _LJ_MIXING
+
+    def __check_init__(self):
+        if is_traced(self.sigma):
+            raise ValueError(
+                "SoftSphere: sigma sets the cutoff and is static, so it cannot be traced "
+                "(jax.vmap/jax.grad over epsilon or alpha instead)."
+            )
 
     @property
     def cutoff(self) -> float:
+        if _ndim(self.sigma) == 2:
+            return float(np.max(self.sigma))
         return float(self.sigma)
 
-    def pair_energy(self, r):
-        return self.epsilon / self.alpha * (1.0 - r / self.sigma) ** self.alpha
+    def pair_energy(self, r, si=None, sj=None):
+        epsilon, alpha = _gather(self.epsilon, si, sj), _gather(self.alpha, si, sj)
+        if _ndim(self.sigma) == 0:
+            return epsilon / alpha * (1.0 - r / self.sigma) ** alpha
+        # per-pair contact distances below the cutoff (the largest one): zero beyond σ_ij, and
+        # a safe base there so that (1 - r/σ)^α and its derivatives stay finite
+        sigma = _gather(self.sigma, si, sj)
+        inside = r < sigma
+        x = jnp.where(inside, 1.0 - r / sigma, 1.0)
+        return jnp.where(inside, epsilon / alpha * x**alpha, 0.0)
