@@ -94,9 +94,57 @@ def _write(path, text):
     return path
 
 
+RESUME = """\
+seed = 1
+dtype = "float64"
+refill_frequency = 4
+[structures]
+path = "in.extxyz"
+[model]
+type = "lennard_jones"
+sigma = 3.405
+epsilon = 0.0104
+cutoff = 6.0
+[capacity]
+max_atoms = 24
+max_systems = 3
+[[stages]]
+type = "fire"
+fmax = 0.05
+n_steps = 30
+write = "out/relaxed.extxyz"
+[[stages]]
+type = "nve"
+dt = 2.0
+n_steps = 4
+[[outputs]]
+type = "extxyz"
+path = "out/run.extxyz"
+"""
+
+
+def _resume_job(folder):
+    """A job whose output holds systems 1 and 3 already, then a frame cut short by a kill."""
+    data = make_structures(5, seed=8, max_size=8)
+    for i, a in enumerate(data):
+        a.info["name"] = f"s{i}"
+    ase.io.write(_write(folder / "in.extxyz", ""), data)
+    done = []
+    for i in (1, 3):
+        a = data[i].copy()
+        a.info.update(system_id=i, exit_reason=1, name=f"earlier {i}")
+        done.append(a)
+    out = folder / "out" / "run.extxyz"
+    ase.io.write(_write(out, ""), done)
+    kept = out.read_bytes()
+    ase.io.write(folder / "cut.extxyz", data[4])
+    out.write_bytes(kept + (folder / "cut.extxyz").read_bytes()[:-30])
+    return _write(folder / "job.toml", RESUME), kept
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two CLI runs started at once: TOML (float64, zarr) and YAML (files, extxyz)."""
+    """Three CLI runs started at once: TOML (float64, zarr), YAML (files, extxyz), --resume."""
     root = tmp_path_factory.mktemp("cli")
     toml = _write(root / "toml" / "job.toml", TOML)
     yaml_dir = root / "yaml"
@@ -104,15 +152,21 @@ def runs(tmp_path_factory):
     ase.io.write(_write(yaml_dir / "data" / "a.extxyz", ""), data[:4])
     ase.io.write(yaml_dir / "data" / "b.extxyz", data[4:])
     yaml = _write(yaml_dir / "job.yml", YAML)
+    resume, kept = _resume_job(root / "resume")
+    (root / "resume" / "kept").write_bytes(kept)
     procs = {
         name: subprocess.Popen(
-            [*CLI, "run", str(cfg), "--no-progress"],
+            [*CLI, "run", str(cfg), "--no-progress", *flags],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=_env(),
         )
-        for name, cfg in (("toml", toml), ("yaml", yaml))
+        for name, cfg, flags in (
+            ("toml", toml, []),
+            ("yaml", yaml, []),
+            ("resume", resume, ["--resume", "--strict"]),
+        )
     }
     results = {}
     for name, p in procs.items():
@@ -147,6 +201,70 @@ def test_run_yaml_from_a_glob_of_files_to_two_outputs(runs):
     copies = read_zarr(root / "yaml" / "out" / "run.zarr")
     assert sorted(a.info["system_id"] for a in copies) == list(range(7))
     assert "FIRE" in out and "NVTLangevin" in out
+
+
+def test_resume_appends_the_missing_systems_with_their_provenance(runs):
+    root, results = runs
+    rc, out, err = results["resume"]
+    assert rc == 0, out + err
+    folder = root / "resume"
+    path = folder / "out" / "run.extxyz"
+    kept = (folder / "kept").read_bytes()
+    assert path.read_bytes().startswith(kept), "what was written before is never rewritten"
+    # the frame cut short was moved aside, not deleted
+    tail = (folder / "out" / "run.extxyz.incomplete-tail").read_bytes()
+    assert tail == (folder / "cut.extxyz").read_bytes()[:-30]
+    frames = ase.io.read(path, index=":")
+    assert [a.info["system_id"] for a in frames][:2] == [1, 3]
+    assert sorted(a.info["system_id"] for a in frames) == [0, 1, 2, 3, 4]
+    assert "skipped" in out and "appended to" in out
+    for a in frames[2:]:
+        sid = a.info["system_id"]
+        assert a.info["name"] == f"s{sid}" and a.info["source_index"] == sid
+        assert a.info["source_file"] == os.fspath(folder / "in.extxyz")
+        assert a.info["exit_reason_name"] in ("converged", "budget")
+    assert json.loads(frames[2].info["run_config"])["stages"][1]["type"] == "nve"
+    # the relaxation output: each system run here once, as it left FIRE
+    relaxed = ase.io.read(folder / "out" / "relaxed.extxyz", index=":")
+    assert sorted(a.info["system_id"] for a in relaxed) == [0, 2, 4]
+    assert all(a.info["stage"] == 0 and a.info["stage_steps"][1] == 0 for a in relaxed)
+
+
+def test_interrupts_wait_for_the_write_in_progress(tmp_path):
+    """SIGTERM during a write: the write completes on every output, then KeyboardInterrupt."""
+    import signal
+
+    import fused_dynamics as fd
+    from fused_dynamics.cli import _INTERRUPTS, TeeSink
+
+    class Slow(fd.HostMemory):
+        def write(self, frames):
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives between the two outputs
+            super().write(frames)
+
+    xyz = fd.ExtXYZSink(tmp_path / "a.extxyz")
+    zarr_sink = fd.ZarrSink(tmp_path / "b.zarr")
+    tee = TeeSink([Slow(), xyz, zarr_sink])
+    frames = make_structures(2, max_size=4)
+    for i, a in enumerate(frames):
+        a.info["system_id"] = i
+    with _INTERRUPTS.installed_handlers():
+        with pytest.raises(KeyboardInterrupt) as info:
+            tee.write(frames)
+    assert info.value.args == (signal.SIGTERM,)
+    assert (
+        len(ase.io.read(tmp_path / "a.extxyz", ":")) == 2
+        and len(read_zarr(tmp_path / "b.zarr")) == 2
+    )
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+def test_overwrite_and_resume_are_offered_by_run_and_demo():
+    runner = CliRunner()
+    for cmd in ("run", "demo"):
+        res = runner.invoke(app, [cmd, "--help"])
+        for flag in ("--overwrite", "--resume", "--strict"):
+            assert flag in res.output, (cmd, flag)
 
 
 def test_a_failure_while_running_exits_1(tmp_path, monkeypatch):
