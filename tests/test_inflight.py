@@ -116,6 +116,8 @@ def test_system_too_big_is_rejected_and_written(caplog):
     data = dataset(5, seed=5)
     huge = bulk("Ar", "fcc", a=5.3, cubic=True) * (4, 4, 4)  # 256 atoms
     data.insert(2, huge)
+    for i, a in enumerate(data):
+        a.info["name"] = f"input {i}"
     sink = fd.HostMemory()
     with caplog.at_level("WARNING", logger="fused_dynamics"):
         sampler = fd.SizeAwareSampler(data, max_atoms=100, max_systems=4)
@@ -125,6 +127,13 @@ def test_system_too_big_is_rejected_and_written(caplog):
     assert sorted(by_id) == list(range(6))
     assert by_id[2].info["exit_reason"] == fd.ExitReason.REJECTED
     assert all(by_id[i].info["exit_reason"] == fd.ExitReason.BUDGET for i in (0, 1, 3, 4, 5))
+    # names with the codes, and the input's info and index on every record, rejected or not
+    assert [by_id[i].info["exit_reason_name"] for i in range(6)] == ["budget"] * 2 + [
+        "rejected"
+    ] + ["budget"] * 3
+    assert all(by_id[i].info["name"] == f"input {i}" for i in range(6))
+    assert all(by_id[i].info["source_index"] == i for i in range(6))
+    assert len(by_id[2]) == 256 and "has 256 atoms" in by_id[2].info["rejected"]
 
 
 def test_bad_dataset_inputs(tmp_path):
