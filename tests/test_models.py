@@ -507,3 +507,66 @@ def test_vmap_over_batches_and_parameters():
     energies = jax.vmap(lambda e: dataclasses.replace(model, epsilon=e)(batches[0]).energy)(eps)
     ref = _evaluate(model, batches[0]).energy[0] / model.epsilon
     assert_rel(energies[:, 0], eps * ref, RTOL_SAME, "energy vs epsilon")
+
+
+# ---------------------------------------------------------------------------- 10. parameter checks
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: fd.models.LennardJones(3.4, 0.01, -7.5), r"LennardJones: cutoff must be > 0"),
+        (lambda: fd.models.LennardJones(3.4, 0.01, float("inf")), r"cutoff must be > 0.*inf"),
+        (lambda: fd.models.LennardJones(0.0, 0.01, 7.5), r"LennardJones: sigma must be > 0.*0\.0"),
+        (lambda: fd.models.LennardJones(3.4, -0.01, 7.5), r"epsilon must be >= 0.*-0\.01"),
+        (lambda: fd.models.LennardJones(3.4, float("nan"), 7.5), r"epsilon must be >= 0.*nan"),
+        (
+            lambda: fd.models.LennardJones(3.4, 0.01, 7.5, switch_onset=7.5),
+            r"switch_onset must be < cutoff, got switch_onset=7\.5 and cutoff=7\.5",
+        ),
+        (
+            lambda: fd.models.LennardJones(3.4, 0.01, 7.5, switch_onset=-1.0),
+            r"switch_onset must be >= 0",
+        ),
+        (lambda: fd.models.Morse(-0.1, 1.0, 3.0, 7.0), r"Morse: D must be >= 0.*-0\.1"),
+        (lambda: fd.models.Morse(0.1, 0.0, 3.0, 7.0), r"Morse: alpha must be > 0"),
+        (lambda: fd.models.Morse(0.1, 1.0, -3.0, 7.0), r"Morse: r0 must be > 0"),
+        (
+            lambda: fd.models.Morse(0.1, 1.0, 3.0, 7.0, switch_onset=8.0),
+            r"Morse: switch_onset must be < cutoff",
+        ),
+        (lambda: fd.models.SoftSphere(-1.0), r"SoftSphere: sigma must be > 0"),
+        (lambda: fd.models.SoftSphere(1.0, 1.0, 0.0), r"SoftSphere: alpha must be > 0"),
+        (lambda: fd.models.SoftSphere(1.0, -1.0), r"SoftSphere: epsilon must be >= 0"),
+        (
+            lambda: fd.models.LennardJones(3.4, 0.01, 7.5, images=(1, -1, 1)),
+            r"LennardJones: images\[1\] must be an integer >= 0, got -1",
+        ),
+        (
+            lambda: fd.models.LennardJones(3.4, 0.01, 7.5, images=(1, 1)),
+            r"images must be None or 3 integers",
+        ),
+        (lambda: fd.models.LennardJones(3.4, 0.01, 7.5, skin=-0.5), r"skin must be >= 0"),
+        (lambda: fd.models.LennardJones(3.4, 0.01, 7.5).with_neighbors(-0.5), "skin must be >= 0"),
+        (lambda: fd.models.LennardJones(3.4, 0.01, 7.5, shift=1), r"shift must be True or False"),
+    ],
+)
+def test_invalid_parameters_are_refused_at_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_traced_parameters_are_not_value_checked():
+    # Under vmap/grad a parameter is a tracer: its value is unknown when the model is built, so
+    # only its shape is checked (a negative epsilon inside vmap is the caller's business).
+    atoms = cluster_nocell()
+    batch = fd.Batch.from_atoms([atoms])
+
+    def energy(sigma, epsilon):
+        model = fd.models.LennardJones(sigma=sigma, epsilon=epsilon, cutoff=CUTOFF)
+        return model.with_images(batch).energy(batch)[0]
+
+    out = jax.vmap(energy)(jnp.asarray([1.0, 1.1]), jnp.asarray([0.7, -0.7]))
+    assert np.isfinite(np.asarray(out)).all()
+    grad = jax.grad(energy, argnums=(0, 1))(1.0, 0.7)
+    assert all(np.isfinite(float(g)) for g in grad)
+    with pytest.raises(ValueError, match=r"sigma must be a scalar or a symmetric \(K, K\)"):
+        jax.vmap(lambda s: energy(s, 0.7))(jnp.ones((2, 3)))
