@@ -865,7 +865,11 @@ def _read_output(path: Path) -> list:
 
 
 def summarize_output(path: str | os.PathLike) -> dict:
-    """A summary of an output file (extxyz or zarr store) as a plain dict."""
+    """A summary of an output file (extxyz or zarr store) as a plain dict.
+
+    Energy, fmax and temperature statistics are over finite values; failed systems are listed
+    under ``"failed"`` (``system_id``, ``failure`` names, ``failure_step``).
+    """
     import numpy as np
 
     from .hooks import ExitReason
@@ -876,7 +880,7 @@ def summarize_output(path: str | os.PathLike) -> dict:
     reasons: dict[str, int] = {}
     for a in frames:
         r = a.info.get("exit_reason")
-        name = "unknown" if r is None else ExitReason(int(r)).name.lower()
+        name = "unknown" if r is None else a.info.get("exit_reason_name") or _reason_name(r)
         reasons[name] = reasons.get(name, 0) + 1
     sizes = [len(a) for a in frames]
     e_atom, fmax, temps, steps = [], [], [], []
@@ -894,9 +898,10 @@ def summarize_output(path: str | os.PathLike) -> dict:
             steps.append([int(x) for x in (s.tolist() if hasattr(s, "tolist") else s)])
 
     def stats(xs):
-        if not xs:
-            return None
         x = np.asarray(xs, float)
+        x = x[np.isfinite(x)]  # failed systems are listed apart, not averaged in
+        if not x.size:
+            return None
         return {"min": float(x.min()), "mean": float(x.mean()), "max": float(x.max())}
 
     out = {
@@ -914,10 +919,30 @@ def summarize_output(path: str | os.PathLike) -> dict:
         arr = np.asarray(steps)
         out["stage_steps_mean"] = [float(x) for x in arr.mean(axis=0)]
         out["stage_steps_max"] = [int(x) for x in arr.max(axis=0)]
+    failed = [
+        {
+            "system_id": a.info.get("system_id"),
+            "failure": a.info.get("failure") or "unknown",
+            "failure_step": a.info.get("failure_step"),
+        }
+        for a in frames
+        if a.info.get("exit_reason") == ExitReason.FAILED
+    ]
+    if failed:
+        out["failed"] = failed
     status = [a.info.get("status") for a in frames if "status" in a.info]
     if status:
         out["statuses"] = {str(s): status.count(s) for s in sorted(set(status))}
     return out
+
+
+def _reason_name(code) -> str:
+    from .hooks import ExitReason
+
+    try:
+        return ExitReason(int(code)).name.lower()
+    except ValueError:
+        return f"unknown_{code}"
 
 
 def _format_summary(s: dict) -> str:
@@ -942,6 +967,12 @@ def _format_summary(s: dict) -> str:
         mean = ", ".join(f"{x:.1f}" for x in s["stage_steps_mean"])
         mx = ", ".join(str(x) for x in s["stage_steps_max"])
         lines.append(f"  steps per stage  mean [{mean}], max [{mx}]")
+    if "failed" in s:
+        shown = ", ".join(
+            f"{f['system_id']} ({f['failure']}, step {f['failure_step']})" for f in s["failed"][:10]
+        )
+        more = f" and {len(s['failed']) - 10} more" if len(s["failed"]) > 10 else ""
+        lines.append(f"  failed systems   {shown}{more}")
     lines += [
         f"  energy           {fmt(s['energy_per_atom'], 'eV/atom')}",
         f"  fmax             {fmt(s['fmax'], 'eV/Å')}",

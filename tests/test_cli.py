@@ -120,6 +120,7 @@ n_steps = 4
 [[outputs]]
 type = "extxyz"
 path = "out/run.extxyz"
+stress = true
 """
 
 
@@ -223,6 +224,9 @@ def test_resume_appends_the_missing_systems_with_their_provenance(runs):
         assert a.info["name"] == f"s{sid}" and a.info["source_index"] == sid
         assert a.info["source_file"] == os.fspath(folder / "in.extxyz")
         assert a.info["exit_reason_name"] in ("converged", "budget")
+        assert a.get_stress().shape == (6,)  # outputs.stress = true: always computed
+        assert abs(a.get_stress()).max() > 0
+    assert "stress" not in (frames[0].calc.results if frames[0].calc else {})
     assert json.loads(frames[2].info["run_config"])["stages"][1]["type"] == "nve"
     # the relaxation output: each system run here once, as it left FIRE
     relaxed = ase.io.read(folder / "out" / "relaxed.extxyz", index=":")

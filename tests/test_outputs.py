@@ -21,8 +21,15 @@ from ase.cluster import Icosahedron
 from typer.testing import CliRunner
 
 import fused_dynamics as fd
-from fused_dynamics.cli import _describe_problems, _problems, app, plan_outputs
-from fused_dynamics.config import ConfigError, validate_config
+from fused_dynamics.cli import (
+    _describe_problems,
+    _problems,
+    _with_stress,
+    app,
+    plan_outputs,
+    summarize_output,
+)
+from fused_dynamics.config import ConfigError, build_fused, validate_config
 from fused_dynamics.provenance import copy_provenance, exit_reason_legend
 from fused_dynamics.sinks import (
     check_writable,
@@ -400,3 +407,23 @@ def test_stage_write_keeps_each_system_as_it_left_the_relaxation():
         e = LJ(ref).energy[0]
         np.testing.assert_allclose(a.get_potential_energy(), float(e), rtol=0, atol=1e-12)
     assert {a.info["exit_reason_name"] for a in relaxed.atoms} == {"converged", "budget"}
+
+
+def test_inspect_lists_failed_systems_and_keeps_them_out_of_the_statistics(tmp_path):
+    bad = result_frame(4, fd.ExitReason.FAILED)
+    bad.calc.results["energy"] = float("nan")
+    bad.info.update(failure="energy,forces", failure_step=3)
+    fd.ExtXYZSink(tmp_path / "o.extxyz").write([result_frame(0), bad])
+    s = summarize_output(tmp_path / "o.extxyz")
+    assert s["exit_reasons"] == {"converged": 1, "failed": 1}
+    assert s["failed"] == [{"system_id": 4, "failure": "energy,forces", "failure_step": 3}]
+    assert s["energy_per_atom"]["max"] == pytest.approx(-0.5 / 13)
+    res = CliRunner().invoke(app, ["inspect", str(tmp_path / "o.extxyz")])
+    assert "failed systems   4 (energy,forces, step 3)" in res.output
+
+
+def test_outputs_stress_true_makes_the_run_compute_the_stress(tmp_path):
+    cfg = job(tmp_path)
+    assert not _with_stress(cfg, build_fused(cfg)).needs_stress
+    cfg = job(tmp_path, outputs=[{"type": "extxyz", "path": "o.extxyz", "stress": True}])
+    assert _with_stress(cfg, build_fused(cfg)).needs_stress
