@@ -539,7 +539,7 @@ def execute(
         names,
         [s.is_optimizer for s in stages],
         max_systems=cap.max_systems,
-        total=len(sampler) + len(sampler.rejected),
+        total=len(structures) - skipped,
         progress=cfg.report.progress,
         targets=targets,
         budgets=[sc.n_steps for sc in cfg.stages],
@@ -784,7 +784,7 @@ def demo(
 
     def go():
         if save_config is not None:
-            _save_config(demo_config(quick, output_dir), save_config)
+            _save_config(demo_config(quick, output_dir), save_config, overwrite)
             typer.echo(f"wrote {save_config}")
             return
         t0, c0 = time.perf_counter(), time.process_time()
@@ -806,7 +806,7 @@ def demo(
     _guarded(go, debug)
 
 
-def _save_config(cfg: dict, path: Path) -> None:
+def _save_config(cfg: dict, path: Path, overwrite: bool = False) -> None:
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):
         import yaml
@@ -816,10 +816,10 @@ def _save_config(cfg: dict, path: Path) -> None:
         text = _to_toml(cfg)
     else:
         raise ConfigError(f"--save-config: unknown format {suffix!r}; allowed: .yaml, .yml, .toml")
-    if path.exists():
+    if path.is_dir() or (path.exists() and not overwrite):
         raise ConfigError(
-            f"--save-config: {os.fspath(path)!r} exists; it is never overwritten: choose another "
-            "path"
+            f"--save-config: {os.fspath(path)!r} exists; give --overwrite to replace a file "
+            "(a directory never is), or choose another path"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -427,3 +427,17 @@ def test_outputs_stress_true_makes_the_run_compute_the_stress(tmp_path):
     assert not _with_stress(cfg, build_fused(cfg)).needs_stress
     cfg = job(tmp_path, outputs=[{"type": "extxyz", "path": "o.extxyz", "stress": True}])
     assert _with_stress(cfg, build_fused(cfg)).needs_stress
+
+
+def test_config_keys_of_outputs_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.write: .*allowed: .extxyz, .xyz, .zarr"):
+        job(tmp_path, stages=[{"type": "nve", "dt": 1.0, "n_steps": 2, "write": "a.png"}])
+    with pytest.raises(ConfigError, match="id_key only go with 'path'"):
+        job(tmp_path, structures={"generate": "argon", "id_key": "seed"})
+    assert job(tmp_path, structures={"path": "in.extxyz", "id_key": "seed"}).structures.id_key
+    saved = tmp_path / "job.yaml"
+    saved.write_text("mine")
+    res = CliRunner().invoke(app, ["demo", "--save-config", str(saved)])
+    assert res.exit_code == 2 and "--overwrite" in res.output and saved.read_text() == "mine"
+    res = CliRunner().invoke(app, ["demo", "--save-config", str(saved), "--overwrite"])
+    assert res.exit_code == 0 and "structures" in saved.read_text()
