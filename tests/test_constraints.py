@@ -1,0 +1,183 @@
+"""Constraints (README "What is guaranteed"): ASE's FixAtoms, FixCartesian and FixCom are read
+from ``Atoms.constraints``, honoured by every sub-stage, counted in the degrees of freedom, and
+written back by ``to_atoms``; other constraint types are refused, never dropped."""
+
+from __future__ import annotations
+
+import ase
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase import units
+from ase.build import bulk
+from ase.calculators.lj import LennardJones as AseLJ
+from ase.cluster import Icosahedron
+from ase.constraints import FixAtoms, FixBondLength, FixCartesian, FixCom
+from ase.md.verlet import VelocityVerlet
+from ase.optimize import FIRE as AseFIRE
+
+import fused_dynamics as fd
+
+SIGMA, EPSILON, RC, RO = 3.405, 0.0104, 7.5, 6.5
+LJ = fd.models.LennardJones(sigma=SIGMA, epsilon=EPSILON, cutoff=RC, switch_onset=RO)
+
+
+def ase_lj():
+    return AseLJ(sigma=SIGMA, epsilon=EPSILON, rc=RC, ro=RO, smooth=True)
+
+
+def _cluster(seed, constraints):
+    a = Icosahedron("Ar", 2)
+    a.center(vacuum=6.0)
+    a.rattle(0.1, seed=seed)
+    rng = np.random.default_rng(seed)
+    a.set_velocities(rng.normal(0, 0.01, (len(a), 3)))
+    a.set_constraint(constraints)
+    return a
+
+
+def _systems():
+    crystal = bulk("Ar", "fcc", a=5.3, cubic=True) * (2, 2, 2)
+    crystal.rattle(0.1, seed=4)
+    crystal.set_velocities(np.random.default_rng(4).normal(0, 0.01, (len(crystal), 3)))
+    crystal.set_constraint(FixAtoms(indices=[0, 5, 9]))
+    return [
+        _cluster(0, FixAtoms(indices=[0, 3, 7])),
+        _cluster(1, [FixCartesian([2, 4], mask=(True, False, True)), FixAtoms([11])]),
+        _cluster(2, FixCom()),
+        _cluster(3, []),
+        crystal,
+    ]
+
+
+def test_nve_with_constraints_matches_ase_step_by_step():
+    systems = _systems()
+    n, dt = 100, 5.0
+    batch = fd.Batch.from_atoms(systems, max_atoms=128, max_systems=6)
+    got = fd.NVE(LJ, dt=dt, n_steps=n).run(batch).to_atoms()
+    for i, atoms in enumerate(systems):
+        ref = atoms.copy()
+        ref.calc = ase_lj()
+        VelocityVerlet(ref, timestep=dt * units.fs).run(n)
+        # the same float64 arithmetic up to the order of sums (segment sums vs NumPy);
+        # 100 steps do not amplify 1e-16 to 1e-9 Å
+        np.testing.assert_allclose(got[i].positions, ref.positions, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(got[i].get_velocities(), ref.get_velocities(), atol=1e-10)
+    fixed = systems[0].constraints[0].get_indices()
+    np.testing.assert_array_equal(got[0].positions[fixed], systems[0].positions[fixed])
+    com0 = systems[2].get_center_of_mass()
+    np.testing.assert_allclose(got[2].get_center_of_mass(), com0, atol=1e-12)
+
+
+def test_fire_with_constraints_matches_ase_step_by_step():
+    systems = _systems()
+    batch = fd.Batch.from_atoms(systems, max_atoms=128, max_systems=6)
+    n = 40
+    got = fd.FIRE(LJ, n_steps=n).run(batch).to_atoms()
+    for i, atoms in enumerate(systems):
+        ref = atoms.copy()
+        ref.set_velocities(np.zeros((len(ref), 3)))
+        ref.calc = ase_lj()
+        AseFIRE(ref, logfile=None).run(fmax=0.0, steps=n)
+        # same arithmetic up to the order of sums: observed 1e-15 Å
+        np.testing.assert_allclose(got[i].positions, ref.positions, rtol=0, atol=1e-8)
+
+
+def test_degrees_of_freedom_and_temperature_follow_ase():
+    systems = _systems()
+    batch = fd.Batch.from_atoms(systems, max_atoms=128, max_systems=6)
+    dof = np.asarray(fd.observables.degrees_of_freedom(batch))[: len(systems)]
+    assert dof.tolist() == [3 * 13 - 9, 3 * 13 - 4 - 3, 3 * 13 - 3, 3 * 13, 3 * 32 - 9]
+    t = np.asarray(fd.temperature(batch))[: len(systems)]
+    # ASE counts the removed dof the same way (Atoms.get_temperature)
+    ref = [a.get_temperature() for a in systems]
+    np.testing.assert_allclose(t, ref, rtol=1e-12)
+
+
+def test_constraints_round_trip_through_to_atoms():
+    systems = _systems()
+    back = fd.Batch.from_atoms(systems).to_atoms()
+    for a, b in zip(systems, back, strict=True):
+        for name in ("FixAtoms", "FixCartesian", "FixCom"):
+            want = [c for c in a.constraints if type(c).__name__ == name]
+            have = [c for c in b.constraints if type(c).__name__ == name]
+            assert len(have) == len(want)
+            for x, y in zip(want, have, strict=True):
+                if name == "FixCom":
+                    continue
+                np.testing.assert_array_equal(np.sort(x.get_indices()), np.sort(y.get_indices()))
+                if name == "FixCartesian":
+                    np.testing.assert_array_equal(x.mask, y.mask)
+
+
+def test_unsupported_constraint_is_refused_naming_type_and_system():
+    a = _cluster(0, [])
+    b = _cluster(1, FixBondLength(0, 1))
+    with pytest.raises(ValueError, match=r"system 1: constraint FixBondLengths? is not supported"):
+        fd.Batch.from_atoms([a, b])
+
+
+def test_langevin_keeps_fixed_atoms_and_initial_velocities_respect_them():
+    systems = _systems()
+    batch = fd.Batch.from_atoms(systems, max_atoms=128, max_systems=6)
+    import jax
+
+    warm = fd.initialize_velocities(batch, 80.0, jax.random.PRNGKey(0))
+    fixed = np.asarray(batch.fixed)
+    assert np.all(np.asarray(warm.velocities)[fixed] == 0.0)
+    t = np.asarray(fd.temperature(warm))[: len(systems)]
+    np.testing.assert_allclose(t, 80.0, rtol=1e-10)  # rescaled with the constrained dof
+    md = fd.NVTLangevin(LJ, dt=5.0, temperature=80.0, friction=0.05, seed=2, n_steps=50)
+    out = md.run(warm)
+    pos0, pos1 = np.asarray(batch.positions), np.asarray(out.positions)
+    np.testing.assert_array_equal(pos1[fixed], pos0[fixed])
+    assert np.all(np.asarray(out.velocities)[fixed] == 0.0)
+    assert np.abs(pos1 - pos0)[~fixed & np.asarray(batch.atom_mask)[:, None]].max() > 0.01
+
+
+def _frozen_crystal():
+    a = bulk("Ar", "fcc", a=5.3, cubic=True) * (2, 2, 2)  # 32 atoms
+    a.rattle(0.02, seed=7)
+    return a
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["FixAtoms", "FreezeAtomsHook"])
+def test_nose_hoover_holds_mobile_atoms_at_target(how):
+    """24 of 32 atoms fixed: the thermostat acts on the 8 mobile atoms (24 dof), and the reported
+    temperature is theirs. Mean over 3000 steps after 1000 of equilibration; the standard error
+    of the mean of a 24-dof kinetic temperature sampled every step with correlation time ~100
+    steps is ~100 K * sqrt(2/24) * sqrt(200/3000) ~ 7 K: 15% is a > 2-sigma band."""
+    a = _frozen_crystal()
+    frozen = np.arange(24)
+    hooks = ()
+    if how == "FixAtoms":
+        a.set_constraint(FixAtoms(indices=frozen))
+        batch = fd.Batch.from_atoms([a])
+    else:
+        batch = fd.Batch.from_atoms([a])
+        hooks = (fd.FreezeAtomsHook.from_batch(batch, indices=frozen),)
+    import jax
+
+    batch = fd.initialize_velocities(batch, 100.0, jax.random.PRNGKey(1))
+    nh = fd.NVTNoseHoover(LJ, dt=5.0, temperature=100.0, tdamp=100.0)
+    fused = fd.FusedStage([(0, nh)], hooks=hooks)
+    b = fused.run(batch, n_steps=1000)
+    temps, mobile = [], []
+    for _ in range(30):
+        b = fused.run(b, n_steps=100, resume=True)
+        temps.append(float(fd.temperature(b)[0]))
+        v = np.asarray(b.velocities)[24:32]
+        m = np.asarray(b.masses)[24:32, None]
+        mobile.append(float(np.sum(m * v * v) / (24 * units.kB)))
+    assert np.all(np.asarray(b.positions)[:24] == np.asarray(batch.positions)[:24])
+    np.testing.assert_allclose(temps, mobile, rtol=1e-12)  # reported = the mobile atoms'
+    assert abs(np.mean(temps) - 100.0) < 15.0, np.mean(temps)
+
+
+def test_from_atoms_without_constraints_has_none():
+    a = ase.Atoms("Ar2", positions=[[0, 0, 0], [0, 0, 3.8]])
+    b = fd.Batch.from_atoms([a])
+    assert not np.any(np.asarray(b.fixed)) and not np.any(np.asarray(b.fix_com))
+    assert fd.Batch.from_atoms([a]).to_atoms()[0].constraints == []
+    assert jnp.asarray(fd.observables.degrees_of_freedom(b))[0] == 6

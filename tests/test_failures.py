@@ -1,0 +1,161 @@
+"""Finite or failed: a system that goes wrong leaves the run FAILED with its reason, never as a
+plausible number (README "What is guaranteed")."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.cluster import Icosahedron
+
+import fused_dynamics as fd
+
+LJ = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.5, switch_onset=6.5)
+FAILED = int(fd.ExitReason.FAILED)
+
+
+def _cluster(seed=0, vacuum=6.0):
+    a = Icosahedron("Ar", 2)
+    a.center(vacuum=vacuum)
+    a.rattle(0.05, seed=seed)
+    return a
+
+
+def _crystal(seed=0):
+    a = bulk("Ar", "fcc", a=5.3, cubic=True) * (2, 2, 2)
+    a.rattle(0.05, seed=seed)
+    return a
+
+
+def _overlapping():
+    a = _cluster(9)
+    p = a.positions.copy()
+    p[1] = p[0]  # r = 0: infinite energy and forces
+    a.positions = p
+    return a
+
+
+def test_overlapping_atoms_fail_at_the_first_evaluation_and_others_run_on():
+    systems = [_cluster(0), _overlapping(), _crystal(1)]
+    relax = fd.FIRE(LJ, convergence_hook=fd.ConvergenceHook.from_fmax(0.05), n_steps=200)
+    out = relax.run(fd.Batch.from_atoms(systems))
+    reason = np.asarray(out.info["exit_reason"])
+    assert reason[1] == FAILED
+    assert int(out.info["failure_step"][1]) == 0  # the evaluation that starts the run
+    code = fd.Failure(int(out.info["failure"][1]))
+    assert fd.Failure.ENERGY in code or fd.Failure.FORCES in code
+    assert list(reason[[0, 2]]) == [fd.ExitReason.CONVERGED] * 2
+    atoms = out.to_atoms()
+    assert atoms[1].info["exit_reason_name"] == "failed"
+    assert "energy" in atoms[1].info["failure"] or "forces" in atoms[1].info["failure"]
+    assert not np.isfinite(atoms[1].get_potential_energy())  # never a finite energy
+    assert atoms[0].info["failure"] == "" and atoms[0].info["failure_step"] == -1
+
+
+def test_nan_positions_are_never_a_finite_energy():
+    """A model sees NaN distances as 'beyond the cutoff'; the engine must not report 0 eV."""
+    batch = fd.Batch.from_atoms([_cluster(0), _crystal(0)])
+    pos = np.array(batch.positions)
+    pos[3] = np.nan
+    out = LJ(batch.replace(positions=jnp.asarray(pos)))
+    assert np.isnan(out.energy[0]) and np.all(np.isnan(out.forces[:13]))
+    assert np.isfinite(out.energy[1]) and np.all(np.isfinite(out.forces[13:]))
+
+
+@pytest.mark.parametrize("stage", ["NVE", "NVTLangevin"])
+def test_explosion_mid_run_fails_with_its_step(stage):
+    """A time step far too large for one system (per-system dt) blows it up; the run names it."""
+    dt = jnp.asarray([2.0, 400.0, 2.0])
+    systems = [_crystal(0), _crystal(1), _crystal(2)]
+    for a in systems:
+        a.set_velocities(np.random.default_rng(0).normal(0, 0.02, (len(a), 3)))
+    if stage == "NVE":
+        fused = fd.FusedStage([(0, fd.NVE(LJ, dt=dt, n_steps=60))], max_force=50.0)
+    else:
+        md = fd.NVTLangevin(LJ, dt=dt, temperature=40.0, friction=0.01, n_steps=60)
+        fused = fd.FusedStage([(0, md)], max_force=50.0)
+    out = fused.run(fd.Batch.from_atoms(systems))
+    reason = np.asarray(out.info["exit_reason"])
+    assert reason[1] == FAILED, reason
+    assert 0 < int(out.info["failure_step"][1]) < 60
+    assert list(reason[[0, 2]]) == [fd.ExitReason.BUDGET] * 2
+
+
+def test_max_force_bound_is_configurable_and_checked():
+    a = _crystal(0)
+    p = a.positions.copy()
+    p[1] = p[0] + [2.2, 0.0, 0.0]  # close contact: |F| ~ 10 eV/Å, finite
+    a.positions = p
+    batch = fd.Batch.from_atoms([a, _crystal(1)])
+    strict = fd.FusedStage([(0, fd.NVE(LJ, dt=1.0, n_steps=3))], max_force=1.0).run(batch)
+    assert int(strict.info["exit_reason"][0]) == FAILED
+    assert fd.Failure(int(strict.info["failure"][0])) == fd.Failure.MAX_FORCE
+    assert int(strict.info["exit_reason"][1]) == fd.ExitReason.BUDGET
+    lax = fd.FusedStage([(0, fd.NVE(LJ, dt=1.0, n_steps=3))], max_force=None).run(batch)
+    assert int(lax.info["exit_reason"][0]) == fd.ExitReason.BUDGET
+    with pytest.raises(ValueError, match="max_force"):
+        fd.FusedStage([(0, fd.NVE(LJ, dt=1.0))], max_force=-1.0)
+
+
+def test_non_finite_energy_never_converges():
+    """A criterion on energy change would hold for NaN - NaN comparisons made naively."""
+    crit = fd.ConvergenceHook(
+        [fd.Criterion("energy_change", 1e-3), fd.Criterion("fmax", 1e3)],
+    )
+    systems = [_cluster(0), _overlapping()]
+    out = fd.FIRE(LJ, convergence_hook=crit, n_steps=20).run(fd.Batch.from_atoms(systems))
+    assert int(out.info["exit_reason"][1]) == FAILED
+
+
+def test_nan_detector_fails_only_the_broken_system():
+    systems = [_cluster(0), _crystal(0), _overlapping(), _cluster(1)]
+    relax = fd.FIRE(LJ, convergence_hook=fd.ConvergenceHook.from_fmax(0.01), n_steps=30)
+    fused = fd.FusedStage([(0, relax)], hooks=(fd.NaNDetectorHook(warn=False),))
+    out = fused.run(fd.Batch.from_atoms(systems, max_atoms=256, max_systems=5))
+    failed = np.flatnonzero(np.asarray(out.info["exit_reason"]) == FAILED).tolist()
+    assert failed == [2]
+
+
+def test_neighbor_list_overflow_without_hook_regrows_and_matches_dense():
+    """No NeighborListHook and a list far too small: the engine stores its refresh, the run
+    loop sees the overflow, regrows and repeats; the result equals the dense path."""
+    a = bulk("Ar", "fcc", a=5.26, cubic=True) * (3, 3, 3)
+    a.rattle(0.05, seed=3)
+    batch = fd.Batch.from_atoms([a, _cluster(2)])
+    dense = fd.FIRE(LJ, n_steps=15).run(batch)
+    model = LJ.with_neighbors(1.0)
+    small = model.attach_neighbors(batch, capacity=64)
+    with pytest.warns(RuntimeWarning, match="overflowed"):
+        nl = fd.FIRE(model, n_steps=15).run(small)
+    assert not bool(nl.neighbors.overflow)
+    np.testing.assert_allclose(nl.positions, dense.positions, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(nl.energy, dense.energy, rtol=1e-12)
+    assert np.all(np.asarray(nl.info["exit_reason"]) == fd.ExitReason.BUDGET)
+
+
+def test_neighbor_list_overflow_that_cannot_regrow_fails_loudly():
+    """Under jax.vmap the run loop cannot regrow the list: systems fail, never zero forces."""
+    a = _crystal(0)
+    batch = fd.Batch.from_atoms([a])
+    model = LJ.with_neighbors(1.0)
+    small = model.attach_neighbors(batch, capacity=16)
+    fused = fd.FIRE(model, n_steps=5)
+    stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), small)
+    out = jax.vmap(lambda b: fused.run(b))(stacked)
+    assert np.all(np.asarray(out.info["exit_reason"]) == FAILED)
+    assert np.all(np.asarray(out.info["failure"]) & int(fd.Failure.NEIGHBOR_OVERFLOW))
+
+
+def test_model_call_on_an_overflowed_list_gives_nan_not_zeros():
+    """Outside a run nothing can regrow the list: energy, forces and stress are NaN."""
+    a = _crystal(0)
+    batch = fd.Batch.from_atoms([a])
+    model = LJ.with_neighbors(1.0)
+    for refresh in (True, False):
+        m = LJ.with_neighbors(1.0, auto_refresh=refresh)
+        out = m(model.attach_neighbors(batch, capacity=16))  # overflows when it is built
+        assert np.isnan(out.energy[0])
+        assert np.all(np.isnan(out.forces[: len(a)]))
+        assert np.all(np.isnan(out.stress[0]))
