@@ -68,6 +68,11 @@ class Batch(eqx.Module):
         :mod:`fused_dynamics.constraints`.
     fix_com : Array, shape (S,) bool
         Systems whose centre of mass is held (ASE's ``FixCom``).
+    virtual_cell : Array, shape (S, 3) bool
+        Cell rows the input did not give: zero-length lattice vectors along non-periodic
+        directions (a cluster without a cell, a slab or wire without vacuum). The engine needs
+        an invertible cell, so they hold unit vectors orthogonal to the given rows (see
+        :func:`complete_cell`); ``to_atoms`` and the outputs write them back as zero.
     stage_state : tuple
         Per-sub-stage state; every leaf has a leading axis of length S.
     info : dict[str, Array]
@@ -96,6 +101,7 @@ class Batch(eqx.Module):
     system_id: jax.Array
     fixed: jax.Array
     fix_com: jax.Array
+    virtual_cell: jax.Array
     stage_state: tuple = ()
     info: dict = eqx.field(default_factory=dict)
     neighbors: Any = None
@@ -254,9 +260,9 @@ class Batch(eqx.Module):
         """The occupied slots as ``ase.Atoms``, in slot order.
 
         Each carries velocities and a ``SinglePointCalculator`` with energy, forces and stress
-        (stress in Voigt order, eV/Å³, as ASE returns it; present for a system periodic along at
-        least one direction whose stress is finite: every run computes it for what it returns,
-        a failed system has none, and a cluster, whose cell is not physical, has none), the
+        (stress in Voigt order, eV/Å³, as ASE returns it; present when the system's cell as given
+        has full rank, as ASE requires, and its stress is finite: every run computes it for what
+        it returns, a failed system has none, a cluster without a cell has none), the
         batch's constraints as ASE constraints, and in ``atoms.info``: ``system_id``,
         ``status``, and after a run ``exit_reason`` (an :class:`~fused_dynamics.ExitReason`
         code) with its name ``exit_reason_name``, ``stage_steps``, and ``failure`` (names of the
@@ -264,9 +270,9 @@ class Batch(eqx.Module):
         :class:`~fused_dynamics.Failure`) with ``failure_step``.
 
         In float64, positions, numbers, masses, cells, pbc and velocities come back bit for bit
-        as :meth:`from_atoms` read them, with one exception: a non-periodic system given without
-        a regular cell (e.g. ``ase.build.molecule``) is stored, and returned, with the identity
-        cell. Momenta are ``m * v`` and can differ from the original ones in the last bit.
+        as :meth:`from_atoms` read them (zero-length non-periodic cell vectors included, see
+        ``virtual_cell``). Momenta are ``m * v`` and can differ from the original ones in the last
+        bit.
         """
         host = jax.device_get(self)
         arrays = {k: getattr(host, k) for k in HOST_FIELDS}
@@ -290,6 +296,7 @@ HOST_FIELDS = (
     "system_id",
     "fixed",
     "fix_com",
+    "virtual_cell",
 )
 #: per-system bookkeeping of a run (``batch.info``) that goes out with each system
 INFO_FIELDS = ("exit_reason", "stage_steps", "failure", "failure_step")
@@ -306,11 +313,16 @@ def atoms_from_arrays(arrays: dict[str, np.ndarray], slots) -> list[ase.Atoms]:
     out = []
     for slot in slots:
         sel = np.flatnonzero(system_idx == slot)
+        cell = np.asarray(arrays["cell"], np.float64)[slot]
+        virtual = np.zeros(3, bool)
+        if "virtual_cell" in arrays:
+            virtual = np.asarray(arrays["virtual_cell"], bool)[slot]
+            cell = np.where(virtual[:, None], 0.0, cell)
         atoms = ase.Atoms(
             numbers=np.asarray(arrays["atomic_numbers"])[sel],
             positions=np.asarray(arrays["positions"], np.float64)[sel],
             masses=np.asarray(arrays["masses"], np.float64)[sel],
-            cell=np.asarray(arrays["cell"], np.float64)[slot],
+            cell=cell,
             pbc=np.asarray(arrays["pbc"])[slot],
         )
         if "velocities" in arrays:
@@ -320,7 +332,7 @@ def atoms_from_arrays(arrays: dict[str, np.ndarray], slots) -> list[ase.Atoms]:
             results["energy"] = float(arrays["energy"][slot])
         if "forces" in arrays:
             results["forces"] = np.asarray(arrays["forces"], np.float64)[sel]
-        if "stress" in arrays and np.asarray(arrays["pbc"])[slot].any():
+        if "stress" in arrays and not virtual.any():  # as ASE: stress needs a full-rank cell
             stress = np.asarray(arrays["stress"], np.float64)[slot]
             if np.all(np.isfinite(stress)):  # NaN: not computed, or the system failed
                 results["stress"] = _voigt(stress)
@@ -362,6 +374,7 @@ def empty_host_arrays(max_atoms: int, max_systems: int) -> dict[str, np.ndarray]
         "system_id": np.full(s, -1, np.int32),
         "fixed": np.zeros((n, 3), bool),
         "fix_com": np.zeros(s, bool),
+        "virtual_cell": np.zeros((s, 3), bool),
     }
 
 
@@ -377,7 +390,7 @@ def write_system(host: dict, slot: int, offset: int, atoms: ase.Atoms, system_id
     host["forces"][sel] = 0.0
     host["system_idx"][sel] = slot
     host["atom_mask"][sel] = True
-    host["cell"][slot] = np.asarray(atoms.get_cell()) if atoms.pbc.any() else _safe_cell(atoms)
+    host["cell"][slot], host["virtual_cell"][slot] = complete_cell(atoms.get_cell(), atoms.pbc)
     host["pbc"][slot] = atoms.get_pbc()
     host["energy"][slot] = 0.0
     host["stress"][slot] = 0.0
@@ -388,11 +401,47 @@ def write_system(host: dict, slot: int, offset: int, atoms: ase.Atoms, system_id
     host["fix_com"][slot] = fix_com
 
 
-def _safe_cell(atoms: ase.Atoms) -> np.ndarray:
-    # A non-periodic system needs no cell, but volumes and strain derivatives want an invertible
-    # one: keep the user's cell if it is regular, else use the identity.
-    cell = np.asarray(atoms.get_cell())
-    return cell if abs(np.linalg.det(cell)) > 1e-12 else np.eye(3)
+def complete_cell(cell, pbc) -> tuple[np.ndarray, np.ndarray]:
+    """An invertible cell for the engine, and which of its rows the input did not give.
+
+    Zero-length lattice vectors along non-periodic directions (ASE accepts them: a cluster with
+    no cell, a slab or wire without vacuum) are replaced by unit vectors orthogonal to the given
+    rows. A fully non-periodic system whose cell is still singular gets the identity (all rows
+    virtual). Periodic directions are never changed.
+
+    Parameters
+    ----------
+    cell : array_like, shape (3, 3)
+        Rows are lattice vectors, Å.
+    pbc : array_like, shape (3,) bool
+
+    Returns
+    -------
+    cell : numpy.ndarray, shape (3, 3)
+    virtual : numpy.ndarray, shape (3,) bool
+        Rows that were filled in.
+    """
+    cell = np.array(cell, np.float64).reshape(3, 3)
+    pbc = np.asarray(pbc, bool).reshape(3)
+    virtual = ~pbc & (np.linalg.norm(cell, axis=1) == 0.0)
+    given = [cell[k] for k in range(3) if not virtual[k]]
+    fill = []
+    if len(given) == 1:
+        u = given[0] / np.linalg.norm(given[0])
+        e = np.eye(3)[np.argmin(np.abs(u))]
+        v = e - (e @ u) * u
+        v /= np.linalg.norm(v)
+        fill = [v, np.cross(u, v)]
+    elif len(given) == 2:
+        w = np.cross(given[0], given[1])
+        fill = [w / np.linalg.norm(w)] if np.linalg.norm(w) > 0 else [np.zeros(3)]
+    elif not given:
+        fill = list(np.eye(3))
+    for k in np.flatnonzero(virtual):
+        cell[k] = fill.pop(0)
+    if not pbc.any() and not abs(np.linalg.det(cell)) > 1e-12:
+        return np.eye(3), np.ones(3, bool)
+    return cell, virtual
 
 
 def _voigt(s: np.ndarray) -> np.ndarray:
@@ -444,6 +493,8 @@ def _validate_atoms(atoms: Any, i: int) -> None:
         raise ValueError(f"system {i}: non-finite velocity (atom {bad}).")
     if atoms.pbc.any():
         cell = np.asarray(atoms.get_cell())
+        if np.all(np.isfinite(cell)):
+            cell = complete_cell(cell, atoms.pbc)[0]
         if not np.all(np.isfinite(cell)) or abs(np.linalg.det(cell)) < 1e-10:
             raise ValueError(
                 f"system {i}: periodic boundaries (pbc={atoms.pbc.tolist()}) with a singular "

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import constraints
+from . import constraints, validation
 from .batch import Batch
 from .convergence import ConvergenceHook
 from .hooks import DynamicsStage, ExitReason, Failure, Hook, HookContext, fire_hooks
@@ -506,6 +506,19 @@ class FusedStage(eqx.Module):
             lambda f: [st.model for st in f.stages], self, [fitted] * len(self.stages)
         )
 
+    def fit_per_system(self, batch: Batch) -> FusedStage:
+        """A copy whose per-system parameters fit ``batch`` (host-side, before compiling).
+
+        A per-system parameter (a sub-stage's ``per_system_parameters``) may be a scalar, one
+        value per occupied system (spread over the occupied slots in slot order) or one per
+        slot; anything else raises a ``ValueError`` naming the parameter and the accepted
+        lengths (:func:`fused_dynamics.validation.fit_per_system`).
+        """
+        stages = tuple(validation.fit_per_system(st, batch) for st in self.stages)
+        if all(a is b for a, b in zip(stages, self.stages, strict=True)):
+            return self
+        return eqx.tree_at(lambda f: f.stages, self, stages)
+
     def run(
         self,
         batch: Batch | None = None,
@@ -586,7 +599,7 @@ class FusedStage(eqx.Module):
         if not isinstance(batch.cell, jax.core.Tracer):
             fused = self.prepare_for_cells(
                 batch.cell[batch.system_mask], batch.pbc[batch.system_mask]
-            )
+            ).fit_per_system(batch)
         if sinks:
             from .inflight import run_streaming
 

@@ -66,15 +66,15 @@ def test_round_trip_is_bitwise_exact():
 
 
 def test_round_trip_of_a_cluster_without_cell():
-    # A non-periodic system given without a regular cell is stored with the identity cell (so
-    # that volumes and strain derivatives stay finite) and comes back with it; everything else
-    # is exact.
+    # A non-periodic system given without a cell is computed with the identity cell (so that
+    # volumes and strain derivatives stay finite) and comes back with its zero cell; everything
+    # else is exact.
     molecule = ase.build.molecule("H2O")
     molecule.set_velocities(np.arange(9.0).reshape(3, 3) / 100)
     (back,) = fd.Batch.from_atoms([molecule], max_atoms=5).to_atoms()
     np.testing.assert_array_equal(back.positions, molecule.positions)
     np.testing.assert_array_equal(back.get_velocities(), molecule.get_velocities())
-    np.testing.assert_array_equal(back.cell[:], np.eye(3))
+    np.testing.assert_array_equal(back.cell[:], np.zeros((3, 3)))
     assert not back.pbc.any()
 
 
@@ -308,3 +308,37 @@ def test_float32_by_default_without_x64():
     assert abs(result["energy"] - e_ref) <= 1e-5 * abs(e_ref)
     f_ref = atoms.get_forces()
     assert np.max(np.abs(np.asarray(result["forces"]) - f_ref)) <= 1e-4 * np.abs(f_ref).max()
+
+
+# ------------------------------------------------------------- cells ASE accepts without vacuum
+def test_zero_length_non_periodic_cell_vectors_are_accepted_and_round_trip():
+    """A slab without vacuum (c = 0, pbc F along c) and a cluster without a cell: ASE accepts
+    both; the batch fills the missing rows for its own arithmetic and gives zeros back."""
+    from ase.build import fcc111
+    from ase.cluster import Icosahedron
+    from ase.calculators.lj import LennardJones as AseLJ
+
+    slab = fcc111("Ar", size=(2, 2, 3), a=5.3)
+    slab.cell[2] = 0.0
+    slab.pbc = (True, True, False)
+    wire = ase.Atoms("Ar4", positions=[[0, 0, 0], [0, 3.8, 0], [3.8, 0, 0], [3.8, 3.8, 0]])
+    wire.cell = [[0, 0, 0], [0, 0, 0], [0, 0, 3.9]]
+    wire.pbc = (False, False, True)
+    cluster = Icosahedron("Ar", 2)  # cell all zero
+    systems = [slab, wire, cluster]
+    batch = fd.Batch.from_atoms(systems)
+    assert np.all(np.abs(np.linalg.det(np.asarray(batch.cell))) > 0)
+    back = batch.to_atoms()
+    for a, b in zip(systems, back, strict=True):
+        np.testing.assert_array_equal(b.cell.array, a.cell.array)
+        np.testing.assert_array_equal(b.pbc, a.pbc)
+    lj = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.5, switch_onset=6.5)
+    energy = np.asarray(lj(batch).energy)
+    for k, a in enumerate(systems):
+        ref = a.copy()
+        ref.calc = AseLJ(sigma=3.405, epsilon=0.0104, rc=7.5, ro=6.5, smooth=True)
+        # same pair sum, different summation order: 1e-12 relative
+        np.testing.assert_allclose(energy[k], ref.get_potential_energy(), rtol=1e-12)
+    # no stress for a cell that is not full rank (ASE has none either)
+    out = fd.FIRE(lj, n_steps=2).run(batch).to_atoms()
+    assert all("stress" not in a.calc.results for a in out)
