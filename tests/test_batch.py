@@ -315,8 +315,8 @@ def test_zero_length_non_periodic_cell_vectors_are_accepted_and_round_trip():
     """A slab without vacuum (c = 0, pbc F along c) and a cluster without a cell: ASE accepts
     both; the batch fills the missing rows for its own arithmetic and gives zeros back."""
     from ase.build import fcc111
-    from ase.cluster import Icosahedron
     from ase.calculators.lj import LennardJones as AseLJ
+    from ase.cluster import Icosahedron
 
     slab = fcc111("Ar", size=(2, 2, 3), a=5.3)
     slab.cell[2] = 0.0
