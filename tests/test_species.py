@@ -378,9 +378,7 @@ def test_soft_sphere_matrix_gradients_are_finite():
         jnp.full((2, 2), 2.5),
         species=ARKR_SPECIES,
     ).with_images(batch)
-    _, grads = eqx.filter_jit(eqx.filter_value_and_grad(lambda m: jnp.sum(m.energy(batch))))(
-        model
-    )
+    _, grads = eqx.filter_jit(eqx.filter_value_and_grad(lambda m: jnp.sum(m.energy(batch))))(model)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(grads))
     out = model(batch)
     assert np.isfinite(np.asarray(out.forces)).all()
@@ -415,3 +413,21 @@ def test_soft_sphere_matrix_gradients_are_finite():
 def test_bad_per_pair_parameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         fd.models.LennardJones(cutoff=8.5, **kwargs)
+
+
+def test_fused_run_with_species_and_unknown_element_stops_it():
+    model = fd.models.LennardJones.from_pairs(
+        {"Ar": (3.405, 0.0104), "Kr": (3.65, 0.014)}, mixing="lorentz_berthelot", cutoff=8.5
+    )
+    relax = fd.FIRE(model, n_steps=3)
+    batch = fd.Batch.from_atoms([ar_kr_alloy(), ar_cluster()], max_systems=3)
+    out = relax.run(batch)
+    assert np.isfinite(np.asarray(out.energy[:2])).all()
+    ref = model(out)
+    np.testing.assert_allclose(out.forces, ref.forces, rtol=1e-12, atol=1e-14)
+    xe = ar_cluster()
+    xe.numbers[2] = atomic_numbers["Xe"]
+    # compiled before any element is looked at: the run itself stops, naming element and slot
+    # (an XLA runtime error carrying Equinox's message)
+    with pytest.raises(Exception, match=r"System slot 1 contains Xe \(Z=54\)"):
+        relax.run(fd.Batch.from_atoms([ar_kr_alloy(), xe], max_systems=3))
