@@ -423,6 +423,8 @@ def complete_cell(cell, pbc) -> tuple[np.ndarray, np.ndarray]:
     """
     cell = np.array(cell, np.float64).reshape(3, 3)
     pbc = np.asarray(pbc, bool).reshape(3)
+    if not np.all(np.isfinite(cell)):  # refused by the validation that names the system
+        return cell, np.zeros(3, bool)
     virtual = ~pbc & (np.linalg.norm(cell, axis=1) == 0.0)
     given = [cell[k] for k in range(3) if not virtual[k]]
     fill = []
@@ -491,12 +493,12 @@ def _validate_atoms(atoms: Any, i: int) -> None:
     if not np.all(np.isfinite(vel)):
         bad = int(np.flatnonzero(~np.isfinite(vel).all(axis=1))[0])
         raise ValueError(f"system {i}: non-finite velocity (atom {bad}).")
+    if not np.all(np.isfinite(atoms.get_cell().array)):
+        raise ValueError(f"system {i}: non-finite cell {atoms.get_cell().array.tolist()}.")
     if atoms.pbc.any():
-        cell = np.asarray(atoms.get_cell())
-        if np.all(np.isfinite(cell)):
-            cell = complete_cell(cell, atoms.pbc)[0]
-        if not np.all(np.isfinite(cell)) or abs(np.linalg.det(cell)) < 1e-10:
+        cell = complete_cell(atoms.get_cell(), atoms.pbc)[0]
+        if abs(np.linalg.det(cell)) < 1e-10:
             raise ValueError(
                 f"system {i}: periodic boundaries (pbc={atoms.pbc.tolist()}) with a singular "
-                f"cell (volume {abs(np.linalg.det(cell)) if np.all(np.isfinite(cell)) else 'nan'})."
+                f"cell (volume {abs(np.linalg.det(cell))})."
             )
