@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m fused_dynamics.demo
+	$(PY) -m fused_dynamics.demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile

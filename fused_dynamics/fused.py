@@ -597,6 +597,7 @@ class FusedStage(eqx.Module):
             )
         fused = self
         if not isinstance(batch.cell, jax.core.Tracer):
+            self.model.check_batch(batch)
             fused = self.prepare_for_cells(
                 batch.cell[batch.system_mask], batch.pbc[batch.system_mask]
             ).fit_per_system(batch)

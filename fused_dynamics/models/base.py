@@ -45,6 +45,16 @@ class Model(eqx.Module):
     def energy(self, batch: Batch) -> jax.Array:
         """Potential energy of each system, shape (S,)."""
 
+    def check_batch(self, batch: Batch) -> None:
+        """Host-side checks of a concrete batch, run before compiling (default: none).
+
+        Raises
+        ------
+        ValueError
+            Naming what the model cannot evaluate (an element it has no parameters for) and the
+            system.
+        """
+
     def prepare(self, batch: Batch) -> Model:
         """Resolve host-side static choices for ``batch`` (default: none). Called eagerly."""
         return self

@@ -385,6 +385,10 @@ class PairPotential(Model):
         )
         return dataclasses.replace(self, species=present)
 
+    def check_batch(self, batch: Batch) -> None:
+        """Host-side checks of a concrete batch before compiling (:meth:`check_species`)."""
+        self.check_species(batch)
+
     def check_species(self, batch: Batch) -> None:
         """Host-side: every occupied atom of a concrete batch is of one of ``species``.
 
@@ -641,13 +645,12 @@ class PairPotential(Model):
                 f"{type(self).__name__}: batch.neighbors has cutoff {nl.cutoff} < the model's "
                 f"cutoff {self.cutoff}; allocate the list with the model's cutoff."
             )
-        lost = False
         if self.auto_refresh:
-            fresh = nl.update(batch)
-            # A rebuild here is not stored, so an overflow of it would never reach the run loop:
-            # make it loud (NaN energies) instead of silently missing pairs.
-            lost = fresh.overflow & ~nl.overflow
-            nl = fresh
+            nl = nl.update(batch)
+        # A list that overflowed (sticky: at any build since its allocation) misses pairs. Inside
+        # a run the engine has stored it and the run loop regrows it and repeats the work; called
+        # on its own the model cannot, so it is loud (NaN) instead of silently missing pairs.
+        lost = nl.overflow
         s = batch.max_systems
         d = nl.displacements(batch.positions, batch.cell, batch.system_idx)
         r2 = jnp.sum(d * d, axis=-1)
@@ -663,9 +666,12 @@ class PairPotential(Model):
         phi = jnp.where(ok, phi, 0.0)
         weight = 1.0 if nl.half else 0.5
         energy = segment.segment_sum(weight * phi, nl.pair_system(batch.system_idx, s), s)
-        # a factor, not a select: forces and stress (its derivatives) must be NaN too, never the
-        # zeros that d/dx where(lost, nan, e) would give
-        return energy * jnp.where(lost, jnp.nan, 1.0)
+        # Not a select: forces and stress (derivatives) must be NaN too, never the zeros that
+        # d/dx where(lost, nan, e) gives; the second term reaches atoms that have no stored pair.
+        # Without an overflow it adds 0 * (a finite sum of the system's own coordinates).
+        poison = jnp.where(lost, jnp.nan, 0.0)
+        coords = jnp.where(batch.atom_mask, jnp.sum(batch.positions, axis=-1), 0.0)
+        return energy * jnp.where(lost, jnp.nan, 1.0) + poison * batch.sum_atoms(coords)
 
     def with_images(self, batch: Batch) -> PairPotential:
         """A copy whose static image range covers every system of ``batch`` (host-side)."""
