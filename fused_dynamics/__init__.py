@@ -4,7 +4,16 @@ Many systems share one padded :class:`Batch`; a chain of sub-stages runs as one 
 with one model evaluation per step.
 """
 
-from . import constraints, inflight, models, observables, sampling, segment, status
+from . import (
+    constraints,
+    inflight,
+    models,
+    observables,
+    provenance,
+    sampling,
+    segment,
+    status,
+)
 from .batch import Batch, default_float
 from .convergence import ConvergenceHook, Criterion
 from .fused import FusedStage, StepReport
@@ -73,6 +82,7 @@ __all__ = [
     "ExitReason",
     "Failure",
     "constraints",
+    "provenance",
     "status",
     "FusedStage",
     "Hook",
