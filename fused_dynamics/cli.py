@@ -20,6 +20,12 @@ Systems that fail (``exit_reason`` FAILED: a non-finite or too large quantity), 
 (they cannot be run) or are written with non-finite values are listed in a warning on stderr
 and in the summary; the exit code stays 0 unless ``--strict`` is given, then it is 1.
 
+Before anything compiles (and with ``run --validate-only``), every structure is checked
+against the model's parameters: an element without parameters (not in ``model.species`` or
+``model.pairs``, or a second element under a model given one set of parameters without
+``species``) stops the run with exit 2 naming the element, the file and frame, and the key to
+add (see :mod:`fused_dynamics.config`, "Keys of the model").
+
 Exit codes: 0 success; 2 a bad configuration or input, or an output path that exists (the
 message names the key and what to do); 1 a failure while running, or with ``--strict`` some
 system failed or was rejected; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
@@ -479,6 +485,9 @@ def execute(
     base_dir = Path(base_dir)
     from . import config as C
 
+    # the inputs first: a structure the model has no parameters for touches no output path
+    structures, sources = C.load_structures_with_sources(cfg, base_dir)
+    species_line = C.check_structure_species(cfg, structures, sources)
     plans = plan_outputs(
         cfg, base_dir, overwrite=overwrite, resume=resume, inputs=cfg.structures.files(base_dir)
     )
@@ -488,7 +497,6 @@ def execute(
     from .inflight import StageExitWriter, run_inflight
     from .plotting import RecorderHook, RecordingSink, RunRecord, plot_run, summary_table
 
-    structures, sources = C.load_structures_with_sources(cfg, base_dir)
     model = C.build_model(cfg)
     stages = C.build_stages(cfg, model)
     cap = cfg.capacity
@@ -532,6 +540,7 @@ def execute(
         f"{' -> '.join(names)}, batch {cap.max_systems} systems / {cap.max_atoms} atoms, "
         f"{cfg.dtype}, jax {jax.__version__} on {jax.default_backend()}"
     )
+    echo(species_line)
     targets = []
     for sc in cfg.stages:
         targets.append(sc.fmax if sc.fmax is not None else getattr(sc, "temperature", None))
@@ -595,6 +604,7 @@ def execute(
             f"slot utilisation {stats.utilization:.0%}, {stats.compilations} compilation(s) "
             "of the step"
         )
+        echo(species_line)
         for line in _describe_problems(problems):
             echo(line)
     report_paths = {p.kind: p for p in plans if p.kind in ("plot", "record")}
@@ -634,6 +644,7 @@ def execute(
         record=record,
         problems=problems,
         skipped=skipped,
+        extra={"species": species_line},
     )
 
 
@@ -713,7 +724,12 @@ def run(
         Path, typer.Argument(help="A .toml or .yaml run configuration.", show_default=False)
     ],
     validate_only: Annotated[
-        bool, typer.Option("--validate-only", help="Check the configuration and stop.")
+        bool,
+        typer.Option(
+            "--validate-only",
+            help="Check the configuration, the output paths and the elements of the structures "
+            "against the model's parameters, and stop.",
+        ),
     ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     overwrite: OverwriteOpt = False,
@@ -723,7 +739,9 @@ def run(
 ) -> None:
     """Run the job described by CONFIG (structures, model, stages, capacity, outputs).
 
-    The configuration and every output path are checked before anything is compiled;
+    The configuration, the elements of the structures (each needs parameters in the model:
+    model.species or model.pairs; one set of parameters without species only for structures
+    of one element type) and every output path are checked before anything is compiled;
     relative paths in it are resolved against its folder. An output that exists is refused
     unless --overwrite or --resume. Exit code 2 means the configuration, an input or an output
     path needs fixing (the message names the key), 1 that the run failed (or, with --strict,
@@ -733,7 +751,15 @@ def run(
 
     def go():
         cfg, base = load_config(config)
-        if validate_only:
+        if validate_only:  # the checks execute() makes before compiling, in its order
+            from .config import (
+                build_model,
+                check_structure_species,
+                load_structures_with_sources,
+            )
+
+            structures, sources = load_structures_with_sources(cfg, base)
+            species_line = check_structure_species(cfg, structures, sources)
             plan_outputs(
                 cfg,
                 base,
@@ -741,7 +767,12 @@ def run(
                 resume=resume,
                 inputs=cfg.structures.files(base),
             )
-            typer.echo(f"{config}: valid ({len(cfg.stages)} stages, {len(cfg.outputs)} outputs)")
+            build_model(cfg)
+            typer.echo(
+                f"{config}: valid ({len(cfg.stages)} stages, {len(cfg.outputs)} outputs, "
+                f"{len(structures)} structures)"
+            )
+            typer.echo(species_line)
             return
         if no_progress:
             cfg = cfg.model_copy(
@@ -806,14 +837,63 @@ def demo(
     _guarded(go, debug)
 
 
+MODEL_KEYS_HELP = """\
+[model]: the pair potential, and the elements its parameters are for. Keys and units:
+  lennard_jones: sigma (Å), epsilon (eV), cutoff (Å), switch_onset (Å), shift (true/false)
+  morse: D (eV), alpha (1/Å), r0 (Å), cutoff (Å), switch_onset (Å), shift
+  soft_sphere: sigma (Å, also the cutoff), epsilon (eV), alpha (exponent)
+One set of parameters is for the elements listed in species (symbols, e.g. ["Ar"]; the same
+parameters for every pair of them); without species it is used only when all structures
+together hold one element type (here: argon), else the run is refused (exit 2). For several
+elements give a table per species pair instead of the parameters (sigma Å, epsilon eV; morse:
+D eV, alpha 1/Å, r0 Å), an element alone for its pair with itself:
+{example}
+Structures with an element that has no parameters are refused before anything runs.
+"""
+
+_PAIRS_EXAMPLE = {
+    "toml": """\
+  [model]
+  type = "lennard_jones"
+  cutoff = 7.5
+  mixing = "lorentz_berthelot"   # or "geometric": fills cross pairs not listed
+  [model.pairs]
+  Ar = {sigma = 3.405, epsilon = 0.0104}
+  Kr = {sigma = 3.65, epsilon = 0.014}
+  Ar-Kr = {sigma = 3.5, epsilon = 0.012}   # listed pairs are kept as given""",
+    "yaml": """\
+  model:
+    type: lennard_jones
+    cutoff: 7.5
+    mixing: lorentz_berthelot    # or geometric: fills cross pairs not listed
+    pairs:
+      Ar: {sigma: 3.405, epsilon: 0.0104}
+      Kr: {sigma: 3.65, epsilon: 0.014}
+      Ar-Kr: {sigma: 3.5, epsilon: 0.012}   # listed pairs are kept as given""",
+}
+
+
+def _commented(text: str, fmt: str) -> str:
+    """``text`` with :data:`MODEL_KEYS_HELP` as comments just before the model section."""
+    help_text = MODEL_KEYS_HELP.format(example=_PAIRS_EXAMPLE[fmt])
+    block = "".join(f"# {line}".rstrip() + "\n" for line in help_text.splitlines())
+    marker = "[model]\n" if fmt == "toml" else "model:"
+    lines = text.splitlines(keepends=True)
+    for k, line in enumerate(lines):
+        if line.startswith(marker):
+            return "".join(lines[:k]) + block + "".join(lines[k:])
+    return block + text
+
+
 def _save_config(cfg: dict, path: Path, overwrite: bool = False) -> None:
+    """Write ``cfg`` as YAML or TOML, with the model keys explained in comments."""
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):
         import yaml
 
-        text = yaml.safe_dump(cfg, sort_keys=False)
+        text = _commented(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), "yaml")
     elif suffix == ".toml":
-        text = _to_toml(cfg)
+        text = _commented(_to_toml(cfg), "toml")
     else:
         raise ConfigError(f"--save-config: unknown format {suffix!r}; allowed: .yaml, .yml, .toml")
     if path.is_dir() or (path.exists() and not overwrite):
@@ -835,8 +915,16 @@ def _toml_value(v) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k) -> str:
+    """A bare key where TOML allows one (letters, digits, ``_``, ``-``), else quoted."""
+    import re
+
+    k = str(k)
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
 
 
 def _to_toml(cfg: dict) -> str:
@@ -844,10 +932,16 @@ def _to_toml(cfg: dict) -> str:
     lines = [f"{k} = {_toml_value(v)}" for k, v in cfg.items() if not isinstance(v, (dict, list))]
     for k, v in cfg.items():
         if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+            lines += ["", f"[{k}]"] + [
+                f"{_toml_key(kk)} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None
+            ]
         elif isinstance(v, list) and all(isinstance(x, dict) for x in v):
             for item in v:
-                lines += ["", f"[[{k}]]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in item.items()]
+                lines += ["", f"[[{k}]]"] + [
+                    f"{_toml_key(kk)} = {_toml_value(vv)}"
+                    for kk, vv in item.items()
+                    if vv is not None
+                ]
         elif isinstance(v, list):
             lines.insert(0, f"{k} = {_toml_value(v)}")
     return "\n".join(lines) + "\n"

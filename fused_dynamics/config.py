@@ -19,10 +19,11 @@ Example (TOML)::
 
     [model]
     type = "lennard_jones"       # lennard_jones | morse | soft_sphere
-    sigma = 3.405
-    epsilon = 0.0104
-    cutoff = 7.5
-    switch_onset = 6.5
+    sigma = 3.405                # Å
+    epsilon = 0.0104             # eV
+    cutoff = 7.5                 # Å
+    switch_onset = 6.5           # Å
+    # species = ["Ar"]           # the elements these parameters are for (see below)
 
     [capacity]
     max_atoms = 384
@@ -50,6 +51,49 @@ Example (TOML)::
 
 Relative paths are resolved against the folder of the configuration file. Units are the
 package's (ASE's): Å, eV, amu, fs, K, eV/Å³.
+
+Keys of the model
+-----------------
+``model.type``
+    ``lennard_jones`` (``sigma`` Å, ``epsilon`` eV), ``morse`` (``D`` eV, ``alpha`` 1/Å,
+    ``r0`` Å) or ``soft_sphere`` (``sigma`` Å, also the cutoff; ``epsilon`` eV, default 1;
+    ``alpha``, an exponent, default 2). ``cutoff`` (Å), ``switch_onset`` (Å, below the
+    cutoff), ``shift`` and ``images`` apply to every pair.
+``model.species``
+    A list of element symbols (``["Ar"]``): the elements the one set of parameters is for,
+    the same for every pair of them. Without it the parameters are used only when all the
+    structures together hold one element type (that element is implied and printed); with
+    two or more elements the run is refused (exit 2) naming each element and the first
+    structure (file and frame) holding it. A structure with an element not in ``species``
+    is refused the same way. Every check is made before anything compiles, and by
+    ``--validate-only``.
+``model.pairs``
+    Parameters per species pair instead of one set, a table keyed by an element (``Ar``: the
+    Ar-Ar pair) or two elements joined by ``-`` (``Ar-Kr``, the same pair as ``Kr-Ar``;
+    give it once). Each entry is a table of the model's parameters: ``{sigma, epsilon}``
+    (Lennard-Jones; Å, eV), ``{D, alpha, r0}`` (Morse; eV, 1/Å, Å), ``{sigma, epsilon,
+    alpha}`` (soft sphere; ``epsilon`` and ``alpha`` in every entry or in none, then
+    ``model.epsilon`` / ``model.alpha`` for all pairs). ``epsilon`` or ``D`` = 0: the pair
+    does not interact. Every pair of the listed elements must be given, unless
+    ``model.mixing`` fills the cross pairs. The elements are the keys; a structure with
+    another element is refused (exit 2). Excludes ``species`` and the scalar parameters::
+
+        [model]
+        type = "lennard_jones"
+        cutoff = 7.5
+        mixing = "lorentz_berthelot"     # optional
+        [model.pairs]
+        Ar = {sigma = 3.405, epsilon = 0.0104}
+        Kr = {sigma = 3.65, epsilon = 0.014}
+        "Ar-Kr" = {sigma = 3.5, epsilon = 0.012}   # optional with mixing
+
+    In YAML, ``pairs: {Ar: {sigma: 3.405, epsilon: 0.0104}, ...}`` (quote ``"No"``, which
+    YAML reads as false).
+``model.mixing``
+    With ``pairs``: ``"lorentz_berthelot"`` (``σ_ij = (σ_i + σ_j) / 2``, ``ε_ij = sqrt(ε_i
+    ε_j)``) or ``"geometric"`` (``σ_ij = sqrt(σ_i σ_j)``, ``ε_ij = sqrt(ε_i ε_j)``) fills each
+    unlisted pair of two different elements from their own entries; listed pairs are kept.
+    Lennard-Jones and soft sphere only (soft sphere: ``alpha`` is not mixed).
 
 Keys about outputs and inputs
 -----------------------------
@@ -90,12 +134,14 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
@@ -114,6 +160,7 @@ __all__ = [
     "validate_config",
     "read_config_file",
     "build_model",
+    "check_structure_species",
     "build_stages",
     "build_fused",
     "load_structures",
@@ -334,7 +381,247 @@ StageConfig = Annotated[
 ]
 
 
-class _CutoffPairConfig(_Section):
+# ---------------------------------------------------------------------------- model species
+def _element_symbol(value: Any, what: str) -> str:
+    """A chemical symbol as ASE spells it ("Ar"); ValueError saying how to write it otherwise."""
+    from ase.data import atomic_numbers
+
+    if isinstance(value, bool):
+        raise ValueError(
+            f"{what} {value!r} is not an element symbol; in YAML quote symbols that read as "
+            'booleans ("No" is false, "On"/"Off"/"Y"... may be too): write "No"'
+        )
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{what} {value!r} is not an element symbol; write it as a string, e.g. 'Ar'"
+        )
+    if value in atomic_numbers and value != "X":
+        return value
+    hint = ""
+    fixed = value[:1].upper() + value[1:].lower()
+    if fixed in atomic_numbers and fixed != "X":
+        hint = f" (did you mean {fixed!r}?)"
+    raise ValueError(
+        f"{what} {value!r} is not an element symbol{hint}; write symbols as 'Ar', 'Kr'"
+    )
+
+
+def parse_pair_key(key: Any) -> tuple[str, str]:
+    """``"Ar"`` -> ``("Ar", "Ar")``, ``"Ar-Kr"`` -> ``("Ar", "Kr")``; ValueError otherwise."""
+    if isinstance(key, bool) or not isinstance(key, str):
+        _element_symbol(key, "key")
+    parts = key.split("-")
+    if len(parts) == 1:
+        sym = _element_symbol(parts[0].strip(), "key: element")
+        return sym, sym
+    if len(parts) == 2:
+        a, b = (_element_symbol(x.strip(), "key: element") for x in parts)
+        return a, b
+    raise ValueError(
+        f"key {key!r} must be one element ('Ar': the Ar-Ar pair) or two joined by '-' ('Ar-Kr')"
+    )
+
+
+def _check_pair_key(key: str) -> str:
+    parse_pair_key(key)
+    return key
+
+
+PairKey = Annotated[str, AfterValidator(_check_pair_key)]
+MIXING_RULES = ("lorentz_berthelot", "geometric")
+
+
+class _PairEntry(_Section):
+    """Parameters of one species pair in ``model.pairs`` (a table of them)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_table(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            keys = ", ".join(
+                f"{k} = ... ({f.description})"
+                for k, f in cls.model_fields.items()
+                if f.is_required()
+            )
+            raise ValueError(f"must be a table of this pair's parameters {{{keys}}}, got {data!r}")
+        return data
+
+
+class LennardJonesPair(_PairEntry):
+    sigma: PositiveFloat = Field(description="Å")
+    epsilon: NonNegativeFloat = Field(description="eV; 0: the pair does not interact")
+
+
+class MorsePair(_PairEntry):
+    D: NonNegativeFloat = Field(description="eV; 0: the pair does not interact")
+    alpha: PositiveFloat = Field(description="1/Å")
+    r0: PositiveFloat = Field(description="Å")
+
+
+class SoftSpherePair(_PairEntry):
+    sigma: PositiveFloat = Field(description="Å")
+    epsilon: NonNegativeFloat | None = Field(
+        None, description="eV; in every entry or in none (then model.epsilon for all pairs)"
+    )
+    alpha: PositiveFloat | None = Field(
+        None, description="exponent; in every entry or in none (then model.alpha for all pairs)"
+    )
+
+
+class _SpeciesKeys(_Section):
+    """Keys saying which elements a model's parameters are for (every model type)."""
+
+    species: list[str] | None = Field(
+        None,
+        description="scalar form: the elements these parameters are for (the same for every "
+        "pair of them); structures with another element are refused",
+    )
+    mixing: Literal["lorentz_berthelot", "geometric"] | None = Field(
+        None, description="with pairs: fill unlisted cross pairs from the two elements' entries"
+    )
+    # pairs: dict[PairKey, <Type>Pair] | None, declared by each model type
+
+    # names of the per-pair parameters, the ones required in the scalar form
+    _scalar: ClassVar[tuple[str, ...]] = ()
+    _units: ClassVar[dict[str, str]] = {}
+    _mixable: ClassVar[bool] = True
+
+    @field_validator("species", mode="before")
+    @classmethod
+    def _species_symbols(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, str):
+            raise ValueError(f"must be a list of element symbols, e.g. [{v!r}], got {v!r}")
+        if not isinstance(v, list) or not v:
+            raise ValueError(f"must be a non-empty list of element symbols, e.g. ['Ar'], got {v!r}")
+        out = [_element_symbol(x, "element") for x in v]
+        dup = sorted({x for x in out if out.count(x) > 1})
+        if dup:
+            raise ValueError(f"names {', '.join(dup)} more than once")
+        return out
+
+    @field_validator("pairs", mode="before", check_fields=False)
+    @classmethod
+    def _pairs_table(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if not isinstance(v, dict) or not v:
+            raise ValueError(
+                "must be a non-empty table keyed by element ('Ar') or pair ('Ar-Kr'), e.g. "
+                + _pairs_example(cls._scalar)
+            )
+        for key in v:
+            if isinstance(key, bool) or not isinstance(key, str):
+                _element_symbol(key, "key")
+        return v
+
+    def pair_table(self) -> dict[tuple[str, str], dict[str, float]]:
+        """``{(a, b): {parameter: value}}`` with ``a <= b`` in atomic number (pairs form)."""
+        from ase.data import atomic_numbers
+
+        out = {}
+        for key, entry in (self.pairs or {}).items():
+            a, b = sorted(parse_pair_key(key), key=atomic_numbers.__getitem__)
+            out[(a, b)] = {k: v for k, v in entry.model_dump().items() if v is not None}
+        return out
+
+    def elements(self) -> list[str] | None:
+        """The elements the model has parameters for (None: any one element, implied later)."""
+        from ase.data import atomic_numbers
+
+        if self.pairs is not None:
+            return sorted({x for pair in self.pair_table() for x in pair}, key=atomic_numbers.get)
+        return None if self.species is None else list(self.species)
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        given = sorted(n for n in self._scalar if getattr(self, n) is not None)
+        units = ", ".join(f"{n} ({self._units[n]})" for n in self._scalar)
+        if self.pairs is None:
+            missing = [n for n in self._scalar if getattr(self, n) is None]
+            if missing:
+                raise ValueError(
+                    f"missing {', '.join(missing)}: give {units} (the same for every pair, with "
+                    "model.species naming the elements), or a per-species table model.pairs, "
+                    "e.g. " + _pairs_example(self._scalar)
+                )
+            if self.mixing is not None:
+                raise ValueError(
+                    "@mixing: mixing goes with a per-species table model.pairs; with one set of "
+                    "parameters there is nothing to mix: remove it"
+                )
+            return self
+        if given:
+            raise ValueError(
+                f"@pairs: {', '.join(given)} and pairs exclude each other: give the "
+                "parameters either once for every pair (then model.species names the "
+                "elements) or per species pair in model.pairs"
+            )
+        if self.species is not None:
+            raise ValueError(
+                "@species: species and pairs exclude each other: with pairs the elements are "
+                "the keys of the table; remove species"
+            )
+        self._check_pairs()
+        return self
+
+    def _check_pairs(self) -> None:
+        """Each pair once; every pair of the listed elements given or mixed."""
+        from ase.data import atomic_numbers
+
+        seen: dict[tuple[str, str], str] = {}
+        for key in self.pairs:
+            a, b = sorted(parse_pair_key(key), key=atomic_numbers.__getitem__)
+            if (a, b) in seen:
+                raise ValueError(
+                    f"@pairs.{_key_part(key)}: the same pair as "
+                    f"model.pairs.{_key_part(seen[(a, b)])}; give it once"
+                )
+            seen[(a, b)] = key
+        elements = self.elements()
+        missing_self = [e for e in elements if (e, e) not in seen]
+        cross = [
+            (a, b) for i, a in enumerate(elements) for b in elements[i + 1 :] if (a, b) not in seen
+        ]
+        units = ", ".join(f"{n} ({self._units[n]})" for n in self._scalar)
+        if self.mixing is not None and not self._mixable:
+            raise ValueError(
+                f"@mixing: {self.type} has no mixing rule; remove mixing and give every pair "
+                "in model.pairs"
+            )
+        if self.mixing is not None:  # cross pairs with both own entries are filled
+            cross = [(a, b) for a, b in cross if (a, a) not in seen or (b, b) not in seen]
+        missing = [f"{e}" for e in missing_self] + [f"{a}-{b}" for a, b in cross]
+        if not missing:
+            return
+        if self.mixing is None:
+            hint = (
+                ", or set model.mixing = 'lorentz_berthelot' or 'geometric' to fill cross pairs"
+                if cross and self._mixable
+                else ""
+            )
+        else:
+            hint = (
+                " (model.mixing fills a cross pair from the own entries of its two elements, "
+                "and an element's own pair is never mixed)"
+            )
+        raise ValueError(
+            "@pairs: no parameters for "
+            + ", ".join(f'"{m}"' for m in missing)
+            + f"; add them to model.pairs with {units}, e.g. "
+            + _pairs_example(self._scalar, missing[0])
+            + hint
+        )
+
+
+def _pairs_example(names: tuple[str, ...], key: str = "Ar") -> str:
+    values = {"sigma": 3.405, "epsilon": 0.0104, "D": 0.0104, "alpha": 1.3, "r0": 3.82}
+    inner = ", ".join(f"{n} = {values.get(n, 1.0)}" for n in names)
+    return f"{_key_part(key)} = {{{inner}}}"
+
+
+class _CutoffPairConfig(_SpeciesKeys):
     """Keys shared by the pair potentials with a cutoff."""
 
     cutoff: PositiveFloat = Field(description="Å")
@@ -349,27 +636,80 @@ class _CutoffPairConfig(_Section):
 
 class LennardJonesConfig(_CutoffPairConfig):
     type: Literal["lennard_jones"]
-    sigma: PositiveFloat = Field(description="Å")
-    epsilon: PositiveFloat = Field(description="eV")
+    sigma: PositiveFloat | None = Field(None, description="Å (scalar form)")
+    epsilon: PositiveFloat | None = Field(None, description="eV (scalar form)")
+    pairs: dict[PairKey, LennardJonesPair] | None = Field(
+        None, description="per species pair: 'Ar' or 'Ar-Kr' = {sigma (Å), epsilon (eV)}"
+    )
+
+    _scalar: ClassVar[tuple[str, ...]] = ("sigma", "epsilon")
+    _units: ClassVar[dict[str, str]] = {"sigma": "Å", "epsilon": "eV"}
 
 
 class MorseConfig(_CutoffPairConfig):
     type: Literal["morse"]
-    D: PositiveFloat = Field(description="eV")
-    alpha: PositiveFloat = Field(description="1/Å")
-    r0: PositiveFloat = Field(description="Å")
+    D: PositiveFloat | None = Field(None, description="eV (scalar form)")
+    alpha: PositiveFloat | None = Field(None, description="1/Å (scalar form)")
+    r0: PositiveFloat | None = Field(None, description="Å (scalar form)")
+    pairs: dict[PairKey, MorsePair] | None = Field(
+        None, description="per species pair: 'Ar' or 'Ar-Kr' = {D (eV), alpha (1/Å), r0 (Å)}"
+    )
+
+    _scalar: ClassVar[tuple[str, ...]] = ("D", "alpha", "r0")
+    _units: ClassVar[dict[str, str]] = {"D": "eV", "alpha": "1/Å", "r0": "Å"}
+    _mixable: ClassVar[bool] = False
 
 
-class SoftSphereConfig(_Section):
+class SoftSphereConfig(_SpeciesKeys):
     type: Literal["soft_sphere"]
-    sigma: PositiveFloat = Field(description="Å (also the cutoff)")
-    epsilon: PositiveFloat = 1.0
-    alpha: PositiveFloat = 2.0
+    sigma: PositiveFloat | None = Field(None, description="Å (also the cutoff; scalar form)")
+    epsilon: PositiveFloat = Field(1.0, description="eV")
+    alpha: PositiveFloat = Field(2.0, description="exponent")
     images: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] | None = Field(
         None,
         description="periodic image shifts along each cell vector (default: from the first "
         "cells; give it for variable-cell runs whose cells shrink)",
     )
+    pairs: dict[PairKey, SoftSpherePair] | None = Field(
+        None,
+        description="per species pair: 'Ar' or 'Ar-Kr' = {sigma (Å), epsilon (eV), alpha}; "
+        "epsilon and alpha in every entry or in none (then model.epsilon / model.alpha)",
+    )
+
+    _scalar: ClassVar[tuple[str, ...]] = ("sigma",)
+    _units: ClassVar[dict[str, str]] = {"sigma": "Å", "epsilon": "eV", "alpha": "exponent"}
+
+    @model_validator(mode="after")
+    def _shared_or_per_pair(self) -> SoftSphereConfig:
+        if self.pairs is None:
+            return self
+        for name in ("epsilon", "alpha"):
+            has = [k for k, e in self.pairs.items() if getattr(e, name) is not None]
+            if not has:
+                continue
+            lacking = [k for k in self.pairs if k not in has]
+            if lacking:
+                raise ValueError(
+                    f"@pairs.{_key_part(lacking[0])}.{name}: {name} is given"
+                    f' in some entries ("{has[0]}") but not in this one; give it in every entry, '
+                    f"or in none and once as model.{name} for all pairs"
+                )
+            if name in self.model_fields_set:
+                raise ValueError(
+                    f"@{name}: given both as model.{name} and in the entries of model.pairs; "
+                    "keep one of them"
+                )
+            if name == "alpha" and self.mixing is not None:
+                elements = self.elements()
+                listed = {tuple(sorted(parse_pair_key(k), key=elements.index)) for k in self.pairs}
+                for i, a in enumerate(elements):
+                    for b in elements[i + 1 :]:
+                        if (a, b) not in listed:
+                            raise ValueError(
+                                f'@pairs: alpha has no mixing rule, so the pair "{a}-{b}" needs '
+                                f"its own entry with alpha; or give alpha once as model.alpha"
+                            )
+        return self
 
 
 MODEL_TYPES = ("lennard_jones", "morse", "soft_sphere")
@@ -615,9 +955,20 @@ def _loc(loc: tuple) -> str:
             out += f"[{part}]"
         elif part in skip or str(part).startswith(("function-", "lax-or-strict")):
             continue
+        elif part == "[key]":  # a key of a table (model.pairs) that is itself wrong
+            continue
         else:
-            out += ("." if out else "") + str(part)
+            out += ("." if out else "") + (_key_part(part) if out.endswith("pairs") else str(part))
     return out or "(top level)"
+
+
+def _key_part(key: Any) -> str:
+    """A table key as it is written in a dotted key: bare (``Ar``) or quoted (``"Ar-Kr"``)."""
+    import json
+    import re
+
+    key = str(key)
+    return key if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else json.dumps(key)
 
 
 def format_validation_error(exc: ValidationError, source: str = "config") -> str:
@@ -645,6 +996,9 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
             msg = f"{msg}, got {err.get('input')!r}"
         elif kind == "value_error":
             msg = msg.removeprefix("Value error, ")
+            if msg.startswith("@"):  # "@sub.key: what": the key below the failing section
+                sub, _, msg = msg[1:].partition(": ")
+                where = f"{where}.{sub}" if where != "(top level)" else sub
         elif "input" in err and not isinstance(err["input"], dict | list):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"  {where}: {msg}")
@@ -725,28 +1079,170 @@ def load_structures_with_sources(
     return out, sources
 
 
+def _where(source: tuple[str | None, int]) -> str:
+    f, k = source
+    return f"generated structure {k}" if f is None else f"{f!r} frame {k}"
+
+
+def check_structure_species(cfg: RunConfig, structures, sources=None) -> str:
+    """Refuse structures with an element the model has no parameters for, before compiling.
+
+    The elements with parameters are ``model.species`` (scalar form) or the keys of
+    ``model.pairs``. A scalar model without ``species`` applies only when every structure,
+    all together, holds one element type: that element is then implied.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+    structures : list of ase.Atoms
+    sources : list of (file or None, frame index), optional
+        Where each structure comes from (:func:`load_structures_with_sources`), for the
+        message.
+
+    Returns
+    -------
+    str
+        A line for the summary: the elements the model's parameters are used for, and why.
+
+    Raises
+    ------
+    ConfigError
+        Naming each element without parameters, the first structure holding it (file and
+        frame), how many hold it, and the key to add.
+    """
+    import json
+
+    import numpy as np
+    from ase.data import chemical_symbols
+
+    m = cfg.model
+    sources = sources if sources is not None else [(None, i) for i in range(len(structures))]
+    first: dict[int, tuple[str | None, int]] = {}
+    count: dict[int, int] = {}
+    for atoms, src in zip(structures, sources, strict=True):
+        for z in np.unique(np.asarray(atoms.numbers, dtype=int)):
+            z = int(z)
+            first.setdefault(z, src)
+            count[z] = count.get(z, 0) + 1
+
+    def name(z: int) -> str:
+        return chemical_symbols[z] if 0 <= z < len(chemical_symbols) else f"Z={z}"
+
+    def found(zs) -> str:
+        parts = []
+        for z in zs:
+            others = count[z] - 1
+            more = f" and {others} more structure(s)" if others else ""
+            parts.append(f"{name(z)} (in {_where(first[z])}{more})")
+        return "; ".join(parts)
+
+    present = sorted(first)
+    kind = {"lennard_jones": "LennardJones", "morse": "Morse", "soft_sphere": "SoftSphere"}[m.type]
+    scalar = ", ".join(f"{n} ({m._units[n]})" for n in m._scalar)
+    elements = m.elements()
+    if elements is None:  # scalar form without species
+        if len(present) <= 1:
+            what = name(present[0]) if present else "no element"
+            return (
+                f"model: {kind} parameters for {what} (implied: the only element of the "
+                "structures; model.species would say so)"
+            )
+        symbols = [name(z) for z in present]
+        raise ConfigError(
+            f"model: {scalar} are given once, without model.species, but the structures "
+            f"hold {len(present)} elements: {found(present)}. One set of parameters is never "
+            "applied to several elements unasked: give a per-species table "
+            f"[model.pairs] ({', '.join(symbols)} and their cross pairs, or model.mixing), or "
+            f"model.species = {json.dumps(symbols)} to use these parameters for every pair of them"
+        )
+    from ase.data import atomic_numbers
+
+    known = {atomic_numbers[e] for e in elements}
+    unknown = [z for z in present if z not in known]
+    if unknown:
+        symbols = [name(z) for z in unknown]
+        if m.pairs is not None:
+            entries = ", ".join(f"{e} = {{...}}" for e in symbols)
+            crosses = ", ".join(f'"{a}-{b}"' for a in elements for b in symbols)
+            how = (
+                f"add {entries} to [model.pairs] ({scalar}) and the cross pairs {crosses}"
+                + (" (or let model.mixing fill them)" if m._mixable else "")
+                + ", or leave these structures out"
+            )
+            key = "model.pairs"
+        else:
+            how = (
+                f"add {', '.join(repr(e) for e in symbols)} to model.species to use the same "
+                "parameters for it, or give a per-species table [model.pairs], or leave these "
+                "structures out"
+            )
+            key = "model.species"
+        raise ConfigError(
+            f"{key}: the model has parameters for {', '.join(elements)} only, but the "
+            f"structures hold {found(unknown)}: {how}"
+        )
+    used = ", ".join(e for e in elements if atomic_numbers[e] in first)
+    if m.pairs is None:
+        return (
+            f"model: {kind} parameters for {', '.join(elements)} (model.species); present: {used}"
+        )
+    mixed = ""
+    if m.mixing is not None:
+        listed = set(m.pair_table())
+        filled = [
+            f"{a}-{b}"
+            for i, a in enumerate(elements)
+            for b in elements[i + 1 :]
+            if (a, b) not in listed
+        ]
+        if filled:
+            mixed = f"; mixed ({m.mixing}): {', '.join(filled)}"
+    return f"model: {kind} per species pair for {', '.join(elements)}{mixed}; present: {used}"
+
+
 def build_model(cfg: RunConfig):
-    """The energy model of a configuration."""
+    """The energy model of a configuration.
+
+    Scalar form: one set of parameters, with ``species=model.species`` when given (the model
+    then refuses other elements itself). ``model.pairs``: ``cls.from_pairs`` with the table,
+    ``mixing`` and the shared keys. Which structures a model applies to is checked by
+    :func:`check_structure_species`.
+    """
     import fused_dynamics as fd
 
-    m = cfg.model.model_dump()
-    kind = m.pop("type")
+    m = cfg.model
     cls = {
         "lennard_jones": fd.models.LennardJones,
         "morse": fd.models.Morse,
         "soft_sphere": fd.models.SoftSphere,
-    }[kind]
-    if m.get("images") is None:
-        m.pop("images", None)
-    else:
-        m["images"] = tuple(m["images"])
-    if m.get("switch_onset") is None:
-        m.pop("switch_onset", None)
-    elif m["switch_onset"] >= m["cutoff"]:
-        raise ConfigError(
-            f"model.switch_onset: {m['switch_onset']} must be smaller than cutoff {m['cutoff']}"
-        )
-    return cls(**m)
+    }[m.type]
+    kwargs: dict[str, Any] = {}
+    if m.images is not None:
+        kwargs["images"] = tuple(m.images)
+    if m.type != "soft_sphere":
+        kwargs.update(cutoff=m.cutoff, shift=m.shift)
+        if m.switch_onset is not None:
+            if m.switch_onset >= m.cutoff:
+                raise ConfigError(
+                    f"model.switch_onset: {m.switch_onset} must be smaller than cutoff {m.cutoff}"
+                )
+            kwargs["switch_onset"] = m.switch_onset
+    try:
+        if m.pairs is None:
+            params = {n: getattr(m, n) for n in m._scalar}
+            if m.type == "soft_sphere":
+                params.update(epsilon=m.epsilon, alpha=m.alpha)
+            if m.species is not None:
+                kwargs["species"] = tuple(m.species)
+            return cls(**params, **kwargs)
+        table = m.pair_table()
+        if m.type == "soft_sphere":
+            for shared in ("epsilon", "alpha"):
+                if not any(shared in v for v in table.values()):
+                    kwargs[shared] = getattr(m, shared)
+        return cls.from_pairs(table, mixing=m.mixing, **kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
 
 
 def _stage_class(kind: str):

@@ -418,6 +418,12 @@ def test_demo_save_config_round_trips(tmp_path):
         from fused_dynamics.config import validate_config
 
         assert cfg == validate_config(demo_config(True, "out"))
+        # the model keys are explained, with units, in comments before the model section
+        text = (tmp_path / name).read_text()
+        head = text[: text.index("\n[model]\n" if name.endswith("toml") else "\nmodel:")]
+        for words in ("sigma (Å), epsilon (eV)", "D (eV), alpha (1/Å), r0 (Å)", "species"):
+            assert words in head, (name, words)
+        assert "Ar-Kr" in head and "lorentz_berthelot" in head and "pairs" in head
 
 
 # ----------------------------------------------------------------------------- building
