@@ -118,10 +118,17 @@ def project_forces(batch, forces: jax.Array) -> jax.Array:
     Fixed components become 0; in a ``fix_com`` system ``F_i - m_i (Σ m F) / Σ m²`` (ASE).
     Systems without constraints are returned bit for bit.
     """
-    m, com = _com_weights(batch)
-    lmd = batch.sum_atoms(m[:, None] * forces) / jnp.maximum(batch.sum_atoms(m * m), 1e-30)[:, None]
-    projected = forces - m[:, None] * batch.to_atoms_axis(lmd)
-    forces = jnp.where(com[:, None], projected, forces)
+
+    def com_projection(forces):
+        m, com = _com_weights(batch)
+        mm = jnp.maximum(batch.sum_atoms(m * m), 1e-30)[:, None]
+        lmd = batch.sum_atoms(m[:, None] * forces) / mm
+        projected = forces - m[:, None] * batch.to_atoms_axis(lmd)
+        return jnp.where(com[:, None], projected, forces)
+
+    # the per-system sums only when some system has FixCom (the common case has none); either
+    # branch gives the same bits for the systems without it
+    forces = jax.lax.cond(jnp.any(batch.fix_com), com_projection, lambda f: f, forces)
     return jnp.where(batch.fixed, 0.0, forces)
 
 
@@ -133,15 +140,23 @@ def constrain_update(old, new, mask: jax.Array):
     (ASE's ``adjust_positions`` and ``adjust_momenta``). Systems outside ``mask`` and systems
     without constraints are returned bit for bit.
     """
-    m, com = _com_weights(old)
-    com = com & old.to_atoms_axis(mask)
-    total = jnp.maximum(old.sum_atoms(m), 1e-30)[:, None]
-    shift = old.sum_atoms(m[:, None] * old.positions) - old.sum_atoms(m[:, None] * new.positions)
-    positions = jnp.where(
-        com[:, None], new.positions + old.to_atoms_axis(shift / total), new.positions
+
+    def com_shift(arrays):
+        positions, velocities = arrays
+        m, com = _com_weights(old)
+        com = (com & old.to_atoms_axis(mask))[:, None]
+        total = jnp.maximum(old.sum_atoms(m), 1e-30)[:, None]
+        shift = old.sum_atoms(m[:, None] * old.positions) - old.sum_atoms(m[:, None] * positions)
+        v_com = old.sum_atoms(m[:, None] * velocities) / total
+        return (
+            jnp.where(com, positions + old.to_atoms_axis(shift / total), positions),
+            jnp.where(com, velocities - old.to_atoms_axis(v_com), velocities),
+        )
+
+    arrays = (new.positions, new.velocities)
+    positions, velocities = jax.lax.cond(
+        jnp.any(old.fix_com & mask), com_shift, lambda a: a, arrays
     )
-    v_com = old.sum_atoms(m[:, None] * new.velocities) / total
-    velocities = jnp.where(com[:, None], new.velocities - old.to_atoms_axis(v_com), new.velocities)
     return new.replace(
         positions=jnp.where(old.fixed, old.positions, positions),
         velocities=jnp.where(old.fixed, 0.0, velocities),

@@ -356,23 +356,31 @@ class FusedStage(eqx.Module):
         Per-system reductions only, so one system's values never decide another's code.
         """
 
-        def atoms_bad(x):
-            bad = batch.atom_mask & ~jnp.all(jnp.isfinite(x), axis=-1)
-            return batch.sum_atoms(bad.astype(jnp.int32)) > 0
+        def bad_rows(x):
+            return ~jnp.all(jnp.isfinite(x), axis=-1)
 
-        checks = [
+        f = jnp.where(jnp.isfinite(batch.forces), batch.forces, 0.0)
+        too_big = (
+            jnp.sum(f * f, axis=-1) > self.max_force**2
+            if self.max_force is not None
+            else jnp.zeros_like(batch.atom_mask)
+        )
+        per_atom = (
+            (bad_rows(batch.forces), Failure.FORCES),
+            (bad_rows(batch.positions), Failure.POSITIONS),
+            (bad_rows(batch.velocities), Failure.VELOCITIES),
+            (too_big, Failure.MAX_FORCE),
+        )
+        # one per-system reduction for every per-atom check
+        flags = jnp.stack([bad for bad, _ in per_atom], axis=-1) & batch.atom_mask[:, None]
+        counts = batch.sum_atoms(flags.astype(jnp.int32))  # (S, 4)
+        checks = [(counts[:, k] > 0, bit) for k, (_, bit) in enumerate(per_atom)]
+        checks += [
             (~jnp.isfinite(batch.energy), Failure.ENERGY),
-            (atoms_bad(batch.forces), Failure.FORCES),
-            (atoms_bad(batch.positions), Failure.POSITIONS),
-            (atoms_bad(batch.velocities), Failure.VELOCITIES),
             (~jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1)), Failure.CELL),
         ]
         if self.needs_stress:
             checks.append((~jnp.all(jnp.isfinite(batch.stress), axis=(-2, -1)), Failure.STRESS))
-        if self.max_force is not None:
-            f = jnp.where(jnp.isfinite(batch.forces), batch.forces, 0.0)
-            norm = jnp.where(batch.atom_mask, jnp.sqrt(jnp.sum(f * f, axis=-1)), 0.0)
-            checks.append((batch.max_atoms_of(norm) > self.max_force, Failure.MAX_FORCE))
         if isinstance(batch.neighbors, NeighborList):
             # Pairs were dropped: every result since is suspect. A concrete run regrows the list
             # and repeats the work from its last good state (discarding this); a traced one (vmap,

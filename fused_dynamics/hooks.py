@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import constraints
 from .batch import HOST_FIELDS, INFO_FIELDS
 from .status import ExitReason, Failure
 
@@ -367,7 +368,8 @@ class BiasedPotentialHook(Hook):
     """Add a bias energy ``bias_fn(batch) -> (S,)`` to the model's result, forces by autodiff.
 
     Runs at ``AFTER_COMPUTE``, inside the one evaluation's step: energy and forces that the
-    second halves and the convergence checks see include the bias. (Stress is not biased.)
+    second halves and the convergence checks see include the bias, with the batch's constraints
+    applied to the bias forces as to the model's. (Stress is not biased.)
     """
 
     bias_fn: Callable = eqx.field(static=True)
@@ -379,9 +381,10 @@ class BiasedPotentialHook(Hook):
             return jnp.sum(jnp.where(batch.system_mask, e, 0.0)), e
 
         (_, e), g = jax.value_and_grad(total, has_aux=True)(batch.positions)
+        bias = constraints.project_forces(batch, -jnp.where(batch.atom_mask[:, None], g, 0.0))
         return batch.replace(
             energy=batch.energy + jnp.where(batch.system_mask, e, 0.0),
-            forces=batch.forces - jnp.where(batch.atom_mask[:, None], g, 0.0),
+            forces=batch.forces + bias,
         )
 
 
