@@ -145,6 +145,12 @@ class Batch(eqx.Module):
         """Maximum of a per-atom array over each system (``-inf`` for empty slots)."""
         return segment.segment_max(x, self.system_idx, self.max_systems)
 
+    def finite_systems(self) -> jax.Array:
+        """Whether each slot's positions and cell are all finite, shape (S,) bool."""
+        atom_bad = self.atom_mask & ~jnp.all(jnp.isfinite(self.positions), axis=-1)
+        bad_atoms = self.sum_atoms(atom_bad.astype(jnp.int32))
+        return (bad_atoms == 0) & jnp.all(jnp.isfinite(self.cell), axis=(-2, -1))
+
     def to_atoms_axis(self, x: jax.Array) -> jax.Array:
         """Broadcast a per-system array (S, ...) to the atoms (N, ...); padding gets zero."""
         return segment.to_atoms(x, self.system_idx)

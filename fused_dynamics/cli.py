@@ -961,8 +961,9 @@ def _read_output(path: Path) -> list:
 def summarize_output(path: str | os.PathLike) -> dict:
     """A summary of an output file (extxyz or zarr store) as a plain dict.
 
-    Energy, fmax and temperature statistics are over finite values; failed systems are listed
-    under ``"failed"`` (``system_id``, ``failure`` names, ``failure_step``).
+    Energy, fmax and temperature statistics are over the systems that neither failed nor were
+    rejected; failed systems are listed under ``"failed"`` (``system_id``, ``failure`` names,
+    ``failure_step``).
     """
     import numpy as np
 
@@ -979,6 +980,8 @@ def summarize_output(path: str | os.PathLike) -> dict:
     sizes = [len(a) for a in frames]
     e_atom, fmax, temps, steps = [], [], [], []
     for a in frames:
+        if a.info.get("exit_reason") in (int(ExitReason.FAILED), int(ExitReason.REJECTED)):
+            continue  # listed apart; a failed system's finite numbers are not results either
         calc_results = getattr(a.calc, "results", {}) if a.calc is not None else {}
         if "energy" in calc_results and len(a):
             e_atom.append(float(calc_results["energy"]) / len(a))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import constraints, validation
+from . import constraints, observables, validation
 from .batch import Batch
 from .convergence import ConvergenceHook
 from .hooks import DynamicsStage, ExitReason, Failure, Hook, HookContext, fire_hooks
@@ -77,6 +77,16 @@ class FusedStage(eqx.Module):
         eV/Å. A system whose largest atomic force exceeds it fails (``Failure.MAX_FORCE``) before
         it can blow up; ``None`` checks finiteness only. The default is far above any force of
         a structure that relaxes or simulates sensibly (bonds break at O(10) eV/Å).
+    max_displacement : float or None, default 2.0
+        Å per step. A system in a dynamics sub-stage that moves an atom farther in one step fails
+        (``Failure.DISPLACEMENT``): the time step is far too large for it (a cluster flying
+        apart keeps finite numbers and a plausible 0 eV). Thermal motion moves atoms ~0.01-0.1 Å
+        per step. ``None``: no bound.
+    max_temperature : float or None, default 1e5
+        K. A system in a dynamics (not optimizer) sub-stage whose kinetic temperature exceeds it
+        fails (``Failure.TEMPERATURE``): its dynamics blew up (a time step far too large, a
+        collision), even while every number is still finite and its energy a plausible 0 eV.
+        ``None``: no bound.
     always_stress : bool, default False
         Compute the stress at every evaluation even when nothing in the run reads it, so that
         every output carries it (see :attr:`needs_stress`).
@@ -85,7 +95,10 @@ class FusedStage(eqx.Module):
     -----
     Finite or failed: after the first evaluation and after every step, each running system is
     checked (one per-system reduction): a non-finite energy, forces, stress (where computed),
-    positions, velocities or cell, or a force above ``max_force``, moves the system out of the
+    positions, velocities or cell, a force above ``max_force``, a step longer than
+    ``max_displacement`` or a temperature above ``max_temperature`` (both in dynamics
+    sub-stages), or a fault the model reports
+    (:meth:`~fused_dynamics.models.base.Model.system_faults`), moves the system out of the
     run with ``info["exit_reason"] == ExitReason.FAILED``, ``info["failure"]`` (a
     :class:`~fused_dynamics.Failure` bit set naming the quantities) and ``info["failure_step"]``
     (the steps it had taken, 0 for the first evaluation). It is never reported converged, and
@@ -106,6 +119,8 @@ class FusedStage(eqx.Module):
     init_fn: Callable | None = eqx.field(static=True)
     hooks: tuple[Hook, ...]
     max_force: float | None = eqx.field(static=True)
+    max_temperature: float | None = eqx.field(static=True)
+    max_displacement: float | None = eqx.field(static=True)
     always_stress: bool = eqx.field(static=True)
 
     def __init__(
@@ -119,14 +134,17 @@ class FusedStage(eqx.Module):
         init_fn: Callable | None = None,
         hooks: Sequence[Hook] = (),
         max_force: float | None = 1e4,
+        max_temperature: float | None = 1e5,
+        max_displacement: float | None = 2.0,
         always_stress: bool = False,
     ):
-        if max_force is not None and (
-            isinstance(max_force, bool) or not np.isfinite(max_force) or not max_force > 0
+        for name, value, unit in (
+            ("max_force", max_force, "eV/Å"),
+            ("max_temperature", max_temperature, "K"),
+            ("max_displacement", max_displacement, "Å"),
         ):
-            raise ValueError(
-                f"FusedStage: max_force must be a finite number > 0 (eV/Å) or None, got "
-                f"{max_force!r}."
+            validation.check_real(
+                "FusedStage", name, value, validation.positive(), unit=unit, allow_none=True
             )
         pairs = []
         for i, item in enumerate(sub_stages):
@@ -174,6 +192,8 @@ class FusedStage(eqx.Module):
                 raise TypeError(f"FusedStage hooks must be Hook instances, got {type(h).__name__}.")
         self.hooks = tuple(hooks)
         self.max_force = None if max_force is None else float(max_force)
+        self.max_temperature = None if max_temperature is None else float(max_temperature)
+        self.max_displacement = None if max_displacement is None else float(max_displacement)
         self.always_stress = bool(always_stress)
 
     # ------------------------------------------------------------------ composition
@@ -189,6 +209,8 @@ class FusedStage(eqx.Module):
             init_fn=self.init_fn,
             hooks=self.hooks + (other.hooks if isinstance(other, FusedStage) else ()),
             max_force=self.max_force,
+            max_temperature=self.max_temperature,
+            max_displacement=self.max_displacement,
             always_stress=self.always_stress
             or (isinstance(other, FusedStage) and other.always_stress),
         )
@@ -218,6 +240,8 @@ class FusedStage(eqx.Module):
             init_fn=self.init_fn,
             hooks=self.hooks + (hook,),
             max_force=self.max_force,
+            max_temperature=self.max_temperature,
+            max_displacement=self.max_displacement,
             always_stress=self.always_stress,
         )
 
@@ -315,6 +339,8 @@ class FusedStage(eqx.Module):
             init_fn=self.init_fn,
             hooks=self.hooks,
             max_force=self.max_force,
+            max_temperature=self.max_temperature,
+            max_displacement=self.max_displacement,
             always_stress=True,
         )
 
@@ -350,11 +376,25 @@ class FusedStage(eqx.Module):
         forces = constraints.project_forces(batch, out.forces)
         return batch.replace(energy=out.energy, forces=forces, stress=out.stress)
 
-    def failures(self, batch: Batch) -> jax.Array:
-        """Failure code of every slot, shape (S,) int32 (0: healthy); see :class:`Failure`.
+    def failures(self, batch: Batch, displacement: jax.Array | None = None) -> jax.Array:
+        """Failure code of every slot (0: healthy); see :class:`Failure`.
 
         Per-system reductions only, so one system's values never decide another's code.
+
+        Parameters
+        ----------
+        batch : Batch
+        displacement : Array, shape (N, 3), optional
+            How far the sub-stages moved each atom in this step (Å), checked against
+            ``max_displacement`` for systems in dynamics sub-stages.
+
+        Returns
+        -------
+        Array, shape (S,) int32
         """
+        dynamics = [c for c, st in self.sub_stages if not st.is_optimizer]
+        in_dynamics = jnp.isin(batch.status, jnp.asarray(dynamics or [self.exit_status]))
+        in_dynamics = in_dynamics & bool(dynamics)
 
         def bad_rows(x):
             return ~jnp.all(jnp.isfinite(x), axis=-1)
@@ -365,15 +405,20 @@ class FusedStage(eqx.Module):
             if self.max_force is not None
             else jnp.zeros_like(batch.atom_mask)
         )
+        far = jnp.zeros_like(batch.atom_mask)
+        if displacement is not None and self.max_displacement is not None:
+            far = jnp.sum(displacement**2, axis=-1) > self.max_displacement**2
+            far = far & batch.to_atoms_axis(in_dynamics)
         per_atom = (
             (bad_rows(batch.forces), Failure.FORCES),
             (bad_rows(batch.positions), Failure.POSITIONS),
             (bad_rows(batch.velocities), Failure.VELOCITIES),
             (too_big, Failure.MAX_FORCE),
+            (far, Failure.DISPLACEMENT),
         )
         # one per-system reduction for every per-atom check
         flags = jnp.stack([bad for bad, _ in per_atom], axis=-1) & batch.atom_mask[:, None]
-        counts = batch.sum_atoms(flags.astype(jnp.int32))  # (S, 4)
+        counts = batch.sum_atoms(flags.astype(jnp.int32))  # (S, 5)
         checks = [(counts[:, k] > 0, bit) for k, (_, bit) in enumerate(per_atom)]
         checks += [
             (~jnp.isfinite(batch.energy), Failure.ENERGY),
@@ -381,6 +426,10 @@ class FusedStage(eqx.Module):
         ]
         if self.needs_stress:
             checks.append((~jnp.all(jnp.isfinite(batch.stress), axis=(-2, -1)), Failure.STRESS))
+        if self.max_temperature is not None:
+            hot = in_dynamics & ~(observables.temperature(batch) <= self.max_temperature)
+            checks.append((hot, Failure.TEMPERATURE))
+        checks.append((self.model.system_faults(batch), None))
         if isinstance(batch.neighbors, NeighborList):
             # Pairs were dropped: every result since is suspect. A concrete run regrows the list
             # and repeats the work from its last good state (discarding this); a traced one (vmap,
@@ -389,7 +438,7 @@ class FusedStage(eqx.Module):
             checks.append((overflow, Failure.NEIGHBOR_OVERFLOW))
         code = jnp.zeros(batch.energy.shape, jnp.int32)
         for bad, bit in checks:
-            code = code | jnp.where(bad, int(bit), 0)
+            code = code | (bad if bit is None else jnp.where(bad, int(bit), 0))
         return jnp.where(batch.system_mask, code, 0)
 
     # ------------------------------------------------------------------ the step
@@ -417,9 +466,12 @@ class FusedStage(eqx.Module):
         every = range(len(self.sub_stages))
         last = len(self.sub_stages) - 1
         batch = self._fire(DynamicsStage.BEFORE_STEP, batch, ctx, True, every)
+        moved = jnp.zeros_like(batch.positions)  # by the sub-stages (not by hooks) this step
         for i, (_, stage) in enumerate(self.sub_stages):
             batch = self._fire(DynamicsStage.BEFORE_PRE_UPDATE, batch, ctx, i == 0, [i])
+            before = batch.positions
             batch, states[i] = stage.pre_update(batch, states[i], masks[i])
+            moved = moved + (batch.positions - before)
         batch = self._fire(DynamicsStage.AFTER_PRE_UPDATE, batch, ctx, True, [])
         batch = self._fire(DynamicsStage.BEFORE_COMPUTE, batch, ctx, True, [])
         batch = self.evaluate(batch)
@@ -440,7 +492,8 @@ class FusedStage(eqx.Module):
         status = batch.status
         # finite or failed: checked before any criterion, so a failed system never converges
         running = batch.system_mask & (status != self.exit_status)
-        status, info = _fail(self, batch, info, status, running, jnp.sum(stage_steps, axis=-1))
+        steps = jnp.sum(stage_steps, axis=-1)
+        status, info = _fail(self, batch, info, status, running, steps, moved)
         batch = batch.replace(info=info)  # criteria (custom_op) see this step's counts
         energy_change = jnp.abs(batch.energy - info["prev_energy"])
         still = [m & (status == code) for m, (code, _) in zip(masks, self.sub_stages, strict=True)]
@@ -708,12 +761,12 @@ def _run_loop(
     return run_steps(fused, batch, limit, 0, max_steps)[0]
 
 
-def _fail(fused, batch, info, status, running, steps):
+def _fail(fused, batch, info, status, running, steps, displacement=None):
     """Move the ``running`` systems whose :meth:`FusedStage.failures` code is set out of the run.
 
     Returns the new status and info (``exit_reason`` FAILED, ``failure``, ``failure_step``).
     """
-    code = jnp.where(running, fused.failures(batch), 0)
+    code = jnp.where(running, fused.failures(batch, displacement), 0)
     failed = code != 0
     info = dict(info)
     info["exit_reason"] = jnp.where(failed, int(ExitReason.FAILED), info["exit_reason"])

@@ -317,7 +317,7 @@ class EnergyDriftMonitorHook(Hook):
         jax.debug.callback(_warn_failed, type(self).__name__, bad, batch.system_id, ctx.step)
         batch = batch.replace(info=info)
         if self.action == "fail":
-            batch = fail_systems(batch, bad, ctx.exit_status)
+            batch = fail_systems(batch, bad, ctx.exit_status, Failure.ENERGY_DRIFT)
         return batch
 
 

@@ -32,7 +32,9 @@ __all__ = ["RunStats", "StageExitHook", "StageExitWriter", "run_inflight", "writ
 # bookkeeping of the run loop that outputs carry (when the engine keeps it)
 _INFO_OUT = ("exit_reason", "stage_steps", "failure", "failure_step")
 
-_ATOM_FIELDS = ("positions", "velocities", "masses", "atomic_numbers", "forces")
+# what fused.init may change, per atom and per system (FreezeAtomsHook adds to ``fixed``)
+_ATOM_FIELDS = ("positions", "velocities", "masses", "atomic_numbers", "forces", "fixed")
+_SYSTEM_FIELDS = ("cell", "energy", "stress", "status", "fix_com")
 
 
 @dataclass
@@ -117,7 +119,7 @@ def _admit(fused, batch: Batch, new: jax.Array) -> Batch:
         return jnp.where(new.reshape((-1,) + (1,) * (jnp.ndim(a) - 1)), a, b)
 
     changes = {k: pick_atoms(getattr(fresh, k), getattr(batch, k)) for k in _ATOM_FIELDS}
-    for k in ("cell", "energy", "stress", "status"):
+    for k in _SYSTEM_FIELDS:
         changes[k] = pick_systems(getattr(fresh, k), getattr(batch, k))
     changes["stage_state"] = jax.tree_util.tree_map(
         pick_systems, fresh.stage_state, batch.stage_state
@@ -216,7 +218,7 @@ def _repack(host: Batch, keep: np.ndarray) -> tuple[dict, int]:
         arrays["system_idx"][dst] = slot
         arrays["atom_mask"][dst] = True
         offset += len(sel)
-    for k in ("cell", "pbc", "energy", "stress", "status", "system_id"):
+    for k in ("cell", "pbc", "energy", "stress", "status", "system_id", "fix_com", "virtual_cell"):
         arrays[k][keep] = np.asarray(getattr(host, k))[keep]
     arrays["system_mask"][keep] = True
     return arrays, offset
@@ -351,9 +353,13 @@ def run_streaming(fused, batch, n_steps, refill_frequency, sinks, resume, stats=
     stats = RunStats() if stats is None else stats
     t0 = time.perf_counter()
     cache0 = _CHUNK._cache_size()
-    if not resume:
+    # written already: empty slots and, when resuming, systems that had left before; a system
+    # that fails at the first evaluation leaves at once and must still be written
+    written = ~np.asarray(batch.system_mask)
+    if resume:
+        written = written | (np.asarray(batch.status) == fused.exit_status)
+    else:
         batch = _initialize(fused, batch)
-    written = ~np.asarray(batch.system_mask) | (np.asarray(batch.status) == fused.exit_status)
     step = 0
     limit = np.iinfo(np.int32).max if n_steps is None else int(n_steps)
     while step < limit:

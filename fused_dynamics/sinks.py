@@ -511,17 +511,26 @@ class ZarrSink:
         for name, values in atoms_rec.items():
             self._append(name, values, self.atom_count)
         steps = [a.info.get("stage_steps") for a in atoms_list]
-        if all(s is not None for s in steps):
-            steps = np.asarray(steps, np.int64)
+        known = [s for s in steps if s is not None]
+        width = len(known[0]) if known else None
+        if "stage_steps" in self.root:
+            width = self.root["stage_steps"].shape[1]
+        if width is not None:
+            # one row per system, always (-1 where unknown: a rejected system never ran), so the
+            # rows stay aligned with the systems
+            rows = np.full((len(atoms_list), width), -1, np.int64)
+            for k, s in enumerate(steps):
+                if s is not None and len(s) == width:
+                    rows[k] = np.asarray(s, np.int64)
             if "stage_steps" not in self.root:
                 self.root.create_array(
                     "stage_steps",
-                    shape=(self.count, steps.shape[1]),
-                    chunks=(256, steps.shape[1]),
+                    shape=(self.count, width),
+                    chunks=(256, width),
                     dtype="int64",
                     fill_value=-1,
                 )
-            self._append("stage_steps", steps, self.count)
+            self._append("stage_steps", rows, self.count)
         for name, values in rec.items():
             self._append(name, values, self.count)
         # commit last: a reader trusts only the systems counted here

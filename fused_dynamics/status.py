@@ -30,8 +30,14 @@ class Failure(enum.IntFlag):
 
     ``ENERGY``, ``FORCES``, ``STRESS`` (where computed), ``POSITIONS``, ``VELOCITIES``, ``CELL``:
     the quantity became non-finite. ``MAX_FORCE``: the largest atomic force exceeded the run's
-    bound (``FusedStage(max_force=...)``). ``NEIGHBOR_OVERFLOW``: the system's pairs did not fit
-    the neighbor list and could not be regrown.
+    bound (``FusedStage(max_force=...)``). ``TEMPERATURE``: in a dynamics sub-stage, the kinetic
+    temperature exceeded the run's bound (``FusedStage(max_temperature=...)``): the dynamics blew
+    up even if every number is still finite. ``NEIGHBOR_OVERFLOW``: the system's pairs did not fit
+    the neighbor list and could not be regrown. ``CELL_TOO_SMALL``: the cell needs more periodic
+    images than the model's static range (a cell that shrank during the run).
+    ``DISPLACEMENT``: in a dynamics sub-stage, an atom moved farther in one step than the run's
+    bound (``FusedStage(max_displacement=...)``). ``ENERGY_DRIFT``: an
+    ``EnergyDriftMonitorHook(action="fail")`` saw the conserved quantity drift past its threshold.
     """
 
     NONE = 0
@@ -43,6 +49,10 @@ class Failure(enum.IntFlag):
     CELL = 32
     MAX_FORCE = 64
     NEIGHBOR_OVERFLOW = 128
+    TEMPERATURE = 256
+    CELL_TOO_SMALL = 512
+    ENERGY_DRIFT = 1024
+    DISPLACEMENT = 2048
 
 
 def exit_reason_name(code: int) -> str:

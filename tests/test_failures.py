@@ -64,6 +64,58 @@ def test_nan_positions_are_never_a_finite_energy():
     assert np.isfinite(out.energy[1]) and np.all(np.isfinite(out.forces[13:]))
 
 
+def test_blown_up_cluster_with_finite_numbers_is_failed_not_zero_energy():
+    """A cluster integrated with an absurd time step flies apart: every number stays finite and
+    its energy is a plausible 0 eV, but its atoms move tens of Å per step: it blew up. The
+    default bounds fail it; the cluster next to it with a sane time step is untouched."""
+    systems = [_cluster(0), _cluster(1)]
+    for a in systems:
+        a.set_velocities(np.random.default_rng(1).normal(0, 0.01, (len(a), 3)))
+    dt = jnp.asarray([2.0, 5e4])
+    out = fd.NVE(LJ, dt=dt, n_steps=20).run(fd.Batch.from_atoms(systems))
+    assert int(out.info["exit_reason"][1]) == FAILED
+    assert fd.Failure.DISPLACEMENT in fd.Failure(int(out.info["failure"][1]))
+    assert int(out.info["exit_reason"][0]) == fd.ExitReason.BUDGET
+    alone = fd.NVE(LJ, dt=2.0, n_steps=20).run(fd.Batch.from_atoms(systems[:1]))
+    np.testing.assert_array_equal(out.positions[:13], alone.positions[:13])
+
+
+def test_cell_shrinking_under_pressure_fails_that_system_not_the_run():
+    """NPT at 800 GPa collapses one crystal below the model's static image range: it fails with
+    cell_too_small (or an earlier fault of the collapse); its neighbours run to their budget."""
+    systems = [_crystal(0), _crystal(1), _crystal(2)]
+    npt = fd.NPT(
+        LJ,
+        dt=2.0,
+        temperature=40.0,
+        pressure=jnp.asarray([0.0, 5.0, 0.0]),
+        tdamp=50.0,
+        pdamp=200.0,
+        n_steps=300,
+    )
+    out = npt.run(fd.Batch.from_atoms(systems))
+    assert np.asarray(out.info["exit_reason"]).tolist() == [2, FAILED, 2]
+    assert int(out.info["failure"][1]) != 0
+
+
+def test_streaming_run_writes_systems_that_fail_at_the_first_evaluation():
+    sink = fd.HostMemory()
+    systems = [_cluster(0), _overlapping(), _cluster(2)]
+    fd.FIRE(LJ, n_steps=5).run(fd.Batch.from_atoms(systems), sinks=[sink], refill_frequency=2)
+    got = {a.info["system_id"]: a.info["exit_reason_name"] for a in sink.atoms}
+    assert got == {0: "budget", 1: "failed", 2: "budget"}
+
+
+def test_energy_drift_failure_is_named():
+    hook = fd.EnergyDriftMonitorHook(threshold=1e-12, action="fail")
+    fused = fd.FusedStage([(0, fd.NVE(LJ, dt=5.0, n_steps=30))], hooks=(hook,))
+    a = _cluster(0)
+    a.set_velocities(np.random.default_rng(0).normal(0, 0.02, (len(a), 3)))
+    out = fused.run(fd.Batch.from_atoms([a])).to_atoms()[0]
+    assert out.info["exit_reason_name"] == "failed"
+    assert out.info["failure"] == "energy_drift"
+
+
 @pytest.mark.parametrize("stage", ["NVE", "NVTLangevin"])
 def test_explosion_mid_run_fails_with_its_step(stage):
     """A time step far too large for one system (per-system dt) blows it up; the run names it."""

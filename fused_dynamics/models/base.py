@@ -55,6 +55,12 @@ class Model(eqx.Module):
             system.
         """
 
+    def system_faults(self, batch: Batch) -> jax.Array:
+        """Per-system :class:`~fused_dynamics.Failure` bits for what the model could not
+        evaluate correctly, shape (S,) int32 (default: none). Traced; the run fails those
+        systems instead of using their (NaN) results."""
+        return jnp.zeros(batch.max_systems, jnp.int32)
+
     def prepare(self, batch: Batch) -> Model:
         """Resolve host-side static choices for ``batch`` (default: none). Called eagerly."""
         return self
@@ -123,11 +129,7 @@ def _non_finite_input_is_nan(batch: Batch, out: ModelOutput) -> ModelOutput:
     A model may drop a pair whose distance is NaN (``r2 < cutoff**2`` is False) and return a
     plausible 0 eV for an exploded structure; no result may be computed from non-finite input.
     """
-    atom_bad = batch.atom_mask & ~jnp.all(jnp.isfinite(batch.positions), axis=-1)
-    bad = batch.system_mask & (
-        (batch.sum_atoms(atom_bad.astype(jnp.int32)) > 0)
-        | ~jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))
-    )
+    bad = batch.system_mask & ~batch.finite_systems()
     atom = batch.to_atoms_axis(bad)[:, None]
     return ModelOutput(
         energy=jnp.where(bad, jnp.nan, out.energy),

@@ -385,7 +385,7 @@ class NeighborList(eqx.Module):
         # a system with non-finite positions or cell has failed: it has no pairs and never asks
         # for a rebuild (it would ask on every step)
         moved_far = ~(2.0 * max_d + self.cutoff * strain <= self.skin)
-        return batch.system_mask & finite_systems(batch) & moved_far
+        return batch.system_mask & batch.finite_systems() & moved_far
 
     def must_rebuild(self, batch) -> jax.Array:
         """Whether :meth:`update` would rebuild: stale, re-packed, or moved (scalar bool)."""
@@ -425,13 +425,6 @@ class NeighborList(eqx.Module):
         """System slot of each pair, shape (P,) (``num_systems`` for unused slots)."""
         sys = jnp.take(system_idx, self.senders, mode="fill", fill_value=num_systems)
         return jnp.where(self.mask, sys, num_systems)
-
-
-def finite_systems(batch) -> jax.Array:
-    """Whether each system's positions and cell are finite, shape (S,) bool."""
-    atom_bad = batch.atom_mask & ~jnp.all(jnp.isfinite(batch.positions), axis=-1)
-    bad_atoms = segment.segment_sum(atom_bad.astype(jnp.int32), batch.system_idx, batch.max_systems)
-    return (bad_atoms == 0) & jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))
 
 
 # ============================================================================ hook
@@ -485,8 +478,8 @@ def _geometry_inputs(batch) -> dict:
         "system_idx": batch.system_idx,
         # atoms of a system with non-finite positions or cell are left out of the build: they
         # would crowd one bin and overflow the list for everyone
-        "atom_mask": batch.atom_mask & segment.to_atoms(finite_systems(batch), batch.system_idx),
-        "system_mask": batch.system_mask & finite_systems(batch),
+        "atom_mask": batch.atom_mask & batch.to_atoms_axis(batch.finite_systems()),
+        "system_mask": batch.system_mask & batch.finite_systems(),
     }
 
 

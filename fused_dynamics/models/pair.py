@@ -40,6 +40,7 @@ from ase.data import chemical_symbols as _SYMBOLS
 
 from .. import segment
 from ..batch import Batch
+from ..status import Failure
 from ..validation import (
     Rule,
     check_bool,
@@ -225,8 +226,9 @@ class PairPotential(Model):
     images : tuple of 3 int, optional
         Static number of periodic image shifts to include along each lattice vector. ``None``
         means: computed from the cells when called on a concrete batch, else ``(1, 1, 1)``. A cell
-        too small for the images given is caught at run time with an error that names the system
-        (never silently wrong forces). Dense path only.
+        too small for the images given gets NaN energy, forces and stress, and a run fails that
+        system with ``Failure.CELL_TOO_SMALL`` (never silently wrong forces, never a run-wide
+        error). Dense path only.
     skin : float, optional
         Verlet skin in Å. When given, the energy is summed over ``batch.neighbors`` (a
         :class:`~fused_dynamics.models.neighbors.NeighborList`, which the batch must then carry)
@@ -701,23 +703,8 @@ class PairPotential(Model):
 
     def _dense_energy(self, batch: Batch, species: jax.Array | None = None) -> jax.Array:
         n_img = (1, 1, 1) if self.images is None else tuple(self.images)
-        need = required_images(batch.cell, batch.pbc, self.cutoff)
-        # a non-finite cell is that system's failure (reported by the run), not a run-wide error
-        finite = jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))
-        too_small = batch.system_mask & finite & jnp.any(need > jnp.asarray(n_img), axis=-1)
-        # One static message per slot, so that the error names the offending system.
-        cell = eqx.branched_error_if(
-            batch.cell,
-            jnp.any(too_small),
-            jnp.argmax(too_small),
-            [
-                f"System slot {s}: its periodic cell is too small for cutoff {self.cutoff} with "
-                f"the static image range {n_img} of {type(self).__name__}: build the model with "
-                "images=... large enough (see fused_dynamics.models.required_images) or call "
-                "model.with_images(batch)."
-                for s in range(batch.max_systems)
-            ],
-        )
+        too_small = self._cell_too_small(batch)
+        cell = batch.cell
         shifts = jnp.asarray(
             list(itertools.product(*(range(-n, n + 1) for n in n_img))), dtype=batch.dtype
         )  # (K, 3) in units of the lattice vectors
@@ -755,7 +742,34 @@ class PairPotential(Model):
             phi = self.pair_energy(r, species[:, None, None], species[j][:, :, None])
         phi = jnp.where(ok, phi, 0.0)
         atom_energy = 0.5 * jnp.sum(phi, axis=(1, 2))
-        return batch.sum_atoms(atom_energy)
+        energy = batch.sum_atoms(atom_energy)
+        # A cell too small for the static image range would miss pairs: that system's energy,
+        # forces and stress are NaN (a factor and a term in its own coordinates, so that the
+        # derivatives are NaN too), and a run reports it FAILED with Failure.CELL_TOO_SMALL.
+        # Other systems are untouched: it is not a run-wide error.
+        coords = jnp.where(batch.atom_mask, jnp.sum(batch.positions, axis=-1), 0.0)
+        poison = jnp.where(too_small, jnp.nan, 0.0)
+        return energy * jnp.where(too_small, jnp.nan, 1.0) + poison * batch.sum_atoms(coords)
+
+    def _cell_too_small(self, batch: Batch) -> jax.Array:
+        """Systems whose cell needs more periodic images than the static range, (S,) bool."""
+        n_img = (1, 1, 1) if self.images is None else tuple(self.images)
+        need = required_images(batch.cell, batch.pbc, self.cutoff)
+        finite = jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))  # non-finite: its own failure
+        return batch.system_mask & finite & jnp.any(need > jnp.asarray(n_img), axis=-1)
+
+    def system_faults(self, batch: Batch) -> jax.Array:
+        """``Failure.CELL_TOO_SMALL`` for systems the dense path cannot evaluate, (S,) int32.
+
+        The image range is static (``images``, or fitted by :meth:`with_images` to the cells a
+        run starts from); a cell that shrinks below it during a run (a barostat, a cell filter)
+        fails that system instead of missing pairs. Build the model with ``images=...`` large
+        enough for the smallest cell expected (:func:`required_images`).
+        """
+        if self.skin is not None:
+            return jnp.zeros(batch.max_systems, jnp.int32)
+        bad = self._cell_too_small(batch)
+        return jnp.where(bad, int(Failure.CELL_TOO_SMALL), 0).astype(jnp.int32)
 
 
 def _switch_r2(r: jax.Array, cutoff: float, onset: float) -> jax.Array:
