@@ -441,3 +441,25 @@ def test_config_keys_of_outputs_are_checked(tmp_path):
     assert res.exit_code == 2 and "--overwrite" in res.output and saved.read_text() == "mine"
     res = CliRunner().invoke(app, ["demo", "--save-config", str(saved), "--overwrite"])
     assert res.exit_code == 0 and "structures" in saved.read_text()
+
+
+def test_zarr_rows_stay_aligned_when_a_rejected_system_has_no_step_counts(tmp_path):
+    """A rejected system never ran (no stage_steps); written after systems that did, its row
+    must still be there so that every later system reads its own counts."""
+    path = tmp_path / "out.zarr"
+    ran = result_frame(1)
+    ran.info["stage_steps"] = [12, 20]
+    rejected = result_frame(2, fd.ExitReason.REJECTED)
+    rejected.info.pop("stage_steps", None)
+    late = result_frame(3)
+    late.info["stage_steps"] = [7, 20]
+    sink = fd.ZarrSink(path)
+    sink.write([ran])
+    sink.write([rejected])  # the last write of a run: read back before anything follows
+    assert [a.info["system_id"] for a in fd.read_zarr(path)] == [1, 2]
+    sink.write([late])
+    back = fd.read_zarr(path)
+    assert [a.info["system_id"] for a in back] == [1, 2, 3]
+    assert back[0].info["stage_steps"] == [12, 20]
+    assert "stage_steps" not in back[1].info
+    assert back[2].info["stage_steps"] == [7, 20]
