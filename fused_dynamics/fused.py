@@ -201,19 +201,31 @@ class FusedStage(eqx.Module):
         """Append a sub-stage (or every sub-stage of another fused stage) with the next codes."""
         extra = [s for _, s in other.sub_stages] if isinstance(other, FusedStage) else [other]
         stages = [s for _, s in self.sub_stages] + extra
-        return FusedStage(
-            list(enumerate(stages)),
+        fused = isinstance(other, FusedStage)
+        return self._with(
+            sub_stages=list(enumerate(stages)),
+            exit_status=-1,  # after the new last code
+            hooks=self.hooks + (other.hooks if fused else ()),
+            always_stress=self.always_stress or (fused and other.always_stress),
+        )
+
+    def _with(self, **changes) -> FusedStage:
+        """A new fused stage with this one's options except ``changes`` (checked anew)."""
+        options = dict(
+            sub_stages=self.sub_stages,
             entry_status=self.entry_status,
+            exit_status=self.exit_status,
             compile_step=self.compile_step,
             compile_kwargs=self.compile_kwargs,
             init_fn=self.init_fn,
-            hooks=self.hooks + (other.hooks if isinstance(other, FusedStage) else ()),
+            hooks=self.hooks,
             max_force=self.max_force,
             max_temperature=self.max_temperature,
             max_displacement=self.max_displacement,
-            always_stress=self.always_stress
-            or (isinstance(other, FusedStage) and other.always_stress),
+            always_stress=self.always_stress,
         )
+        options.update(changes)
+        return FusedStage(options.pop("sub_stages"), **options)
 
     def __repr__(self) -> str:
         lines = [f"FusedStage(entry_status={self.entry_status}, exit_status={self.exit_status},"]
@@ -231,19 +243,7 @@ class FusedStage(eqx.Module):
         """
         if stage is not None:
             hook = dataclasses.replace(hook, stage=stage)
-        return FusedStage(
-            self.sub_stages,
-            entry_status=self.entry_status,
-            exit_status=self.exit_status,
-            compile_step=self.compile_step,
-            compile_kwargs=self.compile_kwargs,
-            init_fn=self.init_fn,
-            hooks=self.hooks + (hook,),
-            max_force=self.max_force,
-            max_temperature=self.max_temperature,
-            max_displacement=self.max_displacement,
-            always_stress=self.always_stress,
-        )
+        return self._with(hooks=self.hooks + (hook,))
 
     @property
     def compile_kwargs(self) -> dict:
@@ -330,19 +330,7 @@ class FusedStage(eqx.Module):
 
     def with_stress(self) -> FusedStage:
         """A copy that computes the stress at every evaluation (``always_stress=True``)."""
-        return FusedStage(
-            self.sub_stages,
-            entry_status=self.entry_status,
-            exit_status=self.exit_status,
-            compile_step=self.compile_step,
-            compile_kwargs=self.compile_kwargs,
-            init_fn=self.init_fn,
-            hooks=self.hooks,
-            max_force=self.max_force,
-            max_temperature=self.max_temperature,
-            max_displacement=self.max_displacement,
-            always_stress=True,
-        )
+        return self._with(always_stress=True)
 
     @property
     def needs_stress(self) -> bool:

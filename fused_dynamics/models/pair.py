@@ -711,16 +711,17 @@ class PairPotential(Model):
 
         index, valid = batch.system_view_index()  # (S, A)
         sys = jnp.minimum(batch.system_idx, batch.max_systems - 1)
-        j = index[sys]  # (N, A)
         pair_ok = valid[sys] & batch.atom_mask[:, None]
+        # An invalid pair's partner index points anywhere, possibly into another system: it is
+        # redirected to the atom itself before the gather, so another system's NaN can never
+        # reach this system's arithmetic (not even as 0 * NaN in the backward pass).
+        atoms = jnp.arange(batch.max_atoms, dtype=index.dtype)[:, None]
+        j = jnp.where(pair_ok, index[sys], atoms)  # (N, A)
         inv_cell = jnp.linalg.inv(cell)
         pbc = batch.pbc[sys]  # (N, 3)
-        # Gathered rows outside the atom's own system (j of an invalid pair points anywhere) are
-        # replaced by the atom's own position before any arithmetic: another system's NaN would
-        # otherwise reach this system through the backward pass (0 * NaN = NaN).
-        own = batch.positions[:, None]
-        pos_j = jnp.where(pair_ok[..., None], batch.positions[j], own)
-        ds = jnp.einsum("nai,nij->naj", pos_j - own, inv_cell[sys])
+        ds = jnp.einsum(
+            "nai,nij->naj", batch.positions[j] - batch.positions[:, None], inv_cell[sys]
+        )
         ds = ds - jnp.where(pbc[:, None], jnp.round(ds), 0.0)
         # shifts along non-periodic directions are not images
         shift_ok = jnp.all((shifts[None] == 0) | pbc[:, None], axis=-1)  # (N, K)
