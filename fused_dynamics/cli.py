@@ -48,6 +48,7 @@ from typing import Annotated, Any
 import typer
 
 from .config import ConfigError, RunConfig, load_config
+from .status import exit_reason_name
 
 __all__ = [
     "app",
@@ -975,7 +976,7 @@ def summarize_output(path: str | os.PathLike) -> dict:
     reasons: dict[str, int] = {}
     for a in frames:
         r = a.info.get("exit_reason")
-        name = "unknown" if r is None else a.info.get("exit_reason_name") or _reason_name(r)
+        name = "unknown" if r is None else a.info.get("exit_reason_name") or exit_reason_name(r)
         reasons[name] = reasons.get(name, 0) + 1
     sizes = [len(a) for a in frames]
     e_atom, fmax, temps, steps = [], [], [], []
@@ -1031,15 +1032,6 @@ def summarize_output(path: str | os.PathLike) -> dict:
     if status:
         out["statuses"] = {str(s): status.count(s) for s in sorted(set(status))}
     return out
-
-
-def _reason_name(code) -> str:
-    from .hooks import ExitReason
-
-    try:
-        return ExitReason(int(code)).name.lower()
-    except ValueError:
-        return f"unknown_{code}"
 
 
 def _format_summary(s: dict) -> str:

@@ -31,6 +31,8 @@ import os
 import ase
 import numpy as np
 
+from .status import LEGEND, exit_reason_name
+
 __all__ = [
     "ENGINE_ARRAY_KEYS",
     "ENGINE_INFO_KEYS",
@@ -107,9 +109,7 @@ def package_version() -> str:
 
 def exit_reason_legend() -> dict[int, str]:
     """``{code: name}`` of :class:`~fused_dynamics.ExitReason`, names in lower case."""
-    from .hooks import ExitReason
-
-    return {int(r): r.name.lower() for r in ExitReason}
+    return dict(LEGEND["exit_reason"])
 
 
 def name_exit_reason(atoms: ase.Atoms) -> ase.Atoms:
@@ -120,7 +120,7 @@ def name_exit_reason(atoms: ase.Atoms) -> ase.Atoms:
     """
     code = atoms.info.get("exit_reason")
     if code is not None:
-        atoms.info["exit_reason_name"] = exit_reason_legend().get(int(code), f"unknown_{code}")
+        atoms.info["exit_reason_name"] = exit_reason_name(code)
     return atoms
 
 

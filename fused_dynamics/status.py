@@ -60,7 +60,7 @@ def exit_reason_name(code: int) -> str:
     try:
         return ExitReason(int(code)).name.lower()
     except ValueError:
-        return f"unknown({int(code)})"
+        return f"unknown_{int(code)}"
 
 
 def failure_names(code: int) -> str:
