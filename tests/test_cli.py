@@ -239,7 +239,8 @@ def test_interrupts_wait_for_the_write_in_progress(tmp_path):
     import signal
 
     import fused_dynamics as fd
-    from fused_dynamics.cli import _INTERRUPTS, TeeSink
+    from fused_dynamics.interrupts import INTERRUPTS
+    from fused_dynamics.run_outputs import TeeSink
 
     class Slow(fd.HostMemory):
         def write(self, frames):
@@ -252,7 +253,7 @@ def test_interrupts_wait_for_the_write_in_progress(tmp_path):
     frames = make_structures(2, max_size=4)
     for i, a in enumerate(frames):
         a.info["system_id"] = i
-    with _INTERRUPTS.installed_handlers():
+    with INTERRUPTS.installed_handlers():
         with pytest.raises(KeyboardInterrupt) as info:
             tee.write(frames)
     assert info.value.args == (signal.SIGTERM,)
@@ -518,3 +519,95 @@ def test_an_unavailable_device_exits_2(tmp_path):
     proc = subprocess.run([*CLI, "run", str(cfg)], capture_output=True, text=True, env=_env())
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "device" in proc.stderr and "tpu" in proc.stderr
+
+
+# the application layer, lowest first: a module imports only lower ones (and the engine)
+APP_LAYERS = {
+    "structures": 0,
+    "interrupts": 0,
+    "config": 1,
+    "inspection": 1,
+    "run_outputs": 2,
+    "application": 3,
+    "demo_job": 4,
+    "cli": 5,
+    "demo": 6,
+}
+
+
+def _package_imports():
+    """``{module: (set of fused_dynamics modules it imports, [(line, target) not at top])}``."""
+    import ast
+    from pathlib import Path
+
+    import fused_dynamics
+
+    root = Path(fused_dynamics.__file__).parent
+    files = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges, nested = set(), []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                mod = (
+                    (base + "." + node.module if node.module else base)
+                    if node.level
+                    else node.module
+                )
+                targets = [
+                    f"{mod}.{a.name}" if f"{mod}.{a.name}" in files else mod for a in node.names
+                ]
+            else:
+                continue
+            targets = [t for t in targets if t in files and t != name]
+            edges.update(targets)
+            if targets and id(node) not in top:
+                nested.append((node.lineno, targets))
+        graph[name] = (edges, nested)
+    return graph
+
+
+def _layer(module):
+    parts = module.split(".")
+    return APP_LAYERS.get(parts[1]) if len(parts) > 1 else None
+
+
+def test_application_layer_imports_only_downwards_at_module_top():
+    """config -> structures; application -> config, outputs; cli -> application; demo -> cli.
+
+    No cycle, no function-level import between package modules, and the engine never imports
+    the application layer.
+    """
+    graph = _package_imports()
+    for module, (edges, nested) in graph.items():
+        layer = _layer(module)
+        if layer is None:  # the engine
+            assert not [t for t in edges if _layer(t) is not None], module
+            continue
+        assert not nested, f"{module}: function-level imports {nested}"
+        for target in edges:
+            other = _layer(target)
+            same_package = target.split(".")[1] == module.split(".")[1]
+            assert other is None or other < layer or same_package, f"{module} imports {target}"
+    # no cycle within the configuration package either
+    config = {
+        m: {t for t in e if t.startswith("fused_dynamics.config.")}
+        for m, (e, _) in graph.items()
+        if m.startswith("fused_dynamics.config.")
+    }
+    done: set = set()
+    while config.keys() - done:
+        free = [m for m in config.keys() - done if config[m] <= done]
+        assert free, f"import cycle among {sorted(config.keys() - done)}"
+        done.update(free)

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 import fused_dynamics as fd
-from fused_dynamics.cli import _to_toml, app
+from fused_dynamics.cli import app
 from fused_dynamics.config import (
     ConfigError,
     build_model,
@@ -24,6 +24,7 @@ from fused_dynamics.config import (
     load_config,
     validate_config,
 )
+from fused_dynamics.config.writing import _to_toml
 
 AR = {"sigma": 3.405, "epsilon": 0.0104}
 KR = {"sigma": 3.65, "epsilon": 0.014}

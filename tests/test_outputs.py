@@ -21,14 +21,8 @@ from ase.cluster import Icosahedron
 from typer.testing import CliRunner
 
 import fused_dynamics as fd
-from fused_dynamics.cli import (
-    _describe_problems,
-    _problems,
-    _with_stress,
-    app,
-    plan_outputs,
-    summarize_output,
-)
+from fused_dynamics.application import _describe_problems, _problems, _with_stress
+from fused_dynamics.cli import app, plan_outputs, summarize_output
 from fused_dynamics.config import ConfigError, build_fused, validate_config
 from fused_dynamics.provenance import copy_provenance, exit_reason_legend
 from fused_dynamics.sinks import (

@@ -1,0 +1,336 @@
+"""The application service: a validated configuration turned into a run.
+
+:func:`execute` loads and checks the structures, plans the outputs (before anything
+compiles), configures JAX, builds the model, the stages and the
+:class:`~fused_dynamics.FusedStage` (:mod:`fused_dynamics.config`), the sampler and the sinks,
+runs inflight, and writes the summary, the plot and the record. It knows nothing of a command
+line: :mod:`fused_dynamics.cli` parses arguments, installs the signal handlers and maps
+errors to exit codes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from . import inflight
+from .config import (
+    ConfigError,
+    RunConfig,
+    build_fused,
+    build_model,
+    build_stages,
+    check_structure_species,
+    load_structures_with_sources,
+)
+from .inflight import RunStats, StageExitWriter
+from .plotting import RecorderHook, RecordingSink, RunRecord, plot_run, summary_table
+from .run_outputs import TeeSink, open_sink, plan_outputs
+from .sampling import SizeAwareSampler
+from .status import ExitReason
+
+__all__ = ["RunResult", "configure_jax", "execute"]
+
+
+@dataclass
+class RunResult:
+    """What :func:`execute` did.
+
+    ``problems`` lists the systems that need attention: ``{"system_id", "kind"}`` with kind
+    ``"failed"`` (plus ``failure`` names and ``failure_step``), ``"rejected"`` or
+    ``"non-finite"`` (written with non-finite values but not marked failed).
+    """
+
+    config: RunConfig
+    outputs: list[Path]
+    plot: Path | None
+    wall_time: float
+    run_time: float
+    cpu_time: float
+    stats: Any = None
+    record: Any = None
+    extra: dict = field(default_factory=dict)
+    problems: list = field(default_factory=list)
+    skipped: int = 0
+
+
+def configure_jax(cfg: RunConfig) -> None:
+    """Apply ``dtype`` and ``device`` before any array is made; ConfigError if impossible."""
+    if cfg.dtype == "float64":  # float32 needs nothing: the batch is built with that dtype
+        jax.config.update("jax_enable_x64", True)
+    if cfg.device != "auto":
+        platform = {"gpu": "cuda", "cuda": "cuda", "rocm": "rocm", "tpu": "tpu", "cpu": "cpu"}[
+            cfg.device
+        ]
+        try:
+            jax.config.update("jax_platforms", platform)
+            devices = jax.devices()
+        except Exception as exc:  # RuntimeError, or an AssertionError inside jax
+            why = f" ({type(exc).__name__}: {exc})" if str(exc) else ""
+            raise ConfigError(
+                f"device: {cfg.device!r} is not available here{why}; use 'auto' or 'cpu'"
+            ) from None
+        if devices[0].platform not in (platform, "gpu" if platform in ("cuda", "rocm") else ""):
+            raise ConfigError(
+                f"device: {cfg.device!r} was asked for but JAX runs on "
+                f"{devices[0].platform!r} (already initialised); use 'auto' or run in a new "
+                "process"
+            )
+
+
+def _problems(record) -> list[dict]:
+    """The systems of a run that need attention, from its record of what was written."""
+    out = []
+    for r in record.left:
+        reason = r["exit_reason"]
+        if reason == ExitReason.FAILED:
+            out.append(
+                {
+                    "system_id": r["system_id"],
+                    "kind": "failed",
+                    "failure": r.get("failure") or "unknown",
+                    "failure_step": r.get("failure_step"),
+                }
+            )
+        elif reason == ExitReason.REJECTED:
+            out.append({"system_id": r["system_id"], "kind": "rejected", "why": r.get("why")})
+        elif not r.get("finite", True):
+            out.append({"system_id": r["system_id"], "kind": "non-finite"})
+    return out
+
+
+def _describe_problems(problems: list[dict], limit: int = 20) -> list[str]:
+    """Lines of a warning: how many failed / were rejected / are non-finite, and which."""
+    lines = []
+    for kind, what in (
+        ("failed", "FAILED (left the run with exit_reason failed)"),
+        ("non-finite", "written with NaN or inf values but not marked failed"),
+        ("rejected", "REJECTED (could not be run)"),
+    ):
+        rows = [p for p in problems if p["kind"] == kind]
+        if not rows:
+            continue
+        lines.append(f"warning: {len(rows)} system(s) {what}:")
+        for p in rows[:limit]:
+            if kind == "failed":
+                step = p["failure_step"]
+                at = f" at step {step}" if step is not None and step >= 0 else ""
+                lines.append(f"  system {p['system_id']}: {p['failure']}{at}")
+            elif kind == "rejected":
+                lines.append(f"  system {p['system_id']}: {p['why']}")
+            else:
+                lines.append(f"  system {p['system_id']}")
+        if len(rows) > limit:
+            lines.append(f"  ... and {len(rows) - limit} more (fused-dynamics inspect lists them)")
+    return lines
+
+
+def execute(
+    cfg: RunConfig,
+    base_dir: str | os.PathLike = ".",
+    *,
+    echo=print,
+    warn=None,
+    title: str | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> RunResult:
+    """Run a validated configuration: build, run inflight, write outputs, summary and plot.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+    base_dir : path
+        Relative paths of the configuration are resolved against it.
+    echo, warn : callable
+        Where progress lines (stdout) and warnings (default: stderr) go.
+    title : str, optional
+    overwrite : bool
+        Replace existing output and report *files* (never a directory).
+    resume : bool
+        Continue existing outputs: the systems they hold (by ``system_id``) are skipped and the
+        rest appended; existing report files are kept.
+
+    Raises
+    ------
+    ConfigError
+        For problems found before the run starts (an output path that exists or cannot be
+        written, unreadable structures, a model or stage that rejects its parameters, a
+        capacity no structure fits, an unavailable device); anything else comes from the run.
+    """
+    t0, c0 = time.perf_counter(), time.process_time()
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    base_dir = Path(base_dir)
+    # the inputs first: a structure the model has no parameters for touches no output path
+    structures, sources = load_structures_with_sources(cfg, base_dir)
+    species_line = check_structure_species(cfg, structures, sources)
+    plans = plan_outputs(
+        cfg, base_dir, overwrite=overwrite, resume=resume, inputs=cfg.structures.files(base_dir)
+    )
+    configure_jax(cfg)
+    model = build_model(cfg)
+    stages = build_stages(cfg, model)
+    cap = cfg.capacity
+    try:
+        sampler = SizeAwareSampler(
+            structures,
+            max_atoms=cap.max_atoms,
+            max_systems=cap.max_systems,
+            max_atoms_per_system=cap.max_atoms_per_system,
+            sort_by_size=cap.sort_by_size,
+            id_key=cfg.structures.id_key,
+            sources=sources,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"structures/capacity: {exc}") from exc
+    if len(sampler) == 0:
+        raise ConfigError(
+            f"capacity: no structure fits max_atoms={cap.max_atoms} (the largest has "
+            f"{int(sampler.sizes.max())} atoms); raise capacity.max_atoms"
+        )
+    outputs = [p for p in plans if p.key.startswith("outputs")]
+    stage_plans = [p for p in plans if p.stage is not None]
+    skipped = 0
+    if resume:
+        done = set.intersection(*(p.written for p in outputs))
+        skipped = sampler.skip(done)
+        foreign = sorted(set.union(*(p.written for p in outputs)) - set(sampler.ids.tolist()))
+        if foreign:
+            warn(
+                f"warning: the outputs hold {len(foreign)} system(s) that are not in the "
+                f"structures (ids {foreign[:10]}{' ...' if len(foreign) > 10 else ''}); kept"
+            )
+        echo(f"resuming: {skipped} systems already written are skipped, {len(sampler)} to run")
+
+    names = [type(s).__name__ for s in stages]
+    echo(
+        f"{title or 'fused-dynamics run'}: {len(structures)} structures "
+        f"({int(sampler.sizes.min())}-{int(sampler.sizes.max())} atoms), "
+        f"{' -> '.join(names)}, batch {cap.max_systems} systems / {cap.max_atoms} atoms, "
+        f"{cfg.dtype}, jax {jax.__version__} on {jax.default_backend()}"
+    )
+    echo(species_line)
+    targets = []
+    for sc in cfg.stages:
+        targets.append(sc.fmax if sc.fmax is not None else getattr(sc, "temperature", None))
+    record = RunRecord(
+        names,
+        [s.is_optimizer for s in stages],
+        max_systems=cap.max_systems,
+        total=len(structures) - skipped,
+        progress=cfg.report.progress,
+        targets=targets,
+        budgets=[sc.n_steps for sc in cfg.stages],
+        record_every=cfg.report.record_every,
+    )
+    recorder = RecorderHook(record, every_n_steps=cfg.report.record_every)
+    sinks = []
+    writers = []
+    try:
+        sinks = [open_sink(p, cfg, echo) for p in outputs]
+        for p in stage_plans:
+            sink = TeeSink([open_sink(p, cfg, echo)], [p.written])
+            sinks.append(sink)
+            writers.append(
+                StageExitWriter(
+                    p.stage,
+                    p.stage + 1,
+                    sink,
+                    annotate=sampler.annotate,
+                    stage_type=cfg.stages[p.stage].type,
+                )
+            )
+        fused = build_fused(cfg, model, hooks=(recorder,), first_hooks=[w.hook() for w in writers])
+        fused = _with_stress(cfg, fused)
+        stats = RunStats()
+        dtype = {"float32": jax.numpy.float32, "float64": jax.numpy.float64}[cfg.dtype]
+        tee = TeeSink(sinks[: len(outputs)], [p.written for p in outputs])
+        t_run = time.perf_counter()
+        inflight.run_inflight(
+            fused,
+            sampler,
+            cfg.refill_frequency,
+            [RecordingSink(tee, record)],
+            dtype=dtype,
+            stats=stats,
+            listeners=writers,
+        )
+    finally:
+        record.close()
+        for sink in sinks:
+            sink.close()
+    run_time = time.perf_counter() - t_run
+    record.wall_time = run_time
+    problems = _problems(record)
+    if cfg.report.summary:
+        echo("")
+        echo(summary_table(record, run_time))
+        echo(
+            f"{len(record.left)} systems in {run_time:.1f} s: {stats.steps} fused steps "
+            f"({stats.steps / max(run_time, 1e-9):.0f} steps/s, compilation included), "
+            f"slot utilisation {stats.utilization:.0%}, {stats.compilations} compilation(s) "
+            "of the step"
+        )
+        echo(species_line)
+        for line in _describe_problems(problems):
+            echo(line)
+    report_paths = {p.kind: p for p in plans if p.kind in ("plot", "record")}
+    written_reports = []
+    for kind, p in report_paths.items():
+        if p.action == "keep":
+            echo(f"{p.key}: kept the existing {os.fspath(p.path)!r} (not rewritten on --resume)")
+            continue
+        if kind == "record":
+            record.write_csv(p.path)
+        else:
+            plot_run(
+                record,
+                p.path,
+                title=title
+                and f"{title}: {len(record.left)} systems, {stats.steps} fused steps, "
+                f"{run_time:.1f} s",
+            )
+        written_reports.append(p.path)
+    for p in outputs + stage_plans:
+        echo(f"{'appended to' if p.action == 'resume' else 'wrote'} {p.path}")
+    for path in written_reports:
+        echo(f"wrote {path}")
+    echo(f"look inside: fused-dynamics inspect {outputs[0].path}")
+    if problems:
+        for line in _describe_problems(problems):
+            warn(line)
+    plot = report_paths.get("plot")
+    return RunResult(
+        config=cfg,
+        outputs=[p.path for p in outputs],
+        plot=None if plot is None or plot.action == "keep" else plot.path,
+        wall_time=time.perf_counter() - t0,
+        run_time=run_time,
+        cpu_time=time.process_time() - c0,
+        stats=stats,
+        record=record,
+        problems=problems,
+        skipped=skipped,
+        extra={"species": species_line},
+    )
+
+
+def _with_stress(cfg: RunConfig, fused):
+    """The fused stage computing the stress at every step when an output asks for it."""
+    asked = [i for i, o in enumerate(cfg.outputs) if o.stress]
+    if not asked:
+        return fused
+    with_stress = getattr(fused, "with_stress", None)
+    if with_stress is None:
+        raise ConfigError(
+            f"outputs[{asked[0]}].stress: this version of fused_dynamics cannot be asked to "
+            "compute the stress always; remove the key (the stress is written whenever a "
+            "stage computes it)"
+        )
+    return with_stress()

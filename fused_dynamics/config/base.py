@@ -1,0 +1,61 @@
+"""The configuration layer's base: :class:`ConfigError`, sections that refuse unknown keys.
+
+Nothing here imports the engine, the application service or the command line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+__all__ = ["ConfigError", "output_format"]
+
+
+class ConfigError(ValueError):
+    """A configuration (or its input files) cannot be used; the message says what to fix."""
+
+
+class _Section(BaseModel):
+    """A section of the configuration: unknown keys are errors that list the allowed keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            allowed = set(cls.model_fields)
+            unknown = [k for k in data if k not in allowed]
+            if unknown:
+                hints = []
+                for k in unknown:
+                    close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+                    hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                raise ValueError(
+                    f"unknown key {', '.join(hints)}; allowed keys: {', '.join(sorted(allowed))}"
+                )
+        return data
+
+
+def _key_part(key: Any) -> str:
+    """A table key as it is written in a dotted key: bare (``Ar``) or quoted (``"Ar-Kr"``)."""
+    key = str(key)
+    return key if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else json.dumps(key)
+
+
+def output_format(path: str) -> str:
+    """``"extxyz"`` or ``"zarr"`` from a path's suffix; ValueError for any other suffix."""
+    suffix = os.path.splitext(path.rstrip("/"))[1].lower()
+    if suffix in (".extxyz", ".xyz"):
+        return "extxyz"
+    if suffix == ".zarr":
+        return "zarr"
+    raise ValueError(
+        f"cannot tell the format of {path!r} from its suffix {suffix!r}; allowed: .extxyz, "
+        ".xyz, .zarr"
+    )

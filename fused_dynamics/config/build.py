@@ -1,0 +1,127 @@
+"""A validated :class:`~fused_dynamics.config.RunConfig` turned into ``fused_dynamics`` objects:
+the model, the sub-stages and the :class:`~fused_dynamics.FusedStage`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from ..convergence import ConvergenceHook
+from ..fused import FusedStage
+from ..hooks import ThermalizeOnEntryHook
+from ..models import LennardJones, Morse, SoftSphere
+from ..observables import initialize_velocities
+from ..stages import FIRE, FIRE2, NPH, NPT, NVE, GradientDescent, NVTLangevin, NVTNoseHoover
+from .base import ConfigError
+from .schema import RunConfig, entry_temperature
+
+__all__ = ["build_fused", "build_model", "build_stages", "npt_classes"]
+
+
+def npt_classes() -> tuple[type, type]:
+    """``(NPT, NPH)``, the variable-cell stage classes (``stages[i].type`` npt and nph)."""
+    return NPT, NPH
+
+
+_STAGE_CLASSES = {
+    "fire": FIRE,
+    "fire2": FIRE2,
+    "gradient_descent": GradientDescent,
+    "nve": NVE,
+    "nvt_langevin": NVTLangevin,
+    "nvt_nose_hoover": NVTNoseHoover,
+    "npt": NPT,
+    "nph": NPH,
+}
+_MODEL_CLASSES = {"lennard_jones": LennardJones, "morse": Morse, "soft_sphere": SoftSphere}
+
+
+def build_model(cfg: RunConfig):
+    """The energy model of a configuration.
+
+    Scalar form: one set of parameters, with ``species=model.species`` when given (the model
+    then refuses other elements itself). ``model.pairs``: ``cls.from_pairs`` with the table,
+    ``mixing`` and the shared keys. Which structures a model applies to is checked by
+    :func:`check_structure_species`.
+    """
+    m = cfg.model
+    cls = _MODEL_CLASSES[m.type]
+    kwargs: dict[str, Any] = {}
+    if m.images is not None:
+        kwargs["images"] = tuple(m.images)
+    if m.type != "soft_sphere":
+        kwargs.update(cutoff=m.cutoff, shift=m.shift)
+        if m.switch_onset is not None:
+            if m.switch_onset >= m.cutoff:
+                raise ConfigError(
+                    f"model.switch_onset: {m.switch_onset} must be smaller than cutoff {m.cutoff}"
+                )
+            kwargs["switch_onset"] = m.switch_onset
+    try:
+        if m.pairs is None:
+            params = {n: getattr(m, n) for n in m._scalar}
+            if m.type == "soft_sphere":
+                params.update(epsilon=m.epsilon, alpha=m.alpha)
+            if m.species is not None:
+                kwargs["species"] = tuple(m.species)
+            return cls(**params, **kwargs)
+        table = m.pair_table()
+        if m.type == "soft_sphere":
+            for shared in ("epsilon", "alpha"):
+                if not any(shared in v for v in table.values()):
+                    kwargs[shared] = getattr(m, shared)
+        return cls.from_pairs(table, mixing=m.mixing, **kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+
+
+def build_stages(cfg: RunConfig, model=None) -> list:
+    """The sub-stages of a configuration, in order, all sharing one model."""
+    model = build_model(cfg) if model is None else model
+    stages = []
+    for i, sc in enumerate(cfg.stages):
+        kwargs = sc.stage_kwargs()
+        if sc.type == "nvt_langevin" and "seed" not in kwargs:
+            kwargs["seed"] = cfg.seed + i
+        criteria = []
+        if sc.fmax is not None:
+            criteria.append({"key": "fmax", "threshold": sc.fmax})
+        for c in sc.criteria or ():
+            criteria.append(c.model_dump(exclude_none=True))
+        hook = ConvergenceHook(criteria) if criteria else None
+        try:
+            stage = _STAGE_CLASSES[sc.type](
+                model, n_steps=sc.n_steps, convergence_hook=hook, **kwargs
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"stages[{i}] ({sc.type}): {exc}") from exc
+        stages.append(stage)
+    return stages
+
+
+def build_fused(cfg: RunConfig, model=None, hooks=(), first_hooks=()):
+    """The :class:`~fused_dynamics.FusedStage` of a configuration.
+
+    ``first_hooks`` are fused-level hooks placed before the ones the configuration makes
+    (thermalisation on entry), ``hooks`` after them.
+    """
+    stages = build_stages(cfg, model)
+    init_fn = None
+    if cfg.initial_temperature is not None:
+        key = jax.random.PRNGKey(cfg.seed)
+        temperature = float(cfg.initial_temperature)
+
+        def init_fn(batch, key=key, temperature=temperature):
+            return initialize_velocities(batch, temperature, key)
+
+    entry = []
+    for i in range(1, len(cfg.stages)):
+        t = entry_temperature(cfg, i)
+        if t is not None:
+            entry.append(ThermalizeOnEntryHook(code=i, temperature=t, seed=cfg.seed + 1000 + i))
+    return FusedStage(
+        list(enumerate(stages)),
+        init_fn=init_fn,
+        hooks=tuple(first_hooks) + tuple(entry) + tuple(hooks),
+    )
