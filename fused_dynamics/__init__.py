@@ -5,7 +5,9 @@ with one model evaluation per step.
 """
 
 from . import (
+    checkpoint,
     constraints,
+    driver,
     inflight,
     models,
     observables,
@@ -16,6 +18,7 @@ from . import (
 )
 from .batch import Batch, default_float
 from .convergence import ConvergenceHook, Criterion
+from .driver import Run
 from .fused import FusedStage, StepReport
 from .hooks import (
     BiasedPotentialHook,
@@ -78,6 +81,10 @@ __all__ = [
     "sampling",
     "ConvergenceHook",
     "Criterion",
+    "Run",
+    "RunStats",
+    "checkpoint",
+    "driver",
     "DynamicsStage",
     "ExitReason",
     "Failure",

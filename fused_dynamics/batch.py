@@ -77,6 +77,9 @@ class Batch(eqx.Module):
         Per-sub-stage state; every leaf has a leading axis of length S.
     info : dict[str, Array]
         Per-system bookkeeping arrays (leading axis S) kept by the run loop.
+    step_count : Array or None
+        The fused step number (int32 scalar) of a batch prepared by a run: hook frequencies
+        count it, and it carries on across resumed runs and checkpoints. ``None`` before a run.
     neighbors : pytree or None
         A neighbor list the model consumes (see ``fused_dynamics.models.neighbors``). When it
         has a true ``overflow`` flag after a run, the run loop grows it (``neighbors.grown()``)
@@ -105,6 +108,7 @@ class Batch(eqx.Module):
     stage_state: tuple = ()
     info: dict = eqx.field(default_factory=dict)
     neighbors: Any = None
+    step_count: Any = None
     max_atoms_per_system: int = eqx.field(static=True, default=0)
 
     # ------------------------------------------------------------------ capacities

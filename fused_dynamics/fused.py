@@ -1,7 +1,7 @@
 """FusedStage: a chain of sub-stages run as one compiled step with one model evaluation.
 
 Every system slot carries a ``status``; the sub-stage whose code equals it updates the system.
-One step (see ``shared/SEMANTICS.md``)::
+One step (docs/semantics.md §4)::
 
     BEFORE_STEP hooks
     for each sub-stage: BEFORE_PRE_UPDATE hooks, first half on its systems
@@ -9,9 +9,11 @@ One step (see ``shared/SEMANTICS.md``)::
     for each sub-stage: second half on its systems, AFTER_POST_UPDATE hooks
     AFTER_STEP hooks
     step counters, finite-or-failed check, budgets -> migration, convergence -> migration,
-    ON_CONVERGE hooks
+    fresh state for the systems that entered a sub-stage, ON_CONVERGE hooks
 
 The set of systems a sub-stage updates is fixed by the status at the start of the step.
+This module holds the structure (validation, composition) and the pure step; control flow
+(the loop over steps, chunks, refill, sinks, checkpoints) lives in :mod:`fused_dynamics.driver`.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import constraints, observables, validation
+from . import constraints, driver, health, validation
 from .batch import Batch
+from .compiled import filter_compile
 from .convergence import ConvergenceHook
-from .hooks import DynamicsStage, ExitReason, Failure, Hook, HookContext, fire_hooks
+from .hooks import DynamicsStage, Hook, HookContext, fire_hooks
 from .models.neighbors import NeighborList
-from .stages.base import Stage
+from .stages.base import Stage, select_state
+from .status import ExitReason, fresh_info
 
 __all__ = ["FusedStage", "StepReport"]
 
@@ -52,6 +56,10 @@ class StepReport(eqx.Module):
     converged: jax.Array
     budget_spent: jax.Array
 
+    def restricted(self, mask: jax.Array) -> StepReport:
+        """The report for the systems in ``mask`` (S,) bool only (one sub-stage's)."""
+        return StepReport(*(x & mask for x in (self.graduated, self.converged, self.budget_spent)))
+
 
 class FusedStage(eqx.Module):
     """Sub-stages sharing one batch and one model evaluation per step.
@@ -65,7 +73,8 @@ class FusedStage(eqx.Module):
     exit_status : int, default -1
         Status of a graduated system; -1 means ``len(sub_stages)``.
     compile_step : bool, default True
-        ``jax.jit`` the run loop and the step.
+        Compile the run loop (:func:`~fused_dynamics.compiled.filter_compile`: array leaves
+        traced, any other leaf of a model or hook static, so any Equinox module runs).
     compile_kwargs : dict, optional
         Forwarded to ``jax.jit``.
     init_fn : callable, optional
@@ -178,7 +187,7 @@ class FusedStage(eqx.Module):
         if len({d for d in devices.values() if d}) > 1:
             raise ValueError(
                 f"FusedStage: sub-stages hold arrays on different devices {devices}; put them on "
-                "one device (a fused step runs on one device, [S3])."
+                "one device (a fused step runs on one device, docs/semantics.md §3)."
             )
         self.stages = tuple(stage for _, stage in pairs)
         self.codes = tuple(codes)
@@ -188,8 +197,7 @@ class FusedStage(eqx.Module):
         self.compile_options = tuple(sorted((compile_kwargs or {}).items()))
         self.init_fn = init_fn
         for h in hooks:
-            if not isinstance(h, Hook):
-                raise TypeError(f"FusedStage hooks must be Hook instances, got {type(h).__name__}.")
+            _check_hook(h)
         self.hooks = tuple(hooks)
         self.max_force = None if max_force is None else float(max_force)
         self.max_temperature = None if max_temperature is None else float(max_temperature)
@@ -241,6 +249,7 @@ class FusedStage(eqx.Module):
         Fused-level hooks fire at every one of the nine points, BEFORE_COMPUTE included (the
         place for a neighbor-list refresh).
         """
+        _check_hook(hook)
         if stage is not None:
             hook = dataclasses.replace(hook, stage=stage)
         return self._with(hooks=self.hooks + (hook,))
@@ -265,14 +274,14 @@ class FusedStage(eqx.Module):
         return self.sub_stages[i + 1][0] if i + 1 < len(self.sub_stages) else self.exit_status
 
     def migration_rule(self, i: int) -> ConvergenceHook | None:
-        """The convergence criterion of sub-stage ``i`` ([S10]), with its codes filled in."""
+        """The convergence criterion of sub-stage ``i`` (docs/semantics.md §10), codes filled."""
         code, stage = self.sub_stages[i]
         hook = stage.convergence_hook
         last = i == len(self.sub_stages) - 1
-        # [S10]: a non-final stage without a criterion gets fmax <= 0.05 eV/Å, so no system is
-        # stuck in it forever. A stage with a budget already moves systems on: it keeps its
-        # budget alone (an NVT equilibration must not end early because forces happen to be
-        # small).
+        # docs/semantics.md §10: a non-final stage without a criterion gets fmax <= 0.05 eV/Å,
+        # so no system is stuck in it forever. A stage with a budget already moves systems on:
+        # it keeps its budget alone (an NVT equilibration must not end early because forces
+        # happen to be small).
         if hook is None and not last and stage.n_steps is None:
             hook = ConvergenceHook()
         if hook is None:
@@ -293,9 +302,10 @@ class FusedStage(eqx.Module):
     def init(self, batch: Batch) -> Batch:
         """Prepare a batch for this fused stage: status, stage state, bookkeeping, forces.
 
-        Occupied slots get ``entry_status``; each sub-stage's state is created; the model is
-        evaluated once to prime energy, forces and stress ([S6]). ``init_fn`` is applied first.
-        Called eagerly it is compiled (once per shape); while tracing it is traced inline.
+        Occupied slots get ``entry_status``; each sub-stage's state is created; the step count
+        is set to 0; the model is evaluated once to prime energy, forces and stress
+        (docs/semantics.md §6). ``init_fn`` is applied first. Called eagerly it is compiled
+        (once per shape); while tracing it is traced inline.
         """
         if isinstance(batch.positions, jax.core.Tracer):
             return _init_impl(self, batch)
@@ -365,92 +375,34 @@ class FusedStage(eqx.Module):
         return batch.replace(energy=out.energy, forces=forces, stress=out.stress)
 
     def failures(self, batch: Batch, displacement: jax.Array | None = None) -> jax.Array:
-        """Failure code of every slot (0: healthy); see :class:`Failure`.
-
-        Per-system reductions only, so one system's values never decide another's code.
-
-        Parameters
-        ----------
-        batch : Batch
-        displacement : Array, shape (N, 3), optional
-            How far the sub-stages moved each atom in this step (Å), checked against
-            ``max_displacement`` for systems in dynamics sub-stages.
-
-        Returns
-        -------
-        Array, shape (S,) int32
-        """
-        dynamics = [c for c, st in self.sub_stages if not st.is_optimizer]
-        in_dynamics = jnp.isin(batch.status, jnp.asarray(dynamics or [self.exit_status]))
-        in_dynamics = in_dynamics & bool(dynamics)
-
-        def bad_rows(x):
-            return ~jnp.all(jnp.isfinite(x), axis=-1)
-
-        f = jnp.where(jnp.isfinite(batch.forces), batch.forces, 0.0)
-        too_big = (
-            jnp.sum(f * f, axis=-1) > self.max_force**2
-            if self.max_force is not None
-            else jnp.zeros_like(batch.atom_mask)
-        )
-        far = jnp.zeros_like(batch.atom_mask)
-        if displacement is not None and self.max_displacement is not None:
-            far = jnp.sum(displacement**2, axis=-1) > self.max_displacement**2
-            far = far & batch.to_atoms_axis(in_dynamics)
-        per_atom = (
-            (bad_rows(batch.forces), Failure.FORCES),
-            (bad_rows(batch.positions), Failure.POSITIONS),
-            (bad_rows(batch.velocities), Failure.VELOCITIES),
-            (too_big, Failure.MAX_FORCE),
-            (far, Failure.DISPLACEMENT),
-        )
-        # one per-system reduction for every per-atom check
-        flags = jnp.stack([bad for bad, _ in per_atom], axis=-1) & batch.atom_mask[:, None]
-        counts = batch.sum_atoms(flags.astype(jnp.int32))  # (S, 5)
-        checks = [(counts[:, k] > 0, bit) for k, (_, bit) in enumerate(per_atom)]
-        checks += [
-            (~jnp.isfinite(batch.energy), Failure.ENERGY),
-            (~jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1)), Failure.CELL),
-        ]
-        if self.needs_stress:
-            checks.append((~jnp.all(jnp.isfinite(batch.stress), axis=(-2, -1)), Failure.STRESS))
-        if self.max_temperature is not None:
-            hot = in_dynamics & ~(observables.temperature(batch) <= self.max_temperature)
-            checks.append((hot, Failure.TEMPERATURE))
-        checks.append((self.model.system_faults(batch), None))
-        if isinstance(batch.neighbors, NeighborList):
-            # Pairs were dropped: every result since is suspect. A concrete run regrows the list
-            # and repeats the work from its last good state (discarding this); a traced one (vmap,
-            # grad, a caller's jit) cannot, and its systems end FAILED instead of wrong.
-            overflow = jnp.broadcast_to(batch.neighbors.overflow, batch.energy.shape)
-            checks.append((overflow, Failure.NEIGHBOR_OVERFLOW))
-        code = jnp.zeros(batch.energy.shape, jnp.int32)
-        for bad, bit in checks:
-            code = code | (bad if bit is None else jnp.where(bad, int(bit), 0))
-        return jnp.where(batch.system_mask, code, 0)
+        """Failure code of every slot, shape (S,) int32 (0: healthy); see
+        :func:`fused_dynamics.health.system_failures`."""
+        return health.system_failures(self, batch, displacement)
 
     # ------------------------------------------------------------------ the step
-    def step(self, batch: Batch, step_count: jax.Array | int = 0) -> tuple[Batch, StepReport]:
+    def step(self, batch: Batch, step_count: jax.Array | int | None = None):
         """One fused step on an initialized batch (see the module docstring for the order).
 
         Parameters
         ----------
         batch : Batch
             Prepared by :meth:`init` (or returned by a previous step).
-        step_count : int or Array
-            The fused step number, used by hook frequencies ([S8]).
+        step_count : int or Array, optional
+            The fused step number hook frequencies count (docs/semantics.md §8); default
+            ``batch.step_count``. The returned batch's ``step_count`` is this plus one.
 
         Returns
         -------
         batch : Batch
         report : StepReport
         """
+        if step_count is None:
+            step_count = 0 if batch.step_count is None else batch.step_count
         step_count = jnp.asarray(step_count, jnp.int32)
         ctx = HookContext(step=step_count, exit_status=self.exit_status, fields=self.fields)
         status0 = batch.status
-        masks = [batch.system_mask & (status0 == code) for code, _ in self.sub_stages]
+        masks = [batch.system_mask & (status0 == code) for code in self.codes]
         states = list(batch.stage_state)
-
         every = range(len(self.sub_stages))
         last = len(self.sub_stages) - 1
         batch = self._fire(DynamicsStage.BEFORE_STEP, batch, ctx, True, every)
@@ -470,68 +422,35 @@ class FusedStage(eqx.Module):
             batch = self._fire(DynamicsStage.AFTER_POST_UPDATE, batch, ctx, i == last, [i])
         batch = batch.replace(stage_state=tuple(states))
         batch = self._fire(DynamicsStage.AFTER_STEP, batch, ctx, True, every)
+        batch, report = _migrate(self, batch, status0, masks, moved)
+        batch = self._fire_on_converge(batch, ctx, report, masks)
+        return batch.replace(step_count=step_count + 1), report
 
-        # ---- bookkeeping and migration ([S5], [S10]-[S12])
-        info = dict(batch.info)
-        in_stage = jnp.stack(masks, axis=-1)  # (S, n_sub)
-        stage_steps = info["stage_steps"] + in_stage.astype(jnp.int32)
-        info["stage_steps"] = stage_steps
-        # hooks (a failure detector) may already have moved systems out: start from their status
-        status = batch.status
-        # finite or failed: checked before any criterion, so a failed system never converges
-        running = batch.system_mask & (status != self.exit_status)
-        steps = jnp.sum(stage_steps, axis=-1)
-        status, info = _fail(self, batch, info, status, running, steps, moved)
-        batch = batch.replace(info=info)  # criteria (custom_op) see this step's counts
-        energy_change = jnp.abs(batch.energy - info["prev_energy"])
-        still = [m & (status == code) for m, (code, _) in zip(masks, self.sub_stages, strict=True)]
-        budget_spent = jnp.zeros_like(batch.system_mask)
-        converged = jnp.zeros_like(batch.system_mask)
+    def _fire_on_converge(self, batch, ctx, report, masks):
+        """ON_CONVERGE hooks: fused-level ones on steps where some system left a sub-stage,
+        a sub-stage's on steps where some of its systems did, each with the report of which
+        (docs/semantics.md §7)."""
+        left = report.converged | report.budget_spent
+        groups = [(self.hooks, left, report)]
         for i, (_, stage) in enumerate(self.sub_stages):
-            if stage.n_steps is not None:
-                spent = still[i] & (stage_steps[:, i] >= stage.n_steps)
-                budget_spent = budget_spent | spent
-                status = jnp.where(spent, self.next_code(i), status)
-        for i, (_, stage) in enumerate(self.sub_stages):
-            rule = self.migration_rule(i)
-            if rule is None:
+            groups.append((stage.hooks, left & masks[i], report.restricted(masks[i])))
+        for hooks, which, rep in groups:
+            hooks = [h for h in hooks if h.stage == DynamicsStage.ON_CONVERGE]
+            if not hooks:
                 continue
-            fields = dict(stage.observables(batch, states[i]))
-            fields["energy_change"] = energy_change
-            conv = still[i] & (status0 == rule.source_status) & rule.converged(batch, fields)
-            converged = converged | conv
-            status = jnp.where(conv, rule.target_status, status)
-        moved = status != status0
-        graduated = moved & (status == self.exit_status) & batch.system_mask
-        # an optimizer's velocities are its own bookkeeping (FIRE's are mass-free), not
-        # physical ones: a system leaving an optimizer starts the next stage at rest
-        left_optimizer = jnp.zeros_like(moved)
-        for i, (_, stage) in enumerate(self.sub_stages):
-            if stage.is_optimizer:
-                left_optimizer = left_optimizer | (masks[i] & moved)
-        at_rest = batch.to_atoms_axis(left_optimizer)[:, None]
-        batch = batch.replace(velocities=jnp.where(at_rest, 0.0, batch.velocities))
-        reason = jnp.where(
-            graduated & converged,
-            ExitReason.CONVERGED,
-            jnp.where(graduated & budget_spent, ExitReason.BUDGET, info["exit_reason"]),
-        )
-        info["prev_energy"] = jnp.where(moved, jnp.inf, batch.energy)
-        info["exit_reason"] = reason.astype(jnp.int32)
-        batch = batch.replace(status=status.astype(jnp.int32), info=info)
-        report = StepReport(graduated=graduated, converged=converged, budget_spent=budget_spent)
-        ctx = HookContext(
-            step=step_count, exit_status=self.exit_status, fields=self.fields, report=report
-        )
-        batch = self._fire(DynamicsStage.ON_CONVERGE, batch, ctx, True, every)
-        return batch, report
+            sub = dataclasses.replace(ctx, report=rep)
+            batch = jax.lax.cond(
+                jnp.any(which), lambda b, h=hooks, c=sub: fire_hooks(h, b, c), lambda b: b, batch
+            )
+        return batch
 
     def _fire(self, when, batch, ctx, fused_level, sub_indices):
         """Fire the hooks due at ``when``: fused-level first, then the listed sub-stages'.
 
         Sub-stage hooks never fire at BEFORE_COMPUTE, AFTER_PRE_UPDATE or BEFORE_POST_UPDATE
-        (the callers pass no sub-stage there, [S7]); fused-level hooks fire at all nine points,
-        BEFORE_PRE_UPDATE before the first sub-stage and AFTER_POST_UPDATE after the last.
+        (the callers pass no sub-stage there, docs/semantics.md §7); fused-level hooks fire at
+        all nine points, BEFORE_PRE_UPDATE before the first sub-stage and AFTER_POST_UPDATE
+        after the last.
         """
         hooks = [h for h in self.hooks if h.stage == when] if fused_level else []
         for i in sub_indices:
@@ -550,9 +469,12 @@ class FusedStage(eqx.Module):
         model = self.model
         if getattr(model, "images", 0) is not None or not hasattr(model, "with_images_for"):
             return self
-        fitted = model.with_images_for(cells, pbc)
+        return self.with_model(model.with_images_for(cells, pbc))
+
+    def with_model(self, model) -> FusedStage:
+        """A copy whose sub-stages all hold ``model`` (host-side; the structure is kept)."""
         return eqx.tree_at(
-            lambda f: [st.model for st in f.stages], self, [fitted] * len(self.stages)
+            lambda f: [st.model for st in f.stages], self, [model] * len(self.stages)
         )
 
     def fit_per_system(self, batch: Batch) -> FusedStage:
@@ -568,203 +490,106 @@ class FusedStage(eqx.Module):
             return self
         return eqx.tree_at(lambda f: f.stages, self, stages)
 
-    def run(
-        self,
-        batch: Batch | None = None,
-        n_steps: int | None = None,
-        *,
-        sampler=None,
-        refill_frequency: int = 50,
-        sinks=(),
-        resume: bool = False,
-        differentiable: bool = False,
-        dtype=None,
-        stats=None,
-    ) -> Batch | None:
+    def run(self, batch: Batch | None = None, n_steps: int | None = None, **options):
         """Run until every occupied slot has graduated, or for at most ``n_steps`` steps.
 
-        The loop is a ``lax.while_loop`` inside one ``jax.jit`` (no Python per step); it
-        compiles once per fused-stage structure, capacity and dtype. It works under
-        ``jax.vmap`` (a leading ensemble axis on the batch or on stage parameters).
-
-        Parameters
-        ----------
-        batch : Batch, optional
-            A batch from :meth:`Batch.from_atoms`. It is initialized first (:meth:`init`:
-            statuses set to ``entry_status``, fresh stage state and bookkeeping, forces primed
-            by one evaluation) unless ``resume``. Omit it in inflight mode.
-        n_steps : int, optional
-            Maximum number of steps. Required when the final sub-stage never graduates.
-        sampler : SizeAwareSampler, optional
-            Inflight mode ([S14]): the batch comes from the sampler, graduated systems are
-            written to ``sinks`` and their slots refilled every ``refill_frequency`` steps,
-            until the sampler is exhausted and nothing is in flight. Returns ``None``.
-        refill_frequency : int, default 50
-            Steps per compiled chunk between host visits (inflight, or a batch with sinks).
-        sinks : sequence of sinks
-            Where graduated systems are written, each to the first with room ([S15]). With a
-            batch, systems are streamed out as they graduate.
-        resume : bool, default False
-            Continue a batch returned by an earlier run of this fused stage where it stopped.
-        differentiable : bool, default False
-            Use a checkpointed loop of at most ``n_steps`` steps that supports reverse-mode
-            ``jax.grad`` (``n_steps`` required).
-        dtype : float dtype, optional
-            Inflight mode: dtype of the batch built from the sampler.
-        stats : RunStats, optional
-            Filled in by inflight and streaming runs (steps, utilisation, compilations).
+        A fixed batch runs in one compiled ``lax.while_loop`` (no Python per step); with a
+        sampler (inflight) or sinks the run goes in compiled chunks with host visits between
+        them. See :func:`fused_dynamics.driver.run` for every option (``sampler``, ``sinks``,
+        ``refill_frequency``, ``resume``, ``checkpoint``, ``checkpoint_every``,
+        ``differentiable``, ``dtype``) and :meth:`start` to drive an inflight run chunk by chunk.
 
         Returns
         -------
-        Batch or None
-            The final batch, with ``info["exit_reason"]`` (:class:`ExitReason`) and
-            ``info["stage_steps"]`` (steps each system spent in each sub-stage); ``None`` in
-            inflight mode.
+        Batch or RunStats
+            The final batch for a fixed-batch run (``info["exit_reason"]``,
+            ``info["stage_steps"]``, ``step_count``); the run's statistics
+            (:class:`~fused_dynamics.RunStats`) for an inflight run.
         """
-        if n_steps is None and not self.graduates():
-            raise ValueError(
-                "FusedStage.run: the final sub-stage has neither a convergence_hook nor n_steps, "
-                "so systems never graduate; give run(..., n_steps=...) or a budget/criterion."
-            )
-        if sampler is not None:
-            if batch is not None:
-                raise ValueError("FusedStage.run: give either a batch or a sampler, not both.")
-            if n_steps is not None:
-                raise ValueError("FusedStage.run: n_steps is not used in inflight mode.")
-            from .inflight import run_inflight
+        return driver.run(self, batch, n_steps, **options)
 
-            run_inflight(self, sampler, refill_frequency, list(sinks), dtype=dtype, stats=stats)
-            return None
-        if batch is None:
-            raise ValueError("FusedStage.run: give a batch (or a sampler for inflight mode).")
-        if differentiable and n_steps is None:
-            raise ValueError("FusedStage.run(differentiable=True) needs n_steps.")
-        if resume and not self.is_initialized(batch):
-            raise ValueError(
-                "FusedStage.run(resume=True): the batch was not prepared by this fused stage "
-                "(stage state or bookkeeping missing); run it without resume first."
-            )
-        fused = self
-        if not isinstance(batch.cell, jax.core.Tracer):
-            self.model.check_batch(batch)
-            fused = self.prepare_for_cells(
-                batch.cell[batch.system_mask], batch.pbc[batch.system_mask]
-            ).fit_per_system(batch)
-        if sinks:
-            from .inflight import run_streaming
-
-            return run_streaming(
-                fused, batch, n_steps, refill_frequency, list(sinks), resume, stats
-            )
-        limit = jnp.iinfo(jnp.int32).max if n_steps is None else int(n_steps)
-        max_steps = int(n_steps) if differentiable else None
-        fn = _run_loop
-        if self.compile_step:
-            fn = _compiled_run(self.compile_kwargs)
-        while True:
-            out = fn(fused, batch, jnp.asarray(limit, jnp.int32), bool(resume), max_steps)
-            if not overflowed(out):
-                return out
-            batch = grow_neighbors(batch, out)  # and run again from the same start
+    def start(self, batch: Batch | None = None, **options) -> driver.Run:
+        """A live run to drive by hand (the original's inflight control); see
+        :class:`fused_dynamics.driver.Run`."""
+        return driver.Run(self, batch, **options)
 
 
-def overflowed(batch: Batch) -> bool:
-    """Whether a concrete batch's neighbor list overflowed during a run (host-side)."""
-    nl = batch.neighbors
-    if nl is None or isinstance(nl.overflow, jax.core.Tracer):
-        return False
-    return bool(np.any(np.asarray(nl.overflow)))
+def _migrate(fused: FusedStage, batch: Batch, status0, masks, moved):
+    """Step counters, the finite-or-failed check, budgets and criteria, entry into stages.
 
-
-def grow_neighbors(batch: Batch, out: Batch | None = None) -> Batch:
-    """The batch with a larger neighbor list (one recompilation), with a warning.
-
-    ``out`` is the batch the overflowing run returned: its list recorded what was needed.
+    ``status0`` is the status at the start of the step and ``masks[i]`` the systems sub-stage
+    ``i`` updated (docs/semantics.md §5); ``moved`` is how far the sub-stages moved each atom.
+    Returns the batch with new statuses, bookkeeping and fresh state for the systems that
+    entered a sub-stage, and the :class:`StepReport`.
     """
-    import warnings
-
-    grown = batch.neighbors.grown(seen=None if out is None else out.neighbors)
-    warnings.warn(
-        f"fused_dynamics: the neighbor list overflowed its capacity; grown to "
-        f"{grown.capacity} pairs and re-run from the last good state (one recompilation).",
-        RuntimeWarning,
-        stacklevel=3,
+    info = dict(batch.info)
+    stage_steps = info["stage_steps"] + jnp.stack(masks, axis=-1).astype(jnp.int32)
+    info["stage_steps"] = stage_steps
+    # hooks (a failure detector) may already have moved systems out: start from their status
+    status = batch.status
+    # finite or failed: checked before any criterion, so a failed system never converges
+    running = batch.system_mask & (status != fused.exit_status)
+    steps = jnp.sum(stage_steps, axis=-1)
+    status, info = health.fail_failed(fused, batch, info, status, running, steps, moved)
+    batch = batch.replace(info=info)  # criteria (custom_op) see this step's counts
+    energy_change = jnp.abs(batch.energy - info["prev_energy"])
+    still = [m & (status == code) for m, code in zip(masks, fused.codes, strict=True)]
+    budget_spent = jnp.zeros_like(batch.system_mask)
+    converged = jnp.zeros_like(batch.system_mask)
+    for i, stage in enumerate(fused.stages):  # docs/semantics.md §11
+        if stage.n_steps is not None:
+            spent = still[i] & (stage_steps[:, i] >= stage.n_steps)
+            budget_spent = budget_spent | spent
+            status = jnp.where(spent, fused.next_code(i), status)
+    for i, stage in enumerate(fused.stages):  # docs/semantics.md §10
+        rule = fused.migration_rule(i)
+        if rule is None:
+            continue
+        fields = dict(stage.observables(batch, batch.stage_state[i]))
+        fields["energy_change"] = energy_change
+        conv = still[i] & (status0 == rule.source_status) & rule.converged(batch, fields)
+        converged = converged | conv
+        status = jnp.where(conv, rule.target_status, status)
+    moved_on = status != status0
+    graduated = moved_on & (status == fused.exit_status) & batch.system_mask
+    reason = jnp.where(
+        graduated & converged,
+        ExitReason.CONVERGED,
+        jnp.where(graduated & budget_spent, ExitReason.BUDGET, info["exit_reason"]),
     )
-    return batch.replace(neighbors=grown)
+    info["prev_energy"] = jnp.where(moved_on, jnp.inf, batch.energy)
+    info["exit_reason"] = reason.astype(jnp.int32)
+    batch = batch.replace(status=status.astype(jnp.int32), info=info)
+    left_optimizer = jnp.zeros_like(moved_on)
+    for i, stage in enumerate(fused.stages):
+        if stage.is_optimizer:
+            left_optimizer = left_optimizer | (masks[i] & moved_on)
+    batch = _enter(fused, batch, moved_on & batch.system_mask, left_optimizer)
+    report = StepReport(graduated=graduated, converged=converged, budget_spent=budget_spent)
+    return batch, report
 
 
-def run_steps(fused: FusedStage, batch: Batch, limit, start=0, max_steps=None):
-    """At most ``limit`` steps numbered from ``start``, stopping early when all graduated.
+def _enter(fused: FusedStage, batch: Batch, entered, at_rest) -> Batch:
+    """Fresh sub-stage state for the ``entered`` systems (S,) bool, from the batch as it is.
 
-    Returns
-    -------
-    batch : Batch
-    taken : Array
-        Steps taken.
-    active : Array
-        Sum over the steps of the slots holding a system not yet graduated.
+    The engine tells a stage that a system just arrived (docs/semantics.md §18): its slice of
+    that stage's state is replaced by ``init_state(batch)``, so no stage keeps a "first step"
+    flag. An optimizer's velocities are its own bookkeeping (FIRE's), not physical ones: a
+    system entering or leaving an optimizer (``at_rest``) starts at rest.
     """
-
-    def pending(batch):
-        return batch.system_mask & (batch.status != fused.exit_status)
-
-    def cond(carry):
-        batch, k, _ = carry
-        return (k < limit) & jnp.any(pending(batch))
-
-    def body(carry):
-        batch, k, active = carry
-        active = active + jnp.sum(pending(batch), dtype=jnp.int32)
-        batch, _ = fused.step(batch, start + k)
-        return batch, k + 1, active
-
-    zero = jnp.zeros((), jnp.int32)
-    init = (batch, zero, zero)
-    if max_steps is None:
-        batch, taken, active = jax.lax.while_loop(cond, body, init)
-    else:
-        import equinox.internal as eqxi
-
-        loop = eqxi.while_loop(cond, body, init, max_steps=max_steps, kind="checkpointed")
-        batch, taken, active = loop
-    return output_stress(fused, batch), taken, active
+    states = list(batch.stage_state)
+    for i, (code, stage) in enumerate(fused.sub_stages):
+        into = entered & (batch.status == code)
+        states[i] = select_state(into, stage.init_state(batch), states[i])
+        if stage.is_optimizer:
+            at_rest = at_rest | into
+    rest = batch.to_atoms_axis(at_rest)[:, None]
+    return batch.replace(
+        stage_state=tuple(states), velocities=jnp.where(rest, 0.0, batch.velocities)
+    )
 
 
-def output_stress(fused: FusedStage, batch: Batch) -> Batch:
-    """The batch with the stress of its final positions, for outputs (one evaluation).
-
-    A run whose steps do not read the stress skips it at every step (it costs about as much as
-    the forces); what leaves the run still carries it, computed once here.
-    """
-    if fused.needs_stress:
-        return batch
-    return batch.replace(stress=fused.model(batch, stress=True).stress)
-
-
-def _run_loop(
-    fused: FusedStage, batch: Batch, limit: jax.Array, resume: bool, max_steps: int | None
-) -> Batch:
-    if not resume:
-        batch = fused.init(batch)
-    return run_steps(fused, batch, limit, 0, max_steps)[0]
-
-
-def _fail(fused, batch, info, status, running, steps, displacement=None):
-    """Move the ``running`` systems whose :meth:`FusedStage.failures` code is set out of the run.
-
-    Returns the new status and info (``exit_reason`` FAILED, ``failure``, ``failure_step``).
-    """
-    code = jnp.where(running, fused.failures(batch, displacement), 0)
-    failed = code != 0
-    info = dict(info)
-    info["exit_reason"] = jnp.where(failed, int(ExitReason.FAILED), info["exit_reason"])
-    info["failure"] = jnp.where(failed, code, info["failure"]).astype(jnp.int32)
-    info["failure_step"] = jnp.where(failed, steps, info["failure_step"]).astype(jnp.int32)
-    status = jnp.where(failed, fused.exit_status, status).astype(jnp.int32)
-    return status, info
-
-
-def _init_impl(fused, batch: Batch) -> Batch:
+def _init_impl(fused: FusedStage, batch: Batch) -> Batch:
     """The body of :meth:`FusedStage.init`."""
     if fused.init_fn is not None:
         batch = fused.init_fn(batch)
@@ -775,39 +600,32 @@ def _init_impl(fused, batch: Batch) -> Batch:
         info.update(hook.init_info(batch))
     batch = batch.replace(
         status=status,
-        stage_state=tuple(stage.init_state(batch) for _, stage in fused.sub_stages),
+        stage_state=tuple(stage.init_state(batch) for stage in fused.stages),
         info=info,
+        step_count=jnp.zeros((), jnp.int32),
     )
+    entry = fused.stages[fused.codes.index(fused.entry_status)]
+    if entry.is_optimizer:  # see _enter
+        rest = batch.to_atoms_axis(batch.system_mask)[:, None]
+        batch = batch.replace(velocities=jnp.where(rest, 0.0, batch.velocities))
     for hook in fused.all_hooks():
         batch = hook.constrain(batch)
     if batch.neighbors is not None and not isinstance(batch.neighbors, NeighborList):
         batch = batch.replace(neighbors=batch.neighbors.update(batch))
     batch = fused.evaluate(batch)  # a NeighborList is refreshed (and kept) there
-    status, info = _fail(fused, batch, batch.info, batch.status, batch.system_mask, 0)
+    status, info = health.fail_failed(fused, batch, batch.info, batch.status, batch.system_mask, 0)
     return batch.replace(status=status, info=info)
 
 
-_init = eqx.filter_jit(_init_impl)
-
-_COMPILED: dict = {}
+_init = filter_compile(_init_impl)
 
 
-def _compiled_run(compile_kwargs: dict):
-    key = tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items()))
-    if key not in _COMPILED:
-        _COMPILED[key] = jax.jit(_run_loop, static_argnums=(3, 4), **compile_kwargs)
-    return _COMPILED[key]
-
-
-def fresh_info(num_systems: int, num_sub_stages: int, dtype) -> dict[str, jax.Array]:
-    """Per-system bookkeeping of a fresh batch (every leaf has leading axis S)."""
-    return {
-        "stage_steps": jnp.zeros((num_systems, num_sub_stages), jnp.int32),
-        "prev_energy": jnp.full((num_systems,), jnp.inf, dtype),
-        "exit_reason": jnp.zeros((num_systems,), jnp.int32),  # ExitReason.RUNNING
-        "failure": jnp.zeros((num_systems,), jnp.int32),  # Failure.NONE
-        "failure_step": jnp.full((num_systems,), -1, jnp.int32),
-    }
+def _check_hook(hook) -> None:
+    if not isinstance(hook, Hook):
+        raise TypeError(
+            f"expected a fused_dynamics.Hook (a subclass of it), got {type(hook).__name__}: "
+            f"{hook!r:.80}"
+        )
 
 
 def _devices(tree: Any) -> frozenset:

@@ -1,6 +1,7 @@
-"""Inflight batching: run compiled chunks, stream graduated systems out, refill slots in place.
+"""Inflight batching, the host side: write graduated systems out, refill their slots in place.
 
-Between chunks of ``refill_frequency`` steps the host:
+The loop that calls these lives in :mod:`fused_dynamics.driver`. Between compiled chunks the
+host:
 
 1. writes every system that graduated (status == exit_status) to the first sink with room;
 2. frees its slot, re-packs the atom axis so the remaining systems are contiguous at the front
@@ -14,20 +15,31 @@ Shapes never change, so the chunk compiles once for the whole run.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import ase
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .batch import HOST_FIELDS, Batch, atoms_from_arrays, empty_host_arrays, write_system
-from .hooks import DynamicsStage, ExitReason, Hook
+from .batch import HOST_FIELDS, Batch, atoms_from_arrays, empty_host_arrays
+from .compiled import filter_compile, retry_on_overflow
+from .hooks import DynamicsStage, Hook
 from .provenance import name_exit_reason
+from .status import ExitReason
 
-__all__ = ["RunStats", "StageExitHook", "StageExitWriter", "run_inflight", "write_graduated"]
+__all__ = [
+    "RunStats",
+    "StageExitHook",
+    "StageExitWriter",
+    "admit",
+    "initialize",
+    "repack",
+    "rebuild",
+    "write_graduated",
+]
 
 # bookkeeping of the run loop that outputs carry (when the engine keeps it)
 _INFO_OUT = ("exit_reason", "stage_steps", "failure", "failure_step")
@@ -57,7 +69,9 @@ class RunStats:
     compilations : int
         Number of distinct compilations of the chunk function during the run.
     wall_time : float
-        Seconds, compilation included.
+        Seconds, compilation included (summed over resumed parts of a run).
+    checkpoints : int
+        Checkpoints written.
     """
 
     steps: int = 0
@@ -68,43 +82,16 @@ class RunStats:
     rejected: int = 0
     compilations: int = 0
     wall_time: float = 0.0
-    per_chunk: list = field(default_factory=list)
+    checkpoints: int = 0
 
     @property
     def utilization(self) -> float:
         """Fraction of slot-steps spent on occupied, not-yet-graduated systems."""
         return self.slot_steps_active / max(self.slot_steps_total, 1)
 
-
-def _chunk(fused, batch, limit, start):
-    """At most ``limit`` steps numbered from ``start``: (batch, steps taken, active slot-steps)."""
-    from .fused import run_steps
-
-    return run_steps(fused, batch, limit, start)
-
-
-_CHUNK = jax.jit(_chunk)
-
-
-def _run_chunk(fused, batch, limit: int, step: int, listeners=()):
-    """One compiled chunk; on a neighbor-list overflow, grow it and redo the chunk.
-
-    ``listeners`` (see :class:`StageExitWriter`) collect frames from host callbacks during the
-    chunk: they are told to ``discard()`` them when the chunk is redone and to ``commit()``
-    them once it is kept, so nothing computed by a discarded chunk is ever written.
-    """
-    from .fused import grow_neighbors, overflowed
-
-    while True:
-        out = _CHUNK(fused, batch, jnp.int32(limit), jnp.int32(step))
-        done = not overflowed(out[0])
-        if listeners:
-            jax.effects_barrier()  # every host callback of the chunk has run
-        for listener in listeners:
-            listener.commit() if done else listener.discard()
-        if done:
-            return out
-        batch = grow_neighbors(batch, out[0])
+    def to_dict(self) -> dict:
+        """The counters as plain Python values (for checkpoints and reports)."""
+        return asdict(self)
 
 
 def _admit(fused, batch: Batch, new: jax.Array) -> Batch:
@@ -133,18 +120,13 @@ def _admit(fused, batch: Batch, new: jax.Array) -> Batch:
     return batch.replace(**changes)
 
 
-_ADMIT_JIT = jax.jit(_admit)
+_ADMIT = filter_compile(_admit)
 
 
-def _ADMIT(fused, batch: Batch, new) -> Batch:
-    """The compiled admission; on a neighbor-list overflow, grow it and admit again."""
-    from .fused import grow_neighbors, overflowed
-
-    while True:
-        out = _ADMIT_JIT(fused, batch, new)
-        if not overflowed(out):
-            return out
-        batch = grow_neighbors(batch, out)
+def admit(fused, batch: Batch, new) -> Batch:
+    """The compiled admission of the systems in slots ``new``; on a neighbor-list overflow the
+    list is grown and the admission redone."""
+    return retry_on_overflow(lambda b: _ADMIT(fused, b, new), batch)
 
 
 def attach_neighbors(model, batch: Batch, cells=None, pbc=None) -> Batch:
@@ -154,7 +136,7 @@ def attach_neighbors(model, batch: Batch, cells=None, pbc=None) -> Batch:
     return model.attach_neighbors(batch, cells=cells, pbc=pbc)
 
 
-def _initialize(fused, batch: Batch) -> Batch:
+def initialize(fused, batch: Batch) -> Batch:
     """Initialize every occupied slot through the one compiled admission function.
 
     The batch is given stage state and bookkeeping of the right shapes (zeros, from
@@ -163,8 +145,10 @@ def _initialize(fused, batch: Batch) -> Batch:
     """
     shapes = jax.eval_shape(fused.init, batch)
     zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-    blank = batch.replace(stage_state=zeros.stage_state, info=zeros.info)
-    return _ADMIT(fused, blank, batch.system_mask)
+    blank = batch.replace(
+        stage_state=zeros.stage_state, info=zeros.info, step_count=jnp.zeros((), jnp.int32)
+    )
+    return admit(fused, blank, batch.system_mask)
 
 
 def host_arrays(host) -> dict:
@@ -174,23 +158,30 @@ def host_arrays(host) -> dict:
     return arrays
 
 
-def write_graduated(host, slots, sinks, annotate=None) -> int:
-    """Write the systems in ``slots`` of a host batch to the first sink with room each ([S15]).
+def write_graduated(host, slots, sinks, annotate=None, held=None) -> int:
+    """Write the systems in ``slots`` of a host batch to the first sink with room each
+    (docs/semantics.md §15).
 
     Each frame gets ``exit_reason_name``; ``annotate(frames)`` (a sampler's
-    :meth:`~fused_dynamics.SizeAwareSampler.annotate`) adds the input's provenance.
+    :meth:`~fused_dynamics.SizeAwareSampler.annotate`) adds the input's provenance. Systems
+    whose id is in ``held`` (what the sinks of a resumed run hold already) are not written again.
+    Returns the number of systems written.
     """
     if len(slots) == 0:
         return 0
     frames = [name_exit_reason(a) for a in atoms_from_arrays(host_arrays(host), slots)]
     if annotate is not None:
         frames = annotate(frames)
-    write_to_sinks(frames, sinks)
-    return len(frames)
+    return write_to_sinks(frames, sinks, held)
 
 
-def write_to_sinks(frames, sinks) -> None:
-    """Each frame to the first sink with room; raise (after writing what fits) when all are full."""
+def write_to_sinks(frames, sinks, held=None) -> int:
+    """Each frame to the first sink with room; raise (after writing what fits) when all are full.
+
+    Frames whose ``system_id`` is in ``held`` are skipped. Returns the number written.
+    """
+    if held:
+        frames = [a for a in frames if int(a.info.get("system_id", -1)) not in held]
     for k, atoms in enumerate(frames):
         for sink in sinks:
             if sink.has_room(1):
@@ -202,9 +193,10 @@ def write_to_sinks(frames, sinks) -> None:
                 f"Every sink is full; systems {lost} cannot be written (nothing was dropped "
                 "silently: give a sink with more room)."
             )
+    return len(frames)
 
 
-def _repack(host: Batch, keep: np.ndarray) -> tuple[dict, int]:
+def repack(host: Batch, keep: np.ndarray) -> tuple[dict, int]:
     """Host arrays with the systems of slots ``keep`` contiguous at the front of the atom axis."""
     n, s = host.max_atoms, host.max_systems
     arrays = empty_host_arrays(n, s)
@@ -224,10 +216,8 @@ def _repack(host: Batch, keep: np.ndarray) -> tuple[dict, int]:
     return arrays, offset
 
 
-def _rejected_frames(rejected, annotate=None) -> list:
+def rejected_frames(rejected, annotate=None) -> list:
     """Frames of rejected systems: the input structure, ``exit_reason`` REJECTED and why."""
-    import ase
-
     frames = []
     for sid, atoms, why in rejected:
         a = ase.Atoms()
@@ -242,145 +232,12 @@ def _rejected_frames(rejected, annotate=None) -> list:
     return annotate(frames) if annotate is not None else frames
 
 
-def run_inflight(
-    fused, sampler, refill_frequency: int, sinks, dtype=None, stats=None, listeners=()
-):
-    """Drive ``fused`` over a sampler's dataset with in-place refill; see the module docstring.
-
-    Parameters
-    ----------
-    fused : FusedStage
-    sampler : SizeAwareSampler
-        Its :meth:`~fused_dynamics.SizeAwareSampler.annotate`, when it has one, adds each
-        input's provenance to the frames written.
-    refill_frequency : int
-        Steps per compiled chunk.
-    sinks : list of sinks
-        Each system goes to the first with room. They are closed when the run ends, also by
-        an exception or an interrupt.
-    dtype : float dtype, optional
-    stats : RunStats, optional
-    listeners : sequence of StageExitWriter
-        Told to commit what their hooks collected after each kept chunk (see
-        :func:`_run_chunk`).
-
-    Returns
-    -------
-    RunStats
-    """
-    if refill_frequency < 1:
-        raise ValueError(f"refill_frequency must be >= 1, got {refill_frequency}.")
-    if not sinks:
-        raise ValueError("An inflight run needs at least one sink to write systems to.")
-    stats = RunStats() if stats is None else stats
-    try:
-        return _run_inflight(fused, sampler, refill_frequency, sinks, dtype, stats, listeners)
-    finally:
-        for sink in sinks:
-            sink.close()
-
-
-def _run_inflight(fused, sampler, refill_frequency, sinks, dtype, stats, listeners):
-    t0 = time.perf_counter()
-    cache0 = _CHUNK._cache_size()
-    annotate = getattr(sampler, "annotate", None)
-
-    def report_rejected():
-        frames = _rejected_frames(sampler.take_rejected(), annotate)
-        write_to_sinks(frames, sinks)
-        stats.rejected += len(frames)
-        stats.written += len(frames)
-
-    report_rejected()
-    if sampler.exhausted:  # nothing left to run (every system written before, or rejected)
-        stats.wall_time = time.perf_counter() - t0
-        return stats
-    cells, pbc = sampler.cells()
-    fused = fused.prepare_for_cells(cells, pbc)
-    batch = sampler.initial_batch(dtype)
-    batch = attach_neighbors(fused.model, batch, cells, pbc)
-    batch = _initialize(fused, batch)
-    step = 0
-    while True:
-        batch, taken, active = _run_chunk(fused, batch, refill_frequency, step, listeners)
-        host = jax.device_get(batch)
-        taken = int(taken)
-        step += taken
-        stats.steps = step
-        stats.chunks += 1
-        stats.slot_steps_active += int(active)
-        stats.slot_steps_total += taken * host.max_systems
-        done = np.asarray(host.system_mask) & (np.asarray(host.status) == fused.exit_status)
-        stats.written += write_graduated(host, np.flatnonzero(done), sinks, annotate)
-        keep = np.asarray(host.system_mask) & ~done
-        report_rejected()
-        if sampler.exhausted and not keep.any():
-            break
-        if not done.any() and taken > 0:
-            continue  # nothing left the batch: keep going without a host round trip of state
-        arrays, offset = _repack(host, keep)
-        arrays["status"][~keep] = fused.exit_status
-        free_slots = [int(x) for x in np.flatnonzero(~keep)]
-        incoming = sampler.take(host.max_atoms - offset, len(free_slots))
-        new = np.zeros(host.max_systems, bool)
-        for (index, atoms), slot in zip(incoming, free_slots, strict=False):
-            write_system(arrays, slot, offset, atoms, index)
-            offset += len(atoms)
-            new[slot] = True
-        report_rejected()
-        if not keep.any() and not new.any():
-            if sampler.exhausted:
-                break
-            raise RuntimeError("Inflight run: the next system does not fit an empty batch.")
-        batch = _rebuild(batch, host, arrays)
-        if new.any():
-            batch = _ADMIT(fused, batch, jnp.asarray(new))
-    stats.compilations = _CHUNK._cache_size() - cache0
-    stats.wall_time = time.perf_counter() - t0
-    return stats
-
-
-def _rebuild(batch: Batch, host: Batch, arrays: dict) -> Batch:
+def rebuild(batch: Batch, host: Batch, arrays: dict) -> Batch:
     """The device batch with re-packed atoms; per-slot state and bookkeeping carried over."""
     fields = {k: jnp.asarray(v, dtype=getattr(batch, k).dtype) for k, v in arrays.items()}
     if batch.neighbors is not None:  # atoms moved on the atom axis: the list must be rebuilt
         fields["neighbors"] = batch.neighbors.invalidated()
     return batch.replace(**fields)
-
-
-def run_streaming(fused, batch, n_steps, refill_frequency, sinks, resume, stats=None):
-    """Run a fixed batch in chunks, writing each system to the sinks as it graduates."""
-    stats = RunStats() if stats is None else stats
-    t0 = time.perf_counter()
-    cache0 = _CHUNK._cache_size()
-    # written already: empty slots and, when resuming, systems that had left before; a system
-    # that fails at the first evaluation leaves at once and must still be written
-    written = ~np.asarray(batch.system_mask)
-    if resume:
-        written = written | (np.asarray(batch.status) == fused.exit_status)
-    else:
-        batch = _initialize(fused, batch)
-    step = 0
-    limit = np.iinfo(np.int32).max if n_steps is None else int(n_steps)
-    while step < limit:
-        k = min(refill_frequency, limit - step)
-        batch, taken, active = _run_chunk(fused, batch, k, step)
-        taken = int(taken)
-        step += taken
-        stats.chunks += 1
-        stats.slot_steps_active += int(active)
-        stats.slot_steps_total += taken * batch.max_systems
-        status = np.asarray(batch.status)
-        done = (status == fused.exit_status) & ~written
-        if done.any():
-            stats.written += write_graduated(jax.device_get(batch), np.flatnonzero(done), sinks)
-            written |= done
-        if written.all() or taken == 0:
-            break
-    stats.steps = step
-    stats.compilations = _CHUNK._cache_size() - cache0
-    stats.wall_time = time.perf_counter() - t0
-    return batch
 
 
 # ============================================================================ stage outputs
@@ -420,6 +277,7 @@ class StageExitWriter:
         self.stage_type = stage_type
         self.pending: list = []
         self.written = 0
+        self.held: set = set()  # ids the sink holds already (a resumed run)
 
     def hook(self) -> StageExitHook:
         """The fused-level hook that collects this writer's frames."""
@@ -443,6 +301,7 @@ class StageExitWriter:
     def commit(self) -> None:
         """Write what was collected (called after a chunk is kept)."""
         frames, self.pending = self.pending, []
+        frames = [a for a in frames if int(a.info["system_id"]) not in self.held]
         if frames and self.annotate is not None:
             frames = self.annotate(frames)
         if frames:

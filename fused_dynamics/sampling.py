@@ -207,6 +207,33 @@ class SizeAwareSampler:
         self._pending_rejects = [(i, w) for i, w in self._pending_rejects if i not in drop]
         return before - len(self._queue) - len(self._pending_rejects)
 
+    def state_dict(self) -> dict:
+        """The sampler's position as JSON-able values: the queue of dataset indices still to
+        hand out, every rejection so far and those not yet reported (for checkpoints)."""
+        return {
+            "n": len(self.dataset),
+            "queue": [int(i) for i in self._queue],
+            "rejected": [[int(i), why] for i, why in self.rejected],
+            "pending_rejects": [[int(i), why] for i, why in self._pending_rejects],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` of a sampler over the same dataset.
+
+        Raises
+        ------
+        ValueError
+            When the dataset has another length (not the one the state was taken from).
+        """
+        if int(state["n"]) != len(self.dataset):
+            raise ValueError(
+                f"SizeAwareSampler.load_state_dict: the state is of a dataset of {state['n']} "
+                f"structures, this one has {len(self.dataset)}; give the same dataset."
+            )
+        self._queue = deque(int(i) for i in state["queue"])
+        self.rejected = [(int(i), why) for i, why in state["rejected"]]
+        self._pending_rejects = [(int(i), why) for i, why in state["pending_rejects"]]
+
     def index_of(self, system_id: int) -> int:
         """The dataset index of the structure with this ``system_id`` (KeyError if none)."""
         return self._index_of[int(system_id)]

@@ -12,7 +12,17 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["ExitReason", "Failure", "exit_reason_name", "failure_names", "LEGEND"]
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "ExitReason",
+    "Failure",
+    "exit_reason_name",
+    "failure_names",
+    "fresh_info",
+    "LEGEND",
+]
 
 
 class ExitReason(enum.IntEnum):
@@ -74,3 +84,14 @@ LEGEND = {
     "exit_reason": {int(r): r.name.lower() for r in ExitReason},
     "failure": {int(f): f.name.lower() for f in Failure if f},
 }
+
+
+def fresh_info(num_systems: int, num_sub_stages: int, dtype) -> dict[str, jax.Array]:
+    """Per-system bookkeeping of a fresh batch (every leaf has leading axis S)."""
+    return {
+        "stage_steps": jnp.zeros((num_systems, num_sub_stages), jnp.int32),
+        "prev_energy": jnp.full((num_systems,), jnp.inf, dtype),
+        "exit_reason": jnp.zeros((num_systems,), jnp.int32),  # ExitReason.RUNNING
+        "failure": jnp.zeros((num_systems,), jnp.int32),  # Failure.NONE
+        "failure_step": jnp.full((num_systems,), -1, jnp.int32),
+    }

@@ -1,4 +1,4 @@
-"""FusedStage behaviour, point by point against ../shared/SEMANTICS.md ([S1]...[S13])."""
+"""FusedStage behaviour, point by point against docs/semantics.md (§1...§13, §18)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def batch_of(atoms, **kw):
     return fd.Batch.from_atoms(atoms, **kw)
 
 
-# ----------------------------------------------------------------------------- [S1] [S2] [S3]
+# ----------------------------------------------------------------------------- §1 §2 §3
 def test_plus_assigns_codes_and_is_left_associative():
     a, b, c = Descent(LJ), fd.NVE(LJ, dt=1.0, n_steps=3), fd.NVE(LJ, dt=2.0, n_steps=2)
     ab = a + b
@@ -89,7 +89,7 @@ def test_entry_status_is_applied():
     np.testing.assert_array_equal(np.asarray(out.status)[:2], [2, 2])
 
 
-# ----------------------------------------------------------------------------- [S5] [S10] [S11]
+# ----------------------------------------------------------------------------- §5 §10 §11
 def _reference(atoms, stages_and_steps):
     """Run one system alone through stages one after another, each for a fixed count."""
     b = batch_of([atoms])
@@ -146,7 +146,7 @@ def test_system_leaves_an_optimizer_at_rest():
 
 
 def test_migrated_system_is_first_updated_by_new_stage_next_step():
-    """[S5]: the stage that updates a system is fixed by its status at the start of the step."""
+    """§5: the stage that updates a system is fixed by its status at the start of the step."""
     b = batch_of(clusters(1))
     fused = Descent(LJ, n_steps=1) + fd.NVE(LJ, dt=1.0, n_steps=1)
     state = fused.init(b)
@@ -162,7 +162,7 @@ def test_migrated_system_is_first_updated_by_new_stage_next_step():
 
 
 def test_both_graduation_paths_reported_in_the_same_step():
-    """[S11] [S12]: system 0 converges, system 1 spends its budget, both in step 2."""
+    """§11 §12: system 0 converges, system 1 spends its budget, both in step 2."""
 
     def converge_system0_at_step3(batch, fields):
         return (batch.system_id == 0) & (batch.info["stage_steps"][:, 0] >= 3)
@@ -185,7 +185,7 @@ def test_both_graduation_paths_reported_in_the_same_step():
 
 
 def test_default_criterion_only_for_non_final_stages_without_budget():
-    """[S10]: no criterion and no budget -> fmax <= 0.05; a budget alone governs otherwise."""
+    """§10: no criterion and no budget -> fmax <= 0.05; a budget alone governs otherwise."""
     relaxed = Descent(LJ, step_size=0.3, convergence_hook=fd.ConvergenceHook.from_fmax(1e-3))
     b = relaxed.run(batch_of(clusters(2)), n_steps=500)  # forces now far below 0.05 eV/Å
     b = fd.Batch.from_atoms(b.to_atoms())
@@ -201,7 +201,7 @@ def test_default_criterion_only_for_non_final_stages_without_budget():
 
 
 def test_energy_change_criterion_is_computed():
-    """[S9]: energy_change is |E - E_prev| within the stage; inf on a system's first step."""
+    """§9: energy_change is |E - E_prev| within the stage; inf on a system's first step."""
     crit = fd.ConvergenceHook([{"key": "energy_change", "threshold": 1e-9}])
     fused = fd.FusedStage([(0, Descent(LJ, step_size=0.3, convergence_hook=crit))])
     out = fused.run(batch_of(clusters(2)), n_steps=2000)
@@ -232,7 +232,7 @@ def test_criteria_combine_with_and_and_reduce_per_atom_fields():
         fd.ConvergenceHook([{"threshold": 1.0}])
 
 
-# ----------------------------------------------------------------------------- [S13]
+# ----------------------------------------------------------------------------- §13
 def test_run_stops_on_completion_or_on_n_steps():
     md = fd.NVE(LJ, dt=1.0, n_steps=5)
     out = md.run(batch_of(clusters(2)))
@@ -252,7 +252,7 @@ def test_final_stage_that_never_graduates_needs_n_steps():
     assert int(out.info["stage_steps"][0, 0]) == 4
 
 
-# ----------------------------------------------------------------------------- [S6]
+# ----------------------------------------------------------------------------- §6
 class CountingLJ(fd.models.LennardJones):
     """Counts how many times its energy is traced into a program."""
 
@@ -279,7 +279,7 @@ def test_one_model_evaluation_per_step(n_sub):
     ).count("integer_pow[y=6]")
 
 
-# ----------------------------------------------------------------------------- hooks [S4] [S7] [S8]
+# ----------------------------------------------------------------------------- hooks §4 §7 §8
 class Recorder(fd.Hook):
     log: list = eqx.field(static=True)
     name: str = eqx.field(static=True, default="")
@@ -308,15 +308,18 @@ def test_hooks_fire_per_semantics_with_frequency():
         return sum(1 for n, s, _ in log if n == name and s == p)
 
     fire = {DS.BEFORE_STEP, DS.BEFORE_PRE_UPDATE, DS.AFTER_COMPUTE, DS.AFTER_POST_UPDATE}
-    fire |= {DS.AFTER_STEP, DS.ON_CONVERGE}
-    for p in points:
-        assert count("fused", p) == 5, p  # fused-level hooks fire at all nine points
-        # sub-stage hooks: the six points of [S7], steps 0, 2, 4 with every_n_steps=2
+    fire |= {DS.AFTER_STEP}
+    # ON_CONVERGE fires only on steps where systems left a stage (see
+    # test_on_converge_fires_when_systems_of_its_stage_left): none left the NVE stage
+    assert count("idle", DS.ON_CONVERGE) == 0
+    for p in points[:-1]:
+        assert count("fused", p) == 5, p  # fused-level hooks fire at the other eight points
+        # sub-stage hooks: the six points of §7, steps 0, 2, 4 with every_n_steps=2
         assert count("sub", p) == (3 if p in fire else 0), p
         # BEFORE_PRE_UPDATE / AFTER_POST_UPDATE fire even though no system has code 1
         assert count("idle", p) == (5 if p in fire else 0), p
-    # order inside step 0 ([S4])
-    step0 = [(n, s) for n, s, k in log if k == 0]
+    # order inside step 0 (§4)
+    step0 = [(n, s) for n, s, k in log if k == 0 and s != DS.ON_CONVERGE]
     expected = [
         ("fused", DS.BEFORE_STEP),
         ("sub", DS.BEFORE_STEP),
@@ -336,11 +339,36 @@ def test_hooks_fire_per_semantics_with_frequency():
         ("fused", DS.AFTER_STEP),
         ("sub", DS.AFTER_STEP),
         ("idle", DS.AFTER_STEP),
-        ("fused", DS.ON_CONVERGE),
-        ("sub", DS.ON_CONVERGE),
-        ("idle", DS.ON_CONVERGE),
     ]
     assert step0 == expected
+
+
+class ConvergeLog(fd.Hook):
+    log: list = eqx.field(static=True)
+    name: str = eqx.field(static=True, default="")
+    stage: DS = eqx.field(static=True, default=DS.ON_CONVERGE, kw_only=True)
+
+    def on_host(self, data):
+        self.log.append((self.name, data.step, data["budget_spent"].tolist()))
+
+
+def test_on_converge_fires_when_systems_of_its_stage_left():
+    """docs/semantics.md §7: ON_CONVERGE fires on a sub-stage only on steps where systems of
+    that sub-stage converged or spent their budget, with the report of which; fused-level
+    ON_CONVERGE hooks on steps where some system left any sub-stage."""
+    log: list = []
+    a = fd.NVE(LJ, dt=1.0, n_steps=3).register_hook(ConvergeLog(log=log, name="a"))
+    b = fd.NVE(LJ, dt=1.0, n_steps=4).register_hook(ConvergeLog(log=log, name="b"))
+    fused = (a + b).register_fused_hook(ConvergeLog(log=log, name="fused"))
+    jax.effects_barrier()
+    out = fused.run(batch_of(clusters(2), max_systems=3))
+    jax.effects_barrier()
+    assert int(out.step_count) == 7
+    both = [True, True, False]
+    # steps 0..2 in a (budget spent at step 2), 3..6 in b (spent, and graduated, at step 6)
+    assert sorted(log) == sorted(
+        [("fused", 2, both), ("a", 2, both), ("fused", 6, both), ("b", 6, both)]
+    )
 
 
 def test_hook_receives_only_requested_fields():
@@ -406,14 +434,14 @@ def test_grad_through_a_differentiable_run_matches_finite_differences():
 
 def test_compiles_once_for_repeated_runs():
     md = fd.NVE(LJ, dt=1.0, n_steps=3)
-    from fused_dynamics import fused as fused_mod
+    from fused_dynamics import driver
 
     md.run(batch_of(clusters(2), max_atoms=40, max_systems=3))
-    fn = fused_mod._compiled_run({})
-    before = fn._cache_size()
+    fn = driver._compiled(driver._run_loop, {})
+    before = fn.cache_size()
     md.run(batch_of(clusters(2, seed=5), max_atoms=40, max_systems=3))
     fd.NVE(LJ, dt=3.0, n_steps=3).run(batch_of(clusters(1), max_atoms=40, max_systems=3))
-    assert fn._cache_size() == before
+    assert fn.cache_size() == before
 
 
 # ----------------------------------------------------------------------------- built-in hooks

@@ -1,4 +1,4 @@
-"""Inflight batching: samplers, in-place refill without recompilation, sinks ([S14] [S15])."""
+"""Inflight batching: samplers, in-place refill without recompilation, sinks (docs/semantics.md §14, §15)."""
 
 from __future__ import annotations
 
@@ -62,8 +62,8 @@ def test_every_system_once_and_equal_to_running_alone(n_systems):
     fused = stages()
     sampler = fd.SizeAwareSampler(data, max_atoms=256, max_systems=12, max_atoms_per_system=64)
     sink = fd.HostMemory()
-    stats = fd.RunStats()
-    assert fused.run(sampler=sampler, refill_frequency=10, sinks=[sink], stats=stats) is None
+    stats = fused.run(sampler=sampler, refill_frequency=10, sinks=[sink])
+    assert isinstance(stats, fd.RunStats)
     ids = [a.info["system_id"] for a in sink.atoms]
     assert sorted(ids) == list(range(n_systems)), "each dataset index exactly once"
     # one compilation of the chunk for the whole run (none if this process already compiled
@@ -84,13 +84,11 @@ def test_every_system_once_and_equal_to_running_alone(n_systems):
 def test_utilization_high_with_long_md_budget():
     """Slot utilisation: with budgets much longer than the refill period, slots stay busy."""
     data = dataset(60, seed=2)
-    stats = fd.RunStats()
     sink = fd.HostMemory()
-    stages(n_md=200).run(
+    stats = stages(n_md=200).run(
         sampler=fd.SizeAwareSampler(data, max_atoms=256, max_systems=8),
         refill_frequency=5,
         sinks=[sink],
-        stats=stats,
     )
     assert len(sink) == 60
     # the tail (the last systems finishing while no new ones come) is the only idle time
@@ -210,7 +208,7 @@ def test_fixed_batch_streams_graduates_to_sinks():
 
 def test_no_recompilation_across_runs_of_same_capacity():
     fused = stages(n_md=3)
-    from fused_dynamics import inflight
+    from fused_dynamics import driver
 
     fused.run(
         sampler=fd.SizeAwareSampler(
@@ -219,14 +217,12 @@ def test_no_recompilation_across_runs_of_same_capacity():
         refill_frequency=4,
         sinks=[fd.HostMemory()],
     )
-    before = inflight._CHUNK._cache_size()
-    stats = fd.RunStats()
-    fused.run(
+    before = driver.compiled_chunk(fused).cache_size()
+    stats = fused.run(
         sampler=fd.SizeAwareSampler(
             dataset(12, seed=10), max_atoms=128, max_systems=4, max_atoms_per_system=64
         ),
         refill_frequency=4,
         sinks=[fd.HostMemory()],
-        stats=stats,
     )
-    assert inflight._CHUNK._cache_size() == before and stats.compilations == 0
+    assert driver.compiled_chunk(fused).cache_size() == before and stats.compilations == 0

@@ -1,0 +1,180 @@
+"""Checkpoints of a run: the whole batch (stage state, random-stream positions, step count) and
+the host-side progress (sampler position, rejected set, what the sinks hold, statistics).
+
+One file per checkpoint: a first line naming the format and the length of a JSON header, the
+header, then the batch's leaves written by ``equinox.tree_serialise_leaves`` (NumPy's ``.npy``
+format per leaf). It is written atomically: to a temporary file in the same folder, flushed and
+``fsync``-ed, then renamed over the previous checkpoint, so a run killed at any moment leaves
+either the previous checkpoint or the new one, never a partial file (docs/semantics.md §19).
+
+The array layout is rebuilt from the header and the fused stage on loading (``like`` of
+``equinox.tree_deserialise_leaves``); no Python object is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .batch import Batch, empty_host_arrays
+from .status import fresh_info
+
+__all__ = ["save", "load", "read_header", "layout_of", "FORMAT", "VERSION"]
+
+FORMAT = "fused_dynamics-checkpoint"
+VERSION = 1
+
+
+def layout_of(batch: Batch) -> dict:
+    """What is needed to rebuild the structure of ``batch`` (capacities, dtype, the list's
+    static fields), as JSON-able values."""
+    out = {
+        "max_atoms": batch.max_atoms,
+        "max_systems": batch.max_systems,
+        "max_atoms_per_system": batch.max_atoms_per_system,
+        "dtype": str(jnp.dtype(batch.dtype)),
+        "info_keys": sorted(batch.info),
+        "neighbors": None,
+    }
+    nl = batch.neighbors
+    if nl is not None:
+        cls = type(nl)
+        if not cls.__module__.startswith("fused_dynamics."):
+            raise TypeError(
+                f"checkpoint: cannot save a batch whose neighbors are a {cls.__name__}; only "
+                "fused_dynamics neighbor lists are supported."
+            )
+        static = {
+            f.name: getattr(nl, f.name)
+            for f in dataclasses.fields(nl)
+            if f.metadata.get("static", False)
+        }
+        arrays = [f.name for f in dataclasses.fields(nl) if not f.metadata.get("static", False)]
+        out["neighbors"] = {
+            "class": f"{cls.__module__}:{cls.__qualname__}",
+            "static": static,
+            "arrays": arrays,
+        }
+    return out
+
+
+def _skeleton(fused, layout: dict) -> Batch:
+    """A batch with the structure of a saved one (values are placeholders)."""
+    host = empty_host_arrays(layout["max_atoms"], layout["max_systems"])
+    blank = Batch.from_host_arrays(host, jnp.dtype(layout["dtype"]), layout["max_atoms_per_system"])
+
+    def state_and_info(b):
+        info = fused_info(fused, b)
+        return tuple(st.init_state(b) for st in fused.stages), info
+
+    stage_state, info = jax.eval_shape(state_and_info, blank)
+    missing = set(layout["info_keys"]) ^ set(info)
+    if missing:
+        raise ValueError(
+            f"checkpoint: it was written by a run with other hooks or sub-stages (bookkeeping "
+            f"{sorted(missing)} differs); resume it with the fused stage that wrote it."
+        )
+    neighbors = None
+    if layout["neighbors"] is not None:
+        spec = layout["neighbors"]
+        module, name = spec["class"].split(":")
+        cls = getattr(importlib.import_module(module), name)
+        fields = {k: jnp.zeros(()) for k in spec["arrays"]}
+        neighbors = cls(**fields, **spec["static"])
+    return blank.replace(
+        stage_state=stage_state,
+        info=info,
+        neighbors=neighbors,
+        step_count=jnp.zeros((), jnp.int32),
+    )
+
+
+def fused_info(fused, batch: Batch) -> dict:
+    """The bookkeeping a fused stage keeps: :func:`~fused_dynamics.status.fresh_info` and its
+    hooks' ``init_info``."""
+    info = fresh_info(batch.max_systems, len(fused.stages), batch.dtype)
+    for hook in fused.all_hooks():
+        info.update(hook.init_info(batch))
+    return info
+
+
+def save(path: str | os.PathLike, batch: Batch, header: dict[str, Any]) -> None:
+    """Write ``batch`` and ``header`` (JSON-able) to ``path`` atomically.
+
+    Raises
+    ------
+    TypeError
+        When the header is not JSON-able or the batch's neighbor list is not a
+        fused_dynamics one.
+    OSError
+        When the folder cannot be written (the previous checkpoint is left as it was).
+    """
+    path = os.fspath(path)
+    header = dict(header, format=FORMAT, version=VERSION, layout=layout_of(batch))
+    text = json.dumps(header, sort_keys=True).encode()
+    host = jax.device_get(batch)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(f"{FORMAT} {VERSION} {len(text)}\n".encode())
+            f.write(text)
+            eqx.tree_serialise_leaves(f, host)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # the rename itself survives a crash once the folder is synced
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_header(f, path) -> dict:
+    first = f.readline().decode(errors="replace").split()
+    if len(first) != 3 or first[0] != FORMAT:
+        raise ValueError(f"{path!r} is not a fused_dynamics checkpoint.")
+    if int(first[1]) != VERSION:
+        raise ValueError(
+            f"{path!r} is a checkpoint of format version {first[1]}; this version of "
+            f"fused_dynamics reads version {VERSION}."
+        )
+    return json.loads(f.read(int(first[2])).decode())
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a checkpoint (step count, statistics, sampler and sink progress)."""
+    with open(os.fspath(path), "rb") as f:
+        return _read_header(f, os.fspath(path))
+
+
+def load(path: str | os.PathLike, fused) -> tuple[dict, Batch]:
+    """The header and the batch of a checkpoint written for ``fused``.
+
+    Raises
+    ------
+    FileNotFoundError
+    ValueError
+        Not a checkpoint, another format version, or written by a different fused stage.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        header = _read_header(f, path)
+        like = _skeleton(fused, header["layout"])
+        batch = eqx.tree_deserialise_leaves(f, like)
+    return header, batch

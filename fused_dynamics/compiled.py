@@ -1,0 +1,130 @@
+"""Compiling engine functions, and the one neighbor-list overflow-grow-retry helper.
+
+Any Equinox module may hold leaves that are not arrays (an ``eqx.nn.MLP``'s activation
+functions, a hook's string field). :func:`filter_compile` traces the array-like leaves (arrays
+and Python numbers, so that a new time step or temperature does not recompile) and keeps every
+other leaf static, as ``equinox.filter_jit`` does (which would make Python numbers static).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import numpy as np
+
+__all__ = ["filter_compile", "overflowed", "grow_neighbors", "retry_on_overflow"]
+
+
+class _Static:
+    """The non-array part of the arguments, hashable for ``jax.jit``'s cache."""
+
+    __slots__ = ("leaves", "treedef", "_hash")
+
+    def __init__(self, tree):
+        self.leaves, self.treedef = jax.tree_util.tree_flatten(tree)
+        self._hash = hash((self.treedef, tuple(map(_key, self.leaves))))
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, _Static)
+            and self.treedef == other.treedef
+            and len(self.leaves) == len(other.leaves)
+            and all(_key(a) == _key(b) for a, b in zip(self.leaves, other.leaves, strict=True))
+        )
+
+    def tree(self):
+        return jax.tree_util.tree_unflatten(self.treedef, self.leaves)
+
+
+def _key(leaf):
+    """A hashable identity of a static leaf (by value when it has one, else by object)."""
+    try:
+        hash(leaf)
+    except TypeError:
+        return ("id", id(leaf))
+    return leaf
+
+
+def filter_compile(fn: Callable, **jit_kwargs) -> Callable:
+    """``fn`` compiled with ``jax.jit``, tracing only the array-like leaves of its arguments.
+
+    Parameters
+    ----------
+    fn : callable
+        Called with the positional arguments; its outputs must be arrays (or pytrees of them
+        whose other parts are static fields).
+    **jit_kwargs
+        Forwarded to ``jax.jit``: options that do not name arguments (``inline``,
+        ``keep_unused``, ``compiler_options``).
+
+    Returns
+    -------
+    callable
+        With a ``cache_size()`` method: the number of programs compiled so far.
+    """
+
+    def inner(static, dynamic):
+        return fn(*eqx.combine(dynamic, static.tree()))
+
+    compiled = jax.jit(inner, static_argnums=0, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def call(*args):
+        dynamic, static = eqx.partition(args, eqx.is_array_like)
+        return compiled(_Static(static), dynamic)
+
+    call.cache_size = compiled._cache_size
+    return call
+
+
+def overflowed(batch) -> bool:
+    """Whether a concrete batch's neighbor list overflowed (host-side; False when traced)."""
+    nl = getattr(batch, "neighbors", None)
+    flag = getattr(nl, "overflow", None)
+    if flag is None or isinstance(flag, jax.core.Tracer):
+        return False
+    return bool(np.any(np.asarray(flag)))
+
+
+def grow_neighbors(batch, out=None):
+    """``batch`` with a larger neighbor list (one recompilation follows), with a warning.
+
+    ``out`` is the batch the overflowing call returned: its list recorded what was needed.
+    """
+    grown = batch.neighbors.grown(seen=None if out is None else out.neighbors)
+    warnings.warn(
+        f"fused_dynamics: the neighbor list overflowed its capacity; grown to "
+        f"{grown.capacity} pairs and re-run from the last good state (one recompilation).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return batch.replace(neighbors=grown)
+
+
+def retry_on_overflow(fn: Callable, batch, *args, listeners=()):
+    """``fn(batch, *args)``, redone on a larger neighbor list until nothing overflowed.
+
+    ``fn`` returns a batch or a tuple whose first item is the batch. ``listeners`` (objects with
+    ``commit()`` and ``discard()``, such as :class:`~fused_dynamics.inflight.StageExitWriter`)
+    collect frames from host callbacks during the call: they are told to discard them when the
+    call is redone and to commit them once it is kept, so that nothing computed by a discarded
+    attempt is ever written.
+    """
+    while True:
+        out = fn(batch, *args)
+        result = out[0] if isinstance(out, tuple) else out
+        done = not overflowed(result)
+        if listeners:
+            jax.effects_barrier()  # every host callback of the call has run
+        for listener in listeners:
+            listener.commit() if done else listener.discard()
+        if done:
+            return out
+        batch = grow_neighbors(batch, result)
