@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 
-from . import inflight
 from .config import (
     ConfigError,
     RunConfig,
@@ -29,7 +28,7 @@ from .config import (
     check_structure_species,
     load_structures_with_sources,
 )
-from .inflight import RunStats, StageExitWriter
+from .inflight import StageExitWriter
 from .plotting import RecorderHook, RecordingSink, RunRecord, plot_run, summary_table
 from .run_outputs import TeeSink, open_sink, plan_outputs
 from .sampling import SizeAwareSampler
@@ -248,17 +247,14 @@ def execute(
             )
         fused = build_fused(cfg, model, hooks=(recorder,), first_hooks=[w.hook() for w in writers])
         fused = _with_stress(cfg, fused)
-        stats = RunStats()
         dtype = {"float32": jax.numpy.float32, "float64": jax.numpy.float64}[cfg.dtype]
         tee = TeeSink(sinks[: len(outputs)], [p.written for p in outputs])
         t_run = time.perf_counter()
-        inflight.run_inflight(
-            fused,
-            sampler,
-            cfg.refill_frequency,
-            [RecordingSink(tee, record)],
+        stats = fused.run(
+            sampler=sampler,
+            sinks=[RecordingSink(tee, record)],
+            refill_frequency=cfg.refill_frequency,
             dtype=dtype,
-            stats=stats,
             listeners=writers,
         )
     finally:

@@ -374,7 +374,7 @@ def test_with_an_id_key_removing_a_structure_leaves_the_others_bit_identical():
 
 
 def test_stage_write_keeps_each_system_as_it_left_the_relaxation():
-    from fused_dynamics.inflight import StageExitWriter, run_inflight
+    from fused_dynamics.inflight import StageExitWriter
 
     frames = [cluster(i, n=13) for i in range(4)]
     frames[3].rattle(0.3, seed=9)  # needs more steps than the budget
@@ -384,7 +384,9 @@ def test_stage_write_keeps_each_system_as_it_left_the_relaxation():
     sampler = fd.SizeAwareSampler(frames, max_atoms=40, max_systems=2, max_atoms_per_system=13)
     writer = StageExitWriter(0, 1, relaxed, annotate=sampler.annotate, stage_type="fire")
     fused = fd.FusedStage([relax, md], hooks=[writer.hook()])
-    run_inflight(fused, sampler, 3, [final], dtype=np.float64, listeners=[writer])
+    fused.run(
+        sampler=sampler, sinks=[final], refill_frequency=3, dtype=np.float64, listeners=[writer]
+    )
     assert sorted(a.info["system_id"] for a in relaxed.atoms) == [0, 1, 2, 3]
     ends = {a.info["system_id"]: a for a in final.atoms}
     for a in relaxed.atoms:
