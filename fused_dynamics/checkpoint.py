@@ -23,6 +23,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .batch import Batch, empty_host_arrays
 from .status import fresh_info
@@ -43,6 +44,9 @@ def layout_of(batch: Batch) -> dict:
         "dtype": str(jnp.dtype(batch.dtype)),
         "info_keys": sorted(batch.info),
         "neighbors": None,
+        "leaves": [
+            [list(np.shape(x)), str(np.asarray(x).dtype)] for x in jax.tree_util.tree_leaves(batch)
+        ],
     }
     nl = batch.neighbors
     if nl is not None:
@@ -89,12 +93,21 @@ def _skeleton(fused, layout: dict) -> Batch:
         cls = getattr(importlib.import_module(module), name)
         fields = {k: jnp.zeros(()) for k in spec["arrays"]}
         neighbors = cls(**fields, **spec["static"])
-    return blank.replace(
+    skeleton = blank.replace(
         stage_state=stage_state,
         info=info,
         neighbors=neighbors,
         step_count=jnp.zeros((), jnp.int32),
     )
+    # the structure from the fused stage, the shapes and dtypes from the file
+    treedef = jax.tree_util.tree_structure(skeleton)
+    if treedef.num_leaves != len(layout["leaves"]):
+        raise ValueError(
+            "checkpoint: it was written by a run with another structure (sub-stages, hooks or "
+            "stage state differ); resume it with the fused stage that wrote it."
+        )
+    leaves = [jax.ShapeDtypeStruct(tuple(shape), dtype) for shape, dtype in layout["leaves"]]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def fused_info(fused, batch: Batch) -> dict:
@@ -163,8 +176,11 @@ def read_header(path: str | os.PathLike) -> dict:
         return _read_header(f, os.fspath(path))
 
 
-def load(path: str | os.PathLike, fused) -> tuple[dict, Batch]:
+def load(path: str | os.PathLike, fused, check=None) -> tuple[dict, Batch]:
     """The header and the batch of a checkpoint written for ``fused``.
+
+    ``check(header)``, when given, runs before the batch is read (to refuse a checkpoint of
+    another run with a message naming the difference).
 
     Raises
     ------
@@ -175,6 +191,8 @@ def load(path: str | os.PathLike, fused) -> tuple[dict, Batch]:
     path = os.fspath(path)
     with open(path, "rb") as f:
         header = _read_header(f, path)
+        if check is not None:
+            check(header)
         like = _skeleton(fused, header["layout"])
         batch = eqx.tree_deserialise_leaves(f, like)
     return header, batch

@@ -439,12 +439,14 @@ class Run:
         new = mask & done & ~self._written
         if not new.any():
             return 0
-        host = jax.device_get(self.batch)
         slots = np.flatnonzero(new)
+        self._written |= new
+        if not self.sinks:  # a fixed batch run without sinks: the caller reads run.batch
+            return len(slots)
+        host = jax.device_get(self.batch)
         self.stats.written += inflight.write_graduated(
             host, slots, self.sinks, self._annotate, self._held
         )
-        self._written |= new
         return len(slots)
 
     def refill_check(self) -> int:
@@ -543,15 +545,17 @@ class Run:
         self.stats.checkpoints += 1
 
     def _restore(self, path: str, dtype) -> None:
-        header, batch = ckpt.load(path, self.fused)
-        if header["fused"] != repr(self.fused):
-            raise ValueError(
-                f"resume={path!r}: the checkpoint was written by another fused stage:\n"
-                f"{header['fused']}\nnot\n{self.fused!r}"
-            )
-        if header["inflight"] != (self.sampler is not None):
-            need = "a sampler" if header["inflight"] else "no sampler"
-            raise ValueError(f"resume={path!r}: the checkpoint is of a run with {need}.")
+        def check(header):
+            if header["fused"] != repr(self.fused):
+                raise ValueError(
+                    f"resume={path!r}: the checkpoint was written by another fused stage:\n"
+                    f"{header['fused']}\nnot\n{self.fused!r}"
+                )
+            if header["inflight"] != (self.sampler is not None):
+                need = "a sampler" if header["inflight"] else "no sampler"
+                raise ValueError(f"resume={path!r}: the checkpoint is of a run with {need}.")
+
+        header, batch = ckpt.load(path, self.fused, check)
         if dtype is not None and jnp.dtype(dtype) != batch.dtype:
             raise ValueError(
                 f"resume={path!r}: the checkpoint holds {batch.dtype} data, not {jnp.dtype(dtype)}."

@@ -1,0 +1,218 @@
+"""The driver: any Equinox model or hook under the default compile, resume with the step count,
+checkpoints, and the live run (docs/semantics.md §8, §18, §19, §20)."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase.cluster import Icosahedron
+
+import fused_dynamics as fd
+from fused_dynamics import checkpoint as ckpt
+
+LJ = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=6.0, switch_onset=5.0)
+
+
+def clusters(n, seed=0, sizes=(5, 13)):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a = Icosahedron("Ar", 2)[: int(rng.integers(*sizes, endpoint=True))]
+        a.cell = np.zeros((3, 3))
+        a.positions += rng.normal(scale=0.1, size=a.positions.shape)
+        out.append(a)
+    return out
+
+
+def batch_of(atoms, max_systems=4):
+    return fd.Batch.from_atoms(atoms, max_atoms=13 * max_systems, max_systems=max_systems)
+
+
+def relax_then_md(model=LJ, n_md=12, **kw):
+    relax = fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(0.05), n_steps=40)
+    md = fd.NVTLangevin(model, dt=4.0, temperature=40.0, friction=0.02, seed=3, n_steps=n_md)
+    return fd.FusedStage([relax, md], **kw)
+
+
+# ----------------------------------------------------------------- any Equinox model or hook
+class MLPCorrected(fd.models.Model):
+    """Lennard-Jones plus a small neural correction per atom: its activation functions are
+    non-array leaves, which ``jax.jit`` of the whole fused stage cannot take."""
+
+    base: fd.models.Model
+    mlp: eqx.nn.MLP
+
+    def energy(self, batch):
+        x = batch.positions[:, :1] / 10.0
+        per_atom = jax.vmap(self.mlp)(x)[:, 0]
+        return self.base.energy(batch) + 1e-3 * batch.sum_atoms(
+            jnp.where(batch.atom_mask, per_atom, 0.0)
+        )
+
+
+class Labelled(fd.Hook):
+    """A hook with a plain (non-static) string field."""
+
+    label: str = "every third step"
+    seen: list = eqx.field(static=True, default_factory=list)
+    every_n_steps: int = eqx.field(static=True, default=3, kw_only=True)
+
+    def on_host(self, data):
+        self.seen.append((self.label, data.step))
+
+
+def test_equinox_mlp_model_and_string_hook_run_compiled_fixed_and_inflight():
+    mlp = eqx.nn.MLP(1, 1, 8, 2, activation=jax.nn.softplus, key=jax.random.PRNGKey(0))
+    model = MLPCorrected(base=LJ, mlp=jax.tree_util.tree_map(lambda x: x, mlp))
+    hook = Labelled()
+    fused = relax_then_md(model, n_md=6, compile_step=True).register_fused_hook(hook)
+    out = fused.run(batch_of(clusters(3)))
+    assert np.all(np.asarray(out.info["exit_reason"])[:3] > 0)
+    jax.effects_barrier()
+    assert hook.seen and all(label == "every third step" for label, _ in hook.seen)
+    assert all(step % 3 == 0 for _, step in hook.seen)
+    sink = fd.HostMemory()
+    sampler = fd.SizeAwareSampler(clusters(6, seed=1), max_atoms=26, max_systems=2)
+    stats = fused.run(sampler=sampler, sinks=[sink], refill_frequency=5)
+    assert isinstance(stats, fd.RunStats) and stats.steps > 0
+    assert sorted(a.info["system_id"] for a in sink.atoms) == list(range(6))
+    # the correction is really in the forces: they differ from plain LJ's
+    plain = LJ(batch_of(clusters(1))).forces
+    assert not np.allclose(model(batch_of(clusters(1))).forces, plain, atol=1e-8)
+
+
+def test_non_hook_objects_are_refused_with_the_expected_base_class():
+    with pytest.raises(TypeError, match="fused_dynamics.Hook"):
+        relax_then_md().register_fused_hook(lambda batch: batch)
+    with pytest.raises(TypeError, match="Hook"):
+        fd.FusedStage([fd.NVE(LJ, dt=1.0)], hooks=["not a hook"])
+
+
+# ----------------------------------------------------------------- resume: §8
+class StepLog(fd.Hook):
+    log: list = eqx.field(static=True)
+    every_n_steps: int = eqx.field(static=True, default=3, kw_only=True)
+
+    def on_host(self, data):
+        self.log.append(data.step)
+
+
+def test_resumed_run_fires_hooks_at_the_same_steps_and_draws_the_same_noise():
+    md = fd.NVTLangevin(LJ, dt=4.0, temperature=60.0, friction=0.05, seed=11)
+    one, two = [], []
+    batch = batch_of(clusters(3, seed=2))
+    whole = fd.FusedStage([md], hooks=[StepLog(log=one)]).run(batch, n_steps=20)
+    halves = fd.FusedStage([md], hooks=[StepLog(log=two)])
+    first = halves.run(batch, n_steps=10)
+    assert int(first.step_count) == 10
+    second = halves.run(first, n_steps=10, resume=True)
+    jax.effects_barrier()
+    assert int(second.step_count) == int(whole.step_count) == 20
+    assert one == two == [0, 3, 6, 9, 12, 15, 18]
+    # same Langevin noise (keyed by system and its own step): bit for bit
+    np.testing.assert_array_equal(np.asarray(second.positions), np.asarray(whole.positions))
+    np.testing.assert_array_equal(np.asarray(second.velocities), np.asarray(whole.velocities))
+
+
+# ----------------------------------------------------------------- checkpoints: §19
+@pytest.mark.parametrize("path_kind", ["dense", "neighbors"])
+def test_checkpoint_of_a_fixed_batch_resumes_bit_for_bit(tmp_path, path_kind):
+    path = tmp_path / "run.ckpt"
+    model = LJ.with_neighbors(1.0) if path_kind == "neighbors" else LJ
+    fused = relax_then_md(model, n_md=30)
+    batch = batch_of(clusters(4, seed=5))
+    if path_kind == "neighbors":
+        batch = model.attach_neighbors(batch)
+    ref_run = fused.start(batch, refill_frequency=10)
+    ref_run.run_to_end()
+    run = fused.start(batch, refill_frequency=10, checkpoint=path, checkpoint_every=20)
+    while run.step_count < 20:
+        run.advance()
+        run._maybe_checkpoint()
+    assert ckpt.read_header(path)["step_count"] == 20
+    resumed = fused.run(resume=path)
+    assert int(resumed.step_count) == ref_run.step_count
+    for name in ("positions", "velocities", "forces", "energy", "status"):
+        np.testing.assert_array_equal(
+            np.asarray(getattr(resumed, name)), np.asarray(getattr(ref_run.batch, name)), name
+        )
+    for key in ("stage_steps", "exit_reason"):
+        np.testing.assert_array_equal(resumed.info[key], ref_run.batch.info[key])
+    if path_kind == "neighbors":  # the list (and its rebuild schedule) continued too
+        assert int(resumed.neighbors.rebuilds) == int(ref_run.batch.neighbors.rebuilds)
+
+
+def test_checkpoint_is_refused_by_another_fused_stage_and_bad_options(tmp_path):
+    path = tmp_path / "run.ckpt"
+    fused = relax_then_md(n_md=5)
+    fused.run(batch_of(clusters(2)), checkpoint=path, checkpoint_every=5)
+    assert ckpt.read_header(path)["step_count"] > 0
+    with pytest.raises(ValueError, match="another fused stage"):
+        fd.FusedStage([fd.NVE(LJ, dt=1.0, n_steps=3)]).run(resume=path)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        fused.run(batch_of(clusters(2)), checkpoint=path)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        fused.run(resume=tmp_path / "missing.ckpt")
+    with pytest.raises(ValueError, match="give no batch"):
+        fused.run(batch_of(clusters(2)), resume=path)
+    (tmp_path / "junk.ckpt").write_text("hello\n")
+    with pytest.raises(ValueError, match="not a fused_dynamics checkpoint"):
+        fused.run(resume=tmp_path / "junk.ckpt")
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A write that fails half-way leaves the previous checkpoint whole and no temporary file."""
+    path = tmp_path / "run.ckpt"
+    fused = relax_then_md(n_md=5)
+    out = fused.run(batch_of(clusters(2)))
+    ckpt.save(path, out, {"step_count": 1})
+    before = path.read_bytes()
+
+    def broken(f, tree):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.eqx, "tree_serialise_leaves", broken)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save(path, out, {"step_count": 2})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
+
+
+# ----------------------------------------------------------------- the live run: §20
+def test_live_run_driven_by_hand_gives_the_results_of_run():
+    data = clusters(14, seed=7, sizes=(4, 13))
+    fused = relax_then_md(n_md=15)
+
+    def sampler():
+        return fd.SizeAwareSampler(data, max_atoms=52, max_systems=4, max_atoms_per_system=13)
+
+    auto = fd.HostMemory()
+    stats = fused.run(sampler=sampler(), sinks=[auto], refill_frequency=5)
+    manual = fd.HostMemory()
+    refills = 0
+    with fused.start(sampler=sampler(), sinks=[manual], refill_frequency=5) as run:
+        assert run.inflight_mode and run.active_batch_size == 4 and not run.active_batch_has_room
+        steps = []
+        while not run.all_complete:
+            run.advance()
+            steps.append(run.step_count)
+            if run.room_in_active_batch > 2 or run.active_batch_size == 0:
+                refills += run.refill_check() > 0
+        run.refill_check()
+        assert run.all_complete and run.active_batch_size == 0
+    assert steps == sorted(steps) and run.stats.steps == run.step_count
+    assert refills >= 2
+    assert run.step_count != stats.steps  # refilled later, so the schedule differs
+    got = {a.info["system_id"]: a for a in manual.atoms}
+    ref = {a.info["system_id"]: a for a in auto.atoms}
+    assert sorted(got) == sorted(ref) == list(range(14))
+    for sid, a in ref.items():
+        # per system, bit for bit: a system's arithmetic does not depend on its slot, its atom
+        # offset or when it was admitted (its Langevin noise is keyed by its id and own step)
+        np.testing.assert_array_equal(got[sid].positions, a.positions)
+        np.testing.assert_array_equal(got[sid].get_velocities(), a.get_velocities())
+        assert got[sid].info["stage_steps"] == a.info["stage_steps"]
