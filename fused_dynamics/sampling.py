@@ -12,6 +12,7 @@ import ase.io
 import numpy as np
 
 from .batch import Batch, _validate_atoms
+from .provenance import copy_provenance
 
 __all__ = ["SizeAwareSampler"]
 
@@ -245,8 +246,6 @@ class SizeAwareSampler:
         place (see :func:`~fused_dynamics.provenance.copy_provenance`) and returned. Frames
         whose id is not from this dataset are returned unchanged.
         """
-        from .provenance import copy_provenance
-
         for a in frames:
             sid = a.info.get("system_id")
             i = self._index_of.get(int(sid)) if sid is not None else None
