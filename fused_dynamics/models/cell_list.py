@@ -1,0 +1,335 @@
+"""Cell-list construction of a :class:`~fused_dynamics.models.neighbors.NeighborList`.
+
+Construction (``NeighborList.build``) is a cell list per system, all systems at once with static
+shapes:
+
+1. each system's cell is cut into ``n_d`` bins along each lattice vector, of thickness (the
+   distance between bin planes) at least ``(cutoff + skin) / stencil``; along non-periodic
+   directions the bins span the atoms' extent. A system of ``n`` atoms gets at most
+   ``max(1, 2 n)`` bins (coarser bins are still correct: a sparse system or an evaporating
+   cluster costs memory in proportion to its atoms, not its volume), so the bins of all systems
+   fit a table of ``2 N + S`` rows with ``bin_capacity`` atom slots each, a contiguous range per
+   system;
+2. atoms are sorted by bin (their rank in the bin is their column in the table);
+3. for each of the ``(2 stencil + 1)^3`` bin offsets (about half of them for a half list: the
+   reverse of a pair met through offset ``o`` is met through ``-o``), every atom reads the
+   ``bin_capacity`` atoms of the offset bin (wrapped with an image shift along periodic
+   directions, so a cell smaller than the cutoff is seen through several images), keeps those
+   within ``cutoff + skin`` and appends them to the list at the running count (a cumulative sum
+   and one scatter of an int32 code per candidate; atoms and shifts are decoded at the end).
+
+Work and memory are ``O(N (2 stencil + 1)^3 bin_capacity + N log N + P)`` (the log from sorting
+atoms by bin): linear in the number of atoms for a fixed density. Every capacity is static;
+whatever does not fit (pairs, atoms per bin, a cell too thin for the stencil) sets the sticky
+``overflow`` flag instead of being dropped silently, and records what was needed so that
+:meth:`NeighborList.grown` can size the next try. The run loops (``FusedStage.run``, inflight
+chunks) see the flag after a run, call ``grown()``, warn, and run again from the same start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import segment
+
+#: ``NeighborList.needed`` holds, in this order, the largest values seen by the builds since the
+#: allocation up to the first overflow: pairs, atoms in one bin, bins used (never more than the
+#: table holds), stencil half-width.
+NEEDED_FIELDS = ("pairs", "bin_occupancy", "bins", "stencil")
+_PAIRS, _OCCUPANCY, _BINS, _STENCIL = range(4)
+# Bins of a system of n atoms are capped at max(1, BINS_PER_ATOM * n): coarser bins are always
+# correct, and the table then has a static number of rows (BINS_PER_ATOM * N + S).
+BINS_PER_ATOM = 2
+_MAX_STENCIL = 64
+
+
+# ============================================================================ construction
+def _check_range(cutoff, skin):
+    if not (float(cutoff) > 0.0) or not (float(skin) >= 0.0):
+        raise ValueError(f"NeighborList: need cutoff > 0 and skin >= 0, got {cutoff}, {skin}.")
+
+
+def _ceil(x) -> int:
+    return int(math.ceil(float(x)))
+
+
+def _max_occupancy(global_bin: np.ndarray) -> int:
+    real = global_bin[global_bin >= 0]
+    return int(np.bincount(real).max()) if real.size else 0
+
+
+def _geometry_inputs(batch) -> dict:
+    return {
+        "positions": batch.positions,
+        "cell": batch.cell,
+        "pbc": batch.pbc,
+        "system_idx": batch.system_idx,
+        # atoms of a system with non-finite positions or cell are left out of the build: they
+        # would crowd one bin and overflow the list for everyone
+        "atom_mask": batch.atom_mask & batch.to_atoms_axis(batch.finite_systems()),
+        "system_mask": batch.system_mask & batch.finite_systems(),
+    }
+
+
+def _bin_geometry(g: dict, rc: float, stencil: int) -> dict:
+    """Bins of every system and the bin of every atom (traced; no capacity involved).
+
+    Returns a dict with ``frac`` (N, 3) fractional positions, ``image`` (N, 3) int32 (the whole
+    cells wrapped away along periodic directions), ``coord`` (N, 3) int32 bin coordinates,
+    ``n_bins`` (S, 3) int32, ``offset`` (S,) int32 first global bin of each system,
+    ``global_bin`` (N,) int32 (-1 for padding), ``bins_total`` and ``stencil_needed`` (scalars).
+    """
+    pos = jax.lax.stop_gradient(g["positions"])
+    cell = jax.lax.stop_gradient(g["cell"])
+    pbc, system_idx = g["pbc"], g["system_idx"]
+    s = cell.shape[0]
+    sys = jnp.minimum(system_idx, s - 1)
+    real = g["atom_mask"] & (system_idx < s)
+    inv = jnp.linalg.inv(cell)
+    spacing = 1.0 / jnp.linalg.norm(inv, axis=-2)  # (S, 3) distance between lattice planes
+    frac = jnp.einsum("ni,nij->nj", pos, inv[sys])
+    per = pbc[sys]
+    image = jnp.where(per, jnp.floor(frac), 0.0)
+    w = frac - image
+    # extent of non-periodic directions from the atoms; periodic ones span [0, 1)
+    lo = segment.segment_min(jnp.where(real[:, None], w, jnp.inf), system_idx, s)
+    hi = segment.segment_max(jnp.where(real[:, None], w, -jnp.inf), system_idx, s)
+    ok = jnp.isfinite(lo) & jnp.isfinite(hi)
+    lo = jnp.where(pbc | ~ok, 0.0, lo)
+    extent = jnp.where(pbc, 1.0, jnp.where(ok, hi - lo, 0.0))
+    thickness = extent * spacing
+    n = jnp.floor(stencil * thickness / rc)
+    cap = jnp.maximum(BINS_PER_ATOM * segment.segment_count(system_idx, s), 1).astype(n.dtype)
+    n = jnp.where(jnp.isfinite(n), jnp.clip(n, 1.0, cap[:, None]), 1.0)
+    n = _cap_bins(n, cap).astype(jnp.int32)
+    bins = jnp.where(g["system_mask"], jnp.prod(n, axis=-1, dtype=jnp.int32), 0)
+    offset = jnp.cumsum(bins, dtype=jnp.int32) - bins
+    bins_total = jnp.sum(bins.astype(jnp.float32))
+    need = jnp.where(pbc & g["system_mask"][:, None], jnp.ceil(rc / spacing), 1.0)
+    need = jnp.where(jnp.isfinite(need), jnp.clip(need, 1.0, _MAX_STENCIL), _MAX_STENCIL)
+    stencil_needed = jnp.max(need, initial=1.0).astype(jnp.int32)
+
+    n_atom = n[sys]
+    u = jnp.where(extent[sys] > 0, (w - lo[sys]) / jnp.where(extent[sys] > 0, extent[sys], 1), 0)
+    coord = jnp.floor(u * n_atom)
+    coord = jnp.where(jnp.isfinite(coord), coord, 0.0)
+    coord = jnp.clip(coord, 0, n_atom - 1).astype(jnp.int32)
+    linear = (coord[:, 0] * n_atom[:, 1] + coord[:, 1]) * n_atom[:, 2] + coord[:, 2]
+    global_bin = jnp.where(real, offset[sys] + linear, -1)
+    return {
+        "frac": frac,
+        "image": jnp.where(jnp.isfinite(image), image, 0.0).astype(jnp.int32),
+        "coord": coord,
+        "n_bins": n,
+        "offset": offset,
+        "global_bin": global_bin,
+        "bins_total": jnp.minimum(bins_total, 2.0**31 - 1).astype(jnp.int32),
+        "stencil_needed": stencil_needed,
+    }
+
+
+_bin_geometry_jit = jax.jit(_bin_geometry, static_argnums=(1, 2))
+
+
+def _cap_bins(n, cap):
+    """Bin counts (S, 3) coarsened so that each system has at most ``cap`` (S,) bins."""
+    for _ in range(3):  # scale the directions that still have more than one bin
+        total = jnp.prod(n, axis=-1)
+        free = jnp.sum(n > 1, axis=-1).astype(n.dtype)
+        f = jnp.where(total > cap, (cap / total) ** (1.0 / jnp.maximum(free, 1.0)), 1.0)
+        n = jnp.where(n > 1, jnp.maximum(jnp.floor(n * f[:, None]), 1.0), n)
+    # what rounding left over (rare): one bin, always correct
+    return jnp.where((jnp.prod(n, axis=-1) > cap)[:, None], 1.0, n)
+
+
+def stencil_for_cells(cells, pbc, interaction_range: float) -> int:
+    """Stencil half-width that periodic ``cells`` (n, 3, 3) with ``pbc`` (n, 3) need (host-side)."""
+    if cells is None:
+        return 1
+    cells = np.asarray(cells, np.float64).reshape(-1, 3, 3)
+    pbc = np.ones(cells.shape[:2], bool) if pbc is None else np.asarray(pbc, bool).reshape(-1, 3)
+    keep = pbc.any(axis=1)
+    if not keep.any():
+        return 1
+    spacing = 1.0 / np.linalg.norm(np.linalg.inv(cells[keep]), axis=-2)
+    need = np.where(pbc[keep], np.ceil(interaction_range / spacing), 1.0)
+    return int(min(max(need.max(), 1.0), _MAX_STENCIL))
+
+
+def _bin_table(global_bin, n_atoms: int, max_bins: int, bin_capacity: int):
+    """Table (max_bins + 1, bin_capacity) of atom indices per bin (N = empty) and max occupancy.
+
+    The last row is the empty bin that out-of-range lookups read.
+    """
+    b = max_bins
+    gb = jnp.where((global_bin >= 0) & (global_bin < b), global_bin, b)
+    counts = jax.ops.segment_sum(jnp.ones_like(gb), gb, num_segments=b + 1)
+    order = jnp.argsort(gb, stable=True)
+    start = jnp.cumsum(counts, dtype=jnp.int32) - counts
+    rank_sorted = jnp.arange(n_atoms, dtype=jnp.int32) - start[gb[order]]
+    rank = jnp.zeros(n_atoms, jnp.int32).at[order].set(rank_sorted)
+    row = jnp.where(gb < b, gb, b + 1)  # padding is dropped, the empty row stays empty
+    table = jnp.full((b + 1, bin_capacity), n_atoms, jnp.int32)
+    table = table.at[row, rank].set(jnp.arange(n_atoms, dtype=jnp.int32), mode="drop")
+    occupancy = jnp.max(counts[:b], initial=0)
+    return table, occupancy
+
+
+def _positive_shift(t):
+    """Whether integer shifts (..., 3) are lexicographically positive."""
+    t0, t1, t2 = t[..., 0], t[..., 1], t[..., 2]
+    return (t0 > 0) | ((t0 == 0) & ((t1 > 0) | ((t1 == 0) & (t2 > 0))))
+
+
+def _stencil(k: int, half: bool) -> np.ndarray:
+    """Bin offsets searched, (n, 3) int32. A half list needs the zero offset and the
+    lexicographically positive ones: the reverse of a pair found through offset ``o`` is found
+    through ``-o``, so each unordered pair is met exactly once (from the zero offset: ``i < j``).
+    """
+    offsets = np.array(list(itertools.product(range(-k, k + 1), repeat=3)), np.int32)
+    if half:
+        offsets = offsets[_positive_shift(offsets) | np.all(offsets == 0, axis=-1)]
+    return offsets
+
+
+def _canonical_order(senders, receivers, shifts, half: bool, n_atoms: int):
+    """Pairs in a canonical direction (half lists) and sorted by ``(i, j, S)``; unused last.
+
+    The order in which the cell list met the pairs depends on the bins at the build; sorting makes
+    every sum over the list (energies, scatter-added forces) independent of when it was built.
+    ``n_atoms`` is the atom capacity N (the sentinel of unused slots).
+    """
+    if half:  # (j, i, -S) is the same unordered pair as (i, j, S)
+        swap = (receivers < senders) | ((receivers == senders) & ~_positive_shift(shifts))
+        senders, receivers = (
+            jnp.where(swap, receivers, senders),
+            jnp.where(swap, senders, receivers),
+        )
+        shifts = jnp.where(swap[:, None], -shifts, shifts)
+    # Two int32 keys (an argsort and three gathers) cost half of a five-key sort on CPU: (i, j)
+    # packed when (N + 1)^2 fits in int32, the shift with 10 bits per component (image shifts
+    # beyond +-511 cells share a key and keep the build's order among themselves).
+    c = jnp.clip(shifts, -511, 511) + 512
+    shift_key = (c[:, 0] * 1024 + c[:, 1]) * 1024 + c[:, 2]
+    if (n_atoms + 1) ** 2 < 2**31:
+        order = jnp.lexsort((shift_key, senders * (n_atoms + 1) + receivers))
+    else:
+        order = jnp.lexsort((shift_key, receivers, senders))
+    return senders[order], receivers[order], shifts[order]
+
+
+def _build(nl, batch):
+    """Rebuild ``nl`` (a :class:`~fused_dynamics.models.neighbors.NeighborList`) on ``batch``
+    with its static capacities (see the module docstring).
+
+    The loop over bin offsets stores one int32 code per pair, ``(offset, i, column)``, with one
+    scatter; the pairs' atoms and shifts are decoded from the codes afterwards (gathers of size
+    P). Distances use the positions wrapped into the cell, ``x = r - image @ C``, so that a
+    candidate costs one gather: ``d = x_j - x_i + wrap @ C``, ``wrap`` being the image shift of
+    the offset bin (the same for the whole row).
+    """
+    n, s = batch.max_atoms, batch.max_systems
+    k, p, m, b = nl.stencil, nl.capacity, nl.bin_capacity, nl.max_bins
+    rc = nl.interaction_range
+    geo = _bin_geometry(_geometry_inputs(batch), rc, k)
+    pos = jax.lax.stop_gradient(batch.positions)
+    cell = jax.lax.stop_gradient(batch.cell)
+    system_idx = batch.system_idx
+    sys = jnp.minimum(system_idx, s - 1)
+    real = (system_idx < s) & (geo["global_bin"] >= 0)
+    table, occupancy = _bin_table(geo["global_bin"], n, b, m)
+    n_atom = geo["n_bins"][sys]  # (N, 3)
+    per = batch.pbc[sys]
+    image = geo["image"]
+    coord = geo["coord"]
+    first_bin = geo["offset"][sys]
+    cell_i = cell[sys]  # (N, 3, 3)
+    x = pos - jnp.einsum("nk,nkl->nl", image.astype(pos.dtype), cell_i)  # wrapped (N, 3)
+    atoms = jnp.arange(n, dtype=jnp.int32)
+    offsets = _stencil(k, nl.half)
+    n_off = len(offsets)
+    rc2 = rc * rc
+    if n_off * n * m >= 2**31 - 1:
+        raise ValueError(
+            f"NeighborList: {n_off} bin offsets x {n} atoms x {m} atoms per bin do not fit int32 "
+            "pair codes; use a smaller stencil or split the batch."
+        )
+
+    def rows(i, o):
+        """Table row of bin offset ``o`` from atom ``i`` and its image shift (any shape)."""
+        na = n_atom[i]
+        ub = coord[i] + o  # unwrapped bin coordinates
+        wrapped = jnp.where(per[i], jnp.mod(ub, na), ub)
+        wrap = jnp.where(per[i], jnp.floor_divide(ub, na), 0)
+        inside = jnp.all(per[i] | ((ub >= 0) & (ub < na)), axis=-1)
+        linear = (wrapped[..., 0] * na[..., 1] + wrapped[..., 1]) * na[..., 2] + wrapped[..., 2]
+        row = jnp.where(real[i] & inside, first_bin[i] + linear, b)
+        return jnp.where((row >= 0) & (row < b), row, b), wrap
+
+    def body(carry, index):
+        code, count = carry
+        o = jnp.asarray(offsets)[index]
+        row, wrap = rows(atoms, o)
+        cand = table[row]  # (N, M)
+        jc = jnp.minimum(cand, n - 1)
+        here = x - jnp.einsum("nk,nkl->nl", wrap.astype(pos.dtype), cell_i)
+        d = x[jc] - here[:, None, :]
+        keep = (cand < n) & (jnp.sum(d * d, axis=-1) < rc2)
+        zero = jnp.all(o == 0)
+        i = atoms[:, None]
+        # from the zero offset: no self pair; a half list keeps i < j (the other offsets, which
+        # hold the self-images, each meet a pair from one side only)
+        keep = keep & ~(zero & ((i >= jc) if nl.half else (i == jc)))
+        flat = keep.reshape(-1)
+        slot = count + jnp.cumsum(flat, dtype=jnp.int32) - 1
+        slot = jnp.where(flat & (slot < p), slot, p)  # out of range: dropped
+        value = (index * n + i) * m + jnp.arange(m, dtype=jnp.int32)[None, :]
+        code = code.at[slot].set(value.reshape(-1), mode="drop")
+        return (code, count + jnp.sum(flat, dtype=jnp.int32)), None
+
+    init = (jnp.full((p,), -1, jnp.int32), jnp.zeros((), jnp.int32))
+    (code, count), _ = jax.lax.scan(body, init, jnp.arange(n_off, dtype=jnp.int32))
+    # decode the pairs
+    mask = code >= 0
+    c = jnp.maximum(code, 0)
+    index, rest = c // (n * m), c % (n * m)
+    i, column = rest // m, rest % m
+    row, wrap = rows(i, jnp.asarray(offsets)[index])
+    j = table[row, column]
+    j_ok = jnp.minimum(j, n - 1)
+    shifts = jnp.where(mask[:, None], wrap + image[i] - image[j_ok], 0).astype(jnp.int32)
+    senders = jnp.where(mask, i, n).astype(jnp.int32)
+    receivers = jnp.where(mask, j, n).astype(jnp.int32)
+    senders, receivers, shifts = _canonical_order(senders, receivers, shifts, nl.half, n)
+    mask = senders < n
+    now = jnp.stack([count, occupancy, geo["bins_total"], geo["stencil_needed"]])
+    # bins_total <= b always (per-system caps); checked anyway so that nothing is dropped silently
+    over = (count > p) | (occupancy > m) | (geo["bins_total"] > b) | (geo["stencil_needed"] > k)
+    # needs are recorded up to the first overflow: after it, the dynamics is no longer trusted
+    needed = jnp.where(nl.overflow, nl.needed, jnp.maximum(nl.needed, now))
+    return dataclasses.replace(
+        nl,
+        senders=senders,
+        receivers=receivers,
+        shifts=shifts,
+        mask=mask,
+        reference_positions=pos.astype(nl.reference_positions.dtype),
+        reference_cell=cell.astype(nl.reference_cell.dtype),
+        reference_system_idx=system_idx,
+        reference_pbc=batch.pbc,
+        overflow=nl.overflow | over,
+        stale=jnp.zeros((), bool),
+        rebuilds=nl.rebuilds + 1,
+        n_pairs=count,
+        needed=needed.astype(jnp.int32),
+    )
+
+
+_build_jit = eqx.filter_jit(_build)

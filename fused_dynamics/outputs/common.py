@@ -1,0 +1,97 @@
+"""Systems kept in memory, and the checks every file sink makes before writing.
+
+File sinks never destroy data: ``mode="x"`` (the default) refuses a path that exists, ``mode="a"``
+appends to an output written before, ``mode="w"`` replaces an existing extxyz *file*; a directory
+is never deleted or replaced (:func:`_check_mode`). :func:`check_writable` probes a folder by
+creating a file in it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import ase
+import numpy as np
+
+__all__ = ["HostMemory", "check_writable"]
+
+_MODES = ("x", "a", "w")
+
+
+class HostMemory:
+    """Keep systems in a Python list, up to ``capacity`` of them.
+
+    Parameters
+    ----------
+    capacity : int, optional
+        ``None`` for no limit.
+    """
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity
+        self.atoms: list[ase.Atoms] = []
+
+    def has_room(self, n: int = 1) -> bool:
+        return self.capacity is None or len(self.atoms) + n <= self.capacity
+
+    def write(self, atoms_list: list[ase.Atoms]) -> None:
+        if not self.has_room(len(atoms_list)):
+            raise RuntimeError(
+                f"HostMemory is full ({len(self.atoms)} of {self.capacity}); "
+                f"{len(atoms_list)} more cannot be stored."
+            )
+        self.atoms.extend(atoms_list)
+
+    def __len__(self) -> int:
+        return len(self.atoms)
+
+    def close(self) -> None:
+        pass
+
+
+# ============================================================================ safety checks
+def check_writable(path: str | os.PathLike) -> None:
+    """Check that a file can be created next to ``path``, by creating and removing one.
+
+    The folder is created if it is missing. ``os.access`` is not used: it says yes to root
+    for read-only file systems and ``/proc``.
+
+    Raises
+    ------
+    PermissionError
+        The folder cannot be created or written; the message names it and the cause.
+    """
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fused_dynamics-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)  # our own empty probe file, never user data
+    except OSError as exc:
+        raise PermissionError(
+            f"cannot write in {folder!r}: {exc.strerror or exc} (probed by creating a file)"
+        ) from None
+
+
+def _check_mode(kind: str, path: str, mode: str) -> None:
+    """Refuse what would destroy data: an existing path in mode 'x', any directory in 'w'."""
+    if mode not in _MODES:
+        raise ValueError(f"{kind}: mode must be one of {_MODES}, got {mode!r}.")
+    if mode == "x" and os.path.lexists(path):
+        raise FileExistsError(
+            f"{kind}: {path!r} already exists; it is never overwritten silently: append to it "
+            "(mode='a'), replace a file explicitly (mode='w'), or choose another path."
+        )
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
