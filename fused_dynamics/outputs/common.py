@@ -43,6 +43,10 @@ class HostMemory:
             )
         self.atoms.extend(atoms_list)
 
+    def system_ids(self) -> list[int]:
+        """``system_id`` of every system held (a resumed run skips these)."""
+        return [int(a.info["system_id"]) for a in self.atoms if "system_id" in a.info]
+
     def __len__(self) -> int:
         return len(self.atoms)
 

@@ -135,6 +135,12 @@ class ExtXYZSink:
             os.fsync(fh.fileno())
         self.count += len(atoms_list)
 
+    def system_ids(self) -> list[int]:
+        """``system_id`` of every complete frame in the file (a resumed run skips these)."""
+        if not os.path.isfile(self.path):
+            return []
+        return [i for i in read_extxyz_ids(self.path)[0] if i is not None]
+
     def __len__(self) -> int:
         return self.count
 

@@ -220,6 +220,10 @@ class ZarrSink:
         self.atom_count += int(sizes.sum())
         self.root.attrs.update(count=self.count, atom_count=self.atom_count)
 
+    def system_ids(self) -> list[int]:
+        """``system_id`` of every committed system of the store (a resumed run skips these)."""
+        return zarr_ids(self.path) if os.path.exists(self.path) else []
+
     def __len__(self) -> int:
         return self.count
 
