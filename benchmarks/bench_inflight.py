@@ -9,7 +9,7 @@ epsilon 0.0104 eV, cutoff 6.0 Å, energy shifted to zero at the cutoff (the defa
 every cell is larger than twice the cutoff, so the dense model needs no image shifts.
 
 - inflight: ``fused.run(sampler=fd.SizeAwareSampler(data, max_atoms, max_systems),
-  refill_frequency=k, sinks=[fd.HostMemory()], stats=fd.RunStats())``: a finished system leaves
+  refill_frequency=k, sinks=[fd.HostMemory()])`` (which returns the run's ``RunStats``): a finished system leaves
   its slot at the next refill and a queued one takes it; the chunk compiles once.
 - static: the same capacity (``max_atoms``, ``max_systems``) filled with consecutive systems in
   dataset order (as many as fit), each batch run to completion with ``fused.run(batch)`` before
@@ -105,9 +105,8 @@ def run_inflight(data, max_atoms, max_systems, refill):
         data, max_atoms=max_atoms, max_systems=max_systems, max_atoms_per_system=A_CAP
     )
     sink = fd.HostMemory()
-    stats = fd.RunStats()
     t = time.perf_counter()
-    fused.run(sampler=sampler, refill_frequency=refill, sinks=[sink], stats=stats)
+    stats = fused.run(sampler=sampler, refill_frequency=refill, sinks=[sink])
     wall = time.perf_counter() - t
     frames = sink.atoms
     return wall, stats, frames
