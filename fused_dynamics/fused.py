@@ -20,45 +20,22 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from . import constraints, driver, health, validation
+from . import composition, constraints, driver, health, migration, validation
 from .batch import Batch
 from .compiled import filter_compile
 from .convergence import ConvergenceHook
 from .hooks import DynamicsStage, Hook, HookContext, fire_hooks
+from .migration import StepReport
 from .models.neighbors import NeighborList
-from .stages.base import Stage, select_state
-from .status import ExitReason, fresh_info
+from .stages.base import Stage
+from .status import fresh_info
 
 __all__ = ["FusedStage", "StepReport"]
-
-
-class StepReport(eqx.Module):
-    """What one fused step reports besides the new batch.
-
-    Attributes
-    ----------
-    graduated : Array, shape (S,) bool
-        Systems that reached ``exit_status`` during this step, by convergence or by budget.
-    converged : Array, shape (S,) bool
-        Systems whose stage criterion held this step (they migrated).
-    budget_spent : Array, shape (S,) bool
-        Systems that used up their stage's step budget this step (they migrated).
-    """
-
-    graduated: jax.Array
-    converged: jax.Array
-    budget_spent: jax.Array
-
-    def restricted(self, mask: jax.Array) -> StepReport:
-        """The report for the systems in ``mask`` (S,) bool only (one sub-stage's)."""
-        return StepReport(*(x & mask for x in (self.graduated, self.converged, self.budget_spent)))
 
 
 class FusedStage(eqx.Module):
@@ -155,40 +132,9 @@ class FusedStage(eqx.Module):
             validation.check_real(
                 "FusedStage", name, value, validation.positive(), unit=unit, allow_none=True
             )
-        pairs = []
-        for i, item in enumerate(sub_stages):
-            if isinstance(item, Stage):
-                item = (i, item)
-            code, stage = item
-            if not isinstance(stage, Stage):
-                raise TypeError(f"sub-stage {i}: expected a Stage, got {type(stage).__name__}.")
-            pairs.append((int(code), stage))
-        if not pairs:
-            raise ValueError("FusedStage needs at least one sub-stage.")
-        codes = [c for c, _ in pairs]
-        if len(set(codes)) != len(codes):
-            raise ValueError(f"FusedStage: status codes must be distinct, got {codes}.")
-        exit_status = len(pairs) if exit_status == -1 else int(exit_status)
-        if exit_status in codes:
-            raise ValueError(f"FusedStage: exit_status {exit_status} is also a sub-stage code.")
-        if int(entry_status) not in codes:
-            raise ValueError(
-                f"FusedStage: entry_status {entry_status} is not one of the codes {codes}."
-            )
-        model0 = pairs[0][1].model
-        for i, (_, stage) in enumerate(pairs[1:], start=1):
-            if not _same_model(model0, stage.model):
-                raise ValueError(
-                    f"FusedStage: sub-stage {i} ({type(stage).__name__}) holds a different model "
-                    "from sub-stage 0; all sub-stages must share one model (one evaluation per "
-                    "step)."
-                )
-        devices = {i: _devices(stage) for i, (_, stage) in enumerate(pairs)}
-        if len({d for d in devices.values() if d}) > 1:
-            raise ValueError(
-                f"FusedStage: sub-stages hold arrays on different devices {devices}; put them on "
-                "one device (a fused step runs on one device, docs/semantics.md §3)."
-            )
+        pairs, codes, exit_status = composition.checked_sub_stages(
+            sub_stages, entry_status, exit_status
+        )
         self.stages = tuple(stage for _, stage in pairs)
         self.codes = tuple(codes)
         self.entry_status = int(entry_status)
@@ -197,7 +143,7 @@ class FusedStage(eqx.Module):
         self.compile_options = tuple(sorted((compile_kwargs or {}).items()))
         self.init_fn = init_fn
         for h in hooks:
-            _check_hook(h)
+            composition.check_hook(h)
         self.hooks = tuple(hooks)
         self.max_force = None if max_force is None else float(max_force)
         self.max_temperature = None if max_temperature is None else float(max_temperature)
@@ -249,7 +195,7 @@ class FusedStage(eqx.Module):
         Fused-level hooks fire at every one of the nine points, BEFORE_COMPUTE included (the
         place for a neighbor-list refresh).
         """
-        _check_hook(hook)
+        composition.check_hook(hook)
         if stage is not None:
             hook = dataclasses.replace(hook, stage=stage)
         return self._with(hooks=self.hooks + (hook,))
@@ -422,7 +368,7 @@ class FusedStage(eqx.Module):
             batch = self._fire(DynamicsStage.AFTER_POST_UPDATE, batch, ctx, i == last, [i])
         batch = batch.replace(stage_state=tuple(states))
         batch = self._fire(DynamicsStage.AFTER_STEP, batch, ctx, True, every)
-        batch, report = _migrate(self, batch, status0, masks, moved)
+        batch, report = migration.migrate(self, batch, status0, masks, moved)
         batch = self._fire_on_converge(batch, ctx, report, masks)
         return batch.replace(step_count=step_count + 1), report
 
@@ -514,81 +460,6 @@ class FusedStage(eqx.Module):
         return driver.Run(self, batch, **options)
 
 
-def _migrate(fused: FusedStage, batch: Batch, status0, masks, moved):
-    """Step counters, the finite-or-failed check, budgets and criteria, entry into stages.
-
-    ``status0`` is the status at the start of the step and ``masks[i]`` the systems sub-stage
-    ``i`` updated (docs/semantics.md §5); ``moved`` is how far the sub-stages moved each atom.
-    Returns the batch with new statuses, bookkeeping and fresh state for the systems that
-    entered a sub-stage, and the :class:`StepReport`.
-    """
-    info = dict(batch.info)
-    stage_steps = info["stage_steps"] + jnp.stack(masks, axis=-1).astype(jnp.int32)
-    info["stage_steps"] = stage_steps
-    # hooks (a failure detector) may already have moved systems out: start from their status
-    status = batch.status
-    # finite or failed: checked before any criterion, so a failed system never converges
-    running = batch.system_mask & (status != fused.exit_status)
-    steps = jnp.sum(stage_steps, axis=-1)
-    status, info = health.fail_failed(fused, batch, info, status, running, steps, moved)
-    batch = batch.replace(info=info)  # criteria (custom_op) see this step's counts
-    energy_change = jnp.abs(batch.energy - info["prev_energy"])
-    still = [m & (status == code) for m, code in zip(masks, fused.codes, strict=True)]
-    budget_spent = jnp.zeros_like(batch.system_mask)
-    converged = jnp.zeros_like(batch.system_mask)
-    for i, stage in enumerate(fused.stages):  # docs/semantics.md §11
-        if stage.n_steps is not None:
-            spent = still[i] & (stage_steps[:, i] >= stage.n_steps)
-            budget_spent = budget_spent | spent
-            status = jnp.where(spent, fused.next_code(i), status)
-    for i, stage in enumerate(fused.stages):  # docs/semantics.md §10
-        rule = fused.migration_rule(i)
-        if rule is None:
-            continue
-        fields = dict(stage.observables(batch, batch.stage_state[i]))
-        fields["energy_change"] = energy_change
-        conv = still[i] & (status0 == rule.source_status) & rule.converged(batch, fields)
-        converged = converged | conv
-        status = jnp.where(conv, rule.target_status, status)
-    moved_on = status != status0
-    graduated = moved_on & (status == fused.exit_status) & batch.system_mask
-    reason = jnp.where(
-        graduated & converged,
-        ExitReason.CONVERGED,
-        jnp.where(graduated & budget_spent, ExitReason.BUDGET, info["exit_reason"]),
-    )
-    info["prev_energy"] = jnp.where(moved_on, jnp.inf, batch.energy)
-    info["exit_reason"] = reason.astype(jnp.int32)
-    batch = batch.replace(status=status.astype(jnp.int32), info=info)
-    left_optimizer = jnp.zeros_like(moved_on)
-    for i, stage in enumerate(fused.stages):
-        if stage.is_optimizer:
-            left_optimizer = left_optimizer | (masks[i] & moved_on)
-    batch = _enter(fused, batch, moved_on & batch.system_mask, left_optimizer)
-    report = StepReport(graduated=graduated, converged=converged, budget_spent=budget_spent)
-    return batch, report
-
-
-def _enter(fused: FusedStage, batch: Batch, entered, at_rest) -> Batch:
-    """Fresh sub-stage state for the ``entered`` systems (S,) bool, from the batch as it is.
-
-    The engine tells a stage that a system just arrived (docs/semantics.md §18): its slice of
-    that stage's state is replaced by ``init_state(batch)``, so no stage keeps a "first step"
-    flag. An optimizer's velocities are its own bookkeeping (FIRE's), not physical ones: a
-    system entering or leaving an optimizer (``at_rest``) starts at rest.
-    """
-    states = list(batch.stage_state)
-    for i, (code, stage) in enumerate(fused.sub_stages):
-        into = entered & (batch.status == code)
-        states[i] = select_state(into, stage.init_state(batch), states[i])
-        if stage.is_optimizer:
-            at_rest = at_rest | into
-    rest = batch.to_atoms_axis(at_rest)[:, None]
-    return batch.replace(
-        stage_state=tuple(states), velocities=jnp.where(rest, 0.0, batch.velocities)
-    )
-
-
 def _init_impl(fused: FusedStage, batch: Batch) -> Batch:
     """The body of :meth:`FusedStage.init`."""
     if fused.init_fn is not None:
@@ -618,37 +489,3 @@ def _init_impl(fused: FusedStage, batch: Batch) -> Batch:
 
 
 _init = filter_compile(_init_impl)
-
-
-def _check_hook(hook) -> None:
-    if not isinstance(hook, Hook):
-        raise TypeError(
-            f"expected a fused_dynamics.Hook (a subclass of it), got {type(hook).__name__}: "
-            f"{hook!r:.80}"
-        )
-
-
-def _devices(tree: Any) -> frozenset:
-    """Devices of the concrete arrays in ``tree`` (empty for tracers and Python numbers)."""
-    out = set()
-    for leaf in jax.tree_util.tree_leaves(tree):
-        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
-            out |= set(leaf.devices())
-    return frozenset(out)
-
-
-def _same_model(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    la, ta = jax.tree_util.tree_flatten(a)
-    lb, tb = jax.tree_util.tree_flatten(b)
-    if ta != tb:
-        return False
-    for x, y in zip(la, lb, strict=True):
-        if x is y:
-            continue
-        if isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer):
-            return False
-        if np.shape(x) != np.shape(y) or not np.all(np.asarray(x) == np.asarray(y)):
-            return False
-    return True

@@ -28,6 +28,9 @@ class Descent(fd.Stage):
     def first_half(self, batch, state):
         return batch.replace(positions=batch.positions + self.step_size * batch.forces), state
 
+    def second_half(self, batch, state):
+        return batch, state
+
 
 def clusters(n=3, seed=0):
     rng = np.random.default_rng(seed)
