@@ -71,6 +71,8 @@ def run_steps(fused, batch: Batch, limit, max_steps: int | None = None):
         return batch, k + 1, active
 
     zero = jnp.zeros((), jnp.int32)
+    if batch.step_count is None:  # a batch prepared before the step count was kept
+        batch = batch.replace(step_count=zero)
     init = (batch, zero, zero)
     if max_steps is None:
         batch, taken, active = jax.lax.while_loop(cond, body, init)
