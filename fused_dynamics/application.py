@@ -11,6 +11,7 @@ errors to exit codes.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 
 import jax
 
+from .checkpoint import read_header
 from .config import (
     ConfigError,
     RunConfig,
@@ -29,7 +31,8 @@ from .config import (
     load_structures_with_sources,
 )
 from .inflight import StageExitWriter
-from .plotting import RecorderHook, RecordingSink, RunRecord, plot_run, summary_table
+from .interrupts import RunInterrupted
+from .plotting import RecorderHook, RunRecord, plot_run, summary_table
 from .run_outputs import TeeSink, open_sink, plan_outputs
 from .sampling import SizeAwareSampler
 from .status import ExitReason
@@ -151,17 +154,28 @@ def execute(
         Where progress lines (stdout) and warnings (default: stderr) go.
     title : str, optional
     overwrite : bool
-        Replace existing output and report *files* (never a directory).
+        Replace existing output and report *files* (never a directory); an existing
+        checkpoint is deleted before the run starts.
     resume : bool
-        Continue existing outputs: the systems they hold (by ``system_id``) are skipped and the
-        rest appended; existing report files are kept.
+        Continue an earlier run. When its checkpoint (``<outputs[0].path>.ckpt``) exists, the
+        run continues from it bit for bit, the outputs are appended to, and the systems every
+        output holds already (written after the checkpoint) are not written again. Without
+        one, the systems the outputs hold (by ``system_id``) are skipped and the rest run
+        from their start. Existing report files are kept.
+
+    Checkpoints are written every ``cfg.checkpoint_every`` steps (0: none) and the checkpoint
+    is removed once the run is complete and every output is closed.
 
     Raises
     ------
     ConfigError
         For problems found before the run starts (an output path that exists or cannot be
         written, unreadable structures, a model or stage that rejects its parameters, a
-        capacity no structure fits, an unavailable device); anything else comes from the run.
+        capacity no structure fits, an unavailable device, a checkpoint that does not fit the
+        configuration); anything else comes from the run.
+    RunInterrupted
+        Ctrl-C or SIGTERM (a KeyboardInterrupt): its ``lines`` say what the outputs hold and
+        where ``--resume`` continues. The outputs are closed first.
     """
     t0, c0 = time.perf_counter(), time.process_time()
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
@@ -175,39 +189,36 @@ def execute(
     configure_jax(cfg)
     model = build_model(cfg)
     stages = build_stages(cfg, model)
-    cap = cfg.capacity
-    try:
-        sampler = SizeAwareSampler(
-            structures,
-            max_atoms=cap.max_atoms,
-            max_systems=cap.max_systems,
-            max_atoms_per_system=cap.max_atoms_per_system,
-            sort_by_size=cap.sort_by_size,
-            id_key=cfg.structures.id_key,
-            sources=sources,
-        )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"structures/capacity: {exc}") from exc
-    if len(sampler) == 0:
-        raise ConfigError(
-            f"capacity: no structure fits max_atoms={cap.max_atoms} (the largest has "
-            f"{int(sampler.sizes.max())} atoms); raise capacity.max_atoms"
-        )
+    sampler = _sampler(cfg, structures, sources)
     outputs = [p for p in plans if p.key.startswith("outputs")]
     stage_plans = [p for p in plans if p.stage is not None]
+    ck = next(p for p in plans if p.kind == "checkpoint")
+    from_checkpoint = ck.action == "resume"
+    ids = set(sampler.ids.tolist())
+    done = set.intersection(*(p.written for p in outputs)) & ids
     skipped = 0
     if resume:
-        done = set.intersection(*(p.written for p in outputs))
-        skipped = sampler.skip(done)
-        foreign = sorted(set.union(*(p.written for p in outputs)) - set(sampler.ids.tolist()))
+        foreign = sorted(set.union(*(p.written for p in outputs)) - ids)
         if foreign:
             warn(
                 f"warning: the outputs hold {len(foreign)} system(s) that are not in the "
                 f"structures (ids {foreign[:10]}{' ...' if len(foreign) > 10 else ''}); kept"
             )
-        echo(f"resuming: {skipped} systems already written are skipped, {len(sampler)} to run")
+        if from_checkpoint:
+            echo(
+                f"resuming from the checkpoint {os.fspath(ck.path)} at step "
+                f"{ck.header['step_count']}: the run continues where it was saved, bit for bit; "
+                f"the systems the outputs hold ({len(done)}) are not written again"
+            )
+        else:
+            skipped = sampler.skip(done)
+            echo(
+                f"resuming by system_id (no checkpoint at {os.fspath(ck.path)}): {skipped} "
+                f"systems already written are skipped, {len(sampler)} to run from their start"
+            )
 
     names = [type(s).__name__ for s in stages]
+    cap = cfg.capacity
     echo(
         f"{title or 'fused-dynamics run'}: {len(structures)} structures "
         f"({int(sampler.sizes.min())}-{int(sampler.sizes.max())} atoms), "
@@ -215,6 +226,11 @@ def execute(
         f"{cfg.dtype}, jax {jax.__version__} on {jax.default_backend()}"
     )
     echo(species_line)
+    if cfg.checkpoint_every:
+        echo(
+            f"checkpoints: every {cfg.checkpoint_every} steps to {os.fspath(ck.path)} "
+            "(a killed run continues from the last one with --resume)"
+        )
     targets = []
     for sc in cfg.stages:
         targets.append(sc.fmax if sc.fmax is not None else getattr(sc, "temperature", None))
@@ -222,56 +238,85 @@ def execute(
         names,
         [s.is_optimizer for s in stages],
         max_systems=cap.max_systems,
-        total=len(structures) - skipped,
+        total=len(structures) - (len(done) if from_checkpoint else skipped),
         progress=cfg.report.progress,
         targets=targets,
         budgets=[sc.n_steps for sc in cfg.stages],
         record_every=cfg.report.record_every,
     )
     recorder = RecorderHook(record, every_n_steps=cfg.report.record_every)
-    sinks = []
-    writers = []
+    sinks: list = []
+    held: list = []  # (plan, ids it holds) of every output, for an interrupt's report
     try:
-        sinks = [open_sink(p, cfg, echo) for p in outputs]
-        for p in stage_plans:
-            sink = TeeSink([open_sink(p, cfg, echo)], [p.written])
-            sinks.append(sink)
-            writers.append(
-                StageExitWriter(
-                    p.stage,
-                    p.stage + 1,
-                    sink,
-                    annotate=sampler.annotate,
-                    stage_type=cfg.stages[p.stage].type,
+        try:
+            if ck.action == "overwrite":  # it would continue the run being replaced
+                ck.path.unlink()
+            sinks = [open_sink(p, cfg, echo) for p in outputs]
+            tee = TeeSink(sinks, [p.written for p in outputs], on_written=record.on_written)
+            held = list(zip(outputs, tee.written, strict=True))
+            writers = []
+            for p in stage_plans:
+                stage_sink = TeeSink([open_sink(p, cfg, echo)], [p.written])
+                sinks.append(stage_sink)
+                held.append((p, stage_sink.written[0]))
+                writers.append(
+                    StageExitWriter(
+                        p.stage,
+                        p.stage + 1,
+                        stage_sink,
+                        annotate=sampler.annotate,
+                        stage_type=cfg.stages[p.stage].type,
+                    )
                 )
+            fused = build_fused(
+                cfg, model, hooks=(recorder,), first_hooks=[w.hook() for w in writers]
             )
-        fused = build_fused(cfg, model, hooks=(recorder,), first_hooks=[w.hook() for w in writers])
-        fused = _with_stress(cfg, fused)
-        dtype = {"float32": jax.numpy.float32, "float64": jax.numpy.float64}[cfg.dtype]
-        tee = TeeSink(sinks[: len(outputs)], [p.written for p in outputs])
-        t_run = time.perf_counter()
-        stats = fused.run(
-            sampler=sampler,
-            sinks=[RecordingSink(tee, record)],
-            refill_frequency=cfg.refill_frequency,
-            dtype=dtype,
-            listeners=writers,
-        )
-    finally:
-        record.close()
-        for sink in sinks:
-            sink.close()
+            fused = _with_stress(cfg, fused)
+            dtype = {"float32": jax.numpy.float32, "float64": jax.numpy.float64}[cfg.dtype]
+            t_run = time.perf_counter()
+            stats = fused.run(
+                sampler=sampler,
+                sinks=[tee],
+                refill_frequency=cfg.refill_frequency,
+                dtype=dtype,
+                listeners=writers,
+                checkpoint=ck.path if cfg.checkpoint_every else None,
+                checkpoint_every=cfg.checkpoint_every or None,
+                resume=ck.path if from_checkpoint else False,
+            )
+        finally:
+            record.close()
+            for sink in sinks:
+                sink.close()
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        raise RunInterrupted(signum, _left_behind(held, ck.path, cfg)) from None
+    except Exception:
+        step = _checkpoint_step(ck.path)
+        if step is not None:
+            warn(
+                f"the checkpoint {os.fspath(ck.path)} (step {step}) is kept: --resume "
+                "continues the run from it"
+            )
+        raise
     run_time = time.perf_counter() - t_run
+    # complete, every output closed: the checkpoint would only continue a finished run
+    removed = ck.path.is_file()
+    if removed:
+        ck.path.unlink()
     record.wall_time = run_time
     problems = _problems(record)
     if cfg.report.summary:
         echo("")
         echo(summary_table(record, run_time))
+        first = ck.header["step_count"] if from_checkpoint else 0
+        steps = stats.steps - first
         echo(
-            f"{len(record.left)} systems in {run_time:.1f} s: {stats.steps} fused steps "
-            f"({stats.steps / max(run_time, 1e-9):.0f} steps/s, compilation included), "
+            f"{len(record.left)} systems in {run_time:.1f} s: {steps} fused steps"
+            + (f" (steps {first} to {stats.steps})" if from_checkpoint else "")
+            + f" ({steps / max(run_time, 1e-9):.0f} steps/s, compilation included), "
             f"slot utilisation {stats.utilization:.0%}, {stats.compilations} compilation(s) "
-            "of the step"
+            f"of the step, {stats.checkpoints} checkpoint(s)"
         )
         echo(species_line)
         for line in _describe_problems(problems):
@@ -297,6 +342,8 @@ def execute(
         echo(f"{'appended to' if p.action == 'resume' else 'wrote'} {p.path}")
     for path in written_reports:
         echo(f"wrote {path}")
+    if removed:
+        echo(f"removed the checkpoint {ck.path}: the run is complete")
     echo(f"look inside: fused-dynamics inspect {outputs[0].path}")
     if problems:
         for line in _describe_problems(problems):
@@ -313,8 +360,69 @@ def execute(
         record=record,
         problems=problems,
         skipped=skipped,
-        extra={"species": species_line},
+        extra={"species": species_line, "resumed_from_checkpoint": from_checkpoint},
     )
+
+
+def _sampler(cfg: RunConfig, structures, sources) -> SizeAwareSampler:
+    """The sampler of the run's structures; ConfigError when the capacity does not fit."""
+    cap = cfg.capacity
+    try:
+        sampler = SizeAwareSampler(
+            structures,
+            max_atoms=cap.max_atoms,
+            max_systems=cap.max_systems,
+            max_atoms_per_system=cap.max_atoms_per_system,
+            sort_by_size=cap.sort_by_size,
+            id_key=cfg.structures.id_key,
+            sources=sources,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"structures/capacity: {exc}") from exc
+    if len(sampler) == 0:
+        raise ConfigError(
+            f"capacity: no structure fits max_atoms={cap.max_atoms} (the largest has "
+            f"{int(sampler.sizes.max())} atoms); raise capacity.max_atoms"
+        )
+    return sampler
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step of the checkpoint at ``path``, or None when there is none (or unreadable)."""
+    try:
+        return int(read_header(path)["step_count"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _left_behind(held, ckpt_path: Path, cfg: RunConfig) -> list[str]:
+    """What an interrupted run leaves: what each output holds, where --resume continues."""
+    lines = []
+    for p, ids in held:
+        lines.append(
+            f"{p.key} {os.fspath(p.path)!r}: {len(ids)} systems ({len(ids) - len(p.written)} "
+            "written by this run)"
+        )
+    if not held:
+        lines.append("no output was opened: nothing was written")
+    step = _checkpoint_step(ckpt_path)
+    if step is not None:
+        lines.append(
+            f"the last checkpoint is {os.fspath(ckpt_path)!r}, of step {step}: run the same "
+            f"command with --resume to continue from step {step} (the systems written since "
+            "are not written again)"
+        )
+    else:
+        why = (
+            "checkpoints are off (checkpoint_every = 0)"
+            if not cfg.checkpoint_every
+            else f"no checkpoint was written yet (every {cfg.checkpoint_every} steps)"
+        )
+        lines.append(
+            f"{why}: run the same command with --resume to skip the systems written and run "
+            "the rest from their start"
+        )
+    return lines
 
 
 def _with_stress(cfg: RunConfig, fused):

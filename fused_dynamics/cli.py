@@ -11,10 +11,21 @@ Commands
 
 Outputs never destroy work: an output (or report) path that exists is refused before anything
 compiles, unless ``--overwrite`` (an extxyz file or a report file is replaced; a directory,
-such as a zarr store, never is) or ``--resume`` (the systems already written, by ``system_id``,
-are skipped and the rest appended; a last extxyz frame cut short by a kill is moved aside to
-``<path>.incomplete-tail``, never deleted). Ctrl-C and SIGTERM stop the run between two
-writes: every output then holds the same systems, each record complete.
+such as a zarr store, never is) or ``--resume``. Ctrl-C and SIGTERM stop the run between two
+writes: every output then holds the same systems, each record complete, and the message says
+how many and from which step ``--resume`` continues.
+
+A run writes a checkpoint every ``checkpoint_every`` steps (default 1000; 0: none) to
+``<outputs[0].path>.ckpt``, and removes it when the run is complete and every output closed.
+``--resume`` continues a run that did not finish: from its checkpoint when there is one (the
+run goes on from the checkpoint's step bit for bit, into the outputs opened for appending;
+systems written after the checkpoint are not written again, so every system is in each output
+once, as an uninterrupted run writes it); else the systems already written, by
+``system_id``, are skipped and the rest run from their start. It prints which of the two it
+does. A last extxyz frame cut short by a kill is moved aside to ``<path>.incomplete-tail``,
+never deleted. A checkpoint that exists is refused by a run without ``--resume`` or
+``--overwrite`` (which deletes it), and a checkpoint is continued only with the configuration
+that wrote it (structures, model, stages, capacity, seed, dtype).
 
 Systems that fail (``exit_reason`` FAILED: a non-finite or too large quantity), are rejected
 (they cannot be run) or are written with non-finite values are listed in a warning on stderr
@@ -100,11 +111,13 @@ def _guarded(fn, debug: bool) -> None:
         raise typer.Exit(EXIT_CONFIG) from None
     except KeyboardInterrupt as exc:
         signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        lines = getattr(exc, "lines", None) or ["run the same command with --resume to continue"]
         _err(
             f"interrupted ({signal.Signals(signum).name}): the outputs hold every system "
-            "written so far, each record complete; run the same command with --resume to "
-            "continue"
+            "written so far, each record complete"
         )
+        for line in lines:
+            _err(f"  {line}")
         raise typer.Exit(128 + int(signum)) from None
     except typer.Exit:
         raise
@@ -129,8 +142,9 @@ ResumeOpt = Annotated[
     bool,
     typer.Option(
         "--resume",
-        help="Continue outputs that exist: skip the systems they hold (by system_id) and "
-        "append the rest.",
+        help="Continue a run that did not finish: from its checkpoint (OUTPUT.ckpt) when there "
+        "is one, bit for bit; else skip the systems the outputs hold (by system_id) and run "
+        "the rest. The outputs are appended to; every system ends up in each once.",
     ),
 ]
 StrictOpt = Annotated[
@@ -171,10 +185,12 @@ def run(
     model.species or model.pairs; one set of parameters without species only for structures
     of one element type) and every output path are checked before anything is compiled;
     relative paths in it are resolved against its folder. An output that exists is refused
-    unless --overwrite or --resume. Exit code 2 means the configuration, an input or an output
-    path needs fixing (the message names the key), 1 that the run failed (or, with --strict,
-    that some system failed), 130/143 that it was interrupted (outputs stay consistent:
-    continue with --resume).
+    unless --overwrite or --resume. A checkpoint is written every checkpoint_every steps
+    (default 1000) to OUTPUT.ckpt next to the first output, and removed when the run is
+    complete; --resume continues from it. Exit code 2 means the configuration, an input or an
+    output path needs fixing (the message names the key), 1 that the run failed (or, with
+    --strict, that some system failed), 130/143 that it was interrupted (outputs stay
+    consistent: continue with --resume).
     """
 
     def go():

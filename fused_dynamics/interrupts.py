@@ -3,7 +3,8 @@
 The command line installs the handlers around a run (:meth:`Interrupts.installed_handlers`);
 the outputs' writer (:class:`~fused_dynamics.run_outputs.TeeSink`) defers them while it
 writes (:meth:`Interrupts.deferred`), so after Ctrl-C or SIGTERM every output holds the same
-systems and every record is whole.
+systems and every record is whole. The application service turns the interrupt into a
+:class:`RunInterrupted` that says what was written and where ``--resume`` continues.
 """
 
 from __future__ import annotations
@@ -11,7 +12,19 @@ from __future__ import annotations
 import contextlib
 import signal
 
-__all__ = ["INTERRUPTS", "Interrupts"]
+__all__ = ["INTERRUPTS", "Interrupts", "RunInterrupted"]
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM, with what it leaves behind.
+
+    ``args[0]`` is the signal number (as for the KeyboardInterrupt it replaces); ``lines`` say
+    what every output holds and where ``--resume`` continues (the last checkpoint's step).
+    """
+
+    def __init__(self, signum: int, lines: list[str]):
+        super().__init__(signum)
+        self.lines = list(lines)
 
 
 class Interrupts:

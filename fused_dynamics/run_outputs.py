@@ -1,11 +1,13 @@
 """The outputs of a run: checked and planned before anything compiles, opened, written as copies.
 
 :func:`plan_outputs` checks every path a run writes (``outputs[i].path``, ``stages[i].write``,
-``report.plot``, ``report.record``) and says what happens to each (:class:`OutputPlan`):
-written new, overwritten (``--overwrite``, a file only), resumed (``--resume``: the systems it
-holds, by ``system_id``, are skipped) or kept (a report file on resume). :func:`open_sink`
-opens the sink of one planned output; :class:`TeeSink` writes every system to each output,
-never cut by Ctrl-C or SIGTERM.
+``report.plot``, ``report.record`` and the checkpoint ``<outputs[0].path>.ckpt``) and says what
+happens to each (:class:`OutputPlan`): written new, overwritten (``--overwrite``, a file only),
+resumed (``--resume``: continued from the checkpoint when there is one, else the systems an
+output holds, by ``system_id``, are skipped) or kept (a report file on resume).
+:func:`open_sink` opens the sink of one planned output; :class:`TeeSink` writes every system to
+each output, never cut by Ctrl-C or SIGTERM, and tells a resumed run which systems every output
+holds already (:meth:`TeeSink.system_ids`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ase.io
+
+from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, output_format
 from .interrupts import INTERRUPTS
 from .sinks import (
@@ -27,20 +32,26 @@ from .sinks import (
     zarr_ids,
 )
 
-__all__ = ["OutputPlan", "TeeSink", "open_sink", "plan_outputs"]
+__all__ = ["OutputPlan", "TeeSink", "checkpoint_path", "open_sink", "plan_outputs"]
+
+# the keys of a configuration a checkpoint must be continued with (the rest, such as the
+# report, refill_frequency or checkpoint_every, may change between a run and its resumption)
+_RUN_KEYS = ("structures", "model", "stages", "capacity", "seed", "dtype", "initial_temperature")
 
 
 class TeeSink:
     """Write every system to each of ``sinks`` (a run's outputs are copies, not overflow).
 
     ``written[k]`` is the set of ids sink ``k`` holds already (a resumed output): a system is
-    written only to the sinks that lack it. A write is never cut by Ctrl-C or SIGTERM (see
+    written only to the sinks that lack it. ``on_written(atoms_list)`` is called after each
+    write (the run's record). A write is never cut by Ctrl-C or SIGTERM (see
     :class:`~fused_dynamics.interrupts.Interrupts`).
     """
 
-    def __init__(self, sinks, written=None):
+    def __init__(self, sinks, written=None, on_written=None):
         self.sinks = list(sinks)
         self.written = [set(w) for w in written] if written else [set() for _ in self.sinks]
+        self.on_written = on_written
 
     def has_room(self, n: int = 1) -> bool:
         return all(s.has_room(n) for s in self.sinks)
@@ -52,13 +63,37 @@ class TeeSink:
                 if new:
                     sink.write(new)
                     done.update(a.info.get("system_id") for a in new)
+            if self.on_written is not None:
+                self.on_written(atoms_list)
+
+    def system_ids(self) -> set[int]:
+        """Ids of the systems *every* output holds (what a resumed run need not write again).
+
+        A system that only some outputs hold is left out: the run writes it again and it goes
+        to the outputs that lack it. Each output's ids are those read when it was planned, those
+        written since and, when the sink can tell (``system_ids()``), what it reports.
+        """
+        held = None
+        for sink, done in zip(self.sinks, self.written, strict=True):
+            more = getattr(sink, "system_ids", None)
+            if more is not None:
+                done.update(int(i) for i in more())
+            held = set(done) if held is None else held & done
+        return held or set()
 
     def __len__(self) -> int:
-        return min(len(s) for s in self.sinks)
+        """Systems every output holds (those held before a resumed run included)."""
+        return len(set.intersection(*self.written)) if self.written else 0
 
     def close(self) -> None:
         for s in self.sinks:
             s.close()
+
+
+def checkpoint_path(cfg: RunConfig, base_dir: str | os.PathLike = ".") -> Path:
+    """Where a run's checkpoint goes: a file next to the first output, ``<path>.ckpt``."""
+    first = _output_path(cfg.outputs[0].path, Path(base_dir))
+    return first.with_name(first.name + ".ckpt")
 
 
 def _output_path(path: str, base_dir: Path) -> Path:
@@ -73,13 +108,14 @@ class OutputPlan:
     ----------
     key : str
         The configuration key that names it (``outputs[0].path``, ``stages[0].write``,
-        ``report.plot``).
+        ``report.plot``, ``checkpoint_every`` for the checkpoint).
     path : Path
     kind : str
-        ``"extxyz"``, ``"zarr"``, ``"plot"`` or ``"record"``.
+        ``"extxyz"``, ``"zarr"``, ``"plot"``, ``"record"`` or ``"checkpoint"``.
     action : str
         ``"new"`` (does not exist), ``"overwrite"`` (an existing file, replaced), ``"resume"``
-        (append to it) or ``"keep"`` (an existing report file left alone on resume).
+        (append to it; a checkpoint: continue the run from it) or ``"keep"`` (an existing
+        report file left alone on resume).
     written : set of int
         Ids of the systems it holds (resume).
     complete, size : int
@@ -87,6 +123,8 @@ class OutputPlan:
     capacity : int or None
     stage : int or None
         For ``stages[i].write``: i.
+    header : dict or None
+        A checkpoint being resumed: its header (``step_count``, ...).
     """
 
     key: str
@@ -98,6 +136,7 @@ class OutputPlan:
     size: int = 0
     capacity: int | None = None
     stage: int | None = None
+    header: dict | None = None
 
 
 def _existing_ids(p: OutputPlan) -> None:
@@ -201,7 +240,10 @@ def plan_outputs(
         value = getattr(cfg.report, kind)
         if value:
             plans.append(OutputPlan(f"report.{kind}", _output_path(value, base_dir), kind))
-    seen: dict[Path, str] = {}
+    # a checkpoint that exists first: a run that did not finish is what the user must know
+    ck = OutputPlan("checkpoint_every", checkpoint_path(cfg, base_dir), "checkpoint")
+    _plan_checkpoint(ck, overwrite, resume)
+    seen: dict[Path, str] = {ck.path: "the checkpoint (outputs[0].path + '.ckpt')"}
     inputs = {Path(f).resolve(): None for f in inputs}
     for p in plans:
         if p.path in seen:
@@ -213,7 +255,96 @@ def plan_outputs(
             )
         seen[p.path] = p.key
         _plan_one(p, overwrite, resume)
+    if ck.action == "resume":
+        _check_checkpoint_fits(ck, cfg, [p for p in plans if p.key.startswith("outputs")])
+    plans.append(ck)
     return plans
+
+
+def _plan_checkpoint(p: OutputPlan, overwrite: bool, resume: bool) -> None:
+    """A checkpoint that exists: continued on ``resume``, deleted by the run on
+    ``overwrite``, else an error (it belongs to a run that did not finish)."""
+    where = f"checkpoint: {os.fspath(p.path)!r}"
+    if p.path.is_dir():
+        raise ConfigError(
+            f"{where} (outputs[0].path + '.ckpt', where the run's checkpoint goes) is a "
+            "directory; move it away or choose another outputs[0].path"
+        )
+    if not (p.path.exists() or p.path.is_symlink()):
+        return
+    if resume:
+        try:
+            header = ckpt.read_header(p.path)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"{where} cannot be continued: {exc}; move it away to resume by system_id "
+                "(the systems the outputs hold are skipped, the rest run from their start)"
+            ) from None
+        if not header.get("inflight"):
+            raise ConfigError(
+                f"{where} is the checkpoint of a run without a sampler, not of a run of this "
+                "command; move it away to resume by system_id"
+            )
+        p.action, p.header = "resume", header
+    elif overwrite:
+        p.action = "overwrite"
+    else:
+        raise ConfigError(
+            f"{where} exists: the checkpoint of an earlier run that did not finish; give "
+            "--resume to continue that run from it, or --overwrite to start over (the "
+            "checkpoint is deleted), or choose another outputs[0].path"
+        )
+
+
+def _check_checkpoint_fits(p: OutputPlan, cfg: RunConfig, outputs: list[OutputPlan]) -> None:
+    """A checkpoint continues only the run that wrote it, into the outputs it wrote to."""
+    where = f"--resume: the checkpoint {os.fspath(p.path)!r} (step {p.header.get('step_count')})"
+    away = "; move the checkpoint away to resume by system_id instead"
+    layout = p.header.get("layout", {})
+    for key, value, saved in (
+        ("capacity.max_atoms", cfg.capacity.max_atoms, layout.get("max_atoms")),
+        ("capacity.max_systems", cfg.capacity.max_systems, layout.get("max_systems")),
+        ("dtype", cfg.dtype, layout.get("dtype")),
+    ):
+        if saved is not None and saved != value:
+            raise ConfigError(
+                f"{key}: {value!r}, but {where} was written with {saved!r}; restore it{away}"
+            )
+    recorded = _recorded_config(outputs)
+    if recorded is not None:
+        now = cfg.model_dump(mode="json")
+        changed = [k for k in _RUN_KEYS if k in recorded and recorded[k] != now.get(k)]
+        if changed:
+            raise ConfigError(
+                f"{', '.join(changed)}: the configuration differs from the one that wrote the "
+                f"outputs and {where}; restore it to continue that run{away}"
+            )
+    counts = p.header.get("sink_counts") or [None]
+    for o in outputs:
+        if counts[0] is not None and len(o.written) < counts[0]:
+            raise ConfigError(
+                f"{o.key}: {os.fspath(o.path)!r} holds {len(o.written)} systems, but every "
+                f"output held {counts[0]} when {where} was written: the output was replaced or "
+                f"cut, and continuing would lose systems{away}"
+            )
+
+
+def _recorded_config(outputs: list[OutputPlan]) -> dict | None:
+    """The run configuration an existing output recorded (the first one that has it)."""
+    for o in outputs:
+        if not o.written:
+            continue
+        try:
+            if o.kind == "zarr":
+                import zarr
+
+                text = zarr.open_group(os.fspath(o.path), mode="r").attrs["metadata"]["run_config"]
+            else:
+                text = ase.io.read(o.path, index=0, format="extxyz").info["run_config"]
+            return json.loads(text) if isinstance(text, str) else dict(text)
+        except Exception:  # an output of another version, or without the record: no check
+            continue
+    return None
 
 
 def _metadata(cfg: RunConfig) -> dict:

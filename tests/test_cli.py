@@ -183,6 +183,7 @@ def test_run_toml_float64_zarr(runs):
     assert "float64" in out  # dtype float64 turned on jax_enable_x64
     frames = read_zarr(root / "toml" / "out" / "run.zarr")
     assert sorted(a.info["system_id"] for a in frames) == list(range(6))
+    assert not (root / "toml" / "out" / "run.zarr.ckpt").exists()  # a complete run leaves none
     assert {a.info["exit_reason"] for a in frames} <= {1, 2}
     assert all(a.info["stage_steps"][1] == 12 for a in frames)
     png = root / "toml" / "out" / "run.png"
@@ -219,6 +220,8 @@ def test_resume_appends_the_missing_systems_with_their_provenance(runs):
     assert [a.info["system_id"] for a in frames][:2] == [1, 3]
     assert sorted(a.info["system_id"] for a in frames) == [0, 1, 2, 3, 4]
     assert "skipped" in out and "appended to" in out
+    assert "resuming by system_id (no checkpoint at" in out
+    assert not (folder / "out" / "run.extxyz.ckpt").exists()
     for a in frames[2:]:
         sid = a.info["system_id"]
         assert a.info["name"] == f"s{sid}" and a.info["source_index"] == sid
@@ -270,6 +273,46 @@ def test_overwrite_and_resume_are_offered_by_run_and_demo():
         res = runner.invoke(app, [cmd, "--help"])
         for flag in ("--overwrite", "--resume", "--strict"):
             assert flag in res.output, (cmd, flag)
+
+
+def test_an_interrupt_says_what_was_written_and_where_resume_continues(tmp_path, monkeypatch):
+    import signal
+
+    import fused_dynamics.cli as cli
+    from fused_dynamics import checkpoint
+    from fused_dynamics.application import _left_behind
+    from fused_dynamics.config import validate_config
+    from fused_dynamics.interrupts import RunInterrupted
+    from fused_dynamics.run_outputs import OutputPlan
+
+    cfg = validate_config(
+        {
+            "structures": {"generate": "argon", "count": 2},
+            "model": {"type": "lennard_jones", "sigma": 3.4, "epsilon": 0.01, "cutoff": 6.0},
+            "stages": [{"type": "nve", "dt": 1.0, "n_steps": 2}],
+            "capacity": {"max_atoms": 64, "max_systems": 2},
+            "outputs": [{"type": "extxyz", "path": "run.extxyz"}],
+        },
+        base_dir=tmp_path,
+    )
+    plan = OutputPlan("outputs[0].path", tmp_path / "run.extxyz", "extxyz", written={0})
+    ckpt = tmp_path / "run.extxyz.ckpt"
+    lines = _left_behind([(plan, {0, 1, 2})], ckpt, cfg)
+    assert "3 systems (2 written by this run)" in lines[0]
+    assert "no checkpoint was written yet (every 1000 steps)" in lines[1]
+    assert "--resume to skip the systems written" in lines[1]
+    text = b'{"step_count": 40}'
+    ckpt.write_bytes(f"{checkpoint.FORMAT} {checkpoint.VERSION} {len(text)}\n".encode() + text)
+    lines = _left_behind([(plan, {0, 1, 2})], ckpt, cfg)
+    assert "of step 40" in lines[1] and "--resume to continue from step 40" in lines[1]
+
+    def interrupted(*args, **kwargs):
+        raise RunInterrupted(signal.SIGINT, lines)
+
+    monkeypatch.setattr(cli, "execute", interrupted)
+    res = CliRunner().invoke(app, ["run", str(_write(tmp_path / "job.toml", TOML))])
+    assert res.exit_code == 130
+    assert "interrupted (SIGINT)" in res.output and "continue from step 40" in res.output
 
 
 def test_a_failure_while_running_exits_1(tmp_path, monkeypatch):

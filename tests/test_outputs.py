@@ -259,7 +259,9 @@ def test_plan_refuses_existing_outputs_naming_key_path_and_options(tmp_path):
         ("outputs[0].path", "new"),
         ("stages[0].write", "new"),
         ("report.plot", "new"),
+        ("checkpoint_every", "new"),  # the checkpoint, next to the first output
     ]
+    assert plans[-1].path == tmp_path / "out" / "run.extxyz.ckpt"
     fd.ExtXYZSink(tmp_path / "out" / "run.extxyz").write([result_frame(0)])
     with pytest.raises(
         ConfigError, match=r"outputs\[0\]\.path: .*run.extxyz.* exists.*--resume.*--overwrite"
@@ -295,6 +297,105 @@ def test_plan_never_replaces_a_directory_or_an_input(tmp_path):
     cfg = job(tmp_path, report={"plot": "out/relaxed.extxyz"})
     with pytest.raises(ConfigError, match=r"report.plot and stages\[0\].write are the same path"):
         plan_outputs(cfg, tmp_path)
+
+
+def _fake_checkpoint(path, **header):
+    """A file with a checkpoint's header (the planner reads nothing else)."""
+    from fused_dynamics import checkpoint as ckpt
+
+    header = {
+        "inflight": True,
+        "step_count": 40,
+        "sink_counts": [1],
+        "layout": {"max_atoms": 64, "max_systems": 2, "dtype": "float32"},
+        **header,
+    }
+    text = json.dumps(header).encode()
+    path.write_bytes(f"{ckpt.FORMAT} {ckpt.VERSION} {len(text)}\n".encode() + text)
+    return path
+
+
+def test_plan_of_the_checkpoint_fresh_resume_overwrite_and_what_it_must_fit(tmp_path):
+    cfg = job(tmp_path)
+    ck = tmp_path / "out" / "run.extxyz.ckpt"
+    plan_outputs(cfg, tmp_path)  # makes the folder
+    fd.ExtXYZSink(tmp_path / "out" / "run.extxyz", metadata=_run_config(cfg)).write(
+        [result_frame(0)]
+    )
+    _fake_checkpoint(ck)
+    # a run that did not finish: refused without a flag, naming both
+    with pytest.raises(
+        ConfigError, match=r"checkpoint: .*run.extxyz.ckpt.* exists.*--resume.*--overwrite"
+    ):
+        plan_outputs(cfg, tmp_path)
+    assert plan_outputs(cfg, tmp_path, overwrite=True)[-1].action == "overwrite"
+    plan = plan_outputs(cfg, tmp_path, resume=True)[-1]
+    assert (plan.key, plan.action, plan.header["step_count"]) == ("checkpoint_every", "resume", 40)
+    # a checkpoint continues only the run that wrote it
+    _fake_checkpoint(ck, layout={"max_atoms": 64, "max_systems": 3, "dtype": "float32"})
+    with pytest.raises(ConfigError, match=r"capacity.max_systems: 2, but .*step 40.* with 3"):
+        plan_outputs(cfg, tmp_path, resume=True)
+    _fake_checkpoint(ck, sink_counts=[5])
+    with pytest.raises(ConfigError, match=r"outputs\[0\].path: .* holds 1 systems, but .* held 5"):
+        plan_outputs(cfg, tmp_path, resume=True)
+    _fake_checkpoint(ck)
+    changed = job(
+        tmp_path,
+        stages=[
+            {"type": "fire", "fmax": 0.05, "n_steps": 20},
+            {"type": "nve", "dt": 1.0, "n_steps": 3},
+        ],
+    )
+    with pytest.raises(
+        ConfigError, match=r"stages: the configuration differs .*move the checkpoint away"
+    ):
+        plan_outputs(changed, tmp_path, resume=True)
+    ck.write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match=r"cannot be continued.*resume by system_id"):
+        plan_outputs(cfg, tmp_path, resume=True)
+    ck.unlink()
+    ck.mkdir()
+    for flags in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(ConfigError, match="is a directory"):
+            plan_outputs(cfg, tmp_path, **flags)
+    ck.rmdir()
+    # no checkpoint: resume by system_id, as before
+    assert plan_outputs(cfg, tmp_path, resume=True)[-1].action == "new"
+
+
+def _run_config(cfg):
+    return {"run_config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True)}
+
+
+def test_checkpoint_every_is_a_whole_number_of_steps_or_zero(tmp_path):
+    assert job(tmp_path).checkpoint_every == 1000
+    assert job(tmp_path, checkpoint_every=0).checkpoint_every == 0
+    for bad in (-1, 2.0, "20", True, None):
+        with pytest.raises(
+            ConfigError, match=r"checkpoint_every: a whole number of steps >= 1, or 0"
+        ):
+            job(tmp_path, checkpoint_every=bad)
+
+
+def test_tee_tells_a_resumed_run_what_every_output_holds(tmp_path):
+    from fused_dynamics.run_outputs import TeeSink
+
+    class Reporting(fd.HostMemory):  # a sink that can tell what it holds
+        def system_ids(self):
+            return [a.info["system_id"] for a in self.atoms] + [7]
+
+    seen = []
+    a, b = fd.HostMemory(), Reporting()
+    tee = TeeSink([a, b], [{1, 2}, {2}], on_written=seen.extend)
+    # held by every output, or reported by the sink itself
+    assert tee.system_ids() == {2} and len(tee) == 1  # 7: one output lacks it
+    tee.write([result_frame(1), result_frame(3)])
+    assert [x.info["system_id"] for x in a.atoms] == [3]  # 1 was there already
+    assert [x.info["system_id"] for x in b.atoms] == [1, 3]
+    assert [x.info["system_id"] for x in seen] == [1, 3]
+    assert tee.system_ids() == {1, 2, 3} and len(tee) == 3
+    tee.written[0].add(7)
+    assert tee.system_ids() == {1, 2, 3, 7}
 
 
 def test_cli_refuses_before_compiling_and_keeps_the_data(tmp_path):

@@ -11,7 +11,8 @@ Example (TOML)::
     seed = 0
     dtype = "float32"            # or "float64" (turns on jax_enable_x64 before any array)
     device = "cpu"               # "cpu", "gpu", "tpu" or "auto"
-    refill_frequency = 20
+    refill_frequency = 20        # steps per compiled chunk between writes and refills
+    checkpoint_every = 1000      # steps between checkpoints (0: none); see below
 
     [structures]
     path = "structures/*.extxyz" # a file or a glob, read with ase.io.read(index=":")
@@ -122,6 +123,19 @@ Keys about outputs and inputs
 ``report.plot``, ``report.record``
     Refused if they exist, unless ``--overwrite``; with ``--resume`` an existing one is kept
     and not rewritten.
+``checkpoint_every``
+    Steps between checkpoints of the run (a whole number; default 1000; ``0``: none), written
+    to ``<outputs[0].path>.ckpt``, a file next to the first output. Each costs one copy of the
+    batch from the device and one file write of about the batch's size (atomic: a kill leaves
+    the previous checkpoint whole); a chunk of ``refill_frequency`` steps is cut short to end
+    at a checkpoint step. A run that completes removes its checkpoint once every output is
+    closed. A run killed or interrupted continues with ``--resume`` from its last checkpoint,
+    bit for bit, into the same outputs (systems written after the checkpoint are not written
+    again), provided ``structures``, ``model``, ``stages``, ``capacity``, ``seed``, ``dtype``
+    and ``initial_temperature`` are unchanged (checked against the outputs and the checkpoint);
+    ``report``, ``refill_frequency`` and ``checkpoint_every`` may change (a system's results
+    do not depend on when chunks end). A checkpoint that exists is refused by a run without
+    ``--resume`` or ``--overwrite`` (which deletes it).
 
 What every written system carries is described in :mod:`fused_dynamics.sinks` and
 :mod:`fused_dynamics.provenance` (the input's ``info`` and per-atom arrays, ``source_file``,

@@ -298,13 +298,29 @@ class RunConfig(_Section):
     capacity: CapacityConfig
     outputs: list[OutputConfig] = Field(min_length=1)
     report: ReportConfig = ReportConfig()
-    refill_frequency: PositiveInt = 20
+    refill_frequency: PositiveInt = Field(
+        20, description="steps per compiled chunk between host visits (writes and refills)"
+    )
+    checkpoint_every: int = Field(
+        1000,
+        description="steps between checkpoints of the run, written next to the first output "
+        "as '<outputs[0].path>.ckpt' so that a killed run continues with --resume; each costs "
+        "one copy of the batch from the device and one file write (about the size of the "
+        "batch); a chunk is cut short to end at a checkpoint step; 0: no checkpoints",
+    )
     seed: int = 0
     dtype: Literal["float32", "float64"] = "float32"
     device: Literal["auto", "cpu", "gpu", "cuda", "rocm", "tpu"] = "auto"
     initial_temperature: float | None = Field(
         None, ge=0, description="draw Maxwell-Boltzmann velocities at this temperature (K)"
     )
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _checkpoint_steps(cls, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"a whole number of steps >= 1, or 0 for no checkpoints (got {v!r})")
+        return v
 
     @field_validator("stages")
     @classmethod
