@@ -178,22 +178,36 @@ def write_graduated(host, slots, sinks, annotate=None, held=None) -> int:
 def write_to_sinks(frames, sinks, held=None) -> int:
     """Each frame to the first sink with room; raise (after writing what fits) when all are full.
 
-    Frames whose ``system_id`` is in ``held`` are skipped. Returns the number written.
+    Consecutive frames bound for the same sink go in one ``write`` call (a zarr store commits
+    once per call). Frames whose ``system_id`` is in ``held`` are skipped. Returns the number
+    written.
     """
     if held:
         frames = [a for a in frames if int(a.info.get("system_id", -1)) not in held]
-    for k, atoms in enumerate(frames):
-        for sink in sinks:
-            if sink.has_room(1):
-                sink.write([atoms])
-                break
-        else:
-            lost = [a.info.get("system_id") for a in frames[k:]]
-            raise RuntimeError(
-                f"Every sink is full; systems {lost} cannot be written (nothing was dropped "
-                "silently: give a sink with more room)."
-            )
-    return len(frames)
+    k = 0
+    for sink in sinks:  # sinks only fill up: once one is full, later frames skip it too
+        fits = _room(sink, len(frames) - k)
+        if fits:
+            sink.write(frames[k : k + fits])
+            k += fits
+        if k == len(frames):
+            return k
+    lost = [a.info.get("system_id") for a in frames[k:]]
+    raise RuntimeError(
+        f"Every sink is full; systems {lost} cannot be written (nothing was dropped "
+        "silently: give a sink with more room)."
+    )
+
+
+def _room(sink, n: int) -> int:
+    """The largest ``k <= n`` with ``sink.has_room(k)`` (room is monotone in ``k``)."""
+    if n == 0 or sink.has_room(n):
+        return n
+    lo, hi = 0, n  # has_room(lo) holds, has_room(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if sink.has_room(mid) else (lo, mid)
+    return lo
 
 
 def repack(host: Batch, keep: np.ndarray) -> tuple[dict, int]:
