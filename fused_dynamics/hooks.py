@@ -1,4 +1,4 @@
-"""Hook points, the hook protocol, exit reasons, and the built-in hooks.
+"""Hook points, the hook protocol, exit reasons, and the built-in hooks: import hooks from here.
 
 A hook runs at one :class:`DynamicsStage` of the fused step, every ``every_n_steps`` steps
 (``step % every_n_steps == 0``, counted before the increment, so every hook fires at step 0).
@@ -12,23 +12,38 @@ It does either or both of:
   wrapping positions, adding a bias, moving failed systems out).
 
 Both are wrapped in ``lax.cond`` on the frequency, so an idle hook costs one integer comparison.
+
+The protocol (:class:`DynamicsStage`, :class:`Hook`, :func:`fire_hooks`) lives in
+:mod:`fused_dynamics.hooks_base`, the built-in hooks in :mod:`fused_dynamics.hooks_builtin`;
+this module gathers both. Subclass :class:`Hook` for a hook of your own.
 """
 
 from __future__ import annotations
 
-import enum
-import logging
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from . import constraints
-from .batch import HOST_FIELDS, INFO_FIELDS
+from .hooks_base import (
+    DynamicsStage,
+    Hook,
+    HookContext,
+    HookData,
+    check_hook,
+    fail_systems,
+    fire_hooks,
+)
+from .hooks_builtin import (
+    AbstractFailureHook,
+    AbstractSnapshotHook,
+    BiasedPotentialHook,
+    ConvergedSnapshotHook,
+    EnergyDriftMonitorHook,
+    FreezeAtomsHook,
+    LoggingHook,
+    MaxForceHook,
+    NaNDetectorHook,
+    ProgressHook,
+    SnapshotHook,
+    ThermalizeOnEntryHook,
+    WrapPeriodicHook,
+)
 from .status import ExitReason, Failure
 
 __all__ = [
@@ -38,7 +53,11 @@ __all__ = [
     "Hook",
     "HookContext",
     "HookData",
+    "check_hook",
+    "fail_systems",
     "fire_hooks",
+    "AbstractFailureHook",
+    "AbstractSnapshotHook",
     "LoggingHook",
     "NaNDetectorHook",
     "MaxForceHook",
@@ -51,492 +70,3 @@ __all__ = [
     "ProgressHook",
     "ThermalizeOnEntryHook",
 ]
-
-
-class DynamicsStage(enum.IntEnum):
-    """The nine points of a step at which a hook may run."""
-
-    BEFORE_STEP = 0
-    BEFORE_PRE_UPDATE = 1
-    AFTER_PRE_UPDATE = 2
-    BEFORE_COMPUTE = 3
-    AFTER_COMPUTE = 4
-    BEFORE_POST_UPDATE = 5
-    AFTER_POST_UPDATE = 6
-    AFTER_STEP = 7
-    ON_CONVERGE = 8
-
-
-@dataclass(frozen=True)
-class HookData:
-    """What a host callback receives.
-
-    Attributes
-    ----------
-    step : int
-        The fused step number.
-    stage : DynamicsStage
-        The point of the step.
-    arrays : dict[str, numpy.ndarray]
-        Host copies of the requested fields, plus ``system_mask``, ``status``, ``system_id``,
-        and ``graduated``/``converged``/``budget_spent`` at ``ON_CONVERGE``.
-    """
-
-    step: int
-    stage: DynamicsStage
-    arrays: dict[str, np.ndarray]
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self.arrays[key]
-
-
-@dataclass(frozen=True)
-class HookContext:
-    """What a traced :meth:`Hook.apply` receives besides the batch.
-
-    Attributes
-    ----------
-    step : Array
-        The fused step number (int32 scalar).
-    exit_status : int
-        Status of graduated (and failed) systems.
-    fields : callable
-        ``fields(batch) -> dict`` of per-system observables (each system's from the sub-stage
-        that owns it): ``fmax``, ``energy``, ``kinetic_energy``, ``temperature`` and what the
-        stages add (``conserved_energy``).
-    report : StepReport or None
-        At ``ON_CONVERGE``: the systems that graduated, converged or spent their budget.
-    """
-
-    step: jax.Array
-    exit_status: int
-    fields: Callable
-    report: Any = None
-
-
-class Hook(eqx.Module):
-    """Base class of hooks. Subclasses override :meth:`on_host` and/or :meth:`apply`.
-
-    Parameters
-    ----------
-    stage : DynamicsStage
-        Where in the step it runs.
-    every_n_steps : int, default 1
-    fields : tuple of str
-        What :meth:`on_host` receives: batch fields, ``info`` keys or per-system observables.
-    """
-
-    stage: DynamicsStage = eqx.field(static=True, default=DynamicsStage.AFTER_STEP, kw_only=True)
-    every_n_steps: int = eqx.field(static=True, default=1, kw_only=True)
-    fields: tuple[str, ...] = eqx.field(static=True, default=(), kw_only=True)
-
-    def __check_init__(self):
-        if int(self.every_n_steps) < 1:
-            raise ValueError(f"{type(self).__name__}: every_n_steps must be >= 1.")
-        if not isinstance(self.stage, DynamicsStage):
-            raise TypeError(f"{type(self).__name__}: stage must be a DynamicsStage.")
-
-    def init_info(self, batch) -> dict[str, jax.Array]:
-        """Per-system bookkeeping arrays (leading axis S) this hook keeps in ``batch.info``."""
-        return {}
-
-    def constrain(self, batch):
-        """The batch with this hook's constraints added (``fixed`` / ``fix_com``), applied when
-        a run initializes the batch. Default: none."""
-        return batch
-
-    def on_host(self, data: HookData) -> None:
-        """Host-side work on NumPy copies. Default: nothing."""
-
-    def apply(self, batch, ctx: HookContext):
-        """Traced transformation of the batch. Default: identity."""
-        return batch
-
-
-def _has_host(hook: Hook) -> bool:
-    return type(hook).on_host is not Hook.on_host
-
-
-def _has_apply(hook: Hook) -> bool:
-    return type(hook).apply is not Hook.apply
-
-
-def _gather_fields(hook: Hook, batch, ctx: HookContext) -> dict[str, Any]:
-    out = {"system_mask": batch.system_mask, "status": batch.status, "system_id": batch.system_id}
-    derived = None
-    for name in hook.fields:
-        if name in batch.info:
-            out[name] = batch.info[name]
-        elif hasattr(batch, name):
-            out[name] = getattr(batch, name)
-        else:
-            derived = ctx.fields(batch) if derived is None else derived
-            if name not in derived:
-                raise KeyError(f"{type(hook).__name__} asks for unknown field {name!r}.")
-            out[name] = derived[name]
-    if ctx.report is not None:
-        out.update(
-            graduated=ctx.report.graduated,
-            converged=ctx.report.converged,
-            budget_spent=ctx.report.budget_spent,
-        )
-    return out
-
-
-def fire_hooks(hooks, batch, ctx: HookContext):
-    """Run ``hooks`` at one point of the step, each gated by ``lax.cond`` on its frequency."""
-    for hook in hooks:
-        due = (ctx.step % hook.every_n_steps) == 0
-        if _has_apply(hook):
-            batch = jax.lax.cond(due, lambda b, h=hook: h.apply(b, ctx), lambda b: b, batch)
-        if _has_host(hook):
-
-            def send(b, hook=hook, stage=hook.stage):
-                def host(step, payload):
-                    arrays = {k: np.asarray(v) for k, v in payload.items()}
-                    hook.on_host(HookData(step=int(step), stage=stage, arrays=arrays))
-
-                # the payload is gathered inside the branch: an idle hook computes nothing
-                jax.debug.callback(host, ctx.step, _gather_fields(hook, b, ctx), ordered=True)
-
-            jax.lax.cond(due, send, lambda _: None, batch)
-    return batch
-
-
-def fail_systems(batch, failed: jax.Array, exit_status: int, code=Failure.NONE):
-    """Move ``failed`` systems (S,) bool out of the run with exit reason FAILED.
-
-    ``code`` (a :class:`Failure` or an int32 array (S,)) is recorded in ``info["failure"]`` and the
-    system's step count in ``info["failure_step"]``.
-    """
-    failed = failed & batch.system_mask & (batch.status != exit_status)
-    info = dict(batch.info)
-    info["exit_reason"] = jnp.where(failed, ExitReason.FAILED, info["exit_reason"]).astype(
-        jnp.int32
-    )
-    if "failure" in info:
-        code = jnp.broadcast_to(jnp.asarray(code, jnp.int32), failed.shape)
-        info["failure"] = jnp.where(failed, info["failure"] | code, info["failure"])
-        steps = jnp.sum(info["stage_steps"], axis=-1, dtype=jnp.int32)
-        info["failure_step"] = jnp.where(failed, steps, info["failure_step"])
-    return batch.replace(status=jnp.where(failed, exit_status, batch.status), info=info)
-
-
-# ============================================================================ built-in hooks
-class NaNDetectorHook(Hook):
-    """Move a system whose energy, forces or positions become non-finite to the failure exit.
-
-    Its status becomes ``exit_status`` with ``info["exit_reason"] == ExitReason.FAILED``; the
-    other systems go on unaffected. A warning names the system ids. Runs at ``AFTER_COMPUTE``.
-    """
-
-    stage: DynamicsStage = eqx.field(static=True, default=DynamicsStage.AFTER_COMPUTE, kw_only=True)
-    warn: bool = eqx.field(static=True, default=True, kw_only=True)
-    code: int = eqx.field(
-        static=True, default=int(Failure.ENERGY | Failure.FORCES | Failure.POSITIONS), kw_only=True
-    )
-
-    def bad(self, batch) -> jax.Array:
-        atom_ok = jnp.all(jnp.isfinite(batch.forces), -1) & jnp.all(
-            jnp.isfinite(batch.positions), -1
-        )
-        atom_bad = batch.atom_mask & ~atom_ok
-        sys_bad = batch.sum_atoms(atom_bad.astype(jnp.int32)) > 0
-        return batch.system_mask & (sys_bad | ~jnp.isfinite(batch.energy))
-
-    def apply(self, batch, ctx):
-        bad = self.bad(batch) & (batch.status != ctx.exit_status)
-        if self.warn:
-            jax.debug.callback(_warn_failed, type(self).__name__, bad, batch.system_id, ctx.step)
-        return fail_systems(batch, bad, ctx.exit_status, self.code)
-
-
-def _warn_failed(name, bad, system_id, step):
-    bad = np.asarray(bad)
-    if bad.any():
-        ids = np.asarray(system_id)[bad].tolist()
-        logging.getLogger("fused_dynamics").warning(
-            "%s: systems %s failed at step %d and left the run.", name, ids, int(step)
-        )
-
-
-class MaxForceHook(NaNDetectorHook):
-    """Fail a system whose largest atomic force exceeds ``max_force`` eV/Å (or is non-finite)."""
-
-    max_force: float = 100.0
-    code: int = eqx.field(static=True, default=int(Failure.MAX_FORCE), kw_only=True)
-
-    def __check_init__(self):
-        if isinstance(self.max_force, bool) or not float(self.max_force) > 0:
-            raise ValueError(f"MaxForceHook: max_force must be > 0 (eV/Å), got {self.max_force!r}.")
-
-    def bad(self, batch):
-        norm = jnp.where(batch.atom_mask, jnp.linalg.norm(batch.forces, axis=-1), 0.0)
-        too_big = ~(batch.max_atoms_of(norm) <= self.max_force)
-        return batch.system_mask & too_big
-
-
-class EnergyDriftMonitorHook(Hook):
-    """Per-system drift of the conserved quantity since the system started; warn or fail.
-
-    The conserved quantity is the stage's ``conserved_energy`` observable where it has one
-    (Nosé–Hoover, NPT), else potential plus kinetic energy. Drift is per atom, in eV.
-
-    Parameters
-    ----------
-    threshold : float
-        eV/atom.
-    action : {"warn", "fail"}
-    """
-
-    threshold: float = 1e-3
-    action: str = eqx.field(static=True, default="warn")
-    stage: DynamicsStage = eqx.field(static=True, default=DynamicsStage.AFTER_STEP, kw_only=True)
-
-    def __check_init__(self):
-        if self.action not in ("warn", "fail"):
-            raise ValueError(
-                f"EnergyDriftMonitorHook: action must be 'warn' or 'fail', got {self.action!r}."
-            )
-        if isinstance(self.threshold, bool) or not float(self.threshold) > 0:
-            raise ValueError(
-                f"EnergyDriftMonitorHook: threshold must be > 0 (eV/atom), got {self.threshold!r}."
-            )
-
-    def init_info(self, batch):
-        return {"drift_reference": jnp.full((batch.max_systems,), jnp.nan, batch.dtype)}
-
-    def apply(self, batch, ctx):
-        f = ctx.fields(batch)
-        h = f.get("conserved_energy", f["energy"] + f["kinetic_energy"])
-        info = dict(batch.info)
-        ref = jnp.where(jnp.isnan(info["drift_reference"]), h, info["drift_reference"])
-        info["drift_reference"] = ref
-        drift = jnp.abs(h - ref) / jnp.maximum(batch.n_atoms, 1)
-        bad = batch.system_mask & (batch.status != ctx.exit_status) & (drift > self.threshold)
-        jax.debug.callback(_warn_failed, type(self).__name__, bad, batch.system_id, ctx.step)
-        batch = batch.replace(info=info)
-        if self.action == "fail":
-            batch = fail_systems(batch, bad, ctx.exit_status, Failure.ENERGY_DRIFT)
-        return batch
-
-
-class FreezeAtomsHook(Hook):
-    """Hold chosen atom slots fixed: reference positions, zero velocities and forces.
-
-    Parameters
-    ----------
-    atom_mask : Array, shape (N,) bool
-        Which atom slots are frozen.
-    positions : Array, shape (N, 3)
-        Where they are held (use :meth:`from_batch`).
-
-    When a run initializes the batch, the frozen atoms are put at ``positions`` and added to the
-    batch's constraint mask ``fixed`` (:mod:`fused_dynamics.constraints`, the same mechanism as
-    ASE's ``FixAtoms``): every sub-stage then leaves them in place, their forces are zero, and
-    they do not count as degrees of freedom in temperatures and thermostats. Atom slots are
-    fixed, so use it with a static batch, not with inflight refills (give ``FixAtoms``
-    constraints on the ``ase.Atoms`` instead; they travel with the system).
-    """
-
-    atom_mask: jax.Array
-    positions: jax.Array
-    stage: DynamicsStage = eqx.field(
-        static=True, default=DynamicsStage.BEFORE_COMPUTE, kw_only=True
-    )
-
-    @classmethod
-    def from_batch(cls, batch, indices=None, atom_mask=None) -> FreezeAtomsHook:
-        """Freeze atom slots ``indices`` (or ``atom_mask``) at their positions in ``batch``."""
-        if (indices is None) == (atom_mask is None):
-            raise ValueError("FreezeAtomsHook.from_batch: give exactly one of indices, atom_mask.")
-        if atom_mask is None:
-            atom_mask = jnp.zeros(batch.max_atoms, bool).at[jnp.asarray(indices)].set(True)
-        atom_mask = jnp.asarray(atom_mask, bool) & batch.atom_mask
-        return cls(atom_mask=atom_mask, positions=batch.positions)
-
-    def constrain(self, batch):
-        m = (self.atom_mask & batch.atom_mask)[:, None]
-        return batch.replace(
-            positions=jnp.where(m, self.positions, batch.positions),
-            velocities=jnp.where(m, 0.0, batch.velocities),
-            fixed=batch.fixed | m,
-        )
-
-
-class BiasedPotentialHook(Hook):
-    """Add a bias energy ``bias_fn(batch) -> (S,)`` to the model's result, forces by autodiff.
-
-    Runs at ``AFTER_COMPUTE``, inside the one evaluation's step: energy and forces that the
-    second halves and the convergence checks see include the bias, with the batch's constraints
-    applied to the bias forces as to the model's. (Stress is not biased.)
-    """
-
-    bias_fn: Callable = eqx.field(static=True)
-    stage: DynamicsStage = eqx.field(static=True, default=DynamicsStage.AFTER_COMPUTE, kw_only=True)
-
-    def apply(self, batch, ctx):
-        def total(positions):
-            e = self.bias_fn(batch.replace(positions=positions))
-            return jnp.sum(jnp.where(batch.system_mask, e, 0.0)), e
-
-        (_, e), g = jax.value_and_grad(total, has_aux=True)(batch.positions)
-        bias = constraints.project_forces(batch, -jnp.where(batch.atom_mask[:, None], g, 0.0))
-        return batch.replace(
-            energy=batch.energy + jnp.where(batch.system_mask, e, 0.0),
-            forces=batch.forces + bias,
-        )
-
-
-class WrapPeriodicHook(Hook):
-    """Wrap positions into the cell along periodic directions (``AFTER_STEP``).
-
-    Energies and forces are invariant under it (the models use fractional minimum-image
-    displacements), so trajectories are unchanged up to rounding.
-    """
-
-    def apply(self, batch, ctx):
-        sys = jnp.minimum(batch.system_idx, batch.max_systems - 1)
-        inv = jnp.linalg.inv(batch.cell)[sys]
-        frac = jnp.einsum("ni,nij->nj", batch.positions, inv)
-        pbc = batch.pbc[sys]
-        frac = jnp.where(pbc, frac - jnp.floor(frac), frac)
-        wrapped = jnp.einsum("ni,nij->nj", frac, batch.cell[sys])
-        return batch.replace(
-            positions=jnp.where(batch.atom_mask[:, None], wrapped, batch.positions)
-        )
-
-
-class LoggingHook(Hook):
-    """Log per step: systems per status, mean/max energy, max fmax, mean temperature.
-
-    Parameters
-    ----------
-    path : str, optional
-        CSV file to append to (a header is written first). Without it, lines go to the
-        ``fused_dynamics`` Python logger at INFO level.
-    """
-
-    path: str | None = eqx.field(static=True, default=None)
-    fields: tuple[str, ...] = eqx.field(
-        static=True, default=("energy", "fmax", "temperature"), kw_only=True
-    )
-
-    def on_host(self, data):
-        active = data["system_mask"]
-        statuses, counts = np.unique(data["status"][active], return_counts=True)
-        per_status = ";".join(f"{s}:{c}" for s, c in zip(statuses, counts, strict=True))
-        e = data["energy"][active]
-        row = {
-            "step": data.step,
-            "systems_per_status": per_status,
-            "energy_mean": float(e.mean()) if e.size else float("nan"),
-            "energy_max": float(e.max()) if e.size else float("nan"),
-            "fmax_max": float(data["fmax"][active].max()) if e.size else float("nan"),
-            "temperature_mean": float(data["temperature"][active].mean())
-            if e.size
-            else float("nan"),
-        }
-        if self.path is None:
-            logging.getLogger("fused_dynamics").info(" ".join(f"{k}={v}" for k, v in row.items()))
-            return
-        import csv
-        import os
-
-        new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
-        with open(self.path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
-
-
-# what a snapshot needs: the batch fields of an ase.Atoms (status and system_id are always sent)
-_FRAME_FIELDS = tuple(f for f in HOST_FIELDS if f not in ("status", "system_id")) + INFO_FIELDS
-
-
-class SnapshotHook(Hook):
-    """Write frames of the active (occupied, not graduated) systems to a sink.
-
-    Parameters
-    ----------
-    sink : object with ``write(list[ase.Atoms])``
-        For example :class:`~fused_dynamics.sinks.HostMemory` or ``ExtXYZSink``.
-    every_n_steps : int
-    """
-
-    sink: Any = eqx.field(static=True)
-    fields: tuple[str, ...] = eqx.field(static=True, default=_FRAME_FIELDS, kw_only=True)
-
-    def select(self, data: HookData) -> np.ndarray:
-        return data["system_mask"] & (data["exit_reason"] == ExitReason.RUNNING)
-
-    def on_host(self, data):
-        from .batch import atoms_from_arrays
-
-        slots = np.flatnonzero(self.select(data))
-        if slots.size:
-            frames = atoms_from_arrays(data.arrays, slots)
-            for a in frames:
-                a.info["step"] = data.step
-            self.sink.write(frames)
-
-
-class ConvergedSnapshotHook(SnapshotHook):
-    """Write each system as it converges in a sub-stage (``ON_CONVERGE``)."""
-
-    stage: DynamicsStage = eqx.field(static=True, default=DynamicsStage.ON_CONVERGE, kw_only=True)
-
-    def select(self, data):
-        return data["converged"]
-
-
-class ThermalizeOnEntryHook(Hook):
-    """Draw Maxwell-Boltzmann velocities for the systems that just entered sub-stage ``code``.
-
-    Runs at ``ON_CONVERGE``: a system that left the previous stage this step (converged or
-    budget spent) and now has status ``code`` gets velocities at ``temperature`` (K), drawn
-    from a key folded with its ``system_id`` (so it does not depend on its slot). Useful after
-    FIRE, whose velocities are FIRE's (mass-free), not physical ones.
-    """
-
-    code: int = eqx.field(static=True)
-    temperature: float
-    seed: int = eqx.field(static=True, default=0)
-    stage: DynamicsStage = eqx.field(static=True, default=DynamicsStage.ON_CONVERGE, kw_only=True)
-
-    def apply(self, batch, ctx):
-        from .observables import initialize_velocities
-
-        report = ctx.report
-        entered = (report.converged | report.budget_spent) & (batch.status == self.code)
-
-        def draw(batch):
-            key = jax.random.PRNGKey(self.seed)
-            fresh = initialize_velocities(batch, self.temperature, key)
-            pick = batch.to_atoms_axis(entered)[:, None]
-            return batch.replace(velocities=jnp.where(pick, fresh.velocities, batch.velocities))
-
-        return jax.lax.cond(jnp.any(entered), draw, lambda b: b, batch)
-
-
-class ProgressHook(Hook):
-    """A tqdm progress bar of graduated systems (``ON_CONVERGE``: after migration)."""
-
-    total: int | None = eqx.field(static=True, default=None)
-    bar: Any = eqx.field(static=True, default=None)
-
-    def __init__(self, total=None, *, every_n_steps: int = 10, desc: str = "graduated"):
-        from tqdm.auto import tqdm
-
-        self.total = total
-        self.bar = tqdm(total=total, desc=desc, unit="sys")
-        self.every_n_steps = every_n_steps
-        self.stage = DynamicsStage.ON_CONVERGE
-        self.fields = ("exit_reason",)
-
-    def on_host(self, data):
-        done = int(np.sum(data["system_mask"] & (data["exit_reason"] != ExitReason.RUNNING)))
-        self.bar.n = done
-        self.bar.set_postfix(step=data.step, refresh=False)
-        self.bar.refresh()

@@ -8,21 +8,40 @@ and writes ``energy``, ``forces`` and ``stress`` into the batch between the two 
     batch = batch with model(batch) written in              # by the fused step, once
     batch, state = stage.post_update(batch, state, mask)   # e.g. v += ½ dt F/m
 
-Subclasses implement :meth:`first_half` and :meth:`second_half` for the whole batch, unmasked;
-the base class selects the result per system with ``jnp.where`` so that systems outside ``mask``
-are bit-for-bit untouched, and applies the batch's constraints (fixed atoms or directions, fixed
-centre of mass; :mod:`fused_dynamics.constraints`) to the result, so no sub-stage handles them.
+Subclasses implement :meth:`first_half` and :meth:`second_half` (abstract: a stage that leaves
+one out cannot be built) for the whole batch, unmasked; the base class selects the result per
+system with ``jnp.where`` so that systems outside ``mask`` are bit-for-bit untouched, and applies
+the batch's constraints (fixed atoms or directions, fixed centre of mass;
+:mod:`fused_dynamics.constraints`) to the result, so no sub-stage handles them.
 Per-system stage state (FIRE's dt and alpha, thermostat chains, random step counters, ...) is
 a pytree whose leaves all have a leading axis of length S; it is created by :meth:`init_state`
 and lives in ``batch.stage_state``.
 
+Entering a stage is the engine's business, not the stage's: whenever systems enter sub-stage
+``i`` (the entry stage when a run starts, a migration during a step, an inflight admission) the
+engine replaces their slice of that stage's state with ``stage.init_state(batch)``, computed from
+the batch as it is at entry, and sets their velocities to zero when the stage is an optimizer
+(:attr:`Stage.is_optimizer`). A stage therefore keeps no "first step" flag: its first step is
+recognisable from its fresh state (FIRE: ``n_iter == 0``).
+
+Every stage class is abstract or final (Equinox's pattern): :class:`Stage` and the abstract bases
+of families (:class:`~fused_dynamics.stages.fire.AbstractFIRE`,
+:class:`~fused_dynamics.stages.npt.AbstractMTK`) declare what a subclass must give
+(``abc.abstractmethod``, ``equinox.AbstractVar``); the concrete stages are never subclassed.
+
 Updates are computed for every slot, selected or not, so they must stay finite on empty slots and
 padding (divide by ``max(n, 1)``, never by a count that can be zero), or gradients through the
 ``where`` turn into NaN.
+
+Shared pieces: :func:`per_system` (a per-system parameter as one value per slot), the
+velocity-Verlet :func:`~fused_dynamics.stages.verlet.kick` and
+:func:`~fused_dynamics.stages.verlet.drift`, and the Nosé–Hoover chain of
+:mod:`fused_dynamics.stages.chains`.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any
 
@@ -32,10 +51,14 @@ import jax.numpy as jnp
 from ase import units
 
 from .. import constraints
+from .. import observables as obs
+from .. import validation as v
 from ..batch import Batch
+from ..hooks import Hook, check_hook
 from ..models.base import Model
+from ..parameters import per_system
 
-__all__ = ["Stage", "select_batch", "select_state", "fs_to_ase_time"]
+__all__ = ["Stage", "select_batch", "select_state", "fs_to_ase_time", "per_system", "safe_sqrt"]
 
 # fields of Batch that a sub-stage may change, by axis
 _ATOM_FIELDS = ("positions", "velocities")
@@ -45,6 +68,16 @@ _SYSTEM_FIELDS = ("cell",)
 def fs_to_ase_time(dt_fs):
     """Convert a time step in fs to ASE's internal time unit (Å·sqrt(amu/eV))."""
     return dt_fs * units.fs
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` for ``x > 0``, else 0, with a finite gradient everywhere (also at 0).
+
+    For norms and noise amplitudes that vanish on padding, empty slots, zero friction or zero
+    temperature: a plain ``sqrt`` there would make gradients through the ``where`` NaN.
+    """
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
 
 def select_batch(mask: jax.Array, new: Batch, old: Batch) -> Batch:
@@ -70,7 +103,7 @@ def select_state(mask: jax.Array, new: Any, old: Any) -> Any:
 
 
 class Stage(eqx.Module):
-    """Base class of sub-stages.
+    """Abstract base class of sub-stages: implement :meth:`first_half` and :meth:`second_half`.
 
     Parameters
     ----------
@@ -88,30 +121,63 @@ class Stage(eqx.Module):
     model: Model
     n_steps: int | None = eqx.field(static=True, default=None, kw_only=True)
     convergence_hook: Any = eqx.field(default=None, kw_only=True)
-    hooks: tuple = eqx.field(default=(), kw_only=True)
+    hooks: tuple[Hook, ...] = eqx.field(default=(), kw_only=True)
 
-    def register_hook(self, hook, stage=None) -> Stage:
+    def __check_init__(self):
+        # Equinox runs this after the subclass's own __check_init__ (every class of the MRO)
+        v.check_stage(self)
+        owner = type(self).__name__
+        if not isinstance(self.hooks, (tuple, list)):
+            raise TypeError(
+                f"{owner}: hooks must be a tuple of fused_dynamics.Hook, got "
+                f"{type(self.hooks).__name__}."
+            )
+        for hook in self.hooks:
+            check_hook(f"{owner}: hooks", hook)
+
+    def register_hook(self, hook: Hook, stage=None) -> Stage:
         """A copy of this stage with ``hook`` added (at ``stage``, default ``hook.stage``).
 
         Inside a fused step only BEFORE_STEP, BEFORE_PRE_UPDATE, AFTER_COMPUTE,
-        AFTER_POST_UPDATE, AFTER_STEP and ON_CONVERGE hooks of a sub-stage fire (SEMANTICS [S7]).
+        AFTER_POST_UPDATE, AFTER_STEP and ON_CONVERGE hooks of a sub-stage fire
+        (docs/semantics.md §7).
+
+        Raises
+        ------
+        TypeError
+            ``hook`` is not a :class:`fused_dynamics.Hook` instance.
         """
+        check_hook(f"{type(self).__name__}.register_hook", hook)
         if stage is not None:
             hook = dataclasses.replace(hook, stage=stage)
         return dataclasses.replace(self, hooks=tuple(self.hooks) + (hook,))
 
     # ----------------------------------------------------------- to implement
     def init_state(self, batch: Batch) -> Any:
-        """Fresh per-system state for every slot (leaves with leading axis S)."""
+        """Fresh per-system state for every slot (leaves with leading axis S).
+
+        Computed from ``batch`` as it is when systems enter the stage: the engine selects it
+        for the entering systems (see the module docstring). The default, for stages without
+        state, is ``()`` after checking that the per-system parameters fit the batch's slots
+        (:func:`fused_dynamics.validation.check_fits`).
+        """
+        v.check_fits(self, batch.max_systems)
         return ()
 
+    @abc.abstractmethod
     def first_half(self, batch: Batch, state: Any) -> tuple[Batch, Any]:
-        """Update before the force evaluation (uses ``batch.forces`` of the previous step)."""
-        return batch, state
+        """Update before the force evaluation (uses ``batch.forces`` of the previous step).
 
+        Computed for every slot, unmasked; returns the new batch and stage state.
+        """
+
+    @abc.abstractmethod
     def second_half(self, batch: Batch, state: Any) -> tuple[Batch, Any]:
-        """Update after the force evaluation (``batch.forces`` are new)."""
-        return batch, state
+        """Update after the force evaluation (``batch.forces`` are new).
+
+        Computed for every slot, unmasked; a stage with nothing to do returns
+        ``(batch, state)``.
+        """
 
     def observables(self, batch: Batch, state: Any) -> dict[str, jax.Array]:
         """Per-system quantities (shape (S,)) for convergence criteria and logging.
@@ -119,8 +185,6 @@ class Stage(eqx.Module):
         The base gives ``fmax``, ``energy``, ``kinetic_energy`` and ``temperature``; stages add
         their own (a conserved quantity, a cell-filter fmax).
         """
-        from .. import observables as obs
-
         return {
             "fmax": obs.fmax(batch),
             "energy": batch.energy,
@@ -152,8 +216,11 @@ class Stage(eqx.Module):
         return new_batch, select_state(mask, new_state, state)
 
     # ----------------------------------------------------------- composition
+    # The one documented upward edge of the package's import graph: composing (``a + b``) and
+    # running a single stage build a FusedStage, which imports this module, so the engine is
+    # imported here, inside the two methods. No other function-level import exists in stages.
     def __add__(self, other):
-        from ..fused import FusedStage
+        from ..fused import FusedStage  # the documented upward edge (see above)
 
         return FusedStage([(0, self)]) + other
 
@@ -162,6 +229,6 @@ class Stage(eqx.Module):
 
         Takes the arguments of :meth:`FusedStage.run`.
         """
-        from ..fused import FusedStage
+        from ..fused import FusedStage  # the documented upward edge (see __add__)
 
         return FusedStage([(0, self)]).run(batch, n_steps=n_steps, **kwargs)

@@ -15,8 +15,8 @@ This is ASE's ``FrechetCellFilter`` (ase/filters.py and ase/_4/optimize/cellutil
 ``log(F)`` is kept in the stage state instead of being recomputed with ``logm`` from the cell
 (JAX has no ``logm``); ASE's generalized cell positions also carry a constant offset
 ``exp_cell_factor * ln(n_atoms) I`` that no optimizer step can see. The reference cell is the cell
-a system has when it enters the stage (``ASE``: when the filter is built), and it is reset
-whenever the owning stage starts a system afresh.
+a system has when it enters the owning stage (``ASE``: when the filter is built): the engine
+selects the stage's ``init_state``, computed at entry, for every system that enters it.
 
 Optimizers only ever move along generalized displacements (:meth:`FrechetCellFilter.displace`),
 so they never need the absolute generalized positions.
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from .. import validation as v
 from ..batch import Batch
+from ..parameters import per_system
 
 __all__ = ["FrechetCellFilter", "CellFilterState", "CELL_FILTERS"]
 
@@ -152,9 +153,7 @@ class FrechetCellFilter(eqx.Module):
         """``exp_cell_factor`` of each system, shape (S,) (at least 1 for empty slots)."""
         if self.exp_cell_factor is None:
             return jnp.maximum(batch.n_atoms, 1).astype(batch.dtype)
-        return jnp.broadcast_to(
-            jnp.asarray(self.exp_cell_factor, batch.dtype), (batch.max_systems,)
-        )
+        return per_system(batch, self.exp_cell_factor)
 
     def deformation(self, batch: Batch, state: CellFilterState) -> jax.Array:
         """Deformation gradient ``F = (ref_cell^{-1} cell)^T`` of each system, shape (S, 3, 3)."""
@@ -162,7 +161,7 @@ class FrechetCellFilter(eqx.Module):
 
     def virial(self, batch: Batch) -> jax.Array:
         """``-V (σ + p I)`` of each system, shape (S, 3, 3) (zero for empty slots)."""
-        p = jnp.broadcast_to(jnp.asarray(self.scalar_pressure, batch.dtype), (batch.max_systems,))
+        p = per_system(batch, self.scalar_pressure)
         eye = jnp.eye(3, dtype=batch.dtype)
         volume = jnp.where(batch.system_mask, batch.volume, 1.0)
         w = -volume[:, None, None] * (batch.stress + p[:, None, None] * eye)

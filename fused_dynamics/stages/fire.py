@@ -9,11 +9,17 @@ With ``cell_filter="frechet"`` the optimizer works on the generalized coordinate
 :class:`~fused_dynamics.stages.cell_filter.FrechetCellFilter`: one row per atom (positions in the
 reference cell frame) plus three cell rows, and the generalized forces (transformed forces plus
 the virial). FIRE's velocity of the atom rows is ``batch.velocities``; that of the cell rows lives
-in the stage state.
+in the stage state. The generalized vectors and their per-system reductions are in
+:mod:`fused_dynamics.stages.generalized`.
+
+:class:`FIRE` and :class:`FIRE2` are final; what they share is :class:`AbstractFIRE`. A system
+that enters either stage starts afresh: the engine gives it the stage's ``init_state`` (initial
+time step and mixing, counters 0, the cell at entry as reference cell) and zero velocities.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: Equinox reads ``AbstractVar`` annotations
+# when the class is created, and refuses them as strings.
+import abc
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -23,15 +29,13 @@ import jax.numpy as jnp
 from .. import observables as obs
 from .. import validation as v
 from ..batch import Batch
-from .base import Stage, fs_to_ase_time
+from .base import Stage, fs_to_ase_time, per_system, safe_sqrt
 from .cell_filter import CellFilterState, FrechetCellFilter, make_cell_filter
+from .generalized import Dof, cap_norm, map_dof, scale, select, vdot
 
-__all__ = ["FIRE", "FIRE2", "FIREState"]
+__all__ = ["AbstractFIRE", "FIRE", "FIRE2", "FIREState"]
 
 _FLAVORS = ("ase", "vv")
-
-# A generalized vector: (atom rows (N, 3), cell rows (S, 3, 3) or None without a cell filter).
-Dof = tuple[jax.Array, jax.Array | None]
 
 
 class FIREState(eqx.Module):
@@ -48,12 +52,11 @@ class FIREState(eqx.Module):
     n_neg : Array (S,) int32
         Consecutive steps with ``v·F <= 0`` (FIRE 2.0's ``N_P<=0``).
     n_iter : Array (S,) int32
-        Steps done in this stage (FIRE 2.0's ``initialdelay`` counts them).
-    first : Array (S,) bool
-        The system has not made a step yet: its next step starts it afresh (zero velocity, fresh
-        time step and mixing, new reference cell).
+        Steps done in this stage (FIRE 2.0's ``initialdelay`` counts them). 0 on a system's
+        first step: the engine gives a system that enters the stage a fresh state
+        (:meth:`AbstractFIRE.init_state`) and zero velocities.
     cell : CellFilterState or None
-        Reference cell and ``log F`` with a cell filter.
+        Reference cell (the cell at entry into the stage) and ``log F`` with a cell filter.
     cell_velocity : Array (S, 3, 3) or None
         FIRE velocity of the three cell rows with a cell filter.
     """
@@ -63,55 +66,38 @@ class FIREState(eqx.Module):
     n_pos: jax.Array
     n_neg: jax.Array
     n_iter: jax.Array
-    first: jax.Array
     cell: CellFilterState | None = None
     cell_velocity: jax.Array | None = None
 
 
-# ---------------------------------------------------------------------- generalized vectors
-def _map(f, *xs: Dof) -> Dof:
-    atoms = f(*(x[0] for x in xs))
-    cell = None if xs[0][1] is None else f(*(x[1] for x in xs))
-    return atoms, cell
-
-
-def _vdot(batch: Batch, a: Dof, b: Dof) -> jax.Array:
-    """Per-system dot product over atom rows and cell rows, shape (S,)."""
-    atom_part = jnp.where(batch.atom_mask, jnp.sum(a[0] * b[0], axis=-1), 0.0)
-    out = batch.sum_atoms(atom_part)
-    if a[1] is not None:
-        out = out + jnp.sum(a[1] * b[1], axis=(-2, -1))
-    return out
-
-
-def _scale(batch: Batch, c: jax.Array, a: Dof) -> Dof:
-    """Multiply each system's rows by the per-system scalar ``c`` (S,)."""
-    atoms = batch.to_atoms_axis(c)[:, None] * a[0]
-    cell = None if a[1] is None else c[:, None, None] * a[1]
-    return atoms, cell
-
-
-def _safe_sqrt(x: jax.Array) -> jax.Array:
-    """``sqrt(x)`` with a finite gradient at 0."""
-    pos = x > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
-
-
-def _cap_norm(batch: Batch, d: Dof, maxstep) -> Dof:
-    """Scale each system's step so that its norm over all rows is at most ``maxstep`` (ASE)."""
-    norm = _safe_sqrt(_vdot(batch, d, d))
-    scale = jnp.where(norm > maxstep, maxstep / jnp.where(norm > 0, norm, 1.0), 1.0)
-    return _scale(batch, scale, d)
-
-
-def _per_system(batch: Batch, x, dtype=None) -> jax.Array:
-    dtype = batch.dtype if dtype is None else dtype
-    return jnp.broadcast_to(jnp.asarray(x, dtype), (batch.max_systems,))
-
-
 # ---------------------------------------------------------------------- shared machinery
-class _FIREMixin:
-    """Generalized coordinates, state handling and observables shared by FIRE and FIRE2."""
+class AbstractFIRE(Stage):
+    """Abstract base of :class:`FIRE` and :class:`FIRE2`: state, generalized coordinates and
+    observables.
+
+    A subclass declares the parameters below as fields (or properties) and gives
+    :meth:`_dt0`, the initial time step in the unit of its update, besides the two halves. The
+    state of a system that enters the stage is :meth:`init_state` (time step ``_dt0()``,
+    mixing ``astart``, counters 0, with a cell filter the current cell as reference cell and
+    zero cell velocity), selected for it by the engine, which also zeroes its velocities
+    (``is_optimizer``); ``n_iter == 0`` marks its first step.
+    """
+
+    dt: eqx.AbstractVar[float | jax.Array | None]
+    maxstep: eqx.AbstractVar[float | jax.Array]
+    dtmax: eqx.AbstractVar[float | jax.Array | None]
+    Nmin: eqx.AbstractVar[int | jax.Array]
+    finc: eqx.AbstractVar[float | jax.Array]
+    fdec: eqx.AbstractVar[float | jax.Array]
+    astart: eqx.AbstractVar[float | jax.Array]
+    fa: eqx.AbstractVar[float | jax.Array]
+    cell_filter: eqx.AbstractVar[str | None]
+    scalar_pressure: eqx.AbstractVar[float | jax.Array]
+    exp_cell_factor: eqx.AbstractVar[float | jax.Array | None]
+
+    @abc.abstractmethod
+    def _dt0(self):
+        """The initial time step (scalar or (S,)) in the unit of the update."""
 
     @property
     def needs_stress(self) -> bool:
@@ -124,33 +110,20 @@ class _FIREMixin:
     def _filter(self) -> FrechetCellFilter | None:
         return make_cell_filter(self.cell_filter, self.scalar_pressure, self.exp_cell_factor)
 
-    def _fresh(self, batch: Batch, dt0, alpha0) -> FIREState:
+    def init_state(self, batch: Batch) -> FIREState:
+        """The state of systems entering the stage, from ``batch`` as it is at entry."""
         v.check_fits(self, batch.max_systems)
-        s = batch.max_systems
         filt = self._filter()
-        zeros_i = jnp.zeros((s,), jnp.int32)
+        zeros_i = jnp.zeros((batch.max_systems,), jnp.int32)
         return FIREState(
-            dt=_per_system(batch, dt0),
-            alpha=_per_system(batch, alpha0),
+            dt=per_system(batch, self._dt0()),
+            alpha=per_system(batch, self.astart),
             n_pos=zeros_i,
             n_neg=zeros_i,
             n_iter=zeros_i,
-            first=jnp.ones((s,), bool),
             cell=None if filt is None else filt.init_state(batch),
             cell_velocity=None if filt is None else jnp.zeros_like(batch.cell),
         )
-
-    def _start(self, batch: Batch, state: FIREState) -> tuple[Batch, FIREState]:
-        """Start the systems on their first step afresh: new state, zero velocities."""
-        fresh = self.init_state(batch)
-        first = state.first
-
-        def pick(a, b):
-            return jnp.where(first.reshape((-1,) + (1,) * (jnp.ndim(a) - 1)), a, b)
-
-        state = jax.tree_util.tree_map(pick, fresh, state)
-        v = jnp.where(batch.to_atoms_axis(first)[:, None], 0.0, batch.velocities)
-        return batch.replace(velocities=v), state
 
     def _forces(self, batch: Batch, state: FIREState) -> Dof:
         filt = self._filter()
@@ -188,9 +161,9 @@ class _FIREMixin:
 
     def _mix(self, batch: Batch, alpha: jax.Array, v: Dof, g: Dof) -> Dof:
         """``(1 - alpha) v + alpha |v| g / |g|``, per system (``g = 0`` leaves ``(1-alpha) v``)."""
-        g2 = _vdot(batch, g, g)
-        coef = alpha * _safe_sqrt(_vdot(batch, v, v)) / jnp.where(g2 > 0, _safe_sqrt(g2), 1.0)
-        return _map(jnp.add, _scale(batch, 1.0 - alpha, v), _scale(batch, coef, g))
+        g2 = vdot(batch, g, g)
+        coef = alpha * safe_sqrt(vdot(batch, v, v)) / jnp.where(g2 > 0, safe_sqrt(g2), 1.0)
+        return map_dof(jnp.add, scale(batch, 1.0 - alpha, v), scale(batch, coef, g))
 
     def observables(self, batch: Batch, state: Any) -> dict[str, jax.Array]:
         """The base observables; with a cell filter ``fmax`` is over atoms and cell rows.
@@ -198,7 +171,7 @@ class _FIREMixin:
         As ASE's filter: the largest row norm of the generalized forces, atoms (``f F``) and the
         three cell rows together, so convergence needs both small forces and small stress.
         """
-        out = dict(Stage.observables(self, batch, state))
+        out = dict(super().observables(batch, state))
         filt = self._filter()
         if filt is not None:
             f_atoms, f_cell = filt.generalized_forces(batch, state.cell)
@@ -213,7 +186,6 @@ class _FIREMixin:
 def _check_fire(stage, dt_unit: str) -> None:
     """The checks FIRE and FIRE2 share (see their ``Raises`` sections)."""
     owner = type(stage).__name__
-    v.check_stage(stage)
     for name in ("dt", "dtmax", "dtmin"):
         if hasattr(stage, name):
             v.check_real(
@@ -260,7 +232,7 @@ _FIRE_PER_SYSTEM = (
 
 
 # ---------------------------------------------------------------------- FIRE
-class FIRE(_FIREMixin, Stage):
+class FIRE(AbstractFIRE):
     """FIRE relaxation (Bitzek et al., PRL 97, 170201 (2006)), per system.
 
     Parameters
@@ -350,12 +322,9 @@ class FIRE(_FIREMixin, Stage):
             return 1.0 if self.dtmax is None else self.dtmax
         return fs_to_ase_time(10.0 if self.dtmax is None else self.dtmax)
 
-    def init_state(self, batch: Batch) -> FIREState:
-        return self._fresh(batch, self._dt0(), self.astart)
-
     def _adapt(self, batch, state, v, g, active):
         """FIRE's velocity and parameter update where ``active`` (S,) (ASE's branch on v·F)."""
-        vf = _vdot(batch, g, v)
+        vf = vdot(batch, g, v)
         up = active & (vf > 0.0)
         down = active & ~(vf > 0.0)
         grow = up & (state.n_pos > self.Nmin)
@@ -363,31 +332,28 @@ class FIRE(_FIREMixin, Stage):
         alpha = jnp.where(grow, state.alpha * self.fa, state.alpha)
         n_pos = jnp.where(up, state.n_pos + 1, state.n_pos)
         v_mix = self._mix(batch, state.alpha, v, g)  # ASE mixes with alpha before the decay
-        v = _select(batch, up, v_mix, v)
-        v = _select(batch, down, _scale(batch, jnp.zeros_like(dt), v), v)
-        alpha = jnp.where(down, _per_system(batch, self.astart), alpha)
+        v = select(batch, up, v_mix, v)
+        v = select(batch, down, scale(batch, jnp.zeros_like(dt), v), v)
+        alpha = jnp.where(down, per_system(batch, self.astart), alpha)
         dt = jnp.where(down, dt * self.fdec, dt)
         n_pos = jnp.where(down, 0, n_pos)
         state = eqx.tree_at(lambda s: (s.dt, s.alpha, s.n_pos), state, (dt, alpha, n_pos))
         return v, state
 
     def first_half(self, batch, state):
-        batch, state = self._start(batch, state)
         g = self._forces(batch, state)
         v = self._velocities(batch, state)
         if self.flavor == "ase":
-            v, state = self._adapt(batch, state, v, g, ~state.first)
-            v = _map(jnp.add, v, _scale(batch, state.dt, g))
+            # as ASE: no v·F test on a system's first step in the stage (its velocity is zero)
+            v, state = self._adapt(batch, state, v, g, state.n_iter > 0)
+            v = map_dof(jnp.add, v, scale(batch, state.dt, g))
         else:
             m = self._masses(batch)
-            v = _map(lambda v, g, m: v + g / m, v, _scale(batch, 0.5 * state.dt, g), m)
-        d = _cap_norm(batch, _scale(batch, state.dt, v), self.maxstep)
+            v = map_dof(lambda v, g, m: v + g / m, v, scale(batch, 0.5 * state.dt, g), m)
+        d = cap_norm(batch, scale(batch, state.dt, v), self.maxstep)
         batch, state = self._set_velocities(batch, state, v)
         batch, state = self._displace(batch, state, d)
-        n_iter = state.n_iter + 1
-        state = eqx.tree_at(
-            lambda s: (s.first, s.n_iter), state, (jnp.zeros_like(state.first), n_iter)
-        )
+        state = eqx.tree_at(lambda s: s.n_iter, state, state.n_iter + 1)
         return batch, state
 
     def second_half(self, batch, state):
@@ -396,20 +362,13 @@ class FIRE(_FIREMixin, Stage):
         g = self._forces(batch, state)
         v = self._velocities(batch, state)
         m = self._masses(batch)
-        v = _map(lambda v, g, m: v + g / m, v, _scale(batch, 0.5 * state.dt, g), m)
-        v, state = self._adapt(batch, state, v, g, jnp.ones_like(state.first))
+        v = map_dof(lambda v, g, m: v + g / m, v, scale(batch, 0.5 * state.dt, g), m)
+        v, state = self._adapt(batch, state, v, g, jnp.ones_like(state.n_iter, bool))
         return self._set_velocities(batch, state, v)
 
 
-def _select(batch: Batch, c: jax.Array, a: Dof, b: Dof) -> Dof:
-    """Per-system ``where(c, a, b)`` on generalized vectors."""
-    atoms = jnp.where(batch.to_atoms_axis(c)[:, None], a[0], b[0])
-    cell = None if a[1] is None else jnp.where(c[:, None, None], a[1], b[1])
-    return atoms, cell
-
-
 # ---------------------------------------------------------------------- FIRE 2.0
-class FIRE2(_FIREMixin, Stage):
+class FIRE2(AbstractFIRE):
     """FIRE 2.0 (Guénolé et al., Comput. Mater. Sci. 175, 109584 (2020)), per system.
 
     Semi-implicit Euler with the velocity mixing inside the integrator (after the velocity
@@ -489,20 +448,19 @@ class FIRE2(_FIREMixin, Stage):
         v.check_integer(owner, "Npneg_max", self.Npneg_max, 1, allow_none=True)
         v.check_bool(owner, "initialdelay", self.initialdelay, allow_array=True)
 
-    def init_state(self, batch: Batch) -> FIREState:
-        return self._fresh(batch, self.dt, self.astart)
+    def _dt0(self):
+        return self.dt
 
     def _stuck(self, state: FIREState) -> jax.Array:
         if self.Npneg_max is None:
-            return jnp.zeros_like(state.first)
+            return jnp.zeros_like(state.n_neg, bool)
         return state.n_neg > self.Npneg_max
 
     def first_half(self, batch, state):
-        batch, state = self._start(batch, state)
         g = self._forces(batch, state)
         v = self._velocities(batch, state)
-        active = ~state.first
-        vf = _vdot(batch, g, v)
+        active = state.n_iter > 0  # no v·F test on a system's first step in the stage
+        vf = vdot(batch, g, v)
         up = active & (vf > 0.0)
         down = active & ~(vf > 0.0)
 
@@ -516,29 +474,33 @@ class FIRE2(_FIREMixin, Stage):
         shrink = down & delay_ok
         smaller = dt * self.fdec
         dt = jnp.where(shrink & (smaller >= self.dtmin), smaller, dt)
-        alpha = jnp.where(shrink, _per_system(batch, self.astart), alpha)
+        alpha = jnp.where(shrink, per_system(batch, self.astart), alpha)
 
         # half-step correction and velocity reset on v·F <= 0
         zero = jnp.zeros_like(dt)
-        back = _scale(batch, jnp.where(down, -0.5 * dt, zero), v)
-        v = _select(batch, down, _scale(batch, zero, v), v)
+        back = scale(batch, jnp.where(down, -0.5 * dt, zero), v)
+        v = select(batch, down, scale(batch, zero, v), v)
 
         # semi-implicit Euler with mixing
-        v = _map(jnp.add, v, _scale(batch, dt, g))
+        v = map_dof(jnp.add, v, scale(batch, dt, g))
         v = self._mix(batch, alpha, v, g)
-        step = _cap_norm(batch, _scale(batch, dt, v), self.maxstep)
-        d = _map(jnp.add, back, step)
+        step = cap_norm(batch, scale(batch, dt, v), self.maxstep)
+        d = map_dof(jnp.add, back, step)
 
         state = eqx.tree_at(
-            lambda s: (s.dt, s.alpha, s.n_pos, s.n_neg, s.n_iter, s.first),
+            lambda s: (s.dt, s.alpha, s.n_pos, s.n_neg, s.n_iter),
             state,
-            (dt, alpha, n_pos, n_neg, state.n_iter + 1, jnp.zeros_like(state.first)),
+            (dt, alpha, n_pos, n_neg, state.n_iter + 1),
         )
         stuck = self._stuck(state)
-        d = _scale(batch, jnp.where(stuck, zero, 1.0), d)
-        v = _scale(batch, jnp.where(stuck, zero, 1.0), v)
+        d = scale(batch, jnp.where(stuck, zero, 1.0), d)
+        v = scale(batch, jnp.where(stuck, zero, 1.0), v)
         batch, state = self._set_velocities(batch, state, v)
         batch, state = self._displace(batch, state, d)
+        return batch, state
+
+    def second_half(self, batch, state):
+        # the whole step is made before the evaluation, with the forces of the previous one
         return batch, state
 
     def observables(self, batch, state):

@@ -11,20 +11,10 @@ from ase import units
 from .. import segment
 from .. import validation as v
 from ..batch import Batch
-from .base import Stage, fs_to_ase_time
+from .base import Stage, fs_to_ase_time, per_system, safe_sqrt
+from .verlet import drift, kick
 
 __all__ = ["NVTLangevin"]
-
-
-def _per_system(batch: Batch, x) -> jax.Array:
-    """A scalar or (S,) hyper-parameter as an (S,) array of the batch's float dtype."""
-    return jnp.broadcast_to(jnp.asarray(x, batch.dtype), (batch.max_systems,))
-
-
-def _safe_sqrt(x: jax.Array) -> jax.Array:
-    # sqrt with a finite gradient at 0 (friction 0, temperature 0, padding)
-    pos = x > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
 
 class NVTLangevin(Stage):
@@ -85,7 +75,6 @@ class NVTLangevin(Stage):
 
     def __check_init__(self):
         owner = type(self).__name__
-        v.check_stage(self)
         v.check_real(owner, "dt", self.dt, v.positive(), unit="fs", per_system=True)
         v.check_real(
             owner, "temperature", self.temperature, v.non_negative(), unit="K", per_system=True
@@ -100,20 +89,9 @@ class NVTLangevin(Stage):
         return {"step": jnp.zeros((batch.max_systems,), jnp.int32)}
 
     # ----------------------------------------------------------- pieces
-    def _dt(self, batch: Batch) -> jax.Array:
-        """Time step per atom in ASE units, shape (N, 1); 0 for padding atoms."""
-        dt = _per_system(batch, fs_to_ase_time(jnp.asarray(self.dt, batch.dtype)))
-        return batch.to_atoms_axis(dt)[:, None]
-
-    def _kick(self, batch: Batch) -> Batch:
-        half = 0.5 * self._dt(batch)
-        return batch.replace(
-            velocities=batch.velocities + half * batch.forces / batch.masses[:, None]
-        )
-
-    def _drift(self, batch: Batch) -> Batch:
-        half = 0.5 * self._dt(batch)
-        return batch.replace(positions=batch.positions + half * batch.velocities)
+    def _half_dt(self, batch: Batch) -> jax.Array:
+        """Half the time step per system in ASE units, shape (S,)."""
+        return 0.5 * per_system(batch, fs_to_ase_time(jnp.asarray(self.dt, batch.dtype)))
 
     def _noise(self, batch: Batch, step: jax.Array) -> jax.Array:
         """Standard normal deviates, shape (N, 3), keyed by system id, step and local index."""
@@ -136,22 +114,21 @@ class NVTLangevin(Stage):
         return jnp.where(batch.atom_mask[:, None], z, 0.0)
 
     def _ou(self, batch: Batch, step: jax.Array) -> Batch:
-        dt = fs_to_ase_time(_per_system(batch, self.dt))
-        gamma = _per_system(batch, self.friction) / units.fs
-        kt = units.kB * _per_system(batch, self.temperature)
+        dt = fs_to_ase_time(per_system(batch, self.dt))
+        gamma = per_system(batch, self.friction) / units.fs
+        kt = units.kB * per_system(batch, self.temperature)
         c1 = batch.to_atoms_axis(jnp.exp(-gamma * dt))[:, None]
         one_minus_c1sq = batch.to_atoms_axis(-jnp.expm1(-2.0 * gamma * dt))
-        sigma = _safe_sqrt(one_minus_c1sq * batch.to_atoms_axis(kt) / batch.masses)[:, None]
+        sigma = safe_sqrt(one_minus_c1sq * batch.to_atoms_axis(kt) / batch.masses)[:, None]
         v = c1 * batch.velocities + sigma * self._noise(batch, step)
         return batch.replace(velocities=jnp.where(batch.atom_mask[:, None], v, 0.0))
 
     # ----------------------------------------------------------- the two halves
     def first_half(self, batch, state):
-        batch = self._kick(batch)
-        batch = self._drift(batch)
+        half = self._half_dt(batch)
+        batch = drift(kick(batch, half), half)
         batch = self._ou(batch, state["step"])
-        batch = self._drift(batch)
-        return batch, {"step": state["step"] + 1}
+        return drift(batch, half), {"step": state["step"] + 1}
 
     def second_half(self, batch, state):
-        return self._kick(batch), state
+        return kick(batch, self._half_dt(batch)), state

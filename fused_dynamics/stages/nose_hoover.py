@@ -13,30 +13,12 @@ from ase import units
 from .. import observables as obs
 from .. import validation as v
 from ..batch import Batch
-from .base import Stage, fs_to_ase_time
+from . import chains
+from .base import Stage, fs_to_ase_time, per_system
+from .chains import suzuki_yoshida_weights
+from .verlet import drift, kick
 
 __all__ = ["NVTNoseHoover", "suzuki_yoshida_weights"]
-
-
-def suzuki_yoshida_weights(order: int) -> tuple[float, ...]:
-    """Weights of the Suzuki–Yoshida composition of order 1, 3, 5 or 7 (they sum to 1)."""
-    if order == 1:
-        return (1.0,)
-    if order == 3:
-        w1 = 1.0 / (2.0 - 2.0 ** (1.0 / 3.0))
-        return (w1, 1.0 - 2.0 * w1, w1)
-    if order == 5:
-        w1 = 1.0 / (4.0 - 4.0 ** (1.0 / 3.0))
-        return (w1, w1, 1.0 - 4.0 * w1, w1, w1)
-    if order == 7:
-        w = (0.784513610477560, 0.235573213359357, -1.17767998417887)
-        w0 = 1.0 - 2.0 * sum(w)
-        return (w[2], w[1], w[0], w0, w[0], w[1], w[2])
-    raise ValueError(f"suzuki_yoshida_weights: order must be 1, 3, 5 or 7, got {order}.")
-
-
-def _per_system(batch: Batch, x) -> jax.Array:
-    return jnp.broadcast_to(jnp.asarray(x, batch.dtype), (batch.max_systems,))
 
 
 class NVTNoseHoover(Stage):
@@ -57,11 +39,13 @@ class NVTNoseHoover(Stage):
         [model]
         second_half: v += ½ dt F/m, chain(dt/2)
 
-    The chain propagator ``chain(dt/2)`` is MTK's: ``chain_steps`` multiple time steps, each a
-    Suzuki–Yoshida composition of order ``sy_order`` (default 2 steps of order 3, JAX-MD's
-    default); inside each sub-step the chain velocities are updated from the end of the chain
-    inwards with exponential damping by the next thermostat, the particle velocities are scaled
-    by ``exp(-δ v_1)``, the positions ``η`` advance, and the velocities are updated back out.
+    The chain propagator ``chain(dt/2)`` is MTK's, the package's one
+    (:func:`~fused_dynamics.stages.chains.nose_hoover_chain`, shared with :class:`NPT`):
+    ``chain_steps`` multiple time steps, each a Suzuki–Yoshida composition of order ``sy_order``
+    (default 2 steps of order 3, JAX-MD's default); inside each sub-step the chain momenta are
+    updated from the end of the chain inwards with exponential damping by the next thermostat,
+    the positions ``η`` advance, the particle velocities are scaled by ``exp(-δ v_1)``, and the
+    momenta are updated back out.
 
     The extended energy ``E_pot + E_kin + Σ ½ Q_k v_k² + g kT η_1 + kT Σ_{k≥2} η_k`` is conserved
     (up to the integrator's O(dt²) error); :meth:`observables` reports it as
@@ -106,7 +90,6 @@ class NVTNoseHoover(Stage):
 
     def __check_init__(self):
         owner = type(self).__name__
-        v.check_stage(self)
         v.check_real(owner, "dt", self.dt, v.positive(), unit="fs", per_system=True)
         v.check_real(
             owner, "temperature", self.temperature, v.non_negative(), unit="K", per_system=True
@@ -123,7 +106,7 @@ class NVTNoseHoover(Stage):
 
     # ----------------------------------------------------------- pieces
     def _kt(self, batch: Batch) -> jax.Array:
-        return units.kB * _per_system(batch, self.temperature)
+        return units.kB * per_system(batch, self.temperature)
 
     def _dof(self, batch: Batch) -> jax.Array:
         return obs.degrees_of_freedom(batch)
@@ -132,7 +115,7 @@ class NVTNoseHoover(Stage):
         """Thermostat masses ``Q``, shape (S, chain_length), in eV·(ASE time)²; 1 where they
         would vanish (empty slots, zero temperature) so that updates stay finite."""
         kt = self._kt(batch)
-        tau = fs_to_ase_time(_per_system(batch, self.tdamp))
+        tau = fs_to_ase_time(per_system(batch, self.tdamp))
         q = kt * tau**2
         scale = jnp.ones((self.chain_length,), batch.dtype)
         q = q[:, None] * scale[None, :]
@@ -140,86 +123,43 @@ class NVTNoseHoover(Stage):
         return jnp.where(q > 0, q, 1.0)
 
     def _dt(self, batch: Batch) -> jax.Array:
-        return fs_to_ase_time(_per_system(batch, self.dt))
-
-    def _kick(self, batch: Batch) -> Batch:
-        half = batch.to_atoms_axis(0.5 * self._dt(batch))[:, None]
-        return batch.replace(
-            velocities=batch.velocities + half * batch.forces / batch.masses[:, None]
-        )
-
-    def _drift(self, batch: Batch) -> Batch:
-        dt = batch.to_atoms_axis(self._dt(batch))[:, None]
-        return batch.replace(positions=batch.positions + dt * batch.velocities)
+        return fs_to_ase_time(per_system(batch, self.dt))
 
     def _chain(self, batch: Batch, state, h: jax.Array) -> tuple[Batch, dict]:
         """Propagate the chains and scale the particle velocities over a time ``h`` (S,)."""
-        m = self.chain_length
-        kt = self._kt(batch)
-        dof = self._dof(batch)
         q = self.masses(batch)
-        ke2 = 2.0 * obs.kinetic_energy(batch)  # 2 KE, (S,)
-        eta = state["eta"]
-        v = [state["v_eta"][:, k] for k in range(m)]
-        scale_total = jnp.ones_like(ke2)
-
-        def force(k, v, ke2):
-            if k == 0:
-                return (ke2 - dof * kt) / q[:, 0]
-            return (q[:, k - 1] * v[k - 1] ** 2 - kt) / q[:, k]
-
-        def damped(k, v, ke2, d):
-            # v_k <- e^{-d/4 v_{k+1}} (e^{-d/4 v_{k+1}} v_k + d/2 G_k), the last one undamped
-            g = force(k, v, ke2)
-            if k == m - 1:
-                return v[k] + 0.5 * d * g
-            a = jnp.exp(-0.25 * d * v[k + 1])
-            return a * (a * v[k] + 0.5 * d * g)
-
-        def sub_step(carry, w):
-            # one MTK sub-step of length d = w h: a lax.scan body, so that the chain_steps x
-            # sy_order sub-steps compile once rather than unrolled
-            v, eta, ke2, scale_total = carry
-            v = list(v)
-            d = w * h
-            for k in reversed(range(m)):
-                v[k] = damped(k, v, ke2, d)
-            s = jnp.exp(-d * v[0])
-            scale_total = scale_total * s
-            ke2 = ke2 * s * s
-            eta = eta + d[:, None] * jnp.stack(v, axis=-1)
-            for k in range(m):
-                v[k] = damped(k, v, ke2, d)
-            return (tuple(v), eta, ke2, scale_total), None
-
         weights = np.tile(np.asarray(suzuki_yoshida_weights(self.sy_order)), self.chain_steps)
-        weights = jnp.asarray(weights / self.chain_steps, batch.dtype)
-        (v, eta, _, scale_total), _ = jax.lax.scan(
-            sub_step, (tuple(v), eta, ke2, scale_total), weights
+        p, eta, scale = chains.nose_hoover_chain(
+            state["v_eta"] * q,
+            state["eta"],
+            q,
+            2.0 * obs.kinetic_energy(batch),
+            self._dof(batch),
+            self._kt(batch),
+            h,
+            weights / self.chain_steps,
         )
-
-        velocities = batch.velocities * batch.to_atoms_axis(scale_total)[:, None]
-        return batch.replace(velocities=velocities), {"eta": eta, "v_eta": jnp.stack(v, axis=-1)}
+        velocities = batch.velocities * batch.to_atoms_axis(scale)[:, None]
+        return batch.replace(velocities=velocities), {"eta": eta, "v_eta": p / q}
 
     # ----------------------------------------------------------- the two halves
     def first_half(self, batch, state):
-        batch, state = self._chain(batch, state, 0.5 * self._dt(batch))
-        batch = self._kick(batch)
-        return self._drift(batch), state
+        half = 0.5 * self._dt(batch)
+        batch, state = self._chain(batch, state, half)
+        return drift(kick(batch, half), self._dt(batch)), state
 
     def second_half(self, batch, state):
-        batch = self._kick(batch)
-        return self._chain(batch, state, 0.5 * self._dt(batch))
+        half = 0.5 * self._dt(batch)
+        return self._chain(kick(batch, half), state, half)
 
     # ----------------------------------------------------------- observables
     def chain_energy(self, batch: Batch, state) -> jax.Array:
         """Kinetic plus potential energy of each system's chain in eV, shape (S,)."""
-        kt = self._kt(batch)
         q = self.masses(batch)
-        kinetic = 0.5 * jnp.sum(q * state["v_eta"] ** 2, axis=-1)
-        eta = state["eta"]
-        potential = kt * (self._dof(batch) * eta[:, 0] + jnp.sum(eta[:, 1:], axis=-1))
-        return jnp.where(batch.system_mask, kinetic + potential, 0.0)
+        energy = chains.chain_energy(
+            state["v_eta"] * q, state["eta"], q, self._dof(batch), self._kt(batch)
+        )
+        return jnp.where(batch.system_mask, energy, 0.0)
 
     def observables(self, batch, state):
         out = super().observables(batch, state)

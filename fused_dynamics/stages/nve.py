@@ -5,17 +5,20 @@ from __future__ import annotations
 from typing import ClassVar
 
 import jax
-import jax.numpy as jnp
 
 from .. import validation as v
 from ..batch import Batch
-from .base import Stage, fs_to_ase_time
+from .base import Stage, fs_to_ase_time, per_system
+from .verlet import drift, kick
 
 __all__ = ["NVE"]
 
 
 class NVE(Stage):
     """Velocity Verlet, as ``ase.md.verlet.VelocityVerlet``.
+
+    One step is ``v += ½ dt F/m; r += dt v`` (:meth:`first_half`), the model evaluation, then
+    ``v += ½ dt F/m`` (:meth:`second_half`).
 
     Parameters
     ----------
@@ -38,30 +41,15 @@ class NVE(Stage):
     dt: float | jax.Array
 
     def __check_init__(self):
-        v.check_stage(self)
         v.check_real(type(self).__name__, "dt", self.dt, v.positive(), unit="fs", per_system=True)
 
-    def init_state(self, batch: Batch) -> tuple:
-        v.check_fits(self, batch.max_systems)
-        return ()
-
-    def _dt_atoms(self, batch: Batch) -> jax.Array:
-        dt = jnp.broadcast_to(
-            jnp.asarray(fs_to_ase_time(self.dt), batch.dtype), (batch.max_systems,)
-        )
-        return batch.to_atoms_axis(dt)[:, None]
-
-    def _kick(self, batch: Batch) -> Batch:
-        half = 0.5 * self._dt_atoms(batch)
-        return batch.replace(
-            velocities=batch.velocities + half * batch.forces / batch.masses[:, None]
-        )
+    def _dt(self, batch: Batch) -> jax.Array:
+        """Time step per system in ASE's time unit, shape (S,)."""
+        return per_system(batch, fs_to_ase_time(self.dt))
 
     def first_half(self, batch, state):
-        batch = self._kick(batch)
-        return batch.replace(
-            positions=batch.positions + self._dt_atoms(batch) * batch.velocities
-        ), state
+        dt = self._dt(batch)
+        return drift(kick(batch, 0.5 * dt), dt), state
 
     def second_half(self, batch, state):
-        return self._kick(batch), state
+        return kick(batch, 0.5 * self._dt(batch)), state

@@ -12,7 +12,7 @@ import optax
 from .. import segment
 from .. import validation as v
 from ..batch import Batch
-from .base import Stage
+from .base import Stage, per_system
 
 __all__ = ["GradientDescent", "OptaxRelax", "OptaxState", "cap_atom_step"]
 
@@ -56,7 +56,6 @@ class GradientDescent(Stage):
 
     def __check_init__(self):
         owner = type(self).__name__
-        v.check_stage(self)
         v.check_real(
             owner, "step_size", self.step_size, v.positive(), unit="Å²/eV", per_system=True
         )
@@ -74,17 +73,17 @@ class GradientDescent(Stage):
     def is_optimizer(self) -> bool:
         return True
 
-    def init_state(self, batch: Batch) -> tuple:
-        v.check_fits(self, batch.max_systems)
-        return ()
-
     def first_half(self, batch, state):
-        step = jnp.broadcast_to(jnp.asarray(self.step_size, batch.dtype), (batch.max_systems,))
+        step = per_system(batch, self.step_size)
         d = batch.to_atoms_axis(step)[:, None] * batch.forces
         if self.maxstep is not None:
             d = cap_atom_step(batch, d, self.maxstep)
         d = jnp.where(batch.atom_mask[:, None], d, 0.0)
         return batch.replace(positions=batch.positions + d), state
+
+    def second_half(self, batch, state):
+        # the step is made before the evaluation, with the forces of the previous one
+        return batch, state
 
 
 class OptaxState(eqx.Module):
@@ -94,13 +93,12 @@ class OptaxState(eqx.Module):
     ----------
     opt_state : optax.OptState
         The transformation's state, vmapped over systems: each leaf is (S, ...), with per-atom
-        leaves in the per-system view (S, A, 3).
-    first : Array (S,) bool
-        The system has not made a step yet; its optimizer state is started afresh on it.
+        leaves in the per-system view (S, A, 3). A system that enters the stage gets
+        ``optax_transform.init`` of its positions at entry (the engine selects
+        :meth:`OptaxRelax.init_state` for it).
     """
 
     opt_state: Any
-    first: jax.Array
 
 
 class OptaxRelax(Stage):
@@ -134,7 +132,6 @@ class OptaxRelax(Stage):
     optax_transform: optax.GradientTransformation = eqx.field(static=True)
 
     def __check_init__(self):
-        v.check_stage(self)
         t = self.optax_transform
         if not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):
             raise ValueError(
@@ -155,18 +152,14 @@ class OptaxRelax(Stage):
         return jax.vmap(self.optax_transform.init)(self._view(batch, batch.positions))
 
     def init_state(self, batch: Batch) -> OptaxState:
-        return OptaxState(opt_state=self._init(batch), first=jnp.ones((batch.max_systems,), bool))
+        """The optimizer state of systems entering the stage: ``init`` of their positions."""
+        return OptaxState(opt_state=self._init(batch))
 
     def first_half(self, batch, state):
         params = self._view(batch, batch.positions)
         grads = self._view(batch, -batch.forces)
-        first = state.first
-
-        def pick(a, b):
-            return jnp.where(first.reshape((-1,) + (1,) * (jnp.ndim(a) - 1)), a, b)
-
-        opt_state = jax.tree_util.tree_map(pick, self._init(batch), state.opt_state)
-        updates, opt_state = jax.vmap(self.optax_transform.update)(grads, opt_state, params)
+        update = jax.vmap(self.optax_transform.update)
+        updates, opt_state = update(grads, state.opt_state, params)
         _, valid = batch.system_view_index()
         updates = jnp.where(valid[..., None], updates, 0.0)
         # scatter back: atom i is row local_index[i] of its system's view
@@ -177,4 +170,8 @@ class OptaxRelax(Stage):
         sys = jnp.minimum(batch.system_idx, s - 1)
         d = jnp.where(batch.atom_mask[:, None], updates[sys, local], 0.0)
         batch = batch.replace(positions=batch.positions + d.astype(batch.dtype))
-        return batch, OptaxState(opt_state=opt_state, first=jnp.zeros_like(first))
+        return batch, OptaxState(opt_state=opt_state)
+
+    def second_half(self, batch, state):
+        # the step is made before the evaluation, with the forces of the previous one
+        return batch, state
