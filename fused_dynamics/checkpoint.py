@@ -167,7 +167,11 @@ def _read_header(f, path) -> dict:
             f"{path!r} is a checkpoint of format version {first[1]}; this version of "
             f"fused_dynamics reads version {VERSION}."
         )
-    return json.loads(f.read(int(first[2])).decode())
+    text = f.read(int(first[2]))
+    try:
+        return json.loads(text.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"checkpoint {path!r}: its header is damaged or incomplete.") from exc
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -194,5 +198,13 @@ def load(path: str | os.PathLike, fused, check=None) -> tuple[dict, Batch]:
         if check is not None:
             check(header)
         like = _skeleton(fused, header["layout"])
-        batch = eqx.tree_deserialise_leaves(f, like)
+        try:
+            batch = eqx.tree_deserialise_leaves(f, like)
+        except Exception as exc:
+            raise ValueError(
+                f"checkpoint {path!r} is damaged or incomplete ({type(exc).__name__}); resume "
+                "from an intact checkpoint."
+            ) from exc
+        if f.read(1):
+            raise ValueError(f"checkpoint {path!r} has data after its end (damaged).")
     return header, batch

@@ -1,9 +1,10 @@
 """Compiling engine functions, and the one neighbor-list overflow-grow-retry helper.
 
 Any Equinox module may hold leaves that are not arrays (an ``eqx.nn.MLP``'s activation
-functions, a hook's string field). :func:`filter_compile` traces the array-like leaves (arrays
-and Python numbers, so that a new time step or temperature does not recompile) and keeps every
-other leaf static, as ``equinox.filter_jit`` does (which would make Python numbers static).
+functions, a hook's string field, a ``bool`` flag used in Python control flow). As
+``equinox.filter_jit`` does, :func:`filter_compile` traces arrays and keeps Python ``bool``,
+``int``, strings, functions and other objects static; unlike it, it also traces Python
+``float`` and ``complex`` leaves, so that a new time step or temperature does not recompile.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class _Static:
         return jax.tree_util.tree_unflatten(self.treedef, self.leaves)
 
 
+def _traced(leaf) -> bool:
+    """Arrays and Python floats are traced; bools, ints and everything else static."""
+    return eqx.is_array(leaf) or isinstance(leaf, (float, complex))
+
+
 def _key(leaf):
     """A hashable identity of a static leaf (by value when it has one, else by object)."""
     try:
@@ -77,7 +83,7 @@ def filter_compile(fn: Callable, **jit_kwargs) -> Callable:
 
     @functools.wraps(fn)
     def call(*args):
-        dynamic, static = eqx.partition(args, eqx.is_array_like)
+        dynamic, static = eqx.partition(args, _traced)
         return compiled(_Static(static), dynamic)
 
     call.cache_size = compiled._cache_size

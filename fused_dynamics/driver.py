@@ -16,8 +16,11 @@ statistics and checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import hashlib
 import os
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -29,6 +32,7 @@ from . import inflight
 from .batch import Batch, write_system
 from .compiled import filter_compile, retry_on_overflow
 from .inflight import RunStats
+from .outputs.common import check_writable
 
 __all__ = ["Run", "run", "run_steps", "output_stress"]
 
@@ -197,15 +201,15 @@ def run(
     ValueError
         Contradictory options (named in the message), before anything is compiled.
     """
-    if n_steps is None and not fused.graduates():
-        raise ValueError(
-            "FusedStage.run: the final sub-stage has neither a convergence_hook nor n_steps, "
-            "so systems never graduate; give run(..., n_steps=...) or a budget/criterion."
-        )
     if differentiable and n_steps is None:
         raise ValueError("FusedStage.run(differentiable=True) needs n_steps.")
     resume_path = None if isinstance(resume, bool) else resume
     live = sampler is not None or sinks or checkpoint is not None or resume_path is not None
+    if n_steps is None and not fused.graduates() and resume_path is None:
+        raise ValueError(
+            "FusedStage.run: the final sub-stage has neither a convergence_hook nor n_steps, "
+            "so systems never graduate; give run(..., n_steps=...) or a budget/criterion."
+        )
     if live:
         if differentiable:
             raise ValueError(
@@ -280,8 +284,8 @@ class Run:
     >>> run = fused.start(sampler=sampler, sinks=[sink], refill_frequency=10)
     >>> with run:
     ...     while not run.all_complete:
-    ...         run.advance()
-    ...         if run.room_in_active_batch > 4:
+    ...         run.advance()  # returns 0 once every system in the batch has graduated
+    ...         if run.room_in_active_batch > 4 or run.active_batch_size == 0:
     ...             run.refill_check()
     ...     run.refill_check()  # write the last graduates
     >>> run.stats.steps
@@ -313,6 +317,7 @@ class Run:
         self.listeners = list(listeners)
         self.refill_frequency = int(refill_frequency)
         self.n_steps = None if n_steps is None else int(n_steps)
+        self._stop_at: int | None = None  # absolute step count at which the run stops
         self.checkpoint_path = None if checkpoint is None else os.fspath(checkpoint)
         self.checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
         self.stats = RunStats()
@@ -322,13 +327,21 @@ class Run:
         self._closed = False
         self._chunk = compiled_chunk(fused) if fused.compile_step else _chunk
         self._cache0 = _cache_size(self._chunk)
+        self._compilations0 = 0
+        self._restored_stop_at = None
         self.batch: Batch | None = None
+        self._fingerprint = fingerprint(fused)
+        self._dataset = None if sampler is None else sampler.fingerprint()
         if resume_path is not None:
             self._restore(resume_path, dtype)
         elif sampler is not None:
             self._start_inflight(dtype)
         else:
             self._start_batch(batch, bool(resume))
+        if self.n_steps is not None:  # at most n_steps more steps in this call
+            self._stop_at = self.step_count + self.n_steps
+        elif resume_path is not None:
+            self._stop_at = self._restored_stop_at
         self._next_checkpoint = self._following_checkpoint()
 
     # ------------------------------------------------------------------ setup
@@ -401,22 +414,28 @@ class Run:
             return True
         mask, done = self._host_status()
         unwritten = np.any(mask & done & ~self._written)
-        if self.n_steps is not None and self.step_count >= self.n_steps:
+        if self._stop_at is not None and self.step_count >= self._stop_at:
             return not unwritten
         queued = self.sampler is not None and not self.sampler.exhausted
         return not (np.any(mask & ~done) or queued or unwritten)
 
     def advance(self, n_steps: int | None = None) -> int:
-        """Run one compiled chunk of at most ``n_steps`` steps (default ``refill_frequency``),
-        fewer when a checkpoint or the run's step budget comes first, or when every system in
-        the batch has graduated. Returns the steps taken."""
+        """Run one compiled chunk of at most ``n_steps`` steps (default ``refill_frequency``).
+
+        The chunk is shorter when a checkpoint step or the run's step budget comes first, or
+        when every system in the batch has graduated: it returns 0 then, and
+        :meth:`refill_check` (or :meth:`write_graduated`) is what moves the run on. A checkpoint
+        due at the current step is written first (so it holds what the caller's host visit,
+        a refill, did). Returns the steps taken.
+        """
         if self.batch is None:
             return 0
         k = self.refill_frequency if n_steps is None else int(n_steps)
         if k < 1:
             raise ValueError(f"Run.advance: n_steps must be >= 1, got {k}.")
-        if self.n_steps is not None:
-            k = min(k, self.n_steps - self.step_count)
+        self._maybe_checkpoint()
+        if self._stop_at is not None:
+            k = min(k, self._stop_at - self.step_count)
         if self._next_checkpoint is not None:
             k = min(k, self._next_checkpoint - self.step_count)
         if k <= 0:
@@ -442,13 +461,22 @@ class Run:
         if not new.any():
             return 0
         slots = np.flatnonzero(new)
-        self._written |= new
         if not self.sinks:  # a fixed batch run without sinks: the caller reads run.batch
+            self._written |= new
             return len(slots)
         host = jax.device_get(self.batch)
-        self.stats.written += inflight.write_graduated(
-            host, slots, self.sinks, self._annotate, self._held
+        slot_of = {int(host.system_id[k]): int(k) for k in slots}
+
+        def written(frames):  # marked as each write succeeds: a failed one loses nothing
+            for a in frames:
+                self._written[slot_of[int(a.info["system_id"])]] = True
+            self.stats.written += len(frames)
+
+        inflight.write_graduated(
+            host, slots, self.sinks, self._annotate, self._held, on_written=written
         )
+        for k in slots:  # held already by a sink of a resumed run: skipped, done
+            self._written[k] = True
         return len(slots)
 
     def refill_check(self) -> int:
@@ -522,7 +550,6 @@ class Run:
     def _maybe_checkpoint(self) -> None:
         if self._next_checkpoint is not None and self.step_count >= self._next_checkpoint:
             self.save(self.checkpoint_path)
-            self._next_checkpoint = self._following_checkpoint()
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the whole run state to ``path`` atomically (see
@@ -532,10 +559,14 @@ class Run:
         if self.batch is None:
             return
         self.write_graduated()
+        self._finish_stats()
+        self.stats.checkpoints += 1
         header = {
             "inflight": self.inflight_mode,
             "step_count": self.step_count,
-            "n_steps": self.n_steps,
+            "stop_at": self._stop_at,
+            "fingerprint": self._fingerprint,
+            "dataset": self._dataset,
             "stats": self.stats.to_dict(),
             "written": [bool(x) for x in self._written],
             "sampler": None if self.sampler is None else self.sampler.state_dict(),
@@ -544,14 +575,21 @@ class Run:
             "fused": repr(self.fused),
         }
         ckpt.save(path, self.batch, header)
-        self.stats.checkpoints += 1
+        if os.fspath(path) == self.checkpoint_path:
+            self._next_checkpoint = self._following_checkpoint()
 
     def _restore(self, path: str, dtype) -> None:
         def check(header):
-            if header["fused"] != repr(self.fused):
+            if header["fused"] != repr(self.fused) or header["fingerprint"] != self._fingerprint:
                 raise ValueError(
-                    f"resume={path!r}: the checkpoint was written by another fused stage:\n"
-                    f"{header['fused']}\nnot\n{self.fused!r}"
+                    f"resume={path!r}: the checkpoint was written by another fused stage (its "
+                    "sub-stages, parameters, model or hooks differ); resume with the fused "
+                    f"stage that wrote it:\n{header['fused']}"
+                )
+            if header["dataset"] != self._dataset:
+                raise ValueError(
+                    f"resume={path!r}: the sampler's dataset is not the one the checkpoint was "
+                    "written with (other structures, order or ids); give the same dataset."
                 )
             if header["inflight"] != (self.sampler is not None):
                 need = "a sampler" if header["inflight"] else "no sampler"
@@ -565,18 +603,18 @@ class Run:
         self.fused = _fit_static(self.fused, header["images"], batch)
         if self.sampler is not None:
             self.sampler.load_state_dict(header["sampler"])
-        if self.n_steps is None:
-            self.n_steps = header["n_steps"]
+        self._restored_stop_at = header["stop_at"]
         for k, v in header["stats"].items():
             setattr(self.stats, k, v)
+        self._compilations0 = self.stats.compilations
         self._written = np.asarray(header["written"], bool)
         self.batch = batch
         # what the sinks hold already (written after this checkpoint, before the run stopped)
         self._held = set()
         for sink in self.sinks:
-            self._held |= set(_sink_ids(sink))
+            self._held |= set(_sink_ids(sink, path))
         for listener in self.listeners:
-            listener.held = set(_sink_ids(listener.sink))
+            listener.held = set(_sink_ids(listener.sink, path))
 
     # ------------------------------------------------------------------ end
     def _report_rejected(self) -> None:
@@ -589,7 +627,7 @@ class Run:
 
     def _finish_stats(self) -> None:
         self.stats.steps = self.step_count
-        self.stats.compilations = _cache_size(self._chunk) - self._cache0
+        self.stats.compilations = self._compilations0 + _cache_size(self._chunk) - self._cache0
         self.stats.wall_time += time.perf_counter() - self._t0
         self._t0 = time.perf_counter()
 
@@ -640,6 +678,17 @@ def _check_options(
         )
     if checkpoint_every is not None and int(checkpoint_every) < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
+    if checkpoint is not None:
+        if os.path.isdir(checkpoint):
+            raise IsADirectoryError(
+                f"checkpoint={os.fspath(checkpoint)!r} is a directory; give a file path."
+            )
+        check_writable(checkpoint)  # before anything is compiled or run
+    if n_steps is None and resume_path is None and not fused.graduates():
+        raise ValueError(
+            "FusedStage.run: the final sub-stage has neither a convergence_hook nor n_steps, "
+            "so systems never graduate; give run(..., n_steps=...) or a budget/criterion."
+        )
     if resume_path is not None and not os.path.isfile(resume_path):
         raise FileNotFoundError(f"resume={resume_path!r}: no such checkpoint file.")
 
@@ -656,10 +705,20 @@ def _sink_len(sink) -> int | None:
         return None
 
 
-def _sink_ids(sink) -> list[int]:
-    """Ids of the systems a sink holds (its ``system_ids()``; none if it cannot tell)."""
+def _sink_ids(sink, path) -> list[int]:
+    """Ids of the systems a sink holds (its ``system_ids()``), with a warning for a sink that
+    cannot tell: systems it received after the checkpoint may then be written twice."""
     ids = getattr(sink, "system_ids", None)
-    return [] if ids is None else [int(i) for i in ids()]
+    if ids is None:
+        warnings.warn(
+            f"resume={path!r}: the sink {type(sink).__name__} has no system_ids() method, so "
+            "systems it received after the checkpoint cannot be recognised and may be written "
+            "to it twice; give it a system_ids() method returning the ids it holds.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return []
+    return [int(i) for i in ids()]
 
 
 def _images(model) -> Any:
@@ -675,3 +734,45 @@ def _fit_static(fused, images, batch: Batch):
     if images is not None and hasattr(model, "with_images_for"):
         fused = fused.with_model(dataclasses.replace(model, images=tuple(images)))
     return fused.fit_per_system(batch)
+
+
+def fingerprint(fused) -> str:
+    """A digest of everything that decides a fused stage's arithmetic: its structure, every
+    parameter (array values included), its model and hooks. Objects without a value (a sink a
+    hook writes to) count by type only."""
+    digest = hashlib.sha256()
+
+    def visit(x):
+        if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+            a = np.asarray(x)
+            digest.update(f"array{a.shape}{a.dtype}".encode())
+            digest.update(np.ascontiguousarray(a).tobytes())
+        elif isinstance(x, (bool, int, float, complex, str, bytes, type(None))):
+            digest.update(f"{type(x).__name__}:{x!r};".encode())
+        elif isinstance(x, enum.Enum):
+            digest.update(f"{type(x).__qualname__}.{x.name};".encode())
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"{type(x).__name__}[{len(x)}](".encode())
+            for y in x:
+                visit(y)
+            digest.update(b")")
+        elif isinstance(x, dict):
+            digest.update(f"dict[{len(x)}](".encode())
+            for k in sorted(x, key=repr):
+                visit(k)
+                visit(x[k])
+            digest.update(b")")
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            digest.update(f"{type(x).__module__}.{type(x).__qualname__}(".encode())
+            for f in dataclasses.fields(x):
+                digest.update(f.name.encode())
+                visit(getattr(x, f.name, None))
+            digest.update(b")")
+        elif callable(x):
+            name = getattr(x, "__qualname__", type(x).__qualname__)
+            digest.update(f"callable:{getattr(x, '__module__', '')}.{name};".encode())
+        else:
+            digest.update(f"object:{type(x).__module__}.{type(x).__qualname__};".encode())
+
+    visit(fused)
+    return digest.hexdigest()

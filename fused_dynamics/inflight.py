@@ -148,7 +148,12 @@ def initialize(fused, batch: Batch) -> Batch:
     blank = batch.replace(
         stage_state=zeros.stage_state, info=zeros.info, step_count=jnp.zeros((), jnp.int32)
     )
-    return admit(fused, blank, batch.system_mask)
+    out = admit(fused, blank, batch.system_mask)
+    empty = ~batch.system_mask  # as FusedStage.init leaves them: graduated, no failure step
+    info = dict(out.info)
+    info["failure_step"] = jnp.where(empty, -1, info["failure_step"])
+    info["prev_energy"] = jnp.where(empty, jnp.inf, info["prev_energy"])
+    return out.replace(status=jnp.where(empty, fused.exit_status, out.status), info=info)
 
 
 def host_arrays(host) -> dict:
@@ -158,29 +163,30 @@ def host_arrays(host) -> dict:
     return arrays
 
 
-def write_graduated(host, slots, sinks, annotate=None, held=None) -> int:
+def write_graduated(host, slots, sinks, annotate=None, held=None, on_written=None) -> int:
     """Write the systems in ``slots`` of a host batch to the first sink with room each
     (docs/semantics.md §15).
 
     Each frame gets ``exit_reason_name``; ``annotate(frames)`` (a sampler's
     :meth:`~fused_dynamics.SizeAwareSampler.annotate`) adds the input's provenance. Systems
     whose id is in ``held`` (what the sinks of a resumed run hold already) are not written again.
-    Returns the number of systems written.
+    ``on_written(frames)`` is called after each successful ``write``. Returns the number of
+    systems written.
     """
     if len(slots) == 0:
         return 0
     frames = [name_exit_reason(a) for a in atoms_from_arrays(host_arrays(host), slots)]
     if annotate is not None:
         frames = annotate(frames)
-    return write_to_sinks(frames, sinks, held)
+    return write_to_sinks(frames, sinks, held, on_written)
 
 
-def write_to_sinks(frames, sinks, held=None) -> int:
+def write_to_sinks(frames, sinks, held=None, on_written=None) -> int:
     """Each frame to the first sink with room; raise (after writing what fits) when all are full.
 
     Consecutive frames bound for the same sink go in one ``write`` call (a zarr store commits
-    once per call). Frames whose ``system_id`` is in ``held`` are skipped. Returns the number
-    written.
+    once per call). Frames whose ``system_id`` is in ``held`` are skipped; ``on_written(frames)``
+    is called after each successful ``write``. Returns the number written.
     """
     if held:
         frames = [a for a in frames if int(a.info.get("system_id", -1)) not in held]
@@ -189,6 +195,8 @@ def write_to_sinks(frames, sinks, held=None) -> int:
         fits = _room(sink, len(frames) - k)
         if fits:
             sink.write(frames[k : k + fits])
+            if on_written is not None:
+                on_written(frames[k : k + fits])
             k += fits
         if k == len(frames):
             return k

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import deque
@@ -183,6 +184,7 @@ class SizeAwareSampler:
             else:
                 self._queue.append(i)
         self._pending_rejects = list(self.rejected)
+        self._fingerprint: str | None = None
 
     def _reject(self, i: int, why: str) -> None:
         log.warning("SizeAwareSampler: rejected %s.", why)
@@ -207,6 +209,24 @@ class SizeAwareSampler:
         self._queue = deque(i for i in self._queue if i not in drop)
         self._pending_rejects = [(i, w) for i, w in self._pending_rejects if i not in drop]
         return before - len(self._queue) - len(self._pending_rejects)
+
+    def fingerprint(self) -> str:
+        """A digest of the dataset as the sampler sees it: ids, sizes, elements, positions,
+        cells and periodicity of every structure, in order (computed once; a resumed run checks
+        that it is given the same dataset)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            digest.update(np.asarray(self.ids, np.int64).tobytes())
+            for i in range(len(self.dataset)):
+                try:
+                    a = self.dataset[i]
+                    parts = (a.numbers, a.positions, np.asarray(a.cell), a.pbc)
+                except Exception:  # an unreadable entry (rejected): its index still counts
+                    parts = (np.asarray([i]),)
+                for x in parts:
+                    digest.update(np.ascontiguousarray(x).tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def state_dict(self) -> dict:
         """The sampler's position as JSON-able values: the queue of dataset indices still to

@@ -131,8 +131,8 @@ def test_checkpoint_of_a_fixed_batch_resumes_bit_for_bit(tmp_path, path_kind):
     run = fused.start(batch, refill_frequency=10, checkpoint=path, checkpoint_every=20)
     while run.step_count < 20:
         run.advance()
-        run._maybe_checkpoint()
-    assert ckpt.read_header(path)["step_count"] == 20
+    run.advance()  # a checkpoint due at the current step is written before the next chunk
+    assert ckpt.read_header(path)["step_count"] == 20 and run.step_count > 20
     resumed = fused.run(resume=path)
     assert int(resumed.step_count) == ref_run.step_count
     for name in ("positions", "velocities", "forces", "energy", "status"):
@@ -216,3 +216,140 @@ def test_live_run_driven_by_hand_gives_the_results_of_run():
         np.testing.assert_array_equal(got[sid].positions, a.positions)
         np.testing.assert_array_equal(got[sid].get_velocities(), a.get_velocities())
         assert got[sid].info["stage_steps"] == a.info["stage_steps"]
+
+
+def test_live_run_with_checkpoints_writes_them_and_completes(tmp_path):
+    path = tmp_path / "run.ckpt"
+    sink = fd.HostMemory()
+    sampler = fd.SizeAwareSampler(clusters(6, seed=3), max_atoms=26, max_systems=2)
+    fused = relax_then_md(n_md=8)
+    with fused.start(
+        sampler=sampler, sinks=[sink], refill_frequency=4, checkpoint=path, checkpoint_every=10
+    ) as run:
+        for _ in range(1000):
+            if run.all_complete:
+                break
+            run.advance()
+            if run.room_in_active_batch > 0:
+                run.refill_check()
+        assert run.all_complete
+    assert sorted(a.info["system_id"] for a in sink.atoms) == list(range(6))
+    assert run.stats.checkpoints == run.step_count // 10 >= 2
+    assert ckpt.read_header(path)["step_count"] == 10 * run.stats.checkpoints
+
+
+def test_n_steps_counts_steps_of_this_call_on_every_path(tmp_path):
+    """``n_steps`` is the number of steps a call may take, with or without sinks/checkpoints."""
+    md = fd.FusedStage([fd.NVTLangevin(LJ, dt=4.0, temperature=40.0, friction=0.02)])
+    first = md.run(batch_of(clusters(2)), n_steps=10)
+    assert int(md.run(first, n_steps=10, resume=True).step_count) == 20
+    out = md.run(first, n_steps=10, resume=True, sinks=[fd.HostMemory()])
+    assert int(out.step_count) == 20
+    path = tmp_path / "md.ckpt"
+    out = md.run(first, n_steps=10, resume=True, checkpoint=path, checkpoint_every=5)
+    assert int(out.step_count) == 20 and ckpt.read_header(path)["step_count"] == 20
+    assert int(md.run(resume=path, n_steps=5).step_count) == 25
+    # without n_steps a never-graduating run goes on to where the checkpointed call would stop
+    md.start(first, resume=True, n_steps=10, checkpoint=path, checkpoint_every=5).advance(5)
+    assert int(md.run(resume=path).step_count) == 20
+
+
+class FailingOnce:
+    """A sink whose first write fails (a full disk, say)."""
+
+    def __init__(self):
+        self.atoms, self.failed = [], False
+
+    def has_room(self, n=1):
+        return True
+
+    def write(self, frames):
+        if not self.failed:
+            self.failed = True
+            raise OSError("disk full")
+        self.atoms.extend(frames)
+
+    def system_ids(self):
+        return [a.info["system_id"] for a in self.atoms]
+
+    def close(self):
+        pass
+
+
+def test_a_failed_sink_write_loses_no_system():
+    sink = FailingOnce()
+    sampler = fd.SizeAwareSampler(clusters(6, seed=4), max_atoms=26, max_systems=2)
+    run = relax_then_md(n_md=5).start(sampler=sampler, sinks=[sink], refill_frequency=5)
+    with pytest.raises(OSError, match="disk full"):
+        run.run_to_end()
+    run.run_to_end()  # the caller freed space and carries on
+    assert sorted(a.info["system_id"] for a in sink.atoms) == list(range(6))
+
+
+class Options(fd.Hook):
+    """Python bool and int fields used in Python control flow stay static under compilation."""
+
+    verbose: bool = False
+    repeats: int = 2
+    seen: list = eqx.field(static=True, default_factory=list)
+
+    def on_host(self, data):
+        for _ in range(self.repeats):
+            if not self.verbose:
+                self.seen.append(data.step)
+
+
+def test_bool_and_int_hook_fields_are_static_under_the_default_compile():
+    hook = Options()
+    fused = fd.FusedStage([fd.NVE(LJ, dt=1.0, n_steps=3)], hooks=[hook])
+    fused.run(batch_of(clusters(2)))
+    jax.effects_barrier()
+    assert hook.seen == [0, 0, 1, 1, 2, 2]
+
+
+def test_resume_refuses_other_parameters_or_another_dataset(tmp_path):
+    path = tmp_path / "run.ckpt"
+    data = clusters(4, seed=8)
+
+    def sampler(atoms):
+        return fd.SizeAwareSampler(atoms, max_atoms=26, max_systems=2)
+
+    fused = relax_then_md(n_md=30)
+    run = fused.start(
+        sampler=sampler(data), sinks=[fd.HostMemory()], checkpoint=path, checkpoint_every=5
+    )
+    run.advance(5)
+    run.advance()
+    assert ckpt.read_header(path)["step_count"] == 5
+    other_dt = fd.FusedStage(
+        [
+            fused.stages[0],
+            fd.NVTLangevin(LJ, dt=2.0, temperature=40.0, friction=0.02, seed=3, n_steps=30),
+        ]
+    )
+    with pytest.raises(ValueError, match="another fused stage"):
+        other_dt.run(sampler=sampler(data), sinks=[fd.HostMemory()], resume=path)
+    moved = [a.copy() for a in data]
+    moved[1].positions += 0.01
+    with pytest.raises(ValueError, match="dataset"):
+        fused.run(sampler=sampler(moved), sinks=[fd.HostMemory()], resume=path)
+    stats = fused.run(sampler=sampler(data), sinks=[fd.HostMemory()], resume=path)
+    assert stats.checkpoints >= 1
+
+
+def test_bad_checkpoint_paths_and_damaged_files_are_named(tmp_path):
+    fused = relax_then_md(n_md=5)
+    # a missing folder is created (as for every output), before anything runs
+    fused.run(batch_of(clusters(2)), checkpoint=tmp_path / "new" / "c", checkpoint_every=5)
+    assert ckpt.read_header(tmp_path / "new" / "c")["step_count"] > 0
+    with pytest.raises(IsADirectoryError, match="directory"):
+        fused.run(batch_of(clusters(2)), checkpoint=tmp_path, checkpoint_every=5)
+    path = tmp_path / "run.ckpt"
+    fused.run(batch_of(clusters(2)), checkpoint=path, checkpoint_every=5)
+    data = path.read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match="damaged"):
+        fused.run(resume=tmp_path / "cut.ckpt")
+    (tmp_path / "long.ckpt").write_bytes(data + b"x")
+    with pytest.raises(ValueError, match="damaged"):
+        fused.run(resume=tmp_path / "long.ckpt")
