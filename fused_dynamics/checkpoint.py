@@ -14,6 +14,8 @@ The array layout is rebuilt from the header and the fused stage on loading (``li
 from __future__ import annotations
 
 import dataclasses
+import enum
+import hashlib
 import importlib
 import json
 import os
@@ -28,7 +30,7 @@ import numpy as np
 from .batch import Batch, empty_host_arrays
 from .status import fresh_info
 
-__all__ = ["save", "load", "read_header", "layout_of", "FORMAT", "VERSION"]
+__all__ = ["save", "load", "read_header", "layout_of", "fingerprint", "FORMAT", "VERSION"]
 
 FORMAT = "fused_dynamics-checkpoint"
 VERSION = 1
@@ -208,3 +210,45 @@ def load(path: str | os.PathLike, fused, check=None) -> tuple[dict, Batch]:
         if f.read(1):
             raise ValueError(f"checkpoint {path!r} has data after its end (damaged).")
     return header, batch
+
+
+def fingerprint(fused) -> str:
+    """A digest of everything that decides a fused stage's arithmetic: its structure, every
+    parameter (array values included), its model and hooks. Objects without a value (a sink a
+    hook writes to) count by type only."""
+    digest = hashlib.sha256()
+
+    def visit(x):
+        if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+            a = np.asarray(x)
+            digest.update(f"array{a.shape}{a.dtype}".encode())
+            digest.update(np.ascontiguousarray(a).tobytes())
+        elif isinstance(x, (bool, int, float, complex, str, bytes, type(None))):
+            digest.update(f"{type(x).__name__}:{x!r};".encode())
+        elif isinstance(x, enum.Enum):
+            digest.update(f"{type(x).__qualname__}.{x.name};".encode())
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"{type(x).__name__}[{len(x)}](".encode())
+            for y in x:
+                visit(y)
+            digest.update(b")")
+        elif isinstance(x, dict):
+            digest.update(f"dict[{len(x)}](".encode())
+            for k in sorted(x, key=repr):
+                visit(k)
+                visit(x[k])
+            digest.update(b")")
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            digest.update(f"{type(x).__module__}.{type(x).__qualname__}(".encode())
+            for f in dataclasses.fields(x):
+                digest.update(f.name.encode())
+                visit(getattr(x, f.name, None))
+            digest.update(b")")
+        elif callable(x):
+            name = getattr(x, "__qualname__", type(x).__qualname__)
+            digest.update(f"callable:{getattr(x, '__module__', '')}.{name};".encode())
+        else:
+            digest.update(f"object:{type(x).__module__}.{type(x).__qualname__};".encode())
+
+    visit(fused)
+    return digest.hexdigest()

@@ -437,10 +437,10 @@ def test_grad_through_a_differentiable_run_matches_finite_differences():
 
 def test_compiles_once_for_repeated_runs():
     md = fd.NVE(LJ, dt=1.0, n_steps=3)
-    from fused_dynamics import driver
+    from fused_dynamics import loop
 
     md.run(batch_of(clusters(2), max_atoms=40, max_systems=3))
-    fn = driver._compiled(driver._run_loop, {})
+    fn = loop.compiled_loop(fd.FusedStage([md]))
     before = fn.cache_size()
     md.run(batch_of(clusters(2, seed=5), max_atoms=40, max_systems=3))
     fd.NVE(LJ, dt=3.0, n_steps=3).run(batch_of(clusters(1), max_atoms=40, max_systems=3))

@@ -1,0 +1,507 @@
+"""The live run: a fused run driven chunk by chunk, with refill, sinks and checkpoints
+(docs/semantics.md §14, §19, §20)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checkpoint as ckpt
+from . import inflight, loop
+from .batch import Batch, write_system
+from .compiled import retry_on_overflow
+from .inflight import RunStats
+from .outputs.common import check_writable
+
+__all__ = ["Run", "fit_to_batch"]
+
+
+def fit_to_batch(fused, batch: Batch):
+    """Host-side checks and static choices for a concrete batch, before compiling."""
+    fused.model.check_batch(batch)
+    mask = np.asarray(batch.system_mask)
+    cells, pbc = np.asarray(batch.cell)[mask], np.asarray(batch.pbc)[mask]
+    return fused.prepare_for_cells(cells, pbc).fit_per_system(batch)
+
+
+class Run:
+    """A run driven chunk by chunk: the original's inflight control, functionally.
+
+    ``fused.start(...)`` makes one (same options as :func:`run`). Each :meth:`advance` runs one
+    compiled chunk; :meth:`refill_check` writes the systems that graduated to the sinks and
+    refills their slots from the sampler; :meth:`run_to_end` does both until
+    :attr:`all_complete`, writing checkpoints every ``checkpoint_every`` steps. The device state
+    is :attr:`batch`, a new immutable batch after every call (the PyTorch original mutates its
+    batch in place; here the run object holds the latest state and the compiled functions are
+    pure). Use it as a context manager, or call :meth:`close`, so that the sinks are closed.
+
+    Attributes
+    ----------
+    batch : Batch or None
+        The current batch (``None`` when the sampler had nothing to run).
+    stats : RunStats
+    fused : FusedStage
+        The fused stage, fitted to the data (image range, per-system parameters).
+
+    Examples
+    --------
+    >>> run = fused.start(sampler=sampler, sinks=[sink], refill_frequency=10)
+    >>> with run:
+    ...     while not run.all_complete:
+    ...         run.advance()  # returns 0 once every system in the batch has graduated
+    ...         if run.room_in_active_batch > 4 or run.active_batch_size == 0:
+    ...             run.refill_check()
+    ...     run.refill_check()  # write the last graduates
+    >>> run.stats.steps
+    """
+
+    def __init__(
+        self,
+        fused,
+        batch: Batch | None = None,
+        *,
+        n_steps: int | None = None,
+        sampler=None,
+        sinks=(),
+        refill_frequency: int = 50,
+        resume: bool | str | os.PathLike = False,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        dtype=None,
+        listeners=(),
+    ):
+        resume_path = None if isinstance(resume, bool) else os.fspath(resume)
+        _check_options(
+            fused, batch, n_steps, sampler, sinks, refill_frequency, resume, resume_path,
+            checkpoint, checkpoint_every,
+        )  # fmt: skip
+        self.fused = fused
+        self.sampler = sampler
+        self.sinks = list(sinks)
+        self.listeners = list(listeners)
+        self.refill_frequency = int(refill_frequency)
+        self.n_steps = None if n_steps is None else int(n_steps)
+        self._stop_at: int | None = None  # absolute step count at which the run stops
+        self.checkpoint_path = None if checkpoint is None else os.fspath(checkpoint)
+        self.checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
+        self.stats = RunStats()
+        self._annotate = getattr(sampler, "annotate", None)
+        self._held: set[int] = set()
+        self._t0 = time.perf_counter()
+        self._closed = False
+        self._chunk = loop.compiled_chunk(fused) if fused.compile_step else loop.chunk
+        self._cache0 = _cache_size(self._chunk)
+        self._compilations0 = 0
+        self._restored_stop_at = None
+        self.batch: Batch | None = None
+        self._fingerprint = ckpt.fingerprint(fused)
+        self._dataset = None if sampler is None else sampler.fingerprint()
+        if resume_path is not None:
+            self._restore(resume_path, dtype)
+        elif sampler is not None:
+            self._start_inflight(dtype)
+        else:
+            self._start_batch(batch, bool(resume))
+        if self.n_steps is not None:  # at most n_steps more steps in this call
+            self._stop_at = self.step_count + self.n_steps
+        elif resume_path is not None:
+            self._stop_at = self._restored_stop_at
+        self._next_checkpoint = self._following_checkpoint()
+
+    # ------------------------------------------------------------------ setup
+    def _start_inflight(self, dtype) -> None:
+        self._report_rejected()
+        if self.sampler.exhausted:  # nothing to run (every system written before, or rejected)
+            self._written = np.zeros(0, bool)
+            return
+        cells, pbc = self.sampler.cells()
+        self.fused = self.fused.prepare_for_cells(cells, pbc)
+        batch = self.sampler.initial_batch(dtype)
+        batch = inflight.attach_neighbors(self.fused.model, batch, cells, pbc)
+        self.batch = inflight.initialize(self.fused, batch)
+        self._written = ~np.asarray(self.batch.system_mask)
+
+    def _start_batch(self, batch: Batch, resume: bool) -> None:
+        self.fused = fit_to_batch(self.fused, batch)
+        # written already: empty slots and, on resume, systems that had left before
+        written = ~np.asarray(batch.system_mask)
+        if resume:
+            written = written | (np.asarray(batch.status) == self.fused.exit_status)
+        else:
+            batch = inflight.initialize(self.fused, batch)
+        self.batch = batch
+        self._written = written
+
+    # ------------------------------------------------------------------ live API
+    @property
+    def inflight_mode(self) -> bool:
+        """Whether systems come from a sampler (and slots are refilled)."""
+        return self.sampler is not None
+
+    @property
+    def step_count(self) -> int:
+        """Fused steps taken since the run began (carried on across resumes)."""
+        if self.batch is None or self.batch.step_count is None:
+            return 0
+        return int(self.batch.step_count)
+
+    def _host_status(self):
+        mask = np.asarray(self.batch.system_mask)
+        done = np.asarray(self.batch.status) == self.fused.exit_status
+        return mask, done
+
+    @property
+    def active_batch_size(self) -> int:
+        """Systems in the batch that have not graduated (still running)."""
+        if self.batch is None:
+            return 0
+        mask, done = self._host_status()
+        return int(np.sum(mask & ~done))
+
+    @property
+    def room_in_active_batch(self) -> int:
+        """Slots that :meth:`refill_check` could fill: empty or holding a graduated system."""
+        if self.batch is None:
+            return 0
+        return self.batch.max_systems - self.active_batch_size
+
+    @property
+    def active_batch_has_room(self) -> bool:
+        """Whether :attr:`room_in_active_batch` is above zero."""
+        return self.room_in_active_batch > 0
+
+    @property
+    def all_complete(self) -> bool:
+        """Nothing left to run: no system running, nothing queued in the sampler, every
+        graduated system written (or the step budget ``n_steps`` spent)."""
+        if self.batch is None:
+            return True
+        mask, done = self._host_status()
+        unwritten = np.any(mask & done & ~self._written)
+        if self._stop_at is not None and self.step_count >= self._stop_at:
+            return not unwritten
+        queued = self.sampler is not None and not self.sampler.exhausted
+        return not (np.any(mask & ~done) or queued or unwritten)
+
+    def advance(self, n_steps: int | None = None) -> int:
+        """Run one compiled chunk of at most ``n_steps`` steps (default ``refill_frequency``).
+
+        The chunk is shorter when a checkpoint step or the run's step budget comes first, or
+        when every system in the batch has graduated: it returns 0 then, and
+        :meth:`refill_check` (or :meth:`write_graduated`) is what moves the run on. A checkpoint
+        due at the current step is written first (so it holds what the caller's host visit,
+        a refill, did). Returns the steps taken.
+        """
+        if self.batch is None:
+            return 0
+        k = self.refill_frequency if n_steps is None else int(n_steps)
+        if k < 1:
+            raise ValueError(f"Run.advance: n_steps must be >= 1, got {k}.")
+        self._maybe_checkpoint()
+        if self._stop_at is not None:
+            k = min(k, self._stop_at - self.step_count)
+        if self._next_checkpoint is not None:
+            k = min(k, self._next_checkpoint - self.step_count)
+        if k <= 0:
+            return 0
+        fused = self.fused
+        batch, taken, active = retry_on_overflow(
+            lambda b: self._chunk(fused, b, jnp.int32(k)), self.batch, listeners=self.listeners
+        )
+        self.batch = batch
+        taken = int(taken)
+        self.stats.steps = self.step_count
+        self.stats.chunks += 1
+        self.stats.slot_steps_active += int(active)
+        self.stats.slot_steps_total += taken * batch.max_systems
+        return taken
+
+    def write_graduated(self) -> int:
+        """Write the graduated systems not yet written to the sinks; returns how many."""
+        if self.batch is None:
+            return 0
+        mask, done = self._host_status()
+        new = mask & done & ~self._written
+        if not new.any():
+            return 0
+        slots = np.flatnonzero(new)
+        if not self.sinks:  # a fixed batch run without sinks: the caller reads run.batch
+            self._written |= new
+            return len(slots)
+        host = jax.device_get(self.batch)
+        slot_of = {int(host.system_id[k]): int(k) for k in slots}
+
+        def written(frames):  # marked as each write succeeds: a failed one loses nothing
+            for a in frames:
+                self._written[slot_of[int(a.info["system_id"])]] = True
+            self.stats.written += len(frames)
+
+        inflight.write_graduated(
+            host, slots, self.sinks, self._annotate, self._held, on_written=written
+        )
+        for k in slots:  # held already by a sink of a resumed run: skipped, done
+            self._written[k] = True
+        return len(slots)
+
+    def refill_check(self) -> int:
+        """Write graduated systems, free their slots and refill them from the sampler.
+
+        Returns the number of systems admitted (0 without a sampler or when nothing left).
+
+        Raises
+        ------
+        RuntimeError
+            When the next system of the sampler does not fit even an empty batch.
+        """
+        self.write_graduated()
+        if self.sampler is None or self.batch is None:
+            return 0
+        self._report_rejected()
+        mask, done = self._host_status()
+        keep = mask & ~done
+        if self.sampler.exhausted or keep.all():
+            return 0
+        host = jax.device_get(self.batch)
+        arrays, offset = inflight.repack(host, keep)
+        arrays["status"][~keep] = self.fused.exit_status
+        free_slots = [int(x) for x in np.flatnonzero(~keep)]
+        incoming = self.sampler.take(host.max_atoms - offset, len(free_slots))
+        new = np.zeros(host.max_systems, bool)
+        for (index, atoms), slot in zip(incoming, free_slots, strict=False):
+            write_system(arrays, slot, offset, atoms, index)
+            offset += len(atoms)
+            new[slot] = True
+        self._report_rejected()
+        if not keep.any() and not new.any() and not self.sampler.exhausted:
+            raise RuntimeError("Inflight run: the next system does not fit an empty batch.")
+        batch = inflight.rebuild(self.batch, host, arrays)
+        if new.any():
+            batch = inflight.admit(self.fused, batch, jnp.asarray(new))
+        self.batch = batch
+        self._written = ~(keep | new)
+        return int(new.sum())
+
+    def run_to_end(self) -> RunStats:
+        """Advance and refill until :attr:`all_complete`, checkpointing as asked; returns the
+        statistics."""
+        while not self.all_complete:
+            taken = self.advance()
+            mask, done = self._host_status()
+            left = np.any(mask & done & ~self._written)
+            if left or taken == 0 or not np.any(mask & ~done):
+                self.refill_check()
+            self._maybe_checkpoint()
+            if taken == 0 and not self.all_complete and self._stuck():
+                raise RuntimeError(
+                    "Run: no step could be taken and nothing could be admitted; the next "
+                    "system does not fit the batch."
+                )
+        self.write_graduated()
+        self._finish_stats()
+        return self.stats
+
+    def _stuck(self) -> bool:
+        mask, done = self._host_status()
+        return not np.any(mask & ~done) and self.sampler is not None and not self.sampler.exhausted
+
+    # ------------------------------------------------------------------ checkpoints
+    def _following_checkpoint(self) -> int | None:
+        if self.checkpoint_every is None:
+            return None
+        step = self.step_count
+        return (step // self.checkpoint_every + 1) * self.checkpoint_every
+
+    def _maybe_checkpoint(self) -> None:
+        if self._next_checkpoint is not None and self.step_count >= self._next_checkpoint:
+            self.save(self.checkpoint_path)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the whole run state to ``path`` atomically (see
+        :mod:`fused_dynamics.checkpoint`): the batch with its stage state, random-stream
+        positions and step count, the sampler's position and rejected set, which slots were
+        written, the statistics and the fitted model's static choices."""
+        if self.batch is None:
+            return
+        self.write_graduated()
+        self._finish_stats()
+        self.stats.checkpoints += 1
+        header = {
+            "inflight": self.inflight_mode,
+            "step_count": self.step_count,
+            "stop_at": self._stop_at,
+            "fingerprint": self._fingerprint,
+            "dataset": self._dataset,
+            "stats": self.stats.to_dict(),
+            "written": [bool(x) for x in self._written],
+            "sampler": None if self.sampler is None else self.sampler.state_dict(),
+            "sink_counts": [_sink_len(s) for s in self.sinks],
+            "images": _images(self.fused.model),
+            "fused": repr(self.fused),
+        }
+        ckpt.save(path, self.batch, header)
+        if os.fspath(path) == self.checkpoint_path:
+            self._next_checkpoint = self._following_checkpoint()
+
+    def _restore(self, path: str, dtype) -> None:
+        def check(header):
+            if header["fused"] != repr(self.fused) or header["fingerprint"] != self._fingerprint:
+                raise ValueError(
+                    f"resume={path!r}: the checkpoint was written by another fused stage (its "
+                    "sub-stages, parameters, model or hooks differ); resume with the fused "
+                    f"stage that wrote it:\n{header['fused']}"
+                )
+            if header["dataset"] != self._dataset:
+                raise ValueError(
+                    f"resume={path!r}: the sampler's dataset is not the one the checkpoint was "
+                    "written with (other structures, order or ids); give the same dataset."
+                )
+            if header["inflight"] != (self.sampler is not None):
+                need = "a sampler" if header["inflight"] else "no sampler"
+                raise ValueError(f"resume={path!r}: the checkpoint is of a run with {need}.")
+
+        header, batch = ckpt.load(path, self.fused, check)
+        if dtype is not None and jnp.dtype(dtype) != batch.dtype:
+            raise ValueError(
+                f"resume={path!r}: the checkpoint holds {batch.dtype} data, not {jnp.dtype(dtype)}."
+            )
+        self.fused = _fit_static(self.fused, header["images"], batch)
+        if self.sampler is not None:
+            self.sampler.load_state_dict(header["sampler"])
+        self._restored_stop_at = header["stop_at"]
+        for k, v in header["stats"].items():
+            setattr(self.stats, k, v)
+        self._compilations0 = self.stats.compilations
+        self._written = np.asarray(header["written"], bool)
+        self.batch = batch
+        # what the sinks hold already (written after this checkpoint, before the run stopped)
+        self._held = set()
+        for sink in self.sinks:
+            self._held |= set(_sink_ids(sink, path))
+        for listener in self.listeners:
+            listener.held = set(_sink_ids(listener.sink, path))
+
+    # ------------------------------------------------------------------ end
+    def _report_rejected(self) -> None:
+        if self.sampler is None:
+            return
+        frames = inflight.rejected_frames(self.sampler.take_rejected(), self._annotate)
+        n = inflight.write_to_sinks(frames, self.sinks, self._held)
+        self.stats.rejected += len(frames)
+        self.stats.written += n
+
+    def _finish_stats(self) -> None:
+        self.stats.steps = self.step_count
+        self.stats.compilations = self._compilations0 + _cache_size(self._chunk) - self._cache0
+        self.stats.wall_time += time.perf_counter() - self._t0
+        self._t0 = time.perf_counter()
+
+    def close(self) -> None:
+        """Close the sinks (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        for sink in self.sinks:
+            sink.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_options(
+    fused, batch, n_steps, sampler, sinks, refill_frequency, resume, resume_path, checkpoint,
+    checkpoint_every,
+) -> None:  # fmt: skip
+    if refill_frequency < 1:
+        raise ValueError(f"refill_frequency must be >= 1, got {refill_frequency}.")
+    if sampler is not None:
+        if batch is not None:
+            raise ValueError("FusedStage.run: give either a batch or a sampler, not both.")
+        if n_steps is not None:
+            raise ValueError("FusedStage.run: n_steps is not used in inflight mode.")
+        if not sinks:
+            raise ValueError("An inflight run needs at least one sink to write systems to.")
+    elif resume_path is None and batch is None:
+        raise ValueError("FusedStage.run: give a batch (or a sampler for inflight mode).")
+    if resume_path is not None and batch is not None:
+        raise ValueError(
+            "FusedStage.run(resume=PATH) continues the batch saved in the checkpoint; give no "
+            "batch (resume=True continues a batch you pass)."
+        )
+    if resume is True and batch is not None and not fused.is_initialized(batch):
+        raise ValueError(
+            "FusedStage.run(resume=True): the batch was not prepared by this fused stage "
+            "(stage state or bookkeeping missing); run it without resume first."
+        )
+    if (checkpoint is None) != (checkpoint_every is None):
+        raise ValueError(
+            "FusedStage.run: checkpoint=PATH and checkpoint_every=N go together (got "
+            f"checkpoint={checkpoint!r}, checkpoint_every={checkpoint_every!r})."
+        )
+    if checkpoint_every is not None and int(checkpoint_every) < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
+    if checkpoint is not None:
+        if os.path.isdir(checkpoint):
+            raise IsADirectoryError(
+                f"checkpoint={os.fspath(checkpoint)!r} is a directory; give a file path."
+            )
+        check_writable(checkpoint)  # before anything is compiled or run
+    if n_steps is None and resume_path is None and not fused.graduates():
+        raise ValueError(
+            "FusedStage.run: the final sub-stage has neither a convergence_hook nor n_steps, "
+            "so systems never graduate; give run(..., n_steps=...) or a budget/criterion."
+        )
+    if resume_path is not None and not os.path.isfile(resume_path):
+        raise FileNotFoundError(f"resume={resume_path!r}: no such checkpoint file.")
+
+
+def _cache_size(fn) -> int:
+    size = getattr(fn, "cache_size", None)
+    return 0 if size is None else size()
+
+
+def _sink_len(sink) -> int | None:
+    try:
+        return len(sink)
+    except TypeError:
+        return None
+
+
+def _sink_ids(sink, path) -> list[int]:
+    """Ids of the systems a sink holds (its ``system_ids()``), with a warning for a sink that
+    cannot tell: systems it received after the checkpoint may then be written twice."""
+    ids = getattr(sink, "system_ids", None)
+    if ids is None:
+        warnings.warn(
+            f"resume={path!r}: the sink {type(sink).__name__} has no system_ids() method, so "
+            "systems it received after the checkpoint cannot be recognised and may be written "
+            "to it twice; give it a system_ids() method returning the ids it holds.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return []
+    return [int(i) for i in ids()]
+
+
+def _images(model) -> Any:
+    images = getattr(model, "images", None)
+    return None if images is None else [int(n) for n in images]
+
+
+def _fit_static(fused, images, batch: Batch):
+    """``fused`` with the static choices of the run that wrote a checkpoint: the model's
+    periodic image range (fitted then to every cell of the dataset) and the per-system
+    parameters spread over the batch's slots."""
+    model = fused.model
+    if images is not None and hasattr(model, "with_images_for"):
+        fused = fused.with_model(dataclasses.replace(model, images=tuple(images)))
+    return fused.fit_per_system(batch)

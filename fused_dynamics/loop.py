@@ -1,0 +1,116 @@
+"""The traced run loop: at most ``limit`` fused steps in one ``lax.while_loop``, and the
+compiled programs of a run (docs/semantics.md §13)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from .batch import Batch
+from .compiled import filter_compile
+
+__all__ = ["run_steps", "output_stress", "compiled_chunk", "compiled_loop", "LoopOptions"]
+
+
+def run_steps(fused, batch: Batch, limit, max_steps: int | None = None):
+    """At most ``limit`` steps from ``batch.step_count``, stopping when all have graduated.
+
+    Parameters
+    ----------
+    fused : FusedStage
+    batch : Batch
+        Initialized (:meth:`FusedStage.init`).
+    limit : int or Array
+        Largest number of steps.
+    max_steps : int, optional
+        Static bound for a reverse-differentiable (checkpointed) loop.
+
+    Returns
+    -------
+    batch : Batch
+        With the stress of the final positions (:func:`output_stress`).
+    taken : Array
+        Steps taken.
+    active : Array
+        Sum over the steps of the slots holding a system not yet graduated.
+    """
+
+    def pending(batch):
+        return batch.system_mask & (batch.status != fused.exit_status)
+
+    def cond(carry):
+        batch, k, _ = carry
+        return (k < limit) & jnp.any(pending(batch))
+
+    def body(carry):
+        batch, k, active = carry
+        active = active + jnp.sum(pending(batch), dtype=jnp.int32)
+        batch, _ = fused.step(batch)
+        return batch, k + 1, active
+
+    zero = jnp.zeros((), jnp.int32)
+    if batch.step_count is None:  # a batch prepared before the step count was kept
+        batch = batch.replace(step_count=zero)
+    init = (batch, zero, zero)
+    if max_steps is None:
+        batch, taken, active = jax.lax.while_loop(cond, body, init)
+    else:
+        batch, taken, active = _checkpointed_loop(cond, body, init, max_steps)
+    return output_stress(fused, batch), taken, active
+
+
+def _checkpointed_loop(cond, body, init, max_steps):
+    import equinox.internal as eqxi  # only reverse-differentiable runs need it
+
+    return eqxi.while_loop(cond, body, init, max_steps=max_steps, kind="checkpointed")
+
+
+def output_stress(fused, batch: Batch) -> Batch:
+    """The batch with the stress of its final positions, for outputs (one evaluation).
+
+    A run whose steps do not read the stress skips it at every step (it costs about as much as
+    the forces); what leaves the run still carries it, computed once here.
+    """
+    if fused.needs_stress:
+        return batch
+    return batch.replace(stress=fused.model(batch, stress=True).stress)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+    """Static options of :func:`_run_loop` (hashable, never traced)."""
+
+    resume: bool
+    max_steps: int | None
+
+
+def run_loop(fused, batch: Batch, limit, options: LoopOptions) -> Batch:
+    if not options.resume:
+        batch = fused.init(batch)
+    return run_steps(fused, batch, limit, options.max_steps)[0]
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn, compile_kwargs: dict):
+    key = (fn, tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items())))
+    if key not in _COMPILED:
+        _COMPILED[key] = filter_compile(fn, **compile_kwargs)
+    return _COMPILED[key]
+
+
+def chunk(fused, batch: Batch, limit):
+    return run_steps(fused, batch, limit)
+
+
+def compiled_chunk(fused):
+    """The compiled chunk function of ``fused`` (cached per ``compile_kwargs``)."""
+    return _compiled(chunk, fused.compile_kwargs)
+
+
+def compiled_loop(fused):
+    """The compiled whole-run program of ``fused`` (cached per ``compile_kwargs``)."""
+    return _compiled(run_loop, fused.compile_kwargs)
