@@ -155,18 +155,20 @@ def check_hook(owner: str, hook: Any) -> Hook:
     Raises
     ------
     TypeError
-        ``"{owner}: expected an instance of fused_dynamics.Hook, got {type}."``
+        ``"{owner}: expected an instance of fused_dynamics.Hook, got a {type}: {repr}."``
     """
     if isinstance(hook, Hook):
         return hook
-    kind = type(hook)
-    what = f"the class {hook.__qualname__} itself" if isinstance(hook, type) else repr(hook)
-    if len(what) > 60:
-        what = what[:57] + "..."
-    raise TypeError(
-        f"{owner}: expected an instance of fused_dynamics.Hook (or a subclass), got "
-        f"{kind.__module__}.{kind.__qualname__}: {what}."
-    )
+    if isinstance(hook, type):
+        got = f"the class {hook.__module__}.{hook.__qualname__} itself, not an instance"
+        if issubclass(hook, Hook):
+            got += f" (write {hook.__qualname__}(...))"
+    else:
+        kind = type(hook)
+        shown = repr(hook)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        got = f"a {kind.__module__}.{kind.__qualname__}: {shown}"
+    raise TypeError(f"{owner}: expected an instance of fused_dynamics.Hook, got {got}.")
 
 
 def _has_host(hook: Hook) -> bool:
