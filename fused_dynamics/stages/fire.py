@@ -217,18 +217,8 @@ def _check_fire(stage, dt_unit: str) -> None:
     )
 
 
-_FIRE_PER_SYSTEM = (
-    "dt",
-    "maxstep",
-    "dtmax",
-    "Nmin",
-    "finc",
-    "fdec",
-    "astart",
-    "fa",
-    "scalar_pressure",
-    "exp_cell_factor",
-)
+_FIRE_PER_SYSTEM = ("dt", "maxstep", "dtmax", "Nmin", "finc", "fdec", "astart", "fa")
+_FIRE_PER_SYSTEM += ("scalar_pressure", "exp_cell_factor")  # those of the cell filter
 
 
 # ---------------------------------------------------------------------- FIRE
