@@ -12,10 +12,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from .hooks import Hook
 from .stages.base import Stage
 
-__all__ = ["checked_sub_stages", "check_hook", "same_model"]
+__all__ = ["checked_sub_stages", "same_model"]
 
 
 def checked_sub_stages(sub_stages: Sequence, entry_status: int, exit_status: int):
@@ -67,15 +66,6 @@ def checked_sub_stages(sub_stages: Sequence, entry_status: int, exit_status: int
             "one device (a fused step runs on one device, docs/semantics.md §3)."
         )
     return pairs, codes, exit_status
-
-
-def check_hook(hook) -> None:
-    """Raise ``TypeError`` unless ``hook`` is a :class:`~fused_dynamics.Hook`."""
-    if not isinstance(hook, Hook):
-        raise TypeError(
-            f"expected a fused_dynamics.Hook (a subclass of it), got {type(hook).__name__}: "
-            f"{hook!r:.80}"
-        )
 
 
 def _devices(tree: Any) -> frozenset:

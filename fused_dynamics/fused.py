@@ -29,7 +29,7 @@ from . import composition, constraints, driver, health, migration, validation
 from .batch import Batch
 from .compiled import filter_compile
 from .convergence import ConvergenceHook
-from .hooks import DynamicsStage, Hook, HookContext, fire_hooks
+from .hooks import DynamicsStage, Hook, HookContext, check_hook, fire_hooks
 from .migration import StepReport
 from .models.neighbors import NeighborList
 from .stages.base import Stage
@@ -143,7 +143,7 @@ class FusedStage(eqx.Module):
         self.compile_options = tuple(sorted((compile_kwargs or {}).items()))
         self.init_fn = init_fn
         for h in hooks:
-            composition.check_hook(h)
+            check_hook("FusedStage: hooks", h)
         self.hooks = tuple(hooks)
         self.max_force = None if max_force is None else float(max_force)
         self.max_temperature = None if max_temperature is None else float(max_temperature)
@@ -195,7 +195,7 @@ class FusedStage(eqx.Module):
         Fused-level hooks fire at every one of the nine points, BEFORE_COMPUTE included (the
         place for a neighbor-list refresh).
         """
-        composition.check_hook(hook)
+        check_hook("FusedStage.register_fused_hook", hook)
         if stage is not None:
             hook = dataclasses.replace(hook, stage=stage)
         return self._with(hooks=self.hooks + (hook,))
