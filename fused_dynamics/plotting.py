@@ -243,6 +243,11 @@ class RecordingSink:
         self.sink.write(atoms_list)
         self.record.on_written(atoms_list)
 
+    def system_ids(self) -> list[int]:
+        """What the wrapped sink holds (a resumed run skips these)."""
+        ids = getattr(self.sink, "system_ids", None)
+        return [] if ids is None else ids()
+
     def __len__(self) -> int:
         return len(self.sink)
 
