@@ -560,3 +560,25 @@ def test_zarr_rows_stay_aligned_when_a_rejected_system_has_no_step_counts(tmp_pa
     assert back[0].info["stage_steps"] == [12, 20]
     assert "stage_steps" not in back[1].info
     assert back[2].info["stage_steps"] == [7, 20]
+
+
+def test_zarr_append_never_writes_over_committed_atoms(tmp_path):
+    """A store whose atom count was left stale (a kill between two metadata writes, as zarr's
+    ``attrs.update`` makes one write per key) is appended after its committed atoms."""
+
+    def frame(i, n):
+        a = ase.Atoms("Ar" * n, positions=np.full((n, 3), float(i)))
+        a.info["system_id"] = i
+        return a
+
+    path = tmp_path / "s.zarr"
+    sink = fd.ZarrSink(path)
+    sink.write([frame(0, 3), frame(1, 2)])
+    sink.write([frame(2, 4)])
+    root = zarr.open_group(path, mode="r+")
+    attrs = dict(root.attrs)
+    attrs["atom_count"] = 5  # stale: the atoms of system 2 end at 9
+    root.attrs.put(attrs)
+    fd.ZarrSink(path, mode="a").write([frame(3, 1)])
+    got = {a.info["system_id"]: a.positions[:, 0].tolist() for a in fd.read_zarr(path)}
+    assert got == {0: [0.0] * 3, 1: [1.0] * 2, 2: [2.0] * 4, 3: [3.0]}

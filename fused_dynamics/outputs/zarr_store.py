@@ -118,7 +118,9 @@ class ZarrSink:
         if mode == "a":
             self.root = _open_store(self.path, "r+")
             self.count = int(self.root.attrs["count"])
-            self.atom_count = int(self.root.attrs["atom_count"])
+            # the committed rows say where the atoms end (stores written before the counts were
+            # committed in one write could hold a stale atom_count)
+            self.atom_count = _atoms_end(self.root, self.count)
             self._trim()
             return
         try:
@@ -131,14 +133,16 @@ class ZarrSink:
         self.root.create_array("info_json", shape=(0,), chunks=(256,), dtype=str)
         self.count = 0
         self.atom_count = 0
-        self.root.attrs.update(
-            format=_ZARR_FORMAT,
-            fused_dynamics_version=package_version(),
-            units=UNITS,
-            exit_reason_legend={str(k): v for k, v in exit_reason_legend().items()},
-            metadata=_jsonable(metadata or {}),
-            count=0,
-            atom_count=0,
+        self.root.attrs.put(
+            dict(
+                format=_ZARR_FORMAT,
+                fused_dynamics_version=package_version(),
+                units=UNITS,
+                exit_reason_legend={str(k): v for k, v in exit_reason_legend().items()},
+                metadata=_jsonable(metadata or {}),
+                count=0,
+                atom_count=0,
+            )
         )
 
     def _trim(self) -> None:
@@ -218,7 +222,12 @@ class ZarrSink:
         # commit last: a reader trusts only the systems counted here
         self.count += len(atoms_list)
         self.atom_count += int(sizes.sum())
-        self.root.attrs.update(count=self.count, atom_count=self.atom_count)
+        # both counts in ONE metadata write (``attrs.update`` writes once per key: a kill
+        # between the two writes left a stale atom_count, and a resumed run then wrote new atoms
+        # over committed ones)
+        self.root.attrs.put(
+            {**dict(self.root.attrs), "count": self.count, "atom_count": self.atom_count}
+        )
 
     def system_ids(self) -> list[int]:
         """``system_id`` of every committed system of the store (a resumed run skips these)."""
@@ -249,6 +258,13 @@ def _committed(root) -> int:
     if "count" in root.attrs:
         return int(root.attrs["count"])
     return root["system_id"].shape[0]
+
+
+def _atoms_end(root, count: int) -> int:
+    """Where the atoms of the first ``count`` (committed) systems end."""
+    if count == 0:
+        return 0
+    return int(root["atom_start"][count - 1]) + int(root["n_atoms"][count - 1])
 
 
 def zarr_ids(path: str | os.PathLike) -> list[int]:
