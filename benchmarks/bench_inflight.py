@@ -9,8 +9,9 @@ epsilon 0.0104 eV, cutoff 6.0 Å, energy shifted to zero at the cutoff (the defa
 every cell is larger than twice the cutoff, so the dense model needs no image shifts.
 
 - inflight: ``fused.run(sampler=fd.SizeAwareSampler(data, max_atoms, max_systems),
-  refill_frequency=k, sinks=[fd.HostMemory()])`` (which returns the run's ``RunStats``): a finished system leaves
-  its slot at the next refill and a queued one takes it; the chunk compiles once.
+  refill_frequency=k, sinks=[fd.HostMemory()])`` (which returns the run's ``RunStats``): a
+  finished system leaves its slot at the next refill and a queued one takes it; the chunk
+  compiles once.
 - static: the same capacity (``max_atoms``, ``max_systems``) filled with consecutive systems in
   dataset order (as many as fit), each batch run to completion with ``fused.run(batch)`` before
   the next: a batch takes as long as its slowest system.

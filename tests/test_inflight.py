@@ -1,4 +1,7 @@
-"""Inflight batching: samplers, in-place refill without recompilation, sinks (docs/semantics.md §14, §15)."""
+"""Inflight batching: samplers, in-place refill without recompilation, sinks.
+
+docs/semantics.md §14, §15.
+"""
 
 from __future__ import annotations
 
