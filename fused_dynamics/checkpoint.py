@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from .batch import Batch, empty_host_arrays
-from .status import fresh_info
 
 __all__ = ["save", "load", "read_header", "layout_of", "fingerprint", "FORMAT", "VERSION"]
 
@@ -78,7 +77,7 @@ def _skeleton(fused, layout: dict) -> Batch:
     blank = Batch.from_host_arrays(host, jnp.dtype(layout["dtype"]), layout["max_atoms_per_system"])
 
     def state_and_info(b):
-        info = fused_info(fused, b)
+        info = fused.fresh_info(b)
         return tuple(st.init_state(b) for st in fused.stages), info
 
     stage_state, info = jax.eval_shape(state_and_info, blank)
@@ -110,15 +109,6 @@ def _skeleton(fused, layout: dict) -> Batch:
         )
     leaves = [jax.ShapeDtypeStruct(tuple(shape), dtype) for shape, dtype in layout["leaves"]]
     return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def fused_info(fused, batch: Batch) -> dict:
-    """The bookkeeping a fused stage keeps: :func:`~fused_dynamics.status.fresh_info` and its
-    hooks' ``init_info``."""
-    info = fresh_info(batch.max_systems, len(fused.stages), batch.dtype)
-    for hook in fused.all_hooks():
-        info.update(hook.init_info(batch))
-    return info
 
 
 def save(path: str | os.PathLike, batch: Batch, header: dict[str, Any]) -> None:

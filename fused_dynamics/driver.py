@@ -99,11 +99,6 @@ def run(
         raise ValueError("FusedStage.run(differentiable=True) needs n_steps.")
     resume_path = None if isinstance(resume, bool) else resume
     live = sampler is not None or sinks or checkpoint is not None or resume_path is not None
-    if n_steps is None and not fused.graduates() and resume_path is None:
-        raise ValueError(
-            "FusedStage.run: the final sub-stage has neither a convergence_hook nor n_steps, "
-            "so systems never graduate; give run(..., n_steps=...) or a budget/criterion."
-        )
     if live:
         if differentiable:
             raise ValueError(
@@ -127,6 +122,11 @@ def run(
         return live_run.stats if live_run.inflight_mode else live_run.batch
     if batch is None:
         raise ValueError("FusedStage.run: give a batch (or a sampler for inflight mode).")
+    if n_steps is None and not fused.graduates():  # a live run checks this in Run
+        raise ValueError(
+            "FusedStage.run: the final sub-stage has neither a convergence_hook nor n_steps, "
+            "so systems never graduate; give run(..., n_steps=...) or a budget/criterion."
+        )
     if resume and not fused.is_initialized(batch):
         raise ValueError(
             "FusedStage.run(resume=True): the batch was not prepared by this fused stage "

@@ -257,6 +257,14 @@ class FusedStage(eqx.Module):
             return _init_impl(self, batch)
         return _init(self, batch)
 
+    def fresh_info(self, batch: Batch) -> dict[str, jax.Array]:
+        """Per-system bookkeeping of a fresh batch: :func:`~fused_dynamics.status.fresh_info`
+        and every hook's ``init_info`` (leaves with leading axis S)."""
+        info = fresh_info(batch.max_systems, len(self.stages), batch.dtype)
+        for hook in self.all_hooks():
+            info.update(hook.init_info(batch))
+        return info
+
     def all_hooks(self) -> list[Hook]:
         """Fused-level hooks and every sub-stage's hooks."""
         return list(self.hooks) + [h for _, st in self.sub_stages for h in st.hooks]
@@ -464,11 +472,8 @@ def _init_impl(fused: FusedStage, batch: Batch) -> Batch:
     """The body of :meth:`FusedStage.init`."""
     if fused.init_fn is not None:
         batch = fused.init_fn(batch)
-    s = batch.max_systems
     status = jnp.where(batch.system_mask, fused.entry_status, fused.exit_status).astype(jnp.int32)
-    info = fresh_info(s, len(fused.sub_stages), batch.dtype)
-    for hook in fused.all_hooks():
-        info.update(hook.init_info(batch))
+    info = fused.fresh_info(batch)
     batch = batch.replace(
         status=status,
         stage_state=tuple(stage.init_state(batch) for stage in fused.stages),

@@ -139,21 +139,21 @@ def attach_neighbors(model, batch: Batch, cells=None, pbc=None) -> Batch:
 def initialize(fused, batch: Batch) -> Batch:
     """Initialize every occupied slot through the one compiled admission function.
 
-    The batch is given stage state and bookkeeping of the right shapes (zeros, from
-    ``jax.eval_shape``: no compilation) and then every occupied slot is admitted, so an inflight
-    run compiles two programs: the admission and the chunk.
+    The batch is given fresh bookkeeping (:meth:`FusedStage.fresh_info`), every slot the
+    status of a graduated system, and stage state of the right shapes (zeros, from
+    ``jax.eval_shape``: no compilation); then every occupied slot is admitted, so an inflight
+    run compiles two programs, the admission and the chunk, and empty slots are left as
+    :meth:`FusedStage.init` leaves them.
     """
     shapes = jax.eval_shape(fused.init, batch)
-    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes.stage_state)
     blank = batch.replace(
-        stage_state=zeros.stage_state, info=zeros.info, step_count=jnp.zeros((), jnp.int32)
+        stage_state=zeros,
+        info=fused.fresh_info(batch),
+        status=jnp.full_like(batch.status, fused.exit_status),
+        step_count=jnp.zeros((), jnp.int32),
     )
-    out = admit(fused, blank, batch.system_mask)
-    empty = ~batch.system_mask  # as FusedStage.init leaves them: graduated, no failure step
-    info = dict(out.info)
-    info["failure_step"] = jnp.where(empty, -1, info["failure_step"])
-    info["prev_energy"] = jnp.where(empty, jnp.inf, info["prev_energy"])
-    return out.replace(status=jnp.where(empty, fused.exit_status, out.status), info=info)
+    return admit(fused, blank, batch.system_mask)
 
 
 def host_arrays(host) -> dict:

@@ -101,6 +101,7 @@ class Run:
         self._compilations0 = 0
         self._restored_stop_at = None
         self.batch: Batch | None = None
+        self._status_of = None  # (batch, mask, done) of the last host status fetched
         self._fingerprint = ckpt.fingerprint(fused)
         self._dataset = None if sampler is None else sampler.fingerprint()
         if resume_path is not None:
@@ -153,9 +154,13 @@ class Run:
         return int(self.batch.step_count)
 
     def _host_status(self):
-        mask = np.asarray(self.batch.system_mask)
-        done = np.asarray(self.batch.status) == self.fused.exit_status
-        return mask, done
+        """Host copies of ``system_mask`` and "graduated" (S,), fetched once per batch."""
+        cached = self._status_of
+        if cached is None or cached[0] is not self.batch:
+            mask = np.asarray(self.batch.system_mask)
+            done = np.asarray(self.batch.status) == self.fused.exit_status
+            self._status_of = cached = (self.batch, mask, done)
+        return cached[1], cached[2]
 
     @property
     def active_batch_size(self) -> int:
