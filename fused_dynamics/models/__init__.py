@@ -2,12 +2,16 @@
 
 from . import neighbors
 from .base import Model, ModelOutput
+from .graph import Graph, GraphModel, neighbor_graph
 from .neighbors import NeighborList, NeighborListHook
 from .pair import LennardJones, Morse, PairPotential, SoftSphere, required_images
 
 __all__ = [
     "Model",
     "ModelOutput",
+    "Graph",
+    "GraphModel",
+    "neighbor_graph",
     "PairPotential",
     "LennardJones",
     "Morse",

@@ -36,7 +36,7 @@ from ..validation import (
 )
 from .base import Model
 from .neighbors import NeighborList
-from .pair_sums import dense_energy, neighbor_energy, required_images
+from .pair_sums import cell_too_small, dense_energy, neighbor_energy, required_images
 from .species import (
     _SYMBOLS,
     _check_parameter,
@@ -373,9 +373,7 @@ class PairPotential(Model):
     def _cell_too_small(self, batch: Batch) -> jax.Array:
         """Systems whose cell needs more periodic images than the static range, (S,) bool."""
         n_img = (1, 1, 1) if self.images is None else tuple(self.images)
-        need = required_images(batch.cell, batch.pbc, self.cutoff)
-        finite = jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))  # non-finite: its own failure
-        return batch.system_mask & finite & jnp.any(need > jnp.asarray(n_img), axis=-1)
+        return cell_too_small(batch, self.cutoff, n_img)
 
     def system_faults(self, batch: Batch) -> jax.Array:
         """``Failure.CELL_TOO_SMALL`` for systems the dense path cannot evaluate, (S,) int32.

@@ -20,6 +20,7 @@ list gives NaN too. The functions taking ``model`` are the bodies of the
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,14 @@ from .. import segment
 from ..batch import Batch
 from .neighbors import NeighborList
 
-__all__ = ["required_images", "dense_energy", "neighbor_energy"]
+__all__ = [
+    "required_images",
+    "dense_block",
+    "cell_too_small",
+    "poison_systems",
+    "dense_energy",
+    "neighbor_energy",
+]
 
 
 def required_images(cell: jax.Array, pbc: jax.Array, cutoff: float) -> jax.Array:
@@ -49,10 +57,21 @@ def required_images(cell: jax.Array, pbc: jax.Array, cutoff: float) -> jax.Array
     return jnp.where(pbc, n, 0)
 
 
-def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.Array:
-    """All pairs of each system's atom block and their periodic images (see the module doc)."""
-    n_img = (1, 1, 1) if model.images is None else tuple(model.images)
-    too_small = model._cell_too_small(batch)
+class DenseBlock(NamedTuple):
+    """Every atom's partners in its system block and their images, shape (N, A, K)."""
+
+    partners: jax.Array  # (N, A) int: atom index of each partner (the atom itself if none)
+    vectors: jax.Array  # (N, A, K, 3): r_partner - r_atom + image, in Å
+    r2: jax.Array  # (N, A, K): squared lengths
+    ok: jax.Array  # (N, A, K) bool: a real pair within the cutoff
+    too_small: jax.Array  # (S,) bool: the cell needs more images than the static range
+
+
+def dense_block(batch: Batch, cutoff: float, n_img: tuple[int, int, int]) -> DenseBlock:
+    """The dense pairs of every atom: its system block times the image shifts (module doc).
+
+    Shared by the dense pair sums and the dense :class:`~fused_dynamics.models.graph.Graph`.
+    """
     cell = batch.cell
     shifts = jnp.asarray(
         list(itertools.product(*(range(-n, n + 1) for n in n_img))), dtype=batch.dtype
@@ -79,11 +98,38 @@ def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.A
     )[None, None]
     ok = pair_ok[:, :, None] & shift_ok[:, None, :] & ~self_pair
     r2 = jnp.sum(d * d, axis=-1)
-    ok = ok & (r2 < model.cutoff**2)
+    ok = ok & (r2 < cutoff**2)
+    return DenseBlock(j, d, r2, ok, cell_too_small(batch, cutoff, n_img))
+
+
+def cell_too_small(batch: Batch, cutoff: float, n_img: tuple[int, int, int]) -> jax.Array:
+    """Systems whose cell needs more periodic images than ``n_img``, shape (S,) bool."""
+    need = required_images(batch.cell, batch.pbc, cutoff)
+    finite = jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))  # non-finite: its own failure
+    return batch.system_mask & finite & jnp.any(need > jnp.asarray(n_img), axis=-1)
+
+
+def poison_systems(batch: Batch, energy: jax.Array, bad: jax.Array) -> jax.Array:
+    """``energy`` (S,) with NaN energy, forces and stress for the systems ``bad`` (S,) bool.
+
+    Not a select: the derivatives must be NaN too, never the zeros that
+    ``d/dx where(bad, nan, e)`` gives; the second term (a sum of the system's own coordinates,
+    times 0 where not bad) reaches atoms that have no pair. Other systems are untouched.
+    """
+    coords = jnp.where(batch.atom_mask, jnp.sum(batch.positions, axis=-1), 0.0)
+    poison = jnp.where(bad, jnp.nan, 0.0)
+    return energy * jnp.where(bad, jnp.nan, 1.0) + poison * batch.sum_atoms(coords)
+
+
+def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.Array:
+    """All pairs of each system's atom block and their periodic images (see the module doc)."""
+    n_img = (1, 1, 1) if model.images is None else tuple(model.images)
+    block = dense_block(batch, model.cutoff, n_img)
+    j, ok = block.partners, block.ok
     # Masked pairs are evaluated at r = cutoff / 2, where every φ here is finite with finite
     # derivatives (r = 1 is not: (1 - r/σ)^α is NaN for σ < 1 and non-integer α, and a NaN
     # in the unused branch of `where` poisons gradients with respect to the parameters).
-    r = jnp.sqrt(jnp.where(ok, r2, 0.25 * model.cutoff**2))
+    r = jnp.sqrt(jnp.where(ok, block.r2, 0.25 * model.cutoff**2))
     if species is None:
         phi = model.pair_energy(r)
     else:  # (N, 1, 1) and (N, A, 1): j of an invalid pair is some atom, masked below
@@ -92,12 +138,9 @@ def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.A
     atom_energy = 0.5 * jnp.sum(phi, axis=(1, 2))
     energy = batch.sum_atoms(atom_energy)
     # A cell too small for the static image range would miss pairs: that system's energy,
-    # forces and stress are NaN (a factor and a term in its own coordinates, so that the
-    # derivatives are NaN too), and a run reports it FAILED with Failure.CELL_TOO_SMALL.
+    # forces and stress are NaN, and a run reports it FAILED with Failure.CELL_TOO_SMALL.
     # Other systems are untouched: it is not a run-wide error.
-    coords = jnp.where(batch.atom_mask, jnp.sum(batch.positions, axis=-1), 0.0)
-    poison = jnp.where(too_small, jnp.nan, 0.0)
-    return energy * jnp.where(too_small, jnp.nan, 1.0) + poison * batch.sum_atoms(coords)
+    return poison_systems(batch, energy, block.too_small)
 
 
 def neighbor_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.Array:
@@ -136,9 +179,4 @@ def neighbor_energy(model, batch: Batch, species: jax.Array | None = None) -> ja
     phi = jnp.where(ok, phi, 0.0)
     weight = 1.0 if nl.half else 0.5
     energy = segment.segment_sum(weight * phi, nl.pair_system(batch.system_idx, s), s)
-    # Not a select: forces and stress (derivatives) must be NaN too, never the zeros that
-    # d/dx where(lost, nan, e) gives; the second term reaches atoms that have no stored pair.
-    # Without an overflow it adds 0 * (a finite sum of the system's own coordinates).
-    poison = jnp.where(lost, jnp.nan, 0.0)
-    coords = jnp.where(batch.atom_mask, jnp.sum(batch.positions, axis=-1), 0.0)
-    return energy * jnp.where(lost, jnp.nan, 1.0) + poison * batch.sum_atoms(coords)
+    return poison_systems(batch, energy, lost)
