@@ -42,6 +42,7 @@ def run(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     differentiable: bool = False,
+    checkpoints: int | None = None,
     dtype=None,
     listeners=(),
 ):
@@ -75,7 +76,12 @@ def run(
         Steps between checkpoints (required with ``checkpoint``).
     differentiable : bool, default False
         Use a checkpointed loop of at most ``n_steps`` steps that supports reverse-mode
-        ``jax.grad`` (``n_steps`` required; fixed batch only).
+        ``jax.grad`` (``n_steps`` required; fixed batch only). Gradients may be taken with
+        respect to the model's parameters, the stages' parameters and the batch's arrays.
+    checkpoints : int, optional
+        ``differentiable=True``: number of step states the reverse pass stores (default about
+        ``log2(n_steps)``); the others are recomputed, so memory stays ``O(checkpoints)``
+        batches for any ``n_steps`` (online treeverse checkpointing; ``loop.run_steps``).
     dtype : float dtype, optional
         Inflight mode: dtype of the batch built from the sampler.
     listeners : sequence of StageExitWriter
@@ -97,6 +103,11 @@ def run(
     """
     if differentiable and n_steps is None:
         raise ValueError("FusedStage.run(differentiable=True) needs n_steps.")
+    if checkpoints is not None and (not differentiable or int(checkpoints) < 1):
+        raise ValueError(
+            f"FusedStage.run: checkpoints={checkpoints!r} needs differentiable=True and a "
+            "value >= 1 (the number of states the reverse pass stores)."
+        )
     resume_path = None if isinstance(resume, bool) else resume
     live = sampler is not None or sinks or checkpoint is not None or resume_path is not None
     if live:
@@ -135,7 +146,11 @@ def run(
     if not isinstance(batch.cell, jax.core.Tracer):
         fused = fit_to_batch(fused, batch)
     limit = jnp.iinfo(jnp.int32).max if n_steps is None else int(n_steps)
-    options = loop.LoopOptions(bool(resume), int(n_steps) if differentiable else None)
+    options = loop.LoopOptions(
+        bool(resume),
+        int(n_steps) if differentiable else None,
+        None if checkpoints is None else int(checkpoints),
+    )
     if fused.compile_step:
         program = loop.compiled_loop(fused)
     else:

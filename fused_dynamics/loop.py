@@ -14,7 +14,9 @@ from .compiled import filter_compile
 __all__ = ["run_steps", "output_stress", "compiled_chunk", "compiled_loop", "LoopOptions"]
 
 
-def run_steps(fused, batch: Batch, limit, max_steps: int | None = None):
+def run_steps(
+    fused, batch: Batch, limit, max_steps: int | None = None, checkpoints: int | None = None
+):
     """At most ``limit`` steps from ``batch.step_count``, stopping when all have graduated.
 
     Parameters
@@ -26,6 +28,11 @@ def run_steps(fused, batch: Batch, limit, max_steps: int | None = None):
         Largest number of steps.
     max_steps : int, optional
         Static bound for a reverse-differentiable (checkpointed) loop.
+    checkpoints : int, optional
+        With ``max_steps``: how many states the reverse pass stores (default: Equinox's
+        choice, about ``log2(max_steps)``). The rest are recomputed (online treeverse
+        checkpointing, Stumm & Walther, SIAM J. Sci. Comput. 32, 836 (2010)), so memory is
+        ``O(checkpoints)`` states, not ``O(max_steps)``.
 
     Returns
     -------
@@ -57,14 +64,16 @@ def run_steps(fused, batch: Batch, limit, max_steps: int | None = None):
     if max_steps is None:
         batch, taken, active = jax.lax.while_loop(cond, body, init)
     else:
-        batch, taken, active = _checkpointed_loop(cond, body, init, max_steps)
+        batch, taken, active = _checkpointed_loop(cond, body, init, max_steps, checkpoints)
     return output_stress(fused, batch), taken, active
 
 
-def _checkpointed_loop(cond, body, init, max_steps):
+def _checkpointed_loop(cond, body, init, max_steps, checkpoints=None):
     import equinox.internal as eqxi  # only reverse-differentiable runs need it
 
-    return eqxi.while_loop(cond, body, init, max_steps=max_steps, kind="checkpointed")
+    return eqxi.while_loop(
+        cond, body, init, max_steps=max_steps, kind="checkpointed", checkpoints=checkpoints
+    )
 
 
 def output_stress(fused, batch: Batch) -> Batch:
@@ -84,12 +93,13 @@ class LoopOptions:
 
     resume: bool
     max_steps: int | None
+    checkpoints: int | None = None
 
 
 def run_loop(fused, batch: Batch, limit, options: LoopOptions) -> Batch:
     if not options.resume:
         batch = fused.init(batch)
-    return run_steps(fused, batch, limit, options.max_steps)[0]
+    return run_steps(fused, batch, limit, options.max_steps, options.checkpoints)[0]
 
 
 _COMPILED: dict = {}

@@ -44,7 +44,7 @@ from ..batch import Batch
 from ..status import Failure
 from .base import Model
 from .neighbors import NeighborList
-from .pair_sums import cell_too_small, dense_block, poison_systems, required_images
+from .pair_sums import cell_too_small, dense_block, poison_systems, required_images_host
 
 __all__ = ["Graph", "GraphModel", "neighbor_graph"]
 
@@ -258,12 +258,7 @@ class GraphModel(Model):
 
     def with_images_for(self, cells, pbc) -> GraphModel:
         """A copy whose dense image range covers cells (n, 3, 3) with periodicity (n, 3)."""
-        cells = np.asarray(cells, np.float64).reshape(-1, 3, 3)
-        pbc = np.asarray(pbc, bool).reshape(-1, 3)
-        images = (0, 0, 0)
-        if len(cells):
-            need = np.asarray(required_images(cells, pbc, float(self.cutoff)))
-            images = tuple(int(k) for k in need.max(axis=0))
+        images = required_images_host(cells, pbc, float(self.cutoff))
         return dataclasses.replace(self, images=images)
 
     def system_faults(self, batch: Batch) -> jax.Array:

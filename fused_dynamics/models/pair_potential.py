@@ -36,7 +36,12 @@ from ..validation import (
 )
 from .base import Model
 from .neighbors import NeighborList
-from .pair_sums import cell_too_small, dense_energy, neighbor_energy, required_images
+from .pair_sums import (
+    cell_too_small,
+    dense_energy,
+    neighbor_energy,
+    required_images_host,
+)
 from .species import (
     _SYMBOLS,
     _check_parameter,
@@ -352,12 +357,8 @@ class PairPotential(Model):
         Used by :meth:`FusedStage.run` on the cells of a batch or of a whole dataset before
         compiling, so that large cells evaluate with the minimum image alone.
         """
-        cells = np.asarray(cells, np.float64).reshape(-1, 3, 3)
-        pbc = np.asarray(pbc, bool).reshape(-1, 3)
-        if not len(cells):
-            return dataclasses.replace(self, images=(0, 0, 0))
-        need = np.asarray(required_images(cells, pbc, self.cutoff))
-        return dataclasses.replace(self, images=tuple(int(n) for n in need.max(axis=0)))
+        images = required_images_host(cells, pbc, float(self.cutoff))
+        return dataclasses.replace(self, images=images)
 
     def energy(self, batch: Batch) -> jax.Array:
         species = None

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import segment
 from ..batch import Batch
@@ -31,6 +32,7 @@ from .neighbors import NeighborList
 
 __all__ = [
     "required_images",
+    "required_images_host",
     "dense_block",
     "cell_too_small",
     "poison_systems",
@@ -65,6 +67,22 @@ class DenseBlock(NamedTuple):
     r2: jax.Array  # (N, A, K): squared lengths
     ok: jax.Array  # (N, A, K) bool: a real pair within the cutoff
     too_small: jax.Array  # (S,) bool: the cell needs more images than the static range
+
+
+def required_images_host(cells, pbc, cutoff: float) -> tuple[int, int, int]:
+    """Host-side (NumPy) :func:`required_images` of cells (n, 3, 3), maximum over the cells.
+
+    NumPy, not ``jnp``: it sizes a static image range before compiling, and may be called while
+    an outer ``jax.jit`` is tracing (where every ``jnp`` operation is staged out, even on
+    concrete inputs).
+    """
+    cells = np.asarray(cells, np.float64).reshape(-1, 3, 3)
+    pbc = np.asarray(pbc, bool).reshape(-1, 3)
+    if not len(cells):
+        return (0, 0, 0)
+    spacing = 1.0 / np.linalg.norm(np.linalg.inv(cells), axis=-2)
+    need = np.where(pbc, np.floor(cutoff / spacing + 0.5), 0).astype(int)
+    return tuple(int(n) for n in need.max(axis=0))
 
 
 def dense_block(batch: Batch, cutoff: float, n_img: tuple[int, int, int]) -> DenseBlock:
