@@ -153,3 +153,19 @@ def test_graph_model_runs_in_a_fused_stage_and_fails_a_too_small_cell():
     np.testing.assert_array_equal(
         np.asarray(final.positions)[np.asarray(final.system_idx) == 1], np.asarray(alone.positions)
     )
+
+
+def test_models_size_their_image_range_under_an_outer_jit():
+    """A model called inside jax.jit on a concrete (closed-over) batch sizes its static image
+    range on the host (every jnp operation is staged out under a trace, so a jnp-based sizing
+    failed with a TracerArrayConversionError); the result equals the eager call."""
+    batch = fd.Batch.from_atoms(_structures()[:1], dtype=jnp.float64)
+
+    def energies(epsilon):
+        lj = fd.models.LennardJones(epsilon=epsilon, sigma=3.4, cutoff=CUTOFF, shift=False)
+        graph_lj = _GraphLJ(CUTOFF, epsilon=epsilon, sigma=3.4)
+        return lj(batch).energy, graph_lj(batch).energy
+
+    eager = energies(0.0104)
+    traced = jax.jit(energies)(0.0104)
+    np.testing.assert_allclose(traced, eager, rtol=1e-14)
