@@ -56,6 +56,7 @@ from .stages import (
     OptaxRelax,
     Stage,
 )
+from .training import TrainResult, load_model, save_model, train
 
 __all__ = [
     "BiasedPotentialHook",
@@ -115,4 +116,8 @@ __all__ = [
     "observables",
     "segment",
     "temperature",
+    "train",
+    "TrainResult",
+    "save_model",
+    "load_model",
 ]

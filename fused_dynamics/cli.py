@@ -8,6 +8,8 @@ Commands
     The embedded default job (see :mod:`fused_dynamics.demo`).
 ``fused-dynamics inspect OUTPUT``
     Summarise an output file (extxyz, or a zarr store): systems, exit reasons, energies.
+``fused-dynamics train CONFIG``
+    Fit a model to reference energies, forces and stresses (see :mod:`fused_dynamics.training`).
 
 Outputs never destroy work: an output (or report) path that exists is refused before anything
 compiles, unless ``--overwrite`` (an extxyz file or a report file is replaced; a directory,
@@ -297,6 +299,67 @@ def inspect(
                 f"cannot read {os.fspath(output)!r} as extxyz or zarr: {exc}"
             ) from exc
         typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+    _guarded(go, debug)
+
+
+@app.command()
+def train(
+    config: Annotated[
+        Path, typer.Argument(help="A .toml or .yaml training configuration.", show_default=False)
+    ],
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Train into an output_dir that exists and is not empty, replacing the files "
+            "a training writes (model.eqx, last_model.eqx, metrics.json, metrics.csv, loss.png).",
+        ),
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fit a model to reference energies, forces and stresses, as CONFIG describes.
+
+    \b
+    Example (TOML; relative paths resolve against the configuration's folder):
+        seed = 0
+        dtype = "float64"
+        output_dir = "fit"          # new or empty, else --overwrite
+        \\[data]
+        path = "data/*.extxyz"      # file(s)/glob(s) ase.io reads; index = ":"
+        \\[validation]
+        fraction = 0.1              # or path = "val.extxyz"
+        \\[model]
+        type = "lennard_jones"      # lennard_jones | morse | soft_sphere | nequip
+        sigma = 3.3                 #   | class (import_path, hyperparameters)
+        epsilon = 0.01              #   | checkpoint (path = "old/model.eqx")
+        cutoff = 7.5
+        \\[loss]
+        energy = 1.0                # weights of the energy/atom, force and
+        forces = 1.0                # stress mean squared errors
+        stress = 1.0
+        \\[optimizer]
+        name = "adam"               # adam | adamw | sgd
+        learning_rate = 0.01
+        schedule = "warmup_cosine"  # constant | warmup_cosine | plateau
+        warmup_epochs = 5
+        clip_norm = 10.0            # optional gradient clipping
+        \\[training]
+        epochs = 200
+        batch_size = 8              # structures per batch
+        patience = 20               # early stopping on the validation loss
+
+    Writes OUTPUT_DIR/model.eqx (the best parameters; fd.load_model
+    restores it), last_model.eqx, metrics.json, metrics.csv and loss.png.
+    Exit code 2: the configuration, the data or the output folder needs
+    fixing (the message names the key); 1: the training failed.
+    """
+
+    def go():
+        from .training.config import run_train_config
+
+        run_train_config(config, overwrite=overwrite, progress=not no_progress, echo=typer.echo)
 
     _guarded(go, debug)
 

@@ -168,12 +168,23 @@ def _as_trainable(model, dtype):
 
 
 @eqx.filter_jit
-def _train_step(params, static, opt_state, batch, targets, weights, optimizer, with_stress):
-    (loss, sums), grads = jax.value_and_grad(batch_loss, has_aux=True)(
+def _loss_and_grad(params, static, batch, targets, weights, with_stress):
+    # compiled once per model structure, capacities and weights, shared by train() calls
+    return jax.value_and_grad(batch_loss, has_aux=True)(
         params, static, batch, targets, weights, with_stress
     )
+
+
+@eqx.filter_jit
+def _apply_update(params, grads, opt_state, loss, optimizer):
     updates, opt_state = optimizer.update(grads, opt_state, params, value=loss)
-    return eqx.apply_updates(params, updates), opt_state, loss, sums
+    return eqx.apply_updates(params, updates), opt_state
+
+
+def _train_step(params, static, opt_state, batch, targets, weights, optimizer, with_stress):
+    (loss, sums), grads = _loss_and_grad(params, static, batch, targets, weights, with_stress)
+    params, opt_state = _apply_update(params, grads, opt_state, loss, optimizer)
+    return params, opt_state, loss, sums
 
 
 @eqx.filter_jit
