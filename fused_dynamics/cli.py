@@ -76,6 +76,7 @@ from .demo_job import demo_config, run_demo
 from .inspection import format_summary, summarize_output
 from .interrupts import INTERRUPTS
 from .run_outputs import OutputPlan, plan_outputs
+from .training.config import TrainConfigError, run_train_config
 
 __all__ = [
     "app",
@@ -357,9 +358,10 @@ def train(
     """
 
     def go():
-        from .training.config import run_train_config
-
-        run_train_config(config, overwrite=overwrite, progress=not no_progress, echo=typer.echo)
+        try:
+            run_train_config(config, overwrite=overwrite, progress=not no_progress, echo=typer.echo)
+        except TrainConfigError as exc:
+            raise ConfigError(str(exc)) from None
 
     _guarded(go, debug)
 

@@ -425,8 +425,10 @@ def test_cli_train(tmp_path, lj_data):
     "change, key",
     [
         (("epochs = 3", "epoch = 3"), "training: unknown key 'epoch' (did you mean 'epochs'?)"),
-        (('type = "lennard_jones"', 'type = "lj"'), "model.type: unknown model type 'lj'"),
+        (('type = "lennard_jones"', 'type = "lj"'), "model.type: Input should be 'lennard_jones'"),
         (('schedule = "warmup_cosine"', 'schedule = "cos"'), "optimizer.schedule"),
+        (("sigma = 2.3", "sigmaa = 2.3"), "model: lennard_jones: "),
+        (("sigma = 2.3", "sigma = -2.3"), "model: lennard_jones: LennardJones: sigma"),
         (("fraction = 0.25", "fraction = 1.5"), "validation.fraction"),
         (('path = "data.extxyz"', 'path = "missing.extxyz"'), "data.path"),
         (('output_dir = "out"\n', ""), "output_dir: required key is missing"),
