@@ -62,17 +62,29 @@ def _embedding(p):
     return lambda rho: -p["E"] * np.sqrt(np.maximum(rho, 0.0) / p["rhoe"])
 
 
-def write_alloy(path) -> str:
-    """A Cu-Ni setfl (.alloy) file written by ASE's ``EAM.write_potential``."""
+def _scaled(f, c):
+    return lambda r: c * f(r)
+
+
+def write_alloy(path, form="alloy") -> str:
+    """A Cu-Ni setfl (.alloy) file written by ASE's ``EAM.write_potential``; ``form="fs"``: a
+    Finnis-Sinclair (.fs) file whose density of a neighbor depends on both species (the
+    neighbor's function scaled by 0.8 for unlike pairs)."""
     els = ["Cu", "Ni"]
     ps = [PARAMS[e] for e in els]
+    density = np.array([_density(p) for p in ps], object)
+    if form == "fs":
+        density = np.array(
+            [[_scaled(density[i], 1.0 if i == j else 0.8) for j in range(2)] for i in range(2)],
+            object,
+        )
     calc = AseEAM(
         elements=els,
         embedded_energy=np.array([_embedding(p) for p in ps], object),
-        electron_density=np.array([_density(p) for p in ps], object),
+        electron_density=density,
         phi=np.array([[_pair(p, q) for q in ps] for p in ps], object),
         cutoff=RC,
-        form="alloy",
+        form=form,
         Z=[29, 28],
         mass=[63.546, 58.693],
         a=[3.615, 3.52],
@@ -83,7 +95,7 @@ def write_alloy(path) -> str:
         drho=DRHO,
     )
     calc.Nelements = 2
-    path = str(path / "CuNi.eam.alloy")
+    path = str(path / f"CuNi.eam.{form}")
     calc.write_potential(path)
     return path
 
@@ -153,7 +165,7 @@ def copper_structures(rng) -> list[ase.Atoms]:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("eam")
-    return {"alloy": write_alloy(d), "funcfl": write_funcfl(d)}
+    return {"alloy": write_alloy(d), "fs": write_alloy(d, "fs"), "funcfl": write_funcfl(d)}
 
 
 def alloy_batch(atoms):
@@ -195,20 +207,20 @@ def test_spline_table_equals_ase_spline_inside_and_beyond_the_table():
     assert _rel_err(got, ref(r)) < 1e-13
 
 
-@pytest.mark.parametrize("kind", ["alloy", "funcfl"])
+@pytest.mark.parametrize("kind", ["alloy", "fs", "funcfl"])
 def test_energy_forces_stress_equal_ase(files, kind):
     """Energy, forces and stress of every system of one padded batch (different sizes and one
     empty slot) equal ASE's EAM calculator to 1e-8 relative (float64; the two differ only by
     the summation order and by spline evaluation as local cubics instead of de Boor's recursion,
-    measured ~1e-14). Alloy: a random fcc alloy, a (111) slab (pbc False along z), a vacancy and
-    a sheared triclinic cell; funcfl: pure Cu bulk and a (100) slab. For the alloy, a full
-    neighbor list on the batch gives the dense graph's numbers to 1e-12 relative (the same terms
-    summed in another order)."""
+    measured ~1e-14). Alloy (setfl) and fs: a random fcc alloy, a (111) slab (pbc False along
+    z), a vacancy and a sheared triclinic cell; funcfl: pure Cu bulk and a (100) slab. For the
+    alloy, a full neighbor list on the batch gives the dense graph's numbers to 1e-12 relative
+    (the same terms summed in another order)."""
     rng = np.random.default_rng(1)
-    atoms = alloy_structures(rng) if kind == "alloy" else copper_structures(rng)
+    atoms = copper_structures(rng) if kind == "funcfl" else alloy_structures(rng)
     path = files[kind]
     model = EAM.from_file(path)
-    assert model.species == ((29, 28) if kind == "alloy" else (29,))
+    assert model.species == ((29,) if kind == "funcfl" else (29, 28))
     batch = alloy_batch(atoms)
     out = model(batch)
     idx = np.asarray(batch.system_idx)
