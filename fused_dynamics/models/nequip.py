@@ -82,10 +82,25 @@ class _Linear(eqx.Module):
         return e3nn.FunctionalLinear(self.irreps_in, self.irreps_out, **_NORM)
 
     def __call__(self, x: e3nn.IrrepsArray, index: jax.Array | None = None) -> e3nn.IrrepsArray:
+        """``x`` (N, dim) -> (N, dim_out); ``index`` (N,) int picks each atom's weight set.
+
+        ``FunctionalLinear``'s instructions, path weights and output assembly, with each
+        channel mixing done as a multiply-and-sum instead of its ``einsum``: XLA:CPU's dot
+        kernels round a row differently depending on its position in the batch, which would
+        break bitwise slot independence.
+        """
         lin = self._functional()
-        if index is None:
-            return e3nn.utils.vmap(lambda v: lin(self.weights, v))(x)
-        return e3nn.utils.vmap(lin)([w[index] for w in self.weights], x)
+        x = x.rechunk(lin.irreps_in)
+        weights = self.weights if index is None else [w[index] for w in self.weights]
+        paths = []
+        for ins, w in zip(lin.instructions, weights, strict=True):
+            chunk = x.chunks[ins.i_in]  # (N, u, 2l+1) or None (zeros)
+            if chunk is None:
+                paths.append(None)
+                continue
+            mixed = jnp.sum(chunk[..., :, None, :] * w[..., :, :, None], axis=-3)
+            paths.append(ins.path_weight * mixed)  # (N, v, 2l+1)
+        return lin.aggregate_paths(paths, x.shape[:-1], x.dtype)
 
 
 class _RadialMLP(eqx.Module):
@@ -95,7 +110,8 @@ class _RadialMLP(eqx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for k, w in enumerate(self.weights):
-            x = x @ w / math.sqrt(w.shape[0])
+            # multiply-and-sum, not a dot: position-independent rounding (see _Linear)
+            x = jnp.sum(x[..., :, None] * w, axis=-2) / math.sqrt(w.shape[0])
             if k < len(self.weights) - 1:
                 x = jax.nn.silu(x)
         return x
@@ -274,8 +290,7 @@ class NequIP(GraphModel):
         )
         envelope = e3nn.poly_envelope(self.envelope_p - 1, 2, self.cutoff)(lengths)
         basis = e3nn.bessel(lengths, self.n_radial, self.cutoff) * envelope[:, None]
-        onehot = jax.nn.one_hot(index, len(self.species), dtype=dtype)
-        h = _irreps_array(f"{self.embedding.shape[1]}x0e", onehot @ model.embedding)
+        h = _irreps_array(f"{self.embedding.shape[1]}x0e", model.embedding[index])  # one-hot @ W
         norm = 1.0 / math.sqrt(self.avg_num_neighbors)
         for layer in model.layers:
             x = layer.up(h)
