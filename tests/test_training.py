@@ -6,6 +6,7 @@ cells; fixed seeds), so a fit has a known answer. float64 (conftest enables x64)
 
 import json
 import math
+import warnings
 
 import ase
 import ase.io
@@ -138,9 +139,17 @@ def test_reported_metrics_equal_numpy_recomputation(lj_data):
         for key, value in ref.items():
             assert entry["validation"][key] == pytest.approx(value, rel=1e-10), key
         assert ref["force_rmse"] > 1e-3  # not a comparison of round-off
-    # the same with the public evaluate(), and determinism of the seed
+    # the same with the public evaluate()
     again = evaluate(result.model, val)
     assert again["loss"] == pytest.approx(result.best_metrics["validation"]["loss"], rel=1e-10)
+    # the seed decides the split and the shuffling: the same seed, the same history
+    kwargs = dict(epochs=2, batch_size=4, learning_rate=0.01, validation_fraction=0.3)
+    start = LennardJones(sigma=2.3, epsilon=0.3, cutoff=CUTOFF)
+    a = train(start, lj_data, seed=jax.random.key(4), progress=False, **kwargs)
+    b = train(start, lj_data, seed=jax.random.key(4), progress=False, **kwargs)
+    c = train(start, lj_data, seed=jax.random.key(5), progress=False, **kwargs)
+    assert a.history == b.history and a.validation_indices == b.validation_indices
+    assert c.validation_indices != a.validation_indices
 
 
 def test_loss_and_gradient_do_not_see_padding(lj_data):
@@ -262,7 +271,7 @@ def test_save_load_round_trip(tmp_path, model):
     path = save_model(tmp_path / "m.eqx", model)
     restored = load_model(path)
     _assert_same(model, restored)
-    batch = fd.Batch.from_atoms(_structures(n_small=3, n_bulk=1))
+    batch = fd.Batch.from_atoms(_structures(n_small=3, n_bulk=0))
     if not isinstance(model, Morse):
         np.testing.assert_array_equal(model(batch).forces, restored(batch).forces)
     # never overwritten unless asked, and the file is left as it was
@@ -289,18 +298,20 @@ def test_trains_a_custom_model_and_writes_outputs(tmp_path, lj_data):
     """A model with static fields and a nested MLP trains; outputs land and are refused again."""
     model = TinyModel(4, 0.1, key=jax.random.key(0))
     before = evaluate(model, lj_data[:12])["loss"]
-    result = train(
-        model,
-        lj_data[:12],
-        epochs=5,
-        batch_size=4,
-        learning_rate=0.01,
-        clip_norm=1.0,
-        schedule="plateau",
-        validation_fraction=0.0,
-        output_dir=tmp_path / "out",
-        progress=False,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the figure, the files: no warning leaks
+        result = train(
+            model,
+            lj_data[:12],
+            epochs=5,
+            batch_size=4,
+            learning_rate=0.01,
+            clip_norm=1.0,
+            schedule="plateau",
+            validation_fraction=0.0,
+            output_dir=tmp_path / "out",
+            progress=False,
+        )
     assert result.validation_indices == [] and result.best_metrics["validation"] is None
     assert evaluate(result.model, lj_data[:12])["loss"] < before
     files = {p.name for p in (tmp_path / "out").iterdir()}
@@ -308,6 +319,8 @@ def test_trains_a_custom_model_and_writes_outputs(tmp_path, lj_data):
     _assert_same(load_model(tmp_path / "out" / "model.eqx"), result.model)
     summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert summary["best_epoch"] == result.best_epoch and len(summary["history"]) == 5
+    assert summary["best"]["train"]["stress_rmse"] is None  # no stress: null, not NaN
+    assert all(math.isfinite(h["learning_rate"]) for h in result.history)  # plateau scale
     assert (tmp_path / "out" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(FileExistsError):
         train(model, lj_data[:4], epochs=1, output_dir=tmp_path / "out", progress=False)

@@ -55,14 +55,16 @@ Worked example (command line)
     [validation]
     fraction = 0.2                    # drawn with seed; or path = "val.extxyz"
 
-    [model]                           # the pair potentials take the keys of run configs
-    type = "lennard_jones"
+    [model]                           # lennard_jones | morse | soft_sphere: the other
+    type = "lennard_jones"            # keys are the class's constructor arguments
     sigma = 2.3
     epsilon = 0.3
     cutoff = 6.0
     # type = "nequip"; hyperparameters = {...}
     # type = "class"; import_path = "my_pkg.models:MyModel"; hyperparameters = {...}
     # type = "checkpoint"; path = "previous/model.eqx"
+    # pairs = {Ar = [3.4, 0.01], "Ar-Kr" = [3.5, 0.012], Kr = [3.6, 0.014]}
+    #   (with optional mixing = "lorentz_berthelot"): from_pairs, per species pair
 
     [loss]                            # weights of the three mean squared errors
     energy = 1.0

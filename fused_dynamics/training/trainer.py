@@ -59,7 +59,8 @@ class TrainResult:
         The structures of each split (indices into the training data; validation structures
         given explicitly are numbered after the training data).
     files : dict of str to Path
-        The files written (empty without ``output_dir``).
+        The files written (empty without ``output_dir``). In ``metrics.json`` a metric with
+        no labelled entry (NaN in ``history``) is ``null``.
     """
 
     model: Any
@@ -153,15 +154,13 @@ def make_optimizer(
 
 
 def _as_trainable(model, dtype):
-    """Float leaves (Python floats, NumPy float arrays) as JAX arrays of ``dtype``."""
+    """Python float and NumPy float leaves as JAX arrays of ``dtype`` (JAX arrays are kept)."""
 
     def conv(x):
         if isinstance(x, float) or (
             isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.inexact)
         ):
             return jnp.asarray(x, dtype)
-        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating):
-            return x.astype(dtype)
         return x
 
     return jax.tree_util.tree_map(conv, model)
@@ -541,7 +540,7 @@ def write_outputs(result: TrainResult, files: dict[str, Path], overwrite: bool) 
         },
         "history": result.history,
     }
-    text = json.dumps(summary, indent=2, allow_nan=True)
+    text = json.dumps(_json_safe(summary), indent=2, allow_nan=False)
     atomic_write(files["metrics.json"], text.encode(), overwrite=overwrite)
     rows = history_rows(result.history)
     buf = io.StringIO()
@@ -551,6 +550,17 @@ def write_outputs(result: TrainResult, files: dict[str, Path], overwrite: bool) 
     atomic_write(files["metrics.csv"], buf.getvalue().encode(), overwrite=overwrite)
     atomic_write(files["loss.png"], plot_history(result), overwrite=overwrite)
     return files
+
+
+def _json_safe(x):
+    """NaN and infinities as null (strict JSON); containers recursively."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 def plot_history(result: TrainResult) -> bytes:
