@@ -2,6 +2,7 @@
 
 from . import neighbors
 from .base import Model, ModelOutput
+from .eam import EAM
 from .graph import Graph, GraphModel, neighbor_graph
 from .neighbors import NeighborList, NeighborListHook
 from .pair import LennardJones, Morse, PairPotential, SoftSphere, required_images
@@ -20,4 +21,5 @@ __all__ = [
     "neighbors",
     "NeighborList",
     "NeighborListHook",
+    "EAM",
 ]

@@ -239,7 +239,14 @@ class EAM(GraphModel):
     def check_batch(self, batch: Batch) -> None:
         """Host-side: every occupied atom is of one of ``species`` (ValueError naming the
         element and the system slot otherwise)."""
-        check_batch_species(self, batch)
+        try:
+            check_batch_species(self, batch)
+        except ValueError as err:  # keep what and where; replace the pair-potential hint
+            found = str(err).split(" The model's species")[0]
+            raise ValueError(
+                f"{found} The potential has tables for ({_symbols(self.species)}) only; use a "
+                "potential file covering every element present or leave such systems out."
+            ) from None
 
     def prepare(self, batch: Batch) -> EAM:
         if not isinstance(batch.atomic_numbers, jax.core.Tracer):
