@@ -459,7 +459,7 @@ clip_norm, plateau_factor, plateau_patience
             best, since_best = (monitored, epoch, params), 0
         else:
             since_best += 1
-        bar.set_postfix(loss=f"{monitored:.3g}", best_epoch=best[1])
+        bar.set_postfix(loss=f"{monitored:.3g}", best_epoch=best[1], refresh=False)
         if callback is not None:
             callback(copy.deepcopy(entry))
         if not math.isfinite(monitored):
@@ -588,6 +588,9 @@ def plot_history(result: TrainResult) -> bytes:
                     ax.plot(epochs, ys, style, label=split)
                     if np.all(ys[np.isfinite(ys)] > 0):
                         ax.set_yscale("log")
+            if not ax.lines:
+                ax.text(0.5, 0.5, "no references", ha="center", transform=ax.transAxes)
+                ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
             ax.axvline(result.best_epoch, color="0.6", lw=0.8)
             ax.set_xlabel("epoch")
             ax.set_title(label, fontsize=9)
