@@ -44,28 +44,29 @@ def spline_table(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     left = x[:-1]
     which = np.searchsorted(pieces.x, 0.5 * (left + x[1:]), side="right") - 1
     c = pieces.c[::-1, which].T  # (n-1, 4), lowest power first, about pieces.x[which]
-    d = (left - pieces.x[which])[:, None]  # Taylor shift to the grid point
+    d = left - pieces.x[which]  # Taylor shift to the grid point
     return np.stack(
         [
-            c[:, 0] + d[:, 0] * (c[:, 1] + d[:, 0] * (c[:, 2] + d[:, 0] * c[:, 3])),
-            c[:, 1] + d[:, 0] * (2 * c[:, 2] + 3 * d[:, 0] * c[:, 3]),
-            c[:, 2] + 3 * d[:, 0] * c[:, 3],
+            c[:, 0] + d * (c[:, 1] + d * (c[:, 2] + d * c[:, 3])),
+            c[:, 1] + d * (2 * c[:, 2] + 3 * d * c[:, 3]),
+            c[:, 2] + 3 * d * c[:, 3],
             c[:, 3],
         ],
         axis=-1,
     )
 
 
-def _evaluate(table: jax.Array, index: tuple, x: jax.Array, x0: float, dx: float) -> jax.Array:
-    """Piecewise cubics ``table[*index]`` (table (..., M, 4)) on the grid ``x0 + k dx`` at ``x``.
+def _evaluate(table: jax.Array, index: tuple, x: jax.Array, first: int, dx: float) -> jax.Array:
+    """Piecewise cubics ``table[*index]`` (table (..., M, 4)) on the grid ``(first + k) dx``.
 
     ``index``: species indices selecting one function per entry of ``x``. The piece is
-    ``floor((x - x0) / dx)`` clipped to ``[0, M - 1]`` (the end pieces continued).
+    ``k = floor(x / dx) - first`` clipped to ``[0, M - 1]`` (the end pieces continued); its
+    grid point ``(first + k) dx`` is computed as ASE's grid ``np.arange(n) * dx`` is.
     """
     m = table.shape[-2]
-    k = jnp.clip(jnp.floor((x - x0) / dx), 0, m - 1).astype(jnp.int32)
+    k = jnp.clip(jnp.floor(x / dx) - first, 0, m - 1).astype(jnp.int32)
     c = table[(*index, k)].astype(x.dtype)
-    u = x - (x0 + k.astype(x.dtype) * dx)
+    u = x - (k + first).astype(x.dtype) * dx
     return c[..., 0] + u * (c[..., 1] + u * (c[..., 2] + u * c[..., 3]))
 
 
@@ -80,12 +81,13 @@ class EAM(GraphModel):
 
     Interpolation (that of :class:`ase.calculators.eam.EAM`, :func:`spline_table`): each function
     is ASE's cubic spline through its table, stored as one cubic per grid interval and evaluated
-    at ``x`` with the piece ``floor((x - x0) / dx)``; beyond the table (``ρ`` past ``nrho``
-    points, ``r`` past ``nr`` points or below the first point) the end cubic is continued, as
-    FITPACK does. ``F`` and ``f`` are splines of the tables on ``ρ = k drho``, ``r = k dr``
-    (``k = 0, 1, ...``); ``φ`` is the spline of ``(r φ)(r) / r`` on ``r = dr, 2 dr, ...`` (the
-    files store ``r φ``; ASE drops the ``r = 0`` point, so ``r < dr`` is extrapolated). Pairs at
-    ``r >= cutoff`` contribute nothing, whatever the tables hold there.
+    at ``x`` with the piece ``floor(x / dx)`` (minus one for ``φ``, whose grid starts at ``dr``);
+    beyond the table (``ρ`` past ``nrho`` points, ``r`` past ``nr`` points or below the first
+    point) the end cubic is continued, as FITPACK does. ``F`` and ``f`` are splines of the
+    tables on ``ρ = k drho``, ``r = k dr`` (``k = 0, 1, ...``); ``φ`` is the spline of
+    ``(r φ)(r) / r`` on ``r = dr, 2 dr, ...`` (the files store ``r φ``; ASE drops the ``r = 0``
+    point, so ``r < dr`` is extrapolated). Pairs at ``r >= cutoff`` contribute nothing, whatever
+    the tables hold there.
 
     Parameters
     ----------
@@ -117,9 +119,9 @@ class EAM(GraphModel):
     """
 
     cutoff: float = eqx.field(static=True)
-    embedding: jax.Array
-    density: jax.Array
-    phi: jax.Array
+    embedding: jax.Array = eqx.field(converter=jnp.asarray)
+    density: jax.Array = eqx.field(converter=jnp.asarray)
+    phi: jax.Array = eqx.field(converter=jnp.asarray)
     drho: float = eqx.field(static=True)
     dr: float = eqx.field(static=True)
     species: tuple[int, ...] = eqx.field(static=True, converter=_species_converter)
@@ -127,7 +129,7 @@ class EAM(GraphModel):
     def __check_init__(self):
         k = len(self.species)
         shapes = {n: tuple(getattr(self, n).shape) for n in ("embedding", "density", "phi")}
-        nr = shapes["density"][-2] + 1 if shapes["density"] else 0
+        nr = shapes["density"][-2] + 1 if len(shapes["density"]) >= 2 else 0
         ok = (
             len(shapes["embedding"]) == 3
             and shapes["embedding"][::2] == (k, 4)
@@ -271,10 +273,10 @@ class EAM(GraphModel):
         sj = jnp.take(species, graph.receivers, mode="fill", fill_value=0)
         r = graph.lengths
         dens_index = (sj,) if self.density.ndim == 3 else (sj, si)
-        rho = graph.sum_to_senders(_evaluate(self.density, dens_index, r, 0.0, self.dr), n)
-        embed = _evaluate(self.embedding, (species,), rho, 0.0, self.drho)
+        rho = graph.sum_to_senders(_evaluate(self.density, dens_index, r, 0, self.dr), n)
+        embed = _evaluate(self.embedding, (species,), rho, 0, self.drho)
         embed = jnp.where(batch.atom_mask, embed, 0.0)
-        pair = _evaluate(self.phi, (si, sj), r, self.dr, self.dr)
+        pair = _evaluate(self.phi, (si, sj), r, 1, self.dr)
         pair = jnp.where(graph.mask, 0.5 * pair, 0.0)
         pair = jax.ops.segment_sum(pair, graph.system, num_segments=s + 1)[:s]
         return batch.sum_atoms(embed) + pair
