@@ -29,8 +29,9 @@ from pydantic import (
 
 from ..models import LennardJones, Morse, SoftSphere
 from .data import read_structures
+from .outputs import OUTPUT_FILES
 from .serialization import load_model
-from .trainer import OPTIMIZERS, OUTPUT_FILES, SCHEDULES, train
+from .trainer import OPTIMIZERS, SCHEDULES, train
 
 __all__ = [
     "TrainConfig",
