@@ -314,9 +314,10 @@ def test_unknown_element_is_an_error_naming_element_and_system(files):
 # ------------------------------------------------------------------------- dynamics
 def test_fire_relaxes_and_nve_conserves_energy(files):
     """FIRE in a fused stage lowers the energy of every system of the mixed alloy batch and
-    reaches fmax < 0.01 eV/Å, or at least a 30-fold smaller fmax, in 200 steps. 200 steps of
-    NVE (1 fs) from 300 K keep every system's total energy within 1e-4 eV/atom of the start
-    (the tables are splines of smooth functions that vanish smoothly at the cutoff)."""
+    converges all four from fmax > 0.5 eV/Å to fmax < 0.01 eV/Å within 200 steps (measured
+    0.008-0.0099 eV/Å when the criterion stops them). 200 steps of NVE (1 fs) from 300 K keep
+    every system's total energy within 1e-4 eV/atom of the start (the tables are splines of
+    smooth functions that vanish smoothly at the cutoff; measured 1.5e-6 to 1.0e-5 eV/atom)."""
     from ase.md.velocitydistribution import thermalize_momenta
 
     model = EAM.from_file(files["alloy"])
@@ -331,7 +332,9 @@ def test_fire_relaxes_and_nve_conserves_energy(files):
         assert float(final.energy[s]) < float(start.energy[s])
         f0 = np.linalg.norm(np.asarray(start.forces)[idx == s], axis=-1).max()
         f1 = np.linalg.norm(np.asarray(final.forces)[idx == s], axis=-1).max()
-        assert f1 < max(0.01, f0 / 30), (s, f0, f1)
+        assert f0 > 0.5 and f1 < 0.01, (s, f0, f1)
+    converged = int(fd.ExitReason.CONVERGED)
+    assert np.asarray(final.info["exit_reason"])[: len(atoms)].tolist() == [converged] * 4
 
     for a in atoms:
         thermalize_momenta(a, temperature_K=300.0, rng=rng)
