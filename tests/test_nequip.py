@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ase import units
 from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 import fused_dynamics as fd
 from fused_dynamics.models.neighbors import NeighborList
@@ -37,6 +37,8 @@ HYPER = dict(
     avg_num_neighbors=8.0,
 )
 MODEL = NequIP(("Cu", "Ni"), **HYPER, key=jax.random.key(0))
+# dynamics: one layer (a fused stage compiles the model into its step; this halves that cost)
+DYN_MODEL = NequIP(("Cu", "Ni"), **dict(HYPER, n_layers=1), key=jax.random.key(1))
 
 
 def _triclinic() -> ase.Atoms:
@@ -84,33 +86,41 @@ def _moved(atoms, rot=None, shift=None, perm=None, image=None) -> ase.Atoms:
     return a
 
 
-def test_energy_invariant_forces_and_stress_equivariant(reference):
-    """E(3) symmetry to 1e-10 (eV, eV/Å, eV/Å³ absolute; float64 rounding of sums over ~10²
-    edges of O(1) terms is ~1e-14): proper and improper rotations (cell rotated too),
-    translations, atom permutations and moving an atom by a lattice vector. All variants are
-    evaluated in one batch (one compilation)."""
-    _, ref = reference
+@pytest.fixture(scope="module")
+def variants():
+    """Moved copies of the reference systems in one padded batch with an empty last slot (one
+    compilation): ``(atoms, reference slot, rotation, permutation)`` per slot, and the output.
+    Slot 0 and slot 4 hold the unmoved cluster and triclinic system, at other atom offsets,
+    slots and neighbors than in the reference batch."""
     rot, inv = _rotation(1), -_rotation(2)
     shift = np.array([0.37, -1.2, 2.9])
     tri, clu = _triclinic(), _cluster()
     p_tri, p_clu = np.random.default_rng(5).permutation(8), np.random.default_rng(6).permutation(5)
-    variants = [
+    cases = [
+        (clu, 1, np.eye(3), None),
+        (_moved(clu, rot=rot, shift=shift), 1, rot, None),
+        (_moved(clu, rot=inv), 1, inv, None),
+        (_moved(clu, perm=p_clu), 1, np.eye(3), p_clu),
         (tri, 0, np.eye(3), None),
         (_moved(tri, rot=rot), 0, rot, None),
         (_moved(tri, rot=inv), 0, inv, None),
         (_moved(tri, shift=shift), 0, np.eye(3), None),
         (_moved(tri, perm=p_tri), 0, np.eye(3), p_tri),
         (_moved(tri, image=(3, [1, -1, 2])), 0, np.eye(3), None),
-        (_moved(clu, rot=rot, shift=shift), 1, rot, None),
-        (_moved(clu, rot=inv), 1, inv, None),
-        (_moved(clu, perm=p_clu), 1, np.eye(3), p_clu),
     ]
-    batch = _batch([v[0] for v in variants])
-    out = MODEL(batch)
-    idx = np.asarray(batch.system_idx)
-    ref_idx = np.asarray(reference[0].system_idx)
+    batch = _batch([c[0] for c in cases], max_systems=len(cases) + 1)
+    return cases, batch, MODEL(batch)
+
+
+def test_energy_invariant_forces_and_stress_equivariant(reference, variants):
+    """E(3) symmetry to 1e-10 (eV, eV/Å, eV/Å³ absolute; float64 rounding of sums over ~10²
+    edges of O(1) terms is ~1e-14): proper and improper rotations (cell rotated too),
+    translations, atom permutations and moving an atom by a lattice vector."""
+    ref_batch, ref = reference
+    cases, batch, out = variants
+    idx, ref_idx = np.asarray(batch.system_idx), np.asarray(ref_batch.system_idx)
     worst = 0.0
-    for s, (_, base, r, perm) in enumerate(variants):
+    for s, (_, base, r, perm) in enumerate(cases):
         f_ref = np.asarray(ref.forces)[ref_idx == base]
         if perm is not None:
             f_ref = f_ref[perm]
@@ -180,19 +190,20 @@ def test_dense_graph_equals_neighbor_list_graph(reference):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12, err_msg=name)
 
 
-def test_slot_independence_bitwise(reference):
-    """The triclinic system alone ([tri, cluster]) and in slot 1 of [cluster, tri, empty slot]
-    (other capacities, other neighbors in the batch) gives bit-identical results."""
-    batch, ref = reference
-    mixed = _batch([_cluster(), _triclinic()], max_systems=3)
-    out = MODEL(mixed)
-    idx, ref_idx = np.asarray(mixed.system_idx), np.asarray(batch.system_idx)
-    assert float(out.energy[1]) == float(ref.energy[0])
-    np.testing.assert_array_equal(
-        np.asarray(out.forces)[idx == 1], np.asarray(ref.forces)[ref_idx == 0]
-    )
-    np.testing.assert_array_equal(np.asarray(out.stress[1]), np.asarray(ref.stress[0]))
-    np.testing.assert_array_equal(np.asarray(out.energy[2]), 0.0)
+def test_slot_independence_bitwise(reference, variants):
+    """Each reference system ([tri, cluster], no empty slot) gives bit-identical energy, forces
+    and stress in another slot of a mixed batch with an empty slot (``variants``: other
+    capacities, atom offsets and neighbors); the empty slot reads 0."""
+    ref_batch, ref = reference
+    _, batch, out = variants
+    idx, ref_idx = np.asarray(batch.system_idx), np.asarray(ref_batch.system_idx)
+    for slot, base in [(4, 0), (0, 1)]:
+        assert float(out.energy[slot]) == float(ref.energy[base])
+        np.testing.assert_array_equal(
+            np.asarray(out.forces)[idx == slot], np.asarray(ref.forces)[ref_idx == base]
+        )
+    np.testing.assert_array_equal(np.asarray(out.stress[4]), np.asarray(ref.stress[0]))
+    assert float(out.energy[-1]) == 0.0 and not np.asarray(out.stress[-1]).any()
 
 
 def test_float32_agrees_with_float64(reference):
@@ -215,26 +226,27 @@ def _copper() -> ase.Atoms:
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 2, 2)  # 32 atoms, L = 7.22 Å > 2 cutoff
     rng = np.random.default_rng(8)
     atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300.0, rng=rng)
+    sigma = np.sqrt(units.kB * 300.0 / atoms.get_masses())[:, None]  # Maxwell-Boltzmann, 300 K
+    atoms.set_velocities(rng.normal(size=atoms.positions.shape) * sigma)
     return atoms
 
 
 def test_nve_conserves_energy_and_fire_relaxes():
     """Velocity Verlet (dt = 1 fs, 100 steps, 300 K) in a fused run on perturbed fcc Cu (32
-    atoms): the total energy drifts less than 1e-4 eV/atom (an O(dt²) shadow-energy error; the
-    random model's forces are ~0.1 eV/Å). FIRE then lowers the energy."""
+    atoms, one-layer model): the total energy changes by less than 2e-5 eV/atom (measured
+    ~2e-6: Verlet's O(dt²) energy error with forces ~0.4 eV/Å and Cu's ~0.2 fs⁻¹ vibrations).
+    FIRE then lowers the energy."""
     batch = _batch([_copper()])
-    start = MODEL(batch)
+    start = DYN_MODEL(batch, stress=False)
     e0 = float(start.energy[0] + fd.kinetic_energy(batch)[0])
-    final = fd.NVE(MODEL, dt=1.0, n_steps=100).run(batch)
+    final = fd.NVE(DYN_MODEL, dt=1.0, n_steps=100).run(batch)
     e1 = float(final.energy[0] + fd.kinetic_energy(final)[0])
     drift = abs(e1 - e0) / 32
-    assert drift < 1e-4, drift
-    relaxed = fd.FIRE(MODEL, convergence_hook=fd.ConvergenceHook.from_fmax(1e-3), n_steps=50).run(
-        batch.replace(velocities=jnp.zeros_like(batch.velocities))
-    )
+    assert drift < 2e-5, drift
+    fire = fd.FIRE(DYN_MODEL, convergence_hook=fd.ConvergenceHook.from_fmax(1e-3), n_steps=50)
+    relaxed = fire.run(batch.replace(velocities=jnp.zeros_like(batch.velocities)))
     assert np.isfinite(np.asarray(relaxed.energy)).all()
-    assert float(relaxed.energy[0]) < float(start.energy[0])
+    assert float(relaxed.energy[0]) < float(start.energy[0]) - 1e-3
     print(
         f"NVE drift {drift:.2e} eV/atom; FIRE {float(start.energy[0]):.4f} -> "
         f"{float(relaxed.energy[0]):.4f} eV"
