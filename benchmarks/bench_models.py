@@ -275,7 +275,13 @@ def jaxmd_chain(systems, cfg, n_fire: int, n_nvt: int):
             raise RuntimeError("JAX-MD neighbor list overflowed")
         return {"final_energy_per_atom_mean": float(np.mean(np.asarray(e)) / pos.shape[1])}
 
-    return run, info
+    energy_only = jax.jit(jax.vmap(efn))
+    energy_forces = jax.jit(jax.vmap(jax.value_and_grad(efn)))
+    model_only = {
+        "jax_md_energy": lambda: block(energy_only(pos, nbs)),
+        "jax_md_energy_forces": lambda: block(energy_forces(pos, nbs)),
+    }
+    return run, info, model_only
 
 
 def chain_stages(model, fmax: float, fire_cap: int, n_nvt: int):
@@ -320,11 +326,22 @@ def vs_jax_md(args, systems) -> dict:
     )
     cfg = jaxmd_config(size, float(model.energy_shift[0]), float(model.energy_scale[0]))
     runs = {"fused_dynamics": fd_fixed_chain(model, batch, args.fire_cap, args.nvt_steps)}
-    jm_run, jm_info = jaxmd_chain(systems, cfg, args.fire_cap, args.nvt_steps)
+    jm_run, jm_info, jm_model_only = jaxmd_chain(systems, cfg, args.fire_cap, args.nvt_steps)
     runs["jax_md"] = jm_run
     load0 = loadavg()
     timed = interleaved(runs, args.repeat)
     load1 = loadavg()
+    # one model evaluation alone (no integrator, no neighbor refresh), ours and JAX-MD's:
+    # where the time of a step goes
+    energy_only = jax.jit(lambda b: model.energy(b))
+    energy_forces = jax.jit(lambda b: model(b, stress=False))
+    model_only = {
+        "fused_dynamics_energy": lambda: block(energy_only(batch)),
+        "fused_dynamics_energy_forces": lambda: block(energy_forces(batch).forces),
+        **jm_model_only,
+    }
+    evals = interleaved(model_only, 2 * args.repeat)
+    load2 = loadavg()
     atom_steps = len(systems) * len(systems[0]) * (args.fire_cap + args.nvt_steps)
     for rec in timed.values():
         rec["atom_steps_per_s"] = spread(rec["walls_s"], atom_steps)
@@ -343,6 +360,11 @@ def vs_jax_md(args, systems) -> dict:
         "atom_steps": atom_steps,
         "load_average": {"start": load0, "end": load1},
         "codes": timed,
+        "model_evaluation_ms": {
+            name: {k: 1e3 * rec[f"{k}_s"] for k in ("median", "min", "max")}
+            for name, rec in evals.items()
+        },
+        "model_evaluation_load_average": {"start": load1, "end": load2},
         "fused_over_jax_md": {
             "of_medians": timed["jax_md"]["median_s"] / timed["fused_dynamics"]["median_s"],
             "per_round_min": min(ratios),
@@ -497,6 +519,9 @@ def print_table(res: dict) -> None:
             f"{r['per_round_max']:.2f}); load {vs['load_average']['start']} -> "
             f"{vs['load_average']['end']}"
         )
+        print("one model evaluation, ms (median, min-max):")
+        for name, rec in vs["model_evaluation_ms"].items():
+            print(f"  {name:<30}{rec['median']:>8.1f} ({rec['min']:.1f}-{rec['max']:.1f})")
     print("\n(2) fused FIRE+NVT vs FIRE.run then NVTLangevin.run (median s, min-max)")
     head = ("model", "step ms", "FIRE steps", "fused", "separate", "sep/fused")
     print(f"{head[0]:<16}{head[1]:>9}{head[2]:>14}{head[3]:>20}{head[4]:>20}{head[5]:>11}")
