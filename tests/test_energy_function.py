@@ -42,12 +42,14 @@ RTOL = 1e-12
 # two species, labelled Ar (row 0) and Kr (row 1); padded atoms get row 2 (no parameters)
 ROW_OF_Z = np.zeros(119, np.int32)
 ROW_OF_Z[36] = 1
-SS_SIGMA = np.array([[1.0, 0.9], [0.9, 1.1]])  # Å
-SS_EPSILON = np.array([[1.0, 1.5], [1.5, 0.7]])  # eV
+# JAX-MD's wrappers make Python floats and NumPy arrays float32 (``util.maybe_downcast``), even
+# with x64: every parameter is a jnp float64 array
+SS_SIGMA = jnp.array([[1.0, 0.9], [0.9, 1.1]])  # Å
+SS_EPSILON = jnp.array([[1.0, 1.5], [1.5, 0.7]])  # eV
 # Kob-Andersen matrices, switched off between 1.5 and 2.0 (times the largest sigma, 1 Å)
-LJ_SIGMA = np.array([[1.0, 0.8], [0.8, 0.88]])
-LJ_EPSILON = np.array([[1.0, 1.5], [1.5, 0.5]])
-LJ_ONSET, LJ_CUTOFF = 1.5, 2.0
+LJ_SIGMA = jnp.array([[1.0, 0.8], [0.8, 0.88]])
+LJ_EPSILON = jnp.array([[1.0, 1.5], [1.5, 0.5]])
+LJ_ONSET, LJ_CUTOFF = jnp.array(1.5), jnp.array(2.0)
 
 
 # ---------------------------------------------------------------------------- structures
@@ -67,7 +69,7 @@ def binary_box(n, density, seed, shear=0.1, periodic=True):
     rng.shuffle(symbols)
     atoms = ase.Atoms(symbols, scaled_positions=frac, cell=cell, pbc=True)
     if periodic:
-        _check_minimum_image(atoms, LJ_CUTOFF)
+        _check_minimum_image(atoms, float(LJ_CUTOFF))
     return atoms
 
 

@@ -120,9 +120,13 @@ class EnergyFunctionModel(Model):
         model = EnergyFunctionModel(soft_spheres)
         out = model(batch)   # energy (S,) eV, forces (N, 3) eV/Å, stress (S, 3, 3) eV/Å³
 
+    Give JAX-MD's parameters as jnp arrays: its wrappers pass them through
+    ``util.maybe_downcast``, which makes Python floats and NumPy arrays **float32** even with
+    ``jax_enable_x64`` (results then agree with float64 references to ~1e-7 only).
     Lennard-Jones is the same with ``energy.lennard_jones_pair(displacement, species=2,
-    sigma=SIGMA, epsilon=EPSILON, r_onset=2.0, r_cutoff=2.5)`` (JAX-MD scales ``r_onset`` and
-    ``r_cutoff`` by the largest sigma and switches the energy off smoothly between them).
+    sigma=SIGMA, epsilon=EPSILON, r_onset=jnp.asarray(2.0), r_cutoff=jnp.asarray(2.5))``
+    (JAX-MD scales ``r_onset`` and ``r_cutoff`` by the largest sigma and multiplies the energy
+    by a C¹ switch in r² between them).
     JAX-MD's EAM takes the density, embedding and pair functions; close them over the mask::
 
         def eam(positions, numbers, mask, cell, pbc):
