@@ -163,8 +163,9 @@ class _UnknownSpeciesMessages(Sequence):
         slot, z = divmod(int(index), _N_Z)
         return (
             f"System slot {slot} contains {_element(z)}, which is not among the species of "
-            f"{self.owner} ({_symbols(self.species)}): give parameters for it (species=... with "
-            "(K, K) matrices, or from_pairs) or leave such systems out."
+            f"{self.owner} ({_symbols(self.species)}): use a model with parameters for it (a "
+            "pair potential: species=... with (K, K) matrices, or from_pairs; a potential "
+            "file or a trained model that covers the element) or leave such systems out."
         )
 
 
