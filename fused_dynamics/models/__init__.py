@@ -3,6 +3,7 @@
 from . import neighbors
 from .base import Model, ModelOutput
 from .eam import EAM
+from .energy_function import EnergyFunctionModel
 from .graph import Graph, GraphModel, neighbor_graph
 from .neighbors import NeighborList, NeighborListHook
 from .pair import LennardJones, Morse, PairPotential, SoftSphere, required_images
@@ -22,4 +23,5 @@ __all__ = [
     "NeighborList",
     "NeighborListHook",
     "EAM",
+    "EnergyFunctionModel",
 ]
