@@ -21,13 +21,13 @@ import os
 import jax
 import jax.numpy as jnp
 
-from . import loop
+from . import loop, sharding
 from .batch import Batch
 from .compiled import retry_on_overflow
 from .live import Run, fit_to_batch
 from .loop import compiled_chunk, output_stress, run_steps
 
-__all__ = ["Run", "run", "run_steps", "output_stress", "compiled_chunk"]
+__all__ = ["Run", "run", "start", "run_steps", "output_stress", "compiled_chunk"]
 
 
 def run(
@@ -45,6 +45,7 @@ def run(
     checkpoints: int | None = None,
     dtype=None,
     listeners=(),
+    mesh=None,
 ):
     """Run ``fused`` until every occupied slot has graduated, or for at most ``n_steps`` steps.
 
@@ -87,6 +88,10 @@ def run(
     listeners : sequence of StageExitWriter
         Inflight mode: writers of systems leaving a sub-stage (see
         :class:`~fused_dynamics.inflight.StageExitWriter`).
+    mesh : jax.sharding.Mesh, optional
+        Spread the systems over the devices of a mesh with the one axis ``"systems"``
+        (data parallel, docs/semantics.md §21; :mod:`fused_dynamics.sharding`). A fixed-batch
+        run then returns the sharded batch (``fd.unshard`` gives the flat one).
 
     Returns
     -------
@@ -110,13 +115,17 @@ def run(
         )
     resume_path = None if isinstance(resume, bool) else resume
     live = sampler is not None or sinks or checkpoint is not None or resume_path is not None
+    if mesh is not None:
+        sharding.devices_of(mesh)  # a bad mesh is refused before anything else
+        if differentiable:
+            raise ValueError("FusedStage.run: differentiable=True does not take a mesh (yet).")
     if live:
         if differentiable:
             raise ValueError(
                 "FusedStage.run(differentiable=True) runs a fixed batch in one loop; it takes "
                 "no sampler, sinks or checkpoints."
             )
-        with Run(
+        with start(
             fused,
             batch,
             n_steps=n_steps,
@@ -128,6 +137,7 @@ def run(
             checkpoint_every=checkpoint_every,
             dtype=dtype,
             listeners=listeners,
+            mesh=mesh,
         ) as live_run:
             live_run.run_to_end()
         return live_run.stats if live_run.inflight_mode else live_run.batch
@@ -143,6 +153,8 @@ def run(
             "FusedStage.run(resume=True): the batch was not prepared by this fused stage "
             "(stage state or bookkeeping missing); run it without resume first."
         )
+    if mesh is not None:
+        return sharding.run(fused, batch, n_steps, mesh=mesh, resume=bool(resume))
     if not isinstance(batch.cell, jax.core.Tracer):
         fused = fit_to_batch(fused, batch)
     limit = jnp.iinfo(jnp.int32).max if n_steps is None else int(n_steps)
@@ -158,3 +170,11 @@ def run(
     return retry_on_overflow(
         lambda b: program(fused, b, jnp.asarray(limit, jnp.int32), options), batch
     )
+
+
+def start(fused, batch: Batch | None = None, *, mesh=None, **options) -> Run:
+    """A live run (:class:`Run`; a :class:`~fused_dynamics.sharding.ShardedRun` over the
+    devices of ``mesh`` when one is given) with the options of :func:`run`."""
+    if mesh is not None:
+        return sharding.ShardedRun(fused, batch, mesh=mesh, **options)
+    return Run(fused, batch, **options)

@@ -32,6 +32,7 @@ from .convergence import ConvergenceHook
 from .hooks import DynamicsStage, Hook, HookContext, check_hook, fire_hooks
 from .migration import StepReport
 from .models.neighbors import NeighborList
+from .pipeline import DistributedPipeline
 from .stages.base import Stage
 from .status import fresh_info
 
@@ -162,6 +163,13 @@ class FusedStage(eqx.Module):
             hooks=self.hooks + (other.hooks if fused else ()),
             always_stress=self.always_stress or (fused and other.always_stress),
         )
+
+    def __or__(self, other):
+        """``self | other``: a :class:`~fused_dynamics.pipeline.DistributedPipeline` whose
+        stages run on their own device groups (docs/semantics.md §16)."""
+        if isinstance(other, Stage):
+            other = FusedStage([(0, other)])
+        return DistributedPipeline([self]) | other
 
     def _with(self, **changes) -> FusedStage:
         """A new fused stage with this one's options except ``changes`` (checked anew)."""
@@ -451,7 +459,8 @@ class FusedStage(eqx.Module):
         sampler (inflight) or sinks the run goes in compiled chunks with host visits between
         them. See :func:`fused_dynamics.driver.run` for every option (``sampler``, ``sinks``,
         ``refill_frequency``, ``resume``, ``checkpoint``, ``checkpoint_every``,
-        ``differentiable``, ``dtype``) and :meth:`start` to drive an inflight run chunk by chunk.
+        ``differentiable``, ``dtype``, ``mesh``) and :meth:`start` to drive an inflight run
+        chunk by chunk.
 
         Returns
         -------
@@ -464,8 +473,9 @@ class FusedStage(eqx.Module):
 
     def start(self, batch: Batch | None = None, **options) -> driver.Run:
         """A live run to drive by hand (the original's inflight control); see
-        :class:`fused_dynamics.driver.Run`."""
-        return driver.Run(self, batch, **options)
+        :class:`fused_dynamics.driver.Run`. With ``mesh=`` the systems are spread over the
+        mesh's devices (:class:`fused_dynamics.sharding.ShardedRun`)."""
+        return driver.start(self, batch, **options)
 
 
 def _init_impl(fused: FusedStage, batch: Batch) -> Batch:

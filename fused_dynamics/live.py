@@ -96,7 +96,7 @@ class Run:
         self._held: set[int] = set()
         self._t0 = time.perf_counter()
         self._closed = False
-        self._chunk = loop.compiled_chunk(fused) if fused.compile_step else loop.chunk
+        self._chunk = self._make_chunk()
         self._cache0 = _cache_size(self._chunk)
         self._compilations0 = 0
         self._restored_stop_at = None
@@ -115,6 +115,39 @@ class Run:
         elif resume_path is not None:
             self._stop_at = self._restored_stop_at
         self._next_checkpoint = self._following_checkpoint()
+
+    # ------------------------------------------------------------------ layout
+    # Where the batch lives: one device here; fused_dynamics.sharding.ShardedRun overrides these
+    # for a batch spread over a mesh (docs/semantics.md §21).
+    def _make_chunk(self):
+        return loop.compiled_chunk(self.fused) if self.fused.compile_step else loop.chunk
+
+    def _fetch(self, x) -> np.ndarray:
+        """A host copy of a per-slot (or scalar) array of the batch, one value per slot."""
+        return np.asarray(x)
+
+    def _flat_host(self) -> Batch:
+        """A host copy of the batch with one flat slot axis (what the sinks are written from)."""
+        return jax.device_get(self.batch)
+
+    def _owned(self, slots):
+        """The slots among ``slots`` whose systems this process writes (all of them here)."""
+        return slots
+
+    def _layout_header(self) -> dict:
+        """What a checkpoint records of the batch's placement (nothing for one device)."""
+        return {}
+
+    def _placed(self, batch: Batch) -> Batch:
+        """A batch read from a checkpoint, placed where the run keeps it."""
+        return batch
+
+    def _write_checkpoint(self, path, header) -> None:
+        self._save_file(path, self.batch, header)
+
+    @staticmethod
+    def _save_file(path, batch, header) -> None:
+        ckpt.save(path, batch, header)
 
     # ------------------------------------------------------------------ setup
     def _start_inflight(self, dtype) -> None:
@@ -151,14 +184,14 @@ class Run:
         """Fused steps taken since the run began (carried on across resumes)."""
         if self.batch is None or self.batch.step_count is None:
             return 0
-        return int(self.batch.step_count)
+        return int(np.ravel(self._fetch(self.batch.step_count))[0])
 
     def _host_status(self):
         """Host copies of ``system_mask`` and "graduated" (S,), fetched once per batch."""
         cached = self._status_of
         if cached is None or cached[0] is not self.batch:
-            mask = np.asarray(self.batch.system_mask)
-            done = np.asarray(self.batch.status) == self.fused.exit_status
+            mask = self._fetch(self.batch.system_mask)
+            done = self._fetch(self.batch.status) == self.fused.exit_status
             self._status_of = cached = (self.batch, mask, done)
         return cached[1], cached[2]
 
@@ -175,7 +208,7 @@ class Run:
         """Slots that :meth:`refill_check` could fill: empty or holding a graduated system."""
         if self.batch is None:
             return 0
-        return self.batch.max_systems - self.active_batch_size
+        return len(self._host_status()[0]) - self.active_batch_size
 
     @property
     def active_batch_has_room(self) -> bool:
@@ -225,7 +258,7 @@ class Run:
         self.stats.steps = self.step_count
         self.stats.chunks += 1
         self.stats.slot_steps_active += int(active)
-        self.stats.slot_steps_total += taken * batch.max_systems
+        self.stats.slot_steps_total += taken * len(self._host_status()[0])
         return taken
 
     def write_graduated(self) -> int:
@@ -240,7 +273,7 @@ class Run:
         if not self.sinks:  # a fixed batch run without sinks: the caller reads run.batch
             self._written |= new
             return len(slots)
-        host = jax.device_get(self.batch)
+        host = self._flat_host()
         slot_of = {int(host.system_id[k]): int(k) for k in slots}
 
         def written(frames):  # marked as each write succeeds: a failed one loses nothing
@@ -249,7 +282,7 @@ class Run:
             self.stats.written += len(frames)
 
         inflight.write_graduated(
-            host, slots, self.sinks, self._annotate, self._held, on_written=written
+            host, self._owned(slots), self.sinks, self._annotate, self._held, on_written=written
         )
         for k in slots:  # held already by a sink of a resumed run: skipped, done
             self._written[k] = True
@@ -273,6 +306,14 @@ class Run:
         keep = mask & ~done
         if self.sampler.exhausted or keep.all():
             return 0
+        batch, new = self._refill(keep)
+        self.batch = batch
+        self._written = ~(keep | new)
+        return int(new.sum())
+
+    def _refill(self, keep: np.ndarray) -> tuple[Batch, np.ndarray]:
+        """Free the slots not in ``keep``, re-pack the atoms and admit new systems from the
+        sampler; returns the new batch and which slots were refilled."""
         host = jax.device_get(self.batch)
         arrays, offset = inflight.repack(host, keep)
         arrays["status"][~keep] = self.fused.exit_status
@@ -289,9 +330,7 @@ class Run:
         batch = inflight.rebuild(self.batch, host, arrays)
         if new.any():
             batch = inflight.admit(self.fused, batch, jnp.asarray(new))
-        self.batch = batch
-        self._written = ~(keep | new)
-        return int(new.sum())
+        return batch, new
 
     def run_to_end(self) -> RunStats:
         """Advance and refill until :attr:`all_complete`, checkpointing as asked; returns the
@@ -349,8 +388,9 @@ class Run:
             "sink_counts": [_sink_len(s) for s in self.sinks],
             "images": _images(self.fused.model),
             "fused": repr(self.fused),
+            **self._layout_header(),
         }
-        ckpt.save(path, self.batch, header)
+        self._write_checkpoint(path, header)
         if os.fspath(path) == self.checkpoint_path:
             self._next_checkpoint = self._following_checkpoint()
 
@@ -366,6 +406,12 @@ class Run:
                 raise ValueError(
                     f"resume={path!r}: the sampler's dataset is not the one the checkpoint was "
                     "written with (other structures, order or ids); give the same dataset."
+                )
+            if header.get("devices") != self._layout_header().get("devices"):
+                raise ValueError(
+                    f"resume={path!r}: the checkpoint is of a run over "
+                    f"{header.get('devices') or 1} device(s) (mesh=); resume it with a mesh of "
+                    "as many devices."
                 )
             if header["inflight"] != (self.sampler is not None):
                 need = "a sampler" if header["inflight"] else "no sampler"
@@ -384,7 +430,7 @@ class Run:
             setattr(self.stats, k, v)
         self._compilations0 = self.stats.compilations
         self._written = np.asarray(header["written"], bool)
-        self.batch = batch
+        self.batch = self._placed(batch)
         # what the sinks hold already (written after this checkpoint, before the run stopped)
         self._held = set()
         for sink in self.sinks:

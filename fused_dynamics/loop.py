@@ -15,7 +15,12 @@ __all__ = ["run_steps", "output_stress", "compiled_chunk", "compiled_loop", "Loo
 
 
 def run_steps(
-    fused, batch: Batch, limit, max_steps: int | None = None, checkpoints: int | None = None
+    fused,
+    batch: Batch,
+    limit,
+    max_steps: int | None = None,
+    checkpoints: int | None = None,
+    axis_name: str | None = None,
 ):
     """At most ``limit`` steps from ``batch.step_count``, stopping when all have graduated.
 
@@ -33,6 +38,12 @@ def run_steps(
         choice, about ``log2(max_steps)``). The rest are recomputed (online treeverse
         checkpointing, Stumm & Walther, SIAM J. Sci. Comput. 32, 836 (2010)), so memory is
         ``O(checkpoints)`` states, not ``O(max_steps)``.
+    axis_name : str, optional
+        Inside ``jax.shard_map`` over a mesh axis of this name (a sharded run,
+        :mod:`fused_dynamics.sharding`): ``batch`` is one device's local batch, and the loop
+        stops when no system on *any* device is pending (one ``psum`` of a scalar per step), so
+        every device takes the same steps and keeps the same ``step_count`` as a run of the
+        whole batch on one device (docs/semantics.md §8, §13).
 
     Returns
     -------
@@ -41,7 +52,8 @@ def run_steps(
     taken : Array
         Steps taken.
     active : Array
-        Sum over the steps of the slots holding a system not yet graduated.
+        Sum over the steps of the slots holding a system not yet graduated (of this device's
+        slots under ``axis_name``).
     """
 
     def pending(batch):
@@ -49,7 +61,10 @@ def run_steps(
 
     def cond(carry):
         batch, k, _ = carry
-        return (k < limit) & jnp.any(pending(batch))
+        if axis_name is None:
+            return (k < limit) & jnp.any(pending(batch))
+        count = jax.lax.psum(jnp.sum(pending(batch), dtype=jnp.int32), axis_name)
+        return (k < limit) & (count > 0)
 
     def body(carry):
         batch, k, active = carry

@@ -12,7 +12,7 @@ import ase
 import ase.io
 import numpy as np
 
-from .batch import Batch, _validate_atoms
+from .batch import Batch, _validate_atoms, complete_cell
 from .provenance import copy_provenance
 
 __all__ = ["SizeAwareSampler"]
@@ -341,8 +341,15 @@ class SizeAwareSampler:
         )
 
     def cells(self) -> tuple[np.ndarray, np.ndarray]:
-        """Cells (n, 3, 3) and pbc (n, 3) of every queued system (for static image ranges)."""
+        """Cells (n, 3, 3) and pbc (n, 3) of every queued system (for static image ranges).
+
+        The cells are the batch's (:func:`~fused_dynamics.batch.complete_cell`): a cluster's
+        zero-length, non-periodic lattice vectors are filled in as the batch fills them, so
+        every cell is invertible.
+        """
         idx = list(self._queue)
-        cells = np.array([np.asarray(self.dataset[i].get_cell()) for i in idx]).reshape(-1, 3, 3)
-        pbc = np.array([self.dataset[i].get_pbc() for i in idx]).reshape(-1, 3)
-        return cells, pbc
+        pbc = np.array([self.dataset[i].get_pbc() for i in idx], bool).reshape(-1, 3)
+        cells = [
+            complete_cell(self.dataset[i].get_cell(), p)[0] for i, p in zip(idx, pbc, strict=True)
+        ]
+        return np.array(cells, np.float64).reshape(-1, 3, 3), pbc

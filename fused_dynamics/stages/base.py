@@ -216,13 +216,27 @@ class Stage(eqx.Module):
         return new_batch, select_state(mask, new_state, state)
 
     # ----------------------------------------------------------- composition
-    # The one documented upward edge of the package's import graph: composing (``a + b``) and
-    # running a single stage build a FusedStage, which imports this module, so the engine is
-    # imported here, inside the two methods. No other function-level import exists in stages.
+    # The one documented upward edge of the package's import graph: composing (``a + b``,
+    # ``a | b``) and running a single stage build a FusedStage, which imports this module, so
+    # the engine is imported here, inside these methods. No other function-level import exists
+    # in stages.
     def __add__(self, other):
         from ..fused import FusedStage  # the documented upward edge (see above)
 
         return FusedStage([(0, self)]) + other
+
+    def __or__(self, other):
+        """``self | other``: a :class:`~fused_dynamics.pipeline.DistributedPipeline` (each
+        stage on its own devices, docs/semantics.md §16)."""
+        from ..fused import FusedStage  # the documented upward edge (see __add__)
+
+        return FusedStage([(0, self)]) | other
+
+    def __ror__(self, other):
+        """``pipeline | self``: this stage appended to a pipeline."""
+        from ..fused import FusedStage  # the documented upward edge (see __add__)
+
+        return other | FusedStage([(0, self)])
 
     def run(self, batch: Batch | None = None, n_steps: int | None = None, **kwargs):
         """Run this stage alone: a one-stage :class:`~fused_dynamics.FusedStage` (same engine).

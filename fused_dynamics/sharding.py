@@ -1,0 +1,508 @@
+"""Data parallelism: the systems of a batch spread over the devices of a mesh.
+
+Design (docs/semantics.md §21)
+------------------------------
+A *sharded batch* is ``D`` local batches (``D`` = devices of the mesh) stacked on a new leading
+axis. Local batch ``d`` is an ordinary :class:`~fused_dynamics.Batch` of ``S/D`` system slots
+and ``N/D`` atom slots whose ``system_idx`` counts its own slots (padding atoms hold ``S/D``).
+Every leaf therefore has shape ``(D, ...)`` (``step_count`` too: ``(D,)``) and is placed with
+``NamedSharding(mesh, P("systems"))``: each device holds whole systems, every one of their
+atoms and all their per-system state.
+
+Every compiled program of a sharded run (the chunk of steps, the whole fixed-batch loop, the
+admission of new systems) is the *unchanged* single-device function run per device by
+``jax.shard_map``: every per-system reduction (segment sums over ``system_idx``) stays on its
+device, so a system's arithmetic is the same whichever device runs it. The only cross-device
+traffic is one ``psum`` of an int32 scalar per step: the loop stops when no system on any
+device is pending (:func:`fused_dynamics.loop.run_steps`), so every device takes the same
+steps and keeps the same ``step_count`` as one device running the whole batch (hook
+frequencies, docs/semantics.md §8). The compiled step holds no ``all-gather``
+(:func:`chunk_hlo` shows its HLO; ``tests/test_sharding.py`` checks it).
+
+Global slots. Slot ``s`` of local batch ``d`` is global slot ``d * S/D + s``: :func:`unshard`
+concatenates the local batches into one flat batch of ``S`` slots and ``N`` atoms in that order
+(each device's padding atoms stay between its systems and the next device's), and
+:func:`shard` puts global slots ``d*S/D .. (d+1)*S/D - 1`` and their atoms (packed at the
+front) on device ``d``, so ``shard(unshard(b)) == b``.
+
+Inflight runs (:class:`ShardedRun`, ``fused.start(..., mesh=...)`` or ``fused.run(sampler=...,
+mesh=...)``). The sampler's ``max_atoms`` and ``max_systems`` are the *global* capacities;
+each device gets ``max_atoms / D`` atoms and ``max_systems / D`` slots (both must divide, and
+``max_atoms_per_system`` must fit one device). At each host visit the free slots of device 0,
+then 1, ... are refilled from the one sampler, in the sampler's order, so every system is handed
+out exactly once. Graduates are written to the sinks with the global slot numbering, each once.
+
+Several processes (``jax.distributed.initialize``). The mesh spans every process's devices;
+:func:`shard` builds each process's addressable shards from the same host data
+(``jax.make_array_from_callback``), so every process must give the same flat batch (or the same
+sampler over the same dataset). Host visits gather the per-system status (and, at a refill or a
+write, the batch) to every process (``process_allgather``), so every process makes the same
+decisions. The sampler rule: every process holds a replica of the *same* sampler and takes the
+same systems in the same order; each process then owns the systems that land on its own devices:
+it writes only those to its sinks (so over all processes every graduate is written exactly once),
+and process 0 alone writes rejected systems and checkpoints.
+
+Not supported yet (``ValueError`` before compiling): neighbor-list models (a list per local
+batch would need its own capacity) and per-system parameter arrays (one value per slot; give
+scalars), and ``differentiable=True``.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import inflight, loop
+from .batch import Batch, default_float, empty_host_arrays, write_system
+from .compiled import filter_compile
+from .live import Run
+
+__all__ = [
+    "AXIS",
+    "ShardedRun",
+    "chunk_hlo",
+    "devices_of",
+    "gather",
+    "is_sharded",
+    "run",
+    "shard",
+    "unshard",
+]
+
+AXIS = "systems"
+_ATOM_FIELDS = (
+    "positions",
+    "velocities",
+    "masses",
+    "atomic_numbers",
+    "forces",
+    "system_idx",
+    "atom_mask",
+    "fixed",
+)
+_SYSTEM_FIELDS = (
+    "cell",
+    "pbc",
+    "energy",
+    "stress",
+    "system_mask",
+    "status",
+    "system_id",
+    "fix_com",
+    "virtual_cell",
+)
+
+
+# ============================================================================ layout
+def devices_of(mesh) -> int:
+    """The number of devices D of a mesh with the one axis ``"systems"``.
+
+    Raises
+    ------
+    ValueError
+        ``mesh`` is not a ``jax.sharding.Mesh`` with the single axis ``"systems"``.
+    """
+    if not isinstance(mesh, Mesh):
+        raise ValueError(
+            f"mesh must be a jax.sharding.Mesh(devices, ('systems',)), got {type(mesh).__name__}."
+        )
+    if tuple(mesh.axis_names) != (AXIS,):
+        raise ValueError(
+            f"mesh must have the one axis ('systems',), got axis names {tuple(mesh.axis_names)}."
+        )
+    return int(mesh.devices.size)
+
+
+def is_sharded(batch: Batch) -> bool:
+    """Whether ``batch`` is a sharded batch (its leaves carry a leading device axis)."""
+    return np.ndim(batch.system_mask) == 2
+
+
+def _local_capacity(max_atoms: int, max_systems: int, d: int, what: str) -> tuple[int, int]:
+    if max_systems % d or max_atoms % d:
+        raise ValueError(
+            f"{what}: max_systems={max_systems} and max_atoms={max_atoms} must both be "
+            f"divisible by the number of devices of the mesh ({d})."
+        )
+    return max_atoms // d, max_systems // d
+
+
+def _split(flat: Batch, d: int) -> Batch:
+    """Host: a flat batch (NumPy leaves) as ``d`` stacked local batches (see module doc)."""
+    n, s = flat.max_atoms, flat.max_systems
+    n_l, s_l = _local_capacity(n, s, d, "shard")
+    sidx = np.asarray(flat.system_idx)
+    device = np.where(sidx < s, sidx // s_l, d)  # padding atoms: device d (none)
+    pad = np.flatnonzero(device == d)
+    index = np.empty((d, n_l), np.int64)
+    used = 0
+    for k in range(d):
+        real = np.flatnonzero(device == k)
+        if len(real) > n_l:
+            raise ValueError(
+                f"shard: the systems of slots {k * s_l}..{(k + 1) * s_l - 1} have {len(real)} "
+                f"atoms, more than max_atoms / devices = {n_l}; give the batch a larger "
+                "max_atoms or order its systems so that every device's share fits."
+            )
+        fill = n_l - len(real)
+        index[k] = np.concatenate([real, pad[used : used + fill]])
+        used += fill
+
+    def systems(x):
+        x = np.asarray(x)
+        return x.reshape((d, s_l) + x.shape[1:])
+
+    changes = {f: np.asarray(getattr(flat, f))[index] for f in _ATOM_FIELDS}
+    glob = sidx[index]
+    local = glob - (np.arange(d) * s_l)[:, None]
+    changes["system_idx"] = np.where(glob < s, local, s_l).astype(sidx.dtype)
+    changes.update({f: systems(getattr(flat, f)) for f in _SYSTEM_FIELDS})
+    changes["stage_state"] = jax.tree_util.tree_map(systems, flat.stage_state)
+    changes["info"] = {k: systems(v) for k, v in flat.info.items()}
+    if flat.step_count is not None:
+        changes["step_count"] = np.full(d, np.asarray(flat.step_count), np.int32)
+    return flat.replace(**changes)
+
+
+def _merge(stacked: Batch) -> Batch:
+    """Host: the flat batch (NumPy leaves) of a stacked one, global slots in device order."""
+    d, s_l = np.shape(stacked.system_mask)
+    s = d * s_l
+
+    def flat(x):
+        x = np.asarray(x)
+        return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+    changes = {f: flat(getattr(stacked, f)) for f in _ATOM_FIELDS + _SYSTEM_FIELDS}
+    sidx = np.asarray(stacked.system_idx)
+    glob = np.where(sidx < s_l, sidx + (np.arange(d) * s_l)[:, None], s)
+    changes["system_idx"] = glob.reshape(-1).astype(sidx.dtype)
+    changes["stage_state"] = jax.tree_util.tree_map(flat, stacked.stage_state)
+    changes["info"] = {k: flat(v) for k, v in stacked.info.items()}
+    if stacked.step_count is not None:
+        changes["step_count"] = np.asarray(stacked.step_count).reshape(-1)[0]
+    return stacked.replace(**changes)
+
+
+def _fetch(x) -> np.ndarray:
+    """A host copy of a whole (global) array, from every process if need be."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def gather(batch: Batch) -> Batch:
+    """Host (NumPy) copy of a batch, sharded or not, whole on every process."""
+    return jax.tree_util.tree_map(_fetch, batch)
+
+
+def place(host: Batch, mesh) -> Batch:
+    """Put a stacked host batch on the mesh: leading axis over ``"systems"``; each process
+    builds only its addressable shards."""
+    sharding = NamedSharding(mesh, P(AXIS))
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(put, host)
+
+
+def shard(batch_or_atoms, mesh, *, max_atoms=None, max_systems=None, dtype=None) -> Batch:
+    """A flat batch (or a list of ``ase.Atoms``) as a sharded batch on ``mesh``.
+
+    Parameters
+    ----------
+    batch_or_atoms : Batch or sequence of ase.Atoms
+        A flat batch of ``S`` slots and ``N`` atoms; atoms are packed with
+        :meth:`Batch.from_atoms` (``max_atoms``, ``max_systems``, ``dtype``) first.
+    mesh : jax.sharding.Mesh
+        One axis named ``"systems"`` over D devices.
+
+    Returns
+    -------
+    Batch
+        Leaves of shape ``(D, ...)``: D local batches of ``S/D`` slots and ``N/D`` atoms;
+        global slots ``d*S/D .. (d+1)*S/D - 1`` on device ``d``.
+
+    Raises
+    ------
+    ValueError
+        A bad mesh, ``S`` or ``N`` not divisible by D, a device's share of atoms over
+        ``N/D``, or a batch with a neighbor list (not supported sharded yet).
+    """
+    d = devices_of(mesh)
+    batch = batch_or_atoms
+    if not isinstance(batch, Batch):
+        batch = Batch.from_atoms(
+            list(batch_or_atoms), max_atoms=max_atoms, max_systems=max_systems, dtype=dtype
+        )
+    if is_sharded(batch):
+        raise ValueError("shard: the batch is sharded already.")
+    if batch.neighbors is not None:
+        raise ValueError("shard: batches with a neighbor list cannot be sharded yet.")
+    return place(_split(gather(batch), d), mesh)
+
+
+def unshard(batch: Batch) -> Batch:
+    """The flat batch of a sharded one (global slot ``d * S/D + s``; see the module doc), as
+    arrays on the default device; gathered from every process."""
+    if not is_sharded(batch):
+        raise ValueError("unshard: the batch is not sharded (its leaves have no device axis).")
+    return jax.tree_util.tree_map(jnp.asarray, _merge(gather(batch)))
+
+
+# ============================================================================ programs
+def _per_device(fn, mesh, fused, sharded: tuple, replicated: tuple):
+    """``fn(fused, *local, *replicated)`` on every device of ``mesh`` (``jax.shard_map``);
+    the leaves of ``sharded`` and of the outputs carry the leading device axis."""
+    dynamic, static = eqx.partition(fused, eqx.is_array)
+
+    def body(dynamic, sharded, replicated):
+        local = jax.tree_util.tree_map(lambda x: x[0], sharded)
+        out = fn(eqx.combine(dynamic, static), *local, *replicated)
+        return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], out)
+
+    program = jax.shard_map(
+        body, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P(AXIS), check_vma=False
+    )
+    return program(dynamic, sharded, replicated)
+
+
+def _steps(fused, batch, limit):
+    return loop.run_steps(fused, batch, limit, axis_name=AXIS)
+
+
+def _chunk(fused, stacked: Batch, limit, mesh):
+    out, taken, active = _per_device(_steps, mesh, fused, (stacked,), (limit,))
+    return out, taken[0], jnp.sum(active)
+
+
+def _whole_run(fused, stacked: Batch, limit, resume: bool, mesh):
+    def body(f, b, lim):
+        if not resume:
+            b = f.init(b)
+        return _steps(f, b, lim)[0]
+
+    return _per_device(body, mesh, fused, (stacked,), (limit,))
+
+
+def _admit(fused, stacked: Batch, new, mesh):
+    return _per_device(inflight.admit, mesh, fused, (stacked, new), ())
+
+
+def _initialize(fused, stacked: Batch, mesh):
+    return _per_device(inflight.initialize, mesh, fused, (stacked,), ())
+
+
+_CHUNK = filter_compile(_chunk)
+_WHOLE_RUN = filter_compile(_whole_run)
+_ADMIT = filter_compile(_admit)
+_INITIALIZE = filter_compile(_initialize)
+
+
+def chunk_hlo(fused, stacked: Batch, mesh, limit: int = 10) -> str:
+    """The optimized HLO text of the compiled chunk of a sharded run (to check, for example,
+    that it moves no atom arrays between devices)."""
+    dynamic, static = eqx.partition((fused, stacked), eqx.is_array)
+
+    def program(dynamic):
+        f, b = eqx.combine(dynamic, static)
+        return _chunk(f, b, jnp.int32(limit), mesh)
+
+    return jax.jit(program).lower(dynamic).compile().as_text()
+
+
+def prepare(fused, flat: Batch):
+    """Host-side checks and static choices of a sharded run, before compiling.
+
+    Raises
+    ------
+    ValueError
+        A neighbor-list model or batch, or per-system parameter arrays.
+    """
+    if flat.neighbors is not None or getattr(fused.model, "skin", None) is not None:
+        raise ValueError(
+            "mesh=: models with a neighbor list cannot run sharded yet; use the dense model."
+        )
+    mask = np.asarray(flat.system_mask)
+    fused.model.check_batch(flat)
+    fitted = fused.prepare_for_cells(np.asarray(flat.cell)[mask], np.asarray(flat.pbc)[mask])
+    if fitted.fit_per_system(flat) is not fitted:
+        raise ValueError(
+            "mesh=: a sub-stage has per-system parameters (one value per system); sharded "
+            "runs take scalar parameters only (for now)."
+        )
+    return fitted
+
+
+def run(fused, batch: Batch, n_steps=None, *, mesh, resume: bool = False) -> Batch:
+    """A fixed-batch run with the systems spread over ``mesh`` (``fused.run(batch,
+    mesh=mesh)``); one compiled program, each device running its local batch.
+
+    Parameters
+    ----------
+    fused : FusedStage
+    batch : Batch
+        Flat (sharded here with :func:`shard`) or sharded; with ``resume=True`` a sharded
+        batch returned by an earlier run.
+    n_steps : int, optional
+    mesh : jax.sharding.Mesh
+    resume : bool
+
+    Returns
+    -------
+    Batch
+        The sharded final batch; :func:`unshard` gives the flat one (global slots as given).
+    """
+    devices_of(mesh)
+    flat = _merge(gather(batch)) if is_sharded(batch) else gather(batch)
+    fused = prepare(fused, flat)
+    stacked = batch if is_sharded(batch) else shard(batch, mesh)
+    limit = jnp.iinfo(jnp.int32).max if n_steps is None else int(n_steps)
+    return _WHOLE_RUN(fused, stacked, jnp.asarray(limit, jnp.int32), bool(resume), mesh)
+
+
+# ============================================================================ the live run
+class _ShardedChunk:
+    """The compiled sharded chunk with the signature of :func:`loop.compiled_chunk`'s."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+
+    def __call__(self, fused, batch, limit):
+        return _CHUNK(fused, batch, limit, self.mesh)
+
+    def cache_size(self) -> int:
+        return _CHUNK.cache_size()
+
+
+class ShardedRun(Run):
+    """A live run (:class:`~fused_dynamics.driver.Run`) whose systems are spread over a mesh.
+
+    Same options and live API as :class:`~fused_dynamics.driver.Run`, plus ``mesh``. See the
+    module docstring for the layout, the refill order and the multi-process rule.
+    """
+
+    def __init__(self, fused, batch=None, *, mesh, **options):
+        self.mesh = mesh
+        self.devices = devices_of(mesh)
+        super().__init__(fused, batch, **options)
+
+    # ------------------------------------------------------------------ layout hooks
+    def _make_chunk(self):
+        return _ShardedChunk(self.mesh)
+
+    def _fetch(self, x) -> np.ndarray:
+        return _fetch(x).reshape(-1)
+
+    def _flat_host(self) -> Batch:
+        return _merge(gather(self.batch))
+
+    def _owned(self, slots):
+        if jax.process_count() == 1:
+            return slots
+        s_l = self.batch.max_systems
+        mine = {int(d.id) for d in self.mesh.local_devices}
+        order = [int(d.id) for d in self.mesh.devices.reshape(-1)]
+        return np.asarray([k for k in slots if order[int(k) // s_l] in mine], dtype=np.int64)
+
+    def _layout_header(self) -> dict:
+        return {"devices": self.devices}
+
+    def _placed(self, batch: Batch) -> Batch:
+        return place(gather(batch), self.mesh)
+
+    def _write_checkpoint(self, path, header) -> None:
+        host = gather(self.batch)
+        if jax.process_index() == 0:
+            super()._save_file(path, host, header)
+
+    # ------------------------------------------------------------------ setup
+    def _start_batch(self, batch: Batch, resume: bool) -> None:
+        flat = _merge(gather(batch)) if is_sharded(batch) else gather(batch)
+        self.fused = prepare(self.fused, flat)
+        written = ~np.asarray(flat.system_mask)
+        if resume:
+            written = written | (np.asarray(flat.status) == self.fused.exit_status)
+        stacked = batch if is_sharded(batch) else shard(batch, self.mesh)
+        if not resume:
+            stacked = _INITIALIZE(self.fused, stacked, self.mesh)
+        self.batch = stacked
+        self._written = written
+
+    def _start_inflight(self, dtype) -> None:
+        sampler = self.sampler
+        n_l, s_l = _local_capacity(
+            sampler.max_atoms, sampler.max_systems, self.devices, "SizeAwareSampler with mesh="
+        )
+        if sampler.max_atoms_per_system > n_l:
+            raise ValueError(
+                f"mesh=: the sampler's max_atoms_per_system={sampler.max_atoms_per_system} "
+                f"exceeds one device's atoms, max_atoms / devices = {n_l}; give a larger "
+                "max_atoms or a smaller max_atoms_per_system."
+            )
+        self._report_rejected()
+        if sampler.exhausted:
+            self._written = np.zeros(0, bool)
+            return
+        cells, pbc = sampler.cells()
+        self.fused = self.fused.prepare_for_cells(cells, pbc)
+        dtype = default_float() if dtype is None else dtype
+        locals_ = []
+        for _ in range(self.devices):
+            host = empty_host_arrays(n_l, s_l)
+            offset = 0
+            for slot, (index, atoms) in enumerate(sampler.take(n_l, s_l)):
+                write_system(host, slot, offset, atoms, index)
+                offset += len(atoms)
+            local = Batch.from_host_arrays(host, dtype, sampler.max_atoms_per_system)
+            locals_.append(jax.device_get(local))
+        self._report_rejected()
+        stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *locals_)
+        self.fused = prepare(self.fused, _merge(stacked))
+        self.batch = _INITIALIZE(self.fused, place(stacked, self.mesh), self.mesh)
+        self._written = ~np.asarray(stacked.system_mask).reshape(-1)
+
+    # ------------------------------------------------------------------ refill
+    def _refill(self, keep: np.ndarray):
+        host = gather(self.batch)
+        d, s_l = np.shape(host.system_mask)
+        n_l = host.max_atoms
+        keep = keep.reshape(d, s_l)
+        new = np.zeros((d, s_l), bool)
+        parts = []
+        for k in range(d):
+            local = jax.tree_util.tree_map(lambda x, k=k: x[k], host)
+            arrays, offset = inflight.repack(local, keep[k])
+            arrays["status"][~keep[k]] = self.fused.exit_status
+            free = [int(x) for x in np.flatnonzero(~keep[k])]
+            for (index, atoms), slot in zip(
+                self.sampler.take(n_l - offset, len(free)), free, strict=False
+            ):
+                write_system(arrays, slot, offset, atoms, index)
+                offset += len(atoms)
+                new[k, slot] = True
+            parts.append(arrays)
+        self._report_rejected()
+        if not keep.any() and not new.any() and not self.sampler.exhausted:
+            raise RuntimeError("Inflight run: the next system does not fit an empty device.")
+        fields = {
+            key: np.stack([p[key] for p in parts]).astype(np.asarray(getattr(host, key)).dtype)
+            for key in parts[0]
+        }
+        batch = self.batch.replace(**place(fields, self.mesh))
+        if new.any():
+            batch = _ADMIT(self.fused, batch, place(new, self.mesh), self.mesh)
+        return batch, new.reshape(-1)
+
+    def _report_rejected(self) -> None:
+        if jax.process_index() == 0:
+            super()._report_rejected()
+        elif self.sampler is not None:  # the same rejections; process 0 writes them
+            self.stats.rejected += len(self.sampler.take_rejected())
