@@ -19,7 +19,7 @@ Example (TOML)::
     # or: generate = "argon", count = 256, rattle = 0.15, seed = 0
 
     [model]
-    type = "lennard_jones"       # lennard_jones | morse | soft_sphere
+    type = "lennard_jones"       # lennard_jones | morse | soft_sphere | eam | trained
     sigma = 3.405                # Å
     epsilon = 0.0104             # eV
     cutoff = 7.5                 # Å
@@ -95,6 +95,18 @@ Keys of the model
     ε_j)``) or ``"geometric"`` (``σ_ij = sqrt(σ_i σ_j)``, ``ε_ij = sqrt(ε_i ε_j)``) fills each
     unlisted pair of two different elements from their own entries; listed pairs are kept.
     Lennard-Jones and soft sphere only (soft sphere: ``alpha`` is not mixed).
+``model.type = "eam"`` with ``model.file``
+    An embedded-atom potential file: setfl (``.alloy``), funcfl (``.eam``) or Finnis-Sinclair
+    (``.fs``), read as ASE's ``EAM`` calculator reads it (:class:`~fused_dynamics.models.EAM`).
+    The file names its elements; a structure with another element is refused (exit 2, naming
+    ``model.file``). ``images`` as above.
+``model.type = "trained"`` with ``model.file``
+    A model file written by ``fused-dynamics train`` or :func:`fused_dynamics.save_model` (an
+    equivariant network, a fitted potential); its stored species list is checked the same way::
+
+        [model]
+        type = "trained"
+        file = "training/model.eqx"
 
 Keys about outputs and inputs
 -----------------------------

@@ -3,20 +3,24 @@ the model, the sub-stages and the :class:`~fused_dynamics.FusedStage`."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
+from ase.calculators.eam import EAM as AseEAM
+from ase.data import chemical_symbols
 
 from ..convergence import ConvergenceHook
 from ..fused import FusedStage
 from ..hooks import ThermalizeOnEntryHook
-from ..models import LennardJones, Morse, SoftSphere
+from ..models import EAM, LennardJones, Morse, SoftSphere
 from ..observables import initialize_velocities
 from ..stages import FIRE, FIRE2, NPH, NPT, NVE, GradientDescent, NVTLangevin, NVTNoseHoover
+from ..training import load_model, read_header
 from .base import ConfigError
 from .schema import RunConfig, entry_temperature
 
-__all__ = ["build_fused", "build_model", "build_stages", "npt_classes"]
+__all__ = ["build_fused", "build_model", "build_stages", "file_model_elements", "npt_classes"]
 
 
 def npt_classes() -> tuple[type, type]:
@@ -46,6 +50,8 @@ def build_model(cfg: RunConfig):
     :func:`check_structure_species`.
     """
     m = cfg.model
+    if m.type in ("eam", "trained"):
+        return _file_model(m)
     cls = _MODEL_CLASSES[m.type]
     kwargs: dict[str, Any] = {}
     if m.images is not None:
@@ -74,6 +80,49 @@ def build_model(cfg: RunConfig):
         return cls.from_pairs(table, mixing=m.mixing, **kwargs)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
+
+
+def file_model_elements(m) -> list[str] | None:
+    """The elements a model file (``model.type`` eam or trained) has parameters for.
+
+    Read from the file's header without building the model (no JAX array is made, so it may run
+    before the dtype is configured). None: a trained model without a species list.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``model.file`` when the file cannot be read as that type.
+    """
+    try:
+        if m.type == "eam":
+            return [str(e) for e in AseEAM(potential=m.file).elements]
+        header = read_header(m.file)
+    except Exception as exc:  # ASE raises many kinds for a malformed file
+        message = f"model.file: cannot read {m.file!r} as a {m.type} model: {exc}"
+        raise ConfigError(message) from None
+    values = header.get("hyperparameters") or {}
+    species = values.get("species")
+    if species is None:
+        return None
+    return [chemical_symbols[z] if isinstance(z, int) else str(z) for z in species]
+
+
+def _file_model(m):
+    try:
+        if m.type == "eam":
+            model = EAM.from_file(m.file)
+        else:
+            model = load_model(m.file)
+    except (ValueError, TypeError, OSError) as exc:
+        raise ConfigError(f"model.file: cannot load {m.file!r}: {exc}") from None
+    if m.images is not None:
+        if not hasattr(model, "images"):
+            raise ConfigError(
+                f"model.images: the {type(model).__name__} in {m.file!r} has no image range; "
+                "remove model.images"
+            )
+        model = dataclasses.replace(model, images=tuple(m.images))
+    return model
 
 
 def build_stages(cfg: RunConfig, model=None) -> list:

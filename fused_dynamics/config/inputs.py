@@ -12,6 +12,8 @@ from ase.io.formats import string2index
 
 from ..structures import make_structures
 from .base import ConfigError
+from .build import file_model_elements
+from .model_keys import FILE_MODEL_TYPES
 from .schema import RunConfig
 
 __all__ = ["check_structure_species", "load_structures", "load_structures_with_sources"]
@@ -124,6 +126,8 @@ def check_structure_species(cfg: RunConfig, structures, sources=None) -> str:
         return "; ".join(parts)
 
     present = sorted(first)
+    if m.type in FILE_MODEL_TYPES:
+        return _check_file_model(m, present, found, name)
     kind = {"lennard_jones": "LennardJones", "morse": "Morse", "soft_sphere": "SoftSphere"}[m.type]
     scalar = ", ".join(f"{n} ({m._units[n]})" for n in m._scalar)
     elements = m.elements()
@@ -183,3 +187,20 @@ def check_structure_species(cfg: RunConfig, structures, sources=None) -> str:
         if filled:
             mixed = f"; mixed ({m.mixing}): {', '.join(filled)}"
     return f"model: {kind} per species pair for {', '.join(elements)}{mixed}; present: {used}"
+
+
+def _check_file_model(m, present, found, name) -> str:
+    """:func:`check_structure_species` for a model read from a file."""
+    elements = file_model_elements(m)
+    if elements is None:
+        return f"model: {m.type} model from {m.file} (it lists no elements)"
+    known = {atomic_numbers[e] for e in elements}
+    unknown = [z for z in present if z not in known]
+    if unknown:
+        raise ConfigError(
+            f"model.file: {m.file} has parameters for {', '.join(elements)} only, but the "
+            f"structures hold {found(unknown)}: use a model that covers "
+            f"{', '.join(name(z) for z in unknown)}, or leave these structures out"
+        )
+    used = ", ".join(e for e in elements if atomic_numbers[e] in set(present))
+    return f"model: {m.type} model from {m.file} for {', '.join(elements)}; present: {used}"

@@ -1,10 +1,12 @@
-"""Schema of ``[model]``: the pair potential and the elements its parameters are for.
+"""Schema of ``[model]``: a pair potential and the elements its parameters are for, or a model
+file (an EAM potential, a trained model).
 
 See "Keys of the model" in :mod:`fused_dynamics.config`.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, ClassVar, Literal
 
 from ase.data import atomic_numbers
@@ -14,6 +16,7 @@ from pydantic import (
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -21,6 +24,9 @@ from pydantic import (
 from .base import _key_part, _Section
 
 __all__ = [
+    "EAMConfig",
+    "FILE_MODEL_TYPES",
+    "TrainedModelConfig",
     "MIXING_RULES",
     "MODEL_TYPES",
     "LennardJonesConfig",
@@ -357,7 +363,43 @@ class SoftSphereConfig(_SpeciesKeys):
         return self
 
 
-MODEL_TYPES = ("lennard_jones", "morse", "soft_sphere")
+class _FileModelConfig(_Section):
+    """A model read from a file (the file says which elements it has parameters for)."""
+
+    file: str = Field(description="path, relative to the configuration file")
+    images: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] | None = Field(
+        None,
+        description="periodic image shifts along each cell vector (default: from the first "
+        "cells; give it for variable-cell runs whose cells shrink)",
+    )
+
+    @field_validator("file")
+    @classmethod
+    def _file_exists(cls, v: str, info: ValidationInfo) -> str:
+        base = os.fspath((info.context or {}).get("base_dir", "."))
+        path = os.path.abspath(os.path.join(base, os.path.expanduser(v)))
+        if not os.path.isfile(path):
+            raise ValueError(f"no such file {v!r} (looked for {path!r})")
+        return path  # absolute: the model is built away from the configuration's folder
+
+
+class EAMConfig(_FileModelConfig):
+    """``type = "eam"``: an embedded-atom potential file (setfl ``.alloy``, funcfl ``.eam``,
+    Finnis-Sinclair ``.fs``), read as ASE reads it."""
+
+    type: Literal["eam"]
+
+
+class TrainedModelConfig(_FileModelConfig):
+    """``type = "trained"``: a model file written by ``fused-dynamics train`` or
+    ``fused_dynamics.save_model`` (an equivariant network, a fitted potential)."""
+
+    type: Literal["trained"]
+
+
+MODEL_TYPES = ("lennard_jones", "morse", "soft_sphere", "eam", "trained")
+FILE_MODEL_TYPES = ("eam", "trained")
 ModelConfig = Annotated[
-    LennardJonesConfig | MorseConfig | SoftSphereConfig, Field(discriminator="type")
+    LennardJonesConfig | MorseConfig | SoftSphereConfig | EAMConfig | TrainedModelConfig,
+    Field(discriminator="type"),
 ]
