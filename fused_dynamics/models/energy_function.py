@@ -28,7 +28,13 @@ import numpy as np
 from ..batch import Batch
 from .base import Model
 
-__all__ = ["EnergyFunctionModel", "periodic_box", "real_space_fractional", "PADDING_OFFSET"]
+__all__ = [
+    "EnergyFunctionModel",
+    "periodic_box",
+    "real_space_fractional",
+    "system_blocks",
+    "PADDING_OFFSET",
+]
 
 #: Padded atoms of a system block sit at ``PADDING_OFFSET + 10 Å * k * (1, √2, √3)`` (k: the
 #: index of the slot in the block): distinct points, far from a cluster near the origin.
