@@ -159,7 +159,8 @@ def interleaved(runs: dict, repeat: int) -> dict:
     for name, fn in runs.items():
         t = time.perf_counter()
         rec = fn()
-        out[name] = {"warmup_s": time.perf_counter() - t, "walls_s": [], **(rec or {})}
+        rec = rec if isinstance(rec, dict) else {}
+        out[name] = {"warmup_s": time.perf_counter() - t, "walls_s": [], **rec}
     for _ in range(repeat):
         for name, fn in runs.items():
             t = time.perf_counter()
