@@ -85,9 +85,10 @@ class _Linear(eqx.Module):
         """``x`` (N, dim) -> (N, dim_out); ``index`` (N,) int picks each atom's weight set.
 
         ``FunctionalLinear``'s instructions, path weights and output assembly, with each
-        channel mixing done as a multiply-and-sum instead of its ``einsum``: XLA:CPU's dot
-        kernels round a row differently depending on its position in the batch, which would
-        break bitwise slot independence.
+        channel mixing done as a multiply-and-sum instead of its ``einsum``: XLA:CPU lowers
+        that batched einsum to dot kernels that round an atom's row differently depending on
+        its position in the batch, which breaks bitwise slot independence
+        (``tests/test_nequip.py``).
         """
         lin = self._functional()
         x = x.rechunk(lin.irreps_in)
@@ -110,8 +111,7 @@ class _RadialMLP(eqx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for k, w in enumerate(self.weights):
-            # multiply-and-sum, not a dot: position-independent rounding (see _Linear)
-            x = jnp.sum(x[..., :, None] * w, axis=-2) / math.sqrt(w.shape[0])
+            x = (x @ w) / math.sqrt(w.shape[0])  # a plain row-major matmul rounds each row alike
             if k < len(self.weights) - 1:
                 x = jax.nn.silu(x)
         return x
@@ -294,7 +294,9 @@ class NequIP(GraphModel):
         norm = 1.0 / math.sqrt(self.avg_num_neighbors)
         for layer in model.layers:
             x = layer.up(h)
-            xs = _irreps_array(x.irreps, jnp.take(x.array, graph.senders, axis=0, mode="fill"))
+            xs = _irreps_array(
+                x.irreps, jnp.take(x.array, graph.senders, axis=0, mode="fill", fill_value=0)
+            )
             m = e3nn.tensor_product(
                 xs, sh, filter_ir_out=e3nn.Irreps(self.features), irrep_normalization="component"
             ).regroup()
