@@ -6,6 +6,7 @@ from .eam import EAM
 from .energy_function import EnergyFunctionModel
 from .graph import Graph, GraphModel, neighbor_graph
 from .neighbors import NeighborList, NeighborListHook
+from .nequip import NequIP
 from .pair import LennardJones, Morse, PairPotential, SoftSphere, required_images
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "NeighborListHook",
     "EAM",
     "EnergyFunctionModel",
+    "NequIP",
 ]
