@@ -414,24 +414,20 @@ def _species(species) -> tuple[int, ...]:
 
 def _check_hyperparameters(m: NequIP) -> None:
     feats = e3nn.Irreps(m.features)
-    bad = [
-        (name, value, rule)
-        for name, value, rule in [
-            ("cutoff", m.cutoff, m.cutoff > 0 and math.isfinite(m.cutoff)),
-            ("n_layers", m.n_layers, m.n_layers >= 1),
-            ("l_max", m.l_max, m.l_max >= 0),
-            ("n_radial", m.n_radial, m.n_radial >= 1),
-            ("radial_width", m.radial_width, m.radial_width >= 1),
-            ("radial_layers", m.radial_layers, m.radial_layers >= 0),
-            ("avg_num_neighbors", m.avg_num_neighbors, m.avg_num_neighbors > 0),
-            ("envelope_p", m.envelope_p, m.envelope_p >= 2),
-            ("features", m.features, feats.count("0e") >= 1 and feats.count("0o") == 0),
-        ]
-        if not rule
-    ]
-    if bad:
-        name, value, _ = bad[0]
-        raise ValueError(
-            f"NequIP: {name}={value!r} is out of range (cutoff > 0 Å, counts >= 1, envelope_p "
-            ">= 2, features with at least one 0e scalar and no 0o)."
-        )
+    rules = {
+        "cutoff": m.cutoff > 0 and math.isfinite(m.cutoff),
+        "n_layers": m.n_layers >= 1,
+        "l_max": m.l_max >= 0,
+        "n_radial": m.n_radial >= 1,
+        "radial_width": m.radial_width >= 1,
+        "radial_layers": m.radial_layers >= 0,
+        "avg_num_neighbors": m.avg_num_neighbors > 0,
+        "envelope_p": m.envelope_p >= 2,
+        "features": feats.count("0e") >= 1 and feats.count("0o") == 0,
+    }
+    for name, ok in rules.items():
+        if not ok:
+            raise ValueError(
+                f"NequIP: {name}={getattr(m, name)!r} is out of range (cutoff > 0 Å, counts >= 1, "
+                "envelope_p >= 2, features with at least one 0e scalar and no 0o)."
+            )
