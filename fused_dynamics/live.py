@@ -237,8 +237,16 @@ class Run:
         due at the current step is written first (so it holds what the caller's host visit,
         a refill, did). Returns the steps taken.
         """
+        return self.collect(self.dispatch(n_steps))
+
+    def dispatch(self, n_steps: int | None = None):
+        """Start the chunk of :meth:`advance` without waiting for it (JAX runs it
+        asynchronously; ``run.batch`` is its future result); :meth:`collect` waits and counts.
+        A pipeline starts every stage's chunk this way before waiting for any, so that its
+        device groups compute at the same time. Returns what :meth:`collect` takes (``None``
+        when no step is due)."""
         if self.batch is None:
-            return 0
+            return None
         k = self.refill_frequency if n_steps is None else int(n_steps)
         if k < 1:
             raise ValueError(f"Run.advance: n_steps must be >= 1, got {k}.")
@@ -248,12 +256,19 @@ class Run:
         if self._next_checkpoint is not None:
             k = min(k, self._next_checkpoint - self.step_count)
         if k <= 0:
-            return 0
+            return None
         fused = self.fused
         batch, taken, active = retry_on_overflow(
             lambda b: self._chunk(fused, b, jnp.int32(k)), self.batch, listeners=self.listeners
         )
         self.batch = batch
+        return taken, active
+
+    def collect(self, pending) -> int:
+        """Wait for a chunk started by :meth:`dispatch` and count it; returns the steps taken."""
+        if pending is None:
+            return 0
+        taken, active = pending
         taken = int(taken)
         self.stats.steps = self.step_count
         self.stats.chunks += 1

@@ -16,12 +16,14 @@ tries again at its next host visit: back-pressure, never a drop. Systems that fa
 rejected leave the pipeline at once: they go to the final sinks, not to the next stage. Stage
 0 takes the sampler; the last stage writes to the sinks.
 
-The host drives every stage in turn (one process): a compiled chunk of stage 0, its host visit,
-a chunk of stage 1, ... JAX dispatches asynchronously, so the device groups overlap as far as
-the host visits let them. A system's rows move between device groups through the host (the host
-visit that writes graduates already holds them; the receiving stage packs them into its free
-slots), exactly as a system written to a file and read back: in float64 positions, velocities
-and cells come back bit for bit. Several processes (one stage per process, with JAX collectives
+One process drives every stage: it starts a compiled chunk on every stage's device group
+(``Run.dispatch``; JAX runs them asynchronously, so the groups compute at the same time), then
+waits for each in turn and makes its host visit (write graduates, refill).
+
+A system's rows move between device groups through the host (the host visit that writes
+graduates already holds them; the receiving stage packs them into its free slots), exactly as a
+system written to a file and read back: in float64 positions, velocities and cells come back
+bit for bit. Several processes (one stage per process, with JAX collectives
 between them) are not implemented yet: ``run`` then raises.
 
 Per-system results equal one fused run of the same sub-stages ``F_0 + F_1 + ...``: a system
@@ -302,6 +304,10 @@ class DistributedPipeline:
         done = [False] * len(self.stages)
         options = dict(refill_frequency=int(refill_frequency), dtype=dtype)
         while not all(done):
+            started = {}  # every stage's chunk first, then the host visits (groups overlap)
+            for k, run in enumerate(self._runs):
+                if run is not None and not done[k]:
+                    started[k] = run.dispatch()
             for k, fused in enumerate(self.stages):
                 if done[k]:
                     continue
@@ -318,7 +324,7 @@ class DistributedPipeline:
                             self.buffers[k].close()
                         continue
                 run = self._runs[k]
-                run.advance()
+                run.collect(started[k]) if k in started else run.advance()
                 _visit(run, source, self.buffers[k] if k < k_last else None)
                 if run.all_complete:
                     run.write_graduated()

@@ -187,9 +187,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _frames_npz(path, frames, **extra) -> None:
+    np.savez(
+        path,
+        ids=[a.info["system_id"] for a in frames],
+        positions=np.concatenate([a.positions for a in frames]),
+        velocities=np.concatenate([a.get_velocities() for a in frames]),
+        **extra,
+    )
+
+
+def _assert_npz_equal(got, frames) -> None:
+    assert got["ids"].tolist() == [a.info["system_id"] for a in frames]
+    np.testing.assert_array_equal(got["positions"], np.concatenate([a.positions for a in frames]))
+    np.testing.assert_array_equal(
+        got["velocities"], np.concatenate([a.get_velocities() for a in frames])
+    )
+
+
+def inflight_sampler():
+    return fd.SizeAwareSampler(systems(20, seed=1), max_atoms=64, max_systems=4)
+
+
 def test_two_processes_run_one_sharded_batch(tmp_path):
     """Two processes of 2 CPU devices each (jax.distributed on localhost) run one fused batch
-    over the 4-device global mesh; the result equals this process's one-device run."""
+    over the 4-device global mesh, then an inflight run from (replicas of) one sampler; the
+    fixed batch equals this process's one-device run; in the inflight run each process writes
+    the systems of its own devices: together every system exactly once, each equal to the
+    one-device inflight run."""
     code = """
         import sys
         import numpy as np
@@ -200,31 +225,34 @@ def test_two_processes_run_one_sharded_batch(tmp_path):
         from jax.sharding import Mesh
         import fused_dynamics as fd
         from fused_dynamics import sharding
-        from tests.test_sharding import systems, fused_stage
+        from tests.test_sharding import systems, fused_stage, inflight_sampler, _frames_npz
         assert len(jax.devices()) == 4 and len(jax.local_devices()) == 2
         mesh = Mesh(np.array(jax.devices()), ("systems",))
         flat = fd.Batch.from_atoms(systems(8), max_atoms=8 * 16, max_systems=8)
         final = sharding.unshard(fused_stage("nve").run(flat, mesh=mesh))
         if pid == 0:
-            frames = final.to_atoms()
-            np.savez(out, ids=[a.info["system_id"] for a in frames],
-                     positions=np.concatenate([a.positions for a in frames]),
-                     velocities=np.concatenate([a.get_velocities() for a in frames]),
-                     steps=int(final.step_count))
+            _frames_npz(f"{out}/fixed.npz", final.to_atoms(), steps=int(final.step_count))
+        sink = fd.HostMemory()
+        fused_stage("nve").run(sampler=inflight_sampler(), refill_frequency=8, sinks=[sink],
+                               mesh=mesh)
+        _frames_npz(f"{out}/inflight{pid}.npz", sink.atoms)
         print("ok")
         """
-    port, out = _free_port(), tmp_path / "result.npz"
-    procs = [_run(code, devices=2, args=[i, port, out]) for i in range(2)]
-    # the reference on this process's one device, while the two processes run
+    port = _free_port()
+    procs = [_run(code, devices=2, args=[i, port, tmp_path]) for i in range(2)]
+    # the references on this process's one device, while the two processes run
     flat = fd.Batch.from_atoms(systems(8), max_atoms=8 * 16, max_systems=8)
     ref = fused_stage("nve").run(flat)
+    one = fd.HostMemory()
+    fused_stage("nve").run(sampler=inflight_sampler(), refill_frequency=8, sinks=[one])
     for proc in procs:
         _check(proc)
-    got = np.load(out)
-    frames = ref.to_atoms()
-    assert got["ids"].tolist() == [a.info["system_id"] for a in frames]
-    assert int(got["steps"]) == int(ref.step_count)
-    np.testing.assert_array_equal(got["positions"], np.concatenate([a.positions for a in frames]))
-    np.testing.assert_array_equal(
-        got["velocities"], np.concatenate([a.get_velocities() for a in frames])
-    )
+    fixed = np.load(tmp_path / "fixed.npz")
+    assert int(fixed["steps"]) == int(ref.step_count)
+    _assert_npz_equal(fixed, ref.to_atoms())
+    parts = [np.load(tmp_path / f"inflight{i}.npz") for i in range(2)]
+    ids = [i for p in parts for i in p["ids"].tolist()]
+    assert sorted(ids) == list(range(20)) and all(len(p["ids"]) for p in parts), ids
+    ref_by_id = by_id(one.atoms)
+    for p in parts:
+        _assert_npz_equal(p, [ref_by_id[i] for i in p["ids"].tolist()])
