@@ -21,12 +21,15 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 from ase.build import bulk
 from ase.cluster import Icosahedron
+from jax.sharding import Mesh
 
 import fused_dynamics as fd
+from fused_dynamics import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LJ = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=6.0, switch_onset=5.0)
@@ -95,10 +98,20 @@ def _check(proc: subprocess.Popen, timeout=400) -> str:
     return out
 
 
-def test_bad_mesh_is_refused_before_compiling():
+def test_bad_mesh_and_unsupported_options_are_refused_before_compiling():
     batch = fd.Batch.from_atoms(systems(2))
     with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh"):
         fused_stage().run(batch, mesh="gpu")
+    with pytest.raises(ValueError, match="one axis"):
+        fused_stage().run(batch, mesh=Mesh(np.array(jax.devices()), ("d",)))
+    mesh = Mesh(np.array(jax.devices()[:1]), ("systems",))
+    with pytest.raises(ValueError, match="differentiable"):
+        fused_stage().run(batch, n_steps=2, mesh=mesh, differentiable=True)
+    listed = fd.NVE(LJ.with_neighbors(skin=0.5), dt=1.0, n_steps=2)
+    with pytest.raises(ValueError, match="neighbor list"):
+        listed.run(batch, mesh=mesh)
+    with pytest.raises(ValueError, match="not sharded"):
+        sharding.unshard(batch)
 
 
 def test_fixed_batch_sharded_equals_one_device_and_moves_no_atoms():
