@@ -43,8 +43,10 @@ it writes only those to its sinks (so over all processes every graduate is writt
 and process 0 alone writes rejected systems and checkpoints.
 
 Not supported yet (``ValueError`` before compiling): neighbor-list models (a list per local
-batch would need its own capacity) and per-system parameter arrays (one value per slot; give
-scalars), and ``differentiable=True``.
+batch would need its own capacity), per-system parameter arrays (one value per slot; give
+scalars) and ``differentiable=True``; on a mesh of several devices, hooks with host callbacks
+(``on_host``, :class:`~fused_dynamics.inflight.StageExitWriter` listeners): JAX runs ordered
+host callbacks on one device only.
 """
 
 from __future__ import annotations
@@ -300,10 +302,30 @@ def _initialize(fused, stacked: Batch, mesh):
     return _per_device(inflight.initialize, mesh, fused, (stacked,), ())
 
 
-_CHUNK = filter_compile(_chunk)
-_WHOLE_RUN = filter_compile(_whole_run)
-_ADMIT = filter_compile(_admit)
-_INITIALIZE = filter_compile(_initialize)
+def _explained(fn):
+    """``fn`` with JAX's refusal of ordered host callbacks on several devices explained."""
+
+    def call(*args):
+        try:
+            return fn(*args)
+        except ValueError as exc:
+            if "ordered effects" not in str(exc):
+                raise
+            raise ValueError(
+                "mesh=: a hook with an ordered host callback (a hook's on_host, a "
+                "StageExitWriter's listener) cannot run on a mesh of several devices (JAX "
+                "supports ordered effects on one device only); run without mesh=, or on a "
+                "one-device mesh."
+            ) from exc
+
+    call.cache_size = fn.cache_size
+    return call
+
+
+_CHUNK = _explained(filter_compile(_chunk))
+_WHOLE_RUN = _explained(filter_compile(_whole_run))
+_ADMIT = _explained(filter_compile(_admit))
+_INITIALIZE = _explained(filter_compile(_initialize))
 
 
 def chunk_hlo(fused, stacked: Batch, mesh, limit: int = 10) -> str:
@@ -392,6 +414,11 @@ class ShardedRun(Run):
     def __init__(self, fused, batch=None, *, mesh, **options):
         self.mesh = mesh
         self.devices = devices_of(mesh)
+        if options.get("listeners") and self.devices > 1:
+            raise ValueError(
+                "mesh=: listeners (StageExitWriter) collect frames with ordered host callbacks, "
+                "which JAX runs on one device only; run without mesh= or on a one-device mesh."
+            )
         super().__init__(fused, batch, **options)
 
     # ------------------------------------------------------------------ layout hooks

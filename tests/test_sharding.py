@@ -145,6 +145,13 @@ def test_fixed_batch_sharded_equals_one_device_and_moves_no_atoms():
         shapes = [re.search(r"= (\\S+) all-reduce", l).group(1) for l in reductions]
         assert reductions and all(re.fullmatch(r"[su]\\d+\\[1?\\]\\S*", s) for s in shapes), shapes
         print("all-reduce shapes", shapes)
+        # host callbacks of hooks are ordered effects: JAX runs them on one device only
+        hooked = fused.register_fused_hook(fd.LoggingHook(every_n_steps=5))
+        try:
+            hooked.run(flat, mesh=mesh)
+            raise AssertionError("a hook with a host callback ran on 4 devices")
+        except ValueError as exc:
+            assert "ordered host callback" in str(exc), exc
         print("ok")
         """
     out = _check(_run(code))
