@@ -14,6 +14,7 @@ from ase.neighborlist import neighbor_list
 
 import fused_dynamics as fd
 from fused_dynamics.models.graph import Graph, GraphModel, neighbor_graph
+from fused_dynamics.models.host_pairs import host_neighbor_list
 from fused_dynamics.models.neighbors import NeighborList
 
 jax.config.update("jax_enable_x64", True)
@@ -169,3 +170,22 @@ def test_models_size_their_image_range_under_an_outer_jit():
     eager = energies(0.0104)
     traced = jax.jit(energies)(0.0104)
     np.testing.assert_allclose(traced, eager, rtol=1e-14)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_host_neighbor_list_equals_the_cell_list(half):
+    """ASE's pairs stored as a NeighborList (for fixed positions: training data) are the pairs
+    of the cell-list build, in the same canonical order; a larger capacity only adds unused
+    slots, and a capacity too small is refused."""
+    batch = fd.Batch.from_atoms(_structures(), dtype=jnp.float64, max_systems=4)
+    built = NeighborList.allocate(batch, CUTOFF, 0.0, half=half)
+    host = host_neighbor_list(batch, CUTOFF, capacity=built.capacity, half=half)
+    m = np.asarray(built.mask)
+    assert int(np.asarray(host.mask).sum()) == int(m.sum())
+    for name in ("senders", "receivers", "shifts"):
+        np.testing.assert_array_equal(
+            np.asarray(getattr(host, name))[: m.sum()], np.asarray(getattr(built, name))[m]
+        )
+    assert not bool(host.must_rebuild(batch))
+    with pytest.raises(ValueError, match="capacity"):
+        host_neighbor_list(batch, CUTOFF, capacity=3, half=half)

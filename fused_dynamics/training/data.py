@@ -30,6 +30,7 @@ import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ..batch import Batch, _check_dtype
+from ..models.host_pairs import count_pairs, host_neighbor_list
 
 __all__ = [
     "Capacity",
@@ -100,11 +101,26 @@ class Capacity:
         Atom slots per batch (N).
     max_atoms_per_system : int
         Atoms of the largest structure.
+    cutoff : float or None
+        Å. For a model of the neighbor graph: every batch carries a neighbor list of its pairs
+        within ``cutoff``, found on the host (:func:`~fused_dynamics.models.host_pairs.
+        host_neighbor_list`), instead of the dense all-pairs graph (which for a message-passing
+        network costs ``A * K`` edges per atom instead of its neighbors).
+    max_pairs : int or None
+        Pair capacity of those lists: the pairs of the ``max_systems`` structures with most.
     """
 
     max_systems: int
     max_atoms: int
     max_atoms_per_system: int
+    cutoff: float | None = None
+    max_pairs: int | None = None
+
+    def with_pairs(self, atoms: Sequence[ase.Atoms], cutoff: float) -> Capacity:
+        """A copy whose batches carry neighbor lists within ``cutoff`` Å (see ``cutoff``)."""
+        counts = sorted(count_pairs(a, cutoff) for a in atoms)
+        need = sum(counts[-self.max_systems :]) if counts else 0
+        return dataclasses.replace(self, cutoff=float(cutoff), max_pairs=max(int(need), 1))
 
     @classmethod
     def fit(
@@ -298,6 +314,10 @@ def make_batches(
             max_atoms_per_system=cap.max_atoms_per_system,
             system_ids=idx,
         )
+        if cap.cutoff is not None:
+            batch = batch.replace(
+                neighbors=host_neighbor_list(batch, cap.cutoff, capacity=cap.max_pairs)
+            )
         targets = make_targets([labels[i] for i in idx], [len(a) for a in chunk], cap, dtype)
         out.append((batch, targets))
     return out

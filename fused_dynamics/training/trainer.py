@@ -20,6 +20,7 @@ import optax
 from tqdm.auto import tqdm
 
 from ..batch import Batch, _check_dtype
+from ..models.graph import GraphModel
 from .data import Capacity, Labels, make_batches, read_labels, read_structures
 from .loss import SUM_KEYS, LossWeights, batch_loss, error_sums, metrics_from_sums
 from .outputs import OUTPUT_FILES, plan_outputs, write_outputs
@@ -237,7 +238,9 @@ def evaluate(
     weights = LossWeights.of(weights)
     dtype = _check_dtype(dtype)
     atoms, labels = _load(data, index, (energy_key, forces_key, stress_key))
-    cap = Capacity.fit([len(a) for a in atoms], min(batch_size, len(atoms)))
+    cap = _with_graph(
+        Capacity.fit([len(a) for a in atoms], min(batch_size, len(atoms))), model, atoms
+    )
     batches = make_batches(atoms, labels, range(len(atoms)), cap, dtype)
     model = _as_trainable(model, dtype)
     model = model.prepare(Batch.from_atoms(atoms, dtype=dtype))
@@ -245,6 +248,13 @@ def evaluate(
     with_stress = weights.stress > 0 and any(lab.stress is not None for lab in labels)
     sums = [_eval_step(params, static, b, t, with_stress) for b, t in batches]
     return metrics_from_sums(_total(sums), weights)
+
+
+def _with_graph(cap: Capacity, model, atoms) -> Capacity:
+    """Neighbor lists on every batch for a model of the neighbor graph (see ``Capacity``)."""
+    if isinstance(model, GraphModel):
+        return cap.with_pairs(atoms, model.cutoff)
+    return cap
 
 
 def train(
@@ -378,6 +388,7 @@ clip_norm, plateau_factor, plateau_patience
     cap = Capacity.fit(sizes, min(int(batch_size), len(train_idx)), max_atoms)
     if val_idx:
         cap = Capacity.fit(sizes, cap.max_systems, cap.max_atoms)  # validation fits the same
+    cap = _with_graph(cap, model, atoms)
 
     original = model
     model = _as_trainable(model, dtype)
