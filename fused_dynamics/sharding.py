@@ -19,6 +19,9 @@ steps and keeps the same ``step_count`` as one device running the whole batch (h
 frequencies, docs/semantics.md §8). The compiled step holds no ``all-gather``
 (:func:`chunk_hlo` shows its HLO; ``tests/test_sharding.py`` checks it).
 
+Per-system parameters (a temperature per system, ...) are fitted to the flat batch's global
+slots and split over the devices with them; every other parameter is replicated.
+
 Global slots. Slot ``s`` of local batch ``d`` is global slot ``d * S/D + s``: :func:`unshard`
 concatenates the local batches into one flat batch of ``S`` slots and ``N`` atoms in that order
 (each device's padding atoms stay between its systems and the next device's), and
@@ -43,10 +46,9 @@ it writes only those to its sinks (so over all processes every graduate is writt
 and process 0 alone writes rejected systems and checkpoints.
 
 Not supported yet (``ValueError`` before compiling): neighbor-list models (a list per local
-batch would need its own capacity), per-system parameter arrays (one value per slot; give
-scalars) and ``differentiable=True``; on a mesh of several devices, hooks with host callbacks
-(``on_host``, :class:`~fused_dynamics.inflight.StageExitWriter` listeners): JAX runs ordered
-host callbacks on one device only.
+batch would need its own capacity) and ``differentiable=True``; on a mesh of several devices,
+hooks with host callbacks (``on_host``, :class:`~fused_dynamics.inflight.StageExitWriter`
+listeners): JAX runs ordered host callbacks on one device only.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ __all__ = [
     "devices_of",
     "gather",
     "is_sharded",
+    "per_slot_parameters",
     "run",
     "shard",
     "unshard",
@@ -260,20 +263,63 @@ def unshard(batch: Batch) -> Batch:
 
 
 # ============================================================================ programs
+def _per_slot(value, s: int) -> bool:
+    return value is not None and np.ndim(value) == 1 and np.shape(value)[0] == s
+
+
+def per_slot_parameters(fused, s: int) -> list:
+    """Getters (``f -> leaf``) of the per-system parameters of ``fused`` that hold
+    one value per slot of a batch of ``s`` slots: sub-stages' ``per_system_parameters`` and
+    those of their convergence criteria. A sharded run splits them over the devices with the
+    slots (global slot ``d * S/D + s``)."""
+    getters = []
+    for i, stage in enumerate(fused.stages):
+        for name in getattr(type(stage), "per_system_parameters", ()):
+            if _per_slot(getattr(stage, name), s):
+                getters.append(lambda f, i=i, n=name: getattr(f.stages[i], n))
+        criteria = getattr(stage.convergence_hook, "criteria", None) or ()
+        for j, crit in enumerate(criteria):
+            for name in getattr(type(crit), "per_system_parameters", ()):
+                if _per_slot(getattr(crit, name), s):
+                    getters.append(
+                        lambda f, i=i, j=j, n=name: getattr(
+                            f.stages[i].convergence_hook.criteria[j], n
+                        )
+                    )
+    return getters
+
+
 def _per_device(fn, mesh, fused, sharded: tuple, replicated: tuple):
     """``fn(fused, *local, *replicated)`` on every device of ``mesh`` (``jax.shard_map``);
-    the leaves of ``sharded`` and of the outputs carry the leading device axis."""
+    the leaves of ``sharded`` and of the outputs carry the leading device axis. Per-slot
+    parameters of ``fused`` (:func:`per_slot_parameters`) go with their slots."""
+    d, s_l = sharded[0].system_mask.shape
+    getters = per_slot_parameters(fused, d * s_l)
+    params = [jnp.reshape(g(fused), (d, s_l)) for g in getters]
+
+    def where(f):
+        return [g(f) for g in getters]
+
+    if getters:
+        fused = eqx.tree_at(where, fused, [jnp.zeros((), p.dtype) for p in params])
     dynamic, static = eqx.partition(fused, eqx.is_array)
 
-    def body(dynamic, sharded, replicated):
+    def body(dynamic, sharded, params, replicated):
         local = jax.tree_util.tree_map(lambda x: x[0], sharded)
-        out = fn(eqx.combine(dynamic, static), *local, *replicated)
+        f = eqx.combine(dynamic, static)
+        if getters:
+            f = eqx.tree_at(where, f, [p[0] for p in params])
+        out = fn(f, *local, *replicated)
         return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], out)
 
     program = jax.shard_map(
-        body, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P(AXIS), check_vma=False
+        body,
+        mesh=mesh,
+        in_specs=(P(), P(AXIS), P(AXIS), P()),
+        out_specs=P(AXIS),
+        check_vma=False,
     )
-    return program(dynamic, sharded, replicated)
+    return program(dynamic, sharded, params, replicated)
 
 
 def _steps(fused, batch, limit):
@@ -341,12 +387,14 @@ def chunk_hlo(fused, stacked: Batch, mesh, limit: int = 10) -> str:
 
 
 def prepare(fused, flat: Batch):
-    """Host-side checks and static choices of a sharded run, before compiling.
+    """Host-side checks and static choices of a sharded run, before compiling: the image
+    range for the cells, per-system parameters spread over the global slots of the flat batch
+    (they are split over the devices with the slots, :func:`per_slot_parameters`).
 
     Raises
     ------
     ValueError
-        A neighbor-list model or batch, or per-system parameter arrays.
+        A neighbor-list model or batch, or a per-system parameter of a bad length.
     """
     if flat.neighbors is not None or getattr(fused.model, "skin", None) is not None:
         raise ValueError(
@@ -355,12 +403,7 @@ def prepare(fused, flat: Batch):
     mask = np.asarray(flat.system_mask)
     fused.model.check_batch(flat)
     fitted = fused.prepare_for_cells(np.asarray(flat.cell)[mask], np.asarray(flat.pbc)[mask])
-    if fitted.fit_per_system(flat) is not fitted:
-        raise ValueError(
-            "mesh=: a sub-stage has per-system parameters (one value per system); sharded "
-            "runs take scalar parameters only (for now)."
-        )
-    return fitted
+    return fitted.fit_per_system(flat)
 
 
 def run(fused, batch: Batch, n_steps=None, *, mesh, resume: bool = False) -> Batch:

@@ -50,11 +50,13 @@ def systems(n: int, seed: int = 0) -> list:
     return out
 
 
-def fused_stage(md: str = "langevin", n_md: int = 12):
+def fused_stage(md: str = "langevin", n_md: int = 12, temperature=40.0):
     relax = fd.FIRE(LJ, convergence_hook=fd.ConvergenceHook.from_fmax(0.05), n_steps=40)
     if md == "nve":
         return relax + fd.NVE(LJ, dt=4.0, n_steps=n_md)
-    return relax + fd.NVTLangevin(LJ, dt=4.0, temperature=40.0, friction=0.02, seed=7, n_steps=n_md)
+    return relax + fd.NVTLangevin(
+        LJ, dt=4.0, temperature=temperature, friction=0.02, seed=7, n_steps=n_md
+    )
 
 
 def by_id(frames) -> dict:
@@ -115,8 +117,9 @@ def test_bad_mesh_and_unsupported_options_are_refused_before_compiling():
 
 
 def test_fixed_batch_sharded_equals_one_device_and_moves_no_atoms():
-    """4 devices: a FIRE -> Langevin fixed batch per system bit for bit as on one device; the
-    compiled step has no all-gather and its only collectives are scalar reductions."""
+    """4 devices: a FIRE -> Langevin fixed batch (a temperature per system) per system bit for
+    bit as on one device; the compiled step has no all-gather and its only collectives are
+    scalar reductions."""
     code = """
         import re
         import numpy as np
@@ -125,7 +128,8 @@ def test_fixed_batch_sharded_equals_one_device_and_moves_no_atoms():
         from fused_dynamics import sharding
         from tests.test_sharding import systems, fused_stage, assert_same_systems
         mesh = Mesh(np.array(jax.devices()), ("systems",))
-        fused = fused_stage()
+        # one temperature per system: per-system parameters go to the devices with the systems
+        fused = fused_stage(temperature=np.linspace(20.0, 90.0, 8))
         flat = fd.Batch.from_atoms(systems(8), max_atoms=8 * 16, max_systems=8)
         ref = fused.run(flat)
         out = fused.run(flat, mesh=mesh)
