@@ -32,8 +32,11 @@ network itself is untrained: every comparison here is of cost at equal size, nev
     transfers), not idle slots; slots freed early pay off only with refills (bench_inflight.py).
 
 Timing: every comparison in ONE process, interleaved rounds (A B A B ...), ``--repeat`` rounds;
-medians with min and max; compilation measured by a warm-up call and reported apart; the load
-average at the start and end of each section.
+medians with min and max; compilation measured by the first calls (first call minus a timed
+run) and reported apart; the load average at the start and end of each section. Both codes size
+their neighbor list before the timing (the untrained models compress the crystals): ours by a
+first run whose grown list the timed runs start from, JAX-MD's by allocating 25 % more pairs
+until its chain no longer overflows.
 
 Run: ``.venv/bin/python benchmarks/bench_models.py [--quick]`` -> ``results/models.json``
 (``--quick``: ``results/models_quick.json``: fewer steps, no large NequIP).
