@@ -12,9 +12,14 @@ pytest.importorskip("ipykernel")
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_notebooks_are_there():
+def test_the_four_notebooks_are_there():
     names = [p.name for p in NOTEBOOKS]
-    assert names == ["01_quickstart.ipynb", "02_inflight_screening.ipynb", "03_ensembles.ipynb"]
+    assert names == [
+        "01_quickstart.ipynb",
+        "02_inflight_screening.ipynb",
+        "03_ensembles.ipynb",
+        "04_machine_learned_potential.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
