@@ -11,10 +11,14 @@ from . import (
     inflight,
     models,
     observables,
+    pipeline,
     provenance,
+    reference_data,
     sampling,
     segment,
+    sharding,
     status,
+    training,
 )
 from .batch import Batch, default_float
 from .convergence import ConvergenceHook, Criterion
@@ -42,7 +46,9 @@ from .hooks import (
 from .inflight import RunStats
 from .models import ModelOutput, NeighborList, NeighborListHook
 from .observables import initialize_velocities, kinetic_energy, temperature
+from .pipeline import DistributedPipeline
 from .sampling import SizeAwareSampler
+from .sharding import ShardedRun, shard, unshard
 from .sinks import ExtXYZSink, HostMemory, ZarrSink, read_zarr
 from .stages import (
     FIRE,
@@ -120,4 +126,12 @@ __all__ = [
     "TrainResult",
     "save_model",
     "load_model",
+    "training",
+    "reference_data",
+    "pipeline",
+    "sharding",
+    "DistributedPipeline",
+    "ShardedRun",
+    "shard",
+    "unshard",
 ]
