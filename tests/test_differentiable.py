@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import ase.cluster
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,8 @@ import pytest
 
 import fused_dynamics as fd
 from fused_dynamics import loop
+from fused_dynamics.models import EAM, NequIP
+from fused_dynamics.reference_data import write_analytic_eam
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "differentiable.md"
 
@@ -135,3 +138,58 @@ def test_the_fitting_example_of_the_page_recovers_epsilon(capsys):
     # 60 Adam steps of 0.02 in log ε from 0.0104: within 1 % of the 0.0120 that made the target
     assert abs(fitted / 0.0120 - 1) < 0.01, fitted
     assert "fitted epsilon" in capsys.readouterr().out
+
+
+def _copper_cluster():
+    atoms = ase.cluster.Icosahedron("Cu", 2)
+    atoms.rattle(0.05, seed=2)
+    atoms.numbers[::3] = 28  # Cu/Ni
+    return fd.Batch.from_atoms([atoms], dtype=jnp.float64)
+
+
+def _through_run(model, batch):
+    """Total energy after 20 FIRE steps (budget) and 30 NVE steps of 1 fs."""
+    fused = fd.FIRE(model, n_steps=20) + fd.NVE(model, dt=1.0)
+    final = fused.run(batch, n_steps=50, differentiable=True)
+    return final.energy[0] + fd.kinetic_energy(final)[0]
+
+
+@pytest.mark.slow
+def test_grad_wrt_a_network_weight_and_an_eam_table_matches_finite_differences(tmp_path):
+    """d(observable)/d(one parameter) through the 50-step FIRE -> NVE run, for a NequIP weight
+    and the scale of an EAM embedding table, equals central differences to 1e-5 relative."""
+    batch = _copper_cluster()
+    network = NequIP(
+        ("Cu", "Ni"),
+        cutoff=4.0,
+        n_layers=1,
+        features="4x0e+2x1o",
+        l_max=1,
+        n_radial=4,
+        radial_width=8,
+        key=jax.random.key(3),
+    )
+    eam = EAM.from_file(write_analytic_eam(tmp_path / "CuNi.eam.alloy"))
+    cases = [  # (name, model, the leaf, how a scalar changes it, the scalar's value)
+        (
+            "network readout weight",
+            network,
+            lambda m: m.readout.weights[0],
+            lambda leaf, v: leaf.at[0, 0].set(v),
+            float(network.readout.weights[0][0, 0]),
+        ),
+        # the embedding function F(ρ) scaled as a whole: every atom's ρ reads some interval
+        ("EAM embedding scale", eam, lambda m: m.embedding, lambda leaf, v: leaf * v, 1.0),
+    ]
+    for name, model, where, change, x0 in cases:
+
+        def observable(value, model=model, where=where, change=change):
+            return _through_run(eqx.tree_at(where, model, change(where(model), value)), batch)
+
+        g = jax.grad(observable)(x0)
+        f = jax.jit(observable)
+        h = 1e-6 * max(abs(x0), 1.0)
+        fd_g = (f(x0 + h) - f(x0 - h)) / (2 * h)
+        print(f"{name}: grad {float(g):.10g}, central difference {float(fd_g):.10g}")
+        assert abs(float(g)) > 1e-8, f"{name}: the observable depends on it"
+        np.testing.assert_allclose(g, fd_g, rtol=RTOL, err_msg=name)
