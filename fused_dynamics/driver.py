@@ -80,9 +80,10 @@ def run(
         ``jax.grad`` (``n_steps`` required; fixed batch only). Gradients may be taken with
         respect to the model's parameters, the stages' parameters and the batch's arrays.
     checkpoints : int, optional
-        ``differentiable=True``: number of step states the reverse pass stores (default about
-        ``log2(n_steps)``); the others are recomputed, so memory stays ``O(checkpoints)``
-        batches for any ``n_steps`` (online treeverse checkpointing; ``loop.run_steps``).
+        ``differentiable=True``: number of step states the reverse pass stores (default
+        Equinox's, about ``sqrt(2 n_steps)``); the others are recomputed, so memory stays
+        ``O(checkpoints)`` batches for any ``n_steps`` (online treeverse checkpointing;
+        ``loop.run_steps``).
     dtype : float dtype, optional
         Inflight mode: dtype of the batch built from the sampler.
     listeners : sequence of StageExitWriter

@@ -35,7 +35,7 @@ def run_steps(
         Static bound for a reverse-differentiable (checkpointed) loop.
     checkpoints : int, optional
         With ``max_steps``: how many states the reverse pass stores (default: Equinox's
-        choice, about ``log2(max_steps)``). The rest are recomputed (online treeverse
+        choice, about ``sqrt(2 max_steps)``). The rest are recomputed (online treeverse
         checkpointing, Stumm & Walther, SIAM J. Sci. Comput. 32, 836 (2010)), so memory is
         ``O(checkpoints)`` states, not ``O(max_steps)``.
     axis_name : str, optional

@@ -106,3 +106,19 @@ def test_a_trained_model_file_restores_the_saved_model(tmp_path):
     model = build_model(cfg)
     batch = fd.Batch.from_atoms([_alloy(2)], dtype=jnp.float64)
     np.testing.assert_array_equal(np.asarray(model(batch).energy), np.asarray(lj(batch).energy))
+
+
+def test_a_trained_file_of_a_model_with_a_species_tuple_lists_its_elements(tmp_path):
+    """Species stored as a tuple field (pairs models, EAM) are decoded from the header: the
+    check names the elements, and a missing one exits 2 naming model.file."""
+    lj = fd.models.LennardJones.from_pairs(
+        {"Cu": (2.3, 0.4), "Ni": (2.25, 0.45), ("Cu", "Ni"): (2.27, 0.42)}, cutoff=5.0
+    )
+    path = tmp_path / "pairs.model"
+    fd.save_model(path, lj)
+    job = _job(tmp_path, f'type = "trained"\nfile = "{path}"', [_alloy(3)])
+    cfg, _ = load_config(job)
+    line = check_structure_species(cfg, [_alloy(3)])
+    assert "Cu" in line and "Ni" in line, line
+    with pytest.raises(ConfigError, match="model.file"):
+        check_structure_species(cfg, [_alloy(3, ("Cu", "Fe"))])

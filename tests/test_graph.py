@@ -189,3 +189,16 @@ def test_host_neighbor_list_equals_the_cell_list(half):
     assert not bool(host.must_rebuild(batch))
     with pytest.raises(ValueError, match="capacity"):
         host_neighbor_list(batch, CUTOFF, capacity=3, half=half)
+
+
+def test_a_graph_model_never_uses_a_stale_neighbor_list():
+    """A list built before an atom moved 1.3 Å is rebuilt by the graph (as a pair potential's
+    list is), so the energy equals the dense graph's, not the stale pairs' sum."""
+    atoms = _structures()[:1]
+    batch = fd.Batch.from_atoms(atoms, dtype=jnp.float64)
+    listed = batch.replace(neighbors=NeighborList.allocate(batch, CUTOFF, 0.3, half=False))
+    moved = batch.positions.at[0].add(jnp.asarray([1.3, 0.0, 0.0]))
+    model = _GraphLJ(CUTOFF, epsilon=0.0104, sigma=3.4)
+    dense = model(batch.replace(positions=moved)).energy
+    stale = model(listed.replace(positions=moved)).energy
+    np.testing.assert_allclose(stale, dense, rtol=1e-12)

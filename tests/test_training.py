@@ -292,6 +292,14 @@ def test_unsavable_model_names_the_class(tmp_path):
     (tmp_path / "junk.eqx").write_text("not a model\n")
     with pytest.raises(ValueError, match="not a fused_dynamics model file"):
         load_model(tmp_path / "junk.eqx")
+    # train() refuses it before the first epoch, not after the last one
+    with pytest.raises(TypeError, match="Unsavable"):
+        fd.train(model, [], output_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    # a class of the script being run cannot be imported back by another program
+    main_class = type("Script", (LennardJones,), {"__module__": "__main__"})
+    with pytest.raises(TypeError, match="__main__"):
+        save_model(tmp_path / "s.eqx", main_class(sigma=1.0, epsilon=1.0, cutoff=3.0))
 
 
 def test_trains_a_custom_model_and_writes_outputs(tmp_path, lj_data):

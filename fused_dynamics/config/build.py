@@ -7,8 +7,9 @@ import dataclasses
 from typing import Any
 
 import jax
+import numpy as np
 from ase.calculators.eam import EAM as AseEAM
-from ase.data import chemical_symbols
+from ase.data import atomic_numbers, chemical_symbols
 
 from ..convergence import ConvergenceHook
 from ..fused import FusedStage
@@ -17,6 +18,7 @@ from ..models import EAM, LennardJones, Morse, SoftSphere
 from ..observables import initialize_velocities
 from ..stages import FIRE, FIRE2, NPH, NPT, NVE, GradientDescent, NVTLangevin, NVTNoseHoover
 from ..training import load_model, read_header
+from ..training.serialization import decode_header_value
 from .base import ConfigError
 from .schema import RunConfig, entry_temperature
 
@@ -101,10 +103,18 @@ def file_model_elements(m) -> list[str] | None:
         message = f"model.file: cannot read {m.file!r} as a {m.type} model: {exc}"
         raise ConfigError(message) from None
     values = header.get("hyperparameters") or {}
-    species = values.get("species")
+    species = decode_header_value(values.get("species"))
     if species is None:
         return None
-    return [chemical_symbols[z] if isinstance(z, int) else str(z) for z in species]
+    out = []
+    for z in np.asarray(species).reshape(-1).tolist():
+        if isinstance(z, int) and 0 < z < len(chemical_symbols):
+            out.append(chemical_symbols[z])
+        elif isinstance(z, str) and z in atomic_numbers:
+            out.append(z)
+        else:
+            raise ConfigError(f"model.file: {m.file!r} lists an unknown species {z!r}")
+    return out
 
 
 def _file_model(m):

@@ -24,7 +24,9 @@ Two sources give the same edges (the dense one is the reference, see ``tests/tes
   images is marked in ``Graph.invalid`` and its system fails with ``CELL_TOO_SMALL``.
 * **neighbor list** (``batch.neighbors`` is a
   :class:`~fused_dynamics.models.neighbors.NeighborList` with ``cutoff >= model.cutoff``): its
-  pairs (a half list is expanded to both directions), ``E = P`` (or ``2 P``). An overflowed list
+  pairs (a half list is expanded to both directions), ``E = P`` (or ``2 P``), after
+  :meth:`~fused_dynamics.models.neighbors.NeighborList.update` (rebuilt if atoms moved beyond
+  its skin since it was built). An overflowed list
   marks every system invalid: its energy, forces and stress are NaN until the run regrows it.
 
 Only edges shorter than the model's cutoff have ``mask == True``.
@@ -150,7 +152,10 @@ def neighbor_graph(batch: Batch, cutoff: float, images=None) -> Graph:
                 f"{cutoff} Å; allocate the list with the model's cutoff "
                 "(NeighborList.allocate(batch, cutoff, skin, half=False))."
             )
-        return _list_graph(batch, nl, cutoff)
+        # refreshed like a pair potential's list (auto_refresh): a list built for other
+        # positions is rebuilt here (one O(N) check when it is still valid, as in a run whose
+        # NeighborListHook refreshed it just before), never used stale
+        return _list_graph(batch, nl.update(batch), cutoff)
     return _dense_graph(batch, cutoff, (1, 1, 1) if images is None else tuple(images))
 
 

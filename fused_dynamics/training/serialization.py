@@ -33,7 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["save_model", "load_model", "read_header", "atomic_write"]
+__all__ = [
+    "save_model",
+    "load_model",
+    "read_header",
+    "atomic_write",
+    "decode_header_value",
+    "check_savable",
+]
 
 FORMAT, VERSION = "fused_dynamics.model", 1
 
@@ -123,6 +130,16 @@ def _import_class(path: str) -> type:
     return obj
 
 
+def check_savable(model) -> None:
+    """Raise the TypeError :func:`save_model` would raise for ``model`` (nothing is written)."""
+    _header(model)
+
+
+def decode_header_value(value: Any) -> Any:
+    """A value of a header's ``hyperparameters`` as the model had it (tuples, arrays)."""
+    return _decode(value)
+
+
 def _header(model) -> dict:
     cls = type(model)
     name = cls.__qualname__
@@ -130,6 +147,11 @@ def _header(model) -> dict:
         raise TypeError(
             f"cannot save a {name}: a class defined inside a function cannot be imported back; "
             "define it at module level."
+        )
+    if cls.__module__ == "__main__":
+        raise TypeError(
+            f"cannot save a {name}: it is defined in the script being run (__main__), which "
+            "another program cannot import; define the class in an importable module."
         )
     if callable(getattr(model, "hyperparameters", None)):
         hp = model.hyperparameters()

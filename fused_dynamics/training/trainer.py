@@ -24,6 +24,7 @@ from ..models.graph import GraphModel
 from .data import Capacity, Labels, make_batches, read_labels, read_structures
 from .loss import SUM_KEYS, LossWeights, batch_loss, error_sums, metrics_from_sums
 from .outputs import OUTPUT_FILES, plan_outputs, write_outputs
+from .serialization import check_savable
 
 __all__ = ["TrainResult", "train", "evaluate", "make_optimizer", "OUTPUT_FILES"]
 
@@ -352,6 +353,8 @@ clip_norm, plateau_factor, plateau_patience
     FileExistsError
         An output file exists and not ``overwrite``.
     """
+    if output_dir is not None:
+        check_savable(model)  # before reading data or training, not after the last epoch
     weights = LossWeights.of(weights)
     dtype = _check_dtype(dtype)
     if int(epochs) < 1:
