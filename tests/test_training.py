@@ -462,3 +462,26 @@ def test_cli_train_bad_config_exits_2_naming_the_key(tmp_path, change, key):
     res = CliRunner().invoke(app, ["train", str(cfg)])
     assert res.exit_code == 2, res.output
     assert key in res.output, res.output
+
+
+def test_a_pair_potential_on_neighbor_lists_trains_like_the_dense_one():
+    """``with_neighbors`` models train on host-built lists (the trainer's batches are not the
+    user's to attach lists to): the same losses and parameters as the dense path to float64
+    rounding (the same pair terms summed in another order)."""
+    ref = LennardJones(sigma=2.5, epsilon=0.5, cutoff=5.0)
+    data = []
+    for k in range(8):
+        atoms = bulk("Ar", "fcc", a=3.6, cubic=True) * (2, 1, 1)
+        atoms.rattle(0.05, seed=k)
+        out = ref(fd.Batch.from_atoms([atoms], dtype=jnp.float64))
+        atoms.calc = SinglePointCalculator(
+            atoms, energy=float(out.energy[0]), forces=np.asarray(out.forces)[: len(atoms)]
+        )
+        data.append(atoms)
+    start = LennardJones(sigma=2.4, epsilon=0.45, cutoff=5.0)
+    kw = dict(epochs=3, batch_size=4, validation_fraction=0, progress=False, seed=0)
+    dense = fd.train(start, data, **kw)
+    listed = fd.train(start.with_neighbors(skin=0.5), data, **kw)
+    for a, b in zip(dense.history, listed.history, strict=True):
+        np.testing.assert_allclose(b["train"]["loss"], a["train"]["loss"], rtol=1e-12)
+    np.testing.assert_allclose(float(listed.model.sigma), float(dense.model.sigma), rtol=1e-12)

@@ -252,8 +252,9 @@ def evaluate(
 
 
 def _with_graph(cap: Capacity, model, atoms) -> Capacity:
-    """Neighbor lists on every batch for a model of the neighbor graph (see ``Capacity``)."""
-    if isinstance(model, GraphModel):
+    """Neighbor lists on every batch for a model of the neighbor graph, or a pair potential
+    configured for neighbor lists (``with_neighbors``), see ``Capacity``."""
+    if isinstance(model, GraphModel) or getattr(model, "skin", None) is not None:
         return cap.with_pairs(atoms, model.cutoff)
     return cap
 
