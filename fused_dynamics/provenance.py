@@ -19,9 +19,17 @@ calculator results ``energy``, ``forces``, ``stress``, ...) are kept under the p
 and an input ``info["system_id"]`` becomes ``info["input_system_id"]``. Nothing of the input is
 dropped.
 
-Exit reasons are written with their names: :func:`name_exit_reason` adds
+Values the run did not change are written exactly as read, whatever the run's dtype: a float32
+run computes with the masses and cell rounded to float32, and :func:`copy_provenance` puts the
+input's own values back where the output holds the input's value or its float32 rounding
+(masses; the cell of a fixed-cell run; see :func:`restore_unchanged`). Atomic numbers and pbc
+are integers and booleans and never rounded.
+
+Exit reasons and statuses are written with their names: :func:`name_exit_reason` adds
 ``exit_reason_name`` (``"converged"``, ``"budget"``, ``"failed"``, ...) next to the integer
-``exit_reason``. :data:`UNITS` and :func:`exit_reason_legend` describe the numbers of an output.
+``exit_reason`` and ``status_name`` (``"graduated"``, ``"stage_<k>"``) next to ``status``.
+:data:`UNITS`, :func:`exit_reason_legend` and :func:`output_legend` describe the numbers of an
+output; the names come from :mod:`fused_dynamics.status` (one table).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import os
 import ase
 import numpy as np
 
-from .status import LEGEND, exit_reason_name
+from .status import LEGEND, exit_reason_name, status_name
 
 __all__ = [
     "ENGINE_ARRAY_KEYS",
@@ -41,7 +49,9 @@ __all__ = [
     "copy_provenance",
     "exit_reason_legend",
     "name_exit_reason",
+    "output_legend",
     "package_version",
+    "restore_unchanged",
 ]
 
 INPUT_PREFIX = "input_"
@@ -54,6 +64,7 @@ ENGINE_INFO_KEYS = frozenset(
         "status",
         "exit_reason",
         "exit_reason_name",
+        "status_name",
         "stage_steps",
         "failure",
         "failure_step",
@@ -67,6 +78,7 @@ ENGINE_INFO_KEYS = frozenset(
         "fused_dynamics_version",
         "run_config",
         "exit_reason_legend",
+        "legend",
         # calculator results and the extxyz writer's own keys
         "energy",
         "free_energy",
@@ -112,16 +124,65 @@ def exit_reason_legend() -> dict[int, str]:
     return dict(LEGEND["exit_reason"])
 
 
-def name_exit_reason(atoms: ase.Atoms) -> ase.Atoms:
-    """Add ``info["exit_reason_name"]`` for the integer ``info["exit_reason"]`` (in place).
+def output_legend() -> dict:
+    """Every name an output uses for a code, from :data:`fused_dynamics.status.LEGEND`.
 
-    Returns ``atoms``. Unknown codes are named ``"unknown_<code>"``; atoms without an
-    ``exit_reason`` are left as they are.
+    ``{"exit_reason": {code: name}, "failure": {bit: name}, "status": {name: meaning}}``
+    with string keys (JSON and zarr attributes).
     """
-    code = atoms.info.get("exit_reason")
+    return {kind: {str(k): v for k, v in table.items()} for kind, table in LEGEND.items()}
+
+
+def name_exit_reason(atoms: ase.Atoms) -> ase.Atoms:
+    """Add the names of the integer codes of ``atoms.info`` next to them (in place).
+
+    ``exit_reason_name`` for ``exit_reason`` and ``status_name`` for ``status``
+    (:func:`~fused_dynamics.status.status_name`, the number of sub-stages taken from
+    ``stage_steps``). Returns ``atoms``. Unknown codes are named ``"unknown_<code>"``; codes
+    that are absent are left out.
+    """
+    info = atoms.info
+    code = info.get("exit_reason")
     if code is not None:
-        atoms.info["exit_reason_name"] = exit_reason_name(code)
+        info["exit_reason_name"] = exit_reason_name(code)
+    if info.get("status") is not None:
+        steps = info.get("stage_steps")
+        info["status_name"] = status_name(info["status"], None if steps is None else len(steps))
     return atoms
+
+
+def _same_or_rounded(value: np.ndarray, original: np.ndarray) -> bool:
+    """``value`` is ``original`` itself or ``original`` after a float32 round trip."""
+    value = np.asarray(value, np.float64)
+    original = np.asarray(original, np.float64)
+    if value.shape != original.shape:
+        return False
+    return np.array_equal(value, original) or np.array_equal(
+        value, original.astype(np.float32).astype(np.float64)
+    )
+
+
+def restore_unchanged(source: ase.Atoms, target: ase.Atoms) -> ase.Atoms:
+    """Put the input's masses and cell back on an output where the run did not change them.
+
+    A float32 run holds ``float32(value)``; written as float64 that is ``39.94800186`` for a
+    mass of ``39.948``. Where the output's masses (its cell) equal the input's, or the input's
+    after a float32 round trip, the input's own float64 values are written instead: exact for
+    every run with a fixed cell. A cell a variable-cell stage moved differs from the input by
+    far more than a float32 rounding and is kept as computed. Modifies ``target`` in place
+    and returns it.
+    """
+    if len(source) != len(target) or not len(target):
+        return target
+    if _same_or_rounded(target.get_masses(), source.get_masses()):
+        target.set_masses(np.array(source.get_masses(), np.float64, copy=True))
+    if _same_or_rounded(target.cell.array, source.cell.array):
+        cell = np.array(source.cell.array, np.float64, copy=True)
+        target.set_cell(cell)
+        calc_atoms = getattr(target.calc, "atoms", None)
+        if calc_atoms is not None:  # the results stay those of this structure (ASE's check_state)
+            calc_atoms.set_cell(cell)
+    return target
 
 
 def _free_key(key: str, taken) -> str:
@@ -171,7 +232,8 @@ def copy_provenance(
     -----
     Keys of the target are never overwritten: an input key that the target already holds, or
     that the engine writes (:data:`ENGINE_INFO_KEYS`, calculator results), is stored under
-    ``input_<key>``. Values are copied (arrays are not shared with the input).
+    ``input_<key>``. Values are copied (arrays are not shared with the input). Masses and the
+    cell the run did not change are the input's own values (:func:`restore_unchanged`).
     """
     n = len(target)
     if len(source) != n:
@@ -202,4 +264,4 @@ def copy_provenance(
         info["source_file"] = os.fspath(source_file)
     if system_id is not None:
         info["system_id"] = int(system_id)
-    return target
+    return restore_unchanged(source, target)

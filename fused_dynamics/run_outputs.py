@@ -8,6 +8,11 @@ output holds, by ``system_id``, are skipped) or kept (a report file on resume).
 :func:`open_sink` opens the sink of one planned output; :class:`TeeSink` writes every system to
 each output, never cut by Ctrl-C or SIGTERM, and tells a resumed run which systems every output
 holds already (:meth:`TeeSink.system_ids`).
+
+An output in input order (``OutputPlan.order == "input"``, from ``outputs[i].order`` when the
+configuration has that key) keeps the systems that finished early in ``<path>.pending``
+(:mod:`fused_dynamics.outputs.order`): the plan treats that side file as part of the output
+(refused, overwritten or resumed with it) and counts its systems as held.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import ase.io
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, output_format
 from .interrupts import INTERRUPTS
+from .outputs.order import pending_path
 from .sinks import (
     ExtXYZSink,
     ZarrSink,
@@ -85,6 +91,13 @@ class TeeSink:
         """Systems every output holds (those held before a resumed run included)."""
         return len(set.intersection(*self.written)) if self.written else 0
 
+    def finish(self) -> None:
+        """Write what outputs in input order still hold back (a run that ended), in order."""
+        with INTERRUPTS.deferred():
+            for s in self.sinks:
+                if hasattr(s, "finish"):
+                    s.finish()
+
     def close(self) -> None:
         for s in self.sinks:
             s.close()
@@ -125,6 +138,9 @@ class OutputPlan:
         For ``stages[i].write``: i.
     header : dict or None
         A checkpoint being resumed: its header (``step_count``, ...).
+    order : {"completion", "input"}
+        The order systems are written in (``outputs[i].order``); ``"input"`` keeps the
+        systems that finished early in ``<path>.pending``.
     """
 
     key: str
@@ -137,16 +153,27 @@ class OutputPlan:
     capacity: int | None = None
     stage: int | None = None
     header: dict | None = None
+    order: str = "completion"
+
+    def exists(self) -> bool:
+        """The output is there: its path, or (input order) its side file of waiting systems."""
+        if self.path.exists() or self.path.is_symlink():
+            return True
+        return self.order == "input" and os.path.lexists(pending_path(self.path))
 
 
 def _existing_ids(p: OutputPlan) -> None:
     """Fill ``p.written`` (and the extxyz byte counts) from an existing output."""
     where = f"{p.key}: cannot resume {os.fspath(p.path)!r}"
+    side = pending_path(p.path)
     try:
-        if p.kind == "zarr":
+        ids = []
+        if p.path.exists() and p.kind == "zarr":
             ids = zarr_ids(p.path)
-        else:
+        elif p.path.exists():
             ids, p.complete, p.size = read_extxyz_ids(p.path)
+        if p.order == "input" and os.path.exists(side):  # systems waiting for earlier ones
+            ids = ids + (zarr_ids(side) if p.kind == "zarr" else read_extxyz_ids(side)[0])
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
     missing = [k for k, i in enumerate(ids) if i is None]
@@ -167,8 +194,8 @@ def _plan_one(p: OutputPlan, overwrite: bool, resume: bool) -> None:
             f"{where} is an existing directory; a directory is never deleted or replaced by an "
             "output, even with --overwrite: give a file path"
         )
-    if path.exists() or path.is_symlink():
-        if directory_kind and not path.is_dir():
+    if p.exists():
+        if directory_kind and path.exists() and not path.is_dir():
             raise ConfigError(f"{where} exists and is not a zarr store (a directory)")
         if p.kind in ("plot", "record"):
             if resume:
@@ -228,7 +255,11 @@ def plan_outputs(
     base_dir = Path(base_dir)
     plans = [
         OutputPlan(
-            f"outputs[{i}].path", _output_path(o.path, base_dir), o.type, capacity=o.capacity
+            f"outputs[{i}].path",
+            _output_path(o.path, base_dir),
+            o.type,
+            capacity=o.capacity,
+            order=getattr(o, "order", "completion"),
         )
         for i, o in enumerate(cfg.outputs)
     ]
@@ -355,8 +386,12 @@ def _metadata(cfg: RunConfig) -> dict:
     }
 
 
-def open_sink(p: OutputPlan, cfg: RunConfig, echo):
-    """The sink of one planned output (an incomplete extxyz tail is moved aside first)."""
+def open_sink(p: OutputPlan, cfg: RunConfig, echo, *, input_ids=None):
+    """The sink of one planned output (an incomplete extxyz tail is moved aside first).
+
+    ``input_ids`` (the sampler's ``ids``) is what an output in input order (``p.order``)
+    orders its systems by; it is required then (ConfigError naming the key otherwise).
+    """
     if p.action == "resume" and p.kind == "extxyz" and p.complete < p.size:
         side = set_aside_tail(p.path, p.complete)
         echo(
@@ -365,7 +400,8 @@ def open_sink(p: OutputPlan, cfg: RunConfig, echo):
         )
     mode = {"new": "x", "overwrite": "w", "resume": "a"}[p.action]
     cls = ExtXYZSink if p.kind == "extxyz" else ZarrSink
+    order = {} if p.order == "completion" else {"order": p.order, "input_ids": input_ids}
     try:
-        return cls(p.path, capacity=p.capacity, mode=mode, metadata=_metadata(cfg))
+        return cls(p.path, capacity=p.capacity, mode=mode, metadata=_metadata(cfg), **order)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{p.key}: cannot write {os.fspath(p.path)!r}: {exc}") from exc

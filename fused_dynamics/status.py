@@ -5,7 +5,8 @@
 every quantity that was non-finite or out of bounds when the fault was found, and
 ``batch.info["failure_step"]``, the number of steps that system had taken in the run at that
 moment (0: the evaluation that started the run). Outputs carry the names
-(:func:`exit_reason_name`, :func:`failure_names`) next to the codes.
+(:func:`exit_reason_name`, :func:`status_name`, :func:`failure_names`) next to the codes, and
+:data:`LEGEND` (the one table of every name) in their metadata.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "exit_reason_name",
     "failure_names",
     "fresh_info",
+    "status_name",
     "LEGEND",
 ]
 
@@ -79,10 +81,32 @@ def failure_names(code: int) -> str:
     return ",".join(f.name.lower() for f in Failure if f and code & f)
 
 
-#: The legend written into output metadata: code -> name for exit reasons and failure bits.
+def status_name(code: int, num_sub_stages: int | None = None) -> str:
+    """Name of a status code (docs/semantics.md §1-§2) of a fused stage of ``num_sub_stages``.
+
+    ``"stage_<k>"`` for a system in sub-stage ``k`` (``0 <= k < num_sub_stages``) and
+    ``"graduated"`` at the default exit status ``num_sub_stages`` (the system left the run:
+    every written system of a run has it, whatever its exit reason). Without
+    ``num_sub_stages`` (a frame without ``stage_steps``) only ``"stage_<k>"`` can be said;
+    negative codes are ``"unknown_<code>"``.
+    """
+    code = int(code)
+    if code < 0 or (num_sub_stages is not None and code > num_sub_stages):
+        return f"unknown_{code}"
+    if num_sub_stages is not None and code == num_sub_stages:
+        return "graduated"
+    return f"stage_{code}"
+
+
+#: The legend written into output metadata: code -> name for exit reasons and failure bits, and
+#: how status codes are named (:func:`status_name`).
 LEGEND = {
     "exit_reason": {int(r): r.name.lower() for r in ExitReason},
     "failure": {int(f): f.name.lower() for f in Failure if f},
+    "status": {
+        "stage_<k>": "status k < number of sub-stages: in sub-stage k",
+        "graduated": "status = number of sub-stages (len(stage_steps)): left the run",
+    },
 }
 
 

@@ -4,7 +4,10 @@ Every record is written whole and flushed before ``write`` returns, so a crash l
 not yet written, and :func:`read_extxyz_ids` ignores a frame cut short by a kill
 (:func:`set_aside_tail` moves it aside). Every frame carries ``units`` and
 ``fused_dynamics_version``; the first frame a sink writes also carries the
-``exit_reason_legend`` and whatever ``metadata`` it was given.
+``exit_reason_legend``, the ``legend`` of every code's name (JSON,
+:func:`~fused_dynamics.provenance.output_legend`) and whatever ``metadata`` it was given.
+Frames go in completion order, or in input order (``order="input"``, see
+:mod:`fused_dynamics.outputs.order`).
 """
 
 from __future__ import annotations
@@ -16,10 +19,17 @@ import os
 import ase
 import ase.io
 
-from ..provenance import UNITS, exit_reason_legend, name_exit_reason, package_version
+from ..provenance import (
+    UNITS,
+    exit_reason_legend,
+    name_exit_reason,
+    output_legend,
+    package_version,
+)
 from .common import _check_mode, _jsonable
+from .order import InputOrder, check_order
 
-__all__ = ["ExtXYZSink", "read_extxyz_ids", "set_aside_tail"]
+__all__ = ["ExtXYZSink", "read_extxyz_frames", "read_extxyz_ids", "set_aside_tail"]
 
 _UNITS_TEXT = ", ".join(f"{k}: {v}" for k, v in UNITS.items())
 
@@ -59,6 +69,13 @@ class ExtXYZSink:
     metadata : dict of str, optional
         Keys written into the comment line of the first frame this sink writes (for example
         the run configuration as JSON).
+    order : {"completion", "input"}, default "completion"
+        ``"completion"``: frames in the order the systems leave the run. ``"input"``: in the
+        order of ``input_ids``; a system that finishes early waits in ``<path>.pending`` until
+        every system before it is written (see :mod:`fused_dynamics.outputs.order`).
+    input_ids : sequence of int, optional
+        Required with ``order="input"``: the ``system_id`` of every input structure in input
+        order (a sampler's ``ids``).
 
     Notes
     -----
@@ -70,9 +87,10 @@ class ExtXYZSink:
     Raises
     ------
     ValueError
-        The folder does not exist or cannot be written, or a bad mode.
+        The folder does not exist or cannot be written, a bad mode or order, or
+        ``order="input"`` without ``input_ids``.
     FileExistsError, IsADirectoryError
-        See ``mode``.
+        See ``mode`` (with ``order="input"``, ``<path>.pending`` too).
     """
 
     def __init__(
@@ -82,11 +100,15 @@ class ExtXYZSink:
         *,
         mode: str = "x",
         metadata: dict | None = None,
+        order: str = "completion",
+        input_ids=None,
     ):
         self.path = os.fspath(path)
         self.capacity = capacity
         self.count = 0
         self.mode = mode
+        self.order = order
+        check_order("ExtXYZSink", order, input_ids)
         _check_mode("ExtXYZSink", self.path, mode)
         if os.path.isdir(self.path):
             raise IsADirectoryError(
@@ -96,13 +118,29 @@ class ExtXYZSink:
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
             raise ValueError(f"ExtXYZSink: cannot write to {self.path!r} (no such folder).")
-        if mode == "a" and not os.path.isfile(self.path):
+        # an output in input order whose first systems never came has only its side file
+        only_side = order == "input" and os.path.isfile(self.path + ".pending")
+        if mode == "a" and not os.path.isfile(self.path) and not only_side:
             raise ValueError(f"ExtXYZSink: mode 'a' appends to a file, and {self.path!r} is none.")
         # the file is created (x) or replaced (w) by the first write: a reader never sees an
         # empty file, and an existing one is kept until there is something to put in its place
         self._open_mode = {"x": "x", "a": "a", "w": "w"}[mode]
+        if mode == "a" and not os.path.isfile(self.path):
+            self._open_mode = "x"
+        self._order = None
+        if order == "input":
+            self._order = InputOrder(
+                "ExtXYZSink",
+                self.path,
+                input_ids,
+                self._file_ids() if mode == "a" else (),
+                mode=mode,
+                open_side=lambda side, m: ExtXYZSink(side, mode=m),
+                read_side=_read_side,
+            )
         self.header = {
             "exit_reason_legend": " ".join(f"{k}={v}" for k, v in exit_reason_legend().items()),
+            "legend": json.dumps(output_legend()),
             **{
                 k: v if isinstance(v, str) else json.dumps(_jsonable(v))
                 for k, v in (metadata or {}).items()
@@ -110,13 +148,30 @@ class ExtXYZSink:
         }
 
     def has_room(self, n: int = 1) -> bool:
-        return self.capacity is None or self.count + n <= self.capacity
+        return self.capacity is None or len(self) + n <= self.capacity
 
     def write(self, atoms_list: list[ase.Atoms]) -> None:
+        """Write ``atoms_list`` (in input order: what is due now; the rest waits on disk)."""
         if not self.has_room(len(atoms_list)):
-            raise RuntimeError(f"ExtXYZSink {self.path!r} is full ({self.count}).")
+            raise RuntimeError(f"ExtXYZSink {self.path!r} is full ({len(self)}).")
         if not atoms_list:
             return
+        if self._order is None:
+            self._write_now(atoms_list)
+            return
+        ready = self._order.take(list(atoms_list))
+        if ready:
+            self._write_now(ready)
+            self._order.written_out(ready)
+
+    def finish(self) -> None:
+        """Write the systems still waiting (input order) now, in input order, gaps and all."""
+        if self._order is not None and len(self._order):
+            rest = self._order.rest()
+            self._write_now(rest)
+            self._order.written_out(rest)
+
+    def _write_now(self, atoms_list: list[ase.Atoms]) -> None:
         every = {"units": _UNITS_TEXT, "fused_dynamics_version": package_version()}
         frames = []
         for a in atoms_list:
@@ -135,14 +190,22 @@ class ExtXYZSink:
             os.fsync(fh.fileno())
         self.count += len(atoms_list)
 
-    def system_ids(self) -> list[int]:
-        """``system_id`` of every complete frame in the file (a resumed run skips these)."""
+    def _file_ids(self) -> list[int]:
         if not os.path.isfile(self.path):
             return []
         return [i for i in read_extxyz_ids(self.path)[0] if i is not None]
 
+    def system_ids(self) -> list[int]:
+        """``system_id`` of every complete frame in the file and, in input order, of every
+        system waiting in ``<path>.pending`` (a resumed run skips these)."""
+        ids = self._file_ids()
+        if self._order is not None:
+            ids += sorted(set(self._order.waiting) - set(ids))
+        return ids
+
     def __len__(self) -> int:
-        return self.count
+        """Systems written by this sink (waiting ones included)."""
+        return self.count + (len(self._order) if self._order is not None else 0)
 
     def close(self) -> None:
         pass
@@ -214,6 +277,28 @@ def read_extxyz_ids(path: str | os.PathLike) -> tuple[list[int | None], int, int
         raise ValueError(f"{os.fspath(path)!r} is not a readable extxyz file: {exc}") from exc
     ids = [a.info.get("system_id") for a in frames]
     return [None if i is None else int(i) for i in ids], complete, len(data)
+
+
+def read_extxyz_frames(path: str | os.PathLike) -> list[ase.Atoms]:
+    """The complete frames of an extxyz output (a frame cut short by a kill is left out)."""
+    with open(path, "rb") as fh:
+        text = fh.read().decode("utf-8", errors="replace")
+    _, cut = _frame_ends(text)
+    if cut == 0:
+        return []
+    return ase.io.read(io.StringIO(text[:cut]), index=":", format="extxyz")
+
+
+def _read_side(path: str) -> list[ase.Atoms]:
+    """The waiting systems of an output in input order; a cut-short tail is moved aside."""
+    frames = read_extxyz_frames(path)
+    _, complete, size = read_extxyz_ids(path)
+    if complete < size:
+        set_aside_tail(path, complete)
+    for a in frames:  # the side file's own header, not the system's
+        a.info.pop("exit_reason_legend", None)
+        a.info.pop("legend", None)
+    return frames
 
 
 def set_aside_tail(path: str | os.PathLike, complete: int) -> str:

@@ -1,7 +1,9 @@
 """Zarr output: :class:`ZarrSink` and :func:`read_zarr`.
 
-A zarr v3 store of per-atom and per-system arrays appended as systems leave the run, with the
-units, the ``exit_reason_legend`` and the run's ``metadata`` in its attributes; the committed
+A zarr v3 store of per-atom and per-system arrays appended as systems leave the run (in
+completion order, or in input order: ``order="input"``, see :mod:`fused_dynamics.outputs.order`),
+with the units, the ``exit_reason_legend``, the ``legend`` of every code's name and the run's
+``metadata`` in its attributes; the committed
 counts are updated last, so a record cut short by a kill is ignored by :func:`read_zarr` and
 :func:`zarr_ids` and trimmed by a sink that appends (``mode="a"``). ``zarr`` is imported when a
 store is opened.
@@ -17,8 +19,15 @@ import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ..batch import _voigt
-from ..provenance import UNITS, exit_reason_legend, name_exit_reason, package_version
+from ..provenance import (
+    UNITS,
+    exit_reason_legend,
+    name_exit_reason,
+    output_legend,
+    package_version,
+)
 from .common import _check_mode, _jsonable
+from .order import InputOrder, check_order
 
 __all__ = ["ZarrSink", "read_zarr", "zarr_ids"]
 
@@ -73,8 +82,10 @@ class ZarrSink:
 
     The store's attributes hold ``count`` and ``atom_count`` (the committed systems and atoms:
     each write updates them last, so a record cut short by a kill is not counted), ``format``,
-    ``fused_dynamics_version``, ``units``, ``exit_reason_legend`` and ``metadata`` (the run
-    configuration, when the command line wrote it).
+    ``fused_dynamics_version``, ``units``, ``exit_reason_legend``, ``legend`` (the names of
+    exit reasons, failure bits and statuses: :func:`~fused_dynamics.provenance.output_legend`)
+    and ``metadata`` (the run configuration, when the command line wrote it). Each system's
+    ``exit_reason_name``, ``status_name`` and ``failure`` names are in its ``info_json``.
 
     Parameters
     ----------
@@ -85,13 +96,20 @@ class ZarrSink:
         continue a run). A store is a directory and is never deleted or replaced.
     metadata : dict, optional
         JSON-serialisable description of the run, kept in the attributes.
+    order : {"completion", "input"}, default "completion"
+        ``"input"``: systems in the order of ``input_ids``; one that finishes early waits in
+        the store ``<path>.pending`` until every system before it is written.
+    input_ids : sequence of int, optional
+        Required with ``order="input"``: the ``system_id`` of every input structure in input
+        order (a sampler's ``ids``).
 
     Raises
     ------
     ValueError
-        No writable folder, a bad mode, or (mode "a") a path that is not a store of this class.
+        No writable folder, a bad mode or order, ``order="input"`` without ``input_ids``, or
+        (mode "a") a path that is not a store of this class.
     FileExistsError
-        Mode "x" and the path exists.
+        Mode "x" and the path (with ``order="input"``, ``<path>.pending`` too) exists.
     """
 
     def __init__(
@@ -101,11 +119,29 @@ class ZarrSink:
         *,
         mode: str = "x",
         metadata: dict | None = None,
+        order: str = "completion",
+        input_ids=None,
     ):
-        import zarr
-
         self.path = os.fspath(path)
         self.capacity = capacity
+        self.order = order
+        check_order("ZarrSink", order, input_ids)
+        self._open(mode, metadata)
+        self._order = None
+        if order == "input":
+            self._order = InputOrder(
+                "ZarrSink",
+                self.path,
+                input_ids,
+                zarr_ids(self.path) if mode == "a" else (),
+                mode=mode,
+                open_side=lambda side, m: ZarrSink(side, mode=m),
+                read_side=read_zarr,
+            )
+
+    def _open(self, mode: str, metadata: dict | None) -> None:
+        import zarr
+
         if mode == "w":
             raise ValueError(
                 "ZarrSink: mode 'w' is not offered: a store is a directory and is never deleted; "
@@ -115,6 +151,8 @@ class ZarrSink:
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
             raise ValueError(f"ZarrSink: cannot write to {self.path!r} (no such folder).")
+        if mode == "a" and not os.path.exists(self.path) and os.path.isdir(self.path + ".pending"):
+            mode = "x"  # an output in input order whose first systems never came: a new store
         if mode == "a":
             self.root = _open_store(self.path, "r+")
             self.count = int(self.root.attrs["count"])
@@ -139,6 +177,7 @@ class ZarrSink:
                 fused_dynamics_version=package_version(),
                 units=UNITS,
                 exit_reason_legend={str(k): v for k, v in exit_reason_legend().items()},
+                legend=output_legend(),
                 metadata=_jsonable(metadata or {}),
                 count=0,
                 atom_count=0,
@@ -154,7 +193,7 @@ class ZarrSink:
                 arr.resize((n, *arr.shape[1:]))
 
     def has_room(self, n: int = 1) -> bool:
-        return self.capacity is None or self.count + n <= self.capacity
+        return self.capacity is None or len(self) + n <= self.capacity
 
     def _append(self, name: str, values: np.ndarray, start: int) -> None:
         arr = self.root[name]
@@ -162,10 +201,27 @@ class ZarrSink:
         arr[start : start + len(values)] = values
 
     def write(self, atoms_list: list[ase.Atoms]) -> None:
+        """Write ``atoms_list`` (in input order: what is due now; the rest waits on disk)."""
         if not self.has_room(len(atoms_list)):
-            raise RuntimeError(f"ZarrSink {self.path!r} is full ({self.count}).")
+            raise RuntimeError(f"ZarrSink {self.path!r} is full ({len(self)}).")
         if not atoms_list:
             return
+        if self._order is None:
+            self._write_now(atoms_list)
+            return
+        ready = self._order.take(list(atoms_list))
+        if ready:
+            self._write_now(ready)
+            self._order.written_out(ready)
+
+    def finish(self) -> None:
+        """Write the systems still waiting (input order) now, in input order, gaps and all."""
+        if self._order is not None and len(self._order):
+            rest = self._order.rest()
+            self._write_now(rest)
+            self._order.written_out(rest)
+
+    def _write_now(self, atoms_list: list[ase.Atoms]) -> None:
         for a in atoms_list:
             name_exit_reason(a)
         sizes = np.array([len(a) for a in atoms_list])
@@ -230,11 +286,16 @@ class ZarrSink:
         )
 
     def system_ids(self) -> list[int]:
-        """``system_id`` of every committed system of the store (a resumed run skips these)."""
-        return zarr_ids(self.path) if os.path.exists(self.path) else []
+        """``system_id`` of every committed system of the store and, in input order, of every
+        system waiting in ``<path>.pending`` (a resumed run skips these)."""
+        ids = zarr_ids(self.path) if os.path.exists(self.path) else []
+        if self._order is not None:
+            ids += sorted(set(self._order.waiting) - set(ids))
+        return ids
 
     def __len__(self) -> int:
-        return self.count
+        """Systems written by this sink (waiting ones included)."""
+        return self.count + (len(self._order) if self._order is not None else 0)
 
     def close(self) -> None:
         pass
