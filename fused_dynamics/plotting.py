@@ -352,17 +352,13 @@ def plot_run(record: RunRecord, path, title: str | None = None, max_lines: int =
             ax_t.axhline(record.targets[k], color="k", ls="--", lw=1, label="target")
     ax_t.set(xlabel="step in stage", ylabel="temperature (K)", title="MD: temperature")
     for ax, empty in ((ax_f, not opt), (ax_e, not opt), (ax_t, not md)):
-        if empty:
-            ax.text(
-                0.5,
-                0.5,
-                "no such stage in this run",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-            )
-        else:
+        # a small run can leave a panel without a sampled trace: say so instead of calling
+        # legend() on nothing (matplotlib warns "No artists with labels found")
+        note = "no such stage in this run" if empty else "no samples of this stage"
+        if ax.get_legend_handles_labels()[1]:
             ax.legend(loc="best", fontsize=8)
+        if empty or not ax.lines:
+            ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
 
     if record.counts:
         steps = np.array([c[0] for c in record.counts])
