@@ -21,9 +21,14 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    """A section of the configuration: unknown keys are errors that list the allowed keys."""
+    """A section of the configuration: unknown keys are errors that list the allowed keys.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Types are strict (pydantic's strict mode): a boolean or a string is never taken for a
+    number (``cutoff = true`` and ``cutoff = "7.5"`` are refused, naming the key), a float is
+    never truncated to an integer; an integer is a valid float.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     @model_validator(mode="before")
     @classmethod

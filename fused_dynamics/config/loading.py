@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
+import typing
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from .base import ConfigError, _key_part
-from .model_keys import MODEL_TYPES
-from .schema import STAGE_TYPES, RunConfig
+from .model_keys import MODEL_TYPES, ModelConfig
+from .schema import STAGE_TYPES, RunConfig, StageConfig
 
 __all__ = [
     "format_validation_error",
@@ -115,7 +118,81 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
             if msg.startswith("@"):  # "@sub.key: what": the key below the failing section
                 sub, _, msg = msg[1:].partition(": ")
                 where = f"{where}.{sub}" if where != "(top level)" else sub
+        elif kind in _EXPECTED:
+            msg = _type_message(kind, err.get("input"), err["loc"])
         elif "input" in err and not isinstance(err["input"], dict | list):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
+
+
+_EXPECTED = {
+    "float_type": "a number",
+    "int_type": "a whole number",
+    "int_from_float": "a whole number",
+    "bool_type": "true or false",
+    "string_type": "a string (in quotes)",
+}
+
+
+def _classes(annotation) -> list[type[BaseModel]]:
+    """The configuration sections an annotation allows (through unions, lists, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    out = []
+    for arg in typing.get_args(annotation):
+        out += _classes(arg)
+    return out
+
+
+_TAGGED = {
+    c.model_fields["type"].annotation.__args__[0]: c
+    for c in _classes(StageConfig) + _classes(ModelConfig)
+}
+
+
+def _field_at(loc: tuple) -> FieldInfo | None:
+    """The field an error location points to (None when it is not a key of the schema)."""
+    classes: list[type[BaseModel]] = [RunConfig]
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if part in _TAGGED and _TAGGED[part] in classes:
+            classes = [_TAGGED[part]]
+            continue
+        found = [c.model_fields[part] for c in classes if part in c.model_fields]
+        if not found:
+            return info if info is not None and not classes else None
+        info = found[0]
+        classes = _classes(info.annotation)
+    return info
+
+
+def _written(value) -> str:
+    """A value as it is written in the file (TOML spelling)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def _type_message(kind: str, value, loc: tuple) -> str:
+    """``must be a number (fs: time step), got "5" (a string): write 5 without quotes``."""
+    info = _field_at(loc)
+    about = f" ({info.description})" if info is not None and info.description else ""
+    what = f"must be {_EXPECTED[kind]}{about}, got {_written(value)}"
+    if isinstance(value, bool) and kind != "bool_type":
+        return f"{what} (a boolean); booleans are not taken for numbers: write the number"
+    if isinstance(value, str) and kind in ("float_type", "int_type", "int_from_float"):
+        try:
+            number = float(value)
+        except ValueError:
+            return f"{what} (a string); write a number"
+        shown = value.strip() if kind == "float_type" or number != int(number) else int(number)
+        return f"{what} (a string); strings are not taken for numbers: write {shown} without quotes"
+    if isinstance(value, float) and kind in ("int_type", "int_from_float"):
+        whole = value == int(value) if value == value and abs(value) != float("inf") else False
+        return f"{what}; write {int(value) if whole else 'a whole number'} (no decimal point)"
+    return what

@@ -275,18 +275,34 @@ def _pairs_example(names: tuple[str, ...], key: str = "Ar") -> str:
 class _CutoffPairConfig(_SpeciesKeys):
     """Keys shared by the pair potentials with a cutoff."""
 
-    cutoff: PositiveFloat = Field(description="Å")
-    switch_onset: PositiveFloat | None = None
-    shift: bool = True
+    cutoff: PositiveFloat = Field(description="Å: pairs farther apart do not interact")
+    switch_onset: PositiveFloat | None = Field(
+        None,
+        description="Å: the energy is smoothly switched to zero between switch_onset and "
+        "cutoff (below the cutoff; default: no switch)",
+    )
+    shift: bool = Field(True, description="shift the energy to zero at the cutoff")
+
+    @model_validator(mode="after")
+    def _switch_below_cutoff(self):
+        if self.switch_onset is not None and self.switch_onset >= self.cutoff:
+            raise ValueError(
+                f"@switch_onset: {self.switch_onset} must be smaller than model.cutoff = "
+                f"{self.cutoff}: lower switch_onset below {self.cutoff}, raise cutoff, or remove "
+                "switch_onset (no switch)"
+            )
+        return self
+
     images: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] | None = Field(
         None,
+        strict=False,  # a TOML/YAML array is a list; its items stay strict integers
         description="periodic image shifts along each cell vector (default: from the first "
         "cells; give it for variable-cell runs whose cells shrink)",
     )
 
 
 class LennardJonesConfig(_CutoffPairConfig):
-    type: Literal["lennard_jones"]
+    type: Literal["lennard_jones"] = Field(description="Lennard-Jones 12-6 pair potential")
     sigma: PositiveFloat | None = Field(None, description="Å (scalar form)")
     epsilon: PositiveFloat | None = Field(None, description="eV (scalar form)")
     pairs: dict[PairKey, LennardJonesPair] | None = Field(
@@ -298,7 +314,7 @@ class LennardJonesConfig(_CutoffPairConfig):
 
 
 class MorseConfig(_CutoffPairConfig):
-    type: Literal["morse"]
+    type: Literal["morse"] = Field(description="Morse pair potential")
     D: PositiveFloat | None = Field(None, description="eV (scalar form)")
     alpha: PositiveFloat | None = Field(None, description="1/Å (scalar form)")
     r0: PositiveFloat | None = Field(None, description="Å (scalar form)")
@@ -312,12 +328,13 @@ class MorseConfig(_CutoffPairConfig):
 
 
 class SoftSphereConfig(_SpeciesKeys):
-    type: Literal["soft_sphere"]
+    type: Literal["soft_sphere"] = Field(description="soft sphere repulsion")
     sigma: PositiveFloat | None = Field(None, description="Å (also the cutoff; scalar form)")
     epsilon: PositiveFloat = Field(1.0, description="eV")
     alpha: PositiveFloat = Field(2.0, description="exponent")
     images: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] | None = Field(
         None,
+        strict=False,  # a TOML/YAML array is a list; its items stay strict integers
         description="periodic image shifts along each cell vector (default: from the first "
         "cells; give it for variable-cell runs whose cells shrink)",
     )
@@ -369,6 +386,7 @@ class _FileModelConfig(_Section):
     file: str = Field(description="path, relative to the configuration file")
     images: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] | None = Field(
         None,
+        strict=False,  # a TOML/YAML array is a list; its items stay strict integers
         description="periodic image shifts along each cell vector (default: from the first "
         "cells; give it for variable-cell runs whose cells shrink)",
     )
@@ -387,14 +405,16 @@ class EAMConfig(_FileModelConfig):
     """``type = "eam"``: an embedded-atom potential file (setfl ``.alloy``, funcfl ``.eam``,
     Finnis-Sinclair ``.fs``), read as ASE reads it."""
 
-    type: Literal["eam"]
+    type: Literal["eam"] = Field(description="embedded-atom potential read from model.file")
 
 
 class TrainedModelConfig(_FileModelConfig):
     """``type = "trained"``: a model file written by ``fused-dynamics train`` or
     ``fused_dynamics.save_model`` (an equivariant network, a fitted potential)."""
 
-    type: Literal["trained"]
+    type: Literal["trained"] = Field(
+        description="a model file written by fused-dynamics train or save_model"
+    )
 
 
 MODEL_TYPES = ("lennard_jones", "morse", "soft_sphere", "eam", "trained")

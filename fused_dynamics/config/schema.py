@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from .base import _Section, output_format
+from .base import ConfigError, _Section, output_format
 from .model_keys import ModelConfig
 
 __all__ = [
@@ -47,16 +47,27 @@ __all__ = [
 class CriterionConfig(_Section):
     """One convergence criterion: ``reduce(key) <= threshold``."""
 
-    key: str = Field(description="fmax, energy, energy_change, temperature, forces, ...")
-    threshold: float
-    reduce_op: Literal["min", "max", "norm", "mean", "sum"] | None = None
+    key: str = Field(
+        description="the quantity: fmax, energy, energy_change, temperature, forces, ..."
+    )
+    threshold: float = Field(
+        description="in the key's unit: eV/Å (fmax, forces), eV (energy, energy_change), K "
+        "(temperature); converged when the reduced value is <= this"
+    )
+    reduce_op: Literal["min", "max", "norm", "mean", "sum"] | None = Field(
+        None, description="per-atom reduction of a per-atom key (default: the absolute maximum)"
+    )
 
 
 class _StageBase(_Section):
-    n_steps: PositiveInt | None = Field(None, description="step budget of each system")
-    fmax: PositiveFloat | None = Field(None, description="converged when fmax <= this (eV/Å)")
+    n_steps: PositiveInt | None = Field(
+        None, description="steps: the step budget of each system in this stage"
+    )
+    fmax: PositiveFloat | None = Field(None, description="eV/Å: converged when fmax <= this")
     criteria: list[CriterionConfig] | None = Field(
-        None, description="convergence criteria, all must hold (AND); combined with fmax"
+        None,
+        description="convergence criteria, all must hold (AND), combined with fmax; e.g. "
+        '[{key = "energy_change", threshold = 1e-6}]',
     )
     entry_velocities: Literal["auto", "keep", "thermal"] = Field(
         "auto",
@@ -97,85 +108,133 @@ class _StageBase(_Section):
         return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
 
 
+_ASE_TIME = "ASE time unit Å·sqrt(amu/eV) (about 10.18 fs), as ase.optimize.FIRE; not fs"
+_CELL_FILTER = "relax the cell too (ASE's FrechetCellFilter); none: fixed cell"
+
+
 class FIREConfig(_StageBase):
-    type: Literal["fire"]
-    dt: PositiveFloat | None = None
-    maxstep: PositiveFloat = 0.2
-    dtmax: PositiveFloat | None = None
-    Nmin: PositiveInt = 5
-    finc: PositiveFloat = 1.1
-    fdec: PositiveFloat = 0.5
-    astart: PositiveFloat = 0.1
-    fa: PositiveFloat = 0.99
-    flavor: Literal["ase", "vv"] = "ase"
-    cell_filter: Literal["frechet"] | None = None
-    scalar_pressure: float = 0.0
+    """FIRE (Bitzek et al., PRL 97, 170201 (2006)), ASE's or the velocity Verlet form."""
+
+    type: Literal["fire"] = Field(description="FIRE optimizer")
+    dt: PositiveFloat | None = Field(
+        None,
+        description=f"initial time step; flavor 'ase': {_ASE_TIME} (default 0.1); flavor "
+        "'vv': fs (default 1.0)",
+    )
+    maxstep: PositiveFloat = Field(0.2, description="Å: largest step of a system per iteration")
+    dtmax: PositiveFloat | None = Field(
+        None, description="largest time step, unit of dt (default 1.0 for 'ase', 10.0 fs for 'vv')"
+    )
+    Nmin: PositiveInt = Field(5, description="steps with v·F > 0 before dt may grow")
+    finc: PositiveFloat = Field(1.1, description="growth factor of dt, >= 1")
+    fdec: PositiveFloat = Field(0.5, description="shrink factor of dt, in (0, 1]")
+    astart: PositiveFloat = Field(0.1, description="initial mixing coefficient alpha, in [0, 1]")
+    fa: PositiveFloat = Field(0.99, description="decay factor of alpha, in (0, 1]")
+    flavor: Literal["ase", "vv"] = Field(
+        "ase",
+        description="'ase': ase.optimize.FIRE step for step; 'vv': mass-weighted, on velocity "
+        "Verlet",
+    )
+    cell_filter: Literal["frechet"] | None = Field(None, description=_CELL_FILTER)
+    scalar_pressure: float = Field(0.0, description="eV/Å³: external pressure of the cell filter")
 
 
 class FIRE2Config(_StageBase):
-    type: Literal["fire2"]
-    dt: PositiveFloat = 0.1
-    maxstep: PositiveFloat = 0.2
-    dtmax: PositiveFloat = 1.0
-    dtmin: PositiveFloat = 2e-3
-    Nmin: PositiveInt = 20
-    finc: PositiveFloat = 1.1
-    fdec: PositiveFloat = 0.5
-    astart: PositiveFloat = 0.25
-    fa: PositiveFloat = 0.99
-    Npneg_max: PositiveInt | None = 2000
-    initialdelay: bool = True
-    cell_filter: Literal["frechet"] | None = None
-    scalar_pressure: float = 0.0
+    """FIRE 2.0 (Guénolé et al., Comput. Mater. Sci. 175, 109584 (2020)), as ASE's FIRE2."""
+
+    type: Literal["fire2"] = Field(description="FIRE 2.0 optimizer")
+    dt: PositiveFloat = Field(0.1, description=f"initial time step, {_ASE_TIME}")
+    maxstep: PositiveFloat = Field(0.2, description="Å: largest step of a system per iteration")
+    dtmax: PositiveFloat = Field(1.0, description="largest time step, unit of dt")
+    dtmin: PositiveFloat = Field(2e-3, description="smallest time step, unit of dt")
+    Nmin: PositiveInt = Field(20, description="N_delay: steps before dt may grow")
+    finc: PositiveFloat = Field(1.1, description="growth factor of dt, >= 1")
+    fdec: PositiveFloat = Field(0.5, description="shrink factor of dt, in (0, 1]")
+    astart: PositiveFloat = Field(0.25, description="initial mixing coefficient alpha, in [0, 1]")
+    fa: PositiveFloat = Field(0.99, description="decay factor of alpha, in (0, 1]")
+    Npneg_max: PositiveInt | None = Field(
+        2000, description="stop a system after this many steps in a row with v·F <= 0"
+    )
+    initialdelay: bool = Field(
+        True, description="no dt shrink or alpha reset during a system's first Nmin steps"
+    )
+    cell_filter: Literal["frechet"] | None = Field(None, description=_CELL_FILTER)
+    scalar_pressure: float = Field(0.0, description="eV/Å³: external pressure of the cell filter")
 
 
 class GradientDescentConfig(_StageBase):
-    type: Literal["gradient_descent"]
-    step_size: PositiveFloat = Field(description="Å²/eV")
-    maxstep: PositiveFloat | None = None
+    """Steepest descent: positions move by step_size times the forces."""
+
+    type: Literal["gradient_descent"] = Field(description="gradient descent optimizer")
+    step_size: PositiveFloat = Field(description="Å²/eV: step per unit force")
+    maxstep: PositiveFloat | None = Field(
+        None, description="Å: largest displacement of an atom per step (default: none)"
+    )
 
 
 class NVEConfig(_StageBase):
-    type: Literal["nve"]
-    dt: PositiveFloat = Field(description="fs")
+    """Velocity Verlet (microcanonical)."""
+
+    type: Literal["nve"] = Field(description="velocity Verlet, constant energy")
+    dt: PositiveFloat = Field(description="fs: time step")
 
 
 class NVTLangevinConfig(_StageBase):
-    type: Literal["nvt_langevin"]
-    dt: PositiveFloat = Field(description="fs")
-    temperature: float = Field(ge=0, description="K")
-    friction: float = Field(ge=0, description="1/fs")
-    seed: int | None = Field(None, description="default: the run's seed plus the stage index")
+    """Langevin dynamics (BAOAB, Leimkuhler & Matthews, AMRX 2013, 34 (2013))."""
+
+    type: Literal["nvt_langevin"] = Field(description="Langevin thermostat")
+    dt: PositiveFloat = Field(description="fs: time step")
+    temperature: float = Field(ge=0, description="K: target temperature")
+    friction: float = Field(ge=0, description="1/fs: friction coefficient")
+    seed: int | None = Field(
+        None, description="noise seed (default: the run's seed plus the stage index)"
+    )
 
 
 class NVTNoseHooverConfig(_StageBase):
-    type: Literal["nvt_nose_hoover"]
-    dt: PositiveFloat
-    temperature: PositiveFloat
-    tdamp: PositiveFloat
-    chain_length: PositiveInt = 3
-    chain_steps: PositiveInt = 2
-    sy_order: Literal[1, 3, 5, 7] = 3
+    """Nosé-Hoover chain thermostat (Martyna, Klein & Tuckerman, JCP 97, 2635 (1992))."""
+
+    type: Literal["nvt_nose_hoover"] = Field(description="Nosé-Hoover chain thermostat")
+    dt: PositiveFloat = Field(description="fs: time step")
+    temperature: PositiveFloat = Field(description="K: target temperature")
+    tdamp: PositiveFloat = Field(description="fs: thermostat time scale (about 100 dt)")
+    chain_length: PositiveInt = Field(3, description="thermostats in the chain")
+    chain_steps: PositiveInt = Field(2, description="multiple time steps of the chain")
+    sy_order: Literal[1, 3, 5, 7] = Field(3, description="Suzuki-Yoshida order of the chain")
 
 
 class NPTConfig(_StageBase):
-    type: Literal["npt"]
-    dt: PositiveFloat
-    temperature: PositiveFloat
-    pressure: float = Field(description="eV/Å³ (1 GPa = ase.units.GPa = 0.00624 eV/Å³)")
-    tdamp: PositiveFloat
-    pdamp: PositiveFloat
-    coupling: Literal["isotropic", "anisotropic", "triclinic"] = "isotropic"
-    chain_length: PositiveInt = 3
+    """Isothermal-isobaric MTK dynamics (Martyna, Tobias & Klein, JCP 101, 4177 (1994))."""
+
+    type: Literal["npt"] = Field(description="MTK barostat with a Nosé-Hoover chain")
+    dt: PositiveFloat = Field(description="fs: time step")
+    temperature: PositiveFloat = Field(description="K: target temperature")
+    pressure: float = Field(
+        description="eV/Å³: target pressure (1 GPa = ase.units.GPa = 0.00624 eV/Å³)"
+    )
+    tdamp: PositiveFloat = Field(description="fs: thermostat time scale")
+    pdamp: PositiveFloat = Field(description="fs: barostat time scale")
+    coupling: Literal["isotropic", "anisotropic", "triclinic"] = Field(
+        "isotropic", description="which cell degrees of freedom move"
+    )
+    chain_length: PositiveInt = Field(3, description="thermostats in the chain")
 
 
 class NPHConfig(_StageBase):
-    type: Literal["nph"]
-    dt: PositiveFloat
-    pressure: float = Field(description="eV/Å³")
-    pdamp: PositiveFloat
-    coupling: Literal["isotropic", "anisotropic", "triclinic"] = "isotropic"
-    mass_temperature: PositiveFloat | None = None
+    """Isenthalpic MTK dynamics (the NPT stage without a thermostat)."""
+
+    type: Literal["nph"] = Field(description="MTK barostat, no thermostat")
+    dt: PositiveFloat = Field(description="fs: time step")
+    pressure: float = Field(description="eV/Å³: target pressure")
+    pdamp: PositiveFloat = Field(description="fs: barostat time scale")
+    coupling: Literal["isotropic", "anisotropic", "triclinic"] = Field(
+        "isotropic", description="which cell degrees of freedom move"
+    )
+    mass_temperature: PositiveFloat | None = Field(
+        None,
+        description="K: T_m of the barostat mass (default: each system's temperature on entry, "
+        "at least 1 K)",
+    )
 
 
 _STAGE_CONFIGS: list[type[_StageBase]] = [
@@ -207,17 +266,29 @@ StageConfig = Annotated[
 
 
 class StructuresConfig(_Section):
-    """Either ``path`` (a file or glob read by ase.io) or ``generate`` (a built-in set)."""
+    """Either ``path`` (files or globs read by ase.io) or ``generate`` (a built-in set)."""
 
-    path: str | None = Field(None, description="file or glob, read with ase.io.read(index=...)")
-    index: str = Field(":", description="which frames of each file (ase.io.read's index)")
-    format: str | None = Field(None, description="ase.io format, when the suffix does not say")
+    path: str | list[str] | None = Field(
+        None,
+        description="your own structures: a file, a glob, or a list of files and globs, e.g. "
+        '["relaxed.extxyz", "POSCAR", "cifs/*.cif"], relative to this file; any format '
+        "ase.io.read reads (extxyz, cif, POSCAR, ...), every frame of a multi-frame file. Read "
+        "in the listed order, each file's frames in file order, a glob's matches sorted by "
+        "name; system_id i is the i-th structure so read",
+    )
+    index: str = Field(
+        ":", description="which frames of each file, as ase.io.read's index (':' all, '-1' last)"
+    )
+    format: str | None = Field(
+        None, description="ase.io format of every file, when the suffix does not say"
+    )
     generate: Literal["argon"] | None = Field(
-        None, description="argon: perturbed LJ argon clusters and fcc crystals"
+        None,
+        description="a built-in set instead of path; argon: perturbed LJ clusters and crystals",
     )
     count: PositiveInt = Field(200, description="generate: number of structures")
-    rattle: float = Field(0.15, ge=0, description="generate: Gaussian noise on positions (Å)")
-    max_size: PositiveInt = Field(32, description="generate: largest structure (atoms)")
+    rattle: float = Field(0.15, ge=0, description="Å: generate: Gaussian noise on positions")
+    max_size: PositiveInt = Field(32, description="atoms: generate: largest structure")
     seed: int | None = Field(None, description="generate: default is the run's seed")
     id_key: str | None = Field(
         None,
@@ -229,8 +300,8 @@ class StructuresConfig(_Section):
     def _one_source(self) -> StructuresConfig:
         if (self.path is None) == (self.generate is None):
             raise ValueError(
-                "give exactly one of 'path' (a file or glob of structures) or "
-                "'generate' (allowed: 'argon')"
+                "give exactly one of 'path' (a file, a glob or a list of them: your own "
+                "structures) or 'generate' (allowed: 'argon')"
             )
         misplaced = sorted(
             (self.model_fields_set & {"count", "rattle", "max_size", "seed"})
@@ -242,32 +313,72 @@ class StructuresConfig(_Section):
             raise ValueError(f"{', '.join(misplaced)} only go with '{other}'")
         return self
 
-    @field_validator("path")
+    @field_validator("path", mode="before")
     @classmethod
-    def _path_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if v is None:
-            return v
-        files = resolve_structure_files(v, _base_dir(info))
-        if not files:
-            raise ValueError(f"no structure file matches {v!r} (looked for {_abs(v, info)!r})")
+    def _patterns(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError(
+                    "an empty list names no structure; give a file, a glob or a list of them"
+                )
+            bad = [x for x in v if not isinstance(x, str) or not x]
+            if bad:
+                raise ValueError(
+                    f"every entry must be a file name or a glob (a non-empty string), got "
+                    f"{bad[0]!r}"
+                )
+        elif v is not None and not isinstance(v, str):
+            raise ValueError(
+                f"a file, a glob or a list of them (strings), e.g. ['a.cif', 'b/*.extxyz'], "
+                f"got {v!r}"
+            )
         return v
 
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, v: str | list[str] | None, info: ValidationInfo) -> Any:
+        if v is None:
+            return v
+        try:
+            resolve_structure_files(v, _base_dir(info))
+        except ConfigError as exc:  # reported under the key by the validation error
+            raise ValueError(str(exc).removeprefix("structures.path: ")) from None
+        return v
+
+    def patterns(self) -> list[str]:
+        """``path`` as a list of patterns (one for a single string)."""
+        if self.path is None:
+            return []
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
     def files(self, base_dir: str | os.PathLike) -> list[str]:
+        """The files ``path`` names, in reading order (see :func:`resolve_structure_files`)."""
         return resolve_structure_files(self.path, base_dir) if self.path else []
 
 
 class CapacityConfig(_Section):
-    max_atoms: PositiveInt = Field(description="atom capacity N of the batch")
-    max_systems: PositiveInt = Field(description="system capacity S of the batch")
-    max_atoms_per_system: PositiveInt | None = None
-    sort_by_size: bool = False
+    """The batch: how many atoms and systems one compiled step holds."""
+
+    max_atoms: PositiveInt = Field(
+        description="atoms: atom capacity N of the batch; at least the largest structure"
+    )
+    max_systems: PositiveInt = Field(description="systems: system capacity S of the batch")
+    max_atoms_per_system: PositiveInt | None = Field(
+        None,
+        description="atoms: largest structure admitted (default: the largest structure that "
+        "fits max_atoms)",
+    )
+    sort_by_size: bool = Field(
+        False, description="admit the largest structures first (better packing)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> CapacityConfig:
         if self.max_atoms_per_system is not None and self.max_atoms_per_system > self.max_atoms:
             raise ValueError(
-                f"max_atoms_per_system={self.max_atoms_per_system} is larger than "
-                f"max_atoms={self.max_atoms}"
+                f"@max_atoms_per_system: {self.max_atoms_per_system} is larger than "
+                f"capacity.max_atoms = {self.max_atoms}; lower it to at most "
+                f"{self.max_atoms}, or raise capacity.max_atoms"
             )
         return self
 
@@ -275,13 +386,18 @@ class CapacityConfig(_Section):
 class OutputConfig(_Section):
     """One output; every output receives every system that leaves the run."""
 
-    type: Literal["extxyz", "zarr"]
-    path: str
-    capacity: PositiveInt | None = None
+    type: Literal["extxyz", "zarr"] = Field(description="file format")
+    path: str = Field(
+        description="file (extxyz) or store (zarr, a folder), relative to this file; refused "
+        "if it exists, unless --overwrite or --resume"
+    )
+    capacity: PositiveInt | None = Field(None, description="systems: most this output takes")
     stress: bool = Field(False, description="always compute the stress and write it")
 
 
 class ReportConfig(_Section):
+    """What the run reports besides its outputs."""
+
     plot: str | None = Field(None, description="PNG figure of the run (needs matplotlib)")
     record: str | None = Field(None, description="CSV of the per-step record")
     record_every: PositiveInt = Field(5, description="steps between recorded samples")
@@ -290,14 +406,18 @@ class ReportConfig(_Section):
 
 
 class RunConfig(_Section):
-    """The whole run; see the module docstring for an example."""
+    """The whole run; see the package docstring (:mod:`fused_dynamics.config`) for an example."""
 
-    structures: StructuresConfig
-    model: ModelConfig
-    stages: list[StageConfig] = Field(min_length=1)
-    capacity: CapacityConfig
-    outputs: list[OutputConfig] = Field(min_length=1)
-    report: ReportConfig = ReportConfig()
+    structures: StructuresConfig = Field(description="the structures to run")
+    model: ModelConfig = Field(description="the energy model")
+    stages: list[StageConfig] = Field(
+        min_length=1, description="the chain of stages every system goes through, in order"
+    )
+    capacity: CapacityConfig = Field(description="the batch")
+    outputs: list[OutputConfig] = Field(
+        min_length=1, description="where every system is written when it leaves the run"
+    )
+    report: ReportConfig = Field(ReportConfig(), description="figure, record and summary")
     refill_frequency: PositiveInt = Field(
         20, description="steps per compiled chunk between host visits (writes and refills)"
     )
@@ -308,11 +428,15 @@ class RunConfig(_Section):
         "one copy of the batch from the device and one file write (about the size of the "
         "batch); a chunk is cut short to end at a checkpoint step; 0: no checkpoints",
     )
-    seed: int = 0
-    dtype: Literal["float32", "float64"] = "float32"
-    device: Literal["auto", "cpu", "gpu", "cuda", "rocm", "tpu"] = "auto"
+    seed: int = Field(0, description="seed of every random stream (velocities, Langevin noise)")
+    dtype: Literal["float32", "float64"] = Field(
+        "float32", description="precision of the batch and the model"
+    )
+    device: Literal["auto", "cpu", "gpu", "cuda", "rocm", "tpu"] = Field(
+        "auto", description="where the run goes ('auto': JAX's default device)"
+    )
     initial_temperature: float | None = Field(
-        None, ge=0, description="draw Maxwell-Boltzmann velocities at this temperature (K)"
+        None, ge=0, description="K: draw Maxwell-Boltzmann velocities at this temperature"
     )
 
     @field_validator("checkpoint_every", mode="before")
@@ -383,13 +507,60 @@ def _base_dir(info: ValidationInfo) -> str:
     return os.fspath(ctx.get("base_dir", "."))
 
 
-def _abs(path: str, info: ValidationInfo) -> str:
-    return os.path.abspath(os.path.join(_base_dir(info), os.path.expanduser(path)))
+def resolve_structure_files(patterns: str | list[str], base_dir: str | os.PathLike) -> list[str]:
+    """The files a ``structures.path`` names, in the order they are read.
+
+    Each pattern in turn, in the listed order: a file itself, or the matches of a glob
+    (``*``, ``?``, ``[...]``; ``**`` for any depth) sorted by name. A file named again by a
+    later pattern is read once, where it first appears. Relative patterns are resolved
+    against ``base_dir`` (the configuration file's folder); ``~`` is expanded.
+
+    Parameters
+    ----------
+    patterns : str or list of str
+    base_dir : path
+
+    Returns
+    -------
+    list of str
+        Absolute paths.
+
+    Raises
+    ------
+    ConfigError
+        A file that does not exist or a glob that matches no file, naming ``structures.path``,
+        the pattern and where it was looked for.
+    """
+    seen: dict[str, None] = {}
+    for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
+        matches = _matches(pattern, os.fspath(base_dir))
+        if not matches:
+            raise ConfigError(f"structures.path: {_no_match(pattern, patterns, base_dir)}")
+        seen.update(dict.fromkeys(matches))
+    return list(seen)
 
 
-def resolve_structure_files(pattern: str, base_dir: str | os.PathLike) -> list[str]:
-    """Files a ``structures.path`` names: the file itself, or the sorted matches of a glob."""
-    full = os.path.join(os.fspath(base_dir), os.path.expanduser(pattern))
-    if glob.has_magic(full):
-        return sorted(p for p in glob.glob(full, recursive=True) if os.path.isfile(p))
-    return [full] if os.path.exists(full) else []
+def _matches(pattern: str, base: str) -> list[str]:
+    """Absolute paths of the files one pattern names (a glob's sorted by name)."""
+    expanded = os.path.expanduser(pattern)
+    full = os.path.abspath(os.path.join(base, expanded))
+    if not glob.has_magic(expanded):
+        return [full] if os.path.isfile(full) else []
+    if os.path.isabs(expanded):
+        found = glob.glob(expanded, recursive=True)
+    else:
+        found = [os.path.join(base, m) for m in glob.glob(expanded, root_dir=base, recursive=True)]
+    return sorted(os.path.abspath(p) for p in found if os.path.isfile(p))
+
+
+def _no_match(pattern: str, patterns, base_dir) -> str:
+    """Why a pattern of ``structures.path`` names no file, and what to do."""
+    full = os.path.abspath(os.path.join(os.fspath(base_dir), os.path.expanduser(pattern)))
+    entry = "" if isinstance(patterns, str) else f" (entry {list(patterns).index(pattern)})"
+    what = "glob" if glob.has_magic(pattern) else "file"
+    hint = (
+        "it is a folder: give a glob of its files, e.g. " + repr(os.path.join(pattern, "*.cif"))
+        if os.path.isdir(full)
+        else "relative paths are resolved against the configuration file's folder"
+    )
+    return f"no structure file matches the {what} {pattern!r}{entry} (looked for {full!r}); {hint}"
