@@ -10,7 +10,7 @@ each output, never cut by Ctrl-C or SIGTERM, and tells a resumed run which syste
 holds already (:meth:`TeeSink.system_ids`).
 
 An output in input order (``OutputPlan.order == "input"``, from ``outputs[i].order`` when the
-configuration has that key) keeps the systems that finished early in ``<path>.pending``
+configuration has that key) keeps the systems that finished early in ``<name>.pending.<suffix>``
 (:mod:`fused_dynamics.outputs.order`): the plan treats that side file as part of the output
 (refused, overwritten or resumed with it) and counts its systems as held.
 """
@@ -140,7 +140,7 @@ class OutputPlan:
         A checkpoint being resumed: its header (``step_count``, ...).
     order : {"completion", "input"}
         The order systems are written in (``outputs[i].order``); ``"input"`` keeps the
-        systems that finished early in ``<path>.pending``.
+        systems that finished early in ``<name>.pending.<suffix>``.
     """
 
     key: str

@@ -14,6 +14,8 @@ import tempfile
 import ase
 import numpy as np
 
+from .order import check_order
+
 __all__ = ["HostMemory", "check_writable"]
 
 _MODES = ("x", "a", "w")
@@ -26,10 +28,21 @@ class HostMemory:
     ----------
     capacity : int, optional
         ``None`` for no limit.
+    order : {"completion", "input"}, default "completion"
+        ``"input"``: ``atoms`` is kept in the order of ``input_ids`` (systems whose id is not
+        there after the others, as they came), whatever order the systems finish in.
+    input_ids : sequence of int, optional
+        Required with ``order="input"``: the ``system_id`` of every input structure in input
+        order (a sampler's ``ids``).
     """
 
-    def __init__(self, capacity: int | None = None):
+    def __init__(self, capacity: int | None = None, *, order: str = "completion", input_ids=None):
+        check_order("HostMemory", order, input_ids)
         self.capacity = capacity
+        self.order = order
+        self._position = None
+        if order == "input":
+            self._position = {int(sid): k for k, sid in enumerate(input_ids)}
         self.atoms: list[ase.Atoms] = []
 
     def has_room(self, n: int = 1) -> bool:
@@ -42,6 +55,9 @@ class HostMemory:
                 f"{len(atoms_list)} more cannot be stored."
             )
         self.atoms.extend(atoms_list)
+        if self._position is not None:  # a stable sort: foreign ids keep their arrival order
+            last = len(self._position)
+            self.atoms.sort(key=lambda a: self._position.get(int(a.info["system_id"]), last))
 
     def system_ids(self) -> list[int]:
         """``system_id`` of every system held (a resumed run skips these)."""

@@ -27,7 +27,7 @@ from ..provenance import (
     package_version,
 )
 from .common import _check_mode, _jsonable
-from .order import InputOrder, check_order
+from .order import InputOrder, check_order, pending_path
 
 __all__ = ["ExtXYZSink", "read_extxyz_frames", "read_extxyz_ids", "set_aside_tail"]
 
@@ -71,8 +71,9 @@ class ExtXYZSink:
         the run configuration as JSON).
     order : {"completion", "input"}, default "completion"
         ``"completion"``: frames in the order the systems leave the run. ``"input"``: in the
-        order of ``input_ids``; a system that finishes early waits in ``<path>.pending`` until
-        every system before it is written (see :mod:`fused_dynamics.outputs.order`).
+        order of ``input_ids``; a system that finishes early waits in a side file
+        (``run.pending.extxyz`` next to ``run.extxyz``) until every system before it is
+        written (see :mod:`fused_dynamics.outputs.order`).
     input_ids : sequence of int, optional
         Required with ``order="input"``: the ``system_id`` of every input structure in input
         order (a sampler's ``ids``).
@@ -90,7 +91,7 @@ class ExtXYZSink:
         The folder does not exist or cannot be written, a bad mode or order, or
         ``order="input"`` without ``input_ids``.
     FileExistsError, IsADirectoryError
-        See ``mode`` (with ``order="input"``, ``<path>.pending`` too).
+        See ``mode`` (with ``order="input"``, ``<name>.pending.<suffix>`` too).
     """
 
     def __init__(
@@ -119,7 +120,7 @@ class ExtXYZSink:
         if not os.path.isdir(directory):
             raise ValueError(f"ExtXYZSink: cannot write to {self.path!r} (no such folder).")
         # an output in input order whose first systems never came has only its side file
-        only_side = order == "input" and os.path.isfile(self.path + ".pending")
+        only_side = order == "input" and os.path.isfile(pending_path(self.path))
         if mode == "a" and not os.path.isfile(self.path) and not only_side:
             raise ValueError(f"ExtXYZSink: mode 'a' appends to a file, and {self.path!r} is none.")
         # the file is created (x) or replaced (w) by the first write: a reader never sees an
@@ -197,7 +198,7 @@ class ExtXYZSink:
 
     def system_ids(self) -> list[int]:
         """``system_id`` of every complete frame in the file and, in input order, of every
-        system waiting in ``<path>.pending`` (a resumed run skips these)."""
+        system waiting in ``<name>.pending.<suffix>`` (a resumed run skips these)."""
         ids = self._file_ids()
         if self._order is not None:
             ids += sorted(set(self._order.waiting) - set(ids))

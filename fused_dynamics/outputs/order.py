@@ -4,11 +4,11 @@ A sink opened with ``order="input"`` writes its systems in the order of ``input_
 ``system_id`` of every input structure, in input order: a sampler's ``ids``), whatever order
 they finish in. A system that finishes before one of the systems ahead of it waits; it is
 written to the output as soon as every system ahead of it is there. So that a run killed in the
-meantime loses nothing, a waiting system is first written to a side file next to the output,
-``<path>.pending`` (same format as the output, every record flushed), and that side file is
-removed once every system in it is in the output. A sink that continues the output
-(``mode="a"``) reads the side file back: its systems count as held (a resumed run does not run
-them again) and go to the output in their turn.
+meantime loses nothing, a waiting system is first written to a side file, ``run.pending.extxyz``
+next to ``run.extxyz`` (:func:`pending_path`; same format as the output, every record flushed),
+and that side file is removed once every system in it is in the output. A sink that continues
+the output (``mode="a"``) reads the side file back: its systems count as held (a resumed run
+does not run them again) and go to the output in their turn.
 
 Systems whose id is not in ``input_ids`` (or that the output holds already) go to the output
 when they come. A system that never
@@ -32,8 +32,10 @@ ORDERS = ("completion", "input")
 
 
 def pending_path(path: str | os.PathLike) -> str:
-    """The side file of an output written in input order: ``<path>.pending``."""
-    return os.fspath(path) + ".pending"
+    """The side file of an output written in input order: ``run.pending.extxyz`` next to
+    ``run.extxyz`` (``run.pending.zarr`` for a store), readable as the output is."""
+    root, suffix = os.path.splitext(os.fspath(path))
+    return f"{root}.pending{suffix}"
 
 
 def check_order(kind: str, order: str, input_ids) -> None:

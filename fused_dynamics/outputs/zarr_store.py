@@ -27,7 +27,7 @@ from ..provenance import (
     package_version,
 )
 from .common import _check_mode, _jsonable
-from .order import InputOrder, check_order
+from .order import InputOrder, check_order, pending_path
 
 __all__ = ["ZarrSink", "read_zarr", "zarr_ids"]
 
@@ -98,7 +98,7 @@ class ZarrSink:
         JSON-serialisable description of the run, kept in the attributes.
     order : {"completion", "input"}, default "completion"
         ``"input"``: systems in the order of ``input_ids``; one that finishes early waits in
-        the store ``<path>.pending`` until every system before it is written.
+        the store ``<name>.pending.<suffix>`` until every system before it is written.
     input_ids : sequence of int, optional
         Required with ``order="input"``: the ``system_id`` of every input structure in input
         order (a sampler's ``ids``).
@@ -109,7 +109,7 @@ class ZarrSink:
         No writable folder, a bad mode or order, ``order="input"`` without ``input_ids``, or
         (mode "a") a path that is not a store of this class.
     FileExistsError
-        Mode "x" and the path (with ``order="input"``, ``<path>.pending`` too) exists.
+        Mode "x" and the path (with ``order="input"``, ``<name>.pending.<suffix>`` too) exists.
     """
 
     def __init__(
@@ -151,7 +151,7 @@ class ZarrSink:
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
             raise ValueError(f"ZarrSink: cannot write to {self.path!r} (no such folder).")
-        if mode == "a" and not os.path.exists(self.path) and os.path.isdir(self.path + ".pending"):
+        if mode == "a" and not os.path.exists(self.path) and os.path.isdir(pending_path(self.path)):
             mode = "x"  # an output in input order whose first systems never came: a new store
         if mode == "a":
             self.root = _open_store(self.path, "r+")
@@ -287,7 +287,7 @@ class ZarrSink:
 
     def system_ids(self) -> list[int]:
         """``system_id`` of every committed system of the store and, in input order, of every
-        system waiting in ``<path>.pending`` (a resumed run skips these)."""
+        system waiting in ``<name>.pending.<suffix>`` (a resumed run skips these)."""
         ids = zarr_ids(self.path) if os.path.exists(self.path) else []
         if self._order is not None:
             ids += sorted(set(self._order.waiting) - set(ids))
