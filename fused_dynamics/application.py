@@ -37,7 +37,17 @@ from .run_outputs import TeeSink, open_sink, plan_outputs
 from .sampling import SizeAwareSampler
 from .status import ExitReason
 
-__all__ = ["RunResult", "configure_jax", "execute"]
+__all__ = [
+    "Preflight",
+    "RunResult",
+    "check_capacity",
+    "configure_jax",
+    "execute",
+    "files_line",
+    "format_stage_exits",
+    "preflight",
+    "stage_exit_counts",
+]
 
 
 @dataclass
@@ -133,6 +143,225 @@ def _describe_problems(problems: list[dict], limit: int = 20) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class Preflight:
+    """What :func:`preflight` checked and built: everything a run needs before it compiles."""
+
+    structures: list
+    sources: list
+    species_line: str
+    files_line: str
+    plans: list
+    model: Any
+    stages: list
+    sampler: SizeAwareSampler
+
+
+def preflight(
+    cfg: RunConfig,
+    base_dir: str | os.PathLike = ".",
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> Preflight:
+    """Every check a run makes before it compiles, in the run's order (``run --validate-only``).
+
+    The structures are read and checked against the model's elements and the batch's
+    capacity, every output path is planned (folders created and probed, nothing else
+    written), JAX's dtype and device are applied (:func:`configure_jax`), the model, the
+    stages, the sampler and the :class:`~fused_dynamics.FusedStage` are built (each checks
+    its parameters). Nothing is compiled. :func:`execute` starts with it, so a configuration
+    ``--validate-only`` accepts passes the same checks in ``run``, and one it refuses is
+    refused by ``run`` with the same message.
+
+    Raises
+    ------
+    ConfigError
+        The first problem, naming the key to change and how.
+    """
+    base_dir = Path(base_dir)
+    # the inputs first: a structure the model has no parameters for touches no output path
+    structures, sources = load_structures_with_sources(cfg, base_dir)
+    species_line = check_structure_species(cfg, structures, sources)
+    check_capacity(cfg, structures, sources)
+    files = cfg.structures.files(base_dir)
+    plans = plan_outputs(cfg, base_dir, overwrite=overwrite, resume=resume, inputs=files)
+    configure_jax(cfg)
+    model = build_model(cfg)
+    stages = build_stages(cfg, model)
+    sampler = _sampler(cfg, structures, sources)
+    try:  # the fused stage's own checks (sub-stages, one model, one device)
+        fused = build_fused(cfg, model)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"stages: {exc}") from None
+    _with_stress(cfg, fused)
+    return Preflight(
+        structures=structures,
+        sources=sources,
+        species_line=species_line,
+        files_line=files_line(cfg, sources),
+        plans=plans,
+        model=model,
+        stages=stages,
+        sampler=sampler,
+    )
+
+
+def files_line(cfg: RunConfig, sources) -> str:
+    """``structures: 12 from 3 files, in this order: a.extxyz (10), POSCAR (1), b.cif (1)``."""
+    if cfg.structures.generate is not None:
+        return f"structures: {len(sources)} generated ({cfg.structures.generate})"
+    counts: dict[str, int] = {}
+    for f, _ in sources:
+        counts[f] = counts.get(f, 0) + 1
+    shown = [f"{os.path.basename(f)} ({n})" for f, n in list(counts.items())[:6]]
+    more = f", ... and {len(counts) - 6} more files" if len(counts) > 6 else ""
+    return (
+        f"structures: {len(sources)} from {len(counts)} file(s), read in this order "
+        f"(system_id 0 first): {', '.join(shown)}{more}"
+    )
+
+
+def check_capacity(cfg: RunConfig, structures, sources) -> None:
+    """Refuse structures the batch cannot hold, naming the capacity key and the value needed.
+
+    A structure with more atoms than ``capacity.max_atoms`` (or than
+    ``capacity.max_atoms_per_system``, when given) could never be run.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, the largest structure (file and frame), how many are too large and
+        the smallest value that holds them all.
+    """
+    cap = cfg.capacity
+    limit, key = cap.max_atoms, "capacity.max_atoms"
+    if cap.max_atoms_per_system is not None and cap.max_atoms_per_system < limit:
+        limit, key = cap.max_atoms_per_system, "capacity.max_atoms_per_system"
+    sizes = [len(a) for a in structures]
+    large = [i for i, n in enumerate(sizes) if n > limit]
+    if not large:
+        return
+    worst = max(large, key=sizes.__getitem__)
+    need = sizes[worst]
+    f, k = sources[worst]
+    where = f"generated structure {k}" if f is None else f"{os.path.basename(f)!r} frame {k}"
+    others = f" ({len(large) - 1} more structure(s) are larger than {limit} atoms too)"
+    raise ConfigError(
+        f"{key}: {where} has {need} atoms, more than {key} = {limit}"
+        + (others if len(large) > 1 else "")
+        + f": raise {key} to at least {need}"
+        + (
+            f" (and capacity.max_atoms to at least {need})"
+            if key.endswith("per_system") and cap.max_atoms < need
+            else ""
+        )
+        + ", or leave the larger structures out"
+    )
+
+
+class _CompileWatch:
+    """Feeds a :class:`~fused_dynamics.plotting.RunRecord` and says when compilation is done.
+
+    The first sample of the run's recorder arrives from inside the compiled step, so the
+    time from :meth:`start` to it is the compilation of the fused step (and of the run's
+    start: the first batch, its first evaluation). Until then the progress bar says it is
+    compiling.
+    """
+
+    def __init__(self, record, echo):
+        self.record = record
+        self.echo = echo
+        self.t0: float | None = None
+
+    def start(self) -> None:
+        self._say("compiling the fused step (the first chunk waits for it) ...")
+        if self.record.bar is not None:
+            self.record.bar.set_description("compiling the fused step")
+        self.t0 = time.perf_counter()
+
+    def _say(self, line: str) -> None:
+        bar = self.record.bar
+        if bar is not None:
+            bar.clear()
+        self.echo(line)
+        if bar is not None:
+            bar.refresh()
+
+    def on_sample(self, data) -> None:
+        if self.t0 is not None:
+            took = time.perf_counter() - self.t0
+            self.t0 = None
+            if self.record.bar is not None:
+                self.record.bar.set_description("graduated")
+            self._say(f"compiled in {took:.1f} s; running")
+        self.record.on_sample(data)
+
+
+def stage_exit_counts(left, budgets, stage_names) -> list[dict]:
+    """Per stage: how many systems left it converged, out of budget, or failed in it.
+
+    Parameters
+    ----------
+    left : list of dict
+        One per system written (:attr:`~fused_dynamics.plotting.RunRecord.left`):
+        ``exit_reason`` and ``stage_steps`` (steps spent in each stage).
+    budgets : list of int or None
+        Each stage's ``n_steps``.
+    stage_names : list of str
+
+    Returns
+    -------
+    list of dict
+        ``{"stage", "entered", "converged", "budget", "failed"}`` per stage. A system that
+        went on from a stage left it by its budget when it spent ``n_steps`` there, else by
+        its criterion (docs/semantics.md §10-§11); in the stage it ended in, its exit reason
+        says. A failed system is counted in the last stage it took a step in (the first stage
+        when it failed before any). Rejected systems never entered a stage (not counted).
+    """
+    n = len(stage_names)
+    rows = [
+        {"stage": name, "entered": 0, "converged": 0, "budget": 0, "failed": 0}
+        for name in stage_names
+    ]
+    for r in left:
+        reason = r["exit_reason"]
+        if reason == ExitReason.REJECTED:
+            continue
+        steps = list(r.get("stage_steps") or [0] * n)[:n] + [0] * n
+        ran = [k for k in range(n) if steps[k] > 0]
+        last = ran[-1] if ran else 0
+        if reason in (ExitReason.CONVERGED, ExitReason.BUDGET):
+            last = n - 1  # it left the final stage
+        for k in range(last + 1):
+            if k < last and steps[k] == 0:
+                continue  # passed through without a step (criterion held on entry)
+            rows[k]["entered"] += 1
+            if k < last:
+                hit = budgets[k] is not None and steps[k] >= budgets[k]
+                rows[k]["budget" if hit else "converged"] += 1
+            elif reason == ExitReason.FAILED:
+                rows[k]["failed"] += 1
+            elif reason == ExitReason.BUDGET:
+                rows[k]["budget"] += 1
+            elif reason == ExitReason.CONVERGED:
+                rows[k]["converged"] += 1
+    return rows
+
+
+def format_stage_exits(rows: list[dict]) -> str:
+    """The lines of :func:`stage_exit_counts`: per stage converged / budget / failed."""
+    head = f"{'stage':<20}{'entered':>9}{'converged':>11}{'budget':>8}{'failed':>8}"
+    lines = ["how systems left each stage:", head]
+    for i, row in enumerate(rows):
+        name = f"{i}: {row['stage']}"
+        lines.append(
+            f"{name:<20}{row['entered']:>9}{row['converged']:>11}{row['budget']:>8}"
+            f"{row['failed']:>8}"
+        )
+    return "\n".join(lines)
+
+
 def execute(
     cfg: RunConfig,
     base_dir: str | os.PathLike = ".",
@@ -180,16 +409,9 @@ def execute(
     t0, c0 = time.perf_counter(), time.process_time()
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     base_dir = Path(base_dir)
-    # the inputs first: a structure the model has no parameters for touches no output path
-    structures, sources = load_structures_with_sources(cfg, base_dir)
-    species_line = check_structure_species(cfg, structures, sources)
-    plans = plan_outputs(
-        cfg, base_dir, overwrite=overwrite, resume=resume, inputs=cfg.structures.files(base_dir)
-    )
-    configure_jax(cfg)
-    model = build_model(cfg)
-    stages = build_stages(cfg, model)
-    sampler = _sampler(cfg, structures, sources)
+    pre = preflight(cfg, base_dir, overwrite=overwrite, resume=resume)
+    structures, species_line, plans = pre.structures, pre.species_line, pre.plans
+    model, stages, sampler = pre.model, pre.stages, pre.sampler
     outputs = [p for p in plans if p.key.startswith("outputs")]
     stage_plans = [p for p in plans if p.stage is not None]
     ck = next(p for p in plans if p.kind == "checkpoint")
@@ -225,6 +447,7 @@ def execute(
         f"{' -> '.join(names)}, batch {cap.max_systems} systems / {cap.max_atoms} atoms, "
         f"{cfg.dtype}, jax {jax.__version__} on {jax.default_backend()}"
     )
+    echo(pre.files_line)
     echo(species_line)
     if cfg.checkpoint_every:
         echo(
@@ -244,7 +467,8 @@ def execute(
         budgets=[sc.n_steps for sc in cfg.stages],
         record_every=cfg.report.record_every,
     )
-    recorder = RecorderHook(record, every_n_steps=cfg.report.record_every)
+    watch = _CompileWatch(record, echo)
+    recorder = RecorderHook(watch, every_n_steps=cfg.report.record_every)
     sinks: list = []
     held: list = []  # (plan, ids it holds) of every output, for an interrupt's report
     try:
@@ -274,6 +498,7 @@ def execute(
             fused = _with_stress(cfg, fused)
             dtype = {"float32": jax.numpy.float32, "float64": jax.numpy.float64}[cfg.dtype]
             t_run = time.perf_counter()
+            watch.start()
             stats = fused.run(
                 sampler=sampler,
                 sinks=[tee],
@@ -319,6 +544,7 @@ def execute(
             f"of the step, {stats.checkpoints} checkpoint(s)"
         )
         echo(species_line)
+        echo(format_stage_exits(stage_exit_counts(record.left, record.budgets, names)))
         for line in _describe_problems(problems):
             echo(line)
     report_paths = {p.kind: p for p in plans if p.kind in ("plot", "record")}
@@ -378,7 +604,13 @@ def _sampler(cfg: RunConfig, structures, sources) -> SizeAwareSampler:
             sources=sources,
         )
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"structures/capacity: {exc}") from exc
+        why = str(exc).removeprefix("SizeAwareSampler: ")
+        if cfg.structures.id_key is not None and "id_key" in why:
+            raise ConfigError(
+                f"structures.id_key: {why} Fix the structures' info, or remove "
+                "structures.id_key (system_id is then each structure's position)"
+            ) from None
+        raise ConfigError(f"structures: {why}") from None
     if len(sampler) == 0:
         raise ConfigError(
             f"capacity: no structure fits max_atoms={cap.max_atoms} (the largest has "

@@ -63,18 +63,12 @@ from typing import Annotated
 
 import typer
 
-from .application import RunResult, execute
-from .config import (
-    ConfigError,
-    build_model,
-    check_structure_species,
-    load_config,
-    load_structures_with_sources,
-)
+from .application import RunResult, execute, preflight
+from .config import ConfigError, load_config
 from .config import save_config as write_config_file
 from .demo_job import demo_config, run_demo
 from .inspection import format_summary, summarize_output
-from .interrupts import INTERRUPTS
+from .interrupts import INTERRUPTS, resume_command
 from .run_outputs import OutputPlan, plan_outputs
 from .training.config import TrainConfigError, run_train_config
 
@@ -105,8 +99,12 @@ def _err(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
-def _guarded(fn, debug: bool) -> None:
-    """Run ``fn``; map configuration errors to exit 2 and run failures to exit 1."""
+def _guarded(fn, debug: bool, args: list[str] | None = None) -> None:
+    """Run ``fn``; map configuration errors to exit 2 and run failures to exit 1.
+
+    ``args``: the command's arguments, for the line that says how to resume an interrupted
+    run (:func:`~fused_dynamics.interrupts.resume_command`).
+    """
     try:
         fn()
     except ConfigError as exc:
@@ -121,6 +119,8 @@ def _guarded(fn, debug: bool) -> None:
         )
         for line in lines:
             _err(f"  {line}")
+        if args is not None:
+            _err(f"to continue, run: {resume_command(args)}")
         raise typer.Exit(128 + int(signum)) from None
     except typer.Exit:
         raise
@@ -172,8 +172,9 @@ def run(
         bool,
         typer.Option(
             "--validate-only",
-            help="Check the configuration, the output paths and the elements of the structures "
-            "against the model's parameters, and stop.",
+            help="Run every check 'run' makes before compiling (the configuration, its "
+            "cross-key rules, the structures against the model and the capacity, the output "
+            "paths, the model, the stages) and stop; exit 2 with the same message 'run' gives.",
         ),
     ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
@@ -198,22 +199,15 @@ def run(
 
     def go():
         cfg, base = load_config(config)
-        if validate_only:  # the checks execute() makes before compiling, in its order
-            structures, sources = load_structures_with_sources(cfg, base)
-            species_line = check_structure_species(cfg, structures, sources)
-            plan_outputs(
-                cfg,
-                base,
-                overwrite=overwrite,
-                resume=resume,
-                inputs=cfg.structures.files(base),
-            )
-            build_model(cfg)
+        if validate_only:  # every check execute() makes before compiling: its preflight
+            pre = preflight(cfg, base, overwrite=overwrite, resume=resume)
             typer.echo(
                 f"{config}: valid ({len(cfg.stages)} stages, {len(cfg.outputs)} outputs, "
-                f"{len(structures)} structures)"
+                f"{len(pre.structures)} structures): every check 'run' makes before compiling "
+                "passed"
             )
-            typer.echo(species_line)
+            typer.echo(pre.files_line)
+            typer.echo(pre.species_line)
             return
         if no_progress:
             cfg = cfg.model_copy(
@@ -223,7 +217,8 @@ def run(
             result = execute(cfg, base, echo=typer.echo, overwrite=overwrite, resume=resume)
         _finish(result, strict)
 
-    _guarded(go, debug)
+    flags = {"--no-progress": no_progress, "--resume": resume, "--strict": strict, "--debug": debug}
+    _guarded(go, debug, ["run", os.fspath(config), *(f for f, on in flags.items() if on)])
 
 
 @app.command()
@@ -274,7 +269,15 @@ def demo(
             f"{time.process_time() - c0:.1f} s CPU (this process, after imports)"
         )
 
-    _guarded(go, debug)
+    flags = {
+        "--quick": quick,
+        "--no-progress": no_progress,
+        "--resume": resume,
+        "--strict": strict,
+        "--debug": debug,
+    }
+    args = ["demo", *(f for f, on in flags.items() if on), "--output-dir", os.fspath(output_dir)]
+    _guarded(go, debug, args)
 
 
 @app.command()

@@ -10,9 +10,28 @@ systems and every record is whole. The application service turns the interrupt i
 from __future__ import annotations
 
 import contextlib
+import shlex
 import signal
+from collections.abc import Sequence
 
-__all__ = ["INTERRUPTS", "Interrupts", "RunInterrupted"]
+__all__ = ["INTERRUPTS", "Interrupts", "RunInterrupted", "resume_command"]
+
+
+def resume_command(args: Sequence[str], prog: str = "fused-dynamics") -> str:
+    """The command line that continues an interrupted run, quoted for a POSIX shell.
+
+    The same arguments with ``--resume`` added and ``--overwrite`` dropped (it would replace
+    what the interrupted run wrote, checkpoint included).
+
+    Examples
+    --------
+    >>> resume_command(["run", "my job.toml", "--overwrite"])
+    "fused-dynamics run 'my job.toml' --resume"
+    """
+    kept = [a for a in args if a != "--overwrite"]
+    if "--resume" not in kept:
+        kept.append("--resume")
+    return shlex.join([prog, *kept])
 
 
 class RunInterrupted(KeyboardInterrupt):

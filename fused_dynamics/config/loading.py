@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 import typing
 from pathlib import Path
@@ -24,6 +25,25 @@ __all__ = [
 ]
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading ``1e-6`` as a number, as YAML 1.2 and TOML do (YAML 1.1,
+    which PyYAML follows, needs a dot: ``1.0e-6``; strict types would then refuse a string)."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
 def read_config_file(path: str | os.PathLike) -> dict:
     """Parse a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file into a dict."""
     p = Path(path)
@@ -38,7 +58,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
             raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
     elif suffix in (".yaml", ".yml"):
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a safe loader
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
     else:

@@ -186,8 +186,14 @@ def _value(v, fmt: str = "toml") -> str:
     """A value in TOML, or in YAML flow style (JSON spelling, which YAML reads the same)."""
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, int | float):
+    if isinstance(v, int):
         return repr(v)
+    if isinstance(v, float):
+        text = repr(v)
+        mantissa, e, exponent = text.partition("e")
+        if e and "." not in mantissa:  # 1e-06 -> 1.0e-06: YAML 1.1 reads "1e-06" as a string
+            text = f"{mantissa}.0e{exponent}"
+        return text
     if isinstance(v, str):
         return json.dumps(v, ensure_ascii=False)
     if isinstance(v, list | tuple):
@@ -254,6 +260,7 @@ class _Writer:
 
     def table(self, name: str, cls, data: dict, note: str = ""):
         self.lines.append("")
+        self.lines += _comment(f"{name}: {RunConfig.model_fields[name].description}")
         if note:
             self.lines += _comment(note)
         if self.fmt == "toml":
@@ -266,6 +273,7 @@ class _Writer:
 
     def array(self, name: str, by_type: dict, cls, items: list[dict], note: str = ""):
         self.lines.append("")
+        self.lines += _comment(f"{name}: {RunConfig.model_fields[name].description}")
         if note:
             self.lines += _comment(note)
         if self.fmt == "yaml":
@@ -348,21 +356,15 @@ def config_text(cfg: dict, fmt: str = "toml", name: str = "THIS_FILE") -> str:
     w.table("model", _MODELS.get(model.get("type")), model, help_text)
     w.table("capacity", _sections(top["capacity"].annotation)[0], dict(cfg.get("capacity") or {}))
     stage_note = (
-        "[[stages]]: the chain every system goes through, in order; a system moves on when a "
-        "stage's criterion holds (fmax, criteria) or its budget (n_steps) is spent. Every "
+        "A system moves on from a stage when its criterion holds (fmax, criteria) or its "
+        "budget (n_steps) is spent. Every "
         "stage takes n_steps, fmax, criteria, entry_velocities, entry_temperature, write. "
         "Types and their own keys (? = optional):\n"
         + _type_summaries(_STAGES, {"type", *_StageBase.model_fields})
     )
     w.array("stages", _STAGES, None, list(cfg.get("stages") or []), stage_note)
     out_cls = _sections(top["outputs"].annotation)[0]
-    w.array(
-        "outputs",
-        {},
-        out_cls,
-        list(cfg.get("outputs") or []),
-        "[[outputs]]: " + (top["outputs"].description or ""),
-    )
+    w.array("outputs", {}, out_cls, list(cfg.get("outputs") or []))
     w.table("report", _sections(top["report"].annotation)[0], dict(cfg.get("report") or {}))
     return "\n".join(w.lines) + "\n"
 
