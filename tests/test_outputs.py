@@ -28,6 +28,7 @@ from fused_dynamics.provenance import copy_provenance, exit_reason_legend
 from fused_dynamics.sinks import (
     check_writable,
     read_extxyz_ids,
+    read_zarr,
     set_aside_tail,
     zarr_ids,
 )
@@ -582,3 +583,64 @@ def test_zarr_append_never_writes_over_committed_atoms(tmp_path):
     fd.ZarrSink(path, mode="a").write([frame(3, 1)])
     got = {a.info["system_id"]: a.positions[:, 0].tolist() for a in fd.read_zarr(path)}
     assert got == {0: [0.0] * 3, 1: [1.0] * 2, 2: [2.0] * 4, 3: [3.0]}
+
+
+# ============================================================================ exact inputs
+def test_a_float32_run_writes_input_masses_and_cells_exactly(tmp_path):
+    """Masses and a fixed cell are the input's float64 values, not their float32 rounding
+    (issue: masses 39.94800186, cell 12.239999771118164). Compared bitwise."""
+    from fused_dynamics.run_outputs import TeeSink
+
+    frames = []
+    for seed in range(2):
+        a = Icosahedron("Ar", 2)[:7]
+        a.set_cell([12.24, 12.24, 12.24])  # periodic, and not a float32 number
+        a.pbc = True
+        a.center()
+        a.rattle(0.05, seed=seed)
+        masses = a.get_masses()
+        masses[0] = 35.967545105  # an isotope: more digits than a float32 holds
+        a.set_masses(masses)
+        frames.append(a)
+    assert float(np.float32(12.24)) != 12.24 and float(np.float32(39.948)) != 39.948
+    sampler = fd.SizeAwareSampler(frames, max_atoms=14, max_systems=2, max_atoms_per_system=7)
+    memory = fd.HostMemory()
+    sinks = [memory, fd.ExtXYZSink(tmp_path / "o.extxyz"), fd.ZarrSink(tmp_path / "o.zarr")]
+    fused = fd.FusedStage([fd.FIRE(LJ, n_steps=3)])
+    fused.run(sampler=sampler, refill_frequency=3, sinks=[TeeSink(sinks)], dtype=np.float32)
+    written = {
+        "memory": memory.atoms,
+        "extxyz": ase.io.read(tmp_path / "o.extxyz", ":"),
+        "zarr": read_zarr(tmp_path / "o.zarr"),
+    }
+    for kind, out in written.items():
+        assert [a.info["system_id"] for a in out] == [0, 1]
+        for a, src in zip(out, frames, strict=True):
+            masses = src.get_masses()
+            if kind == "extxyz":  # ASE prints per-atom floats with 8 decimals (%16.8f)
+                masses = np.array([float(f"{m:.8f}") for m in masses])
+                assert np.array_equal(masses[1:], src.get_masses()[1:])  # 39.948 itself
+            np.testing.assert_array_equal(a.get_masses(), masses)
+            np.testing.assert_array_equal(a.cell.array, src.cell.array)
+            np.testing.assert_array_equal(a.numbers, src.numbers)
+            np.testing.assert_array_equal(a.pbc, src.pbc)
+    # the run was float32: its positions are float32 numbers (the run moved them)
+    moved = memory.atoms[0].positions
+    np.testing.assert_array_equal(moved, moved.astype(np.float32))
+    assert not np.array_equal(moved, frames[0].positions)
+    # the results still belong to the structure (ASE compares the calculator's atoms)
+    assert np.isfinite(memory.atoms[0].get_potential_energy())
+
+
+def test_a_cell_the_run_changed_is_kept_as_computed():
+    from fused_dynamics.provenance import restore_unchanged
+
+    src = cluster(0)
+    src.set_cell([12.24, 12.5, 13.0])
+    out = src.copy()
+    out.set_masses(src.get_masses().astype(np.float32))
+    strained = src.cell.array * (1 + 1e-3)  # a variable-cell stage moved it
+    out.set_cell(strained.astype(np.float32))
+    restore_unchanged(src, out)
+    np.testing.assert_array_equal(out.get_masses(), src.get_masses())  # rounding undone
+    np.testing.assert_array_equal(out.cell.array, strained.astype(np.float32))  # kept
