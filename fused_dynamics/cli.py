@@ -33,11 +33,20 @@ Systems that fail (``exit_reason`` FAILED: a non-finite or too large quantity), 
 (they cannot be run) or are written with non-finite values are listed in a warning on stderr
 and in the summary; the exit code stays 0 unless ``--strict`` is given, then it is 1.
 
+``run --validate-only`` makes every check ``run`` makes before compiling (the application's
+:func:`~fused_dynamics.application.preflight`), so both refuse a configuration with the same
+message and exit code. ``demo --save-config FILE`` writes the demo's configuration with every
+key explained in a comment. While the fused step compiles, the run says so ("compiling the
+fused step ...", then "compiled in 12.3 s"); the summary gives, per stage, how many systems
+entered it and left it converged, out of budget or failed. After Ctrl-C the message says what
+every output holds and the exact command that resumes the run.
+
 Before anything compiles (and with ``run --validate-only``), every structure is checked
-against the model's parameters: an element without parameters (not in ``model.species`` or
-``model.pairs``, or a second element under a model given one set of parameters without
-``species``) stops the run with exit 2 naming the element, the file and frame, and the key to
-add (see :mod:`fused_dynamics.config`, "Keys of the model").
+against the model's parameters and the batch's capacity (a structure larger than
+``capacity.max_atoms`` is refused naming the value needed): an element without parameters
+(not in ``model.species`` or ``model.pairs``, or a second element under a model given one
+set of parameters without ``species``) stops the run with exit 2 naming the element, the file
+and frame, and the key to add (see :mod:`fused_dynamics.config`, "Keys of the model").
 
 Exit codes: 0 success; 2 a bad configuration or input, or an output path that exists (the
 message names the key and what to do); 1 a failure while running, or with ``--strict`` some

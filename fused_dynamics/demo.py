@@ -11,7 +11,9 @@ in-place refill of finished slots. It shows a progress bar, prints a summary tab
   stage over time.
 
 The job is an ordinary run configuration (:data:`DEMO_CONFIG`); ``fused-dynamics demo
---save-config demo.yaml`` writes it out, and ``fused-dynamics run demo.yaml`` runs it.
+--save-config demo.toml`` (or ``.yaml``) writes it out with every key explained in a comment
+(unit, default, allowed values, and how to read your own structure files instead of the
+generated ones), and ``fused-dynamics run demo.toml`` runs it.
 ``--quick`` is a small version (a few seconds after compilation) for tests.
 
 This module is the ``python -m fused_dynamics.demo`` command line (it runs the ``demo``

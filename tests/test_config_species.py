@@ -211,7 +211,7 @@ def test_mixing_fills_cross_pairs():
 
 def test_bad_entries_name_the_key():
     msg = _error({"pairs": {"Ar": AR, "Kr": KR, "Ar-Kr": {"sigma": -1.0, "epsilon": 0.01}}})
-    assert 'model.pairs."Ar-Kr".sigma' in msg and "greater than 0" in msg
+    assert 'model.pairs."Ar-Kr".sigma' in msg and "must be > 0 (Å), got -1.0" in msg
     msg = _error({"pairs": {"Ar": {"sigma": "big", "epsilon": 0.01}}})
     assert "model.pairs.Ar.sigma" in msg
     msg = _error({"pairs": {"Ar": {"sigma": 3.4, "epsilom": 0.01}}})

@@ -5,6 +5,7 @@ the other tests are in-process and touch no JAX state.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -69,11 +70,27 @@ def test_quick_demo_figure_is_a_real_png(quick_demo):
 
 
 def test_quick_demo_prints_progress_and_summary(quick_demo):
-    _, proc = quick_demo
+    out, proc = quick_demo
     assert "graduated" in proc.stderr and "steps/s" in proc.stderr  # the tqdm bar
+    assert "compiling the fused step" in proc.stderr  # the bar says it compiles, then
+    assert "compiling the fused step (the first chunk waits for it) ..." in proc.stdout
+    compiled = re.search(r"compiled in (\d+\.\d) s; running", proc.stdout)
+    assert compiled and float(compiled.group(1)) > 0, proc.stdout
     for word in ("FIRE", "NVTLangevin", "mean steps", "exit reasons", "fused steps"):
         assert word in proc.stdout, proc.stdout
     assert "demo.extxyz" in proc.stdout and "demo.png" in proc.stdout
+    # per stage: entered, converged, budget, failed, as the written systems say
+    frames = ase.io.read(out / "demo.extxyz", index=":")
+    fire_budget = demo_config(quick=True)["stages"][0]["n_steps"]
+    fire_converged = sum(a.info["stage_steps"][0] < fire_budget for a in frames)
+    n = len(frames)
+    assert "how systems left each stage:" in proc.stdout
+    assert re.search(
+        rf"0: FIRE\s+{n}\s+{fire_converged}\s+{n - fire_converged}\s+0\n", proc.stdout
+    ), proc.stdout
+    assert re.search(rf"1: NVTLangevin\s+{n}\s+0\s+{n}\s+0\n", proc.stdout), proc.stdout
+    # nothing else on stderr: no warning (matplotlib's on small runs) leaks into the terminal
+    assert "Warning" not in proc.stderr and "warn" not in proc.stderr.lower(), proc.stderr
 
 
 def test_demo_configs_are_valid_run_configurations():

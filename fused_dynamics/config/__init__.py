@@ -15,7 +15,7 @@ Example (TOML)::
     checkpoint_every = 1000      # steps between checkpoints (0: none); see below
 
     [structures]
-    path = "structures/*.extxyz" # a file or a glob, read with ase.io.read(index=":")
+    path = ["POSCAR", "cifs/*.cif", "md.extxyz"]   # or one file, or one glob (see below)
     # or: generate = "argon", count = 256, rattle = 0.15, seed = 0
 
     [model]
@@ -51,7 +51,17 @@ Example (TOML)::
     plot = "outputs/run.png"
 
 Relative paths are resolved against the folder of the configuration file. Units are the
-package's (ASE's): Å, eV, amu, fs, K, eV/Å³.
+package's (ASE's): Å, eV, amu, fs, K, eV/Å³. ``fused-dynamics demo --save-config job.toml``
+writes a complete configuration in which every key is explained in a comment (unit, default,
+allowed values; :func:`config_text`), with the example of reading one's own files.
+
+Types are strict: a boolean or a string is never taken for a number (``cutoff = true``,
+``sigma = "3.4"``), nor a float for a whole number (``max_atoms = 32.0``); the message names
+the key and how to write it. Every problem found before compiling, cross-key rules included
+(``switch_onset`` below ``cutoff``, the capacity against the largest structure, the elements
+against the model, the output paths), exits with code 2 naming the key to change, and
+``run --validate-only`` makes exactly the checks ``run`` makes before compiling
+(:func:`fused_dynamics.application.preflight`).
 
 Keys of the model
 -----------------
@@ -110,6 +120,14 @@ Keys of the model
 
 Keys about outputs and inputs
 -----------------------------
+``structures.path``
+    Your own structures: a file, a glob (``*``, ``?``, ``[...]``, ``**`` for any depth), or a
+    list of files and globs, each read with ``ase.io.read(index=":")`` (any format ASE reads:
+    extxyz, CIF, POSCAR, ...; ``structures.format`` when the suffix does not say). They are
+    read in the listed order, each file's frames in file order, a glob's matches sorted by
+    name; a file named again by a later pattern is read once, where first named. The i-th
+    structure so read is ``system_id`` i (unless ``id_key``). A file that does not exist or a
+    glob that matches nothing is refused (exit 2) naming the pattern.
 ``structures.id_key``
     Take each structure's ``system_id`` from ``atoms.info[id_key]`` (an integer, unique,
     ``0 <= id < 2**31 - 1``) instead of its position in the list of structures. Random
@@ -205,7 +223,7 @@ from .schema import (
     entry_temperature,
     resolve_structure_files,
 )
-from .writing import MODEL_KEYS_HELP, save_config
+from .writing import MODEL_KEYS_HELP, config_text, save_config
 
 __all__ = [
     "ConfigError",
@@ -253,5 +271,6 @@ __all__ = [
     "format_validation_error",
     "parse_pair_key",
     "resolve_structure_files",
+    "config_text",
     "save_config",
 ]

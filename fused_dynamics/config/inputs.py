@@ -57,7 +57,11 @@ def load_structures_with_sources(
         try:
             frames = ase.io.read(f, index=":", format=s.format)
         except Exception as exc:  # ase raises many kinds
-            raise ConfigError(f"structures.path: cannot read {f!r} with ase.io: {exc}") from exc
+            raise ConfigError(
+                f"structures.path: cannot read {f!r} with ase.io ({type(exc).__name__}: {exc}); "
+                "check the file, or set structures.format to its ase.io format (e.g. 'vasp', "
+                "'cif', 'extxyz') when its name does not say"
+            ) from exc
         frames = frames if isinstance(frames, list) else [frames]
         try:
             keep = _frame_numbers(s.index, len(frames))
@@ -69,7 +73,10 @@ def load_structures_with_sources(
         out.extend(frames[k] for k in keep)
         sources.extend((f, k) for k in keep)
     if not out:
-        raise ConfigError(f"structures.path: {s.path!r} holds no structure.")
+        raise ConfigError(
+            f"structures.path: {s.path!r} holds no structure (structures.index = {s.index!r} "
+            "selects no frame); give files with structures, or another structures.index"
+        )
     return out, sources
 
 

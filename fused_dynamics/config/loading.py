@@ -140,12 +140,24 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
                 where = f"{where}.{sub}" if where != "(top level)" else sub
         elif kind in _EXPECTED:
             msg = _type_message(kind, err.get("input"), err["loc"])
+        elif kind in _BOUNDS:
+            info = _field_at(err["loc"])
+            about = f" ({info.description})" if info is not None and info.description else ""
+            limit = next(iter(err.get("ctx", {}).values()), "?")
+            limit = f"{limit:g}" if isinstance(limit, float) else limit
+            msg = f"must be {_BOUNDS[kind]} {limit}{about}, got {_written(err.get('input'))}"
         elif "input" in err and not isinstance(err["input"], dict | list):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
 
 
+_BOUNDS = {
+    "greater_than": ">",
+    "greater_than_equal": ">=",
+    "less_than": "<",
+    "less_than_equal": "<=",
+}
 _EXPECTED = {
     "float_type": "a number",
     "int_type": "a whole number",
@@ -182,8 +194,9 @@ def _field_at(loc: tuple) -> FieldInfo | None:
             classes = [_TAGGED[part]]
             continue
         found = [c.model_fields[part] for c in classes if part in c.model_fields]
-        if not found:
-            return info if info is not None and not classes else None
+        if not found:  # a key of a table (model.pairs."Ar-Kr"), or not in the schema
+            info = None
+            continue
         info = found[0]
         classes = _classes(info.annotation)
     return info

@@ -462,13 +462,13 @@ class RunConfig(_Section):
         first = self.stages[0]
         if first.entry_velocities == "thermal" or first.entry_temperature is not None:
             raise ValueError(
-                "stages[0].entry_velocities/entry_temperature: systems enter the first stage "
+                "@stages[0].entry_velocities: systems enter the first stage "
                 "from the structures; use the top-level 'initial_temperature' instead"
             )
         for i, st in enumerate(self.stages):
             if st.entry_velocities == "thermal" and entry_temperature(self, i) is None:
                 raise ValueError(
-                    f"stages[{i}].entry_temperature: entry_velocities = 'thermal' needs a "
+                    f"@stages[{i}].entry_temperature: entry_velocities = 'thermal' needs a "
                     f"temperature and stage {st.type!r} has none; give entry_temperature (K)"
                 )
         return self
@@ -478,8 +478,9 @@ class RunConfig(_Section):
         last = self.stages[-1]
         if last.n_steps is None and not last.has_criterion():
             raise ValueError(
-                f"stages[{len(self.stages) - 1}] ({last.type}): the final stage needs 'n_steps' "
-                "or a convergence criterion ('fmax' or 'criteria'), or systems never finish"
+                f"@stages[{len(self.stages) - 1}].n_steps: ({last.type}) the final stage needs "
+                "'n_steps' or a convergence criterion ('fmax' or 'criteria'), or systems never "
+                "finish"
             )
         return self
 
