@@ -644,3 +644,30 @@ def test_a_cell_the_run_changed_is_kept_as_computed():
     restore_unchanged(src, out)
     np.testing.assert_array_equal(out.get_masses(), src.get_masses())  # rounding undone
     np.testing.assert_array_equal(out.cell.array, strained.astype(np.float32))  # kept
+
+
+def test_codes_have_their_names_and_one_legend_in_both_formats(tmp_path):
+    from fused_dynamics.provenance import output_legend
+    from fused_dynamics.status import LEGEND, status_name
+
+    bad = result_frame(1, fd.ExitReason.FAILED)
+    bad.info.update(failure="max_force", failure_step=0, status=1)
+    fd.ExtXYZSink(tmp_path / "o.extxyz").write([result_frame(0), bad])
+    fd.ZarrSink(tmp_path / "o.zarr").write([result_frame(0), bad])
+    for frames in (
+        ase.io.read(tmp_path / "o.extxyz", ":"),
+        read_zarr(tmp_path / "o.zarr"),
+    ):
+        # status 2 of a two-stage run: graduated; status 1: still in sub-stage 1
+        assert [a.info["status_name"] for a in frames] == ["graduated", "stage_1"]
+        assert [a.info["exit_reason_name"] for a in frames] == ["converged", "failed"]
+        assert frames[1].info["failure"] == "max_force"
+    legend = json.loads(ase.io.read(tmp_path / "o.extxyz", 0).info["legend"])
+    assert legend == output_legend() == json.loads(json.dumps(LEGEND))  # the one table
+    assert zarr.open_group(tmp_path / "o.zarr", mode="r").attrs["legend"] == legend
+    assert legend["exit_reason"]["3"] == "failed" and legend["failure"]["64"] == "max_force"
+    assert (status_name(0, 2), status_name(2, 2), status_name(3, 2)) == (
+        "stage_0",
+        "graduated",
+        "unknown_3",
+    )
