@@ -56,3 +56,46 @@ def test_page_blocks_run(page, tmp_path, monkeypatch):
             exec(compile(code, name, "exec"), module.__dict__)
     finally:
         del sys.modules[module.__name__]
+
+
+SHELL_BLOCK = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
+
+
+def _shell_commands() -> list[tuple[str, str]]:
+    """(page, command) for every command line of every ```bash block (comments dropped)."""
+    found = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for block in SHELL_BLOCK.findall(page.read_text(encoding="utf-8")):
+            for line in block.splitlines():
+                command = line.split("#", 1)[0].strip()
+                if command:
+                    found.append((page.relative_to(ROOT).as_posix(), command))
+    return found
+
+
+def test_shell_commands_exist():
+    """The ```bash blocks are not run (a demo or a test suite inside the tests), but every
+    command they show exists: a Makefile target, or a fused-dynamics subcommand with each of
+    the options given (read from its --help)."""
+    from typer.testing import CliRunner
+
+    from fused_dynamics.cli import app
+
+    commands = _shell_commands()
+    assert commands
+    targets = set(re.findall(r"^([a-z]+):", (ROOT / "Makefile").read_text(), re.M))
+    runner = CliRunner()
+    helps: dict[str, str] = {}
+    for page, command in commands:
+        words = command.split()
+        if words[0] == "make":
+            assert words[1] in targets, (page, command)
+            continue
+        assert words[0] == "fused-dynamics", (page, command)
+        sub = words[1]
+        if sub not in helps:
+            result = runner.invoke(app, [sub, "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+            assert result.exit_code == 0, (page, command, result.output)
+            helps[sub] = result.output
+        for option in re.findall(r"--[a-z][a-z-]*", command):
+            assert option in helps[sub], (page, command, option)
