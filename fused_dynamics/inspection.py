@@ -121,7 +121,8 @@ def _steps(a) -> list[int] | None:
     s = a.info.get("stage_steps")
     if s is None:
         return None
-    return [int(x) for x in (s.tolist() if hasattr(s, "tolist") else s)]
+    # extxyz may give a one-element list back as a scalar
+    return [int(x) for x in np.atleast_1d(np.asarray(s))]
 
 
 def _left_from(a, steps: list[int] | None) -> int | None:
