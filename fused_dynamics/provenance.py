@@ -147,7 +147,8 @@ def name_exit_reason(atoms: ase.Atoms) -> ase.Atoms:
         info["exit_reason_name"] = exit_reason_name(code)
     if info.get("status") is not None:
         steps = info.get("stage_steps")
-        info["status_name"] = status_name(info["status"], None if steps is None else len(steps))
+        n_sub_stages = None if steps is None else int(np.size(steps))
+        info["status_name"] = status_name(info["status"], n_sub_stages)
     return atoms
 
 
