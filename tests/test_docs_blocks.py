@@ -31,7 +31,13 @@ def _blocks(path: Path) -> list[str]:
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 PAGES = [p for p in PAGES if p.relative_to(ROOT).as_posix() not in RUN_ELSEWHERE]
-WITH_CODE = [p for p in PAGES if _blocks(p)]
+# pages whose blocks compile a whole run or a training step: 5-20 s of CPU each on 2 cores
+SLOW = {"docs/getting-started.md", "docs/concepts.md", "docs/stages/index.md", "docs/training.md"}
+WITH_CODE = [
+    pytest.param(p, marks=pytest.mark.slow) if p.relative_to(ROOT).as_posix() in SLOW else p
+    for p in PAGES
+    if _blocks(p)
+]
 
 
 def test_every_fence_is_recognised():
