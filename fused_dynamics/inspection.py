@@ -7,8 +7,10 @@ exit reason and status by name (names from :mod:`fused_dynamics.status`), the su
 the run from, the steps it took in each sub-stage, energy, fmax and temperature.
 :func:`summarize_output` gives the statistics: energy, fmax and temperature over the systems
 that neither failed nor were rejected (a failed system's numbers are not results; a rejected
-one never ran), which are counted apart. :func:`inspect_command` is the command line's
-``inspect``: it prints, filters (``failed``, ``stage``) and exports CSV or JSON.
+one never ran), which are counted apart, and the systems of an output in input order that
+still wait in its side file (:func:`~fused_dynamics.outputs.order.pending_path`).
+:func:`inspect_command` is the command line's ``inspect``: it prints, filters (``failed``,
+``stage``) and exports CSV or JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from pathlib import Path
 import ase.io
 import numpy as np
 
-from .sinks import read_zarr
+from .outputs.order import pending_path
+from .sinks import read_extxyz_ids, read_zarr, zarr_ids
 from .status import ExitReason, exit_reason_name, status_name
 
 __all__ = [
@@ -227,6 +230,18 @@ def summarize_output(path: str | os.PathLike) -> dict:
     return _summary(path, rows)
 
 
+def _waiting(path: Path) -> dict | None:
+    """The side file of an output in input order whose run did not finish, and its systems."""
+    side = Path(pending_path(path))
+    if not side.exists():
+        return None
+    try:
+        ids = zarr_ids(side) if _is_zarr(path) else read_extxyz_ids(side)[0]
+    except (OSError, ValueError):
+        return None
+    return {"path": os.fspath(side), "systems": len(ids)}
+
+
 def _summary(path: Path, rows: list[dict]) -> dict:
     reasons: dict[str, int] = {}
     for r in rows:
@@ -260,6 +275,9 @@ def _summary(path: Path, rows: list[dict]) -> dict:
         arr = np.asarray(steps)
         out["stage_steps_mean"] = [float(x) for x in arr.mean(axis=0)]
         out["stage_steps_max"] = [int(x) for x in arr.max(axis=0)]
+    waiting = _waiting(path)
+    if waiting is not None:
+        out["waiting"] = waiting
     failed = [
         {
             "system_id": r["system_id"],
@@ -293,6 +311,12 @@ def format_summary(s: dict) -> str:
         "  exit reasons     "
         + (", ".join(f"{k}: {v}" for k, v in s["exit_reasons"].items()) or "none"),
     ]
+    if "waiting" in s:
+        w = s["waiting"]
+        lines.append(
+            f"  waiting          {w['systems']} systems in {w['path']} (written in input order: "
+            "they finished before an earlier system; a resumed run writes them in their turn)"
+        )
     if "statuses" in s:
         lines.append(
             "  final statuses   " + ", ".join(f"{k}: {v}" for k, v in s["statuses"].items())

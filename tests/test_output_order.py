@@ -20,6 +20,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.cluster import Icosahedron
 
 import fused_dynamics as fd
+from fused_dynamics.inspection import summarize_output
 from fused_dynamics.outputs.order import pending_path
 from fused_dynamics.run_outputs import OutputPlan, TeeSink, _plan_one
 from fused_dynamics.sinks import read_zarr
@@ -170,6 +171,7 @@ def test_waiting_systems_are_on_disk_and_read_back_by_a_continuing_sink(tmp_path
     assert _ids(_read(kind, path)) == [0]
     assert _ids(_read(kind, pending_path(path))) == [2, 4]
     assert sorted(sink.system_ids()) == [0, 2, 4] and len(sink) == 3
+    assert summarize_output(path)["waiting"]["systems"] == 2  # inspect says what waits
     del sink  # a killed run: nothing more is written
     with pytest.raises(FileExistsError, match="mode='a'"):  # never written over
         cls(path, order="input", input_ids=ids)
