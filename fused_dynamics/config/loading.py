@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tomllib
@@ -223,9 +224,14 @@ def _type_message(kind: str, value, loc: tuple) -> str:
             number = float(value)
         except ValueError:
             return f"{what} (a string); write a number"
-        shown = value.strip() if kind == "float_type" or number != int(number) else int(number)
+        if kind != "float_type" and math.isfinite(number) and number == int(number):
+            shown = str(int(number))
+        elif kind == "float_type":
+            shown = value.strip()
+        else:
+            return f"{what} (a string); write a whole number without quotes"
         return f"{what} (a string); strings are not taken for numbers: write {shown} without quotes"
     if isinstance(value, float) and kind in ("int_type", "int_from_float"):
-        whole = value == int(value) if value == value and abs(value) != float("inf") else False
+        whole = math.isfinite(value) and value == int(value)
         return f"{what}; write {int(value) if whole else 'a whole number'} (no decimal point)"
     return what
