@@ -24,7 +24,10 @@ def site(tmp_path_factory):
     """Build once into a temporary directory (never into the checkout)."""
     out = tmp_path_factory.mktemp("site")
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    before = {p.name for p in ROOT.iterdir()}
+    # what MkDocs and its plugins would write into the checkout by default (other tests may
+    # create other files meanwhile: only these are watched)
+    watched = [ROOT / "site", ROOT / ".cache" / "mkdocs-jupyter"]
+    before = {p for p in watched if p.exists()}
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
         cwd=ROOT,
@@ -33,7 +36,9 @@ def site(tmp_path_factory):
         text=True,
         timeout=300,
     )
-    created = {p.name for p in ROOT.iterdir()} - before
+    created = {p.relative_to(ROOT).as_posix() for p in watched if p.exists()} - {
+        p.relative_to(ROOT).as_posix() for p in before
+    }
     return out, proc, created
 
 
