@@ -329,3 +329,36 @@ def test_stage_exit_counts_per_stage():
     text = format_stage_exits(rows)
     assert "converged" in text and "budget" in text and "failed" in text
     assert "0: FIRE" in text and "1: NVTLangevin" in text
+
+
+def test_the_run_says_it_compiles_then_how_long_it_took():
+    """The first recorder sample comes from inside the compiled step: compilation is over."""
+    from types import SimpleNamespace
+
+    from fused_dynamics.application import _CompileWatch
+
+    samples, lines = [], []
+
+    class Bar:  # what _CompileWatch uses of tqdm
+        desc = "graduated"
+
+        def set_description(self, text):
+            self.desc = text
+
+        def clear(self):
+            lines.append(("clear", self.desc))
+
+        def refresh(self):
+            pass
+
+    record = SimpleNamespace(bar=Bar(), on_sample=samples.append)
+    watch = _CompileWatch(record, lines.append)
+    watch.start()
+    assert lines[-1] == "compiling the fused step (the first chunk waits for it) ..."
+    assert record.bar.desc == "compiling the fused step"  # the bar says so meanwhile
+    watch.on_sample("first")
+    assert lines[-1].startswith("compiled in ") and lines[-1].endswith(" s; running")
+    assert record.bar.desc == "graduated"
+    watch.on_sample("second")  # said once
+    assert sum(isinstance(x, str) and x.startswith("compiled") for x in lines) == 1
+    assert samples == ["first", "second"]  # every sample reaches the record
