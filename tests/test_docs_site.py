@@ -83,3 +83,13 @@ def test_benchmark_page_holds_the_generated_tables(site):
     for row in rows:  # the first measured number of each of our rows appears on the page
         number = re.findall(r"\d[\d,.]*", row.split("|")[3])[0]
         assert number in html, (row, number)
+
+
+def test_command_line_page_holds_the_generated_job_file(site):
+    """docs/hooks/demo_config.py puts ``demo --save-config``'s file into the page at build."""
+    out, proc, _ = site
+    assert proc.returncode == 0
+    html = (out / "command-line" / "index.html").read_text()
+    assert "<!-- demo-config -->" not in html
+    for key in ("[structures]", "[model]", "refill_frequency", "YOUR OWN STRUCTURES"):
+        assert key in html, key
