@@ -222,3 +222,28 @@ def test_plan_counts_waiting_systems_as_held(tmp_path):
     sink = fd.ExtXYZSink(path, mode="a", order="input", input_ids=[0, 1, 2])
     sink.write([frame(1), frame(0)])
     assert _ids(ase.io.read(path, index=":")) == [0, 1, 2]
+
+
+def test_open_sink_of_an_output_in_input_order_needs_the_input_ids(tmp_path):
+    from fused_dynamics.config import ConfigError, validate_config
+    from fused_dynamics.run_outputs import open_sink
+
+    ase.io.write(tmp_path / "in.extxyz", [cluster(0), cluster(1)])
+    cfg = validate_config(
+        {
+            "structures": {"path": "in.extxyz"},
+            "model": {"type": "lennard_jones", "sigma": 3.4, "epsilon": 0.01, "cutoff": 6.0},
+            "stages": [{"type": "fire", "fmax": 0.05, "n_steps": 5}],
+            "outputs": [{"type": "extxyz", "path": "o.extxyz"}],
+            "capacity": {"max_atoms": 14, "max_systems": 2},
+        },
+        base_dir=tmp_path,
+    )
+    plan = OutputPlan("outputs[0].path", tmp_path / "o.extxyz", "extxyz", order="input")
+    with pytest.raises(ConfigError, match=r"outputs\[0\]\.path: .*input_ids=sampler.ids"):
+        open_sink(plan, cfg, print)
+    sink = open_sink(plan, cfg, print, input_ids=[0, 1])
+    sink.write([frame(1)])
+    sink.write([frame(0)])
+    out = ase.io.read(tmp_path / "o.extxyz", index=":")
+    assert _ids(out) == [0, 1] and "run_config" in out[0].info  # the run's record comes first
