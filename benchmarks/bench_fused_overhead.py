@@ -1,19 +1,36 @@
-"""Overhead of the fused step over a bare model-evaluation loop (issue: FusedStage).
+"""Overhead of the fused step over a bare model-evaluation loop (issue 13, item 4).
 
-Workload: 64 LJ argon systems of 108 atoms (periodic fcc, rattled), float64. Measures
-- the per-step time of a compiled 200-step fused FIRE + NVTLangevin run (systems migrate from
-  FIRE to NVT during it), divided by the per-step time of a compiled 200-step loop that only
-  evaluates the same model on the same batch (positions changed every step so nothing is
-  hoisted out of the loop); target <= 1.10 on CPU;
-- the same fused run with 4 idle hooks (host hooks due every 10^6 steps); target < 2 %;
-- compile times separately.
+Workload: 64 LJ argon systems of 108 atoms (periodic fcc, rattled), float64, ``--steps`` steps
+(200). Programs, each compiled once, then called in interleaved rounds (A B C ... A B C ...) in
+this one process, the order rotated every round so no program always runs first:
 
-Run: ``.venv/bin/python benchmarks/bench_fused_overhead.py [--systems 64] [--steps 200]``.
+- ``bare``: a ``lax.while_loop`` of ``--steps`` bare model evaluations on the same batch
+  (energy and forces, the evaluation the fused step makes; the positions move by
+  ``1e-9 * forces`` every step so nothing is hoisted out of the loop);
+- ``fused``: a ``lax.while_loop`` of ``--steps`` fused FIRE + NVTLangevin steps
+  (:meth:`FusedStage.step`) from a prepared batch (systems migrate from FIRE to NVT during it);
+- ``fused_k``: the same with convergence observables every ``--every`` steps
+  (``FusedStage(..., convergence_every=k)``);
+- ``fused_hooks``: ``fused`` with 4 idle hooks (host hooks due every 10^6 steps);
+- ``fused_run``: ``fused.run(batch, n_steps)`` end to end (initialisation, its priming
+  evaluation and the final stress evaluation included).
+
+Reported per program: median, min and max seconds per step over the rounds; per round the ratio
+to ``bare`` of the same round, its median and min-max (targets: fused / bare <= 1.10, idle hooks
+< 2 %); compile times apart; the load average at start and end (the 2-core machine is shared).
+
+Run: ``.venv/bin/python benchmarks/bench_fused_overhead.py [--systems 64] [--steps 200]
+[--rounds 7] [--every 10] [--name fused_overhead]`` (``--every 0`` leaves ``fused_k`` out).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
 
 import jax
 
@@ -21,8 +38,10 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import save, timed  # noqa: E402
 from ase.build import bulk  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import git_state, save  # noqa: E402
 
 import fused_dynamics as fd  # noqa: E402
 
@@ -37,84 +56,135 @@ def make_batch(n_systems: int, seed: int = 0) -> fd.Batch:
     return fd.Batch.from_atoms(systems)
 
 
-def main(n_systems: int = 64, n_steps: int = 200, repeat: int = 3) -> dict:
-    batch = make_batch(n_systems)
-    model = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=6.0, switch_onset=5.0)
-    model = model.with_images(batch)
-
+def make_fused(model, **options) -> fd.FusedStage:
     relax = fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(0.05))
     md = fd.NVTLangevin(model, dt=2.0, temperature=40.0, friction=0.01, seed=0)
-    fused = relax + md
+    return fd.FusedStage([(0, relax), (1, md)], **options)
 
-    @jax.jit
-    def model_only(batch):
-        def body(i, carry):
-            b, acc = carry
-            # the evaluation the fused step makes (energy and forces; FIRE and NVT read no
-            # stress), consumed so XLA cannot drop the reverse pass; the atoms move every step
-            out = model(b, stress=fused.needs_stress)
-            b = b.replace(positions=b.positions + 1e-9 * out.forces)
-            return b, acc + jnp.sum(out.energy)
 
-        return jax.lax.fori_loop(0, n_steps, body, (batch, jnp.zeros((), batch.dtype)))[1]
-
-    def fused_run(batch, fused=fused):
-        return fused.run(batch, n_steps=n_steps).positions
-
+def with_idle_hooks(fused: fd.FusedStage) -> fd.FusedStage:
     class Idle(fd.Hook):
         def on_host(self, data):  # never due within the run
             raise AssertionError("idle hook fired")
 
-    hooked = fused
     for stage in (
         fd.DynamicsStage.BEFORE_STEP,
         fd.DynamicsStage.AFTER_COMPUTE,
         fd.DynamicsStage.AFTER_STEP,
         fd.DynamicsStage.ON_CONVERGE,
     ):
-        hooked = hooked.register_fused_hook(Idle(stage=stage, every_n_steps=10**6))
+        fused = fused.register_fused_hook(Idle(stage=stage, every_n_steps=10**6))
+    return fused
 
-    # hooks with every_n_steps=10**6 are still due at step 0: start counting at step 1 by
-    # resuming a batch prepared by one step, so all 200 measured steps have idle hooks
-    prepared = hooked.run(batch, n_steps=0)
-    prepared = prepared.replace(step_count=prepared.step_count + 1)
-    hook_fn = jax.jit(lambda b: fd.driver.run_steps(hooked, b, n_steps)[0].positions)
-    plain_fn = jax.jit(lambda b: fd.driver.run_steps(fused, b, n_steps)[0].positions)
 
-    c_model, t_model, _ = timed(model_only, batch, repeat=repeat)
-    c_fused, t_fused, _ = timed(fused_run, batch, repeat=repeat)
-    c_plain, t_plain, _ = timed(plain_fn, prepared, repeat=repeat)
-    c_hook, t_hook, _ = timed(hook_fn, prepared, repeat=repeat)
-    final = fused.run(batch, n_steps=n_steps)
-    in_md = int(np.sum(np.asarray(final.status) == 1))
-    result = {
-        "workload": f"{n_systems} LJ fcc argon systems x 108 atoms, float64, {n_steps} steps",
-        "atoms": int(batch.max_atoms),
-        "systems_in_md_at_end": in_md,
-        "model_only_step_ms": 1e3 * t_model / n_steps,
-        "fused_step_ms": 1e3 * t_fused / n_steps,
-        "fused_over_model_only": t_fused / t_model,
-        "fused_step_ms_from_step1": 1e3 * t_plain / n_steps,
-        "fused_with_4_idle_hooks_step_ms": 1e3 * t_hook / n_steps,
-        "idle_hook_overhead": t_hook / t_plain - 1.0,
-        "compile_s": {
-            "model_only": c_model - t_model,
-            "fused_run": c_fused - t_fused,
-            "fused_with_hooks": c_hook - t_hook,
-        },
-        "targets": {"fused_over_model_only": "<= 1.10", "idle_hook_overhead": "< 0.02"},
+def step_loop(fused: fd.FusedStage, n_steps: int):
+    """A compiled ``while_loop`` of ``n_steps`` fused steps; returns the final positions."""
+
+    @jax.jit
+    def run(batch):
+        def body(_, b):
+            return fused.step(b)[0]
+
+        return jax.lax.fori_loop(0, n_steps, body, batch).positions
+
+    return run
+
+
+def interleaved(programs: dict, rounds: int) -> tuple[dict, dict]:
+    """Compile (first call) each program, then time ``rounds`` rotated rounds of all."""
+    compile_s, times = {}, {name: [] for name in programs}
+    for name, (fn, arg) in programs.items():
+        t = time.perf_counter()
+        jax.block_until_ready(fn(arg))
+        compile_s[name] = time.perf_counter() - t
+    names = list(programs)
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            fn, arg = programs[name]
+            t = time.perf_counter()
+            jax.block_until_ready(fn(arg))
+            times[name].append(time.perf_counter() - t)
+    return compile_s, times
+
+
+def summary(xs, scale=1.0) -> dict:
+    return {
+        "median": scale * statistics.median(xs),
+        "min": scale * min(xs),
+        "max": scale * max(xs),
     }
-    return result
+
+
+def main(n_systems=64, n_steps=200, rounds=7, every=10) -> dict:
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    git = git_state()  # what is imported now (others may edit the tree while this runs)
+    batch = make_batch(n_systems)
+    model = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=6.0, switch_onset=5.0)
+    model = model.with_images(batch)
+    fused = make_fused(model)
+    hooked = with_idle_hooks(fused)
+
+    @jax.jit
+    def bare(batch):
+        def body(i, carry):
+            b, acc = carry
+            out = model(b, stress=fused.needs_stress)
+            b = b.replace(positions=b.positions + 1e-9 * out.forces)
+            return b, acc + jnp.sum(out.energy)
+
+        return jax.lax.fori_loop(0, n_steps, body, (batch, jnp.zeros((), batch.dtype)))[1]
+
+    prepared = fused.init(batch)
+    # idle hooks with every_n_steps=10**6 are due at step 0: start at step 1 (all programs)
+    prepared = prepared.replace(step_count=prepared.step_count + 1)
+    programs = {
+        "bare": (bare, batch),
+        "fused": (step_loop(fused, n_steps), prepared),
+        "fused_hooks": (step_loop(hooked, n_steps), prepared),
+        "fused_run": (jax.jit(lambda b: fused.run(b, n_steps=n_steps).positions), batch),
+    }
+    if every:  # 0: leave the program out (a version without the option)
+        programs["fused_k"] = (
+            step_loop(make_fused(model, convergence_every=every), n_steps),
+            prepared,
+        )
+    compile_s, times = interleaved(programs, rounds)
+    end = fused.run(batch, n_steps=n_steps)
+    per_step = {name: summary(ts, 1e3 / n_steps) for name, ts in times.items()}
+    ratios = {
+        name: summary([t / b for t, b in zip(times[name], times["bare"], strict=True)])
+        for name in programs
+        if name != "bare"
+    }
+    hook_cost = [h / f - 1.0 for h, f in zip(times["fused_hooks"], times["fused"], strict=True)]
+    return {
+        "workload": f"{n_systems} LJ fcc argon systems x 108 atoms, float64, {n_steps} steps",
+        "command": " ".join(["benchmarks/bench_fused_overhead.py", *sys.argv[1:]]),
+        "timing": f"{rounds} interleaved rounds (order rotated each round), one process",
+        "atoms": int(batch.max_atoms),
+        "systems_in_md_at_end": int(np.sum(np.asarray(end.status) == 1)),
+        "convergence_every": every,
+        "step_ms": per_step,
+        "over_bare": ratios,
+        "idle_hook_overhead": summary(hook_cost),
+        "compile_s": compile_s,
+        "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]},
+        "targets": {"fused_over_bare": "<= 1.10", "idle_hook_overhead": "< 0.02"},
+        "git": git,
+    }
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--systems", type=int, default=64)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--every", type=int, default=10)
+    p.add_argument("--name", default="fused_overhead")
     args = p.parse_args()
-    res = main(args.systems, args.steps, args.repeat)
-    path = save("fused_overhead", res)
+    res = main(args.systems, args.steps, args.rounds, args.every)
+    path = save(args.name, res)
     for k, v in res.items():
         print(f"{k}: {v}")
     print(f"wrote {path}")

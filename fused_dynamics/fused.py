@@ -77,6 +77,18 @@ class FusedStage(eqx.Module):
     always_stress : bool, default False
         Compute the stress at every evaluation even when nothing in the run reads it, so that
         every output carries it (see :attr:`needs_stress`).
+    convergence_every : int, default 1
+        Test the sub-stages' convergence criteria (docs/semantics.md §10) on a system only
+        after every ``convergence_every``-th step it spends in a sub-stage
+        (``info["stage_steps"]`` divisible by it), instead of after every step; an integer
+        >= 1. The default 1 tests after every step, as docs/semantics.md §10 states. With
+        ``k > 1`` the observables of the criteria (``fmax`` ...) are computed only on steps
+        where some system is due, and a system whose criterion first holds between two tests
+        migrates at the next test (at most ``k - 1`` steps later): a relaxation takes up to
+        ``k - 1`` more steps, never fewer. The test depends only on the system's own step
+        count, so a system migrates at the same step whatever its slot, its neighbours or the
+        step at which it was loaded. Budgets (§11), the finite-or-failed check (§17) and
+        ``energy_change`` (the change since the previous step) are unaffected.
 
     Notes
     -----
@@ -109,6 +121,7 @@ class FusedStage(eqx.Module):
     max_temperature: float | None = eqx.field(static=True)
     max_displacement: float | None = eqx.field(static=True)
     always_stress: bool = eqx.field(static=True)
+    convergence_every: int = eqx.field(static=True)
 
     def __init__(
         self,
@@ -124,7 +137,9 @@ class FusedStage(eqx.Module):
         max_temperature: float | None = 1e5,
         max_displacement: float | None = 2.0,
         always_stress: bool = False,
+        convergence_every: int = 1,
     ):
+        validation.check_integer("FusedStage", "convergence_every", convergence_every, 1)
         for name, value, unit in (
             ("max_force", max_force, "eV/Å"),
             ("max_temperature", max_temperature, "K"),
@@ -150,6 +165,7 @@ class FusedStage(eqx.Module):
         self.max_temperature = None if max_temperature is None else float(max_temperature)
         self.max_displacement = None if max_displacement is None else float(max_displacement)
         self.always_stress = bool(always_stress)
+        self.convergence_every = int(convergence_every)
 
     # ------------------------------------------------------------------ composition
     def __add__(self, other: Stage | FusedStage) -> FusedStage:
@@ -185,6 +201,7 @@ class FusedStage(eqx.Module):
             max_temperature=self.max_temperature,
             max_displacement=self.max_displacement,
             always_stress=self.always_stress,
+            convergence_every=self.convergence_every,
         )
         options.update(changes)
         return FusedStage(options.pop("sub_stages"), **options)

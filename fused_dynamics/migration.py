@@ -69,9 +69,10 @@ def migrate(fused, batch: Batch, status0, masks, moved):
         rule = fused.migration_rule(i)
         if rule is None:
             continue
-        fields = dict(stage.observables(batch, batch.stage_state[i]))
-        fields["energy_change"] = energy_change
-        conv = still[i] & (status0 == rule.source_status) & rule.converged(batch, fields)
+        due = still[i] & (status0 == rule.source_status)
+        if fused.convergence_every > 1:
+            due = due & (stage_steps[:, i] % fused.convergence_every == 0)
+        conv = _converged(rule, stage, batch, batch.stage_state[i], energy_change, due)
         converged = converged | conv
         status = jnp.where(conv, rule.target_status, status)
     moved_on = status != status0
@@ -88,9 +89,28 @@ def migrate(fused, batch: Batch, status0, masks, moved):
     for i, stage in enumerate(fused.stages):
         if stage.is_optimizer:
             left_optimizer = left_optimizer | (masks[i] & moved_on)
-    batch = enter(fused, batch, moved_on & batch.system_mask, left_optimizer)
+    # most steps move no system: then enter() is the identity, and is skipped
+    batch = jax.lax.cond(
+        jnp.any(moved_on),
+        lambda b: enter(fused, b, moved_on & b.system_mask, left_optimizer),
+        lambda b: b,
+        batch,
+    )
     report = StepReport(graduated=graduated, converged=converged, budget_spent=budget_spent)
     return batch, report
+
+
+def _converged(rule, stage, batch: Batch, state, energy_change, due) -> jax.Array:
+    """``due & rule.converged(...)``, shape (S,) bool; the criterion's observables (``fmax``
+    ...) are computed only on steps where some system is due (a ``lax.cond``), else all False,
+    the same bits."""
+
+    def test(batch):
+        fields = dict(stage.observables(batch, state))
+        fields["energy_change"] = energy_change
+        return due & rule.converged(batch, fields)
+
+    return jax.lax.cond(jnp.any(due), test, lambda _: jnp.zeros_like(due), batch)
 
 
 def enter(fused, batch: Batch, entered, at_rest) -> Batch:

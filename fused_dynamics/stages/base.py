@@ -58,7 +58,15 @@ from ..hooks import Hook, check_hook
 from ..models.base import Model
 from ..parameters import per_system
 
-__all__ = ["Stage", "select_batch", "select_state", "fs_to_ase_time", "per_system", "safe_sqrt"]
+__all__ = [
+    "Stage",
+    "masked_update",
+    "select_batch",
+    "select_state",
+    "fs_to_ase_time",
+    "per_system",
+    "safe_sqrt",
+]
 
 # fields of Batch that a sub-stage may change, by axis
 _ATOM_FIELDS = ("positions", "velocities")
@@ -100,6 +108,48 @@ def select_state(mask: jax.Array, new: Any, old: Any) -> Any:
         return jnp.where(mask.reshape((-1,) + (1,) * (jnp.ndim(a) - 1)), a, b)
 
     return jax.tree_util.tree_map(pick, new, old)
+
+
+def masked_update(half, batch: Batch, state: Any, mask: jax.Array) -> tuple[Batch, Any]:
+    """``half(batch, state)`` applied to the systems in ``mask`` (S,) bool, others untouched.
+
+    Three cases chosen at run time (``lax.switch``; under ``vmap`` every branch is computed
+    and selected, with the same result):
+
+    - no system in ``mask``: the half is not computed; batch and state are returned as they
+      are;
+    - every slot in ``mask``: the half's result, without the per-system select of the batch's
+      cell and of the stage state (atom rows still keep padding atoms as they were);
+    - otherwise: the half on every slot, selected per system (:func:`select_batch`,
+      :func:`select_state`).
+
+    The constraints (:func:`fused_dynamics.constraints.constrain_update`) are applied in the
+    last two cases. The results are the select's, bit for bit: a select with an all-True mask
+    returns its first operand.
+    """
+
+    def nobody(args):
+        return args
+
+    def some(args):
+        b, s = args
+        new_batch, new_state = half(b, s)
+        new_batch = constraints.constrain_update(b, select_batch(mask, new_batch, b), mask)
+        return new_batch, select_state(mask, new_state, s)
+
+    def everyone(args):
+        b, s = args
+        new_batch, new_state = half(b, s)
+        rows = b.to_atoms_axis(mask)  # False on padding rows, as in select_batch
+        changes = {
+            name: jnp.where(rows[:, None], getattr(new_batch, name), getattr(b, name))
+            for name in _ATOM_FIELDS
+        }
+        new_batch = b.replace(cell=new_batch.cell, **changes)
+        return constraints.constrain_update(b, new_batch, mask), new_state
+
+    which = jnp.where(jnp.all(mask), 2, jnp.where(jnp.any(mask), 1, 0))
+    return jax.lax.switch(which, (nobody, some, everyone), (batch, state))
 
 
 class Stage(eqx.Module):
@@ -204,16 +254,17 @@ class Stage(eqx.Module):
 
     # ----------------------------------------------------------- masked updates
     def pre_update(self, batch: Batch, state: Any, mask: jax.Array) -> tuple[Batch, Any]:
-        """First half on the systems where ``mask`` (S,) is True; others untouched."""
-        new_batch, new_state = self.first_half(batch, state)
-        new_batch = constraints.constrain_update(batch, select_batch(mask, new_batch, batch), mask)
-        return new_batch, select_state(mask, new_state, state)
+        """First half on the systems where ``mask`` (S,) is True; others untouched.
+
+        Skipped (a ``lax.cond``) on steps where ``mask`` holds no system, and applied without
+        the per-system select where it holds every slot (:func:`masked_update`).
+        """
+        return masked_update(self.first_half, batch, state, mask)
 
     def post_update(self, batch: Batch, state: Any, mask: jax.Array) -> tuple[Batch, Any]:
-        """Second half on the systems where ``mask`` (S,) is True; others untouched."""
-        new_batch, new_state = self.second_half(batch, state)
-        new_batch = constraints.constrain_update(batch, select_batch(mask, new_batch, batch), mask)
-        return new_batch, select_state(mask, new_state, state)
+        """Second half on the systems where ``mask`` (S,) is True; others untouched (see
+        :meth:`pre_update`)."""
+        return masked_update(self.second_half, batch, state, mask)
 
     # ----------------------------------------------------------- composition
     # The one documented upward edge of the package's import graph: composing (``a + b``,

@@ -1,0 +1,138 @@
+"""The lean fused step (issue 13, item 4): sub-stage updates chosen at run time and convergence
+criteria tested every k steps (``FusedStage(convergence_every=k)``), against docs/semantics.md
+§5, §10 and §11.
+
+Every comparison here is bitwise (float64): the lean paths skip or drop work whose result is
+known (a select with an all-False or all-True mask), so they must give the same bits.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase.cluster import Icosahedron
+
+import fused_dynamics as fd
+from fused_dynamics.stages.base import masked_update, select_batch, select_state
+
+LJ = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.0, images=(0, 0, 0))
+FMAX = 0.05  # eV/Å
+
+
+def clusters(n=3, seed=0):
+    """Rattled 13-atom argon icosahedra (non-periodic): FIRE relaxes each in ~20-60 steps."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a = Icosahedron("Ar", 2).copy()
+        a.pbc = False
+        a.cell = np.zeros((3, 3))
+        a.positions += rng.normal(scale=0.15, size=a.positions.shape)
+        out.append(a)
+    return out
+
+
+@pytest.fixture(scope="module")
+def padded():
+    """Three clusters in four system slots and 48 atom slots (one empty slot, 9 padding rows),
+    initialized for FIRE -> Langevin, with velocities so every half changes something."""
+    batch = fd.Batch.from_atoms(clusters(), max_atoms=48, max_systems=4)
+    fused = fd.FIRE(LJ) + fd.NVTLangevin(LJ, dt=2.0, temperature=30.0, friction=0.02, seed=3)
+    batch = fused.init(batch)
+    rng = np.random.default_rng(1)
+    v = jnp.where(batch.atom_mask[:, None], rng.normal(scale=0.01, size=(48, 3)), 0.0)
+    return fused, batch.replace(velocities=v)
+
+
+def _reference(half, batch, state, mask):
+    """The select the lean update replaces (the update before issue 13)."""
+    from fused_dynamics import constraints
+
+    new_batch, new_state = half(batch, state)
+    new_batch = constraints.constrain_update(batch, select_batch(mask, new_batch, batch), mask)
+    return new_batch, select_state(mask, new_state, state)
+
+
+@pytest.mark.parametrize("which", ["none", "some", "every slot"])
+def test_masked_update_equals_the_select_bitwise(padded, which):
+    """§5: a sub-stage updates exactly the systems in its mask; skipping the half for an empty
+    mask and the select for a full one gives the select's bits (padding rows included)."""
+    fused, batch = padded
+    mask = {
+        "none": jnp.zeros(4, bool),
+        "some": jnp.array([True, False, True, False]),
+        "every slot": jnp.ones(4, bool),
+    }[which]
+    for i, stage in enumerate(fused.stages):
+        state = batch.stage_state[i]
+        for half in (stage.first_half, stage.second_half):
+            # both compiled: XLA:CPU may contract a*b+c differently outside a compiled program
+            got = eqx.filter_jit(masked_update)(half, batch, state, mask)
+            want = eqx.filter_jit(_reference)(half, batch, state, mask)
+            for name in ("positions", "velocities", "cell"):
+                np.testing.assert_array_equal(getattr(got[0], name), getattr(want[0], name))
+            for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+                np.testing.assert_array_equal(a, b)
+    if which == "none":  # nothing moved at all
+        np.testing.assert_array_equal(got[0].positions, batch.positions)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_convergence_every_refused_unless_positive_integer(bad):
+    with pytest.raises(ValueError, match="convergence_every"):
+        fd.FusedStage([(0, fd.FIRE(LJ))], convergence_every=bad)
+
+
+def test_convergence_every_is_kept_by_composition():
+    fused = fd.FusedStage([(0, fd.FIRE(LJ))], convergence_every=5)
+    assert (fused + fd.NVE(LJ, dt=1.0, n_steps=3)).convergence_every == 5
+    assert fused.with_stress().convergence_every == 5
+    assert fd.FusedStage([(0, fd.FIRE(LJ))]).convergence_every == 1  # the default
+
+
+@pytest.fixture(scope="module")
+def fmax_history():
+    """fmax of each system after every FIRE step t = 1..80 of a relaxation that never stops
+    (threshold -1 never holds, docs/semantics.md §9), and the positions after each step."""
+    batch = fd.Batch.from_atoms(clusters())
+    never = fd.FusedStage([(0, fd.FIRE(LJ, convergence_hook=fd.ConvergenceHook.from_fmax(-1.0)))])
+    step = jax.jit(lambda b: never.step(b)[0])
+    b = never.init(batch)
+    fmax, positions = [], []
+    for _ in range(80):
+        b = step(b)
+        fmax.append(np.asarray(never.fields(b)["fmax"]))
+        positions.append(np.asarray(b.positions))
+    return batch, np.array(fmax), np.array(positions)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_criterion_tested_every_k_steps_in_the_stage(fmax_history, k):
+    """§10 with ``convergence_every=k``: a system graduates after the first step t with
+    t % k == 0 (t counted in the stage) at which fmax <= 0.05 eV/Å, with the positions the
+    relaxation had at that step, bit for bit (FIRE's arithmetic does not depend on k). k = 1
+    is the default: after every step."""
+    batch, fmax, positions = fmax_history
+    steps = np.arange(1, len(fmax) + 1)
+    fused = fd.FusedStage(
+        [(0, fd.FIRE(LJ, convergence_hook=fd.ConvergenceHook.from_fmax(FMAX)))],
+        convergence_every=k,
+    )
+    final = fused.run(batch, n_steps=len(fmax))
+    taken = np.asarray(final.info["stage_steps"])[:, 0]
+    for s in range(len(taken)):
+        due = (fmax[:, s] <= FMAX) & (steps % k == 0)
+        assert due.any(), "the relaxation must converge within the history"
+        expected = int(steps[due][0])
+        assert taken[s] == expected, (s, taken[s], expected)
+        rows = np.asarray(batch.system_idx) == s
+        np.testing.assert_array_equal(
+            np.asarray(final.positions)[rows], positions[expected - 1][rows]
+        )
+    assert np.all(np.asarray(final.info["exit_reason"]) == int(fd.ExitReason.CONVERGED))
+    if k > 1:  # some system converged between two tests, so the test really waited
+        first = [int(steps[fmax[:, s] <= FMAX][0]) for s in range(len(taken))]
+        assert np.any(taken > first)
