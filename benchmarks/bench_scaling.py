@@ -12,7 +12,11 @@ Each device count runs in its own subprocess (JAX fixes the device count when it
 - ``fused``: ``fused.run(sampler=..., mesh=Mesh(D devices))``, warmed up first on 2 x capacity
   systems (compile time reported apart), then timed on the whole dataset.
 - ``pipeline`` (D >= 2): ``(fire | nvt)`` over two device groups of D/2 devices each, same
-  sampler, timed after the same warm-up.
+  sampler, timed after the same warm-up; graduates move between the groups with
+  ``jax.device_put`` (docs/semantics.md §16).
+
+Within a subprocess the timed runs are interleaved (fused, pipeline, fused, pipeline, ...,
+``--rounds`` each; median and min-max reported). The device counts cannot share a process.
 
 Reported: wall seconds, systems per second, the ratio to one device, pipeline / fused, and the
 load average (1 min) before and after every subprocess. Forced host devices share the
@@ -45,9 +49,11 @@ import numpy as np
 from jax.sharding import Mesh
 import fused_dynamics as fd
 from fused_dynamics.pipeline import DistributedPipeline
-from tests.test_sharding import LJ, systems
+sys.path.insert(0, "tests")
+from test_sharding import LJ, systems
 
 n_systems, n_md, with_pipeline = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+rounds = int(sys.argv[4])
 relax = fd.FIRE(LJ, convergence_hook=fd.ConvergenceHook.from_fmax(0.05), n_steps=40)
 md = fd.NVTLangevin(LJ, dt=4.0, temperature=40.0, friction=0.02, seed=7, n_steps=n_md)
 devices = jax.devices()
@@ -75,19 +81,30 @@ def pipeline_run(d):
 
 out = {"devices": len(devices)}
 modes = [("fused", fused_run)] + ([("pipeline", pipeline_run)] * with_pipeline)
+warmup = {}
 for name, fn in modes:
     t = time.perf_counter()
     fn(warm)
-    compile_and_warm = time.perf_counter() - t
-    t = time.perf_counter()
-    fn(data)
-    wall = time.perf_counter() - t
-    out[name] = {"warmup_s": compile_and_warm, "wall_s": wall, "systems_per_s": len(data) / wall}
+    warmup[name] = time.perf_counter() - t
+walls = {name: [] for name, _ in modes}
+for _ in range(rounds):  # interleaved: A B A B
+    for name, fn in modes:
+        t = time.perf_counter()
+        fn(data)
+        walls[name].append(time.perf_counter() - t)
+for name, _ in modes:
+    wall = float(np.median(walls[name]))
+    out[name] = {
+        "warmup_s": warmup[name],
+        "wall_s": wall,
+        "wall_s_min_max": [min(walls[name]), max(walls[name])],
+        "systems_per_s": len(data) / wall,
+    }
 print("RESULT " + json.dumps(out))
 """
 
 
-def run_worker(devices: int, n_systems: int, n_md: int, pipeline: bool) -> dict:
+def run_worker(devices: int, n_systems: int, n_md: int, pipeline: bool, rounds: int) -> dict:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     env.update(JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1")
     load0 = os.getloadavg()[0]
@@ -99,6 +116,7 @@ def run_worker(devices: int, n_systems: int, n_md: int, pipeline: bool) -> dict:
             str(n_systems),
             str(n_md),
             str(int(pipeline)),
+            str(rounds),
         ],
         cwd=ROOT,
         env=env,
@@ -117,15 +135,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", type=int, default=96)
     parser.add_argument("--md", type=int, default=100)
-    parser.add_argument("--quick", action="store_true", help="24 systems, 50 MD steps")
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs of each mode")
+    parser.add_argument("--quick", action="store_true", help="24 systems, 50 MD steps, 1 round")
     args = parser.parse_args()
     n_systems, n_md = (24, 50) if args.quick else (args.systems, args.md)
+    rounds = 1 if args.quick else args.rounds
 
     from _common import git_state, save  # benchmarks/ helpers (no JAX device use here)
 
     runs = {}
     for devices in (1, 2, 4):
-        runs[devices] = run_worker(devices, n_systems, n_md, pipeline=devices >= 2)
+        runs[devices] = run_worker(devices, n_systems, n_md, pipeline=devices >= 2, rounds=rounds)
         print(devices, "devices:", json.dumps(runs[devices]), flush=True)
     base = runs[1]["fused"]["systems_per_s"]
     summary = {f"speedup_{d}_devices": runs[d]["fused"]["systems_per_s"] / base for d in (2, 4)}
@@ -136,6 +156,7 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     payload = {
         "workload": {"systems": n_systems, "md_steps": n_md, "max_systems": 64, "max_atoms": 1024},
+        "rounds": rounds,
         "runs": {str(d): r for d, r in runs.items()},
         "summary": summary,
         "cores": os.cpu_count(),

@@ -2,8 +2,10 @@
 (docs/semantics.md §21; fused_dynamics/sharding.py).
 
 JAX fixes its device count when it starts, and this process started it with one CPU device, so
-every check runs in a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``
-(or two processes of 2 devices each joined by ``jax.distributed.initialize``).
+the multi-device checks run in subprocesses, all started at once by one module fixture: one
+process with ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` running every 4-device
+check, and two processes of 2 devices each joined by ``jax.distributed.initialize``. Meanwhile
+this process computes the one-device references (the same two runs serve every check).
 
 Tolerance: bitwise. A sharded run executes, per device, the same single-device program on a
 local batch; every per-system reduction (segment sums over ``system_idx``, the dense pair block
@@ -63,23 +65,7 @@ def by_id(frames) -> dict:
     return {int(a.info["system_id"]): a for a in frames}
 
 
-def assert_same_systems(got, ref, last_stages: int | None = None) -> float:
-    """Per system (by id): bitwise equal positions and velocities, equal stage steps (of the
-    last ``last_stages`` sub-stages of ``ref``: a pipeline's final stage counts only its own)."""
-    got, ref = by_id(got), by_id(ref)
-    assert sorted(got) == sorted(ref)
-    worst = 0.0
-    for k, a in got.items():
-        b = ref[k]
-        np.testing.assert_array_equal(a.positions, b.positions, err_msg=f"system {k}")
-        np.testing.assert_array_equal(a.get_velocities(), b.get_velocities())
-        steps = list(b.info["stage_steps"])
-        assert list(a.info["stage_steps"]) == steps[-(last_stages or len(steps)) :], k
-        worst = max(worst, float(np.abs(a.positions - b.positions).max()))
-    return worst
-
-
-def _run(code: str, devices: int = 4, args=(), timeout=400) -> subprocess.Popen:
+def _run(code: str, devices: int = 4, args=()) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     env["JAX_PLATFORMS"] = "cpu"
     env["OPENBLAS_NUM_THREADS"] = "1"
@@ -94,7 +80,7 @@ def _run(code: str, devices: int = 4, args=(), timeout=400) -> subprocess.Popen:
     )
 
 
-def _check(proc: subprocess.Popen, timeout=400) -> str:
+def _check(proc: subprocess.Popen, timeout=900) -> str:
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0 and "ok" in out, (out[-2000:], err[-4000:])
     return out
@@ -114,95 +100,6 @@ def test_bad_mesh_and_unsupported_options_are_refused_before_compiling():
         listed.run(batch, mesh=mesh)
     with pytest.raises(ValueError, match="not sharded"):
         sharding.unshard(batch)
-
-
-def test_fixed_batch_sharded_equals_one_device_and_moves_no_atoms():
-    """4 devices: a FIRE -> Langevin fixed batch (a temperature per system) per system bit for
-    bit as on one device; the compiled step has no all-gather and its only collectives are
-    scalar reductions."""
-    code = """
-        import re
-        import numpy as np
-        from jax.sharding import Mesh
-        import fused_dynamics as fd
-        from fused_dynamics import sharding
-        from tests.test_sharding import systems, fused_stage, assert_same_systems
-        mesh = Mesh(np.array(jax.devices()), ("systems",))
-        # one temperature per system: per-system parameters go to the devices with the systems
-        fused = fused_stage(temperature=np.linspace(20.0, 90.0, 8))
-        flat = fd.Batch.from_atoms(systems(8), max_atoms=8 * 16, max_systems=8)
-        ref = fused.run(flat)
-        out = fused.run(flat, mesh=mesh)
-        assert out.positions.shape == (4, 32, 3) and len(out.positions.sharding.device_set) == 4
-        assert np.asarray(out.step_count).tolist() == [int(ref.step_count)] * 4
-        print("worst", assert_same_systems(sharding.unshard(out).to_atoms(), ref.to_atoms()))
-        # a flat batch and back: the same
-        back = sharding.unshard(sharding.shard(flat, mesh))
-        assert [a.info["system_id"] for a in back.to_atoms()] == list(range(8))
-        # resume=True continues the sharded batch
-        more = fused.run(out, n_steps=3, resume=True, mesh=mesh)
-        assert int(np.asarray(more.step_count)[0]) == int(ref.step_count)
-        hlo = sharding.chunk_hlo(sharding.prepare(fused, sharding.unshard(out)), out, mesh)
-        assert "all-gather" not in hlo and "all-to-all" not in hlo
-        assert "collective-permute" not in hlo
-        reductions = [l for l in hlo.splitlines() if re.search(r"= \\S+ all-reduce\\(", l)]
-        shapes = [re.search(r"= (\\S+) all-reduce", l).group(1) for l in reductions]
-        assert reductions and all(re.fullmatch(r"[su]\\d+\\[1?\\]\\S*", s) for s in shapes), shapes
-        print("all-reduce shapes", shapes)
-        # host callbacks of hooks are ordered effects: JAX runs them on one device only
-        hooked = fused.register_fused_hook(fd.LoggingHook(every_n_steps=5))
-        try:
-            hooked.run(flat, mesh=mesh)
-            raise AssertionError("a hook with a host callback ran on 4 devices")
-        except ValueError as exc:
-            assert "ordered host callback" in str(exc), exc
-        print("ok")
-        """
-    out = _check(_run(code))
-    print(out)
-
-
-def test_inflight_sharded_every_system_once_equal_to_one_device_and_resumes(tmp_path):
-    """40 systems from one sampler over 4 devices: each written once, each equal (bitwise) to
-    the one-device inflight run; a run stopped at a checkpoint and resumed writes the rest."""
-    code = """
-        import os, sys
-        import numpy as np
-        from jax.sharding import Mesh
-        import fused_dynamics as fd
-        from tests.test_sharding import systems, fused_stage, assert_same_systems
-        mesh = Mesh(np.array(jax.devices()), ("systems",))
-        fused = fused_stage()
-        data = systems(40, seed=1)
-
-        def sampler():
-            return fd.SizeAwareSampler(data, max_atoms=128, max_systems=8, max_atoms_per_system=16)
-
-        one, many = fd.HostMemory(), fd.HostMemory()
-        s1 = fused.run(sampler=sampler(), refill_frequency=8, sinks=[one])
-        s4 = fused.run(sampler=sampler(), refill_frequency=8, sinks=[many], mesh=mesh)
-        ids = [a.info["system_id"] for a in many.atoms]
-        assert sorted(ids) == list(range(40)), ids
-        print("worst", assert_same_systems(many.atoms, one.atoms), s1.steps, s4.steps)
-        # checkpoint, stop, resume
-        path = os.path.join(sys.argv[1], "run.ckpt")
-        part = fd.HostMemory()
-        run = fused.start(sampler=sampler(), refill_frequency=8, sinks=[part], mesh=mesh)
-        with run:
-            for _ in range(3):
-                run.advance()
-                run.refill_check()
-            run.save(path)
-        written = len(part)
-        assert 0 < written < 40
-        fused.run(sampler=sampler(), refill_frequency=8, sinks=[part], mesh=mesh, resume=path)
-        assert sorted(a.info["system_id"] for a in part.atoms) == list(range(40))
-        assert_same_systems(part.atoms, one.atoms)
-        print("resumed after", written, "written")
-        print("ok")
-        """
-    out = _check(_run(code, args=[tmp_path]))
-    print(out)
 
 
 def _free_port() -> int:
@@ -229,54 +126,150 @@ def _assert_npz_equal(got, frames) -> None:
     )
 
 
+# The same two runs everywhere (so this process computes each reference once): a fixed batch
+# of 8 systems, FIRE -> Langevin with one temperature per system (per-system parameters go to
+# the devices with their systems), and an inflight FIRE -> Langevin run of 20 systems.
+def fixed_stage():
+    return fused_stage(temperature=np.linspace(20.0, 90.0, 8))
+
+
+def fixed_batch():
+    return fd.Batch.from_atoms(systems(8), max_atoms=8 * 16, max_systems=8)
+
+
 def inflight_sampler():
-    return fd.SizeAwareSampler(systems(20, seed=1), max_atoms=64, max_systems=4)
+    return fd.SizeAwareSampler(
+        systems(20, seed=1), max_atoms=128, max_systems=8, max_atoms_per_system=16
+    )
 
 
-def test_two_processes_run_one_sharded_batch(tmp_path):
-    """Two processes of 2 CPU devices each (jax.distributed on localhost) run one fused batch
-    over the 4-device global mesh, then an inflight run from (replicas of) one sampler; the
-    fixed batch equals this process's one-device run; in the inflight run each process writes
-    the systems of its own devices: together every system exactly once, each equal to the
-    one-device inflight run."""
-    code = """
-        import sys
-        import numpy as np
-        pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-        jax.distributed.initialize(
-            coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid
-        )
-        from jax.sharding import Mesh
-        import fused_dynamics as fd
-        from fused_dynamics import sharding
-        from tests.test_sharding import systems, fused_stage, inflight_sampler, _frames_npz
-        assert len(jax.devices()) == 4 and len(jax.local_devices()) == 2
-        mesh = Mesh(np.array(jax.devices()), ("systems",))
-        flat = fd.Batch.from_atoms(systems(8), max_atoms=8 * 16, max_systems=8)
-        final = sharding.unshard(fused_stage("nve").run(flat, mesh=mesh))
-        if pid == 0:
-            _frames_npz(f"{out}/fixed.npz", final.to_atoms(), steps=int(final.step_count))
-        sink = fd.HostMemory()
-        fused_stage("nve").run(sampler=inflight_sampler(), refill_frequency=8, sinks=[sink],
-                               mesh=mesh)
-        _frames_npz(f"{out}/inflight{pid}.npz", sink.atoms)
-        print("ok")
-        """
+FOUR_DEVICES = """
+    import os, re, sys
+    import numpy as np
+    from jax.sharding import Mesh
+    sys.path.insert(0, "tests")
+    import fused_dynamics as fd
+    from fused_dynamics import sharding
+    from test_sharding import (fixed_stage, fixed_batch, fused_stage, inflight_sampler,
+                               _frames_npz)
+    out = sys.argv[1]
+    mesh = Mesh(np.array(jax.devices()), ("systems",))
+    # the fixed batch
+    fused, flat = fixed_stage(), fixed_batch()
+    final = fused.run(flat, mesh=mesh)
+    assert final.positions.shape == (4, 32, 3) and len(final.positions.sharding.device_set) == 4
+    steps = np.asarray(final.step_count).tolist()
+    assert steps == [steps[0]] * 4, steps  # every device the same step count
+    _frames_npz(f"{out}/fixed.npz", sharding.unshard(final).to_atoms(), steps=steps[0])
+    back = sharding.unshard(sharding.shard(flat, mesh))  # a flat batch and back: the same
+    assert [a.info["system_id"] for a in back.to_atoms()] == list(range(8))
+    more = fused.run(final, n_steps=3, resume=True, mesh=mesh)  # graduated: no step left
+    assert int(np.asarray(more.step_count)[0]) == steps[0]
+    # the compiled step moves no atoms: no all-gather, only scalar all-reduces
+    hlo = sharding.chunk_hlo(sharding.prepare(fused, sharding.unshard(final)), final, mesh)
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    assert "collective-permute" not in hlo
+    reductions = [l for l in hlo.splitlines() if re.search(r"= \\S+ all-reduce\\(", l)]
+    shapes = [re.search(r"= (\\S+) all-reduce", l).group(1) for l in reductions]
+    assert reductions and all(re.fullmatch(r"[su]\\d+\\[1?\\]\\S*", s) for s in shapes), shapes
+    print("all-reduce shapes", shapes)
+    # host callbacks of hooks are ordered effects: JAX runs them on one device only
+    try:
+        fused.register_fused_hook(fd.LoggingHook(every_n_steps=5)).run(flat, mesh=mesh)
+        raise AssertionError("a hook with a host callback ran on 4 devices")
+    except ValueError as exc:
+        assert "ordered host callback" in str(exc), exc
+    # the inflight run; then one checkpointed after 3 visits, stopped and resumed
+    fused = fused_stage()
+    sink = fd.HostMemory()
+    fused.run(sampler=inflight_sampler(), refill_frequency=8, sinks=[sink], mesh=mesh)
+    _frames_npz(f"{out}/inflight.npz", sink.atoms)
+    path = os.path.join(out, "run.ckpt")
+    part = fd.HostMemory()
+    run = fused.start(sampler=inflight_sampler(), refill_frequency=8, sinks=[part], mesh=mesh)
+    with run:
+        for _ in range(3):
+            run.advance()
+            run.refill_check()
+        run.save(path)
+    written = len(part)
+    assert 0 < written < 20, written
+    fused.run(sampler=inflight_sampler(), refill_frequency=8, sinks=[part], mesh=mesh,
+              resume=path)
+    _frames_npz(f"{out}/resumed.npz", part.atoms, written=written)
+    print("ok")
+    """
+
+TWO_PROCESSES = """
+    import sys
+    import numpy as np
+    pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid
+    )
+    from jax.sharding import Mesh
+    sys.path.insert(0, "tests")
+    import fused_dynamics as fd
+    from fused_dynamics import sharding
+    from test_sharding import (fixed_stage, fixed_batch, fused_stage, inflight_sampler,
+                               _frames_npz)
+    assert len(jax.devices()) == 4 and len(jax.local_devices()) == 2
+    mesh = Mesh(np.array(jax.devices()), ("systems",))
+    final = sharding.unshard(fixed_stage().run(fixed_batch(), mesh=mesh))
+    if pid == 0:
+        _frames_npz(f"{out}/fixed2.npz", final.to_atoms(), steps=int(final.step_count))
+    sink = fd.HostMemory()
+    fused_stage().run(sampler=inflight_sampler(), refill_frequency=8, sinks=[sink], mesh=mesh)
+    _frames_npz(f"{out}/inflight{pid}.npz", sink.atoms)
+    print("ok")
+    """
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every subprocess started at once (they and this process's references overlap): one
+    process of 4 devices, and two processes of 2 devices each (jax.distributed on
+    localhost); then the one-device references here."""
+    out = tmp_path_factory.mktemp("sharding")
     port = _free_port()
-    procs = [_run(code, devices=2, args=[i, port, tmp_path]) for i in range(2)]
-    # the references on this process's one device, while the two processes run
-    flat = fd.Batch.from_atoms(systems(8), max_atoms=8 * 16, max_systems=8)
-    ref = fused_stage("nve").run(flat)
+    procs = {"four": _run(FOUR_DEVICES, args=[out])}
+    procs["two"] = [_run(TWO_PROCESSES, devices=2, args=[i, port, out]) for i in range(2)]
+    ref = fixed_stage().run(fixed_batch())
     one = fd.HostMemory()
-    fused_stage("nve").run(sampler=inflight_sampler(), refill_frequency=8, sinks=[one])
-    for proc in procs:
-        _check(proc)
-    fixed = np.load(tmp_path / "fixed.npz")
+    fused_stage().run(sampler=inflight_sampler(), refill_frequency=8, sinks=[one])
+    return out, procs, ref, by_id(one.atoms)
+
+
+def test_four_devices_equal_one_device_move_no_atoms_and_resume(runs):
+    """4 devices: the fixed batch (a temperature per system) and the inflight run (each
+    system written once) per system bit for bit as on one device, the same step count; the
+    compiled step has no all-gather and its only collectives are scalar reductions; an
+    inflight run stopped at a checkpoint and resumed writes the rest, each system once."""
+    out, procs, ref, one = runs
+    print(_check(procs["four"]))
+    fixed = np.load(out / "fixed.npz")
     assert int(fixed["steps"]) == int(ref.step_count)
     _assert_npz_equal(fixed, ref.to_atoms())
-    parts = [np.load(tmp_path / f"inflight{i}.npz") for i in range(2)]
+    for name in ("inflight", "resumed"):
+        got = np.load(out / f"{name}.npz")
+        ids = got["ids"].tolist()
+        assert sorted(ids) == list(range(20)), (name, ids)  # every system exactly once
+        _assert_npz_equal(got, [one[i] for i in ids])
+
+
+def test_two_processes_run_one_sharded_batch(runs):
+    """Two processes of 2 CPU devices each (jax.distributed on localhost) run the fixed batch
+    over the 4-device global mesh, equal to the one-device run, then an inflight run from
+    (replicas of) one sampler: each process writes the systems of its own devices, together
+    every system exactly once, each equal to the one-device inflight run."""
+    out, procs, ref, one = runs
+    for proc in procs["two"]:
+        _check(proc)
+    fixed = np.load(out / "fixed2.npz")
+    assert int(fixed["steps"]) == int(ref.step_count)
+    _assert_npz_equal(fixed, ref.to_atoms())
+    parts = [np.load(out / f"inflight{i}.npz") for i in range(2)]
     ids = [i for p in parts for i in p["ids"].tolist()]
     assert sorted(ids) == list(range(20)) and all(len(p["ids"]) for p in parts), ids
-    ref_by_id = by_id(one.atoms)
     for p in parts:
-        _assert_npz_equal(p, [ref_by_id[i] for i in p["ids"].tolist()])
+        _assert_npz_equal(p, [one[i] for i in p["ids"].tolist()])
