@@ -8,28 +8,33 @@ of devices per stage (default: ``jax.devices()`` split evenly, in order). Stage 
 sharded live run (:class:`~fused_dynamics.sharding.ShardedRun`) on a mesh over its group, so a
 group of several devices is itself data parallel.
 
-Between stage ``k`` and ``k + 1`` sits a bounded :class:`Buffer` of at most ``buffer_size``
-systems. Stage ``k`` writes its graduates into it as into a sink; stage ``k + 1`` refills its
-free slots from it as from a sampler (in arrival order). When the buffer is full, the sender
-keeps its unwritten graduates in their slots (they are graduated, nothing updates them) and
-tries again at its next host visit: back-pressure, never a drop. Systems that failed or were
-rejected leave the pipeline at once: they go to the final sinks, not to the next stage. Stage
-0 takes the sampler; the last stage writes to the sinks.
+Between stage ``k`` and ``k + 1`` sits a bounded
+:class:`~fused_dynamics.pipeline_transfer.DeviceBuffer` of at most ``buffer_size`` systems.
+A graduate of stage ``k`` enters it as a *row* (its structure and velocities) that stays on
+the sender's device; stage ``k + 1`` takes rows in arrival order for its free slots and moves
+them onto its own devices with ``jax.device_put``, where a compiled scatter writes them into
+the slots and atom offsets the host chose (:mod:`fused_dynamics.pipeline_transfer`). A
+system's values never pass through the host between two stages. When the buffer is full, the
+sender keeps its graduates in their slots (they are graduated, nothing updates them) and tries
+again at its next host visit: back-pressure, never a drop. Systems that failed or were rejected
+leave the pipeline at once: they go to the final sinks, not to the next stage. Stage 0 takes
+the sampler; the last stage writes to the sinks.
 
-One process drives every stage: it starts a compiled chunk on every stage's device group
-(``Run.dispatch``; JAX runs them asynchronously, so the groups compute at the same time), then
-waits for each in turn and makes its host visit (write graduates, refill).
-
-A system's rows move between device groups through the host (the host visit that writes
-graduates already holds them; the receiving stage packs them into its free slots), exactly as a
-system written to a file and read back: in float64 positions, velocities and cells come back
-bit for bit. Several processes (one stage per process, with JAX collectives
-between them) are not implemented yet: ``run`` then raises.
+One process drives every stage: each *round* it starts a compiled chunk on every stage's
+device group (``Run.dispatch``; JAX runs them asynchronously, so the groups compute at the
+same time), then waits for each in turn and makes its host visit (forward graduates, refill).
+Several processes (one stage per process) are not implemented: ``run`` then raises.
 
 Per-system results equal one fused run of the same sub-stages ``F_0 + F_1 + ...``: a system
 entering stage ``k + 1`` is admitted (fresh stage state, one evaluation), as the fused run's
 ``migration.enter`` resets it; one leaving an optimizer is at rest in both. Stage ``k``'s
 ``init_fn`` (if any) is applied at admission, which a fused run would not do.
+
+Checkpoints (``run(..., checkpoint=DIR, checkpoint_every=N)``, ``save(DIR)``) are taken
+between rounds: a directory holding each started stage's run checkpoint
+(:mod:`fused_dynamics.checkpoint`), the rows waiting in each buffer (``.npz``, no pickles) and
+a JSON header. ``run(..., resume=DIR)`` continues it; systems the final sinks already hold are
+not written again.
 
 The run ends when stage 0's sampler is exhausted and nothing is in flight, and every later
 stage has drained (its buffer is closed and empty and its batch is done).
@@ -37,127 +42,147 @@ stage has drained (its buffer is closed and empty and its batch is done).
 
 from __future__ import annotations
 
-import hashlib
-from collections import deque
+import json
+import os
+import shutil
+import tempfile
 
-import ase
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # the coordination service's barrier
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from .batch import Batch
-from .sharding import AXIS, ShardedRun
+from . import inflight
+from .batch import Batch, empty_host_arrays
+from .pipeline_remote import exchange
+from .pipeline_transfer import DeviceBuffer, _extract_local, extract, insert, slice_rows
+from .sharding import _ADMIT, _INITIALIZE, AXIS, ShardedRun, _merge, gather, place, prepare
 from .status import ExitReason
 
-__all__ = ["Buffer", "DistributedPipeline"]
+__all__ = ["DeviceBuffer", "DistributedPipeline"]
 
 _LEAVE = (int(ExitReason.FAILED), int(ExitReason.REJECTED))
+FORMAT = "fused_dynamics-pipeline-checkpoint"
+BARRIER_MS = 30 * 60 * 1000  # how long a process waits for the others at a round's end
 
 
-class Buffer:
-    """The bounded queue between two stages: a sink for the sender, a sampler for the receiver.
+class _StageRun(ShardedRun):
+    """One stage of a pipeline: a sharded live run whose source may be a :class:`DeviceBuffer`
+    (rows admitted on device) and whose graduates may go to a :class:`DeviceBuffer` (rows
+    left on device) instead of sinks. ``sinks`` are the pipeline's final sinks: the last
+    stage's graduates, and failed or rejected systems of any stage."""
 
-    Parameters
-    ----------
-    size : int
-        Most systems it holds (``buffer_size``).
-    like : SizeAwareSampler
-        The pipeline's sampler: capacities, cells of every system that may arrive (for static
-        image ranges) and provenance (``annotate``).
-    exits : list
-        Sinks for systems that leave the pipeline early (failed or rejected).
-    """
-
-    def __init__(self, size: int, like, exits):
-        self.size = int(size)
-        self.queue: deque = deque()
-        self.closed = False
-        self.max_atoms = like.max_atoms
-        self.max_systems = like.max_systems
-        self.max_atoms_per_system = like.max_atoms_per_system
-        self._cells = like.cells()
-        self.annotate = getattr(like, "annotate", None)
-        self.exits = exits
-        self.received = 0
-        self.peak = 0
-
-    # ------------------------------------------------------------------ sink side
-    def has_room(self, n: int = 1) -> bool:
-        return len(self.queue) + n <= self.size
-
-    def write(self, frames) -> None:
-        for a in frames:
-            if int(a.info.get("exit_reason", 0)) in _LEAVE:
-                for sink in self.exits:  # leaves the pipeline now (the first sink with room)
-                    if sink.has_room(1):
-                        sink.write([a])
-                        break
-                else:
-                    raise RuntimeError("Every sink is full (pipeline: a failed system).")
-                continue
-            if not self.has_room(1):
-                raise RuntimeError("pipeline buffer is full")
-            self.queue.append(a)
-            self.received += 1
-        self.peak = max(self.peak, len(self.queue))
-
-    def close(self) -> None:
-        """The sender is done: nothing more will arrive."""
-        self.closed = True
-
-    # ------------------------------------------------------------------ sampler side
-    def __len__(self) -> int:
-        return len(self.queue)
+    def __init__(self, fused, *, forward: DeviceBuffer | None, **options):
+        self.forward = forward
+        super().__init__(fused, **options)
 
     @property
-    def exhausted(self) -> bool:
-        return self.closed and not self.queue
+    def _from_buffer(self) -> bool:
+        return isinstance(self.sampler, DeviceBuffer)
 
-    def take(self, free_atoms: int, free_slots: int) -> list[tuple[int, ase.Atoms]]:
-        """The next systems in arrival order while they fit (``SizeAwareSampler.take``)."""
-        out = []
-        while self.queue and free_slots > 0 and len(self.queue[0]) <= free_atoms:
-            a = self.queue.popleft()
-            out.append((int(a.info["system_id"]), _entry(a)))
-            free_atoms -= len(a)
-            free_slots -= 1
-        return out
+    # ------------------------------------------------------------------ receiving
+    def _start_inflight(self, dtype) -> None:
+        if not self._from_buffer:
+            return super()._start_inflight(dtype)
+        source = self.sampler
+        n_l, s_l = source.max_atoms // self.devices, source.max_systems // self.devices
+        cells, pbc = source.cells()
+        self.fused = self.fused.prepare_for_cells(cells, pbc)
+        host = empty_host_arrays(n_l, s_l)
+        local = jax.device_get(Batch.from_host_arrays(host, dtype, source.max_atoms_per_system))
+        stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[local] * self.devices)
+        self.fused = prepare(self.fused, _merge(stacked))
+        self.batch = _INITIALIZE(self.fused, place(stacked, self.mesh), self.mesh)
+        keep = np.zeros(self.devices * s_l, bool)
+        self.batch, new = self._refill(keep)
+        self._written = ~new
 
-    def initial_batch(self, dtype=None) -> Batch:
-        first = self.take(self.max_atoms, self.max_systems)
-        return Batch.from_atoms(
-            [a for _, a in first],
-            max_atoms=self.max_atoms,
-            max_systems=self.max_systems,
-            dtype=dtype,
-            max_atoms_per_system=self.max_atoms_per_system,
-            system_ids=[i for i, _ in first],
-        )
+    def _refill(self, keep: np.ndarray):
+        if not self._from_buffer:
+            return super()._refill(keep)
+        host = gather(self.batch)  # the receiver's own batch, re-packed as in every refill
+        d, s_l = np.shape(host.system_mask)
+        n_l = host.max_atoms
+        keep = keep.reshape(d, s_l)
+        new = np.zeros((d, s_l), bool)
+        parts, incoming = [], []
+        for k in range(d):
+            local = jax.tree_util.tree_map(lambda x, k=k: x[k], host)
+            arrays, offset = inflight.repack(local, keep[k])
+            arrays["status"][~keep[k]] = self.fused.exit_status
+            free = [int(x) for x in np.flatnonzero(~keep[k])]
+            part = []
+            for (sid, n, row), slot in zip(
+                self.sampler.take(n_l - offset, len(free)), free, strict=False
+            ):
+                # the bookkeeping of write_system; the values come on device (insert)
+                arrays["system_idx"][offset : offset + n] = slot
+                arrays["atom_mask"][offset : offset + n] = True
+                arrays["system_mask"][slot] = True
+                arrays["status"][slot] = 0
+                arrays["system_id"][slot] = sid
+                part.append((slot, offset, row))
+                offset += n
+                new[k, slot] = True
+            parts.append(arrays)
+            incoming.append(part)
+        fields = {
+            key: np.stack([p[key] for p in parts]).astype(np.asarray(getattr(host, key)).dtype)
+            for key in parts[0]
+        }
+        batch = self.batch.replace(**place(fields, self.mesh))
+        if new.any():
+            batch = insert(batch, incoming, self.mesh)
+            batch = _ADMIT(self.fused, batch, place(new, self.mesh), self.mesh)
+        return batch, new.reshape(-1)
 
-    def cells(self):
-        return self._cells
+    # ------------------------------------------------------------------ sending
+    def write_graduated(self) -> int:
+        if self.forward is None or self.batch is None:
+            return super().write_graduated()
+        mask, done = self._host_status()
+        new = mask & done & ~self._written
+        if not new.any():
+            return 0
+        slots = np.flatnonzero(new)
+        reason = self._fetch(self.batch.info["exit_reason"])
+        leave = np.asarray([k for k in slots if int(reason[k]) in _LEAVE], np.int64)
+        go = [int(k) for k in slots if int(reason[k]) not in _LEAVE]
+        if len(leave):  # out of the pipeline now, into the final sinks
+            host = self._flat_host()
+            inflight.write_graduated(host, leave, self.sinks, self._annotate, self._held)
+            self._written[leave] = True
+            self.stats.written += len(leave)
+        go = go[: self.forward.room]
+        if go:
+            rows = extract(self.batch, self.mesh)
+            n_atoms = self._fetch(rows["n_atoms"])
+            ids = self._fetch(self.batch.system_id)
+            s_l = self.batch.max_systems
+            for g in go:
+                device, slot = divmod(g, s_l)
+                self.forward.put(ids[g], n_atoms[g], slice_rows(rows, device, slot))
+                self._written[g] = True
+            self.stats.written += len(go)
+        return len(leave) + len(go)
 
-    def take_rejected(self) -> list:
-        return []
+    def refill_check(self) -> int:
+        self.write_graduated()
+        if self.sampler is None or self.batch is None:
+            return 0
+        self._report_rejected()
+        mask, done = self._host_status()
+        keep = mask & (~done | ~self._written)  # unsent graduates keep their slots
+        if self.sampler.exhausted or keep.all():
+            return 0
+        batch, new = self._refill(keep)
+        self.batch = batch
+        self._written = ~(keep | new)
+        return int(new.sum())
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(f"pipeline-buffer-{id(self)}".encode()).hexdigest()
-
-
-def _entry(frame: ase.Atoms) -> ase.Atoms:
-    """What the next stage reads of a graduate: structure and velocities (its results and
-    bookkeeping are recomputed at admission)."""
-    a = ase.Atoms(
-        numbers=frame.numbers,
-        positions=frame.positions,
-        cell=frame.cell,
-        pbc=frame.pbc,
-        masses=frame.get_masses(),
-        constraint=frame.constraints,
-    )
-    a.set_velocities(frame.get_velocities())
-    a.info.update(frame.info)
-    return a
+    def close(self) -> None:
+        self._closed = True  # the pipeline closes the shared final sinks once
 
 
 class DistributedPipeline:
@@ -178,7 +203,15 @@ class DistributedPipeline:
     ValueError
         No stages, a group count other than the number of stages, an empty group, or a
         ``buffer_size`` below 1.
+
+    Examples
+    --------
+    >>> pipe = fd.FIRE(model, ...) | fd.NVTLangevin(model, ...)
+    >>> with pipe:
+    ...     stats = pipe.run(sampler, [fd.HostMemory()], checkpoint="ckpt", checkpoint_every=20)
     """
+
+    _started = 0
 
     def __init__(self, stages, *, devices=None, buffer_size: int = 64):
         self.stages = tuple(stages)
@@ -200,8 +233,11 @@ class DistributedPipeline:
                     f"({len(self.stages)}), got {len(self._devices)} groups."
                 )
         self.stats: list = []
-        self.buffers: list[Buffer] = []
+        self.buffers: list[DeviceBuffer] = []
+        self.rounds = 0
         self._runs: list = []
+        self._done: list[bool] = []
+        self._sinks: list = []
 
     # ------------------------------------------------------------------ composition
     def __or__(self, other):
@@ -250,12 +286,130 @@ class DistributedPipeline:
         self.close()
 
     def close(self) -> None:
-        """Close every stage's live run (and so the final sinks, once)."""
-        for run in self._runs:
-            if run is not None:
-                run.close()
+        """Close the final sinks (once)."""
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            sink.close()
 
-    def run(self, sampler, sinks, *, refill_frequency: int = 50, buffer_size=None, dtype=None):
+    def start(
+        self, sampler, sinks, *, refill_frequency: int = 50, buffer_size=None, dtype=None,
+        resume: str | os.PathLike | None = None,
+    ) -> DistributedPipeline:  # fmt: skip
+        """Set up a run of every system of ``sampler`` through all stages into ``sinks``,
+        driven by :meth:`round` (what :meth:`run` does); options as :meth:`run`."""
+        if not sinks:
+            raise ValueError("DistributedPipeline.run: give at least one sink.")
+        if int(refill_frequency) < 1:
+            raise ValueError(f"refill_frequency must be >= 1, got {refill_frequency}.")
+        size = self.buffer_size if buffer_size is None else int(buffer_size)
+        if size < 1:
+            raise ValueError(f"DistributedPipeline.run: buffer_size must be >= 1, got {size}.")
+        self._owner = [_process_of(g, k) for k, g in enumerate(self.stage_devices)]
+        if resume is not None and jax.process_count() > 1:
+            raise NotImplementedError(
+                "DistributedPipeline: checkpoints of a pipeline over several processes are not "
+                "implemented; run it on one process to checkpoint it."
+            )
+        if resume is not None and not os.path.isdir(_existing(os.fspath(resume))):
+            raise FileNotFoundError(f"resume={os.fspath(resume)!r}: no pipeline checkpoint.")
+        k = len(self.stages)
+        self._meshes = [Mesh(np.array(g), (AXIS,)) for g in self.stage_devices]
+        self._sinks = list(sinks)
+        self.buffers = [DeviceBuffer(size, sampler, f"{i}->{i + 1}") for i in range(k - 1)]
+        self._sources = [sampler] + self.buffers
+        self._options = dict(refill_frequency=int(refill_frequency), dtype=dtype)
+        self._runs = [None] * k
+        self._done = [False] * k
+        self.rounds = 0
+        me = jax.process_index()
+        self._remote = [  # boundaries to another process that this process takes part in
+            i for i in range(k - 1)
+            if self._owner[i] != self._owner[i + 1] and me in (self._owner[i], self._owner[i + 1])
+        ]  # fmt: skip
+        self._room = {i: size for i in self._remote}
+        DistributedPipeline._started += 1  # the same count on every process (same calls)
+        self._id = DistributedPipeline._started
+        self._row = _row_template(sampler, self._meshes[0], dtype) if self._remote else None
+        if resume is not None:
+            self._restore(_existing(os.fspath(resume)))
+        return self
+
+    def _make_run(self, k: int, resume=False):
+        forward = self.buffers[k] if k < len(self.stages) - 1 else None
+        return _StageRun(
+            self.stages[k], sampler=self._sources[k], sinks=self._sinks, forward=forward,
+            mesh=self._meshes[k], resume=resume, **self._options,
+        )  # fmt: skip
+
+    @property
+    def done(self) -> bool:
+        """Whether every stage has finished."""
+        return all(self._done)
+
+    def round(self) -> bool:
+        """One round: a chunk on every running stage's devices (together), then each stage's
+        host visit (forward graduates, refill). Returns :attr:`done`."""
+        started = {}  # every stage's chunk first, then the host visits (groups overlap)
+        for k, run in enumerate(self._runs):
+            if run is not None and not self._done[k]:
+                started[k] = run.dispatch()
+        me = jax.process_index()
+        for k in range(len(self.stages)):
+            if self._done[k] or self._owner[k] != me:
+                continue
+            source = self._sources[k]
+            if self._runs[k] is None:
+                if source.exhausted:
+                    self._finish(k)
+                    continue
+                if not (len(source) or k == 0):
+                    continue
+                self._runs[k] = self._make_run(k)
+            run = self._runs[k]
+            run.collect(started[k]) if k in started else run.advance()
+            if len(source) or source.exhausted:
+                run.refill_check()
+            else:
+                run.write_graduated()
+            if run.all_complete:
+                run.write_graduated()
+                self._finish(k)
+        if jax.process_count() > 1:
+            self._across_processes()
+        self.rounds += 1
+        return self.done
+
+    def _across_processes(self) -> None:
+        """Rows across the boundaries to other processes (a collective each,
+        :func:`~fused_dynamics.pipeline_remote.exchange`), then every stage's done flag to
+        every process (each process only runs its own stages)."""
+        groups = self.stage_devices
+        # Meet first at a barrier of the jax.distributed coordination service, whose timeout
+        # is ours: a process may wait long for the other's first compilation, longer than
+        # the CPU collectives' own connect timeout (30 s) allows inside a collective.
+        client = jax_distributed.global_state.client
+        client.wait_at_barrier(f"fused_dynamics-pipeline-{self._id}-{self.rounds}", BARRIER_MS)
+        for i in self._remote:
+            room = exchange(
+                groups[i][0], groups[i + 1][0], self.buffers[i], self.buffers[i], self._room[i],
+                self._row,
+            )  # fmt: skip
+            if self._owner[i] == jax.process_index():
+                self._room[i] = room
+        flags = np.asarray(self._done, np.int32)
+        every = np.asarray(multihost_utils.process_allgather(flags)).reshape(-1, len(flags))
+        self._done = [bool(x) for x in every.max(axis=0)]
+
+    def _finish(self, k: int) -> None:
+        self._done[k] = True
+        if k < len(self.stages) - 1:
+            self.buffers[k].close()
+
+    def run(
+        self, sampler, sinks, *, refill_frequency: int = 50, buffer_size=None, dtype=None,
+        checkpoint: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+        resume: str | os.PathLike | None = None,
+    ):  # fmt: skip
         """Run every system of ``sampler`` through all stages into ``sinks``.
 
         Parameters
@@ -270,83 +424,161 @@ class DistributedPipeline:
         buffer_size : int, optional
             Overrides the pipeline's ``buffer_size``.
         dtype : float dtype, optional
+        checkpoint : path, optional
+            A directory to write the whole pipeline to every ``checkpoint_every`` rounds
+            (:meth:`save`).
+        checkpoint_every : int, optional
+            Rounds (one chunk of every stage and its host visit) between checkpoints.
+        resume : path, optional
+            A checkpoint directory to continue from (same stages, devices per stage, sampler
+            and ``buffer_size``; the same sinks, which may hold systems written after it).
 
         Returns
         -------
         list of RunStats
-            One per stage.
+            One per stage (``None`` for a stage that never ran).
 
         Raises
         ------
         ValueError
-            No sinks, or a bad ``refill_frequency`` / ``buffer_size``.
+            No sinks, a bad ``refill_frequency`` / ``buffer_size``, ``checkpoint`` without
+            ``checkpoint_every`` (or the reverse), or a checkpoint of another pipeline.
+        FileNotFoundError
+            ``resume`` names no checkpoint.
         NotImplementedError
             Several processes.
         """
-        if not sinks:
-            raise ValueError("DistributedPipeline.run: give at least one sink.")
-        if int(refill_frequency) < 1:
-            raise ValueError(f"refill_frequency must be >= 1, got {refill_frequency}.")
-        size = self.buffer_size if buffer_size is None else int(buffer_size)
-        if size < 1:
-            raise ValueError(f"DistributedPipeline.run: buffer_size must be >= 1, got {size}.")
-        if jax.process_count() > 1:
-            raise NotImplementedError(
-                "DistributedPipeline.run: stages on several processes are not implemented yet."
+        if (checkpoint is None) != (checkpoint_every is None):
+            raise ValueError(
+                "DistributedPipeline.run: checkpoint=DIR and checkpoint_every=N go together."
             )
-        k_last = len(self.stages) - 1
-        meshes = [Mesh(np.array(g), (AXIS,)) for g in self.stage_devices]
-        sinks = list(sinks)
-        self.buffers = [Buffer(size, sampler, sinks) for _ in range(k_last)]
-        sources = [sampler] + self.buffers
-        outs = [[b] for b in self.buffers] + [sinks]
-        self._runs = [None] * len(self.stages)
-        done = [False] * len(self.stages)
-        options = dict(refill_frequency=int(refill_frequency), dtype=dtype)
-        while not all(done):
-            started = {}  # every stage's chunk first, then the host visits (groups overlap)
-            for k, run in enumerate(self._runs):
-                if run is not None and not done[k]:
-                    started[k] = run.dispatch()
-            for k, fused in enumerate(self.stages):
-                if done[k]:
-                    continue
-                source = sources[k]
-                if self._runs[k] is None:
-                    if source.exhausted:
-                        done[k] = True
-                    elif len(source) or k == 0:
-                        self._runs[k] = ShardedRun(
-                            fused, sampler=source, sinks=outs[k], mesh=meshes[k], **options
-                        )
-                    if self._runs[k] is None:
-                        if done[k] and k < k_last:
-                            self.buffers[k].close()
-                        continue
-                run = self._runs[k]
-                run.collect(started[k]) if k in started else run.advance()
-                _visit(run, source, self.buffers[k] if k < k_last else None)
-                if run.all_complete:
-                    run.write_graduated()
-                    done[k] = True
-                    if k < k_last:
-                        self.buffers[k].close()
+        if checkpoint_every is not None and int(checkpoint_every) < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
+        self.start(
+            sampler, sinks, refill_frequency=refill_frequency, buffer_size=buffer_size,
+            dtype=dtype, resume=resume,
+        )  # fmt: skip
+        while not self.round():
+            if checkpoint is not None and self.rounds % int(checkpoint_every) == 0:
+                self.save(checkpoint)
         self.stats = [r.stats if r is not None else None for r in self._runs]
         for r in self._runs:
             if r is not None:
                 r._finish_stats()
         return self.stats
 
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the pipeline between two rounds to the directory ``path``.
 
-def _visit(run, source, out: Buffer | None) -> None:
-    """One host visit of a stage: write its graduates (as many as the next buffer takes; the
-    rest wait in their slots) and refill its free slots when its source has systems."""
-    try:
-        if len(source) or source.exhausted:
-            run.refill_check()
-        else:
-            run.write_graduated()
-    except RuntimeError:
-        if out is None or out.has_room(1):
-            raise
-        # back-pressure: the next stage's buffer is full; the graduates stay where they are
+        Each started stage's live run is saved with :meth:`Run.save` (which first forwards
+        its graduates), then the rows waiting in each buffer, then a JSON header. The new
+        directory is written next to ``path`` and renamed over it (the previous one is kept
+        as ``path + ".previous"`` until the rename is done, and :meth:`run` falls back to it),
+        so a run killed at any moment leaves a whole checkpoint.
+        """
+        if jax.process_count() > 1:
+            raise NotImplementedError(
+                "DistributedPipeline.save: checkpoints of a pipeline over several processes are "
+                "not implemented; run it on one process to checkpoint it."
+            )
+        path = os.path.abspath(os.fspath(path))
+        parent = os.path.dirname(path)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+        for k, run in enumerate(self._runs):
+            if run is not None:
+                run.save(os.path.join(tmp, f"stage{k}.ckpt"))
+        buffers = []
+        for k, buf in enumerate(self.buffers):
+            state = buf.state()
+            entries = state.pop("entries")
+            fields = {}
+            if entries:
+                fields = {f: np.stack([row[f] for _, _, row in entries]) for f in entries[0][2]}
+            _save_npz(os.path.join(tmp, f"buffer{k}.npz"), fields)
+            buffers.append({**state, "entries": [[sid, n] for sid, n, _ in entries]})
+        header = {
+            "format": FORMAT,
+            "stages": [repr(s) for s in self.stages],
+            "devices": [len(g) for g in self.stage_devices],
+            "buffer_size": self.buffers[0].size if self.buffers else self.buffer_size,
+            "rounds": self.rounds,
+            "done": self._done,
+            "started": [r is not None for r in self._runs],
+            "buffers": buffers,
+        }
+        with open(os.path.join(tmp, "pipeline.json"), "w") as f:
+            json.dump(header, f)
+            f.flush()
+            os.fsync(f.fileno())
+        previous = path + ".previous"
+        if os.path.exists(path):
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(path, previous)
+        os.replace(tmp, path)
+        shutil.rmtree(previous, ignore_errors=True)
+
+    def _restore(self, path: str) -> None:
+        with open(os.path.join(path, "pipeline.json")) as f:
+            header = json.load(f)
+        mine = {
+            "stages": [repr(s) for s in self.stages],
+            "devices": [len(g) for g in self.stage_devices],
+            "buffer_size": self.buffers[0].size if self.buffers else self.buffer_size,
+        }
+        for key, value in mine.items():
+            if header.get("format") != FORMAT or header[key] != value:
+                raise ValueError(
+                    f"resume={path!r}: the checkpoint is of another pipeline ({key} differs: "
+                    f"{header.get(key)!r}, here {value!r}); resume with the pipeline that "
+                    "wrote it."
+                )
+        for k, (buf, state) in enumerate(zip(self.buffers, header["buffers"], strict=True)):
+            with np.load(os.path.join(path, f"buffer{k}.npz"), allow_pickle=False) as z:
+                fields = {f: z[f] for f in z.files}
+            entries = [
+                (sid, n, {f: x[i] for f, x in fields.items()})
+                for i, (sid, n) in enumerate(state["entries"])
+            ]
+            buf.restore({**state, "entries": entries})
+        self.rounds = int(header["rounds"])
+        self._done = [bool(x) for x in header["done"]]
+        for k, started in enumerate(header["started"]):
+            if started:
+                self._runs[k] = self._make_run(k, resume=os.path.join(path, f"stage{k}.ckpt"))
+
+
+def _process_of(group, k: int) -> int:
+    owners = {d.process_index for d in group}
+    if len(owners) > 1:
+        raise NotImplementedError(
+            f"DistributedPipeline: the devices of stage {k} belong to processes "
+            f"{sorted(owners)}; a stage must run on the devices of one process (stages on "
+            "different processes are supported)."
+        )
+    return owners.pop()
+
+
+def _row_template(sampler, mesh, dtype) -> dict:
+    """The shapes of one row (:func:`~fused_dynamics.pipeline_transfer.extract`), the same on
+    every process."""
+    d = int(mesh.devices.size)
+    n_l, s_l = sampler.max_atoms // d, sampler.max_systems // d
+    local = Batch.from_host_arrays(empty_host_arrays(n_l, s_l), dtype, sampler.max_atoms_per_system)
+    shapes = jax.eval_shape(lambda b: _extract_local(b, sampler.max_atoms_per_system), local)
+    return {f: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for f, x in shapes.items()}
+
+
+def _existing(path: str) -> str:
+    """``path``, or the previous checkpoint kept while a new one was being renamed into place."""
+    previous = path + ".previous"
+    if not os.path.isdir(path) and os.path.isdir(previous):
+        return previous
+    return path
+
+
+def _save_npz(path: str, fields: dict) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **fields)
+        f.flush()
+        os.fsync(f.fileno())

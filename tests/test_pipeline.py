@@ -1,22 +1,39 @@
 """Pipelines: ``a | b`` runs each stage on its own device group; graduates of one stage become
-entries of the next through a bounded buffer (docs/semantics.md §16;
-fused_dynamics/pipeline.py).
+entries of the next through a bounded buffer, moved between the groups with ``jax.device_put``
+(docs/semantics.md §16; fused_dynamics/pipeline.py, fused_dynamics/pipeline_transfer.py).
 
-The run over device groups happens in a subprocess with 4 forced CPU devices (this process
-started JAX with one). Tolerance: bitwise. A system's arithmetic in the pipeline is that of the
-fused run ``fire + nvt``: its FIRE steps are the same; it leaves FIRE at rest in both; it
-enters NVT with fresh stage state and forces evaluated at the same positions (the fused run's
-``migration.enter``, the pipeline's admission); Langevin noise is keyed by (system_id, the
-system's own step). Measured: a maximum difference of exactly 0.
+The runs over device groups happen in subprocesses started together (this process started JAX
+with one device): one with 4 forced CPU devices (two groups of 2), and two processes of 2
+devices each joined by ``jax.distributed`` (one stage each; graduates cross in a ``ppermute``,
+fused_dynamics/pipeline_remote.py). This process computes the reference, the fused run
+``fire + nvt`` on one device, meanwhile.
+
+Tolerance: bitwise. A system's arithmetic in the pipeline is that of the fused run: its FIRE
+steps are the same; it leaves FIRE at rest in both; it enters NVT with fresh stage state and
+forces evaluated at the same positions (the fused run's ``migration.enter``, the pipeline's
+admission); its row moves between the groups as a copy (``jax.device_put`` or a ``ppermute``,
+then a scatter of the same values); Langevin noise is keyed by (system_id, the system's own
+step). Measured: a maximum difference of exactly 0.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-from test_sharding import LJ, _check, _run, systems  # tests/ is on pytest's path
+from test_sharding import (  # tests/ is on pytest's path
+    LJ,
+    _check,
+    _free_port,
+    _run,
+    by_id,
+    systems,
+)
 
 import fused_dynamics as fd
 from fused_dynamics.pipeline import DistributedPipeline
+
+N_SYSTEMS = 500  # the issue's sampler size
+N_SMALL = 48  # the first 48 of them through a buffer of 1, and checkpointed and resumed
 
 
 def stages():
@@ -25,7 +42,13 @@ def stages():
     return relax, md
 
 
-def test_or_builds_a_pipeline_and_checks_its_arguments():
+def sampler(n: int = N_SYSTEMS):
+    return fd.SizeAwareSampler(
+        systems(n, seed=2), max_atoms=256, max_systems=16, max_atoms_per_system=16
+    )
+
+
+def test_or_builds_a_pipeline_and_checks_its_arguments(tmp_path):
     relax, md = stages()
     for pipe in (relax | md, (relax + md) | md, (relax | md) | md):
         assert isinstance(pipe, DistributedPipeline)
@@ -38,36 +61,137 @@ def test_or_builds_a_pipeline_and_checks_its_arguments():
     with pytest.raises(ValueError, match="one non-empty group per stage"):
         pipe.with_devices([[]])
     with pytest.raises(ValueError, match="sink"):
-        pipe.run(fd.SizeAwareSampler(systems(1), max_atoms=16, max_systems=1), [])
+        pipe.run(sampler(1), [])
+    with pytest.raises(ValueError, match="go together"):
+        pipe.run(sampler(1), [fd.HostMemory()], checkpoint=tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match="no pipeline checkpoint"):
+        pipe.run(sampler(1), [fd.HostMemory()], resume=tmp_path / "none")
 
 
-def test_fire_then_nvt_over_two_device_groups_equals_the_fused_run():
-    code = """
-        import numpy as np
-        import fused_dynamics as fd
-        from fused_dynamics.pipeline import DistributedPipeline
-        from tests.test_sharding import LJ, systems, assert_same_systems
-        relax = fd.FIRE(LJ, convergence_hook=fd.ConvergenceHook.from_fmax(0.05), n_steps=40)
-        md = fd.NVTLangevin(LJ, dt=4.0, temperature=40.0, friction=0.02, seed=7, n_steps=12)
-        data = systems(16, seed=2)
+CODE = """
+    import sys
+    sys.path.insert(0, "tests")
+    import fused_dynamics as fd
+    from fused_dynamics.pipeline import DistributedPipeline
+    from test_pipeline import N_SMALL, stages, sampler
+    from test_sharding import _frames_npz
+    out = sys.argv[1]
+    relax, md = stages()
+    devices = jax.devices()
+    groups = [devices[:2], devices[2:]]
+    pipe = (relax | md).with_devices(groups)
+    for size, n in ((64, None), (1, N_SMALL)):
+        sink = fd.HostMemory()
+        with DistributedPipeline(pipe.stages, devices=groups, buffer_size=size) as p:
+            p.start(sampler() if n is None else sampler(n), [sink], refill_frequency=10)
+            seen = set()
+            while not p.round():
+                for sid, n, row in p.buffers[0].queue:  # rows wait on the sender's devices
+                    seen |= {d.id for x in row.values() for d in x.devices()}
+            stats = [r.stats for r in p._runs]
+        if size > 1:  # (with a buffer of 1 the receiver takes each row in the round it came)
+            assert seen and seen <= {d.id for d in groups[0]}, seen
+        assert p.buffers[0].received == len(sink) and p.buffers[0].peak <= size
+        print("buffer", size, "steps", [s.steps for s in stats], "peak", p.buffers[0].peak)
+        _frames_npz(f"{out}/buffer{size}.npz", sink.atoms)
 
-        def sampler():
-            return fd.SizeAwareSampler(data, max_atoms=64, max_systems=4, max_atoms_per_system=16)
+    # checkpoints after rounds 3 and 5 (the second replaces the first), one more round (its
+    # graduates reach the sink after the checkpoint), stop; resume with the same sink
+    part = fd.HostMemory()
+    p = DistributedPipeline(pipe.stages, devices=groups, buffer_size=4)
+    p.start(sampler(N_SMALL), [part], refill_frequency=10)
+    for r in range(5):
+        p.round()
+        if r in (2, 4):
+            p.save(f"{out}/ckpt")
+    waiting = len(p.buffers[0])
+    p.round()
+    before = len(part)
+    assert 0 < before < N_SMALL, before
+    DistributedPipeline(pipe.stages, devices=groups, buffer_size=4).run(
+        sampler(N_SMALL), [part], refill_frequency=10, resume=f"{out}/ckpt"
+    )
+    print("written before the resume", before, "rows waiting at the checkpoint", waiting)
+    _frames_npz(f"{out}/resumed.npz", part.atoms)
+    print("ok")
+    """
 
-        ref = fd.HostMemory()
-        (relax + md).run(sampler=sampler(), refill_frequency=8, sinks=[ref])
-        devices = jax.devices()
-        pipe = (relax | md).with_devices([devices[:2], devices[2:]])
-        for size in (64, 1):
-            sink = fd.HostMemory()
-            with DistributedPipeline(pipe.stages, devices=pipe.stage_devices,
-                                     buffer_size=size) as p:
-                stats = p.run(sampler(), [sink], refill_frequency=8)
-            ids = sorted(a.info["system_id"] for a in sink.atoms)
-            assert ids == list(range(16)), ids  # every system exactly once
-            assert max(b.peak for b in p.buffers) <= size
-            worst = assert_same_systems(sink.atoms, ref.atoms, last_stages=1)
-            print("buffer", size, "steps", [s.steps for s in stats], "worst", worst)
-        print("ok")
-        """
-    print(_check(_run(code), timeout=500))
+
+TWO_PROCESSES = """
+    import sys
+    pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid
+    )
+    sys.path.insert(0, "tests")
+    import fused_dynamics as fd
+    from fused_dynamics.pipeline import DistributedPipeline
+    from test_pipeline import N_SMALL, stages, sampler
+    from test_sharding import _frames_npz
+    relax, md = stages()
+    groups = [[d for d in jax.devices() if d.process_index == i] for i in range(2)]
+    assert len(groups[0]) == len(groups[1]) == 2
+    pipe = (relax | md).with_devices(groups)
+    assert pipe.is_first_stage == (pid == 0) and pipe.is_final_stage == (pid == 1)
+    sink = fd.HostMemory()
+    with DistributedPipeline(pipe.stages, devices=groups, buffer_size=2) as p:
+        stats = p.run(sampler(N_SMALL), [sink], refill_frequency=10)
+    assert (stats[0] is None) == (pid == 1) and (stats[1] is None) == (pid == 0)
+    if len(sink):
+        _frames_npz(f"{out}/process{pid}.npz", sink.atoms)
+    print("process", pid, "wrote", len(sink), "rounds", p.rounds)
+    print("ok")
+    """
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every subprocess started at once: one process of 4 devices (two groups of 2), and two
+    processes of 2 devices each (jax.distributed on localhost, one stage each); meanwhile the
+    reference here, the fused run ``fire + nvt`` of the 500 systems on one device."""
+    out = tmp_path_factory.mktemp("pipeline")
+    port = _free_port()
+    procs = [_run(CODE, args=[out])]
+    procs += [_run(TWO_PROCESSES, devices=2, args=[i, port, out]) for i in range(2)]
+    relax, md = stages()
+    ref = fd.HostMemory()
+    (relax + md).run(sampler=sampler(), refill_frequency=10, sinks=[ref])
+    return out, procs, by_id(ref.atoms)
+
+
+def _assert_equal_to(ref: dict, got, name: str) -> list:
+    ids = got["ids"].tolist()
+    frames = [ref[i] for i in ids]
+    np.testing.assert_array_equal(
+        got["positions"], np.concatenate([a.positions for a in frames]), err_msg=name
+    )
+    np.testing.assert_array_equal(
+        got["velocities"], np.concatenate([a.get_velocities() for a in frames]), err_msg=name
+    )
+    return ids
+
+
+def test_fire_then_nvt_over_two_device_groups_equals_the_fused_run_and_resumes(runs):
+    """``fire | nvt`` on 2 + 2 devices: 500 systems through a buffer of 64 and the first 48
+    through a buffer of 1 (back-pressure) each reach the sink exactly once, equal to the fused
+    run; rows wait in the buffer on the sender's devices; a pipeline of the 48 checkpointed,
+    run on (writing more systems to the sink), stopped and resumed with the same sink writes
+    every system exactly once, equal to the fused run (so to the uninterrupted pipeline)."""
+    out, procs, ref = runs
+    print(_check(procs[0]))
+    for name, n in (("buffer64", N_SYSTEMS), ("buffer1", N_SMALL), ("resumed", N_SMALL)):
+        ids = _assert_equal_to(ref, np.load(out / f"{name}.npz"), name)
+        assert sorted(ids) == list(range(n)), name  # every system exactly once
+
+
+def test_fire_then_nvt_on_two_processes(runs):
+    """``fire | nvt`` with each stage on its own process (2 devices each, jax.distributed on
+    localhost), a buffer of 2: graduates cross between the processes in a ``ppermute`` of
+    fixed-size buffers; the final stage's process writes every system exactly once, equal to
+    the fused run."""
+    out, procs, ref = runs
+    for proc in procs[1:]:
+        print(_check(proc))
+    assert not (out / "process0.npz").exists()  # nothing failed: every system went on
+    ids = _assert_equal_to(ref, np.load(out / "process1.npz"), "two processes")
+    assert sorted(ids) == list(range(N_SMALL))
