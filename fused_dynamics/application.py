@@ -475,7 +475,7 @@ def execute(
         try:
             if ck.action == "overwrite":  # it would continue the run being replaced
                 ck.path.unlink()
-            sinks = [open_sink(p, cfg, echo) for p in outputs]
+            sinks = [open_sink(p, cfg, echo, input_ids=sampler.ids) for p in outputs]
             tee = TeeSink(sinks, [p.written for p in outputs], on_written=record.on_written)
             held = list(zip(outputs, tee.written, strict=True))
             writers = []
@@ -509,6 +509,7 @@ def execute(
                 checkpoint_every=cfg.checkpoint_every or None,
                 resume=ck.path if from_checkpoint else False,
             )
+            tee.finish()  # input order: nothing is held back once the run has ended
         finally:
             record.close()
             for sink in sinks:

@@ -63,7 +63,6 @@ by :mod:`fused_dynamics.run_outputs`, an output is summarised by
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -76,7 +75,7 @@ from .application import RunResult, execute, preflight
 from .config import ConfigError, load_config
 from .config import save_config as write_config_file
 from .demo_job import demo_config, run_demo
-from .inspection import format_summary, summarize_output
+from .inspection import inspect_command, summarize_output
 from .interrupts import INTERRUPTS, resume_command
 from .run_outputs import OutputPlan, plan_outputs
 from .training.config import TrainConfigError, run_train_config
@@ -297,23 +296,44 @@ def inspect(
             help="An output of a run: an .extxyz file or a .zarr store.", show_default=False
         ),
     ],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    debug: DebugOpt = False,
+    failed: Annotated[
+        bool, typer.Option("--failed", help="Only the failed and rejected systems.")
+    ] = False,
+    stage: Annotated[
+        int | None,
+        typer.Option(
+            "--stage",
+            help="Only systems that left the run from sub-stage STAGE (0, 1, ...).",
+        ),
+    ] = None,
+    export: Annotated[
+        Path | None,
+        typer.Option(
+            "--export", help="Write the listed systems to a .csv or .json file (never overwritten)."
+        ),
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="csv or json: of --export (default: its suffix), or printed instead of the table.",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary and the systems as JSON.")
+    ] = False,
 ) -> None:
-    """Summarise an output file: systems, exit reasons, steps per stage, energies, forces."""
-
-    def go():
-        if not output.exists():
-            raise ConfigError(f"{os.fspath(output)!r} does not exist")
-        try:
-            summary = summarize_output(output)
-        except Exception as exc:
-            raise ConfigError(
-                f"cannot read {os.fspath(output)!r} as extxyz or zarr: {exc}"
-            ) from exc
-        typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
-
-    _guarded(go, debug)
+    """List an output's systems (id, source, exit reason, steps per stage, energy, fmax,
+    temperature) and its statistics; failed and rejected systems are counted apart."""
+    code = inspect_command(
+        output,
+        failed=failed,
+        stage=stage,
+        export=export,
+        fmt="json" if as_json and fmt is None else fmt,
+    )
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

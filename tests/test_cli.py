@@ -77,7 +77,7 @@ stages:
   - {type: nvt_langevin, dt: 5.0, temperature: 40.0, friction: 0.02, n_steps: 10}
 outputs:
   - {type: extxyz, path: out/run.extxyz}
-  - {type: zarr, path: out/run.zarr}
+  - {type: zarr, path: out/run.zarr, order: input}
 """
 
 
@@ -198,6 +198,12 @@ def test_run_yaml_from_a_glob_of_files_to_two_outputs(runs):
     assert rc == 0, out + err
     frames = ase.io.read(root / "yaml" / "out" / "run.extxyz", index=":")
     assert sorted(a.info["system_id"] for a in frames) == list(range(7))
+    # outputs[1].order = "input" (docs/semantics.md, outputs): the store holds the systems in
+    # the order their files were read, whatever order they finished in, and no side file
+    # of waiting systems is left behind by a run that ended
+    ordered = read_zarr(root / "yaml" / "out" / "run.zarr")
+    assert [a.info["system_id"] for a in ordered] == list(range(7))
+    assert not (root / "yaml" / "out" / "run.pending.zarr").exists()
     assert {a.info["exit_reason"] for a in frames} <= {1, 2}
     # every output gets every system
     copies = read_zarr(root / "yaml" / "out" / "run.zarr")
@@ -348,6 +354,21 @@ def test_inspect_zarr_and_extxyz(runs):
     assert text.exit_code == 0, text.output
     for word in ("systems", "7", "exit reasons", "energy", "fmax", "temperature"):
         assert word in text.output
+    # one row per system, exported as CSV (never over an existing file)
+    csv = root / "systems.csv"
+    res = CliRunner().invoke(
+        app, ["inspect", str(root / "yaml" / "out" / "run.zarr"), "--export", str(csv)]
+    )
+    assert res.exit_code == 0, res.output
+    rows = csv.read_text().splitlines()
+    assert len(rows) == 1 + 7 and "exit_reason" in rows[0], rows[:2]
+    again = CliRunner().invoke(
+        app, ["inspect", str(root / "yaml" / "out" / "run.zarr"), "--export", str(csv)]
+    )
+    assert again.exit_code == 2
+    # an input structure file is not an output: exit 2 with the reason
+    res = CliRunner().invoke(app, ["inspect", str(root / "yaml" / "data" / "a.extxyz")])
+    assert res.exit_code == 2
 
 
 # ----------------------------------------------------------------------------- help

@@ -393,6 +393,13 @@ class OutputConfig(_Section):
     )
     capacity: PositiveInt | None = Field(None, description="systems: most this output takes")
     stress: bool = Field(False, description="always compute the stress and write it")
+    order: Literal["completion", "input"] = Field(
+        "completion",
+        description="order systems are written in: 'completion' (as they leave the run) or "
+        "'input' (the order the structures were read; a system that finishes before an "
+        "earlier one waits in a side file beside the output, e.g. run.pending.extxyz, and "
+        "moves in when its turn comes)",
+    )
 
 
 class ReportConfig(_Section):
