@@ -23,7 +23,15 @@ the sampler; the last stage writes to the sinks.
 One process drives every stage: each *round* it starts a compiled chunk on every stage's
 device group (``Run.dispatch``; JAX runs them asynchronously, so the groups compute at the
 same time), then waits for each in turn and makes its host visit (forward graduates, refill).
-Several processes (one stage per process) are not implemented: ``run`` then raises.
+
+Several processes (after ``jax.distributed.initialize()``): each stage's devices must belong
+to one process, and stages may sit on different processes. Every process calls ``run`` with
+the same stages, devices and (a replica of the same) sampler, and runs the rounds of its own
+stages in lockstep with the others; at the end of each round the rows crossing to another
+process move in a ``ppermute`` of fixed-size buffers (:mod:`fused_dynamics.pipeline_remote`)
+and every stage's done flag goes to every process. Each process writes to its own sinks what
+its stages write (the last stage's graduates, failures of its other stages). Checkpoints of a
+pipeline over several processes are not implemented (``NotImplementedError``).
 
 Per-system results equal one fused run of the same sub-stages ``F_0 + F_1 + ...``: a system
 entering stage ``k + 1`` is admitted (fresh stage state, one evaluation), as the fused run's
@@ -54,7 +62,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from . import inflight
-from .batch import Batch, empty_host_arrays
+from .batch import Batch, default_float, empty_host_arrays
 from .pipeline_remote import exchange
 from .pipeline_transfer import DeviceBuffer, _extract_local, extract, insert, slice_rows
 from .sharding import _ADMIT, _INITIALIZE, AXIS, ShardedRun, _merge, gather, place, prepare
@@ -90,6 +98,7 @@ class _StageRun(ShardedRun):
         cells, pbc = source.cells()
         self.fused = self.fused.prepare_for_cells(cells, pbc)
         host = empty_host_arrays(n_l, s_l)
+        dtype = default_float() if dtype is None else dtype
         local = jax.device_get(Batch.from_host_arrays(host, dtype, source.max_atoms_per_system))
         stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[local] * self.devices)
         self.fused = prepare(self.fused, _merge(stacked))
@@ -446,7 +455,7 @@ class DistributedPipeline:
         FileNotFoundError
             ``resume`` names no checkpoint.
         NotImplementedError
-            Several processes.
+            Several processes with a stage spread over more than one, or with ``resume``.
         """
         if (checkpoint is None) != (checkpoint_every is None):
             raise ValueError(
@@ -564,6 +573,7 @@ def _row_template(sampler, mesh, dtype) -> dict:
     every process."""
     d = int(mesh.devices.size)
     n_l, s_l = sampler.max_atoms // d, sampler.max_systems // d
+    dtype = default_float() if dtype is None else dtype
     local = Batch.from_host_arrays(empty_host_arrays(n_l, s_l), dtype, sampler.max_atoms_per_system)
     shapes = jax.eval_shape(lambda b: _extract_local(b, sampler.max_atoms_per_system), local)
     return {f: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for f, x in shapes.items()}
