@@ -206,9 +206,6 @@ class Batch(eqx.Module):
         system_ids : sequence of int, optional
             Dataset index of each system (default: 0, 1, ...).
 
-        Constraints (``atoms.constraints``) of the types ``FixAtoms``, ``FixCartesian`` and
-        ``FixCom`` are carried into ``fixed`` / ``fix_com`` and honoured by every sub-stage.
-
         Raises
         ------
         ValueError
@@ -217,6 +214,11 @@ class Batch(eqx.Module):
             names the system index.
         TypeError
             An element that is not ``ase.Atoms``, or a dtype that is not a float or not enabled.
+
+        Notes
+        -----
+        Constraints (``atoms.constraints``) of the types ``FixAtoms``, ``FixCartesian`` and
+        ``FixCom`` are carried into ``fixed`` / ``fix_com`` and honoured by every sub-stage.
         """
         dtype = _check_dtype(dtype)
         atoms_list = list(atoms_list)
