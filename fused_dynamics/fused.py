@@ -169,15 +169,24 @@ class FusedStage(eqx.Module):
 
     # ------------------------------------------------------------------ composition
     def __add__(self, other: Stage | FusedStage) -> FusedStage:
-        """Append a sub-stage (or every sub-stage of another fused stage) with the next codes."""
+        """Append a sub-stage (or every sub-stage of another fused stage) with the next codes.
+
+        The options are this fused stage's; ``convergence_every`` is the other fused stage's
+        where this one has the default 1 (so ``stage + FusedStage(..., convergence_every=k)``
+        keeps ``k``).
+        """
         extra = [s for _, s in other.sub_stages] if isinstance(other, FusedStage) else [other]
         stages = [s for _, s in self.sub_stages] + extra
         fused = isinstance(other, FusedStage)
+        every = self.convergence_every
+        if fused and every == 1:
+            every = other.convergence_every
         return self._with(
             sub_stages=list(enumerate(stages)),
             exit_status=-1,  # after the new last code
             hooks=self.hooks + (other.hooks if fused else ()),
             always_stress=self.always_stress or (fused and other.always_stress),
+            convergence_every=every,
         )
 
     def __or__(self, other):

@@ -1,9 +1,9 @@
-"""The lean fused step (issue 13, item 4): sub-stage updates chosen at run time and convergence
-criteria tested every k steps (``FusedStage(convergence_every=k)``), against docs/semantics.md
-§5, §10 and §11.
+"""The lean fused step (issue 13, item 4): a sub-stage's half skipped on steps it holds no
+system, convergence observables only when some system is due, and criteria tested every k
+steps (``FusedStage(convergence_every=k)``), against docs/semantics.md §5, §10 and §11.
 
-Every comparison here is bitwise (float64): the lean paths skip or drop work whose result is
-known (a select with an all-False or all-True mask), so they must give the same bits.
+Every comparison here is bitwise (float64): the lean paths skip work whose result is known (a
+select with an all-False mask), so they must give the same bits.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _reference(half, batch, state, mask):
 @pytest.mark.parametrize("which", ["none", "some", "every slot"])
 def test_masked_update_equals_the_select_bitwise(padded, which):
     """§5: a sub-stage updates exactly the systems in its mask; skipping the half for an empty
-    mask and the select for a full one gives the select's bits (padding rows included)."""
+    mask gives the select's bits (padding rows and the empty slot included)."""
     fused, batch = padded
     mask = {
         "none": jnp.zeros(4, bool),
@@ -90,6 +90,7 @@ def test_convergence_every_is_kept_by_composition():
     fused = fd.FusedStage([(0, fd.FIRE(LJ))], convergence_every=5)
     assert (fused + fd.NVE(LJ, dt=1.0, n_steps=3)).convergence_every == 5
     assert fused.with_stress().convergence_every == 5
+    assert (fd.NVE(LJ, dt=1.0, n_steps=3) + fused).convergence_every == 5
     assert fd.FusedStage([(0, fd.FIRE(LJ))]).convergence_every == 1  # the default
 
 

@@ -113,23 +113,18 @@ def select_state(mask: jax.Array, new: Any, old: Any) -> Any:
 def masked_update(half, batch: Batch, state: Any, mask: jax.Array) -> tuple[Batch, Any]:
     """``half(batch, state)`` applied to the systems in ``mask`` (S,) bool, others untouched.
 
-    Three cases chosen at run time (``lax.switch``; under ``vmap`` every branch is computed
-    and selected, with the same result):
+    On steps where ``mask`` holds no system the half is not computed (a ``lax.cond``; under
+    ``vmap`` both branches are computed and selected, with the same result): batch and state
+    are returned as they are. Otherwise the half runs on every slot and its result is selected
+    per system (:func:`select_batch`, :func:`select_state`), then constrained
+    (:func:`fused_dynamics.constraints.constrain_update`).
 
-    - no system in ``mask``: the half is not computed; batch and state are returned as they
-      are;
-    - every slot in ``mask``: the half's result, without the per-system select of the batch's
-      cell and of the stage state (atom rows still keep padding atoms as they were);
-    - otherwise: the half on every slot, selected per system (:func:`select_batch`,
-      :func:`select_state`).
-
-    The constraints (:func:`fused_dynamics.constraints.constrain_update`) are applied in the
-    last two cases. The results are the select's, bit for bit: a select with an all-True mask
-    returns its first operand.
+    The select stays when every slot is in ``mask``: XLA:CPU compiles the half's arithmetic
+    differently (1 ulp in float64) with and without the select fused after it, so dropping it
+    there would make a system's update depend on whether its neighbours share its sub-stage
+    (docs/semantics.md §21: a system's arithmetic does not depend on its slot or neighbours);
+    the select costs two passes over the atom rows.
     """
-
-    def nobody(args):
-        return args
 
     def some(args):
         b, s = args
@@ -137,19 +132,7 @@ def masked_update(half, batch: Batch, state: Any, mask: jax.Array) -> tuple[Batc
         new_batch = constraints.constrain_update(b, select_batch(mask, new_batch, b), mask)
         return new_batch, select_state(mask, new_state, s)
 
-    def everyone(args):
-        b, s = args
-        new_batch, new_state = half(b, s)
-        rows = b.to_atoms_axis(mask)  # False on padding rows, as in select_batch
-        changes = {
-            name: jnp.where(rows[:, None], getattr(new_batch, name), getattr(b, name))
-            for name in _ATOM_FIELDS
-        }
-        new_batch = b.replace(cell=new_batch.cell, **changes)
-        return constraints.constrain_update(b, new_batch, mask), new_state
-
-    which = jnp.where(jnp.all(mask), 2, jnp.where(jnp.any(mask), 1, 0))
-    return jax.lax.switch(which, (nobody, some, everyone), (batch, state))
+    return jax.lax.cond(jnp.any(mask), some, lambda args: args, (batch, state))
 
 
 class Stage(eqx.Module):
@@ -256,8 +239,8 @@ class Stage(eqx.Module):
     def pre_update(self, batch: Batch, state: Any, mask: jax.Array) -> tuple[Batch, Any]:
         """First half on the systems where ``mask`` (S,) is True; others untouched.
 
-        Skipped (a ``lax.cond``) on steps where ``mask`` holds no system, and applied without
-        the per-system select where it holds every slot (:func:`masked_update`).
+        Skipped (a ``lax.cond``) on steps where ``mask`` holds no system
+        (:func:`masked_update`).
         """
         return masked_update(self.first_half, batch, state, mask)
 
