@@ -880,11 +880,14 @@ def _md_record(info, res, wall, n_steps, n_atoms):
     scale = 1
     if info.get("systems_run") == 1:  # ASE: one system, scaled to all
         scale = n_atoms // 256
+    rounds = res.get("round_walls_s", [wall])
     rec = {
         **info,
         **res,
         "wall_s": wall * scale,
         "atom_steps_per_s": n_atoms * n_steps / (wall * scale),
+        "median_wall_s": float(np.median(rounds)) * scale,
+        "min_max_wall_s": [min(rounds) * scale, max(rounds) * scale],
         "compile_s": max(info["warmup_s"] - info["warmup_steps"] * wall / n_steps, 0.0),
     }
     return rec
@@ -900,6 +903,7 @@ def _ratios_and_sanity(result, n_relax):
             if ref is None:
                 break
             res["fused_speedup"] = ref["atom_steps_per_s"] / res["atom_steps_per_s"]
+            res["fused_speedup_median"] = res["median_wall_s"] / ref["median_wall_s"]
             diff = float(
                 np.max(
                     np.abs(
@@ -927,6 +931,9 @@ def _ratios_and_sanity(result, n_relax):
         if ref is None:
             break
         res["fused_speedup"] = res["wall_s"] / ref["wall_s"]
+        res["fused_speedup_median"] = float(
+            np.median(res["round_walls_s"]) / np.median(ref["round_walls_s"])
+        )
         diff0 = float(
             np.max(
                 np.abs(np.asarray(res["energy0_per_atom"]) - np.asarray(ref["energy0_per_atom"]))
@@ -963,7 +970,9 @@ def parse(argv=None):
     p.add_argument("--md-systems", type=int, default=16)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--relax-systems", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=2, help="interleaved timing rounds (best)")
+    p.add_argument(
+        "--repeat", type=int, default=2, help="interleaved timing rounds (best and median)"
+    )
     p.add_argument(
         "--only",
         type=lambda s: s.split(","),

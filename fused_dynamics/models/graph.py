@@ -18,7 +18,8 @@ Two sources give the same edges (the dense one is the reference, see ``tests/tes
 
 * **dense** (no neighbor list on the batch): every atom paired with every atom of its own system
   block and their periodic images ``-images..images`` along each periodic lattice vector
-  (``E = N * A * K`` slots for ``N`` atom slots, ``A`` atoms per system, ``K`` image shifts),
+  (``E = S * A * A * K`` slots for ``S`` system slots, ``A`` atoms per system, ``K`` image
+  shifts; the blocked geometry of :mod:`.blocked`),
   after wrapping each displacement to the nearest image. Exact for any cell that the static image
   range covers (:func:`~fused_dynamics.models.pair_sums.required_images`); a cell that needs more
   images is marked in ``Graph.invalid`` and its system fails with ``CELL_TOO_SMALL``.
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import itertools
 
 import equinox as eqx
 import jax
@@ -45,8 +47,9 @@ import numpy as np
 from ..batch import Batch
 from ..status import Failure
 from .base import Model
+from .blocked import matvec3, min_image_vectors, system_blocks
 from .neighbors import NeighborList
-from .pair_sums import cell_too_small, dense_block, poison_systems, required_images_host
+from .pair_sums import cell_too_small, poison_systems, required_images_host
 
 __all__ = ["Graph", "GraphModel", "neighbor_graph"]
 
@@ -190,23 +193,42 @@ def _list_graph(batch: Batch, nl: NeighborList, cutoff: float) -> Graph:
 
 
 def _dense_graph(batch: Batch, cutoff: float, n_img: tuple[int, int, int]) -> Graph:
+    """The edges of every system's block times the image shifts, ``E = S * A * A * K``.
+
+    The blocked geometry of :mod:`.blocked` (positions gathered once per system, pairs by
+    broadcasting, 3x3 products written out); edge ``(s, i, j, k)`` goes from the i-th to the
+    j-th atom of slot ``s`` along shift ``k`` of ``-images..images`` (itertools order).
+    """
     n, s = batch.max_atoms, batch.max_systems
-    block = dense_block(batch, cutoff, n_img)
-    _, a, k = block.ok.shape
-    mask = block.ok.reshape(-1)
-    atoms = jnp.arange(n, dtype=jnp.int32)
-    senders = jnp.broadcast_to(atoms[:, None, None], (n, a, k)).reshape(-1)
-    receivers = jnp.broadcast_to(block.partners[:, :, None], (n, a, k)).reshape(-1)
-    sys = jnp.broadcast_to(batch.system_idx[:, None, None], (n, a, k)).reshape(-1)
+    blocks = system_blocks(batch)
+    a = blocks.valid.shape[1]
+    shifts = np.asarray(
+        list(itertools.product(*(range(-m, m + 1) for m in n_img))), np.dtype(batch.dtype)
+    )  # (K, 3), the zero shift included
+    k = len(shifts)
+    d = min_image_vectors(blocks.positions, batch.cell, batch.pbc)[:, :, :, None, :]
+    d = d + matvec3(jnp.asarray(shifts)[None], batch.cell[:, None])[:, None, None]
+    shift_ok = jnp.all((shifts[None] == 0) | batch.pbc[:, None], axis=-1)  # (S, K)
+    zero = jnp.asarray(np.all(shifts == 0, axis=-1))  # (K,)
+    pairs = blocks.valid[:, :, None] & blocks.valid[:, None, :]
+    self_pair = jnp.eye(a, dtype=bool)[None, :, :, None] & zero
+    ok = pairs[..., None] & shift_ok[:, None, None] & ~self_pair
+    r2 = d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1] + d[..., 2] * d[..., 2]
+    mask = (ok & (r2 < cutoff**2)).reshape(-1)
+    shape = (s, a, a, k)
+    senders = jnp.broadcast_to(blocks.index[:, :, None, None], shape).reshape(-1)
+    receivers = jnp.broadcast_to(blocks.index[:, None, :, None], shape).reshape(-1)
+    slots = jnp.arange(s, dtype=jnp.int32)
+    sys = jnp.broadcast_to(slots[:, None, None, None], shape).reshape(-1)
     return Graph(
         senders=jnp.where(mask, senders, n).astype(jnp.int32),
         receivers=jnp.where(mask, receivers, n).astype(jnp.int32),
-        vectors=jnp.where(mask[:, None], block.vectors.reshape(-1, 3), 0.0),
+        vectors=jnp.where(mask[:, None], d.reshape(-1, 3), 0.0),
         mask=mask,
         sender_numbers=jnp.where(mask, _numbers(batch, senders), 0),
         receiver_numbers=jnp.where(mask, _numbers(batch, receivers), 0),
         system=jnp.where(mask, sys, s).astype(jnp.int32),
-        invalid=block.too_small,
+        invalid=cell_too_small(batch, cutoff, n_img),
         cutoff=cutoff,
     )
 

@@ -1,8 +1,9 @@
 """The two sums of a pair potential: the dense all-pairs-within-system block and a neighbor list.
 
 The dense path pairs every atom with every atom of its own system (the ``max_atoms_per_system``
-block of the batch) and with their periodic images: ``O(N * A * K)`` work for N atom slots, A atoms
-per system and K image shifts. It is exact for any cell (triclinic, mixed periodicity, cells
+block of the batch) and with their periodic images: ``O(S * A * A)`` work for S system slots and
+A atoms per system, times K image shifts for the slots whose cell needs images (the blocked
+kernel of :mod:`.blocked`). It is exact for any cell (triclinic, mixed periodicity, cells
 smaller than twice the cutoff) and is the reference for the neighbor-list path.
 
 The neighbor-list path (``model.with_neighbors(skin=...)``) sums the same ``pair_energy`` over
@@ -19,22 +20,28 @@ list gives NaN too. The functions taking ``model`` are the bodies of the
 
 from __future__ import annotations
 
-import itertools
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .. import segment
 from ..batch import Batch
+from .blocked import (
+    fractional,
+    image_shifts,
+    matvec3,
+    min_image,
+    system_blocks,
+    tile_pairs,
+    tiled,
+)
 from .neighbors import NeighborList
 
 __all__ = [
     "required_images",
     "required_images_host",
-    "dense_block",
     "cell_too_small",
+    "slots_needing_images",
     "poison_systems",
     "dense_energy",
     "neighbor_energy",
@@ -59,16 +66,6 @@ def required_images(cell: jax.Array, pbc: jax.Array, cutoff: float) -> jax.Array
     return jnp.where(pbc, n, 0)
 
 
-class DenseBlock(NamedTuple):
-    """Every atom's partners in its system block and their images, shape (N, A, K)."""
-
-    partners: jax.Array  # (N, A) int: atom index of each partner (the atom itself if none)
-    vectors: jax.Array  # (N, A, K, 3): r_partner - r_atom + image, in Å
-    r2: jax.Array  # (N, A, K): squared lengths
-    ok: jax.Array  # (N, A, K) bool: a real pair within the cutoff
-    too_small: jax.Array  # (S,) bool: the cell needs more images than the static range
-
-
 def required_images_host(cells, pbc, cutoff: float) -> tuple[int, int, int]:
     """Host-side (NumPy) :func:`required_images` of cells (n, 3, 3), maximum over the cells.
 
@@ -85,46 +82,23 @@ def required_images_host(cells, pbc, cutoff: float) -> tuple[int, int, int]:
     return tuple(int(n) for n in need.max(axis=0))
 
 
-def dense_block(batch: Batch, cutoff: float, n_img: tuple[int, int, int]) -> DenseBlock:
-    """The dense pairs of every atom: its system block times the image shifts (module doc).
-
-    Shared by the dense pair sums and the dense :class:`~fused_dynamics.models.graph.Graph`.
-    """
-    cell = batch.cell
-    shifts = jnp.asarray(
-        list(itertools.product(*(range(-n, n + 1) for n in n_img))), dtype=batch.dtype
-    )  # (K, 3) in units of the lattice vectors
-
-    index, valid = batch.system_view_index()  # (S, A)
-    sys = jnp.minimum(batch.system_idx, batch.max_systems - 1)
-    pair_ok = valid[sys] & batch.atom_mask[:, None]
-    # An invalid pair's partner index points anywhere, possibly into another system: it is
-    # redirected to the atom itself before the gather, so another system's NaN can never
-    # reach this system's arithmetic (not even as 0 * NaN in the backward pass).
-    atoms = jnp.arange(batch.max_atoms, dtype=index.dtype)[:, None]
-    j = jnp.where(pair_ok, index[sys], atoms)  # (N, A)
-    inv_cell = jnp.linalg.inv(cell)
-    pbc = batch.pbc[sys]  # (N, 3)
-    ds = jnp.einsum("nai,nij->naj", batch.positions[j] - batch.positions[:, None], inv_cell[sys])
-    ds = ds - jnp.where(pbc[:, None], jnp.round(ds), 0.0)
-    # shifts along non-periodic directions are not images
-    shift_ok = jnp.all((shifts[None] == 0) | pbc[:, None], axis=-1)  # (N, K)
-    frac = ds[:, :, None, :] + shifts[None, None]  # (N, A, K, 3)
-    d = jnp.einsum("nakj,njl->nakl", frac, cell[sys])
-    self_pair = (j == jnp.arange(batch.max_atoms)[:, None])[:, :, None] & jnp.all(
-        shifts == 0, axis=-1
-    )[None, None]
-    ok = pair_ok[:, :, None] & shift_ok[:, None, :] & ~self_pair
-    r2 = jnp.sum(d * d, axis=-1)
-    ok = ok & (r2 < cutoff**2)
-    return DenseBlock(j, d, r2, ok, cell_too_small(batch, cutoff, n_img))
-
-
 def cell_too_small(batch: Batch, cutoff: float, n_img: tuple[int, int, int]) -> jax.Array:
     """Systems whose cell needs more periodic images than ``n_img``, shape (S,) bool."""
     need = required_images(batch.cell, batch.pbc, cutoff)
     finite = jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))  # non-finite: its own failure
     return batch.system_mask & finite & jnp.any(need > jnp.asarray(n_img), axis=-1)
+
+
+def slots_needing_images(batch: Batch, cutoff: float) -> jax.Array:
+    """Slots whose cell has image pairs within ``cutoff``, shape (S,) bool.
+
+    :func:`required_images` > 0 along some periodic direction (clusters and cells wider than
+    twice the cutoff need none). A non-finite cell counts as needing images (its results are
+    NaN anyway).
+    """
+    need = required_images(batch.cell, batch.pbc, cutoff)
+    finite = jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))
+    return batch.system_mask & (jnp.any(need > 0, axis=-1) | ~finite)
 
 
 def poison_systems(batch: Batch, energy: jax.Array, bad: jax.Array) -> jax.Array:
@@ -139,26 +113,97 @@ def poison_systems(batch: Batch, energy: jax.Array, bad: jax.Array) -> jax.Array
     return energy * jnp.where(bad, jnp.nan, 1.0) + poison * batch.sum_atoms(coords)
 
 
-def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.Array:
-    """All pairs of each system's atom block and their periodic images (see the module doc)."""
-    n_img = (1, 1, 1) if model.images is None else tuple(model.images)
-    block = dense_block(batch, model.cutoff, n_img)
-    j, ok = block.partners, block.ok
+def _pair_sum(model, d, ok, si, sj, axes) -> jax.Array:
+    """Σ φ(|d|) over the pairs ``ok`` within the cutoff, summed over ``axes``."""
+    r2 = d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1] + d[..., 2] * d[..., 2]
+    ok = ok & (r2 < model.cutoff**2)
     # Masked pairs are evaluated at r = cutoff / 2, where every φ here is finite with finite
     # derivatives (r = 1 is not: (1 - r/σ)^α is NaN for σ < 1 and non-integer α, and a NaN
     # in the unused branch of `where` poisons gradients with respect to the parameters).
-    r = jnp.sqrt(jnp.where(ok, block.r2, 0.25 * model.cutoff**2))
-    if species is None:
-        phi = model.pair_energy(r)
-    else:  # (N, 1, 1) and (N, A, 1): j of an invalid pair is some atom, masked below
-        phi = model.pair_energy(r, species[:, None, None], species[j][:, :, None])
-    phi = jnp.where(ok, phi, 0.0)
-    atom_energy = 0.5 * jnp.sum(phi, axis=(1, 2))
-    energy = batch.sum_atoms(atom_energy)
+    r = jnp.sqrt(jnp.where(ok, r2, 0.25 * model.cutoff**2))
+    phi = model.pair_energy(r) if si is None else model.pair_energy(r, si, sj)
+    return jnp.sum(jnp.where(ok, phi, 0.0), axis=axes)
+
+
+def _tiled_energy(model, tiles, positions, valid, species, cell, pbc, shifts=None) -> jax.Array:
+    """``1/2 Σ_i Σ_j φ`` of blocks (C, A, 3) over ``tiles`` (:func:`.blocked.tile_pairs`).
+
+    ``shifts`` None: the minimum image (``i != j``); else the non-zero image shifts (K', 3) of
+    every pair (``i == j`` included). Returns (C,).
+    """
+    pi, pj = tiled(positions, tiles)  # (C, M, t, 3)
+    fi, fj = tiled(fractional(positions, cell), tiles)
+    vi, vj = tiled(valid, tiles)  # (C, M, t)
+    c, p = cell[:, None, None, None], pbc[:, None, None, None]
+    d = min_image(pi[:, :, :, None], pj[:, :, None], fi[:, :, :, None], fj[:, :, None], c, p)
+    ok = vi[..., :, None] & vj[..., None, :]  # (C, M, t, t)
+    si = sj = None
+    if species is not None:
+        si, sj = tiled(species, tiles)
+        si, sj = si[..., :, None], sj[..., None, :]
+    if shifts is None:
+        same = np.eye(tiles.size, dtype=bool)[None] & (tiles.first == tiles.second)[:, None, None]
+        per_tile = _pair_sum(model, d, ok & ~same, si, sj, (2, 3))
+    else:
+        image = matvec3(shifts[None], cell[:, None])  # (C, K', 3)
+        d = d[..., None, :] + image[:, None, None, None]  # (C, M, t, t, K', 3)
+        shift_ok = jnp.all((shifts[None] == 0) | pbc[:, None], axis=-1)  # (C, K')
+        ok = ok[..., None] & shift_ok[:, None, None, None]
+        if si is not None:
+            si, sj = si[..., None], sj[..., None]
+        per_tile = _pair_sum(model, d, ok, si, sj, (2, 3, 4))
+    return jnp.sum(per_tile * jnp.asarray(tiles.weight, per_tile.dtype), axis=-1)
+
+
+def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.Array:
+    """All pairs of each system's atom block and their periodic images (see the module doc).
+
+    The blocked kernel of :mod:`.blocked`, one system slot at a time (``lax.map``): each slot's
+    pair arrays stay in cache, and each branch below is rematerialized (``jax.checkpoint``), so
+    that the backward pass recomputes them instead of storing them and a ``lax.switch`` under
+    ``jax.grad`` does not return every branch's pair-sized residuals (zeros for the branches
+    not taken). A slot pays for the tiles its atoms fill (``lax.switch`` on their number), and
+    for the image shifts ``-images..images`` only when its cell needs them (``lax.cond``).
+    """
+    n_img = (1, 1, 1) if model.images is None else tuple(model.images)
+    blocks = system_blocks(batch)
+    sp = None if species is None else species[blocks.index]  # (S, A); invalid: masked
+    shifts = image_shifts(n_img, np.dtype(batch.dtype))  # (K - 1, 3), host-side
+    a = batch.max_atoms_per_system
+    layout = tile_pairs(a)
+
+    def branch(used, images):
+        tiles = tile_pairs(a, used=used)
+
+        @jax.checkpoint
+        def energy(p, v, s, c, pbc):
+            one = None if s is None else s[None]
+            shift = jnp.asarray(shifts) if images else None
+            return _tiled_energy(model, tiles, p[None], v[None], one, c[None], pbc[None], shift)[0]
+
+        return energy
+
+    def nothing(p, v, s, c, pbc):
+        return jnp.zeros((), p.dtype)
+
+    minimum = [nothing] + [branch(u, False) for u in range(1, layout.count + 1)]
+    image = [nothing] + [branch(u, True) for u in range(1, layout.count + 1)]
+
+    def system_energy(x):
+        p, v, s, c, pbc, need = x
+        used = -(-jnp.sum(v.astype(jnp.int32)) // layout.size)  # tiles holding its atoms
+        energy = jax.lax.switch(used, minimum, p, v, s, c, pbc)
+        if len(shifts):  # + 0.0 where no images are needed: the same bits
+            energy = energy + jax.lax.switch(jnp.where(need, used, 0), image, p, v, s, c, pbc)
+        return energy
+
+    needs = slots_needing_images(batch, model.cutoff)
+    xs = (blocks.positions, blocks.valid, sp, batch.cell, batch.pbc, needs)
+    energy = jax.lax.map(system_energy, xs)
     # A cell too small for the static image range would miss pairs: that system's energy,
     # forces and stress are NaN, and a run reports it FAILED with Failure.CELL_TOO_SMALL.
     # Other systems are untouched: it is not a run-wide error.
-    return poison_systems(batch, energy, block.too_small)
+    return poison_systems(batch, energy, cell_too_small(batch, model.cutoff, n_img))
 
 
 def neighbor_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.Array:

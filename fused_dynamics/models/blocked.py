@@ -1,0 +1,195 @@
+"""The blocked dense pair kernel: each system's atoms gathered once into an (S, A, 3) block.
+
+The pairs of a system are formed by broadcasting its block against itself, so no pair-sized
+gather is needed (nor its scatter-add in the backward pass), and each system's energy is the sum
+over its own block (no segment sum over pairs). The 3x3 products (lattice translations, Cartesian
+to fractional) are written out elementwise (:func:`matvec3`): as batched ``dot_general`` on
+pair-sized arrays XLA:CPU sends them to a library as thousands of tiny matrix products.
+
+Geometry of a pair ``(i, j)`` of one system (rows of ``cell`` are lattice vectors, ASE)::
+
+    d_ij = r_j - r_i - round(f_j - f_i) @ cell     (the rounding along periodic directions only)
+    d_ij(n) = d_ij + n @ cell                       (image shift n, integers, n != 0)
+
+with ``f = r @ inv(cell)`` the fractional coordinates. The rounding is piecewise constant (no
+derivative); forces and stress come from the autodiff of ``d`` in the positions and the cell.
+
+A block is cut into tiles of about 32 atoms and each unordered pair of tiles is formed once
+(:func:`tile_pairs`): about half the pairs of the full square. The pair potentials' dense sum
+(:func:`fused_dynamics.models.pair_sums.dense_energy`) evaluates one system slot at a time, its
+tiles that hold atoms only, and the image shifts only for a slot whose cell needs them, so
+clusters and cells wider than twice the cutoff pay no image shifts even beside small periodic
+cells. Each slot's sums run over its own block in the same order whatever its neighbours, so a
+system's result does not depend on the other slots (bitwise; ``tests/test_blocked.py``).
+
+Background: docs/models.md (dense path, image range), docs/semantics.md (slot independence).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..batch import Batch
+
+__all__ = [
+    "SystemBlocks",
+    "system_blocks",
+    "matvec3",
+    "min_image",
+    "fractional",
+    "min_image_vectors",
+    "TilePairs",
+    "tile_pairs",
+    "tiled",
+    "image_shifts",
+]
+
+
+class SystemBlocks(NamedTuple):
+    """The atoms of every system slot as a block.
+
+    Attributes
+    ----------
+    index : Array, shape (S, A) int32
+        Atom index of the k-th atom of each slot (clipped into range where invalid).
+    valid : Array, shape (S, A) bool
+        Whether that atom exists (occupied slot and ``k < n_atoms``).
+    positions : Array, shape (S, A, 3)
+        Their positions in Å; 0 where not valid, so that another system's (possibly NaN)
+        atoms never enter this system's arithmetic, not even as ``0 * NaN`` in a gradient.
+    """
+
+    index: jax.Array
+    valid: jax.Array
+    positions: jax.Array
+
+
+def system_blocks(batch: Batch) -> SystemBlocks:
+    """Gather each system's atoms into an (S, A, 3) block (one gather of S * A rows)."""
+    index, valid = batch.system_view_index()
+    valid = valid & batch.system_mask[:, None]
+    positions = jnp.where(valid[..., None], batch.positions[index], 0.0)
+    return SystemBlocks(index, valid, positions)
+
+
+def matvec3(x: jax.Array, m: jax.Array) -> jax.Array:
+    """``x @ m`` for 3-vectors ``x`` (..., 3) and 3x3 matrices ``m`` (..., 3, 3), elementwise.
+
+    Broadcasts like the operands; no ``dot_general`` (see the module doc).
+    """
+    return x[..., 0:1] * m[..., 0, :] + x[..., 1:2] * m[..., 1, :] + x[..., 2:3] * m[..., 2, :]
+
+
+def min_image(
+    pi: jax.Array, pj: jax.Array, fi: jax.Array, fj: jax.Array, cell: jax.Array, pbc: jax.Array
+) -> jax.Array:
+    """Minimum-image displacements ``r_j - r_i``, wrapped along periodic directions.
+
+    All arguments broadcast against each other (the caller lays out the pair axes).
+
+    Parameters
+    ----------
+    pi, pj : Array, (..., 3)
+        Positions of the two atoms of each pair, Å.
+    fi, fj : Array, (..., 3)
+        Their fractional coordinates ``r @ inv(cell)`` (only rounded: no derivative flows).
+    cell : Array, (..., 3, 3)
+        Rows are lattice vectors, Å.
+    pbc : Array, (..., 3) bool
+
+    Returns
+    -------
+    Array, (..., 3)
+        ``r_j - r_i - round(f_j - f_i) @ cell`` with the rounding along periodic directions
+        only: each fractional component wrapped into [-1/2, 1/2], in Cartesian Å.
+    """
+    lattice = jnp.where(pbc, jnp.round(jax.lax.stop_gradient(fj - fi)), 0.0)
+    return (pj - pi) - matvec3(lattice, cell)
+
+
+def fractional(positions: jax.Array, cell: jax.Array) -> jax.Array:
+    """Fractional coordinates of blocks (S, A, 3) in cells (S, 3, 3), without a derivative."""
+    return jax.lax.stop_gradient(matvec3(positions, jnp.linalg.inv(cell)[:, None]))
+
+
+def min_image_vectors(positions: jax.Array, cell: jax.Array, pbc: jax.Array) -> jax.Array:
+    """Minimum-image displacements ``d[s, i, j] = r_j - r_i`` of every pair of each block.
+
+    Parameters
+    ----------
+    positions : Array, shape (S, A, 3)
+        Blocks of :func:`system_blocks`, Å.
+    cell : Array, shape (S, 3, 3)
+        Rows are lattice vectors, Å.
+    pbc : Array, shape (S, 3) bool
+
+    Returns
+    -------
+    Array, shape (S, A, A, 3)
+        See :func:`min_image`.
+    """
+    frac = fractional(positions, cell)
+    return min_image(
+        positions[:, :, None],
+        positions[:, None, :],
+        frac[:, :, None],
+        frac[:, None, :],
+        cell[:, None, None],
+        pbc[:, None, None],
+    )
+
+
+class TilePairs(NamedTuple):
+    """The unordered pairs of the first ``used`` tiles of a block (host-side, static).
+
+    A block of A atoms is cut into ``count`` tiles of ``size`` atoms (padded to
+    ``count * size``); every unordered pair of tiles ``first <= second`` among the first
+    ``used`` is formed once. A pair of atoms in two different tiles appears once (``weight``
+    1), a pair inside one tile twice, as ``(i, j)`` and ``(j, i)`` (``weight`` 1/2): the sum over
+    tile pairs of ``weight * φ`` is the energy ``1/2 Σ_i Σ_j φ(r_ij)`` of the atoms in those
+    tiles, for about ``(used + 1) / (2 used)`` of the work of the full square.
+    """
+
+    first: np.ndarray  # (M,) int: tile of the i atoms
+    second: np.ndarray  # (M,) int: tile of the j atoms
+    weight: np.ndarray  # (M,) float: 1/2 on the diagonal, 1 off it
+    size: int
+    count: int
+    used: int
+
+
+def tile_pairs(n_atoms: int, tile: int = 32, used: int | None = None) -> TilePairs:
+    """:class:`TilePairs` of a block of ``n_atoms`` with tiles of about ``tile`` atoms.
+
+    ``used``: the number of leading tiles paired (default all ``count``); a system of ``n``
+    atoms needs ``ceil(n / size)``.
+    """
+    count = max(1, round(n_atoms / tile))
+    size = -(-n_atoms // count)
+    used = count if used is None else int(used)
+    first, second = np.triu_indices(used)
+    weight = np.where(first == second, 0.5, 1.0)
+    return TilePairs(first, second, weight, size, count, used)
+
+
+def tiled(x: jax.Array, tiles: TilePairs) -> tuple[jax.Array, jax.Array]:
+    """Per-atom block data (S, A, ...) as the two sides of the tile pairs, (S, M, size, ...).
+
+    Padding atoms (beyond A) hold zeros (``False`` for masks).
+    """
+    s, a = x.shape[:2]
+    pad = tiles.count * tiles.size - a
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(s, tiles.count, tiles.size, *x.shape[2:])[:, : tiles.used]
+    return x[:, tiles.first], x[:, tiles.second]
+
+
+def image_shifts(n_img: tuple[int, int, int], dtype) -> np.ndarray:
+    """The non-zero image shifts ``-n..n`` along each lattice vector, shape (K - 1, 3)."""
+    shifts = [s for s in itertools.product(*(range(-n, n + 1) for n in n_img)) if any(s)]
+    return np.asarray(shifts, dtype=dtype).reshape(-1, 3)

@@ -1,0 +1,153 @@
+"""The blocked dense pair kernel (fused_dynamics/models/blocked.py; docs/models.md, dense path):
+energy, forces and stress equal an independent sum over ASE's neighbor list to 1e-12 (float64) on
+clusters, slabs, small triclinic cells that need several images and large cells, with per-species
+parameters; image shifts are paid only by the slots that need them, and a system's results are
+bitwise the same whatever its neighbours in the batch (docs/semantics.md, slot independence)."""
+
+from __future__ import annotations
+
+import ase
+import jax
+import numpy as np
+import pytest
+from ase.neighborlist import neighbor_list
+
+import fused_dynamics as fd
+from fused_dynamics.models.blocked import tile_pairs
+from fused_dynamics.models.pair_sums import slots_needing_images
+
+jax.config.update("jax_enable_x64", True)
+
+CUTOFF = 5.0
+SIGMA = {"Ar": 3.4, "Kr": 3.6}
+EPSILON = {"Ar": 0.0104, "Kr": 0.014}
+
+
+def _structures():
+    rng = np.random.default_rng(11)
+
+    def rattled(atoms):
+        atoms.positions += rng.normal(scale=0.1, size=atoms.positions.shape)
+        return atoms
+
+    # triclinic, fully periodic, shorter than twice the cutoff: images along every vector
+    cell = np.array([[4.6, 0.0, 0.0], [1.1, 4.8, 0.0], [0.6, -0.8, 5.0]])
+    basis = [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]
+    tri = rattled(ase.Atoms("ArKr" * 2, scaled_positions=basis, cell=cell, pbc=True))
+    # slab: periodic along x and y only, vacuum along z
+    offset = {8.0: 0.0, 10.8: 1.5}  # the second layer over the hollows of the first
+    grid = [[x + offset[z], y + offset[z], z] for z in offset for x in (0, 3.1) for y in (0, 2.95)]
+    slab = ase.Atoms("Ar5Kr2", positions=grid[:7])
+    slab.cell, slab.pbc = [6.2, 5.9, 20.0], [True, True, False]
+    slab = rattled(slab)
+    # cluster without a cell: a trigonal bipyramid
+    tbp = [[0, 0, 0], [3.8, 0, 0], [1.9, 3.29, 0], [1.9, 1.1, 3.1], [1.9, 1.1, -3.1]]
+    cluster = rattled(ase.Atoms("Ar4Kr", positions=tbp))
+    # cubic cell wider than twice the cutoff: no image within the cutoff
+    grid = [[x, y, z] for x in (0, 3.5, 7.0) for y in (0, 5.25) for z in (0, 5.25)]
+    big = rattled(ase.Atoms("Kr3Ar9", positions=grid, cell=[10.5] * 3, pbc=True))
+    return {"triclinic": tri, "slab": slab, "cluster": cluster, "large cell": big}
+
+
+def _lj(r, zi, zj):
+    sigma = 0.5 * (SIGMA[zi] + SIGMA[zj])
+    epsilon = np.sqrt(EPSILON[zi] * EPSILON[zj])
+    c6 = (sigma / r) ** 6
+    return 4 * epsilon * (c6 * c6 - c6), 4 * epsilon * (-12 * c6 * c6 + 6 * c6) / r
+
+
+def _reference(atoms):
+    """Energy, forces and stress summed over ASE's pairs (both directions) in NumPy."""
+    i, j, d = neighbor_list("ijD", atoms, CUTOFF)
+    sym = atoms.get_chemical_symbols()
+    r = np.linalg.norm(d, axis=1)
+    phi, dphi = np.array([_lj(rk, sym[a], sym[b]) for rk, a, b in zip(r, i, j, strict=True)]).T
+    forces = np.zeros((len(atoms), 3))
+    np.add.at(forces, i, (dphi / r)[:, None] * d)
+    energy = 0.5 * phi.sum()
+    stress = None
+    if atoms.pbc.all():
+        virial = 0.5 * np.einsum("k,ka,kb->ab", dphi / r, d, d)
+        stress = virial / atoms.get_volume()
+    return energy, forces, stress
+
+
+@pytest.fixture(scope="module")
+def model():
+    table = {z: (SIGMA[z], EPSILON[z]) for z in SIGMA}
+    return fd.models.LennardJones.from_pairs(
+        table, mixing="lorentz_berthelot", cutoff=CUTOFF, shift=False
+    )
+
+
+@pytest.fixture(scope="module")
+def structures():
+    return _structures()
+
+
+@pytest.fixture(scope="module")
+def mixed(model, structures):
+    """Every structure in one batch (with an empty slot and padding atoms) and its results."""
+    systems = list(structures.values())
+    batch = fd.Batch.from_atoms(
+        systems, max_atoms=sum(map(len, systems)) + 3, max_systems=len(systems) + 1
+    )
+    model = model.prepare(batch)
+    return batch, model, model(batch)
+
+
+def _system(batch, out, slot):
+    sel = np.asarray(batch.system_idx) == slot
+    return np.asarray(out.energy)[slot], np.asarray(out.forces)[sel], np.asarray(out.stress)[slot]
+
+
+@pytest.mark.parametrize("name", ["triclinic", "slab", "cluster", "large cell"])
+def test_equals_a_sum_over_ases_pairs(mixed, structures, name):
+    # Float64, the same pairs summed in another order: agreement to rounding (energies ~0.1 eV,
+    # forces ~0.1 eV/Å), 1e-12 absolute.
+    batch, model, out = mixed
+    slot = list(structures).index(name)
+    energy, forces, stress = _system(batch, out, slot)
+    ref_energy, ref_forces, ref_stress = _reference(structures[name])
+    assert abs(ref_energy) > 1e-3  # the structure has pairs within the cutoff
+    np.testing.assert_allclose(energy, ref_energy, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(forces, ref_forces, rtol=0, atol=1e-12)
+    if ref_stress is not None:
+        np.testing.assert_allclose(stress, ref_stress, rtol=0, atol=1e-12)
+
+
+def test_image_shifts_only_for_the_slots_that_need_them(mixed, structures):
+    batch, model, _ = mixed
+    assert model.images is not None and max(model.images) >= 1  # the triclinic cell needs them
+    needs = np.asarray(slots_needing_images(batch, CUTOFF))
+    assert needs.tolist() == [True, True, False, False, False]  # tri, slab, cluster, big, empty
+
+
+def test_a_system_beside_others_is_bitwise_the_same_as_alone(model, structures, mixed):
+    """Each slot is evaluated by itself (its own blocks, its own image branch): the cluster and
+    the large cell, which skip the image shifts, and the triclinic cell, which needs them, give
+    the same bits alone in a batch of the same capacities as beside the others."""
+    batch, model, out = mixed
+    systems = list(structures.values())
+    for slot, atoms in enumerate(systems):
+        alone = fd.Batch.from_atoms(
+            [atoms],
+            max_atoms=batch.max_atoms,
+            max_systems=batch.max_systems,
+            max_atoms_per_system=batch.max_atoms_per_system,
+        )
+        got = _system(alone, model(alone), 0)
+        want = _system(batch, out, slot)
+        for u, v in zip(got, want, strict=True):
+            np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("n_atoms", [1, 5, 32, 55, 256])
+def test_tile_pairs_count_every_pair_once(n_atoms):
+    tiles = tile_pairs(n_atoms)
+    assert tiles.count * tiles.size >= n_atoms
+    counts = np.zeros((tiles.count, tiles.count))
+    for p, q, w in zip(tiles.first, tiles.second, tiles.weight, strict=True):
+        counts[p, q] += w
+        counts[q, p] += w
+    np.testing.assert_array_equal(counts, np.ones_like(counts))  # i<j once, i=j tile halves
