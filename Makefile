@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(PY) -m fused_dynamics.demo --overwrite
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 docs: $(STAMP)  # the documentation site, into site/
 	$(VENV)/bin/mkdocs build --strict --site-dir site
