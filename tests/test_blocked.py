@@ -1,8 +1,8 @@
 """The blocked dense pair kernel (fused_dynamics/models/blocked.py; docs/models.md, dense path):
 energy, forces and stress equal an independent sum over ASE's neighbor list to 1e-12 (float64) on
 clusters, slabs, small triclinic cells that need several images and large cells, with per-species
-parameters; image shifts are paid only by the slots that need them, and a system's results are
-bitwise the same whatever its neighbours in the batch (docs/semantics.md, slot independence)."""
+parameters; a system's results are bitwise the same whatever its neighbours in the batch
+(docs/semantics.md, slot independence)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from ase.neighborlist import neighbor_list
 
 import fused_dynamics as fd
 from fused_dynamics.models.blocked import tile_pairs
-from fused_dynamics.models.pair_sums import slots_needing_images
 
 jax.config.update("jax_enable_x64", True)
 
@@ -116,17 +115,10 @@ def test_equals_a_sum_over_ases_pairs(mixed, structures, name):
         np.testing.assert_allclose(stress, ref_stress, rtol=0, atol=1e-12)
 
 
-def test_image_shifts_only_for_the_slots_that_need_them(mixed, structures):
-    batch, model, _ = mixed
-    assert model.images is not None and max(model.images) >= 1  # the triclinic cell needs them
-    needs = np.asarray(slots_needing_images(batch, CUTOFF))
-    assert needs.tolist() == [True, True, False, False, False]  # tri, slab, cluster, big, empty
-
-
 def test_a_system_beside_others_is_bitwise_the_same_as_alone(model, structures, mixed):
-    """Each slot is evaluated by itself (its own blocks, its own image branch): the cluster and
-    the large cell, which skip the image shifts, and the triclinic cell, which needs them, give
-    the same bits alone in a batch of the same capacities as beside the others."""
+    """Each slot's sums run over its own block: the cluster and the large cell (no image pair)
+    and the triclinic cell (image pairs) give the same bits alone in a batch of the same
+    capacities as beside the others."""
     batch, model, out = mixed
     systems = list(structures.values())
     for slot, atoms in enumerate(systems):

@@ -15,12 +15,10 @@ with ``f = r @ inv(cell)`` the fractional coordinates. The rounding is piecewise
 derivative); forces and stress come from the autodiff of ``d`` in the positions and the cell.
 
 A block is cut into tiles of about 32 atoms and each unordered pair of tiles is formed once
-(:func:`tile_pairs`): about half the pairs of the full square. The pair potentials' dense sum
-(:func:`fused_dynamics.models.pair_sums.dense_energy`) evaluates one system slot at a time, its
-tiles that hold atoms only, and the image shifts only for a slot whose cell needs them, so
-clusters and cells wider than twice the cutoff pay no image shifts even beside small periodic
-cells. Each slot's sums run over its own block in the same order whatever its neighbours, so a
-system's result does not depend on the other slots (bitwise; ``tests/test_blocked.py``).
+(:func:`tile_pairs`): about half the pairs of the full square
+(:func:`fused_dynamics.models.pair_sums.dense_energy`). Each slot's sums run over its own block
+in the same order whatever its neighbours, so a system's result does not depend on the other
+slots (bitwise; ``tests/test_blocked.py``).
 
 Background: docs/models.md (dense path, image range), docs/semantics.md (slot independence).
 """

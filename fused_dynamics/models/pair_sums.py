@@ -2,8 +2,8 @@
 
 The dense path pairs every atom with every atom of its own system (the ``max_atoms_per_system``
 block of the batch) and with their periodic images: ``O(S * A * A)`` work for S system slots and
-A atoms per system, times K image shifts for the slots whose cell needs images (the blocked
-kernel of :mod:`.blocked`). It is exact for any cell (triclinic, mixed periodicity, cells
+A atoms per system (half of it with the tile pairs of the blocked kernel, :mod:`.blocked`),
+times K image shifts. It is exact for any cell (triclinic, mixed periodicity, cells
 smaller than twice the cutoff) and is the reference for the neighbor-list path.
 
 The neighbor-list path (``model.with_neighbors(skin=...)``) sums the same ``pair_energy`` over
@@ -41,7 +41,6 @@ __all__ = [
     "required_images",
     "required_images_host",
     "cell_too_small",
-    "slots_needing_images",
     "poison_systems",
     "dense_energy",
     "neighbor_energy",
@@ -87,18 +86,6 @@ def cell_too_small(batch: Batch, cutoff: float, n_img: tuple[int, int, int]) -> 
     need = required_images(batch.cell, batch.pbc, cutoff)
     finite = jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))  # non-finite: its own failure
     return batch.system_mask & finite & jnp.any(need > jnp.asarray(n_img), axis=-1)
-
-
-def slots_needing_images(batch: Batch, cutoff: float) -> jax.Array:
-    """Slots whose cell has image pairs within ``cutoff``, shape (S,) bool.
-
-    :func:`required_images` > 0 along some periodic direction (clusters and cells wider than
-    twice the cutoff need none). A non-finite cell counts as needing images (its results are
-    NaN anyway).
-    """
-    need = required_images(batch.cell, batch.pbc, cutoff)
-    finite = jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))
-    return batch.system_mask & (jnp.any(need > 0, axis=-1) | ~finite)
 
 
 def poison_systems(batch: Batch, energy: jax.Array, bad: jax.Array) -> jax.Array:
@@ -158,48 +145,22 @@ def _tiled_energy(model, tiles, positions, valid, species, cell, pbc, shifts=Non
 def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.Array:
     """All pairs of each system's atom block and their periodic images (see the module doc).
 
-    The blocked kernel of :mod:`.blocked`, one system slot at a time (``lax.map``): each slot's
-    pair arrays stay in cache, and each branch below is rematerialized (``jax.checkpoint``), so
-    that the backward pass recomputes them instead of storing them and a ``lax.switch`` under
-    ``jax.grad`` does not return every branch's pair-sized residuals (zeros for the branches
-    not taken). A slot pays for the tiles its atoms fill (``lax.switch`` on their number), and
-    for the image shifts ``-images..images`` only when its cell needs them (``lax.cond``).
+    The blocked kernel of :mod:`.blocked` over every slot at once: the minimum-image pairs of
+    the half-square tile pairs, plus the image shifts ``-images..images`` (zero for the slots
+    whose cell needs none). The version that evaluates one slot at a time (``lax.map``, a
+    ``lax.switch`` on the tiles a slot fills and a ``lax.cond`` on its images) is about twice
+    as fast but its transpose fails inside Equinox's checkpointed while loop of differentiable
+    runs (jax 0.10); see the report of issue 13.
     """
     n_img = (1, 1, 1) if model.images is None else tuple(model.images)
     blocks = system_blocks(batch)
     sp = None if species is None else species[blocks.index]  # (S, A); invalid: masked
+    tiles = tile_pairs(batch.max_atoms_per_system)
+    args = (blocks.positions, blocks.valid, sp, batch.cell, batch.pbc)
+    energy = _tiled_energy(model, tiles, *args)
     shifts = image_shifts(n_img, np.dtype(batch.dtype))  # (K - 1, 3), host-side
-    a = batch.max_atoms_per_system
-    layout = tile_pairs(a)
-
-    def branch(used, images):
-        tiles = tile_pairs(a, used=used)
-
-        @jax.checkpoint
-        def energy(p, v, s, c, pbc):
-            one = None if s is None else s[None]
-            shift = jnp.asarray(shifts) if images else None
-            return _tiled_energy(model, tiles, p[None], v[None], one, c[None], pbc[None], shift)[0]
-
-        return energy
-
-    def nothing(p, v, s, c, pbc):
-        return jnp.zeros((), p.dtype)
-
-    minimum = [nothing] + [branch(u, False) for u in range(1, layout.count + 1)]
-    image = [nothing] + [branch(u, True) for u in range(1, layout.count + 1)]
-
-    def system_energy(x):
-        p, v, s, c, pbc, need = x
-        used = -(-jnp.sum(v.astype(jnp.int32)) // layout.size)  # tiles holding its atoms
-        energy = jax.lax.switch(used, minimum, p, v, s, c, pbc)
-        if len(shifts):  # + 0.0 where no images are needed: the same bits
-            energy = energy + jax.lax.switch(jnp.where(need, used, 0), image, p, v, s, c, pbc)
-        return energy
-
-    needs = slots_needing_images(batch, model.cutoff)
-    xs = (blocks.positions, blocks.valid, sp, batch.cell, batch.pbc, needs)
-    energy = jax.lax.map(system_energy, xs)
+    if len(shifts):  # + 0.0 for a slot with no image pair: the same bits
+        energy = energy + _tiled_energy(model, tiles, *args, jnp.asarray(shifts))
     # A cell too small for the static image range would miss pairs: that system's energy,
     # forces and stress are NaN, and a run reports it FAILED with Failure.CELL_TOO_SMALL.
     # Other systems are untouched: it is not a run-wide error.
