@@ -54,7 +54,7 @@ def git_state() -> dict:
 
     def git(*cmd):
         proc = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT)
-        return proc.stdout.strip()
+        return proc.stdout.rstrip()
 
     changed = git("status", "--porcelain", "--", "fused_dynamics")
     return {

@@ -56,14 +56,16 @@ class NVTLangevin(Stage):
     n_steps, convergence_hook
         See :class:`~fused_dynamics.stages.base.Stage` (``n_steps``: None or an integer >= 1).
 
-    ``dt``, ``temperature`` and ``friction`` are per system when arrays: one value per occupied
-    system or one per slot (``per_system_parameters``).
-
     Raises
     ------
     ValueError
         At construction, for a parameter outside its range (the message names the class, the
         parameter, the value and the rule).
+
+    Notes
+    -----
+    ``dt``, ``temperature`` and ``friction`` are per system when arrays: one value per occupied
+    system or one per slot (``per_system_parameters``).
     """
 
     per_system_parameters: ClassVar[tuple[str, ...]] = ("dt", "temperature", "friction")

@@ -53,9 +53,6 @@ class NPT(AbstractMTK):
     n_steps, convergence_hook
         See :class:`~fused_dynamics.stages.base.Stage` (``n_steps``: None or an integer >= 1).
 
-    ``dt``, ``temperature``, ``pressure``, ``tdamp`` and ``pdamp`` are per system when arrays:
-    one value per occupied system or one per slot (``per_system_parameters``).
-
     Raises
     ------
     ValueError
@@ -64,6 +61,9 @@ class NPT(AbstractMTK):
 
     Notes
     -----
+    ``dt``, ``temperature``, ``pressure``, ``tdamp`` and ``pdamp`` are per system when arrays:
+    one value per occupied system or one per slot (``per_system_parameters``).
+
     Per-system observables add ``conserved_energy`` (the extended energy ``H`` of the module
     docstring), ``pressure`` (instantaneous, with the kinetic part) and ``volume``.
     The degrees of freedom are ``N_f = 3 n_atoms`` (ASE's convention, no centre-of-mass
@@ -143,16 +143,18 @@ class NPH(AbstractMTK):
     n_steps, convergence_hook, hooks
         See :class:`~fused_dynamics.stages.base.Stage` (``n_steps``: None or an integer >= 1).
 
-    ``dt``, ``pressure``, ``pdamp`` and ``mass_temperature`` are per system when arrays: one
-    value per occupied system or one per slot (``per_system_parameters``).
-
-    The conserved quantity is the enthalpy-like ``U + KE + Σ p_k²/2W + P_ext V``.
-
     Raises
     ------
     ValueError
         At construction, for a parameter outside its range (the message names the class, the
         parameter, the value and the rule).
+
+    Notes
+    -----
+    ``dt``, ``pressure``, ``pdamp`` and ``mass_temperature`` are per system when arrays: one
+    value per occupied system or one per slot (``per_system_parameters``).
+
+    The conserved quantity is the enthalpy-like ``U + KE + Σ p_k²/2W + P_ext V``.
     """
 
     per_system_parameters: ClassVar[tuple[str, ...]] = (
