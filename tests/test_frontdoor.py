@@ -235,6 +235,8 @@ BROKEN = [
     ("stages.1.temperature", -1.0, ["stages[1].temperature"]),
     ("outputs.0.path", "in.extxyz", ["outputs[0].path", "in.extxyz"]),
     ("structures.id_key", "sid", ["structures.id_key", "sid"]),
+    ("convergence_every", 0, ["convergence_every"]),
+    ("convergence_every", True, ["convergence_every", "a boolean"]),
 ]
 BROKEN[13] = (
     "stages.1",
@@ -362,3 +364,13 @@ def test_the_run_says_it_compiles_then_how_long_it_took():
     watch.on_sample("second")  # said once
     assert sum(isinstance(x, str) and x.startswith("compiled") for x in lines) == 1
     assert samples == ["first", "second"]  # every sample reaches the record
+
+
+def test_convergence_every_reaches_the_fused_stage(job):
+    """``convergence_every`` (docs/semantics.md §10) is passed to the FusedStage unchanged."""
+    from fused_dynamics.config.build import build_fused
+
+    default, _ = load_config(_write_job(job, JOB))
+    assert build_fused(default).convergence_every == 1  # every step, unless asked
+    cfg, _ = load_config(_write_job(job, _with(JOB, "convergence_every", 5), name="every5.toml"))
+    assert build_fused(cfg).convergence_every == 5

@@ -183,4 +183,5 @@ def build_fused(cfg: RunConfig, model=None, hooks=(), first_hooks=()):
         list(enumerate(stages)),
         init_fn=init_fn,
         hooks=tuple(first_hooks) + tuple(entry) + tuple(hooks),
+        convergence_every=cfg.convergence_every,
     )

@@ -428,6 +428,13 @@ class RunConfig(_Section):
     refill_frequency: PositiveInt = Field(
         20, description="steps per compiled chunk between host visits (writes and refills)"
     )
+    convergence_every: PositiveInt = Field(
+        1,
+        description="steps (of each system in its stage) between tests of the stages' "
+        "criteria (fmax, ...); 1 tests every step; k > 1 saves the observables' cost and lets "
+        "a system migrate at most k - 1 steps late, never early; budgets and the failure "
+        "check still apply every step",
+    )
     checkpoint_every: int = Field(
         1000,
         description="steps between checkpoints of the run, written next to the first output "
