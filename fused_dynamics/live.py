@@ -318,13 +318,17 @@ class Run:
             return 0
         self._report_rejected()
         mask, done = self._host_status()
-        keep = mask & ~done
+        keep = self._kept_slots(mask, done)
         if self.sampler.exhausted or keep.all():
             return 0
         batch, new = self._refill(keep)
         self.batch = batch
         self._written = ~(keep | new)
         return int(new.sum())
+
+    def _kept_slots(self, mask: np.ndarray, done: np.ndarray) -> np.ndarray:
+        """Slots a refill keeps (S,) bool: occupied ones whose system has not left the run."""
+        return mask & ~done
 
     def _refill(self, keep: np.ndarray) -> tuple[Batch, np.ndarray]:
         """Free the slots not in ``keep``, re-pack the atoms and admit new systems from the

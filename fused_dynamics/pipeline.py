@@ -176,19 +176,8 @@ class _StageRun(ShardedRun):
             self.stats.written += len(go)
         return len(leave) + len(go)
 
-    def refill_check(self) -> int:
-        self.write_graduated()
-        if self.sampler is None or self.batch is None:
-            return 0
-        self._report_rejected()
-        mask, done = self._host_status()
-        keep = mask & (~done | ~self._written)  # unsent graduates keep their slots
-        if self.sampler.exhausted or keep.all():
-            return 0
-        batch, new = self._refill(keep)
-        self.batch = batch
-        self._written = ~(keep | new)
-        return int(new.sum())
+    def _kept_slots(self, mask: np.ndarray, done: np.ndarray) -> np.ndarray:
+        return mask & (~done | ~self._written)  # unsent graduates keep their slots
 
     def close(self) -> None:
         self._closed = True  # the pipeline closes the shared final sinks once

@@ -159,18 +159,13 @@ class ExtXYZSink:
             return
         if self._order is None:
             self._write_now(atoms_list)
-            return
-        ready = self._order.take(list(atoms_list))
-        if ready:
-            self._write_now(ready)
-            self._order.written_out(ready)
+        else:
+            self._order.write(atoms_list, self._write_now)
 
     def finish(self) -> None:
         """Write the systems still waiting (input order) now, in input order, gaps and all."""
-        if self._order is not None and len(self._order):
-            rest = self._order.rest()
-            self._write_now(rest)
-            self._order.written_out(rest)
+        if self._order is not None:
+            self._order.finish(self._write_now)
 
     def _write_now(self, atoms_list: list[ase.Atoms]) -> None:
         every = {"units": _UNITS_TEXT, "fused_dynamics_version": package_version()}

@@ -176,6 +176,22 @@ class InputOrder:
             elif os.path.lexists(self.side):
                 os.remove(self.side)
 
+    def write(self, frames: list[ase.Atoms], write_now: Callable[[list], None]) -> None:
+        """Write what is due of ``frames`` to the output with ``write_now``; the rest waits
+        in the side file (:meth:`take`, then :meth:`written_out`)."""
+        ready = self.take(list(frames))
+        if ready:
+            write_now(ready)
+            self.written_out(ready)
+
+    def finish(self, write_now: Callable[[list], None]) -> None:
+        """Write every waiting system to the output with ``write_now`` now, in input order,
+        gaps and all (a run that ended: nothing more will come)."""
+        if self.waiting:
+            rest = self.rest()
+            write_now(rest)
+            self.written_out(rest)
+
     def rest(self) -> list[ase.Atoms]:
         """Every waiting system, in input order (what :meth:`finish` writes)."""
         return [self.waiting[sid] for sid in sorted(self.waiting, key=self.position.get)]
