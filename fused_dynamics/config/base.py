@@ -9,6 +9,7 @@ import difflib
 import json
 import os
 import re
+import typing
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -45,6 +46,16 @@ class _Section(BaseModel):
                     f"unknown key {', '.join(hints)}; allowed keys: {', '.join(sorted(allowed))}"
                 )
         return data
+
+
+def config_sections(annotation) -> list[type[BaseModel]]:
+    """The configuration sections an annotation allows (through unions, lists, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    out = []
+    for arg in typing.get_args(annotation):
+        out += config_sections(arg)
+    return out
 
 
 def _key_part(key: Any) -> str:

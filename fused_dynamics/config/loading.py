@@ -7,14 +7,13 @@ import math
 import os
 import re
 import tomllib
-import typing
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from .base import ConfigError, _key_part
+from .base import ConfigError, _key_part, config_sections
 from .model_keys import MODEL_TYPES, ModelConfig
 from .schema import STAGE_TYPES, RunConfig, StageConfig
 
@@ -168,19 +167,9 @@ _EXPECTED = {
 }
 
 
-def _classes(annotation) -> list[type[BaseModel]]:
-    """The configuration sections an annotation allows (through unions, lists, Annotated)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    out = []
-    for arg in typing.get_args(annotation):
-        out += _classes(arg)
-    return out
-
-
 _TAGGED = {
     c.model_fields["type"].annotation.__args__[0]: c
-    for c in _classes(StageConfig) + _classes(ModelConfig)
+    for c in config_sections(StageConfig) + config_sections(ModelConfig)
 }
 
 
@@ -199,7 +188,7 @@ def _field_at(loc: tuple) -> FieldInfo | None:
             info = None
             continue
         info = found[0]
-        classes = _classes(info.annotation)
+        classes = config_sections(info.annotation)
     return info
 
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from .base import ConfigError
+from .base import ConfigError, config_sections
 from .model_keys import ModelConfig
 from .schema import RunConfig, StageConfig, _StageBase
 
@@ -97,19 +97,9 @@ the last frame of each file, format: vasp reads files whose suffix does not say.
 
 
 # ----------------------------------------------------------------------------- the schema
-def _sections(annotation) -> list[type[BaseModel]]:
-    """The configuration sections an annotation allows (through unions, lists, Annotated)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    out = []
-    for arg in typing.get_args(annotation):
-        out += _sections(arg)
-    return out
-
-
 def _by_type(annotation) -> dict[str, type[BaseModel]]:
     """``{type value: section}`` of a discriminated union (the stages, the model)."""
-    return {c.model_fields["type"].annotation.__args__[0]: c for c in _sections(annotation)}
+    return {c.model_fields["type"].annotation.__args__[0]: c for c in config_sections(annotation)}
 
 
 _STAGES = _by_type(StageConfig)
@@ -350,11 +340,15 @@ def config_text(cfg: dict, fmt: str = "toml", name: str = "THIS_FILE") -> str:
     for k in extra:  # not a key of the schema: written, so that validation names it
         w.lines.append(w.entry(k, cfg[k], ""))
     structures = dict(cfg.get("structures") or {})
-    w.table("structures", _sections(top["structures"].annotation)[0], structures, _OWN_FILES[fmt])
+    w.table(
+        "structures", config_sections(top["structures"].annotation)[0], structures, _OWN_FILES[fmt]
+    )
     model = dict(cfg.get("model") or {})
     help_text = MODEL_KEYS_HELP.format(example=_PAIRS_EXAMPLE[fmt])
     w.table("model", _MODELS.get(model.get("type")), model, help_text)
-    w.table("capacity", _sections(top["capacity"].annotation)[0], dict(cfg.get("capacity") or {}))
+    w.table(
+        "capacity", config_sections(top["capacity"].annotation)[0], dict(cfg.get("capacity") or {})
+    )
     stage_note = (
         "A system moves on from a stage when its criterion holds (fmax, criteria) or its "
         "budget (n_steps) is spent. Every "
@@ -363,9 +357,9 @@ def config_text(cfg: dict, fmt: str = "toml", name: str = "THIS_FILE") -> str:
         + _type_summaries(_STAGES, {"type", *_StageBase.model_fields})
     )
     w.array("stages", _STAGES, None, list(cfg.get("stages") or []), stage_note)
-    out_cls = _sections(top["outputs"].annotation)[0]
+    out_cls = config_sections(top["outputs"].annotation)[0]
     w.array("outputs", {}, out_cls, list(cfg.get("outputs") or []))
-    w.table("report", _sections(top["report"].annotation)[0], dict(cfg.get("report") or {}))
+    w.table("report", config_sections(top["report"].annotation)[0], dict(cfg.get("report") or {}))
     return "\n".join(w.lines) + "\n"
 
 
