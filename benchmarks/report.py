@@ -202,17 +202,129 @@ def inflight_section(data: dict) -> list[str]:
 
 
 def overhead_section(data: dict) -> list[str]:
+    ratio = data.get("over_bare", {}).get("fused") or {}
+    hooks = data.get("idle_hook_overhead")
+    hooks = hooks.get("median") if isinstance(hooks, dict) else hooks
+    spread = f" (per round {fmt(ratio['min'])}–{fmt(ratio['max'])})" if ratio else ""
     return [
         f"**Fused-step overhead** (`bench_fused_overhead.py`, `{data['_file']}`): "
-        f"{data.get('workload')}: fused step / model-only step "
-        f"{fmt(data.get('fused_over_model_only'))} (target <= 1.10), idle-hook overhead "
-        f"{fmt(data.get('idle_hook_overhead'))} (target < 0.02).",
+        f"{data.get('workload')}: fused step / model-only step, median of interleaved rounds, "
+        f"{fmt(ratio.get('median', data.get('fused_over_model_only')))}{spread} "
+        f"(target <= 1.10), idle-hook overhead {fmt(hooks)} (target < 0.02).",
     ]
+
+
+def _ratio_cell(r: dict) -> str:
+    s = r.get("ours_over_peer")
+    if not s:
+        return "–"
+    text = fmt(s["median"])
+    if s.get("min") is not None and s.get("max") is not None and s["min"] != s["max"]:
+        text += f" ({fmt(s['min'])}–{fmt(s['max'])})"
+    return text
+
+
+def _compile_cell(r: dict) -> str:
+    c = r.get("compile_s")
+    if not isinstance(c, dict) or not any(isinstance(v, (int, float)) for v in c.values()):
+        return "–"
+    ours, peer = c.get("ours"), c.get("peer")
+    if ours is None and peer is None:
+        return "–"
+    return f"{fmt(ours, 2)} / {fmt(peer, 2)}"
+
+
+def _target_cell(r: dict) -> str:
+    if r.get("target") is None:
+        return "–"
+    met = {True: " ✓", False: " ✗"}.get(r.get("met"), "")
+    return f"{r['direction']} {fmt(r['target'])}{met}"
+
+
+def summary_section(data: dict) -> list[str]:
+    """The one-command summary (``python -m benchmarks``): every ratio, coverage, peers."""
+    la = data.get("load_average", {})
+    start, end = (la.get("start") or [None])[0], (la.get("end") or [None])[0]
+    git = data.get("git", {})
+    dirty = git.get("fused_dynamics_changed") or []
+    stem = data["_file"].removesuffix(".json")
+    out = [
+        f"**All workloads** (`{data.get('command', 'python -m benchmarks')}`, `{data['_file']}`, "
+        f"chart `benchmarks/results/{stem}.png`): commit `{git.get('commit', '?')[:10]}`"
+        + (f" with uncommitted changes to {', '.join(dirty)}" if dirty else "")
+        + f", {data.get('cpus', '?')} CPUs, load average {fmt(start)} at start and {fmt(end)} "
+        f"at end, {fmt(data.get('wall_s', 0) / 60, 2)} min in all.",
+        "",
+        "| workload | comparison | fused_dynamics / peer, median (min–max) | target "
+        "| atom-steps/s, ours / peer (median) | compile s (ours / peer) | file |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, w in data.get("workloads", {}).items():
+        for r in w.get("ratios", []):
+            ours, peer = r.get("ours_atom_steps_per_s"), r.get("peer_atom_steps_per_s")
+            steps = f"{fmt(ours['median'])} / {fmt(peer['median'])}" if ours and peer else "–"
+            out.append(
+                f"| {key} | {r['label']} | {_ratio_cell(r)} | {_target_cell(r)} | {steps} "
+                f"| {_compile_cell(r)} | {w.get('file', '–')} |"
+            )
+    w5 = data.get("workloads", {}).get("W5", {})
+    if w5.get("slopes"):
+        rates = w5.get("atom_steps_per_s") or {}
+        largest = max(rates, key=int) if rates else None
+        out += [
+            "",
+            "W5 log-log slope of time per step against atoms (target <= "
+            f"{fmt(w5.get('slope_target'))}): "
+            + ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in w5["slopes"].items())
+            + (
+                f"; {fmt(rates[largest])} atom-steps/s at {fmt(int(largest))} atoms "
+                f"(`{w5.get('file')}`)."
+                if largest
+                else "."
+            ),
+        ]
+    out += [
+        "",
+        "Ratios above 1: fused_dynamics (or the fused mode) is faster, except "
+        '"fused step / bare evaluation loop", a time ratio whose target is at most 1.10. '
+        "Min–max over the interleaved rounds where the script keeps them; one figure where it "
+        "times one run. ✓ / ✗: the median meets / misses the target of issue 13.",
+        "",
+        "Coverage of the workloads of issue 13: "
+        + "; ".join(
+            f"{k} {c.get('covered')} ({c.get('note')})"
+            for k, c in sorted(data.get("coverage", {}).items())
+        )
+        + ".",
+    ]
+    peers = data.get("peers", {})
+    installed = [f"{k} {v.get('version')}" for k, v in peers.items() if v["status"] == "installed"]
+    missing = [
+        f"{k} (not installed: {v.get('reason', '?')})"
+        for k, v in peers.items()
+        if v["status"] != "installed"
+    ]
+    out.append("")
+    out.append("Peers installed: " + (", ".join(installed) or "none") + ".")
+    if missing:
+        out.append("Not installed, so not measured: " + "; ".join(missing) + ".")
+    scripts = data.get("scripts", {})
+    failed = [f"{k} ({v['status']}, exit {v['rc']})" for k, v in scripts.items() if v["rc"]]
+    rows = [
+        f"{k} {fmt(v['wall_s'], 3)} s, peak {fmt(v.get('peak_rss_mb'), 3)} MB"
+        for k, v in scripts.items()
+    ]
+    if rows:
+        out.append("Scripts (wall time, peak resident memory): " + "; ".join(rows) + ".")
+    if failed:
+        out.append("Did not finish: " + "; ".join(failed) + ".")
+    return out
 
 
 def render() -> str:
     parts = []
     for name, section in (
+        ("summary", summary_section),
         ("peers", peers_section),
         ("inflight", inflight_section),
         ("fused_overhead", overhead_section),

