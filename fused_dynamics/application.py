@@ -28,6 +28,7 @@ from .config import (
     build_model,
     build_stages,
     check_structure_species,
+    choose_model_path,
     load_structures_with_sources,
 )
 from .inflight import StageExitWriter
@@ -155,6 +156,7 @@ class Preflight:
     model: Any
     stages: list
     sampler: SizeAwareSampler
+    path_line: str = ""
 
 
 def preflight(
@@ -187,9 +189,11 @@ def preflight(
     files = cfg.structures.files(base_dir)
     plans = plan_outputs(cfg, base_dir, overwrite=overwrite, resume=resume, inputs=files)
     configure_jax(cfg)
-    model = build_model(cfg)
-    stages = build_stages(cfg, model)
     sampler = _sampler(cfg, structures, sources)
+    model, choice = choose_model_path(
+        cfg, build_model(cfg), structures, sampler.max_atoms_per_system
+    )
+    stages = build_stages(cfg, model)
     try:  # the fused stage's own checks (sub-stages, one model, one device)
         fused = build_fused(cfg, model)
     except (TypeError, ValueError) as exc:
@@ -204,6 +208,7 @@ def preflight(
         model=model,
         stages=stages,
         sampler=sampler,
+        path_line=f"pairs: {choice.reason}",
     )
 
 
@@ -449,6 +454,7 @@ def execute(
     )
     echo(pre.files_line)
     echo(species_line)
+    echo(pre.path_line)
     if cfg.checkpoint_every:
         echo(
             f"checkpoints: every {cfg.checkpoint_every} steps to {os.fspath(ck.path)} "
@@ -545,6 +551,7 @@ def execute(
             f"of the step, {stats.checkpoints} checkpoint(s)"
         )
         echo(species_line)
+        echo(pre.path_line)
         echo(format_stage_exits(stage_exit_counts(record.left, record.budgets, names)))
         for line in _describe_problems(problems):
             echo(line)

@@ -105,6 +105,15 @@ Keys of the model
     ε_j)``) or ``"geometric"`` (``σ_ij = sqrt(σ_i σ_j)``, ``ε_ij = sqrt(ε_i ε_j)``) fills each
     unlisted pair of two different elements from their own entries; listed pairs are kept.
     Lennard-Jones and soft sphere only (soft sphere: ``alpha`` is not mixed).
+``model.neighbors``, ``model.skin``
+    How the pairs are found: ``"auto"`` (default) takes a Verlet neighbor list when the
+    structures are large enough for it to pay and dense pairs otherwise, from the structures'
+    sizes, cells and density, the cutoff and ``capacity.max_atoms_per_system``
+    (:func:`fused_dynamics.models.path_choice.path_choice`; the run prints which path and
+    why); ``"dense"`` every pair of each system (the reference); ``"list"`` the neighbor list,
+    pair potentials only (``eam`` and ``trained`` refuse it, exit 2). ``skin`` (Å, default 1,
+    >= 0) is the list's skin: pairs are kept within ``cutoff + skin`` and the list is rebuilt
+    when an atom moved more than ``skin / 2``. Both paths give the same energies and forces.
 ``model.type = "eam"`` with ``model.file``
     An embedded-atom potential file: setfl (``.alloy``), funcfl (``.eam``) or Finnis-Sinclair
     (``.fs``), read as ASE's ``EAM`` calculator reads it (:class:`~fused_dynamics.models.EAM`).
@@ -187,7 +196,7 @@ from __future__ import annotations
 
 from ..hooks import ThermalizeOnEntryHook
 from .base import ConfigError, output_format
-from .build import build_fused, build_model, build_stages, npt_classes
+from .build import build_fused, build_model, build_stages, choose_model_path, npt_classes
 from .inputs import check_structure_species, load_structures, load_structures_with_sources
 from .loading import format_validation_error, load_config, read_config_file, validate_config
 from .model_keys import (
@@ -237,6 +246,7 @@ __all__ = [
     "check_structure_species",
     "build_stages",
     "build_fused",
+    "choose_model_path",
     "load_structures",
     "load_structures_with_sources",
     "output_format",

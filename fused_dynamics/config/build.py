@@ -15,6 +15,7 @@ from ..convergence import ConvergenceHook
 from ..fused import FusedStage
 from ..hooks import ThermalizeOnEntryHook
 from ..models import EAM, LennardJones, Morse, SoftSphere
+from ..models.path_choice import PathChoice, apply_choice, path_choice
 from ..observables import initialize_velocities
 from ..stages import FIRE, FIRE2, NPH, NPT, NVE, GradientDescent, NVTLangevin, NVTNoseHoover
 from ..training import load_model, read_header
@@ -22,7 +23,14 @@ from ..training.serialization import decode_header_value
 from .base import ConfigError
 from .schema import RunConfig, entry_temperature
 
-__all__ = ["build_fused", "build_model", "build_stages", "file_model_elements", "npt_classes"]
+__all__ = [
+    "build_fused",
+    "build_model",
+    "build_stages",
+    "choose_model_path",
+    "file_model_elements",
+    "npt_classes",
+]
 
 
 def npt_classes() -> tuple[type, type]:
@@ -82,6 +90,39 @@ def build_model(cfg: RunConfig):
         return cls.from_pairs(table, mixing=m.mixing, **kwargs)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
+
+
+def choose_model_path(
+    cfg: RunConfig, model, structures, max_atoms_per_system: int | None = None
+) -> tuple[Any, PathChoice]:
+    """The model on the path ``model.neighbors`` asks for, and the choice with its reason.
+
+    ``"auto"`` applies :func:`~fused_dynamics.models.path_choice.path_choice` to the run's
+    structures and the batch's atom capacity per system (docs/models.md, "Dense pairs or a
+    neighbor list"); ``"dense"`` and ``"list"`` force a path, ``model.skin`` (Å) is the list's
+    skin. Host-side, before anything compiles.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``model.neighbors`` when ``"list"`` is asked of a model without a neighbor-list
+        path (``eam``, ``trained``).
+    """
+    m = cfg.model
+    try:
+        choice = path_choice(
+            model,
+            structures,
+            neighbors=m.neighbors,
+            skin=float(m.skin),
+            max_atoms_per_system=max_atoms_per_system,
+        )
+    except ValueError as exc:
+        raise ConfigError(
+            f"model.neighbors: {exc} (model.type = {m.type!r}); set model.neighbors = 'auto' "
+            "or 'dense'"
+        ) from None
+    return apply_choice(model, choice), choice
 
 
 def file_model_elements(m) -> list[str] | None:

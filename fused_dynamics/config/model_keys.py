@@ -24,6 +24,7 @@ from pydantic import (
 from .base import _key_part, _Section
 
 __all__ = [
+    "NEIGHBOR_CHOICES",
     "EAMConfig",
     "FILE_MODEL_TYPES",
     "TrainedModelConfig",
@@ -125,7 +126,31 @@ class SoftSpherePair(_PairEntry):
     )
 
 
-class _SpeciesKeys(_Section):
+NEIGHBOR_CHOICES = ("auto", "dense", "list")
+
+
+class _PathKeys(_Section):
+    """Keys choosing how the pairs are found: dense pairs or a neighbor list (every model type).
+
+    The rule of ``"auto"`` is :func:`fused_dynamics.models.path_choice.path_choice`
+    (docs/models.md, "Dense pairs or a neighbor list").
+    """
+
+    neighbors: Literal["auto", "dense", "list"] = Field(
+        "auto",
+        description="how pairs are found: auto (a neighbor list when the structures are large "
+        "enough for it to pay, from their sizes, cells, density and the cutoff; the run says "
+        "which and why), dense (every pair of each system; the reference), list (a Verlet "
+        "neighbor list, rebuilt when an atom moved more than skin/2; pair potentials only)",
+    )
+    skin: NonNegativeFloat = Field(
+        1.0,
+        description="Å: Verlet skin of the neighbor list (pairs kept within cutoff + skin); "
+        "used when the list is chosen",
+    )
+
+
+class _SpeciesKeys(_PathKeys):
     """Keys saying which elements a model's parameters are for (every model type)."""
 
     species: list[str] | None = Field(
@@ -380,7 +405,7 @@ class SoftSphereConfig(_SpeciesKeys):
         return self
 
 
-class _FileModelConfig(_Section):
+class _FileModelConfig(_PathKeys):
     """A model read from a file (the file says which elements it has parameters for)."""
 
     file: str = Field(description="path, relative to the configuration file")

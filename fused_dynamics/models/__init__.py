@@ -8,6 +8,7 @@ from .graph import Graph, GraphModel, neighbor_graph
 from .neighbors import NeighborList, NeighborListHook
 from .nequip import NequIP
 from .pair import LennardJones, Morse, PairPotential, SoftSphere, required_images
+from .path_choice import choose_neighbors, path_choice
 
 __all__ = [
     "Model",
@@ -26,4 +27,6 @@ __all__ = [
     "EAM",
     "EnergyFunctionModel",
     "NequIP",
+    "choose_neighbors",
+    "path_choice",
 ]

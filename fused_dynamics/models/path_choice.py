@@ -1,0 +1,319 @@
+"""Dense pairs or a neighbor list: the rule that picks a pair potential's path for a run.
+
+A :class:`~fused_dynamics.models.pair.PairPotential` evaluates either every pair of atoms of
+each system block and their periodic images (the *dense* path, the reference) or the pairs of a
+Verlet neighbor list (``model.with_neighbors(skin)``; a run attaches and refreshes the list
+itself). Which is faster depends on how many of the dense path's candidate pairs are real
+neighbors:
+
+* dense, per atom slot: ``A * K`` candidates, ``A`` the atom capacity of a system slot
+  (``max_atoms_per_system``, the largest system) and ``K = prod(2 n_k + 1)`` the image shifts of
+  the batch (:func:`~fused_dynamics.models.pair_sums.required_images_host`: 1 for clusters and
+  cells wider than twice the cutoff, 27 for a cell narrower than that);
+* list, per atom: ``m = min(rho * 4/3 pi (cutoff + skin)^3, n * K_i)`` expected neighbors of
+  a system of ``n`` atoms at number density ``rho`` (its own ``K_i`` shifts).
+
+The *work ratio* ``R = A^2 K / mean(n m)`` (dense pair work over list pair work, averaged over
+the systems, which the dense path pads to ``A``) is compared with a crossover measured on this
+project's fused NVE step: the list is chosen when ``R >= crossover``. :func:`path_choice`
+returns the decision and a one-line reason; :func:`choose_neighbors` returns the model on that
+path. See docs/models.md, "Dense pairs or a neighbor list".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..batch import Batch, complete_cell
+from .pair_sums import required_images_host
+
+__all__ = [
+    "CROSSOVER",
+    "DEFAULT_SKIN",
+    "NEIGHBOR_CHOICES",
+    "PathChoice",
+    "apply_choice",
+    "choose_neighbors",
+    "path_choice",
+    "work_ratio",
+]
+
+NEIGHBOR_CHOICES = ("auto", "dense", "list")
+DEFAULT_SKIN = 1.0  # Å; benchmarks/results/neighbors.json: 0.5 and 1.0 within 10 % at 40 K
+
+# Work ratio R above which the neighbor list is faster (module docstring). Measured: see
+# the Notes of path_choice.
+CROSSOVER = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PathChoice:
+    """What :func:`path_choice` decided, and why.
+
+    Attributes
+    ----------
+    path : {"dense", "list"}
+    skin : float or None
+        Å, the Verlet skin of the list path (None on the dense path).
+    ratio : float or None
+        The work ratio ``R`` (dense pair work over list pair work); None when it was not needed
+        (a forced path, a model without a list path, no systems).
+    reason : str
+        One line: the path and why (what a run prints).
+    """
+
+    path: str
+    skin: float | None
+    ratio: float | None
+    reason: str
+
+
+def _system_arrays(systems) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Sizes (n,), completed cells (n, 3, 3), pbc (n, 3) and positions of each system.
+
+    ``systems``: a concrete :class:`~fused_dynamics.Batch` (its occupied slots) or a sequence of
+    ``ase.Atoms``.
+    """
+    if isinstance(systems, Batch):
+        host_mask = np.asarray(systems.system_mask)
+        idx = np.asarray(systems.system_idx)
+        atom_mask = np.asarray(systems.atom_mask)
+        pos = np.asarray(systems.positions, np.float64)
+        slots = np.flatnonzero(host_mask)
+        positions = [pos[atom_mask & (idx == s)] for s in slots]
+        cells = np.asarray(systems.cell, np.float64)[slots].reshape(-1, 3, 3)
+        pbc = np.asarray(systems.pbc, bool)[slots].reshape(-1, 3)
+    else:
+        positions = [np.asarray(a.get_positions(), np.float64) for a in systems]
+        pbc = np.array([a.get_pbc() for a in systems], bool).reshape(-1, 3)
+        cells = np.array(
+            [complete_cell(a.get_cell(), p)[0] for a, p in zip(systems, pbc, strict=True)],
+            np.float64,
+        ).reshape(-1, 3, 3)
+    sizes = np.array([len(p) for p in positions], np.int64)
+    return sizes, cells, pbc, positions
+
+
+def _volume(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> float:
+    """Å³ a system's atoms fill: the cell's when periodic in 3 directions, else the sphere of
+    the same radius of gyration (a uniform ball of radius R has R_g^2 = 3/5 R^2), at least one
+    atom's 10 Å³ per atom."""
+    n = len(positions)
+    if np.all(pbc):
+        return float(abs(np.linalg.det(cell)))
+    rg2 = float(np.mean(np.sum((positions - positions.mean(axis=0)) ** 2, axis=1))) if n else 0.0
+    radius = math.sqrt(5.0 / 3.0 * rg2)
+    return max(4.0 / 3.0 * math.pi * radius**3, 10.0 * n)
+
+
+def work_ratio(
+    sizes,
+    cells,
+    pbc,
+    cutoff: float,
+    skin: float = DEFAULT_SKIN,
+    *,
+    volumes=None,
+    max_atoms_per_system: int | None = None,
+) -> float:
+    """``R``, the dense path's pair work over the neighbor list's (module docstring).
+
+    Parameters
+    ----------
+    sizes : array_like of int, shape (n,)
+        Atoms of each system.
+    cells : array_like, shape (n, 3, 3)
+        Å, rows are lattice vectors (invertible: a cluster's completed cell).
+    pbc : array_like of bool, shape (n, 3)
+    cutoff, skin : float
+        Å.
+    volumes : array_like, shape (n,), optional
+        Å³ each system's atoms fill (number density ``sizes / volumes``). Default: the cells'
+        volumes (right for periodic systems only; give the clusters' own).
+    max_atoms_per_system : int, optional
+        The atom capacity of a system slot, ``A``. Default: the largest system.
+
+    Returns
+    -------
+    float
+        ``A^2 K / mean(n_i m_i)``; ``inf`` when no system has a neighbor within reach.
+
+    Raises
+    ------
+    ValueError
+        No system, or shapes that do not agree.
+    """
+    sizes = np.asarray(sizes, np.float64).reshape(-1)
+    cells = np.asarray(cells, np.float64).reshape(-1, 3, 3)
+    pbc = np.asarray(pbc, bool).reshape(-1, 3)
+    if not len(sizes) or len(cells) != len(sizes) or len(pbc) != len(sizes):
+        raise ValueError(
+            f"work_ratio: needs one size, cell and pbc per system, got {len(sizes)} sizes, "
+            f"{len(cells)} cells, {len(pbc)} pbc rows"
+        )
+    if volumes is None:
+        volumes = np.abs(np.linalg.det(cells))
+    volumes = np.asarray(volumes, np.float64).reshape(-1)
+    cap = float(sizes.max() if max_atoms_per_system is None else max_atoms_per_system)
+    k_batch = _shifts(required_images_host(cells, pbc, float(cutoff)))
+    reach = 4.0 / 3.0 * math.pi * (float(cutoff) + float(skin)) ** 3
+    k_each = np.array(
+        [
+            _shifts(required_images_host(c[None], p[None], float(cutoff)))
+            for c, p in zip(cells, pbc, strict=True)
+        ]
+    )
+    neighbors = np.minimum(sizes / volumes * reach, sizes * k_each)
+    list_work = float(np.mean(sizes * neighbors))
+    if list_work <= 0.0:
+        return math.inf
+    return cap * cap * k_batch / list_work
+
+
+def _shifts(images) -> int:
+    return int(np.prod([2 * int(n) + 1 for n in images]))
+
+
+def _has_list_path(model) -> bool:
+    return callable(getattr(model, "with_neighbors", None)) and hasattr(model, "skin")
+
+
+def path_choice(
+    model,
+    systems: Batch | Sequence[Any],
+    *,
+    neighbors: str = "auto",
+    skin: float = DEFAULT_SKIN,
+    max_atoms_per_system: int | None = None,
+    crossover: float = CROSSOVER,
+) -> PathChoice:
+    """Which path a run of ``model`` on ``systems`` should take, and why.
+
+    Parameters
+    ----------
+    model : Model
+        A pair potential (``with_neighbors``) chooses; any other model stays on its own path.
+    systems : Batch or sequence of ase.Atoms
+        The structures of the run (a concrete batch: its occupied slots).
+    neighbors : {"auto", "dense", "list"}, default "auto"
+        ``"auto"``: the list when the work ratio ``R`` (:func:`work_ratio`) is at least
+        ``crossover``; ``"dense"``, ``"list"``: that path.
+    skin : float, default 1.0
+        Å, the Verlet skin of the list (and of the reach counted in ``R``).
+    max_atoms_per_system : int, optional
+        The batch's atom capacity per system slot (default: the largest system).
+    crossover : float, default :data:`CROSSOVER`
+
+    Returns
+    -------
+    PathChoice
+
+    Raises
+    ------
+    ValueError
+        ``neighbors`` not one of the three values, ``skin`` negative or not finite, or
+        ``neighbors="list"`` for a model without a neighbor-list path.
+
+    Notes
+    -----
+    The crossover was measured with the fused NVE step of Lennard-Jones argon (cutoff 8.5 Å,
+    skin 1 Å, float64), full batches, dense and list runs interleaved (see docs/models.md for
+    the table and the load): CROSSOVER_TABLE
+    """
+    if neighbors not in NEIGHBOR_CHOICES:
+        raise ValueError(
+            f"neighbors must be one of {', '.join(map(repr, NEIGHBOR_CHOICES))}, got {neighbors!r}"
+        )
+    if isinstance(skin, bool) or not (isinstance(skin, int | float) and math.isfinite(skin)):
+        raise ValueError(f"skin must be a finite number of Å >= 0, got {skin!r}")
+    if skin < 0:
+        raise ValueError(f"skin must be >= 0 Å, got {skin!r}")
+    name = type(model).__name__
+    if not _has_list_path(model):
+        if neighbors == "list":
+            raise ValueError(
+                f"neighbors='list': {name} has no neighbor-list path a run can attach; use "
+                "'auto' or 'dense'"
+            )
+        return PathChoice("dense", None, None, f"dense pairs: {name} has no neighbor-list path")
+    if model.skin is not None and neighbors == "auto":
+        return PathChoice("list", float(model.skin), None, "neighbor list: the model asks for it")
+    if neighbors == "dense":
+        return PathChoice("dense", None, None, "dense pairs: asked for (neighbors = dense)")
+    if neighbors == "list":
+        return PathChoice(
+            "list",
+            float(skin),
+            None,
+            f"neighbor list (skin {skin:g} Å): asked for (neighbors = list)",
+        )
+    sizes, cells, pbc, positions = _system_arrays(systems)
+    if not len(sizes):
+        return PathChoice("dense", None, None, "dense pairs: no systems to measure")
+    volumes = [_volume(x, c, p) for x, c, p in zip(positions, cells, pbc, strict=True)]
+    cap = int(sizes.max()) if max_atoms_per_system is None else int(max_atoms_per_system)
+    ratio = work_ratio(
+        sizes, cells, pbc, float(model.cutoff), skin, volumes=volumes, max_atoms_per_system=cap
+    )
+    k = _shifts(required_images_host(cells, pbc, float(model.cutoff)))
+    why = (
+        f"dense/list pair work {ratio:.1f} (up to {cap} atoms per system, {k} image "
+        f"shift{'s' if k > 1 else ''}, cutoff {float(model.cutoff):g} Å)"
+    )
+    if ratio >= crossover:
+        return PathChoice(
+            "list", float(skin), ratio, f"neighbor list (skin {skin:g} Å): {why} >= {crossover:g}"
+        )
+    return PathChoice("dense", None, ratio, f"dense pairs: {why} < {crossover:g}")
+
+
+def choose_neighbors(
+    model,
+    systems: Batch | Sequence[Any],
+    *,
+    neighbors: str = "auto",
+    skin: float = DEFAULT_SKIN,
+    max_atoms_per_system: int | None = None,
+    crossover: float = CROSSOVER,
+):
+    """``model`` on the path :func:`path_choice` picks for ``systems``: one call.
+
+    Returns ``model.with_neighbors(skin)`` when the list is chosen, else the model on the dense
+    path (``skin=None``; a model that had a skin is put back on the dense path only for
+    ``neighbors="dense"``). A model without a neighbor-list path is returned unchanged. An
+    inflight run (``FusedStage.run(sampler=...)``) then attaches the list and refreshes it in
+    the compiled step; for a fixed batch attach it with ``model.attach_neighbors(batch)``.
+
+    Parameters and errors are those of :func:`path_choice`.
+
+    Examples
+    --------
+    ``model = fd.models.choose_neighbors(fd.models.LennardJones(...), structures)``
+    """
+    choice = path_choice(
+        model,
+        systems,
+        neighbors=neighbors,
+        skin=skin,
+        max_atoms_per_system=max_atoms_per_system,
+        crossover=crossover,
+    )
+    return apply_choice(model, choice)
+
+
+def apply_choice(model, choice: PathChoice):
+    """``model`` on the path of ``choice`` (host-side; unchanged without a list path)."""
+    if not _has_list_path(model):
+        return model
+    if choice.path == "list":
+        if model.skin is not None and choice.skin == model.skin:
+            return model
+        return model.with_neighbors(choice.skin, auto_refresh=model.auto_refresh)
+    if model.skin is None:
+        return model
+    return dataclasses.replace(model, skin=None)

@@ -1,0 +1,213 @@
+"""Dense pairs or a neighbor list (docs/models.md, "Dense pairs or a neighbor list"): the rule
+of :mod:`fused_dynamics.models.path_choice`, its one-call Python form and the job file's
+``model.neighbors`` / ``model.skin`` keys.
+
+The rule compares the dense path's pair work with the list's (the work ratio ``R``) against a
+measured crossover: small clusters stay dense, large systems and small periodic cells (which
+the dense path pays with 27 image shifts) take the list. Both paths give the same energies and
+forces (the dense path is the reference), also through the command line.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ase.io
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.cluster import Icosahedron
+from typer.testing import CliRunner
+
+import fused_dynamics as fd
+from fused_dynamics.cli import app
+from fused_dynamics.config import load_config
+from fused_dynamics.config.writing import config_text
+from fused_dynamics.models.path_choice import (
+    CROSSOVER,
+    apply_choice,
+    choose_neighbors,
+    path_choice,
+    work_ratio,
+)
+
+LJ = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=8.5)
+
+
+def _crystal(reps: int, seed: int = 0):
+    a = bulk("Ar", "fcc", a=5.26, cubic=True) * (reps, reps, reps)
+    a.rattle(0.05, seed=seed)
+    a.wrap()
+    return a
+
+
+def _cluster(shells: int, seed: int = 0):
+    a = Icosahedron("Ar", shells, latticeconstant=5.26)
+    a.rattle(0.05, seed=seed)
+    return a
+
+
+# ----------------------------------------------------------------------------- the rule
+def test_work_ratio_of_a_periodic_cell_is_the_formula():
+    """R = A^2 K / (n m), m = rho 4/3 pi (rc + skin)^3: one cubic cell, no image shift."""
+    cell = 30.0 * np.eye(3)
+    r = work_ratio([100], [cell], [[True] * 3], cutoff=5.0, skin=1.0)
+    m = 100 / 30.0**3 * 4 / 3 * math.pi * 6.0**3
+    assert r == pytest.approx(100 * 100 / (100 * m), rel=1e-12)
+    # a cell narrower than twice the cutoff: the dense path pays 27 image shifts, the list
+    # does not (its neighbours are the same atoms at the same density)
+    small = work_ratio([100], [cell], [[True] * 3], cutoff=20.0, skin=1.0)
+    m_small = min(100 / 30.0**3 * 4 / 3 * math.pi * 21.0**3, 100 * 27)
+    assert small == pytest.approx(100 * 100 * 27 / (100 * m_small), rel=1e-12)
+
+
+def test_a_cluster_within_reach_has_ratio_one():
+    """Every atom of a small cluster is every other's neighbour: the list saves nothing."""
+    r = work_ratio([13], [np.eye(3)], [[False] * 3], cutoff=8.5, volumes=[100.0])
+    assert r == pytest.approx(1.0, rel=1e-12)
+
+
+def test_padding_counts_against_the_dense_path():
+    """Systems padded to a larger capacity cost the dense path A^2, not n^2."""
+    cell = 40.0 * np.eye(3)
+    kw = dict(cells=[cell], pbc=[[True] * 3], cutoff=5.0, skin=1.0)
+    full = work_ratio([200], **kw)
+    padded = work_ratio([200], max_atoms_per_system=400, **kw)
+    assert padded == pytest.approx(4.0 * full, rel=1e-12)
+
+
+@pytest.mark.parametrize("structure", [_cluster(2), _cluster(3), _cluster(4)])
+def test_small_clusters_stay_dense(structure):
+    choice = path_choice(LJ, [structure] * 3)
+    assert choice.path == "dense" and choice.skin is None, choice
+    assert choice.ratio < CROSSOVER
+    assert choice.reason.startswith("dense pairs:") and f"< {CROSSOVER:g}" in choice.reason
+
+
+@pytest.mark.parametrize(
+    "structure",
+    [_crystal(2), _crystal(3), _crystal(6), _crystal(8), _cluster(6), _cluster(8)],
+    ids=["periodic32", "periodic108", "periodic864", "periodic2048", "cluster561", "cluster1415"],
+)
+def test_large_systems_and_small_periodic_cells_take_the_list(structure):
+    """Above the crossover; a 32- or 108-atom cell pays 27 image shifts on the dense path."""
+    choice = path_choice(LJ, [structure] * 2)
+    assert choice.path == "list" and choice.skin == 1.0, choice
+    assert choice.ratio >= CROSSOVER
+    assert choice.reason.startswith("neighbor list (skin 1 Å):")
+
+
+def test_the_ratio_grows_with_the_size_of_a_cluster():
+    ratios = [path_choice(LJ, [_cluster(k)]).ratio for k in (2, 3, 4, 5, 6, 8)]
+    assert all(b >= a for a, b in zip(ratios, ratios[1:], strict=False)), ratios
+
+
+def test_a_batch_and_its_structures_give_the_same_choice():
+    structures = [_crystal(3, seed=1), _cluster(4, seed=2)]
+    from_atoms = path_choice(LJ, structures)
+    from_batch = path_choice(LJ, fd.Batch.from_atoms(structures))
+    assert from_atoms.path == from_batch.path
+    assert from_batch.ratio == pytest.approx(from_atoms.ratio, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- one call
+def test_choose_neighbors_returns_the_model_on_the_chosen_path():
+    small, large = [_cluster(3)], [_crystal(6)]
+    assert choose_neighbors(LJ, small).skin is None
+    listed = choose_neighbors(LJ, large, skin=0.5)
+    assert listed.skin == 0.5 and listed == LJ.with_neighbors(0.5)
+    assert choose_neighbors(LJ, large, neighbors="dense").skin is None
+    assert choose_neighbors(LJ, small, neighbors="list").skin == 1.0
+    # a model that asks for a list keeps it under "auto", and is put back on dense pairs only
+    # when dense is asked for
+    asked = LJ.with_neighbors(0.7)
+    assert choose_neighbors(asked, small) == asked
+    assert choose_neighbors(asked, small, neighbors="dense").skin is None
+    assert fd.models.choose_neighbors is choose_neighbors
+
+
+def test_a_model_without_a_list_path_is_returned_unchanged():
+    model = fd.models.EnergyFunctionModel(lambda x, z, mask, cell, pbc: 0.0 * x.sum())
+    assert choose_neighbors(model, [_crystal(8)]) is model
+    choice = path_choice(model, [_crystal(8)])
+    assert choice.path == "dense" and "no neighbor-list path" in choice.reason
+    with pytest.raises(ValueError, match="neighbors='list'"):
+        path_choice(model, [_crystal(8)], neighbors="list")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"neighbors": "sparse"}, "neighbors must be one of"),
+        ({"neighbors": True}, "neighbors must be one of"),
+        ({"skin": -0.5}, "skin must be >= 0"),
+        ({"skin": float("nan")}, "skin must be a finite"),
+        ({"skin": True}, "skin must be a finite"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_them(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        path_choice(LJ, [_crystal(2)], **kwargs)
+
+
+def test_both_paths_give_the_same_energies_and_forces():
+    """The chosen list model against the dense reference, float64, on the same batch."""
+    structures = [_crystal(2, seed=3), _crystal(3, seed=4), _cluster(4, seed=5)]
+    batch = fd.Batch.from_atoms(structures)
+    listed = choose_neighbors(LJ, structures, neighbors="list")
+    dense = apply_choice(listed, path_choice(LJ, structures, neighbors="dense"))
+    ref = dense.with_images(batch)(batch)
+    out = listed(listed.attach_neighbors(batch))
+    np.testing.assert_allclose(np.asarray(out.energy), np.asarray(ref.energy), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(out.forces), np.asarray(ref.forces), rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the job file
+JOB = {
+    "dtype": "float64",
+    "structures": {"path": "in.extxyz"},
+    "model": {"type": "lennard_jones", "sigma": 3.405, "epsilon": 0.0104, "cutoff": 8.5},
+    "stages": [{"type": "nve", "dt": 2.0, "n_steps": 4}],
+    "capacity": {"max_atoms": 240, "max_systems": 3},
+    "outputs": [{"type": "zarr", "path": "out.zarr"}],
+}
+
+
+def _job(folder, **model):
+    structures = [_crystal(2, seed=6), _crystal(3, seed=7), _cluster(3, seed=8)]
+    ase.io.write(folder / "in.extxyz", structures)
+    data = {**JOB, "model": {**JOB["model"], **model}}
+    path = folder / "job.toml"
+    path.write_text(config_text(data, "toml"))
+    return path
+
+
+def test_a_job_on_the_list_and_on_dense_pairs_writes_the_same_systems(tmp_path):
+    """neighbors = "list" against "dense" (the reference): energies and forces to 1e-12 eV
+    (eV/Å) in float64, and the run says which path it took and why."""
+    out = {}
+    for path in ("dense", "list"):
+        folder = tmp_path / path
+        folder.mkdir()
+        job = _job(folder, neighbors=path)
+        res = CliRunner().invoke(app, ["run", str(job), "--no-progress"])
+        assert res.exit_code == 0, res.output
+        line = "pairs: dense pairs: asked for" if path == "dense" else "pairs: neighbor list"
+        assert res.output.count(line) == 2, res.output  # at the start and in the summary
+        out[path] = sorted(fd.read_zarr(folder / "out.zarr"), key=lambda a: a.info["system_id"])
+    assert len(out["dense"]) == len(out["list"]) == 3
+    for ref, got in zip(out["dense"], out["list"], strict=True):
+        assert got.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-12)
+        np.testing.assert_allclose(got.get_forces(), ref.get_forces(), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(got.positions, ref.positions, rtol=0, atol=1e-12)
+
+
+def test_auto_is_the_default_and_says_why(tmp_path):
+    from fused_dynamics.application import preflight
+
+    cfg, base = load_config(_job(tmp_path))
+    assert cfg.model.neighbors == "auto" and cfg.model.skin == 1.0
+    pre = preflight(cfg, base)
+    # a 32- and a 108-atom cell: the dense path would pay 27 image shifts
+    assert pre.path_line.startswith("pairs: neighbor list (skin 1 Å): dense/list pair work")
+    assert pre.model.skin == 1.0
