@@ -145,6 +145,13 @@ def test_save_config_comments_every_key_and_loads_back_unchanged(tmp_path):
     # the keys not given are there, commented out at their defaults
     assert "# refill_frequency = 20" in text and "# seed = 0" in text
     assert "# maxstep = 0.2" in text  # a FIRE key not set
+    # how pairs are found (docs/cli.md): allowed values, default, the skin's unit
+    flat = " ".join(line.strip("# ") for line in text.splitlines())  # comments unwrapped
+    assert "neighbors: how pairs are found: auto (" in flat
+    assert 'default: "auto"; allowed: "auto" | "dense" | "list" ' in flat
+    assert '# neighbors = "auto"' in text
+    assert "skin: Å: Verlet skin of the neighbor list" in flat
+    assert "default: 1.0; >= 0 " in flat and "# skin = 1.0" in text
 
 
 def _without_none(data):
@@ -237,6 +244,10 @@ BROKEN = [
     ("structures.id_key", "sid", ["structures.id_key", "sid"]),
     ("convergence_every", 0, ["convergence_every"]),
     ("convergence_every", True, ["convergence_every", "a boolean"]),
+    ("model.neighbors", "sparse", ["model.neighbors", "'auto'", "'dense'", "'list'"]),
+    ("model.neighbors", True, ["model.neighbors"]),
+    ("model.skin", -0.5, ["model.skin", "must be >= 0", "got -0.5"]),
+    ("model.skin", "1.0", ["model.skin", "without quotes"]),
 ]
 BROKEN[13] = (
     "stages.1",
