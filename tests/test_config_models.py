@@ -122,3 +122,22 @@ def test_a_trained_file_of_a_model_with_a_species_tuple_lists_its_elements(tmp_p
     assert "Cu" in line and "Ni" in line, line
     with pytest.raises(ConfigError, match="model.file"):
         check_structure_species(cfg, [_alloy(3, ("Cu", "Fe"))])
+
+
+def test_a_model_file_refuses_the_neighbor_list_naming_model_neighbors(tmp_path, potential):
+    """EAM and trained models find their pairs themselves: ``neighbors = "list"`` is refused
+    (exit 2, before anything is written), ``"auto"`` keeps them as they are and says so."""
+    from fused_dynamics.application import preflight
+
+    job = _job(tmp_path, f'type = "eam"\nfile = "{potential}"\nneighbors = "list"', [_alloy(0)])
+    res = CliRunner().invoke(app, ["run", job])
+    assert res.exit_code == 2, res.output
+    assert "model.neighbors" in res.output and "EAM" in res.output and "'auto'" in res.output
+    assert not (tmp_path / "out.extxyz").exists()
+    job = _job(tmp_path, f'type = "eam"\nfile = "{potential}"', [_alloy(0)])
+    cfg, base = load_config(job)
+    pre = preflight(cfg, base)
+    assert pre.path_line == (
+        "pairs: dense pairs: EAM has no with_neighbors(skin), so a run attaches no list"
+    )
+    assert isinstance(pre.model, EAM)

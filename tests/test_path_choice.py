@@ -130,7 +130,7 @@ def test_a_model_without_a_list_path_is_returned_unchanged():
     model = fd.models.EnergyFunctionModel(lambda x, z, mask, cell, pbc: 0.0 * x.sum())
     assert choose_neighbors(model, [_crystal(8)]) is model
     choice = path_choice(model, [_crystal(8)])
-    assert choice.path == "dense" and "no neighbor-list path" in choice.reason
+    assert choice.path == "dense" and "no with_neighbors(skin)" in choice.reason
     with pytest.raises(ValueError, match="neighbors='list'"):
         path_choice(model, [_crystal(8)], neighbors="list")
 

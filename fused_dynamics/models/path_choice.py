@@ -237,10 +237,11 @@ def path_choice(
     if not _has_list_path(model):
         if neighbors == "list":
             raise ValueError(
-                f"neighbors='list': {name} has no neighbor-list path a run can attach; use "
-                "'auto' or 'dense'"
+                f"neighbors='list': {name} has no with_neighbors(skin), so a run cannot attach "
+                "a list to it; use 'auto' or 'dense'"
             )
-        return PathChoice("dense", None, None, f"dense pairs: {name} has no neighbor-list path")
+        why = f"dense pairs: {name} has no with_neighbors(skin), so a run attaches no list"
+        return PathChoice("dense", None, None, why)
     if model.skin is not None and neighbors == "auto":
         return PathChoice("list", float(model.skin), None, "neighbor list: the model asks for it")
     if neighbors == "dense":
