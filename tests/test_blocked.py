@@ -1,8 +1,9 @@
 """The blocked dense pair kernel (fused_dynamics/models/blocked.py; docs/models.md, dense path):
 energy, forces and stress equal an independent sum over ASE's neighbor list to 1e-12 (float64) on
 clusters, slabs, small triclinic cells that need several images and large cells, with per-species
-parameters; a system's results are bitwise the same whatever its neighbours in the batch
-(docs/semantics.md, slot independence)."""
+parameters, in both layouts of the dense pairs (blocks and atom rows); a system's results are
+bitwise the same whatever its neighbours in a batch of the same capacities (docs/semantics.md,
+slot independence)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from ase.neighborlist import neighbor_list
 
 import fused_dynamics as fd
-from fused_dynamics.models.blocked import tile_pairs
+from fused_dynamics.models.blocked import dense_layout, image_shifts, tile_pairs
 
 jax.config.update("jax_enable_x64", True)
 
@@ -84,14 +85,18 @@ def structures():
     return _structures()
 
 
-@pytest.fixture(scope="module")
-def mixed(model, structures):
-    """Every structure in one batch (with an empty slot and padding atoms) and its results."""
+@pytest.fixture(scope="module", params=["rows", "blocks"])
+def mixed(request, model, structures):
+    """Every structure in one batch (with an empty slot and padding atoms) and its results, in
+    each layout of the dense pairs: few atom slots per system slot take one row per atom, an
+    atom capacity of S * A the blocks (models/blocked.py, ``dense_layout``)."""
     systems = list(structures.values())
-    batch = fd.Batch.from_atoms(
-        systems, max_atoms=sum(map(len, systems)) + 3, max_systems=len(systems) + 1
-    )
+    s, a = len(systems) + 1, max(map(len, systems))
+    n = sum(map(len, systems)) + 3 if request.param == "rows" else s * a
+    batch = fd.Batch.from_atoms(systems, max_atoms=n, max_systems=s)
     model = model.prepare(batch)
+    shifts = len(image_shifts(model.images, np.float64))
+    assert dense_layout(s, n, a, shifts) == request.param
     return batch, model, model(batch)
 
 
@@ -143,3 +148,14 @@ def test_tile_pairs_count_every_pair_once(n_atoms):
         counts[p, q] += w
         counts[q, p] += w
     np.testing.assert_array_equal(counts, np.ones_like(counts))  # i<j once, i=j tile halves
+
+
+def test_layout_follows_the_fill_of_the_slots():
+    """Full slots take the blocks (half the pairs of a square), slots that are mostly padding
+    the rows (N * A pairs): the choice is a static function of the capacities."""
+    # 16 slots of 256 atoms, full: 16 * 36 tile pairs * 32^2 < 4096 * 256 * 2.5
+    assert dense_layout(16, 4096, 256, 0) == "blocks"
+    # an inflight batch sized for 64-atom systems holding ~21 on average (tests/test_inflight.py)
+    assert dense_layout(12, 256, 64, 26) == "rows"
+    # one system alone
+    assert dense_layout(1, 64, 64, 26) == "blocks"

@@ -45,6 +45,9 @@ __all__ = [
     "tile_pairs",
     "tiled",
     "image_shifts",
+    "AtomRows",
+    "atom_rows",
+    "dense_layout",
 ]
 
 
@@ -191,3 +194,79 @@ def image_shifts(n_img: tuple[int, int, int], dtype) -> np.ndarray:
     """The non-zero image shifts ``-n..n`` along each lattice vector, shape (K - 1, 3)."""
     shifts = [s for s in itertools.product(*(range(-n, n + 1) for n in n_img)) if any(s)]
     return np.asarray(shifts, dtype=dtype).reshape(-1, 3)
+
+
+class AtomRows(NamedTuple):
+    """Every atom slot as a row against the block of its own system: the sparse layout.
+
+    Attributes
+    ----------
+    valid : Array, shape (N,) bool
+        A real atom of an occupied slot.
+    positions : Array, shape (N, 3)
+        Its position, Å (0 where not valid).
+    fractional : Array, shape (N, 3)
+        ``positions @ inv(cell)`` of its system (no derivative).
+    partners : SystemBlocks
+        The block of its system: ``index`` and ``valid`` (N, A), ``positions`` (N, A, 3).
+    partner_fractional : Array, shape (N, A, 3)
+    cell : Array, shape (N, 3, 3)
+        Its system's cell (per atom, not per pair).
+    pbc : Array, shape (N, 3) bool
+    system : Array, shape (N,) int32
+        Its slot, clipped into range.
+    """
+
+    valid: jax.Array
+    positions: jax.Array
+    fractional: jax.Array
+    partners: SystemBlocks
+    partner_fractional: jax.Array
+    cell: jax.Array
+    pbc: jax.Array
+    system: jax.Array
+
+    def displacements(self) -> jax.Array:
+        """Minimum-image ``r_partner - r_atom`` of every row, shape (N, A, 3)."""
+        return min_image(
+            self.positions[:, None],
+            self.partners.positions,
+            self.fractional[:, None],
+            self.partner_fractional,
+            self.cell[:, None],
+            self.pbc[:, None],
+        )
+
+
+def atom_rows(batch: Batch, blocks: SystemBlocks) -> AtomRows:
+    """:class:`AtomRows` of ``batch`` from its :func:`system_blocks` (gathers of N block rows)."""
+    sys = jnp.minimum(batch.system_idx, batch.max_systems - 1)
+    valid = batch.atom_mask & batch.system_mask[sys]
+    cell, pbc = batch.cell[sys], batch.pbc[sys]
+    positions = jnp.where(valid[:, None], batch.positions, 0.0)
+    frac = jax.lax.stop_gradient(matvec3(positions, jnp.linalg.inv(cell)))
+    partners = SystemBlocks(blocks.index[sys], blocks.valid[sys], blocks.positions[sys])
+    partner_frac = fractional(blocks.positions, batch.cell)[sys]
+    return AtomRows(valid, positions, frac, partners, partner_frac, cell, pbc, sys)
+
+
+# Relative cost of one pair in each layout, in units of a minimum-image pair of the blocks,
+# measured with bench of issue 13 (value and gradient of LJ; 2 cores, load 8-9, so rough):
+# a row pair costs ~2.5 (its partner block is gathered per atom), an image pair ~1 in both.
+_ROW_PAIR_COST = 2.5
+
+
+def dense_layout(max_systems: int, max_atoms: int, max_atoms_per_system: int, n_shifts: int) -> str:
+    """The layout of the dense pairs for these capacities: ``"blocks"`` or ``"rows"``.
+
+    ``"blocks"`` forms the tile pairs of every slot's block (:func:`tile_pairs`, about
+    ``S * A * A / 2`` pairs), ``"rows"`` every atom slot against its system's block
+    (:class:`AtomRows`, ``N * A`` pairs), each times ``1 + n_shifts`` with the image shifts.
+    A batch whose slots are mostly padding (N well below S * A, as in an inflight run sized for
+    its largest system) takes the rows, a full one the blocks. Static: chosen from the shapes
+    before compiling, so the same capacities always give the same layout (and the same bits).
+    """
+    tiles = tile_pairs(max_atoms_per_system)
+    blocks = max_systems * len(tiles.first) * tiles.size**2 * (1 + n_shifts)
+    rows = max_atoms * max_atoms_per_system * (_ROW_PAIR_COST + n_shifts)
+    return "rows" if rows < blocks else "blocks"

@@ -19,7 +19,8 @@ Two sources give the same edges (the dense one is the reference, see ``tests/tes
 * **dense** (no neighbor list on the batch): every atom paired with every atom of its own system
   block and their periodic images ``-images..images`` along each periodic lattice vector
   (``E = S * A * A * K`` slots for ``S`` system slots, ``A`` atoms per system, ``K`` image
-  shifts; the blocked geometry of :mod:`.blocked`),
+  shifts; the blocked geometry of :mod:`.blocked`; ``E = N * A * K`` for a batch of ``N`` atom
+  slots whose system slots are mostly padding, ``N < S * A``),
   after wrapping each displacement to the nearest image. Exact for any cell that the static image
   range covers (:func:`~fused_dynamics.models.pair_sums.required_images`); a cell that needs more
   images is marked in ``Graph.invalid`` and its system fails with ``CELL_TOO_SMALL``.
@@ -47,7 +48,7 @@ import numpy as np
 from ..batch import Batch
 from ..status import Failure
 from .base import Model
-from .blocked import matvec3, min_image_vectors, system_blocks
+from .blocked import atom_rows, matvec3, min_image_vectors, system_blocks
 from .neighbors import NeighborList
 from .pair_sums import cell_too_small, poison_systems, required_images_host
 
@@ -193,11 +194,12 @@ def _list_graph(batch: Batch, nl: NeighborList, cutoff: float) -> Graph:
 
 
 def _dense_graph(batch: Batch, cutoff: float, n_img: tuple[int, int, int]) -> Graph:
-    """The edges of every system's block times the image shifts, ``E = S * A * A * K``.
+    """The edges of every system's block times the image shifts (:mod:`.blocked` geometry).
 
-    The blocked geometry of :mod:`.blocked` (positions gathered once per system, pairs by
-    broadcasting, 3x3 products written out); edge ``(s, i, j, k)`` goes from the i-th to the
-    j-th atom of slot ``s`` along shift ``k`` of ``-images..images`` (itertools order).
+    Blocks (``E = S * A * A * K``): edge ``(s, i, j, k)`` goes from the i-th to the j-th atom
+    of slot ``s`` along shift ``k`` of ``-images..images`` (itertools order). A batch whose slots
+    are mostly padding (``N < S * A``) takes one row per atom slot instead (``E = N * A * K``):
+    edge ``(n, j, k)`` goes from atom ``n`` to the j-th atom of its system.
     """
     n, s = batch.max_atoms, batch.max_systems
     blocks = system_blocks(batch)
@@ -205,21 +207,33 @@ def _dense_graph(batch: Batch, cutoff: float, n_img: tuple[int, int, int]) -> Gr
     shifts = np.asarray(
         list(itertools.product(*(range(-m, m + 1) for m in n_img))), np.dtype(batch.dtype)
     )  # (K, 3), the zero shift included
-    k = len(shifts)
-    d = min_image_vectors(blocks.positions, batch.cell, batch.pbc)[:, :, :, None, :]
-    d = d + matvec3(jnp.asarray(shifts)[None], batch.cell[:, None])[:, None, None]
-    shift_ok = jnp.all((shifts[None] == 0) | batch.pbc[:, None], axis=-1)  # (S, K)
     zero = jnp.asarray(np.all(shifts == 0, axis=-1))  # (K,)
-    pairs = blocks.valid[:, :, None] & blocks.valid[:, None, :]
-    self_pair = jnp.eye(a, dtype=bool)[None, :, :, None] & zero
-    ok = pairs[..., None] & shift_ok[:, None, None] & ~self_pair
+    if n < s * a:  # rows (n, j): leading axis n, partner axis j
+        rows = atom_rows(batch, blocks)
+        d, cell, pbc = rows.displacements(), rows.cell, rows.pbc  # (N, A, 3), (N, 3, 3)
+        pairs = rows.valid[:, None] & rows.partners.valid
+        self_pair = rows.partners.index == jnp.arange(n, dtype=rows.partners.index.dtype)[:, None]
+        lead = rows.system
+        senders = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, a))
+        receivers = rows.partners.index
+    else:  # blocks (s, i, j): leading axes s, i, partner axis j
+        d = min_image_vectors(blocks.positions, batch.cell, batch.pbc)  # (S, A, A, 3)
+        cell, pbc = batch.cell[:, None], batch.pbc[:, None]  # broadcast over i
+        pairs = blocks.valid[:, :, None] & blocks.valid[:, None, :]
+        self_pair = jnp.eye(a, dtype=bool)[None]
+        lead = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (s, a))
+        senders = jnp.broadcast_to(blocks.index[:, :, None], (s, a, a))
+        receivers = jnp.broadcast_to(blocks.index[:, None, :], (s, a, a))
+    # the leading axes of the layout, then the partner j, then the shift k
+    d = d[..., None, :] + matvec3(jnp.asarray(shifts), cell[..., None, None, :, :])
+    shift_ok = jnp.all((shifts == 0) | pbc[..., None, None, :], axis=-1)  # (..., 1, K)
+    ok = pairs[..., None] & shift_ok & ~(self_pair[..., None] & zero)
     r2 = d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1] + d[..., 2] * d[..., 2]
     mask = (ok & (r2 < cutoff**2)).reshape(-1)
-    shape = (s, a, a, k)
-    senders = jnp.broadcast_to(blocks.index[:, :, None, None], shape).reshape(-1)
-    receivers = jnp.broadcast_to(blocks.index[:, None, :, None], shape).reshape(-1)
-    slots = jnp.arange(s, dtype=jnp.int32)
-    sys = jnp.broadcast_to(slots[:, None, None, None], shape).reshape(-1)
+    shape = ok.shape
+    senders = jnp.broadcast_to(senders[..., None], shape).reshape(-1)
+    receivers = jnp.broadcast_to(receivers[..., None], shape).reshape(-1)
+    sys = jnp.broadcast_to(lead[..., None, None], shape).reshape(-1)
     return Graph(
         senders=jnp.where(mask, senders, n).astype(jnp.int32),
         receivers=jnp.where(mask, receivers, n).astype(jnp.int32),

@@ -27,6 +27,8 @@ import numpy as np
 from .. import segment
 from ..batch import Batch
 from .blocked import (
+    atom_rows,
+    dense_layout,
     fractional,
     image_shifts,
     matvec3,
@@ -101,8 +103,12 @@ def poison_systems(batch: Batch, energy: jax.Array, bad: jax.Array) -> jax.Array
 
 
 def _pair_sum(model, d, ok, si, sj, axes) -> jax.Array:
-    """Σ φ(|d|) over the pairs ``ok`` within the cutoff, summed over ``axes``."""
-    r2 = d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1] + d[..., 2] * d[..., 2]
+    """Σ φ(|d|) over the pairs ``ok`` within the cutoff, summed over ``axes``.
+
+    ``d``: the displacements (..., 3), or their three Cartesian components, each (...,).
+    """
+    x, y, z = d if isinstance(d, tuple) else (d[..., 0], d[..., 1], d[..., 2])
+    r2 = x * x + y * y + z * z
     ok = ok & (r2 < model.cutoff**2)
     # Masked pairs are evaluated at r = cutoff / 2, where every φ here is finite with finite
     # derivatives (r = 1 is not: (1 - r/σ)^α is NaN for σ < 1 and non-integer α, and a NaN
@@ -110,6 +116,22 @@ def _pair_sum(model, d, ok, si, sj, axes) -> jax.Array:
     r = jnp.sqrt(jnp.where(ok, r2, 0.25 * model.cutoff**2))
     phi = model.pair_energy(r) if si is None else model.pair_energy(r, si, sj)
     return jnp.sum(jnp.where(ok, phi, 0.0), axis=axes)
+
+
+def _shifted_sum(model, d, ok, si, sj, cell, pbc, shifts, axes) -> jax.Array:
+    """Σ φ over the pair displacements ``d`` (..., 3) and, if ``shifts`` (K', 3) is given, over
+    their images ``d + shift @ cell`` instead. ``cell`` (..., 3, 3) and ``pbc`` (..., 3) broadcast
+    against ``d``'s leading axes; the sum runs over ``axes`` (and the shift axis)."""
+    if shifts is None:
+        return _pair_sum(model, d, ok, si, sj, axes)
+    image = matvec3(shifts, cell[..., None, :, :])  # (..., K', 3)
+    shift_ok = jnp.all((shifts == 0) | pbc[..., None, :], axis=-1)  # (..., K')
+    # component by component: no pair-sized array with a trailing axis of 3
+    d = tuple(d[..., k, None] + image[..., k] for k in range(3))
+    ok = ok[..., None] & shift_ok
+    if si is not None:
+        si, sj = si[..., None], sj[..., None]
+    return _pair_sum(model, d, ok, si, sj, (*axes, -1))
 
 
 def _tiled_energy(model, tiles, positions, valid, species, cell, pbc, shifts=None) -> jax.Array:
@@ -130,37 +152,58 @@ def _tiled_energy(model, tiles, positions, valid, species, cell, pbc, shifts=Non
         si, sj = si[..., :, None], sj[..., None, :]
     if shifts is None:
         same = np.eye(tiles.size, dtype=bool)[None] & (tiles.first == tiles.second)[:, None, None]
-        per_tile = _pair_sum(model, d, ok & ~same, si, sj, (2, 3))
-    else:
-        image = matvec3(shifts[None], cell[:, None])  # (C, K', 3)
-        d = d[..., None, :] + image[:, None, None, None]  # (C, M, t, t, K', 3)
-        shift_ok = jnp.all((shifts[None] == 0) | pbc[:, None], axis=-1)  # (C, K')
-        ok = ok[..., None] & shift_ok[:, None, None, None]
-        if si is not None:
-            si, sj = si[..., None], sj[..., None]
-        per_tile = _pair_sum(model, d, ok, si, sj, (2, 3, 4))
+        ok = ok & ~same
+    per_tile = _shifted_sum(model, d, ok, si, sj, c, p, shifts, (2, 3))
     return jnp.sum(per_tile * jnp.asarray(tiles.weight, per_tile.dtype), axis=-1)
+
+
+def _row_energy(model, rows, species, shifts=None) -> jax.Array:
+    """``1/2 Σ_j φ`` of every atom (N,) against the block of its own system (:class:`AtomRows`).
+
+    ``shifts`` as in :func:`_tiled_energy`.
+    """
+    ok = rows.valid[:, None] & rows.partners.valid  # (N, A)
+    if shifts is None:
+        atoms = jnp.arange(ok.shape[0], dtype=rows.partners.index.dtype)
+        ok = ok & (rows.partners.index != atoms[:, None])
+    si = sj = None
+    if species is not None:
+        si, sj = species[:, None], species[rows.partners.index]
+    c, p = rows.cell[:, None], rows.pbc[:, None]
+    return 0.5 * _shifted_sum(model, rows.displacements(), ok, si, sj, c, p, shifts, (1,))
 
 
 def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.Array:
     """All pairs of each system's atom block and their periodic images (see the module doc).
 
-    The blocked kernel of :mod:`.blocked` over every slot at once: the minimum-image pairs of
-    the half-square tile pairs, plus the image shifts ``-images..images`` (zero for the slots
-    whose cell needs none). The version that evaluates one slot at a time (``lax.map``, a
-    ``lax.switch`` on the tiles a slot fills and a ``lax.cond`` on its images) is about twice
-    as fast but its transpose fails inside Equinox's checkpointed while loop of differentiable
-    runs (jax 0.10); see the report of issue 13.
+    The minimum-image pairs plus the image shifts ``-images..images`` (zero for the slots whose
+    cell needs none), in the layout :func:`dense_layout` picks for the capacities: the blocked
+    kernel of :mod:`.blocked` (half-square tile pairs of every slot) or one row per atom slot.
+    The version that evaluates one slot at a time (``lax.map``, a ``lax.switch`` on the tiles a
+    slot fills and a ``lax.cond`` on its images) is about twice as fast but its transpose fails
+    inside Equinox's checkpointed while loop of differentiable runs (jax 0.10); see the report
+    of issue 13.
     """
     n_img = (1, 1, 1) if model.images is None else tuple(model.images)
     blocks = system_blocks(batch)
-    sp = None if species is None else species[blocks.index]  # (S, A); invalid: masked
-    tiles = tile_pairs(batch.max_atoms_per_system)
-    args = (blocks.positions, blocks.valid, sp, batch.cell, batch.pbc)
-    energy = _tiled_energy(model, tiles, *args)
     shifts = image_shifts(n_img, np.dtype(batch.dtype))  # (K - 1, 3), host-side
-    if len(shifts):  # + 0.0 for a slot with no image pair: the same bits
-        energy = energy + _tiled_energy(model, tiles, *args, jnp.asarray(shifts))
+    layout = dense_layout(
+        batch.max_systems, batch.max_atoms, batch.max_atoms_per_system, len(shifts)
+    )
+    if layout == "rows":
+        rows = atom_rows(batch, blocks)
+        atom_energy = _row_energy(model, rows, species)
+        if len(shifts):
+            atom_energy = atom_energy + _row_energy(model, rows, species, jnp.asarray(shifts))
+        # each system's sum over its own block, in the same order whatever its neighbours
+        energy = jnp.sum(jnp.where(blocks.valid, atom_energy[blocks.index], 0.0), axis=1)
+    else:
+        sp = None if species is None else species[blocks.index]  # (S, A); invalid: masked
+        tiles = tile_pairs(batch.max_atoms_per_system)
+        args = (blocks.positions, blocks.valid, sp, batch.cell, batch.pbc)
+        energy = _tiled_energy(model, tiles, *args)
+        if len(shifts):  # + 0.0 for a slot with no image pair: the same bits
+            energy = energy + _tiled_energy(model, tiles, *args, jnp.asarray(shifts))
     # A cell too small for the static image range would miss pairs: that system's energy,
     # forces and stress are NaN, and a run reports it FAILED with Failure.CELL_TOO_SMALL.
     # Other systems are untouched: it is not a run-wide error.
