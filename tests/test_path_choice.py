@@ -25,6 +25,7 @@ from fused_dynamics.config import load_config
 from fused_dynamics.config.writing import config_text
 from fused_dynamics.models.path_choice import (
     CROSSOVER,
+    LIST_OVERHEAD,
     apply_choice,
     choose_neighbors,
     path_choice,
@@ -51,20 +52,28 @@ def _cluster(shells: int, seed: int = 0):
 def test_work_ratio_of_a_periodic_cell_is_the_formula():
     """R = A^2 K / (n m), m = rho 4/3 pi (rc + skin)^3: one cubic cell, no image shift."""
     cell = 30.0 * np.eye(3)
-    r = work_ratio([100], [cell], [[True] * 3], cutoff=5.0, skin=1.0)
+    r = work_ratio([100], [cell], [[True] * 3], cutoff=5.0, skin=1.0, overhead=0.0)
     m = 100 / 30.0**3 * 4 / 3 * math.pi * 6.0**3
     assert r == pytest.approx(100 * 100 / (100 * m), rel=1e-12)
+    # the list's own cost per atom, m0 pairs, counts against it
+    with_overhead = work_ratio([100], [cell], [[True] * 3], cutoff=5.0, skin=1.0, overhead=3.0)
+    assert with_overhead == pytest.approx(100 * 100 / (100 * (m + 3.0)), rel=1e-12)
+    assert work_ratio([100], [cell], [[True] * 3], cutoff=5.0) == pytest.approx(
+        100 * 100 / (100 * (m + LIST_OVERHEAD)), rel=1e-12
+    )
     # a cell narrower than twice the cutoff: the dense path pays 27 image shifts, the list
     # does not (its neighbours are the same atoms at the same density)
-    small = work_ratio([100], [cell], [[True] * 3], cutoff=20.0, skin=1.0)
+    small = work_ratio([100], [cell], [[True] * 3], cutoff=20.0, skin=1.0, overhead=0.0)
     m_small = min(100 / 30.0**3 * 4 / 3 * math.pi * 21.0**3, 100 * 27)
     assert small == pytest.approx(100 * 100 * 27 / (100 * m_small), rel=1e-12)
 
 
-def test_a_cluster_within_reach_has_ratio_one():
-    """Every atom of a small cluster is every other's neighbour: the list saves nothing."""
-    r = work_ratio([13], [np.eye(3)], [[False] * 3], cutoff=8.5, volumes=[100.0])
-    assert r == pytest.approx(1.0, rel=1e-12)
+def test_a_cluster_within_reach_has_ratio_one_less_the_lists_own_cost():
+    """Every atom of a small cluster is every other's neighbour: the list saves no pair and
+    pays its own cost per atom, so R < 1 and the dense path is kept."""
+    kw = dict(cells=[np.eye(3)], pbc=[[False] * 3], cutoff=8.5, volumes=[100.0])
+    assert work_ratio([13], overhead=0.0, **kw) == pytest.approx(1.0, rel=1e-12)
+    assert work_ratio([13], **kw) == pytest.approx(13 / (13 + LIST_OVERHEAD), rel=1e-12)
 
 
 def test_padding_counts_against_the_dense_path():
@@ -72,11 +81,11 @@ def test_padding_counts_against_the_dense_path():
     cell = 40.0 * np.eye(3)
     kw = dict(cells=[cell], pbc=[[True] * 3], cutoff=5.0, skin=1.0)
     full = work_ratio([200], **kw)
-    padded = work_ratio([200], max_atoms_per_system=400, **kw)
+    padded = work_ratio([200], max_atoms_per_system=400, **kw)  # same list work, 4x dense
     assert padded == pytest.approx(4.0 * full, rel=1e-12)
 
 
-@pytest.mark.parametrize("structure", [_cluster(2), _cluster(3), _cluster(4)])
+@pytest.mark.parametrize("structure", [_cluster(2), _cluster(3)], ids=["cluster13", "cluster55"])
 def test_small_clusters_stay_dense(structure):
     choice = path_choice(LJ, [structure] * 3)
     assert choice.path == "dense" and choice.skin is None, choice

@@ -11,11 +11,13 @@ neighbors:
   the batch (:func:`~fused_dynamics.models.pair_sums.required_images_host`: 1 for clusters and
   cells wider than twice the cutoff, 27 for a cell narrower than that);
 * list, per atom: ``m = min(rho * 4/3 pi (cutoff + skin)^3, n * K_i)`` expected neighbors of
-  a system of ``n`` atoms at number density ``rho`` (its own ``K_i`` shifts).
+  a system of ``n`` atoms at number density ``rho`` (its own ``K_i`` shifts), plus ``m0``, the
+  list's own cost per atom (the displacement check, the gathers and sums over pairs) counted
+  in pairs of the dense path.
 
-The *work ratio* ``R = A^2 K / mean(n m)`` (dense pair work over list pair work, averaged over
-the systems, which the dense path pads to ``A``) is compared with a crossover measured on this
-project's fused NVE step: the list is chosen when ``R >= crossover``. :func:`path_choice`
+The *work ratio* ``R = A^2 K / mean(n (m + m0))`` (dense pair work over list work, averaged
+over the systems, which the dense path pads to ``A``) is compared with a crossover measured on
+this project's fused NVE step: the list is chosen when ``R >= crossover``. :func:`path_choice`
 returns the decision and a one-line reason; :func:`choose_neighbors` returns the model on that
 path. See docs/models.md, "Dense pairs or a neighbor list".
 """
@@ -35,6 +37,7 @@ from .pair_sums import required_images_host
 __all__ = [
     "CROSSOVER",
     "DEFAULT_SKIN",
+    "LIST_OVERHEAD",
     "NEIGHBOR_CHOICES",
     "PathChoice",
     "apply_choice",
@@ -46,9 +49,10 @@ __all__ = [
 NEIGHBOR_CHOICES = ("auto", "dense", "list")
 DEFAULT_SKIN = 1.0  # Å; benchmarks/results/neighbors.json: 0.5 and 1.0 within 10 % at 40 K
 
-# Work ratio R above which the neighbor list is faster (module docstring). Measured: see
-# the Notes of path_choice.
-CROSSOVER = 2.0
+# The list's own cost per atom in dense-path pairs, and the work ratio R from which the list
+# is chosen (module docstring); measured, see the Notes of path_choice and docs/models.md.
+LIST_OVERHEAD = 4.5
+CROSSOVER = 1.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +124,7 @@ def work_ratio(
     *,
     volumes=None,
     max_atoms_per_system: int | None = None,
+    overhead: float = LIST_OVERHEAD,
 ) -> float:
     """``R``, the dense path's pair work over the neighbor list's (module docstring).
 
@@ -137,11 +142,13 @@ def work_ratio(
         volumes (right for periodic systems only; give the clusters' own).
     max_atoms_per_system : int, optional
         The atom capacity of a system slot, ``A``. Default: the largest system.
+    overhead : float, default :data:`LIST_OVERHEAD`
+        ``m0``, the list's cost per atom beyond its pairs, in pairs of the dense path.
 
     Returns
     -------
     float
-        ``A^2 K / mean(n_i m_i)``; ``inf`` when no system has a neighbor within reach.
+        ``A^2 K / mean(n_i (m_i + m0))``; ``inf`` when the list has no work at all.
 
     Raises
     ------
@@ -169,7 +176,7 @@ def work_ratio(
         ]
     )
     neighbors = np.minimum(sizes / volumes * reach, sizes * k_each)
-    list_work = float(np.mean(sizes * neighbors))
+    list_work = float(np.mean(sizes * (neighbors + float(overhead))))
     if list_work <= 0.0:
         return math.inf
     return cap * cap * k_batch / list_work
