@@ -218,5 +218,19 @@ def test_auto_is_the_default_and_says_why(tmp_path):
     assert cfg.model.neighbors == "auto" and cfg.model.skin == 1.0
     pre = preflight(cfg, base)
     # a 32- and a 108-atom cell: the dense path would pay 27 image shifts
-    assert pre.path_line.startswith("pairs: neighbor list (skin 1 Å): dense/list pair work")
+    assert pre.path_line.startswith("pairs: neighbor list (skin 1 Å): dense/list work")
     assert pre.model.skin == 1.0
+
+
+def test_the_list_of_a_job_is_sized_for_the_densest_batch_of_its_structures():
+    """``list_capacity`` bounds the pairs of any batch the sampler can fill, so a refill with
+    larger systems than the first batch's does not overflow the list."""
+    from fused_dynamics.application import list_capacity
+
+    structures = [_cluster(2), _cluster(3), _crystal(2), _crystal(3, seed=9)]
+    capacity = list_capacity(structures, 8.5 + 1.0, max_atoms=240, max_systems=2)
+    densest = fd.Batch.from_atoms(structures[2:])  # 32 + 108 atoms of crystal
+    need = int(LJ.neighbor_list(densest).n_pairs)
+    assert need <= capacity <= 1.15 * need + 16 + 1  # the two densest fill the bound exactly
+    small = fd.Batch.from_atoms(structures[:2])
+    assert int(LJ.neighbor_list(small).n_pairs) < need

@@ -51,7 +51,7 @@ DEFAULT_SKIN = 1.0  # Å; benchmarks/results/neighbors.json: 0.5 and 1.0 within 
 
 # The list's own cost per atom in dense-path pairs, and the work ratio R from which the list
 # is chosen (module docstring); measured, see the Notes of path_choice and docs/models.md.
-LIST_OVERHEAD = 4.5
+LIST_OVERHEAD = 11.5
 CROSSOVER = 1.5
 
 
@@ -228,9 +228,18 @@ def path_choice(
 
     Notes
     -----
-    The crossover was measured with the fused NVE step of Lennard-Jones argon (cutoff 8.5 Å,
-    skin 1 Å, float64), full batches, dense and list runs interleaved (see docs/models.md for
-    the table and the load): CROSSOVER_TABLE
+    Measured on 30 Nov 2026 (2-core CPU shared with other jobs, load average 7-9): the fused
+    NVE step of Lennard-Jones argon (cutoff 8.5 Å and 5 Å, skin 1 Å, float64), full batches of
+    about 2,048 atoms (icosahedral clusters of 13-1415 atoms, fcc crystals of 32-2048), dense
+    and list runs interleaved, medians of 3-5 rounds of 20-40 steps. ``dense / list`` per step
+    went from 0.76 (13-atom clusters, R = 0.53) through 1.2-1.4 (55, R = 0.83), 1.9 (147,
+    R = 1.39), 4.2 (309, R = 3.0) to 18-24 (2048-atom crystals, R = 18.6; 108-atom cells with
+    27 image shifts, R = 26). A least-squares fit of ``dense / list = a R`` over the 16 rows
+    gives ``a = 1.07`` and ``m0 = 11.5`` (:data:`LIST_OVERHEAD`), 42 % root-mean-square error:
+    break-even near ``R = 0.93``. :data:`CROSSOVER` = 1.5 takes the list only where it is
+    expected to be at least about 1.6x faster per step, since its allocation and compilation
+    took 35-80 s against 10-35 s for the dense path in the same runs. The table is in
+    docs/models.md.
     """
     if neighbors not in NEIGHBOR_CHOICES:
         raise ValueError(
@@ -270,7 +279,7 @@ def path_choice(
     )
     k = _shifts(required_images_host(cells, pbc, float(model.cutoff)))
     why = (
-        f"dense/list pair work {ratio:.1f} (up to {cap} atoms per system, {k} image "
+        f"dense/list work {ratio:.1f} (up to {cap} atoms per system, {k} image "
         f"shift{'s' if k > 1 else ''}, cutoff {float(model.cutoff):g} Å)"
     )
     if ratio >= crossover:
