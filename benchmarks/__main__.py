@@ -253,12 +253,40 @@ def run_script(script: Script, quick: bool, log_dir: Path) -> dict:
     return rec
 
 
+def carry_records(records: dict, previous: Path) -> dict:
+    """The records of this run, plus those of scripts not run now from the previous summary.
+
+    With ``--only``, the summary still describes every result file it reads: a script not run
+    now keeps its last record, marked ``from_earlier_run`` (that run's end and commit).
+    """
+    if not previous.exists():
+        return records
+    prev = json.loads(previous.read_text())
+    out = {}
+    for s in SCRIPTS:
+        if s.name in records:
+            out[s.name] = records[s.name]
+        elif s.name in prev.get("scripts", {}):
+            old = prev["scripts"][s.name]
+            out[s.name] = {
+                **old,
+                "from_earlier_run": old.get("from_earlier_run")
+                or {
+                    "finished_utc": prev.get("finished_utc"),
+                    "commit": prev.get("git", {}).get("commit"),
+                },
+            }
+    return out
+
+
 def summarize(args, selected, records, peers, load0, started, t0, git) -> dict:
     workloads = summary_mod.build(args.quick, RESULTS)
     for w in workloads.values():
         scripts = [s for s in SCRIPTS if s.file in w.get("script", "")]
         w["measured_in_this_run"] = bool(scripts) and all(
-            records.get(s.name, {}).get("status") == "ok" for s in scripts
+            records.get(s.name, {}).get("status") == "ok"
+            and "from_earlier_run" not in records[s.name]
+            for s in scripts
         )
     return {
         "command": "python -m benchmarks " + " ".join(args.argv),
@@ -270,7 +298,13 @@ def summarize(args, selected, records, peers, load0, started, t0, git) -> dict:
         "load_average": {"start": list(load0), "end": list(os.getloadavg())},
         "cpus": os.cpu_count(),
         "scripts": records,
-        "scripts_not_run": [s.name for s in SCRIPTS if s not in selected],
+        "scripts_not_run_now": [s.name for s in SCRIPTS if s not in selected],
+        # result files this summary reads that the run (or the carried run) did not rewrite
+        "stale_results": sorted(
+            Path(r["result"]).name
+            for r in records.values()
+            if r["status"] != "ok" and (HERE / r["result"]).exists()
+        ),
         "peers": peers,
         "workloads": workloads,
         "coverage": {
@@ -315,8 +349,9 @@ def main(argv=None) -> int:
         print(f"peer {key}: {info['status']} {info.get('version') or info.get('reason', '')}")
     records = {s.name: run_script(s, args.quick, log_dir) for s in selected}
 
-    summary = summarize(args, selected, records, peers, load0, started, t0, git)
     stem = "summary_quick" if args.quick else "summary"
+    records = carry_records(records, RESULTS / f"{stem}.json")
+    summary = summarize(args, selected, records, peers, load0, started, t0, git)
     (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     summary_mod.chart(summary, RESULTS / f"{stem}.png")
     print(f"wrote results/{stem}.json and results/{stem}.png")

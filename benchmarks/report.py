@@ -259,13 +259,18 @@ def summary_section(data: dict) -> list[str]:
         "| atom-steps/s, ours / peer (median) | compile s (ours / peer) | file |",
         "|---|---|---|---|---|---|---|",
     ]
+    stale = set(data.get("stale_results", []))
     for key, w in data.get("workloads", {}).items():
+        files = ", ".join(
+            f"{f} (stale: its script did not finish)" if f in stale else f
+            for f in (w.get("file") or "–").split(", ")
+        )
         for r in w.get("ratios", []):
             ours, peer = r.get("ours_atom_steps_per_s"), r.get("peer_atom_steps_per_s")
             steps = f"{fmt(ours['median'])} / {fmt(peer['median'])}" if ours and peer else "–"
             out.append(
                 f"| {key} | {r['label']} | {_ratio_cell(r)} | {_target_cell(r)} | {steps} "
-                f"| {_compile_cell(r)} | {w.get('file', '–')} |"
+                f"| {_compile_cell(r)} | {files} |"
             )
     w5 = data.get("workloads", {}).get("W5", {})
     if w5.get("slopes"):
@@ -312,6 +317,11 @@ def summary_section(data: dict) -> list[str]:
     failed = [f"{k} ({v['status']}, exit {v['rc']})" for k, v in scripts.items() if v["rc"]]
     rows = [
         f"{k} {fmt(v['wall_s'], 3)} s, peak {fmt(v.get('peak_rss_mb'), 3)} MB"
+        + (
+            f" (an earlier run, commit `{(v['from_earlier_run'].get('commit') or '?')[:10]}`)"
+            if v.get("from_earlier_run")
+            else ""
+        )
         for k, v in scripts.items()
     ]
     if rows:
