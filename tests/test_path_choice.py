@@ -25,10 +25,14 @@ from fused_dynamics.config import load_config
 from fused_dynamics.config.writing import config_text
 from fused_dynamics.models.path_choice import (
     CROSSOVER,
+    FIT_SLOPE,
     LIST_OVERHEAD,
+    LIST_SETUP_SECONDS,
+    PAIR_SECONDS,
     apply_choice,
     choose_neighbors,
     path_choice,
+    saved_seconds,
     work_ratio,
 )
 
@@ -212,14 +216,40 @@ def test_a_job_on_the_list_and_on_dense_pairs_writes_the_same_systems(tmp_path):
 
 
 def test_auto_is_the_default_and_says_why(tmp_path):
+    """A 32- and a 108-atom cell: the dense path would pay 27 image shifts, so a long run takes
+    the list; a run of 4 steps keeps dense pairs (the list would not repay its longer start)."""
     from fused_dynamics.application import preflight
 
-    cfg, base = load_config(_job(tmp_path))
+    short = tmp_path / "short"
+    short.mkdir()
+    cfg, base = load_config(_job(short))
     assert cfg.model.neighbors == "auto" and cfg.model.skin == 1.0
     pre = preflight(cfg, base)
-    # a 32- and a 108-atom cell: the dense path would pay 27 image shifts
+    assert pre.path_line.startswith("pairs: dense pairs: dense/list work"), pre.path_line
+    assert "in at most 4 steps the list would save about" in pre.path_line
+    assert pre.model.skin is None
+    long = tmp_path / "long"
+    long.mkdir()
+    data = _job(long)
+    data.write_text(data.read_text().replace("n_steps = 4", "n_steps = 200000"))
+    cfg, base = load_config(data)
+    pre = preflight(cfg, base)
     assert pre.path_line.startswith("pairs: neighbor list (skin 1 Å): dense/list work")
     assert pre.model.skin == 1.0
+
+
+def test_a_run_too_short_to_repay_the_list_stays_dense():
+    """``steps``: the list is taken only when the time it saves over the run exceeds its
+    longer start (LIST_SETUP_SECONDS), with the saving of saved_seconds."""
+    structures = [_crystal(3)] * 4
+    ratio = path_choice(LJ, structures).ratio
+    saved = saved_seconds(ratio, 1000, 4, 108, 27)
+    expected = 1000 * PAIR_SECONDS * 4 * 108 * 108 * 27 * (1 - 1 / (FIT_SLOPE * ratio))
+    assert saved == pytest.approx(expected, rel=1e-12)
+    needed = int(np.ceil(1000 * LIST_SETUP_SECONDS / saved))
+    assert path_choice(LJ, structures, steps=needed - 1).path == "dense"
+    assert path_choice(LJ, structures, steps=needed + 1).path == "list"
+    assert saved_seconds(0.5, 1000, 4, 108, 27) == 0.0  # the list would be slower
 
 
 def test_the_list_of_a_job_is_sized_for_the_densest_batch_of_its_structures():

@@ -30,6 +30,7 @@ __all__ = [
     "choose_model_path",
     "file_model_elements",
     "npt_classes",
+    "run_steps_bound",
 ]
 
 
@@ -92,15 +93,27 @@ def build_model(cfg: RunConfig):
         raise ConfigError(f"model: {exc}") from None
 
 
+def run_steps_bound(cfg: RunConfig, n_structures: int) -> int | None:
+    """The most fused steps a run can take: every stage's budget (``n_steps``) times the
+    batches its structures fill (``ceil(n / capacity.max_systems)``); None when a stage has
+    no budget. An upper bound: systems that converge leave early and free their slots."""
+    budgets = [sc.n_steps for sc in cfg.stages]
+    if any(b is None for b in budgets):
+        return None
+    batches = -(-max(int(n_structures), 1) // cfg.capacity.max_systems)
+    return batches * sum(budgets)
+
+
 def choose_model_path(
     cfg: RunConfig, model, structures, max_atoms_per_system: int | None = None
 ) -> tuple[Any, PathChoice]:
     """The model on the path ``model.neighbors`` asks for, and the choice with its reason.
 
     ``"auto"`` applies :func:`~fused_dynamics.models.path_choice.path_choice` to the run's
-    structures and the batch's atom capacity per system (docs/models.md, "Dense pairs or a
-    neighbor list"); ``"dense"`` and ``"list"`` force a path, ``model.skin`` (Å) is the list's
-    skin. Host-side, before anything compiles.
+    structures, the batch's atom capacity per system and slots, and the most steps the run can
+    take (:func:`run_steps_bound`) (docs/models.md, "Dense pairs or a neighbor list");
+    ``"dense"`` and ``"list"`` force a path, ``model.skin`` (Å) is the list's skin. Host-side,
+    before anything compiles.
 
     Raises
     ------
@@ -116,6 +129,8 @@ def choose_model_path(
             neighbors=m.neighbors,
             skin=float(m.skin),
             max_atoms_per_system=max_atoms_per_system,
+            steps=run_steps_bound(cfg, len(structures)),
+            max_systems=min(cfg.capacity.max_systems, len(structures)),
         )
     except ValueError as exc:
         raise ConfigError(

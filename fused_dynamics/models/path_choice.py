@@ -38,11 +38,15 @@ __all__ = [
     "CROSSOVER",
     "DEFAULT_SKIN",
     "LIST_OVERHEAD",
+    "FIT_SLOPE",
+    "LIST_SETUP_SECONDS",
     "NEIGHBOR_CHOICES",
+    "PAIR_SECONDS",
     "PathChoice",
     "apply_choice",
     "choose_neighbors",
     "path_choice",
+    "saved_seconds",
     "work_ratio",
 ]
 
@@ -53,6 +57,13 @@ DEFAULT_SKIN = 1.0  # Å; benchmarks/results/neighbors.json: 0.5 and 1.0 within 
 # is chosen (module docstring); measured, see the Notes of path_choice and docs/models.md.
 LIST_OVERHEAD = 11.5
 CROSSOVER = 1.5
+# For a run of known length (``steps``): the list's per-step speed-up fitted as FIT_SLOPE * R,
+# the dense path's seconds per pair evaluation (43-57 ns measured, CPU, float64) and the list's
+# extra seconds before the first step (allocation and compilation beyond the dense path's:
+# 24-58 s, median 43 s, in the same runs). Notes of path_choice.
+FIT_SLOPE = 1.07
+PAIR_SECONDS = 5e-8
+LIST_SETUP_SECONDS = 40.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +209,8 @@ def path_choice(
     skin: float = DEFAULT_SKIN,
     max_atoms_per_system: int | None = None,
     crossover: float = CROSSOVER,
+    steps: int | None = None,
+    max_systems: int | None = None,
 ) -> PathChoice:
     """Which path a run of ``model`` on ``systems`` should take, and why.
 
@@ -215,6 +228,13 @@ def path_choice(
     max_atoms_per_system : int, optional
         The batch's atom capacity per system slot (default: the largest system).
     crossover : float, default :data:`CROSSOVER`
+    steps : int, optional
+        The most fused steps the run can take (the command line: the stages' budgets times
+        the batches its structures fill). When given, ``"auto"`` keeps the dense path if the
+        time the list would save over the run, ``steps * PAIR_SECONDS * S A^2 K * (1 - 1 /
+        (FIT_SLOPE R))``, is below :data:`LIST_SETUP_SECONDS`, the list's longer start.
+    max_systems : int, optional
+        System slots ``S`` of the batch (default: the number of systems), for ``steps``.
 
     Returns
     -------
@@ -282,11 +302,31 @@ def path_choice(
         f"dense/list work {ratio:.1f} (up to {cap} atoms per system, {k} image "
         f"shift{'s' if k > 1 else ''}, cutoff {float(model.cutoff):g} Å)"
     )
-    if ratio >= crossover:
-        return PathChoice(
-            "list", float(skin), ratio, f"neighbor list (skin {skin:g} Å): {why} >= {crossover:g}"
-        )
-    return PathChoice("dense", None, ratio, f"dense pairs: {why} < {crossover:g}")
+    if ratio < crossover:
+        return PathChoice("dense", None, ratio, f"dense pairs: {why} < {crossover:g}")
+    if steps is not None:
+        slots = len(sizes) if max_systems is None else int(max_systems)
+        saved = saved_seconds(ratio, int(steps), slots, cap, k)
+        if saved < LIST_SETUP_SECONDS:
+            return PathChoice(
+                "dense",
+                None,
+                ratio,
+                f"dense pairs: {why} >= {crossover:g}, but in at most {int(steps)} steps the "
+                f"list would save about {saved:.0f} s, less than the {LIST_SETUP_SECONDS:.0f} s "
+                "more it takes to allocate and compile",
+            )
+    return PathChoice(
+        "list", float(skin), ratio, f"neighbor list (skin {skin:g} Å): {why} >= {crossover:g}"
+    )
+
+
+def saved_seconds(ratio: float, steps: int, slots: int, capacity: int, shifts: int) -> float:
+    """Seconds the list saves over ``steps`` steps of ``slots`` system slots of ``capacity``
+    atoms and ``shifts`` image shifts at work ratio ``ratio`` (:data:`PAIR_SECONDS`,
+    :data:`FIT_SLOPE`; 0 when the list is not expected to be faster)."""
+    dense = steps * PAIR_SECONDS * slots * capacity * capacity * shifts
+    return max(0.0, dense * (1.0 - 1.0 / (FIT_SLOPE * ratio)))
 
 
 def choose_neighbors(
@@ -297,6 +337,8 @@ def choose_neighbors(
     skin: float = DEFAULT_SKIN,
     max_atoms_per_system: int | None = None,
     crossover: float = CROSSOVER,
+    steps: int | None = None,
+    max_systems: int | None = None,
 ):
     """``model`` on the path :func:`path_choice` picks for ``systems``: one call.
 
@@ -319,6 +361,8 @@ def choose_neighbors(
         skin=skin,
         max_atoms_per_system=max_atoms_per_system,
         crossover=crossover,
+        steps=steps,
+        max_systems=max_systems,
     )
     return apply_choice(model, choice)
 
