@@ -132,6 +132,10 @@ def masked_update(half, batch: Batch, state: Any, mask: jax.Array) -> tuple[Batc
         new_batch = constraints.constrain_update(b, select_batch(mask, new_batch, b), mask)
         return new_batch, select_state(mask, new_state, s)
 
+    if jax.default_backend() != "cpu":
+        # A GPU reads the predicate of a `lax.cond` back to the host (a synchronisation per
+        # step); the select alone gives the same bits (`where(False, new, old)` is `old`).
+        return some((batch, state))
     return jax.lax.cond(jnp.any(mask), some, lambda args: args, (batch, state))
 
 
