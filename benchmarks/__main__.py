@@ -75,6 +75,23 @@ SCRIPTS: tuple[Script, ...] = (
         peers=True,
         quick_timeout_s=900,
     ),
+    Script(
+        "peers_108",
+        "bench_peers.py",
+        ("W2",),
+        # W2's second shape, 108-atom cells (3x3x3): cutoff 7.5 A, below half the 15.78 A edge,
+        # so that the minimum-image codes (JAX-MD, kUPS) see every pair
+        (
+            *("--md-systems", "8", "--md-cells", "3", "--cutoff", "7.5", "--steps", "50"),
+            *("--no-relax", "--name", "peers_108_quick"),
+        ),
+        (
+            *("--md-systems", "64", "--md-cells", "3", "--cutoff", "7.5", "--no-relax"),
+            *("--name", "peers_108"),
+        ),
+        peers=True,
+        quick_timeout_s=900,
+    ),
     Script("inflight", "bench_inflight.py", ("W4",), ("--quick",)),
     Script(
         "fused_overhead",
@@ -83,8 +100,11 @@ SCRIPTS: tuple[Script, ...] = (
         ("--systems", "16", "--steps", "100", "--rounds", "3", "--name", "fused_overhead_quick"),
         ("--name", "fused_overhead"),
     ),
-    Script("models", "bench_models.py", ("W3", "nequip_vs_jax_md"), ("--quick",)),
-    Script("neighbors", "bench_neighbors.py", ("W5",), ("--quick",)),
+    Script(
+        "models", "bench_models.py", ("W3", "nequip_vs_jax_md"), ("--quick",), quick_timeout_s=900
+    ),
+    # up to ~16,000 atoms, one compilation per size: 10 min at load 9-11 on 2 cores was not enough
+    Script("neighbors", "bench_neighbors.py", ("W5",), ("--quick",), quick_timeout_s=1200),
     Script("scaling", "bench_scaling.py", ("scale_out",), ("--quick",)),
     Script("differentiable", "bench_differentiable.py", ("differentiable",), ("--quick",)),
 )
@@ -151,12 +171,11 @@ def probe_peers() -> dict:
 
 
 def result_name(script: Script, quick: bool) -> str:
-    if quick:
-        for i, arg in enumerate(script.quick_args):
-            if arg in ("--name", "--out"):
-                return script.quick_args[i + 1]
-        return f"{script.name}_quick"
-    return script.name
+    args = script.quick_args if quick else script.full_args
+    for i, arg in enumerate(args):
+        if arg in ("--name", "--out"):
+            return args[i + 1]
+    return f"{script.name}_quick" if quick else script.name
 
 
 def command(script: Script, quick: bool) -> list[str]:

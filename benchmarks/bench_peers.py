@@ -187,7 +187,7 @@ def fd_md(systems, n_steps, precision):
 
     def run():
         final = jax.block_until_ready(nve.run(batch, n_steps=n_steps))
-        return {"final_epot_per_atom": (np.asarray(final.energy) / 256).tolist()}
+        return {"final_epot_per_atom": (np.asarray(final.energy) / len(systems[0])).tolist()}
 
     return info, run
 
@@ -546,7 +546,7 @@ def nvalchemi_md(systems, n_steps, precision):
     def run():
         dyn, batch = prepared()  # included in the timing: one evaluation, as the others
         batch = dyn.run(batch, n_steps=n_steps)
-        return {"final_epot_per_atom": (batch.energy.flatten().numpy() / 256).tolist()}
+        return {"final_epot_per_atom": (batch.energy.flatten().numpy() / len(systems[0])).tolist()}
 
     return info, run
 
@@ -804,9 +804,9 @@ def kups_python() -> Path | None:
     return None
 
 
-def kups_worker(n_systems, n_steps, repeat, out_path):
+def kups_worker(n_systems, n_steps, repeat, out_path, cells=4):
     """In the kUPS venv: prepare, time ``repeat`` runs, write the record as JSON."""
-    info, run = kups_md(md_systems(n_systems), n_steps, "float64")
+    info, run = kups_md(md_systems(n_systems, cells), n_steps, "float64")
     best, res = float("inf"), None
     for _ in range(repeat):
         wall, res = _timed(run)
@@ -815,7 +815,7 @@ def kups_worker(n_systems, n_steps, repeat, out_path):
     Path(out_path).write_text(json.dumps({"info": info, "wall_s": best, "result": res}))
 
 
-def kups_md_subprocess(n_systems, n_steps, repeat, timeout):
+def kups_md_subprocess(n_systems, n_steps, repeat, timeout, cells=4):
     """kUPS needs Python >= 3.12: run it in its own venv on the same structures (same seed)."""
     python = kups_python()
     if python is None:
@@ -833,6 +833,10 @@ def kups_md_subprocess(n_systems, n_steps, repeat, timeout):
             str(n_steps),
             "--repeat",
             str(repeat),
+            "--md-cells",
+            str(cells),
+            "--cutoff",
+            str(CUTOFF),
             "--worker-out",
             str(out),
         ]
@@ -893,13 +897,16 @@ def _interleaved(prepared: dict, repeat: int, label: str) -> dict:
 
 def main(args) -> dict:
     selected = [p for p in PEERS if args.only is None or p in args.only]
-    systems = md_systems(args.md_systems)
+    systems = md_systems(args.md_systems, args.md_cells)
+    per_system = len(systems[0])
+    c = args.md_cells
     n_md_atoms = sum(len(a) for a in systems)
     clusters, crystals = relax_systems(args.relax_systems)
     load0 = os.getloadavg()
     result = {
         "workload": {
-            "md": f"{args.md_systems} periodic fcc argon systems x 256 atoms (4x4x4, rattled "
+            "md": f"{args.md_systems} periodic fcc argon systems x {per_system} atoms "
+            f"({c}x{c}x{c}, rattled "
             f"0.05 A, 40 K Maxwell-Boltzmann), NVE velocity Verlet dt {DT_FS} fs, "
             f"{args.steps} steps after a warm-up; best of {args.repeat} interleaved rounds",
             "relax": f"{len(clusters)} icosahedral clusters x 55 atoms + {len(crystals)} fcc "
@@ -908,6 +915,8 @@ def main(args) -> dict:
             "model": f"LJ argon sigma {SIGMA} A, epsilon {EPSILON} eV, cutoff {CUTOFF} A, hard "
             "truncation (no switch, no shift; ASE's constant shift added back for energies)",
             "md_atoms": n_md_atoms,
+            "md_atoms_per_system": per_system,
+            "cutoff": CUTOFF,
             "quick": bool(args.quick),
         },
         "versions": {p: version(p) for p in (*PEERS, "torch", "jax")},
@@ -945,12 +954,16 @@ def main(args) -> dict:
             if res is None:
                 continue
             info = prepared[name][0]
-            md[name] = _md_record(info, res, wall, args.steps, n_md_atoms)
+            md[name] = _md_record(info, res, wall, args.steps, n_md_atoms, per_system)
         if "kups" in selected and precision == "float64":
             print("[md float64] kups (worker venv) ...", flush=True)
             try:
-                k = kups_md_subprocess(args.md_systems, args.steps, args.repeat, args.kups_timeout)
-                md["kups"] = _md_record(k["info"], k["result"], k["wall_s"], args.steps, n_md_atoms)
+                k = kups_md_subprocess(
+                    args.md_systems, args.steps, args.repeat, args.kups_timeout, args.md_cells
+                )
+                md["kups"] = _md_record(
+                    k["info"], k["result"], k["wall_s"], args.steps, n_md_atoms, per_system
+                )
                 md["kups"]["note"] = "separate process (Python 3.12 venv), its rounds back to back"
             except Exception as exc:  # noqa: BLE001
                 result["errors"]["md_float64_kups"] = _error(exc)
@@ -981,11 +994,11 @@ def main(args) -> dict:
     return result
 
 
-def _md_record(info, res, wall, n_steps, n_atoms):
+def _md_record(info, res, wall, n_steps, n_atoms, per_system=256):
     info = dict(info)
     scale = 1
     if info.get("systems_run") == 1:  # ASE, LAMMPS: one system, scaled to all
-        scale = n_atoms // 256
+        scale = n_atoms // per_system
     rounds = res.get("round_walls_s", [wall])
     rec = {
         **info,
@@ -1067,6 +1080,7 @@ def _version_in(python: Path, dist: str) -> str | None:
 
 
 def parse(argv=None):
+    global CUTOFF  # every code's model reads it; --cutoff sets it
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--quick",
@@ -1074,6 +1088,16 @@ def parse(argv=None):
         help="smaller run: 4 MD systems, 50 steps, 8 relaxations, no float32",
     )
     p.add_argument("--md-systems", type=int, default=16)
+    p.add_argument(
+        "--cutoff",
+        type=float,
+        default=CUTOFF,
+        help="LJ cutoff, Å (8.5; below half the cell edge for --md-cells 3, 15.78 Å, so that "
+        "minimum-image codes see every pair)",
+    )
+    p.add_argument(
+        "--md-cells", type=int, default=4, help="fcc cubic cells per edge (4: 256 atoms, 3: 108)"
+    )
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--relax-systems", type=int, default=64)
     p.add_argument(
@@ -1092,6 +1116,7 @@ def parse(argv=None):
     p.add_argument("--worker", choices=["kups"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    CUTOFF = args.cutoff
     if args.quick:
         args.md_systems, args.steps, args.relax_systems = 4, 50, 8
         args.no_float32 = True
@@ -1101,7 +1126,7 @@ def parse(argv=None):
 if __name__ == "__main__":
     args = parse()
     if args.worker == "kups":
-        kups_worker(args.md_systems, args.steps, args.repeat, args.worker_out)
+        kups_worker(args.md_systems, args.steps, args.repeat, args.worker_out, args.md_cells)
         sys.exit(0)
     t0 = time.perf_counter()
     res = main(args)

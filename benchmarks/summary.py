@@ -113,17 +113,39 @@ def _atom_steps(rec: dict) -> dict | None:
     return spread([best * min(walls) / w for w in walls])
 
 
-def w2_md(peers: dict | None) -> dict:
-    """W2, NVE MD: ours (dense) over every peer, per precision, from ``bench_peers.py``."""
+def _shape(peers: dict) -> str:
+    """``"16x256"``: systems x atoms per system of a peers result file's MD workload."""
+    w = peers.get("workload", {})
+    per = w.get("md_atoms_per_system", 256)
+    return f"{w.get('md_atoms', 0) // per}x{per}"
+
+
+def w2_md(peers: dict | None, peers_108: dict | None = None) -> dict:
+    """W2, NVE MD: ours (dense) over every peer, per shape and precision (``bench_peers.py``)."""
     out = {
         "title": "W2 NVE MD throughput (16x256 and 64x108 fcc argon, float32 and float64)",
         "script": "bench_peers.py",
         "ratios": [],
     }
-    if peers is None:
+    files = [d for d in (peers, peers_108) if d is not None]
+    if not files:
         return {**out, "covered": "no", "note": "no peers result file"}
-    out["file"] = peers["_file"]
-    out["workload"] = peers.get("workload", {}).get("md")
+    out["file"] = ", ".join(d["_file"] for d in files)
+    out["workload"] = {_shape(d): d.get("workload", {}).get("md") for d in files}
+    for data in files:
+        _w2_ratios(out, data)
+    shapes = [_shape(d) for d in files]
+    out["covered"] = "yes" if peers is not None and peers_108 is not None else "partial"
+    out["note"] = f"measured: {', '.join(shapes)}" + (
+        "" if peers_108 is not None else "; 64x108 not measured"
+    )
+    if peers_108 is not None:
+        out["note"] += f" (108-atom cells with cutoff {peers_108['workload'].get('cutoff')} A)"
+    return out
+
+
+def _w2_ratios(out: dict, peers: dict) -> None:
+    shape = _shape(peers)
     md = peers.get("md", {})
     for precision in [p for p in ("float64", "float32") if p in md]:
         codes = md[precision]
@@ -141,27 +163,21 @@ def w2_md(peers: dict | None) -> dict:
                 continue
             out["ratios"].append(
                 ratio_record(
-                    f"{precision} vs {PEER_LABELS.get(name, name)}",
+                    f"{shape} {precision} vs {PEER_LABELS.get(name, name)}",
                     _per_round_ratios(ours, rec),
                     W2_TARGETS.get(name),
                     peer=name,
                     precision=precision,
+                    shape=shape,
                     ours_atom_steps_per_s=_atom_steps(ours),
                     peer_atom_steps_per_s=_atom_steps(rec),
                     compile_s={"ours": ours.get("compile_s"), "peer": rec.get("compile_s")},
                     **({"path": rec["path"]} if "path" in rec else {}),
                 )
             )
-        out.setdefault("atom_steps_per_s", {})[precision] = {
+        out.setdefault("atom_steps_per_s", {})[f"{shape} {precision}"] = {
             name: _atom_steps(rec) for name, rec in codes.items()
         }
-    sizes = peers.get("workload", {}).get("md", "")
-    out["covered"] = "partial"
-    out["note"] = (
-        f"measured: {sizes.split(' (')[0]}; 64x108 not yet measured (bench_peers.py builds "
-        "4x4x4 cells only)"
-    )
-    return out
 
 
 def w1_relax(peers: dict | None) -> dict:
@@ -384,7 +400,7 @@ def build(quick: bool, results: Path = RESULTS) -> dict:
     peers, models = get("peers"), get("models")
     workloads = {
         "W1": w1_relax(peers),
-        "W2": w2_md(peers),
+        "W2": w2_md(peers, get("peers_108")),
         "W3": w3_fused(models, get("fused_overhead")),
         "W4": w4_inflight(get("inflight")),
         "W5": w5_scaling(get("neighbors")),

@@ -42,8 +42,10 @@ def test_module_entry_point_prints_the_plan():
 def test_plan_lists_every_benchmark_script(capsys, quick):
     plan = _plan(capsys, *(["--quick"] if quick else []))
     on_disk = sorted(p.name for p in BENCH.glob("bench_*.py"))
-    planned = sorted(s["file"] for s in plan["scripts"])
+    planned = sorted({s["file"] for s in plan["scripts"]})
     assert planned == on_disk
+    results = [s["result"] for s in plan["scripts"]]
+    assert len(set(results)) == len(results), results
     for s in plan["scripts"]:
         assert s["command"][1].endswith(s["file"])
         assert s["result"].endswith("_quick.json") == quick, s
