@@ -374,7 +374,10 @@ def apply_choice(model, choice: PathChoice):
     if choice.path == "list":
         if model.skin is not None and choice.skin == model.skin:
             return model
-        return model.with_neighbors(choice.skin, auto_refresh=model.auto_refresh)
+        refresh = getattr(model, "auto_refresh", None)
+        if refresh is None:
+            return model.with_neighbors(choice.skin)
+        return model.with_neighbors(choice.skin, auto_refresh=refresh)
     if model.skin is None:
         return model
     return dataclasses.replace(model, skin=None)
