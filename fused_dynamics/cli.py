@@ -216,6 +216,7 @@ def run(
             )
             typer.echo(pre.files_line)
             typer.echo(pre.species_line)
+            typer.echo(pre.path_line)
             return
         if no_progress:
             cfg = cfg.model_copy(

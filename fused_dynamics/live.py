@@ -164,6 +164,7 @@ class Run:
 
     def _start_batch(self, batch: Batch, resume: bool) -> None:
         self.fused = fit_to_batch(self.fused, batch)
+        batch = inflight.attach_neighbors(self.fused.model, batch)
         # written already: empty slots and, on resume, systems that had left before
         written = ~np.asarray(batch.system_mask)
         if resume:

@@ -175,6 +175,21 @@ def test_both_paths_give_the_same_energies_and_forces():
     np.testing.assert_allclose(np.asarray(out.forces), np.asarray(ref.forces), rtol=0, atol=1e-12)
 
 
+def test_a_fixed_batch_run_attaches_the_list_itself():
+    """One call: ``run`` of a list model on a batch without a list attaches one (as inflight
+    runs do), and 10 NVE steps follow the dense run to 1e-10 Å (float64; the same pairs summed
+    in another order, rounding grown over 10 steps)."""
+    structures = [_crystal(2, seed=9), _cluster(3, seed=10)]
+    batch = fd.Batch.from_atoms(structures)
+    assert batch.neighbors is None
+    listed = choose_neighbors(LJ, structures, neighbors="list")
+    dense = apply_choice(listed, path_choice(LJ, structures, neighbors="dense"))
+    got = fd.NVE(listed, dt=2.0).run(batch, n_steps=10)
+    want = fd.NVE(dense, dt=2.0).run(batch, n_steps=10)
+    assert isinstance(got.neighbors, fd.NeighborList)
+    np.testing.assert_allclose(got.positions, want.positions, rtol=0, atol=1e-10)
+
+
 # ----------------------------------------------------------------------------- the job file
 JOB = {
     "dtype": "float64",
