@@ -51,7 +51,7 @@ RTOL = 1e-5
 def test_grad_wrt_a_pair_potential_parameter_matches_finite_differences():
     batch = _cluster_batch()
     f = jax.jit(lambda eps: _observable(_lj(epsilon=eps), batch))
-    g = jax.grad(lambda eps: _observable(_lj(epsilon=eps), batch))(0.0104)
+    g = jax.jit(jax.grad(lambda eps: _observable(_lj(epsilon=eps), batch)))(0.0104)
     fd_g = (f(0.0104 + H) - f(0.0104 - H)) / (2 * H)
     np.testing.assert_allclose(g, fd_g, rtol=RTOL)
     assert abs(float(g)) > 1.0, "the observable depends on ε"
@@ -83,7 +83,7 @@ def test_grad_wrt_a_stage_parameter():
         final = fused.run(batch, n_steps=50, differentiable=True)
         return fd.kinetic_energy(final)[0]
 
-    g = jax.grad(of_dt)(5.0)
+    g = jax.jit(jax.grad(of_dt))(5.0)
     f = jax.jit(of_dt)
     fd_g = (f(5.0 + H) - f(5.0 - H)) / (2 * H)
     np.testing.assert_allclose(g, fd_g, rtol=RTOL)
