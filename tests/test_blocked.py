@@ -14,7 +14,8 @@ import pytest
 from ase.neighborlist import neighbor_list
 
 import fused_dynamics as fd
-from fused_dynamics.models.blocked import dense_layout, image_shifts, tile_pairs
+from fused_dynamics.models import pair_sums
+from fused_dynamics.models.blocked import dense_layout, tile_pairs
 
 jax.config.update("jax_enable_x64", True)
 
@@ -88,16 +89,16 @@ def structures():
 @pytest.fixture(scope="module", params=["rows", "blocks"])
 def mixed(request, model, structures):
     """Every structure in one batch (with an empty slot and padding atoms) and its results, in
-    each layout of the dense pairs: few atom slots per system slot take one row per atom, an
-    atom capacity of S * A the blocks (models/blocked.py, ``dense_layout``)."""
+    each layout of the dense pairs (models/blocked.py, ``dense_layout``), forced for the tests
+    that use this fixture: the triclinic cell's image shifts would choose the rows for both."""
     systems = list(structures.values())
-    s, a = len(systems) + 1, max(map(len, systems))
-    n = sum(map(len, systems)) + 3 if request.param == "rows" else s * a
-    batch = fd.Batch.from_atoms(systems, max_atoms=n, max_systems=s)
-    model = model.prepare(batch)
-    shifts = len(image_shifts(model.images, np.float64))
-    assert dense_layout(s, n, a, shifts) == request.param
-    return batch, model, model(batch)
+    # capacities that differ per layout, so that no compiled program is shared between them
+    n = sum(map(len, systems)) + (3 if request.param == "rows" else 4)
+    batch = fd.Batch.from_atoms(systems, max_atoms=n, max_systems=len(systems) + 1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pair_sums, "dense_layout", lambda *capacities: request.param)
+        model = model.prepare(batch)
+        yield batch, model, model(batch)
 
 
 def _system(batch, out, slot):
@@ -151,11 +152,44 @@ def test_tile_pairs_count_every_pair_once(n_atoms):
 
 
 def test_layout_follows_the_fill_of_the_slots():
-    """Full slots take the blocks (half the pairs of a square), slots that are mostly padding
-    the rows (N * A pairs): the choice is a static function of the capacities."""
+    """Full slots without image shifts take the blocks (half the pairs of a square), slots that
+    are mostly padding or cells that need images the rows (N * A pairs): the choice is a static
+    function of the capacities (models/blocked.py, the measured costs by dense_layout)."""
     # 16 slots of 256 atoms, full: 16 * 36 tile pairs * 32^2 < 4096 * 256 * 2.5
     assert dense_layout(16, 4096, 256, 0) == "blocks"
     # an inflight batch sized for 64-atom systems holding ~21 on average (tests/test_inflight.py)
     assert dense_layout(12, 256, 64, 26) == "rows"
-    # one system alone
-    assert dense_layout(1, 64, 64, 26) == "blocks"
+    # full slots whose cells need image shifts: the rows form images more cheaply
+    assert dense_layout(16, 512, 32, 26) == "rows"
+    # one cluster alone
+    assert dense_layout(1, 64, 64, 0) == "blocks"
+
+
+@pytest.mark.parametrize("layout", ["rows", "blocks"])
+def test_a_float32_fused_relax_then_md_with_image_shifts_compiles_and_runs(layout, monkeypatch):
+    """Regression: the blocks' image shifts formed component by component crashed XLA:CPU
+    (jax 0.10.1, a segfault while compiling) in this float32 FIRE + NVT run of small Cu cells
+    (27 image shifts); the blocks form them as (..., K', 3) arrays, the rows by component."""
+    import jax.numpy as jnp
+    from ase.build import bulk
+
+    monkeypatch.setattr(pair_sums, "dense_layout", lambda *capacities: layout)
+    rng = np.random.default_rng(0)
+    systems = []
+    for _ in range(4):
+        a = bulk("Cu", "fcc", a=3.615, cubic=True) * (2, 2, 2)
+        a.positions += rng.normal(scale=0.1, size=a.positions.shape)
+        a.wrap()
+        systems.append(a)
+    # one more atom slot per layout: no compiled program shared between the two cases
+    extra = 0 if layout == "rows" else 1
+    batch = fd.Batch.from_atoms(systems, max_atoms=128 + extra, dtype=jnp.float32)
+    lj = fd.models.LennardJones(sigma=2.338, epsilon=0.4093, cutoff=5.0, switch_onset=4.5)
+    lj = lj.with_images(batch)
+    fire = fd.FIRE(lj, n_steps=10, convergence_hook=fd.ConvergenceHook.from_fmax(1.6))
+    nvt = fd.NVTLangevin(lj, dt=1.0, temperature=300.0, friction=0.01, seed=0, n_steps=3)
+    final = (fire + nvt).run(batch)
+    assert np.all(np.isfinite(np.asarray(final.positions)))
+    assert int(fd.ExitReason.FAILED) not in np.asarray(final.info["exit_reason"]).tolist()
+    # every system left FIRE (converged or spent) and ran its 3 NVT steps
+    assert np.asarray(final.info["stage_steps"])[:4, 1].tolist() == [3] * 4

@@ -251,9 +251,13 @@ def atom_rows(batch: Batch, blocks: SystemBlocks) -> AtomRows:
 
 
 # Relative cost of one pair in each layout, in units of a minimum-image pair of the blocks,
-# measured with bench of issue 13 (value and gradient of LJ; 2 cores, load 8-9, so rough):
-# a row pair costs ~2.5 (its partner block is gathered per atom), an image pair ~1 in both.
+# measured on value and gradient of LJ (2 cores, load 3-9, interleaved, so rough): a row pair
+# costs ~2.5 (its partner block is gathered per atom); an image pair ~1 in the blocks and ~0.3
+# in the rows, which form images component by component (pair_sums._shifted_sum). 30 Nov 2026:
+# 12 slots of 64 atoms holding 256 (26 shifts): rows 9 ms, blocks 81 ms; 16 x 32 atoms (26
+# shifts): 9 and 43 ms; 16 x 108 (26 shifts): 116 and 127 ms; 8 x 256 (no shift): 132 and 30 ms.
 _ROW_PAIR_COST = 2.5
+_ROW_SHIFT_COST = 0.3
 
 
 def dense_layout(max_systems: int, max_atoms: int, max_atoms_per_system: int, n_shifts: int) -> str:
@@ -261,12 +265,13 @@ def dense_layout(max_systems: int, max_atoms: int, max_atoms_per_system: int, n_
 
     ``"blocks"`` forms the tile pairs of every slot's block (:func:`tile_pairs`, about
     ``S * A * A / 2`` pairs), ``"rows"`` every atom slot against its system's block
-    (:class:`AtomRows`, ``N * A`` pairs), each times ``1 + n_shifts`` with the image shifts.
-    A batch whose slots are mostly padding (N well below S * A, as in an inflight run sized for
-    its largest system) takes the rows, a full one the blocks. Static: chosen from the shapes
+    (:class:`AtomRows`, ``N * A`` pairs), each times ``1 + n_shifts`` with the image shifts,
+    weighted by their measured costs. A batch whose slots are mostly padding (N well below
+    S * A, as in an inflight run sized for its largest system) or whose cells need image shifts
+    takes the rows; full slots without image shifts take the blocks. Static: chosen from the shapes
     before compiling, so the same capacities always give the same layout (and the same bits).
     """
     tiles = tile_pairs(max_atoms_per_system)
     blocks = max_systems * len(tiles.first) * tiles.size**2 * (1 + n_shifts)
-    rows = max_atoms * max_atoms_per_system * (_ROW_PAIR_COST + n_shifts)
+    rows = max_atoms * max_atoms_per_system * (_ROW_PAIR_COST + _ROW_SHIFT_COST * n_shifts)
     return "rows" if rows < blocks else "blocks"

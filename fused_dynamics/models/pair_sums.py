@@ -118,16 +118,23 @@ def _pair_sum(model, d, ok, si, sj, axes) -> jax.Array:
     return jnp.sum(jnp.where(ok, phi, 0.0), axis=axes)
 
 
-def _shifted_sum(model, d, ok, si, sj, cell, pbc, shifts, axes) -> jax.Array:
+def _shifted_sum(model, d, ok, si, sj, cell, pbc, shifts, axes, components=False) -> jax.Array:
     """Σ φ over the pair displacements ``d`` (..., 3) and, if ``shifts`` (K', 3) is given, over
     their images ``d + shift @ cell`` instead. ``cell`` (..., 3, 3) and ``pbc`` (..., 3) broadcast
-    against ``d``'s leading axes; the sum runs over ``axes`` (and the shift axis)."""
+    against ``d``'s leading axes; the sum runs over ``axes`` (and the shift axis).
+
+    ``components``: the images formed component by component, with no pair-sized array with a
+    trailing axis of 3 (several times faster on XLA:CPU). Only the atom rows use it: in the
+    tiled blocks of a float32 fused FIRE + NVT run, XLA:CPU (jax 0.10.1) crashes compiling it.
+    """
     if shifts is None:
         return _pair_sum(model, d, ok, si, sj, axes)
     image = matvec3(shifts, cell[..., None, :, :])  # (..., K', 3)
     shift_ok = jnp.all((shifts == 0) | pbc[..., None, :], axis=-1)  # (..., K')
-    # component by component: no pair-sized array with a trailing axis of 3
-    d = tuple(d[..., k, None] + image[..., k] for k in range(3))
+    if components:
+        d = tuple(d[..., k, None] + image[..., k] for k in range(3))
+    else:
+        d = d[..., None, :] + image
     ok = ok[..., None] & shift_ok
     if si is not None:
         si, sj = si[..., None], sj[..., None]
@@ -170,7 +177,8 @@ def _row_energy(model, rows, species, shifts=None) -> jax.Array:
     if species is not None:
         si, sj = species[:, None], species[rows.partners.index]
     c, p = rows.cell[:, None], rows.pbc[:, None]
-    return 0.5 * _shifted_sum(model, rows.displacements(), ok, si, sj, c, p, shifts, (1,))
+    d = rows.displacements()
+    return 0.5 * _shifted_sum(model, d, ok, si, sj, c, p, shifts, (1,), components=True)
 
 
 def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.Array:
