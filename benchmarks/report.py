@@ -97,8 +97,9 @@ def machine_line(data: dict) -> str:
     m = data.get("machine", {})
     load_avg = data.get("load_average", {}).get("start")
     extra = f", load average {load_avg[0]:.1f} at start" if load_avg else ""
+    device = f"{data['device']}; host " if data.get("device") else ""
     return (
-        f"{m.get('processor', '?')}, {m.get('cpus', '?')} CPUs, {m.get('platform', '?')}, "
+        f"{device}{m.get('processor', '?')}, {m.get('cpus', '?')} CPUs, {m.get('platform', '?')}, "
         f"jax {m.get('jax', '?')} ({m.get('backend', '?')}){extra}"
     )
 
@@ -331,6 +332,58 @@ def summary_section(data: dict) -> list[str]:
     return out
 
 
+def gpu_section(nve: dict) -> list[str]:
+    """The GPU runs (issue 13 item 6): NVE against JAX-MD, FIRE, the fused-step overhead."""
+    large, relax = load("peers_gpu_large"), load("peers_gpu_relax")
+    over, over_cond = load("fused_overhead_gpu"), load("fused_overhead_gpu_cond")
+    out = [
+        f"**GPU** (`{nve['_file']}` and the other `*_gpu*.json`): {machine_line(nve)}. "
+        "Each row names the commit whose code was measured.",
+        "",
+        "| workload | precision | fused_dynamics atom-steps/s | JAX-MD dense | "
+        "JAX-MD neighbor list | fused_dynamics speed-up over the faster | commit |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for data in (d for d in (nve, large) if d):
+        for precision in ("float64", "float32"):
+            md = data.get("md", {}).get(precision, {})
+            ours = md.get("fused_dynamics", {}).get("atom_steps_per_s")
+            dense = md.get("jax_md_dense", {}).get("atom_steps_per_s")
+            nl = md.get("jax_md_neighbor_list", {}).get("atom_steps_per_s")
+            if not ours:
+                continue
+            best = max(x for x in (dense, nl, 1e-300) if x)
+            out.append(
+                f"| NVE {data['workload'].get('md_atoms', 0) // 256} x 256 fcc Ar | {precision} "
+                f"| {fmt(ours)} | {fmt(dense)} | {fmt(nl)} | {fmt(ours / best)} "
+                f"| {data['git']['commit']} |"
+            )
+    if relax and relax.get("relax"):
+        r = relax["relax"]
+        ours, jm = r.get("fused_dynamics", {}), r.get("jax_md", {})
+        out.append(
+            f"| FIRE, {relax['workload']['relax']} (wall s) | float64 | {fmt(ours.get('wall_s'))}"
+            f" | {fmt(jm.get('wall_s'))} (vmap per shape) | – "
+            f"| {fmt(jm.get('wall_s', 0) / ours['wall_s'] if ours.get('wall_s') else None)} "
+            f"| {relax['git']['commit']} |"
+        )
+    for data, label in ((over_cond, "with"), (over, "without")):
+        if data:
+            ratio = data.get("over_bare", {}).get("fused") or {}
+            out.append(
+                f"| fused FIRE + NVT step / bare model loop, {label} `lax.cond` "
+                f"({data.get('workload')}) | float64 | {fmt(ratio.get('median'))} "
+                f"({fmt(ratio.get('min'))}–{fmt(ratio.get('max'))}) | – | – | target <= 1.10 "
+                f"| {data['git']['commit']} |"
+            )
+    out += [
+        "",
+        "On this GPU the fused step is bound by its number of small kernels, not by the pair "
+        "sums: a bare model evaluation of 64 x 108 atoms takes 0.11 ms, the fused step 0.29 ms.",
+    ]
+    return out
+
+
 def render() -> str:
     parts = []
     for name, section in (
@@ -338,6 +391,7 @@ def render() -> str:
         ("peers", peers_section),
         ("inflight", inflight_section),
         ("fused_overhead", overhead_section),
+        ("peers_gpu", gpu_section),
     ):
         data = load(name)
         if data is not None:
