@@ -354,19 +354,16 @@ def test_fire_relaxes_and_nve_conserves_energy(files):
 
 def test_one_system_alone_and_in_a_mixed_batch_is_bitwise_the_same(files):
     """A system's energy, forces and stress do not depend on what shares its batch: bit for
-    bit. Dense graph: alone in a batch of its own size with the same per-system capacity
-    (``max_atoms_per_system``, a static shape that sets the length of the reductions over
-    partners in the reverse pass; with another capacity they differ by rounding, ~1 ulp); the
-    extra atoms, systems and masked edges of the mixed batch add exact zeros. Neighbor-list
-    graph: alone in a batch of the mixed batch's capacities (the other slots empty), its list
-    built with the mixed batch's list capacities (compiled once per capacity: keeps it fast)."""
+    bit, alone in a batch of the mixed batch's capacities (the other slots empty). The
+    capacities are static shapes: they choose the layout of the dense graph (one row per atom
+    slot or per-system blocks, models/blocked.py) and the length of the reductions over
+    partners, so with other capacities the results differ by rounding (~1 ulp). Neighbor-list
+    graph: its list built with the mixed batch's list capacities (compiled once per capacity:
+    keeps it fast)."""
     model = EAM.from_file(files["alloy"])
     atoms = alloy_structures(np.random.default_rng(1))
     mixed = alloy_batch(atoms)
     dense = model.prepare(mixed)  # the mixed batch's image range, used for both
-    alone = fd.Batch.from_atoms(
-        atoms[2:3], dtype=jnp.float64, max_atoms_per_system=mixed.max_atoms_per_system
-    )
     nl = NeighborList.allocate(mixed, RC, 0.5)
     padded = fd.Batch.from_atoms(
         atoms[2:3],
@@ -376,7 +373,7 @@ def test_one_system_alone_and_in_a_mixed_batch_is_bitwise_the_same(files):
         max_atoms_per_system=mixed.max_atoms_per_system,
     )
     pairs = [
-        (dense, mixed, alone),
+        (dense, mixed, padded),
         (model, mixed.replace(neighbors=nl), padded.replace(neighbors=nl.build(padded))),
     ]
     idx = np.asarray(mixed.system_idx)
