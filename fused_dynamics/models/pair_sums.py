@@ -1,10 +1,13 @@
 """The two sums of a pair potential: the dense all-pairs-within-system block and a neighbor list.
 
 The dense path pairs every atom with every atom of its own system (the ``max_atoms_per_system``
-block of the batch) and with their periodic images: ``O(S * A * A)`` work for S system slots and
-A atoms per system (half of it with the tile pairs of the blocked kernel, :mod:`.blocked`),
-times K image shifts. It is exact for any cell (triclinic, mixed periodicity, cells
-smaller than twice the cutoff) and is the reference for the neighbor-list path.
+block of the batch) and with their periodic images, in one of two layouts chosen statically from
+the capacities (:func:`.blocked.dense_layout`): per-system blocks, ``O(S * A * A / 2)`` pairs for
+S system slots of A atoms (the tile pairs of :mod:`.blocked`), or one row per atom slot against
+its system's block, ``O(N * A)`` for N atom slots (batches mostly of padding, and cells that
+need image shifts); either times K image shifts. It is exact for any cell (triclinic, mixed
+periodicity, cells smaller than twice the cutoff) and is the reference for the neighbor-list
+path.
 
 The neighbor-list path (``model.with_neighbors(skin=...)``) sums the same ``pair_energy`` over
 the pairs of ``batch.neighbors`` (a :class:`~fused_dynamics.models.neighbors.NeighborList`):
