@@ -10,6 +10,7 @@ left out here, not run twice: docs/models.md (tests/test_docs_models.py), docs/d
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -81,8 +82,8 @@ def _shell_commands() -> list[tuple[str, str]]:
 
 def test_shell_commands_exist():
     """The ```bash blocks are not run (a demo or a test suite inside the tests), but every
-    command they show exists: a Makefile target, or a fused-dynamics subcommand with each of
-    the options given (read from its --help)."""
+    command they show exists: a Makefile target, a fused-dynamics subcommand or the benchmark
+    command (``python -m benchmarks``) with each of the options given (read from its --help)."""
     from typer.testing import CliRunner
 
     from fused_dynamics.cli import app
@@ -96,6 +97,19 @@ def test_shell_commands_exist():
         words = command.split()
         if words[0] == "make":
             assert words[1] in targets, (page, command)
+            continue
+        if words[:3] == ["python", "-m", "benchmarks"]:
+            if "benchmarks" not in helps:
+                out = subprocess.run(
+                    [sys.executable, "-m", "benchmarks", "--help"],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                helps["benchmarks"] = out.stdout
+            for option in re.findall(r"--[a-z][a-z-]*", command):
+                assert option in helps["benchmarks"], (page, command, option)
             continue
         assert words[0] == "fused-dynamics", (page, command)
         sub = words[1]
