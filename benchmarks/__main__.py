@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import summary as summary_mod
+from benchmarks._common import git_state
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -201,18 +202,6 @@ def plan(selected: list[Script], quick: bool) -> dict:
         ],
         "summary": f"results/summary{'_quick' if quick else ''}.json",
         "chart": f"results/summary{'_quick' if quick else ''}.png",
-    }
-
-
-def git_state() -> dict:
-    def git(*cmd):
-        proc = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT)
-        return proc.stdout.rstrip()
-
-    changed = git("status", "--porcelain", "--", "fused_dynamics")
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "fused_dynamics_changed": [line[3:] for line in changed.splitlines()],
     }
 
 

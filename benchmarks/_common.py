@@ -9,13 +9,13 @@ import subprocess
 import time
 from pathlib import Path
 
-import jax
-
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def block(x):
+    import jax  # as in save
+
     return jax.block_until_ready(x)
 
 
@@ -34,6 +34,8 @@ def timed(fn, *args, repeat: int = 3):
 
 def save(name: str, payload: dict) -> Path:
     """Write ``benchmarks/results/NAME.json`` with the machine described."""
+    import jax  # here, not at the top: the benchmark command imports git_state without JAX
+
     RESULTS.mkdir(exist_ok=True)
     payload = dict(payload)
     payload["machine"] = {
