@@ -21,7 +21,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from . import inflight, loop, sharding
+from . import loop, sharding
 from .batch import Batch
 from .compiled import retry_on_overflow
 from .live import Run, fit_to_batch
@@ -157,9 +157,7 @@ def run(
     if mesh is not None:
         return sharding.run(fused, batch, n_steps, mesh=mesh, resume=bool(resume))
     if not isinstance(batch.cell, jax.core.Tracer):
-        fused = fit_to_batch(fused, batch)
-        # a neighbor-list model (model.with_neighbors) gets its list here: one call
-        batch = inflight.attach_neighbors(fused.model, batch)
+        fused, batch = fit_to_batch(fused, batch)
     limit = jnp.iinfo(jnp.int32).max if n_steps is None else int(n_steps)
     options = loop.LoopOptions(
         bool(resume),

@@ -24,11 +24,17 @@ __all__ = ["Run", "fit_to_batch"]
 
 
 def fit_to_batch(fused, batch: Batch):
-    """Host-side checks and static choices for a concrete batch, before compiling."""
+    """Host-side checks and static choices for a concrete batch, before compiling.
+
+    Returns ``(fused, batch)``: the fused stage fitted to the batch's cells and per-system
+    parameters, and the batch with a neighbor list attached when the model sums over one and
+    the batch has none (one call: ``model.with_neighbors`` is enough).
+    """
     fused.model.check_batch(batch)
     mask = np.asarray(batch.system_mask)
     cells, pbc = np.asarray(batch.cell)[mask], np.asarray(batch.pbc)[mask]
-    return fused.prepare_for_cells(cells, pbc).fit_per_system(batch)
+    fused = fused.prepare_for_cells(cells, pbc).fit_per_system(batch)
+    return fused, inflight.attach_neighbors(fused.model, batch)
 
 
 class Run:
@@ -163,8 +169,7 @@ class Run:
         self._written = ~np.asarray(self.batch.system_mask)
 
     def _start_batch(self, batch: Batch, resume: bool) -> None:
-        self.fused = fit_to_batch(self.fused, batch)
-        batch = inflight.attach_neighbors(self.fused.model, batch)
+        self.fused, batch = fit_to_batch(self.fused, batch)
         # written already: empty slots and, on resume, systems that had left before
         written = ~np.asarray(batch.system_mask)
         if resume:
