@@ -93,6 +93,13 @@ SCRIPTS: tuple[Script, ...] = (
         peers=True,
         quick_timeout_s=900,
     ),
+    Script(
+        "padding",
+        "bench_padding.py",
+        ("W1",),
+        ("--systems", "16", "--rounds", "3", "--name", "padding_quick"),
+        ("--name", "padding"),
+    ),
     Script("inflight", "bench_inflight.py", ("W4",), ("--quick",)),
     Script(
         "fused_overhead",

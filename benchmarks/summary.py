@@ -180,8 +180,9 @@ def _w2_ratios(out: dict, peers: dict) -> None:
         }
 
 
-def w1_relax(peers: dict | None) -> dict:
-    """W1, FIRE relaxation: time to solution (compile included) and steady, from bench_peers."""
+def w1_relax(peers: dict | None, padding: dict | None = None) -> dict:
+    """W1, FIRE relaxation: time to solution (compile included) and steady, from bench_peers;
+    the mixed batch over per-shape batches (padding, target <= 1.15) from bench_padding."""
     out = {
         "title": "W1 FIRE relaxation of mixed clusters and crystals to fmax 0.05 eV/A",
         "script": "bench_peers.py",
@@ -219,6 +220,17 @@ def w1_relax(peers: dict | None) -> dict:
                 compile_s=compile_s,
             )
         )
+    if padding is not None:
+        for name, label in (("mixed", "size buckets"), ("mixed_one_bucket", "one bucket")):
+            out["ratios"].append(
+                ratio_record(
+                    f"mixed batch ({label}) / per-shape batches, wall",
+                    padding["over_per_shape_rounds"][name],
+                    1.15 if name == "mixed" else None,
+                    direction="<=",
+                    file=padding["_file"],
+                )
+            )
     out["covered"] = "partial"
     out["note"] = (
         "measured on bench_peers.py's relaxation set (55-atom clusters and 256-atom crystals), "
@@ -399,7 +411,7 @@ def build(quick: bool, results: Path = RESULTS) -> dict:
     get = lambda name: load_result(name, quick, results)  # noqa: E731
     peers, models = get("peers"), get("models")
     workloads = {
-        "W1": w1_relax(peers),
+        "W1": w1_relax(peers, get("padding")),
         "W2": w2_md(peers, get("peers_108")),
         "W3": w3_fused(models, get("fused_overhead")),
         "W4": w4_inflight(get("inflight")),

@@ -459,6 +459,19 @@ class FusedStage(eqx.Module):
             return self
         return self.with_model(model.with_images_for(cells, pbc))
 
+    def fit_size_buckets(self, batch: Batch) -> FusedStage:
+        """A copy whose model has size buckets fitted to a fixed batch (host-side).
+
+        For a model with ``with_size_buckets`` (the pair potentials) whose ``size_buckets`` is
+        not set: see :meth:`~fused_dynamics.models.PairPotential.with_size_buckets` (``None``
+        again where buckets would save little). Other models are kept as they are.
+        """
+        model = self.model
+        if getattr(model, "size_buckets", 0) is not None or not hasattr(model, "with_size_buckets"):
+            return self
+        fitted = model.with_size_buckets(batch)
+        return self if fitted.size_buckets is None else self.with_model(fitted)
+
     def with_model(self, model) -> FusedStage:
         """A copy whose sub-stages all hold ``model`` (host-side; the structure is kept)."""
         return eqx.tree_at(

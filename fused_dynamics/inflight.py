@@ -129,6 +129,24 @@ def admit(fused, batch: Batch, new) -> Batch:
     return retry_on_overflow(lambda b: _ADMIT(fused, b, new), batch)
 
 
+def refuse_size_buckets(model) -> None:
+    """Raise if ``model`` has size buckets: an inflight run refills its slots with systems of any
+    size, which fixed buckets could not always place (docs/models.md, "Size buckets").
+
+    Raises
+    ------
+    ValueError
+        Naming the model and its ``size_buckets``.
+    """
+    buckets = getattr(model, "size_buckets", None)
+    if buckets:
+        raise ValueError(
+            f"{type(model).__name__}(size_buckets={buckets}): size buckets are for fixed "
+            "batches; an inflight run (a sampler) refills slots with systems of any size. "
+            "Build the model without size_buckets (the default) for inflight runs."
+        )
+
+
 def attach_neighbors(model, batch: Batch, cells=None, pbc=None) -> Batch:
     """``batch`` with a neighbor list if ``model`` sums over one and the batch has none."""
     if batch.neighbors is not None or getattr(model, "skin", None) is None:

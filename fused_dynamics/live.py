@@ -26,14 +26,15 @@ __all__ = ["Run", "fit_to_batch"]
 def fit_to_batch(fused, batch: Batch):
     """Host-side checks and static choices for a concrete batch, before compiling.
 
-    Returns ``(fused, batch)``: the fused stage fitted to the batch's cells and per-system
-    parameters, and the batch with a neighbor list attached when the model sums over one and
-    the batch has none (one call: ``model.with_neighbors`` is enough).
+    Returns ``(fused, batch)``: the fused stage fitted to the batch's cells, system sizes (the
+    size buckets of a pair potential's dense path) and per-system parameters, and the batch with
+    a neighbor list attached when the model sums over one and the batch has none (one call:
+    ``model.with_neighbors`` is enough).
     """
     fused.model.check_batch(batch)
     mask = np.asarray(batch.system_mask)
     cells, pbc = np.asarray(batch.cell)[mask], np.asarray(batch.pbc)[mask]
-    fused = fused.prepare_for_cells(cells, pbc).fit_per_system(batch)
+    fused = fused.prepare_for_cells(cells, pbc).fit_size_buckets(batch).fit_per_system(batch)
     return fused, inflight.attach_neighbors(fused.model, batch)
 
 
@@ -163,6 +164,7 @@ class Run:
             return
         cells, pbc = self.sampler.cells()
         self.fused = self.fused.prepare_for_cells(cells, pbc)
+        inflight.refuse_size_buckets(self.fused.model)
         batch = self.sampler.initial_batch(dtype)
         batch = inflight.attach_neighbors(self.fused.model, batch, cells, pbc)
         self.batch = inflight.initialize(self.fused, batch)

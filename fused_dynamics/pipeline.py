@@ -97,6 +97,7 @@ class _StageRun(ShardedRun):
         n_l, s_l = source.max_atoms // self.devices, source.max_systems // self.devices
         cells, pbc = source.cells()
         self.fused = self.fused.prepare_for_cells(cells, pbc)
+        inflight.refuse_size_buckets(self.fused.model)
         host = empty_host_arrays(n_l, s_l)
         dtype = default_float() if dtype is None else dtype
         local = jax.device_get(Batch.from_host_arrays(host, dtype, source.max_atoms_per_system))

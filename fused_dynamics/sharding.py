@@ -523,6 +523,7 @@ class ShardedRun(Run):
             return
         cells, pbc = sampler.cells()
         self.fused = self.fused.prepare_for_cells(cells, pbc)
+        inflight.refuse_size_buckets(self.fused.model)
         dtype = default_float() if dtype is None else dtype
         locals_ = []
         for _ in range(self.devices):

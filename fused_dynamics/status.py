@@ -50,6 +50,8 @@ class Failure(enum.IntFlag):
     ``DISPLACEMENT``: in a dynamics sub-stage, an atom moved farther in one step than the run's
     bound (``FusedStage(max_displacement=...)``). ``ENERGY_DRIFT``: an
     ``EnergyDriftMonitorHook(action="fail")`` saw the conserved quantity drift past its threshold.
+    ``SIZE_BUCKET_FULL``: the model's size buckets had no place for the system (more systems
+    of its size than its bucket has slots; see ``PairPotential(size_buckets=...)``).
     """
 
     NONE = 0
@@ -65,6 +67,7 @@ class Failure(enum.IntFlag):
     CELL_TOO_SMALL = 512
     ENERGY_DRIFT = 1024
     DISPLACEMENT = 2048
+    SIZE_BUCKET_FULL = 4096
 
 
 def exit_reason_name(code: int) -> str:

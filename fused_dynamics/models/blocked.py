@@ -48,6 +48,9 @@ __all__ = [
     "AtomRows",
     "atom_rows",
     "dense_layout",
+    "SizeBucket",
+    "fit_size_buckets",
+    "bucket_slots",
 ]
 
 
@@ -260,7 +263,13 @@ _ROW_PAIR_COST = 2.5
 _ROW_SHIFT_COST = 0.3
 
 
-def dense_layout(max_systems: int, max_atoms: int, max_atoms_per_system: int, n_shifts: int) -> str:
+def dense_layout(
+    max_systems: int,
+    max_atoms: int,
+    max_atoms_per_system: int,
+    n_shifts: int,
+    size_buckets: tuple[tuple[int, int], ...] | None = None,
+) -> str:
     """The layout of the dense pairs for these capacities: ``"blocks"`` or ``"rows"``.
 
     ``"blocks"`` forms the tile pairs of every slot's block (:func:`tile_pairs`, about
@@ -270,8 +279,117 @@ def dense_layout(max_systems: int, max_atoms: int, max_atoms_per_system: int, n_
     S * A, as in an inflight run sized for its largest system) or whose cells need image shifts
     takes the rows; full slots without image shifts take the blocks. Static: chosen from the shapes
     before compiling, so the same capacities always give the same layout (and the same bits).
+    With ``size_buckets`` (:func:`fit_size_buckets`) the blocks are counted per bucket.
     """
     tiles = tile_pairs(max_atoms_per_system)
-    blocks = max_systems * len(tiles.first) * tiles.size**2 * (1 + n_shifts)
+    if size_buckets:
+        tile_pairs_used = sum(
+            slots * _half_square(_tiles_for(atoms, tiles)) for atoms, slots in size_buckets
+        )
+    else:
+        tile_pairs_used = max_systems * len(tiles.first)
+    blocks = tile_pairs_used * tiles.size**2 * (1 + n_shifts)
     rows = max_atoms * max_atoms_per_system * (_ROW_PAIR_COST + _ROW_SHIFT_COST * n_shifts)
     return "rows" if rows < blocks else "blocks"
+
+
+# ---------------------------------------------------------------------- size buckets
+SizeBucket = tuple[int, int]  # (atoms, slots): up to ``slots`` systems of at most ``atoms`` atoms
+
+
+def _tiles_for(n_atoms, tiles: TilePairs):
+    """Leading tiles a system of ``n_atoms`` fills (at least one)."""
+    return np.maximum(1, -(-np.asarray(n_atoms) // tiles.size))
+
+
+def _half_square(m):
+    return m * (m + 1) // 2
+
+
+def fit_size_buckets(
+    sizes, max_atoms_per_system: int, max_buckets: int = 3, min_saving: float = 0.25
+) -> tuple[SizeBucket, ...] | None:
+    """Size buckets for a fixed set of systems, or ``None`` where one bucket costs about as much.
+
+    The blocked kernel (:func:`tile_pairs`) forms every tile pair of every slot's block, so in a
+    batch of mixed sizes a small system pays for the largest one. Size buckets split the slots
+    into up to ``max_buckets`` groups, each evaluated on the leading tiles its systems fill:
+    bucket ``(atoms, slots)`` holds up to ``slots`` systems of at most ``atoms`` atoms, and a
+    system belongs to the first bucket (ascending ``atoms``) it fits, by its own size alone, so
+    its arithmetic does not depend on the other systems. The grouping minimises the tile pairs
+    formed (an exhaustive search over the contiguous groupings of the tile counts); buckets are
+    used only when they save at least ``min_saving`` of the single bucket's pairs (each bucket
+    adds its own kernel to the compiled step).
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Atoms of each system (occupied slots only).
+    max_atoms_per_system : int
+        The batch's capacity A (which sets the tiling).
+    max_buckets : int, default 3
+    min_saving : float, default 0.25
+
+    Returns
+    -------
+    tuple of (atoms, slots) or None
+        Ascending in ``atoms``; the slots of each bucket are the systems it holds.
+
+    Raises
+    ------
+    ValueError
+        A size outside ``1..max_atoms_per_system``, or ``max_buckets < 1``.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1)
+    a = int(max_atoms_per_system)
+    if max_buckets < 1:
+        raise ValueError(f"fit_size_buckets: max_buckets={max_buckets}; give at least 1.")
+    if len(sizes) == 0 or sizes.min() < 1 or sizes.max() > a:
+        raise ValueError(
+            f"fit_size_buckets: sizes must lie in 1..max_atoms_per_system={a}; got "
+            f"{sizes.min() if len(sizes) else 'none'}..{sizes.max() if len(sizes) else ''}."
+        )
+    tiles = tile_pairs(a)
+    used = _tiles_for(sizes, tiles)
+    values, counts = np.unique(used, return_counts=True)
+    single = len(sizes) * _half_square(tiles.count)
+    best, best_cost = None, single
+    for k in range(1, min(max_buckets, len(values)) + 1):
+        for cuts in itertools.combinations(range(1, len(values)), k - 1):
+            edges = (0, *cuts, len(values))
+            groups = [(values[e - 1], counts[s:e].sum()) for s, e in itertools.pairwise(edges)]
+            cost = sum(int(n) * _half_square(int(m)) for m, n in groups)
+            if cost < best_cost:
+                best, best_cost = groups, cost
+    if best is None or best_cost > (1.0 - min_saving) * single:
+        return None
+    return tuple((min(int(m) * tiles.size, a), int(n)) for m, n in best)
+
+
+def bucket_slots(
+    batch: Batch, size_buckets: tuple[SizeBucket, ...]
+) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
+    """The slots of each size bucket, and which occupied systems found a place (traced).
+
+    Returns
+    -------
+    slots : list of (index, ok), one per bucket
+        ``index`` (slots,) int32: the bucket's systems in slot order (clipped into range where
+        ``ok`` (slots,) bool is False: a free place of the bucket).
+    placed : Array, shape (S,) bool
+        Occupied systems that have a place: a system larger than the last bucket, or beyond its
+        bucket's slots, has none (the model fails it, ``Failure.SIZE_BUCKET_FULL``).
+    """
+    s = batch.max_systems
+    n_atoms = batch.n_atoms
+    bounds = jnp.asarray([atoms for atoms, _ in size_buckets], n_atoms.dtype)
+    which = jnp.searchsorted(bounds, n_atoms, side="left")  # first bucket with atoms >= n
+    placed = jnp.zeros(s, bool)
+    out = []
+    for k, (_, n_slots) in enumerate(size_buckets):
+        member = batch.system_mask & (which == k)
+        (index,) = jnp.nonzero(member, size=n_slots, fill_value=s)
+        ok = index < s
+        placed = placed.at[index].set(True, mode="drop")
+        out.append((jnp.minimum(index, s - 1).astype(jnp.int32), ok))
+    return out, placed

@@ -35,6 +35,7 @@ from ..validation import (
     positive,
 )
 from .base import Model
+from .blocked import bucket_slots, fit_size_buckets
 from .neighbors import NeighborList
 from .pair_sums import (
     cell_too_small,
@@ -56,6 +57,16 @@ from .species import (
 __all__ = ["PairPotential"]
 
 
+def _buckets_converter(value):
+    """``size_buckets`` as a tuple of (atoms, slots) tuples (``None`` kept); checked later."""
+    if value is None:
+        return None
+    try:
+        return tuple(tuple(entry) for entry in value)
+    except TypeError:
+        return value
+
+
 class PairPotential(Model):
     """Base class of isotropic pair potentials ``E = 1/2 Σ_i Σ_j φ(r_ij)`` within each system.
 
@@ -71,6 +82,16 @@ class PairPotential(Model):
         too small for the images given gets NaN energy, forces and stress, and a run fails that
         system with ``Failure.CELL_TOO_SMALL`` (never silently wrong forces, never a run-wide
         error). Dense path only.
+    size_buckets : tuple of (int, int), optional
+        Dense path, blocked layout: split the system slots into size buckets ``(atoms, slots)``
+        (ascending ``atoms``), each holding up to ``slots`` systems of at most ``atoms`` atoms
+        and paired on the tiles its size fills, so that in a batch of mixed sizes the small
+        systems do not pay for the largest (docs/models.md, "Size buckets"). A system belongs
+        to the first bucket it fits by its own size. ``None`` (default): one bucket; a fixed
+        batch's run fits them to its systems (:meth:`with_size_buckets`) when that saves a
+        quarter of the pairs. ``()``: one bucket, never fitted. A system with no place in its
+        bucket gets NaN energy, forces and stress (``Failure.SIZE_BUCKET_FULL`` in a run). Not
+        used with neighbor lists, nor in inflight runs (refused: refills bring any size).
     skin : float, optional
         Verlet skin in Å. When given, the energy is summed over ``batch.neighbors`` (a
         :class:`~fused_dynamics.models.neighbors.NeighborList`, which the batch must then carry)
@@ -115,6 +136,9 @@ class PairPotential(Model):
     # ``cutoff`` (Å) is given by each subclass, as a static field or a property; it is not declared
     # here because a base-class field would come first in every subclass's positional signature.
     images: tuple[int, int, int] | None = eqx.field(static=True, default=None, kw_only=True)
+    size_buckets: tuple[tuple[int, int], ...] | None = eqx.field(
+        static=True, default=None, kw_only=True, converter=_buckets_converter
+    )
     skin: float | None = eqx.field(static=True, default=None, kw_only=True)
     auto_refresh: bool = eqx.field(static=True, default=True, kw_only=True)
     species: tuple[int, ...] | None = eqx.field(
@@ -147,6 +171,25 @@ class PairPotential(Model):
                 )
             for k, n in enumerate(self.images):
                 check_integer(owner, f"images[{k}]", n, 0)
+        if self.size_buckets is not None:
+            buckets = self.size_buckets
+            if not isinstance(buckets, tuple) or any(
+                not isinstance(e, tuple) or len(e) != 2 for e in buckets
+            ):
+                raise ValueError(
+                    f"{owner}: size_buckets must be None or a sequence of (atoms, slots) "
+                    f"pairs, got {buckets!r}."
+                )
+            previous = 0
+            for k, (atoms, slots) in enumerate(self.size_buckets):
+                check_integer(owner, f"size_buckets[{k}] atoms", atoms, 1)
+                check_integer(owner, f"size_buckets[{k}] slots", slots, 1)
+                if atoms <= previous:
+                    raise ValueError(
+                        f"{owner}: size_buckets must be (atoms, slots) pairs in increasing "
+                        f"atoms; entry {k} has {atoms} atoms after {previous}."
+                    )
+                previous = atoms
         species = self.species
         if species is not None:
             if not isinstance(species, tuple) or not species:
@@ -230,8 +273,47 @@ class PairPotential(Model):
         return dataclasses.replace(self, species=present)
 
     def check_batch(self, batch: Batch) -> None:
-        """Host-side checks of a concrete batch before compiling (:meth:`check_species`)."""
+        """Host-side checks of a concrete batch before compiling (:meth:`check_species`, and
+        that every system has a place in ``size_buckets``).
+
+        Raises
+        ------
+        ValueError
+            Naming the unknown elements, or the systems without a place in the size buckets.
+        """
         self.check_species(batch)
+        if not self.size_buckets or self.skin is not None:
+            return
+        owner = type(self).__name__
+        sizes = np.asarray(batch.n_atoms)[np.asarray(batch.system_mask)]
+        bounds = np.asarray([atoms for atoms, _ in self.size_buckets])
+        which = np.searchsorted(bounds, sizes, side="left")
+        if (which == len(bounds)).any():
+            raise ValueError(
+                f"{owner}: size_buckets={self.size_buckets} hold systems of at most "
+                f"{bounds[-1]} atoms; the batch has one of {int(sizes.max())}."
+            )
+        for k, (atoms, slots) in enumerate(self.size_buckets):
+            held = int(np.sum(which == k))
+            if held > slots:
+                raise ValueError(
+                    f"{owner}: size_buckets[{k}] = ({atoms}, {slots}) holds {slots} systems; "
+                    f"the batch has {held} of its sizes. Fit them with "
+                    "model.with_size_buckets(batch), or give more slots."
+                )
+
+    def with_size_buckets(self, batch: Batch, **options) -> PairPotential:
+        """A copy with size buckets fitted to a concrete batch's systems (host-side).
+
+        :func:`.blocked.fit_size_buckets` of the occupied systems' sizes (``options``:
+        ``max_buckets``, ``min_saving``); ``size_buckets`` stays ``None`` where buckets would
+        save less than ``min_saving`` of the pairs. Returns ``self`` on the neighbor-list path.
+        """
+        if self.skin is not None:
+            return self
+        sizes = np.asarray(batch.n_atoms)[np.asarray(batch.system_mask)]
+        buckets = fit_size_buckets(sizes, batch.max_atoms_per_system, **options)
+        return dataclasses.replace(self, size_buckets=buckets)
 
     def check_species(self, batch: Batch) -> None:
         """Host-side: every occupied atom of a concrete batch is of one of ``species``.
@@ -387,4 +469,9 @@ class PairPotential(Model):
         if self.skin is not None:
             return jnp.zeros(batch.max_systems, jnp.int32)
         bad = self._cell_too_small(batch)
-        return jnp.where(bad, int(Failure.CELL_TOO_SMALL), 0).astype(jnp.int32)
+        faults = jnp.where(bad, int(Failure.CELL_TOO_SMALL), 0).astype(jnp.int32)
+        if self.size_buckets:
+            _, placed = bucket_slots(batch, self.size_buckets)
+            full = batch.system_mask & ~placed
+            faults = faults | jnp.where(full, int(Failure.SIZE_BUCKET_FULL), 0).astype(jnp.int32)
+        return faults

@@ -31,6 +31,7 @@ from .. import segment
 from ..batch import Batch
 from .blocked import (
     atom_rows,
+    bucket_slots,
     dense_layout,
     fractional,
     image_shifts,
@@ -198,10 +199,15 @@ def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.A
     n_img = (1, 1, 1) if model.images is None else tuple(model.images)
     blocks = system_blocks(batch)
     shifts = image_shifts(n_img, np.dtype(batch.dtype))  # (K - 1, 3), host-side
+    buckets = getattr(model, "size_buckets", None)
     layout = dense_layout(
-        batch.max_systems, batch.max_atoms, batch.max_atoms_per_system, len(shifts)
+        batch.max_systems, batch.max_atoms, batch.max_atoms_per_system, len(shifts), buckets
     )
-    if layout == "rows":
+    unplaced = jnp.zeros(batch.max_systems, bool)
+    if layout == "blocks" and buckets:
+        energy, placed = _bucketed_energy(model, batch, blocks, species, buckets, shifts)
+        unplaced = batch.system_mask & ~placed
+    elif layout == "rows":
         rows = atom_rows(batch, blocks)
         atom_energy = _row_energy(model, rows, species)
         if len(shifts):
@@ -216,9 +222,34 @@ def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.A
         if len(shifts):  # + 0.0 for a slot with no image pair: the same bits
             energy = energy + _tiled_energy(model, tiles, *args, jnp.asarray(shifts))
     # A cell too small for the static image range would miss pairs: that system's energy,
-    # forces and stress are NaN, and a run reports it FAILED with Failure.CELL_TOO_SMALL.
-    # Other systems are untouched: it is not a run-wide error.
-    return poison_systems(batch, energy, cell_too_small(batch, model.cutoff, n_img))
+    # forces and stress are NaN, and a run reports it FAILED with Failure.CELL_TOO_SMALL (or
+    # SIZE_BUCKET_FULL: no place in its size bucket). Other systems are untouched: it is not a
+    # run-wide error.
+    bad = cell_too_small(batch, model.cutoff, n_img) | unplaced
+    return poison_systems(batch, energy, bad)
+
+
+def _bucketed_energy(model, batch, blocks, species, buckets, shifts):
+    """The blocked sum per size bucket (:func:`.blocked.fit_size_buckets`): each bucket's
+    systems gathered into (slots, A) blocks and paired on the leading tiles their size fills.
+
+    Returns the energies (S,) (0 for a slot in no bucket) and which systems were placed (S,).
+    """
+    slots, placed = bucket_slots(batch, buckets)
+    full = tile_pairs(batch.max_atoms_per_system)
+    sp = None if species is None else species[blocks.index]
+    energy = jnp.zeros(batch.max_systems, batch.dtype)
+    for (atoms, _), (index, ok) in zip(buckets, slots, strict=True):
+        tiles = tile_pairs(batch.max_atoms_per_system, used=-(-atoms // full.size))
+        valid = blocks.valid[index] & ok[:, None]
+        positions = jnp.where(valid[..., None], blocks.positions[index], 0.0)
+        args = (positions, valid, None if sp is None else sp[index])
+        args += (batch.cell[index], batch.pbc[index])
+        e = _tiled_energy(model, tiles, *args)
+        if len(shifts):
+            e = e + _tiled_energy(model, tiles, *args, jnp.asarray(shifts))
+        energy = energy.at[jnp.where(ok, index, batch.max_systems)].add(e, mode="drop")
+    return energy, placed
 
 
 def neighbor_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.Array:
