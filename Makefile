@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test docs lint format clean
+.PHONY: demo test test-quick docs lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
+
+test-quick: $(STAMP)  # the suite without the tests marked slow (they run in make test and CI)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 -m "not slow"
 
 docs: $(STAMP)  # the documentation site, into site/
 	$(VENV)/bin/mkdocs build --strict --site-dir site

@@ -18,6 +18,7 @@ import time
 
 import ase.io
 import numpy as np
+import pytest
 from ase.cluster import Icosahedron
 
 from fused_dynamics.checkpoint import read_header
@@ -163,6 +164,7 @@ def _same(a, b, exact):
     assert a.info["exit_reason"] == b.info["exit_reason"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_and_resumed_from_its_checkpoint_writes_what_an_uninterrupted_run_writes(
     tmp_path,
 ):

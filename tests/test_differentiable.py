@@ -48,6 +48,7 @@ H = 1e-6
 RTOL = 1e-5
 
 
+@pytest.mark.slow
 def test_grad_wrt_a_pair_potential_parameter_matches_finite_differences():
     batch = _cluster_batch()
     f = jax.jit(lambda eps: _observable(_lj(epsilon=eps), batch))
@@ -57,6 +58,7 @@ def test_grad_wrt_a_pair_potential_parameter_matches_finite_differences():
     assert abs(float(g)) > 1.0, "the observable depends on ε"
 
 
+@pytest.mark.slow
 def test_grad_wrt_initial_positions_matches_finite_differences():
     """d(observable)/d(initial position) through the run, under an outer jit."""
     batch = _cluster_batch()
@@ -73,6 +75,7 @@ def test_grad_wrt_initial_positions_matches_finite_differences():
         np.testing.assert_allclose(g[atom, axis], fd_g, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_grad_wrt_a_stage_parameter():
     """The NVE time step is a traced parameter: d(observable)/d(dt) equals finite differences."""
     batch = _cluster_batch()
@@ -93,6 +96,7 @@ def _temp_bytes(fn, *args) -> int:
     return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_checkpointed_gradient_memory_stays_bounded_where_a_scan_grows():
     """Compiled gradient of 2,000 NVE steps (XLA's memory analysis, no timing): with 8
     checkpoints the temporaries stay under 1 MB (measured 0.07 MB); a plain lax.scan of the

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import fused_dynamics as fd
 
@@ -24,6 +25,7 @@ def _run_page() -> dict:
     return module.__dict__
 
 
+@pytest.mark.slow
 def test_worked_model_runs_and_is_consistent():
     ns = _run_page()
     model, batch, out, relaxed = ns["model"], ns["batch"], ns["out"], ns["relaxed"]

@@ -312,6 +312,7 @@ def test_unknown_element_is_an_error_naming_element_and_system(files):
 
 
 # ------------------------------------------------------------------------- dynamics
+@pytest.mark.slow
 def test_fire_relaxes_and_nve_conserves_energy(files):
     """FIRE in a fused stage lowers the energy of every system of the mixed alloy batch and
     converges all four from fmax > 0.5 eV/Å to fmax < 0.01 eV/Å within 200 steps (measured

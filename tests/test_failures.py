@@ -170,6 +170,7 @@ def test_nan_detector_fails_only_the_broken_system():
     assert failed == [2]
 
 
+@pytest.mark.slow
 def test_neighbor_list_overflow_without_hook_regrows_and_matches_dense():
     """No NeighborListHook and a list far too small: the engine stores its refresh, the run
     loop sees the overflow, regrows and repeats; the result equals the dense path."""

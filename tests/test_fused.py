@@ -389,6 +389,7 @@ def test_hook_receives_only_requested_fields():
 
 
 # ----------------------------------------------------------------------------- transformations
+@pytest.mark.slow
 def test_vmap_over_time_steps_equals_separate_runs():
     b = batch_of(clusters(2))
     dts = jnp.array([0.5, 1.0, 2.0, 4.0])
@@ -401,6 +402,7 @@ def test_vmap_over_time_steps_equals_separate_runs():
         np.testing.assert_allclose(batched[k], run(float(dt)), rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_vmap_over_langevin_temperatures_equals_separate_runs():
     b = batch_of(clusters(2))
     temps = jnp.array([20.0, 40.0, 80.0, 160.0])
@@ -420,6 +422,7 @@ def test_vmap_over_langevin_temperatures_equals_separate_runs():
     assert float(jnp.abs(pos[0] - pos[3]).max()) > 1e-6
 
 
+@pytest.mark.slow
 def test_grad_through_a_differentiable_run_matches_finite_differences():
     b = batch_of(clusters(1))
 

@@ -88,6 +88,7 @@ def test_every_system_once_and_equal_to_running_alone(n_systems):
         assert got.info["stage_steps"] == ref.info["stage_steps"]
 
 
+@pytest.mark.slow
 def test_utilization_high_with_long_md_budget():
     """Slot utilisation: with budgets much longer than the refill period, slots stay busy."""
     data = dataset(60, seed=2)

@@ -107,7 +107,14 @@ def _slot_view(b: Batch, slot: int) -> list[np.ndarray]:
     return per_atom + per_system + state + info
 
 
-CASES = [(name, path) for path in ("dense", "neighbors") for name in _stages(LJ)]
+# Every sub-stage on both paths: ~18 s each. Three representative cases (an integrator on each
+# path and the barostat) stay in the quick tier; the others are marked slow (run by make test).
+QUICK = {("NVE", "dense"), ("FIRE", "neighbors"), ("NPT", "dense")}
+CASES = [
+    (name, path) if (name, path) in QUICK else pytest.param(name, path, marks=pytest.mark.slow)
+    for path in ("dense", "neighbors")
+    for name in _stages(LJ)
+]
 
 
 @pytest.mark.parametrize(("name", "path"), CASES)
@@ -144,7 +151,7 @@ def test_injected_fault_never_reaches_other_systems(name, path):
         assert int(hit.info["failure_step"][slot]) > k
 
 
-@pytest.mark.parametrize("path", ["dense", "neighbors"])
+@pytest.mark.parametrize("path", ["dense", pytest.param("neighbors", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("quantity", ["positions", "velocities", "forces"])
 def test_every_quantity_isolated_under_fire_and_nve(path, quantity):
     """The systematic version for the two workhorses: every slot, every quantity, NaN and inf."""

@@ -270,6 +270,7 @@ def test_md_forces_equal_dense_reference_with_rebuilds():
     assert moved > SKIN
 
 
+@pytest.mark.slow
 def test_overflow_regrows_once_and_reruns_to_the_same_result():
     model = LJ.with_neighbors(skin=0.5)
     small = hot_batch(model, seed=1, capacity=64)
@@ -296,6 +297,7 @@ def test_overflow_regrows_once_and_reruns_to_the_same_result():
     np.testing.assert_allclose(out.velocities, ref.velocities, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_vmap_over_temperatures_equals_separate_runs():
     model = LJ.with_neighbors(skin=0.5)
     batch = hot_batch(model, seed=2, temperature=150.0)
@@ -388,6 +390,7 @@ def test_sharded_evaluation_equals_unsharded():
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_grad_through_a_differentiable_run_equals_dense_path():
     """Reverse mode through a checkpointed run with rebuilds: same gradient as the dense path."""
     batch = hot_batch(LJ.with_neighbors(skin=0.3), seed=4, temperature=400.0)

@@ -237,6 +237,7 @@ def _copper() -> ase.Atoms:
     return atoms
 
 
+@pytest.mark.slow
 def test_nve_conserves_energy_and_fire_relaxes():
     """Velocity Verlet (dt = 1 fs, 100 steps, 300 K) in a fused run on perturbed fcc Cu (32
     atoms, one-layer model): the total energy changes by less than 2e-5 eV/atom (measured

@@ -210,6 +210,7 @@ def _job(folder, **model):
     return path
 
 
+@pytest.mark.slow
 def test_a_job_on_the_list_and_on_dense_pairs_writes_the_same_systems(tmp_path):
     """neighbors = "list" against "dense" (the reference): energies and forces to 1e-12 eV
     (eV/Å) in float64, and the run says which path it took and why."""

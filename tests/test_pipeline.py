@@ -171,6 +171,7 @@ def _assert_equal_to(ref: dict, got, name: str) -> list:
     return ids
 
 
+@pytest.mark.slow
 def test_fire_then_nvt_over_two_device_groups_equals_the_fused_run_and_resumes(runs):
     """``fire | nvt`` on 2 + 2 devices: 500 systems through a buffer of 64 and the first 48
     through a buffer of 1 (back-pressure) each reach the sink exactly once, equal to the fused

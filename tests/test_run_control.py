@@ -64,6 +64,7 @@ class Labelled(fd.Hook):
         self.seen.append((self.label, data.step))
 
 
+@pytest.mark.slow
 def test_equinox_mlp_model_and_string_hook_run_compiled_fixed_and_inflight():
     mlp = eqx.nn.MLP(1, 1, 8, 2, activation=jax.nn.softplus, key=jax.random.PRNGKey(0))
     model = MLPCorrected(base=LJ, mlp=jax.tree_util.tree_map(lambda x: x, mlp))

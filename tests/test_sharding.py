@@ -240,6 +240,7 @@ def runs(tmp_path_factory):
     return out, procs, ref, by_id(one.atoms)
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one_device_move_no_atoms_and_resume(runs):
     """4 devices: the fixed batch (a temperature per system) and the inflight run (each
     system written once) per system bit for bit as on one device, the same step count; the

@@ -204,9 +204,10 @@ def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.A
         batch.max_systems, batch.max_atoms, batch.max_atoms_per_system, len(shifts), buckets
     )
     unplaced = jnp.zeros(batch.max_systems, bool)
+    if buckets:  # a system without a place fails in either layout (the model's contract)
+        unplaced = batch.system_mask & ~bucket_slots(batch, buckets)[1]
     if layout == "blocks" and buckets:
-        energy, placed = _bucketed_energy(model, batch, blocks, species, buckets, shifts)
-        unplaced = batch.system_mask & ~placed
+        energy = _bucketed_energy(model, batch, blocks, species, buckets, shifts)
     elif layout == "rows":
         rows = atom_rows(batch, blocks)
         atom_energy = _row_energy(model, rows, species)
@@ -233,9 +234,9 @@ def _bucketed_energy(model, batch, blocks, species, buckets, shifts):
     """The blocked sum per size bucket (:func:`.blocked.fit_size_buckets`): each bucket's
     systems gathered into (slots, A) blocks and paired on the leading tiles their size fills.
 
-    Returns the energies (S,) (0 for a slot in no bucket) and which systems were placed (S,).
+    Returns the energies (S,), 0 for a slot in no bucket.
     """
-    slots, placed = bucket_slots(batch, buckets)
+    slots, _ = bucket_slots(batch, buckets)
     full = tile_pairs(batch.max_atoms_per_system)
     sp = None if species is None else species[blocks.index]
     energy = jnp.zeros(batch.max_systems, batch.dtype)
@@ -249,7 +250,7 @@ def _bucketed_energy(model, batch, blocks, species, buckets, shifts):
         if len(shifts):
             e = e + _tiled_energy(model, tiles, *args, jnp.asarray(shifts))
         energy = energy.at[jnp.where(ok, index, batch.max_systems)].add(e, mode="drop")
-    return energy, placed
+    return energy
 
 
 def neighbor_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.Array:
