@@ -215,6 +215,23 @@ def overhead_section(data: dict) -> list[str]:
     ]
 
 
+def padding_section(data: dict) -> list[str]:
+    ratio = data.get("over_per_shape", {})
+    mixed, one = ratio.get("mixed") or {}, ratio.get("mixed_one_bucket") or {}
+
+    def cell(r):
+        return f"{fmt(r.get('median'))} ({fmt(r.get('min'))}–{fmt(r.get('max'))})"
+
+    load = data.get("load_average", {}).get("start", [None])[0]
+    return [
+        f"**Padding of mixed sizes** (`bench_padding.py`, `{data['_file']}`): "
+        f"{data.get('workload')}; one mixed batch over one batch per shape, wall time, median "
+        f"(min–max) of {data.get('timing')}: with the size buckets `run` fits "
+        f"{cell(mixed)} (target <= 1.15), with one bucket {cell(one)}; load {fmt(load)} at "
+        f"the start, commit {data.get('git', {}).get('commit', '?')[:7]}.",
+    ]
+
+
 def _ratio_cell(r: dict) -> str:
     s = r.get("ours_over_peer")
     if not s:
@@ -391,6 +408,7 @@ def render() -> str:
         ("peers", peers_section),
         ("inflight", inflight_section),
         ("fused_overhead", overhead_section),
+        ("padding", padding_section),
         ("peers_gpu", gpu_section),
     ):
         data = load(name)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import constraints
 from .batch import HOST_FIELDS, INFO_FIELDS, atoms_from_arrays
 from .hooks_base import DynamicsStage, Hook, HookData, fail_systems
+from .linalg3 import inv3
 from .observables import initialize_velocities
 from .status import ExitReason, Failure
 
@@ -249,7 +250,7 @@ class WrapPeriodicHook(Hook):
 
     def apply(self, batch, ctx):
         sys = jnp.minimum(batch.system_idx, batch.max_systems - 1)
-        inv = jnp.linalg.inv(batch.cell)[sys]
+        inv = inv3(batch.cell)[sys]
         frac = jnp.einsum("ni,nij->nj", batch.positions, inv)
         pbc = batch.pbc[sys]
         frac = jnp.where(pbc, frac - jnp.floor(frac), frac)

@@ -188,6 +188,7 @@ def test_neighbor_list_overflow_without_hook_regrows_and_matches_dense():
     assert np.all(np.asarray(nl.info["exit_reason"]) == fd.ExitReason.BUDGET)
 
 
+@pytest.mark.slow
 def test_neighbor_list_overflow_that_cannot_regrow_fails_loudly():
     """Under jax.vmap the run loop cannot regrow the list: systems fail, never zero forces."""
     a = _crystal(0)

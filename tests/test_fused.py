@@ -110,7 +110,7 @@ def dataclass_replace(obj, **kw):
     return dataclasses.replace(obj, **kw)
 
 
-@pytest.mark.parametrize("relax_kind", ["descent", "fire"])
+@pytest.mark.parametrize("relax_kind", [pytest.param("descent", marks=pytest.mark.slow), "fire"])
 def test_fused_chain_equals_each_system_alone(relax_kind):
     """Relax until fmax <= 0.002, then NVE for 7 steps: each system exactly as if alone."""
     atoms = clusters(3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 from ase.build import bulk
 from ase.cluster import Icosahedron
 
@@ -49,6 +50,7 @@ def _trajectory(fused, batch, n_steps=60):
     return np.array(statuses), b, conds
 
 
+@pytest.mark.slow
 def test_select_only_form_gives_the_bits_of_the_cond_form(monkeypatch):
     batch, fused = _batch(), _fused()
     cpu_status, cpu, cpu_conds = _trajectory(fused, batch)

@@ -476,6 +476,7 @@ def test_langevin_noise_depends_on_seed():
     assert not np.allclose(outs[0], outs[2])  # the seed matters
 
 
+@pytest.mark.slow
 def test_fused_thermostats_and_gradient():
     # All thermostats as sub-stages of one fused stage, one system in each (set by status), and a
     # gradient through three steps: friction 0 (sqrt(0) in the O step), chains of length 3 and

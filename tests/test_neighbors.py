@@ -251,6 +251,7 @@ def hot_batch(model, seed=0, temperature=300.0, **kw):
     return fd.initialize_velocities(batch, temperature, jax.random.PRNGKey(seed))
 
 
+@pytest.mark.slow
 def test_md_forces_equal_dense_reference_with_rebuilds():
     n_steps = 100
     model = LJ.with_neighbors(skin=0.5)

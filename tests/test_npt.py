@@ -343,6 +343,7 @@ def test_masked_systems_untouched():
             assert np.array_equal(np.asarray(new_leaf)[1:], np.asarray(old_leaf)[1:])
 
 
+@pytest.mark.slow
 def test_trajectory_independent_of_neighbours():
     """A system follows the same trajectory alone and in slot 1 of a padded batch with another
     system and an empty slot (agreement 1e-9 Å / eV: rounding differences of batched

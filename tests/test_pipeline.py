@@ -185,6 +185,7 @@ def test_fire_then_nvt_over_two_device_groups_equals_the_fused_run_and_resumes(r
         assert sorted(ids) == list(range(n)), name  # every system exactly once
 
 
+@pytest.mark.slow
 def test_fire_then_nvt_on_two_processes(runs):
     """``fire | nvt`` with each stage on its own process (2 devices each, jax.distributed on
     localhost), a buffer of 2: graduates cross between the processes in a ``ppermute`` of

@@ -258,6 +258,7 @@ def test_four_devices_equal_one_device_move_no_atoms_and_resume(runs):
         _assert_npz_equal(got, [one[i] for i in ids])
 
 
+@pytest.mark.slow
 def test_two_processes_run_one_sharded_batch(runs):
     """Two processes of 2 CPU devices each (jax.distributed on localhost) run the fixed batch
     over the 4-device global mesh, equal to the one-device run, then an inflight run from

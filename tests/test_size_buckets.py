@@ -191,3 +191,14 @@ def test_an_inflight_run_refuses_size_buckets_before_compiling():
     )
     with pytest.raises(ValueError, match="size buckets are for fixed batches"):
         fire.run(sampler=sampler, sinks=[fd.HostMemory()])
+
+
+def test_a_bucket_wider_than_the_block_pairs_every_tile_once(mixed):
+    """A last bucket of more atoms than the batch's capacity A (500 > 108) pairs the block's own
+    tiles, never a tile twice: the same results as the fitted buckets."""
+    systems, batch, _, out = mixed
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pair_sums, "dense_layout", lambda *capacities: "blocks")
+        wide = _model(size_buckets=((36, 3), (72, 1), (500, 1))).prepare(batch)(batch)
+    for got, want in ((wide.energy, out.energy), (wide.forces, out.forces)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-12)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..batch import Batch
+from ..linalg3 import inv3
 
 __all__ = [
     "SystemBlocks",
@@ -118,7 +119,7 @@ def min_image(
 
 def fractional(positions: jax.Array, cell: jax.Array) -> jax.Array:
     """Fractional coordinates of blocks (S, A, 3) in cells (S, 3, 3), without a derivative."""
-    return jax.lax.stop_gradient(matvec3(positions, jnp.linalg.inv(cell)[:, None]))
+    return jax.lax.stop_gradient(matvec3(positions, inv3(cell)[:, None]))
 
 
 def min_image_vectors(positions: jax.Array, cell: jax.Array, pbc: jax.Array) -> jax.Array:
@@ -247,7 +248,7 @@ def atom_rows(batch: Batch, blocks: SystemBlocks) -> AtomRows:
     valid = batch.atom_mask & batch.system_mask[sys]
     cell, pbc = batch.cell[sys], batch.pbc[sys]
     positions = jnp.where(valid[:, None], batch.positions, 0.0)
-    frac = jax.lax.stop_gradient(matvec3(positions, jnp.linalg.inv(cell)))
+    frac = jax.lax.stop_gradient(matvec3(positions, inv3(cell)))
     partners = SystemBlocks(blocks.index[sys], blocks.valid[sys], blocks.positions[sys])
     partner_frac = fractional(blocks.positions, batch.cell)[sys]
     return AtomRows(valid, positions, frac, partners, partner_frac, cell, pbc, sys)

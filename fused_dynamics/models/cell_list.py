@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import segment
+from ..linalg3 import inv3
 
 #: ``NeighborList.needed`` holds, in this order, the largest values seen by the builds since the
 #: allocation up to the first overflow: pairs, atoms in one bin, bins used (never more than the
@@ -92,7 +93,7 @@ def _bin_geometry(g: dict, rc: float, stencil: int) -> dict:
     s = cell.shape[0]
     sys = jnp.minimum(system_idx, s - 1)
     real = g["atom_mask"] & (system_idx < s)
-    inv = jnp.linalg.inv(cell)
+    inv = inv3(cell)
     spacing = 1.0 / jnp.linalg.norm(inv, axis=-2)  # (S, 3) distance between lattice planes
     frac = jnp.einsum("ni,nij->nj", pos, inv[sys])
     per = pbc[sys]

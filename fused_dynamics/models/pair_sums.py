@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import segment
 from ..batch import Batch
+from ..linalg3 import inv3
 from .blocked import (
     atom_rows,
     bucket_slots,
@@ -65,7 +66,7 @@ def required_images(cell: jax.Array, pbc: jax.Array, cutoff: float) -> jax.Array
     -------
     Array, shape (S, 3) int32 (0 along non-periodic directions).
     """
-    recip = jnp.linalg.inv(cell)  # columns are reciprocal vectors b_k (without 2π)
+    recip = inv3(cell)  # columns are reciprocal vectors b_k (without 2π)
     spacing = 1.0 / jnp.linalg.norm(recip, axis=-2)
     n = jnp.floor(cutoff / spacing + 0.5).astype(jnp.int32)
     return jnp.where(pbc, n, 0)
@@ -241,7 +242,8 @@ def _bucketed_energy(model, batch, blocks, species, buckets, shifts):
     sp = None if species is None else species[blocks.index]
     energy = jnp.zeros(batch.max_systems, batch.dtype)
     for (atoms, _), (index, ok) in zip(buckets, slots, strict=True):
-        tiles = tile_pairs(batch.max_atoms_per_system, used=-(-atoms // full.size))
+        used = min(-(-atoms // full.size), full.count)  # a bucket wider than A: all tiles
+        tiles = tile_pairs(batch.max_atoms_per_system, used=used)
         valid = blocks.valid[index] & ok[:, None]
         positions = jnp.where(valid[..., None], blocks.positions[index], 0.0)
         args = (positions, valid, None if sp is None else sp[index])
