@@ -1,8 +1,13 @@
 """Cost of padding a mixed batch (issue 13, item 3): one mixed FIRE run vs one run per shape.
 
-Workload: the W1 relaxation of ``bench_peers.py`` (``--systems`` 64: half rattled icosahedral
-argon clusters of 55 atoms, non-periodic, half rattled periodic fcc crystals of 256 atoms),
-LJ (sigma 3.405 Å, epsilon 0.0104 eV, hard cut at 8.5 Å), float64, FIRE to fmax < 0.05 eV/Å.
+Workloads (``--structures``), LJ (sigma 3.405 Å, epsilon 0.0104 eV, hard cut at 8.5 Å),
+float64, FIRE to fmax < 0.05 eV/Å:
+
+- ``peers`` (default): the relaxation set of ``bench_peers.py`` (``--systems`` 64: half rattled
+  icosahedral argon clusters of 55 atoms, non-periodic, half rattled periodic fcc crystals of
+  256 atoms);
+- ``w1``: issue 13's W1, ``--systems`` (256) clusters and crystals of 13-108 atoms in seven
+  shapes (:func:`w1_structures`).
 
 Programs, each compiled once (compile times reported apart), then called in interleaved rounds
 in this one process, the order rotated every round:
@@ -12,15 +17,15 @@ in this one process, the order rotated every round:
   atom slots, crystals on all 8);
 - ``mixed_one_bucket``: the same with ``size_buckets=()`` (every slot padded to 256 atoms and
   paired on all its tiles: the kernel before size buckets);
-- ``per_shape``: one ``fd.FIRE`` run of the clusters' batch, then one of the crystals' batch,
-  each padded only to its own size (what a user sorting structures by size by hand gets).
+- ``per_shape``: one ``fd.FIRE`` run per shape (equal size and periodicity), one after the
+  other, each batch padded only to its own size (what a user sorting structures by hand gets).
 
 Reported: seconds per round (median, min-max), the per-round ratios to ``per_shape`` (target
-for ``mixed``: <= 1.15), the model evaluations of each, the dense layout each batch compiled to, and
-the load average at start and end (the 2-core machine is shared).
+for ``mixed``: <= 1.15), the model evaluations of each, the dense layout each batch compiled
+to, and the load average at start and end (the 2-core machine is shared).
 
-Run: ``.venv/bin/python benchmarks/bench_padding.py [--systems 64] [--rounds 5]
-[--name padding]``.
+Run: ``.venv/bin/python benchmarks/bench_padding.py [--structures peers|w1] [--systems 64]
+[--rounds 5] [--name padding]``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import git_state, save  # noqa: E402
+from ase.build import bulk  # noqa: E402
+from ase.cluster import Decahedron, Icosahedron, Octahedron  # noqa: E402
 from bench_peers import CUTOFF, EPSILON, FMAX, MAX_RELAX_STEPS, SIGMA, relax_systems  # noqa: E402
 
 import fused_dynamics as fd  # noqa: E402
@@ -85,24 +92,66 @@ def relaxation(systems, size_buckets=None):
     return run, batch, layout
 
 
+def w1_structures(n_systems: int = 256, seed: int = 2):
+    """W1 of issue 13: clusters and crystals of 13-108 atoms, rattled by 0.1 Å (fixed seed).
+
+    Cycles over seven shapes: icosahedra of 13 and 55 atoms, a decahedron of 39, octahedra of
+    19 and 79 (non-periodic, in a 40 Å box), and periodic fcc crystals of 32 (2x2x2 cubic
+    cells) and 108 atoms (3x3x3); lattice constant 5.26 Å.
+    """
+    rng = np.random.default_rng(seed)
+    makers = [
+        lambda: Icosahedron("Ar", noshells=2, latticeconstant=5.26),
+        lambda: Octahedron("Ar", length=3, cutoff=0, latticeconstant=5.26),
+        lambda: bulk("Ar", "fcc", a=5.26, cubic=True) * (2, 2, 2),
+        lambda: Decahedron("Ar", p=3, q=2, r=0, latticeconstant=5.26),
+        lambda: Icosahedron("Ar", noshells=3, latticeconstant=5.26),
+        lambda: Octahedron("Ar", length=5, cutoff=1, latticeconstant=5.26),
+        lambda: bulk("Ar", "fcc", a=5.26, cubic=True) * (3, 3, 3),
+    ]
+    out = []
+    for k in range(n_systems):
+        a = makers[k % len(makers)]()
+        if not a.pbc.any():
+            a.set_cell([40.0, 40.0, 40.0])
+            a.center()
+        a.positions += rng.normal(scale=0.1, size=a.positions.shape)
+        if a.pbc.any():
+            a.wrap()
+        out.append(a)
+    return out
+
+
 def summary(xs) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
-def main(n_systems: int = 64, rounds: int = 5) -> dict:
+def main(n_systems: int = 64, rounds: int = 5, structures: str = "peers") -> dict:
     load_start = [round(x, 2) for x in os.getloadavg()]
     git = git_state()
-    clusters, crystals = relax_systems(n_systems)
-    mixed, mixed_batch, mixed_layout = relaxation(clusters + crystals)
-    one_bucket, _, one_layout = relaxation(clusters + crystals, size_buckets=())
-    groups = [relaxation(g) for g in (clusters, crystals)]
+    if structures == "peers":
+        clusters, crystals = relax_systems(n_systems)
+        systems = clusters + crystals
+        workload = (
+            f"{n_systems // 2} clusters x 55 + {n_systems - n_systems // 2} crystals x 256 atoms"
+        )
+    else:
+        systems = w1_structures(n_systems)
+        workload = f"{n_systems} clusters and crystals of 13-108 atoms (7 shapes)"
+    mixed, mixed_batch, mixed_layout = relaxation(systems)
+    one_bucket, _, one_layout = relaxation(systems, size_buckets=())
+    shapes = {}
+    for k, a in enumerate(systems):  # one batch per shape: equal size and periodicity
+        shapes.setdefault((len(a), bool(a.pbc.any())), []).append(k)
+    order = [k for ks in shapes.values() for k in ks]
+    groups = [relaxation([systems[k] for k in ks]) for ks in shapes.values()]
 
     def per_shape():
         outs = [run() for run, _, _ in groups]
         return {
             "model_calls": sum(o["model_calls"] for o in outs),
             "converged": sum(o["converged"] for o in outs),
-            "energy": np.concatenate([o["energy"] for o in outs]),
+            "energy": np.concatenate([o["energy"] for o in outs])[np.argsort(order)],
         }
 
     programs = {"mixed": mixed, "per_shape": per_shape, "mixed_one_bucket": one_bucket}
@@ -127,10 +176,7 @@ def main(n_systems: int = 64, rounds: int = 5) -> dict:
     }
     ratio = {name: summary(r) for name, r in rounds_ratio.items()}
     return {
-        "workload": (
-            f"{n_systems // 2} clusters x 55 + {n_systems - n_systems // 2} crystals x 256 atoms, "
-            "LJ argon, float64, FIRE to fmax 0.05 eV/A"
-        ),
+        "workload": f"{workload}, LJ argon, float64, FIRE to fmax 0.05 eV/A",
         "command": " ".join(["benchmarks/bench_padding.py", *sys.argv[1:]]),
         "timing": f"{rounds} interleaved rounds (order rotated each round), one process",
         "layouts": {
@@ -159,9 +205,15 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--systems", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument(
+        "--structures",
+        choices=["peers", "w1"],
+        default="peers",
+        help="peers: bench_peers.py's relaxation set (55 + 256 atoms); w1: 13-108 atoms",
+    )
     p.add_argument("--name", default="padding")
     args = p.parse_args()
-    res = main(args.systems, args.rounds)
+    res = main(args.systems, args.rounds, args.structures)
     path = save(args.name, res)
     for k, v in res.items():
         print(f"{k}: {v}")

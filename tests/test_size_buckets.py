@@ -202,3 +202,24 @@ def test_a_bucket_wider_than_the_block_pairs_every_tile_once(mixed):
         wide = _model(size_buckets=((36, 3), (72, 1), (500, 1))).prepare(batch)(batch)
     for got, want in ((wide.energy, out.energy), (wide.forces, out.forces)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-12)
+
+
+def test_fitting_reads_the_layout_on_the_host_even_under_jit():
+    """A differentiable run traces the positions, not the layout: the buckets are still fitted
+    from the concrete layout (NumPy, not staged ``jnp``); a traced layout keeps one bucket."""
+    batch = fd.Batch.from_atoms(_structures())
+    model, seen = _model(), []
+
+    @jax.jit
+    def positions_traced(positions):
+        seen.append(model.with_size_buckets(batch.replace(positions=positions)).size_buckets)
+        return positions
+
+    @jax.jit
+    def all_traced(b):
+        seen.append(model.with_size_buckets(b).size_buckets)
+        return b.positions
+
+    positions_traced(batch.positions)
+    all_traced(batch)
+    assert seen == [((36, 3), (72, 1), (108, 1)), None]

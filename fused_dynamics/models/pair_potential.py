@@ -57,6 +57,21 @@ from .species import (
 __all__ = ["PairPotential"]
 
 
+def _host_sizes(batch: Batch) -> np.ndarray | None:
+    """Atoms of each occupied system, in NumPy (None when the layout is traced).
+
+    NumPy, not ``batch.n_atoms``: under an outer ``jax.jit`` every ``jnp`` operation is staged
+    out, even on concrete inputs (a differentiable run traces the positions, not the layout).
+    """
+    if isinstance(batch.system_idx, jax.core.Tracer) or isinstance(
+        batch.system_mask, jax.core.Tracer
+    ):
+        return None
+    idx = np.asarray(batch.system_idx)
+    counts = np.bincount(idx[idx < batch.max_systems], minlength=batch.max_systems)
+    return counts[np.asarray(batch.system_mask)]
+
+
 def _buckets_converter(value):
     """``size_buckets`` as a tuple of (atoms, slots) tuples (``None`` kept); checked later."""
     if value is None:
@@ -282,10 +297,10 @@ class PairPotential(Model):
             Naming the unknown elements, or the systems without a place in the size buckets.
         """
         self.check_species(batch)
-        if not self.size_buckets or self.skin is not None:
+        sizes = _host_sizes(batch)
+        if not self.size_buckets or self.skin is not None or sizes is None:
             return
         owner = type(self).__name__
-        sizes = np.asarray(batch.n_atoms)[np.asarray(batch.system_mask)]
         bounds = np.asarray([atoms for atoms, _ in self.size_buckets])
         which = np.searchsorted(bounds, sizes, side="left")
         if (which == len(bounds)).any():
@@ -307,11 +322,12 @@ class PairPotential(Model):
 
         :func:`.blocked.fit_size_buckets` of the occupied systems' sizes (``options``:
         ``max_buckets``, ``min_saving``); ``size_buckets`` stays ``None`` where buckets would
-        save less than ``min_saving`` of the pairs. Returns ``self`` on the neighbor-list path.
+        save less than ``min_saving`` of the pairs. Returns ``self`` on the neighbor-list path
+        and where the layout of the batch is traced (under ``jax.jit``, ``jax.vmap``).
         """
-        if self.skin is not None:
+        sizes = _host_sizes(batch)
+        if self.skin is not None or sizes is None or not len(sizes):
             return self
-        sizes = np.asarray(batch.n_atoms)[np.asarray(batch.system_mask)]
         buckets = fit_size_buckets(sizes, batch.max_atoms_per_system, **options)
         return dataclasses.replace(self, size_buckets=buckets)
 
