@@ -32,7 +32,11 @@ def _cofactors(m: jax.Array) -> jax.Array:
 
 def det3(m: jax.Array) -> jax.Array:
     """Determinants of 3x3 matrices ``m`` (..., 3, 3), shape (...,): the rule of Sarrus."""
-    c = _cofactors(m)
+    return _expand(m, _cofactors(m))
+
+
+def _expand(m: jax.Array, c: jax.Array) -> jax.Array:
+    """``det(m)`` by expansion along the first row, from its cofactors ``c``."""
     return m[..., 0, 0] * c[..., 0, 0] + m[..., 0, 1] * c[..., 0, 1] + m[..., 0, 2] * c[..., 0, 2]
 
 
@@ -42,5 +46,4 @@ def inv3(m: jax.Array) -> jax.Array:
     A singular matrix gives inf or NaN entries (as ``jnp.linalg.inv`` gives inf or NaN).
     """
     c = _cofactors(m)
-    det = m[..., 0, 0] * c[..., 0, 0] + m[..., 0, 1] * c[..., 0, 1] + m[..., 0, 2] * c[..., 0, 2]
-    return jnp.swapaxes(c, -1, -2) / det[..., None, None]
+    return jnp.swapaxes(c, -1, -2) / _expand(m, c)[..., None, None]

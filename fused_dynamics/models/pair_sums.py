@@ -206,9 +206,10 @@ def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.A
     )
     unplaced = jnp.zeros(batch.max_systems, bool)
     if buckets:  # a system without a place fails in either layout (the model's contract)
-        unplaced = batch.system_mask & ~bucket_slots(batch, buckets)[1]
+        slots, placed = bucket_slots(batch, buckets)
+        unplaced = batch.system_mask & ~placed
     if layout == "blocks" and buckets:
-        energy = _bucketed_energy(model, batch, blocks, species, buckets, shifts)
+        energy = _bucketed_energy(model, batch, blocks, species, buckets, slots, shifts)
     elif layout == "rows":
         rows = atom_rows(batch, blocks)
         atom_energy = _row_energy(model, rows, species)
@@ -231,13 +232,13 @@ def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.A
     return poison_systems(batch, energy, bad)
 
 
-def _bucketed_energy(model, batch, blocks, species, buckets, shifts):
+def _bucketed_energy(model, batch, blocks, species, buckets, slots, shifts):
     """The blocked sum per size bucket (:func:`.blocked.fit_size_buckets`): each bucket's
-    systems gathered into (slots, A) blocks and paired on the leading tiles their size fills.
+    systems (``slots``, from :func:`.blocked.bucket_slots`) gathered into (slots, A) blocks
+    and paired on the leading tiles their size fills.
 
     Returns the energies (S,), 0 for a slot in no bucket.
     """
-    slots, _ = bucket_slots(batch, buckets)
     full = tile_pairs(batch.max_atoms_per_system)
     sp = None if species is None else species[blocks.index]
     energy = jnp.zeros(batch.max_systems, batch.dtype)
