@@ -13,7 +13,12 @@ this one process, the order rotated every round so no program always runs first:
   (``FusedStage(..., convergence_every=k)``);
 - ``fused_hooks``: ``fused`` with 4 idle hooks (host hooks due every 10^6 steps);
 - ``fused_run``: ``fused.run(batch, n_steps)`` end to end (initialisation, its priming
-  evaluation and the final stress evaluation included).
+  evaluation and the final stress evaluation included);
+- ``fused_tape_callback``: ``fused`` with one host hook that keeps energy, fmax, temperature and
+  positions every ``--tape-every`` steps (5), sent by a host callback inside the loop (what one
+  compiled call does);
+- ``fused_tape_recorded``: the same hook recorded into device buffers and delivered after the
+  loop (what a run in chunks does, :mod:`fused_dynamics.recording`; the delivery is timed).
 
 Reported per program: median, min and max seconds per step over the rounds; per round the ratio
 to ``bare`` of the same round, its median and min-max (targets: fused / bare <= 1.10, idle hooks
@@ -21,7 +26,8 @@ to ``bare`` of the same round, its median and min-max (targets: fused / bare <= 
 apart; the load average at start and end (the 2-core machine is shared).
 
 Run: ``.venv/bin/python benchmarks/bench_fused_overhead.py [--systems 64] [--steps 200]
-[--rounds 7] [--every 10] [--name fused_overhead]`` (``--every 0`` leaves ``fused_k`` out).
+[--rounds 7] [--every 10] [--tape-every 5] [--name fused_overhead]`` (``--every 0`` leaves
+``fused_k`` out, ``--tape-every 0`` the two tape programs).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from ase.build import bulk  # noqa: E402
@@ -45,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import git_state, save  # noqa: E402
 
 import fused_dynamics as fd  # noqa: E402
+from fused_dynamics import loop, recording  # noqa: E402
 
 
 def make_batch(n_systems: int, seed: int = 0) -> fd.Batch:
@@ -76,6 +84,31 @@ def with_idle_hooks(fused: fd.FusedStage) -> fd.FusedStage:
     ):
         fused = fused.register_fused_hook(Idle(stage=stage, every_n_steps=10**6))
     return fused
+
+
+class Tape(fd.Hook):
+    """Keeps what a trajectory logger keeps (host work: one list append per call)."""
+
+    rows: list = eqx.field(static=True, default_factory=list)
+    fields: tuple[str, ...] = eqx.field(
+        static=True, default=("energy", "fmax", "temperature", "positions"), kw_only=True
+    )
+
+    def on_host(self, data):
+        self.rows.append((data.step, data.arrays))
+
+
+def recorded_loop(fused: fd.FusedStage, n_steps: int):
+    """``n_steps`` fused steps in one compiled chunk that records host hooks, then the
+    delivery of the records to ``on_host`` (what a run in chunks does after each chunk)."""
+    chunk = jax.jit(lambda b: loop.chunk(fused, b, n_steps, n_steps))
+
+    def run(batch):
+        out, _, _, records = chunk(batch)
+        recording.deliver(fused, jax.device_get(records))
+        return out.positions
+
+    return run
 
 
 def step_loop(fused: fd.FusedStage, n_steps: int):
@@ -117,7 +150,7 @@ def summary(xs, scale=1.0) -> dict:
     }
 
 
-def main(n_systems=64, n_steps=200, rounds=7, every=10) -> dict:
+def main(n_systems=64, n_steps=200, rounds=7, every=10, tape_every=5) -> dict:
     load_start = [round(x, 2) for x in os.getloadavg()]
     git = git_state()  # what is imported now (others may edit the tree while this runs)
     batch = make_batch(n_systems)
@@ -145,6 +178,10 @@ def main(n_systems=64, n_steps=200, rounds=7, every=10) -> dict:
         "fused_hooks": (step_loop(hooked, n_steps), prepared),
         "fused_run": (jax.jit(lambda b: fused.run(b, n_steps=n_steps).positions), batch),
     }
+    if tape_every:
+        taped = fused.register_fused_hook(Tape(every_n_steps=tape_every))
+        programs["fused_tape_callback"] = (step_loop(taped, n_steps), prepared)
+        programs["fused_tape_recorded"] = (recorded_loop(taped, n_steps), prepared)
     if every:  # 0: leave the program out (a version without the option)
         programs["fused_k"] = (
             step_loop(make_fused(model, convergence_every=every), n_steps),
@@ -162,6 +199,18 @@ def main(n_systems=64, n_steps=200, rounds=7, every=10) -> dict:
     # one least disturbed by other processes
     best = {name: min(times[name]) / min(times["bare"]) for name in programs if name != "bare"}
     hook_cost = [h / f - 1.0 for h, f in zip(times["fused_hooks"], times["fused"], strict=True)]
+    tape = {}
+    if tape_every:  # per round: the recorded tape over the called-back one, and over no tape
+        rec, call = times["fused_tape_recorded"], times["fused_tape_callback"]
+        tape = {
+            "recorded_over_callback": summary([r / c for r, c in zip(rec, call, strict=True)]),
+            "recorded_over_fused": summary(
+                [r / f for r, f in zip(rec, times["fused"], strict=True)]
+            ),
+            "callback_over_fused": summary(
+                [c / f for c, f in zip(call, times["fused"], strict=True)]
+            ),
+        }
     return {
         "workload": f"{n_systems} LJ fcc argon systems x 108 atoms, float64, {n_steps} steps",
         "command": " ".join(["benchmarks/bench_fused_overhead.py", *sys.argv[1:]]),
@@ -169,10 +218,12 @@ def main(n_systems=64, n_steps=200, rounds=7, every=10) -> dict:
         "atoms": int(batch.max_atoms),
         "systems_in_md_at_end": int(np.sum(np.asarray(end.status) == 1)),
         "convergence_every": every,
+        "tape_every": tape_every,
         "step_ms": per_step,
         "over_bare": ratios,
         "best_over_best_bare": best,
         "idle_hook_overhead": summary(hook_cost),
+        "tape": tape,
         "compile_s": compile_s,
         "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]},
         "targets": {"fused_over_bare": "<= 1.10", "idle_hook_overhead": "< 0.02"},
@@ -186,9 +237,10 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--every", type=int, default=10)
+    p.add_argument("--tape-every", type=int, default=5)
     p.add_argument("--name", default="fused_overhead")
     args = p.parse_args()
-    res = main(args.systems, args.steps, args.rounds, args.every)
+    res = main(args.systems, args.steps, args.rounds, args.every, args.tape_every)
     path = save(args.name, res)
     for k, v in res.items():
         print(f"{k}: {v}")

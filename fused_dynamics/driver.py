@@ -4,14 +4,16 @@ loop (:mod:`fused_dynamics.loop`) and the live run (:mod:`fused_dynamics.live`).
 
 :class:`~fused_dynamics.FusedStage` holds the structure and the pure step; this module drives it.
 
-- A fixed batch without sinks runs in one compiled ``lax.while_loop`` (:func:`run`), also under
-  ``jax.vmap`` and, with ``differentiable=True``, ``jax.grad``.
-- Everything else (a sampler, sinks, checkpoints) is a :class:`Run`: compiled chunks of at most
-  ``refill_frequency`` steps with a host visit between them that writes graduated systems to
-  the sinks, refills their slots from the sampler and writes checkpoints. ``fused.run(...)``
-  drives a :class:`Run` to the end; ``fused.start(...)`` hands it to the caller, who may drive it
-  chunk by chunk with the live API of the original (``refill_check``, ``room_in_active_batch``,
-  ...; docs/semantics.md §20).
+- A fixed batch without sinks or host hooks runs in one compiled ``lax.while_loop``
+  (:func:`run`), also under ``jax.vmap`` and, with ``differentiable=True``, ``jax.grad`` (where
+  host hooks are host callbacks).
+- Everything else (a sampler, sinks, checkpoints, host hooks on a concrete batch) is a
+  :class:`Run`: compiled chunks of at most ``refill_frequency`` steps with a host visit between
+  them that delivers the host hooks' records (:mod:`fused_dynamics.recording`), writes
+  graduated systems to the sinks, refills their slots from the sampler and writes checkpoints.
+  ``fused.run(...)`` drives a :class:`Run` to the end; ``fused.start(...)`` hands it to the
+  caller, who may drive it chunk by chunk with the live API of the original (``refill_check``,
+  ``room_in_active_batch``, ...; docs/semantics.md §20).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 from . import loop, sharding
 from .batch import Batch
 from .compiled import retry_on_overflow
+from .hooks_base import has_host
 from .live import Run, fit_to_batch
 from .loop import compiled_chunk, output_stress, run_steps
 
@@ -63,7 +66,8 @@ def run(
         systems are written to ``sinks`` and their slots refilled every ``refill_frequency``
         steps, until the sampler is exhausted and nothing is in flight.
     refill_frequency : int, default 50
-        Steps per compiled chunk between host visits (inflight, sinks, checkpoints).
+        Steps per compiled chunk between host visits (inflight, sinks, checkpoints, and the
+        delivery of host hooks' records, :mod:`fused_dynamics.recording`).
     sinks : sequence of sinks
         Where graduated systems are written, each to the first with room (§15). With a batch,
         systems are streamed out as they graduate.
@@ -116,6 +120,14 @@ def run(
         )
     resume_path = None if isinstance(resume, bool) else resume
     live = sampler is not None or sinks or checkpoint is not None or resume_path is not None
+    # host hooks of a concrete fixed batch are recorded on the device and delivered once per
+    # chunk (fused_dynamics.recording); under jit/vmap/grad they stay host callbacks
+    live = live or (
+        not differentiable
+        and batch is not None
+        and not isinstance(batch.cell, jax.core.Tracer)
+        and any(has_host(h) for h in fused.all_hooks())
+    )
     if mesh is not None:
         sharding.devices_of(mesh)  # a bad mesh is refused before anything else
         if differentiable:

@@ -19,13 +19,14 @@ This module holds the structure (validation, composition) and the pure step; con
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from . import composition, constraints, driver, health, migration, validation
+from . import composition, constraints, driver, health, migration, recording, validation
 from .batch import Batch
 from .compiled import filter_compile
 from .convergence import ConvergenceHook
@@ -368,7 +369,7 @@ class FusedStage(eqx.Module):
         return health.system_failures(self, batch, displacement)
 
     # ------------------------------------------------------------------ the step
-    def step(self, batch: Batch, step_count: jax.Array | int | None = None):
+    def step(self, batch: Batch, step_count: jax.Array | int | None = None, *, records=None):
         """One fused step on an initialized batch (see the module docstring for the order).
 
         Parameters
@@ -378,6 +379,9 @@ class FusedStage(eqx.Module):
         step_count : int or Array, optional
             The fused step number hook frequencies count (docs/semantics.md §8); default
             ``batch.step_count``. The returned batch's ``step_count`` is this plus one.
+        records : Recorder, optional
+            Record mode (:mod:`fused_dynamics.recording`, what a run in chunks passes): host
+            hooks leave their payloads in ``records`` instead of calling back to the host.
 
         Returns
         -------
@@ -393,46 +397,72 @@ class FusedStage(eqx.Module):
         states = list(batch.stage_state)
         every = range(len(self.sub_stages))
         last = len(self.sub_stages) - 1
-        batch = self._fire(DynamicsStage.BEFORE_STEP, batch, ctx, True, every)
+        fire = functools.partial(self._fire, records=records)
+        batch = fire(DynamicsStage.BEFORE_STEP, batch, ctx, True, every)
         moved = jnp.zeros_like(batch.positions)  # by the sub-stages (not by hooks) this step
         for i, (_, stage) in enumerate(self.sub_stages):
-            batch = self._fire(DynamicsStage.BEFORE_PRE_UPDATE, batch, ctx, i == 0, [i])
+            batch = fire(DynamicsStage.BEFORE_PRE_UPDATE, batch, ctx, i == 0, [i])
             before = batch.positions
             batch, states[i] = stage.pre_update(batch, states[i], masks[i])
             moved = moved + (batch.positions - before)
-        batch = self._fire(DynamicsStage.AFTER_PRE_UPDATE, batch, ctx, True, [])
-        batch = self._fire(DynamicsStage.BEFORE_COMPUTE, batch, ctx, True, [])
+        batch = fire(DynamicsStage.AFTER_PRE_UPDATE, batch, ctx, True, [])
+        batch = fire(DynamicsStage.BEFORE_COMPUTE, batch, ctx, True, [])
         batch = self.evaluate(batch)
-        batch = self._fire(DynamicsStage.AFTER_COMPUTE, batch, ctx, True, every)
-        batch = self._fire(DynamicsStage.BEFORE_POST_UPDATE, batch, ctx, True, [])
+        batch = fire(DynamicsStage.AFTER_COMPUTE, batch, ctx, True, every)
+        batch = fire(DynamicsStage.BEFORE_POST_UPDATE, batch, ctx, True, [])
         for i, (_, stage) in enumerate(self.sub_stages):
             batch, states[i] = stage.post_update(batch, states[i], masks[i])
-            batch = self._fire(DynamicsStage.AFTER_POST_UPDATE, batch, ctx, i == last, [i])
+            batch = fire(DynamicsStage.AFTER_POST_UPDATE, batch, ctx, i == last, [i])
         batch = batch.replace(stage_state=tuple(states))
-        batch = self._fire(DynamicsStage.AFTER_STEP, batch, ctx, True, every)
+        batch = fire(DynamicsStage.AFTER_STEP, batch, ctx, True, every)
         batch, report = migration.migrate(self, batch, status0, masks, moved)
-        batch = self._fire_on_converge(batch, ctx, report, masks)
+        batch = self._fire_on_converge(batch, ctx, report, masks, records)
         return batch.replace(step_count=step_count + 1), report
 
-    def _fire_on_converge(self, batch, ctx, report, masks):
+    def _fire_on_converge(self, batch, ctx, report, masks, records=None):
         """ON_CONVERGE hooks: fused-level ones on steps where some system left a sub-stage,
         a sub-stage's on steps where some of its systems did, each with the report of which
-        (docs/semantics.md §7)."""
+        (docs/semantics.md §7). In record mode the cond also returns the host hooks' payloads
+        (zeros on steps where the group does not fire)."""
         left = report.converged | report.budget_spent
-        groups = [(self.hooks, left, report)]
-        for i, (_, stage) in enumerate(self.sub_stages):
-            groups.append((stage.hooks, left & masks[i], report.restricted(masks[i])))
-        for hooks, which, rep in groups:
-            hooks = [h for h in hooks if h.stage == DynamicsStage.ON_CONVERGE]
-            if not hooks:
+        keys = self._hook_keys()
+        groups = [(0, left, report)]
+        for i in range(len(self.sub_stages)):
+            groups.append((i + 1, left & masks[i], report.restricted(masks[i])))
+        for g, which, rep in groups:
+            keyed = [(k, h) for k, h in keys[g] if h.stage == DynamicsStage.ON_CONVERGE]
+            if not keyed:
                 continue
             sub = dataclasses.replace(ctx, report=rep)
-            batch = jax.lax.cond(
-                jnp.any(which), lambda b, h=hooks, c=sub: fire_hooks(h, b, c), lambda b: b, batch
+            ks, hooks = [k for k, _ in keyed], [h for _, h in keyed]
+            if records is None:
+                batch = jax.lax.cond(
+                    jnp.any(which), lambda b, h=hooks, c=sub: fire_hooks(h, b, c), lambda b: b,
+                    batch,
+                )  # fmt: skip
+                continue
+
+            def fire(b, h=hooks, c=sub, ks=ks):
+                inner = recording.Recorder()
+                return fire_hooks(h, b, c, inner, ks), inner.entries
+
+            idle = recording.zeros_like_shapes(jax.eval_shape(fire, batch)[1])
+            batch, entries = jax.lax.cond(
+                records.any(which), fire, lambda b, idle=idle: (b, idle), batch
             )
+            records.entries.update(entries)  # a group's keys ascend in firing order
         return batch
 
-    def _fire(self, when, batch, ctx, fused_level, sub_indices):
+    def _hook_keys(self) -> list[list[tuple[int, Hook]]]:
+        """The hooks with their positions in :meth:`all_hooks`: fused-level first, then each
+        sub-stage's."""
+        groups, k = [], 0
+        for hooks in [self.hooks] + [st.hooks for _, st in self.sub_stages]:
+            groups.append([(k + j, h) for j, h in enumerate(hooks)])
+            k += len(hooks)
+        return groups
+
+    def _fire(self, when, batch, ctx, fused_level, sub_indices, records=None):
         """Fire the hooks due at ``when``: fused-level first, then the listed sub-stages'.
 
         Sub-stage hooks never fire at BEFORE_COMPUTE, AFTER_PRE_UPDATE or BEFORE_POST_UPDATE
@@ -440,12 +470,12 @@ class FusedStage(eqx.Module):
         all nine points, BEFORE_PRE_UPDATE before the first sub-stage and AFTER_POST_UPDATE
         after the last.
         """
-        hooks = [h for h in self.hooks if h.stage == when] if fused_level else []
-        for i in sub_indices:
-            hooks += [h for h in self.sub_stages[i][1].hooks if h.stage == when]
-        if not hooks:
+        keys = self._hook_keys()
+        groups = ([0] if fused_level else []) + [i + 1 for i in sub_indices]
+        keyed = [(k, h) for g in groups for k, h in keys[g] if h.stage == when]
+        if not keyed:
             return batch
-        return fire_hooks(hooks, batch, ctx)
+        return fire_hooks([h for _, h in keyed], batch, ctx, records, [k for k, _ in keyed])
 
     # ------------------------------------------------------------------ the run loop
     def prepare_for_cells(self, cells, pbc) -> FusedStage:

@@ -4,10 +4,12 @@ A hook runs at one :class:`DynamicsStage` of the fused step, every ``every_n_ste
 (``step % every_n_steps == 0``, counted before the increment, so every hook fires at step 0).
 It does either or both of:
 
-- ``on_host(data)``: a host callback (``jax.debug.callback``, ordered) that receives NumPy copies
-  of only the fields it names in ``fields`` (batch fields, ``info`` keys or per-system
-  observables such as ``fmax`` and ``temperature``), plus ``system_mask``, ``status`` and
-  ``system_id``, and the step report at ``ON_CONVERGE``;
+- ``on_host(data)``: host work on NumPy copies of only the fields it names in ``fields`` (batch
+  fields, ``info`` keys or per-system observables such as ``fmax`` and ``temperature``), plus
+  ``system_mask``, ``status`` and ``system_id``, and the step report at ``ON_CONVERGE``. A run
+  in chunks records the copies on the device and calls ``on_host`` after each chunk, in step
+  order (:mod:`fused_dynamics.recording`); one compiled call (``jax.jit``/``vmap``/``grad`` of a
+  run, :meth:`FusedStage.step`) calls it back during the step (``jax.debug.callback``, ordered);
 - ``apply(batch, ctx) -> batch``: a traced, pure transformation of the batch (freezing atoms,
   wrapping positions, adding a bias, moving failed systems out).
 

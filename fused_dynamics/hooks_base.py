@@ -26,6 +26,7 @@ __all__ = [
     "check_hook",
     "fail_systems",
     "fire_hooks",
+    "has_host",
 ]
 
 
@@ -171,7 +172,8 @@ def check_hook(owner: str, hook: Any) -> Hook:
     raise TypeError(f"{owner}: expected an instance of fused_dynamics.Hook, got {got}.")
 
 
-def _has_host(hook: Hook) -> bool:
+def has_host(hook: Hook) -> bool:
+    """Whether ``hook`` overrides :meth:`Hook.on_host` (host work to hand arrays to)."""
     return type(hook).on_host is not Hook.on_host
 
 
@@ -201,23 +203,51 @@ def _gather_fields(hook: Hook, batch, ctx: HookContext) -> dict[str, Any]:
     return out
 
 
-def fire_hooks(hooks, batch, ctx: HookContext):
-    """Run ``hooks`` at one point of the step, each gated by ``lax.cond`` on its frequency."""
-    for hook in hooks:
+def fire_hooks(hooks, batch, ctx: HookContext, records=None, keys=None):
+    """Run ``hooks`` at one point of the step, each gated by ``lax.cond`` on its frequency.
+
+    Parameters
+    ----------
+    hooks : sequence of Hook
+    batch : Batch
+    ctx : HookContext
+    records : Recorder, optional
+        Record mode (:mod:`fused_dynamics.recording`): a host hook's payload is left in
+        ``records.entries[key]`` as ``(due, payload)`` instead of being sent by a host callback.
+    keys : sequence of int, optional
+        With ``records``: each hook's key (its position in ``FusedStage.all_hooks()``).
+
+    Returns
+    -------
+    Batch
+        After the hooks' :meth:`Hook.apply`.
+    """
+    keys = range(len(hooks)) if keys is None else keys
+    for key, hook in zip(keys, hooks, strict=True):
         due = (ctx.step % hook.every_n_steps) == 0
         if _has_apply(hook):
             batch = jax.lax.cond(due, lambda b, h=hook: h.apply(b, ctx), lambda b: b, batch)
-        if _has_host(hook):
+        if not has_host(hook):
+            continue
+        if records is not None:
 
-            def send(b, hook=hook, stage=hook.stage):
-                def host(step, payload):
-                    arrays = {k: np.asarray(v) for k, v in payload.items()}
-                    hook.on_host(HookData(step=int(step), stage=stage, arrays=arrays))
+            def gather(b, hook=hook):
+                return _gather_fields(hook, b, ctx)
 
-                # the payload is gathered inside the branch: an idle hook computes nothing
-                jax.debug.callback(host, ctx.step, _gather_fields(hook, b, ctx), ordered=True)
+            shapes = jax.eval_shape(gather, batch)
+            idle = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            records.entries[key] = (due, jax.lax.cond(due, gather, lambda _, i=idle: i, batch))
+            continue
 
-            jax.lax.cond(due, send, lambda _: None, batch)
+        def send(b, hook=hook, stage=hook.stage):
+            def host(step, payload):
+                arrays = {k: np.asarray(v) for k, v in payload.items()}
+                hook.on_host(HookData(step=int(step), stage=stage, arrays=arrays))
+
+            # the payload is gathered inside the branch: an idle hook computes nothing
+            jax.debug.callback(host, ctx.step, _gather_fields(hook, b, ctx), ordered=True)
+
+        jax.lax.cond(due, send, lambda _: None, batch)
     return batch
 
 

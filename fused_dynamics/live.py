@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checkpoint as ckpt
-from . import inflight, loop
+from . import inflight, loop, recording
 from .batch import Batch, write_system
 from .compiled import retry_on_overflow
+from .hooks_base import has_host
 from .inflight import RunStats
 from .outputs.common import check_writable
 
@@ -104,6 +105,9 @@ class Run:
         self._t0 = time.perf_counter()
         self._closed = False
         self._chunk = self._make_chunk()
+        # host hooks are recorded on the device and delivered after each chunk
+        host = any(has_host(h) for h in fused.all_hooks())
+        self._record_steps = self.refill_frequency if host else None
         self._cache0 = _cache_size(self._chunk)
         self._compilations0 = 0
         self._restored_stop_at = None
@@ -132,6 +136,11 @@ class Run:
     def _fetch(self, x) -> np.ndarray:
         """A host copy of a per-slot (or scalar) array of the batch, one value per slot."""
         return np.asarray(x)
+
+    def _deliver(self, records) -> None:
+        """Hand a kept chunk's recorded host-hook payloads to the hooks' ``on_host``."""
+        if records:
+            recording.deliver(self.fused, jax.device_get(records))
 
     def _flat_host(self) -> Batch:
         """A host copy of the batch with one flat slot axis (what the sinks are written from)."""
@@ -266,17 +275,20 @@ class Run:
         if k <= 0:
             return None
         fused = self.fused
-        batch, taken, active = retry_on_overflow(
-            lambda b: self._chunk(fused, b, jnp.int32(k)), self.batch, listeners=self.listeners
+        batch, taken, active, records = retry_on_overflow(
+            lambda b: self._chunk(fused, b, jnp.int32(k), self._record_steps),
+            self.batch,
+            listeners=self.listeners,
         )
         self.batch = batch
-        return taken, active
+        return taken, active, records
 
     def collect(self, pending) -> int:
         """Wait for a chunk started by :meth:`dispatch` and count it; returns the steps taken."""
         if pending is None:
             return 0
-        taken, active = pending
+        taken, active, records = pending
+        self._deliver(records)
         taken = int(taken)
         self.stats.steps = self.step_count
         self.stats.chunks += 1

@@ -8,6 +8,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from . import recording
 from .batch import Batch
 from .compiled import filter_compile
 
@@ -21,6 +22,7 @@ def run_steps(
     max_steps: int | None = None,
     checkpoints: int | None = None,
     axis_name: str | None = None,
+    record_steps: int | None = None,
 ):
     """At most ``limit`` steps from ``batch.step_count``, stopping when all have graduated.
 
@@ -44,6 +46,10 @@ def run_steps(
         stops when no system on *any* device is pending (one ``psum`` of a scalar per step), so
         every device takes the same steps and keeps the same ``step_count`` as a run of the
         whole batch on one device (docs/semantics.md §8, §13).
+    record_steps : int, optional
+        Record mode (:mod:`fused_dynamics.recording`): host hooks write their payloads into
+        buffers sized for this many steps instead of calling back during the loop; the loop
+        also stops when a buffer is full.
 
     Returns
     -------
@@ -60,27 +66,39 @@ def run_steps(
         return batch.system_mask & (batch.status != fused.exit_status)
 
     def cond(carry):
-        batch, k, _ = carry
+        batch, k, _, buffers = carry
+        go = k < limit
+        if buffers:
+            go = go & recording.has_room(buffers)
         if axis_name is None:
-            return (k < limit) & jnp.any(pending(batch))
+            return go & jnp.any(pending(batch))
         count = jax.lax.psum(jnp.sum(pending(batch), dtype=jnp.int32), axis_name)
-        return (k < limit) & (count > 0)
+        return go & (count > 0)
 
     def body(carry):
-        batch, k, active = carry
+        batch, k, active, buffers = carry
         active = active + jnp.sum(pending(batch), dtype=jnp.int32)
-        batch, _ = fused.step(batch)
-        return batch, k + 1, active
+        if not buffers:
+            batch, _ = fused.step(batch)
+            return batch, k + 1, active, buffers
+        recorder = recording.Recorder(axis_name)
+        step = batch.step_count
+        batch, _ = fused.step(batch, records=recorder)
+        return batch, k + 1, active, recording.write(buffers, recorder.entries, step)
 
     zero = jnp.zeros((), jnp.int32)
     if batch.step_count is None:  # a batch prepared before the step count was kept
         batch = batch.replace(step_count=zero)
-    init = (batch, zero, zero)
+    buffers = {}
+    if record_steps is not None:
+        buffers = recording.empty_buffers(fused, batch, record_steps, axis_name)
+    init = (batch, zero, zero, buffers)
     if max_steps is None:
-        batch, taken, active = jax.lax.while_loop(cond, body, init)
+        batch, taken, active, buffers = jax.lax.while_loop(cond, body, init)
     else:
-        batch, taken, active = _checkpointed_loop(cond, body, init, max_steps, checkpoints)
-    return output_stress(fused, batch), taken, active
+        batch, taken, active, buffers = _checkpointed_loop(cond, body, init, max_steps, checkpoints)
+    out = (output_stress(fused, batch), taken, active)
+    return out if record_steps is None else out + (buffers,)
 
 
 def _checkpointed_loop(cond, body, init, max_steps, checkpoints=None):
@@ -127,8 +145,13 @@ def _compiled(fn, compile_kwargs: dict):
     return _COMPILED[key]
 
 
-def chunk(fused, batch: Batch, limit):
-    return run_steps(fused, batch, limit)
+def chunk(fused, batch: Batch, limit, record_steps: int | None):
+    """At most ``limit`` steps of a run in chunks: ``(batch, taken, active, records)``, host
+    hooks recorded for at most ``record_steps`` steps (:mod:`fused_dynamics.recording`;
+    ``None`` where no hook works on the host: no records)."""
+    if record_steps is None:
+        return run_steps(fused, batch, limit) + ({},)
+    return run_steps(fused, batch, limit, record_steps=record_steps)
 
 
 def compiled_chunk(fused):

@@ -45,13 +45,19 @@ same systems in the same order; each process then owns the systems that land on 
 it writes only those to its sinks (so over all processes every graduate is written exactly once),
 and process 0 alone writes rejected systems and checkpoints.
 
+Hooks' ``on_host`` runs on any mesh: each device records its systems' payloads and the host
+merges them into the flat layout after each chunk (:mod:`fused_dynamics.recording`), on process
+0. A fixed batch with host hooks therefore runs as a :class:`ShardedRun` in chunks.
+
 Not supported yet (``ValueError`` before compiling): neighbor-list models (a list per local
 batch would need its own capacity) and ``differentiable=True``; on a mesh of several devices,
-hooks with host callbacks (``on_host``, :class:`~fused_dynamics.inflight.StageExitWriter`
-listeners): JAX runs ordered host callbacks on one device only.
+:class:`~fused_dynamics.inflight.StageExitWriter` listeners (ordered host callbacks, which JAX
+runs on one device only).
 """
 
 from __future__ import annotations
+
+import functools
 
 import equinox as eqx
 import jax
@@ -61,7 +67,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import inflight, loop
+from . import inflight, loop, recording
 from .batch import Batch, default_float, empty_host_arrays, write_system
 from .compiled import filter_compile
 from .live import Run
@@ -176,22 +182,28 @@ def _split(flat: Batch, d: int) -> Batch:
 
 def _merge(stacked: Batch) -> Batch:
     """Host: the flat batch (NumPy leaves) of a stacked one, global slots in device order."""
-    d, s_l = np.shape(stacked.system_mask)
-    s = d * s_l
+    s_l = np.shape(stacked.system_mask)[1]
 
     def flat(x):
         x = np.asarray(x)
         return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
     changes = {f: flat(getattr(stacked, f)) for f in _ATOM_FIELDS + _SYSTEM_FIELDS}
-    sidx = np.asarray(stacked.system_idx)
-    glob = np.where(sidx < s_l, sidx + (np.arange(d) * s_l)[:, None], s)
-    changes["system_idx"] = glob.reshape(-1).astype(sidx.dtype)
+    changes["system_idx"] = _global_system_idx(stacked.system_idx, s_l).reshape(-1)
     changes["stage_state"] = jax.tree_util.tree_map(flat, stacked.stage_state)
     changes["info"] = {k: flat(v) for k, v in stacked.info.items()}
     if stacked.step_count is not None:
         changes["step_count"] = np.asarray(stacked.step_count).reshape(-1)[0]
     return stacked.replace(**changes)
+
+
+def _global_system_idx(sidx, s_l: int) -> np.ndarray:
+    """Host: per-device system indices (D, N_l) as global slots ``d * s_l + s`` (padding atoms,
+    local index ``s_l``, point past the last slot)."""
+    sidx = np.asarray(sidx)
+    d = sidx.shape[0]
+    glob = np.where(sidx < s_l, sidx + (np.arange(d) * s_l)[:, None], d * s_l)
+    return glob.astype(sidx.dtype)
 
 
 def _fetch(x) -> np.ndarray:
@@ -326,9 +338,18 @@ def _steps(fused, batch, limit):
     return loop.run_steps(fused, batch, limit, axis_name=AXIS)
 
 
-def _chunk(fused, stacked: Batch, limit, mesh):
-    out, taken, active = _per_device(_steps, mesh, fused, (stacked,), (limit,))
-    return out, taken[0], jnp.sum(active)
+def _recorded_steps(fused, batch, limit, record_steps):
+    if record_steps is None:
+        return _steps(fused, batch, limit) + ({},)
+    return loop.run_steps(fused, batch, limit, axis_name=AXIS, record_steps=record_steps)
+
+
+def _chunk(fused, stacked: Batch, limit, mesh, record_steps=None):
+    """At most ``limit`` steps on every device: ``(batch, taken, active, records)``; each
+    device records its own systems' host-hook payloads (:mod:`fused_dynamics.recording`)."""
+    steps = functools.partial(_recorded_steps, record_steps=record_steps)
+    out, taken, active, records = _per_device(steps, mesh, fused, (stacked,), (limit,))
+    return out, taken[0], jnp.sum(active), records
 
 
 def _whole_run(fused, stacked: Batch, limit, resume: bool, mesh):
@@ -358,10 +379,10 @@ def _explained(fn):
             if "ordered effects" not in str(exc):
                 raise
             raise ValueError(
-                "mesh=: a hook with an ordered host callback (a hook's on_host, a "
-                "StageExitWriter's listener) cannot run on a mesh of several devices (JAX "
-                "supports ordered effects on one device only); run without mesh=, or on a "
-                "one-device mesh."
+                "mesh=: an ordered host callback (a StageExitWriter's listener, or a hook's "
+                "on_host inside one compiled call) cannot run on a mesh of several devices "
+                "(JAX supports ordered effects on one device only); run without mesh=, or on "
+                "a one-device mesh."
             ) from exc
 
     call.cache_size = fn.cache_size
@@ -440,8 +461,8 @@ class _ShardedChunk:
     def __init__(self, mesh):
         self.mesh = mesh
 
-    def __call__(self, fused, batch, limit):
-        return _CHUNK(fused, batch, limit, self.mesh)
+    def __call__(self, fused, batch, limit, record_steps=None):
+        return _CHUNK(fused, batch, limit, self.mesh, record_steps)
 
     def cache_size(self) -> int:
         return _CHUNK.cache_size()
@@ -470,6 +491,26 @@ class ShardedRun(Run):
 
     def _fetch(self, x) -> np.ndarray:
         return _fetch(x).reshape(-1)
+
+    def _deliver(self, records) -> None:
+        """Merge the devices' records into the flat layout (global slot ``d * S/D + s``) and
+        hand them to the hooks, on process 0 only (every process holds the same records)."""
+        if not records:
+            return
+        records = jax.tree_util.tree_map(_fetch, records)
+        if jax.process_index() != 0:
+            return
+        s_l = np.shape(self.batch.system_mask)[1]
+
+        def row(name, x, i):
+            x = x[:, i]  # (D, local slots or atoms, ...), or (D,) for a scalar field
+            if x.ndim == 1:
+                return x[0]
+            if name == "system_idx":
+                return _global_system_idx(x, s_l).reshape(-1)
+            return x.reshape((-1,) + x.shape[2:])
+
+        recording.deliver(self.fused, records, row)
 
     def _flat_host(self) -> Batch:
         return _merge(gather(self.batch))
