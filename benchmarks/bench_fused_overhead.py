@@ -18,7 +18,9 @@ this one process, the order rotated every round so no program always runs first:
   positions every ``--tape-every`` steps (5), sent by a host callback inside the loop (what one
   compiled call does);
 - ``fused_tape_recorded``: the same hook recorded into device buffers and delivered after the
-  loop (what a run in chunks does, :mod:`fused_dynamics.recording`; the delivery is timed).
+  loop (what a run in chunks does, :mod:`fused_dynamics.recording`; the delivery is timed);
+- ``only_fire``, ``only_langevin``, ``only_nve`` (``--breakdown``, the default): one-stage fused
+  steps of each kind on the same batch, to say which part of the step costs what.
 
 Reported per program: median, min and max seconds per step over the rounds; per round the ratio
 to ``bare`` of the same round, its median and min-max (targets: fused / bare <= 1.10, idle hooks
@@ -26,8 +28,8 @@ to ``bare`` of the same round, its median and min-max (targets: fused / bare <= 
 apart; the load average at start and end (the 2-core machine is shared).
 
 Run: ``.venv/bin/python benchmarks/bench_fused_overhead.py [--systems 64] [--steps 200]
-[--rounds 7] [--every 10] [--tape-every 5] [--name fused_overhead]`` (``--every 0`` leaves
-``fused_k`` out, ``--tape-every 0`` the two tape programs).
+[--rounds 7] [--every 10] [--tape-every 5] [--no-breakdown] [--name fused_overhead]``
+(``--every 0`` leaves ``fused_k`` out, ``--tape-every 0`` the two tape programs).
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ def summary(xs, scale=1.0) -> dict:
     }
 
 
-def main(n_systems=64, n_steps=200, rounds=7, every=10, tape_every=5) -> dict:
+def main(n_systems=64, n_steps=200, rounds=7, every=10, tape_every=5, breakdown=True) -> dict:
     load_start = [round(x, 2) for x in os.getloadavg()]
     git = git_state()  # what is imported now (others may edit the tree while this runs)
     batch = make_batch(n_systems)
@@ -178,6 +180,16 @@ def main(n_systems=64, n_steps=200, rounds=7, every=10, tape_every=5) -> dict:
         "fused_hooks": (step_loop(hooked, n_steps), prepared),
         "fused_run": (jax.jit(lambda b: fused.run(b, n_steps=n_steps).positions), batch),
     }
+    if breakdown:
+        md = fused.sub_stages[1][1]
+        never = fd.ConvergenceHook.from_fmax(0.0)  # FIRE on every system at every step
+        for name, stage in (
+            ("only_fire", fd.FIRE(model, convergence_hook=never)),
+            ("only_langevin", md),
+            ("only_nve", fd.NVE(model, dt=2.0)),
+        ):
+            one = fd.FusedStage([(0, stage)])
+            programs[name] = (step_loop(one, n_steps), one.init(batch))
     if tape_every:
         taped = fused.register_fused_hook(Tape(every_n_steps=tape_every))
         programs["fused_tape_callback"] = (step_loop(taped, n_steps), prepared)
@@ -238,9 +250,10 @@ if __name__ == "__main__":
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--tape-every", type=int, default=5)
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false")
     p.add_argument("--name", default="fused_overhead")
     args = p.parse_args()
-    res = main(args.systems, args.steps, args.rounds, args.every, args.tape_every)
+    res = main(args.systems, args.steps, args.rounds, args.every, args.tape_every, args.breakdown)
     path = save(args.name, res)
     for k, v in res.items():
         print(f"{k}: {v}")

@@ -21,12 +21,23 @@ capacity first, whose compile time is reported apart), the throughput ratio stat
 (target >= 2 on CPU), slot utilisation of the inflight run (``stats.utilization``, target >= 0.9;
 the same measure for the static batches), compilations during the run (``stats.compilations``).
 
-Run: ``.venv/bin/python benchmarks/bench_inflight.py [--systems 300] [--quick]``.
+``--workload w4`` (issue 13's W4, result ``inflight_w4[_quick].json``): ``--systems`` (2,000;
+300 with ``--quick``) structures whose cost varies several-fold, relaxed tightly with FIRE alone
+(fmax <= 0.005 eV/Å, at most 3000 steps): clusters of 13-108 atoms (the k fcc sites nearest a
+random point) and fcc crystals of 32-108 atoms, each rattled by an amplitude drawn log-uniformly
+from 0.01-0.3 Å, so that some relax in tens of steps and others in hundreds. A static batch
+waits for its slowest system; the inflight run refills a slot as soon as its system is done.
+The per-system FIRE step counts (min, median, max) are reported, which is what bounds the
+ratio.
+
+Run: ``.venv/bin/python benchmarks/bench_inflight.py [--systems 300] [--quick]
+[--workload w4]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -79,10 +90,49 @@ def dataset(n: int, seed: int = 0) -> list[Atoms]:
     return out
 
 
-def make_fused(temperature: float = 30.0):
+def dataset_w4(n: int, seed: int = 0) -> list[Atoms]:
+    """W4: clusters of 13-108 atoms and fcc crystals of 32-108 atoms, each rattled by an
+    amplitude drawn log-uniformly from 0.01-0.3 Å (the cost of a tight relaxation varies
+    several-fold)."""
+    rng = np.random.default_rng(seed)
+    block = bulk("Ar", "fcc", a=A_FCC, cubic=True) * (8, 8, 8)
+    centre = block.positions.mean(axis=0)
+    crystals = [(2, 2, 2), (2, 2, 3), (2, 3, 3), (3, 3, 3)]  # 32, 48, 72, 108 atoms (cubic)
+    out = []
+    for _ in range(n):
+        amplitude = float(np.exp(rng.uniform(np.log(0.01), np.log(0.3))))
+        if rng.random() < 0.6:
+            k = int(rng.integers(13, 109))
+            c = centre + rng.uniform(-A_FCC / 2, A_FCC / 2, size=3)
+            idx = np.argsort(np.linalg.norm(block.positions - c, axis=1))[:k]
+            atoms = Atoms(f"Ar{k}", positions=block.positions[idx])
+            atoms.set_cell(np.ptp(atoms.positions, axis=0) + 2 * CUTOFF)
+            atoms.center()
+            atoms.pbc = False
+        else:
+            shape = crystals[int(rng.integers(len(crystals)))]
+            atoms = bulk("Ar", "fcc", a=A_FCC, cubic=True) * shape
+        atoms.positions += rng.normal(scale=amplitude, size=(len(atoms), 3))
+        if atoms.pbc.any():
+            atoms.wrap()
+        out.append(atoms)
+    return out
+
+
+WORKLOADS = {
+    # name: (dataset, FIRE fmax, FIRE budget, NVT steps after it (0: none))
+    "default": (dataset, 0.05, 1000, 200),
+    "w4": (dataset_w4, 0.005, 3000, 0),
+}
+
+
+def make_fused(workload: str = "default", temperature: float = 30.0):
+    _, fmax, budget, nvt = WORKLOADS[workload]
     model = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=CUTOFF)
-    relax = fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(0.05), n_steps=1000)
-    md = fd.NVTLangevin(model, dt=2.0, temperature=temperature, friction=0.01, seed=0, n_steps=200)
+    relax = fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(fmax), n_steps=budget)
+    if not nvt:
+        return fd.FusedStage([(0, relax)])
+    md = fd.NVTLangevin(model, dt=2.0, temperature=temperature, friction=0.01, seed=0, n_steps=nvt)
     return relax + md
 
 
@@ -100,8 +150,8 @@ def static_groups(data, max_atoms, max_systems):
     return groups
 
 
-def run_inflight(data, max_atoms, max_systems, refill):
-    fused = make_fused()
+def run_inflight(data, max_atoms, max_systems, refill, workload="default"):
+    fused = make_fused(workload)
     sampler = fd.SizeAwareSampler(
         data, max_atoms=max_atoms, max_systems=max_systems, max_atoms_per_system=A_CAP
     )
@@ -113,8 +163,8 @@ def run_inflight(data, max_atoms, max_systems, refill):
     return wall, stats, frames
 
 
-def run_static(data, max_atoms, max_systems):
-    fused = make_fused()
+def run_static(data, max_atoms, max_systems, workload="default"):
+    fused = make_fused(workload)
     slot_active = slot_total = steps = 0
     graduated = 0
     t = time.perf_counter()
@@ -142,20 +192,23 @@ def run_static(data, max_atoms, max_systems):
     }
 
 
-def main(n_systems, max_atoms, max_systems, refill, warm_systems) -> dict:
+def main(n_systems, max_atoms, max_systems, refill, warm_systems, workload="default") -> dict:
     load0 = os.getloadavg()
-    data = dataset(n_systems)
+    make_data, fmax, budget, nvt = WORKLOADS[workload]
+    data = make_data(n_systems)
     sizes = np.array([len(a) for a in data])
     warm = data[:warm_systems]
+    one_inflight = functools.partial(run_inflight, refill=refill, workload=workload)
+    one_static = functools.partial(run_static, workload=workload)
 
     # compile: a cold and a warm run on a small dataset of the same capacity, for each mode
-    cold_i, stats_cold, _ = run_inflight(warm, max_atoms, max_systems, refill)
-    hot_i, _, _ = run_inflight(warm, max_atoms, max_systems, refill)
-    cold_s, _ = run_static(warm, max_atoms, max_systems)
-    hot_s, _ = run_static(warm, max_atoms, max_systems)
+    cold_i, stats_cold, _ = one_inflight(warm, max_atoms, max_systems)
+    hot_i, _, _ = one_inflight(warm, max_atoms, max_systems)
+    cold_s, _ = one_static(warm, max_atoms, max_systems)
+    hot_s, _ = one_static(warm, max_atoms, max_systems)
 
-    wall_i, stats, frames = run_inflight(data, max_atoms, max_systems, refill)
-    wall_s, static = run_static(data, max_atoms, max_systems)
+    wall_i, stats, frames = one_inflight(data, max_atoms, max_systems)
+    wall_s, static = one_static(data, max_atoms, max_systems)
     n_out = stats.written
     fire = np.array(
         [
@@ -167,9 +220,11 @@ def main(n_systems, max_atoms, max_systems, refill, warm_systems) -> dict:
     atom_count = int(sizes.sum())
     return {
         "workload": (
-            f"{n_systems} LJ argon systems of {sizes.min()}-{sizes.max()} atoms (mean "
-            f"{sizes.mean():.0f}; 70% clusters, 30% periodic crystals), FIRE to fmax 0.05 "
-            f"(<= 1000 steps) + 200 steps NVTLangevin, cutoff {CUTOFF} A, float64"
+            f"{workload}: {n_systems} LJ argon systems of {sizes.min()}-{sizes.max()} atoms "
+            f"(mean {sizes.mean():.0f}; clusters and periodic crystals), FIRE to fmax {fmax} "
+            f"(<= {budget} steps)"
+            + (f" + {nvt} steps NVTLangevin" if nvt else "")
+            + f", cutoff {CUTOFF} A, float64"
         ),
         "capacity": {"max_atoms": max_atoms, "max_systems": max_systems},
         "refill_frequency": refill,
@@ -214,21 +269,29 @@ def main(n_systems, max_atoms, max_systems, refill, warm_systems) -> dict:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--systems", type=int, default=300)
+    p.add_argument("--systems", type=int, default=None, help="300 (2000 with --workload w4)")
     p.add_argument("--max-atoms", type=int, default=1536)
     p.add_argument("--max-systems", type=int, default=16)
     p.add_argument("--refill", type=int, default=10, help="refill_frequency (steps per chunk)")
     p.add_argument("--warm-systems", type=int, default=20)
-    p.add_argument("--quick", action="store_true", help="60 systems")
+    p.add_argument("--quick", action="store_true", help="60 systems (300 with --workload w4)")
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="default")
     p.add_argument("--name", default=None)
     args = p.parse_args()
+    w4 = args.workload == "w4"
     if args.quick:
-        args.systems = 60
+        args.systems = 300 if w4 else 60
+    elif args.systems is None:
+        args.systems = 2000 if w4 else 300
     t0 = time.perf_counter()
-    res = main(args.systems, args.max_atoms, args.max_systems, args.refill, args.warm_systems)
+    res = main(
+        args.systems, args.max_atoms, args.max_systems, args.refill, args.warm_systems,
+        args.workload,
+    )  # fmt: skip
     res["quick"] = bool(args.quick)
     res["total_wall_s"] = time.perf_counter() - t0
-    path = save(args.name or ("inflight_quick" if args.quick else "inflight"), res)
+    base = "inflight" if args.workload == "default" else f"inflight_{args.workload}"
+    path = save(args.name or (f"{base}_quick" if args.quick else base), res)
     for k, v in res.items():
         print(f"{k}: {v}")
     print(f"wrote {path}")

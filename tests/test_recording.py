@@ -133,3 +133,18 @@ def test_a_chunk_redone_on_a_grown_neighbor_list_delivers_its_records_once():
     assert [c[2] for c in log] == list(range(6))
     for got, want in zip(log, ref, strict=True):
         np.testing.assert_allclose(got[3]["energy"], want[3]["energy"], rtol=1e-12)
+
+
+def test_the_branch_free_form_records_the_same_bits(monkeypatch):
+    """Off CPU a not-due step writes its record into a spill row instead of branching (a GPU
+    reads a cond's predicate back to the host). Traced here on CPU by patching the backend
+    JAX reports: the same calls with the same bits as the CPU form."""
+    batch = fd.Batch.from_atoms(clusters(2), max_systems=3)
+    cpu, gpu = [], []
+    chain(cpu).run(batch, refill_frequency=4)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    chain(gpu).run(batch, refill_frequency=4)
+    assert [c[:3] for c in gpu] == [c[:3] for c in cpu] and len(cpu) > 10
+    for a, b in zip(gpu, cpu, strict=True):
+        for key in a[3]:
+            np.testing.assert_array_equal(a[3][key], b[3][key])
