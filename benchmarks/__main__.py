@@ -100,7 +100,15 @@ SCRIPTS: tuple[Script, ...] = (
         ("--systems", "16", "--rounds", "3", "--name", "padding_quick"),
         ("--name", "padding"),
     ),
-    Script("inflight", "bench_inflight.py", ("W4",), ("--quick",)),
+    Script("inflight", "bench_inflight.py", ("inflight",), ("--quick",)),
+    Script(
+        "inflight_w4",
+        "bench_inflight.py",
+        ("W4",),
+        ("--workload", "w4", "--systems", "100", "--name", "inflight_w4_quick"),
+        ("--workload", "w4"),
+        full_timeout_s=3 * 3600,
+    ),
     Script(
         "fused_overhead",
         "bench_fused_overhead.py",
@@ -296,8 +304,8 @@ def carry_records(records: dict, previous: Path) -> dict:
 
 def summarize(args, selected, records, peers, load0, started, t0, git) -> dict:
     workloads = summary_mod.build(args.quick, RESULTS)
-    for w in workloads.values():
-        scripts = [s for s in SCRIPTS if s.file in w.get("script", "")]
+    for name, w in workloads.items():
+        scripts = [s for s in SCRIPTS if name in s.workloads]
         w["measured_in_this_run"] = bool(scripts) and all(
             records.get(s.name, {}).get("status") == "ok"
             and "from_earlier_run" not in records[s.name]

@@ -16,6 +16,10 @@ every cell is larger than twice the cutoff, so the dense model needs no image sh
   dataset order (as many as fit), each batch run to completion with ``fused.run(batch)`` before
   the next: a batch takes as long as its slowest system.
 
+Both modes use the same model: the image range the whole dataset needs and no size buckets, so
+every static batch runs one compiled program (``static.compilations`` counts any other) and the
+ratio measures the scheduling alone.
+
 Reported: wall times (compile excluded: both modes are warmed up on a small dataset of the same
 capacity first, whose compile time is reported apart), the throughput ratio static / inflight
 (target >= 2 on CPU), slot utilisation of the inflight run (``stats.utilization``, target >= 0.9;
@@ -23,9 +27,10 @@ the same measure for the static batches), compilations during the run (``stats.c
 
 ``--workload w4`` (issue 13's W4, result ``inflight_w4[_quick].json``): ``--systems`` (2,000;
 300 with ``--quick``) structures whose cost varies several-fold, relaxed tightly with FIRE alone
-(fmax <= 0.005 eV/Å, at most 3000 steps): clusters of 13-108 atoms (the k fcc sites nearest a
-random point) and fcc crystals of 32-108 atoms, each rattled by an amplitude drawn log-uniformly
-from 0.01-0.3 Å, so that some relax in tens of steps and others in hundreds. A static batch
+(fmax <= 0.005 eV/Å, at most 3000 steps), a third each: fcc crystals of 32-108 atoms rattled
+by 0.01-0.1 Å, clusters of 13-108 atoms cut from fcc (the k sites nearest a random point) and
+rattled by 0.02-0.3 Å, and glassy clusters of 13-108 atoms placed at random at liquid density,
+so that some relax in tens of steps and others in hundreds. A static batch
 waits for its slowest system; the inflight run refills a slot as soon as its system is done.
 The per-system FIRE step counts (min, median, max) are reported, which is what bounds the
 ratio.
@@ -55,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import git_state, save  # noqa: E402
 
 import fused_dynamics as fd  # noqa: E402
+from fused_dynamics import loop  # noqa: E402
 
 A_FCC = 5.26
 CUTOFF = 6.0
@@ -90,18 +96,39 @@ def dataset(n: int, seed: int = 0) -> list[Atoms]:
     return out
 
 
+def _random_cluster(k: int, rng) -> Atoms:
+    """``k`` argon atoms placed at random in a sphere at liquid density, no two closer than
+    3.2 Å (a glassy start: its relaxation takes many more steps than a rattled crystal's)."""
+    radius = (3 * k * 45.0 / (4 * np.pi)) ** (1 / 3)  # about 45 A^3 per atom
+    pos: list[np.ndarray] = []
+    while len(pos) < k:
+        p = rng.uniform(-radius, radius, size=3)
+        if np.linalg.norm(p) <= radius and all(np.linalg.norm(p - q) >= 3.2 for q in pos):
+            pos.append(p)
+    atoms = Atoms(f"Ar{k}", positions=np.array(pos))
+    atoms.set_cell(np.ptp(atoms.positions, axis=0) + 2 * CUTOFF)
+    atoms.center()
+    atoms.pbc = False
+    return atoms
+
+
 def dataset_w4(n: int, seed: int = 0) -> list[Atoms]:
-    """W4: clusters of 13-108 atoms and fcc crystals of 32-108 atoms, each rattled by an
-    amplitude drawn log-uniformly from 0.01-0.3 Å (the cost of a tight relaxation varies
-    several-fold)."""
+    """W4: structures whose tight relaxation varies several-fold in cost: fcc crystals of
+    32-108 atoms rattled by 0.01-0.1 Å (cheap), clusters of 13-108 atoms cut from fcc and
+    rattled by 0.02-0.3 Å, and glassy random clusters of 13-108 atoms (expensive), a third
+    each."""
     rng = np.random.default_rng(seed)
     block = bulk("Ar", "fcc", a=A_FCC, cubic=True) * (8, 8, 8)
     centre = block.positions.mean(axis=0)
     crystals = [(2, 2, 2), (2, 2, 3), (2, 3, 3), (3, 3, 3)]  # 32, 48, 72, 108 atoms (cubic)
     out = []
     for _ in range(n):
-        amplitude = float(np.exp(rng.uniform(np.log(0.01), np.log(0.3))))
-        if rng.random() < 0.6:
+        kind = int(rng.integers(3))
+        if kind == 0:
+            atoms = bulk("Ar", "fcc", a=A_FCC, cubic=True) * crystals[int(rng.integers(4))]
+            atoms.positions += rng.normal(scale=rng.uniform(0.01, 0.1), size=(len(atoms), 3))
+            atoms.wrap()
+        elif kind == 1:
             k = int(rng.integers(13, 109))
             c = centre + rng.uniform(-A_FCC / 2, A_FCC / 2, size=3)
             idx = np.argsort(np.linalg.norm(block.positions - c, axis=1))[:k]
@@ -109,12 +136,9 @@ def dataset_w4(n: int, seed: int = 0) -> list[Atoms]:
             atoms.set_cell(np.ptp(atoms.positions, axis=0) + 2 * CUTOFF)
             atoms.center()
             atoms.pbc = False
+            atoms.positions += rng.normal(scale=rng.uniform(0.02, 0.3), size=(k, 3))
         else:
-            shape = crystals[int(rng.integers(len(crystals)))]
-            atoms = bulk("Ar", "fcc", a=A_FCC, cubic=True) * shape
-        atoms.positions += rng.normal(scale=amplitude, size=(len(atoms), 3))
-        if atoms.pbc.any():
-            atoms.wrap()
+            atoms = _random_cluster(int(rng.integers(13, 109)), rng)
         out.append(atoms)
     return out
 
@@ -126,14 +150,28 @@ WORKLOADS = {
 }
 
 
-def make_fused(workload: str = "default", temperature: float = 30.0):
+def make_fused(workload: str, images) -> fd.FusedStage:
+    """The fused stage of ``workload``. Both modes get the same static model choices: the image
+    range of the whole dataset (``images``) and no size buckets, so that every static batch runs
+    the one compiled program and the ratio measures the scheduling, not compilations."""
     _, fmax, budget, nvt = WORKLOADS[workload]
-    model = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=CUTOFF)
+    model = fd.models.LennardJones(
+        sigma=3.405, epsilon=0.0104, cutoff=CUTOFF, images=images, size_buckets=()
+    )
     relax = fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(fmax), n_steps=budget)
     if not nvt:
         return fd.FusedStage([(0, relax)])
-    md = fd.NVTLangevin(model, dt=2.0, temperature=temperature, friction=0.01, seed=0, n_steps=nvt)
+    md = fd.NVTLangevin(model, dt=2.0, temperature=30.0, friction=0.01, seed=0, n_steps=nvt)
     return relax + md
+
+
+def dataset_images(data) -> tuple[int, int, int]:
+    """The periodic image range every structure of ``data`` needs (what an inflight run's
+    sampler fits)."""
+    cells = np.array([np.asarray(a.cell) for a in data])
+    pbc = np.array([a.pbc for a in data])
+    model = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=CUTOFF)
+    return model.with_images_for(cells, pbc).images
 
 
 def static_groups(data, max_atoms, max_systems):
@@ -150,8 +188,8 @@ def static_groups(data, max_atoms, max_systems):
     return groups
 
 
-def run_inflight(data, max_atoms, max_systems, refill, workload="default"):
-    fused = make_fused(workload)
+def run_inflight(data, max_atoms, max_systems, refill, workload, images):
+    fused = make_fused(workload, images)
     sampler = fd.SizeAwareSampler(
         data, max_atoms=max_atoms, max_systems=max_systems, max_atoms_per_system=A_CAP
     )
@@ -163,8 +201,9 @@ def run_inflight(data, max_atoms, max_systems, refill, workload="default"):
     return wall, stats, frames
 
 
-def run_static(data, max_atoms, max_systems, workload="default"):
-    fused = make_fused(workload)
+def run_static(data, max_atoms, max_systems, workload, images):
+    fused = make_fused(workload, images)
+    programs = loop.compiled_loop(fused).cache_size()
     slot_active = slot_total = steps = 0
     graduated = 0
     t = time.perf_counter()
@@ -189,6 +228,7 @@ def run_static(data, max_atoms, max_systems, workload="default"):
         "utilization": slot_active / max(slot_total, 1),
         "batches": len(static_groups(data, max_atoms, max_systems)),
         "graduated": graduated,
+        "compilations": loop.compiled_loop(fused).cache_size() - programs,
     }
 
 
@@ -198,8 +238,9 @@ def main(n_systems, max_atoms, max_systems, refill, warm_systems, workload="defa
     data = make_data(n_systems)
     sizes = np.array([len(a) for a in data])
     warm = data[:warm_systems]
-    one_inflight = functools.partial(run_inflight, refill=refill, workload=workload)
-    one_static = functools.partial(run_static, workload=workload)
+    images = dataset_images(data)
+    one_inflight = functools.partial(run_inflight, refill=refill, workload=workload, images=images)
+    one_static = functools.partial(run_static, workload=workload, images=images)
 
     # compile: a cold and a warm run on a small dataset of the same capacity, for each mode
     cold_i, stats_cold, _ = one_inflight(warm, max_atoms, max_systems)
@@ -226,7 +267,9 @@ def main(n_systems, max_atoms, max_systems, refill, warm_systems, workload="defa
             + (f" + {nvt} steps NVTLangevin" if nvt else "")
             + f", cutoff {CUTOFF} A, float64"
         ),
+        "systems": n_systems,
         "capacity": {"max_atoms": max_atoms, "max_systems": max_systems},
+        "images": list(images),
         "refill_frequency": refill,
         "inflight": {
             "wall_s": wall_i,

@@ -197,7 +197,8 @@ def inflight_section(data: dict) -> list[str]:
         f"(target >= 2). Compile (warm-up, excluded above): inflight "
         f"{fmt(c.get('inflight'), 2)} s, static {fmt(c.get('static'), 2)} s. FIRE steps per "
         f"system: {fire.get('min', '?')}–{fire.get('max', '?')} (median "
-        f"{fmt(fire.get('median'))}) before the 200 NVT steps.",
+        f"{fmt(fire.get('median'))})"
+        + (" before the 200 NVT steps." if "NVT" in str(data.get("workload")) else "."),
     ]
     return out
 
@@ -207,12 +208,36 @@ def overhead_section(data: dict) -> list[str]:
     hooks = data.get("idle_hook_overhead")
     hooks = hooks.get("median") if isinstance(hooks, dict) else hooks
     spread = f" (per round {fmt(ratio['min'])}–{fmt(ratio['max'])})" if ratio else ""
-    return [
+    out = [
         f"**Fused-step overhead** (`bench_fused_overhead.py`, `{data['_file']}`): "
         f"{data.get('workload')}: fused step / model-only step, median of interleaved rounds, "
         f"{fmt(ratio.get('median', data.get('fused_over_model_only')))}{spread} "
         f"(target <= 1.10), idle-hook overhead {fmt(hooks)} (target < 0.02).",
     ]
+    load = data.get("load_average", {}).get("start", [None])[0]
+    if load is not None:
+        out[0] += f" Load {fmt(load)} at the start."
+    over = data.get("over_bare", {})
+    parts = [
+        f"{label} {fmt(over[key]['median'])}"
+        for key, label in (
+            ("only_fire", "FIRE"),
+            ("only_langevin", "Langevin"),
+            ("only_nve", "NVE"),
+        )
+        if key in over
+    ]
+    if parts:
+        out[0] += " One-stage steps over the model-only step: " + ", ".join(parts) + "."
+    tape = data.get("tape") or {}
+    if tape:
+        out[0] += (
+            f" A positions-and-energies tape every {data.get('tape_every')} steps costs, over "
+            f"the step without it: recorded on the device and delivered after the loop "
+            f"{fmt(tape['recorded_over_fused']['median'])}, sent by host callbacks "
+            f"{fmt(tape['callback_over_fused']['median'])}."
+        )
+    return out
 
 
 def padding_section(data: dict) -> list[str]:
@@ -407,6 +432,7 @@ def render() -> str:
         ("summary", summary_section),
         ("peers", peers_section),
         ("inflight", inflight_section),
+        ("inflight_w4", inflight_section),
         ("fused_overhead", overhead_section),
         ("padding", padding_section),
         ("peers_gpu", gpu_section),

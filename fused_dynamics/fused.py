@@ -434,23 +434,19 @@ class FusedStage(eqx.Module):
             if not keyed:
                 continue
             sub = dataclasses.replace(ctx, report=rep)
-            ks, hooks = [k for k, _ in keyed], [h for _, h in keyed]
-            if records is None:
-                batch = jax.lax.cond(
-                    jnp.any(which), lambda b, h=hooks, c=sub: fire_hooks(h, b, c), lambda b: b,
-                    batch,
-                )  # fmt: skip
-                continue
 
-            def fire(b, h=hooks, c=sub, ks=ks):
-                inner = recording.Recorder()
-                return fire_hooks(h, b, c, inner, ks), inner.entries
+            def fire(b, keyed=keyed, c=sub):
+                inner = None if records is None else recording.Recorder()
+                b = fire_hooks([h for _, h in keyed], b, c, inner, [k for k, _ in keyed])
+                return b, ({} if inner is None else inner.entries)
 
-            idle = recording.zeros_like_shapes(jax.eval_shape(fire, batch)[1])
-            batch, entries = jax.lax.cond(
-                records.any(which), fire, lambda b, idle=idle: (b, idle), batch
-            )
-            records.entries.update(entries)  # a group's keys ascend in firing order
+            idle = {}  # the recorded payloads of a step where the group does not fire: zeros
+            if records is not None:
+                idle = recording.zeros_like_shapes(jax.eval_shape(fire, batch)[1])
+            fires = jnp.any(which) if records is None else records.any(which)
+            batch, entries = jax.lax.cond(fires, fire, lambda b, i=idle: (b, i), batch)
+            if records is not None:
+                records.entries.update(entries)  # a group's keys ascend in firing order
         return batch
 
     def _hook_keys(self) -> list[list[tuple[int, Hook]]]:

@@ -145,13 +145,14 @@ def _compiled(fn, compile_kwargs: dict):
     return _COMPILED[key]
 
 
-def chunk(fused, batch: Batch, limit, record_steps: int | None):
+def chunk(fused, batch: Batch, limit, record_steps: int | None, axis_name: str | None = None):
     """At most ``limit`` steps of a run in chunks: ``(batch, taken, active, records)``, host
     hooks recorded for at most ``record_steps`` steps (:mod:`fused_dynamics.recording`;
-    ``None`` where no hook works on the host: no records)."""
+    ``None`` where no hook works on the host: no records); ``axis_name`` as in
+    :func:`run_steps`."""
     if record_steps is None:
-        return run_steps(fused, batch, limit) + ({},)
-    return run_steps(fused, batch, limit, record_steps=record_steps)
+        return run_steps(fused, batch, limit, axis_name=axis_name) + ({},)
+    return run_steps(fused, batch, limit, axis_name=axis_name, record_steps=record_steps)
 
 
 def compiled_chunk(fused):

@@ -338,16 +338,10 @@ def _steps(fused, batch, limit):
     return loop.run_steps(fused, batch, limit, axis_name=AXIS)
 
 
-def _recorded_steps(fused, batch, limit, record_steps):
-    if record_steps is None:
-        return _steps(fused, batch, limit) + ({},)
-    return loop.run_steps(fused, batch, limit, axis_name=AXIS, record_steps=record_steps)
-
-
 def _chunk(fused, stacked: Batch, limit, mesh, record_steps=None):
     """At most ``limit`` steps on every device: ``(batch, taken, active, records)``; each
     device records its own systems' host-hook payloads (:mod:`fused_dynamics.recording`)."""
-    steps = functools.partial(_recorded_steps, record_steps=record_steps)
+    steps = functools.partial(loop.chunk, record_steps=record_steps, axis_name=AXIS)
     out, taken, active, records = _per_device(steps, mesh, fused, (stacked,), (limit,))
     return out, taken[0], jnp.sum(active), records
 
