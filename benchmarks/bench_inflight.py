@@ -68,21 +68,27 @@ A_CAP = 128  # atoms per system slot: the same static shape for the warm-up and 
 PRIMITIVE_SHAPES = [(4, 4, 4), (4, 4, 5), (4, 5, 5), (5, 5, 5)]  # 64, 80, 100, 125 atoms
 
 
+def _fcc_cluster(block: Atoms, k: int, rng) -> Atoms:
+    """The ``k`` sites of the fcc ``block`` nearest a random point near its centre, as a
+    non-periodic cluster with ``CUTOFF`` of vacuum on every side."""
+    c = block.positions.mean(axis=0) + rng.uniform(-A_FCC / 2, A_FCC / 2, size=3)
+    idx = np.argsort(np.linalg.norm(block.positions - c, axis=1))[:k]
+    atoms = Atoms(f"Ar{k}", positions=block.positions[idx])
+    atoms.set_cell(np.ptp(atoms.positions, axis=0) + 2 * CUTOFF)
+    atoms.center()
+    atoms.pbc = False
+    return atoms
+
+
 def dataset(n: int, seed: int = 0) -> list[Atoms]:
     """Perturbed argon clusters (70 %) and small periodic crystals (30 %) of 8-128 atoms."""
     rng = np.random.default_rng(seed)
     block = bulk("Ar", "fcc", a=A_FCC, cubic=True) * (8, 8, 8)
-    centre = block.positions.mean(axis=0)
     out = []
     for _ in range(n):
         if rng.random() < 0.7:
             k = int(rng.integers(8, 129))
-            c = centre + rng.uniform(-A_FCC / 2, A_FCC / 2, size=3)
-            idx = np.argsort(np.linalg.norm(block.positions - c, axis=1))[:k]
-            atoms = Atoms(f"Ar{k}", positions=block.positions[idx])
-            atoms.set_cell(np.ptp(atoms.positions, axis=0) + 2 * CUTOFF)
-            atoms.center()
-            atoms.pbc = False
+            atoms = _fcc_cluster(block, k, rng)
             atoms.positions += rng.normal(scale=rng.uniform(0.05, 0.25), size=(k, 3))
         else:
             if rng.random() < 0.2:
@@ -119,7 +125,6 @@ def dataset_w4(n: int, seed: int = 0) -> list[Atoms]:
     each."""
     rng = np.random.default_rng(seed)
     block = bulk("Ar", "fcc", a=A_FCC, cubic=True) * (8, 8, 8)
-    centre = block.positions.mean(axis=0)
     crystals = [(2, 2, 2), (2, 2, 3), (2, 3, 3), (3, 3, 3)]  # 32, 48, 72, 108 atoms (cubic)
     out = []
     for _ in range(n):
@@ -130,12 +135,7 @@ def dataset_w4(n: int, seed: int = 0) -> list[Atoms]:
             atoms.wrap()
         elif kind == 1:
             k = int(rng.integers(13, 109))
-            c = centre + rng.uniform(-A_FCC / 2, A_FCC / 2, size=3)
-            idx = np.argsort(np.linalg.norm(block.positions - c, axis=1))[:k]
-            atoms = Atoms(f"Ar{k}", positions=block.positions[idx])
-            atoms.set_cell(np.ptp(atoms.positions, axis=0) + 2 * CUTOFF)
-            atoms.center()
-            atoms.pbc = False
+            atoms = _fcc_cluster(block, k, rng)
             atoms.positions += rng.normal(scale=rng.uniform(0.02, 0.3), size=(k, 3))
         else:
             atoms = _random_cluster(int(rng.integers(13, 109)), rng)
