@@ -202,26 +202,22 @@ def main(n_systems=64, n_steps=200, rounds=7, every=10, tape_every=5, breakdown=
     compile_s, times = interleaved(programs, rounds)
     end = fused.run(batch, n_steps=n_steps)
     per_step = {name: summary(ts, 1e3 / n_steps) for name, ts in times.items()}
-    ratios = {
-        name: summary([t / b for t, b in zip(times[name], times["bare"], strict=True)])
-        for name in programs
-        if name != "bare"
-    }
+
+    def per_round(a: str, b: str) -> dict:
+        """Summary of the per-round ratios of program ``a``'s time over ``b``'s."""
+        return summary([x / y for x, y in zip(times[a], times[b], strict=True)])
+
+    ratios = {name: per_round(name, "bare") for name in programs if name != "bare"}
     # best of the rounds over best of the rounds: on a shared machine the fastest call is the
     # one least disturbed by other processes
     best = {name: min(times[name]) / min(times["bare"]) for name in programs if name != "bare"}
     hook_cost = [h / f - 1.0 for h, f in zip(times["fused_hooks"], times["fused"], strict=True)]
     tape = {}
     if tape_every:  # per round: the recorded tape over the called-back one, and over no tape
-        rec, call = times["fused_tape_recorded"], times["fused_tape_callback"]
         tape = {
-            "recorded_over_callback": summary([r / c for r, c in zip(rec, call, strict=True)]),
-            "recorded_over_fused": summary(
-                [r / f for r, f in zip(rec, times["fused"], strict=True)]
-            ),
-            "callback_over_fused": summary(
-                [c / f for c, f in zip(call, times["fused"], strict=True)]
-            ),
+            "recorded_over_callback": per_round("fused_tape_recorded", "fused_tape_callback"),
+            "recorded_over_fused": per_round("fused_tape_recorded", "fused"),
+            "callback_over_fused": per_round("fused_tape_callback", "fused"),
         }
     return {
         "workload": f"{n_systems} LJ fcc argon systems x 108 atoms, float64, {n_steps} steps",

@@ -23,10 +23,9 @@ import os
 import jax
 import jax.numpy as jnp
 
-from . import loop, sharding
+from . import loop, recording, sharding
 from .batch import Batch
 from .compiled import retry_on_overflow
-from .hooks_base import has_host
 from .live import Run, fit_to_batch
 from .loop import compiled_chunk, output_stress, run_steps
 
@@ -126,7 +125,7 @@ def run(
         not differentiable
         and batch is not None
         and not isinstance(batch.cell, jax.core.Tracer)
-        and any(has_host(h) for h in fused.all_hooks())
+        and recording.records_hooks(fused)
     )
     if mesh is not None:
         sharding.devices_of(mesh)  # a bad mesh is refused before anything else

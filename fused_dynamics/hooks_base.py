@@ -172,6 +172,11 @@ def check_hook(owner: str, hook: Any) -> Hook:
     raise TypeError(f"{owner}: expected an instance of fused_dynamics.Hook, got {got}.")
 
 
+def zeros_like_shapes(shapes):
+    """Zeros with the shapes and dtypes of a pytree of ``jax.ShapeDtypeStruct``."""
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
 def has_host(hook: Hook) -> bool:
     """Whether ``hook`` overrides :meth:`Hook.on_host` (host work to hand arrays to)."""
     return type(hook).on_host is not Hook.on_host
@@ -234,8 +239,7 @@ def fire_hooks(hooks, batch, ctx: HookContext, records=None, keys=None):
             def gather(b, hook=hook):
                 return _gather_fields(hook, b, ctx)
 
-            shapes = jax.eval_shape(gather, batch)
-            idle = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            idle = zeros_like_shapes(jax.eval_shape(gather, batch))
             records.entries[key] = (due, jax.lax.cond(due, gather, lambda _, i=idle: i, batch))
             continue
 

@@ -17,7 +17,6 @@ from . import checkpoint as ckpt
 from . import inflight, loop, recording
 from .batch import Batch, write_system
 from .compiled import retry_on_overflow
-from .hooks_base import has_host
 from .inflight import RunStats
 from .outputs.common import check_writable
 
@@ -106,8 +105,7 @@ class Run:
         self._closed = False
         self._chunk = self._make_chunk()
         # host hooks are recorded on the device and delivered after each chunk
-        host = any(has_host(h) for h in fused.all_hooks())
-        self._record_steps = self.refill_frequency if host else None
+        self._record_steps = self.refill_frequency if recording.records_hooks(fused) else None
         self._cache0 = _cache_size(self._chunk)
         self._compilations0 = 0
         self._restored_stop_at = None

@@ -1,4 +1,4 @@
-"""Host hooks recorded into device buffers and delivered once per chunk (docs/semantics.md §7).
+"""Host hooks recorded into device buffers and delivered once per chunk (docs/semantics.md §8a).
 
 A hook's ``on_host`` is host work on NumPy copies of a few fields. Inside one compiled call
 (``jax.jit``, ``jax.vmap``, ``jax.grad`` of a run, or :meth:`FusedStage.step`) it is an ordered
@@ -7,8 +7,8 @@ driven in chunks (:class:`~fused_dynamics.driver.Run`: every run of a concrete b
 host hooks, sinks, a sampler or checkpoints) records instead:
 
 - at each due step the hook's payload (what its callback would have received) is written into a
-  buffer of the loop carry, ``ceil(chunk / every_n_steps)`` rows per hook, plus a spill row that
-  the steps where the hook is not due write to (no branch on the write);
+  buffer of the loop carry, ``ceil(chunk / every_n_steps)`` rows per hook, plus a spill row
+  (:func:`write`: under a ``lax.cond`` on CPU, into the spill row without a branch elsewhere);
 - after the chunk, once the run has kept it (a chunk redone on a grown neighbor list is
   discarded with its records, so nothing is delivered twice), the host receives the buffers in
   one transfer and calls ``on_host`` for each record in the order a callback run would have:
@@ -29,9 +29,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .hooks_base import HookData, has_host
+from .hooks_base import HookData, has_host, zeros_like_shapes
 
-__all__ = ["Recorder", "empty_buffers", "write", "has_room", "deliver"]
+__all__ = [
+    "Recorder",
+    "records_hooks",
+    "empty_buffers",
+    "write",
+    "has_room",
+    "deliver",
+    "zeros_like_shapes",
+]
+
+
+def records_hooks(fused) -> bool:
+    """Whether some hook of ``fused`` works on the host (a run in chunks then records)."""
+    return any(has_host(h) for h in fused.all_hooks())
 
 
 class Recorder:
@@ -61,11 +74,6 @@ class Recorder:
         return jax.lax.psum(x.astype(jnp.int32), self.axis_name) > 0
 
 
-def zeros_like_shapes(shapes):
-    """Zeros with the shapes and dtypes of a pytree of ``jax.ShapeDtypeStruct``."""
-    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
 def empty_buffers(fused, batch, steps: int, axis_name: str | None = None) -> dict:
     """Buffers for the host hooks of ``fused`` over a chunk of at most ``steps`` steps.
 
@@ -77,9 +85,9 @@ def empty_buffers(fused, batch, steps: int, axis_name: str | None = None) -> dic
         spill row; ``order`` is the hook's firing position within a step. Empty when no hook
         of ``fused`` works on the host.
     """
-    hooks = fused.all_hooks()
-    if not any(has_host(h) for h in hooks):
+    if not records_hooks(fused):
         return {}
+    hooks = fused.all_hooks()
     order: list[int] = []  # the keys in firing order (a returned dict comes back sorted)
 
     def probe(b):
