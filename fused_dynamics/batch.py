@@ -143,7 +143,17 @@ class Batch(eqx.Module):
         return jnp.abs(det3(self.cell))
 
     def sum_atoms(self, x: jax.Array) -> jax.Array:
-        """Sum a per-atom array over each system, shape (S, ...)."""
+        """Sum a per-atom array over each system, shape (S, ...).
+
+        Where the per-system blocks are not much larger than the atom axis
+        (``S * max_atoms_per_system <= 2 N``), each system's atoms are gathered into a block
+        and summed densely (:func:`~fused_dynamics.segment.block_sum`); on CPU that is about
+        3x faster than the scatter-add of a segment sum, and a step makes dozens of these
+        sums. Both add each system's atoms in atom order.
+        """
+        a, n = self.max_atoms_per_system, self.max_atoms
+        if 0 < a and self.max_systems * a <= 2 * n and x.shape[:1] == (n,):
+            return segment.block_sum(x, self.system_idx, self.max_systems, a)
         return segment.segment_sum(x, self.system_idx, self.max_systems)
 
     def max_atoms_of(self, x: jax.Array) -> jax.Array:
@@ -176,6 +186,50 @@ class Batch(eqx.Module):
         index = start[:, None] + k[None, :]
         valid = k[None, :] < self.n_atoms[:, None]
         return jnp.clip(index, 0, self.max_atoms - 1), valid
+
+    def single_system(self, slot) -> Batch:
+        """A one-system batch (capacities ``A`` atoms and 1 slot) holding slot ``slot``'s
+        system, for evaluating one system alone; ``slot`` may be traced.
+
+        Per-atom fields are its atoms' rows (the rest padding, as :meth:`from_atoms` pads);
+        per-system fields its slot's row; no stage state, bookkeeping or neighbor list.
+        """
+        a = self.max_atoms_per_system
+        index, valid = self.system_view_index()
+        rows, valid = index[slot], valid[slot] & self.system_mask[slot]
+
+        def atom_field(x, pad):
+            v = valid.reshape((a,) + (1,) * (x.ndim - 1))
+            return jnp.where(v, x[rows], jnp.asarray(pad, x.dtype))
+
+        def system_field(x):
+            return jax.lax.dynamic_slice_in_dim(x, slot, 1)
+
+        return Batch(
+            positions=atom_field(self.positions, 0),
+            velocities=atom_field(self.velocities, 0),
+            masses=atom_field(self.masses, 1),
+            atomic_numbers=atom_field(self.atomic_numbers, 0),
+            forces=atom_field(self.forces, 0),
+            system_idx=jnp.where(valid, 0, 1).astype(self.system_idx.dtype),
+            atom_mask=valid,
+            fixed=atom_field(self.fixed, False),
+            **{
+                k: system_field(getattr(self, k))
+                for k in (
+                    "cell",
+                    "pbc",
+                    "energy",
+                    "stress",
+                    "system_mask",
+                    "status",
+                    "system_id",
+                    "fix_com",
+                    "virtual_cell",
+                )
+            },
+            max_atoms_per_system=a,
+        )
 
     # ------------------------------------------------------------------ ASE in/out
     @classmethod

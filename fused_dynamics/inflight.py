@@ -94,8 +94,10 @@ class RunStats:
         return asdict(self)
 
 
-def _admit(fused, batch: Batch, new: jax.Array) -> Batch:
-    """Initialize the systems in slots ``new`` (S,) bool; leave every other slot as it is."""
+def admit_systems(fused, batch: Batch, new: jax.Array) -> Batch:
+    """Initialize the systems in slots ``new`` (S,) bool; leave every other slot as it is
+    (traced: the body of :func:`admit`, and the start of a chunk that admits,
+    :func:`fused_dynamics.loop.chunk`)."""
     fresh = fused.init(batch)
     atom_new = batch.to_atoms_axis(new)
 
@@ -120,7 +122,7 @@ def _admit(fused, batch: Batch, new: jax.Array) -> Batch:
     return batch.replace(**changes)
 
 
-_ADMIT = filter_compile(_admit)
+_ADMIT = filter_compile(admit_systems)
 
 
 def admit(fused, batch: Batch, new) -> Batch:

@@ -111,6 +111,7 @@ class Run:
         self._restored_stop_at = None
         self.batch: Batch | None = None
         self._status_of = None  # (batch, mask, done) of the last host status fetched
+        self._pending: np.ndarray | None = None  # refilled slots the next chunk admits
         self._fingerprint = ckpt.fingerprint(fused)
         self._dataset = None if sampler is None else sampler.fingerprint()
         if resume_path is not None:
@@ -128,6 +129,10 @@ class Run:
     # ------------------------------------------------------------------ layout
     # Where the batch lives: one device here; fused_dynamics.sharding.ShardedRun overrides these
     # for a batch spread over a mesh (docs/semantics.md §21).
+    # Whether run_to_end's refills leave the admission to the next chunk (one compiled call per
+    # host visit); a sharded run admits in a program of its own.
+    _admits_in_chunk = True
+
     def _make_chunk(self):
         return loop.compiled_chunk(self.fused) if self.fused.compile_step else loop.chunk
 
@@ -273,13 +278,28 @@ class Run:
         if k <= 0:
             return None
         fused = self.fused
+        # the run stops after this chunk: every system still running gets its output stress
+        last = jnp.asarray(self._stop_at is not None and self.step_count + k >= self._stop_at)
+        new = None
+        if self._admits_in_chunk:
+            pending = self._pending
+            shape = np.shape(self.batch.system_mask)
+            new = jnp.asarray(np.zeros(shape, bool) if pending is None else pending)
         batch, taken, active, records = retry_on_overflow(
-            lambda b: self._chunk(fused, b, jnp.int32(k), self._record_steps),
+            lambda b: self._chunk(fused, b, jnp.int32(k), last, new, self._record_steps),
             self.batch,
             listeners=self.listeners,
         )
         self.batch = batch
+        self._pending = None
         return taken, active, records
+
+    def _admit_pending(self) -> None:
+        """Admit the slots a refill left to the next chunk, now (before the batch is saved or
+        handed out)."""
+        if self._pending is not None:
+            self.batch = inflight.admit(self.fused, self.batch, jnp.asarray(self._pending))
+            self._pending = None
 
     def collect(self, pending) -> int:
         """Wait for a chunk started by :meth:`dispatch` and count it; returns the steps taken."""
@@ -331,6 +351,11 @@ class Run:
         RuntimeError
             When the next system of the sampler does not fit even an empty batch.
         """
+        return self._refill_check(defer=False)
+
+    def _refill_check(self, defer: bool) -> int:
+        """:meth:`refill_check`; with ``defer`` (inside :meth:`run_to_end`, whose next call is
+        a chunk) the new systems are admitted by that chunk (:attr:`_pending`)."""
         self.write_graduated()
         if self.sampler is None or self.batch is None:
             return 0
@@ -339,7 +364,11 @@ class Run:
         keep = self._kept_slots(mask, done)
         if self.sampler.exhausted or keep.all():
             return 0
-        batch, new = self._refill(keep)
+        if defer and self._admits_in_chunk:
+            batch, new = self._refill(keep, admit=False)
+            self._pending = new if new.any() else None
+        else:
+            batch, new = self._refill(keep)
         self.batch = batch
         self._written = ~(keep | new)
         return int(new.sum())
@@ -348,9 +377,11 @@ class Run:
         """Slots a refill keeps (S,) bool: occupied ones whose system has not left the run."""
         return mask & ~done
 
-    def _refill(self, keep: np.ndarray) -> tuple[Batch, np.ndarray]:
+    def _refill(self, keep: np.ndarray, admit: bool = True) -> tuple[Batch, np.ndarray]:
         """Free the slots not in ``keep``, re-pack the atoms and admit new systems from the
-        sampler; returns the new batch and which slots were refilled."""
+        sampler; returns the new batch and which slots were refilled. Without ``admit`` the
+        new slots are only written (status: the entry sub-stage's code, so that the host
+        counts them as running) and the next chunk admits them."""
         host = jax.device_get(self.batch)
         arrays, offset = inflight.repack(host, keep)
         arrays["status"][~keep] = self.fused.exit_status
@@ -359,13 +390,14 @@ class Run:
         new = np.zeros(host.max_systems, bool)
         for (index, atoms), slot in zip(incoming, free_slots, strict=False):
             write_system(arrays, slot, offset, atoms, index)
+            arrays["status"][slot] = self.fused.entry_status
             offset += len(atoms)
             new[slot] = True
         self._report_rejected()
         if not keep.any() and not new.any() and not self.sampler.exhausted:
             raise RuntimeError("Inflight run: the next system does not fit an empty batch.")
         batch = inflight.rebuild(self.batch, host, arrays)
-        if new.any():
+        if new.any() and admit:
             batch = inflight.admit(self.fused, batch, jnp.asarray(new))
         return batch, new
 
@@ -377,13 +409,14 @@ class Run:
             mask, done = self._host_status()
             left = np.any(mask & done & ~self._written)
             if left or taken == 0 or not np.any(mask & ~done):
-                self.refill_check()
+                self._refill_check(defer=True)
             self._maybe_checkpoint()
             if taken == 0 and not self.all_complete and self._stuck():
                 raise RuntimeError(
                     "Run: no step could be taken and nothing could be admitted; the next "
                     "system does not fit the batch."
                 )
+        self._admit_pending()  # refilled before a step budget ran out: admitted, not run
         self.write_graduated()
         self._finish_stats()
         return self.stats
@@ -410,6 +443,7 @@ class Run:
         written, the statistics and the fitted model's static choices."""
         if self.batch is None:
             return
+        self._admit_pending()
         self.write_graduated()
         self._finish_stats()
         self.stats.checkpoints += 1

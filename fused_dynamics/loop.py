@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from . import recording
 from .batch import Batch
 from .compiled import filter_compile
+from .inflight import admit_systems
 
 __all__ = ["run_steps", "output_stress", "compiled_chunk", "compiled_loop", "LoopOptions"]
 
@@ -23,6 +24,7 @@ def run_steps(
     checkpoints: int | None = None,
     axis_name: str | None = None,
     record_steps: int | None = None,
+    stress_at_exit=None,
 ):
     """At most ``limit`` steps from ``batch.step_count``, stopping when all have graduated.
 
@@ -50,11 +52,16 @@ def run_steps(
         Record mode (:mod:`fused_dynamics.recording`): host hooks write their payloads into
         buffers sized for this many steps instead of calling back during the loop; the loop
         also stops when a buffer is full.
+    stress_at_exit : Array, optional
+        A run in chunks (bool scalar, traced): the stress is computed only for the systems
+        that left the run during these steps, and for every system still without one when
+        true (the last chunk of a run), by :func:`stress_at_exit`.
 
     Returns
     -------
     batch : Batch
-        With the stress of the final positions (:func:`output_stress`).
+        With the stress of the final positions (:func:`output_stress`; see
+        ``stress_at_exit``).
     taken : Array
         Steps taken.
     active : Array
@@ -93,11 +100,16 @@ def run_steps(
     if record_steps is not None:
         buffers = recording.empty_buffers(fused, batch, record_steps, axis_name)
     init = (batch, zero, zero, buffers)
+    start = batch
     if max_steps is None:
         batch, taken, active, buffers = jax.lax.while_loop(cond, body, init)
     else:
         batch, taken, active, buffers = _checkpointed_loop(cond, body, init, max_steps, checkpoints)
-    out = (output_stress(fused, batch), taken, active)
+    if stress_at_exit is None:
+        batch = output_stress(fused, batch)
+    else:
+        batch = _stress_at_exit(fused, start, batch, stress_at_exit)
+    out = (batch, taken, active)
     return out if record_steps is None else out + (buffers,)
 
 
@@ -109,15 +121,69 @@ def _checkpointed_loop(cond, body, init, max_steps, checkpoints=None):
     )
 
 
-def output_stress(fused, batch: Batch) -> Batch:
-    """The batch with the stress of its final positions, for outputs (one evaluation).
+def output_stress(fused, batch: Batch, systems: jax.Array | None = None) -> Batch:
+    """The batch with the stress of its final positions, for outputs.
 
-    A run whose steps do not read the stress skips it at every step (it costs about as much as
-    the forces); what leaves the run still carries it, computed once here.
+    A run whose steps do not read the stress skips it at every step (the strain derivative
+    costs several times the forces); what leaves the run still carries it, computed here
+    (docs/semantics.md §6).
+
+    Parameters
+    ----------
+    fused : FusedStage
+    batch : Batch
+    systems : Array, shape (S,) bool, optional
+        Only these slots (the others keep ``batch.stress``). Default: every slot, in one
+        evaluation of the batch. On CPU, for a model evaluated without a neighbor list or size
+        buckets, each of ``systems`` is evaluated alone (:meth:`Batch.single_system`, a
+        ``lax.map`` with a ``lax.cond`` per slot), so the cost is that of those systems, not of
+        the batch; elsewhere the batch is evaluated when any slot is in ``systems``.
     """
     if fused.needs_stress:
         return batch
-    return batch.replace(stress=fused.model(batch, stress=True).stress)
+    model = fused.model
+    if systems is None:
+        return batch.replace(stress=model(batch, stress=True).stress)
+    alone = (
+        jax.default_backend() == "cpu"  # a GPU would read every slot's predicate back
+        and batch.neighbors is None
+        and not getattr(model, "size_buckets", None)
+        and batch.max_atoms_per_system > 0
+    )
+    if alone:
+
+        def one(slot):
+            def evaluate(_):
+                return model(batch.single_system(slot), stress=True).stress[0]
+
+            return jax.lax.cond(systems[slot], evaluate, lambda _: batch.stress[slot], None)
+
+        stress = jax.lax.map(one, jnp.arange(batch.max_systems))
+    else:
+        stress = jax.lax.cond(
+            jnp.any(systems),
+            lambda b: model(b, stress=True).stress,
+            lambda b: b.stress,
+            batch,
+        )
+    return batch.replace(stress=jnp.where(systems[:, None, None], stress, batch.stress))
+
+
+def _stress_at_exit(fused, start: Batch, end: Batch, everyone) -> Batch:
+    """``end`` (a chunk's last batch) with the stress of the systems that left the run since
+    ``start``; systems that had left before keep the stress they left with; with ``everyone``
+    (the last chunk of a run), every system still without one gets it too."""
+    if fused.needs_stress:
+        return end
+
+    def left(b):
+        return b.system_mask & (b.status == fused.exit_status)
+
+    before = left(start)
+    end = end.replace(stress=jnp.where(before[:, None, None], start.stress, end.stress))
+    missing = ~jnp.all(jnp.isfinite(end.stress), axis=(-2, -1))
+    due = (left(end) & ~before) | (everyone & end.system_mask & missing)
+    return output_stress(fused, end, due)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,14 +211,35 @@ def _compiled(fn, compile_kwargs: dict):
     return _COMPILED[key]
 
 
-def chunk(fused, batch: Batch, limit, record_steps: int | None, axis_name: str | None = None):
-    """At most ``limit`` steps of a run in chunks: ``(batch, taken, active, records)``, host
-    hooks recorded for at most ``record_steps`` steps (:mod:`fused_dynamics.recording`;
+def chunk(
+    fused,
+    batch: Batch,
+    limit,
+    last,
+    new,
+    record_steps: int | None,
+    axis_name: str | None = None,
+):
+    """At most ``limit`` steps of a run in chunks: ``(batch, taken, active, records)``.
+
+    Host hooks are recorded for at most ``record_steps`` steps (:mod:`fused_dynamics.recording`;
     ``None`` where no hook works on the host: no records); ``axis_name`` as in
-    :func:`run_steps`."""
-    if record_steps is None:
-        return run_steps(fused, batch, limit, axis_name=axis_name) + ({},)
-    return run_steps(fused, batch, limit, axis_name=axis_name, record_steps=record_steps)
+    :func:`run_steps`. The stress is computed for the systems that leave the run in this
+    chunk, and with ``last`` (a bool array: the run stops after this chunk) for every system
+    without one (``stress_at_exit`` of :func:`run_steps`). ``new`` (S,) bool, or None: slots
+    refilled by the host visit before this chunk, admitted first
+    (:func:`~fused_dynamics.inflight.admit_systems`, under a ``lax.cond``): one compiled call
+    per visit instead of two (each call of this program touches its temporaries afresh, which
+    costs about as much as an evaluation on CPU; see docs/semantics.md §14).
+    """
+    if new is not None:
+        batch = jax.lax.cond(
+            jnp.any(new), lambda b: admit_systems(fused, b, new), lambda b: b, batch
+        )
+    out = run_steps(
+        fused, batch, limit, axis_name=axis_name, record_steps=record_steps, stress_at_exit=last
+    )
+    return out if record_steps is not None else out + ({},)
 
 
 def compiled_chunk(fused):

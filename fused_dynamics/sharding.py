@@ -338,11 +338,12 @@ def _steps(fused, batch, limit):
     return loop.run_steps(fused, batch, limit, axis_name=AXIS)
 
 
-def _chunk(fused, stacked: Batch, limit, mesh, record_steps=None):
+def _chunk(fused, stacked: Batch, limit, mesh, record_steps=None, last=False):
     """At most ``limit`` steps on every device: ``(batch, taken, active, records)``; each
     device records its own systems' host-hook payloads (:mod:`fused_dynamics.recording`)."""
-    steps = functools.partial(loop.chunk, record_steps=record_steps, axis_name=AXIS)
-    out, taken, active, records = _per_device(steps, mesh, fused, (stacked,), (limit,))
+    steps = functools.partial(loop.chunk, new=None, record_steps=record_steps, axis_name=AXIS)
+    last = jnp.asarray(last)
+    out, taken, active, records = _per_device(steps, mesh, fused, (stacked,), (limit, last))
     return out, taken[0], jnp.sum(active), records
 
 
@@ -455,8 +456,9 @@ class _ShardedChunk:
     def __init__(self, mesh):
         self.mesh = mesh
 
-    def __call__(self, fused, batch, limit, record_steps=None):
-        return _CHUNK(fused, batch, limit, self.mesh, record_steps)
+    def __call__(self, fused, batch, limit, last, new=None, record_steps=None):
+        # a sharded run admits in its own program (ShardedRun._refill): ``new`` is None
+        return _CHUNK(fused, batch, limit, self.mesh, record_steps, last)
 
     def cache_size(self) -> int:
         return _CHUNK.cache_size()
@@ -468,6 +470,8 @@ class ShardedRun(Run):
     Same options and live API as :class:`~fused_dynamics.driver.Run`, plus ``mesh``. See the
     module docstring for the layout, the refill order and the multi-process rule.
     """
+
+    _admits_in_chunk = False  # _refill admits on every device in a program of its own
 
     def __init__(self, fused, batch=None, *, mesh, **options):
         self.mesh = mesh

@@ -234,3 +234,29 @@ def test_no_recompilation_across_runs_of_same_capacity():
         sinks=[fd.HostMemory()],
     )
     assert driver.compiled_chunk(fused).cache_size() == before and stats.compilations == 0
+
+
+def test_refills_are_admitted_by_the_next_chunk(monkeypatch):
+    """docs/semantics.md §14: a run driven to its end refills slots on the host and the next
+    compiled chunk admits the new systems, so the standalone admission program runs once (the
+    first batch), not once per refill; every system still reaches the sink once."""
+    from fused_dynamics import inflight
+
+    calls = []
+    admit = inflight.admit
+
+    def counting(fused, batch, new):
+        calls.append(int(np.sum(np.asarray(new))))
+        return admit(fused, batch, new)
+
+    monkeypatch.setattr(inflight, "admit", counting)
+    data = dataset(14, seed=3)
+    sink = fd.HostMemory()
+    stats = stages(n_md=3).run(
+        sampler=fd.SizeAwareSampler(data, max_atoms=128, max_systems=4, max_atoms_per_system=64),
+        refill_frequency=4,
+        sinks=[sink],
+    )
+    assert sorted(a.info["system_id"] for a in sink.atoms) == list(range(len(data)))
+    assert stats.written == len(data) and stats.chunks > 3
+    assert len(calls) == 1 and 0 < calls[0] <= 4  # the first batch only

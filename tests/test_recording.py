@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from ase.build import bulk
@@ -95,8 +96,9 @@ def test_the_compiled_chunk_has_no_host_callback():
     each host hook is a debug_callback."""
     fused = chain([])
     batch = fused.init(fd.Batch.from_atoms(clusters(2)))
-    recorded = jax.make_jaxpr(lambda b: loop.chunk(fused, b, 10, 10))(batch)
-    called = jax.make_jaxpr(lambda b: loop.chunk(fused, b, 10, None))(batch)
+    last = jnp.asarray(False)
+    recorded = jax.make_jaxpr(lambda b: loop.chunk(fused, b, 10, last, None, 10))(batch)
+    called = jax.make_jaxpr(lambda b: loop.chunk(fused, b, 10, last, None, None))(batch)
     assert "debug_callback" not in str(recorded)
     assert "debug_callback" in str(called)
 
