@@ -54,8 +54,8 @@ def run_steps(
         also stops when a buffer is full.
     stress_at_exit : Array, optional
         A run in chunks (bool scalar, traced): the stress is computed only for the systems
-        that left the run during these steps, and for every system still without one when
-        true (the last chunk of a run), by :func:`stress_at_exit`.
+        that left the run during these steps (systems that had left before keep theirs),
+        and for every system still without one when true (the last chunk of a run).
 
     Returns
     -------
