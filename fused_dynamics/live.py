@@ -255,7 +255,8 @@ class Run:
         when every system in the batch has graduated: it returns 0 then, and
         :meth:`refill_check` (or :meth:`write_graduated`) is what moves the run on. A checkpoint
         due at the current step is written first (so it holds what the caller's host visit,
-        a refill, did). Returns the steps taken.
+        a refill, did). Returns the steps taken. Every system in :attr:`batch` afterwards
+        carries its output stress (docs/semantics.md §6).
         """
         return self.collect(self.dispatch(n_steps))
 
@@ -265,6 +266,12 @@ class Run:
         A pipeline starts every stage's chunk this way before waiting for any, so that its
         device groups compute at the same time. Returns what :meth:`collect` takes (``None``
         when no step is due)."""
+        return self._dispatch(n_steps, every_stress=True)
+
+    def _dispatch(self, n_steps: int | None, every_stress: bool):
+        """:meth:`dispatch`; ``every_stress`` False (:meth:`run_to_end`, which hands out only
+        the systems that left, and the batch after its last chunk): the output stress only
+        for the systems that leave in this chunk, and for all in the run's last chunk."""
         if self.batch is None:
             return None
         k = self.refill_frequency if n_steps is None else int(n_steps)
@@ -279,7 +286,8 @@ class Run:
             return None
         fused = self.fused
         # the run stops after this chunk: every system still running gets its output stress
-        last = jnp.asarray(self._stop_at is not None and self.step_count + k >= self._stop_at)
+        last = self._stop_at is not None and self.step_count + k >= self._stop_at
+        last = jnp.asarray(last or every_stress)
         new = None
         if self._admits_in_chunk:
             pending = self._pending
@@ -405,7 +413,7 @@ class Run:
         """Advance and refill until :attr:`all_complete`, checkpointing as asked; returns the
         statistics."""
         while not self.all_complete:
-            taken = self.advance()
+            taken = self.collect(self._dispatch(None, every_stress=False))
             mask, done = self._host_status()
             left = np.any(mask & done & ~self._written)
             if left or taken == 0 or not np.any(mask & ~done):

@@ -122,3 +122,19 @@ def test_a_run_stopped_by_its_step_budget_returns_every_stress():
     np.testing.assert_allclose(
         np.asarray(chunked.stress), np.asarray(whole.stress), rtol=1e-12, atol=1e-16
     )
+
+
+def test_a_chunk_advanced_by_hand_leaves_every_system_with_its_stress():
+    """``Run.advance`` hands the batch to the caller after every chunk: every occupied system,
+    running or not, carries the stress of its current positions (1e-12 relative to the
+    batch's own evaluation)."""
+    b = fd.Batch.from_atoms(structures(), max_systems=4)
+    run = fd.FusedStage([(0, relax(1e-4))]).start(b, refill_frequency=5)
+    with run:
+        run.advance()
+        out = run.batch
+    assert np.any(np.asarray(out.status) != run.fused.exit_status)
+    want = np.asarray(run.fused.model(out).stress)
+    got = np.asarray(out.stress)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-16)
