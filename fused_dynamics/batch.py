@@ -145,15 +145,13 @@ class Batch(eqx.Module):
     def sum_atoms(self, x: jax.Array) -> jax.Array:
         """Sum a per-atom array over each system, shape (S, ...).
 
-        Where the per-system blocks are not much larger than the atom axis
-        (``S * max_atoms_per_system <= 2 N``), each system's atoms are gathered into a block
-        and summed densely (:func:`~fused_dynamics.segment.block_sum`); on CPU that is about
-        3x faster than the scatter-add of a segment sum, and a step makes dozens of these
-        sums. Both add each system's atoms in atom order.
+        A scatter-add in atom order (:func:`~fused_dynamics.segment.segment_sum`), so a
+        system's sum does not depend on the capacities or on the other systems, bit for bit
+        (docs/semantics.md §21). A gather into (S, A) blocks and a dense sum is about 3x faster
+        per sum on CPU, but XLA sums a block in an order that depends on its shape (1e-14
+        relative differences measured), and choosing between the two by the capacities would
+        make a system's arithmetic depend on its neighbours' sizes.
         """
-        a, n = self.max_atoms_per_system, self.max_atoms
-        if 0 < a and self.max_systems * a <= 2 * n and x.shape[:1] == (n,):
-            return segment.block_sum(x, self.system_idx, self.max_systems, a)
         return segment.segment_sum(x, self.system_idx, self.max_systems)
 
     def max_atoms_of(self, x: jax.Array) -> jax.Array:

@@ -31,41 +31,6 @@ def segment_sum(x: jax.Array, system_idx: jax.Array, num_systems: int) -> jax.Ar
     return jax.ops.segment_sum(x, system_idx, num_segments=num_systems + 1)[:num_systems]
 
 
-def block_sum(
-    x: jax.Array, system_idx: jax.Array, num_systems: int, max_atoms_per_system: int
-) -> jax.Array:
-    """:func:`segment_sum` by a gather into per-system blocks and a dense sum.
-
-    Atoms of one system are contiguous (:func:`first_atom`), so system ``s``'s atoms are rows
-    ``first_atom[s] + k`` for ``k < n_atoms[s]``: gathered into an (S, A, ...) block (rows
-    past a system's end masked to zero) and summed over A. Same result as the scatter-add
-    of :func:`segment_sum`; on CPU a scatter-add is a serial loop over the atoms, the gather
-    and the sum are not.
-
-    Parameters
-    ----------
-    x : Array, shape (N, ...)
-    system_idx : Array, shape (N,)
-        Slot of each atom (padding: ``num_systems``); each system's atoms contiguous.
-    num_systems : int
-        S.
-    max_atoms_per_system : int
-        A, at least the largest system.
-
-    Returns
-    -------
-    Array, shape (S, ...), dtype of ``x``
-    """
-    n = system_idx.shape[0]
-    k = jnp.arange(max_atoms_per_system, dtype=jnp.int32)
-    start = first_atom(system_idx, num_systems)
-    count = segment_count(system_idx, num_systems)
-    index = jnp.clip(start[:, None] + k[None, :], 0, n - 1)
-    valid = (k[None, :] < count[:, None]).reshape(index.shape + (1,) * (x.ndim - 1))
-    block = jnp.where(valid, jnp.take(x, index, axis=0), jnp.zeros((), x.dtype))
-    return jnp.sum(block, axis=1, dtype=x.dtype)
-
-
 def segment_max(x: jax.Array, system_idx: jax.Array, num_systems: int) -> jax.Array:
     """Maximum of a per-atom array over each system's atoms (``-inf`` for an empty slot)."""
     return jax.ops.segment_max(x, system_idx, num_segments=num_systems + 1)[:num_systems]
