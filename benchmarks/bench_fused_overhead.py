@@ -102,8 +102,10 @@ class Tape(fd.Hook):
 
 def recorded_loop(fused: fd.FusedStage, n_steps: int):
     """``n_steps`` fused steps in one compiled chunk that records host hooks, then the
-    delivery of the records to ``on_host`` (what a run in chunks does after each chunk)."""
-    chunk = jax.jit(lambda b: loop.chunk(fused, b, n_steps, n_steps))
+    delivery of the records to ``on_host`` (what a run in chunks does after each chunk):
+    nothing to admit, and the output stress only for systems that leave (as in ``run()``)."""
+    last = jnp.asarray(False)
+    chunk = jax.jit(lambda b: loop.chunk(fused, b, n_steps, last, None, n_steps))
 
     def run(batch):
         out, _, _, records = chunk(batch)
