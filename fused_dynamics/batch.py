@@ -212,20 +212,7 @@ class Batch(eqx.Module):
             system_idx=jnp.where(valid, 0, 1).astype(self.system_idx.dtype),
             atom_mask=valid,
             fixed=atom_field(self.fixed, False),
-            **{
-                k: system_field(getattr(self, k))
-                for k in (
-                    "cell",
-                    "pbc",
-                    "energy",
-                    "stress",
-                    "system_mask",
-                    "status",
-                    "system_id",
-                    "fix_com",
-                    "virtual_cell",
-                )
-            },
+            **{k: system_field(getattr(self, k)) for k in SYSTEM_FIELDS},
             max_atoms_per_system=a,
         )
 
@@ -346,6 +333,29 @@ class Batch(eqx.Module):
 
 
 # ---------------------------------------------------------------------- host-side packing
+# The array fields of a Batch by leading axis: the atom axis (N) and the slot axis (S).
+ATOM_FIELDS = (
+    "positions",
+    "velocities",
+    "masses",
+    "atomic_numbers",
+    "forces",
+    "system_idx",
+    "atom_mask",
+    "fixed",
+)
+SYSTEM_FIELDS = (
+    "cell",
+    "pbc",
+    "energy",
+    "stress",
+    "system_mask",
+    "status",
+    "system_id",
+    "fix_com",
+    "virtual_cell",
+)
+
 HOST_FIELDS = (
     "positions",
     "velocities",

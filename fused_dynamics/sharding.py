@@ -68,7 +68,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import inflight, loop, recording
-from .batch import Batch, default_float, empty_host_arrays, write_system
+from .batch import (
+    ATOM_FIELDS,
+    SYSTEM_FIELDS,
+    Batch,
+    default_float,
+    empty_host_arrays,
+    write_system,
+)
 from .compiled import filter_compile
 from .live import Run
 
@@ -86,27 +93,6 @@ __all__ = [
 ]
 
 AXIS = "systems"
-_ATOM_FIELDS = (
-    "positions",
-    "velocities",
-    "masses",
-    "atomic_numbers",
-    "forces",
-    "system_idx",
-    "atom_mask",
-    "fixed",
-)
-_SYSTEM_FIELDS = (
-    "cell",
-    "pbc",
-    "energy",
-    "stress",
-    "system_mask",
-    "status",
-    "system_id",
-    "fix_com",
-    "virtual_cell",
-)
 
 
 # ============================================================================ layout
@@ -168,11 +154,11 @@ def _split(flat: Batch, d: int) -> Batch:
         x = np.asarray(x)
         return x.reshape((d, s_l) + x.shape[1:])
 
-    changes = {f: np.asarray(getattr(flat, f))[index] for f in _ATOM_FIELDS}
+    changes = {f: np.asarray(getattr(flat, f))[index] for f in ATOM_FIELDS}
     glob = sidx[index]
     local = glob - (np.arange(d) * s_l)[:, None]
     changes["system_idx"] = np.where(glob < s, local, s_l).astype(sidx.dtype)
-    changes.update({f: systems(getattr(flat, f)) for f in _SYSTEM_FIELDS})
+    changes.update({f: systems(getattr(flat, f)) for f in SYSTEM_FIELDS})
     changes["stage_state"] = jax.tree_util.tree_map(systems, flat.stage_state)
     changes["info"] = {k: systems(v) for k, v in flat.info.items()}
     if flat.step_count is not None:
@@ -188,7 +174,7 @@ def _merge(stacked: Batch) -> Batch:
         x = np.asarray(x)
         return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
-    changes = {f: flat(getattr(stacked, f)) for f in _ATOM_FIELDS + _SYSTEM_FIELDS}
+    changes = {f: flat(getattr(stacked, f)) for f in ATOM_FIELDS + SYSTEM_FIELDS}
     changes["system_idx"] = _global_system_idx(stacked.system_idx, s_l).reshape(-1)
     changes["stage_state"] = jax.tree_util.tree_map(flat, stacked.stage_state)
     changes["info"] = {k: flat(v) for k, v in stacked.info.items()}
