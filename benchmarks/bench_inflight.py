@@ -30,8 +30,11 @@ the same measure for the static batches), compilations during the run (``stats.c
 (fmax <= 0.005 eV/Å, at most 3000 steps), a third each: fcc crystals of 32-108 atoms rattled
 by 0.01-0.1 Å, clusters of 13-108 atoms cut from fcc (the k sites nearest a random point) and
 rattled by 0.02-0.3 Å, and glassy clusters of 13-108 atoms placed at random at liquid density,
-so that some relax in tens of steps and others in hundreds. A static batch
-waits for its slowest system; the inflight run refills a slot as soon as its system is done.
+so that some relax in tens of steps and others in hundreds. Budgets differ per system: each
+structure carries its own FIRE budget, 5 steps per atom (65-540), in ``atoms.info["fire_budget"]``
+(``n_steps=fd.from_info("fire_budget")``, which travels with the system through refills). A
+static batch waits for its slowest system; the inflight run refills a slot as soon as its system
+is done.
 The per-system FIRE step counts (min, median, max) are reported, which is what bounds the
 ratio.
 
@@ -42,6 +45,7 @@ Run: ``.venv/bin/python benchmarks/bench_inflight.py [--systems 300] [--quick]
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import os
 import sys
@@ -139,14 +143,19 @@ def dataset_w4(n: int, seed: int = 0) -> list[Atoms]:
             atoms.positions += rng.normal(scale=rng.uniform(0.02, 0.3), size=(k, 3))
         else:
             atoms = _random_cluster(int(rng.integers(13, 109)), rng)
+        atoms.info[W4_BUDGET_KEY] = W4_STEPS_PER_ATOM * len(atoms)
         out.append(atoms)
     return out
+
+
+W4_BUDGET_KEY = "fire_budget"  # each W4 structure's own FIRE budget (atoms.info)
+W4_STEPS_PER_ATOM = 5
 
 
 WORKLOADS = {
     # name: (dataset, FIRE fmax, FIRE budget, NVT steps after it (0: none))
     "default": (dataset, 0.05, 1000, 200),
-    "w4": (dataset_w4, 0.005, 3000, 0),
+    "w4": (dataset_w4, 0.005, fd.from_info(W4_BUDGET_KEY), 0),
 }
 
 
@@ -214,6 +223,7 @@ def run_static(data, max_atoms, max_systems, workload, images):
             max_systems=max_systems,
             max_atoms_per_system=A_CAP,
             system_ids=group,
+            info_keys=fd.parameters.info_keys(fused),
         )
         final = jax.block_until_ready(fused.run(batch))
         stage_steps = np.asarray(final.info["stage_steps"])
@@ -263,7 +273,11 @@ def main(n_systems, max_atoms, max_systems, refill, warm_systems, workload="defa
         "workload": (
             f"{workload}: {n_systems} LJ argon systems of {sizes.min()}-{sizes.max()} atoms "
             f"(mean {sizes.mean():.0f}; clusters and periodic crystals), FIRE to fmax {fmax} "
-            f"(<= {budget} steps)"
+            + (
+                f"(<= {budget} steps)"
+                if isinstance(budget, int)
+                else f"(budget per system: {W4_STEPS_PER_ATOM} steps per atom, from atoms.info)"
+            )
             + (f" + {nvt} steps NVTLangevin" if nvt else "")
             + f", cutoff {CUTOFF} A, float64"
         ),
@@ -279,6 +293,9 @@ def main(n_systems, max_atoms, max_systems, refill, warm_systems, workload="defa
             "utilization": stats.utilization,
             "compilations": stats.compilations,
             "written": n_out,
+            "exit_reasons": dict(
+                collections.Counter(str(a.info.get("exit_reason_name")) for a in frames)
+            ),
         },
         "static": {
             "wall_s": wall_s,

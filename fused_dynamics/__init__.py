@@ -46,6 +46,7 @@ from .hooks import (
 from .inflight import RunStats
 from .models import ModelOutput, NeighborList, NeighborListHook
 from .observables import initialize_velocities, kinetic_energy, temperature
+from .parameters import InfoParameter, from_info
 from .pipeline import DistributedPipeline
 from .sampling import SizeAwareSampler
 from .sharding import ShardedRun, shard, unshard
@@ -99,6 +100,8 @@ __all__ = [
     "provenance",
     "status",
     "FusedStage",
+    "from_info",
+    "InfoParameter",
     "Hook",
     "HookData",
     "ModelOutput",

@@ -31,6 +31,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from . import constraints, segment
 from .linalg3 import det3
+from .parameters import read_info_values
 from .status import exit_reason_name, failure_names
 
 __all__ = ["Batch", "default_float"]
@@ -78,6 +79,11 @@ class Batch(eqx.Module):
         Per-sub-stage state; every leaf has a leading axis of length S.
     info : dict[str, Array]
         Per-system bookkeeping arrays (leading axis S) kept by the run loop.
+    parameters : dict[str, Array]
+        Per-system values of the parameters given as ``from_info(key)``: shape (S,) each in the
+        float dtype, keyed by the ``atoms.info`` key they were read from (``from_atoms(...,
+        info_keys=...)`` or a sampler). They belong to the system in the slot: a refill writes
+        the new structure's values (docs/semantics.md §14a).
     step_count : Array or None
         The fused step number (int32 scalar) of a batch prepared by a run: hook frequencies
         count it, and it carries on across resumed runs and checkpoints. ``None`` before a run.
@@ -108,6 +114,7 @@ class Batch(eqx.Module):
     virtual_cell: jax.Array
     stage_state: tuple = ()
     info: dict = eqx.field(default_factory=dict)
+    parameters: dict = eqx.field(default_factory=dict)
     neighbors: Any = None
     step_count: Any = None
     max_atoms_per_system: int = eqx.field(static=True, default=0)
@@ -227,6 +234,7 @@ class Batch(eqx.Module):
         *,
         max_atoms_per_system: int | None = None,
         system_ids: Sequence[int] | None = None,
+        info_keys: Sequence[str] = (),
     ) -> Batch:
         """Pack a list of ``ase.Atoms`` into a padded batch.
 
@@ -245,13 +253,17 @@ class Batch(eqx.Module):
             Capacity of one system (default: the largest system given).
         system_ids : sequence of int, optional
             Dataset index of each system (default: 0, 1, ...).
+        info_keys : sequence of str, optional
+            ``atoms.info`` keys to carry as :attr:`parameters`, for parameters given as
+            ``fused_dynamics.from_info(key)``; every structure must have a real number there.
 
         Raises
         ------
         ValueError
             Empty input, capacities too small, non-finite positions, a singular periodic cell,
-            non-positive masses, an empty system, an unsupported constraint type. The message
-            names the system index.
+            non-positive masses, an empty system, an unsupported constraint type, an
+            ``info_keys`` entry missing from a structure or not a number. The message names the
+            system index.
         TypeError
             An element that is not ``ase.Atoms``, or a dtype that is not a float or not enabled.
 
@@ -264,8 +276,10 @@ class Batch(eqx.Module):
         atoms_list = list(atoms_list)
         if len(atoms_list) == 0:
             raise ValueError("Batch.from_atoms: atoms_list is empty; give at least one ase.Atoms.")
+        info_keys = _check_info_keys(info_keys)
         for i, atoms in enumerate(atoms_list):
             _validate_atoms(atoms, i)
+            read_info_values(atoms.info, info_keys, f"Batch.from_atoms: system {i}")
         sizes = [len(a) for a in atoms_list]
         n_total = sum(sizes)
         max_systems = len(atoms_list) if max_systems is None else int(max_systems)
@@ -292,7 +306,7 @@ class Batch(eqx.Module):
         if system_ids.shape != (len(atoms_list),):
             raise ValueError("Batch.from_atoms: system_ids must give one id per system.")
 
-        host = empty_host_arrays(max_atoms, max_systems)
+        host = empty_host_arrays(max_atoms, max_systems, info_keys)
         offset = 0
         for slot, atoms in enumerate(atoms_list):
             write_system(host, slot, offset, atoms, int(system_ids[slot]))
@@ -303,10 +317,12 @@ class Batch(eqx.Module):
     def from_host_arrays(cls, host: dict[str, np.ndarray], dtype, max_atoms_per_system: int):
         """Build a batch from the NumPy arrays made by :func:`empty_host_arrays`."""
         fl = {"positions", "velocities", "masses", "forces", "cell", "energy", "stress"}
+        host = dict(host)
+        parameters = {k: jnp.asarray(v, dtype=dtype) for k, v in host.pop("parameters", {}).items()}
         arrays = {
             k: jnp.asarray(v, dtype=dtype) if k in fl else jnp.asarray(v) for k, v in host.items()
         }
-        return cls(**arrays, max_atoms_per_system=int(max_atoms_per_system))
+        return cls(**arrays, parameters=parameters, max_atoms_per_system=int(max_atoms_per_system))
 
     def to_atoms(self) -> list[ase.Atoms]:
         """The occupied slots as ``ase.Atoms``, in slot order.
@@ -329,6 +345,7 @@ class Batch(eqx.Module):
         host = jax.device_get(self)
         arrays = {k: getattr(host, k) for k in HOST_FIELDS}
         arrays.update({k: host.info[k] for k in INFO_FIELDS if k in host.info})
+        arrays["parameters"] = host.parameters
         return atoms_from_arrays(arrays, np.flatnonzero(np.asarray(host.system_mask)))
 
 
@@ -382,7 +399,8 @@ def atoms_from_arrays(arrays: dict[str, np.ndarray], slots) -> list[ase.Atoms]:
 
     ``arrays`` holds at least ``positions``, ``atomic_numbers``, ``masses``, ``system_idx``,
     ``cell`` and ``pbc``; ``velocities``, ``energy``, ``forces``, ``stress``, ``system_id``,
-    ``status``, ``exit_reason`` and ``stage_steps`` are carried over when present.
+    ``status``, ``exit_reason`` and ``stage_steps`` are carried over when present, and the
+    ``parameters`` dict (``from_info`` values) back into ``atoms.info``.
     """
     system_idx = np.asarray(arrays["system_idx"])
     out = []
@@ -425,14 +443,19 @@ def atoms_from_arrays(arrays: dict[str, np.ndarray], slots) -> list[ase.Atoms]:
             atoms.info["failure"] = failure_names(int(np.asarray(arrays["failure"])[slot]))
         if "stage_steps" in arrays:
             atoms.info["stage_steps"] = np.asarray(arrays["stage_steps"])[slot].tolist()
+        for key, values in arrays.get("parameters", {}).items():
+            atoms.info[key] = np.asarray(values, np.float64)[slot].item()
         out.append(atoms)
     return out
 
 
-def empty_host_arrays(max_atoms: int, max_systems: int) -> dict[str, np.ndarray]:
-    """NumPy arrays of an empty batch (every slot free), to be filled by :func:`write_system`."""
+def empty_host_arrays(max_atoms: int, max_systems: int, info_keys=()) -> dict[str, Any]:
+    """NumPy arrays of an empty batch (every slot free), to be filled by :func:`write_system`;
+    ``parameters`` holds one array (S,) per ``info_keys`` entry (empty slots hold 1, so that
+    arithmetic on them stays finite)."""
     n, s = max_atoms, max_systems
     return {
+        "parameters": {k: np.ones(s) for k in info_keys},
         "positions": np.zeros((n, 3)),
         "velocities": np.zeros((n, 3)),
         "masses": np.ones(n),
@@ -454,7 +477,9 @@ def empty_host_arrays(max_atoms: int, max_systems: int) -> dict[str, np.ndarray]
 
 
 def write_system(host: dict, slot: int, offset: int, atoms: ase.Atoms, system_id: int) -> None:
-    """Write one ``ase.Atoms`` into slot ``slot`` and atoms ``offset:offset+len(atoms)``."""
+    """Write one ``ase.Atoms`` into slot ``slot`` and atoms ``offset:offset+len(atoms)``, with
+    its ``atoms.info`` values of the keys ``host["parameters"]`` holds (checked by the caller:
+    :meth:`Batch.from_atoms`, a sampler)."""
     n = len(atoms)
     fixed, fix_com = constraints.from_ase(atoms, system_id)
     sel = slice(offset, offset + n)
@@ -474,6 +499,10 @@ def write_system(host: dict, slot: int, offset: int, atoms: ase.Atoms, system_id
     host["system_id"][slot] = system_id
     host["fixed"][sel] = fixed
     host["fix_com"][slot] = fix_com
+    parameters = host.get("parameters", {})
+    values = read_info_values(atoms.info, tuple(parameters), f"system {system_id}")
+    for key, value in values.items():
+        parameters[key][slot] = value
 
 
 def complete_cell(cell, pbc) -> tuple[np.ndarray, np.ndarray]:
@@ -546,6 +575,16 @@ def _check_dtype(dtype):
             "jax.config.update('jax_enable_x64', True) first, or use float32."
         )
     return dtype
+
+
+def _check_info_keys(keys) -> tuple[str, ...]:
+    if isinstance(keys, str):
+        raise TypeError(f"info_keys must be a sequence of str, got the str {keys!r}.")
+    keys = tuple(keys)
+    for k in keys:
+        if not isinstance(k, str) or not k:
+            raise TypeError(f"info_keys must hold non-empty str, got {k!r}.")
+    return keys
 
 
 def _validate_atoms(atoms: Any, i: int) -> None:

@@ -44,6 +44,7 @@ def layout_of(batch: Batch) -> dict:
         "max_atoms_per_system": batch.max_atoms_per_system,
         "dtype": str(jnp.dtype(batch.dtype)),
         "info_keys": sorted(batch.info),
+        "parameter_keys": sorted(batch.parameters),
         "neighbors": None,
         "leaves": [
             [list(np.shape(x)), str(np.asarray(x).dtype)] for x in jax.tree_util.tree_leaves(batch)
@@ -73,7 +74,8 @@ def layout_of(batch: Batch) -> dict:
 
 def _skeleton(fused, layout: dict) -> Batch:
     """A batch with the structure of a saved one (values are placeholders)."""
-    host = empty_host_arrays(layout["max_atoms"], layout["max_systems"])
+    keys = layout.get("parameter_keys", [])  # absent from checkpoints of earlier versions
+    host = empty_host_arrays(layout["max_atoms"], layout["max_systems"], keys)
     blank = Batch.from_host_arrays(host, jnp.dtype(layout["dtype"]), layout["max_atoms_per_system"])
 
     def state_and_info(b):

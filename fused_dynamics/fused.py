@@ -33,6 +33,7 @@ from .convergence import ConvergenceHook
 from .hooks import DynamicsStage, Hook, HookContext, check_hook, fire_hooks
 from .migration import StepReport
 from .models.neighbors import NeighborList
+from .parameters import resolve_info
 from .pipeline import DistributedPipeline
 from .stages.base import Stage
 from .status import fresh_info
@@ -388,6 +389,7 @@ class FusedStage(eqx.Module):
         batch : Batch
         report : StepReport
         """
+        self = resolve_info(self, batch)  # from_info parameters: the batch's values (§14a)
         if step_count is None:
             step_count = 0 if batch.step_count is None else batch.step_count
         step_count = jnp.asarray(step_count, jnp.int32)
@@ -547,6 +549,7 @@ def _init_impl(fused: FusedStage, batch: Batch) -> Batch:
     """The body of :meth:`FusedStage.init`."""
     if fused.init_fn is not None:
         batch = fused.init_fn(batch)
+    fused = resolve_info(fused, batch)
     status = jnp.where(batch.system_mask, fused.entry_status, fused.exit_status).astype(jnp.int32)
     info = fused.fresh_info(batch)
     batch = batch.replace(

@@ -15,6 +15,7 @@ Shapes never change, so the chunk compiles once for the whole run.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 from .batch import HOST_FIELDS, Batch, atoms_from_arrays, empty_host_arrays
 from .compiled import filter_compile, retry_on_overflow
 from .hooks import DynamicsStage, Hook
+from .parameters import check_info_values, info_keys, is_traced, missing_key_message
 from .provenance import name_exit_reason
 from .status import ExitReason
 
@@ -35,7 +37,9 @@ __all__ = [
     "StageExitHook",
     "StageExitWriter",
     "admit",
+    "check_batch_info",
     "initialize",
+    "require_info",
     "repack",
     "rebuild",
     "write_graduated",
@@ -92,6 +96,52 @@ class RunStats:
     def to_dict(self) -> dict:
         """The counters as plain Python values (for checkpoints and reports)."""
         return asdict(self)
+
+
+def require_info(fused, sampler) -> None:
+    """Make ``sampler`` read the ``atoms.info`` values the ``from_info`` parameters of
+    ``fused`` need, and reject the structures without valid ones (docs/semantics.md §14a).
+
+    Raises
+    ------
+    TypeError
+        ``fused`` reads ``from_info`` values and the sampler cannot supply them.
+    """
+    keys = info_keys(fused)
+    if not keys:
+        return
+    if not callable(getattr(sampler, "require_info", None)):
+        raise TypeError(
+            f"The stages read from_info parameters {list(keys)}, but the sampler "
+            f"({type(sampler).__name__}) has no require_info(keys, check) to read them from "
+            "each structure's atoms.info; use fused_dynamics.SizeAwareSampler."
+        )
+    sampler.require_info(keys, functools.partial(check_info_values, fused))
+
+
+def check_batch_info(fused, batch: Batch) -> None:
+    """Before compiling: the batch carries every ``atoms.info`` value the ``from_info``
+    parameters of ``fused`` read, and each occupied slot's values meet the parameters' rules.
+
+    Raises
+    ------
+    ValueError
+        A key the batch does not carry, or a value that breaks a rule (naming the system).
+    """
+    keys = info_keys(fused)
+    if not keys:
+        return
+    missing = [k for k in keys if k not in batch.parameters]
+    if missing:
+        raise ValueError(missing_key_message(missing[0], batch.parameters))
+    if any(is_traced(batch.parameters[k]) for k in keys) or is_traced(batch.system_mask):
+        return  # under an outer jit: the values were checked where the batch was built
+    mask = np.asarray(batch.system_mask)
+    ids = np.asarray(batch.system_id)
+    stored = {k: np.asarray(batch.parameters[k], np.float64) for k in keys}
+    for slot in np.flatnonzero(mask):
+        values = {k: stored[k][slot].item() for k in keys}
+        check_info_values(fused, values, f"system {int(ids[slot])} (slot {int(slot)})")
 
 
 def admit_systems(fused, batch: Batch, new: jax.Array) -> Batch:
@@ -180,6 +230,7 @@ def host_arrays(host) -> dict:
     """The fields of a host batch that :func:`~fused_dynamics.batch.atoms_from_arrays` reads."""
     arrays = {k: getattr(host, k) for k in HOST_FIELDS}
     arrays.update({k: host.info[k] for k in _INFO_OUT if k in host.info})
+    arrays["parameters"] = host.parameters
     return arrays
 
 
@@ -241,7 +292,7 @@ def _room(sink, n: int) -> int:
 def repack(host: Batch, keep: np.ndarray) -> tuple[dict, int]:
     """Host arrays with the systems of slots ``keep`` contiguous at the front of the atom axis."""
     n, s = host.max_atoms, host.max_systems
-    arrays = empty_host_arrays(n, s)
+    arrays = empty_host_arrays(n, s, tuple(host.parameters))
     system_idx = np.asarray(host.system_idx)
     offset = 0
     for slot in np.flatnonzero(keep):
@@ -255,6 +306,8 @@ def repack(host: Batch, keep: np.ndarray) -> tuple[dict, int]:
     for k in ("cell", "pbc", "energy", "stress", "status", "system_id", "fix_com", "virtual_cell"):
         arrays[k][keep] = np.asarray(getattr(host, k))[keep]
     arrays["system_mask"][keep] = True
+    for k, values in arrays["parameters"].items():
+        values[keep] = np.asarray(host.parameters[k])[keep]
     return arrays, offset
 
 
@@ -276,7 +329,10 @@ def rejected_frames(rejected, annotate=None) -> list:
 
 def rebuild(batch: Batch, host: Batch, arrays: dict) -> Batch:
     """The device batch with re-packed atoms; per-slot state and bookkeeping carried over."""
+    arrays = dict(arrays)
+    parameters = arrays.pop("parameters", {})
     fields = {k: jnp.asarray(v, dtype=getattr(batch, k).dtype) for k, v in arrays.items()}
+    fields["parameters"] = {k: jnp.asarray(v, batch.dtype) for k, v in parameters.items()}
     if batch.neighbors is not None:  # atoms moved on the atom axis: the list must be rebuilt
         fields["neighbors"] = batch.neighbors.invalidated()
     return batch.replace(**fields)

@@ -32,6 +32,7 @@ def fit_to_batch(fused, batch: Batch):
     ``model.with_neighbors`` is enough).
     """
     fused.model.check_batch(batch)
+    inflight.check_batch_info(fused, batch)
     mask = np.asarray(batch.system_mask)
     cells, pbc = np.asarray(batch.cell)[mask], np.asarray(batch.pbc)[mask]
     fused = fused.prepare_for_cells(cells, pbc).fit_size_buckets(batch).fit_per_system(batch)
@@ -114,6 +115,8 @@ class Run:
         self._pending: np.ndarray | None = None  # refilled slots the next chunk admits
         self._fingerprint = ckpt.fingerprint(fused)
         self._dataset = None if sampler is None else sampler.fingerprint()
+        if sampler is not None:
+            inflight.require_info(fused, sampler)
         if resume_path is not None:
             self._restore(resume_path, dtype)
         elif sampler is not None:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from . import health
 from .batch import Batch
+from .parameters import budget
 from .stages.base import select_state
 from .status import ExitReason
 
@@ -61,8 +62,8 @@ def migrate(fused, batch: Batch, status0, masks, moved):
     budget_spent = jnp.zeros_like(batch.system_mask)
     converged = jnp.zeros_like(batch.system_mask)
     for i, stage in enumerate(fused.stages):  # docs/semantics.md §11
-        if stage.n_steps is not None:
-            spent = still[i] & (stage_steps[:, i] >= stage.n_steps)
+        if stage.n_steps is not None:  # an int, or one per slot (from_info)
+            spent = still[i] & (stage_steps[:, i] >= budget(stage, batch))
             budget_spent = budget_spent | spent
             status = jnp.where(spent, fused.next_code(i), status)
     for i, stage in enumerate(fused.stages):  # docs/semantics.md §10

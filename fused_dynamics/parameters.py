@@ -8,7 +8,11 @@ criterion's threshold, ...) accepts a scalar, one value per occupied system or o
 - :func:`check_fits` (where a stage meets the batch: ``init_state``, convergence tests) refuses a
   length that is neither 1 nor the batch's number of slots, naming the parameter;
 - :func:`per_system` (inside the traced update) gives the value as an array of shape (S,) in the
-  batch's float dtype: the one helper every stage uses for its per-system parameters.
+  batch's float dtype: the one helper every stage uses for its per-system parameters;
+- :func:`from_info` (:class:`InfoParameter`) names a value each structure carries in its
+  ``atoms.info``: it travels with the system through the batch (``Batch.parameters``), so an
+  inflight run gives every system its own value whatever slot it lands in
+  (docs/semantics.md §14a); :func:`resolve_info` puts the batch's values in place of the names.
 
 Like :mod:`fused_dynamics.validation` (which re-exports the first three) this module imports
 nothing from the package, so that any module may use it.
@@ -16,6 +20,7 @@ nothing from the package, so that any module may use it.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Any
 
@@ -24,12 +29,139 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["fit_per_system", "fit_value", "check_fits", "per_system", "is_traced"]
+__all__ = [
+    "InfoParameter",
+    "fit_per_system",
+    "fit_value",
+    "check_fits",
+    "from_info",
+    "info_keys",
+    "read_info_values",
+    "check_info_values",
+    "per_system",
+    "is_traced",
+    "resolve_info",
+]
 
 
 def is_traced(value: Any) -> bool:
     """Whether ``value`` is a JAX tracer (its values are unknown; never call ``float`` on it)."""
     return isinstance(value, jax.core.Tracer)
+
+
+class InfoParameter(eqx.Module):
+    """A per-system parameter read from each structure's ``atoms.info[key]``.
+
+    Made by :func:`from_info`. Give it for any per-system parameter (a name in a class's
+    ``per_system_parameters``: a time step, a temperature, a convergence threshold) or for a
+    sub-stage's step budget ``n_steps``. The value is read when the structure enters a batch
+    (``Batch.from_atoms(..., info_keys=...)``, or a sampler in an inflight run), checked against
+    the parameter's rules there, and stored in ``batch.parameters[key]`` (shape (S,)), so it
+    moves with the system: a slot refilled with another structure takes that structure's
+    value. Inside the compiled step :func:`resolve_info` puts the stored values in place of
+    this name.
+
+    Attributes
+    ----------
+    key : str
+        The ``atoms.info`` key.
+    """
+
+    key: str = eqx.field(static=True)
+
+    def __check_init__(self):
+        if not isinstance(self.key, str) or not self.key:
+            raise ValueError(f"from_info: key must be a non-empty str, got {self.key!r}.")
+
+    def __repr__(self) -> str:
+        return f"from_info({self.key!r})"
+
+
+def from_info(key: str) -> InfoParameter:
+    """A per-system parameter whose value each structure carries in ``atoms.info[key]``.
+
+    Examples
+    --------
+    >>> nvt = fd.NVTLangevin(model, dt=2.0, temperature=fd.from_info("temperature_K"),
+    ...                      friction=0.01, n_steps=fd.from_info("md_steps"))
+
+    Each structure handed to the run must carry a number under that key; one that does not,
+    or whose value breaks the parameter's rule (a negative temperature), is rejected with a
+    message naming the key and the parameter (an inflight run writes it with exit reason
+    REJECTED; ``Batch.from_atoms`` raises). See docs/semantics.md §14a.
+    """
+    return InfoParameter(key)
+
+
+def _is_info(x: Any) -> bool:
+    return isinstance(x, InfoParameter)
+
+
+def info_keys(tree: Any) -> tuple[str, ...]:
+    """The ``atoms.info`` keys that :func:`from_info` parameters of ``tree`` read, sorted.
+
+    ``tree`` is a fused stage, a sub-stage or any pytree of them; the step budgets
+    (``n_steps``, a static field) of its sub-stages are included.
+    """
+    keys = set()
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=_is_info):
+        if _is_info(leaf):
+            keys.add(leaf.key)
+    for stage in _stages_of(tree):
+        if _is_info(getattr(stage, "n_steps", None)):
+            keys.add(stage.n_steps.key)
+    return tuple(sorted(keys))
+
+
+def _stages_of(tree: Any) -> list:
+    stages = getattr(tree, "stages", None)
+    if isinstance(stages, tuple):
+        return list(stages)
+    return [tree] if hasattr(tree, "n_steps") else []
+
+
+def resolve_info(tree: Any, batch: Any) -> Any:
+    """``tree`` with every :class:`InfoParameter` leaf replaced by ``batch.parameters[key]``.
+
+    Traced in the step (``FusedStage.init`` and ``FusedStage.step`` call it first), so every
+    stage sees a per-slot array (S,), the form a per-system parameter already takes.
+
+    Raises
+    ------
+    ValueError
+        The batch does not carry a key a parameter reads (checked while tracing).
+    """
+    stored = getattr(batch, "parameters", None) or {}
+
+    def value(x):
+        if not _is_info(x):
+            return x
+        if x.key not in stored:
+            raise ValueError(missing_key_message(x.key, stored))
+        return stored[x.key]
+
+    return jax.tree_util.tree_map(value, tree, is_leaf=_is_info)
+
+
+def missing_key_message(key: str, stored) -> str:
+    """Why a batch cannot serve ``from_info(key)``."""
+    return (
+        f"A parameter is from_info({key!r}), but the batch carries no atoms.info[{key!r}] values "
+        f"(it carries {sorted(stored) or 'none'}): build it with "
+        f"Batch.from_atoms(..., info_keys=[{key!r}]), or run from a sampler (which reads them)."
+    )
+
+
+def budget(stage: Any, batch: Any) -> Any:
+    """A sub-stage's step budget: ``stage.n_steps`` (an int or None), or per slot (S,) int32
+    when it is :func:`from_info`."""
+    n = stage.n_steps
+    if not _is_info(n):
+        return n
+    stored = getattr(batch, "parameters", None) or {}
+    if n.key not in stored:
+        raise ValueError(missing_key_message(n.key, stored))
+    return stored[n.key].astype(jnp.int32)
 
 
 def per_system(batch: Any, value: Any, dtype: Any = None) -> jax.Array:
@@ -57,6 +189,8 @@ def per_system(batch: Any, value: Any, dtype: Any = None) -> jax.Array:
         ``value`` has another shape (a static check: it costs nothing under ``jax.jit``).
     """
     s = batch.max_systems
+    if _is_info(value):
+        value = resolve_info(value, batch)
     shape = tuple(np.shape(value))
     if shape not in ((), (s,)):
         raise ValueError(
@@ -99,7 +233,7 @@ def fit_value(owner: str, name: str, value: Any, system_mask: Any) -> Any:
         The array has another length or more dimensions; the message names the parameter and
         the accepted lengths.
     """
-    if value is None or isinstance(value, (numbers.Number, np.bool_)):
+    if value is None or isinstance(value, (numbers.Number, np.bool_, InfoParameter)):
         return value
     shape = getattr(value, "shape", None)
     if shape is None:  # lists and other sequences: only their length can be judged
@@ -154,7 +288,7 @@ def check_fits(obj: Any, max_systems: int) -> None:
     """
     for name in getattr(type(obj), "per_system_parameters", ()):
         value = getattr(obj, name)
-        if value is None or isinstance(value, (numbers.Number, np.bool_)):
+        if value is None or isinstance(value, (numbers.Number, np.bool_, InfoParameter)):
             continue
         shape = tuple(getattr(value, "shape", np.shape(value)))
         if shape == () or shape == (max_systems,):
@@ -226,3 +360,111 @@ def fit_per_system(stage: Any, batch: Any) -> Any:
         values,
         is_leaf=lambda x: x is None,
     )
+
+
+# ----------------------------------------------------------------------------- values from info
+_BUDGET_LIMIT = 2**24  # a budget stored in a float32 batch stays exact below this
+
+
+def read_info_values(info: dict, keys, where: str) -> dict[str, float | int]:
+    """The numbers a structure carries for :func:`from_info` parameters.
+
+    Parameters
+    ----------
+    info : dict
+        The structure's ``atoms.info``.
+    keys : sequence of str
+    where : str
+        Names the structure in messages (``"system 3"``).
+
+    Raises
+    ------
+    ValueError
+        A key is missing, or its value is not one real number (a bool, a string, an array).
+    """
+    out = {}
+    for key in keys:
+        if key not in info:
+            raise ValueError(
+                f"{where}: atoms.info has no {key!r}, which a from_info({key!r}) parameter "
+                "reads; give every structure that key."
+            )
+        value = info[key]
+        if isinstance(value, np.ndarray) and value.shape == ():
+            value = value.item()
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise ValueError(
+                f"{where}: atoms.info[{key!r}] must be a real number (a from_info({key!r}) "
+                f"parameter reads it), got {value!r}."
+            )
+        out[key] = int(value) if isinstance(value, numbers.Integral) else float(value)
+    return out
+
+
+def _info_owners(tree: Any, seen=None) -> list[tuple[Any, str, str]]:
+    """``(module, field, key)`` for every field of a module in ``tree`` that is a
+    :class:`InfoParameter` (static fields such as ``n_steps`` included)."""
+    out: list = []
+    seen = set() if seen is None else seen
+    if id(tree) in seen:
+        return out
+    seen.add(id(tree))
+    if isinstance(tree, eqx.Module) and not _is_info(tree):
+        for f in dataclasses.fields(tree):
+            value = getattr(tree, f.name, None)
+            if _is_info(value):
+                out.append((tree, f.name, value.key))
+            else:
+                out.extend(_info_owners(value, seen))
+    elif isinstance(tree, (tuple, list)):
+        for x in tree:
+            out.extend(_info_owners(x, seen))
+    elif isinstance(tree, dict):
+        for x in tree.values():
+            out.extend(_info_owners(x, seen))
+    return out
+
+
+def check_info_values(tree: Any, values: dict, where: str) -> None:
+    """Check one structure's values for the :func:`from_info` parameters of ``tree`` by the
+    rules of the parameters that read them.
+
+    Each owning module's own checks (``__check_init__``) run on a copy with the values in
+    place, so a value read from ``atoms.info`` meets exactly the rule a value given in Python
+    meets (a temperature >= 0, a time step > 0, ...). A step budget must be an integer in
+    ``[1, 2**24]``.
+
+    Raises
+    ------
+    ValueError
+        ``"system 3: atoms.info['T'] (read by NVTLangevin.temperature): NVTLangevin:
+        temperature must be >= 0 (K), got -5.0."``
+    """
+    by_module: dict[int, tuple[Any, list]] = {}
+    for module, name, key in _info_owners(tree):
+        by_module.setdefault(id(module), (module, []))[1].append((name, key))
+    for module, fields in by_module.values():
+        owner = type(module).__name__
+        copy = object.__new__(type(module))
+        for f in dataclasses.fields(module):
+            object.__setattr__(copy, f.name, getattr(module, f.name))
+        checked = []
+        for name, key in fields:
+            value = values[key]
+            if name == "n_steps":
+                if not (float(value) == int(value) and 1 <= int(value) <= _BUDGET_LIMIT):
+                    raise ValueError(
+                        f"{where}: atoms.info[{key!r}] (read by {owner}.n_steps) must be an "
+                        f"integer in [1, {_BUDGET_LIMIT}], got {value!r}."
+                    )
+                object.__setattr__(copy, name, None)
+            else:
+                object.__setattr__(copy, name, value)
+                checked.append(f"atoms.info[{key!r}] (read by {owner}.{name})")
+        try:
+            for cls in type(module).__mro__:
+                check = cls.__dict__.get("__check_init__")
+                if check is not None:
+                    check(copy)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {', '.join(checked)}: {exc}") from None

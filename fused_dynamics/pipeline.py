@@ -63,6 +63,7 @@ from jax.sharding import Mesh
 
 from . import inflight
 from .batch import Batch, default_float, empty_host_arrays
+from .parameters import info_keys
 from .pipeline_remote import exchange
 from .pipeline_transfer import DeviceBuffer, _extract_local, extract, insert, slice_rows
 from .sharding import _ADMIT, _INITIALIZE, AXIS, ShardedRun, _merge, gather, place, prepare
@@ -135,6 +136,7 @@ class _StageRun(ShardedRun):
                 part.append((slot, offset, row))
                 offset += n
                 new[k, slot] = True
+            arrays.pop("parameters")  # empty: pipelines refuse from_info parameters (start)
             parts.append(arrays)
             incoming.append(part)
         fields = {
@@ -304,6 +306,13 @@ class DistributedPipeline:
         if size < 1:
             raise ValueError(f"DistributedPipeline.run: buffer_size must be >= 1, got {size}.")
         self._owner = [_process_of(g, k) for k, g in enumerate(self.stage_devices)]
+        for k, stage in enumerate(self.stages):
+            if info_keys(stage):
+                raise NotImplementedError(
+                    f"DistributedPipeline: stage {k} reads from_info parameters "
+                    f"{list(info_keys(stage))}; a pipeline does not carry atoms.info values "
+                    "between its stages yet. Fuse the stages (a + b), which does."
+                )
         if resume is not None and jax.process_count() > 1:
             raise NotImplementedError(
                 "DistributedPipeline: checkpoints of a pipeline over several processes are not "

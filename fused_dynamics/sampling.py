@@ -13,6 +13,7 @@ import ase.io
 import numpy as np
 
 from .batch import Batch, _validate_atoms, complete_cell
+from .parameters import read_info_values
 from .provenance import copy_provenance
 
 __all__ = ["SizeAwareSampler"]
@@ -185,6 +186,21 @@ class SizeAwareSampler:
                 self._queue.append(i)
         self._pending_rejects = list(self.rejected)
         self._fingerprint: str | None = None
+        self.info_keys: tuple[str, ...] = ()
+        self._info_check = None
+
+    def require_info(self, keys, check=None) -> None:
+        """Hand out only structures that carry a real number under each ``atoms.info`` key of
+        ``keys``, and put those values in the batch (``Batch.parameters``).
+
+        A run whose stages read ``from_info`` parameters calls it before it takes the first
+        system. ``check(values, where)`` (the run's
+        :func:`~fused_dynamics.parameters.check_info_values`) checks the values against the
+        rules of the parameters that read them. A structure that fails either is rejected
+        (reported, written with exit reason REJECTED), never run with a wrong value.
+        """
+        self.info_keys = tuple(keys)
+        self._info_check = check
 
     def _reject(self, i: int, why: str) -> None:
         log.warning("SizeAwareSampler: rejected %s.", why)
@@ -314,6 +330,10 @@ class SizeAwareSampler:
             atoms = self.dataset[i]
             try:
                 _validate_atoms(atoms, int(self.ids[i]))
+                where = f"system {int(self.ids[i])}"
+                values = read_info_values(atoms.info, self.info_keys, where)
+                if self._info_check is not None and values:
+                    self._info_check(values, where)
             except (TypeError, ValueError) as exc:
                 self._reject(i, f"{exc} ({_where(i, self.sources)})")
                 self._pending_rejects.append(self.rejected[-1])
@@ -338,6 +358,7 @@ class SizeAwareSampler:
             dtype=dtype,
             max_atoms_per_system=self.max_atoms_per_system,
             system_ids=[i for i, _ in first],
+            info_keys=self.info_keys,
         )
 
     def cells(self) -> tuple[np.ndarray, np.ndarray]:

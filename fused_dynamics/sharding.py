@@ -161,6 +161,7 @@ def _split(flat: Batch, d: int) -> Batch:
     changes.update({f: systems(getattr(flat, f)) for f in SYSTEM_FIELDS})
     changes["stage_state"] = jax.tree_util.tree_map(systems, flat.stage_state)
     changes["info"] = {k: systems(v) for k, v in flat.info.items()}
+    changes["parameters"] = {k: systems(v) for k, v in flat.parameters.items()}
     if flat.step_count is not None:
         changes["step_count"] = np.full(d, np.asarray(flat.step_count), np.int32)
     return flat.replace(**changes)
@@ -178,6 +179,7 @@ def _merge(stacked: Batch) -> Batch:
     changes["system_idx"] = _global_system_idx(stacked.system_idx, s_l).reshape(-1)
     changes["stage_state"] = jax.tree_util.tree_map(flat, stacked.stage_state)
     changes["info"] = {k: flat(v) for k, v in stacked.info.items()}
+    changes["parameters"] = {k: flat(v) for k, v in stacked.parameters.items()}
     if stacked.step_count is not None:
         changes["step_count"] = np.asarray(stacked.step_count).reshape(-1)[0]
     return stacked.replace(**changes)
@@ -404,6 +406,7 @@ def prepare(fused, flat: Batch):
         )
     mask = np.asarray(flat.system_mask)
     fused.model.check_batch(flat)
+    inflight.check_batch_info(fused, flat)
     fitted = fused.prepare_for_cells(np.asarray(flat.cell)[mask], np.asarray(flat.pbc)[mask])
     return fitted.fit_per_system(flat)
 
@@ -552,7 +555,7 @@ class ShardedRun(Run):
         dtype = default_float() if dtype is None else dtype
         locals_ = []
         for _ in range(self.devices):
-            host = empty_host_arrays(n_l, s_l)
+            host = empty_host_arrays(n_l, s_l, getattr(sampler, "info_keys", ()))
             offset = 0
             for slot, (index, atoms) in enumerate(sampler.take(n_l, s_l)):
                 write_system(host, slot, offset, atoms, index)
@@ -588,9 +591,13 @@ class ShardedRun(Run):
         self._report_rejected()
         if not keep.any() and not new.any() and not self.sampler.exhausted:
             raise RuntimeError("Inflight run: the next system does not fit an empty device.")
+        values = [p.pop("parameters") for p in parts]
         fields = {
             key: np.stack([p[key] for p in parts]).astype(np.asarray(getattr(host, key)).dtype)
             for key in parts[0]
+        }
+        fields["parameters"] = {
+            key: np.stack([v[key] for v in values]).astype(host.dtype) for key in values[0]
         }
         batch = self.batch.replace(**place(fields, self.mesh))
         if new.any():

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .parameters import check_fits, fit_per_system, fit_value, is_traced
+from .parameters import InfoParameter, check_fits, fit_per_system, fit_value, is_traced
 
 __all__ = [
     "Rule",
@@ -215,6 +215,8 @@ def check_real(
         ``"{owner}: {name} must be {rule} ({unit}), got {value}."``
     """
     what = f"{rule.text}{_unit(unit)}"
+    if per_system and isinstance(value, InfoParameter):
+        return  # checked value by value when the structures are read (check_info_values)
     if value is None:
         if allow_none:
             return
@@ -290,6 +292,8 @@ def check_integer(
     what = "an integer" + (" " + " and ".join(bounds) if bounds else "")
     if allow_none:
         what += " or None"
+    if per_system and isinstance(value, InfoParameter):
+        return  # checked value by value when the structures are read (check_info_values)
     if value is None:
         if allow_none:
             return
@@ -427,7 +431,9 @@ def check_stage(stage: Any) -> None:
     ValueError
     """
     owner = type(stage).__name__
-    check_integer(owner, "n_steps", getattr(stage, "n_steps", None), 1, allow_none=True)
+    n_steps = getattr(stage, "n_steps", None)
+    if not isinstance(n_steps, InfoParameter):  # else checked when the structures are read
+        check_integer(owner, "n_steps", n_steps, 1, allow_none=True)
     hook = getattr(stage, "convergence_hook", None)
     if hook is not None and not callable(getattr(hook, "converged", None)):
         raise ValueError(

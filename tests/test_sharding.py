@@ -162,9 +162,16 @@ def fixed_batch():
 
 
 def inflight_sampler():
-    return fd.SizeAwareSampler(
-        systems(20, seed=1), max_atoms=128, max_systems=8, max_atoms_per_system=16
-    )
+    """20 systems, each with its own temperature in ``atoms.info["T"]`` (read by
+    :func:`inflight_stage`: the value travels with the system through refills and devices)."""
+    atoms = systems(20, seed=1)
+    for i, a in enumerate(atoms):
+        a.info["T"] = 20.0 + 5.0 * i
+    return fd.SizeAwareSampler(atoms, max_atoms=128, max_systems=8, max_atoms_per_system=16)
+
+
+def inflight_stage():
+    return fused_stage(temperature=fd.from_info("T"))
 
 
 FOUR_DEVICES = """
@@ -174,7 +181,7 @@ FOUR_DEVICES = """
     sys.path.insert(0, "tests")
     import fused_dynamics as fd
     from fused_dynamics import sharding
-    from test_sharding import (fixed_stage, fixed_batch, fused_stage, inflight_sampler,
+    from test_sharding import (fixed_stage, fixed_batch, inflight_stage, inflight_sampler,
                                _frames_npz, SystemTape)
     out = sys.argv[1]
     mesh = Mesh(np.array(jax.devices()), ("systems",))
@@ -203,7 +210,7 @@ FOUR_DEVICES = """
     with open(f"{out}/tape.pkl", "wb") as fh:
         pickle.dump(tape.log, fh)
     # the inflight run; then one checkpointed after 3 visits, stopped and resumed
-    fused = fused_stage()
+    fused = inflight_stage()
     sink = fd.HostMemory()
     fused.run(sampler=inflight_sampler(), refill_frequency=8, sinks=[sink], mesh=mesh)
     _frames_npz(f"{out}/inflight.npz", sink.atoms)
@@ -234,7 +241,7 @@ TWO_PROCESSES = """
     sys.path.insert(0, "tests")
     import fused_dynamics as fd
     from fused_dynamics import sharding
-    from test_sharding import (fixed_stage, fixed_batch, fused_stage, inflight_sampler,
+    from test_sharding import (fixed_stage, fixed_batch, inflight_stage, inflight_sampler,
                                _frames_npz, SystemTape)
     assert len(jax.devices()) == 4 and len(jax.local_devices()) == 2
     mesh = Mesh(np.array(jax.devices()), ("systems",))
@@ -248,7 +255,7 @@ TWO_PROCESSES = """
         with open(f"{out}/tape2.pkl", "wb") as fh:
             pickle.dump(tape.log, fh)
     sink = fd.HostMemory()
-    fused_stage().run(sampler=inflight_sampler(), refill_frequency=8, sinks=[sink], mesh=mesh)
+    inflight_stage().run(sampler=inflight_sampler(), refill_frequency=8, sinks=[sink], mesh=mesh)
     _frames_npz(f"{out}/inflight{pid}.npz", sink.atoms)
     print("ok")
     """
@@ -265,7 +272,7 @@ def runs(tmp_path_factory):
     procs["two"] = [_run(TWO_PROCESSES, devices=2, args=[i, port, out]) for i in range(2)]
     ref = fixed_stage().run(fixed_batch())
     one = fd.HostMemory()
-    fused_stage().run(sampler=inflight_sampler(), refill_frequency=8, sinks=[one])
+    inflight_stage().run(sampler=inflight_sampler(), refill_frequency=8, sinks=[one])
     tape = SystemTape(every_n_steps=5)
     fixed_stage().register_fused_hook(tape).run(fixed_batch())
     return out, procs, ref, by_id(one.atoms), tape.log

@@ -1,0 +1,208 @@
+"""Per-system parameters read from each structure's ``atoms.info`` (``fd.from_info``): they
+travel with the system through the batch, refills and checkpoints (docs/semantics.md §14a).
+
+All comparisons are bitwise in float64: a value read from ``atoms.info`` must give exactly the
+arithmetic of the same value given per slot, and a system's result must not depend on the slot
+it lands in or on its neighbours (§21, at equal capacities).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from ase.cluster import Icosahedron
+
+import fused_dynamics as fd
+from fused_dynamics import ExitReason
+
+LJ = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=6.0, switch_onset=5.0)
+N_CAP, S_CAP, A_CAP = 40, 3, 13  # capacities shared by every batch here (§21: equal capacities)
+
+
+def clusters(n: int, seed: int = 0) -> list:
+    """Perturbed argon clusters of 8-13 atoms, each with its own ``fmax``, ``T`` and
+    ``md_steps`` (two budgets, 6 and 11, so that systems leave at different steps)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        a = Icosahedron("Ar", 2)[: int(rng.integers(8, 14))]
+        a.cell = np.zeros((3, 3))
+        a.positions += rng.normal(scale=0.1, size=a.positions.shape)
+        a.info.update(fmax=0.02 + 0.03 * (i % 3), T=10.0 + 15.0 * i, md_steps=6 if i % 2 else 11)
+        out.append(a)
+    return out
+
+
+def from_info_stage():
+    relax = fd.FIRE(
+        LJ, convergence_hook=fd.ConvergenceHook.from_fmax(fd.from_info("fmax")), n_steps=60
+    )
+    md = fd.NVTLangevin(
+        LJ,
+        dt=4.0,
+        temperature=fd.from_info("T"),
+        friction=0.02,
+        seed=3,
+        n_steps=fd.from_info("md_steps"),
+    )
+    return relax + md
+
+
+def per_slot_stage(atoms, md_steps: int):
+    """The same run with the values given per slot in Python, and one budget for all."""
+    fmax = np.array([a.info["fmax"] for a in atoms])
+    temperature = np.array([a.info["T"] for a in atoms])
+    relax = fd.FIRE(LJ, convergence_hook=fd.ConvergenceHook.from_fmax(fmax), n_steps=60)
+    md = fd.NVTLangevin(
+        LJ, dt=4.0, temperature=temperature, friction=0.02, seed=3, n_steps=md_steps
+    )
+    return relax + md
+
+
+def fixed_batch(atoms, **kw):
+    return fd.Batch.from_atoms(
+        atoms, max_atoms=N_CAP, max_systems=S_CAP, max_atoms_per_system=A_CAP, **kw
+    )
+
+
+def sampler(atoms):
+    return fd.SizeAwareSampler(
+        atoms, max_atoms=N_CAP, max_systems=S_CAP, max_atoms_per_system=A_CAP
+    )
+
+
+def by_id(frames) -> dict:
+    return {int(a.info["system_id"]): a for a in frames}
+
+
+def test_values_from_info_equal_the_same_values_given_per_slot():
+    """A fixed batch: thresholds, temperatures and budgets from ``atoms.info`` give bit for bit
+    the run with those values given per slot; each system spends exactly its own budget."""
+    atoms = clusters(3)
+    got = from_info_stage().run(fixed_batch(atoms, info_keys=["fmax", "T", "md_steps"]))
+    steps = np.asarray(got.info["stage_steps"])
+    assert steps[:, 1].tolist() == [a.info["md_steps"] for a in atoms]
+    assert np.asarray(got.info["exit_reason"]).tolist() == [int(ExitReason.BUDGET)] * 3
+    for budget in (6, 11):
+        ref = per_slot_stage(atoms, budget).run(fixed_batch(atoms))
+        same = [i for i, a in enumerate(atoms) if a.info["md_steps"] == budget]
+        assert same
+        for i in same:
+            rows = np.asarray(got.system_idx) == i
+            assert np.array_equal(np.asarray(got.positions)[rows], np.asarray(ref.positions)[rows])
+            assert np.array_equal(
+                np.asarray(got.velocities)[rows], np.asarray(ref.velocities)[rows]
+            )
+            assert np.asarray(got.energy)[i] == np.asarray(ref.energy)[i]
+            assert steps[i, 0] == np.asarray(ref.info["stage_steps"])[i, 0]
+    out = got.to_atoms()  # the values used go out with each system
+    assert [a.info["T"] for a in out] == [a.info["T"] for a in atoms]
+
+
+def inflight_dataset() -> list:
+    """8 clusters with ids in ``info["sid"]``; four carry a bad value."""
+    atoms = clusters(8, seed=1)
+    for i, a in enumerate(atoms):
+        a.info["sid"] = i
+    atoms[2].info["T"] = -5.0  # breaks NVTLangevin's rule temperature >= 0
+    del atoms[4].info["fmax"]
+    atoms[5].info["md_steps"] = 2.5  # a budget is an integer
+    atoms[6].info["T"] = "hot"
+    return atoms
+
+
+REJECTED = {
+    2: r"atoms.info\['T'\] \(read by NVTLangevin.temperature\).*>= 0",
+    4: r"atoms.info has no 'fmax'",
+    5: r"atoms.info\['md_steps'\] \(read by NVTLangevin.n_steps\) must be an integer",
+    6: r"atoms.info\['T'\] must be a real number",
+}
+
+
+def inflight_run(atoms, **options) -> dict:
+    sink = fd.HostMemory()
+    smp = fd.SizeAwareSampler(
+        atoms, max_atoms=N_CAP, max_systems=S_CAP, max_atoms_per_system=A_CAP, id_key="sid"
+    )
+    from_info_stage().run(sampler=smp, sinks=[sink], refill_frequency=4, **options)
+    return by_id(sink.atoms)
+
+
+def assert_same_systems(a: dict, b: dict, ids) -> None:
+    for sid in ids:
+        assert np.array_equal(a[sid].positions, b[sid].positions), sid
+        assert np.array_equal(a[sid].get_velocities(), b[sid].get_velocities()), sid
+        assert a[sid].get_potential_energy() == b[sid].get_potential_energy(), sid
+
+
+def test_values_travel_with_their_system_through_refills_and_bad_ones_are_rejected(tmp_path):
+    """Inflight, 3 slots for 8 structures: a system's result is the same bit for bit whatever
+    slot and neighbours it gets (the dataset reversed), so its values came with it, not with
+    its slot. Structures with a missing, non-numeric or out-of-rule value are written as
+    REJECTED with a reason naming the key and the parameter; the others are not touched. A
+    run stopped at a checkpoint and resumed gives the uninterrupted results."""
+    atoms = inflight_dataset()
+    first = inflight_run(atoms)
+    second = inflight_run(atoms[::-1])
+    assert sorted(first) == sorted(second) == list(range(8))
+    for sid, pattern in REJECTED.items():
+        assert first[sid].info["exit_reason"] == int(ExitReason.REJECTED)
+        assert re.search(pattern, first[sid].info["rejected"]), first[sid].info["rejected"]
+    good = sorted(set(range(8)) - set(REJECTED))
+    for sid in good:
+        assert first[sid].info["exit_reason"] == int(ExitReason.BUDGET)
+        assert first[sid].info["stage_steps"][1] == atoms[sid].info["md_steps"]
+        assert first[sid].info["T"] == atoms[sid].info["T"]
+    assert_same_systems(first, second, good)
+
+    # checkpointed after two host visits, stopped, resumed: the uninterrupted results
+    path = tmp_path / "run.ckpt"
+    part = fd.HostMemory()
+    smp = fd.SizeAwareSampler(
+        atoms, max_atoms=N_CAP, max_systems=S_CAP, max_atoms_per_system=A_CAP, id_key="sid"
+    )
+    with from_info_stage().start(sampler=smp, sinks=[part], refill_frequency=4) as run:
+        for _ in range(2):
+            run.advance()
+            run.refill_check()
+        run.save(path)
+    assert 0 < len(part) < 8
+    smp = fd.SizeAwareSampler(
+        atoms, max_atoms=N_CAP, max_systems=S_CAP, max_atoms_per_system=A_CAP, id_key="sid"
+    )
+    from_info_stage().run(sampler=smp, sinks=[part], refill_frequency=4, resume=path)
+    resumed = by_id(part.atoms)
+    assert sorted(resumed) == list(range(8)) and len(part) == 8
+    assert_same_systems(first, resumed, good)
+
+
+def test_missing_or_bad_values_are_refused_before_compiling():
+    atoms = clusters(3)
+    keys = ["fmax", "T", "md_steps"]
+    with pytest.raises(ValueError, match=r"info_keys=\['T'\]"):  # the batch carries no values
+        from_info_stage().run(fixed_batch(atoms, info_keys=["fmax", "md_steps"]))
+    bad = [a.copy() for a in atoms]
+    del bad[1].info["T"]
+    with pytest.raises(ValueError, match=r"system 1: atoms.info has no 'T'"):
+        fixed_batch(bad, info_keys=keys)
+    bad[1].info["T"] = True
+    with pytest.raises(ValueError, match=r"system 1: atoms.info\['T'\] must be a real number"):
+        fixed_batch(bad, info_keys=keys)
+    bad[1].info["T"] = 300.0
+    bad[2].info["fmax"] = np.inf  # a threshold must be finite
+    with pytest.raises(ValueError, match=r"system 2 \(slot 2\).*'fmax'.*threshold must be"):
+        from_info_stage().run(fixed_batch(bad, info_keys=keys))
+    bad[2].info["fmax"] = 0.05
+    bad[0].info["md_steps"] = 0
+    with pytest.raises(ValueError, match=r"system 0 \(slot 0\).*n_steps\) must be an integer"):
+        from_info_stage().run(fixed_batch(bad, info_keys=keys))
+    with pytest.raises(ValueError, match="non-empty str"):
+        fd.from_info("")
+    with pytest.raises(TypeError, match="sequence of str"):
+        fixed_batch(atoms, info_keys="T")
+    with pytest.raises(NotImplementedError, match="stage 1 reads from_info"):
+        relax = fd.FIRE(LJ, n_steps=3)
+        md = fd.NVE(LJ, dt=fd.from_info("dt"), n_steps=3)
+        (relax | md).run(sampler(atoms), sinks=[fd.HostMemory()])
