@@ -312,12 +312,18 @@ def w4_inflight(inflight: dict | None) -> dict:
         )
     )
     fire = inflight.get("fire_steps_per_system") or {}
+    reasons = (inflight.get("inflight") or {}).get("exit_reasons") or {}
     n = inflight.get("systems") or 0
     out["covered"] = "yes" if n >= 2000 else "partial"
     out["note"] = (
         f"{n} structures, FIRE steps per system {fire.get('min')}-{fire.get('max')} "
-        f"(median {fire.get('median')}); per-system step budgets are not varied (a budget "
-        "does not travel with a system through an inflight refill)"
+        f"(median {fire.get('median')}); "
+        + (
+            "a FIRE budget per structure from atoms.info (fd.from_info), "
+            + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+            if reasons
+            else "one budget for all structures (a result file of an earlier version)"
+        )
         + ("" if n >= 2000 else "; the issue's 2,000 structures in the full run only")
     )
     return out

@@ -345,8 +345,12 @@ class Batch(eqx.Module):
         host = jax.device_get(self)
         arrays = {k: getattr(host, k) for k in HOST_FIELDS}
         arrays.update({k: host.info[k] for k in INFO_FIELDS if k in host.info})
-        arrays["parameters"] = host.parameters
-        return atoms_from_arrays(arrays, np.flatnonzero(np.asarray(host.system_mask)))
+        slots = np.flatnonzero(np.asarray(host.system_mask))
+        out = atoms_from_arrays(arrays, slots)
+        for atoms, slot in zip(out, slots, strict=True):
+            for key, values in host.parameters.items():  # never over what the engine wrote
+                atoms.info.setdefault(key, np.asarray(values)[slot].item())
+        return out
 
 
 # ---------------------------------------------------------------------- host-side packing
@@ -399,8 +403,7 @@ def atoms_from_arrays(arrays: dict[str, np.ndarray], slots) -> list[ase.Atoms]:
 
     ``arrays`` holds at least ``positions``, ``atomic_numbers``, ``masses``, ``system_idx``,
     ``cell`` and ``pbc``; ``velocities``, ``energy``, ``forces``, ``stress``, ``system_id``,
-    ``status``, ``exit_reason`` and ``stage_steps`` are carried over when present, and the
-    ``parameters`` dict (``from_info`` values) back into ``atoms.info``.
+    ``status``, ``exit_reason`` and ``stage_steps`` are carried over when present.
     """
     system_idx = np.asarray(arrays["system_idx"])
     out = []
@@ -443,8 +446,6 @@ def atoms_from_arrays(arrays: dict[str, np.ndarray], slots) -> list[ase.Atoms]:
             atoms.info["failure"] = failure_names(int(np.asarray(arrays["failure"])[slot]))
         if "stage_steps" in arrays:
             atoms.info["stage_steps"] = np.asarray(arrays["stage_steps"])[slot].tolist()
-        for key, values in arrays.get("parameters", {}).items():
-            atoms.info[key] = np.asarray(values, np.float64)[slot].item()
         out.append(atoms)
     return out
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .batch import Batch, empty_host_arrays
+from .parameters import resolve_info
 
 __all__ = ["save", "load", "read_header", "layout_of", "fingerprint", "FORMAT", "VERSION"]
 
@@ -80,7 +81,8 @@ def _skeleton(fused, layout: dict) -> Batch:
 
     def state_and_info(b):
         info = fused.fresh_info(b)
-        return tuple(st.init_state(b) for st in fused.stages), info
+        stages = resolve_info(fused, b).stages  # from_info parameters: placeholder values
+        return tuple(st.init_state(b) for st in stages), info
 
     stage_state, info = jax.eval_shape(state_and_info, blank)
     missing = set(layout["info_keys"]) ^ set(info)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .batch import HOST_FIELDS, Batch, atoms_from_arrays, empty_host_arrays
+from .batch import HOST_FIELDS, Batch, atoms_from_arrays, default_float, empty_host_arrays
 from .compiled import filter_compile, retry_on_overflow
 from .hooks import DynamicsStage, Hook
 from .parameters import check_info_values, info_keys, is_traced, missing_key_message
@@ -98,9 +98,10 @@ class RunStats:
         return asdict(self)
 
 
-def require_info(fused, sampler) -> None:
+def require_info(fused, sampler, dtype=None) -> None:
     """Make ``sampler`` read the ``atoms.info`` values the ``from_info`` parameters of
-    ``fused`` need, and reject the structures without valid ones (docs/semantics.md §14a).
+    ``fused`` need, and reject the structures without valid ones (docs/semantics.md §14a):
+    each value is checked as the batch will store it, in ``dtype`` (the batch's float dtype).
 
     Raises
     ------
@@ -116,7 +117,8 @@ def require_info(fused, sampler) -> None:
             f"({type(sampler).__name__}) has no require_info(keys, check) to read them from "
             "each structure's atoms.info; use fused_dynamics.SizeAwareSampler."
         )
-    sampler.require_info(keys, functools.partial(check_info_values, fused))
+    dtype = np.dtype(default_float() if dtype is None else dtype)
+    sampler.require_info(keys, functools.partial(check_info_values, fused, dtype=dtype))
 
 
 def check_batch_info(fused, batch: Batch) -> None:
@@ -135,13 +137,14 @@ def check_batch_info(fused, batch: Batch) -> None:
     if missing:
         raise ValueError(missing_key_message(missing[0], batch.parameters))
     if any(is_traced(batch.parameters[k]) for k in keys) or is_traced(batch.system_mask):
-        return  # under an outer jit: the values were checked where the batch was built
+        return  # under an outer jit/vmap/grad the values are unknown: not checked
     mask = np.asarray(batch.system_mask)
     ids = np.asarray(batch.system_id)
-    stored = {k: np.asarray(batch.parameters[k], np.float64) for k in keys}
+    stored = {k: np.asarray(batch.parameters[k]) for k in keys}
     for slot in np.flatnonzero(mask):
         values = {k: stored[k][slot].item() for k in keys}
-        check_info_values(fused, values, f"system {int(ids[slot])} (slot {int(slot)})")
+        where = f"system {int(ids[slot])} (slot {int(slot)})"
+        check_info_values(fused, values, where, dtype=stored[keys[0]].dtype)
 
 
 def admit_systems(fused, batch: Batch, new: jax.Array) -> Batch:
@@ -230,7 +233,6 @@ def host_arrays(host) -> dict:
     """The fields of a host batch that :func:`~fused_dynamics.batch.atoms_from_arrays` reads."""
     arrays = {k: getattr(host, k) for k in HOST_FIELDS}
     arrays.update({k: host.info[k] for k in _INFO_OUT if k in host.info})
-    arrays["parameters"] = host.parameters
     return arrays
 
 
@@ -383,7 +385,7 @@ class StageExitWriter:
 
     def collect(self, step, arrays: dict) -> None:
         """Host callback: keep the frames of the systems that left the stage this step."""
-        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}  # every entry an array
         slots = np.flatnonzero(arrays.pop("left"))
         converged = arrays.pop("converged")
         frames = atoms_from_arrays(arrays, slots)

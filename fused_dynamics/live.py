@@ -116,7 +116,7 @@ class Run:
         self._fingerprint = ckpt.fingerprint(fused)
         self._dataset = None if sampler is None else sampler.fingerprint()
         if sampler is not None:
-            inflight.require_info(fused, sampler)
+            inflight.require_info(fused, sampler, dtype)
         if resume_path is not None:
             self._restore(resume_path, dtype)
         elif sampler is not None:

@@ -21,6 +21,7 @@ nothing from the package, so that any module may use it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any
 
@@ -56,7 +57,8 @@ class InfoParameter(eqx.Module):
     ``per_system_parameters``: a time step, a temperature, a convergence threshold) or for a
     sub-stage's step budget ``n_steps``. The value is read when the structure enters a batch
     (``Batch.from_atoms(..., info_keys=...)``, or a sampler in an inflight run), checked against
-    the parameter's rules there, and stored in ``batch.parameters[key]`` (shape (S,)), so it
+    the parameter's rules (by the sampler as it hands the structure out; for a fixed batch when
+    the run starts), and stored in ``batch.parameters[key]`` (shape (S,)), so it
     moves with the system: a slot refilled with another structure takes that structure's
     value. Inside the compiled step :func:`resolve_info` puts the stored values in place of
     this name.
@@ -85,10 +87,12 @@ def from_info(key: str) -> InfoParameter:
     >>> nvt = fd.NVTLangevin(model, dt=2.0, temperature=fd.from_info("temperature_K"),
     ...                      friction=0.01, n_steps=fd.from_info("md_steps"))
 
-    Each structure handed to the run must carry a number under that key; one that does not,
-    or whose value breaks the parameter's rule (a negative temperature), is rejected with a
-    message naming the key and the parameter (an inflight run writes it with exit reason
-    REJECTED; ``Batch.from_atoms`` raises). See docs/semantics.md §14a.
+    Each structure handed to the run must carry a finite number under that key. One that does
+    not, or whose value breaks the parameter's rule (a negative temperature), is refused with a
+    message naming the key and the parameter: an inflight run writes it with exit reason
+    REJECTED; ``Batch.from_atoms`` raises for a missing or non-numeric value, and a run of a
+    fixed batch raises before compiling for a value that breaks a rule (not under an outer
+    ``jit``/``vmap``/``grad``, where the values are unknown). See docs/semantics.md §14a.
     """
     return InfoParameter(key)
 
@@ -363,7 +367,7 @@ def fit_per_system(stage: Any, batch: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- values from info
-_BUDGET_LIMIT = 2**24  # a budget stored in a float32 batch stays exact below this
+_BUDGET_LIMIT = 2**24  # the largest budget: exact in a float32 batch
 
 
 def read_info_values(info: dict, keys, where: str) -> dict[str, float | int]:
@@ -392,10 +396,16 @@ def read_info_values(info: dict, keys, where: str) -> dict[str, float | int]:
         value = info[key]
         if isinstance(value, np.ndarray) and value.shape == ():
             value = value.item()
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        finite = False
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+            try:
+                finite = math.isfinite(float(value))
+            except OverflowError:  # an int beyond float64
+                finite = False
+        if not finite:
             raise ValueError(
-                f"{where}: atoms.info[{key!r}] must be a real number (a from_info({key!r}) "
-                f"parameter reads it), got {value!r}."
+                f"{where}: atoms.info[{key!r}] must be a finite real number (a "
+                f"from_info({key!r}) parameter reads it), got {value!r}."
             )
         out[key] = int(value) if isinstance(value, numbers.Integral) else float(value)
     return out
@@ -425,14 +435,16 @@ def _info_owners(tree: Any, seen=None) -> list[tuple[Any, str, str]]:
     return out
 
 
-def check_info_values(tree: Any, values: dict, where: str) -> None:
+def check_info_values(tree: Any, values: dict, where: str, dtype: Any = None) -> None:
     """Check one structure's values for the :func:`from_info` parameters of ``tree`` by the
     rules of the parameters that read them.
 
     Each owning module's own checks (``__check_init__``) run on a copy with the values in
     place, so a value read from ``atoms.info`` meets exactly the rule a value given in Python
-    meets (a temperature >= 0, a time step > 0, ...). A step budget must be an integer in
-    ``[1, 2**24]``.
+    meets (a temperature >= 0, a time step > 0, ...). With ``dtype`` (the batch's float dtype)
+    each value is checked as the batch stores it (a float32 batch stores 1e39 as inf, which
+    the rules refuse). A step budget must be an integer in ``[1, 2**24]`` that ``dtype``
+    holds exactly.
 
     Raises
     ------
@@ -440,6 +452,9 @@ def check_info_values(tree: Any, values: dict, where: str) -> None:
         ``"system 3: atoms.info['T'] (read by NVTLangevin.temperature): NVTLangevin:
         temperature must be >= 0 (K), got -5.0."``
     """
+    given = values
+    if dtype is not None:
+        values = {k: _as_stored(v, dtype) for k, v in values.items()}
     by_module: dict[int, tuple[Any, list]] = {}
     for module, name, key in _info_owners(tree):
         by_module.setdefault(id(module), (module, []))[1].append((name, key))
@@ -452,7 +467,9 @@ def check_info_values(tree: Any, values: dict, where: str) -> None:
         for name, key in fields:
             value = values[key]
             if name == "n_steps":
-                if not (float(value) == int(value) and 1 <= int(value) <= _BUDGET_LIMIT):
+                exact = float(value) == float(given[key])  # not rounded by the dtype
+                whole = math.isfinite(value) and float(value).is_integer()
+                if not (whole and exact and 1 <= value <= _BUDGET_LIMIT):
                     raise ValueError(
                         f"{where}: atoms.info[{key!r}] (read by {owner}.n_steps) must be an "
                         f"integer in [1, {_BUDGET_LIMIT}], got {value!r}."
@@ -466,5 +483,15 @@ def check_info_values(tree: Any, values: dict, where: str) -> None:
                 check = cls.__dict__.get("__check_init__")
                 if check is not None:
                     check(copy)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, ArithmeticError) as exc:
             raise ValueError(f"{where}: {', '.join(checked)}: {exc}") from None
+
+
+def _as_stored(value, dtype):
+    """``value`` as a batch of float ``dtype`` stores it, a Python number (an integral value as
+    an int, so that integer parameters such as FIRE's ``Nmin`` pass their integer rule)."""
+    with np.errstate(over="ignore"):
+        stored = np.asarray(value, dtype).item()
+    if math.isfinite(stored) and float(stored).is_integer():
+        return int(stored)
+    return float(stored)

@@ -347,9 +347,10 @@ class SizeAwareSampler:
         """The first batch: as many systems as fit, in order (an empty batch if none do)."""
         first = self.take(self.max_atoms, self.max_systems)
         if not first:
+            why = f" The first rejection: {self.rejected[0][1]}" if self.rejected else ""
             raise ValueError(
                 "SizeAwareSampler: no system of the dataset fits the batch "
-                f"(max_atoms={self.max_atoms}); see the rejected list."
+                f"(max_atoms={self.max_atoms}) or is valid; see the rejected list.{why}"
             )
         return Batch.from_atoms(
             [a for _, a in first],

@@ -403,6 +403,8 @@ def check_order(
     """
     if low is None or high is None or is_traced(low) or is_traced(high):
         return
+    if isinstance(low, InfoParameter) or isinstance(high, InfoParameter):
+        return  # one value per structure: each checked when it is read (check_info_values)
     lo, hi = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
     try:
         ok = np.all(lo < hi) if strict else np.all(lo <= hi)

@@ -16,6 +16,8 @@ from ase.cluster import Icosahedron
 
 import fused_dynamics as fd
 from fused_dynamics import ExitReason
+from fused_dynamics import checkpoint as ckpt
+from fused_dynamics.parameters import check_info_values, info_keys, read_info_values
 
 LJ = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=6.0, switch_onset=5.0)
 N_CAP, S_CAP, A_CAP = 40, 3, 13  # capacities shared by every batch here (§21: equal capacities)
@@ -117,7 +119,7 @@ REJECTED = {
     2: r"atoms.info\['T'\] \(read by NVTLangevin.temperature\).*>= 0",
     4: r"atoms.info has no 'fmax'",
     5: r"atoms.info\['md_steps'\] \(read by NVTLangevin.n_steps\) must be an integer",
-    6: r"atoms.info\['T'\] must be a real number",
+    6: r"atoms.info\['T'\] must be a finite real number",
 }
 
 
@@ -188,13 +190,19 @@ def test_missing_or_bad_values_are_refused_before_compiling():
     with pytest.raises(ValueError, match=r"system 1: atoms.info has no 'T'"):
         fixed_batch(bad, info_keys=keys)
     bad[1].info["T"] = True
-    with pytest.raises(ValueError, match=r"system 1: atoms.info\['T'\] must be a real number"):
+    with pytest.raises(
+        ValueError, match=r"system 1: atoms.info\['T'\] must be a finite real number"
+    ):
         fixed_batch(bad, info_keys=keys)
     bad[1].info["T"] = 300.0
-    bad[2].info["fmax"] = np.inf  # a threshold must be finite
-    with pytest.raises(ValueError, match=r"system 2 \(slot 2\).*'fmax'.*threshold must be"):
-        from_info_stage().run(fixed_batch(bad, info_keys=keys))
+    bad[2].info["fmax"] = np.inf  # a threshold must be finite: refused as it is read
+    with pytest.raises(ValueError, match=r"system 2: atoms.info\['fmax'\] must be a finite"):
+        fixed_batch(bad, info_keys=keys)
     bad[2].info["fmax"] = 0.05
+    bad[2].info["T"] = -5.0  # breaks NVTLangevin's rule: refused when the run starts
+    with pytest.raises(ValueError, match=r"system 2 \(slot 2\).*'T'.*temperature must be"):
+        from_info_stage().run(fixed_batch(bad, info_keys=keys))
+    bad[2].info["T"] = 50.0
     bad[0].info["md_steps"] = 0
     with pytest.raises(ValueError, match=r"system 0 \(slot 0\).*n_steps\) must be an integer"):
         from_info_stage().run(fixed_batch(bad, info_keys=keys))
@@ -206,3 +214,52 @@ def test_missing_or_bad_values_are_refused_before_compiling():
         relax = fd.FIRE(LJ, n_steps=3)
         md = fd.NVE(LJ, dt=fd.from_info("dt"), n_steps=3)
         (relax | md).run(sampler(atoms), sinks=[fd.HostMemory()])
+
+
+def test_values_are_checked_as_the_batch_stores_them():
+    """Host-side checks, no compilation: non-finite or overflowing numbers, a budget that is
+    not an integer or that the batch's dtype would round, a value that float32 turns into inf;
+    integral values pass integer rules (FIRE's ``Nmin``) and order checks skip the names."""
+    stage = from_info_stage()
+    good = {"fmax": 0.05, "T": 300.0, "md_steps": 11}
+    check_info_values(stage, good, "system 0", dtype=np.float32)
+    for key, value, pattern in (
+        ("T", float("nan"), r"'T'\] must be a finite real number"),
+        ("T", 10**400, r"'T'\] must be a finite real number"),
+        ("md_steps", float("inf"), r"'md_steps'\] must be a finite real number"),
+        ("fmax", "0.05", r"'fmax'\] must be a finite real number"),
+    ):
+        with pytest.raises(ValueError, match=pattern):
+            read_info_values({**good, key: value}, list(good), "system 7")
+    with pytest.raises(ValueError, match=r"system 7: atoms.info\['T'\].*finite"):
+        check_info_values(stage, {**good, "T": 1e39}, "system 7", dtype=np.float32)
+    check_info_values(stage, {**good, "T": 1e39}, "system 7", dtype=np.float64)
+    with pytest.raises(ValueError, match=r"'md_steps'\] \(read by NVTLangevin.n_steps\)"):
+        check_info_values(stage, {**good, "md_steps": 2**24 + 1}, "system 7", dtype=np.float64)
+    with pytest.raises(ValueError, match=r"'md_steps'\] \(read by NVTLangevin.n_steps\)"):
+        check_info_values(stage, {**good, "md_steps": 3001}, "system 7", dtype=np.float16)
+    fire = fd.FIRE2(LJ, Nmin=fd.from_info("nmin"), dtmin=fd.from_info("dtmin"))
+    check_info_values(fire, {"nmin": 5.0, "dtmin": 1e-3}, "system 0", dtype=np.float64)
+    with pytest.raises(ValueError, match=r"'nmin'\] \(read by FIRE2.Nmin\)"):
+        check_info_values(fire, {"nmin": 5.5, "dtmin": 1e-3}, "system 0", dtype=np.float64)
+    assert info_keys(fire) == ("dtmin", "nmin")
+
+
+def test_a_checkpoint_of_stages_whose_state_reads_from_info_values_loads(tmp_path):
+    """The checkpoint's skeleton builds every stage's state with the batch's values in place
+    (FIRE's 'vv' flavour converts its ``dt`` to ASE units in ``init_state``)."""
+    fire = fd.FIRE(LJ, flavor="vv", dt=fd.from_info("dt"), n_steps=2)
+    atoms = clusters(2)
+    for a, dt in zip(atoms, (0.5, 1.5), strict=True):
+        a.info["dt"] = dt
+    fused = fd.FusedStage([(0, fire)])
+    prepared = fused.init(fixed_batch(atoms, info_keys=["dt"]))
+    ckpt.save(tmp_path / "c", prepared, {"note": "test"})
+    _, loaded = ckpt.load(tmp_path / "c", fused)
+    assert sorted(loaded.parameters) == ["dt"]
+    assert np.array_equal(
+        np.asarray(loaded.parameters["dt"]), np.asarray(prepared.parameters["dt"])
+    )
+    assert np.array_equal(
+        np.asarray(loaded.stage_state[0].dt), np.asarray(prepared.stage_state[0].dt)
+    )
