@@ -109,9 +109,12 @@ def require_info(fused, sampler, dtype=None) -> None:
         ``fused`` reads ``from_info`` values and the sampler cannot supply them.
     """
     keys = info_keys(fused)
+    able = callable(getattr(sampler, "require_info", None))
     if not keys:
+        if able:  # a sampler reused from a run that read values: it must stop requiring them
+            sampler.require_info((), None)
         return
-    if not callable(getattr(sampler, "require_info", None)):
+    if not able:
         raise TypeError(
             f"The stages read from_info parameters {list(keys)}, but the sampler "
             f"({type(sampler).__name__}) has no require_info(keys, check) to read them from "

@@ -75,9 +75,6 @@ class InfoParameter(eqx.Module):
         if not isinstance(self.key, str) or not self.key:
             raise ValueError(f"from_info: key must be a non-empty str, got {self.key!r}.")
 
-    def __repr__(self) -> str:
-        return f"from_info({self.key!r})"
-
 
 def from_info(key: str) -> InfoParameter:
     """A per-system parameter whose value each structure carries in ``atoms.info[key]``.

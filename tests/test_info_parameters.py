@@ -15,7 +15,7 @@ import pytest
 from ase.cluster import Icosahedron
 
 import fused_dynamics as fd
-from fused_dynamics import ExitReason
+from fused_dynamics import ExitReason, inflight
 from fused_dynamics import checkpoint as ckpt
 from fused_dynamics.parameters import check_info_values, info_keys, read_info_values
 
@@ -243,6 +243,12 @@ def test_values_are_checked_as_the_batch_stores_them():
     with pytest.raises(ValueError, match=r"'nmin'\] \(read by FIRE2.Nmin\)"):
         check_info_values(fire, {"nmin": 5.5, "dtmin": 1e-3}, "system 0", dtype=np.float64)
     assert info_keys(fire) == ("dtmin", "nmin")
+    # a sampler reused by a run whose stages read no values stops requiring them
+    smp = sampler(clusters(2))
+    inflight.require_info(from_info_stage(), smp)
+    assert smp.info_keys == ("T", "fmax", "md_steps")
+    inflight.require_info(fd.FusedStage([(0, fd.NVE(LJ, dt=1.0, n_steps=2))]), smp)
+    assert smp.info_keys == ()
 
 
 def test_a_checkpoint_of_stages_whose_state_reads_from_info_values_loads(tmp_path):
