@@ -279,7 +279,15 @@ class Batch(eqx.Module):
         info_keys = _check_info_keys(info_keys)
         for i, atoms in enumerate(atoms_list):
             _validate_atoms(atoms, i)
-            read_info_values(atoms.info, info_keys, f"Batch.from_atoms: system {i}")
+            values = read_info_values(atoms.info, info_keys, f"Batch.from_atoms: system {i}")
+            for key, value in values.items():  # a budget rounded here could not be refused
+                stored = np.asarray(value, dtype).item()
+                if float(value).is_integer() and stored != value:
+                    raise ValueError(
+                        f"Batch.from_atoms: system {i}: atoms.info[{key!r}] = {value!r} is a "
+                        f"whole number that {jnp.dtype(dtype).name} stores as {stored!r}; use "
+                        "float64 or a smaller value."
+                    )
         sizes = [len(a) for a in atoms_list]
         n_total = sum(sizes)
         max_systems = len(atoms_list) if max_systems is None else int(max_systems)

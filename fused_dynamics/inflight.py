@@ -28,7 +28,13 @@ import numpy as np
 from .batch import HOST_FIELDS, Batch, atoms_from_arrays, default_float, empty_host_arrays
 from .compiled import filter_compile, retry_on_overflow
 from .hooks import DynamicsStage, Hook
-from .parameters import check_info_values, info_keys, is_traced, missing_key_message
+from .parameters import (
+    check_info_values,
+    info_keys,
+    info_readers,
+    is_traced,
+    missing_key_message,
+)
 from .provenance import name_exit_reason
 from .status import ExitReason
 
@@ -121,7 +127,8 @@ def require_info(fused, sampler, dtype=None) -> None:
             "each structure's atoms.info; use fused_dynamics.SizeAwareSampler."
         )
     dtype = np.dtype(default_float() if dtype is None else dtype)
-    sampler.require_info(keys, functools.partial(check_info_values, fused, dtype=dtype))
+    check = functools.partial(check_info_values, fused, dtype=dtype)
+    sampler.require_info(keys, check, info_readers(fused))
 
 
 def check_batch_info(fused, batch: Batch) -> None:

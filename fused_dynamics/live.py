@@ -180,7 +180,15 @@ class Run:
         cells, pbc = self.sampler.cells()
         self.fused = self.fused.prepare_for_cells(cells, pbc)
         inflight.refuse_size_buckets(self.fused.model)
-        batch = self.sampler.initial_batch(dtype)
+        try:
+            batch = self.sampler.initial_batch(dtype)
+        except ValueError:
+            if not self.sampler.exhausted:
+                raise
+            # every structure left was rejected as it was taken: they are written, nothing runs
+            self._report_rejected()
+            self._written = np.zeros(0, bool)
+            return
         batch = inflight.attach_neighbors(self.fused.model, batch, cells, pbc)
         self.batch = inflight.initialize(self.fused, batch)
         self._written = ~np.asarray(self.batch.system_mask)

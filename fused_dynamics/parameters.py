@@ -38,6 +38,7 @@ __all__ = [
     "from_info",
     "info_keys",
     "read_info_values",
+    "info_readers",
     "check_info_values",
     "per_system",
     "is_traced",
@@ -367,7 +368,7 @@ def fit_per_system(stage: Any, batch: Any) -> Any:
 _BUDGET_LIMIT = 2**24  # the largest budget: exact in a float32 batch
 
 
-def read_info_values(info: dict, keys, where: str) -> dict[str, float | int]:
+def read_info_values(info: dict, keys, where: str, readers=None) -> dict[str, float | int]:
     """The numbers a structure carries for :func:`from_info` parameters.
 
     Parameters
@@ -377,6 +378,8 @@ def read_info_values(info: dict, keys, where: str) -> dict[str, float | int]:
     keys : sequence of str
     where : str
         Names the structure in messages (``"system 3"``).
+    readers : dict, optional
+        For messages: key -> the parameters that read it (:func:`info_readers`).
 
     Raises
     ------
@@ -384,14 +387,16 @@ def read_info_values(info: dict, keys, where: str) -> dict[str, float | int]:
         A key is missing, or its value is not one real number (a bool, a string, an array).
     """
     out = {}
+    readers = readers or {}
     for key in keys:
+        reader = readers.get(key) or f"a from_info({key!r}) parameter"
         if key not in info:
             raise ValueError(
-                f"{where}: atoms.info has no {key!r}, which a from_info({key!r}) parameter "
-                "reads; give every structure that key."
+                f"{where}: atoms.info has no {key!r}, which {reader} reads; give every "
+                "structure that key."
             )
         value = info[key]
-        if isinstance(value, np.ndarray) and value.shape == ():
+        if isinstance(value, (np.ndarray, jax.Array)) and value.shape == ():
             value = value.item()
         finite = False
         if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
@@ -400,9 +405,11 @@ def read_info_values(info: dict, keys, where: str) -> dict[str, float | int]:
             except OverflowError:  # an int beyond float64
                 finite = False
         if not finite:
+            shown = repr(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
             raise ValueError(
-                f"{where}: atoms.info[{key!r}] must be a finite real number (a "
-                f"from_info({key!r}) parameter reads it), got {value!r}."
+                f"{where}: atoms.info[{key!r}] must be a finite real number ({reader} reads "
+                f"it), got {shown}."
             )
         out[key] = int(value) if isinstance(value, numbers.Integral) else float(value)
     return out
@@ -430,6 +437,15 @@ def _info_owners(tree: Any, seen=None) -> list[tuple[Any, str, str]]:
         for x in tree.values():
             out.extend(_info_owners(x, seen))
     return out
+
+
+def info_readers(tree: Any) -> dict[str, str]:
+    """For messages: each ``atoms.info`` key of ``tree``'s :func:`from_info` parameters ->
+    the parameters that read it (``"NVTLangevin.temperature"``)."""
+    out: dict[str, list] = {}
+    for module, name, key in _info_owners(tree):
+        out.setdefault(key, []).append(f"{type(module).__name__}.{name}")
+    return {k: " and ".join(v) for k, v in out.items()}
 
 
 def check_info_values(tree: Any, values: dict, where: str, dtype: Any = None) -> None:
@@ -469,7 +485,9 @@ def check_info_values(tree: Any, values: dict, where: str, dtype: Any = None) ->
                 if not (whole and exact and 1 <= value <= _BUDGET_LIMIT):
                     raise ValueError(
                         f"{where}: atoms.info[{key!r}] (read by {owner}.n_steps) must be an "
-                        f"integer in [1, {_BUDGET_LIMIT}], got {value!r}."
+                        f"integer in [1, {_BUDGET_LIMIT}], got {given[key]!r}"
+                        + _rounding(given[key], value, dtype)
+                        + "."
                     )
                 object.__setattr__(copy, name, None)
             else:
@@ -481,7 +499,19 @@ def check_info_values(tree: Any, values: dict, where: str, dtype: Any = None) ->
                 if check is not None:
                     check(copy)
         except (TypeError, ValueError, ArithmeticError) as exc:
-            raise ValueError(f"{where}: {', '.join(checked)}: {exc}") from None
+            rounded = "".join(
+                f" (atoms.info[{k!r}] is {given[k]!r}{_rounding(given[k], values[k], dtype)})"
+                for _, k in fields
+                if _rounding(given[k], values[k], dtype)
+            )
+            raise ValueError(f"{where}: {', '.join(checked)}: {exc}{rounded}") from None
+
+
+def _rounding(given, stored, dtype) -> str:
+    """``", which the batch's float32 stores as inf"`` when storing changed the value."""
+    if dtype is None or float(stored) == float(given):
+        return ""
+    return f", which the batch's {np.dtype(dtype).name} stores as {stored!r}"
 
 
 def _as_stored(value, dtype):

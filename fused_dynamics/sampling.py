@@ -188,8 +188,9 @@ class SizeAwareSampler:
         self._fingerprint: str | None = None
         self.info_keys: tuple[str, ...] = ()
         self._info_check = None
+        self._info_readers: dict = {}
 
-    def require_info(self, keys, check=None) -> None:
+    def require_info(self, keys, check=None, readers=None) -> None:
         """Hand out only structures that carry a real number under each ``atoms.info`` key of
         ``keys``, and put those values in the batch (``Batch.parameters``).
 
@@ -198,9 +199,11 @@ class SizeAwareSampler:
         :func:`~fused_dynamics.parameters.check_info_values`) checks the values against the
         rules of the parameters that read them. A structure that fails either is rejected
         (reported, written with exit reason REJECTED), never run with a wrong value.
+        ``readers`` (key -> the parameters that read it) names them in the reasons.
         """
         self.info_keys = tuple(keys)
         self._info_check = check
+        self._info_readers = dict(readers or {})
 
     def _reject(self, i: int, why: str) -> None:
         log.warning("SizeAwareSampler: rejected %s.", why)
@@ -331,7 +334,7 @@ class SizeAwareSampler:
             try:
                 _validate_atoms(atoms, int(self.ids[i]))
                 where = f"system {int(self.ids[i])}"
-                values = read_info_values(atoms.info, self.info_keys, where)
+                values = read_info_values(atoms.info, self.info_keys, where, self._info_readers)
                 if self._info_check is not None and values:
                     self._info_check(values, where)
             except (TypeError, ValueError) as exc:

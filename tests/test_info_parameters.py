@@ -17,7 +17,12 @@ from ase.cluster import Icosahedron
 import fused_dynamics as fd
 from fused_dynamics import ExitReason, inflight
 from fused_dynamics import checkpoint as ckpt
-from fused_dynamics.parameters import check_info_values, info_keys, read_info_values
+from fused_dynamics.parameters import (
+    check_info_values,
+    info_keys,
+    info_readers,
+    read_info_values,
+)
 
 LJ = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=6.0, switch_onset=5.0)
 N_CAP, S_CAP, A_CAP = 40, 3, 13  # capacities shared by every batch here (§21: equal capacities)
@@ -243,6 +248,16 @@ def test_values_are_checked_as_the_batch_stores_them():
     with pytest.raises(ValueError, match=r"'nmin'\] \(read by FIRE2.Nmin\)"):
         check_info_values(fire, {"nmin": 5.5, "dtmin": 1e-3}, "system 0", dtype=np.float64)
     assert info_keys(fire) == ("dtmin", "nmin")
+    # a whole number that float32 would round is refused as the fixed batch is built
+    big = clusters(1)
+    big[0].info["md_steps"] = 2**24 + 1
+    with pytest.raises(ValueError, match=r"system 0: atoms.info\['md_steps'\] = 16777217 .*"):
+        fd.Batch.from_atoms(big, dtype=np.float32, info_keys=["md_steps"])
+    # rejection reasons name the parameters that read the key; messages say what float32 stored
+    with pytest.raises(ValueError, match=r"'T'\] must be a finite .*NVTLangevin.temperature"):
+        read_info_values({"T": np.nan}, ["T"], "system 7", info_readers(stage))
+    with pytest.raises(ValueError, match=r"got 16777217, which the batch's float32 stores as"):
+        check_info_values(stage, {**good, "md_steps": 2**24 + 1}, "system 7", dtype=np.float32)
     # a sampler reused by a run whose stages read no values stops requiring them
     smp = sampler(clusters(2))
     inflight.require_info(from_info_stage(), smp)
@@ -269,3 +284,18 @@ def test_a_checkpoint_of_stages_whose_state_reads_from_info_values_loads(tmp_pat
     assert np.array_equal(
         np.asarray(loaded.stage_state[0].dt), np.asarray(prepared.stage_state[0].dt)
     )
+
+
+def test_a_dataset_whose_every_structure_is_rejected_writes_them_all_and_runs_nothing():
+    """Nothing to compile: every structure lacks its value, so each is written REJECTED (§14)
+    and the run ends without an error."""
+    atoms = clusters(3)
+    for a in atoms:
+        del a.info["T"]
+    sink = fd.HostMemory()
+    stats = from_info_stage().run(sampler=sampler(atoms), sinks=[sink])
+    assert stats.rejected == stats.written == 3 and stats.steps == 0
+    assert sorted(a.info["system_id"] for a in sink.atoms) == [0, 1, 2]
+    for a in sink.atoms:
+        assert a.info["exit_reason"] == int(ExitReason.REJECTED)
+        assert "atoms.info has no 'T', which NVTLangevin.temperature reads" in a.info["rejected"]
