@@ -302,12 +302,12 @@ def jaxmd_md(systems, n_steps, precision, neighbor: bool):
     return info, run
 
 
-def jaxmd_relax(clusters, crystals):
+def jaxmd_relax_programs(clusters, crystals):
+    """JAX-MD's FIRE relaxation: one jitted ``relax(pos, limit)`` per shape (its vmap needs
+    one shape), with each group's positions and energy function; nothing compiled yet."""
     from jax_md import minimize, smap, space
 
-    groups = []
-    energy0 = []
-    warm = 0.0
+    programs = []
     for group in (clusters, crystals):
         if not group:
             continue
@@ -345,7 +345,15 @@ def jaxmd_relax(clusters, crystals):
             s, done, evals, k = jax.lax.while_loop(cond, body, (states, done0, evals0, 0))
             return jax.vmap(energy_fn)(s.position), done, evals, k
 
-        relax = jax.jit(relax)
+        programs.append((jax.jit(relax), pos, energy_fn))
+    return programs
+
+
+def jaxmd_relax(clusters, crystals):
+    groups = []
+    energy0 = []
+    warm = 0.0
+    for relax, pos, energy_fn in jaxmd_relax_programs(clusters, crystals):
         energy0 += (np.asarray(jax.vmap(energy_fn)(pos)) / pos.shape[1]).tolist()
         w, _ = _timed(lambda relax=relax, pos=pos: jax.block_until_ready(relax(pos, 1)))
         warm += w

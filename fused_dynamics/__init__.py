@@ -21,6 +21,7 @@ from . import (
     training,
 )
 from .batch import Batch, default_float
+from .compilation_cache import enable_compilation_cache
 from .convergence import ConvergenceHook, Criterion
 from .driver import Run
 from .fused import FusedStage, StepReport
@@ -119,6 +120,7 @@ __all__ = [
     "Stage",
     "StepReport",
     "default_float",
+    "enable_compilation_cache",
     "initialize_velocities",
     "kinetic_energy",
     "models",

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from .checkpoint import read_header
+from .compilation_cache import enable_compilation_cache
 from .config import (
     ConfigError,
     RunConfig,
@@ -49,6 +50,7 @@ __all__ = [
     "format_stage_exits",
     "preflight",
     "stage_exit_counts",
+    "use_compilation_cache",
 ]
 
 
@@ -96,6 +98,25 @@ def configure_jax(cfg: RunConfig) -> None:
                 f"{devices[0].platform!r} (already initialised); use 'auto' or run in a new "
                 "process"
             )
+
+
+def use_compilation_cache(cfg: RunConfig, base_dir: str | os.PathLike = ".") -> Path | None:
+    """Switch on the persistent compilation cache ``cfg.compilation_cache`` asks for.
+
+    Returns the folder, or None for ``false``; ConfigError when the folder cannot be used.
+    """
+    if cfg.compilation_cache is False:
+        return None
+    directory = None
+    if isinstance(cfg.compilation_cache, str):
+        directory = Path(base_dir) / Path(cfg.compilation_cache).expanduser()
+    try:
+        return enable_compilation_cache(directory)
+    except ValueError as exc:
+        why = str(exc).removeprefix("enable_compilation_cache: ")
+        raise ConfigError(
+            f"compilation_cache: {why} Give another folder, or false to compile every time."
+        ) from None
 
 
 def _problems(record) -> list[dict]:
@@ -444,6 +465,7 @@ def execute(
                 f"systems already written are skipped, {len(sampler)} to run from their start"
             )
 
+    cache = use_compilation_cache(cfg, base_dir)
     names = [type(s).__name__ for s in stages]
     cap = cfg.capacity
     echo(
@@ -455,6 +477,8 @@ def execute(
     echo(pre.files_line)
     echo(species_line)
     echo(pre.path_line)
+    if cache is not None:
+        echo(f"compiled programs: kept in {os.fspath(cache)} (compilation_cache)")
     if cfg.checkpoint_every:
         echo(
             f"checkpoints: every {cfg.checkpoint_every} steps to {os.fspath(ck.path)} "

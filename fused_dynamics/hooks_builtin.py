@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import constraints
+from . import constraints, validation
 from .batch import HOST_FIELDS, INFO_FIELDS, atoms_from_arrays
 from .hooks_base import DynamicsStage, Hook, HookData, fail_systems
 from .linalg3 import inv3
@@ -369,12 +369,27 @@ class ThermalizeOnEntryHook(Hook):
     budget spent) and now has status ``code`` gets velocities at ``temperature`` (K), drawn
     from a key folded with its ``system_id`` (so it does not depend on its slot). Useful after
     FIRE, whose velocities are FIRE's (mass-free), not physical ones.
+
+    Raises
+    ------
+    ValueError
+        ``code`` not an integer >= 0, ``seed`` not an integer, or ``temperature`` not a
+        finite number >= 0 (K; one value, or one per slot).
     """
 
     code: int = eqx.field(static=True)
     temperature: float
     seed: int = eqx.field(static=True, default=0)
     stage: DynamicsStage = eqx.field(static=True, default=DynamicsStage.ON_CONVERGE, kw_only=True)
+
+    def __check_init__(self):
+        owner = type(self).__name__
+        validation.check_integer(owner, "code", self.code, 0)
+        validation.check_integer(owner, "seed", self.seed)
+        validation.check_real(
+            owner, "temperature", self.temperature, validation.non_negative(), unit="K",
+            per_system=True,
+        )
 
     def apply(self, batch, ctx):
         report = ctx.report

@@ -7,6 +7,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # slower on 2 cores
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# the command line keeps compiled programs on disk by default (docs/command-line.md): a test run's go to
+# a folder of its own (one per pytest worker, inherited by the commands tests start), removed
+# at exit, never into the user's cache
+if "FUSED_DYNAMICS_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="fused-dynamics-test-xla-")
+    os.environ["FUSED_DYNAMICS_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, True)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
@@ -29,3 +41,18 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _persistent_cache_restored():
+    """A test that switches JAX's persistent compilation cache on (an in-process command-line
+    run does) leaves the tests after it as they were: compiling in memory only."""
+    before = jax.config.jax_compilation_cache_dir
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    yield
+    if jax.config.jax_compilation_cache_dir != before:
+        from jax.experimental.compilation_cache import compilation_cache
+
+        jax.config.update("jax_compilation_cache_dir", before)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+        compilation_cache.reset_cache()

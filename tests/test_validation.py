@@ -46,6 +46,7 @@ BASE = {
     FrechetCellFilter: dict(),
     Criterion: dict(key="fmax", threshold=0.05),
     fd.ConvergenceHook: dict(criteria=[{"key": "fmax", "threshold": 0.05}]),
+    fd.ThermalizeOnEntryHook: dict(code=1, temperature=300.0),
 }
 
 
@@ -181,6 +182,13 @@ BAD = [
     (fd.ConvergenceHook, "criteria", {"key": "fmax", "threshold": 0.1}, "'fmax'"),
     (fd.ConvergenceHook, "custom_op", 3, "3"),
     (fd.ConvergenceHook, "source_status", 1.5, "1.5"),
+    # ThermalizeOnEntryHook: the temperature systems entering a stage get
+    (fd.ThermalizeOnEntryHook, "temperature", -5.0, "-5.0"),
+    (fd.ThermalizeOnEntryHook, "temperature", NAN, "nan"),
+    (fd.ThermalizeOnEntryHook, "temperature", "300", "'300'"),
+    (fd.ThermalizeOnEntryHook, "code", -1, "-1"),
+    (fd.ThermalizeOnEntryHook, "code", 1.5, "1.5"),
+    (fd.ThermalizeOnEntryHook, "seed", 0.5, "0.5"),
 ]
 
 

@@ -452,12 +452,27 @@ class RunConfig(_Section):
     initial_temperature: float | None = Field(
         None, ge=0, description="K: draw Maxwell-Boltzmann velocities at this temperature"
     )
+    compilation_cache: bool | str = Field(
+        True,
+        description="keep the compiled programs on disk so that a later run of the same "
+        "shapes loads them instead of compiling (JAX's persistent compilation cache): true: "
+        "in $FUSED_DYNAMICS_CACHE_DIR, else $XDG_CACHE_HOME/fused_dynamics/jax, else "
+        "~/.cache/fused_dynamics/jax; a path: that folder (relative to this file); false: "
+        "compile every time",
+    )
 
     @field_validator("checkpoint_every", mode="before")
     @classmethod
     def _checkpoint_steps(cls, v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"a whole number of steps >= 1, or 0 for no checkpoints (got {v!r})")
+        return v
+
+    @field_validator("compilation_cache")
+    @classmethod
+    def _cache_folder(cls, v: bool | str) -> bool | str:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("true, false or a folder; got an empty string")
         return v
 
     @field_validator("stages")

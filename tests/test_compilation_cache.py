@@ -1,0 +1,144 @@
+"""Compiled programs kept on disk (docs/command-line.md, ``fd.enable_compilation_cache``).
+
+A second process that finds a program in the cache must load it instead of compiling and give
+the same numbers, bit for bit (the executable is the one the first process compiled); bad
+folders are refused naming the parameter or the configuration key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+import fused_dynamics as fd
+from fused_dynamics.application import use_compilation_cache
+from fused_dynamics.compilation_cache import default_cache_dir
+from fused_dynamics.config import ConfigError, load_config
+
+SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, sys
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import jax.monitoring as monitoring
+    import numpy as np
+    from ase.build import bulk
+    import fused_dynamics as fd
+
+    events = []
+    monitoring.register_event_listener(lambda name, **kw: events.append(name))
+    folder = fd.enable_compilation_cache(sys.argv[1], min_compile_time=0.0)
+    systems = []
+    for seed in range(3):
+        atoms = bulk("Ar", "fcc", a=5.26, cubic=True) * (2, 2, 2)
+        atoms.rattle(0.1, seed=seed)
+        systems.append(atoms)
+    batch = fd.Batch.from_atoms(systems)
+    model = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=6.0)
+    fire = fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(0.05))
+    out = fire.run(batch, n_steps=200)
+    digest = hashlib.sha256(np.asarray(out.positions).tobytes()).hexdigest()
+    print(json.dumps({
+        "folder": str(folder),
+        "hits": events.count("/jax/compilation_cache/cache_hits"),
+        "digest": digest,
+    }))
+    """
+)
+
+
+def _run(folder) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(folder)], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_loads_the_programs_and_gives_the_same_bits(tmp_path):
+    folder = tmp_path / "new" / "cache"  # created, parents included
+    first = _run(folder)
+    assert first["folder"] == str(folder.resolve())
+    assert first["hits"] == 0
+    entries = sorted(p.name for p in folder.iterdir())
+    assert any(name.startswith("jit_inner") for name in entries), entries
+    second = _run(folder)
+    assert second["hits"] >= 1  # the run's program was loaded, not compiled
+    assert second["digest"] == first["digest"]
+    assert sorted(p.name for p in folder.iterdir()) == entries  # nothing rewritten or added
+
+
+def test_bad_folders_and_times_are_refused(tmp_path):
+    afile = tmp_path / "a_file"
+    afile.write_text("keep me")
+    with pytest.raises(ValueError, match=r"directory .*a_file.* is a file"):
+        fd.enable_compilation_cache(afile)
+    with pytest.raises(ValueError, match="cannot create directory"):
+        fd.enable_compilation_cache(afile / "below")
+    assert afile.read_text() == "keep me"
+    for bad in (-1.0, float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="min_compile_time"):
+            fd.enable_compilation_cache(tmp_path / "c", min_compile_time=bad)
+    assert jax.config.jax_compilation_cache_dir != str(tmp_path / "c")  # refused before setting
+
+
+def test_the_default_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FUSED_DYNAMICS_CACHE_DIR", str(tmp_path / "own"))
+    assert default_cache_dir() == tmp_path / "own"
+    monkeypatch.delenv("FUSED_DYNAMICS_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "fused_dynamics" / "jax"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "fused_dynamics" / "jax"
+
+
+JOB = """\
+compilation_cache = {value}
+[structures]
+generate = "argon"
+count = 2
+[model]
+type = "lennard_jones"
+sigma = 3.405
+epsilon = 0.0104
+cutoff = 6.0
+[capacity]
+max_atoms = 64
+max_systems = 2
+[[stages]]
+type = "fire"
+fmax = 0.05
+n_steps = 10
+[[outputs]]
+type = "extxyz"
+path = "out.extxyz"
+"""
+
+
+def _config(tmp_path, value: str):
+    path = tmp_path / "job.toml"
+    path.write_text(JOB.format(value=value))
+    return load_config(path)
+
+
+def test_the_configuration_key(tmp_path):
+    cfg, base = _config(tmp_path, '"xla"')  # relative to the configuration's folder
+    assert use_compilation_cache(cfg, base) == (tmp_path / "xla").resolve()
+    assert jax.config.jax_compilation_cache_dir == str((tmp_path / "xla").resolve())
+    cfg, base = _config(tmp_path, "false")
+    assert use_compilation_cache(cfg, base) is None
+    (tmp_path / "taken").write_text("")
+    cfg, base = _config(tmp_path, '"taken"')
+    with pytest.raises(ConfigError, match=r"compilation_cache: directory .*taken.* is a file"):
+        use_compilation_cache(cfg, base)
+    for bad in ('""', "1"):
+        with pytest.raises(ConfigError, match="compilation_cache"):
+            _config(tmp_path, bad)
