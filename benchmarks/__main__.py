@@ -94,6 +94,14 @@ SCRIPTS: tuple[Script, ...] = (
         quick_timeout_s=900,
     ),
     Script(
+        "startup",
+        "bench_startup.py",
+        ("W1",),
+        ("--relax-systems", "8", "--rounds", "2", "--name", "startup_quick"),
+        ("--name", "startup"),
+        peers=True,
+    ),
+    Script(
         "padding",
         "bench_padding.py",
         ("W1",),

@@ -51,9 +51,8 @@ def worker(code: str, cache: str, n_systems: int) -> dict:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    import numpy as np
-
     import bench_peers as bp
+    import numpy as np
 
     if code == "fused_dynamics":
         import fused_dynamics as fd
@@ -149,9 +148,7 @@ def main(args) -> dict:
     for state in ("cold", "warm"):
         a, b = rows[f"fused_dynamics_{state}"], rows[f"jax_md_{state}"]
         for key in ("total_s", "solution_s"):
-            ratios[f"{state}_{key}"] = _spread(
-                [p[key] / o[key] for o, p in zip(a, b, strict=True)]
-            )
+            ratios[f"{state}_{key}"] = _spread([p[key] / o[key] for o, p in zip(a, b, strict=True)])
     # JAX-MD as its users run it (no cache), against ours as the command line runs it (warm)
     ratios["warm_ours_vs_cold_jax_md_total_s"] = _spread(
         [

@@ -257,6 +257,50 @@ def padding_section(data: dict) -> list[str]:
     ]
 
 
+def startup_section(data: dict) -> list[str]:
+    """W1 time to solution of a new process (bench_startup.py), cold and warm cache."""
+    med = data.get("summary", {})
+    ratio = data.get("jax_md_over_ours", {})
+
+    def secs(code, state, key):
+        r = med.get(f"{code}_{state}", {}).get(key) or {}
+        return fmt(r.get("median"))
+
+    def cell(key):
+        r = ratio.get(key) or {}
+        return f"{fmt(r.get('median'))} ({fmt(r.get('min'))}–{fmt(r.get('max'))})"
+
+    la = data.get("load_average", {})
+    start, end = (la.get("start") or [None])[0], (la.get("end") or [None])[0]
+    rows = [
+        f"**W1 time to solution in a new process** (`bench_startup.py`, `{data['_file']}`): "
+        f"{data.get('workload', {}).get('relax')}; {data.get('workload', {}).get('rounds')} "
+        f"interleaved rounds, load {fmt(start)} at the start and {fmt(end)} at the end, commit "
+        f"{data.get('git', {}).get('commit', '?')[:7]}. Seconds, median; ratio JAX-MD / ours, "
+        "median (min–max) over the rounds (above 1: ours is faster).",
+        "",
+        "| compilation cache | ours: import / solution | JAX-MD: import / solution "
+        "| ratio, import included | ratio, after import |",
+        "|---|---|---|---|---|",
+    ]
+    for state in ("cold", "warm"):
+        rows.append(
+            f"| {state} | {secs('fused_dynamics', state, 'import_s')} / "
+            f"{secs('fused_dynamics', state, 'solution_s')} | {secs('jax_md', state, 'import_s')}"
+            f" / {secs('jax_md', state, 'solution_s')} | {cell(state + '_total_s')} "
+            f"| {cell(state + '_solution_s')} |"
+        )
+    rows += [
+        "",
+        "Ours with the warm cache the command line keeps, against JAX-MD as it runs by default "
+        f"(no cache), import included: {cell('warm_ours_vs_cold_jax_md_total_s')}. "
+        "Sanity: relaxed energies within "
+        f"{fmt(data.get('sanity', {}).get('max_energy_per_atom_difference_eV'))} eV/atom, "
+        f"every system converged in every process: {data.get('sanity', {}).get('ok')}.",
+    ]
+    return rows
+
+
 def _ratio_cell(r: dict) -> str:
     s = r.get("ours_over_peer")
     if not s:
@@ -303,12 +347,16 @@ def summary_section(data: dict) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     stale = set(data.get("stale_results", []))
-    for key, w in data.get("workloads", {}).items():
-        files = ", ".join(
+
+    def files_of(names: str | None) -> str:
+        return ", ".join(
             f"{f} (stale: its script did not finish)" if f in stale else f
-            for f in (w.get("file") or "–").split(", ")
+            for f in (names or "–").split(", ")
         )
+
+    for key, w in data.get("workloads", {}).items():
         for r in w.get("ratios", []):
+            files = files_of(r.get("file") or w.get("file"))  # a row's own file first
             ours, peer = r.get("ours_atom_steps_per_s"), r.get("peer_atom_steps_per_s")
             steps = f"{fmt(ours['median'])} / {fmt(peer['median'])}" if ours and peer else "–"
             out.append(
@@ -435,6 +483,7 @@ def render() -> str:
         ("inflight_w4", inflight_section),
         ("fused_overhead", overhead_section),
         ("padding", padding_section),
+        ("startup", startup_section),
         ("peers_gpu", gpu_section),
     ):
         data = load(name)

@@ -180,9 +180,20 @@ def _w2_ratios(out: dict, peers: dict) -> None:
         }
 
 
-def w1_relax(peers: dict | None, padding: dict | None = None) -> dict:
+STARTUP_ROWS = (
+    ("cold_total_s", "new process, cold compilation cache, import included"),
+    ("cold_solution_s", "new process, cold compilation cache, after import"),
+    ("warm_total_s", "new process, warm compilation cache, import included"),
+    ("warm_solution_s", "new process, warm compilation cache, after import"),
+    ("warm_ours_vs_cold_jax_md_total_s", "new process, our warm cache vs its default (none)"),
+)
+
+
+def w1_relax(peers: dict | None, padding: dict | None = None, startup: dict | None = None) -> dict:
     """W1, FIRE relaxation: time to solution (compile included) and steady, from bench_peers;
-    the mixed batch over per-shape batches (padding, target <= 1.15) from bench_padding."""
+    the mixed batch over per-shape batches (padding, target <= 1.15) from bench_padding; time
+    to solution of a new process with the compilation cache cold and warm (bench_startup,
+    reported without a target: the target row is bench_peers' in-process one)."""
     out = {
         "title": "W1 FIRE relaxation of mixed clusters and crystals to fmax 0.05 eV/A",
         "script": "bench_peers.py",
@@ -231,6 +242,13 @@ def w1_relax(peers: dict | None, padding: dict | None = None) -> dict:
                     file=padding["_file"],
                 )
             )
+    if startup is not None:
+        for key, label in STARTUP_ROWS:
+            rec = startup["jax_md_over_ours"].get(key)
+            if rec is None:
+                continue
+            row = ratio_record(f"time to solution vs JAX-MD, {label}", [], file=startup["_file"])
+            out["ratios"].append({**row, "ours_over_peer": rec})  # already a spread of rounds
     out["covered"] = "partial"
     out["note"] = (
         "measured on bench_peers.py's relaxation set (55-atom clusters and 256-atom crystals), "
@@ -419,7 +437,7 @@ def build(quick: bool, results: Path = RESULTS) -> dict:
     get = lambda name: load_result(name, quick, results)  # noqa: E731
     peers, models = get("peers"), get("models")
     workloads = {
-        "W1": w1_relax(peers, get("padding")),
+        "W1": w1_relax(peers, get("padding"), get("startup")),
         "W2": w2_md(peers, get("peers_108")),
         "W3": w3_fused(models, get("fused_overhead")),
         "W4": w4_inflight(get("inflight_w4")),

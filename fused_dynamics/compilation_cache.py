@@ -75,7 +75,9 @@ def enable_compilation_cache(
     else:
         path = Path(directory).expanduser()
     if path.exists() and not path.is_dir():
-        raise ValueError(f"enable_compilation_cache: directory {str(path)!r} is a file, not a folder.")
+        raise ValueError(
+            f"enable_compilation_cache: directory {str(path)!r} is a file, not a folder."
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -387,7 +387,11 @@ class ThermalizeOnEntryHook(Hook):
         validation.check_integer(owner, "code", self.code, 0)
         validation.check_integer(owner, "seed", self.seed)
         validation.check_real(
-            owner, "temperature", self.temperature, validation.non_negative(), unit="K",
+            owner,
+            "temperature",
+            self.temperature,
+            validation.non_negative(),
+            unit="K",
             per_system=True,
         )
 

@@ -11,9 +11,9 @@ import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-# the command line keeps compiled programs on disk by default (docs/command-line.md): a test run's go to
-# a folder of its own (one per pytest worker, inherited by the commands tests start), removed
-# at exit, never into the user's cache
+# the command line keeps compiled programs on disk by default (docs/command-line.md): a test
+# run's go to a folder of its own (one per pytest worker, inherited by the commands tests
+# start), removed at exit, never into the user's cache
 if "FUSED_DYNAMICS_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="fused-dynamics-test-xla-")
     os.environ["FUSED_DYNAMICS_CACHE_DIR"] = _cache
