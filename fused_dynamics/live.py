@@ -116,7 +116,7 @@ class Run:
         self._fingerprint = ckpt.fingerprint(fused)
         self._dataset = None if sampler is None else sampler.fingerprint()
         if sampler is not None:
-            inflight.require_info(fused, sampler, dtype)
+            self._require_info(sampler, dtype)
         if resume_path is not None:
             self._restore(resume_path, dtype)
         elif sampler is not None:
@@ -172,6 +172,10 @@ class Run:
         ckpt.save(path, batch, header)
 
     # ------------------------------------------------------------------ setup
+    def _require_info(self, sampler, dtype) -> None:
+        """Make the sampler read the ``atoms.info`` values this run's stages read (§14a)."""
+        inflight.require_info(self.fused, sampler, dtype)
+
     def _start_inflight(self, dtype) -> None:
         self._report_rejected()
         if self.sampler.exhausted:  # nothing to run (every system written before, or rejected)

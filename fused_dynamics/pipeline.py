@@ -10,15 +10,18 @@ group of several devices is itself data parallel.
 
 Between stage ``k`` and ``k + 1`` sits a bounded
 :class:`~fused_dynamics.pipeline_transfer.DeviceBuffer` of at most ``buffer_size`` systems.
-A graduate of stage ``k`` enters it as a *row* (its structure and velocities) that stays on
-the sender's device; stage ``k + 1`` takes rows in arrival order for its free slots and moves
+A graduate of stage ``k`` enters it as a *row* (its structure, velocities and the
+``atoms.info`` values any stage reads through ``fd.from_info``) that stays on the sender's
+device; stage ``k + 1`` takes rows in arrival order for its free slots and moves
 them onto its own devices with ``jax.device_put``, where a compiled scatter writes them into
 the slots and atom offsets the host chose (:mod:`fused_dynamics.pipeline_transfer`). A
 system's values never pass through the host between two stages. When the buffer is full, the
 sender keeps its graduates in their slots (they are graduated, nothing updates them) and tries
 again at its next host visit: back-pressure, never a drop. Systems that failed or were rejected
 leave the pipeline at once: they go to the final sinks, not to the next stage. Stage 0 takes
-the sampler; the last stage writes to the sinks.
+the sampler; the last stage writes to the sinks. The sampler reads the ``atoms.info`` keys of
+every stage and checks each structure by the rules of all of them, so a structure a later
+stage could not run is rejected before stage 0 takes it (docs/semantics.md §14a).
 
 One process drives every stage: each *round* it starts a compiled chunk on every stage's
 device group (``Run.dispatch``; JAX runs them asynchronously, so the groups compute at the
@@ -63,7 +66,7 @@ from jax.sharding import Mesh
 
 from . import inflight
 from .batch import Batch, default_float, empty_host_arrays
-from .parameters import info_keys
+from .parameters import check_info_values, info_keys, info_readers
 from .pipeline_remote import exchange
 from .pipeline_transfer import DeviceBuffer, _extract_local, extract, insert, slice_rows
 from .sharding import _ADMIT, _INITIALIZE, AXIS, ShardedRun, _merge, gather, place, prepare
@@ -82,9 +85,13 @@ class _StageRun(ShardedRun):
     left on device) instead of sinks. ``sinks`` are the pipeline's final sinks: the last
     stage's graduates, and failed or rejected systems of any stage."""
 
-    def __init__(self, fused, *, forward: DeviceBuffer | None, **options):
+    def __init__(self, fused, *, forward: DeviceBuffer | None, info_keys=(), **options):
         self.forward = forward
+        self.info_keys = tuple(info_keys)  # every stage's: the rows carry them all
         super().__init__(fused, **options)
+
+    def _require_info(self, sampler, dtype) -> None:
+        pass  # the pipeline made its sampler read every stage's values (start)
 
     @property
     def _from_buffer(self) -> bool:
@@ -99,7 +106,7 @@ class _StageRun(ShardedRun):
         cells, pbc = source.cells()
         self.fused = self.fused.prepare_for_cells(cells, pbc)
         inflight.refuse_size_buckets(self.fused.model)
-        host = empty_host_arrays(n_l, s_l)
+        host = empty_host_arrays(n_l, s_l, self.info_keys)
         dtype = default_float() if dtype is None else dtype
         local = jax.device_get(Batch.from_host_arrays(host, dtype, source.max_atoms_per_system))
         stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[local] * self.devices)
@@ -136,12 +143,15 @@ class _StageRun(ShardedRun):
                 part.append((slot, offset, row))
                 offset += n
                 new[k, slot] = True
-            arrays.pop("parameters")  # empty: pipelines refuse from_info parameters (start)
             parts.append(arrays)
             incoming.append(part)
+        values = [p.pop("parameters") for p in parts]  # the kept systems'; rows bring the new
         fields = {
             key: np.stack([p[key] for p in parts]).astype(np.asarray(getattr(host, key)).dtype)
             for key in parts[0]
+        }
+        fields["parameters"] = {
+            key: np.stack([v[key] for v in values]).astype(host.dtype) for key in values[0]
         }
         batch = self.batch.replace(**place(fields, self.mesh))
         if new.any():
@@ -306,13 +316,7 @@ class DistributedPipeline:
         if size < 1:
             raise ValueError(f"DistributedPipeline.run: buffer_size must be >= 1, got {size}.")
         self._owner = [_process_of(g, k) for k, g in enumerate(self.stage_devices)]
-        for k, stage in enumerate(self.stages):
-            if info_keys(stage):
-                raise NotImplementedError(
-                    f"DistributedPipeline: stage {k} reads from_info parameters "
-                    f"{list(info_keys(stage))}; a pipeline does not carry atoms.info values "
-                    "between its stages yet. Fuse the stages (a + b), which does."
-                )
+        self._info_keys = self._require_info(sampler, dtype)
         if resume is not None and jax.process_count() > 1:
             raise NotImplementedError(
                 "DistributedPipeline: checkpoints of a pipeline over several processes are not "
@@ -337,16 +341,48 @@ class DistributedPipeline:
         self._room = {i: size for i in self._remote}
         DistributedPipeline._started += 1  # the same count on every process (same calls)
         self._id = DistributedPipeline._started
-        self._row = _row_template(sampler, self._meshes[0], dtype) if self._remote else None
+        self._row = None
+        if self._remote:
+            self._row = _row_template(sampler, self._meshes[0], dtype, self._info_keys)
         if resume is not None:
             self._restore(_existing(os.fspath(resume)))
         return self
+
+    def _require_info(self, sampler, dtype) -> tuple[str, ...]:
+        """Make the sampler read every ``atoms.info`` value any stage reads (docs/semantics.md
+        §14a), each checked by the rules of the parameters that read it, so that a structure
+        a later stage could not run is rejected before the first; the values then travel with
+        their systems in the rows. Returns the keys, sorted."""
+        keys = tuple(sorted({k for stage in self.stages for k in info_keys(stage)}))
+        able = callable(getattr(sampler, "require_info", None))
+        if not keys:
+            if able:  # a sampler reused from a run that read values
+                sampler.require_info((), None)
+            return keys
+        if not able:
+            raise TypeError(
+                f"DistributedPipeline: the stages read from_info parameters {list(keys)}, but "
+                f"the sampler ({type(sampler).__name__}) has no require_info(keys, check) to "
+                "read them from each structure's atoms.info; use fused_dynamics.SizeAwareSampler."
+            )
+        dtype = np.dtype(default_float() if dtype is None else dtype)
+        readers: dict[str, list] = {}
+        for stage in self.stages:
+            for key, who in info_readers(stage).items():
+                readers.setdefault(key, []).append(who)
+
+        def check(values, where):
+            for stage in self.stages:
+                check_info_values(stage, values, where, dtype)
+
+        sampler.require_info(keys, check, {k: " and ".join(v) for k, v in readers.items()})
+        return keys
 
     def _make_run(self, k: int, resume=False):
         forward = self.buffers[k] if k < len(self.stages) - 1 else None
         return _StageRun(
             self.stages[k], sampler=self._sources[k], sinks=self._sinks, forward=forward,
-            mesh=self._meshes[k], resume=resume, **self._options,
+            mesh=self._meshes[k], resume=resume, info_keys=self._info_keys, **self._options,
         )  # fmt: skip
 
     @property
@@ -567,13 +603,14 @@ def _process_of(group, k: int) -> int:
     return owners.pop()
 
 
-def _row_template(sampler, mesh, dtype) -> dict:
+def _row_template(sampler, mesh, dtype, keys=()) -> dict:
     """The shapes of one row (:func:`~fused_dynamics.pipeline_transfer.extract`), the same on
-    every process."""
+    every process; ``keys``: the ``atoms.info`` values the rows carry."""
     d = int(mesh.devices.size)
     n_l, s_l = sampler.max_atoms // d, sampler.max_systems // d
     dtype = default_float() if dtype is None else dtype
-    local = Batch.from_host_arrays(empty_host_arrays(n_l, s_l), dtype, sampler.max_atoms_per_system)
+    host = empty_host_arrays(n_l, s_l, keys)
+    local = Batch.from_host_arrays(host, dtype, sampler.max_atoms_per_system)
     shapes = jax.eval_shape(lambda b: _extract_local(b, sampler.max_atoms_per_system), local)
     return {f: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for f, x in shapes.items()}
 

@@ -4,8 +4,10 @@
 A system that graduates from stage ``k`` of a :class:`~fused_dynamics.DistributedPipeline`
 becomes an entry of stage ``k + 1``. What the next stage reads of it is its *row*: per atom
 ``positions``, ``velocities``, ``masses``, ``atomic_numbers`` and ``fixed``, per system
-``cell``, ``virtual_cell``, ``pbc``, ``fix_com``, ``system_id`` and the atom count; everything
-else (forces, energy, stage state, bookkeeping) is recomputed when it is admitted.
+``cell``, ``virtual_cell``, ``pbc``, ``fix_com``, ``system_id``, the atom count and the values
+the stages read from ``atoms.info`` (``fd.from_info``: ``Batch.parameters``, row fields
+``"info:KEY"``); everything else (forces, energy, stage state, bookkeeping) is recomputed when
+it is admitted.
 
 1. :func:`extract` (compiled, per device of the sender's mesh with ``jax.shard_map``) gathers
    the row of every slot of the sender's local batches into fixed-size arrays: atom fields of
@@ -40,10 +42,11 @@ from jax.sharding import PartitionSpec as P
 from .compiled import filter_compile
 from .sharding import AXIS
 
-__all__ = ["ATOM_ROWS", "SYSTEM_ROWS", "DeviceBuffer", "extract", "insert"]
+__all__ = ["ATOM_ROWS", "INFO_PREFIX", "SYSTEM_ROWS", "DeviceBuffer", "extract", "insert"]
 
 ATOM_ROWS = ("positions", "velocities", "masses", "atomic_numbers", "fixed")
 SYSTEM_ROWS = ("cell", "virtual_cell", "pbc", "fix_com", "system_id")
+INFO_PREFIX = "info:"  # row field of Batch.parameters[key]: "info:" + key
 
 
 # ============================================================================ compiled parts
@@ -63,6 +66,7 @@ def _extract_local(batch, a_max: int) -> dict:
         x = getattr(batch, f)[atom]
         rows[f] = jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), x, jnp.zeros_like(x))
     rows.update({f: getattr(batch, f) for f in SYSTEM_ROWS})
+    rows.update({INFO_PREFIX + k: v for k, v in batch.parameters.items()})
     rows["n_atoms"] = counts.astype(jnp.int32)
     return rows
 
@@ -83,6 +87,10 @@ def _insert_local(batch, rows: dict, slot, offset):
     for f in SYSTEM_ROWS:
         x = getattr(batch, f)
         changes[f] = x.at[slot].set(rows[f].astype(x.dtype), mode="drop")
+    changes["parameters"] = {
+        k: x.at[slot].set(rows[INFO_PREFIX + k].astype(x.dtype), mode="drop")
+        for k, x in batch.parameters.items()
+    }
     return batch.replace(**changes)
 
 

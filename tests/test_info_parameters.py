@@ -9,6 +9,7 @@ it lands in or on its neighbours (§21, at equal capacities).
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ def clusters(n: int, seed: int = 0) -> list:
     return out
 
 
-def from_info_stage():
+def from_info_stages():
     relax = fd.FIRE(
         LJ, convergence_hook=fd.ConvergenceHook.from_fmax(fd.from_info("fmax")), n_steps=60
     )
@@ -54,6 +55,11 @@ def from_info_stage():
         seed=3,
         n_steps=fd.from_info("md_steps"),
     )
+    return relax, md
+
+
+def from_info_stage():
+    relax, md = from_info_stages()
     return relax + md
 
 
@@ -185,6 +191,32 @@ def test_values_travel_with_their_system_through_refills_and_bad_ones_are_reject
     assert_same_systems(first, resumed, good)
 
 
+def test_a_pipeline_carries_the_values_between_its_stages():
+    """``relax | md`` (here on one device, the stages taking turns): the temperature and the
+    budget that only the second stage reads travel with each system's row, so every system's
+    result is bit for bit the fused run's; a
+    structure whose value only the second stage reads and breaks its rule is REJECTED before
+    the first stage runs it, with the fused run's reason (docs/semantics.md §14a, §16)."""
+    atoms = inflight_dataset()
+    fused = inflight_run(atoms)
+    relax, md = from_info_stages()
+    sink = fd.HostMemory()
+    smp = fd.SizeAwareSampler(
+        atoms, max_atoms=N_CAP, max_systems=S_CAP, max_atoms_per_system=A_CAP, id_key="sid"
+    )
+    (relax | md).run(smp, [sink], refill_frequency=4, buffer_size=2)
+    got = by_id(sink.atoms)
+    assert sorted(got) == list(range(8)) and len(sink) == 8
+    for sid, pattern in REJECTED.items():
+        assert got[sid].info["exit_reason"] == int(ExitReason.REJECTED)
+        assert re.search(pattern, got[sid].info["rejected"]), got[sid].info["rejected"]
+        assert got[sid].info["rejected"] == fused[sid].info["rejected"]
+    good = sorted(set(range(8)) - set(REJECTED))
+    for sid in good:
+        assert got[sid].info["stage_steps"][-1] == atoms[sid].info["md_steps"]  # the last stage's
+    assert_same_systems(fused, got, good)
+
+
 def test_missing_or_bad_values_are_refused_before_compiling():
     atoms = clusters(3)
     keys = ["fmax", "T", "md_steps"]
@@ -215,10 +247,10 @@ def test_missing_or_bad_values_are_refused_before_compiling():
         fd.from_info("")
     with pytest.raises(TypeError, match="sequence of str"):
         fixed_batch(atoms, info_keys="T")
-    with pytest.raises(NotImplementedError, match="stage 1 reads from_info"):
+    with pytest.raises(TypeError, match=r"read from_info parameters \['dt'\].*require_info"):
         relax = fd.FIRE(LJ, n_steps=3)
         md = fd.NVE(LJ, dt=fd.from_info("dt"), n_steps=3)
-        (relax | md).run(sampler(atoms), sinks=[fd.HostMemory()])
+        (relax | md).run(SimpleNamespace(), sinks=[fd.HostMemory()])  # no require_info
 
 
 def test_values_are_checked_as_the_batch_stores_them():

@@ -8,6 +8,8 @@ devices each joined by ``jax.distributed`` (one stage each; graduates cross in a
 fused_dynamics/pipeline_remote.py). This process computes the reference, the fused run
 ``fire + nvt`` on one device, meanwhile.
 
+Each system carries its own FIRE budget and Langevin temperature in ``atoms.info``.
+
 Tolerance: bitwise. A system's arithmetic in the pipeline is that of the fused run: its FIRE
 steps are the same; it leaves FIRE at rest in both; it enters NVT with fresh stage state and
 forces evaluated at the same positions (the fused run's ``migration.enter``, the pipeline's
@@ -37,15 +39,24 @@ N_SMALL = 48  # the first 48 of them through a buffer of 1, and checkpointed and
 
 
 def stages():
-    relax = fd.FIRE(LJ, convergence_hook=fd.ConvergenceHook.from_fmax(0.05), n_steps=40)
-    md = fd.NVTLangevin(LJ, dt=4.0, temperature=40.0, friction=0.02, seed=7, n_steps=12)
+    """FIRE with each system's own budget, then Langevin at each system's own temperature,
+    both read from ``atoms.info`` (``fd.from_info``): the temperature, read by the second
+    stage only, travels in the rows (docs/semantics.md §14a, §16)."""
+    relax = fd.FIRE(
+        LJ, convergence_hook=fd.ConvergenceHook.from_fmax(0.05), n_steps=fd.from_info("budget")
+    )
+    md = fd.NVTLangevin(
+        LJ, dt=4.0, temperature=fd.from_info("T"), friction=0.02, seed=7, n_steps=12
+    )
     return relax, md
 
 
 def sampler(n: int = N_SYSTEMS):
-    return fd.SizeAwareSampler(
-        systems(n, seed=2), max_atoms=256, max_systems=16, max_atoms_per_system=16
-    )
+    atoms = systems(n, seed=2)
+    for i, a in enumerate(atoms):
+        a.info["budget"] = 20 + 3 * (i % 8)
+        a.info["T"] = 20.0 + 7.0 * (i % 11)
+    return fd.SizeAwareSampler(atoms, max_atoms=256, max_systems=16, max_atoms_per_system=16)
 
 
 def test_or_builds_a_pipeline_and_checks_its_arguments(tmp_path):
