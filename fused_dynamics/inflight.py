@@ -15,7 +15,6 @@ Shapes never change, so the chunk compiles once for the whole run.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -104,22 +103,27 @@ class RunStats:
         return asdict(self)
 
 
-def require_info(fused, sampler, dtype=None) -> None:
+def require_info(fused, sampler, dtype=None) -> tuple[str, ...]:
     """Make ``sampler`` read the ``atoms.info`` values the ``from_info`` parameters of
     ``fused`` need, and reject the structures without valid ones (docs/semantics.md §14a):
     each value is checked as the batch will store it, in ``dtype`` (the batch's float dtype).
+
+    ``fused`` may be a list of fused stages (a pipeline's): the sampler then reads the keys
+    of all of them, and each value is checked by the rules of every parameter that reads it.
+    Returns the keys, sorted.
 
     Raises
     ------
     TypeError
         ``fused`` reads ``from_info`` values and the sampler cannot supply them.
     """
-    keys = info_keys(fused)
+    stages = list(fused) if isinstance(fused, list | tuple) else [fused]
+    keys = tuple(sorted({k for stage in stages for k in info_keys(stage)}))
     able = callable(getattr(sampler, "require_info", None))
     if not keys:
         if able:  # a sampler reused from a run that read values: it must stop requiring them
             sampler.require_info((), None)
-        return
+        return keys
     if not able:
         raise TypeError(
             f"The stages read from_info parameters {list(keys)}, but the sampler "
@@ -127,8 +131,17 @@ def require_info(fused, sampler, dtype=None) -> None:
             "each structure's atoms.info; use fused_dynamics.SizeAwareSampler."
         )
     dtype = np.dtype(default_float() if dtype is None else dtype)
-    check = functools.partial(check_info_values, fused, dtype=dtype)
-    sampler.require_info(keys, check, info_readers(fused))
+    readers: dict[str, list] = {}
+    for stage in stages:
+        for key, who in info_readers(stage).items():
+            readers.setdefault(key, []).append(who)
+
+    def check(values, where):
+        for stage in stages:
+            check_info_values(stage, values, where, dtype=dtype)
+
+    sampler.require_info(keys, check, {k: " and ".join(v) for k, v in readers.items()})
+    return keys
 
 
 def check_batch_info(fused, batch: Batch) -> None:

@@ -66,7 +66,6 @@ from jax.sharding import Mesh
 
 from . import inflight
 from .batch import Batch, default_float, empty_host_arrays
-from .parameters import check_info_values, info_keys, info_readers
 from .pipeline_remote import exchange
 from .pipeline_transfer import DeviceBuffer, _extract_local, extract, insert, slice_rows
 from .sharding import _ADMIT, _INITIALIZE, AXIS, ShardedRun, _merge, gather, place, prepare
@@ -316,7 +315,9 @@ class DistributedPipeline:
         if size < 1:
             raise ValueError(f"DistributedPipeline.run: buffer_size must be >= 1, got {size}.")
         self._owner = [_process_of(g, k) for k, g in enumerate(self.stage_devices)]
-        self._info_keys = self._require_info(sampler, dtype)
+        # every stage's atoms.info keys, each value checked by the rules of all of them, so a
+        # structure a later stage could not run is rejected before the first (§14a)
+        self._info_keys = inflight.require_info(list(self.stages), sampler, dtype)
         if resume is not None and jax.process_count() > 1:
             raise NotImplementedError(
                 "DistributedPipeline: checkpoints of a pipeline over several processes are not "
@@ -347,36 +348,6 @@ class DistributedPipeline:
         if resume is not None:
             self._restore(_existing(os.fspath(resume)))
         return self
-
-    def _require_info(self, sampler, dtype) -> tuple[str, ...]:
-        """Make the sampler read every ``atoms.info`` value any stage reads (docs/semantics.md
-        §14a), each checked by the rules of the parameters that read it, so that a structure
-        a later stage could not run is rejected before the first; the values then travel with
-        their systems in the rows. Returns the keys, sorted."""
-        keys = tuple(sorted({k for stage in self.stages for k in info_keys(stage)}))
-        able = callable(getattr(sampler, "require_info", None))
-        if not keys:
-            if able:  # a sampler reused from a run that read values
-                sampler.require_info((), None)
-            return keys
-        if not able:
-            raise TypeError(
-                f"DistributedPipeline: the stages read from_info parameters {list(keys)}, but "
-                f"the sampler ({type(sampler).__name__}) has no require_info(keys, check) to "
-                "read them from each structure's atoms.info; use fused_dynamics.SizeAwareSampler."
-            )
-        dtype = np.dtype(default_float() if dtype is None else dtype)
-        readers: dict[str, list] = {}
-        for stage in self.stages:
-            for key, who in info_readers(stage).items():
-                readers.setdefault(key, []).append(who)
-
-        def check(values, where):
-            for stage in self.stages:
-                check_info_values(stage, values, where, dtype)
-
-        sampler.require_info(keys, check, {k: " and ".join(v) for k, v in readers.items()})
-        return keys
 
     def _make_run(self, k: int, resume=False):
         forward = self.buffers[k] if k < len(self.stages) - 1 else None
