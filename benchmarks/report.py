@@ -292,6 +292,11 @@ def startup_section(data: dict) -> list[str]:
         )
     rows += [
         "",
+        f"JAX-MD's import took {secs('jax_md', 'cold', 'import_s')} s here (median, cold), "
+        f"ours {secs('fused_dynamics', 'cold', 'import_s')} s: the ratios with the import "
+        "included owe that much to it; the ratios after the import compare building, "
+        "compiling and relaxing alone.",
+        "",
         "Ours with the warm cache the command line keeps, against JAX-MD as it runs by default "
         f"(no cache), import included: {cell('warm_ours_vs_cold_jax_md_total_s')}. "
         "Sanity: relaxed energies within "

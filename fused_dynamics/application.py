@@ -22,7 +22,13 @@ import jax
 import numpy as np
 
 from .checkpoint import read_header
-from .compilation_cache import enable_compilation_cache
+from .compilation_cache import (
+    cache_settings,
+    check_cache_folder,
+    disable_compilation_cache,
+    enable_compilation_cache,
+    restore_cache_settings,
+)
 from .config import (
     ConfigError,
     RunConfig,
@@ -44,6 +50,7 @@ __all__ = [
     "Preflight",
     "RunResult",
     "check_capacity",
+    "check_compilation_cache",
     "configure_jax",
     "execute",
     "files_line",
@@ -100,23 +107,54 @@ def configure_jax(cfg: RunConfig) -> None:
             )
 
 
-def use_compilation_cache(cfg: RunConfig, base_dir: str | os.PathLike = ".") -> Path | None:
-    """Switch on the persistent compilation cache ``cfg.compilation_cache`` asks for.
+def _cache_folder(cfg: RunConfig, base_dir) -> Path | None:
+    """The folder a configuration names (None for ``true``: the default folder)."""
+    if isinstance(cfg.compilation_cache, str):
+        return Path(base_dir) / Path(cfg.compilation_cache).expanduser()
+    return None
 
-    Returns the folder, or None for ``false``; ConfigError when the folder cannot be used.
+
+def check_compilation_cache(cfg: RunConfig, base_dir: str | os.PathLike = ".") -> None:
+    """Before compiling (``--validate-only`` too): a folder the configuration names can be
+    used. ConfigError naming ``compilation_cache`` otherwise; nothing is created."""
+    folder = _cache_folder(cfg, base_dir)
+    if folder is None:
+        return  # the default folder: a problem with it only costs the cache (a warning)
+    try:
+        check_cache_folder(folder)
+    except ValueError as exc:
+        raise ConfigError(
+            f"compilation_cache: {exc} Give another folder, or false to compile every time."
+        ) from None
+
+
+def use_compilation_cache(
+    cfg: RunConfig, base_dir: str | os.PathLike = ".", warn=None
+) -> Path | None:
+    """Apply ``cfg.compilation_cache`` to this process (:func:`execute` undoes it after the
+    run): the folder in use, or None when the run compiles every time (``false``, or the
+    default folder cannot be used, which ``warn`` is told).
+
+    Raises
+    ------
+    ConfigError
+        A folder the configuration names cannot be used.
     """
     if cfg.compilation_cache is False:
+        disable_compilation_cache()
         return None
-    directory = None
-    if isinstance(cfg.compilation_cache, str):
-        directory = Path(base_dir) / Path(cfg.compilation_cache).expanduser()
+    folder = _cache_folder(cfg, base_dir)
     try:
-        return enable_compilation_cache(directory)
+        return enable_compilation_cache(folder)
     except ValueError as exc:
         why = str(exc).removeprefix("enable_compilation_cache: ")
-        raise ConfigError(
-            f"compilation_cache: {why} Give another folder, or false to compile every time."
-        ) from None
+        if folder is not None:
+            raise ConfigError(
+                f"compilation_cache: {why} Give another folder, or false to compile every time."
+            ) from None
+        disable_compilation_cache()
+        (warn or print)(f"warning: compilation_cache: {why} The run compiles without a cache.")
+        return None
 
 
 def _problems(record) -> list[dict]:
@@ -210,6 +248,7 @@ def preflight(
     check_capacity(cfg, structures, sources)
     files = cfg.structures.files(base_dir)
     plans = plan_outputs(cfg, base_dir, overwrite=overwrite, resume=resume, inputs=files)
+    check_compilation_cache(cfg, base_dir)
     configure_jax(cfg)
     per_system = cfg.capacity.max_atoms_per_system or max(len(a) for a in structures)
     model, choice = choose_model_path(cfg, build_model(cfg), structures, per_system)
@@ -419,7 +458,9 @@ def execute(
         from their start. Existing report files are kept.
 
     Checkpoints are written every ``cfg.checkpoint_every`` steps (0: none) and the checkpoint
-    is removed once the run is complete and every output is closed.
+    is removed once the run is complete and every output is closed. JAX's persistent
+    compilation cache is set as ``cfg.compilation_cache`` asks for the run, and JAX's
+    settings are put back after it.
 
     Raises
     ------
@@ -432,6 +473,16 @@ def execute(
         Ctrl-C or SIGTERM (a KeyboardInterrupt): its ``lines`` say what the outputs hold and
         where ``--resume`` continues. The outputs are closed first.
     """
+    settings = cache_settings()  # compilation_cache applies to this run only
+    try:
+        return _execute(
+            cfg, base_dir, echo=echo, warn=warn, title=title, overwrite=overwrite, resume=resume
+        )
+    finally:
+        restore_cache_settings(settings)
+
+
+def _execute(cfg, base_dir, *, echo, warn, title, overwrite, resume) -> RunResult:
     t0, c0 = time.perf_counter(), time.process_time()
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     base_dir = Path(base_dir)
@@ -465,7 +516,7 @@ def execute(
                 f"systems already written are skipped, {len(sampler)} to run from their start"
             )
 
-    cache = use_compilation_cache(cfg, base_dir)
+    cache = use_compilation_cache(cfg, base_dir, warn)
     names = [type(s).__name__ for s in stages]
     cap = cfg.capacity
     echo(

@@ -5,8 +5,8 @@ seconds, paid again by every new process. JAX can keep the compiled executables 
 and load them instead of compiling when the same program (same computation, shapes, dtypes,
 devices, JAX version and flags) is asked for again. :func:`enable_compilation_cache` switches
 that on with a folder of this project's choosing; the command line does it by default
-(``compilation_cache`` in a run configuration). Tracing and lowering still happen in every
-process: the cache saves the XLA compilation, the larger part.
+(``compilation_cache`` in a run configuration), for the duration of a run. Tracing and
+lowering still happen in every process: the cache saves the XLA compilation, the larger part.
 """
 
 from __future__ import annotations
@@ -16,42 +16,93 @@ from pathlib import Path
 
 import jax
 
-__all__ = ["default_cache_dir", "enable_compilation_cache"]
+__all__ = [
+    "cache_settings",
+    "check_cache_folder",
+    "default_cache_dir",
+    "disable_compilation_cache",
+    "enable_compilation_cache",
+    "restore_cache_settings",
+]
 
 ENV_DIR = "FUSED_DYNAMICS_CACHE_DIR"
+DEFAULT_MIN_COMPILE_TIME = 0.2  # s: reading a file saves little on programs faster than this
 
 
 def default_cache_dir() -> Path:
     """The folder used when none is given.
 
-    ``$FUSED_DYNAMICS_CACHE_DIR`` when set, else ``$XDG_CACHE_HOME/fused_dynamics/jax``, else
-    ``~/.cache/fused_dynamics/jax`` (the XDG base-directory convention).
+    In this order: ``$FUSED_DYNAMICS_CACHE_DIR``; the folder JAX already uses
+    (``$JAX_COMPILATION_CACHE_DIR`` or ``jax.config``), when it is a local one;
+    ``$XDG_CACHE_HOME/fused_dynamics/jax``; ``~/.cache/fused_dynamics/jax``.
+
+    Raises
+    ------
+    ValueError
+        No folder can be named: ``$HOME`` is not set and the user has no home directory.
     """
     own = os.environ.get(ENV_DIR)
     if own:
         return Path(own).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    current = jax.config.jax_compilation_cache_dir
+    if current and "://" not in current:
+        return Path(current).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError:
+            raise ValueError(
+                "no folder for the compilation cache: $HOME is not set and the user has no home "
+                f"directory; set ${ENV_DIR} or give a folder."
+            ) from None
     return Path(base).expanduser() / "fused_dynamics" / "jax"
 
 
+def check_cache_folder(directory: str | os.PathLike | None = None) -> Path:
+    """The folder :func:`enable_compilation_cache` would use, checked but not created.
+
+    Raises
+    ------
+    ValueError
+        It is a file, or it cannot be created or written by this user (naming the folder).
+    """
+    path = default_cache_dir() if directory is None else Path(directory).expanduser()
+    path = path.absolute()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"directory {str(path)!r} is a file, not a folder.")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"directory {str(path)!r} is not writable by this user.")
+        return path
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"cannot create directory {str(path)!r}: {str(parent)!r} is not a writable folder."
+        )
+    return path
+
+
 def enable_compilation_cache(
-    directory: str | os.PathLike | None = None, *, min_compile_time: float = 0.2
+    directory: str | os.PathLike | None = None, *, min_compile_time: float | None = None
 ) -> Path:
     """Keep compiled programs in ``directory`` and load them in later processes.
 
-    Sets JAX's persistent compilation cache (``jax_compilation_cache_dir``); see JAX's
-    "Persistent compilation cache" guide. Entries are new files named by a hash of the
-    program; nothing else in the folder is read, changed or removed. The folder grows with
-    every new shape of batch; delete it to reclaim the space.
+    Sets JAX's persistent compilation cache (``jax_compilation_cache_dir``) for this process;
+    see JAX's "Persistent compilation cache" guide. Entries are new files named by a hash of
+    the program; nothing else in the folder is read, changed or removed. The folder grows with
+    every new shape of batch; delete it to reclaim the space. :func:`cache_settings` and
+    :func:`restore_cache_settings` undo it.
 
     Parameters
     ----------
     directory : path, optional
-        Default: the folder JAX already uses when one is set (``JAX_COMPILATION_CACHE_DIR`` or
-        ``jax.config``), else :func:`default_cache_dir`. Created when missing.
-    min_compile_time : float, default 0.2
-        Seconds: programs that compiled faster than this are not kept (reading a file would
-        save little).
+        Default: :func:`default_cache_dir`. Created when missing.
+    min_compile_time : float, optional
+        Seconds: programs that compiled faster than this are not kept. Default: JAX's
+        setting when ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` sets it, else 0.2.
 
     Returns
     -------
@@ -61,34 +112,56 @@ def enable_compilation_cache(
     Raises
     ------
     ValueError
-        ``directory`` is a file or cannot be created, or ``min_compile_time`` is negative or
-        not finite.
+        The folder is a file or cannot be created or written (:func:`check_cache_folder`), or
+        ``min_compile_time`` is negative or not a finite number. Nothing is changed then.
     """
-    if not (isinstance(min_compile_time, int | float) and 0 <= min_compile_time < float("inf")):
+    if min_compile_time is None:
+        env = os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+        min_compile_time = (
+            jax.config.jax_persistent_cache_min_compile_time_secs
+            if env
+            else DEFAULT_MIN_COMPILE_TIME
+        )
+    if isinstance(min_compile_time, bool) or not (
+        isinstance(min_compile_time, int | float) and 0 <= min_compile_time < float("inf")
+    ):
         raise ValueError(
             "enable_compilation_cache: min_compile_time must be a finite number of seconds "
             f">= 0, got {min_compile_time!r}."
         )
-    if directory is None:
-        current = jax.config.jax_compilation_cache_dir
-        path = Path(current) if current else default_cache_dir()
-    else:
-        path = Path(directory).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ValueError(
-            f"enable_compilation_cache: directory {str(path)!r} is a file, not a folder."
-        )
     try:
+        path = check_cache_folder(directory)
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(
-            f"enable_compilation_cache: cannot create directory {str(path)!r} ({exc.strerror})."
-        ) from None
+    except (ValueError, OSError) as exc:
+        why = exc if isinstance(exc, ValueError) else f"{exc.strerror} ({exc.filename})"
+        raise ValueError(f"enable_compilation_cache: {why}") from None
+    path = path.resolve()
+    _set(str(path), float(min_compile_time))
+    return path
+
+
+def disable_compilation_cache() -> None:
+    """Compile every time in this process (JAX's persistent compilation cache off)."""
+    _set(None, jax.config.jax_persistent_cache_min_compile_time_secs)
+
+
+def cache_settings() -> tuple:
+    """JAX's persistent-cache settings as they are now (for :func:`restore_cache_settings`)."""
+    return (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
+
+
+def restore_cache_settings(settings: tuple) -> None:
+    """Put back what :func:`cache_settings` returned."""
+    _set(*settings)
+
+
+def _set(directory: str | None, min_compile_time: float) -> None:
     from jax.experimental.compilation_cache import compilation_cache
 
-    path = path.resolve()
-    if jax.config.jax_compilation_cache_dir != str(path):
-        compilation_cache.set_cache_dir(str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time)
+    if jax.config.jax_compilation_cache_dir != directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
         compilation_cache.reset_cache()  # a cache opened on another folder is reopened here
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time))
-    return path

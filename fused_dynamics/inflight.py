@@ -132,9 +132,12 @@ def require_info(fused, sampler, dtype=None) -> tuple[str, ...]:
         )
     dtype = np.dtype(default_float() if dtype is None else dtype)
     readers: dict[str, list] = {}
-    for stage in stages:
+    for k, stage in enumerate(stages):
         for key, who in info_readers(stage).items():
-            readers.setdefault(key, []).append(who)
+            readers.setdefault(key, []).append((k, who))
+    for key, found in readers.items():  # a name two stages share says which stage
+        names = [who for _, who in found]
+        readers[key] = [f"{who} of stage {k}" if names.count(who) > 1 else who for k, who in found]
 
     def check(values, where):
         for stage in stages:

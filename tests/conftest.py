@@ -12,11 +12,13 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 # the command line keeps compiled programs on disk by default (docs/command-line.md): a test
-# run's go to a folder of its own (one per pytest worker, inherited by the commands tests
-# start), removed at exit, never into the user's cache
-if "FUSED_DYNAMICS_CACHE_DIR" not in os.environ:
+# run's go to a folder of this process's own (each pytest worker makes its own, and the
+# commands its tests start inherit it), removed at exit, never into the user's cache.
+# _FUSED_DYNAMICS_TEST_CACHE marks a folder made here, so a worker does not reuse the one its
+# parent made (JAX writes entries without a lock).
+if os.environ.get("_FUSED_DYNAMICS_TEST_CACHE") or "FUSED_DYNAMICS_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="fused-dynamics-test-xla-")
-    os.environ["FUSED_DYNAMICS_CACHE_DIR"] = _cache
+    os.environ["FUSED_DYNAMICS_CACHE_DIR"] = os.environ["_FUSED_DYNAMICS_TEST_CACHE"] = _cache
     atexit.register(shutil.rmtree, _cache, True)
 
 import jax  # noqa: E402
@@ -47,12 +49,8 @@ def _release_compiled_programs():
 def _persistent_cache_restored():
     """A test that switches JAX's persistent compilation cache on (an in-process command-line
     run does) leaves the tests after it as they were: compiling in memory only."""
-    before = jax.config.jax_compilation_cache_dir
-    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
-    yield
-    if jax.config.jax_compilation_cache_dir != before:
-        from jax.experimental.compilation_cache import compilation_cache
+    from fused_dynamics.compilation_cache import cache_settings, restore_cache_settings
 
-        jax.config.update("jax_compilation_cache_dir", before)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
-        compilation_cache.reset_cache()
+    before = cache_settings()
+    yield
+    restore_cache_settings(before)

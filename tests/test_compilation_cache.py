@@ -15,10 +15,12 @@ import textwrap
 
 import jax
 import pytest
+from typer.testing import CliRunner
 
 import fused_dynamics as fd
-from fused_dynamics.application import use_compilation_cache
-from fused_dynamics.compilation_cache import default_cache_dir
+from fused_dynamics.application import check_compilation_cache, use_compilation_cache
+from fused_dynamics.cli import app
+from fused_dynamics.compilation_cache import cache_settings, default_cache_dir
 from fused_dynamics.config import ConfigError, load_config
 
 SCRIPT = textwrap.dedent(
@@ -78,26 +80,39 @@ def test_a_second_process_loads_the_programs_and_gives_the_same_bits(tmp_path):
 def test_bad_folders_and_times_are_refused(tmp_path):
     afile = tmp_path / "a_file"
     afile.write_text("keep me")
+    before = cache_settings()
     with pytest.raises(ValueError, match=r"directory .*a_file.* is a file"):
         fd.enable_compilation_cache(afile)
     with pytest.raises(ValueError, match="cannot create directory"):
         fd.enable_compilation_cache(afile / "below")
     assert afile.read_text() == "keep me"
-    for bad in (-1.0, float("nan"), float("inf"), "1"):
+    for bad in (-1.0, float("nan"), float("inf"), "1", True):
         with pytest.raises(ValueError, match="min_compile_time"):
             fd.enable_compilation_cache(tmp_path / "c", min_compile_time=bad)
-    assert jax.config.jax_compilation_cache_dir != str(tmp_path / "c")  # refused before setting
+    assert cache_settings() == before  # refused before anything was set
+    assert not (tmp_path / "c").exists()
 
 
-def test_the_default_folder_follows_the_environment(monkeypatch, tmp_path):
+def test_the_default_folder_and_time(monkeypatch, tmp_path):
+    """$FUSED_DYNAMICS_CACHE_DIR, then JAX's own folder, then XDG, then ~/.cache; the
+    minimum compile time a user gave JAX is kept."""
     monkeypatch.setenv("FUSED_DYNAMICS_CACHE_DIR", str(tmp_path / "own"))
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))  # restored after
     assert default_cache_dir() == tmp_path / "own"
     monkeypatch.delenv("FUSED_DYNAMICS_CACHE_DIR")
+    assert default_cache_dir() == tmp_path / "jax"
+    jax.config.update("jax_compilation_cache_dir", None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "fused_dynamics" / "jax"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "fused_dynamics" / "jax"
+    fd.enable_compilation_cache(tmp_path / "c")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.2
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "3.0")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 3.0)
+    fd.enable_compilation_cache(tmp_path / "c")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 3.0
 
 
 JOB = """\
@@ -129,16 +144,38 @@ def _config(tmp_path, value: str):
     return load_config(path)
 
 
-def test_the_configuration_key(tmp_path):
+def test_the_configuration_key(tmp_path, monkeypatch):
     cfg, base = _config(tmp_path, '"xla"')  # relative to the configuration's folder
     assert use_compilation_cache(cfg, base) == (tmp_path / "xla").resolve()
     assert jax.config.jax_compilation_cache_dir == str((tmp_path / "xla").resolve())
-    cfg, base = _config(tmp_path, "false")
+    cfg, base = _config(tmp_path, "false")  # switches off a cache an earlier run switched on
     assert use_compilation_cache(cfg, base) is None
+    assert jax.config.jax_compilation_cache_dir is None
     (tmp_path / "taken").write_text("")
     cfg, base = _config(tmp_path, '"taken"')
     with pytest.raises(ConfigError, match=r"compilation_cache: directory .*taken.* is a file"):
+        check_compilation_cache(cfg, base)  # what --validate-only runs: refused there too
+    with pytest.raises(ConfigError, match=r"compilation_cache: directory .*taken.* is a file"):
         use_compilation_cache(cfg, base)
-    for bad in ('""', "1"):
-        with pytest.raises(ConfigError, match="compilation_cache"):
+    for bad, why in (('""', "empty"), ("1", ""), ('"false"', "without quotes"), ('" x"', "spaces")):
+        with pytest.raises(ConfigError, match=f"compilation_cache.*{why}"):
             _config(tmp_path, bad)
+    # an unusable default folder costs the cache, not the run: a warning
+    monkeypatch.setenv("FUSED_DYNAMICS_CACHE_DIR", str(tmp_path / "taken"))
+    cfg, base = _config(tmp_path, "true")
+    check_compilation_cache(cfg, base)
+    warnings = []
+    assert use_compilation_cache(cfg, base, warnings.append) is None
+    assert "taken" in warnings[0] and "without a cache" in warnings[0], warnings
+
+
+def test_a_run_leaves_jax_as_it_found_it(tmp_path):
+    """The command line's cache holds for its run only: JAX's settings are put back."""
+    before = cache_settings()
+    job = tmp_path / "job.toml"
+    job.write_text(JOB.format(value='"xla"'))
+    res = CliRunner().invoke(app, ["run", str(job), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert f"compiled programs: kept in {(tmp_path / 'xla').resolve()}" in res.output
+    assert any((tmp_path / "xla").iterdir())
+    assert cache_settings() == before

@@ -456,9 +456,11 @@ class RunConfig(_Section):
         True,
         description="keep the compiled programs on disk so that a later run of the same "
         "shapes loads them instead of compiling (JAX's persistent compilation cache): true: "
-        "in $FUSED_DYNAMICS_CACHE_DIR, else $XDG_CACHE_HOME/fused_dynamics/jax, else "
-        "~/.cache/fused_dynamics/jax; a path: that folder (relative to this file); false: "
-        "compile every time",
+        "in $FUSED_DYNAMICS_CACHE_DIR, else the folder JAX is set to use "
+        "($JAX_COMPILATION_CACHE_DIR), else $XDG_CACHE_HOME/fused_dynamics/jax, else "
+        "~/.cache/fused_dynamics/jax (when that folder cannot be used, a warning and no "
+        "cache); a path: that folder (relative to this file), refused if it cannot be used; "
+        "false: compile every time",
     )
 
     @field_validator("checkpoint_every", mode="before")
@@ -471,8 +473,16 @@ class RunConfig(_Section):
     @field_validator("compilation_cache")
     @classmethod
     def _cache_folder(cls, v: bool | str) -> bool | str:
-        if isinstance(v, str) and not v.strip():
-            raise ValueError("true, false or a folder; got an empty string")
+        if isinstance(v, str):
+            if not v.strip():
+                raise ValueError("true, false or a folder; got an empty string")
+            if v.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
+                raise ValueError(
+                    f"true, false or a folder; got the string {v!r}: write true or false "
+                    "without quotes (a folder of that name: write './" + v.strip() + "')"
+                )
+            if v != v.strip():
+                raise ValueError(f"a folder name without leading or trailing spaces, got {v!r}")
         return v
 
     @field_validator("stages")
