@@ -31,6 +31,7 @@ from .compilation_cache import (
 )
 from .config import (
     ConfigError,
+    InfoValue,
     RunConfig,
     build_fused,
     build_model,
@@ -372,7 +373,8 @@ def stage_exit_counts(left, budgets, stage_names) -> list[dict]:
         One per system written (:attr:`~fused_dynamics.plotting.RunRecord.left`):
         ``exit_reason`` and ``stage_steps`` (steps spent in each stage).
     budgets : list of int or None
-        Each stage's ``n_steps``.
+        Each stage's ``n_steps`` (a system's own ``budgets`` in ``left``, when it has them,
+        come first: budgets read from ``atoms.info``).
     stage_names : list of str
 
     Returns
@@ -403,7 +405,8 @@ def stage_exit_counts(left, budgets, stage_names) -> list[dict]:
                 continue  # passed through without a step (criterion held on entry)
             rows[k]["entered"] += 1
             if k < last:
-                hit = budgets[k] is not None and steps[k] >= budgets[k]
+                budget = (r.get("budgets") or budgets)[k]  # the system's own, when it has one
+                hit = isinstance(budget, int | float) and steps[k] >= budget
                 rows[k]["budget" if hit else "converged"] += 1
             elif reason == ExitReason.FAILED:
                 rows[k]["failed"] += 1
@@ -535,9 +538,10 @@ def _execute(cfg, base_dir, *, echo, warn, title, overwrite, resume) -> RunResul
             f"checkpoints: every {cfg.checkpoint_every} steps to {os.fspath(ck.path)} "
             "(a killed run continues from the last one with --resume)"
         )
-    targets = []
+    targets = []  # a line on the plot: none where each structure carries its own value
     for sc in cfg.stages:
-        targets.append(sc.fmax if sc.fmax is not None else getattr(sc, "temperature", None))
+        target = sc.fmax if sc.fmax is not None else getattr(sc, "temperature", None)
+        targets.append(None if isinstance(target, InfoValue) else target)
     record = RunRecord(
         names,
         [s.is_optimizer for s in stages],
@@ -545,7 +549,10 @@ def _execute(cfg, base_dir, *, echo, warn, title, overwrite, resume) -> RunResul
         total=len(structures) - (len(done) if from_checkpoint else skipped),
         progress=cfg.report.progress,
         targets=targets,
-        budgets=[sc.n_steps for sc in cfg.stages],
+        budgets=[  # an atoms.info key: each system's own budget (RunRecord.on_written)
+            sc.n_steps.info if isinstance(sc.n_steps, InfoValue) else sc.n_steps
+            for sc in cfg.stages
+        ],
         record_every=cfg.report.record_every,
     )
     watch = _CompileWatch(record, echo)

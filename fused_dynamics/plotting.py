@@ -51,8 +51,9 @@ class RunRecord:
     targets : list of float or None, optional
         Per sub-stage: the fmax threshold (optimizers) or the target temperature (MD), drawn
         as reference lines.
-    budgets : list of int or None, optional
-        Per sub-stage step budget (``n_steps``), for the summary.
+    budgets : list of int, str or None, optional
+        Per sub-stage step budget (``n_steps``), for the summary; a str is the
+        ``atoms.info`` key each system's own budget is read from (``fd.from_info``).
     """
 
     def __init__(
@@ -140,6 +141,10 @@ class RunRecord:
                     "failure": info.get("failure") or None,
                     "failure_step": None if step is None else int(step),
                     "why": info.get("rejected"),
+                    # each stage's budget for this system: a key names its atoms.info value
+                    "budgets": [
+                        _number(info.get(b)) if isinstance(b, str) else b for b in self.budgets
+                    ],
                 }
             )
             self.left_steps.append(self.last_step)
@@ -196,14 +201,21 @@ class RunRecord:
         for k, name in enumerate(self.stage_names):
             col = steps[:, k]
             entered = col > 0
-            budget = self.budgets[k]
+            budget = np.array(  # per system: budgets read from atoms.info differ
+                [
+                    np.nan if r["budgets"][k] is None else r["budgets"][k]
+                    for r in self.left
+                    if len(r["stage_steps"]) == len(self.stage_names)
+                ],
+                float,
+            ).reshape(-1)
             out.append(
                 {
                     "stage": name,
                     "systems": int(entered.sum()),
                     "mean_steps": float(col[entered].mean()) if entered.any() else 0.0,
                     "max_steps": int(col.max()) if col.size else 0,
-                    "budget_hits": int((col >= budget).sum()) if budget else 0,
+                    "budget_hits": int(np.sum(col >= budget)) if budget.size else 0,
                     "share": float(col.sum()) / total,
                 }
             )
@@ -397,3 +409,12 @@ def plot_run(record: RunRecord, path, title: str | None = None, max_lines: int =
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _number(value) -> float | None:
+    """A budget read from a system's ``atoms.info``, or None when it is not one number."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) else None

@@ -136,7 +136,9 @@ def test_save_config_comments_every_key_and_loads_back_unchanged(tmp_path):
                 assert f"# {key}:" in text or f"# {key};" in text, (name, key)
     text = (tmp_path / "job.toml").read_text()
     # units, defaults, allowed values, and how to read one's own files
-    assert "# dt: fs: time step; required; > 0" in text
+    flat = " ".join(line.strip("# ") for line in text.splitlines())  # comments unwrapped
+    assert "dt: fs: time step (or {info = KEY}: each structure's own atoms.info value); " in flat
+    assert "(or {info = KEY}: each structure's own atoms.info value); required; > 0" in flat
     assert '# dtype: precision of the batch and the model; default: "float32"; allowed:' in text
     assert "# record_every: steps between recorded samples; default: 5; > 0" in text
     assert 'path = ["relaxed.extxyz", "POSCAR", "cifs/*.cif"]' in text
@@ -146,7 +148,6 @@ def test_save_config_comments_every_key_and_loads_back_unchanged(tmp_path):
     assert "# refill_frequency = 20" in text and "# seed = 0" in text
     assert "# maxstep = 0.2" in text  # a FIRE key not set
     # how pairs are found (docs/cli.md): allowed values, default, the skin's unit
-    flat = " ".join(line.strip("# ") for line in text.splitlines())  # comments unwrapped
     assert "neighbors: how pairs are found: auto (" in flat
     assert 'default: "auto"; allowed: "auto" | "dense" | "list" ' in flat
     assert '# neighbors = "auto"' in text

@@ -331,3 +331,73 @@ def test_a_dataset_whose_every_structure_is_rejected_writes_them_all_and_runs_no
     for a in sink.atoms:
         assert a.info["exit_reason"] == int(ExitReason.REJECTED)
         assert "atoms.info has no 'T', which NVTLangevin.temperature reads" in a.info["rejected"]
+
+
+CLI_JOB = """\
+dtype = "float64"
+compilation_cache = false
+[structures]
+path = "{inputs}"
+id_key = "sid"
+[model]
+type = "lennard_jones"
+sigma = 3.405
+epsilon = 0.0104
+cutoff = 6.0
+switch_onset = 5.0
+[capacity]
+max_atoms = {n_cap}
+max_systems = {s_cap}
+[[stages]]
+type = "fire"
+fmax = {{info = "fmax"}}
+n_steps = 60
+[[stages]]
+type = "nvt_langevin"
+dt = 4.0
+temperature = {{info = "T"}}
+friction = 0.02
+n_steps = {{info = "md_steps"}}
+[[outputs]]
+type = "extxyz"
+path = "{output}"
+"""
+
+
+def test_the_command_line_reads_values_from_info(tmp_path):
+    """``temperature = {info = "T"}`` in a job file: the same values and rules as
+    ``fd.from_info`` (docs/command-line.md). Each system's result is bit for bit the same
+    when the structures come in reverse order (the values travel with the systems); each
+    spends its own Langevin budget; bad values are REJECTED naming the key and the parameter;
+    the stage summary counts budgets per system."""
+    import ase.io
+    from typer.testing import CliRunner
+
+    from fused_dynamics.cli import app
+
+    atoms = inflight_dataset()
+    outputs = {}
+    for name, order in (("forward", atoms), ("reversed", atoms[::-1])):
+        ase.io.write(tmp_path / f"{name}.extxyz", order)
+        job = tmp_path / f"{name}.toml"
+        job.write_text(
+            CLI_JOB.format(
+                inputs=f"{name}.extxyz", output=f"{name}-out.extxyz", n_cap=N_CAP, s_cap=S_CAP
+            )
+        )
+        check = CliRunner().invoke(app, ["run", str(job), "--validate-only"])
+        assert check.exit_code == 0, check.output
+        res = CliRunner().invoke(app, ["run", str(job), "--no-progress"])
+        assert res.exit_code == 0, res.output
+        outputs[name] = by_id(ase.io.read(tmp_path / f"{name}-out.extxyz", ":"))
+    first, second = outputs["forward"], outputs["reversed"]
+    assert sorted(first) == sorted(second) == list(range(8))
+    for sid, pattern in REJECTED.items():
+        assert first[sid].info["exit_reason"] == int(ExitReason.REJECTED)
+        assert re.search(pattern.replace("'", "."), first[sid].info["rejected"]), first[sid].info
+    good = sorted(set(range(8)) - set(REJECTED))
+    for sid in good:
+        assert first[sid].info["exit_reason"] == int(ExitReason.BUDGET)
+        assert first[sid].info["stage_steps"][1] == atoms[sid].info["md_steps"]
+    assert_same_systems(first, second, good)
+    assert re.search(r"1: NVTLangevin\s+4\s+0\s+4\s+0", res.output), res.output

@@ -219,6 +219,7 @@ from .schema import (
     FIRE2Config,
     FIREConfig,
     GradientDescentConfig,
+    InfoValue,
     NPHConfig,
     NPTConfig,
     NVEConfig,
@@ -236,6 +237,7 @@ from .writing import MODEL_KEYS_HELP, config_text, save_config
 
 __all__ = [
     "ConfigError",
+    "InfoValue",
     "RunConfig",
     "STAGE_TYPES",
     "MODEL_TYPES",

@@ -21,7 +21,7 @@ from ..stages import FIRE, FIRE2, NPH, NPT, NVE, GradientDescent, NVTLangevin, N
 from ..training import load_model, read_header
 from ..training.serialization import decode_header_value
 from .base import ConfigError
-from .schema import RunConfig, entry_temperature
+from .schema import InfoValue, RunConfig, entry_temperature, info_or_value
 
 __all__ = [
     "build_fused",
@@ -96,10 +96,11 @@ def build_model(cfg: RunConfig):
 def run_steps_bound(cfg: RunConfig, n_structures: int) -> int | None:
     """The most fused steps a run can take: every stage's budget (``n_steps``) times the
     batches its structures fill (``ceil(n / capacity.max_systems)``); None when a stage has
-    no budget. An upper bound: systems that converge leave early and free their slots."""
+    no budget or each structure carries its own. An upper bound: systems that converge leave
+    early and free their slots."""
     budgets = [sc.n_steps for sc in cfg.stages]
-    if any(b is None for b in budgets):
-        return None
+    if any(b is None or isinstance(b, InfoValue) for b in budgets):
+        return None  # no budget, or one per structure (not read here)
     batches = -(-max(int(n_structures), 1) // cfg.capacity.max_systems)
     return batches * sum(budgets)
 
@@ -201,13 +202,13 @@ def build_stages(cfg: RunConfig, model=None) -> list:
             kwargs["seed"] = cfg.seed + i
         criteria = []
         if sc.fmax is not None:
-            criteria.append({"key": "fmax", "threshold": sc.fmax})
+            criteria.append({"key": "fmax", "threshold": info_or_value(sc.fmax)})
         for c in sc.criteria or ():
             criteria.append(c.model_dump(exclude_none=True))
         hook = ConvergenceHook(criteria) if criteria else None
         try:
             stage = _STAGE_CLASSES[sc.type](
-                model, n_steps=sc.n_steps, convergence_hook=hook, **kwargs
+                model, n_steps=info_or_value(sc.n_steps), convergence_hook=hook, **kwargs
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"stages[{i}] ({sc.type}): {exc}") from exc
@@ -234,7 +235,11 @@ def build_fused(cfg: RunConfig, model=None, hooks=(), first_hooks=()):
     for i in range(1, len(cfg.stages)):
         t = entry_temperature(cfg, i)
         if t is not None:
-            entry.append(ThermalizeOnEntryHook(code=i, temperature=t, seed=cfg.seed + 1000 + i))
+            entry.append(
+                ThermalizeOnEntryHook(
+                    code=i, temperature=info_or_value(t), seed=cfg.seed + 1000 + i
+                )
+            )
     return FusedStage(
         list(enumerate(stages)),
         init_fn=init_fn,

@@ -110,10 +110,33 @@ def _loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
+# the members of a union a key allows, as pydantic names them in an error's location
+_MEMBERS = {"constrained-float", "constrained-int", "float", "int", "bool", "str", "InfoValue"}
+
+
+def _one_member(errors: list) -> list:
+    """A value a union refused is reported as the member it was meant for: ``{info = ...}``
+    (a table) as an :class:`InfoValue`, anything else as the number or string; the member's
+    name is dropped from the location."""
+    out = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        members = [i for i, part in enumerate(loc) if part in _MEMBERS]
+        if members:
+            i = members[-1]
+            table = isinstance(err.get("input"), dict) or len(loc) > i + 1
+            if (loc[i] == "InfoValue") != table:
+                continue  # the other member's complaint
+            err = {**err, "loc": loc[:i] + loc[i + 1 :]}
+        out.append(err)
+    return out or errors
+
+
 def format_validation_error(exc: ValidationError, source: str = "config") -> str:
     """One line per problem: ``key: what is wrong (allowed values)``."""
-    lines = [f"{source}: {exc.error_count()} problem(s):"]
-    for err in exc.errors(include_url=False):
+    errors = _one_member(exc.errors(include_url=False))
+    lines = [f"{source}: {len(errors)} problem(s):"]
+    for err in errors:
         where = _loc(err["loc"])
         kind = err["type"]
         msg = err["msg"]

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from ..parameters import from_info
 from .base import ConfigError, _Section, output_format
 from .model_keys import ModelConfig
 
@@ -27,6 +28,7 @@ __all__ = [
     "CapacityConfig",
     "CriterionConfig",
     "FIRE2Config",
+    "InfoValue",
     "FIREConfig",
     "GradientDescentConfig",
     "NPHConfig",
@@ -40,8 +42,21 @@ __all__ = [
     "StageConfig",
     "StructuresConfig",
     "entry_temperature",
+    "info_or_value",
     "resolve_structure_files",
 ]
+
+
+class InfoValue(_Section):
+    """A value each structure carries: ``{info = "T"}`` reads ``atoms.info["T"]`` of every
+    structure (``fd.from_info``, docs/semantics.md §14a). A structure without a valid value
+    is REJECTED, with a reason naming the key."""
+
+    info: str = Field(min_length=1, description="the atoms.info key of each structure")
+
+
+#: A number, or ``{info = "KEY"}`` (:class:`InfoValue`).
+_PER = " (or {info = KEY}: each structure's own atoms.info value)"
 
 
 class CriterionConfig(_Section):
@@ -60,10 +75,12 @@ class CriterionConfig(_Section):
 
 
 class _StageBase(_Section):
-    n_steps: PositiveInt | None = Field(
-        None, description="steps: the step budget of each system in this stage"
+    n_steps: PositiveInt | InfoValue | None = Field(
+        None, description="steps: the step budget of each system in this stage" + _PER
     )
-    fmax: PositiveFloat | None = Field(None, description="eV/Å: converged when fmax <= this")
+    fmax: PositiveFloat | InfoValue | None = Field(
+        None, description="eV/Å: converged when fmax <= this" + _PER
+    )
     criteria: list[CriterionConfig] | None = Field(
         None,
         description="convergence criteria, all must hold (AND), combined with fmax; e.g. "
@@ -76,8 +93,8 @@ class _StageBase(_Section):
         "stage's temperature); 'keep' keeps them; 'auto' is 'thermal' after an optimizer "
         "(FIRE's velocities are not physical ones) for a stage with a temperature, else 'keep'",
     )
-    entry_temperature: float | None = Field(
-        None, ge=0, description="K, for entry_velocities = 'thermal'"
+    entry_temperature: Annotated[float, Field(ge=0)] | InfoValue | None = Field(
+        None, description="K, for entry_velocities = 'thermal'" + _PER
     )
     write: str | None = Field(
         None,
@@ -105,7 +122,16 @@ class _StageBase(_Section):
             "entry_temperature",
             "write",
         }
-        return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
+        return {
+            k: info_or_value(getattr(self, k))
+            for k in type(self).model_fields
+            if k not in skip and getattr(self, k) is not None
+        }
+
+
+def info_or_value(value):
+    """``fd.from_info(key)`` for an :class:`InfoValue`, else the value as it is."""
+    return from_info(value.info) if isinstance(value, InfoValue) else value
 
 
 _ASE_TIME = "ASE time unit Å·sqrt(amu/eV) (about 10.18 fs), as ase.optimize.FIRE; not fs"
@@ -176,16 +202,20 @@ class NVEConfig(_StageBase):
     """Velocity Verlet (microcanonical)."""
 
     type: Literal["nve"] = Field(description="velocity Verlet, constant energy")
-    dt: PositiveFloat = Field(description="fs: time step")
+    dt: PositiveFloat | InfoValue = Field(description="fs: time step" + _PER)
 
 
 class NVTLangevinConfig(_StageBase):
     """Langevin dynamics (BAOAB, Leimkuhler & Matthews, AMRX 2013, 34 (2013))."""
 
     type: Literal["nvt_langevin"] = Field(description="Langevin thermostat")
-    dt: PositiveFloat = Field(description="fs: time step")
-    temperature: float = Field(ge=0, description="K: target temperature")
-    friction: float = Field(ge=0, description="1/fs: friction coefficient")
+    dt: PositiveFloat | InfoValue = Field(description="fs: time step" + _PER)
+    temperature: Annotated[float, Field(ge=0)] | InfoValue = Field(
+        description="K: target temperature" + _PER
+    )
+    friction: Annotated[float, Field(ge=0)] | InfoValue = Field(
+        description="1/fs: friction coefficient" + _PER
+    )
     seed: int | None = Field(
         None, description="noise seed (default: the run's seed plus the stage index)"
     )
@@ -195,9 +225,11 @@ class NVTNoseHooverConfig(_StageBase):
     """Nosé-Hoover chain thermostat (Martyna, Klein & Tuckerman, JCP 97, 2635 (1992))."""
 
     type: Literal["nvt_nose_hoover"] = Field(description="Nosé-Hoover chain thermostat")
-    dt: PositiveFloat = Field(description="fs: time step")
-    temperature: PositiveFloat = Field(description="K: target temperature")
-    tdamp: PositiveFloat = Field(description="fs: thermostat time scale (about 100 dt)")
+    dt: PositiveFloat | InfoValue = Field(description="fs: time step" + _PER)
+    temperature: PositiveFloat | InfoValue = Field(description="K: target temperature" + _PER)
+    tdamp: PositiveFloat | InfoValue = Field(
+        description="fs: thermostat time scale (about 100 dt)" + _PER
+    )
     chain_length: PositiveInt = Field(3, description="thermostats in the chain")
     chain_steps: PositiveInt = Field(2, description="multiple time steps of the chain")
     sy_order: Literal[1, 3, 5, 7] = Field(3, description="Suzuki-Yoshida order of the chain")
@@ -207,13 +239,13 @@ class NPTConfig(_StageBase):
     """Isothermal-isobaric MTK dynamics (Martyna, Tobias & Klein, JCP 101, 4177 (1994))."""
 
     type: Literal["npt"] = Field(description="MTK barostat with a Nosé-Hoover chain")
-    dt: PositiveFloat = Field(description="fs: time step")
-    temperature: PositiveFloat = Field(description="K: target temperature")
-    pressure: float = Field(
-        description="eV/Å³: target pressure (1 GPa = ase.units.GPa = 0.00624 eV/Å³)"
+    dt: PositiveFloat | InfoValue = Field(description="fs: time step" + _PER)
+    temperature: PositiveFloat | InfoValue = Field(description="K: target temperature" + _PER)
+    pressure: float | InfoValue = Field(
+        description="eV/Å³: target pressure (1 GPa = ase.units.GPa = 0.00624 eV/Å³)" + _PER
     )
-    tdamp: PositiveFloat = Field(description="fs: thermostat time scale")
-    pdamp: PositiveFloat = Field(description="fs: barostat time scale")
+    tdamp: PositiveFloat | InfoValue = Field(description="fs: thermostat time scale" + _PER)
+    pdamp: PositiveFloat | InfoValue = Field(description="fs: barostat time scale" + _PER)
     coupling: Literal["isotropic", "anisotropic", "triclinic"] = Field(
         "isotropic", description="which cell degrees of freedom move"
     )
@@ -224,9 +256,9 @@ class NPHConfig(_StageBase):
     """Isenthalpic MTK dynamics (the NPT stage without a thermostat)."""
 
     type: Literal["nph"] = Field(description="MTK barostat, no thermostat")
-    dt: PositiveFloat = Field(description="fs: time step")
-    pressure: float = Field(description="eV/Å³: target pressure")
-    pdamp: PositiveFloat = Field(description="fs: barostat time scale")
+    dt: PositiveFloat | InfoValue = Field(description="fs: time step" + _PER)
+    pressure: float | InfoValue = Field(description="eV/Å³: target pressure" + _PER)
+    pdamp: PositiveFloat | InfoValue = Field(description="fs: barostat time scale" + _PER)
     coupling: Literal["isotropic", "anisotropic", "triclinic"] = Field(
         "isotropic", description="which cell degrees of freedom move"
     )
@@ -527,19 +559,22 @@ class RunConfig(_Section):
 _OPTIMIZERS = ("fire", "fire2", "gradient_descent")
 
 
-def entry_temperature(cfg: RunConfig, i: int) -> float | None:
-    """Temperature (K) at which systems entering stage ``i`` get fresh velocities, or None."""
+def entry_temperature(cfg: RunConfig, i: int) -> float | InfoValue | None:
+    """Temperature (K) at which systems entering stage ``i`` get fresh velocities (an
+    :class:`InfoValue` when each structure carries its own), or None."""
     st = cfg.stages[i]
     if i == 0 or st.entry_velocities == "keep":
         return None
     own = st.entry_temperature
     if own is None:
         own = getattr(st, "temperature", None)
+    if own is not None and not isinstance(own, InfoValue):
+        own = float(own)
     if st.entry_velocities == "thermal":
-        return None if own is None else float(own)
+        return own
     # auto
     after_optimizer = cfg.stages[i - 1].type in _OPTIMIZERS
-    return float(own) if after_optimizer and own is not None else None
+    return own if after_optimizer else None
 
 
 def _base_dir(info: ValidationInfo) -> str:

@@ -4,6 +4,8 @@
 costs more than a second, and most runs use another model.
 """
 
+from typing import TYPE_CHECKING
+
 from . import neighbors
 from .base import Model, ModelOutput
 from .eam import EAM
@@ -12,6 +14,9 @@ from .graph import Graph, GraphModel, neighbor_graph
 from .neighbors import NeighborList, NeighborListHook
 from .pair import LennardJones, Morse, PairPotential, SoftSphere, required_images
 from .path_choice import choose_neighbors, path_choice
+
+if TYPE_CHECKING:  # for type checkers and the API docs; imported on first use (__getattr__)
+    from .nequip import NequIP
 
 __all__ = [
     "Model",
