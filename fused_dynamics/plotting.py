@@ -203,11 +203,11 @@ class RunRecord:
             entered = col > 0
             budget = np.array(  # per system: budgets read from atoms.info differ
                 [
-                    np.nan if r["budgets"][k] is None else r["budgets"][k]
+                    _number((r.get("budgets") or self.budgets)[k])
                     for r in self.left
                     if len(r["stage_steps"]) == len(self.stage_names)
                 ],
-                float,
+                float,  # None (no budget) becomes NaN: never hit
             ).reshape(-1)
             out.append(
                 {
@@ -413,6 +413,8 @@ def plot_run(record: RunRecord, path, title: str | None = None, max_lines: int =
 
 def _number(value) -> float | None:
     """A budget read from a system's ``atoms.info``, or None when it is not one number."""
+    if isinstance(value, bool | str):
+        return None
     try:
         out = float(value)
     except (TypeError, ValueError):

@@ -401,3 +401,28 @@ def test_the_command_line_reads_values_from_info(tmp_path):
         assert first[sid].info["stage_steps"][1] == atoms[sid].info["md_steps"]
     assert_same_systems(first, second, good)
     assert re.search(r"1: NVTLangevin\s+4\s+0\s+4\s+0", res.output), res.output
+
+
+def test_a_job_file_value_is_a_number_or_an_info_table(tmp_path):
+    """A key that takes a number or ``{info = KEY}`` reports one problem, for the form that
+    was meant, naming the key (and a key of another union still reports its problem)."""
+    from fused_dynamics.config import ConfigError, load_config
+
+    job = tmp_path / "job.toml"
+    (tmp_path / "in.extxyz").write_text("")  # the structures key must name a file
+    for old, new, expected in (
+        ('temperature = {info = "T"}', 'temperature = "300"', r"temperature: must be a number"),
+        ('temperature = {info = "T"}', 'temperature = {inf = "T"}', r"unknown key 'inf'"),
+        ('temperature = {info = "T"}', 'temperature = {info = ""}', r"temperature.info: "),
+        ('temperature = {info = "T"}', "temperature = -3", r"temperature: must be >= 0"),
+        ('n_steps = {info = "md_steps"}', "n_steps = 2.5", r"n_steps: must be a whole"),
+        ("compilation_cache = false", "compilation_cache = {a = 1}", r"compilation_cache: "),
+    ):
+        text = CLI_JOB.format(inputs="in.extxyz", output="out.extxyz", n_cap=40, s_cap=3)
+        assert old in text
+        job.write_text(text.replace(old, new))
+        with pytest.raises(ConfigError) as info:
+            load_config(job)
+        lines = [line for line in str(info.value).splitlines()[1:] if line.strip()]
+        assert len(lines) == (2 if "compilation_cache" in new else 1), lines
+        assert re.search(expected, lines[0]), lines

@@ -118,18 +118,30 @@ def _one_member(errors: list) -> list:
     """A value a union refused is reported as the member it was meant for: ``{info = ...}``
     (a table) as an :class:`InfoValue`, anything else as the number or string; the member's
     name is dropped from the location."""
-    out = []
+    groups: dict[tuple, list] = {}  # the union errors of one key
+    order: list = []
     for err in errors:
         loc = tuple(err["loc"])
         members = [i for i, part in enumerate(loc) if part in _MEMBERS]
-        if members:
-            i = members[-1]
-            table = isinstance(err.get("input"), dict) or len(loc) > i + 1
-            if (loc[i] == "InfoValue") != table:
-                continue  # the other member's complaint
-            err = {**err, "loc": loc[:i] + loc[i + 1 :]}
-        out.append(err)
-    return out or errors
+        if not members:
+            order.append(err)
+            continue
+        i = members[-1]
+        meant = (loc[i] == "InfoValue") == (isinstance(err.get("input"), dict) or len(loc) > i + 1)
+        key = loc[:i]
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append((meant, {**err, "loc": loc[:i] + loc[i + 1 :]}))
+    out = []
+    for item in order:
+        if isinstance(item, dict):
+            out.append(item)
+            continue
+        found = groups[item]
+        kept = [e for meant, e in found if meant] or [e for _, e in found]
+        out += kept  # the member meant; every member's when none was meant
+    return out
 
 
 def format_validation_error(exc: ValidationError, source: str = "config") -> str:
