@@ -14,13 +14,16 @@ import os
 import signal
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import annotated_types
 import jax
 import numpy as np
 
+from . import inflight
 from .checkpoint import read_header
 from .compilation_cache import (
     cache_settings,
@@ -218,6 +221,7 @@ class Preflight:
     stages: list
     sampler: SizeAwareSampler
     path_line: str = ""
+    info_line: str = ""  # the atoms.info values the job reads: how many structures carry them
 
 
 def preflight(
@@ -260,6 +264,7 @@ def preflight(
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"stages: {exc}") from None
     _with_stress(cfg, fused)
+    info_line = _check_info_values(cfg, fused, sampler)
     return Preflight(
         structures=structures,
         sources=sources,
@@ -270,7 +275,50 @@ def preflight(
         stages=stages,
         sampler=sampler,
         path_line=f"pairs: {choice.reason}",
+        info_line=info_line,
     )
+
+
+def _check_info_values(cfg: RunConfig, fused, sampler) -> str:
+    """The values the job reads from ``atoms.info`` (``{info = "KEY"}``), checked before
+    compiling as the run will check them: a line saying how many structures carry good ones
+    and which would be REJECTED; ConfigError when none would run."""
+    dtype = np.float64 if cfg.dtype == "float64" else np.float32
+    keys = inflight.require_info(fused, sampler, dtype)
+    if not keys:
+        return ""
+    bad = sampler.info_problems()
+    queued = len(sampler)
+    shown = ", ".join(repr(k) for k in keys)
+    if bad and len(bad) == queued:
+        readers = job_info_keys(cfg)
+        carried = {k: sum(k in sampler.dataset[i].info for i in sampler._queue) for k in keys}
+        absent = [k for k in keys if not carried[k] and k in readers]
+        if absent:
+            raise ConfigError(
+                f"{readers[absent[0]]}: no structure carries atoms.info[{absent[0]!r}]; give "
+                "the structures that key, or write a number instead of {info = ...}"
+            )
+        raise ConfigError(
+            f"structures: none can run: each has a bad atoms.info value the job reads "
+            f"({', '.join(readers.get(k, k) for k in keys)}); the first: {bad[0][1]}"
+        )
+    line = f"atoms.info: {queued - len(bad)} of {queued} structures carry good values of {shown}"
+    if bad:
+        line += f"; {len(bad)} will be REJECTED, the first: {bad[0][1]}"
+    return line
+
+
+def job_info_keys(cfg: RunConfig) -> dict[str, str]:
+    """Each ``atoms.info`` key a job file reads -> the first key that reads it
+    (``"stages[1].temperature"``), for messages."""
+    out: dict[str, str] = {}
+    for i, sc in enumerate(cfg.stages):
+        for name in type(sc).model_fields:
+            value = getattr(sc, name)
+            if isinstance(value, InfoValue):
+                out.setdefault(value.info, f"stages[{i}].{name}")
+    return out
 
 
 def files_line(cfg: RunConfig, sources) -> str:
@@ -531,6 +579,8 @@ def _execute(cfg, base_dir, *, echo, warn, title, overwrite, resume) -> RunResul
     echo(pre.files_line)
     echo(species_line)
     echo(pre.path_line)
+    if pre.info_line:
+        echo(pre.info_line)
     if cache is not None:
         echo(f"compiled programs: kept in {os.fspath(cache)} (compilation_cache)")
     if cfg.checkpoint_every:
@@ -680,7 +730,57 @@ def _execute(cfg, base_dir, *, echo, warn, title, overwrite, resume) -> RunResul
     )
 
 
-class _ListSampler(SizeAwareSampler):
+class _JobSampler(SizeAwareSampler):
+    """The sampler of a job file's run: a value read from ``atoms.info`` for a key written
+    ``{info = "KEY"}`` must also meet the bounds the job file puts on that key (``fmax > 0``
+    where the stage's own rule only asks for a finite number), :func:`job_info_rules`."""
+
+    job_rules: dict = {}  # noqa: RUF012 - replaced per instance, never mutated
+
+    def require_info(self, keys, check=None, readers=None) -> None:
+        rules = self.job_rules
+
+        def both(values, where):
+            if check is not None:  # the stages' own rules first, then the job file's bounds
+                check(values, where)
+            for key, value in values.items():
+                for name, symbol, limit in rules.get(key, ()):
+                    ok = value > limit if symbol == ">" else value >= limit
+                    if not ok:
+                        raise ValueError(
+                            f"{where}: atoms.info[{key!r}] (read by {name} of the job file) "
+                            f"must be {symbol} {limit:g}, got {value!r}."
+                        )
+
+        super().require_info(keys, both if rules and keys else check, readers)
+
+
+def job_info_rules(cfg: RunConfig) -> dict[str, list[tuple[str, str, float]]]:
+    """For each ``atoms.info`` key a job file reads (``{info = "KEY"}``), the lower bounds
+    of the keys that read it: ``{"F": [("stages[0].fmax", ">", 0.0)]}``."""
+    out: dict[str, list] = {}
+    for i, sc in enumerate(cfg.stages):
+        for name, spec in type(sc).model_fields.items():
+            value = getattr(sc, name)
+            if isinstance(value, InfoValue):
+                for symbol, limit in _lower_bounds(spec.annotation):
+                    out.setdefault(value.info, []).append((f"stages[{i}].{name}", symbol, limit))
+    return out
+
+
+def _lower_bounds(annotation) -> list[tuple[str, float]]:
+    found = []
+    for arg in typing.get_args(annotation):
+        if isinstance(arg, annotated_types.Gt):
+            found.append((">", float(arg.gt)))
+        elif isinstance(arg, annotated_types.Ge):
+            found.append((">=", float(arg.ge)))
+        else:
+            found += _lower_bounds(arg)
+    return found
+
+
+class _ListSampler(_JobSampler):
     """The sampler of a run whose model sums over a neighbor list (``model.neighbors``).
 
     Its first batch carries the list, sized for the densest batch the queued structures can
@@ -728,7 +828,7 @@ def _sampler(cfg: RunConfig, structures, sources, list_model=None) -> SizeAwareS
     ``list_model``: the run's model when it sums over a neighbor list (:class:`_ListSampler`).
     """
     cap = cfg.capacity
-    cls = SizeAwareSampler if list_model is None else _ListSampler
+    cls = _JobSampler if list_model is None else _ListSampler
     try:
         sampler = cls(
             structures,
@@ -747,6 +847,7 @@ def _sampler(cfg: RunConfig, structures, sources, list_model=None) -> SizeAwareS
                 "structures.id_key (system_id is then each structure's position)"
             ) from None
         raise ConfigError(f"structures: {why}") from None
+    sampler.job_rules = job_info_rules(cfg)
     if list_model is not None:
         sampler.model = list_model
     if len(sampler) == 0:

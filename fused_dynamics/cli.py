@@ -217,6 +217,8 @@ def run(
             typer.echo(pre.files_line)
             typer.echo(pre.species_line)
             typer.echo(pre.path_line)
+            if pre.info_line:
+                typer.echo(pre.info_line)
             return
         if no_progress:
             cfg = cfg.model_copy(

@@ -205,6 +205,25 @@ class SizeAwareSampler:
         self._info_check = check
         self._info_readers = dict(readers or {})
 
+    def info_problems(self) -> list[tuple[int, str]]:
+        """``(system_id, reason)`` of the queued structures whose ``atoms.info`` values
+        :meth:`require_info` would reject, without handing anything out (a dry run of what
+        :meth:`take` checks)."""
+        out = []
+        if not self.info_keys:
+            return out
+        for i in self._queue:
+            where = f"system {int(self.ids[i])}"
+            try:
+                values = read_info_values(
+                    self.dataset[i].info, self.info_keys, where, self._info_readers
+                )
+                if self._info_check is not None and values:
+                    self._info_check(values, where)
+            except (TypeError, ValueError) as exc:
+                out.append((int(self.ids[i]), str(exc)))
+        return out
+
     def _reject(self, i: int, why: str) -> None:
         log.warning("SizeAwareSampler: rejected %s.", why)
         self.rejected.append((i, why))

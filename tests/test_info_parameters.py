@@ -426,3 +426,35 @@ def test_a_job_file_value_is_a_number_or_an_info_table(tmp_path):
         lines = [line for line in str(info.value).splitlines()[1:] if line.strip()]
         assert len(lines) == (2 if "compilation_cache" in new else 1), lines
         assert re.search(expected, lines[0]), lines
+
+
+def test_a_job_file_checks_the_values_before_compiling(tmp_path):
+    """Before compiling (what ``--validate-only`` runs): how many structures carry good
+    values, and which would be REJECTED; a value must also meet the job file's own bound
+    for its key (``fmax > 0``, where the criterion itself only asks for a finite number); a
+    key no structure carries is refused naming the job key."""
+    import ase.io
+
+    from fused_dynamics.application import preflight
+    from fused_dynamics.config import ConfigError, load_config
+
+    atoms = clusters(3)
+    for i, a in enumerate(atoms):
+        a.info["sid"] = i
+    atoms[1].info["fmax"] = -1.0  # finite, so fd.from_info alone would take it
+    ase.io.write(tmp_path / "in.extxyz", atoms)
+    job = tmp_path / "job.toml"
+    job.write_text(CLI_JOB.format(inputs="in.extxyz", output="out.extxyz", n_cap=40, s_cap=3))
+    cfg, base = load_config(job)
+    line = preflight(cfg, base).info_line
+    assert line.startswith("atoms.info: 2 of 3 structures carry good values of 'T', 'fmax'")
+    assert "1 will be REJECTED" in line
+    assert "system 1: atoms.info['fmax'] (read by stages[0].fmax of the job file) must be > 0" in (
+        line
+    )
+    for a in atoms:
+        del a.info["T"]
+    ase.io.write(tmp_path / "in.extxyz", atoms)
+    with pytest.raises(ConfigError, match=r"stages\[1\].temperature: no structure carries"):
+        preflight(cfg, base)
+    assert not (tmp_path / "out.extxyz").exists()

@@ -93,16 +93,28 @@ def build_model(cfg: RunConfig):
         raise ConfigError(f"model: {exc}") from None
 
 
-def run_steps_bound(cfg: RunConfig, n_structures: int) -> int | None:
-    """The most fused steps a run can take: every stage's budget (``n_steps``) times the
-    batches its structures fill (``ceil(n / capacity.max_systems)``); None when a stage has
-    no budget or each structure carries its own. An upper bound: systems that converge leave
-    early and free their slots."""
-    budgets = [sc.n_steps for sc in cfg.stages]
-    if any(b is None or isinstance(b, InfoValue) for b in budgets):
-        return None  # no budget, or one per structure (not read here)
+def run_steps_bound(cfg: RunConfig, n_structures: int, structures=()) -> int | None:
+    """The most fused steps a run can take: every stage's budget (``n_steps``; the largest
+    of ``structures``' own for ``{info = KEY}``) times the batches its structures fill
+    (``ceil(n / capacity.max_systems)``); None when a stage has no budget. An upper bound:
+    systems that converge leave early and free their slots."""
+    budgets = [_largest_budget(sc.n_steps, structures) for sc in cfg.stages]
+    if any(b is None for b in budgets):
+        return None
     batches = -(-max(int(n_structures), 1) // cfg.capacity.max_systems)
     return batches * sum(budgets)
+
+
+def _largest_budget(n_steps, structures) -> int | None:
+    """``n_steps``, or for ``{info = KEY}`` the largest whole value the structures carry."""
+    if not isinstance(n_steps, InfoValue):
+        return n_steps
+    values = []
+    for atoms in structures:
+        value = atoms.info.get(n_steps.info)
+        if isinstance(value, int | float | np.integer | np.floating) and np.isfinite(value):
+            values.append(int(value))
+    return max(values) if values else None
 
 
 def choose_model_path(
@@ -130,7 +142,7 @@ def choose_model_path(
             neighbors=m.neighbors,
             skin=float(m.skin),
             max_atoms_per_system=max_atoms_per_system,
-            steps=run_steps_bound(cfg, len(structures)),
+            steps=run_steps_bound(cfg, len(structures), structures),
             max_systems=min(cfg.capacity.max_systems, len(structures)),
         )
     except ValueError as exc:

@@ -122,7 +122,11 @@ def _one_member(errors: list) -> list:
     order: list = []
     for err in errors:
         loc = tuple(err["loc"])
-        members = [i for i, part in enumerate(loc) if part in _MEMBERS]
+        members = [  # the member's name ends the location, or heads an InfoValue's keys
+            i
+            for i, part in enumerate(loc)
+            if part in _MEMBERS and (i == len(loc) - 1 or part == "InfoValue")
+        ]
         if not members:
             order.append(err)
             continue

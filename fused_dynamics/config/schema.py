@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     Field,
+    NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
     ValidationInfo,
@@ -93,7 +94,7 @@ class _StageBase(_Section):
         "stage's temperature); 'keep' keeps them; 'auto' is 'thermal' after an optimizer "
         "(FIRE's velocities are not physical ones) for a stage with a temperature, else 'keep'",
     )
-    entry_temperature: Annotated[float, Field(ge=0)] | InfoValue | None = Field(
+    entry_temperature: NonNegativeFloat | InfoValue | None = Field(
         None, description="K, for entry_velocities = 'thermal'" + _PER
     )
     write: str | None = Field(
@@ -210,12 +211,8 @@ class NVTLangevinConfig(_StageBase):
 
     type: Literal["nvt_langevin"] = Field(description="Langevin thermostat")
     dt: PositiveFloat | InfoValue = Field(description="fs: time step" + _PER)
-    temperature: Annotated[float, Field(ge=0)] | InfoValue = Field(
-        description="K: target temperature" + _PER
-    )
-    friction: Annotated[float, Field(ge=0)] | InfoValue = Field(
-        description="1/fs: friction coefficient" + _PER
-    )
+    temperature: NonNegativeFloat | InfoValue = Field(description="K: target temperature" + _PER)
+    friction: NonNegativeFloat | InfoValue = Field(description="1/fs: friction coefficient" + _PER)
     seed: int | None = Field(
         None, description="noise seed (default: the run's seed plus the stage index)"
     )
