@@ -313,12 +313,18 @@ def job_info_keys(cfg: RunConfig) -> dict[str, str]:
     """Each ``atoms.info`` key a job file reads -> the first key that reads it
     (``"stages[1].temperature"``), for messages."""
     out: dict[str, str] = {}
+    for key, where, _ in _info_fields(cfg):
+        out.setdefault(key, where)
+    return out
+
+
+def _info_fields(cfg: RunConfig):
+    """``(atoms.info key, "stages[i].name", field)`` of every ``{info = KEY}`` in a job."""
     for i, sc in enumerate(cfg.stages):
-        for name in type(sc).model_fields:
+        for name, spec in type(sc).model_fields.items():
             value = getattr(sc, name)
             if isinstance(value, InfoValue):
-                out.setdefault(value.info, f"stages[{i}].{name}")
-    return out
+                yield value.info, f"stages[{i}].{name}", spec
 
 
 def files_line(cfg: RunConfig, sources) -> str:
@@ -759,12 +765,9 @@ def job_info_rules(cfg: RunConfig) -> dict[str, list[tuple[str, str, float]]]:
     """For each ``atoms.info`` key a job file reads (``{info = "KEY"}``), the lower bounds
     of the keys that read it: ``{"F": [("stages[0].fmax", ">", 0.0)]}``."""
     out: dict[str, list] = {}
-    for i, sc in enumerate(cfg.stages):
-        for name, spec in type(sc).model_fields.items():
-            value = getattr(sc, name)
-            if isinstance(value, InfoValue):
-                for symbol, limit in _lower_bounds(spec.annotation):
-                    out.setdefault(value.info, []).append((f"stages[{i}].{name}", symbol, limit))
+    for key, where, spec in _info_fields(cfg):
+        for symbol, limit in _lower_bounds(spec.annotation):
+            out.setdefault(key, []).append((where, symbol, limit))
     return out
 
 
