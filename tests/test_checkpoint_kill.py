@@ -65,10 +65,10 @@ def _python(tmp_path, *args, **kw):
     script.write_text(SCRIPT)
     env = dict(os.environ, JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1")
     # the three processes compile the same programs: the resumed one loads them from JAX's
-    # cache in this test process's own folder (tests/conftest.py), as a rerun of a user's job
-    # would (the same executable, so the same bits)
+    # cache in the test's own folder, as a rerun of a user's job would (the same executable,
+    # so the same bits)
     env.update(
-        JAX_COMPILATION_CACHE_DIR=os.environ["FUSED_DYNAMICS_CACHE_DIR"],
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla-cache"),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
     )
     return subprocess.Popen(
