@@ -413,7 +413,17 @@ def test_a_job_file_value_is_a_number_or_an_info_table(tmp_path):
     for old, new, expected in (
         ('temperature = {info = "T"}', 'temperature = "300"', r"temperature: must be a number"),
         ('temperature = {info = "T"}', 'temperature = {inf = "T"}', r"unknown key 'inf'"),
-        ('temperature = {info = "T"}', 'temperature = {info = ""}', r"temperature.info: "),
+        (
+            'temperature = {info = "T"}',
+            'temperature = {info = ""}',
+            r"temperature.info: the atoms.info key of each structure; got '', which names none$",
+        ),
+        (
+            'temperature = {info = "T"}',
+            'temperature = {info = " T"}',
+            r"temperature.info: an atoms.info key without leading or trailing spaces, got ' T' "
+            r"\(did you mean 'T'\?\)$",
+        ),
         ('temperature = {info = "T"}', "temperature = -3", r"temperature: must be >= 0"),
         ('n_steps = {info = "md_steps"}', "n_steps = 2.5", r"n_steps: must be a whole"),
         ("compilation_cache = false", "compilation_cache = {a = 1}", r"compilation_cache: "),

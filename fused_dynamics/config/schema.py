@@ -53,7 +53,19 @@ class InfoValue(_Section):
     structure (``fd.from_info``, docs/semantics.md §14a). A structure without a valid value
     is REJECTED, with a reason naming the key."""
 
-    info: str = Field(min_length=1, description="the atoms.info key of each structure")
+    info: str = Field(description="the atoms.info key of each structure")
+
+    @field_validator("info")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError(f"the atoms.info key of each structure; got {v!r}, which names none")
+        if v != v.strip():
+            raise ValueError(
+                f"an atoms.info key without leading or trailing spaces, got {v!r} "
+                f"(did you mean {v.strip()!r}?)"
+            )
+        return v
 
 
 #: A number, or ``{info = "KEY"}`` (:class:`InfoValue`).
