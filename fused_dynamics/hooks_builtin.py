@@ -373,8 +373,9 @@ class ThermalizeOnEntryHook(Hook):
     Raises
     ------
     ValueError
-        ``code`` not an integer >= 0, ``seed`` not an integer, or ``temperature`` not a
-        finite number >= 0 (K; one value, or one per slot).
+        ``code`` not an integer >= 0, ``seed`` not an integer in [0, 2**32) (the range of
+        ``NVTLangevin``'s seed: larger seeds collide without ``jax_enable_x64``), or
+        ``temperature`` not a finite number >= 0 (K; one value, or one per slot).
     """
 
     code: int = eqx.field(static=True)
@@ -385,7 +386,7 @@ class ThermalizeOnEntryHook(Hook):
     def __check_init__(self):
         owner = type(self).__name__
         validation.check_integer(owner, "code", self.code, 0)
-        validation.check_integer(owner, "seed", self.seed)
+        validation.check_integer(owner, "seed", self.seed, 0, validation.SEED_LIMIT - 1)
         validation.check_real(
             owner,
             "temperature",

@@ -526,6 +526,28 @@ def _config(stages, model=None):
     )
 
 
+def test_the_run_seed_is_a_seed_and_the_streams_derived_from_it_wrap():
+    """``seed`` in [0, 2**32) (the range of every seed of the library); the stage and
+    entry-velocity seeds derived from it (seed + i, seed + 1000 + i) wrap around 2**32, so a
+    seed at the top of the range still builds, with the same streams as before below it."""
+    from fused_dynamics.config import ConfigError, build_fused, validate_config
+
+    stages = [
+        {"type": "fire", "fmax": 0.1},
+        {"type": "nvt_langevin", **STAGE_EXAMPLES["nvt_langevin"]},
+    ]
+    stages[1].pop("seed", None)
+    base = _config(stages).model_dump(exclude_unset=True)
+    for bad in (-1, 2**32, 1.5):
+        with pytest.raises(ConfigError, match=r"seed: "):
+            validate_config({**base, "seed": bad})
+    top = build_fused(validate_config({**base, "seed": 2**32 - 1}))
+    assert top.stages[1].seed == 0  # 2**32 - 1 + 1, wrapped
+    assert [h.seed for h in top.hooks] == [1000]  # 2**32 - 1 + 1001, wrapped
+    low = build_fused(validate_config({**base, "seed": 7}))
+    assert low.stages[1].seed == 8 and [h.seed for h in low.hooks] == [1008]
+
+
 def test_every_stage_type_builds_with_its_keys():
     """Each stage's keys reach the stage class (building compiles nothing)."""
     from fused_dynamics.config import STAGE_TYPES, build_fused

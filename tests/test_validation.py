@@ -189,6 +189,8 @@ BAD = [
     (fd.ThermalizeOnEntryHook, "code", -1, "-1"),
     (fd.ThermalizeOnEntryHook, "code", 1.5, "1.5"),
     (fd.ThermalizeOnEntryHook, "seed", 0.5, "0.5"),
+    (fd.ThermalizeOnEntryHook, "seed", -1, "-1"),
+    (fd.ThermalizeOnEntryHook, "seed", 2**32, str(2**32)),
 ]
 
 

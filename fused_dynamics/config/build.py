@@ -20,6 +20,7 @@ from ..observables import initialize_velocities
 from ..stages import FIRE, FIRE2, NPH, NPT, NVE, GradientDescent, NVTLangevin, NVTNoseHoover
 from ..training import load_model, read_header
 from ..training.serialization import decode_header_value
+from ..validation import SEED_LIMIT
 from .base import ConfigError
 from .schema import InfoValue, RunConfig, entry_temperature, info_or_value
 
@@ -204,6 +205,12 @@ def _file_model(m):
     return model
 
 
+def _derived_seed(cfg: RunConfig, offset: int) -> int:
+    """The run's seed plus ``offset``, wrapped into the seeds' range [0, 2**32) (the same
+    numbers as before for every run seed below 2**32 - offset)."""
+    return (cfg.seed + offset) % SEED_LIMIT
+
+
 def build_stages(cfg: RunConfig, model=None) -> list:
     """The sub-stages of a configuration, in order, all sharing one model."""
     model = build_model(cfg) if model is None else model
@@ -211,7 +218,7 @@ def build_stages(cfg: RunConfig, model=None) -> list:
     for i, sc in enumerate(cfg.stages):
         kwargs = sc.stage_kwargs()
         if sc.type == "nvt_langevin" and "seed" not in kwargs:
-            kwargs["seed"] = cfg.seed + i
+            kwargs["seed"] = _derived_seed(cfg, i)
         criteria = []
         if sc.fmax is not None:
             criteria.append({"key": "fmax", "threshold": info_or_value(sc.fmax)})
@@ -249,7 +256,7 @@ def build_fused(cfg: RunConfig, model=None, hooks=(), first_hooks=()):
         if t is not None:
             entry.append(
                 ThermalizeOnEntryHook(
-                    code=i, temperature=info_or_value(t), seed=cfg.seed + 1000 + i
+                    code=i, temperature=info_or_value(t), seed=_derived_seed(cfg, 1000 + i)
                 )
             )
     return FusedStage(

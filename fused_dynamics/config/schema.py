@@ -483,7 +483,13 @@ class RunConfig(_Section):
         "one copy of the batch from the device and one file write (about the size of the "
         "batch); a chunk is cut short to end at a checkpoint step; 0: no checkpoints",
     )
-    seed: int = Field(0, description="seed of every random stream (velocities, Langevin noise)")
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**32,
+        description="seed of every random stream (velocities, Langevin noise); the streams "
+        "derived from it wrap around 2**32",
+    )
     dtype: Literal["float32", "float64"] = Field(
         "float32", description="precision of the batch and the model"
     )
