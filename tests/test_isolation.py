@@ -4,8 +4,9 @@ README "What is guaranteed": for every sub-stage on the dense path, and for four
 neighbor-list path (``LISTED``), a NaN or inf injected into one system's positions, velocities,
 forces or stage state at some step leaves every other system bit-for-bit identical to the same
 run without it, and the injected system leaves the run FAILED with the quantity named. The run
-is split at the injection step (``run(n_steps=k)`` then ``run(resume=True)``) in both the clean
-and the injected run, so they differ only by the injected value.
+is split at the injection step (``init``, ``run(n_steps=k, resume=True)``, then
+``run(resume=True)``) in both the clean and the injected run, so they differ only by the
+injected value.
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ def _inject(batch: Batch, quantity: str, slot: int, value: float) -> Batch:
 
 
 def _split_run(fused, batch, k, inject=None):
-    first = fused.run(batch, n_steps=k)
+    # both parts continue an initialized batch: one compiled run program serves the two parts
+    # and the clean and the injected run (a fresh run(batch) would compile a second one)
+    first = fused.run(fused.init(batch), n_steps=k, resume=True)
     if inject is not None:
         first = inject(first)
     return fused.run(first, n_steps=N_STEPS - k, resume=True)
