@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from ..parameters import from_info
+from ..validation import SEED_LIMIT
 from .base import ConfigError, _Section, output_format
 from .model_keys import ModelConfig
 
@@ -486,7 +487,7 @@ class RunConfig(_Section):
     seed: int = Field(
         0,
         ge=0,
-        lt=2**32,
+        lt=SEED_LIMIT,
         description="seed of every random stream (velocities, Langevin noise); the streams "
         "derived from it wrap around 2**32",
     )
