@@ -380,13 +380,16 @@ class ThermalizeOnEntryHook(Hook):
 
     code: int = eqx.field(static=True)
     temperature: float
-    seed: int = eqx.field(static=True, default=0)
+    # a traced 0-d uint32 array (validation.seed_leaf): a new seed does not recompile
+    seed: int | jax.Array = eqx.field(default=0, converter=validation.seed_leaf)
     stage: DynamicsStage = eqx.field(static=True, default=DynamicsStage.ON_CONVERGE, kw_only=True)
 
     def __check_init__(self):
         owner = type(self).__name__
         validation.check_integer(owner, "code", self.code, 0)
-        validation.check_integer(owner, "seed", self.seed, 0, validation.SEED_LIMIT - 1)
+        validation.check_integer(
+            owner, "seed", self.seed, 0, validation.SEED_LIMIT - 1, allow_array=True
+        )
         validation.check_real(
             owner,
             "temperature",

@@ -52,9 +52,24 @@ __all__ = [
     "fit_per_system",
     "fit_value",
     "SEED_LIMIT",
+    "seed_leaf",
 ]
 
 SEED_LIMIT = 2**32  # seeds at or above it collide without jax_enable_x64 (PRNGKey keeps 32 bits)
+
+
+def seed_leaf(value: Any) -> Any:
+    """A seed field's converter: a Python int in [0, SEED_LIMIT) as a 0-d ``uint32`` array.
+
+    Engine programs keep Python ints static (:func:`~fused_dynamics.compiled.filter_compile`),
+    so a new int seed would compile a new program; an array is traced, so seeds share one.
+    ``PRNGKey`` of the array is the key of the int, bit for bit. Anything else is returned
+    unchanged, for ``check_integer`` to refuse in the owner's words.
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        if 0 <= int(value) < SEED_LIMIT:
+            return np.asarray(int(value), np.uint32)
+    return value
 
 
 # ----------------------------------------------------------------------------- rules

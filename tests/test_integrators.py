@@ -464,16 +464,29 @@ def test_trajectory_independent_of_slot_and_neighbours(name):
     assert not np.allclose(out_a.positions, alone.to_atoms()[0].positions)
 
 
-def test_langevin_noise_depends_on_seed():
+def test_langevin_noise_depends_on_seed_and_a_new_seed_does_not_recompile():
+    from fused_dynamics import loop
+
     batch, model = _small_batch()
-    outs = [
-        fd.FusedStage([(0, NVTLangevin(model, 2.0, 60.0, 0.05, seed=seed))])
-        .run(batch, n_steps=3)
-        .velocities
-        for seed in (0, 0, 1)
-    ]
+    outs, sizes = [], []
+    for seed in (0, 0, 1):
+        fused = fd.FusedStage([(0, NVTLangevin(model, 2.0, 60.0, 0.05, seed=seed))])
+        outs.append(fused.run(batch, n_steps=3).velocities)
+        sizes.append(loop.compiled_loop(fused).cache_size())
     assert np.array_equal(outs[0], outs[1])  # deterministic
     assert not np.allclose(outs[0], outs[2])  # the seed matters
+    # the seed is a traced leaf (validation.seed_leaf): seed 1 runs the program seed 0 compiled
+    assert sizes[2] == sizes[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**31 - 1, 2**31, 2**32 - 1])
+def test_a_seed_kept_as_an_array_keys_the_same_stream_as_the_int(seed):
+    # the stream of every seed a user ran before seeds became arrays is unchanged, bit for bit
+    stage = NVTLangevin(_small_batch()[1], 2.0, 60.0, 0.05, seed=seed)
+    assert stage.seed.dtype == np.uint32 and stage.seed.shape == ()
+    hook = fd.ThermalizeOnEntryHook(code=1, temperature=50.0, seed=seed)
+    for kept in (stage.seed, hook.seed):
+        np.testing.assert_array_equal(jax.random.PRNGKey(kept), jax.random.PRNGKey(seed))
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from ase import units
@@ -52,7 +53,8 @@ class NVTLangevin(Stage):
         ``friction_ase = friction / ase.units.fs``.
     seed : int, default 0
         Seed of the random stream, an integer in [0, 2**32) (larger ones would collide without
-        ``jax_enable_x64``). A pytree leaf, so it can be vmapped over for ensembles.
+        ``jax_enable_x64``). Kept as a 0-d ``uint32`` array, a pytree leaf: a new seed reuses
+        the compiled program, and seeds can be vmapped over for ensembles.
     n_steps, convergence_hook
         See :class:`~fused_dynamics.stages.base.Stage` (``n_steps``: None or an integer >= 1).
 
@@ -73,7 +75,7 @@ class NVTLangevin(Stage):
     dt: float | jax.Array
     temperature: float | jax.Array
     friction: float | jax.Array
-    seed: int | jax.Array = 0
+    seed: int | jax.Array = eqx.field(default=0, converter=v.seed_leaf)
 
     def __check_init__(self):
         owner = type(self).__name__
