@@ -90,13 +90,16 @@ def filter_compile(fn: Callable, **jit_kwargs) -> Callable:
     return call
 
 
-def overflowed(batch) -> bool:
-    """Whether a concrete batch's neighbor list overflowed (host-side; False when traced)."""
+def overflowed(batch, fetch: Callable = np.asarray) -> bool:
+    """Whether a concrete batch's neighbor list overflowed (host-side; False when traced).
+
+    ``fetch`` reads an array to the host (a sharded run's reads the flags of every device of
+    every process, one per device)."""
     nl = getattr(batch, "neighbors", None)
     flag = getattr(nl, "overflow", None)
     if flag is None or isinstance(flag, jax.core.Tracer):
         return False
-    return bool(np.any(np.asarray(flag)))
+    return bool(np.any(fetch(flag)))
 
 
 def grow_neighbors(batch, out=None):
@@ -114,7 +117,7 @@ def grow_neighbors(batch, out=None):
     return batch.replace(neighbors=grown)
 
 
-def retry_on_overflow(fn: Callable, batch, *args, listeners=()):
+def retry_on_overflow(fn: Callable, batch, *args, listeners=(), fetch=None, place=None):
     """``fn(batch, *args)``, redone on a larger neighbor list until nothing overflowed.
 
     ``fn`` returns a batch or a tuple whose first item is the batch. ``listeners`` (objects with
@@ -122,15 +125,25 @@ def retry_on_overflow(fn: Callable, batch, *args, listeners=()):
     collect frames from host callbacks during the call: they are told to discard them when the
     call is redone and to commit them once it is kept, so that nothing computed by a discarded
     attempt is ever written.
+
+    A batch spread over devices (:mod:`fused_dynamics.sharding`, one list per device stacked
+    on a leading axis) gives ``fetch`` (array -> whole host copy, from every process) and
+    ``place`` (host list -> the list on the devices): the flags and needs of every device are
+    read, and every device's list grows to the same capacities, since they share one program.
     """
     while True:
         out = fn(batch, *args)
         result = out[0] if isinstance(out, tuple) else out
-        done = not overflowed(result)
+        done = not overflowed(result, fetch or np.asarray)
         if listeners:
             jax.effects_barrier()  # every host callback of the call has run
         for listener in listeners:
             listener.commit() if done else listener.discard()
         if done:
             return out
-        batch = grow_neighbors(batch, result)
+        if fetch is None:
+            batch = grow_neighbors(batch, result)
+            continue
+        host = jax.tree_util.tree_map(fetch, (batch.neighbors, result.neighbors))
+        grown = grow_neighbors(batch.replace(neighbors=host[0]), result.replace(neighbors=host[1]))
+        batch = batch.replace(neighbors=place(grown.neighbors))

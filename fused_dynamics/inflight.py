@@ -228,11 +228,15 @@ def refuse_size_buckets(model) -> None:
         )
 
 
-def attach_neighbors(model, batch: Batch, cells=None, pbc=None) -> Batch:
-    """``batch`` with a neighbor list if ``model`` sums over one and the batch has none."""
+def attach_neighbors(model, batch: Batch, cells=None, pbc=None, more_batches=None) -> Batch:
+    """``batch`` with a neighbor list if ``model`` sums over one and the batch has none;
+    ``cells``, ``pbc`` and ``more_batches`` as in ``NeighborList.allocate`` (what else the
+    list must serve: an inflight run's dataset)."""
     if batch.neighbors is not None or getattr(model, "skin", None) is None:
         return batch
-    return model.attach_neighbors(batch, cells=cells, pbc=pbc)
+    if more_batches is None:
+        return model.attach_neighbors(batch, cells=cells, pbc=pbc)
+    return model.attach_neighbors(batch, cells=cells, pbc=pbc, more_batches=more_batches)
 
 
 def initialize(fused, batch: Batch) -> Batch:
@@ -377,9 +381,13 @@ class StageExitWriter:
     provenance. Systems that fail in the stage are not written here (they leave the run with
     exit reason FAILED and go to the run's outputs).
 
-    Frames are collected by a :class:`StageExitHook` during a compiled chunk and written by
-    :meth:`commit` once the chunk is kept (a chunk redone after a neighbor-list overflow is
-    :meth:`discard`-ed), so what is written always comes from the kept trajectory.
+    Frames reach it through its :class:`StageExitHook` (register :meth:`hook` with the fused
+    stage, and pass the writer as a run's listener), a host hook recorded during a compiled
+    chunk and handed over only once the chunk is kept (a chunk redone after a neighbor-list
+    overflow hands over nothing), so what is written always comes from the kept trajectory;
+    it works on a mesh of several devices too. The memory this takes on the device is that of
+    host hooks' records (docs/semantics.md §8a): up to one copy of the batch's output fields
+    per step of a chunk.
 
     Parameters
     ----------
@@ -442,26 +450,30 @@ class StageExitWriter:
 class StageExitHook(Hook):
     """Sends the systems leaving a sub-stage to a :class:`StageExitWriter` (``ON_CONVERGE``).
 
-    The host callback runs only in steps in which some system left the stage (a
-    ``lax.cond`` on the step report), so it costs one reduction in the other steps.
+    A host hook like any other (docs/semantics.md §8a): in a run driven in chunks its payload
+    (the batch's output fields) is recorded on the device at each step in which some system
+    left a sub-stage, and handed over once the chunk is kept, so a chunk redone on a grown
+    neighbor list writes nothing twice, and on a mesh of several devices each device records
+    its own systems and the host merges them (no ordered callback, which JAX runs on one
+    device only). Under an outer ``jit`` or ``vmap`` it is a host callback.
     """
 
     writer: Any = eqx.field(static=True)
     next_code: int = eqx.field(static=True)
     stage: DynamicsStage = eqx.field(static=True, default=DynamicsStage.ON_CONVERGE, kw_only=True)
+    fields: tuple[str, ...] = eqx.field(static=True, default=HOST_FIELDS + _INFO_OUT, kw_only=True)
 
-    def apply(self, batch, ctx):
-        report = ctx.report
+    def on_host(self, data) -> None:
+        arrays = dict(data.arrays)
         left = (
-            batch.system_mask
-            & (report.converged | report.budget_spent)
-            & (batch.status == self.next_code)
+            arrays["system_mask"]
+            & (arrays["converged"] | arrays["budget_spent"])
+            & (arrays["status"] == self.next_code)
         )
-
-        def send(b):
-            payload = host_arrays(b)
-            payload.update(left=left, converged=report.converged)
-            jax.debug.callback(self.writer.collect, ctx.step, payload, ordered=True)
-
-        jax.lax.cond(jnp.any(left), send, lambda b: None, batch)
-        return batch
+        if not left.any():
+            return
+        arrays["left"] = left
+        self.writer.collect(data.step, arrays)
+        # what reaches on_host comes from a kept chunk (or from a traced run, which is never
+        # redone): written at once
+        self.writer.commit()

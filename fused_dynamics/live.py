@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 import warnings
@@ -164,6 +165,11 @@ class Run:
         """A batch read from a checkpoint, placed where the run keeps it."""
         return batch
 
+    def _retry(self, fn, batch, **options):
+        """``fn(batch)``, redone on a grown neighbor list until nothing overflowed
+        (:func:`~fused_dynamics.compiled.retry_on_overflow`)."""
+        return retry_on_overflow(fn, batch, **options)
+
     def _write_checkpoint(self, path, header) -> None:
         self._save_file(path, self.batch, header)
 
@@ -193,9 +199,23 @@ class Run:
             self._report_rejected()
             self._written = np.zeros(0, bool)
             return
-        batch = inflight.attach_neighbors(self.fused.model, batch, cells, pbc)
+        batch = inflight.attach_neighbors(
+            self.fused.model, batch, cells, pbc, self._dataset_batches(batch.dtype)
+        )
         self.batch = inflight.initialize(self.fused, batch)
         self._written = ~np.asarray(self.batch.system_mask)
+
+    def _dataset_batches(self, dtype, max_atoms=None, max_systems=None):
+        """The rest of the dataset as the refills will bring it
+        (:meth:`~fused_dynamics.SizeAwareSampler.preview_batches`), for sizing a neighbor list
+        before the run compiles; None when the model sums over no list (nothing to size)."""
+        if getattr(self.fused.model, "skin", None) is None:
+            return None
+        preview = getattr(self.sampler, "preview_batches", None)
+        if preview is None:  # a sampler of the caller's own, without a preview
+            return None
+        # streamed (NeighborList.allocate calls it twice): never the whole dataset at once
+        return functools.partial(preview, dtype, max_atoms, max_systems)
 
     def _start_batch(self, batch: Batch, resume: bool) -> None:
         self.fused, batch = fit_to_batch(self.fused, batch)
@@ -308,7 +328,7 @@ class Run:
             pending = self._pending
             shape = np.shape(self.batch.system_mask)
             new = jnp.asarray(np.zeros(shape, bool) if pending is None else pending)
-        batch, taken, active, records = retry_on_overflow(
+        batch, taken, active, records = self._retry(
             lambda b: self._chunk(fused, b, jnp.int32(k), last, new, self._record_steps),
             self.batch,
             listeners=self.listeners,

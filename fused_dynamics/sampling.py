@@ -351,11 +351,7 @@ class SizeAwareSampler:
             self._queue.popleft()
             atoms = self.dataset[i]
             try:
-                _validate_atoms(atoms, int(self.ids[i]))
-                where = f"system {int(self.ids[i])}"
-                values = read_info_values(atoms.info, self.info_keys, where, self._info_readers)
-                if self._info_check is not None and values:
-                    self._info_check(values, where)
+                self._check(i, atoms)
             except (TypeError, ValueError) as exc:
                 self._reject(i, f"{exc} ({_where(i, self.sources)})")
                 self._pending_rejects.append(self.rejected[-1])
@@ -381,6 +377,57 @@ class SizeAwareSampler:
             dtype=dtype,
             max_atoms_per_system=self.max_atoms_per_system,
             system_ids=[i for i, _ in first],
+            info_keys=self.info_keys,
+        )
+
+    def _check(self, i: int, atoms: ase.Atoms) -> None:
+        """Raise (TypeError, ValueError) for a structure the run cannot take: invalid, or
+        without a valid value for a key its stages read (§14a)."""
+        _validate_atoms(atoms, int(self.ids[i]))
+        where = f"system {int(self.ids[i])}"
+        values = read_info_values(atoms.info, self.info_keys, where, self._info_readers)
+        if self._info_check is not None and values:
+            self._info_check(values, where)
+
+    def preview_batches(self, dtype=None, max_atoms=None, max_systems=None):
+        """The queued systems packed in order into batches, without taking them (host-side).
+
+        Each batch has the run's capacities (``max_atoms``, ``max_systems``; default the
+        sampler's, or a device's share for a sharded run): the windows of the queue that the
+        run's refills will bring together, with the ``atoms.info`` values the run reads, so
+        they have the run's batch's shapes. Systems the run would reject are left out. Used to
+        size neighbor lists for the whole dataset before the run compiles
+        (:meth:`NeighborList.allocate`'s ``more_batches``).
+
+        Yields
+        ------
+        Batch
+        """
+        n_max = self.max_atoms if max_atoms is None else int(max_atoms)
+        s_max = self.max_systems if max_systems is None else int(max_systems)
+        group, free = [], n_max
+        for i in self._queue:
+            atoms = self.dataset[i]
+            try:
+                self._check(i, atoms)
+            except (TypeError, ValueError):
+                continue
+            if group and (len(atoms) > free or len(group) == s_max):
+                yield self._packed(group, dtype, n_max, s_max)
+                group, free = [], n_max
+            if len(atoms) <= free:
+                group.append(atoms)
+                free -= len(atoms)
+        if group:
+            yield self._packed(group, dtype, n_max, s_max)
+
+    def _packed(self, group, dtype, n_max, s_max) -> Batch:
+        return Batch.from_atoms(
+            group,
+            max_atoms=n_max,
+            max_systems=s_max,
+            dtype=dtype,
+            max_atoms_per_system=self.max_atoms_per_system,
             info_keys=self.info_keys,
         )
 

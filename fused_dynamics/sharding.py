@@ -26,7 +26,8 @@ Global slots. Slot ``s`` of local batch ``d`` is global slot ``d * S/D + s``: :f
 concatenates the local batches into one flat batch of ``S`` slots and ``N`` atoms in that order
 (each device's padding atoms stay between its systems and the next device's), and
 :func:`shard` puts global slots ``d*S/D .. (d+1)*S/D - 1`` and their atoms (packed at the
-front) on device ``d``, so ``shard(unshard(b)) == b``.
+front) on device ``d``, so ``shard(unshard(b)) == b`` for a batch without neighbor lists
+(``unshard`` drops the devices' lists, which index their local atoms).
 
 Inflight runs (:class:`ShardedRun`, ``fused.start(..., mesh=...)`` or ``fused.run(sampler=...,
 mesh=...)``). The sampler's ``max_atoms`` and ``max_systems`` are the *global* capacities;
@@ -49,14 +50,24 @@ Hooks' ``on_host`` runs on any mesh: each device records its systems' payloads a
 merges them into the flat layout after each chunk (:mod:`fused_dynamics.recording`), on process
 0. A fixed batch with host hooks therefore runs as a :class:`ShardedRun` in chunks.
 
-Not supported yet (``ValueError`` before compiling): neighbor-list models (a list per local
-batch would need its own capacity) and ``differentiable=True``; on a mesh of several devices,
-:class:`~fused_dynamics.inflight.StageExitWriter` listeners (ordered host callbacks, which JAX
-runs on one device only).
+Neighbor lists. Each device keeps the list of its own local batch (pairs index its local
+atoms), stacked like every other leaf: the per-device program is again the single-device one.
+The lists share their static capacities (pairs, atoms per bin, stencil: the largest any device
+needs, :func:`attach_neighbors`), because the devices run one compiled program. A list that
+overflows on any device is grown on every device to what the largest need asks
+(``grown()``, from the needs every device recorded) and the call redone, as on one device.
+A flat batch's own list is not split: :func:`shard` builds the devices' lists with its
+cutoff, skin and layout.
+
+:class:`~fused_dynamics.inflight.StageExitWriter` listeners are host hooks recorded the same
+way, so they run on any mesh.
+
+Not supported yet (``ValueError`` before compiling): ``differentiable=True``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import equinox as eqx
@@ -76,12 +87,14 @@ from .batch import (
     empty_host_arrays,
     write_system,
 )
-from .compiled import filter_compile
+from .compiled import filter_compile, retry_on_overflow
 from .live import Run
+from .models.neighbors import NeighborList
 
 __all__ = [
     "AXIS",
     "ShardedRun",
+    "attach_neighbors",
     "chunk_hlo",
     "devices_of",
     "gather",
@@ -182,6 +195,7 @@ def _merge(stacked: Batch) -> Batch:
     changes["parameters"] = {k: flat(v) for k, v in stacked.parameters.items()}
     if stacked.step_count is not None:
         changes["step_count"] = np.asarray(stacked.step_count).reshape(-1)[0]
+    changes["neighbors"] = None  # the devices' lists index their local atoms: none is flat
     return stacked.replace(**changes)
 
 
@@ -238,8 +252,13 @@ def shard(batch_or_atoms, mesh, *, max_atoms=None, max_systems=None, dtype=None)
     Raises
     ------
     ValueError
-        A bad mesh, ``S`` or ``N`` not divisible by D, a device's share of atoms over
-        ``N/D``, or a batch with a neighbor list (not supported sharded yet).
+        A bad mesh, ``S`` or ``N`` not divisible by D, or a device's share of atoms over
+        ``N/D``.
+
+    Notes
+    -----
+    A batch with a neighbor list gets one list per device, built for its local batch with the
+    flat list's cutoff, skin and layout (:func:`attach_neighbors`).
     """
     d = devices_of(mesh)
     batch = batch_or_atoms
@@ -249,9 +268,91 @@ def shard(batch_or_atoms, mesh, *, max_atoms=None, max_systems=None, dtype=None)
         )
     if is_sharded(batch):
         raise ValueError("shard: the batch is sharded already.")
-    if batch.neighbors is not None:
-        raise ValueError("shard: batches with a neighbor list cannot be sharded yet.")
-    return place(_split(gather(batch), d), mesh)
+    nl = batch.neighbors
+    if nl is not None and not isinstance(nl, NeighborList):
+        raise ValueError(
+            f"shard: the batch's neighbors are a {type(nl).__name__}; only a NeighborList can "
+            "be rebuilt per device."
+        )
+    stacked = _split(gather(batch.replace(neighbors=None)), d)
+    if nl is not None:
+        stacked = _with_lists(stacked, functools.partial(_like, gather(nl)))
+    return place(stacked, mesh)
+
+
+# ============================================================================ neighbor lists
+def _like(nl: NeighborList, local: Batch, capacity=None, **sizes) -> NeighborList:
+    """A list for ``local`` with the cutoff, skin, layout and margin of ``nl``."""
+    sizes["stencil"] = max(sizes.get("stencil") or 1, nl.stencil)
+    return NeighborList.allocate(
+        local, nl.cutoff, nl.skin, capacity, half=nl.half, margin=nl.margin, **sizes
+    )
+
+
+def _with_lists(stacked: Batch, make, first=None) -> Batch:
+    """Host: ``stacked`` with the list ``make(local, capacity, stencil=, bin_capacity=)`` of
+    each local batch, all of the largest capacities any of them needs (one program);
+    ``first(local)`` (default ``make``) measures device 0's, once for what all devices share."""
+    d = np.shape(stacked.system_mask)[0]
+    bare = stacked.replace(neighbors=None)
+    locals_ = [jax.tree_util.tree_map(lambda x, k=k: np.asarray(x)[k], bare) for k in range(d)]
+    first = first or make
+    # each measured on its own local batch
+    sized = [(first if k == 0 else make)(local) for k, local in enumerate(locals_)]
+    common = {
+        "stencil": max(nl.stencil for nl in sized),
+        "bin_capacity": max(nl.bin_capacity for nl in sized),
+    }
+    capacity = max(nl.capacity for nl in sized)
+    lists = [jax.device_get(make(local, capacity, **common)) for local in locals_]
+    return stacked.replace(neighbors=jax.tree_util.tree_map(lambda *xs: np.stack(xs), *lists))
+
+
+def attach_neighbors(model, stacked: Batch, cells=None, pbc=None, more_batches=None) -> Batch:
+    """Host: a stacked batch (NumPy leaves, ``(D, ...)``) with one neighbor list per device
+    when ``model`` sums over one (``model.neighbor_list``) and the batch has none.
+
+    Every device's list is measured on its own local batch, then all are built with the
+    largest pair capacity, atoms per bin and stencil among them, so that the stacked lists
+    share one compiled program. ``cells``, ``pbc``: more cells the lists must serve without
+    growing their stencil, and ``more_batches`` (of a local batch's shapes) more batches whose
+    needs they must cover (an inflight run's dataset), as in ``NeighborList.allocate``.
+    """
+    if stacked.neighbors is not None or getattr(model, "skin", None) is None:
+        return stacked
+
+    def make(local, capacity=None, **sizes):
+        return model.neighbor_list(local, capacity, cells=cells, pbc=pbc, **sizes)
+
+    def first(local):  # the dataset is measured once, with device 0's own batch
+        more = {} if more_batches is None else {"more_batches": more_batches}
+        return model.neighbor_list(local, cells=cells, pbc=pbc, **more)
+
+    return _with_lists(stacked, make, first)
+
+
+def _overflow_layout(mesh) -> dict:
+    """``retry_on_overflow``'s options for a sharded batch: read the lists of every device,
+    put the grown ones back on the mesh."""
+    return {"fetch": _fetch, "place": lambda nl: place(nl, mesh)}
+
+
+def _with_model_lists(fused, stacked: Batch, mesh, cells=None, pbc=None) -> Batch:
+    """A sharded batch with the model's lists attached (:func:`attach_neighbors`) if it needs
+    them and has none."""
+    if stacked.neighbors is not None or getattr(fused.model, "skin", None) is None:
+        return stacked
+    return place(attach_neighbors(fused.model, gather(stacked), cells, pbc), mesh)
+
+
+def _stale(stacked: Batch, mesh) -> Batch:
+    """A sharded batch whose lists (if any) are marked stale on every device (atoms moved on
+    the atom axis: a refill), so the next update rebuilds them."""
+    nl = stacked.neighbors
+    if nl is None:
+        return stacked
+    stale = place(np.ones(nl.stale.shape, bool), mesh)  # (D,): the global shape
+    return stacked.replace(neighbors=dataclasses.replace(nl, stale=stale))
 
 
 def unshard(batch: Batch) -> Batch:
@@ -362,8 +463,8 @@ def _explained(fn):
             if "ordered effects" not in str(exc):
                 raise
             raise ValueError(
-                "mesh=: an ordered host callback (a StageExitWriter's listener, or a hook's "
-                "on_host inside one compiled call) cannot run on a mesh of several devices "
+                "mesh=: an ordered host callback (a hook's on_host or a jax.debug.callback "
+                "inside one compiled call) cannot run on a mesh of several devices "
                 "(JAX supports ordered effects on one device only); run without mesh=, or on "
                 "a one-device mesh."
             ) from exc
@@ -398,12 +499,8 @@ def prepare(fused, flat: Batch):
     Raises
     ------
     ValueError
-        A neighbor-list model or batch, or a per-system parameter of a bad length.
+        A per-system parameter of a bad length.
     """
-    if flat.neighbors is not None or getattr(fused.model, "skin", None) is not None:
-        raise ValueError(
-            "mesh=: models with a neighbor list cannot run sharded yet; use the dense model."
-        )
     mask = np.asarray(flat.system_mask)
     fused.model.check_batch(flat)
     inflight.check_batch_info(fused, flat)
@@ -434,8 +531,11 @@ def run(fused, batch: Batch, n_steps=None, *, mesh, resume: bool = False) -> Bat
     flat = _merge(gather(batch)) if is_sharded(batch) else gather(batch)
     fused = prepare(fused, flat)
     stacked = batch if is_sharded(batch) else shard(batch, mesh)
-    limit = jnp.iinfo(jnp.int32).max if n_steps is None else int(n_steps)
-    return _WHOLE_RUN(fused, stacked, jnp.asarray(limit, jnp.int32), bool(resume), mesh)
+    stacked = _with_model_lists(fused, stacked, mesh)
+    limit = jnp.asarray(jnp.iinfo(jnp.int32).max if n_steps is None else int(n_steps), jnp.int32)
+    return retry_on_overflow(
+        lambda b: _WHOLE_RUN(fused, b, limit, bool(resume), mesh), stacked, **_overflow_layout(mesh)
+    )
 
 
 # ============================================================================ the live run
@@ -465,11 +565,6 @@ class ShardedRun(Run):
     def __init__(self, fused, batch=None, *, mesh, **options):
         self.mesh = mesh
         self.devices = devices_of(mesh)
-        if options.get("listeners") and self.devices > 1:
-            raise ValueError(
-                "mesh=: listeners (StageExitWriter) collect frames with ordered host callbacks, "
-                "which JAX runs on one device only; run without mesh= or on a one-device mesh."
-            )
         super().__init__(fused, batch, **options)
 
     # ------------------------------------------------------------------ layout hooks
@@ -516,6 +611,9 @@ class ShardedRun(Run):
     def _placed(self, batch: Batch) -> Batch:
         return place(gather(batch), self.mesh)
 
+    def _retry(self, fn, batch, **options):
+        return retry_on_overflow(fn, batch, **options, **_overflow_layout(self.mesh))
+
     def _write_checkpoint(self, path, header) -> None:
         host = gather(self.batch)
         if jax.process_index() == 0:
@@ -529,8 +627,9 @@ class ShardedRun(Run):
         if resume:
             written = written | (np.asarray(flat.status) == self.fused.exit_status)
         stacked = batch if is_sharded(batch) else shard(batch, self.mesh)
+        stacked = _with_model_lists(self.fused, stacked, self.mesh)
         if not resume:
-            stacked = _INITIALIZE(self.fused, stacked, self.mesh)
+            stacked = self._retry(lambda b: _INITIALIZE(self.fused, b, self.mesh), stacked)
         self.batch = stacked
         self._written = written
 
@@ -565,7 +664,12 @@ class ShardedRun(Run):
         self._report_rejected()
         stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *locals_)
         self.fused = prepare(self.fused, _merge(stacked))
-        self.batch = _INITIALIZE(self.fused, place(stacked, self.mesh), self.mesh)
+        stacked = attach_neighbors(
+            self.fused.model, stacked, cells, pbc, self._dataset_batches(dtype, n_l, s_l)
+        )
+        self.batch = self._retry(
+            lambda b: _INITIALIZE(self.fused, b, self.mesh), place(stacked, self.mesh)
+        )
         self._written = ~np.asarray(stacked.system_mask).reshape(-1)
 
     # ------------------------------------------------------------------ refill
@@ -599,9 +703,10 @@ class ShardedRun(Run):
         fields["parameters"] = {
             key: np.stack([v[key] for v in values]).astype(host.dtype) for key in values[0]
         }
-        batch = self.batch.replace(**place(fields, self.mesh))
+        batch = _stale(self.batch.replace(**place(fields, self.mesh)), self.mesh)
         if new.any():
-            batch = _ADMIT(self.fused, batch, place(new, self.mesh), self.mesh)
+            placed = place(new, self.mesh)
+            batch = self._retry(lambda b: _ADMIT(self.fused, b, placed, self.mesh), batch)
         return batch, new.reshape(-1)
 
     def _report_rejected(self) -> None:

@@ -5,6 +5,8 @@ docs/semantics.md §14, §15.
 
 from __future__ import annotations
 
+import warnings
+
 import ase.io
 import numpy as np
 import pytest
@@ -260,3 +262,52 @@ def test_refills_are_admitted_by_the_next_chunk(monkeypatch):
     assert sorted(a.info["system_id"] for a in sink.atoms) == list(range(len(data)))
     assert stats.written == len(data) and stats.chunks > 3
     assert len(calls) == 1 and 0 < calls[0] <= 4  # the first batch only
+
+
+def _sparse_then_dense() -> list[ase.Atoms]:
+    """8 small clusters, then 4 compressed crystals: more pairs per atom and more atoms per
+    bin than anything in the first batch (fcc at a = 4.9 A instead of a relaxed ~5.3 A)."""
+    out = []
+    for k in range(8):
+        a = Icosahedron("Ar", 2)[: 8 + k % 5]
+        a.positions += np.random.default_rng(k).normal(scale=0.08, size=a.positions.shape)
+        out.append(a)
+    for k in range(4):
+        a = bulk("Ar", "fcc", a=4.9, cubic=True) * (1, 1, 4)
+        a.rattle(0.05, seed=k)
+        out.append(a)
+    return out
+
+
+def test_an_inflight_neighbor_list_is_sized_for_the_whole_dataset_before_compiling():
+    """docs/semantics.md §14: the first list of an inflight run covers the needs of the
+    dataset packed as the refills bring it (SizeAwareSampler.preview_batches), so a denser
+    structure arriving later does not overflow it (before: a grown list and a recompiled run)."""
+    listed = LJ.with_neighbors(skin=0.5)
+    atoms = _sparse_then_dense()
+
+    def sampler():
+        return fd.SizeAwareSampler(atoms, max_atoms=48, max_systems=4, max_atoms_per_system=16)
+
+    first = sampler().initial_batch()
+
+    def overflows(nl, systems) -> bool:  # a list of nl's capacities, built on these systems
+        b = fd.Batch.from_atoms(systems, max_atoms=48, max_systems=4, max_atoms_per_system=16)
+        sizes = {"stencil": nl.stencil, "bin_capacity": nl.bin_capacity}
+        return bool(listed.neighbor_list(b, nl.capacity, **sizes).overflow)
+
+    dense = atoms[8:11]  # three crystals: a window of the queue as the refills bring it
+    # a mix no window holds: a cluster that outlived its neighbours beside two late crystals
+    straddle = [atoms[4], atoms[9], atoms[11]]
+    blind = listed.neighbor_list(first)
+    assert overflows(blind, dense) and overflows(blind, straddle)  # sized on the first batch
+    rest = list(sampler().preview_batches())
+    assert [int(np.sum(b.system_mask)) for b in rest] == [4, 4, 3, 1]  # 12, in order
+    sized = listed.neighbor_list(first, more_batches=rest)
+    assert not overflows(sized, dense) and not overflows(sized, straddle)
+    # a whole run: no overflow warning (an overflow would grow the list and recompile)
+    sink = fd.HostMemory()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fd.NVE(listed, dt=4.0, n_steps=4).run(sampler=sampler(), refill_frequency=4, sinks=[sink])
+    assert sorted(a.info["system_id"] for a in sink.atoms) == list(range(12))

@@ -12,7 +12,10 @@ local batch; every per-system reduction (segment sums over ``system_idx``, the d
 of each system) sees the same numbers in the same order whatever the slot, atom offset, device
 or capacity, and Langevin noise is keyed by (system_id, the system's own step), so each
 system's float64 trajectory is identical to the one-device run, not merely close (measured: a
-maximum difference of exactly 0 for positions and velocities).
+maximum difference of exactly 0 for positions and velocities). With neighbor lists the same
+holds: a device's list stores its systems' pairs in the list's canonical order (by atom, then
+partner and shift), which within a system does not depend on the atom offset, the other
+systems or the capacity, so each system's pair sums run in the same order as on one list.
 """
 
 from __future__ import annotations
@@ -119,11 +122,12 @@ def test_bad_mesh_and_unsupported_options_are_refused_before_compiling():
     mesh = Mesh(np.array(jax.devices()[:1]), ("systems",))
     with pytest.raises(ValueError, match="differentiable"):
         fused_stage().run(batch, n_steps=2, mesh=mesh, differentiable=True)
-    listed = fd.NVE(LJ.with_neighbors(skin=0.5), dt=1.0, n_steps=2)
-    with pytest.raises(ValueError, match="neighbor list"):
-        listed.run(batch, mesh=mesh)
     with pytest.raises(ValueError, match="not sharded"):
         sharding.unshard(batch)
+    # a pipeline does not carry neighbor lists yet: refused when it is built, naming the stage
+    listed = fd.NVE(LJ.with_neighbors(skin=0.5), dt=1.0, n_steps=2)
+    with pytest.raises(ValueError, match="stage 1's model LennardJones sums over a neighbor"):
+        fd.NVE(LJ, dt=1.0, n_steps=2) | listed
 
 
 def _free_port() -> int:
@@ -174,15 +178,64 @@ def inflight_stage():
     return fused_stage(temperature=fd.from_info("T"))
 
 
+# Neighbor lists (one per device): 12 small systems, then 4 compressed crystals that arrive
+# with the refills; the lists, sized on the first batch (BlindSampler), overflow and grow on
+# every device.
+LISTED = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=6.0, switch_onset=5.0)
+LISTED = LISTED.with_neighbors(skin=0.5)
+
+
+def listed_stage():
+    relax = fd.FIRE(LISTED, convergence_hook=fd.ConvergenceHook.from_fmax(0.05), n_steps=12)
+    return relax + fd.NVE(LISTED, dt=4.0, n_steps=6)
+
+
+class BlindSampler(fd.SizeAwareSampler):
+    """A sampler without ``preview_batches`` (as a caller's own may be): the run cannot size
+    its lists for the structures still to come, so the denser refills overflow them."""
+
+    preview_batches = None
+
+
+def listed_sampler():
+    atoms = systems(12, seed=2)
+    for k in range(4):
+        dense = bulk("Ar", "fcc", a=4.9, cubic=True) * (1, 1, 4)
+        dense.rattle(0.05, seed=k)
+        atoms.append(dense)
+    return BlindSampler(atoms, max_atoms=128, max_systems=8, max_atoms_per_system=16)
+
+
+def listed_run(mesh=None):
+    """The inflight run on lists with a stage-exit writer on the relaxation: the frames
+    written at the end and as each system left FIRE."""
+    from fused_dynamics.inflight import StageExitWriter
+
+    final, relaxed = fd.HostMemory(), fd.HostMemory()
+    writer = StageExitWriter(0, 1, relaxed, stage_type="fire")
+    fused = listed_stage().register_fused_hook(writer.hook())
+    options = {} if mesh is None else {"mesh": mesh}
+    fused.run(
+        sampler=listed_sampler(), refill_frequency=6, sinks=[final], listeners=[writer], **options
+    )
+    return final.atoms, relaxed.atoms
+
+
+def listed_batch():
+    """A flat batch carrying its own list (the flat list is not split: each device builds one
+    with its cutoff and skin)."""
+    return LISTED.attach_neighbors(fixed_batch())
+
+
 FOUR_DEVICES = """
-    import os, pickle, re, sys
+    import os, pickle, re, sys, warnings
     import numpy as np
     from jax.sharding import Mesh
     sys.path.insert(0, "tests")
     import fused_dynamics as fd
     from fused_dynamics import sharding
     from test_sharding import (fixed_stage, fixed_batch, inflight_stage, inflight_sampler,
-                               _frames_npz, SystemTape)
+                               _frames_npz, SystemTape, LISTED, listed_run, listed_batch)
     out = sys.argv[1]
     mesh = Mesh(np.array(jax.devices()), ("systems",))
     # the fixed batch
@@ -227,6 +280,17 @@ FOUR_DEVICES = """
     fused.run(sampler=inflight_sampler(), refill_frequency=8, sinks=[part], mesh=mesh,
               resume=path)
     _frames_npz(f"{out}/resumed.npz", part.atoms, written=written)
+    # neighbor lists, one per device: an inflight run whose denser refills overflow them (grown
+    # on every device, the chunk redone), and a flat batch carrying its own list
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        listed, relaxed = listed_run(mesh)
+    assert any("overflowed" in str(c.message) for c in caught), caught
+    _frames_npz(f"{out}/listed.npz", listed)
+    _frames_npz(f"{out}/listed_relaxed.npz", relaxed)
+    final = fd.NVE(LISTED, dt=4.0).run(listed_batch(), n_steps=6, mesh=mesh)
+    assert final.neighbors.senders.shape[0] == 4  # a list per device
+    _frames_npz(f"{out}/listed_fixed.npz", sharding.unshard(final).to_atoms())
     print("ok")
     """
 
@@ -275,7 +339,15 @@ def runs(tmp_path_factory):
     inflight_stage().run(sampler=inflight_sampler(), refill_frequency=8, sinks=[one])
     tape = SystemTape(every_n_steps=5)
     fixed_stage().register_fused_hook(tape).run(fixed_batch())
-    return out, procs, ref, by_id(one.atoms), tape.log
+    with pytest.warns(RuntimeWarning, match="overflowed"):
+        listed, relaxed = listed_run()
+    listed_fixed = fd.NVE(LISTED, dt=4.0).run(listed_batch(), n_steps=6)
+    references = {
+        "listed": by_id(listed),
+        "listed_relaxed": by_id(relaxed),
+        "listed_fixed": listed_fixed.to_atoms(),
+    }
+    return out, procs, ref, by_id(one.atoms), tape.log, references
 
 
 @pytest.mark.slow
@@ -283,8 +355,11 @@ def test_four_devices_equal_one_device_move_no_atoms_and_resume(runs):
     """4 devices: the fixed batch (a temperature per system) and the inflight run (each
     system written once) per system bit for bit as on one device, the same step count; the
     compiled step has no all-gather and its only collectives are scalar reductions; an
-    inflight run stopped at a checkpoint and resumed writes the rest, each system once."""
-    out, procs, ref, one, tape = runs
+    inflight run stopped at a checkpoint and resumed writes the rest, each system once; with
+    neighbor lists (one per device, grown on overflow), inflight and fixed, the same bits as
+    the one-device run on its one list, and a stage-exit writer on 4 devices writes each
+    system once as it left FIRE, as on one device."""
+    out, procs, ref, one, tape, references = runs
     print(_check(procs["four"]))
     fixed = np.load(out / "fixed.npz")
     assert int(fixed["steps"]) == int(ref.step_count)
@@ -294,6 +369,11 @@ def test_four_devices_equal_one_device_move_no_atoms_and_resume(runs):
         ids = got["ids"].tolist()
         assert sorted(ids) == list(range(20)), (name, ids)  # every system exactly once
         _assert_npz_equal(got, [one[i] for i in ids])
+    for name in ("listed", "listed_relaxed"):  # final frames; each as it left FIRE
+        got = np.load(out / f"{name}.npz")
+        assert sorted(got["ids"].tolist()) == list(range(16)), name
+        _assert_npz_equal(got, [references[name][i] for i in got["ids"].tolist()])
+    _assert_npz_equal(np.load(out / "listed_fixed.npz"), references["listed_fixed"])
     # a host hook on 4 devices receives, merged, what it receives on one (bit for bit)
     with open(out / "tape.pkl", "rb") as fh:
         four = pickle.load(fh)
@@ -311,7 +391,7 @@ def test_two_processes_run_one_sharded_batch(runs):
     over the 4-device global mesh, equal to the one-device run, then an inflight run from
     (replicas of) one sampler: each process writes the systems of its own devices, together
     every system exactly once, each equal to the one-device inflight run."""
-    out, procs, ref, one, tape = runs
+    out, procs, ref, one, tape, _ = runs
     for proc in procs["two"]:
         _check(proc)
     fixed = np.load(out / "fixed2.npz")

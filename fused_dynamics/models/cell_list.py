@@ -226,9 +226,11 @@ def _canonical_order(senders, receivers, shifts, half: bool, n_atoms: int):
     return senders[order], receivers[order], shifts[order]
 
 
-def _build(nl, batch):
+def _build(nl, batch, per_system: bool = False):
     """Rebuild ``nl`` (a :class:`~fused_dynamics.models.neighbors.NeighborList`) on ``batch``
-    with its static capacities (see the module docstring).
+    with its static capacities (see the module docstring). With ``per_system`` (static) it
+    returns ``(list, pairs)``: also the pairs each system has, shape (S,) int32, whether or not
+    they fit the capacity (a count pass with capacity 0 measures them without storing any).
 
     The loop over bin offsets stores one int32 code per pair, ``(offset, i, column)``, with one
     scatter; the pairs' atoms and shifts are decoded from the codes afterwards (gathers of size
@@ -275,7 +277,7 @@ def _build(nl, batch):
         return jnp.where((row >= 0) & (row < b), row, b), wrap
 
     def body(carry, index):
-        code, count = carry
+        code, count = carry[:2]
         o = jnp.asarray(offsets)[index]
         row, wrap = rows(atoms, o)
         cand = table[row]  # (N, M)
@@ -293,10 +295,16 @@ def _build(nl, batch):
         slot = jnp.where(flat & (slot < p), slot, p)  # out of range: dropped
         value = (index * n + i) * m + jnp.arange(m, dtype=jnp.int32)[None, :]
         code = code.at[slot].set(value.reshape(-1), mode="drop")
-        return (code, count + jnp.sum(flat, dtype=jnp.int32)), None
+        out = (code, count + jnp.sum(flat, dtype=jnp.int32))
+        if per_system:
+            out += (carry[2] + jnp.sum(keep, axis=1, dtype=jnp.int32),)
+        return out, None
 
     init = (jnp.full((p,), -1, jnp.int32), jnp.zeros((), jnp.int32))
-    (code, count), _ = jax.lax.scan(body, init, jnp.arange(n_off, dtype=jnp.int32))
+    if per_system:
+        init += (jnp.zeros((n,), jnp.int32),)
+    carry, _ = jax.lax.scan(body, init, jnp.arange(n_off, dtype=jnp.int32))
+    code, count = carry[:2]
     # decode the pairs
     mask = code >= 0
     c = jnp.maximum(code, 0)
@@ -315,7 +323,7 @@ def _build(nl, batch):
     over = (count > p) | (occupancy > m) | (geo["bins_total"] > b) | (geo["stencil_needed"] > k)
     # needs are recorded up to the first overflow: after it, the dynamics is no longer trusted
     needed = jnp.where(nl.overflow, nl.needed, jnp.maximum(nl.needed, now))
-    return dataclasses.replace(
+    built = dataclasses.replace(
         nl,
         senders=senders,
         receivers=receivers,
@@ -331,6 +339,11 @@ def _build(nl, batch):
         n_pairs=count,
         needed=needed.astype(jnp.int32),
     )
+    if not per_system:
+        return built
+    # padding atoms (system_idx == S) find no candidates and land in no system
+    pairs = jnp.zeros((s,), jnp.int32).at[system_idx].add(carry[2], mode="drop")
+    return built, pairs
 
 
 _build_jit = eqx.filter_jit(_build)

@@ -38,6 +38,7 @@ it at ``BEFORE_COMPUTE``, the fused-level point just before the one model evalua
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import equinox as eqx
@@ -220,6 +221,7 @@ class NeighborList(eqx.Module):
         bin_capacity: int | None = None,
         cells=None,
         pbc=None,
+        more_batches=None,
     ) -> NeighborList:
         """A list sized for ``batch`` and built on it (host-side, eager).
 
@@ -246,6 +248,12 @@ class NeighborList(eqx.Module):
         cells, pbc : array (n, 3, 3) and (n, 3), optional
             More cells the list must serve without growing its stencil (the cells of a dataset
             that an inflight run will load).
+        more_batches : iterable of Batch, optional
+            More batches of ``batch``'s shapes whose needs (pairs, atoms per bin, stencil) the
+            default capacities must cover too: an inflight run passes its dataset packed as
+            its refills will bring it (:meth:`SizeAwareSampler.preview_batches`), so that a
+            denser structure arriving later does not overflow the list and recompile the run.
+            Measured with the same compiled programs as ``batch`` (no new compilation).
 
         Returns
         -------
@@ -265,6 +273,48 @@ class NeighborList(eqx.Module):
                 "followed by .update(batch)."
             )
         _check_range(cutoff, skin)
+        if more_batches is None:
+            return cls._allocate_for(
+                batch, cutoff, skin, capacity, half, margin, stencil, bin_capacity, cells, pbc
+            )
+        rc = float(cutoff) + float(skin)
+        if callable(more_batches):
+            every = lambda: itertools.chain([batch], more_batches())  # noqa: E731
+        else:
+            items = [batch, *more_batches]
+            every = lambda: items  # noqa: E731
+        k = max(int(stencil or 1), stencil_for_cells(cells, pbc, rc))
+        occupancy = 0
+        for b in every():  # a batch's stencil need can raise k: then measured again at k
+            geo = _bin_geometry_jit(_geometry_inputs(b), rc, k)
+            if int(geo["stencil_needed"]) > k:
+                k = int(geo["stencil_needed"])
+                geo = _bin_geometry_jit(_geometry_inputs(b), rc, k)
+            # bins measured at a smaller k are thicker: their occupancy bounds the thinner ones'
+            occupancy = max(occupancy, _max_occupancy(np.asarray(geo["global_bin"])))
+        if bin_capacity is None:
+            bin_capacity = max(int(math.ceil(margin * occupancy)) + 2, 4)
+        kw = dict(half=half, stencil=k, bin_capacity=bin_capacity, margin=margin)
+        if capacity is None:
+            empty = cls.empty(batch, cutoff, skin, 0, **kw)
+            pairs, sizes = [], []
+            for b in every():
+                per = np.asarray(_build_jit(empty, b, per_system=True)[1])
+                real = np.asarray(b.system_mask)
+                pairs.append(per[real])
+                sizes.append(np.bincount(np.asarray(b.system_idx), minlength=len(real) + 1)[:-1])
+                sizes[-1] = sizes[-1][real]
+            pairs, sizes = np.concatenate(pairs), np.maximum(np.concatenate(sizes), 1)
+            top = np.sort(pairs)[::-1][: batch.max_systems].sum()
+            densest = batch.max_atoms * np.max(pairs / sizes, initial=0.0)
+            capacity = int(math.ceil(margin * min(top, densest))) + 16
+        return _build_jit(cls.empty(batch, cutoff, skin, int(capacity), **kw), batch)
+
+    @classmethod
+    def _allocate_for(
+        cls, batch, cutoff, skin, capacity, half, margin, stencil, bin_capacity, cells, pbc
+    ) -> NeighborList:
+        """:meth:`allocate` measured on ``batch`` alone."""
         rc = float(cutoff) + float(skin)
         geo = _bin_geometry_jit(_geometry_inputs(batch), rc, max(1, int(stencil or 1)))
         k_needed = max(int(geo["stencil_needed"]), stencil_for_cells(cells, pbc, rc))
@@ -279,8 +329,7 @@ class NeighborList(eqx.Module):
             probe = _build_jit(cls.empty(batch, cutoff, skin, 0, **kw), batch)
             pairs = int(probe.n_pairs)
             capacity = int(math.ceil(margin * pairs)) + 16
-        nl = _build_jit(cls.empty(batch, cutoff, skin, int(capacity), **kw), batch)
-        return nl
+        return _build_jit(cls.empty(batch, cutoff, skin, int(capacity), **kw), batch)
 
     # ------------------------------------------------------------------ state changes
     def invalidated(self) -> NeighborList:
