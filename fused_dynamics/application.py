@@ -258,7 +258,7 @@ def preflight(
     per_system = cfg.capacity.max_atoms_per_system or max(len(a) for a in structures)
     model, choice = choose_model_path(cfg, build_model(cfg), structures, per_system)
     stages = build_stages(cfg, model)
-    sampler = _sampler(cfg, structures, sources, model if choice.path == "list" else None)
+    sampler = _sampler(cfg, structures, sources)
     try:  # the fused stage's own checks (sub-stages, one model, one device)
         fused = build_fused(cfg, model)
     except (TypeError, ValueError) as exc:
@@ -783,57 +783,16 @@ def _lower_bounds(annotation) -> list[tuple[str, float]]:
     return found
 
 
-class _ListSampler(_JobSampler):
-    """The sampler of a run whose model sums over a neighbor list (``model.neighbors``).
-
-    Its first batch carries the list, sized for the densest batch the queued structures can
-    fill (:func:`list_capacity`) rather than for the first batch alone, so that refilling the
-    slots with larger or denser systems does not overflow it (an overflow regrows the list and
-    recompiles the step, with a warning).
-    """
-
-    model: Any = None
-
-    def initial_batch(self, dtype=None):
-        cells, pbc = self.cells()  # every queued system: the list's stencil covers them
-        queued = [self.dataset[i] for i in self._queue]
-        batch = super().initial_batch(dtype)
-        capacity = list_capacity(
-            queued, self.model.cutoff + self.model.skin, self.max_atoms, self.max_systems
-        )
-        nl = self.model.neighbor_list(batch, capacity, cells=cells, pbc=pbc)
-        return batch.replace(neighbors=nl)
-
-
-def list_capacity(structures, reach: float, max_atoms: int, max_systems: int) -> int:
-    """Pairs (each once) a half neighbor list needs for any batch of these structures.
-
-    Each structure's pairs within ``reach`` (Å: cutoff + skin) are counted with ASE's
-    ``neighbor_list``; a batch holds at most ``max_systems`` structures and ``max_atoms``
-    atoms, so it holds at most the pairs of the ``max_systems`` structures with the most,
-    and at most ``max_atoms`` times the most pairs per atom. The smaller bound, with 15 %
-    head room (the list's own margin) and 16 spare pairs.
-    """
-    from ase.neighborlist import neighbor_list
-
-    pairs = np.array([len(neighbor_list("i", a, float(reach))) / 2 for a in structures])
-    sizes = np.array([max(len(a), 1) for a in structures])
-    if not len(pairs):
-        return 16
-    top = float(np.sort(pairs)[::-1][:max_systems].sum())
-    dense = float(max_atoms * np.max(pairs / sizes))
-    return int(np.ceil(1.15 * min(top, dense))) + 16
-
-
-def _sampler(cfg: RunConfig, structures, sources, list_model=None) -> SizeAwareSampler:
+def _sampler(cfg: RunConfig, structures, sources) -> SizeAwareSampler:
     """The sampler of the run's structures; ConfigError when the capacity does not fit.
 
-    ``list_model``: the run's model when it sums over a neighbor list (:class:`_ListSampler`).
+    A model that sums over a neighbor list gets a list sized for any batch of these
+    structures when the run starts (docs/semantics.md §14), so that refilling the slots with
+    larger or denser systems does not overflow it.
     """
     cap = cfg.capacity
-    cls = _JobSampler if list_model is None else _ListSampler
     try:
-        sampler = cls(
+        sampler = _JobSampler(
             structures,
             max_atoms=cap.max_atoms,
             max_systems=cap.max_systems,
@@ -851,8 +810,6 @@ def _sampler(cfg: RunConfig, structures, sources, list_model=None) -> SizeAwareS
             ) from None
         raise ConfigError(f"structures: {why}") from None
     sampler.job_rules = job_info_rules(cfg)
-    if list_model is not None:
-        sampler.model = list_model
     if len(sampler) == 0:
         raise ConfigError(
             f"capacity: no structure fits max_atoms={cap.max_atoms} (the largest has "

@@ -269,14 +269,14 @@ def test_a_run_too_short_to_repay_the_list_stays_dense():
 
 
 def test_the_list_of_a_job_is_sized_for_the_densest_batch_of_its_structures():
-    """``list_capacity`` bounds the pairs of any batch the sampler can fill, so a refill with
-    larger systems than the first batch's does not overflow the list."""
-    from fused_dynamics.application import list_capacity
-
+    """An inflight run's list (what a job's run gets, docs/semantics.md §14) bounds the pairs
+    of any batch the sampler can fill, so a refill with larger systems than the first batch's
+    does not overflow the list."""
     structures = [_cluster(2), _cluster(3), _crystal(2), _crystal(3, seed=9)]
-    capacity = list_capacity(structures, 8.5 + 1.0, max_atoms=240, max_systems=2)
-    densest = fd.Batch.from_atoms(structures[2:])  # 32 + 108 atoms of crystal
-    need = int(LJ.neighbor_list(densest).n_pairs)
+    sampler = fd.SizeAwareSampler(structures, max_atoms=240, max_systems=2)
+    first = sampler.initial_batch()  # the two clusters
+    capacity = LJ.neighbor_list(first, more_batches=sampler.preview_batches).capacity
+    densest = fd.Batch.from_atoms(structures[2:], max_atoms=240, max_systems=2)
+    need = int(LJ.neighbor_list(densest).n_pairs)  # 32 + 108 atoms of crystal
     assert need <= capacity <= 1.15 * need + 16 + 1  # the two densest fill the bound exactly
-    small = fd.Batch.from_atoms(structures[:2])
-    assert int(LJ.neighbor_list(small).n_pairs) < need
+    assert int(LJ.neighbor_list(first).n_pairs) < need
