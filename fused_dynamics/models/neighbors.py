@@ -248,12 +248,19 @@ class NeighborList(eqx.Module):
         cells, pbc : array (n, 3, 3) and (n, 3), optional
             More cells the list must serve without growing its stencil (the cells of a dataset
             that an inflight run will load).
-        more_batches : iterable of Batch, optional
-            More batches of ``batch``'s shapes whose needs (pairs, atoms per bin, stencil) the
-            default capacities must cover too: an inflight run passes its dataset packed as
-            its refills will bring it (:meth:`SizeAwareSampler.preview_batches`), so that a
-            denser structure arriving later does not overflow the list and recompile the run.
-            Measured with the same compiled programs as ``batch`` (no new compilation).
+        more_batches : sequence of Batch, or a callable returning an iterable of them, optional
+            The other systems the list must serve, packed in batches of ``batch``'s shapes (an
+            inflight run's dataset: :meth:`SizeAwareSampler.preview_batches`; a callable is
+            called twice and streamed, so the batches are never all in memory). The default
+            capacities then hold *any* batch of these systems and ``batch``'s: atoms per bin
+            and stencil are needs of each system alone, so their largest over all systems
+            bounds every mix; pairs are bounded by the smaller of the ``S`` largest per-system
+            pair counts summed and ``N`` times the most pairs per atom (``S``, ``N``: the
+            batch's capacities), with ``margin``. A denser structure arriving with a refill
+            then fits instead of overflowing the list and recompiling the run. The counts
+            come from a count pass compiled once for these shapes (``cell_list._build`` with
+            ``per_system=True``). Bounds follow the structures as given; a system that
+            becomes denser during a run can still overflow the list (it is then grown).
 
         Returns
         -------
