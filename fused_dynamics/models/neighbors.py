@@ -280,12 +280,10 @@ class NeighborList(eqx.Module):
                 "followed by .update(batch)."
             )
         _check_range(cutoff, skin)
-        if more_batches is None:
-            return cls._allocate_for(
-                batch, cutoff, skin, capacity, half, margin, stencil, bin_capacity, cells, pbc
-            )
         rc = float(cutoff) + float(skin)
-        if callable(more_batches):
+        if more_batches is None:
+            every = lambda: [batch]  # noqa: E731
+        elif callable(more_batches):
             every = lambda: itertools.chain([batch], more_batches())  # noqa: E731
         else:
             items = [batch, *more_batches]
@@ -302,8 +300,10 @@ class NeighborList(eqx.Module):
         if bin_capacity is None:
             bin_capacity = max(int(math.ceil(margin * occupancy)) + 2, 4)
         kw = dict(half=half, stencil=k, bin_capacity=bin_capacity, margin=margin)
-        if capacity is None:
-            empty = cls.empty(batch, cutoff, skin, 0, **kw)
+        empty = cls.empty(batch, cutoff, skin, 0, **kw)
+        if capacity is None and more_batches is None:  # this batch's pairs
+            capacity = int(math.ceil(margin * int(_build_jit(empty, batch).n_pairs))) + 16
+        elif capacity is None:  # any batch of these systems: per-system counts
             pairs, sizes = [], []
             for b in every():
                 per = np.asarray(_build_jit(empty, b, per_system=True)[1])
@@ -315,27 +315,6 @@ class NeighborList(eqx.Module):
             top = np.sort(pairs)[::-1][: batch.max_systems].sum()
             densest = batch.max_atoms * np.max(pairs / sizes, initial=0.0)
             capacity = int(math.ceil(margin * min(top, densest))) + 16
-        return _build_jit(cls.empty(batch, cutoff, skin, int(capacity), **kw), batch)
-
-    @classmethod
-    def _allocate_for(
-        cls, batch, cutoff, skin, capacity, half, margin, stencil, bin_capacity, cells, pbc
-    ) -> NeighborList:
-        """:meth:`allocate` measured on ``batch`` alone."""
-        rc = float(cutoff) + float(skin)
-        geo = _bin_geometry_jit(_geometry_inputs(batch), rc, max(1, int(stencil or 1)))
-        k_needed = max(int(geo["stencil_needed"]), stencil_for_cells(cells, pbc, rc))
-        k = max(int(stencil or 1), k_needed)
-        if k != int(stencil or 1):
-            geo = _bin_geometry_jit(_geometry_inputs(batch), rc, k)
-        occupancy = _max_occupancy(np.asarray(geo["global_bin"]))
-        if bin_capacity is None:
-            bin_capacity = max(int(math.ceil(margin * occupancy)) + 2, 4)
-        kw = dict(half=half, stencil=k, bin_capacity=bin_capacity, margin=margin)
-        if capacity is None:
-            probe = _build_jit(cls.empty(batch, cutoff, skin, 0, **kw), batch)
-            pairs = int(probe.n_pairs)
-            capacity = int(math.ceil(margin * pairs)) + 16
         return _build_jit(cls.empty(batch, cutoff, skin, int(capacity), **kw), batch)
 
     # ------------------------------------------------------------------ state changes
