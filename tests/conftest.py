@@ -21,9 +21,45 @@ if os.environ.get("_FUSED_DYNAMICS_TEST_CACHE") or "FUSED_DYNAMICS_CACHE_DIR" no
     os.environ["FUSED_DYNAMICS_CACHE_DIR"] = os.environ["_FUSED_DYNAMICS_TEST_CACHE"] = _cache
     atexit.register(shutil.rmtree, _cache, True)
 
+# The whole test session (both pytest workers and every process a test starts) shares one
+# persistent compilation cache, so a program compiled by one test is loaded by the next that asks
+# for it; the suite is bound by XLA compilation. A loaded program is the same executable, so no
+# result changes. Made once by the first process (the xdist controller), inherited through the
+# environment, removed at its exit. A size limit switches on JAX's file lock (the filelock
+# package), so two processes never read an entry half written.
+if "_FUSED_DYNAMICS_TEST_XLA_CACHE" not in os.environ:
+    _shared = tempfile.mkdtemp(prefix="fused-dynamics-test-shared-xla-")
+    os.environ["_FUSED_DYNAMICS_TEST_XLA_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = _shared
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(32 << 30)
+    atexit.register(shutil.rmtree, _shared, True)
+
 import jax  # noqa: E402
+import jax.monitoring  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+_CACHE_EVENTS = {"hits": 0, "misses": 0}
+
+
+def _count_cache_event(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _CACHE_EVENTS["hits"] += 1
+    elif event == "/jax/compilation_cache/cache_misses":
+        _CACHE_EVENTS["misses"] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_event)
+
+
+def _write_cache_events() -> None:
+    folder = os.environ["_FUSED_DYNAMICS_TEST_XLA_CACHE"]
+    if os.path.isdir(folder):
+        with open(os.path.join(folder, f"stats-{os.getpid()}.txt"), "w") as f:
+            f.write(f"{_CACHE_EVENTS['hits']} {_CACHE_EVENTS['misses']}\n")
+
+
+atexit.register(_write_cache_events)
 
 
 import gc  # noqa: E402
@@ -54,3 +90,22 @@ def _persistent_cache_restored():
     before = cache_settings()
     yield
     restore_cache_settings(before)
+
+
+def pytest_sessionfinish(session):
+    _write_cache_events()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many compilations the shared cache saved (summed over this session's processes)."""
+    folder = os.environ["_FUSED_DYNAMICS_TEST_XLA_CACHE"]
+    hits = misses = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.startswith("stats-"):
+            with open(os.path.join(folder, name)) as f:
+                h, m = f.read().split()
+            hits, misses = hits + int(h), misses + int(m)
+    terminalreporter.write_line(
+        f"shared compilation cache: {hits} programs loaded, {misses} compiled "
+        "(pytest processes; programs under 0.1 s are not kept)"
+    )

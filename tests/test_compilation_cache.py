@@ -96,6 +96,7 @@ def test_bad_folders_and_times_are_refused(tmp_path):
 def test_the_default_folder_and_time(monkeypatch, tmp_path):
     """$FUSED_DYNAMICS_CACHE_DIR, then JAX's own folder, then XDG, then ~/.cache; the
     minimum compile time a user gave JAX is kept."""
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)  # conftest's
     monkeypatch.setenv("FUSED_DYNAMICS_CACHE_DIR", str(tmp_path / "own"))
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))  # restored after
     assert default_cache_dir() == tmp_path / "own"
