@@ -41,6 +41,14 @@ entering stage ``k + 1`` is admitted (fresh stage state, one evaluation), as the
 ``migration.enter`` resets it; one leaving an optimizer is at rest in both. Stage ``k``'s
 ``init_fn`` (if any) is applied at admission, which a fused run would not do.
 
+Neighbor lists. A stage whose model sums over a neighbor list keeps one list per device, as
+any sharded run (:mod:`fused_dynamics.sharding`). The lists of a later stage are sized before
+it compiles for every structure of the dataset as it was when the pipeline started (the
+sampler's :meth:`~fused_dynamics.SizeAwareSampler.preview_batches` over its
+:attr:`~fused_dynamics.SizeAwareSampler.queued` systems; a sampler without them gives no
+preview); a row written into a slot marks the lists stale, and a list that overflows (a system
+denser than any it started as) grows and the admission or chunk is redone, on every stage.
+
 Checkpoints (``run(..., checkpoint=DIR, checkpoint_every=N)``, ``save(DIR)``) are taken
 between rounds: a directory holding each started stage's run checkpoint
 (:mod:`fused_dynamics.checkpoint`), the rows waiting in each buffer (``.npz``, no pickles) and
@@ -53,6 +61,7 @@ stage has drained (its buffer is closed and empty and its batch is done).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -68,7 +77,18 @@ from . import inflight
 from .batch import Batch, default_float, empty_host_arrays
 from .pipeline_remote import exchange
 from .pipeline_transfer import DeviceBuffer, _extract_local, extract, insert, slice_rows
-from .sharding import _ADMIT, _INITIALIZE, AXIS, ShardedRun, _merge, gather, place, prepare
+from .sharding import (
+    _ADMIT,
+    _INITIALIZE,
+    AXIS,
+    ShardedRun,
+    _merge,
+    _stale,
+    attach_neighbors,
+    gather,
+    place,
+    prepare,
+)
 from .status import ExitReason
 
 __all__ = ["DeviceBuffer", "DistributedPipeline"]
@@ -84,9 +104,12 @@ class _StageRun(ShardedRun):
     left on device) instead of sinks. ``sinks`` are the pipeline's final sinks: the last
     stage's graduates, and failed or rejected systems of any stage."""
 
-    def __init__(self, fused, *, forward: DeviceBuffer | None, info_keys=(), **options):
+    def __init__(
+        self, fused, *, forward: DeviceBuffer | None, info_keys=(), preview=None, **options
+    ):
         self.forward = forward
         self.info_keys = tuple(info_keys)  # every stage's: the rows carry them all
+        self.preview = preview  # the dataset as the run started, for sizing neighbor lists
         super().__init__(fused, **options)
 
     def _require_info(self, sampler, dtype) -> None:
@@ -95,6 +118,15 @@ class _StageRun(ShardedRun):
     @property
     def _from_buffer(self) -> bool:
         return isinstance(self.sampler, DeviceBuffer)
+
+    def _dataset_batches(self, dtype, max_atoms=None, max_systems=None):
+        if not self._from_buffer:
+            return super()._dataset_batches(dtype, max_atoms, max_systems)
+        if getattr(self.fused.model, "skin", None) is None or self.preview is None:
+            return None
+        # every system reaches this stage from the first, in the structure it started with
+        # (relaxation and dynamics move it; a list that overflows grows, as in any run)
+        return functools.partial(self.preview, dtype, max_atoms, max_systems)
 
     # ------------------------------------------------------------------ receiving
     def _start_inflight(self, dtype) -> None:
@@ -110,7 +142,12 @@ class _StageRun(ShardedRun):
         local = jax.device_get(Batch.from_host_arrays(host, dtype, source.max_atoms_per_system))
         stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[local] * self.devices)
         self.fused = prepare(self.fused, _merge(stacked))
-        self.batch = _INITIALIZE(self.fused, place(stacked, self.mesh), self.mesh)
+        stacked = attach_neighbors(
+            self.fused.model, stacked, cells, pbc, self._dataset_batches(dtype, n_l, s_l)
+        )
+        self.batch = self._retry(
+            lambda b: _INITIALIZE(self.fused, b, self.mesh), place(stacked, self.mesh)
+        )
         keep = np.zeros(self.devices * s_l, bool)
         self.batch, new = self._refill(keep)
         self._written = ~new
@@ -152,10 +189,11 @@ class _StageRun(ShardedRun):
         fields["parameters"] = {
             key: np.stack([v[key] for v in values]).astype(host.dtype) for key in values[0]
         }
-        batch = self.batch.replace(**place(fields, self.mesh))
+        batch = _stale(self.batch.replace(**place(fields, self.mesh)), self.mesh)
         if new.any():
             batch = insert(batch, incoming, self.mesh)
-            batch = _ADMIT(self.fused, batch, place(new, self.mesh), self.mesh)
+            placed = place(new, self.mesh)
+            batch = self._retry(lambda b: _ADMIT(self.fused, b, placed, self.mesh), batch)
         return batch, new.reshape(-1)
 
     # ------------------------------------------------------------------ sending
@@ -211,9 +249,8 @@ class DistributedPipeline:
     Raises
     ------
     ValueError
-        No stages, a group count other than the number of stages, an empty group, a
-        ``buffer_size`` below 1, or a stage whose model sums over a neighbor list (not carried
-        by pipelines yet).
+        No stages, a group count other than the number of stages, an empty group, or a
+        ``buffer_size`` below 1.
 
     Examples
     --------
@@ -228,17 +265,10 @@ class DistributedPipeline:
         self.stages = tuple(stages)
         if not self.stages:
             raise ValueError("DistributedPipeline: stages is empty.")
-        for i, st in enumerate(self.stages):
+        for st in self.stages:
             if not hasattr(st, "sub_stages"):
                 raise ValueError(
                     f"DistributedPipeline: stages must be FusedStage, got {type(st).__name__}."
-                )
-            if getattr(st.model, "skin", None) is not None:
-                # a stage fed from the buffer builds its batch from rows, without a list
-                raise ValueError(
-                    f"DistributedPipeline: stage {i}'s model {type(st.model).__name__} sums over "
-                    "a neighbor list, which pipelines do not carry yet; run the stages fused "
-                    "(a + b, with mesh= over several devices), or give the stage the dense model."
                 )
         if int(buffer_size) < 1:
             raise ValueError(f"DistributedPipeline: buffer_size must be >= 1, got {buffer_size}.")
@@ -338,6 +368,12 @@ class DistributedPipeline:
         self._sinks = list(sinks)
         self.buffers = [DeviceBuffer(size, sampler, f"{i}->{i + 1}") for i in range(k - 1)]
         self._sources = [sampler] + self.buffers
+        # the later stages' neighbor lists are sized for every system the run will bring them
+        # (NeighborList.allocate), from the dataset as it is now: the queue empties as stage 0
+        # takes it, before those stages start
+        self._preview = None
+        if hasattr(sampler, "preview_batches") and hasattr(sampler, "queued"):
+            self._preview = functools.partial(sampler.preview_batches, indices=sampler.queued)
         self._options = dict(refill_frequency=int(refill_frequency), dtype=dtype)
         self._runs = [None] * k
         self._done = [False] * k
@@ -361,7 +397,8 @@ class DistributedPipeline:
         forward = self.buffers[k] if k < len(self.stages) - 1 else None
         return _StageRun(
             self.stages[k], sampler=self._sources[k], sinks=self._sinks, forward=forward,
-            mesh=self._meshes[k], resume=resume, info_keys=self._info_keys, **self._options,
+            mesh=self._meshes[k], resume=resume, info_keys=self._info_keys,
+            preview=self._preview, **self._options,
         )  # fmt: skip
 
     @property

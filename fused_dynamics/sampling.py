@@ -389,7 +389,13 @@ class SizeAwareSampler:
         if self._info_check is not None and values:
             self._info_check(values, where)
 
-    def preview_batches(self, dtype=None, max_atoms=None, max_systems=None):
+    @property
+    def queued(self) -> tuple[int, ...]:
+        """Dataset indices of the systems not yet handed out, in the order :meth:`take` will
+        hand them out."""
+        return tuple(self._queue)
+
+    def preview_batches(self, dtype=None, max_atoms=None, max_systems=None, *, indices=None):
         """The queued systems packed in order into batches, without taking them (host-side).
 
         Each batch has the run's capacities (``max_atoms``, ``max_systems``; default the
@@ -397,7 +403,9 @@ class SizeAwareSampler:
         run's refills will bring together, with the ``atoms.info`` values the run reads, so
         they have the run's batch's shapes. Systems the run would reject are left out. Used to
         size neighbor lists for the whole dataset before the run compiles
-        (:meth:`NeighborList.allocate`'s ``more_batches``).
+        (:meth:`NeighborList.allocate`'s ``more_batches``). ``indices``: these dataset
+        indices instead of the queue (a pipeline previews, for its later stages, the queue as
+        it was when the run started: :attr:`queued`).
 
         Yields
         ------
@@ -406,7 +414,7 @@ class SizeAwareSampler:
         n_max = self.max_atoms if max_atoms is None else int(max_atoms)
         s_max = self.max_systems if max_systems is None else int(max_systems)
         group, free = [], n_max
-        for i in self._queue:
+        for i in self._queue if indices is None else indices:
             atoms = self.dataset[i]
             try:
                 self._check(i, atoms)

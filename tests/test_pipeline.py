@@ -10,12 +10,17 @@ fused_dynamics/pipeline_remote.py). This process computes the reference, the fus
 
 Each system carries its own FIRE budget and Langevin temperature in ``atoms.info``.
 
+The two-process pipeline sums over neighbor lists (each device keeps its own; the second
+stage's lists are sized for the whole dataset before it compiles) and is compared with the fused
+run on lists.
+
 Tolerance: bitwise. A system's arithmetic in the pipeline is that of the fused run: its FIRE
 steps are the same; it leaves FIRE at rest in both; it enters NVT with fresh stage state and
 forces evaluated at the same positions (the fused run's ``migration.enter``, the pipeline's
 admission); its row moves between the groups as a copy (``jax.device_put`` or a ``ppermute``,
 then a scatter of the same values); Langevin noise is keyed by (system_id, the system's own
-step). Measured: a maximum difference of exactly 0.
+step). On lists, a system's pairs are summed in the same order whichever list holds them (pairs
+beyond the cutoff add exact zeros). Measured: a maximum difference of exactly 0.
 """
 
 from __future__ import annotations
@@ -38,15 +43,18 @@ N_SYSTEMS = 500  # the issue's sampler size
 N_SMALL = 48  # the first 48 of them through a buffer of 1, and checkpointed and resumed
 
 
-def stages():
+LISTED = LJ.with_neighbors(skin=1.0)  # the two-process pipeline sums over neighbor lists
+
+
+def stages(model=LJ):
     """FIRE with each system's own budget, then Langevin at each system's own temperature,
     both read from ``atoms.info`` (``fd.from_info``): the temperature, read by the second
     stage only, travels in the rows (docs/semantics.md §14a, §16)."""
     relax = fd.FIRE(
-        LJ, convergence_hook=fd.ConvergenceHook.from_fmax(0.05), n_steps=fd.from_info("budget")
+        model, convergence_hook=fd.ConvergenceHook.from_fmax(0.05), n_steps=fd.from_info("budget")
     )
     md = fd.NVTLangevin(
-        LJ, dt=4.0, temperature=fd.from_info("T"), friction=0.02, seed=7, n_steps=12
+        model, dt=4.0, temperature=fd.from_info("T"), friction=0.02, seed=7, n_steps=12
     )
     return relax, md
 
@@ -137,16 +145,19 @@ TWO_PROCESSES = """
     sys.path.insert(0, "tests")
     import fused_dynamics as fd
     from fused_dynamics.pipeline import DistributedPipeline
-    from test_pipeline import N_SMALL, stages, sampler
+    from test_pipeline import LISTED, N_SMALL, stages, sampler
     from test_sharding import _frames_npz
-    relax, md = stages()
+    relax, md = stages(LISTED)
     groups = [[d for d in jax.devices() if d.process_index == i] for i in range(2)]
     assert len(groups[0]) == len(groups[1]) == 2
     pipe = (relax | md).with_devices(groups)
     assert pipe.is_first_stage == (pid == 0) and pipe.is_final_stage == (pid == 1)
     sink = fd.HostMemory()
-    with DistributedPipeline(pipe.stages, devices=groups, buffer_size=2) as p:
-        stats = p.run(sampler(N_SMALL), [sink], refill_frequency=10)
+    import warnings
+    with warnings.catch_warnings():  # the lists were sized for the dataset: none overflows
+        warnings.filterwarnings("error", message=".*neighbor list overflowed")
+        with DistributedPipeline(pipe.stages, devices=groups, buffer_size=2) as p:
+            stats = p.run(sampler(N_SMALL), [sink], refill_frequency=10)
     assert (stats[0] is None) == (pid == 1) and (stats[1] is None) == (pid == 0)
     if len(sink):
         _frames_npz(f"{out}/process{pid}.npz", sink.atoms)
@@ -167,7 +178,10 @@ def runs(tmp_path_factory):
     relax, md = stages()
     ref = fd.HostMemory()
     (relax + md).run(sampler=sampler(), refill_frequency=10, sinks=[ref])
-    return out, procs, by_id(ref.atoms)
+    relax, md = stages(LISTED)
+    listed = fd.HostMemory()
+    (relax + md).run(sampler=sampler(N_SMALL), refill_frequency=10, sinks=[listed])
+    return out, procs, by_id(ref.atoms), by_id(listed.atoms)
 
 
 def _assert_equal_to(ref: dict, got, name: str) -> list:
@@ -189,7 +203,7 @@ def test_fire_then_nvt_over_two_device_groups_equals_the_fused_run_and_resumes(r
     run; rows wait in the buffer on the sender's devices; a pipeline of the 48 checkpointed,
     run on (writing more systems to the sink), stopped and resumed with the same sink writes
     every system exactly once, equal to the fused run (so to the uninterrupted pipeline)."""
-    out, procs, ref = runs
+    out, procs, ref, _ = runs
     print(_check(procs[0]))
     for name, n in (("buffer64", N_SYSTEMS), ("buffer1", N_SMALL), ("resumed", N_SMALL)):
         ids = _assert_equal_to(ref, np.load(out / f"{name}.npz"), name)
@@ -199,10 +213,11 @@ def test_fire_then_nvt_over_two_device_groups_equals_the_fused_run_and_resumes(r
 @pytest.mark.slow
 def test_fire_then_nvt_on_two_processes(runs):
     """``fire | nvt`` with each stage on its own process (2 devices each, jax.distributed on
-    localhost), a buffer of 2: graduates cross between the processes in a ``ppermute`` of
-    fixed-size buffers; the final stage's process writes every system exactly once, equal to
-    the fused run."""
-    out, procs, ref = runs
+    localhost), a buffer of 2, both stages summing over neighbor lists (each device keeps its
+    own; the second stage's are sized for the whole dataset before it compiles): graduates
+    cross between the processes in a ``ppermute`` of fixed-size buffers; the final stage's
+    process writes every system exactly once, equal to the fused run on lists."""
+    out, procs, _, ref = runs
     for proc in procs[1:]:
         print(_check(proc))
     assert not (out / "process0.npz").exists()  # nothing failed: every system went on

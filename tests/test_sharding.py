@@ -124,10 +124,6 @@ def test_bad_mesh_and_unsupported_options_are_refused_before_compiling():
         fused_stage().run(batch, n_steps=2, mesh=mesh, differentiable=True)
     with pytest.raises(ValueError, match="not sharded"):
         sharding.unshard(batch)
-    # a pipeline does not carry neighbor lists yet: refused when it is built, naming the stage
-    listed = fd.NVE(LJ.with_neighbors(skin=0.5), dt=1.0, n_steps=2)
-    with pytest.raises(ValueError, match="stage 1's model LennardJones sums over a neighbor"):
-        fd.NVE(LJ, dt=1.0, n_steps=2) | listed
 
 
 def _free_port() -> int:
