@@ -34,7 +34,7 @@ stages in lockstep with the others; at the end of each round the rows crossing t
 process move in a ``ppermute`` of fixed-size buffers (:mod:`fused_dynamics.pipeline_remote`)
 and every stage's done flag goes to every process. Each process writes to its own sinks what
 its stages write (the last stage's graduates, failures of its other stages). Checkpoints of a
-pipeline over several processes are not implemented (``NotImplementedError``).
+pipeline over several processes are written in parts, one per process (:meth:`save`).
 
 Per-system results equal one fused run of the same sub-stages ``F_0 + F_1 + ...``: a system
 entering stage ``k + 1`` is admitted (fresh stage state, one evaluation), as the fused run's
@@ -356,12 +356,7 @@ class DistributedPipeline:
         # every stage's atoms.info keys, each value checked by the rules of all of them, so a
         # structure a later stage could not run is rejected before the first (§14a)
         self._info_keys = inflight.require_info(list(self.stages), sampler, dtype)
-        if resume is not None and jax.process_count() > 1:
-            raise NotImplementedError(
-                "DistributedPipeline: checkpoints of a pipeline over several processes are not "
-                "implemented; run it on one process to checkpoint it."
-            )
-        if resume is not None and not os.path.isdir(_existing(os.fspath(resume))):
+        if resume is not None and not os.path.isdir(_existing(_part(os.fspath(resume)))):
             raise FileNotFoundError(f"resume={os.fspath(resume)!r}: no pipeline checkpoint.")
         k = len(self.stages)
         self._meshes = [Mesh(np.array(g), (AXIS,)) for g in self.stage_devices]
@@ -390,7 +385,7 @@ class DistributedPipeline:
         if self._remote:
             self._row = _row_template(sampler, self._meshes[0], dtype, self._info_keys)
         if resume is not None:
-            self._restore(_existing(os.fspath(resume)))
+            self._restore(self._agreed(os.path.abspath(os.fspath(resume))))
         return self
 
     def _make_run(self, k: int, resume=False):
@@ -506,7 +501,7 @@ class DistributedPipeline:
         FileNotFoundError
             ``resume`` names no checkpoint.
         NotImplementedError
-            Several processes with a stage spread over more than one, or with ``resume``.
+            Several processes with a stage spread over more than one.
         """
         if (checkpoint is None) != (checkpoint_every is None):
             raise ValueError(
@@ -536,13 +531,30 @@ class DistributedPipeline:
         directory is written next to ``path`` and renamed over it (the previous one is kept
         as ``path + ".previous"`` until the rename is done, and :meth:`run` falls back to it),
         so a run killed at any moment leaves a whole checkpoint.
+
+        Several processes (every one calls it, after the same round): each writes its own
+        part, ``path/process<i>``, the same way (its stages, the buffers as it holds them,
+        the room it last heard of), and removes its previous part only once every process has
+        renamed its new one into place; a resume takes the latest round every process holds,
+        so a run killed between two processes' renames resumes from the round before. With
+        several hosts, ``path`` must be a folder every process can write (a shared file
+        system), or each host keeps its own parts under the same path.
         """
-        if jax.process_count() > 1:
-            raise NotImplementedError(
-                "DistributedPipeline.save: checkpoints of a pipeline over several processes are "
-                "not implemented; run it on one process to checkpoint it."
-            )
         path = os.path.abspath(os.fspath(path))
+        if jax.process_count() == 1:
+            self._write_part(path)
+            return
+        os.makedirs(path, exist_ok=True)
+        part = _part(path)
+        self._write_part(part, keep_previous=True)
+        client = jax_distributed.global_state.client
+        client.wait_at_barrier(f"fused_dynamics-pipeline-{self._id}-save-{self.rounds}", BARRIER_MS)
+        shutil.rmtree(part + ".previous", ignore_errors=True)
+
+    def _write_part(self, path: str, keep_previous: bool = False) -> None:
+        """This process's stages and buffers into the directory ``path`` (renamed into place,
+        the old one kept as ``path + ".previous"`` until then, or after with
+        ``keep_previous``)."""
         parent = os.path.dirname(path)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
         for k, run in enumerate(self._runs):
@@ -562,10 +574,12 @@ class DistributedPipeline:
             "stages": [repr(s) for s in self.stages],
             "devices": [len(g) for g in self.stage_devices],
             "buffer_size": self.buffers[0].size if self.buffers else self.buffer_size,
+            "processes": jax.process_count(),
             "rounds": self.rounds,
             "done": self._done,
             "started": [r is not None for r in self._runs],
             "buffers": buffers,
+            "room": {str(i): int(r) for i, r in self._room.items()},
         }
         with open(os.path.join(tmp, "pipeline.json"), "w") as f:
             json.dump(header, f)
@@ -576,7 +590,32 @@ class DistributedPipeline:
             shutil.rmtree(previous, ignore_errors=True)
             os.replace(path, previous)
         os.replace(tmp, path)
-        shutil.rmtree(previous, ignore_errors=True)
+        if not keep_previous:
+            shutil.rmtree(previous, ignore_errors=True)
+
+    def _agreed(self, path: str) -> str:
+        """The directory to resume this process from: ``path`` (or its previous copy) on one
+        process; on several, this process's part of the latest round that every process
+        holds (its current or its previous part)."""
+        if jax.process_count() == 1:
+            return _existing(path)
+        part = _part(path)
+        held = np.full(2, -1, np.int64)
+        for j, candidate in enumerate((part, part + ".previous")):
+            if os.path.isfile(os.path.join(candidate, "pipeline.json")):
+                with open(os.path.join(candidate, "pipeline.json")) as f:
+                    held[j] = int(json.load(f)["rounds"])
+        every = np.asarray(multihost_utils.process_allgather(held)).reshape(-1, 2)
+        common = set(every[0]) - {-1}
+        for row in every[1:]:
+            common &= set(row)
+        if not common:
+            raise ValueError(
+                f"resume={path!r}: the processes hold parts of different rounds "
+                f"({every.tolist()}, current and previous per process); no round is whole."
+            )
+        rounds = max(common)
+        return part if held[0] == rounds else part + ".previous"
 
     def _restore(self, path: str) -> None:
         with open(os.path.join(path, "pipeline.json")) as f:
@@ -585,9 +624,10 @@ class DistributedPipeline:
             "stages": [repr(s) for s in self.stages],
             "devices": [len(g) for g in self.stage_devices],
             "buffer_size": self.buffers[0].size if self.buffers else self.buffer_size,
+            "processes": jax.process_count(),
         }
         for key, value in mine.items():
-            if header.get("format") != FORMAT or header[key] != value:
+            if header.get("format") != FORMAT or header.get(key, 1) != value:
                 raise ValueError(
                     f"resume={path!r}: the checkpoint is of another pipeline ({key} differs: "
                     f"{header.get(key)!r}, here {value!r}); resume with the pipeline that "
@@ -603,6 +643,7 @@ class DistributedPipeline:
             buf.restore({**state, "entries": entries})
         self.rounds = int(header["rounds"])
         self._done = [bool(x) for x in header["done"]]
+        self._room.update({int(i): int(r) for i, r in header.get("room", {}).items()})
         for k, started in enumerate(header["started"]):
             if started:
                 self._runs[k] = self._make_run(k, resume=os.path.join(path, f"stage{k}.ckpt"))
@@ -629,6 +670,14 @@ def _row_template(sampler, mesh, dtype, keys=()) -> dict:
     local = Batch.from_host_arrays(host, dtype, sampler.max_atoms_per_system)
     shapes = jax.eval_shape(lambda b: _extract_local(b, sampler.max_atoms_per_system), local)
     return {f: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for f, x in shapes.items()}
+
+
+def _part(path: str) -> str:
+    """Where this process's part of a pipeline checkpoint lives: ``path`` itself on one
+    process, ``path/process<i>`` on several."""
+    if jax.process_count() == 1:
+        return path
+    return os.path.join(path, f"process{jax.process_index()}")
 
 
 def _existing(path: str) -> str:

@@ -568,6 +568,13 @@ class ShardedRun(Run):
         super().__init__(fused, batch, **options)
 
     # ------------------------------------------------------------------ layout hooks
+    @property
+    def _lead(self) -> bool:
+        """Whether this process writes for the run (host hooks, rejections, checkpoints): the
+        lowest-numbered process holding devices of the mesh (process 0 for a mesh over every
+        process; a pipeline stage's own process)."""
+        return jax.process_index() == min(int(d.process_index) for d in self.mesh.devices.flat)
+
     def _make_chunk(self):
         return _ShardedChunk(self.mesh)
 
@@ -576,11 +583,12 @@ class ShardedRun(Run):
 
     def _deliver(self, records) -> None:
         """Merge the devices' records into the flat layout (global slot ``d * S/D + s``) and
-        hand them to the hooks, on process 0 only (every process holds the same records)."""
+        hand them to the hooks, on the lead process only (every process holds the same
+        records)."""
         if not records:
             return
         records = jax.tree_util.tree_map(_fetch, records)
-        if jax.process_index() != 0:
+        if not self._lead:
             return
         s_l = np.shape(self.batch.system_mask)[1]
 
@@ -616,7 +624,7 @@ class ShardedRun(Run):
 
     def _write_checkpoint(self, path, header) -> None:
         host = gather(self.batch)
-        if jax.process_index() == 0:
+        if self._lead:
             super()._save_file(path, host, header)
 
     # ------------------------------------------------------------------ setup
@@ -710,7 +718,7 @@ class ShardedRun(Run):
         return batch, new.reshape(-1)
 
     def _report_rejected(self) -> None:
-        if jax.process_index() == 0:
+        if self._lead:
             super()._report_rejected()
-        elif self.sampler is not None:  # the same rejections; process 0 writes them
+        elif self.sampler is not None:  # the same rejections; the lead process writes them
             self.stats.rejected += len(self.sampler.take_rejected())

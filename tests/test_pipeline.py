@@ -151,6 +151,10 @@ TWO_PROCESSES = """
     groups = [[d for d in jax.devices() if d.process_index == i] for i in range(2)]
     assert len(groups[0]) == len(groups[1]) == 2
     pipe = (relax | md).with_devices(groups)
+    # a host hook of the second stage runs on that stage's process (process 1)
+    log = fd.LoggingHook(f"{out}/log{pid}.csv", every_n_steps=10)
+    pipe = DistributedPipeline((pipe.stages[0], pipe.stages[1].register_fused_hook(log)))
+    pipe = pipe.with_devices(groups)
     assert pipe.is_first_stage == (pid == 0) and pipe.is_final_stage == (pid == 1)
     sink = fd.HostMemory()
     import warnings
@@ -162,6 +166,36 @@ TWO_PROCESSES = """
     if len(sink):
         _frames_npz(f"{out}/process{pid}.npz", sink.atoms)
     print("process", pid, "wrote", len(sink), "rounds", p.rounds)
+
+    # checkpoints in parts (ckpt/process<i>) after rounds 3 and 5; then, as if the run were
+    # killed while process 1 renamed its round-5 part (process 0 still holds its round-3 part
+    # as the previous one), process 1 holds round 3 only; one more round, stop, resume: from
+    # round 3, the latest round both hold, with the same sink
+    import shutil
+    ckpt, keep = f"{out}/ckpt", f"{out}/keep{pid}"
+    part = fd.HostMemory()
+    p = DistributedPipeline(pipe.stages, devices=groups, buffer_size=2)
+    p.start(sampler(N_SMALL), [part], refill_frequency=10)
+    for r in range(5):
+        p.round()
+        if r == 2:
+            p.save(ckpt)
+            shutil.copytree(f"{ckpt}/process{pid}", keep)
+        if r == 4:
+            p.save(ckpt)
+    p.round()
+    mine = f"{ckpt}/process{pid}"
+    shutil.move(mine, mine + ".old") if pid == 1 else None
+    shutil.move(keep, mine if pid == 1 else mine + ".previous")
+    before = len(part)
+    with DistributedPipeline(pipe.stages, devices=groups, buffer_size=2) as p:
+        p.start(sampler(N_SMALL), [part], refill_frequency=10, resume=ckpt)
+        assert p.rounds == 3, p.rounds  # the latest round both processes hold whole
+        while not p.round():
+            pass
+    print("process", pid, "wrote", before, "before the resume,", len(part), "in all")
+    if len(part):
+        _frames_npz(f"{out}/resumed{pid}.npz", part.atoms)
     print("ok")
     """
 
@@ -216,10 +250,16 @@ def test_fire_then_nvt_on_two_processes(runs):
     localhost), a buffer of 2, both stages summing over neighbor lists (each device keeps its
     own; the second stage's are sized for the whole dataset before it compiles): graduates
     cross between the processes in a ``ppermute`` of fixed-size buffers; the final stage's
-    process writes every system exactly once, equal to the fused run on lists."""
+    process writes every system exactly once, equal to the fused run on lists, and calls its
+    host hook (a log). Checkpointed
+    in parts (one per process) and resumed, from the round before when one process's latest
+    part is missing (a run killed between the two processes' writes), the same holds."""
     out, procs, _, ref = runs
     for proc in procs[1:]:
         print(_check(proc))
-    assert not (out / "process0.npz").exists()  # nothing failed: every system went on
-    ids = _assert_equal_to(ref, np.load(out / "process1.npz"), "two processes")
-    assert sorted(ids) == list(range(N_SMALL))
+    assert not (out / "log0.csv").exists()  # the second stage's hook: on its own process
+    assert len((out / "log1.csv").read_text().splitlines()) > 2
+    for name in ("process", "resumed"):
+        assert not (out / f"{name}0.npz").exists()  # nothing failed: every system went on
+        ids = _assert_equal_to(ref, np.load(out / f"{name}1.npz"), f"two processes, {name}")
+        assert sorted(ids) == list(range(N_SMALL)), name
