@@ -129,8 +129,6 @@ def run(
     )
     if mesh is not None:
         sharding.devices_of(mesh)  # a bad mesh is refused before anything else
-        if differentiable:
-            raise ValueError("FusedStage.run: differentiable=True does not take a mesh (yet).")
     if live:
         if differentiable:
             raise ValueError(
@@ -166,7 +164,10 @@ def run(
             "(stage state or bookkeeping missing); run it without resume first."
         )
     if mesh is not None:
-        return sharding.run(fused, batch, n_steps, mesh=mesh, resume=bool(resume))
+        return sharding.run(
+            fused, batch, n_steps, mesh=mesh, resume=bool(resume),
+            differentiable=differentiable, checkpoints=checkpoints,
+        )  # fmt: skip
     if not isinstance(batch.cell, jax.core.Tracer):
         fused, batch = fit_to_batch(fused, batch)
     limit = jnp.iinfo(jnp.int32).max if n_steps is None else int(n_steps)

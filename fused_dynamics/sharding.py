@@ -62,7 +62,7 @@ cutoff, skin and layout.
 :class:`~fused_dynamics.inflight.StageExitWriter` listeners are host hooks recorded the same
 way, so they run on any mesh.
 
-Not supported yet (``ValueError`` before compiling): ``differentiable=True``.
+``differentiable=True`` runs the reverse-differentiable loop on every device (:func:`run`).
 """
 
 from __future__ import annotations
@@ -423,6 +423,37 @@ def _per_device(fn, mesh, fused, sharded: tuple, replicated: tuple):
     return program(dynamic, sharded, params, replicated)
 
 
+def _mapped(fn, fused, sharded: tuple, replicated: tuple):
+    """``fn(fused, *local, *replicated)`` for every device's local batch, as a ``jax.vmap``
+    over the device axis that XLA's partitioner spreads over the devices the leaves are placed
+    on (what :func:`_per_device` does with ``jax.shard_map``).
+
+    Used by reverse-differentiable runs: Equinox's checkpointed loop checks, in its reverse
+    pass, that its arguments carry the sharding metadata of its forward pass, which inside
+    ``jax.shard_map`` they do not (equinox PR #1261, open). ``fn`` must not use collectives
+    (the reverse pass re-traces it outside the map's axis). Per system the arithmetic is the
+    device's own, as in :func:`_per_device`.
+    """
+    d, s_l = sharded[0].system_mask.shape
+    getters = per_slot_parameters(fused, d * s_l)
+    params = [jnp.reshape(g(fused), (d, s_l)) for g in getters]
+
+    def where(f):
+        return [g(f) for g in getters]
+
+    if getters:
+        fused = eqx.tree_at(where, fused, [jnp.zeros((), p.dtype) for p in params])
+    dynamic, static = eqx.partition(fused, eqx.is_array)
+
+    def body(local, params):
+        f = eqx.combine(dynamic, static)
+        if getters:
+            f = eqx.tree_at(where, f, list(params))
+        return fn(f, *local, *replicated)
+
+    return jax.vmap(body, axis_name=AXIS)(sharded, params)
+
+
 def _steps(fused, batch, limit):
     return loop.run_steps(fused, batch, limit, axis_name=AXIS)
 
@@ -436,13 +467,27 @@ def _chunk(fused, stacked: Batch, limit, mesh, record_steps=None, last=False):
     return out, taken[0], jnp.sum(active), records
 
 
-def _whole_run(fused, stacked: Batch, limit, resume: bool, mesh):
+def _whole_run(fused, stacked: Batch, limit, resume: bool, mesh, options=(None, None)):
+    """The whole run on every device; ``options``: ``(max_steps, checkpoints)`` of a
+    reverse-differentiable loop (:func:`loop.run_steps`), static."""
+    max_steps, checkpoints = options
+    differentiable = max_steps is not None
+
     def body(f, b, lim):
         if not resume:
             b = f.init(b)
-        return _steps(f, b, lim)[0]
+        # differentiable: no collective (see _mapped); each device's loop stops when its own
+        # systems are done (a graduated system is left as it is either way)
+        axis = None if differentiable else AXIS
+        return loop.run_steps(f, b, lim, max_steps, checkpoints, axis_name=axis)[0]
 
-    return _per_device(body, mesh, fused, (stacked,), (limit,))
+    if not differentiable:
+        return _per_device(body, mesh, fused, (stacked,), (limit,))
+    out = _mapped(body, fused, (stacked,), (limit,))
+    steps = out.step_count  # the run's steps, as devices that stepped on would count them
+    out = out.replace(step_count=jnp.broadcast_to(jnp.max(steps), steps.shape))
+    spec = jax.sharding.NamedSharding(mesh, P(AXIS))
+    return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, spec), out)
 
 
 def _admit(fused, stacked: Batch, new, mesh):
@@ -508,7 +553,16 @@ def prepare(fused, flat: Batch):
     return fitted.fit_per_system(flat)
 
 
-def run(fused, batch: Batch, n_steps=None, *, mesh, resume: bool = False) -> Batch:
+def run(
+    fused,
+    batch: Batch,
+    n_steps=None,
+    *,
+    mesh,
+    resume: bool = False,
+    differentiable: bool = False,
+    checkpoints: int | None = None,
+) -> Batch:
     """A fixed-batch run with the systems spread over ``mesh`` (``fused.run(batch,
     mesh=mesh)``); one compiled program, each device running its local batch.
 
@@ -521,20 +575,47 @@ def run(fused, batch: Batch, n_steps=None, *, mesh, resume: bool = False) -> Bat
     n_steps : int, optional
     mesh : jax.sharding.Mesh
     resume : bool
+    differentiable : bool, default False
+        Reverse-differentiable (``jax.grad`` through the run, docs/differentiable.md): the
+        loop stores ``checkpoints`` states per device and recomputes the rest. Needs
+        ``n_steps``. Under ``jax.grad`` with respect to the batch (a traced batch), the batch
+        must be sharded already (:func:`shard`, outside the differentiated function): its
+        placement and the model's static choices are made from concrete values.
+    checkpoints : int, optional
+        With ``differentiable``: the states the reverse pass stores on each device.
 
     Returns
     -------
     Batch
         The sharded final batch; :func:`unshard` gives the flat one (global slots as given).
+
+    Raises
+    ------
+    ValueError
+        ``differentiable`` without ``n_steps``, or a traced batch that is not sharded.
     """
     devices_of(mesh)
-    flat = _merge(gather(batch)) if is_sharded(batch) else gather(batch)
-    fused = prepare(fused, flat)
-    stacked = batch if is_sharded(batch) else shard(batch, mesh)
-    stacked = _with_model_lists(fused, stacked, mesh)
+    if differentiable and n_steps is None:
+        raise ValueError("FusedStage.run(differentiable=True) needs n_steps.")
+    if isinstance(batch.positions, jax.core.Tracer):
+        if not is_sharded(batch):
+            raise ValueError(
+                "mesh=: a batch traced by jax.grad or jax.vmap must be sharded before it is "
+                "traced (fd.shard(batch, mesh) outside the differentiated function), so that "
+                "its placement is made from concrete values."
+            )
+        stacked = batch  # the caller's sharded batch; the model's static choices as given
+    else:
+        flat = _merge(gather(batch)) if is_sharded(batch) else gather(batch)
+        fused = prepare(fused, flat)
+        stacked = batch if is_sharded(batch) else shard(batch, mesh)
+        stacked = _with_model_lists(fused, stacked, mesh)
     limit = jnp.asarray(jnp.iinfo(jnp.int32).max if n_steps is None else int(n_steps), jnp.int32)
+    options = (int(n_steps), checkpoints and int(checkpoints)) if differentiable else (None, None)
     return retry_on_overflow(
-        lambda b: _WHOLE_RUN(fused, b, limit, bool(resume), mesh), stacked, **_overflow_layout(mesh)
+        lambda b: _WHOLE_RUN(fused, b, limit, bool(resume), mesh, options),
+        stacked,
+        **_overflow_layout(mesh),
     )
 
 
