@@ -109,3 +109,31 @@ def pytest_terminal_summary(terminalreporter):
         f"shared compilation cache: {hits} programs loaded, {misses} compiled "
         "(pytest processes; programs under 0.1 s are not kept)"
     )
+
+
+# The longest test files (measured by --durations in CI), first: `make test` hands whole files
+# to its two workers in collection order (--dist loadfile), so a long file collected last
+# would keep one worker busy after the other has finished.
+_LONGEST_FIRST = (
+    "test_neighbors.py",
+    "test_sharding.py",
+    "test_notebooks.py",
+    "test_npt.py",
+    "test_fused.py",
+    "test_isolation.py",
+    "test_path_choice.py",
+    "test_pipeline.py",
+    "test_cli.py",
+    "test_inflight.py",
+    "test_failures.py",
+    "test_run_control.py",
+    "test_differentiable.py",
+    "test_checkpoint_kill.py",
+    "test_ml_workflow.py",
+    "test_cli_resume.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest in order
