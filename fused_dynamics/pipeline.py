@@ -356,7 +356,12 @@ class DistributedPipeline:
         # every stage's atoms.info keys, each value checked by the rules of all of them, so a
         # structure a later stage could not run is rejected before the first (§14a)
         self._info_keys = inflight.require_info(list(self.stages), sampler, dtype)
-        if resume is not None and not os.path.isdir(_existing(_part(os.fspath(resume)))):
+        # several processes: each one's part is looked for in _agreed, together
+        if (
+            resume is not None
+            and jax.process_count() == 1
+            and not os.path.isdir(_existing(os.fspath(resume)))
+        ):
             raise FileNotFoundError(f"resume={os.fspath(resume)!r}: no pipeline checkpoint.")
         k = len(self.stages)
         self._meshes = [Mesh(np.array(g), (AXIS,)) for g in self.stage_devices]
@@ -547,15 +552,19 @@ class DistributedPipeline:
         os.makedirs(path, exist_ok=True)
         part = _part(path)
         self._write_part(part, keep_previous=True)
+        self._saves = getattr(self, "_saves", 0) + 1  # the same count on every process
         client = jax_distributed.global_state.client
-        client.wait_at_barrier(f"fused_dynamics-pipeline-{self._id}-save-{self.rounds}", BARRIER_MS)
-        shutil.rmtree(part + ".previous", ignore_errors=True)
+        client.wait_at_barrier(f"fused_dynamics-pipeline-{self._id}-save-{self._saves}", BARRIER_MS)
+        _remove(part + ".previous")
 
     def _write_part(self, path: str, keep_previous: bool = False) -> None:
         """This process's stages and buffers into the directory ``path`` (renamed into place,
         the old one kept as ``path + ".previous"`` until then, or after with
         ``keep_previous``)."""
         parent = os.path.dirname(path)
+        for name in os.listdir(parent):  # what a save killed while writing left behind
+            if name.startswith(os.path.basename(path) + ".tmp-"):
+                _remove(os.path.join(parent, name))
         tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
         for k, run in enumerate(self._runs):
             if run is not None:
@@ -587,11 +596,11 @@ class DistributedPipeline:
             os.fsync(f.fileno())
         previous = path + ".previous"
         if os.path.exists(path):
-            shutil.rmtree(previous, ignore_errors=True)
+            _remove(previous)
             os.replace(path, previous)
         os.replace(tmp, path)
         if not keep_previous:
-            shutil.rmtree(previous, ignore_errors=True)
+            _remove(previous)
 
     def _agreed(self, path: str) -> str:
         """The directory to resume this process from: ``path`` (or its previous copy) on one
@@ -606,6 +615,11 @@ class DistributedPipeline:
                 with open(os.path.join(candidate, "pipeline.json")) as f:
                     held[j] = int(json.load(f)["rounds"])
         every = np.asarray(multihost_utils.process_allgather(held)).reshape(-1, 2)
+        if (every.max(axis=1) < 0).any():  # raised on every process, none left waiting
+            missing = [i for i, row in enumerate(every) if row.max() < 0]
+            raise FileNotFoundError(
+                f"resume={path!r}: no pipeline checkpoint part of process(es) {missing}."
+            )
         common = set(every[0]) - {-1}
         for row in every[1:]:
             common &= set(row)
@@ -615,7 +629,12 @@ class DistributedPipeline:
                 f"({every.tolist()}, current and previous per process); no round is whole."
             )
         rounds = max(common)
-        return part if held[0] == rounds else part + ".previous"
+        if held[0] != rounds:
+            # the newer part of an unfinished save goes: the next save must not rotate it in
+            # as the previous part (over the one round every process holds)
+            _remove(part)
+            os.replace(part + ".previous", part)
+        return part
 
     def _restore(self, path: str) -> None:
         with open(os.path.join(path, "pipeline.json")) as f:
@@ -678,6 +697,16 @@ def _part(path: str) -> str:
     if jax.process_count() == 1:
         return path
     return os.path.join(path, f"process{jax.process_index()}")
+
+
+def _remove(path: str) -> None:
+    """Delete a checkpoint folder: renamed first, so a deletion cut short never leaves a
+    partial folder under a name a resume would read."""
+    if not os.path.exists(path):
+        return
+    trash = tempfile.mkdtemp(prefix=os.path.basename(path) + ".trash-", dir=os.path.dirname(path))
+    os.replace(path, os.path.join(trash, "x"))
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _existing(path: str) -> str:

@@ -44,7 +44,8 @@ write, the batch) to every process (``process_allgather``), so every process mak
 decisions. The sampler rule: every process holds a replica of the *same* sampler and takes the
 same systems in the same order; each process then owns the systems that land on its own devices:
 it writes only those to its sinks (so over all processes every graduate is written exactly once),
-and process 0 alone writes rejected systems and checkpoints.
+and the lead process (the lowest-numbered one holding devices of the mesh: process 0 for a mesh
+over every process) alone writes rejected systems and checkpoints and calls host hooks.
 
 Hooks' ``on_host`` runs on any mesh: each device records its systems' payloads and the host
 merges them into the flat layout after each chunk (:mod:`fused_dynamics.recording`), on process
@@ -477,7 +478,8 @@ def _whole_run(fused, stacked: Batch, limit, resume: bool, mesh, options=(None, 
         if not resume:
             b = f.init(b)
         # differentiable: no collective (see _mapped); each device's loop stops when its own
-        # systems are done (a graduated system is left as it is either way)
+        # systems are done (the stages leave a graduated system as it is; a hook's apply no
+        # longer runs on that device: docs/semantics.md §21)
         axis = None if differentiable else AXIS
         return loop.run_steps(f, b, lim, max_steps, checkpoints, axis_name=axis)[0]
 
@@ -592,19 +594,36 @@ def run(
     Raises
     ------
     ValueError
-        ``differentiable`` without ``n_steps``, or a traced batch that is not sharded.
+        ``differentiable`` without ``n_steps`` or with a hook that works on the host, or a
+        traced batch that is not sharded.
     """
     devices_of(mesh)
     if differentiable and n_steps is None:
         raise ValueError("FusedStage.run(differentiable=True) needs n_steps.")
-    if isinstance(batch.positions, jax.core.Tracer):
+    if differentiable and recording.records_hooks(fused):
+        # the loop is vmapped over the devices (_mapped): a host callback would run per device
+        # and on every step (a cond under vmap computes both branches)
+        raise ValueError(
+            "mesh=: differentiable=True does not take hooks that work on the host (on_host) "
+            "on a mesh; remove them, or run without mesh=."
+        )
+    traced = [x for x in jax.tree_util.tree_leaves(batch) if isinstance(x, jax.core.Tracer)]
+    if traced:
         if not is_sharded(batch):
             raise ValueError(
                 "mesh=: a batch traced by jax.grad or jax.vmap must be sharded before it is "
                 "traced (fd.shard(batch, mesh) outside the differentiated function), so that "
                 "its placement is made from concrete values."
             )
-        stacked = batch  # the caller's sharded batch; the model's static choices as given
+        stacked = batch  # the caller's sharded batch
+        if not isinstance(batch.cell, jax.core.Tracer):
+            # the static choices from the concrete cells, as one device makes them
+            # (driver.run fits a batch whose cell is not traced)
+            concrete = jax.tree_util.tree_map(
+                lambda x: np.zeros(x.shape, x.dtype) if isinstance(x, jax.core.Tracer) else x,
+                batch,
+            )
+            fused = prepare(fused, _merge(gather(concrete)))
     else:
         flat = _merge(gather(batch)) if is_sharded(batch) else gather(batch)
         fused = prepare(fused, flat)

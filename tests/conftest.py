@@ -31,7 +31,7 @@ if "_FUSED_DYNAMICS_TEST_XLA_CACHE" not in os.environ:
     _shared = tempfile.mkdtemp(prefix="fused-dynamics-test-shared-xla-")
     os.environ["_FUSED_DYNAMICS_TEST_XLA_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = _shared
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
-    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(32 << 30)
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
     atexit.register(shutil.rmtree, _shared, True)
 
 import jax  # noqa: E402
@@ -54,12 +54,11 @@ jax.monitoring.register_event_listener(_count_cache_event)
 
 def _write_cache_events() -> None:
     folder = os.environ["_FUSED_DYNAMICS_TEST_XLA_CACHE"]
-    if os.path.isdir(folder):
-        with open(os.path.join(folder, f"stats-{os.getpid()}.txt"), "w") as f:
+    if os.path.isdir(folder):  # written whole or not at all (the controller reads it)
+        name = os.path.join(folder, f"stats-{os.getpid()}")
+        with open(name + ".tmp", "w") as f:
             f.write(f"{_CACHE_EVENTS['hits']} {_CACHE_EVENTS['misses']}\n")
-
-
-atexit.register(_write_cache_events)
+        os.replace(name + ".tmp", name + ".txt")
 
 
 import gc  # noqa: E402
@@ -101,7 +100,7 @@ def pytest_terminal_summary(terminalreporter):
     folder = os.environ["_FUSED_DYNAMICS_TEST_XLA_CACHE"]
     hits = misses = 0
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if name.startswith("stats-"):
+        if name.startswith("stats-") and name.endswith(".txt"):
             with open(os.path.join(folder, name)) as f:
                 h, m = f.read().split()
             hits, misses = hits + int(h), misses + int(m)

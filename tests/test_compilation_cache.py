@@ -57,6 +57,9 @@ SCRIPT = textwrap.dedent(
 
 def _run(folder) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for name in ("JAX_COMPILATION_CACHE_MAX_SIZE", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        env.pop(name, None)  # a user's default setup (the suite's shared cache sets them)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(folder)], capture_output=True, text=True, env=env
     )

@@ -130,6 +130,9 @@ def test_bad_mesh_and_unsupported_options_are_refused_before_compiling():
 
     with pytest.raises(ValueError, match="must be sharded before it is traced"):
         jax.grad(traced)(batch.positions)
+    taped = fused_stage().register_fused_hook(SystemTape(every_n_steps=5))
+    with pytest.raises(ValueError, match="does not take hooks that work on the host"):
+        taped.run(batch, n_steps=2, mesh=mesh, differentiable=True)
     with pytest.raises(ValueError, match="not sharded"):
         sharding.unshard(batch)
 
