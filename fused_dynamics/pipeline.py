@@ -387,6 +387,7 @@ class DistributedPipeline:
         DistributedPipeline._started += 1  # the same count on every process (same calls)
         self._id = DistributedPipeline._started
         self._row = None
+        self._saves = 0
         if self._remote:
             self._row = _row_template(sampler, self._meshes[0], dtype, self._info_keys)
         if resume is not None:
@@ -552,7 +553,7 @@ class DistributedPipeline:
         os.makedirs(path, exist_ok=True)
         part = _part(path)
         self._write_part(part, keep_previous=True)
-        self._saves = getattr(self, "_saves", 0) + 1  # the same count on every process
+        self._saves += 1  # the same count on every process (barrier names)
         client = jax_distributed.global_state.client
         client.wait_at_barrier(f"fused_dynamics-pipeline-{self._id}-save-{self._saves}", BARRIER_MS)
         _remove(part + ".previous")

@@ -391,10 +391,13 @@ def per_slot_parameters(fused, s: int) -> list:
     return getters
 
 
-def _per_device(fn, mesh, fused, sharded: tuple, replicated: tuple):
-    """``fn(fused, *local, *replicated)`` on every device of ``mesh`` (``jax.shard_map``);
-    the leaves of ``sharded`` and of the outputs carry the leading device axis. Per-slot
-    parameters of ``fused`` (:func:`per_slot_parameters`) go with their slots."""
+def _split_per_slot(fused, sharded: tuple):
+    """``fused`` split for a per-device program: ``(dynamic, params, local_stage)``.
+
+    ``params``: its per-slot parameters (:func:`per_slot_parameters`) as ``(D, S/D)`` arrays,
+    to go with their slots; ``dynamic``: its other arrays; ``local_stage(dynamic, local)``:
+    the fused stage of one device, given that device's rows of ``params``.
+    """
     d, s_l = sharded[0].system_mask.shape
     getters = per_slot_parameters(fused, d * s_l)
     params = [jnp.reshape(g(fused), (d, s_l)) for g in getters]
@@ -406,11 +409,22 @@ def _per_device(fn, mesh, fused, sharded: tuple, replicated: tuple):
         fused = eqx.tree_at(where, fused, [jnp.zeros((), p.dtype) for p in params])
     dynamic, static = eqx.partition(fused, eqx.is_array)
 
+    def local_stage(dynamic, local):
+        f = eqx.combine(dynamic, static)
+        return eqx.tree_at(where, f, list(local)) if getters else f
+
+    return dynamic, params, local_stage
+
+
+def _per_device(fn, mesh, fused, sharded: tuple, replicated: tuple):
+    """``fn(fused, *local, *replicated)`` on every device of ``mesh`` (``jax.shard_map``);
+    the leaves of ``sharded`` and of the outputs carry the leading device axis. Per-slot
+    parameters of ``fused`` (:func:`per_slot_parameters`) go with their slots."""
+    dynamic, params, local_stage = _split_per_slot(fused, sharded)
+
     def body(dynamic, sharded, params, replicated):
         local = jax.tree_util.tree_map(lambda x: x[0], sharded)
-        f = eqx.combine(dynamic, static)
-        if getters:
-            f = eqx.tree_at(where, f, [p[0] for p in params])
+        f = local_stage(dynamic, [p[0] for p in params])
         out = fn(f, *local, *replicated)
         return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], out)
 
@@ -435,22 +449,10 @@ def _mapped(fn, fused, sharded: tuple, replicated: tuple):
     (the reverse pass re-traces it outside the map's axis). Per system the arithmetic is the
     device's own, as in :func:`_per_device`.
     """
-    d, s_l = sharded[0].system_mask.shape
-    getters = per_slot_parameters(fused, d * s_l)
-    params = [jnp.reshape(g(fused), (d, s_l)) for g in getters]
-
-    def where(f):
-        return [g(f) for g in getters]
-
-    if getters:
-        fused = eqx.tree_at(where, fused, [jnp.zeros((), p.dtype) for p in params])
-    dynamic, static = eqx.partition(fused, eqx.is_array)
+    dynamic, params, local_stage = _split_per_slot(fused, sharded)
 
     def body(local, params):
-        f = eqx.combine(dynamic, static)
-        if getters:
-            f = eqx.tree_at(where, f, list(params))
-        return fn(f, *local, *replicated)
+        return fn(local_stage(dynamic, params), *local, *replicated)
 
     return jax.vmap(body, axis_name=AXIS)(sharded, params)
 
