@@ -72,7 +72,8 @@ SCRIPTS: tuple[Script, ...] = (
         "bench_peers.py",
         ("W1", "W2"),
         # not --quick: that drops float32, which W2 asks for
-        ("--md-systems", "4", "--steps", "50", "--relax-systems", "8", "--name", "peers_quick"),
+        # W1: 28 structures of the W1 set (4 of each of its 7 shapes; the full run: 256)
+        ("--md-systems", "4", "--steps", "50", "--relax-systems", "28", "--name", "peers_quick"),
         peers=True,
         quick_timeout_s=900,
     ),
@@ -97,7 +98,7 @@ SCRIPTS: tuple[Script, ...] = (
         "startup",
         "bench_startup.py",
         ("W1",),
-        ("--relax-systems", "8", "--rounds", "2", "--name", "startup_quick"),
+        ("--relax-systems", "28", "--rounds", "2", "--name", "startup_quick"),
         ("--name", "startup"),
         peers=True,
     ),
@@ -129,6 +130,8 @@ SCRIPTS: tuple[Script, ...] = (
     ),
     # up to ~16,000 atoms, one compilation per size: 10 min at load 9-11 on 2 cores was not enough
     Script("neighbors", "bench_neighbors.py", ("W5",), ("--quick",), quick_timeout_s=1200),
+    # W5 against JAX-MD's neighbor list: one 32,000-atom box (quick: 13,500)
+    Script("w5", "bench_w5.py", ("W5",), ("--quick",), peers=True),
     Script("scaling", "bench_scaling.py", ("scale_out",), ("--quick",)),
     Script("differentiable", "bench_differentiable.py", ("differentiable",), ("--quick",)),
 )

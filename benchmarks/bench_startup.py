@@ -1,9 +1,11 @@
 """W1 time to solution in a new process, with JAX's persistent compilation cache cold and warm.
 
 What a user who starts a script (or ``fused-dynamics run``) waits for: a fresh Python process
-imports, builds, compiles and relaxes bench_peers.py's relaxation set (half icosahedral
-55-atom clusters, half 256-atom fcc crystals, rattled 0.1 Å, LJ argon, FIRE to fmax
-0.05 eV/Å, float64). Two codes, each in its own process per measurement:
+imports, builds, compiles and relaxes one of bench_peers.py's relaxation sets
+(``--relax-set``: ``w1``, issue 13's W1, 256 clusters and crystals of 13-108 atoms in seven
+shapes, cutoff 7.5 Å, the default; ``peers``: half icosahedral 55-atom clusters, half 256-atom
+fcc crystals, cutoff 8.5 Å), rattled 0.1 Å, LJ argon, FIRE to fmax 0.05 eV/Å, float64. Two codes,
+each in its own process per measurement:
 
 - fused_dynamics: ``FIRE(...).run(batch)`` on one mixed batch (its size buckets);
 - JAX-MD: bench_peers.py's vmapped ``fire_descent`` loop, one jitted program per shape.
@@ -23,7 +25,8 @@ over ours (above 1: ours is faster), round by round, median and min–max.
 
 Run::
 
-    .venv-bench/bin/python benchmarks/bench_startup.py [--relax-systems 64] [--rounds 3]
+    .venv-bench/bin/python benchmarks/bench_startup.py [--relax-set w1] [--relax-systems 256]
+        [--rounds 3]
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ CODES = ("fused_dynamics", "jax_md")
 MIN_COMPILE_TIME = 0.2  # s: the default of fd.enable_compilation_cache, for both codes
 
 
-def worker(code: str, cache: str, n_systems: int) -> dict:
+def worker(code: str, cache: str, n_systems: int, relax_set: str = "w1") -> dict:
     """One measurement, in this (new) process; returns what the parent records."""
     t0 = time.perf_counter()
     import jax
@@ -69,20 +72,21 @@ def worker(code: str, cache: str, n_systems: int) -> dict:
         lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None
     )
     t1 = time.perf_counter()
-    clusters, crystals = bp.relax_systems(n_systems)
+    systems, cutoff = bp.relax_set(relax_set, n_systems)
+    bp.CUTOFF = cutoff  # JAX-MD's pair function reads it
     if code == "fused_dynamics":
-        batch = fd.Batch.from_atoms(clusters + crystals)
+        batch = fd.Batch.from_atoms(systems)
         model = fd.models.LennardJones(
-            sigma=bp.SIGMA, epsilon=bp.EPSILON, cutoff=bp.CUTOFF, shift=False
+            sigma=bp.SIGMA, epsilon=bp.EPSILON, cutoff=cutoff, shift=False
         ).with_images(batch)
         fire = fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(bp.FMAX))
         final = fire.run(batch, n_steps=bp.MAX_RELAX_STEPS)
-        energy = np.asarray(final.energy) / np.asarray(final.n_atoms)
+        energy = (np.asarray(final.energy) / np.asarray(final.n_atoms))[bp.grouped_order(systems)]
         fmax = np.asarray(final.max_atoms_of(jax.numpy.linalg.norm(final.forces, axis=-1)))
         converged = int(np.sum(fmax <= bp.FMAX))
     else:
         energy, converged = [], 0
-        for relax, pos, _ in bp.jaxmd_relax_programs(clusters, crystals):
+        for relax, pos, _ in bp.jaxmd_relax_programs(systems):
             e, done, _, _ = relax(pos, bp.MAX_RELAX_STEPS)
             energy += (np.asarray(e) / pos.shape[1]).tolist()
             converged += int(np.sum(np.asarray(done)))
@@ -94,14 +98,15 @@ def worker(code: str, cache: str, n_systems: int) -> dict:
         "total_s": t2 - t0,
         "cache_hits": len(hits),
         "converged": converged,
-        "systems": len(clusters) + len(crystals),
+        "systems": len(systems),
         "energy_per_atom": energy.tolist(),
     }
 
 
-def measure(code: str, cache: str, n_systems: int, python: str) -> dict:
+def measure(code: str, cache: str, n_systems: int, python: str, relax_set: str) -> dict:
     proc = subprocess.run(
-        [python, __file__, "--worker", code, "--cache", cache, "--relax-systems", str(n_systems)],
+        [python, __file__, "--worker", code, "--cache", cache, "--relax-systems", str(n_systems)]
+        + ["--relax-set", relax_set],
         capture_output=True,
         text=True,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
@@ -121,7 +126,10 @@ def _spread(values):
 
 
 def main(args) -> dict:
+    import bench_peers as bp
     from _common import git_state, save
+
+    n = args.relax_systems
 
     python = sys.executable
     load0 = os.getloadavg()
@@ -132,7 +140,7 @@ def main(args) -> dict:
             folders = {c: os.path.join(scratch, f"{c}-{r}") for c in codes}
             for state in ("cold", "warm"):
                 for code in codes:
-                    rec = measure(code, folders[code], args.relax_systems, python)
+                    rec = measure(code, folders[code], args.relax_systems, python, args.relax_set)
                     rows[f"{code}_{state}"].append(rec)
                     print(
                         f"round {r} {code:15s} {state}: import {rec['import_s']:.2f} s, "
@@ -165,10 +173,9 @@ def main(args) -> dict:
     }
     payload = {
         "workload": {
-            "relax": f"{args.relax_systems // 2} icosahedral clusters x 55 atoms + "
-            f"{args.relax_systems - args.relax_systems // 2} fcc crystals x 256 atoms, rattled "
-            "0.1 A, LJ argon (cutoff 8.5 A, hard), FIRE to fmax < 0.05 eV/A, float64; one new "
-            "process per measurement",
+            "relax": bp.relax_description(args.relax_set, *bp.relax_set(args.relax_set, n))
+            + "; LJ argon (hard cut), float64; one new process per measurement",
+            "relax_set": args.relax_set,
             "rounds": args.rounds,
             "min_compile_time_s": MIN_COMPILE_TIME,
         },
@@ -193,13 +200,14 @@ def main(args) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--relax-systems", type=int, default=64)
+    parser.add_argument("--relax-set", choices=["w1", "peers"], default="w1")
+    parser.add_argument("--relax-systems", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--name", default="startup")
     parser.add_argument("--worker", choices=CODES, help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.cache, args.relax_systems)))
+        print(json.dumps(worker(args.worker, args.cache, args.relax_systems, args.relax_set)))
     else:
         main(args)

@@ -140,6 +140,38 @@ def test_mixed_padded_batch_pairs_equal_ase(half):
     assert np.all(np.asarray(nl.shifts)[free] == 0)
 
 
+@pytest.mark.parametrize("half", [False, True])
+def test_one_key_sort_gives_the_canonical_order_of_the_sort_by_keys(half, monkeypatch):
+    """The list's canonical order (by atom i, partner j, then shift) comes from one sort of a
+    packed int64 key when JAX has int64 (x64), from a sort by several keys otherwise and for
+    shifts beyond the packed field: both orders are the same list, bit for bit (docs/models.md,
+    "Neighbor lists"). The field is narrowed to 8 bits here so that a system whose atoms lie
+    ~150 cells apart (unwrapped positions) takes the fallback, and one with small shifts does
+    not; a tiny cell (4 atoms, many images of each pair) is in both batches."""
+    from fused_dynamics.models import cell_list
+
+    assert jax.config.jax_enable_x64
+    rng = np.random.default_rng(11)
+    tiny = ase.build.bulk("Ar", "fcc", a=5.26, cubic=True)
+    tiny.positions += rng.normal(scale=0.2, size=tiny.positions.shape)
+    far = ase.build.bulk("Ar", "fcc", a=5.26, cubic=True) * (2, 2, 2)
+    far.positions += rng.normal(scale=0.2, size=far.positions.shape)
+    far.positions[3] += 150 * far.cell[0]
+    far.positions[5] -= 140 * far.cell[1]
+    packed_layout = cell_list._packed_layout
+    for systems, beyond in (([tiny, md_systems()[1]], False), ([far, tiny], True)):
+        batch = fd.Batch.from_atoms(systems)
+        lists = []
+        for layout in (lambda n: (packed_layout(n)[0], 8), lambda n: None):
+            monkeypatch.setattr(cell_list, "_packed_layout", layout)
+            nl = NeighborList.allocate(batch, RC, SKIN, half=half)
+            lists.append([np.asarray(getattr(nl, k)) for k in ("senders", "receivers", "shifts")])
+        assert (np.abs(lists[0][2]).max() >= 128) == beyond
+        for one_key, by_keys in zip(*lists, strict=True):
+            np.testing.assert_array_equal(one_key, by_keys)
+        check_against_ase(systems, batch, nl)
+
+
 # ---------------------------------------------------------------------------- model, eager
 def md_systems(seed=0):
     """Argon: a hot triclinic crystal, an icosahedral cluster, a slab periodic in x and y."""
