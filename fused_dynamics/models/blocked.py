@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..batch import Batch
-from ..linalg3 import inv3
+from ..linalg3 import inv3, matvec3
 
 __all__ = [
     "SystemBlocks",
@@ -80,14 +80,6 @@ def system_blocks(batch: Batch) -> SystemBlocks:
     valid = valid & batch.system_mask[:, None]
     positions = jnp.where(valid[..., None], batch.positions[index], 0.0)
     return SystemBlocks(index, valid, positions)
-
-
-def matvec3(x: jax.Array, m: jax.Array) -> jax.Array:
-    """``x @ m`` for 3-vectors ``x`` (..., 3) and 3x3 matrices ``m`` (..., 3, 3), elementwise.
-
-    Broadcasts like the operands; no ``dot_general`` (see the module doc).
-    """
-    return x[..., 0:1] * m[..., 0, :] + x[..., 1:2] * m[..., 1, :] + x[..., 2:3] * m[..., 2, :]
 
 
 def min_image(

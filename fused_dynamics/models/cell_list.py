@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import segment
-from ..linalg3 import inv3
+from ..linalg3 import inv3, matvec3
 
 #: ``NeighborList.needed`` holds, in this order, the largest values seen by the builds since the
 #: allocation up to the first overflow: pairs, atoms in one bin, bins used (never more than the
@@ -95,7 +95,7 @@ def _bin_geometry(g: dict, rc: float, stencil: int) -> dict:
     real = g["atom_mask"] & (system_idx < s)
     inv = inv3(cell)
     spacing = 1.0 / jnp.linalg.norm(inv, axis=-2)  # (S, 3) distance between lattice planes
-    frac = jnp.einsum("ni,nij->nj", pos, inv[sys])
+    frac = matvec3(pos, inv[sys])
     per = pbc[sys]
     image = jnp.where(per, jnp.floor(frac), 0.0)
     w = frac - image
@@ -298,11 +298,12 @@ def _build(nl, batch, per_system: bool = False):
     coord = geo["coord"]
     first_bin = geo["offset"][sys]
     cell_i = cell[sys]  # (N, 3, 3)
-    x = pos - jnp.einsum("nk,nkl->nl", image.astype(pos.dtype), cell_i)  # wrapped (N, 3)
+    x = pos - matvec3(image.astype(pos.dtype), cell_i)  # wrapped (N, 3)
     atoms = jnp.arange(n, dtype=jnp.int32)
     offsets = _stencil(k, nl.half)
     n_off = len(offsets)
     rc2 = rc * rc
+    upto = jnp.asarray(np.triu(np.ones((m, m), np.float32)))  # upto[a, b]: a <= b
     if n_off * n * m >= 2**31 - 1:
         raise ValueError(
             f"NeighborList: {n_off} bin offsets x {n} atoms x {m} atoms per bin do not fit int32 "
@@ -326,7 +327,7 @@ def _build(nl, batch, per_system: bool = False):
         row, wrap = rows(atoms, o)
         cand = table[row]  # (N, M)
         jc = jnp.minimum(cand, n - 1)
-        here = x - jnp.einsum("nk,nkl->nl", wrap.astype(pos.dtype), cell_i)
+        here = x - matvec3(wrap.astype(pos.dtype), cell_i)
         d = x[jc] - here[:, None, :]
         keep = (cand < n) & (jnp.sum(d * d, axis=-1) < rc2)
         zero = jnp.all(o == 0)
@@ -334,14 +335,23 @@ def _build(nl, batch, per_system: bool = False):
         # from the zero offset: no self pair; a half list keeps i < j (the other offsets, which
         # hold the self-images, each meet a pair from one side only)
         keep = keep & ~(zero & ((i >= jc) if nl.half else (i == jc)))
+        # each kept candidate's slot, row by row: the rows' start (a cumulative sum over N) plus
+        # its rank in the row (the kept count up to it, a product with a triangle of ones:
+        # small integers, exact in float32). The same slots as one cumulative sum over N x M,
+        # in half the time on XLA:CPU.
+        per_atom = jnp.sum(keep, axis=1, dtype=jnp.int32)
+        start = jnp.cumsum(per_atom, dtype=jnp.int32) - per_atom
+        rank = jnp.matmul(
+            keep.astype(jnp.float32), upto, precision=jax.lax.Precision.HIGHEST
+        ).astype(jnp.int32)
+        slot = (count + start[:, None] + rank - 1).reshape(-1)
         flat = keep.reshape(-1)
-        slot = count + jnp.cumsum(flat, dtype=jnp.int32) - 1
         slot = jnp.where(flat & (slot < p), slot, p)  # out of range: dropped
         value = (index * n + i) * m + jnp.arange(m, dtype=jnp.int32)[None, :]
         code = code.at[slot].set(value.reshape(-1), mode="drop")
-        out = (code, count + jnp.sum(flat, dtype=jnp.int32))
+        out = (code, count + jnp.sum(per_atom, dtype=jnp.int32))
         if per_system:
-            out += (carry[2] + jnp.sum(keep, axis=1, dtype=jnp.int32),)
+            out += (carry[2] + per_atom,)
         return out, None
 
     init = (jnp.full((p,), -1, jnp.int32), jnp.zeros((), jnp.int32))

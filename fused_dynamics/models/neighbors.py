@@ -48,6 +48,7 @@ import numpy as np
 
 from .. import segment
 from ..hooks import DynamicsStage, Hook
+from ..linalg3 import matvec3
 from .cell_list import (
     _OCCUPANCY,
     _PAIRS,
@@ -398,7 +399,7 @@ class NeighborList(eqx.Module):
         sys = jnp.minimum(batch.system_idx, s - 1)
         # A = C^-1 C_ref maps positions into the frame of the reference cell
         a = jnp.linalg.solve(cell, self.reference_cell.astype(cell.dtype))
-        moved = jnp.einsum("ni,nij->nj", pos, a[sys]) - self.reference_positions.astype(pos.dtype)
+        moved = matvec3(pos, a[sys]) - self.reference_positions.astype(pos.dtype)
         d2 = jnp.where(batch.atom_mask, jnp.sum(moved * moved, axis=-1), 0.0)
         max_d = jnp.sqrt(jnp.maximum(segment.segment_max(d2, batch.system_idx, s), 0.0))
         strain = jnp.sqrt(jnp.sum((a - jnp.eye(3, dtype=a.dtype)) ** 2, axis=(-2, -1)))
@@ -437,7 +438,7 @@ class NeighborList(eqx.Module):
         i = jnp.minimum(self.senders, n - 1)
         j = jnp.minimum(self.receivers, n - 1)
         sys = jnp.minimum(system_idx[i], s - 1)
-        image = jnp.einsum("pk,pkl->pl", self.shifts.astype(positions.dtype), cell[sys])
+        image = matvec3(self.shifts.astype(positions.dtype), cell[sys])
         d = positions[j] - positions[i] + image
         return jnp.where(self.mask[:, None], d, 0.0)
 
