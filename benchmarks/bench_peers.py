@@ -34,9 +34,10 @@ compared after adding back ``e0`` per pair within the cutoff.
     (compile excluded, reported apart) and model evaluations: ``model_calls`` (batched
     evaluations) and ``system_evals`` (the evaluations each system needed, summed).
     fused_dynamics: one ``fd.FIRE`` run of the whole mixed batch (in the given order, with the
-    size buckets ``run`` fits); TorchSim: ``ts.optimize`` with its FIRE (ASE flavour), one call
-    per shape; ASE: ``FIRE`` one system after another; JAX-MD: ``minimize.fire_descent``
-    vmapped over each group of equal shapes inside a ``lax.while_loop``, one program per shape.
+    size buckets ``run`` fits; ``output_stress=False``: no peer computes a stress); TorchSim:
+    ``ts.optimize`` with its FIRE (ASE flavour), one call per shape; ASE: ``FIRE`` one system
+    after another; JAX-MD: ``minimize.fire_descent`` vmapped over each group of equal shapes
+    inside a ``lax.while_loop``, one program per shape.
 
 Sanity: the energy per atom of every code on the same structures (the 16 MD systems before the
 first step; each relaxed system) is recorded with its largest difference from fused_dynamics;
@@ -294,7 +295,10 @@ def fd_relax(systems):
     batch = fd.Batch.from_atoms(systems)
     model = fd.models.LennardJones(sigma=SIGMA, epsilon=EPSILON, cutoff=CUTOFF, shift=False)
     model = model.with_images(batch)
-    fire = fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(FMAX))
+    # no stress for what the run returns: the peers compute none either (docs/semantics.md §6)
+    fire = fd.FusedStage(
+        [fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(FMAX))], output_stress=False
+    )
     warm, _ = _timed(lambda: jax.block_until_ready(fire.run(batch, n_steps=1).positions))
     energy0 = np.asarray(model(batch).energy) / np.asarray(batch.n_atoms)
     info = {"warmup_s": warm, "warmup_steps": 1, "energy0_per_atom": energy0[order].tolist()}

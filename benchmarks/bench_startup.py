@@ -7,7 +7,8 @@ shapes, cutoff 7.5 Å, the default; ``peers``: half icosahedral 55-atom clusters
 fcc crystals, cutoff 8.5 Å), rattled 0.1 Å, LJ argon, FIRE to fmax 0.05 eV/Å, float64. Two codes,
 each in its own process per measurement:
 
-- fused_dynamics: ``FIRE(...).run(batch)`` on one mixed batch (its size buckets);
+- fused_dynamics: ``FusedStage([FIRE(...)], output_stress=False).run(batch)`` on one mixed
+  batch (its size buckets; no stress for the output, as JAX-MD computes none);
 - JAX-MD: bench_peers.py's vmapped ``fire_descent`` loop, one jitted program per shape.
 
 Two cache states: **cold** (JAX's persistent compilation cache on, in a new empty folder: the
@@ -79,7 +80,10 @@ def worker(code: str, cache: str, n_systems: int, relax_set: str = "w1") -> dict
         model = fd.models.LennardJones(
             sigma=bp.SIGMA, epsilon=bp.EPSILON, cutoff=cutoff, shift=False
         ).with_images(batch)
-        fire = fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(bp.FMAX))
+        fire = fd.FusedStage(  # no output stress: JAX-MD computes none (as bench_peers.py)
+            [fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(bp.FMAX))],
+            output_stress=False,
+        )
         final = fire.run(batch, n_steps=bp.MAX_RELAX_STEPS)
         energy = (np.asarray(final.energy) / np.asarray(final.n_atoms))[bp.grouped_order(systems)]
         fmax = np.asarray(final.max_atoms_of(jax.numpy.linalg.norm(final.forces, axis=-1)))

@@ -79,6 +79,14 @@ class FusedStage(eqx.Module):
     always_stress : bool, default False
         Compute the stress at every evaluation even when nothing in the run reads it, so that
         every output carries it (see :attr:`needs_stress`).
+    output_stress : bool, default True
+        When nothing in the run reads the stress, compute it once for what the run returns
+        (docs/semantics.md §6). ``False`` skips that evaluation: what the run returns has NaN
+        stress ("not computed") and outputs leave it out. The strain derivative costs about
+        2.7 force evaluations for a pair potential on CPU and about a third of a relaxation
+        program's compile time (docs/semantics.md §6), so a relaxation whose stress nobody
+        reads runs and compiles faster without it. No effect when something reads the stress
+        (a barostat, a cell filter, ``always_stress``): then it is computed at every step.
     convergence_every : int, default 1
         Test the sub-stages' convergence criteria (docs/semantics.md §10) on a system only
         after every ``convergence_every``-th step it spends in a sub-stage
@@ -123,6 +131,7 @@ class FusedStage(eqx.Module):
     max_temperature: float | None = eqx.field(static=True)
     max_displacement: float | None = eqx.field(static=True)
     always_stress: bool = eqx.field(static=True)
+    output_stress: bool = eqx.field(static=True)
     convergence_every: int = eqx.field(static=True)
 
     def __init__(
@@ -139,6 +148,7 @@ class FusedStage(eqx.Module):
         max_temperature: float | None = 1e5,
         max_displacement: float | None = 2.0,
         always_stress: bool = False,
+        output_stress: bool = True,
         convergence_every: int = 1,
     ):
         validation.check_integer("FusedStage", "convergence_every", convergence_every, 1)
@@ -167,6 +177,8 @@ class FusedStage(eqx.Module):
         self.max_temperature = None if max_temperature is None else float(max_temperature)
         self.max_displacement = None if max_displacement is None else float(max_displacement)
         self.always_stress = bool(always_stress)
+        validation.check_bool("FusedStage", "output_stress", output_stress)
+        self.output_stress = bool(output_stress)
         self.convergence_every = int(convergence_every)
 
     # ------------------------------------------------------------------ composition
@@ -175,7 +187,7 @@ class FusedStage(eqx.Module):
 
         The options are this fused stage's; ``convergence_every`` is the other fused stage's
         where this one has the default 1 (so ``stage + FusedStage(..., convergence_every=k)``
-        keeps ``k``).
+        keeps ``k``); ``always_stress`` and ``output_stress`` hold when either part has them.
         """
         extra = [s for _, s in other.sub_stages] if isinstance(other, FusedStage) else [other]
         stages = [s for _, s in self.sub_stages] + extra
@@ -188,6 +200,7 @@ class FusedStage(eqx.Module):
             exit_status=-1,  # after the new last code
             hooks=self.hooks + (other.hooks if fused else ()),
             always_stress=self.always_stress or (fused and other.always_stress),
+            output_stress=self.output_stress or (fused and other.output_stress),
             convergence_every=every,
         )
 
@@ -212,6 +225,7 @@ class FusedStage(eqx.Module):
             max_temperature=self.max_temperature,
             max_displacement=self.max_displacement,
             always_stress=self.always_stress,
+            output_stress=self.output_stress,
             convergence_every=self.convergence_every,
         )
         options.update(changes)

@@ -138,3 +138,37 @@ def test_a_chunk_advanced_by_hand_leaves_every_system_with_its_stress():
     got = np.asarray(out.stress)
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-16)
+
+
+def test_output_stress_false_skips_the_exit_evaluation_and_nothing_else():
+    """``FusedStage(output_stress=False)`` (docs/semantics.md §6) drops only the evaluation of
+    the stress for what the run returns: positions, energies and forces are the default run's
+    bit for bit, in a whole compiled run and in a run in chunks (a host hook); the stress is NaN
+    ("not computed") and ``to_atoms`` leaves it out. A run that reads the stress
+    (``always_stress``) still has it; ``+`` keeps the option; a non-bool is refused by name."""
+
+    class Count(fd.Hook):  # a host hook: the run goes in chunks
+        def on_host(self, data):
+            pass
+
+    systems = structures()
+    b = fd.Batch.from_atoms(systems, max_systems=4)
+    default = fd.FusedStage([(0, relax())]).run(b)
+    assert np.all(np.isfinite(np.asarray(default.stress)))
+    for hooks in ((), (Count(),)):
+        skipped = fd.FusedStage([(0, relax())], hooks=hooks, output_stress=False)
+        out = skipped.run(b, refill_frequency=7) if hooks else skipped.run(b)
+        for name in ("positions", "energy", "forces"):
+            np.testing.assert_array_equal(
+                np.asarray(getattr(out, name)), np.asarray(getattr(default, name)), err_msg=name
+            )
+        assert np.all(np.isnan(np.asarray(out.stress)))
+        assert all("stress" not in a.calc.results for a in out.to_atoms())
+    read = fd.FusedStage([(0, relax())], always_stress=True, output_stress=False).run(b)
+    np.testing.assert_allclose(
+        np.asarray(read.stress), np.asarray(default.stress), rtol=1e-12, atol=1e-16
+    )
+    chain = fd.FusedStage([(0, relax())], output_stress=False) + fd.NVE(LJ, dt=1.0, n_steps=2)
+    assert chain.output_stress is False
+    with pytest.raises(ValueError, match="output_stress must be True or False"):
+        fd.FusedStage([(0, relax())], output_stress="no")
