@@ -20,7 +20,7 @@ its output; the other scripts still run. Logs: ``results/logs/NAME.log`` (git ig
 
 Usage::
 
-    python -m benchmarks --quick            # 15 CPU-min (32 min at load 10-12)
+    python -m benchmarks --quick            # 35 CPU-min (25 min on 2 idle cores)
     python -m benchmarks                    # full run (about an hour on 2 cores)
     python -m benchmarks --only peers,inflight
     python -m benchmarks --plan             # print the commands, run nothing
@@ -352,7 +352,7 @@ def summarize(args, selected, records, peers, load0, started, t0, git) -> dict:
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument(
-        "--quick", action="store_true", help="small workloads (15 CPU-min; 32 min at load 10-12)"
+        "--quick", action="store_true", help="small workloads (35 CPU-min; 25 min on 2 idle cores)"
     )
     p.add_argument(
         "--only",

@@ -257,6 +257,36 @@ def padding_section(data: dict) -> list[str]:
     ]
 
 
+def w5_section(data: dict) -> list[str]:
+    """W5 against JAX-MD's neighbor list (bench_w5.py)."""
+    load = data.get("load_average", {})
+    out = [
+        f"**W5 against JAX-MD's neighbor list** (`bench_w5.py`, `{data['_file']}`): "
+        f"{data.get('workload')}. Load average {fmt(load.get('start', [None])[0])} at the "
+        f"start and {fmt(load.get('end', [None])[0])} at the end, commit "
+        f"{data.get('git', {}).get('commit', '?')[:7]}; initial energies agree: "
+        f"{data.get('sanity', {}).get('ok')}.",
+        "",
+        "| code | atom-steps/s (median round) | ms per step, median (min–max) | compile s "
+        "| list rebuilds in a round | fused_dynamics speed-up, median (min–max) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, rec in data.get("codes", {}).items():
+        step = rec.get("step_ms", {})
+        ratio = rec.get("ours_over_peer")
+        out.append(
+            f"| {name} | {fmt(rec.get('atom_steps_per_s'))} | {fmt(step.get('median'))} "
+            f"({fmt(step.get('min'))}–{fmt(step.get('max'))}) | {fmt(rec.get('compile_s'))} "
+            f"| {fmt(rec.get('rebuilds')) if rec.get('rebuilds') is not None else 'not counted'} "
+            f"| {'1' if ratio is None else _spread_text(ratio)} |"
+        )
+    return out
+
+
+def _spread_text(s: dict) -> str:
+    return f"{fmt(s.get('median'))} ({fmt(s.get('min'))}–{fmt(s.get('max'))})"
+
+
 def startup_section(data: dict) -> list[str]:
     """W1 time to solution of a new process (bench_startup.py), cold and warm cache."""
     med = data.get("summary", {})
@@ -489,6 +519,7 @@ def render() -> str:
         ("fused_overhead", overhead_section),
         ("padding", padding_section),
         ("startup", startup_section),
+        ("w5", w5_section),
         ("peers_gpu", gpu_section),
     ):
         data = load(name)

@@ -378,8 +378,12 @@ def w5_scaling(neighbors: dict | None, w5: dict | None = None) -> dict:
                 1.5,
                 peer="jax_md",
                 file=w5["_file"],
-                ours_atom_steps_per_s=ours["atom_steps_per_s"],
-                peer_atom_steps_per_s=rec["atom_steps_per_s"],
+                ours_atom_steps_per_s=spread(
+                    [w5["atoms"] * w5["steps"] / w for w in ours["round_walls_s"]]
+                ),
+                peer_atom_steps_per_s=spread(
+                    [w5["atoms"] * w5["steps"] / w for w in rec["round_walls_s"]]
+                ),
                 compile_s={"ours": ours["compile_s"], "peer": rec["compile_s"]},
             )
         )

@@ -187,7 +187,8 @@ class FusedStage(eqx.Module):
 
         The options are this fused stage's; ``convergence_every`` is the other fused stage's
         where this one has the default 1 (so ``stage + FusedStage(..., convergence_every=k)``
-        keeps ``k``); ``always_stress`` and ``output_stress`` hold when either part has them.
+        keeps ``k``); ``always_stress`` holds when either part has it, ``output_stress`` only
+        when both do (either part's ``output_stress=False`` opts the whole chain out).
         """
         extra = [s for _, s in other.sub_stages] if isinstance(other, FusedStage) else [other]
         stages = [s for _, s in self.sub_stages] + extra
@@ -200,7 +201,7 @@ class FusedStage(eqx.Module):
             exit_status=-1,  # after the new last code
             hooks=self.hooks + (other.hooks if fused else ()),
             always_stress=self.always_stress or (fused and other.always_stress),
-            output_stress=self.output_stress or (fused and other.output_stress),
+            output_stress=self.output_stress and (not fused or other.output_stress),
             convergence_every=every,
         )
 

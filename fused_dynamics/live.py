@@ -291,7 +291,8 @@ class Run:
         :meth:`refill_check` (or :meth:`write_graduated`) is what moves the run on. A checkpoint
         due at the current step is written first (so it holds what the caller's host visit,
         a refill, did). Returns the steps taken. Every system in :attr:`batch` afterwards
-        carries its output stress (docs/semantics.md §6).
+        carries its output stress, unless the fused stage has ``output_stress=False``
+        (docs/semantics.md §6).
         """
         return self.collect(self.dispatch(n_steps))
 

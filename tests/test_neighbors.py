@@ -144,10 +144,11 @@ def test_mixed_padded_batch_pairs_equal_ase(half):
 def test_one_key_sort_gives_the_canonical_order_of_the_sort_by_keys(half, monkeypatch):
     """The list's canonical order (by atom i, partner j, then shift) comes from one sort of a
     packed int64 key when JAX has int64 (x64), from a sort by several keys otherwise and for
-    shifts beyond the packed field: both orders are the same list, bit for bit (docs/models.md,
-    "Neighbor lists"). The field is narrowed to 8 bits here so that a system whose atoms lie
-    ~150 cells apart (unwrapped positions) takes the fallback, and one with small shifts does
-    not; a tiny cell (4 atoms, many images of each pair) is in both batches."""
+    shifts beyond +-511 cells: both orders are the same list, bit for bit (docs/models.md, "What
+    a rebuild costs"). Each layout gets a program of its own (a fresh ``jax.jit``: the layout is
+    read when the build is traced). A system whose atoms lie ~150 cells apart (unwrapped
+    positions) is sorted with the packed field narrowed to 8 bits, so it takes the fallback; a
+    tiny cell (4 atoms, several images of each pair) is in both batches."""
     from fused_dynamics.models import cell_list
 
     assert jax.config.jax_enable_x64
@@ -161,15 +162,51 @@ def test_one_key_sort_gives_the_canonical_order_of_the_sort_by_keys(half, monkey
     packed_layout = cell_list._packed_layout
     for systems, beyond in (([tiny, md_systems()[1]], False), ([far, tiny], True)):
         batch = fd.Batch.from_atoms(systems)
+        nl = NeighborList.allocate(batch, RC, SKIN, half=half)
         lists = []
         for layout in (lambda n: (packed_layout(n)[0], 8), lambda n: None):
             monkeypatch.setattr(cell_list, "_packed_layout", layout)
-            nl = NeighborList.allocate(batch, RC, SKIN, half=half)
-            lists.append([np.asarray(getattr(nl, k)) for k in ("senders", "receivers", "shifts")])
+            built = jax.jit(lambda nl, b: cell_list._build(nl, b))(nl, batch)
+            lists.append(
+                [np.asarray(getattr(built, k)) for k in ("senders", "receivers", "shifts")]
+            )
         assert (np.abs(lists[0][2]).max() >= 128) == beyond
         for one_key, by_keys in zip(*lists, strict=True):
             np.testing.assert_array_equal(one_key, by_keys)
-        check_against_ase(systems, batch, nl)
+        check_against_ase(systems, batch, built)
+
+
+def test_one_key_sort_of_random_pairs_equals_the_sort_by_keys(monkeypatch):
+    """``_canonical_order`` on random pairs (unused-slot sentinels, negative shifts, shifts at
+    the field's edges and beyond +-511): the packed sort and the sort by keys agree exactly;
+    with the field narrowed to 8 bits (shifts in [-128, 128)) the out-of-field pairs fall back
+    and still agree."""
+    from fused_dynamics.models import cell_list
+
+    n = 1000
+    rng = np.random.default_rng(5)
+    p = 4000
+    senders = rng.integers(0, n, p)
+    receivers = rng.integers(0, n, p)
+    shifts = rng.integers(-3, 4, (p, 3))
+    shifts[:50] = rng.choice([-512, -511, -129, -128, 127, 128, 511, 512], (50, 3))
+    senders[-300:], receivers[-300:], shifts[-300:] = n, n, 0  # unused slots
+    senders[:20] = receivers[:20] = 7  # one (i, j) pair under many shifts
+    args = [jnp.asarray(a, jnp.int32) for a in (senders, receivers, shifts)]
+    packed_layout = cell_list._packed_layout
+    for wide in (True, False):
+        for size in ((p,), (p - 60,)):  # with and without the shifts beyond +-511
+            sub = [a[-size[0] :] for a in args]
+            out = []
+            for layout in (
+                (lambda n: packed_layout(n)) if wide else (lambda n: (packed_layout(n)[0], 8)),
+                lambda n: None,
+            ):
+                monkeypatch.setattr(cell_list, "_packed_layout", layout)
+                order = jax.jit(lambda s, r, t: cell_list._canonical_order(s, r, t, True, n))
+                out.append([np.asarray(a) for a in order(*sub)])
+            for a, b in zip(*out, strict=True):
+                np.testing.assert_array_equal(a, b)
 
 
 # ---------------------------------------------------------------------------- model, eager

@@ -168,7 +168,11 @@ def test_output_stress_false_skips_the_exit_evaluation_and_nothing_else():
     np.testing.assert_allclose(
         np.asarray(read.stress), np.asarray(default.stress), rtol=1e-12, atol=1e-16
     )
-    chain = fd.FusedStage([(0, relax())], output_stress=False) + fd.NVE(LJ, dt=1.0, n_steps=2)
-    assert chain.output_stress is False
+    nve = fd.NVE(LJ, dt=1.0, n_steps=2)
+    off, on = fd.FusedStage([(0, relax())], output_stress=False), fd.FusedStage([(0, nve)])
+    assert (off + nve).output_stress is False  # either part opts the chain out
+    assert (relax() + off).output_stress is False
+    assert (off + on).output_stress is False and (on + off).output_stress is False
+    assert (on + on).output_stress is True
     with pytest.raises(ValueError, match="output_stress must be True or False"):
         fd.FusedStage([(0, relax())], output_stress="no")

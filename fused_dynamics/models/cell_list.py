@@ -252,7 +252,10 @@ def _canonical_order(senders, receivers, shifts, half: bool, n_atoms: int):
         as_int32 = lambda x: x.astype(jnp.int32)  # noqa: E731
         return as_int32(i), as_int32(j), as_int32(s - bias)
 
-    fits = jnp.all((shifts >= -bias) & (shifts < bias))
+    # where a shift is beyond +-511 the sort by keys (which clips there) decides, so that both
+    # sorts give one order for every list: a system's order never depends on another's shifts
+    edge = min(bias, 512)
+    fits = jnp.all((shifts >= -edge) & (shifts < edge) & (shifts > -512))
     return jax.lax.cond(fits, packed, by_keys, None)
 
 
@@ -303,7 +306,7 @@ def _build(nl, batch, per_system: bool = False):
     offsets = _stencil(k, nl.half)
     n_off = len(offsets)
     rc2 = rc * rc
-    upto = jnp.asarray(np.triu(np.ones((m, m), np.float32)))  # upto[a, b]: a <= b
+    upto = jnp.asarray(np.triu(np.ones((m, m), np.float32))) if m <= 64 else None  # a <= b
     if n_off * n * m >= 2**31 - 1:
         raise ValueError(
             f"NeighborList: {n_off} bin offsets x {n} atoms x {m} atoms per bin do not fit int32 "
@@ -341,9 +344,12 @@ def _build(nl, batch, per_system: bool = False):
         # in half the time on XLA:CPU.
         per_atom = jnp.sum(keep, axis=1, dtype=jnp.int32)
         start = jnp.cumsum(per_atom, dtype=jnp.int32) - per_atom
-        rank = jnp.matmul(
-            keep.astype(jnp.float32), upto, precision=jax.lax.Precision.HIGHEST
-        ).astype(jnp.int32)
+        if upto is None:  # wide bins: the product would cost N M^2
+            rank = jnp.cumsum(keep, axis=1, dtype=jnp.int32)
+        else:
+            rank = jnp.matmul(
+                keep.astype(jnp.float32), upto, precision=jax.lax.Precision.HIGHEST
+            ).astype(jnp.int32)
         slot = (count + start[:, None] + rank - 1).reshape(-1)
         flat = keep.reshape(-1)
         slot = jnp.where(flat & (slot < p), slot, p)  # out of range: dropped
