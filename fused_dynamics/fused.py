@@ -361,6 +361,12 @@ class FusedStage(eqx.Module):
         ]
         return any(uses)
 
+    @property
+    def computes_exit_stress(self) -> bool:
+        """Whether a run computes the stress once for what it returns: ``output_stress`` and
+        nothing reads it at every step (docs/semantics.md §6)."""
+        return self.output_stress and not self.needs_stress
+
     def evaluate(self, batch: Batch) -> Batch:
         """Evaluate the model once and write energy, forces and stress into the batch.
 

@@ -139,7 +139,7 @@ def output_stress(fused, batch: Batch, systems: jax.Array | None = None) -> Batc
         ``lax.map`` with a ``lax.cond`` per slot), so the cost is that of those systems, not of
         the batch; elsewhere the batch is evaluated when any slot is in ``systems``.
     """
-    if fused.needs_stress or not fused.output_stress:
+    if not fused.computes_exit_stress:
         return batch
     model = fused.model
     if systems is None:
@@ -173,7 +173,7 @@ def _stress_at_exit(fused, start: Batch, end: Batch, everyone) -> Batch:
     """``end`` (a chunk's last batch) with the stress of the systems that left the run since
     ``start``; systems that had left before keep the stress they left with; with ``everyone``
     (the last chunk of a run), every system still without one gets it too."""
-    if fused.needs_stress or not fused.output_stress:
+    if not fused.computes_exit_stress:
         return end
 
     def left(b):
