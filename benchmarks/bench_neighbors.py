@@ -35,11 +35,10 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import numpy as np  # noqa: E402
-from ase.build import bulk  # noqa: E402
-from ase.md.velocitydistribution import Stationary, thermalize_momenta  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import block, save  # noqa: E402
+from bench_peers import fcc_box  # noqa: E402
 
 import fused_dynamics as fd  # noqa: E402
 from fused_dynamics.models.neighbors import NeighborListHook  # noqa: E402
@@ -51,12 +50,7 @@ MODEL = fd.models.LennardJones(sigma=SIGMA, epsilon=EPSILON, cutoff=CUTOFF, shif
 
 
 def crystal(reps: int, rng) -> object:
-    a = bulk("Ar", "fcc", a=A_FCC, cubic=True) * (reps, reps, reps)
-    a.positions += rng.normal(scale=0.05, size=a.positions.shape)
-    a.wrap()
-    thermalize_momenta(a, temperature_K=40.0, rng=rng)
-    Stationary(a)
-    return a
+    return fcc_box(reps, rng, a=A_FCC, rattle=0.05, temperature_K=40.0)
 
 
 def one_system(reps: int, seed: int = 0) -> fd.Batch:

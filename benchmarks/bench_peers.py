@@ -106,18 +106,22 @@ DISTRIBUTIONS = {
 
 
 # --------------------------------------------------------------------------- structures
+def fcc_box(reps: int, rng, a: float = A_FCC, rattle: float = 0.05, temperature_K=40.0):
+    """A periodic fcc argon box of ``reps``³ cubic cells (lattice constant ``a`` Å), every atom
+    displaced by a normal ``rattle`` Å, wrapped, Maxwell-Boltzmann velocities at
+    ``temperature_K`` without net momentum; ``rng`` is drawn from in that order."""
+    box = bulk("Ar", "fcc", a=a, cubic=True) * (reps, reps, reps)
+    box.positions += rng.normal(scale=rattle, size=box.positions.shape)
+    box.wrap()
+    thermalize_momenta(box, temperature_K=temperature_K, rng=rng)
+    Stationary(box)
+    return box
+
+
 def md_systems(n_systems: int, reps: int = 4, seed: int = 0):
     """Rattled periodic fcc argon with Maxwell-Boltzmann velocities at 40 K (fixed seed)."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_systems):
-        a = bulk("Ar", "fcc", a=A_FCC, cubic=True) * (reps, reps, reps)
-        a.positions += rng.normal(scale=0.05, size=a.positions.shape)
-        a.wrap()
-        thermalize_momenta(a, temperature_K=40.0, rng=rng)
-        Stationary(a)
-        out.append(a)
-    return out
+    return [fcc_box(reps, rng) for _ in range(n_systems)]
 
 
 def relax_systems(n_systems: int, seed: int = 1):

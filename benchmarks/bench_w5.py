@@ -46,12 +46,19 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from ase import units  # noqa: E402
-from ase.build import bulk  # noqa: E402
-from ase.md.velocitydistribution import Stationary, thermalize_momenta  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import git_state, save  # noqa: E402
-from bench_peers import CUTOFF, DT_FS, EPSILON, MASS, SIGMA, _jaxmd_pair, version  # noqa: E402
+from bench_peers import (  # noqa: E402
+    CUTOFF,
+    DT_FS,
+    EPSILON,
+    MASS,
+    SIGMA,
+    _jaxmd_pair,
+    fcc_box,
+    version,
+)
 
 A_LIQUID = 5.74  # Å: 4 atoms per a³ at 1.40 g/cm³ (liquid argon near 87 K)
 SKIN = 1.0  # Å: ours skin, JAX-MD's dr_threshold (the same list radius, cutoff + 1 Å)
@@ -61,12 +68,7 @@ ENERGY_TOL = 1e-9  # eV/atom, float64, the same structure
 def liquid_density_box(cells: int, seed: int = 5):
     """One periodic fcc box at liquid density, displaced 0.3 Å, 100 K velocities."""
     rng = np.random.default_rng(seed)
-    a = bulk("Ar", "fcc", a=A_LIQUID, cubic=True) * (cells, cells, cells)
-    a.positions += rng.normal(scale=0.3, size=a.positions.shape)
-    a.wrap()
-    thermalize_momenta(a, temperature_K=100.0, rng=rng)
-    Stationary(a)
-    return a
+    return fcc_box(cells, rng, a=A_LIQUID, rattle=0.3, temperature_K=100.0)
 
 
 def ours(atoms, n_steps: int):
