@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from ase.constraints import FixAtoms, FixCartesian, FixCom
 
-__all__ = ["from_ase", "to_ase", "project_forces", "constrain_update", "removed_dof"]
+__all__ = ["from_ase", "to_ase", "project_forces", "constrain_update", "keep_fixed", "removed_dof"]
 
 SUPPORTED = (FixAtoms, FixCartesian, FixCom)
 
@@ -132,6 +132,41 @@ def project_forces(batch, forces: jax.Array) -> jax.Array:
     return jnp.where(batch.fixed, 0.0, forces)
 
 
+@jax.custom_jvp
+def keep_fixed(fixed: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array:
+    """``where(fixed, old, new)`` for (N, 3) arrays, bit for bit, written with bitwise ops.
+
+    Parameters
+    ----------
+    fixed : Array, shape (N, 3) bool
+    old, new : Array, shape (N, 3), one floating dtype
+
+    Returns
+    -------
+    Array, shape (N, 3): ``old`` where ``fixed``, else ``new``.
+
+    Notes
+    -----
+    XLA:CPU (jax 0.10.1) compiles a select whose three operands are (N, 3) arrays, when it is
+    not fused with the arithmetic that produced them, to a kernel that goes row by row: about
+    0.1 ms for 1,728 atoms, against 3 us for the same select as integer ``and``/``or`` of the
+    floats' bits. The derivative is that of ``where`` (a custom JVP), so differentiable runs are
+    unchanged.
+    """
+    bits = jnp.dtype(f"int{8 * jnp.dtype(old.dtype).itemsize}")
+    keep = -fixed.astype(bits)  # all ones where fixed, else zeros
+    old_bits = jax.lax.bitcast_convert_type(old, bits)
+    new_bits = jax.lax.bitcast_convert_type(new, bits)
+    return jax.lax.bitcast_convert_type((old_bits & keep) | (new_bits & ~keep), old.dtype)
+
+
+@keep_fixed.defjvp
+def _keep_fixed_jvp(primals, tangents):
+    fixed, old, new = primals
+    _, d_old, d_new = tangents
+    return keep_fixed(fixed, old, new), jnp.where(fixed, d_old, d_new)
+
+
 def constrain_update(old, new, mask: jax.Array):
     """``new`` (a batch after a half-update of the systems in ``mask``) with constraints applied.
 
@@ -158,6 +193,6 @@ def constrain_update(old, new, mask: jax.Array):
         jnp.any(old.fix_com & mask), com_shift, lambda a: a, arrays
     )
     return new.replace(
-        positions=jnp.where(old.fixed, old.positions, positions),
+        positions=keep_fixed(old.fixed, old.positions, positions),
         velocities=jnp.where(old.fixed, 0.0, velocities),
     )

@@ -5,6 +5,7 @@ written back by ``to_atoms``; other constraint types are refused, never dropped.
 from __future__ import annotations
 
 import ase
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -198,3 +199,44 @@ def test_freeze_atoms_hook_holds_in_streaming_runs_too():
     (out,) = sink.atoms
     np.testing.assert_array_equal(out.positions[:24], a.positions[:24])
     assert np.abs(out.positions[24:] - a.positions[24:]).max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_keep_fixed_is_where_bit_for_bit_and_in_its_derivative(dtype):
+    """``constraints.keep_fixed`` (a bitwise select, faster on XLA:CPU) equals
+    ``jnp.where(fixed, old, new)`` bit for bit, signed zeros, infinities and NaN payloads
+    included, and so does its derivative (forward and reverse) under ``jit`` and ``vmap``."""
+    rng = np.random.default_rng(0)
+    n = 257
+    info = np.finfo(dtype)
+    special = np.array(
+        [0.0, -0.0, np.inf, -np.inf, np.nan, info.smallest_subnormal, -info.max, 3.5], dtype
+    )
+    old = rng.normal(size=(n, 3)).astype(dtype)
+    new = rng.normal(size=(n, 3)).astype(dtype)
+    old[: len(special), 0] = special
+    new[: len(special), 1] = special[::-1]
+    fixed = rng.random((n, 3)) < 0.4
+    got = jax.jit(fd.constraints.keep_fixed)(fixed, old, new)
+    want = np.where(fixed, old, new)
+    assert got.dtype == want.dtype
+    bits = np.dtype(f"uint{8 * np.dtype(dtype).itemsize}")
+    np.testing.assert_array_equal(np.asarray(got).view(bits), want.view(bits))
+    batched = jax.vmap(fd.constraints.keep_fixed)(fixed[None], old[None], new[None])[0]
+    np.testing.assert_array_equal(np.asarray(batched).view(bits), want.view(bits))
+
+    old, new = np.nan_to_num(old), np.nan_to_num(new, posinf=2.0, neginf=-2.0)
+    weights = rng.normal(size=(n, 3)).astype(dtype)
+
+    def loss(f, o, x):
+        return jnp.sum(weights * f(fixed, o * o, jnp.sin(x)))
+
+    grads = jax.grad(lambda o, x: loss(fd.constraints.keep_fixed, o, x), argnums=(0, 1))
+    ref = jax.grad(lambda o, x: loss(jnp.where, o, x), argnums=(0, 1))
+    for g, r in zip(jax.jit(grads)(old, new), ref(old, new), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+    t_old, t_new = rng.normal(size=(2, n, 3)).astype(dtype)
+    _, tangent = jax.jvp(
+        lambda o, x: fd.constraints.keep_fixed(fixed, o, x), (old, new), (t_old, t_new)
+    )
+    np.testing.assert_array_equal(np.asarray(tangent), np.where(fixed, t_old, t_new))
