@@ -280,10 +280,11 @@ def _build(nl, batch, per_system: bool = False):
     they fit the capacity (a count pass with capacity 0 measures them without storing any).
 
     The loop over bin offsets stores one int32 code per pair, ``(offset, i, column)``, with one
-    scatter; the pairs' atoms and shifts are decoded from the codes afterwards (gathers of size
-    P). Distances use the positions wrapped into the cell, ``x = r - image @ C``, so that a
-    candidate costs one gather: ``d = x_j - x_i + wrap @ C``, ``wrap`` being the image shift of
-    the offset bin (the same for the whole row).
+    scatter, and returns a table of each (offset, atom)'s bin row and image shift; the pairs'
+    atoms and shifts are decoded from the codes afterwards with gathers of size P (one from that
+    table: no bin arithmetic per pair). Distances use the positions wrapped into the cell,
+    ``x = r - image @ C``, so that a candidate costs one gather: ``d = x_j - x_i + wrap @ C``,
+    ``wrap`` being the image shift of the offset bin (the same for the whole row).
     """
     n, s = batch.max_atoms, batch.max_systems
     k, p, m, b = nl.stencil, nl.capacity, nl.bin_capacity, nl.max_bins
@@ -317,8 +318,11 @@ def _build(nl, batch, per_system: bool = False):
         """Table row of bin offset ``o`` from atom ``i`` and its image shift (any shape)."""
         na = n_atom[i]
         ub = coord[i] + o  # unwrapped bin coordinates
-        wrapped = jnp.where(per[i], jnp.mod(ub, na), ub)
-        wrap = jnp.where(per[i], jnp.floor_divide(ub, na), 0)
+        # floor(ub / na) in float32: exact for |ub| < 2**24 (a quotient that is not an integer
+        # is at least 1/na from one), and vectorised, where an int32 division is not on x86
+        wrap = jnp.floor(ub.astype(jnp.float32) / na.astype(jnp.float32)).astype(ub.dtype)
+        wrap = jnp.where(per[i], wrap, 0)
+        wrapped = ub - wrap * na
         inside = jnp.all(per[i] | ((ub >= 0) & (ub < na)), axis=-1)
         linear = (wrapped[..., 0] * na[..., 1] + wrapped[..., 1]) * na[..., 2] + wrapped[..., 2]
         row = jnp.where(real[i] & inside, first_bin[i] + linear, b)
@@ -358,22 +362,23 @@ def _build(nl, batch, per_system: bool = False):
         out = (code, count + jnp.sum(per_atom, dtype=jnp.int32))
         if per_system:
             out += (carry[2] + per_atom,)
-        return out, None
+        # what the decoding needs of (offset, atom): the row and the atom's side of the shift
+        return out, jnp.concatenate([row[:, None], wrap + image], axis=1)
 
     init = (jnp.full((p,), -1, jnp.int32), jnp.zeros((), jnp.int32))
     if per_system:
         init += (jnp.zeros((n,), jnp.int32),)
-    carry, _ = jax.lax.scan(body, init, jnp.arange(n_off, dtype=jnp.int32))
+    carry, looked_up = jax.lax.scan(body, init, jnp.arange(n_off, dtype=jnp.int32))
     code, count = carry[:2]
-    # decode the pairs
+    # decode the pairs: one gather of the (offset, atom) table instead of the bins again
     mask = code >= 0
     c = jnp.maximum(code, 0)
     index, rest = c // (n * m), c % (n * m)
     i, column = rest // m, rest % m
-    row, wrap = rows(i, jnp.asarray(offsets)[index])
-    j = table[row, column]
+    entry = looked_up[index, i]  # (P, 4): row, wrap + image[i]
+    j = table[entry[:, 0], column]
     j_ok = jnp.minimum(j, n - 1)
-    shifts = jnp.where(mask[:, None], wrap + image[i] - image[j_ok], 0).astype(jnp.int32)
+    shifts = jnp.where(mask[:, None], entry[:, 1:] - image[j_ok], 0).astype(jnp.int32)
     senders = jnp.where(mask, i, n).astype(jnp.int32)
     receivers = jnp.where(mask, j, n).astype(jnp.int32)
     senders, receivers, shifts = _canonical_order(senders, receivers, shifts, nl.half, n)
