@@ -363,6 +363,23 @@ def _target_cell(r: dict) -> str:
     return f"{r['direction']} {fmt(r['target'])}{met}"
 
 
+def _earlier_runs(data: dict) -> str:
+    """A sentence naming the scripts whose rows come from an earlier run (``--only``)."""
+    by_commit: dict[str, list[str]] = {}
+    for name, v in sorted(data.get("scripts", {}).items()):
+        if v.get("from_earlier_run"):
+            commit = (v["from_earlier_run"].get("commit") or "?")[:10]
+            by_commit.setdefault(commit, []).append(name)
+    if not by_commit:
+        return ""
+    parts = [f"{', '.join(names)} (commit `{c}`)" for c, names in by_commit.items()]
+    return (
+        " The rows of scripts this command did not run are their last records: "
+        + "; ".join(parts)
+        + "."
+    )
+
+
 def summary_section(data: dict) -> list[str]:
     """The one-command summary (``python -m benchmarks``): every ratio, coverage, peers."""
     la = data.get("load_average", {})
@@ -375,7 +392,7 @@ def summary_section(data: dict) -> list[str]:
         f"chart `benchmarks/results/{stem}.png`): commit `{git.get('commit', '?')[:10]}`"
         + (f" with uncommitted changes to {', '.join(dirty)}" if dirty else "")
         + f", {data.get('cpus', '?')} CPUs, load average {fmt(start)} at start and {fmt(end)} "
-        f"at end, {fmt(data.get('wall_s', 0) / 60, 2)} min in all.",
+        f"at end, {fmt(data.get('wall_s', 0) / 60, 2)} min in all." + _earlier_runs(data),
         "",
         "| workload | comparison | fused_dynamics / peer, median (min–max) | target "
         "| atom-steps/s, ours / peer (median) | compile s (ours / peer) | file |",
