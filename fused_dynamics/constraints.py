@@ -132,6 +132,15 @@ def project_forces(batch, forces: jax.Array) -> jax.Array:
     return jnp.where(batch.fixed, 0.0, forces)
 
 
+# the integer type of each float's width, for selecting floats by their bits
+_SAME_WIDTH_INT = {
+    jnp.dtype(jnp.float16): jnp.dtype(jnp.int16),
+    jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.int16),
+    jnp.dtype(jnp.float32): jnp.dtype(jnp.int32),
+    jnp.dtype(jnp.float64): jnp.dtype(jnp.int64),
+}
+
+
 @jax.custom_jvp
 def keep_fixed(fixed: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array:
     """``where(fixed, old, new)`` for (N, 3) arrays, bit for bit, written with bitwise ops.
@@ -139,11 +148,15 @@ def keep_fixed(fixed: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array:
     Parameters
     ----------
     fixed : Array, shape (N, 3) bool
-    old, new : Array, shape (N, 3), one floating dtype
+        Components held fixed.
+    old, new : Array, shape (N, 3)
+        Values (positions, Å) before and after an update, float16, bfloat16, float32 or
+        float64; other or mixed dtypes take ``jnp.where`` itself (the same result).
 
     Returns
     -------
-    Array, shape (N, 3): ``old`` where ``fixed``, else ``new``.
+    Array, shape (N, 3)
+        ``old`` where ``fixed``, else ``new``.
 
     Notes
     -----
@@ -153,7 +166,10 @@ def keep_fixed(fixed: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array:
     floats' bits. The derivative is that of ``where`` (a custom JVP), so differentiable runs are
     unchanged.
     """
-    bits = jnp.dtype(f"int{8 * jnp.dtype(old.dtype).itemsize}")
+    dtype = jnp.dtype(old.dtype)
+    if jnp.dtype(new.dtype) != dtype or dtype not in _SAME_WIDTH_INT:
+        return jnp.where(fixed, old, new)  # mixed or unusual dtypes: the select itself
+    bits = _SAME_WIDTH_INT[dtype]
     keep = -fixed.astype(bits)  # all ones where fixed, else zeros
     old_bits = jax.lax.bitcast_convert_type(old, bits)
     new_bits = jax.lax.bitcast_convert_type(new, bits)

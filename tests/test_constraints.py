@@ -205,7 +205,8 @@ def test_freeze_atoms_hook_holds_in_streaming_runs_too():
 def test_keep_fixed_is_where_bit_for_bit_and_in_its_derivative(dtype):
     """``constraints.keep_fixed`` (a bitwise select, faster on XLA:CPU) equals
     ``jnp.where(fixed, old, new)`` bit for bit, signed zeros, infinities and NaN payloads
-    included, and so does its derivative (forward and reverse) under ``jit`` and ``vmap``."""
+    included, and so do its first derivative (forward and reverse, under ``jit`` and ``vmap``)
+    and its second; mixed dtypes fall back to ``jnp.where``."""
     rng = np.random.default_rng(0)
     n = 257
     info = np.finfo(dtype)
@@ -225,7 +226,7 @@ def test_keep_fixed_is_where_bit_for_bit_and_in_its_derivative(dtype):
     batched = jax.vmap(fd.constraints.keep_fixed)(fixed[None], old[None], new[None])[0]
     np.testing.assert_array_equal(np.asarray(batched).view(bits), want.view(bits))
 
-    old, new = np.nan_to_num(old), np.nan_to_num(new, posinf=2.0, neginf=-2.0)
+    old, new = rng.normal(size=(2, n, 3)).astype(dtype)  # finite, for the derivatives
     weights = rng.normal(size=(n, 3)).astype(dtype)
 
     def loss(f, o, x):
@@ -235,6 +236,25 @@ def test_keep_fixed_is_where_bit_for_bit_and_in_its_derivative(dtype):
     ref = jax.grad(lambda o, x: loss(jnp.where, o, x), argnums=(0, 1))
     for g, r in zip(jax.jit(grads)(old, new), ref(old, new), strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+    # the derivative under vmap, and the second derivative (a Hessian-vector product)
+    per_row = jax.vmap(jax.grad(lambda o, x, f: jnp.sum(fd.constraints.keep_fixed(f, o, x))))
+    ref_rows = jax.vmap(jax.grad(lambda o, x, f: jnp.sum(jnp.where(f, o, x))))
+    np.testing.assert_array_equal(
+        np.asarray(per_row(old, new, fixed)), np.asarray(ref_rows(old, new, fixed))
+    )
+    v = rng.normal(size=(n, 3)).astype(dtype)
+
+    def hvp(f):
+        def inner(x):
+            return jnp.vdot(jax.grad(lambda y: loss(f, old, y))(x), v)
+
+        return jax.grad(inner)(new)
+
+    np.testing.assert_array_equal(
+        np.asarray(hvp(fd.constraints.keep_fixed)), np.asarray(hvp(jnp.where))
+    )
+    mixed = fd.constraints.keep_fixed(fixed, old.astype(np.float32), new.astype(np.float64))
+    np.testing.assert_array_equal(np.asarray(mixed), np.where(fixed, old.astype(np.float32), new))
     t_old, t_new = rng.normal(size=(2, n, 3)).astype(dtype)
     _, tangent = jax.jvp(
         lambda o, x: fd.constraints.keep_fixed(fixed, o, x), (old, new), (t_old, t_new)

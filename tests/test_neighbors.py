@@ -209,6 +209,28 @@ def test_one_key_sort_of_random_pairs_equals_the_sort_by_keys(monkeypatch):
                 np.testing.assert_array_equal(a, b)
 
 
+def test_float32_floor_of_the_bin_wrap_equals_integer_floor_division():
+    """The bin wrap ``floor(ub / na)`` computed in float32 (``cell_list._floor_divide``) equals
+    the int32 floor division: every ``na`` in 1..300 with ``ub`` from -130 to na + 130 (a
+    stencil reach of 130 bins), and multiples of ``na`` and their neighbours up to the static
+    bound ``|ub| + na < 2**21``, where a float32 quotient rounds closest to an integer."""
+    from fused_dynamics.models import cell_list
+
+    na = np.arange(1, 301)[:, None]
+    ub = np.arange(-130, 431)[None, :]
+    ub, na = np.broadcast_arrays(ub, na)
+    big_na = np.array([1, 3, 7, 41, 999, 4095, 65521, 2**20 - 3])
+    q = (2**21 - 1 - big_na) // big_na  # the largest multiple within the bound
+    near = (q * big_na)[:, None] + np.array([-1, 0, 1])[None, :]
+    near = np.concatenate([near, -near], axis=1)
+    near = np.where(np.abs(near) + big_na[:, None] < 2**21, near, 0)
+    ub = np.concatenate([ub.ravel(), near.ravel()]).astype(np.int32)
+    na = np.concatenate([na.ravel(), np.repeat(big_na, near.shape[1])]).astype(np.int32)
+    for in_float32 in (True, False):
+        got = jax.jit(cell_list._floor_divide, static_argnums=2)(ub, na, in_float32)
+        np.testing.assert_array_equal(np.asarray(got), np.floor_divide(ub, na))
+
+
 # ---------------------------------------------------------------------------- model, eager
 def md_systems(seed=0):
     """Argon: a hot triclinic crystal, an icosahedral cluster, a slab periodic in x and y."""
