@@ -201,7 +201,7 @@ def test_freeze_atoms_hook_holds_in_streaming_runs_too():
     assert np.abs(out.positions[24:] - a.positions[24:]).max() > 1e-3
 
 
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32, jnp.float16, jnp.bfloat16])
 def test_keep_fixed_is_where_bit_for_bit_and_in_its_derivative(dtype):
     """``constraints.keep_fixed`` (a bitwise select, faster on XLA:CPU) equals
     ``jnp.where(fixed, old, new)`` bit for bit, signed zeros, infinities and NaN payloads
@@ -254,7 +254,9 @@ def test_keep_fixed_is_where_bit_for_bit_and_in_its_derivative(dtype):
         np.asarray(hvp(fd.constraints.keep_fixed)), np.asarray(hvp(jnp.where))
     )
     mixed = fd.constraints.keep_fixed(fixed, old.astype(np.float32), new.astype(np.float64))
-    np.testing.assert_array_equal(np.asarray(mixed), np.where(fixed, old.astype(np.float32), new))
+    want_mixed = jnp.where(fixed, old.astype(np.float32), new.astype(np.float64))
+    assert mixed.dtype == want_mixed.dtype
+    np.testing.assert_array_equal(np.asarray(mixed), np.asarray(want_mixed))
     t_old, t_new = rng.normal(size=(2, n, 3)).astype(dtype)
     _, tangent = jax.jvp(
         lambda o, x: fd.constraints.keep_fixed(fixed, o, x), (old, new), (t_old, t_new)

@@ -229,6 +229,11 @@ def test_float32_floor_of_the_bin_wrap_equals_integer_floor_division():
     for in_float32 in (True, False):
         got = jax.jit(cell_list._floor_divide, static_argnums=2)(ub, na, in_float32)
         np.testing.assert_array_equal(np.asarray(got), np.floor_divide(ub, na))
+    # the margin: a float32 quotient one ulp off either way (a division less exact than
+    # XLA's correctly rounded one) floors the same
+    q = (ub.astype(np.float32) + np.float32(0.5)) / na.astype(np.float32)
+    for off in (np.nextafter(q, np.float32(np.inf)), np.nextafter(q, np.float32(-np.inf))):
+        np.testing.assert_array_equal(np.floor(off).astype(np.int32), np.floor_divide(ub, na))
 
 
 # ---------------------------------------------------------------------------- model, eager

@@ -278,10 +278,11 @@ def _floor_divide(ub: jax.Array, na: jax.Array, in_float32: bool) -> jax.Array:
 
     ``in_float32`` (static): as ``floor((ub + 1/2) / na)`` in float32, vectorised where an
     int32 division is not on x86 (a 32,000-atom rebuild went from 345 to 282 ms, measured
-    once). Exact whatever the
-    rounding of the division while ``|ub| + na < 2**21``: then ``ub + 1/2`` and ``na`` are
-    exact in float32 and the quotient is at least ``1 / (2 na)`` from an integer. The caller
-    checks that bound statically.
+    once). Exact while ``|ub| + na < 2**21`` (the caller checks that bound statically) for a
+    division whose relative error is below ``1 / (2 |ub| + 1)``, at least ``2**-22``: a
+    correctly rounded one (XLA's default) or a multiplication by the reciprocal. Then
+    ``ub + 1/2`` and ``na`` are exact in float32 and the quotient ``(2 ub + 1) / (2 na)`` is
+    at least ``1 / (2 na)`` from an integer.
     """
     if not in_float32:
         return jnp.floor_divide(ub, na)
