@@ -363,12 +363,18 @@ def _target_cell(r: dict) -> str:
     return f"{r['direction']} {fmt(r['target'])}{met}"
 
 
+def _earlier_commit(script: dict) -> str | None:
+    """The short commit of the earlier run a script's record was kept from (``--only``), or
+    None for a record of this run."""
+    earlier = script.get("from_earlier_run")
+    return (earlier.get("commit") or "?")[:10] if earlier else None
+
+
 def _earlier_runs(data: dict) -> str:
     """A sentence naming the scripts whose rows come from an earlier run (``--only``)."""
     by_commit: dict[str, list[str]] = {}
     for name, v in sorted(data.get("scripts", {}).items()):
-        if v.get("from_earlier_run"):
-            commit = (v["from_earlier_run"].get("commit") or "?")[:10]
+        if commit := _earlier_commit(v):
             by_commit.setdefault(commit, []).append(name)
     if not by_commit:
         return ""
@@ -460,11 +466,7 @@ def summary_section(data: dict) -> list[str]:
     failed = [f"{k} ({v['status']}, exit {v['rc']})" for k, v in scripts.items() if v["rc"]]
     rows = [
         f"{k} {fmt(v['wall_s'], 3)} s, peak {fmt(v.get('peak_rss_mb'), 3)} MB"
-        + (
-            f" (an earlier run, commit `{(v['from_earlier_run'].get('commit') or '?')[:10]}`)"
-            if v.get("from_earlier_run")
-            else ""
-        )
+        + (f" (an earlier run, commit `{_earlier_commit(v)}`)" if _earlier_commit(v) else "")
         for k, v in scripts.items()
     ]
     if rows:
