@@ -165,6 +165,7 @@ def test_layout_follows_the_fill_of_the_slots():
     assert dense_layout(1, 64, 64, 0) == "blocks"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["rows", "blocks"])
 def test_a_float32_fused_relax_then_md_with_image_shifts_compiles_and_runs(layout, monkeypatch):
     """Regression: the blocks' image shifts formed component by component crashed XLA:CPU

@@ -67,6 +67,7 @@ def _run(folder) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_second_process_loads_the_programs_and_gives_the_same_bits(tmp_path):
     folder = tmp_path / "new" / "cache"  # created, parents included
     first = _run(folder)

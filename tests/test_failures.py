@@ -135,6 +135,7 @@ def test_explosion_mid_run_fails_with_its_step(stage):
     assert list(reason[[0, 2]]) == [fd.ExitReason.BUDGET] * 2
 
 
+@pytest.mark.slow
 def test_max_force_bound_is_configurable_and_checked():
     a = _crystal(0)
     p = a.positions.copy()

@@ -279,6 +279,7 @@ def _sparse_then_dense() -> list[ase.Atoms]:
     return out
 
 
+@pytest.mark.slow
 def test_an_inflight_neighbor_list_is_sized_for_the_whole_dataset_before_compiling():
     """docs/semantics.md §14: the first list of an inflight run covers the needs of the
     dataset packed as the refills bring it (SizeAwareSampler.preview_batches), so a denser

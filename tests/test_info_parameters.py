@@ -90,6 +90,7 @@ def by_id(frames) -> dict:
     return {int(a.info["system_id"]): a for a in frames}
 
 
+@pytest.mark.slow
 def test_values_from_info_equal_the_same_values_given_per_slot():
     """A fixed batch: thresholds, temperatures and budgets from ``atoms.info`` give bit for bit
     the run with those values given per slot; each system spends exactly its own budget."""
@@ -191,6 +192,7 @@ def test_values_travel_with_their_system_through_refills_and_bad_ones_are_reject
     assert_same_systems(first, resumed, good)
 
 
+@pytest.mark.slow
 def test_a_pipeline_carries_the_values_between_its_stages():
     """``relax | md`` (here on one device, the stages taking turns): the temperature and the
     budget that only the second stage reads travel with each system's row, so every system's
@@ -364,6 +366,7 @@ path = "{output}"
 """
 
 
+@pytest.mark.slow
 def test_the_command_line_reads_values_from_info(tmp_path):
     """``temperature = {info = "T"}`` in a job file: the same values and rules as
     ``fd.from_info`` (docs/command-line.md). Each system's result is bit for bit the same

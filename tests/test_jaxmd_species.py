@@ -273,6 +273,7 @@ def _rel(got, want):
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("neighbors", [False, True], ids=["dense", "neighbor_list"])
 @pytest.mark.parametrize("potential", list(CASES))
 def test_species_pair_potentials_equal_jaxmd(systems, batch, listed_batch, potential, neighbors):

@@ -497,6 +497,7 @@ def test_morse_shifted_against_numpy():
     assert_rel(out.energy[0], np.sum(phi(r) - phi(rc)), 1e-12, "energy vs numpy")
 
 
+@pytest.mark.slow
 def test_vmap_over_batches_and_parameters():
     # Ensembles: a leading axis over batches of one capacity, or over model parameters, gives
     # the same as separate evaluations (to rounding, 1e-12 relative); E is linear in ε.

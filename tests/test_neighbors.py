@@ -140,6 +140,7 @@ def test_mixed_padded_batch_pairs_equal_ase(half):
     assert np.all(np.asarray(nl.shifts)[free] == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("half", [False, True])
 def test_one_key_sort_gives_the_canonical_order_of_the_sort_by_keys(half, monkeypatch):
     """The list's canonical order (by atom i, partner j, then shift) comes from one sort of a
@@ -251,6 +252,7 @@ def md_systems(seed=0):
     return [crystal, ico, slab]
 
 
+@pytest.mark.slow
 def test_model_on_neighbor_list_equals_dense_path():
     rng = np.random.default_rng(3)
     prim = ase.build.bulk("Ar", "fcc", a=5.26)  # one atom, cell much thinner than the cutoff
@@ -428,6 +430,7 @@ class NeighborSampler(fd.SizeAwareSampler):
         return self.model.attach_neighbors(batch, capacity=4000, cells=cells, pbc=pbc)
 
 
+@pytest.mark.slow
 def test_inflight_refill_rebuilds_for_new_systems():
     rng = np.random.default_rng(5)
     data = []
@@ -454,6 +457,7 @@ def test_inflight_refill_rebuilds_for_new_systems():
         np.testing.assert_allclose(got[i].get_forces(), ref[i].get_forces(), atol=FORCE_ATOL)
 
 
+@pytest.mark.slow
 def test_sharded_evaluation_equals_unsharded():
     """Atom and system axes sharded over 2 (virtual CPU) devices: same results."""
     code = textwrap.dedent(

@@ -37,6 +37,7 @@ def test_stored_without_outputs(path):
     [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW else p for p in NOTEBOOKS],
     ids=lambda p: p.stem,
 )
+@pytest.mark.slow
 def test_runs_in_fast_mode(path, tmp_path, monkeypatch):
     monkeypatch.setenv("FD_FAST", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")

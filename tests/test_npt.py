@@ -95,6 +95,7 @@ def second_half(x):
 
 
 # ---------------------------------------------------------------------- exact reference: ASE
+@pytest.mark.slow
 @pytest.mark.parametrize("coupling", ["isotropic", "anisotropic"])
 def test_matches_ase_mtk(coupling):
     """One step is the same map as ASE's MTK integrators (isotropic / all three axes).

@@ -310,6 +310,7 @@ def test_frechet_expm_matches_scipy():
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["fire", "fire2"])
 def test_variable_cell_matches_ase_frechet_filter(optimizer):
     systems = crystals()

@@ -140,6 +140,7 @@ def test_a_chunk_advanced_by_hand_leaves_every_system_with_its_stress():
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-16)
 
 
+@pytest.mark.slow
 def test_output_stress_false_skips_the_exit_evaluation_and_nothing_else():
     """``FusedStage(output_stress=False)`` (docs/semantics.md §6) drops only the evaluation of
     the stress for what the run returns: positions, energies and forces are the default run's

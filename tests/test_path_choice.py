@@ -175,6 +175,7 @@ def test_both_paths_give_the_same_energies_and_forces():
     np.testing.assert_allclose(np.asarray(out.forces), np.asarray(ref.forces), rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_a_fixed_batch_run_attaches_the_list_itself():
     """One call: ``run`` of a list model on a batch without a list attaches one (as inflight
     runs do), and 10 NVE steps follow the dense run to 1e-10 Å (float64; the same pairs summed

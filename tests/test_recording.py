@@ -72,6 +72,7 @@ def assert_same_calls(got, want):
                 np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name} {step} {key}")
 
 
+@pytest.mark.slow
 def test_recorded_hooks_receive_what_host_callbacks_receive_in_the_same_order():
     """A concrete batch's run records its host hooks and delivers them after each chunk; under
     jax.jit the same run sends each by a host callback during the step. The calls (hook,
@@ -103,6 +104,7 @@ def test_the_compiled_chunk_has_no_host_callback():
     assert "debug_callback" in str(called)
 
 
+@pytest.mark.slow
 def test_a_chunk_longer_than_its_buffers_stops_early_and_loses_nothing():
     """Buffers are sized for refill_frequency steps; advance(n) with n larger stops when one
     fills (every_n_steps=1: 3 records), and the rest comes in the next chunks: every step is
@@ -137,6 +139,7 @@ def test_a_chunk_redone_on_a_grown_neighbor_list_delivers_its_records_once():
         np.testing.assert_allclose(got[3]["energy"], want[3]["energy"], rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_the_branch_free_form_records_the_same_bits(monkeypatch):
     """Off CPU a not-due step writes its record into a spill row instead of branching (a GPU
     reads a cond's predicate back to the host). Traced here on CPU by patching the backend

@@ -119,6 +119,7 @@ def test_resumed_run_fires_hooks_at_the_same_steps_and_draws_the_same_noise():
 
 
 # ----------------------------------------------------------------- checkpoints: §19
+@pytest.mark.slow
 @pytest.mark.parametrize("path_kind", ["dense", "neighbors"])
 def test_checkpoint_of_a_fixed_batch_resumes_bit_for_bit(tmp_path, path_kind):
     path = tmp_path / "run.ckpt"
@@ -239,6 +240,7 @@ def test_live_run_with_checkpoints_writes_them_and_completes(tmp_path):
     assert ckpt.read_header(path)["step_count"] == 10 * run.stats.checkpoints
 
 
+@pytest.mark.slow
 def test_n_steps_counts_steps_of_this_call_on_every_path(tmp_path):
     """``n_steps`` is the number of steps a call may take, with or without sinks/checkpoints."""
     md = fd.FusedStage([fd.NVTLangevin(LJ, dt=4.0, temperature=40.0, friction=0.02)])

@@ -135,6 +135,7 @@ def test_a_system_beside_others_is_bitwise_the_same_as_alone(mixed):
                 np.testing.assert_array_equal(u, v)
 
 
+@pytest.mark.slow
 def test_a_system_without_a_place_fails_alone():
     systems = _structures()
     batch = fd.Batch.from_atoms(systems)

@@ -94,6 +94,7 @@ def _numpy_metrics(model, structures):
     }
 
 
+@pytest.mark.slow
 def test_recovers_known_parameters(lj_data):
     """From σ=2.3, ε=0.3 back to σ=2.5, ε=0.5 (noise-free data: to 1e-6 relative)."""
     result = train(
