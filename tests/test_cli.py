@@ -176,7 +176,6 @@ def runs(tmp_path_factory):
     return root, results
 
 
-@pytest.mark.slow
 def test_run_toml_float64_zarr(runs):
     root, results = runs
     rc, out, err = results["toml"]

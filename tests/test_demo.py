@@ -41,7 +41,6 @@ def quick_demo(tmp_path_factory):
     return out, proc
 
 
-@pytest.mark.slow
 def test_quick_demo_writes_every_system_with_a_final_exit_reason(quick_demo):
     out, _ = quick_demo
     frames = ase.io.read(out / "demo.extxyz", index=":")

@@ -10,8 +10,6 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
-# the two longest end-to-end runs (about 50 and 130 s): in the slow tier, still run by make test
-SLOW = {"03_ensembles", "04_machine_learned_potential"}
 
 
 def test_the_four_notebooks_are_there():
@@ -32,12 +30,10 @@ def test_stored_without_outputs(path):
             assert cell.outputs == [] and cell.execution_count is None, path.name
 
 
-@pytest.mark.parametrize(
-    "path",
-    [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW else p for p in NOTEBOOKS],
-    ids=lambda p: p.stem,
-)
+# every notebook is an end-to-end run of 25-150 s in a suite run: in the slow tier, still run
+# by make test and CI
 @pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_runs_in_fast_mode(path, tmp_path, monkeypatch):
     monkeypatch.setenv("FD_FAST", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
