@@ -71,6 +71,10 @@ class Script:
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
+    def runs_by_default(self, quick: bool) -> bool:
+        """Whether a run without ``--only`` runs this script."""
+        return self.in_quick or not quick
+
 
 SCRIPTS: tuple[Script, ...] = (
     Script(
@@ -343,7 +347,7 @@ def summarize(args, selected, records, peers, load0, started, t0, git) -> dict:
     workloads = summary_mod.build(args.quick, RESULTS)
     for name, w in workloads.items():
         # a quick run answers for the scripts it runs by default
-        scripts = [s for s in SCRIPTS if name in s.workloads and (s.in_quick or not args.quick)]
+        scripts = [s for s in SCRIPTS if name in s.workloads and s.runs_by_default(args.quick)]
         w["measured_in_this_run"] = bool(scripts) and all(
             records.get(s.name, {}).get("status") == "ok"
             and "from_earlier_run" not in records[s.name]
@@ -403,7 +407,7 @@ def select(args) -> list[Script]:
     """The scripts ``--only`` names; without it every script (``--quick``: those ``in_quick``)."""
     if args.only is not None:
         return [s for s in SCRIPTS if s.name in args.only]
-    return [s for s in SCRIPTS if s.in_quick or not args.quick]
+    return [s for s in SCRIPTS if s.runs_by_default(args.quick)]
 
 
 def main(argv=None) -> int:

@@ -439,24 +439,17 @@ def extras(scaling, models, differentiable) -> dict:
             "load_1min": {k: v.get("load_1min") for k, v in scaling.get("runs", {}).items()},
         }
     vj = (models or {}).get("vs_jax_md") or {}
-    if models is not None and not vj.get("fused_over_jax_md"):
-        out["nequip_vs_jax_md"] = {
+    if models is not None:
+        r = vj.get("fused_over_jax_md")
+        nequip = {
             "title": "FIRE -> NVT chain with a small NequIP against JAX-MD's NequIP",
             "script": "bench_models.py",
             "file": models["_file"],
-            "covered": "no",
-            "note": "not in this result file (a quick run leaves it out: --no-jax-md; the full "
-            "run measures it)",
+            "covered": "yes" if r else "no",
             "ratios": [],
         }
-    if vj.get("fused_over_jax_md"):
-        r = vj["fused_over_jax_md"]
-        out["nequip_vs_jax_md"] = {
-            "title": "FIRE -> NVT chain with a small NequIP against JAX-MD's NequIP",
-            "script": "bench_models.py",
-            "file": models["_file"],
-            "covered": "yes",
-            "ratios": [
+        if r:
+            nequip["ratios"] = [
                 {
                     **ratio_record("NequIP chain vs JAX-MD", [r["of_medians"]], None),
                     "ours_over_peer": {
@@ -467,8 +460,13 @@ def extras(scaling, models, differentiable) -> dict:
                     },
                     "peer": "jax_md",
                 }
-            ],
-        }
+            ]
+        else:
+            nequip["note"] = (
+                "not in this result file (a quick run leaves it out: --no-jax-md; the full run "
+                "measures it)"
+            )
+        out["nequip_vs_jax_md"] = nequip
     if differentiable is not None:
         rows = differentiable.get("rows") or []
         out["differentiable"] = {

@@ -20,6 +20,8 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(ROOT))
 from benchmarks.__main__ import SCRIPTS, main, probe_peer  # noqa: E402
 
+ISSUE_WORKLOADS = {"W1", "W2", "W3", "W4", "W5"}
+
 
 def _plan(capsys, *args: str) -> dict:
     assert main(["--plan", *args]) == 0
@@ -47,11 +49,11 @@ def test_plan_lists_every_benchmark_script(capsys, quick):
     planned = sorted({s["file"] for s in plan["scripts"]})
     if quick:
         assert set(planned) < set(on_disk)
-        assert all(set(s["workloads"]) & {"W1", "W2", "W3", "W4", "W5"} for s in plan["scripts"])
+        assert all(set(s["workloads"]) & ISSUE_WORKLOADS for s in plan["scripts"])
         left = [s for s in SCRIPTS if s.name not in {p["name"] for p in plan["scripts"]}]
         assert left and not any(s.in_quick for s in left)
         # every script of W1-W5 runs in --quick but bench_startup.py (new processes per round)
-        issue = {s.name for s in SCRIPTS if set(s.workloads) & {"W1", "W2", "W3", "W4", "W5"}}
+        issue = {s.name for s in SCRIPTS if set(s.workloads) & ISSUE_WORKLOADS}
         assert issue - {p["name"] for p in plan["scripts"]} == {"startup"}
         assert [s["name"] for s in _plan(capsys, "--quick", "--only", left[0].name)["scripts"]] == [
             left[0].name
@@ -65,7 +67,7 @@ def test_plan_lists_every_benchmark_script(capsys, quick):
         assert s["result"].endswith("_quick.json") == quick, s
     assert plan["summary"] == f"results/summary{'_quick' if quick else ''}.json"
     workloads = {w for s in plan["scripts"] for w in s["workloads"]}
-    assert {"W1", "W2", "W3", "W4", "W5"} <= workloads
+    assert ISSUE_WORKLOADS <= workloads
 
 
 def test_only_selects_scripts_and_refuses_unknown_names(capsys):
