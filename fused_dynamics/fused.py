@@ -308,6 +308,11 @@ class FusedStage(eqx.Module):
             return _init_impl(self, batch)
         return _init(self, batch)
 
+    def _prepare(self, batch: Batch) -> Batch:
+        """:meth:`init` without its model evaluation (traced; for the run loop, whose first
+        iteration makes it, :func:`fused_dynamics.loop.run_steps`)."""
+        return _prepare_impl(self, batch)
+
     def fresh_info(self, batch: Batch) -> dict[str, jax.Array]:
         """Per-system bookkeeping of a fresh batch: :func:`~fused_dynamics.status.fresh_info`
         and every hook's ``init_info`` (leaves with leading axis S)."""
@@ -410,13 +415,24 @@ class FusedStage(eqx.Module):
         batch : Batch
         report : StepReport
         """
+        return self._step(batch, step_count, records, priming=None)
+
+    def _step(self, batch: Batch, step_count, records, priming):
+        """:meth:`step`; with ``priming`` (a traced bool scalar, from the run loop) true, the
+        priming pass of a prepared batch instead (:func:`fused_dynamics.loop.run_steps`): no
+        sub-stage moves a system and no hook fires, the model is evaluated, failures are
+        checked, and the step count is kept; the result is that of :meth:`init`."""
         self = resolve_info(self, batch)  # from_info parameters: the batch's values (§14a)
         if step_count is None:
             step_count = 0 if batch.step_count is None else batch.step_count
         step_count = jnp.asarray(step_count, jnp.int32)
-        ctx = HookContext(step=step_count, exit_status=self.exit_status, fields=self.fields)
+        ctx = HookContext(
+            step=step_count, exit_status=self.exit_status, fields=self.fields, priming=priming
+        )
         status0 = batch.status
         masks = [batch.system_mask & (status0 == code) for code in self.codes]
+        if priming is not None:
+            masks = [m & ~priming for m in masks]
         states = list(batch.stage_state)
         every = range(len(self.sub_stages))
         last = len(self.sub_stages) - 1
@@ -438,9 +454,10 @@ class FusedStage(eqx.Module):
             batch = fire(DynamicsStage.AFTER_POST_UPDATE, batch, ctx, i == last, [i])
         batch = batch.replace(stage_state=tuple(states))
         batch = fire(DynamicsStage.AFTER_STEP, batch, ctx, True, every)
-        batch, report = migration.migrate(self, batch, status0, masks, moved)
+        batch, report = migration.migrate(self, batch, status0, masks, moved, priming)
         batch = self._fire_on_converge(batch, ctx, report, masks, records)
-        return batch.replace(step_count=step_count + 1), report
+        advance = 1 if priming is None else jnp.where(priming, 0, 1)
+        return batch.replace(step_count=step_count + advance), report
 
     def _fire_on_converge(self, batch, ctx, report, masks, records=None):
         """ON_CONVERGE hooks: fused-level ones on steps where some system left a sub-stage,
@@ -567,7 +584,21 @@ class FusedStage(eqx.Module):
 
 
 def _init_impl(fused: FusedStage, batch: Batch) -> Batch:
-    """The body of :meth:`FusedStage.init`."""
+    """The body of :meth:`FusedStage.init`: :func:`prepare`, then the priming evaluation and
+    the failure check."""
+    batch = _prepare_impl(fused, batch)
+    fused = resolve_info(fused, batch)
+    batch = fused.evaluate(batch)  # a NeighborList is refreshed (and kept) there
+    status, info = health.fail_failed(fused, batch, batch.info, batch.status, batch.system_mask, 0)
+    return batch.replace(status=status, info=info)
+
+
+def _prepare_impl(fused: FusedStage, batch: Batch) -> Batch:
+    """:meth:`FusedStage.init` up to its model evaluation: ``init_fn``, statuses, stage
+    state, bookkeeping, step count 0, an optimizer's systems at rest, the hooks' constraints
+    and a neighbor structure other than a :class:`NeighborList` refreshed. A run's loop makes
+    the priming evaluation itself (:func:`fused_dynamics.loop.run_steps`), so that its program
+    holds one copy of the model."""
     if fused.init_fn is not None:
         batch = fused.init_fn(batch)
     fused = resolve_info(fused, batch)
@@ -587,9 +618,7 @@ def _init_impl(fused: FusedStage, batch: Batch) -> Batch:
         batch = hook.constrain(batch)
     if batch.neighbors is not None and not isinstance(batch.neighbors, NeighborList):
         batch = batch.replace(neighbors=batch.neighbors.update(batch))
-    batch = fused.evaluate(batch)  # a NeighborList is refreshed (and kept) there
-    status, info = health.fail_failed(fused, batch, batch.info, batch.status, batch.system_mask, 0)
-    return batch.replace(status=status, info=info)
+    return batch
 
 
 _init = filter_compile(_init_impl)

@@ -83,12 +83,17 @@ class HookContext:
         stages add (``conserved_energy``).
     report : StepReport or None
         At ``ON_CONVERGE``: the systems that graduated, converged or spent their budget.
+    priming : Array or None
+        A bool scalar, true on the priming pass of a run (its first model evaluation, made by
+        the loop's first iteration; see :func:`fused_dynamics.loop.run_steps`): no hook is due.
+        ``None`` outside a run's loop.
     """
 
     step: jax.Array
     exit_status: int
     fields: Callable
     report: Any = None
+    priming: Any = None
 
 
 class Hook(eqx.Module):
@@ -230,6 +235,8 @@ def fire_hooks(hooks, batch, ctx: HookContext, records=None, keys=None):
     keys = range(len(hooks)) if keys is None else keys
     for key, hook in zip(keys, hooks, strict=True):
         due = (ctx.step % hook.every_n_steps) == 0
+        if ctx.priming is not None:
+            due = due & ~ctx.priming
         if _has_apply(hook):
             batch = jax.lax.cond(due, lambda b, h=hook: h.apply(b, ctx), lambda b: b, batch)
         if not has_host(hook):

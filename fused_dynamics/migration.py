@@ -39,11 +39,13 @@ class StepReport(eqx.Module):
         return StepReport(*(x & mask for x in (self.graduated, self.converged, self.budget_spent)))
 
 
-def migrate(fused, batch: Batch, status0, masks, moved):
+def migrate(fused, batch: Batch, status0, masks, moved, priming=None):
     """Step counters, the finite-or-failed check, budgets and criteria, entry into stages.
 
     ``status0`` is the status at the start of the step and ``masks[i]`` the systems sub-stage
     ``i`` updated (docs/semantics.md §5); ``moved`` is how far the sub-stages moved each atom.
+    On a run's priming pass (``priming`` true, every mask empty) only the failure check acts,
+    and no system has a previous energy yet.
     Returns the batch with new statuses, bookkeeping and fresh state for the systems that
     entered a sub-stage, and the :class:`StepReport`.
     """
@@ -83,7 +85,10 @@ def migrate(fused, batch: Batch, status0, masks, moved):
         ExitReason.CONVERGED,
         jnp.where(graduated & budget_spent, ExitReason.BUDGET, info["exit_reason"]),
     )
-    info["prev_energy"] = jnp.where(moved_on, jnp.inf, batch.energy)
+    prev_energy = jnp.where(moved_on, jnp.inf, batch.energy)
+    if priming is not None:
+        prev_energy = jnp.where(priming, info["prev_energy"], prev_energy)
+    info["prev_energy"] = prev_energy
     info["exit_reason"] = reason.astype(jnp.int32)
     batch = batch.replace(status=status.astype(jnp.int32), info=info)
     left_optimizer = jnp.zeros_like(moved_on)

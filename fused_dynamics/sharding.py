@@ -478,12 +478,13 @@ def _whole_run(fused, stacked: Batch, limit, resume: bool, mesh, options=(None, 
 
     def body(f, b, lim):
         if not resume:
-            b = f.init(b)
+            b = f._prepare(b)  # the loop's first iteration primes it (loop.run_steps)
         # differentiable: no collective (see _mapped); each device's loop stops when its own
         # systems are done (the stages leave a graduated system as it is; a hook's apply no
         # longer runs on that device: docs/semantics.md §21)
         axis = None if differentiable else AXIS
-        return loop.run_steps(f, b, lim, max_steps, checkpoints, axis_name=axis)[0]
+        out = loop.run_steps(f, b, lim, max_steps, checkpoints, axis_name=axis, prime=not resume)
+        return out[0]
 
     if not differentiable:
         return _per_device(body, mesh, fused, (stacked,), (limit,))

@@ -137,3 +137,80 @@ def test_criterion_tested_every_k_steps_in_the_stage(fmax_history, k):
     if k > 1:  # some system converged between two tests, so the test really waited
         first = [int(steps[fmax[:, s] <= FMAX][0]) for s in range(len(taken))]
         assert np.any(taken > first)
+
+
+# ----------------------------------------------------------------------------- the priming pass
+# A run of a fixed batch makes its priming evaluation (docs/semantics.md §6) in the first
+# iteration of its loop, so that its program holds one copy of the model.
+
+
+def test_run_program_holds_the_model_once(monkeypatch):
+    """Tracing a whole run (``output_stress=False``: no exit-stress evaluation) calls the model
+    once: the loop body's evaluation also primes the batch. Before the priming pass, ``init``
+    inside the program called it a second time, compiled a second time."""
+    from fused_dynamics import loop
+
+    calls = []
+    cls = type(LJ)
+    original = cls.__call__
+
+    def counting(self, batch, **kwargs):
+        calls.append(kwargs.get("stress"))
+        return original(self, batch, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", counting)
+    fused = fd.FusedStage([fd.FIRE(LJ)], output_stress=False)
+    batch = fd.Batch.from_atoms(clusters())
+    options = loop.LoopOptions(resume=False, max_steps=None)
+    jax.make_jaxpr(lambda b: loop.run_loop(fused, b, 10, options).positions)(batch)
+    assert calls == [False]
+
+
+def _fail_one(batch, slot):
+    """``batch`` with one NaN position in system ``slot`` (it fails at the priming pass)."""
+    first = int(np.flatnonzero(np.asarray(batch.system_idx) == slot)[0])
+    return batch.replace(positions=batch.positions.at[first, 0].set(jnp.nan))
+
+
+def test_run_of_zero_steps_is_init():
+    """``run(n_steps=0)`` is the priming pass alone: the result of ``init`` (energies and
+    forces to 1e-12 relative: the same model compiled in two programs, where XLA may fuse
+    differently by an ulp; everything else exactly), with the system that has a NaN position
+    FAILED at step 0 and the others untouched."""
+    batch = _fail_one(fd.Batch.from_atoms(clusters(), max_atoms=48, max_systems=4), 1)
+    fused = fd.FusedStage(
+        [fd.FIRE(LJ), fd.NVTLangevin(LJ, dt=2.0, temperature=30.0, friction=0.02, seed=3)],
+        output_stress=False,
+    )
+    ran, ref = fused.run(batch, n_steps=0), fused.init(batch)
+    for name in ("energy", "forces"):
+        a, b = np.asarray(getattr(ran, name)), np.asarray(getattr(ref, name))
+        ok = np.isfinite(b)
+        np.testing.assert_array_equal(np.isfinite(a), ok, err_msg=name)
+        np.testing.assert_allclose(a[ok], b[ok], rtol=1e-12, atol=0, err_msg=name)
+    for name in ("positions", "velocities", "status"):
+        np.testing.assert_array_equal(getattr(ran, name), getattr(ref, name), err_msg=name)
+    for key in ref.info:
+        np.testing.assert_array_equal(ran.info[key], ref.info[key], err_msg=key)
+    assert int(ran.step_count) == 0
+    assert int(ran.info["exit_reason"][1]) == int(fd.ExitReason.FAILED)
+    assert int(ran.info["failure_step"][1]) == 0
+    assert np.all(np.asarray(ran.info["exit_reason"])[[0, 2]] == 0)
+
+
+def test_priming_pass_leaves_no_previous_energy():
+    """An energy-change criterion cannot hold on a system's first step (its previous energy is
+    +inf: docs/semantics.md §9), in a run as after ``init``: with a threshold every change
+    meets, every system converges on its second step, in a run and in steps by hand."""
+    hook = fd.ConvergenceHook([{"key": "energy_change", "threshold": 1e9}])
+    fused = fd.FusedStage([fd.FIRE(LJ, convergence_hook=hook)], output_stress=False)
+    batch = fd.Batch.from_atoms(clusters())
+    ran = fused.run(batch, n_steps=10)
+    np.testing.assert_array_equal(ran.info["stage_steps"][:, 0], [2, 2, 2])
+    assert int(ran.step_count) == 2
+    by_hand = fused.init(batch)
+    step = jax.jit(fused.step)
+    for _ in range(2):
+        by_hand, _ = step(by_hand)
+    np.testing.assert_array_equal(by_hand.info["stage_steps"][:, 0], [2, 2, 2])
+    np.testing.assert_array_equal(by_hand.status, ran.status)

@@ -273,12 +273,15 @@ FOUR_DEVICES = """
     out = sys.argv[1]
     mesh = Mesh(np.array(jax.devices()), ("systems",))
     # jax.grad through a differentiable run on 4 devices; its program moves no atoms (the
-    # only collective: the loop's "any device still running", a scalar)
+    # only collectives are scalar: the loop's "any device still running", and the sum over
+    # devices of d/d epsilon, a parameter every device shares; XLA may make the latter one
+    # all-reduce of a tuple of scalars)
     d_eps, rows, hlo = gradients(mesh)
     for op in ("all-gather", "all-to-all", "collective-permute", "reduce-scatter"):
         assert f" {op}(" not in hlo and f" {op}-start(" not in hlo, op
-    shapes = re.findall(r"= (\\S+) all-reduce(?:-start)?\\(", hlo)
-    assert all(re.fullmatch(r"(pred|[su]\\d+)\\[1?\\]\\S*", s) for s in shapes), shapes
+    results = re.findall(r"= (.+?) all-reduce(?:-start)?\\(", hlo)
+    shapes = [s for r in results for s in r.strip("()").split(", ")]
+    assert results and all(re.fullmatch(r"[a-z]+\\d*\\[1?\\]\\S*", s) for s in shapes), shapes
     np.savez(f"{out}/gradients.npz", epsilon=d_eps, ids=sorted(rows),
              positions=np.concatenate([rows[k] for k in sorted(rows)]))
     # the fixed batch
