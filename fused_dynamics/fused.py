@@ -417,11 +417,12 @@ class FusedStage(eqx.Module):
         """
         return self._step(batch, step_count, records, priming=None)
 
-    def _step(self, batch: Batch, step_count, records, priming):
+    def _step(self, batch: Batch, step_count, records, priming, slots=None):
         """:meth:`step`; with ``priming`` (a traced bool scalar, from the run loop) true, the
         priming pass of a prepared batch instead (:func:`fused_dynamics.loop.run_steps`): no
         sub-stage moves a system and no hook fires, the model is evaluated, failures are
-        checked, and the step count is kept; the result is that of :meth:`init`."""
+        checked, and the step count is kept; the result is that of :meth:`init`. ``slots``
+        (S,) bool: the pass primes only these; the others keep energy, forces and stress."""
         self = resolve_info(self, batch)  # from_info parameters: the batch's values (§14a)
         if step_count is None:
             step_count = 0 if batch.step_count is None else batch.step_count
@@ -446,7 +447,17 @@ class FusedStage(eqx.Module):
             moved = moved + (batch.positions - before)
         batch = fire(DynamicsStage.AFTER_PRE_UPDATE, batch, ctx, True, [])
         batch = fire(DynamicsStage.BEFORE_COMPUTE, batch, ctx, True, [])
+        before = batch
         batch = self.evaluate(batch)
+        if slots is not None:  # a priming pass of some slots: the others keep their values
+            keep = priming & ~slots
+            batch = batch.replace(
+                energy=jnp.where(keep, before.energy, batch.energy),
+                stress=jnp.where(keep[:, None, None], before.stress, batch.stress),
+                forces=constraints.keep_fixed(
+                    batch.to_atoms_axis(keep)[:, None], before.forces, batch.forces
+                ),
+            )
         batch = fire(DynamicsStage.AFTER_COMPUTE, batch, ctx, True, every)
         batch = fire(DynamicsStage.BEFORE_POST_UPDATE, batch, ctx, True, [])
         for i, (_, stage) in enumerate(self.sub_stages):
@@ -454,7 +465,7 @@ class FusedStage(eqx.Module):
             batch = fire(DynamicsStage.AFTER_POST_UPDATE, batch, ctx, i == last, [i])
         batch = batch.replace(stage_state=tuple(states))
         batch = fire(DynamicsStage.AFTER_STEP, batch, ctx, True, every)
-        batch, report = migration.migrate(self, batch, status0, masks, moved, priming)
+        batch, report = migration.migrate(self, batch, status0, masks, moved, priming, slots)
         batch = self._fire_on_converge(batch, ctx, report, masks, records)
         advance = 1 if priming is None else jnp.where(priming, 0, 1)
         return batch.replace(step_count=step_count + advance), report

@@ -173,11 +173,13 @@ def check_batch_info(fused, batch: Batch) -> None:
         check_info_values(fused, values, where, dtype=stored[keys[0]].dtype)
 
 
-def admit_systems(fused, batch: Batch, new: jax.Array) -> Batch:
+def admit_systems(fused, batch: Batch, new: jax.Array, evaluate: bool = True) -> Batch:
     """Initialize the systems in slots ``new`` (S,) bool; leave every other slot as it is
     (traced: the body of :func:`admit`, and the start of a chunk that admits,
-    :func:`fused_dynamics.loop.chunk`)."""
-    fresh = fused.init(batch)
+    :func:`fused_dynamics.loop.chunk`). With ``evaluate=False`` they are prepared only
+    (``FusedStage.init`` without its model evaluation): the chunk's loop primes them in its
+    first iteration (:func:`fused_dynamics.loop.run_steps`)."""
+    fresh = fused.init(batch) if evaluate else fused._prepare(batch)
     atom_new = batch.to_atoms_axis(new)
 
     def pick_atoms(a, b):

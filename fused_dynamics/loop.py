@@ -57,13 +57,16 @@ def run_steps(
         A run in chunks (bool scalar, traced): the stress is computed only for the systems
         that left the run during these steps (systems that had left before keep theirs),
         and for every system still without one when true (the last chunk of a run).
-    prime : bool
-        ``batch`` was prepared by ``FusedStage._prepare`` (:meth:`~FusedStage.init` without
-        its evaluation): the loop's first iteration is the priming pass, which evaluates the
-        model, checks failures and takes no step (not counted in ``limit``, ``taken`` or
-        ``active``), with the same result as ``init``. The program then holds one copy of the
-        model, not two: its compilation takes about a quarter less (measured on the W1
-        relaxation of ``benchmarks/bench_peers.py``).
+    prime : bool or Array
+        ``True``: ``batch`` was prepared by ``FusedStage._prepare`` (:meth:`~FusedStage.init`
+        without its evaluation), and the loop's first iteration is the priming pass, which
+        evaluates the model, checks failures and takes no step (not counted in ``limit``,
+        ``taken`` or ``active``), with the same result as ``init``. An array (S,) bool: the
+        slots admitted that way (a chunk that refilled slots); the first iteration is a priming
+        pass when any is, and it writes energy, forces and stress and checks failures for
+        those slots only (the others keep theirs, bit for bit). Either way the program holds
+        one copy of the model, not two: the W1 relaxation's run program
+        (``benchmarks/bench_peers.py``) compiles in about 30 % less time.
 
     Returns
     -------
@@ -92,17 +95,20 @@ def run_steps(
             go = go & (count > 0)
         return go | ~primed
 
+    some = prime if isinstance(prime, bool) else jnp.any(prime)
+    slots = None if isinstance(prime, bool) else prime
+
     def body(carry):
         batch, k, active, buffers, primed = carry
-        priming = ~primed if prime else None
+        priming = None if some is False else ~primed
         counts = jnp.sum(pending(batch), dtype=jnp.int32)
         one = jnp.ones((), jnp.int32)
-        if prime:  # the priming pass is not a step
+        if priming is not None:  # the priming pass is not a step
             counts, one = jnp.where(priming, 0, counts), jnp.where(priming, 0, one)
         active = active + counts
         recorder = recording.Recorder(axis_name) if buffers else None
         step = batch.step_count
-        batch, _ = fused._step(batch, None, recorder, priming)
+        batch, _ = fused._step(batch, None, recorder, priming, slots)
         if buffers:
             buffers = recording.write(buffers, recorder.entries, step)
         return batch, k + one, active, buffers, jnp.ones((), bool)
@@ -113,12 +119,12 @@ def run_steps(
     buffers = {}
     if record_steps is not None:
         buffers = recording.empty_buffers(fused, batch, record_steps, axis_name)
-    init = (batch, zero, zero, buffers, jnp.asarray(not prime))
+    init = (batch, zero, zero, buffers, jnp.logical_not(some))
     start = batch
     if max_steps is None:
         batch, taken, active, buffers, _ = jax.lax.while_loop(cond, body, init)
     else:
-        bound = max_steps + int(prime)
+        bound = max_steps + (some is not False)
         batch, taken, active, buffers, _ = _checkpointed_loop(cond, body, init, bound, checkpoints)
     if stress_at_exit is None:
         batch = output_stress(fused, batch)
@@ -247,16 +253,25 @@ def chunk(
     chunk, and with ``last`` (a bool array: the run stops after this chunk) for every system
     without one (``stress_at_exit`` of :func:`run_steps`). ``new`` (S,) bool, or None: slots
     refilled by the host visit before this chunk, admitted first
-    (:func:`~fused_dynamics.inflight.admit_systems`, under a ``lax.cond``): one compiled call
+    (:func:`~fused_dynamics.inflight.admit_systems`, under a ``lax.cond``, and primed by the
+    loop's first iteration): one compiled call
     per visit instead of two (each call of this program touches its temporaries afresh, which
     costs about as much as an evaluation on CPU; see docs/semantics.md §14).
     """
+    prime = False
     if new is not None:
         batch = jax.lax.cond(
-            jnp.any(new), lambda b: admit_systems(fused, b, new), lambda b: b, batch
+            jnp.any(new), lambda b: admit_systems(fused, b, new, False), lambda b: b, batch
         )
+        prime = new  # the loop's first iteration evaluates them (one copy of the model)
     out = run_steps(
-        fused, batch, limit, axis_name=axis_name, record_steps=record_steps, stress_at_exit=last
+        fused,
+        batch,
+        limit,
+        axis_name=axis_name,
+        record_steps=record_steps,
+        stress_at_exit=last,
+        prime=prime,
     )
     return out if record_steps is not None else out + ({},)
 

@@ -39,13 +39,14 @@ class StepReport(eqx.Module):
         return StepReport(*(x & mask for x in (self.graduated, self.converged, self.budget_spent)))
 
 
-def migrate(fused, batch: Batch, status0, masks, moved, priming=None):
+def migrate(fused, batch: Batch, status0, masks, moved, priming=None, slots=None):
     """Step counters, the finite-or-failed check, budgets and criteria, entry into stages.
 
     ``status0`` is the status at the start of the step and ``masks[i]`` the systems sub-stage
     ``i`` updated (docs/semantics.md §5); ``moved`` is how far the sub-stages moved each atom.
     On a run's priming pass (``priming`` true, every mask empty) only the failure check acts,
-    and no system has a previous energy yet.
+    on the primed ``slots`` (S,) bool (default: every slot), and no system has a previous
+    energy yet.
     Returns the batch with new statuses, bookkeeping and fresh state for the systems that
     entered a sub-stage, and the :class:`StepReport`.
     """
@@ -56,6 +57,8 @@ def migrate(fused, batch: Batch, status0, masks, moved, priming=None):
     status = batch.status
     # finite or failed: checked before any criterion, so a failed system never converges
     running = batch.system_mask & (status != fused.exit_status)
+    if slots is not None:
+        running = running & (~priming | slots)
     steps = jnp.sum(stage_steps, axis=-1)
     status, info = health.fail_failed(fused, batch, info, status, running, steps, moved)
     batch = batch.replace(info=info)  # criteria (custom_op) see this step's counts

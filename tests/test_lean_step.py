@@ -214,3 +214,45 @@ def test_priming_pass_leaves_no_previous_energy():
         by_hand, _ = step(by_hand)
     np.testing.assert_array_equal(by_hand.info["stage_steps"][:, 0], [2, 2, 2])
     np.testing.assert_array_equal(by_hand.status, ran.status)
+
+
+def test_admitting_chunk_holds_the_model_once(monkeypatch):
+    """A chunk that admits refilled slots primes them in its loop's first iteration: tracing
+    it calls the model once for the evaluations (``output_stress=False``: no exit stress),
+    where the admission used to evaluate the whole batch in a second copy."""
+    from fused_dynamics import loop
+
+    calls = []
+    cls = type(LJ)
+    original = cls.__call__
+
+    def counting(self, batch, **kwargs):
+        calls.append(kwargs.get("stress"))
+        return original(self, batch, **kwargs)
+
+    fused = fd.FusedStage([fd.FIRE(LJ)], output_stress=False)
+    batch = fused.init(fd.Batch.from_atoms(clusters()))
+    new = jnp.asarray([False, True, False])
+    monkeypatch.setattr(cls, "__call__", counting)
+    last = jnp.asarray(False)
+    jax.make_jaxpr(lambda b: loop.chunk(fused, b, 10, last, new, None)[0].positions)(batch)
+    assert calls == [False]
+
+
+def test_admitting_chunk_primes_only_the_refilled_slots():
+    """The priming pass of a chunk that admits slot 1 writes slot 1's energy and forces (those
+    of ``init``, to 1e-12 relative: two programs) and leaves the other slots' values bit for
+    bit, even where they are not what an evaluation would give (set to 7 here)."""
+    from fused_dynamics import loop
+
+    fused = fd.FusedStage([fd.FIRE(LJ)], output_stress=False)
+    ref = fused.init(fd.Batch.from_atoms(clusters()))
+    batch = ref.replace(energy=jnp.full(3, 7.0), forces=jnp.full_like(ref.forces, 7.0))
+    new = jnp.asarray([False, True, False])
+    out = loop.chunk(fused, batch, 0, jnp.asarray(False), new, None)[0]  # the priming pass
+    assert int(out.step_count) == int(batch.step_count)
+    mine = np.asarray(batch.system_idx) == 1
+    np.testing.assert_array_equal(out.energy[jnp.asarray([0, 2])], [7.0, 7.0])
+    np.testing.assert_array_equal(out.forces[~mine], batch.forces[~mine])
+    np.testing.assert_allclose(out.energy[1], ref.energy[1], rtol=1e-12)
+    np.testing.assert_allclose(out.forces[mine], ref.forces[mine], rtol=1e-12, atol=1e-15)
