@@ -241,24 +241,26 @@ def attach_neighbors(model, batch: Batch, cells=None, pbc=None, more_batches=Non
     return model.attach_neighbors(batch, cells=cells, pbc=pbc, more_batches=more_batches)
 
 
-def initialize(fused, batch: Batch) -> Batch:
-    """Initialize every occupied slot through the one compiled admission function.
-
-    The batch is given fresh bookkeeping (:meth:`FusedStage.fresh_info`), every slot the
-    status of a graduated system, and stage state of the right shapes (zeros, from
-    ``jax.eval_shape``: no compilation); then every occupied slot is admitted, so an inflight
-    run compiles two programs, the admission and the chunk, and empty slots are left as
-    :meth:`FusedStage.init` leaves them.
-    """
+def blank(fused, batch: Batch) -> Batch:
+    """``batch`` ready for the admission of every occupied slot: fresh bookkeeping
+    (:meth:`FusedStage.fresh_info`), every slot the status of a graduated system, and stage
+    state of the right shapes (zeros, from ``jax.eval_shape``: no compilation). Admitting the
+    occupied slots then leaves empty slots as :meth:`FusedStage.init` leaves them."""
     shapes = jax.eval_shape(fused.init, batch)
     zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes.stage_state)
-    blank = batch.replace(
+    return batch.replace(
         stage_state=zeros,
         info=fused.fresh_info(batch),
         status=jnp.full_like(batch.status, fused.exit_status),
         step_count=jnp.zeros((), jnp.int32),
     )
-    return admit(fused, blank, batch.system_mask)
+
+
+def initialize(fused, batch: Batch) -> Batch:
+    """Initialize every occupied slot through the one compiled admission function
+    (:func:`blank`, then :func:`admit`); a sharded run's start. A run on one device admits
+    through its chunk program instead (``Run._admit``), and compiles no admission program."""
+    return admit(fused, blank(fused, batch), batch.system_mask)
 
 
 def host_arrays(host) -> dict:

@@ -202,7 +202,7 @@ class Run:
         batch = inflight.attach_neighbors(
             self.fused.model, batch, cells, pbc, self._dataset_batches(batch.dtype)
         )
-        self.batch = inflight.initialize(self.fused, batch)
+        self.batch = self._admit(inflight.blank(self.fused, batch), batch.system_mask)
         self._written = ~np.asarray(self.batch.system_mask)
 
     def _dataset_batches(self, dtype, max_atoms=None, max_systems=None):
@@ -224,7 +224,7 @@ class Run:
         if resume:
             written = written | (np.asarray(batch.status) == self.fused.exit_status)
         else:
-            batch = inflight.initialize(self.fused, batch)
+            batch = self._admit(inflight.blank(self.fused, batch), batch.system_mask)
         self.batch = batch
         self._written = written
 
@@ -338,11 +338,27 @@ class Run:
         self._pending = None
         return taken, active, records
 
+    def _admit(self, batch: Batch, new) -> Batch:
+        """``batch`` with the slots ``new`` (S,) bool admitted now: a call of the run's chunk
+        program that takes no step (its loop's priming pass primes the slots), so the run
+        compiles no admission program besides its chunk; a run that admits in a program of its
+        own (a sharded run) uses :func:`~fused_dynamics.inflight.admit`."""
+        new = jnp.asarray(new)
+        if not self._admits_in_chunk:
+            return inflight.admit(self.fused, batch, new)
+        last = jnp.asarray(False)
+        out = self._retry(
+            lambda b: self._chunk(self.fused, b, jnp.int32(0), last, new, self._record_steps),
+            batch,
+            listeners=self.listeners,
+        )
+        return out[0]
+
     def _admit_pending(self) -> None:
         """Admit the slots a refill left to the next chunk, now (before the batch is saved or
         handed out)."""
         if self._pending is not None:
-            self.batch = inflight.admit(self.fused, self.batch, jnp.asarray(self._pending))
+            self.batch = self._admit(self.batch, self._pending)
             self._pending = None
 
     def collect(self, pending) -> int:
@@ -442,7 +458,7 @@ class Run:
             raise RuntimeError("Inflight run: the next system does not fit an empty batch.")
         batch = inflight.rebuild(self.batch, host, arrays)
         if new.any() and admit:
-            batch = inflight.admit(self.fused, batch, jnp.asarray(new))
+            batch = self._admit(batch, new)
         return batch, new
 
     def run_to_end(self) -> RunStats:
