@@ -188,8 +188,9 @@ def constrain_update(old, new, mask: jax.Array):
 
     Fixed components keep ``old`` positions and get zero velocity; a ``fix_com`` system in
     ``mask`` is shifted back to its old centre of mass and its centre-of-mass velocity removed
-    (ASE's ``adjust_positions`` and ``adjust_momenta``). Systems outside ``mask`` and systems
-    without constraints are returned bit for bit.
+    (ASE's ``adjust_positions`` and ``adjust_momenta``). Systems outside ``mask`` (where ``new``
+    is ``old``, as :func:`~fused_dynamics.stages.base.select_batch` leaves them) and systems
+    without constraints are returned bit for bit, fixed components' velocities included.
     """
 
     def com_shift(arrays):
@@ -208,7 +209,10 @@ def constrain_update(old, new, mask: jax.Array):
     positions, velocities = jax.lax.cond(
         jnp.any(old.fix_com & mask), com_shift, lambda a: a, arrays
     )
+    # Only systems in ``mask`` lose the velocity of their fixed components: a system outside it
+    # (the priming pass, or a branch computed anyway under vmap or on a GPU) keeps its own.
+    stopped = old.fixed & old.to_atoms_axis(mask)[:, None]
     return new.replace(
         positions=keep_fixed(old.fixed, old.positions, positions),
-        velocities=jnp.where(old.fixed, 0.0, velocities),
+        velocities=jnp.where(stopped, 0.0, velocities),
     )

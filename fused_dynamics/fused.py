@@ -309,8 +309,19 @@ class FusedStage(eqx.Module):
         return _init(self, batch)
 
     def _prepare(self, batch: Batch) -> Batch:
-        """:meth:`init` without its model evaluation (traced; for the run loop, whose first
-        iteration makes it, :func:`fused_dynamics.loop.run_steps`)."""
+        """:meth:`init` without its model evaluation, traced inline (never compiled alone).
+
+        Parameters
+        ----------
+        batch : Batch
+
+        Returns
+        -------
+        Batch
+            Statuses, stage state, bookkeeping and step count of :meth:`init`; energy, forces
+            and stress as given. The run loop's first iteration (the priming pass,
+            :func:`fused_dynamics.loop.run_steps`) evaluates the model.
+        """
         return _prepare_impl(self, batch)
 
     def fresh_info(self, batch: Batch) -> dict[str, jax.Array]:
@@ -418,11 +429,31 @@ class FusedStage(eqx.Module):
         return self._step(batch, step_count, records, priming=None)
 
     def _step(self, batch: Batch, step_count, records, priming, slots=None):
-        """:meth:`step`; with ``priming`` (a traced bool scalar, from the run loop) true, the
-        priming pass of a prepared batch instead (:func:`fused_dynamics.loop.run_steps`): no
-        sub-stage moves a system and no hook fires, the model is evaluated, failures are
-        checked, and the step count is kept; the result is that of :meth:`init`. ``slots``
-        (S,) bool: the pass primes only these; the others keep energy, forces and stress."""
+        """One fused step (:meth:`step`), or the priming pass of a prepared batch.
+
+        Parameters
+        ----------
+        batch : Batch
+            Initialized, or prepared only (:meth:`_prepare`) when ``priming`` is true.
+        step_count : int or Array or None
+            The step this is (hooks' schedules); None: ``batch.step_count``.
+        records : dict or None
+            Record mode's device buffers (:mod:`fused_dynamics.recording`), or None.
+        priming : Array or None
+            A traced bool scalar from the run loop (:func:`fused_dynamics.loop.run_steps`):
+            when true this is the priming pass: no sub-stage moves a system and no hook is due,
+            the model is evaluated, failures are checked and the step count is kept, so the
+            result is that of :meth:`init`. None: an ordinary step.
+        slots : Array or None, shape (S,) bool
+            With ``priming``: the pass primes only these slots (refills admitted by a chunk);
+            the others keep their energy, forces and stress bit for bit.
+
+        Returns
+        -------
+        batch : Batch
+        report : StepReport
+            The systems that graduated, converged or spent their budget this step.
+        """
         self = resolve_info(self, batch)  # from_info parameters: the batch's values (§14a)
         if step_count is None:
             step_count = 0 if batch.step_count is None else batch.step_count
@@ -447,15 +478,15 @@ class FusedStage(eqx.Module):
             moved = moved + (batch.positions - before)
         batch = fire(DynamicsStage.AFTER_PRE_UPDATE, batch, ctx, True, [])
         batch = fire(DynamicsStage.BEFORE_COMPUTE, batch, ctx, True, [])
-        before = batch
+        unevaluated = batch
         batch = self.evaluate(batch)
         if slots is not None:  # a priming pass of some slots: the others keep their values
             keep = priming & ~slots
             batch = batch.replace(
-                energy=jnp.where(keep, before.energy, batch.energy),
-                stress=jnp.where(keep[:, None, None], before.stress, batch.stress),
+                energy=jnp.where(keep, unevaluated.energy, batch.energy),
+                stress=jnp.where(keep[:, None, None], unevaluated.stress, batch.stress),
                 forces=constraints.keep_fixed(
-                    batch.to_atoms_axis(keep)[:, None], before.forces, batch.forces
+                    batch.to_atoms_axis(keep)[:, None], unevaluated.forces, batch.forces
                 ),
             )
         batch = fire(DynamicsStage.AFTER_COMPUTE, batch, ctx, True, every)
@@ -595,8 +626,8 @@ class FusedStage(eqx.Module):
 
 
 def _init_impl(fused: FusedStage, batch: Batch) -> Batch:
-    """The body of :meth:`FusedStage.init`: :func:`prepare`, then the priming evaluation and
-    the failure check."""
+    """The body of :meth:`FusedStage.init`: :func:`_prepare_impl`, then the priming evaluation
+    and the failure check."""
     batch = _prepare_impl(fused, batch)
     fused = resolve_info(fused, batch)
     batch = fused.evaluate(batch)  # a NeighborList is refreshed (and kept) there

@@ -86,7 +86,7 @@ class HookContext:
     priming : Array or None
         A bool scalar, true on the priming pass of a run (its first model evaluation, made by
         the loop's first iteration; see :func:`fused_dynamics.loop.run_steps`): no hook is due.
-        ``None`` outside a run's loop.
+        ``None`` where there is no priming pass (a step by hand, a resumed run).
     """
 
     step: jax.Array

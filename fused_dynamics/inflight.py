@@ -6,9 +6,12 @@ host:
 1. writes every system that graduated (status == exit_status) to the first sink with room;
 2. frees its slot, re-packs the atom axis so the remaining systems are contiguous at the front
    (their slots, stage state and bookkeeping do not move, so they continue bit for bit);
-3. writes new systems from the sampler into free slots and atoms, and admits them with one
-   compiled function (``init_fn``, fresh stage state and bookkeeping, ``entry_status``, and one
-   model evaluation whose results are kept for the new systems only).
+3. writes new systems from the sampler into free slots and atoms, and admits them: ``init_fn``,
+   fresh stage state and bookkeeping, ``entry_status`` (:func:`admit_systems`), and one model
+   evaluation whose results are kept for the new systems only. On one device the next chunk
+   admits them in its loop's first iteration (the priming pass,
+   :func:`fused_dynamics.loop.chunk`), so a run compiles no admission program; a sharded run
+   admits on every device with :func:`admit`.
 
 Shapes never change, so the chunk compiles once for the whole run.
 """
@@ -42,6 +45,7 @@ __all__ = [
     "StageExitHook",
     "StageExitWriter",
     "admit",
+    "blank",
     "check_batch_info",
     "initialize",
     "require_info",
@@ -244,9 +248,10 @@ def attach_neighbors(model, batch: Batch, cells=None, pbc=None, more_batches=Non
 def blank(fused, batch: Batch) -> Batch:
     """``batch`` ready for the admission of every occupied slot: fresh bookkeeping
     (:meth:`FusedStage.fresh_info`), every slot the status of a graduated system, and stage
-    state of the right shapes (zeros, from ``jax.eval_shape``: no compilation). Admitting the
-    occupied slots then leaves empty slots as :meth:`FusedStage.init` leaves them."""
-    shapes = jax.eval_shape(fused.init, batch)
+    state of the right shapes (zeros, from ``jax.eval_shape`` of the preparation, which neither
+    compiles nor traces the model). Admitting the occupied slots then leaves empty slots as
+    :meth:`FusedStage.init` leaves them."""
+    shapes = jax.eval_shape(fused._prepare, batch)
     zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes.stage_state)
     return batch.replace(
         stage_state=zeros,

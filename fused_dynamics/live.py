@@ -341,11 +341,9 @@ class Run:
     def _admit(self, batch: Batch, new) -> Batch:
         """``batch`` with the slots ``new`` (S,) bool admitted now: a call of the run's chunk
         program that takes no step (its loop's priming pass primes the slots), so the run
-        compiles no admission program besides its chunk; a run that admits in a program of its
-        own (a sharded run) uses :func:`~fused_dynamics.inflight.admit`."""
+        compiles no admission program besides its chunk. (A sharded run admits in a program of
+        its own and overrides every caller.)"""
         new = jnp.asarray(new)
-        if not self._admits_in_chunk:
-            return inflight.admit(self.fused, batch, new)
         last = jnp.asarray(False)
         out = self._retry(
             lambda b: self._chunk(self.fused, b, jnp.int32(0), last, new, self._record_steps),

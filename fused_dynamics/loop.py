@@ -25,7 +25,7 @@ def run_steps(
     axis_name: str | None = None,
     record_steps: int | None = None,
     stress_at_exit=None,
-    prime: bool = False,
+    prime: bool | jax.Array = False,
 ):
     """At most ``limit`` steps from ``batch.step_count``, stopping when all have graduated.
 
@@ -33,7 +33,7 @@ def run_steps(
     ----------
     fused : FusedStage
     batch : Batch
-        Initialized (:meth:`FusedStage.init`).
+        Initialized (:meth:`FusedStage.init`), or prepared only (see ``prime``).
     limit : int or Array
         Largest number of steps.
     max_steps : int, optional
@@ -261,7 +261,7 @@ def chunk(
     prime = False
     if new is not None:
         batch = jax.lax.cond(
-            jnp.any(new), lambda b: admit_systems(fused, b, new, False), lambda b: b, batch
+            jnp.any(new), lambda b: admit_systems(fused, b, new, evaluate=False), lambda b: b, batch
         )
         prime = new  # the loop's first iteration evaluates them (one copy of the model)
     out = run_steps(

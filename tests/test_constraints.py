@@ -18,6 +18,7 @@ from ase.md.verlet import VelocityVerlet
 from ase.optimize import FIRE as AseFIRE
 
 import fused_dynamics as fd
+from fused_dynamics.stages.base import select_batch
 
 SIGMA, EPSILON, RC, RO = 3.405, 0.0104, 7.5, 6.5
 LJ = fd.models.LennardJones(sigma=SIGMA, epsilon=EPSILON, cutoff=RC, switch_onset=RO)
@@ -262,3 +263,48 @@ def test_keep_fixed_is_where_bit_for_bit_and_in_its_derivative(dtype):
         lambda o, x: fd.constraints.keep_fixed(fixed, o, x), (old, new), (t_old, t_new)
     )
     np.testing.assert_array_equal(np.asarray(tangent), np.where(fixed, t_old, t_new))
+
+
+def test_constraints_touch_only_the_systems_in_the_mask():
+    """A system outside a half-update's mask is returned bit for bit, the velocities of its fixed
+    components included (README "What is guaranteed": masking). Under ``vmap`` (and on a GPU)
+    every half is computed and selected, so the constraint must not zero velocities of systems
+    the half did not update: a run of zero steps (the priming pass, which updates no system)
+    under ``vmap`` leaves the loaded velocities as they are, as ``init`` does."""
+    systems = _systems()
+    batch = fd.Batch.from_atoms(systems, max_atoms=128, max_systems=6)
+    fixed = np.asarray(batch.fixed)
+    assert np.any(np.asarray(batch.velocities)[fixed] != 0.0)  # the case under test
+    mask = jnp.asarray([True, False, True, False, False, False])
+    # a half-update's result, selected per system as masked_update does before constraining
+    moved = select_batch(
+        mask,
+        batch.replace(velocities=batch.velocities + 1.0, positions=batch.positions + 0.1),
+        batch,
+    )
+    out = fd.constraints.constrain_update(batch, moved, mask)
+    outside = ~np.asarray(batch.to_atoms_axis(mask))
+    inside = np.asarray(batch.to_atoms_axis(mask)) & np.asarray(batch.atom_mask)
+    for name in ("velocities", "positions"):  # systems outside the mask: as they were
+        np.testing.assert_array_equal(
+            np.asarray(getattr(out, name))[outside], np.asarray(getattr(batch, name))[outside]
+        )
+    # inside, fixed components are held and stopped
+    held = fixed & inside[:, None]
+    assert np.all(np.asarray(out.velocities)[held] == 0.0)
+    np.testing.assert_array_equal(
+        np.asarray(out.positions)[held], np.asarray(batch.positions)[held]
+    )
+
+    # the entry sub-stage is MD, which keeps the loaded velocities (an optimizer's start at rest)
+    fused = fd.FusedStage(
+        [fd.NVTLangevin(LJ, dt=2.0, temperature=30.0, friction=0.02, seed=3), fd.FIRE(LJ)],
+        output_stress=False,
+    )
+    stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), batch)
+    ran = jax.vmap(lambda b: fused.run(b, n_steps=0))(stacked)
+    ref = fused.init(batch)
+    assert np.any(np.asarray(ref.velocities)[fixed] != 0.0)
+    for k in range(2):
+        np.testing.assert_array_equal(ran.velocities[k], ref.velocities)
+        np.testing.assert_array_equal(ran.positions[k], ref.positions)
