@@ -468,13 +468,14 @@ class FusedStage(eqx.Module):
         states = list(batch.stage_state)
         every = range(len(self.sub_stages))
         last = len(self.sub_stages) - 1
+        several = last > 0  # one sub-stage: its mask is empty on the priming pass only
         fire = functools.partial(self._fire, records=records)
         batch = fire(DynamicsStage.BEFORE_STEP, batch, ctx, True, every)
         moved = jnp.zeros_like(batch.positions)  # by the sub-stages (not by hooks) this step
         for i, (_, stage) in enumerate(self.sub_stages):
             batch = fire(DynamicsStage.BEFORE_PRE_UPDATE, batch, ctx, i == 0, [i])
             before = batch.positions
-            batch, states[i] = stage.pre_update(batch, states[i], masks[i])
+            batch, states[i] = stage.pre_update(batch, states[i], masks[i], skip_empty=several)
             moved = moved + (batch.positions - before)
         batch = fire(DynamicsStage.AFTER_PRE_UPDATE, batch, ctx, True, [])
         batch = fire(DynamicsStage.BEFORE_COMPUTE, batch, ctx, True, [])
@@ -492,7 +493,7 @@ class FusedStage(eqx.Module):
         batch = fire(DynamicsStage.AFTER_COMPUTE, batch, ctx, True, every)
         batch = fire(DynamicsStage.BEFORE_POST_UPDATE, batch, ctx, True, [])
         for i, (_, stage) in enumerate(self.sub_stages):
-            batch, states[i] = stage.post_update(batch, states[i], masks[i])
+            batch, states[i] = stage.post_update(batch, states[i], masks[i], skip_empty=several)
             batch = fire(DynamicsStage.AFTER_POST_UPDATE, batch, ctx, i == last, [i])
         batch = batch.replace(stage_state=tuple(states))
         batch = fire(DynamicsStage.AFTER_STEP, batch, ctx, True, every)

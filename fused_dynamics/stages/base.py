@@ -110,14 +110,23 @@ def select_state(mask: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree_util.tree_map(pick, new, old)
 
 
-def masked_update(half, batch: Batch, state: Any, mask: jax.Array) -> tuple[Batch, Any]:
+def masked_update(
+    half, batch: Batch, state: Any, mask: jax.Array, *, skip_empty: bool = True
+) -> tuple[Batch, Any]:
     """``half(batch, state)`` applied to the systems in ``mask`` (S,) bool, others untouched.
 
-    On steps where ``mask`` holds no system the half is not computed (a ``lax.cond``; under
-    ``vmap`` both branches are computed and selected, with the same result): batch and state
-    are returned as they are. Otherwise the half runs on every slot and its result is selected
-    per system (:func:`select_batch`, :func:`select_state`), then constrained
-    (:func:`fused_dynamics.constraints.constrain_update`).
+    With ``skip_empty``, on steps where ``mask`` holds no system the half is not computed (a
+    ``lax.cond`` on CPU; under ``vmap`` both branches are computed and selected, with the same
+    result): batch and state are returned as they are. Otherwise the half runs on every slot
+    and its result is selected per system (:func:`select_batch`, :func:`select_state`), then
+    constrained (:func:`fused_dynamics.constraints.constrain_update`).
+
+    ``skip_empty=False`` (a fused stage of one sub-stage, whose mask is empty only on the
+    priming pass) leaves the ``lax.cond`` out: on XLA:CPU the cond costs more than it saves
+    there (its operands are copied into the branch), 7-10 % of a one-stage FIRE or NVE step on
+    16 systems of 108 LJ atoms (``benchmarks/bench_fused_overhead.py``'s ``only_*`` rows). Both
+    forms give the same bits (``where(False, new, old)`` is ``old``;
+    ``tests/test_gpu_paths.py``).
 
     The select stays when every slot is in ``mask``: XLA:CPU compiles the half's arithmetic
     differently (1 ulp in float64) with and without the select fused after it, so dropping it
@@ -132,7 +141,7 @@ def masked_update(half, batch: Batch, state: Any, mask: jax.Array) -> tuple[Batc
         new_batch = constraints.constrain_update(b, select_batch(mask, new_batch, b), mask)
         return new_batch, select_state(mask, new_state, s)
 
-    if jax.default_backend() != "cpu":
+    if not skip_empty or jax.default_backend() != "cpu":
         # A GPU reads the predicate of a `lax.cond` back to the host (a synchronisation per
         # step); the select alone gives the same bits (`where(False, new, old)` is `old`).
         return some((batch, state))
@@ -240,18 +249,22 @@ class Stage(eqx.Module):
         return False
 
     # ----------------------------------------------------------- masked updates
-    def pre_update(self, batch: Batch, state: Any, mask: jax.Array) -> tuple[Batch, Any]:
+    def pre_update(
+        self, batch: Batch, state: Any, mask: jax.Array, *, skip_empty: bool = True
+    ) -> tuple[Batch, Any]:
         """First half on the systems where ``mask`` (S,) is True; others untouched.
 
-        Skipped (a ``lax.cond``) on steps where ``mask`` holds no system
-        (:func:`masked_update`).
+        With ``skip_empty``, skipped (a ``lax.cond`` on CPU) on steps where ``mask`` holds no
+        system (:func:`masked_update`).
         """
-        return masked_update(self.first_half, batch, state, mask)
+        return masked_update(self.first_half, batch, state, mask, skip_empty=skip_empty)
 
-    def post_update(self, batch: Batch, state: Any, mask: jax.Array) -> tuple[Batch, Any]:
+    def post_update(
+        self, batch: Batch, state: Any, mask: jax.Array, *, skip_empty: bool = True
+    ) -> tuple[Batch, Any]:
         """Second half on the systems where ``mask`` (S,) is True; others untouched (see
         :meth:`pre_update`)."""
-        return masked_update(self.second_half, batch, state, mask)
+        return masked_update(self.second_half, batch, state, mask, skip_empty=skip_empty)
 
     # ----------------------------------------------------------- composition
     # The one documented upward edge of the package's import graph: composing (``a + b``,
