@@ -256,3 +256,29 @@ def test_admitting_chunk_primes_only_the_refilled_slots():
     np.testing.assert_array_equal(out.forces[~mine], batch.forces[~mine])
     np.testing.assert_allclose(out.energy[1], ref.energy[1], rtol=1e-12)
     np.testing.assert_allclose(out.forces[mine], ref.forces[mine], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("n_stages", [1, 2])
+def test_skip_cond_only_with_several_sub_stages(monkeypatch, n_stages):
+    """A sub-stage's half is skipped by a ``lax.cond`` on an empty mask only when the fused
+    stage has several sub-stages: with one, the mask is empty on the priming pass alone and
+    the cond costs more than it saves on CPU (``masked_update``), so the step is the select
+    form, the one traced on a GPU. Counted in the step's jaxpr: with one sub-stage the CPU
+    form has as many conds as the GPU form; with two it has more."""
+    stages = [
+        fd.NVE(LJ, dt=2.0),
+        fd.NVTLangevin(LJ, dt=2.0, temperature=30.0, friction=0.02, seed=1),
+    ]
+    fused = fd.FusedStage(stages[:n_stages], output_stress=False)
+    batch = fused.init(fd.Batch.from_atoms(clusters()))
+
+    def conds():
+        return str(jax.make_jaxpr(lambda b: fused.step(b)[0])(batch)).count("cond[")
+
+    on_cpu = conds()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    on_gpu = conds()
+    if n_stages == 1:
+        assert on_cpu == on_gpu, (on_cpu, on_gpu)
+    else:  # two halves per sub-stage, each under its cond on CPU
+        assert on_cpu == on_gpu + 4, (on_cpu, on_gpu)
