@@ -31,8 +31,8 @@ network itself is untrained: every comparison here is of cost at equal size, nev
     second run (one more model evaluation to prime NVT, the run's host-side set-up, the
     transfers), not idle slots; slots freed early pay off only with refills (bench_inflight.py).
 
-Timing: every comparison in ONE process, interleaved rounds (A B A B ...), ``--repeat`` rounds;
-medians with min and max; compilation measured by the first calls (first call minus a timed
+Timing: every comparison in ONE process, interleaved rounds (A B, then B A, ...), ``--repeat``
+rounds; medians with min and max; compilation measured by the first calls (first call minus a timed
 run) and reported apart; the load average at the start and end of each section. Both codes size
 their neighbor list before the timing (the untrained models compress the crystals): ours by a
 first run whose grown list the timed runs start from, JAX-MD's by allocating 25 % more pairs
@@ -153,10 +153,11 @@ def energy_summary(energy_per_atom, forces) -> dict:
 
 # --------------------------------------------------------------------------- timing
 def interleaved(runs: dict, repeat: int) -> dict:
-    """Warm up every run (compile), then time them in ``repeat`` rounds A B ... A B ...
+    """Warm up every run (compile), then time them in ``repeat`` rounds A B ... B A ...
 
-    ``runs`` maps a name to a function that runs the workload and returns a dict (or None) of
-    things to record; the first call's result is kept.
+    The order is reversed every other round, so no run always goes first. ``runs`` maps a name
+    to a function that runs the workload and returns a dict (or None) of things to record; the
+    first call's result is kept.
     """
     out = {}
     for name, fn in runs.items():
@@ -164,8 +165,10 @@ def interleaved(runs: dict, repeat: int) -> dict:
         rec = fn()
         rec = rec if isinstance(rec, dict) else {}
         out[name] = {"warmup_s": time.perf_counter() - t, "walls_s": [], **rec}
-    for _ in range(repeat):
-        for name, fn in runs.items():
+    names = list(runs)
+    for r in range(repeat):
+        for name in names if r % 2 == 0 else names[::-1]:
+            fn = runs[name]
             t = time.perf_counter()
             fn()
             out[name]["walls_s"].append(time.perf_counter() - t)
@@ -604,14 +607,16 @@ if __name__ == "__main__":
     p.add_argument(
         "--fire-cap", type=int, default=None, help="FIRE steps: (1) all, (2) at most (30; quick 20)"
     )
-    p.add_argument("--repeat", type=int, default=None, help="interleaved rounds (3; quick 2)")
+    p.add_argument("--repeat", type=int, default=None, help="interleaved rounds (3; quick 5)")
     p.add_argument("--no-jax-md", action="store_true", help="skip (1)")
     p.add_argument("--out", default=None, help="result name (models / models_quick)")
     args = p.parse_args()
     q = args.quick
     args.nvt_steps = args.nvt_steps or (5 if q else 10)
     args.fire_cap = args.fire_cap or (20 if q else 30)
-    args.repeat = args.repeat or (2 if q else 3)
+    # quick: 5 rounds, since W3's runs there last 30-70 ms (LJ) and 2 rounds swung its ratio
+    # from 1.31 to 0.96 between two quick runs of the same code; 5 rounds add about 10 s
+    args.repeat = args.repeat or (5 if q else 3)
     args.sizes = ("small",) if q else ("small", "large")
     t0 = time.perf_counter()
     res = main(args)
