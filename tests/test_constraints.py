@@ -267,10 +267,11 @@ def test_keep_fixed_is_where_bit_for_bit_and_in_its_derivative(dtype):
 
 def test_constraints_touch_only_the_systems_in_the_mask():
     """A system outside a half-update's mask is returned bit for bit, the velocities of its fixed
-    components included (README "What is guaranteed": masking). Under ``vmap`` (and on a GPU)
-    every half is computed and selected, so the constraint must not zero velocities of systems
-    the half did not update: a run of zero steps (the priming pass, which updates no system)
-    under ``vmap`` leaves the loaded velocities as they are, as ``init`` does."""
+    components included (README "What is guaranteed": masking). Under ``vmap``, on a GPU and
+    for a fused stage of one sub-stage every half is computed and selected, so the constraint
+    must not zero velocities of systems the half did not update: a run of zero steps (the
+    priming pass, which updates no system) leaves the loaded velocities as they are, as
+    ``init`` does, under ``vmap`` and with one sub-stage on CPU."""
     systems = _systems()
     batch = fd.Batch.from_atoms(systems, max_atoms=128, max_systems=6)
     fixed = np.asarray(batch.fixed)
@@ -308,3 +309,11 @@ def test_constraints_touch_only_the_systems_in_the_mask():
     for k in range(2):
         np.testing.assert_array_equal(ran.velocities[k], ref.velocities)
         np.testing.assert_array_equal(ran.positions[k], ref.positions)
+    # one sub-stage on CPU: its halves run with the select alone (masked_update, skip_empty=False),
+    # so the priming pass computes them too, and must leave the loaded velocities
+    nve = fd.NVE(LJ, dt=2.0)
+    one = fd.FusedStage([nve], output_stress=False)
+    ran, ref = one.run(batch, n_steps=0), one.init(batch)
+    np.testing.assert_array_equal(ran.velocities, batch.velocities)
+    np.testing.assert_array_equal(ran.velocities, ref.velocities)
+    np.testing.assert_array_equal(ran.positions, ref.positions)

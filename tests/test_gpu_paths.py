@@ -53,6 +53,7 @@ def _trajectory(fused, batch, n_steps=60):
 @pytest.mark.slow
 def test_select_only_form_gives_the_bits_of_the_cond_form(monkeypatch):
     batch, fused = _batch(), _fused()
+    monkeypatch.setattr(base.jax, "default_backend", lambda: "cpu")  # also on a GPU machine
     cpu_status, cpu, cpu_conds = _trajectory(fused, batch)
     monkeypatch.setattr(base.jax, "default_backend", lambda: "gpu")
     jax.clear_caches()

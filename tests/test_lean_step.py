@@ -1,6 +1,7 @@
 """The lean fused step (issue 13, item 4): a sub-stage's half skipped on steps it holds no
-system, convergence observables only when some system is due, and criteria tested every k
-steps (``FusedStage(convergence_every=k)``), against docs/semantics.md §5, §10 and §11.
+system (with several sub-stages; with one, the select alone), convergence observables only when
+some system is due, and criteria tested every k steps (``FusedStage(convergence_every=k)``),
+against docs/semantics.md §5, §10 and §11.
 
 Every comparison here is bitwise (float64): the lean paths skip work whose result is known (a
 select with an all-False mask), so they must give the same bits.
@@ -275,6 +276,7 @@ def test_skip_cond_only_with_several_sub_stages(monkeypatch, n_stages):
     def conds():
         return str(jax.make_jaxpr(lambda b: fused.step(b)[0])(batch)).count("cond[")
 
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # the same on a GPU machine
     on_cpu = conds()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     on_gpu = conds()
