@@ -468,7 +468,7 @@ class FusedStage(eqx.Module):
         states = list(batch.stage_state)
         every = range(len(self.sub_stages))
         last = len(self.sub_stages) - 1
-        several = last > 0  # one sub-stage: its mask is empty on the priming pass only
+        several = last > 0  # one sub-stage: its mask is rarely empty (the priming pass)
         fire = functools.partial(self._fire, records=records)
         batch = fire(DynamicsStage.BEFORE_STEP, batch, ctx, True, every)
         moved = jnp.zeros_like(batch.positions)  # by the sub-stages (not by hooks) this step

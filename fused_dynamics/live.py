@@ -341,8 +341,13 @@ class Run:
     def _admit(self, batch: Batch, new) -> Batch:
         """``batch`` with the slots ``new`` (S,) bool admitted now: a call of the run's chunk
         program that takes no step (its loop's priming pass primes the slots), so the run
-        compiles no admission program besides its chunk. (A sharded run admits in a program of
-        its own and overrides every caller.)"""
+        compiles no admission program besides its chunk. A sharded run admits in a program of
+        its own and overrides every caller; its chunk ignores ``new``, so reaching here would
+        leave the slots unprimed without a word: refused."""
+        if not self._admits_in_chunk:
+            raise NotImplementedError(
+                f"{type(self).__name__} admits in a program of its own, not through its chunk"
+            )
         new = jnp.asarray(new)
         last = jnp.asarray(False)
         out = self._retry(

@@ -121,10 +121,11 @@ def masked_update(
     and its result is selected per system (:func:`select_batch`, :func:`select_state`), then
     constrained (:func:`fused_dynamics.constraints.constrain_update`).
 
-    ``skip_empty=False`` (a fused stage of one sub-stage, whose mask is empty only on the
-    priming pass) leaves the ``lax.cond`` out: on XLA:CPU the cond costs more than it saves
-    there (its operands are copied into the branch), 7-10 % of a one-stage FIRE or NVE step on
-    16 systems of 108 LJ atoms (``benchmarks/bench_fused_overhead.py``'s ``only_*`` rows). Both
+    ``skip_empty=False`` (a fused stage of one sub-stage, whose mask is rarely empty: on the
+    priming pass, or on a device of a sharded run whose systems have all finished while others
+    run) leaves the ``lax.cond`` out: on XLA:CPU the cond costs more than it saves there,
+    about 10 % of a one-stage FIRE or NVE step on 16 systems of 108 LJ atoms (measured against
+    ``benchmarks/bench_fused_overhead.py``'s bare loop, 15 interleaved rounds). Both
     forms give the same bits (``where(False, new, old)`` is ``old``;
     ``tests/test_gpu_paths.py``).
 
