@@ -21,7 +21,7 @@ its output; the other scripts still run. Logs: ``results/logs/NAME.log`` (git ig
 
 Usage::
 
-    python -m benchmarks --quick            # W1-W5 small: 13 CPU-min (9.4 min on 2 cores)
+    python -m benchmarks --quick            # W1-W5 small: 13 CPU-min (9-10 min on 2 cores)
     python -m benchmarks                    # every script, full size (hours on 2 cores)
     python -m benchmarks --quick --only startup  # a script --quick leaves out, small
     python -m benchmarks --only peers,inflight
@@ -385,7 +385,7 @@ def parse(argv=None):
     p.add_argument(
         "--quick",
         action="store_true",
-        help="issue 13's workloads W1-W5, small (13 CPU-min; 9.4 min on 2 cores)",
+        help="issue 13's workloads W1-W5, small (13 CPU-min; 9-10 min on 2 cores)",
     )
     p.add_argument(
         "--only",
