@@ -145,12 +145,9 @@ def test_criterion_tested_every_k_steps_in_the_stage(fmax_history, k):
 # iteration of its loop, so that its program holds one copy of the model.
 
 
-def test_run_program_holds_the_model_once(monkeypatch):
-    """Tracing a whole run (``output_stress=False``: no exit-stress evaluation) calls the model
-    once: the loop body's evaluation also primes the batch. Before the priming pass, ``init``
-    inside the program called it a second time, compiled a second time."""
-    from fused_dynamics import loop
-
+def _count_model_calls(monkeypatch) -> list:
+    """From now on, every call of the LJ model (traced or not) appends its ``stress`` flag to
+    the returned list."""
     calls = []
     cls = type(LJ)
     original = cls.__call__
@@ -160,6 +157,16 @@ def test_run_program_holds_the_model_once(monkeypatch):
         return original(self, batch, **kwargs)
 
     monkeypatch.setattr(cls, "__call__", counting)
+    return calls
+
+
+def test_run_program_holds_the_model_once(monkeypatch):
+    """Tracing a whole run (``output_stress=False``: no exit-stress evaluation) calls the model
+    once: the loop body's evaluation also primes the batch. Before the priming pass, ``init``
+    inside the program called it a second time, compiled a second time."""
+    from fused_dynamics import loop
+
+    calls = _count_model_calls(monkeypatch)
     fused = fd.FusedStage([fd.FIRE(LJ)], output_stress=False)
     batch = fd.Batch.from_atoms(clusters())
     options = loop.LoopOptions(resume=False, max_steps=None)
@@ -223,18 +230,10 @@ def test_admitting_chunk_holds_the_model_once(monkeypatch):
     where the admission used to evaluate the whole batch in a second copy."""
     from fused_dynamics import loop
 
-    calls = []
-    cls = type(LJ)
-    original = cls.__call__
-
-    def counting(self, batch, **kwargs):
-        calls.append(kwargs.get("stress"))
-        return original(self, batch, **kwargs)
-
     fused = fd.FusedStage([fd.FIRE(LJ)], output_stress=False)
     batch = fused.init(fd.Batch.from_atoms(clusters()))
     new = jnp.asarray([False, True, False])
-    monkeypatch.setattr(cls, "__call__", counting)
+    calls = _count_model_calls(monkeypatch)  # after init: only the chunk's calls count
     last = jnp.asarray(False)
     jax.make_jaxpr(lambda b: loop.chunk(fused, b, 10, last, new, None)[0].positions)(batch)
     assert calls == [False]
