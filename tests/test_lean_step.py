@@ -261,7 +261,7 @@ def test_admitting_chunk_primes_only_the_refilled_slots():
 @pytest.mark.parametrize("n_stages", [1, 2])
 def test_skip_cond_only_with_several_sub_stages(monkeypatch, n_stages):
     """A sub-stage's half is skipped by a ``lax.cond`` on an empty mask only when the fused
-    stage has several sub-stages: with one, the mask is empty on the priming pass alone and
+    stage has several sub-stages: with one, the mask is rarely empty (the priming pass) and
     the cond costs more than it saves on CPU (``masked_update``), so the step is the select
     form, the one traced on a GPU. Counted in the step's jaxpr: with one sub-stage the CPU
     form has as many conds as the GPU form; with two it has more."""
