@@ -392,12 +392,17 @@ class FusedStage(eqx.Module):
 
         A batch carrying a :class:`~fused_dynamics.NeighborList` has it refreshed first and
         stored, so that an overflow always reaches the run loop (which regrows the list and
-        repeats the work). Forces come out with the constraints applied
+        repeats the work). The model gets that list marked ``refreshed``, so that a model that
+        refreshes its list itself does not check (and compile) the rebuild a second time. Forces
+        come out with the constraints applied
         (:func:`fused_dynamics.constraints.project_forces`).
         """
+        given = batch
         if isinstance(batch.neighbors, NeighborList):
-            batch = batch.replace(neighbors=batch.neighbors.update(batch))
-        out = self.model(batch, stress=self.needs_stress)
+            fresh = batch.neighbors.update(batch)
+            batch = batch.replace(neighbors=fresh)
+            given = batch.replace(neighbors=dataclasses.replace(fresh, refreshed=True))
+        out = self.model(given, stress=self.needs_stress)
         forces = constraints.project_forces(batch, out.forces)
         return batch.replace(energy=out.energy, forces=forces, stress=out.stress)
 

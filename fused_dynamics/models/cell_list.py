@@ -42,9 +42,10 @@ from ..linalg3 import inv3, matvec3
 
 #: ``NeighborList.needed`` holds, in this order, the largest values seen by the builds since the
 #: allocation up to the first overflow: pairs, atoms in one bin, bins used (never more than the
-#: table holds), stencil half-width.
-NEEDED_FIELDS = ("pairs", "bin_occupancy", "bins", "stencil")
-_PAIRS, _OCCUPANCY, _BINS, _STENCIL = range(4)
+#: table holds), stencil half-width, and the most neighbors of one atom (both directions; what
+#: the per-atom rows of a half list need).
+NEEDED_FIELDS = ("pairs", "bin_occupancy", "bins", "stencil", "neighbors_per_atom")
+_PAIRS, _OCCUPANCY, _BINS, _STENCIL, _ROWS = range(5)
 # Bins of a system of n atoms are capped at max(1, BINS_PER_ATOM * n): coarser bins are always
 # correct, and the table then has a static number of rows (BINS_PER_ATOM * N + S).
 BINS_PER_ATOM = 2
@@ -273,6 +274,75 @@ def _packed_layout(n_atoms: int) -> tuple[int, int] | None:
     return (atom_bits, shift_bits) if shift_bits >= 8 else None
 
 
+def _row_order_key(rows: jax.Array, n_atoms: int) -> jax.Array:
+    """The order that groups entries by ``rows`` (values ``0..n_atoms``) and keeps the list
+    order inside a group (a stable sort), as a permutation.
+
+    On XLA:CPU a sort of one packed integer operand is several times faster than a sort that
+    carries a permutation (see :func:`_canonical_order`): the key is ``row * P + position``.
+    """
+    p = rows.shape[0]
+    position = jnp.arange(p, dtype=jnp.int32)
+    if (n_atoms + 1) * max(p, 1) < 2**31:
+        key = jnp.sort(rows * p + position)
+        return key % max(p, 1)
+    if jax.config.jax_enable_x64:
+        key = jnp.sort(rows.astype(jnp.int64) * p + position)
+        return (key % p).astype(jnp.int32)
+    return jnp.argsort(rows, stable=True).astype(jnp.int32)
+
+
+def neighbor_rows(senders, receivers, shifts, n_atoms: int, width: int):
+    """Per-atom rows of a sorted half list: every neighbor of each atom, both directions.
+
+    Row ``i`` holds first the pairs ``(j, i, S)`` of the half list (``j`` before ``i``, as
+    ``(i, j, -S)``), then its pairs ``(i, j, S)``, each group in the list's ``(i, j, S)``
+    order: the order depends only on which pairs exist, so a sum along a row is the same bit
+    for bit whenever the list was rebuilt and whatever its capacities.
+
+    Parameters
+    ----------
+    senders, receivers : Array, shape (P,) int32
+        The half list (``n_atoms`` in unused slots), sorted by ``(i, j, S)``.
+    shifts : Array, shape (P, 3) int32
+    n_atoms : int
+        Atom capacity N (the sentinel).
+    width : int
+        Row width M; neighbors beyond it are not stored (the caller flags the overflow).
+
+    Returns
+    -------
+    row_receivers : Array, shape (N, M) int32
+        Neighbor ``j`` of each row entry (``N`` in unused entries).
+    row_shifts : Array, shape (N, M, 3) int32
+        ``d = r_j - r_i + S @ cell`` for row ``i`` (zero in unused entries).
+    counts : Array, shape (N,) int32
+        Neighbors of each atom (may exceed ``M``).
+    """
+    n, p = n_atoms, senders.shape[0]
+    fwd = jnp.zeros((n + 1,), jnp.int32).at[senders].add(1)[:n]
+    rev = jnp.zeros((n + 1,), jnp.int32).at[receivers].add(1)[:n]
+    out_j = jnp.full((n, width), n, jnp.int32)
+    out_s = jnp.zeros((n, width, 3), jnp.int32)
+    if width > 0 and p > 0:
+        # forward pairs: the list is grouped by sender already
+        fwd_start = jnp.cumsum(fwd) - fwd
+        i = jnp.minimum(senders, n - 1)
+        col = rev[i] + jnp.arange(p, dtype=jnp.int32) - fwd_start[i]
+        row = jnp.where(senders < n, senders, n)  # out of range: dropped
+        out_j = out_j.at[row, col].set(receivers, mode="drop")
+        out_s = out_s.at[row, col].set(shifts, mode="drop")
+        # reversed pairs, grouped by receiver in list order
+        order = _row_order_key(receivers, n)
+        r = receivers[order]
+        rev_start = jnp.cumsum(rev) - rev
+        col = jnp.arange(p, dtype=jnp.int32) - rev_start[jnp.minimum(r, n - 1)]
+        row = jnp.where(r < n, r, n)
+        out_j = out_j.at[row, col].set(senders[order], mode="drop")
+        out_s = out_s.at[row, col].set(-shifts[order], mode="drop")
+    return out_j, out_s, fwd + rev
+
+
 def _floor_divide(ub: jax.Array, na: jax.Array, in_float32: bool) -> jax.Array:
     """``floor(ub / na)`` of int32 arrays (``na >= 1``), as ``jnp.floor_divide``.
 
@@ -294,7 +364,9 @@ def _build(nl, batch, per_system: bool = False):
     """Rebuild ``nl`` (a :class:`~fused_dynamics.models.neighbors.NeighborList`) on ``batch``
     with its static capacities (see the module docstring). With ``per_system`` (static) it
     returns ``(list, pairs)``: also the pairs each system has, shape (S,) int32, whether or not
-    they fit the capacity (a count pass with capacity 0 measures them without storing any).
+    they fit the capacity (a count pass with capacity 0 measures them without storing any; its
+    ``needed`` then also holds the most neighbors of one atom, counted from the candidates).
+    A half list with ``max_neighbors > 0`` also gets its per-atom rows (:func:`neighbor_rows`).
 
     The loop over bin offsets stores one int32 code per pair, ``(offset, i, column)``, with one
     scatter, and returns a table of each (offset, atom)'s bin row and image shift (7 bytes per
@@ -378,14 +450,16 @@ def _build(nl, batch, per_system: bool = False):
         value = (index * n + i) * m + jnp.arange(m, dtype=jnp.int32)[None, :]
         code = code.at[slot].set(value.reshape(-1), mode="drop")
         out = (code, count + jnp.sum(per_atom, dtype=jnp.int32))
-        if per_system:
-            out += (carry[2] + per_atom,)
+        if per_system:  # pairs per sender, and neighbors per atom (both ends of a pair)
+            ends = carry[3] + per_atom
+            ends = ends.at[jc.reshape(-1)].add(keep.reshape(-1).astype(jnp.int32))
+            out += (carry[2] + per_atom, ends)
         # what the decoding needs of (offset, atom): the bin row and the image shift
         return out, (row, wrap.astype(wrap_dtype))
 
     init = (jnp.full((p,), -1, jnp.int32), jnp.zeros((), jnp.int32))
     if per_system:
-        init += (jnp.zeros((n,), jnp.int32),)
+        init += (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32))
     carry, looked_up = jax.lax.scan(body, init, jnp.arange(n_off, dtype=jnp.int32))
     code, count = carry[:2]
     # decode the pairs: gathers from the (offset, atom) table instead of the bins again
@@ -402,9 +476,15 @@ def _build(nl, batch, per_system: bool = False):
     receivers = jnp.where(mask, j, n).astype(jnp.int32)
     senders, receivers, shifts = _canonical_order(senders, receivers, shifts, nl.half, n)
     mask = senders < n
-    now = jnp.stack([count, occupancy, geo["bins_total"], geo["stencil_needed"]])
+    width = nl.max_neighbors
+    row_receivers, row_shifts, per_atom = neighbor_rows(senders, receivers, shifts, n, width)
+    most = jnp.max(per_atom, initial=0) if nl.half else jnp.zeros((), jnp.int32)
+    if per_system:  # counted from the candidates: the pairs need not fit the capacity
+        most = jnp.max(carry[3], initial=0) if nl.half else most
+    now = jnp.stack([count, occupancy, geo["bins_total"], geo["stencil_needed"], most])
     # bins_total <= b always (per-system caps); checked anyway so that nothing is dropped silently
     over = (count > p) | (occupancy > m) | (geo["bins_total"] > b) | (geo["stencil_needed"] > k)
+    over = over | ((width > 0) & (most > width))
     # needs are recorded up to the first overflow: after it, the dynamics is no longer trusted
     needed = jnp.where(nl.overflow, nl.needed, jnp.maximum(nl.needed, now))
     built = dataclasses.replace(
@@ -413,6 +493,8 @@ def _build(nl, batch, per_system: bool = False):
         receivers=receivers,
         shifts=shifts,
         mask=mask,
+        row_receivers=row_receivers,
+        row_shifts=row_shifts,
         reference_positions=pos.astype(nl.reference_positions.dtype),
         reference_cell=cell.astype(nl.reference_cell.dtype),
         reference_system_idx=system_idx,

@@ -118,5 +118,5 @@ def host_neighbor_list(
         stale=jnp.zeros((), bool),
         rebuilds=jnp.ones((), jnp.int32),
         n_pairs=jnp.asarray(n_pairs, jnp.int32),
-        needed=jnp.asarray([n_pairs, 0, 0, 0], jnp.int32),
+        needed=jnp.asarray([n_pairs, 0, 0, 0, 0], jnp.int32),
     )

@@ -52,9 +52,10 @@ from ..linalg3 import matvec3
 from .cell_list import (
     _OCCUPANCY,
     _PAIRS,
+    _ROWS,
     _STENCIL,
     BINS_PER_ATOM,
-    NEEDED_FIELDS,  # noqa: F401  (re-exported: it was defined here)
+    NEEDED_FIELDS,
     _bin_geometry_jit,
     _build,
     _build_jit,
@@ -66,6 +67,16 @@ from .cell_list import (
 )
 
 __all__ = ["NeighborList", "NeighborListHook", "refresh_neighbors"]
+
+
+def _check_width(max_neighbors, half: bool) -> int:
+    width = int(max_neighbors)
+    if width < 0 or (width > 0 and not half):
+        raise ValueError(
+            f"NeighborList: max_neighbors must be >= 0, and 0 for a full list (per-atom rows "
+            f"are made from a half list); got {max_neighbors} with half={half}."
+        )
+    return width
 
 
 class NeighborList(eqx.Module):
@@ -83,6 +94,13 @@ class NeighborList(eqx.Module):
         Image shift ``S`` of each pair: ``d = r_j - r_i + S @ cell``.
     mask : Array, shape (P,) bool
         Real pairs: within ``cutoff + skin`` at the last build.
+    row_receivers : Array, shape (N, M) int32
+        Per-atom rows of a half list (``M = max_neighbors``, 0 when not kept): every neighbor
+        ``j`` of atom ``i``, both directions of each pair, ``N`` in unused entries (order:
+        :func:`~fused_dynamics.models.cell_list.neighbor_rows`). A pair potential sums a row
+        without scatter-adds: the forces of atom ``i`` are the sum of its row's pair forces.
+    row_shifts : Array, shape (N, M, 3) int32
+        Image shift of each row entry: ``d = r_j - r_i + S @ cell``.
     reference_positions : Array, shape (N, 3)
         Positions at the last build.
     reference_cell : Array, shape (S, 3, 3)
@@ -99,9 +117,9 @@ class NeighborList(eqx.Module):
         Number of builds since :meth:`allocate` (the allocation's own build included).
     n_pairs : Array, shape () int32
         Pairs found by the last build (may exceed the capacity when it overflowed).
-    needed : Array, shape (4,) int32
-        Largest pairs, bin occupancy, bins and stencil needed by the builds so far (up to the first
-        overflow), see ``NEEDED_FIELDS``; used by :meth:`grown`.
+    needed : Array, shape (5,) int32
+        Largest pairs, bin occupancy, bins, stencil and neighbors of one atom needed by the
+        builds so far (up to the first overflow), see ``NEEDED_FIELDS``; used by :meth:`grown`.
     cutoff, skin : float
         Static. Pairs are stored within ``cutoff + skin``.
     half : bool
@@ -115,12 +133,19 @@ class NeighborList(eqx.Module):
         Static. Head room :meth:`allocate` and :meth:`grown` give over a measured need.
     blind_growths : int
         Static. Growths in a row that no recorded need explained (see :meth:`grown`).
+    refreshed : bool
+        Static, default False. Set on the list the fused step hands to the model right after
+        refreshing it for the same positions (:meth:`FusedStage.evaluate`): :meth:`update` then
+        returns it as it is, so that a compiled step checks (and holds the code of) one rebuild,
+        not one more per model that refreshes its list itself.
     """
 
     senders: jax.Array
     receivers: jax.Array
     shifts: jax.Array
     mask: jax.Array
+    row_receivers: jax.Array
+    row_shifts: jax.Array
     reference_positions: jax.Array
     reference_cell: jax.Array
     reference_system_idx: jax.Array
@@ -137,12 +162,18 @@ class NeighborList(eqx.Module):
     bin_capacity: int = eqx.field(static=True, default=8)
     margin: float = eqx.field(static=True, default=1.15)
     blind_growths: int = eqx.field(static=True, default=0)
+    refreshed: bool = eqx.field(static=True, default=False)
 
     # ------------------------------------------------------------------ sizes
     @property
     def capacity(self) -> int:
         """Pair capacity P (the static length of the pair arrays)."""
         return int(self.senders.shape[-1])
+
+    @property
+    def max_neighbors(self) -> int:
+        """Width M of the per-atom rows (0: the list keeps none)."""
+        return int(self.row_receivers.shape[-1])
 
     @property
     def max_bins(self) -> int:
@@ -169,18 +200,23 @@ class NeighborList(eqx.Module):
         stencil: int = 1,
         bin_capacity: int = 8,
         margin: float = 1.15,
+        max_neighbors: int = 0,
     ) -> NeighborList:
         """A stale list of the given static capacities (built on its first :meth:`update`).
 
-        Works under ``jit``: nothing here looks at values.
+        Works under ``jit``: nothing here looks at values. ``max_neighbors`` > 0 (half lists
+        only) keeps per-atom rows of that width.
         """
         _check_range(cutoff, skin)
         n, s = batch.max_atoms, batch.max_systems
+        width = _check_width(max_neighbors, half)
         return cls(
             senders=jnp.full((int(capacity),), n, jnp.int32),
             receivers=jnp.full((int(capacity),), n, jnp.int32),
             shifts=jnp.zeros((int(capacity), 3), jnp.int32),
             mask=jnp.zeros((int(capacity),), bool),
+            row_receivers=jnp.full((n, width), n, jnp.int32),
+            row_shifts=jnp.zeros((n, width, 3), jnp.int32),
             reference_positions=jax.lax.stop_gradient(batch.positions),
             reference_cell=jax.lax.stop_gradient(batch.cell),
             reference_system_idx=batch.system_idx,
@@ -189,7 +225,7 @@ class NeighborList(eqx.Module):
             stale=jnp.ones((), bool),
             rebuilds=jnp.zeros((), jnp.int32),
             n_pairs=jnp.zeros((), jnp.int32),
-            needed=jnp.zeros((4,), jnp.int32),
+            needed=jnp.zeros((len(NEEDED_FIELDS),), jnp.int32),
             cutoff=float(cutoff),
             skin=float(skin),
             half=bool(half),
@@ -223,6 +259,7 @@ class NeighborList(eqx.Module):
         cells=None,
         pbc=None,
         more_batches=None,
+        max_neighbors: int | None = None,
     ) -> NeighborList:
         """A list sized for ``batch`` and built on it (host-side, eager).
 
@@ -262,6 +299,10 @@ class NeighborList(eqx.Module):
             come from a count pass compiled once for these shapes (``cell_list._build`` with
             ``per_system=True``). Bounds follow the structures as given; a system that
             becomes denser during a run can still overflow the list (it is then grown).
+        max_neighbors : int, optional
+            Width M of the per-atom rows (``row_receivers``; half lists only, 0 keeps none).
+            Default: measured for a half list, ``ceil(margin * most) + 2`` for the most
+            neighbors of one atom in ``batch`` and ``more_batches``; 0 for a full list.
 
         Returns
         -------
@@ -302,12 +343,19 @@ class NeighborList(eqx.Module):
             bin_capacity = max(int(math.ceil(margin * occupancy)) + 2, 4)
         kw = dict(half=half, stencil=k, bin_capacity=bin_capacity, margin=margin)
         empty = cls.empty(batch, cutoff, skin, 0, **kw)
+        measure_rows = max_neighbors is None and half
+        most = 0  # neighbors of one atom, from the count passes (both ends of each pair)
         if capacity is None and more_batches is None:  # this batch's pairs
-            capacity = int(math.ceil(margin * int(_build_jit(empty, batch).n_pairs))) + 16
+            counted = _build_jit(empty, batch, per_system=measure_rows)
+            counted = counted[0] if measure_rows else counted
+            most = int(counted.needed[_ROWS])
+            capacity = int(math.ceil(margin * int(counted.n_pairs))) + 16
         elif capacity is None:  # any batch of these systems: per-system counts
             pairs, sizes = [], []
             for b in every():
-                per = np.asarray(_build_jit(empty, b, per_system=True)[1])
+                counted, per = _build_jit(empty, b, per_system=True)
+                most = max(most, int(counted.needed[_ROWS]))
+                per = np.asarray(per)
                 real = np.asarray(b.system_mask)
                 pairs.append(per[real])
                 sizes.append(np.bincount(np.asarray(b.system_idx), minlength=len(real) + 1)[:-1])
@@ -316,6 +364,13 @@ class NeighborList(eqx.Module):
             top = np.sort(pairs)[::-1][: batch.max_systems].sum()
             densest = batch.max_atoms * np.max(pairs / sizes, initial=0.0)
             capacity = int(math.ceil(margin * min(top, densest))) + 16
+        elif measure_rows:  # a given capacity: count the rows' need alone
+            for b in every():
+                counted = _build_jit(empty, b, per_system=True)[0]
+                most = max(most, int(counted.needed[_ROWS]))
+        if measure_rows:
+            max_neighbors = int(math.ceil(margin * most)) + 2
+        kw["max_neighbors"] = int(max_neighbors or 0)
         return _build_jit(cls.empty(batch, cutoff, skin, int(capacity), **kw), batch)
 
     # ------------------------------------------------------------------ state changes
@@ -333,11 +388,13 @@ class NeighborList(eqx.Module):
         - atoms per bin: ``ceil(margin * needed) + 2`` when a build needed more than
           ``bin_capacity``;
         - stencil: what the thinnest cell needed, when that was more;
+        - per-atom rows (a list that keeps them): ``ceil(margin * needed) + 2`` when a build
+          found an atom with more than ``max_neighbors`` neighbors;
         - when no recorded need explains the overflow (it happened in a run started from this
-          list, whose own builds were fine, and ``seen`` is not given), the atoms per bin grow by
-          ``factor`` too, and from the second such blind growth in a row on, the stencil by one
-          (a cell that became thinner than the stencil allows is the remaining cause, so that
-          repeated growth always ends).
+          list, whose own builds were fine, and ``seen`` is not given), the atoms per bin and
+          the rows grow by ``factor`` too, and from the second such blind growth in a row on,
+          the stencil by one (a cell that became thinner than the stencil allows is the
+          remaining cause, so that repeated growth always ends).
 
         Every other field is kept (the rebuild counter continues).
 
@@ -355,20 +412,27 @@ class NeighborList(eqx.Module):
         lists = [self] if seen is None else [self, seen]
         if any(isinstance(nl.needed, jax.core.Tracer) for nl in lists):
             raise TypeError("NeighborList.grown is host-side: call it on a concrete list.")
-        needed = np.max([np.asarray(nl.needed).reshape(-1, 4).max(axis=0) for nl in lists], 0)
+        width = len(NEEDED_FIELDS)
+        needed = np.max([np.asarray(nl.needed).reshape(-1, width).max(axis=0) for nl in lists], 0)
         m = self.margin
         capacity = max(_ceil(factor * max(self.capacity, 1)), _ceil(m * needed[_PAIRS]))
         occ = self.bin_capacity
+        rows = self.max_neighbors
+        rows_short = rows > 0 and needed[_ROWS] > rows
         known = (
             needed[_PAIRS] > self.capacity
             or needed[_OCCUPANCY] > occ
             or needed[_STENCIL] > self.stencil
+            or rows_short
         )
+        if rows_short:
+            rows = max(_ceil(m * needed[_ROWS]) + 2, rows + 1)
         blind = 0 if known else self.blind_growths + 1
         if needed[_OCCUPANCY] > occ:
             occ = max(_ceil(m * needed[_OCCUPANCY]) + 2, occ + 1)
         elif not known:
             occ = _ceil(factor * occ)
+            rows = _ceil(factor * rows)
         stencil = max(self.stencil + (blind >= 2), int(needed[_STENCIL]))
         lead = self.senders.shape[:-1]
         n = int(self.reference_positions.shape[-2])
@@ -378,6 +442,8 @@ class NeighborList(eqx.Module):
             receivers=jnp.full(lead + (capacity,), n, jnp.int32),
             shifts=jnp.zeros(lead + (capacity, 3), jnp.int32),
             mask=jnp.zeros(lead + (capacity,), bool),
+            row_receivers=jnp.full(lead + (n, rows), n, jnp.int32),
+            row_shifts=jnp.zeros(lead + (n, rows, 3), jnp.int32),
             overflow=jnp.zeros_like(self.overflow),
             stale=jnp.ones_like(self.stale),
             stencil=stencil,
@@ -419,8 +485,11 @@ class NeighborList(eqx.Module):
         """Rebuild if :meth:`must_rebuild`, else return the list as it is (``lax.cond``).
 
         Under ``jax.vmap`` with a batched criterion ``lax.cond`` becomes a select and the build
-        runs on every call (results are the same; only the cost differs).
+        runs on every call (results are the same; only the cost differs). A list marked
+        ``refreshed`` is returned unchanged.
         """
+        if self.refreshed:
+            return self
         return jax.lax.cond(self.must_rebuild(batch), _build, lambda nl, b: nl, self, batch)
 
     def build(self, batch) -> NeighborList:

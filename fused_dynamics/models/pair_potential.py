@@ -41,6 +41,7 @@ from .pair_sums import (
     cell_too_small,
     dense_energy,
     neighbor_energy,
+    neighbor_rows_output,
     required_images_host,
 )
 from .species import (
@@ -443,6 +444,25 @@ class PairPotential(Model):
 
     def _neighbor_energy(self, batch: Batch, species: jax.Array | None = None) -> jax.Array:
         return neighbor_energy(self, batch, species)
+
+    def explicit_output(self, batch: Batch, stress: bool):
+        """On a neighbor list with per-atom rows (``max_neighbors > 0``, what
+        :meth:`neighbor_list` allocates): energy, forces and stress summed along each atom's row
+        (:func:`~fused_dynamics.models.pair_sums.neighbor_rows_output`, about 2.5x faster on
+        CPU than differentiating the half list, whose pair forces are scatter-added onto both
+        atoms). Otherwise None: :meth:`energy` is differentiated."""
+        nl = batch.neighbors
+        if (
+            self.skin is None
+            or not isinstance(nl, NeighborList)
+            or nl.max_neighbors == 0
+            or nl.cutoff < self.cutoff
+        ):
+            return None  # energy() raises for a list it cannot use
+        species = None
+        if self.per_pair:
+            batch, species = self._atom_species(batch)
+        return neighbor_rows_output(self, batch, species, stress)
 
     def with_images(self, batch: Batch) -> PairPotential:
         """A copy whose static image range covers every system of ``batch`` (host-side)."""

@@ -293,3 +293,81 @@ def neighbor_energy(model, batch: Batch, species: jax.Array | None = None) -> ja
     weight = 1.0 if nl.half else 0.5
     energy = segment.segment_sum(weight * phi, nl.pair_system(batch.system_idx, s), s)
     return poison_systems(batch, energy, lost)
+
+
+def row_sum(x: jax.Array) -> jax.Array:
+    """Sum over axis 1 of ``x`` (N, M, ...) in an order fixed by column position.
+
+    Columns are added left to right within blocks of 8, and the blocks left to right, so
+    unused trailing columns (zeros) add exact zeros and a row's sum is the same bit for bit
+    whatever the width ``M`` (a reduction's order in XLA depends on the shape).
+    """
+    n, m = x.shape[:2]
+    block = 8
+    pad = (-m) % block
+    if pad:
+        x = jnp.concatenate([x, jnp.zeros((n, pad) + x.shape[2:], x.dtype)], axis=1)
+    x = x.reshape((n, (m + pad) // block, block) + x.shape[2:])
+    partial = x[:, :, 0]
+    for k in range(1, block):
+        partial = partial + x[:, :, k]
+    total = partial[:, 0]
+    for k in range(1, partial.shape[1]):
+        total = total + partial[:, k]
+    return total
+
+
+def neighbor_rows_output(model, batch: Batch, species: jax.Array | None, with_stress: bool):
+    """Energy, forces and stress from the per-atom rows of ``batch.neighbors``, explicitly.
+
+    Each row holds every neighbor ``j`` of atom ``i`` (both directions of each pair), so with
+    ``d = r_j - r_i + S @ cell``, ``r = |d|`` and ``c = φ'(r) / r`` (``φ'`` by forward-mode
+    differentiation of ``model.pair_energy``):
+
+    - ``F_i = Σ_row c d`` (a row sum: no scatter-add of pair forces onto atoms);
+    - ``E = ½ Σ_i Σ_row φ(r)`` per system;
+    - stress ``(1/V) dE/dε = (1 / 2V) Σ_i Σ_row c d ⊗ d`` (ASE's sign: negative under
+      compression).
+
+    The same quantities as differentiating the half list's energy (:func:`neighbor_energy`),
+    to rounding (the terms are added in another order); the half list is the path for
+    ``jax.grad`` of the energy itself. Returns ``(energy (S,), forces (N, 3), stress (S, 3,
+    3))``, NaN for every system when the list has overflowed (as :func:`neighbor_energy`).
+    """
+    nl = batch.neighbors
+    if model.auto_refresh:
+        nl = nl.update(batch)
+    n, s = batch.max_atoms, batch.max_systems
+    pos = batch.positions
+    sys = jnp.minimum(batch.system_idx, s - 1)
+    j = jnp.minimum(nl.row_receivers, n - 1)
+    image = matvec3(nl.row_shifts.astype(pos.dtype), batch.cell[sys][:, None])
+    d = pos[j] - pos[:, None, :] + image
+    r2 = jnp.sum(d * d, axis=-1)
+    ok = (nl.row_receivers < n) & (r2 < model.cutoff**2)
+    # masked entries at r = cutoff / 2, as in _pair_sum (finite φ and derivatives)
+    r = jnp.sqrt(jnp.where(ok, r2, 0.25 * model.cutoff**2))
+    if species is None:
+        pair = model.pair_energy
+    else:
+        si, sj = species[:, None], species[j]
+        pair = lambda r: model.pair_energy(r, si, sj)  # noqa: E731
+    phi, dphi = jax.jvp(pair, (r,), (jnp.ones_like(r),))
+    phi = jnp.where(ok, phi, 0.0)
+    c = jnp.where(ok, dphi / r, 0.0)
+    forces = row_sum(c[..., None] * d)
+    energy = segment.segment_sum(0.5 * row_sum(phi), batch.system_idx, s)
+    lost = jnp.broadcast_to(nl.overflow, (s,))
+    nan_atoms = batch.to_atoms_axis(lost)[:, None]
+    if with_stress:
+        w = c[..., None, None] * d[..., :, None] * d[..., None, :]
+        virial = segment.segment_sum(0.5 * row_sum(w), batch.system_idx, s)
+        volume = jnp.where(batch.system_mask, batch.volume, 1.0)
+        stress = jnp.where(lost[:, None, None], jnp.nan, virial / volume[:, None, None])
+    else:
+        stress = jnp.full((s, 3, 3), jnp.nan, batch.dtype)
+    return (
+        jnp.where(lost, jnp.nan, energy),
+        jnp.where(nan_atoms, jnp.nan, forces),
+        stress,
+    )
