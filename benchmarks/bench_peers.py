@@ -16,7 +16,9 @@ compared after adding back ``e0`` per pair within the cutoff.
     0.05 Å, Maxwell-Boltzmann velocities at 40 K, all from a fixed seed), velocity Verlet with
     dt = 2 fs, ``--steps`` steps (200) after a warm-up; throughput in atom-steps/s. Compilation
     (JAX) and kernel builds (Warp) are measured by the warm-up call and reported separately.
-    fused_dynamics: ``fd.NVE(model, dt).run(batch, n_steps)`` with the dense model; JAX-MD: dense
+    fused_dynamics: ``fd.NVE(model, dt).run(batch, n_steps)`` on the path
+    ``fd.models.choose_neighbors`` picks (``fused_dynamics``) and on the dense path
+    (``fused_dynamics_dense``, for dense against JAX-MD dense); JAX-MD: dense
     pairs and a neighbor list (dr_threshold 0.5 Å, updated every step), ``jax.vmap`` over the
     systems inside one ``lax.fori_loop``; TorchSim: its LJ model (vesin neighbor list) and
     ``nve``; nvalchemi: its Warp LJ model, ``NeighborListHook`` and ``NVE``; kUPS: its LJ
@@ -267,13 +269,23 @@ def _timed(fn):
 
 
 # --------------------------------------------------------------------------- fused_dynamics
-def fd_md(systems, n_steps, precision):
+def fd_md(systems, n_steps, precision, path="auto"):
+    """Our NVE run. ``path="auto"``: the pair path ``fd.models.choose_neighbors`` picks for the
+    systems (one call; the list is attached before timing, as a run would attach it);
+    ``"dense"``: the dense path, for the dense-against-dense comparison."""
     import fused_dynamics as fd
 
     dtype = jnp.float64 if precision == "float64" else jnp.float32
     batch = fd.Batch.from_atoms(systems, dtype=dtype)
     model = fd.models.LennardJones(sigma=SIGMA, epsilon=EPSILON, cutoff=CUTOFF, shift=False)
-    model = model.with_images(batch)
+    reason = "dense path (asked)"
+    if path == "auto":
+        reason = fd.models.path_choice(model, systems).reason
+        model = fd.models.choose_neighbors(model, systems)
+    if model.skin is not None:
+        batch = model.attach_neighbors(batch)
+    else:
+        model = model.with_images(batch)
     out0 = model(batch)
     nve = fd.NVE(model, dt=DT_FS)
     # n_steps is a traced argument of the compiled loop: one step compiles it for any length
@@ -283,6 +295,8 @@ def fd_md(systems, n_steps, precision):
         "warmup_steps": 1,
         "energy0_per_atom": (np.asarray(out0.energy) / np.asarray(batch.n_atoms)).tolist(),
         "forces0": np.asarray(out0.forces)[np.asarray(batch.atom_mask)],
+        "path": "neighbor list" if model.skin is not None else "dense",
+        "path_reason": reason,
     }
 
     def run():
@@ -956,7 +970,10 @@ def kups_md_subprocess(n_systems, n_steps, repeat, timeout, cells=4):
 # --------------------------------------------------------------------------- driver
 def md_runners(peer):
     return {
-        "fused_dynamics": [("fused_dynamics", fd_md)],
+        "fused_dynamics": [
+            ("fused_dynamics", fd_md),
+            ("fused_dynamics_dense", lambda s, n, p: fd_md(s, n, p, path="dense")),
+        ],
         "jax_md": [
             ("jax_md_dense", lambda s, n, p: jaxmd_md(s, n, p, neighbor=False)),
             ("jax_md_neighbor_list", lambda s, n, p: jaxmd_md(s, n, p, neighbor=True)),

@@ -25,6 +25,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 PEER_LABELS = {
+    "fused_dynamics_dense": "our dense path",
     "jax_md_best": "JAX-MD (faster path)",
     "jax_md_dense": "JAX-MD dense",
     "jax_md_neighbor_list": "JAX-MD neighbor list",
@@ -121,7 +122,8 @@ def _shape(peers: dict) -> str:
 
 
 def w2_md(peers: dict | None, peers_108: dict | None = None) -> dict:
-    """W2, NVE MD: ours (dense) over every peer, per shape and precision (``bench_peers.py``)."""
+    """W2, NVE MD: ours (the path ``choose_neighbors`` picks) over every peer, and our dense
+    path over JAX-MD's, per shape and precision (``bench_peers.py``)."""
     out = {
         "title": "W2 NVE MD throughput (16x256 and 64x108 fcc argon, float32 and float64)",
         "script": "bench_peers.py",
@@ -157,21 +159,27 @@ def _w2_ratios(out: dict, peers: dict) -> None:
         if jm:
             best = max(jm, key=lambda k: codes[k].get("atom_steps_per_s") or 0)
             peers_here["jax_md_best"] = {**codes[best], "path": best}
+        # dense against dense: our dense path (results from before it was measured apart:
+        # the only one there was, dense)
+        ours_dense = codes.get("fused_dynamics_dense", ours)
         for name in sorted(peers_here, key=_peer_order):
             rec = peers_here[name]
             if name == "fused_dynamics":
                 continue
+            mine, label = ours, f"{shape} {precision} vs {PEER_LABELS.get(name, name)}"
+            if name == "jax_md_dense":
+                mine, label = ours_dense, f"{shape} {precision} dense vs JAX-MD dense"
             out["ratios"].append(
                 ratio_record(
-                    f"{shape} {precision} vs {PEER_LABELS.get(name, name)}",
-                    _per_round_ratios(ours, rec),
+                    label,
+                    _per_round_ratios(mine, rec),
                     W2_TARGETS.get(name),
                     peer=name,
                     precision=precision,
                     shape=shape,
-                    ours_atom_steps_per_s=_atom_steps(ours),
+                    ours_atom_steps_per_s=_atom_steps(mine),
                     peer_atom_steps_per_s=_atom_steps(rec),
-                    compile_s={"ours": ours.get("compile_s"), "peer": rec.get("compile_s")},
+                    compile_s={"ours": mine.get("compile_s"), "peer": rec.get("compile_s")},
                     **({"path": rec["path"]} if "path" in rec else {}),
                 )
             )

@@ -291,8 +291,9 @@ def _like(nl: NeighborList, local: Batch, capacity=None, **sizes) -> NeighborLis
 
 
 def _with_lists(stacked: Batch, make, first=None) -> Batch:
-    """Host: ``stacked`` with the list ``make(local, capacity, stencil=, bin_capacity=)`` of
-    each local batch, all of the largest capacities any of them needs (one program);
+    """Host: ``stacked`` with the list ``make(local, capacity, stencil=, bin_capacity=,
+    max_neighbors=)`` of each local batch, all of the largest capacities any of them needs
+    (one program: the per-atom rows too are as wide on every device);
     ``first(local)`` (default ``make``) measures device 0's, once for what all devices share."""
     d = np.shape(stacked.system_mask)[0]
     bare = stacked.replace(neighbors=None)
@@ -303,6 +304,7 @@ def _with_lists(stacked: Batch, make, first=None) -> Batch:
     common = {
         "stencil": max(nl.stencil for nl in sized),
         "bin_capacity": max(nl.bin_capacity for nl in sized),
+        "max_neighbors": max(nl.max_neighbors for nl in sized),
     }
     capacity = max(nl.capacity for nl in sized)
     lists = [jax.device_get(make(local, capacity, **common)) for local in locals_]

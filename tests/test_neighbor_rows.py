@@ -117,6 +117,34 @@ def test_row_sums_do_not_depend_on_the_width_or_the_other_systems():
     assert np.array_equal(out.stress[2], ref.stress[0])
 
 
+def test_the_lists_of_a_sharded_batch_share_one_row_width():
+    """A sharded batch keeps one list per device, stacked into one array per field (one
+    program for every device, docs/semantics.md §21): the devices' lists are measured each on
+    its own local batch and all built as wide as the widest needs, rows included. Here device
+    0 holds a dense crystal and device 1 a sparse cluster; each device's sums are the bits of
+    its own list alone (the row sums do not depend on the width)."""
+    from fused_dynamics import sharding
+
+    crystal, _, ico, _ = systems(4)
+    model = LJ.with_neighbors(skin=SKIN)
+    locals_ = [
+        jax.device_get(fd.Batch.from_atoms([a], 40, 2, max_atoms_per_system=32))
+        for a in (crystal, ico)
+    ]
+    own = [model.attach_neighbors(b).neighbors.max_neighbors for b in locals_]
+    assert own[0] != own[1]
+    stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *locals_)
+    stacked = sharding.attach_neighbors(model, stacked)
+    rows = stacked.neighbors.row_receivers
+    assert rows.shape[:2] == (2, 40) and rows.shape[2] == max(own)
+    for k, local in enumerate(locals_):
+        ref = model(model.attach_neighbors(local))
+        mine = jax.tree_util.tree_map(lambda x, k=k: jnp.asarray(x[k]), stacked)
+        got = model(mine)
+        for field in ("energy", "forces", "stress"):
+            assert np.array_equal(getattr(got, field), getattr(ref, field)), (k, field)
+
+
 def test_rows_overflow_is_loud_and_the_run_regrows_them():
     batch = fd.Batch.from_atoms(systems(2)[:1] + systems(2)[2:3])
     model = LJ.with_neighbors(skin=SKIN)

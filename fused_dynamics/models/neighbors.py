@@ -17,6 +17,12 @@ The full list (both directions) is what message-passing models consume. Pairs ar
 bins when the list was built, so a system's sums are the same bit for bit whenever (and however
 often, for whatever other system) the list was rebuilt.
 
+A half list can also keep per-atom rows (``row_receivers`` (N, M), ``row_shifts`` (N, M, 3),
+``M = max_neighbors``): every neighbor of each atom, each pair in the rows of both its atoms, in
+an order fixed by the pairs (:func:`~fused_dynamics.models.cell_list.neighbor_rows`). The pair
+potentials sum their pair forces along the rows, without scatter-adds (docs/models.md, "Forces
+along per-atom rows"); the lists they allocate keep rows by default.
+
 Construction (``build``) is a cell list per system, all systems at once with static shapes: see
 :mod:`fused_dynamics.models.cell_list` (the bins, the bin offsets searched, the cost, and the
 sticky ``overflow`` flag with the needs from which :meth:`NeighborList.grown` sizes the next
