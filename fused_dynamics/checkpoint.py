@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .batch import Batch, empty_host_arrays
+from .models.neighbors import NEEDED_FIELDS, NeighborList
 from .parameters import resolve_info
 
 __all__ = ["save", "load", "read_header", "layout_of", "fingerprint", "FORMAT", "VERSION"]
@@ -97,6 +98,8 @@ def _skeleton(fused, layout: dict) -> Batch:
         module, name = spec["class"].split(":")
         cls = getattr(importlib.import_module(module), name)
         fields = {k: jnp.zeros(()) for k in spec["arrays"]}
+        if cls is NeighborList:  # a list saved before it had per-atom rows: read without them
+            fields.update({k: None for k in _ROW_FIELDS if k not in fields})
         neighbors = cls(**fields, **spec["static"])
     skeleton = blank.replace(
         stage_state=stage_state,
@@ -203,7 +206,35 @@ def load(path: str | os.PathLike, fused, check=None) -> tuple[dict, Batch]:
             ) from exc
         if f.read(1):
             raise ValueError(f"checkpoint {path!r} has data after its end (damaged).")
-    return header, batch
+    return header, _with_rows(batch)
+
+
+_ROW_FIELDS = ("row_receivers", "row_shifts")
+
+
+def _with_rows(batch: Batch) -> Batch:
+    """A batch read from a checkpoint written before neighbor lists kept per-atom rows, with
+    a list of no rows (``max_neighbors == 0``, the half-list path: the arithmetic of the run
+    that wrote it) and the row need, unknown then, recorded as 0."""
+    nl = batch.neighbors
+    if not isinstance(nl, NeighborList) or nl.row_receivers is not None:
+        return batch
+    n = int(np.shape(nl.reference_positions)[-2])
+    lead = np.shape(nl.senders)[:-1]
+    needed = jnp.asarray(nl.needed)
+    short = len(NEEDED_FIELDS) - needed.shape[-1]
+    if short > 0:
+        needed = jnp.concatenate(
+            [needed, jnp.zeros(needed.shape[:-1] + (short,), needed.dtype)], -1
+        )
+    return batch.replace(
+        neighbors=dataclasses.replace(
+            nl,
+            row_receivers=jnp.full(lead + (n, 0), n, jnp.int32),
+            row_shifts=jnp.zeros(lead + (n, 0, 3), jnp.int32),
+            needed=needed,
+        )
+    )
 
 
 def fingerprint(fused) -> str:
