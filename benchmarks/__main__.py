@@ -155,6 +155,8 @@ SCRIPTS: tuple[Script, ...] = (
     # W5 against JAX-MD's neighbor list: one 32,000-atom box (quick: 13,500)
     Script("w5", "bench_w5.py", ("W5",), ("--quick",), peers=True),
     Script("scaling", "bench_scaling.py", ("scale_out",), ("--quick",), in_quick=False),
+    # the measurements behind choose_neighbors' rule (dense pairs or a neighbor list)
+    Script("crossover", "bench_crossover.py", ("path_choice",), ("--quick",), in_quick=False),
     Script(
         "differentiable",
         "bench_differentiable.py",

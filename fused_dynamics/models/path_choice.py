@@ -4,22 +4,23 @@ A :class:`~fused_dynamics.models.pair.PairPotential` evaluates either every pair
 each system block and their periodic images (the *dense* path, the reference) or the pairs of a
 Verlet neighbor list (``model.with_neighbors(skin)``; a run attaches and refreshes the list
 itself). Which is faster depends on how many of the dense path's candidate pairs are real
-neighbors:
+neighbors. Per system slot, in pair evaluations:
 
-* dense, per atom slot: ``A * K`` candidates, ``A`` the atom capacity of a system slot
-  (``max_atoms_per_system``, the largest system) and ``K = prod(2 n_k + 1)`` the image shifts of
-  the batch (:func:`~fused_dynamics.models.pair_sums.required_images_host`: 1 for clusters and
-  cells wider than twice the cutoff, 27 for a cell narrower than that);
-* list, per atom: ``m = min(rho * 4/3 pi (cutoff + skin)^3, n * K_i)`` expected neighbors of
-  a system of ``n`` atoms at number density ``rho`` (its own ``K_i`` shifts), plus ``m0``, the
-  list's own cost per atom (the displacement check, the gathers and sums over pairs) counted
-  in pairs of the dense path.
+* dense: ``A^2 K + h A``, ``A`` the atom capacity of a system slot (``max_atoms_per_system``,
+  the largest system), ``K = prod(2 n_k + 1)`` the image shifts of the batch
+  (:func:`~fused_dynamics.models.pair_sums.required_images_host`: 1 for clusters and cells
+  wider than twice the cutoff, 27 for a cell narrower than that) and ``h`` the cost of a step
+  per atom beyond its pairs (the integrator, the gathers and sums), counted in pairs;
+* list: ``mean(n) (W + h)``: the list sums forces along per-atom rows of one width ``W`` for
+  the whole batch, set by its densest system: ``W = 1.15 max(m) + 2`` (the list's default
+  margin), with ``m = min(rho * 4/3 pi (cutoff + skin)^3, n * K_i)`` the expected neighbors of
+  a system of ``n`` atoms at number density ``rho`` (its own ``K_i`` shifts).
 
-The *work ratio* ``R = A^2 K / mean(n (m + m0))`` (dense pair work over list work, averaged
-over the systems, which the dense path pads to ``A``) is compared with a crossover measured on
-this project's fused NVE step: the list is chosen when ``R >= crossover``. :func:`path_choice`
-returns the decision and a one-line reason; :func:`choose_neighbors` returns the model on that
-path. See docs/models.md, "Dense pairs or a neighbor list".
+The *work ratio* ``R`` is the first over the second, and the list is chosen when
+``R >= crossover``; the constants were fitted to this project's fused NVE step
+(``benchmarks/bench_crossover.py``). :func:`path_choice` returns the decision and a one-line
+reason; :func:`choose_neighbors` returns the model on that path. See docs/models.md, "Dense
+pairs or a neighbor list".
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ from .pair_sums import required_images_host
 __all__ = [
     "CROSSOVER",
     "DEFAULT_SKIN",
-    "LIST_OVERHEAD",
+    "ATOM_OVERHEAD",
     "FIT_SLOPE",
     "LIST_SETUP_SECONDS",
     "NEIGHBOR_CHOICES",
     "PAIR_SECONDS",
     "PathChoice",
+    "ROW_MARGIN",
     "apply_choice",
     "choose_neighbors",
     "path_choice",
@@ -53,21 +55,20 @@ __all__ = [
 NEIGHBOR_CHOICES = ("auto", "dense", "list")
 DEFAULT_SKIN = 1.0  # Å; benchmarks/results/neighbors.json: 0.5 and 1.0 within 10 % at 40 K
 
-# The list's own cost per atom in dense-path pairs, and the work ratio R from which the list
-# is chosen (module docstring); measured, see the Notes of path_choice and docs/models.md.
-LIST_OVERHEAD = 11.5
-CROSSOVER = 1.5
-# For a run of known length (``steps``): the list's per-step speed-up fitted as FIT_SLOPE * R,
-# the dense path's seconds per pair evaluation of S A^2 K and the list's extra seconds before
-# the first step (allocation and compilation beyond the dense path's: 24-58 s, median 43 s,
-# in the runs of the Notes of path_choice). PAIR_SECONDS was re-measured after the dense
-# kernel's image shifts were summed component by component (30 Nov 2026): the full demo
-# (24 slots of 32 atoms, 27 shifts, float32) ran 1,543 steps in 12.7 s after compiling,
-# 12 ns per S A^2 K pair (load 8, 2 cores); the whole demo took 37-46 s dense and 88-102 s on
-# the list (two interleaved rounds), so the rule keeps it dense.
-FIT_SLOPE = 1.07
-PAIR_SECONDS = 1.2e-8
-LIST_SETUP_SECONDS = 40.0
+# Fitted on 4 Dec 2026 (the Notes of path_choice; benchmarks/bench_crossover.py):
+# ATOM_OVERHEAD is ``h`` (module docstring), FIT_SLOPE ``a`` in ``dense / list = a R`` per step,
+# and the list is taken from ``R >= CROSSOVER`` (an expected gain of about 1.4x per step).
+# ROW_MARGIN is NeighborList's default margin on the widest row.
+ATOM_OVERHEAD = 59.0
+FIT_SLOPE = 1.19
+CROSSOVER = 1.2
+ROW_MARGIN = 1.15
+# For a run of known length (``steps``): the dense path's seconds per pair evaluation of
+# S A^2 K (7.9-10.6 ns, median 8.9, in the rows of at least 147 atoms, float64) and the list's
+# extra seconds before the first step (attaching the list and compiling its step beyond the
+# dense path's: 3.3-4.8 s, median 4.4 s), measured in the same runs.
+PAIR_SECONDS = 9e-9
+LIST_SETUP_SECONDS = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +140,7 @@ def work_ratio(
     *,
     volumes=None,
     max_atoms_per_system: int | None = None,
-    overhead: float = LIST_OVERHEAD,
+    overhead: float = ATOM_OVERHEAD,
 ) -> float:
     """``R``, the dense path's pair work over the neighbor list's (module docstring).
 
@@ -157,13 +158,14 @@ def work_ratio(
         volumes (right for periodic systems only; give the clusters' own).
     max_atoms_per_system : int, optional
         The atom capacity of a system slot, ``A``. Default: the largest system.
-    overhead : float, default :data:`LIST_OVERHEAD`
-        ``m0``, the list's cost per atom beyond its pairs, in pairs of the dense path.
+    overhead : float, default :data:`ATOM_OVERHEAD`
+        ``h``, the cost of a step per atom beyond its pairs, in pairs (on both paths).
 
     Returns
     -------
     float
-        ``A^2 K / mean(n_i (m_i + m0))``; ``inf`` when the list has no work at all.
+        ``(A^2 K + h A) / (mean(n_i) (W + h))`` with ``W = ROW_MARGIN max(m_i) + 2``;
+        ``inf`` when the list has no work at all.
 
     Raises
     ------
@@ -191,10 +193,11 @@ def work_ratio(
         ]
     )
     neighbors = np.minimum(sizes / volumes * reach, sizes * k_each)
-    list_work = float(np.mean(sizes * (neighbors + float(overhead))))
+    width = ROW_MARGIN * float(neighbors.max()) + 2.0
+    list_work = float(np.mean(sizes)) * (width + float(overhead))
     if list_work <= 0.0:
         return math.inf
-    return cap * cap * k_batch / list_work
+    return (cap * cap * k_batch + float(overhead) * cap) / list_work
 
 
 def _shifts(images) -> int:
@@ -252,18 +255,22 @@ def path_choice(
 
     Notes
     -----
-    Measured on 30 Nov 2026 (2-core CPU shared with other jobs, load average 7-9): the fused
-    NVE step of Lennard-Jones argon (cutoff 8.5 Å and 5 Å, skin 1 Å, float64), full batches of
-    about 2,048 atoms (icosahedral clusters of 13-1415 atoms, fcc crystals of 32-2048), dense
-    and list runs interleaved, medians of 3-5 rounds of 20-40 steps. ``dense / list`` per step
-    went from 0.76 (13-atom clusters, R = 0.53) through 1.2-1.4 (55, R = 0.83), 1.9 (147,
-    R = 1.39), 4.2 (309, R = 3.0) to 18-24 (2048-atom crystals, R = 18.6; 108-atom cells with
-    27 image shifts, R = 26). A least-squares fit of ``dense / list = a R`` over the 16 rows
-    gives ``a = 1.07`` and ``m0 = 11.5`` (:data:`LIST_OVERHEAD`), 42 % root-mean-square error:
-    break-even near ``R = 0.93``. :data:`CROSSOVER` = 1.5 takes the list only where it is
-    expected to be at least about 1.6x faster per step, since its allocation and compilation
-    took 35-80 s against 10-35 s for the dense path in the same runs. The table is in
-    docs/models.md.
+    Measured on 4 Dec 2026 (``benchmarks/bench_crossover.py``; 2-core CPU, load average
+    0.9-1.7, nothing else running): the fused NVE step of Lennard-Jones argon (float64, skin
+    1 Å), full batches of about 1,000 atoms of one kind each (icosahedral clusters of 13-561
+    atoms at cutoff 8.5 Å; fcc cells of 32-864 atoms at 8.5 Å, of 32-256 at 5 Å, of 108 at
+    7.5 Å), dense and list runs interleaved, medians of 4 rounds of 20 steps. ``dense / list``
+    per step (results/crossover.json) went from 0.65 (108-atom cells at 7.5 Å, R = 1.17) and
+    1.2-1.5 (13- and 55-atom clusters, R = 0.92-0.95) through 1.6 (147-atom clusters,
+    R = 1.22) and 2.2 (256-atom cells, R = 1.8) to 20 (108-atom cells at 8.5 Å, 27 image
+    shifts, R = 17). A least-squares fit of ``log(dense / list) = log(a R)`` over the 14 rows
+    is flat in ``h``: four runs gave ``h`` = 59-83 and ``a`` = 1.19-1.25, root-mean-square
+    error 0.25-0.28 in the log (the rule before, ``A^2 K / mean(n (m + m0))``, fitted 0.47).
+    The constants are those of the third run (:data:`ATOM_OVERHEAD` 59, :data:`FIT_SLOPE`
+    1.19); with them the rule picked the faster path in 11 of the 14 rows of the fourth.
+    :data:`CROSSOVER` = 1.2 keeps the dense path for the 108-atom cells at 7.5 Å, and for three
+    rows the list ran 1.2-1.7x faster (13- and 55-atom clusters, 32-atom cells at 5 Å), where
+    the list's start costs about 4.4 s more. The table is in docs/models.md.
     """
     if neighbors not in NEIGHBOR_CHOICES:
         raise ValueError(
