@@ -7,11 +7,21 @@ devices, JAX version and flags) is asked for again. :func:`enable_compilation_ca
 that on with a folder of this project's choosing; the command line does it by default
 (``compilation_cache`` in a run configuration), for the duration of a run. Tracing and
 lowering still happen in every process: the cache saves the XLA compilation, the larger part.
+
+JAX's cache key does not name the processor: on the CPU a program compiled for one processor's
+instruction set and loaded on another can stop the process (SIGILL), and XLA only logs an
+error line when it loads it. A home folder is often shared by machines of different kinds, so
+this project's own default folders hold one subfolder per kind of processor
+(:func:`host_tag`). XLA:CPU (jax 0.10) also logs that error line for two tuning-only flags of
+the same processor (``+prefer-no-gather``, ``+prefer-no-scatter``, jax-ml/jax#38445) on every
+program it loads: harmless, and the program is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 from pathlib import Path
 
 import jax
@@ -22,6 +32,7 @@ __all__ = [
     "default_cache_dir",
     "disable_compilation_cache",
     "enable_compilation_cache",
+    "host_tag",
     "restore_cache_settings",
 ]
 
@@ -34,7 +45,9 @@ def default_cache_dir() -> Path:
 
     In this order: ``$FUSED_DYNAMICS_CACHE_DIR``; the folder JAX already uses
     (``$JAX_COMPILATION_CACHE_DIR`` or ``jax.config``), when it is a local one;
-    ``$XDG_CACHE_HOME/fused_dynamics/jax``; ``~/.cache/fused_dynamics/jax``.
+    ``$XDG_CACHE_HOME/fused_dynamics/jax/<host>``; ``~/.cache/fused_dynamics/jax/<host>``, with
+    ``<host>`` the kind of processor (:func:`host_tag`), so that machines sharing a home folder
+    never load each other's programs. A folder the user names is used as it is.
 
     Raises
     ------
@@ -56,7 +69,30 @@ def default_cache_dir() -> Path:
                 "no folder for the compilation cache: $HOME is not set and the user has no home "
                 f"directory; set ${ENV_DIR} or give a folder."
             ) from None
-    return Path(base).expanduser() / "fused_dynamics" / "jax"
+    return Path(base).expanduser() / "fused_dynamics" / "jax" / host_tag()
+
+
+def host_tag() -> str:
+    """A folder name for this kind of processor: the architecture and a digest of the CPU's
+    model and instruction-set flags (``/proc/cpuinfo`` on Linux, else :mod:`platform`), e.g.
+    ``x86_64-3f1c0a9b2d4e``. Two machines get the same name when their programs can be
+    exchanged."""
+    described = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "flags", "Features", "CPU implementer", "CPU part"):
+            fields.setdefault(key, " ".join(sorted(value.split())))
+    if fields:
+        described = repr(sorted(fields.items()))
+    digest = hashlib.sha256(described.encode()).hexdigest()[:12]
+    return f"{platform.machine() or 'cpu'}-{digest}"
 
 
 def check_cache_folder(directory: str | os.PathLike | None = None) -> Path:

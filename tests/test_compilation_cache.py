@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 import fused_dynamics as fd
 from fused_dynamics.application import check_compilation_cache, use_compilation_cache
 from fused_dynamics.cli import app
-from fused_dynamics.compilation_cache import cache_settings, default_cache_dir
+from fused_dynamics.compilation_cache import cache_settings, default_cache_dir, host_tag
 from fused_dynamics.config import ConfigError, load_config
 
 SCRIPT = textwrap.dedent(
@@ -97,6 +98,34 @@ def test_bad_folders_and_times_are_refused(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_the_host_tag_names_the_processor(monkeypatch):
+    """Machines whose processors differ in model or instruction-set flags get different
+    folders; the same processor always the same one."""
+    import builtins
+    import io
+
+    import fused_dynamics.compilation_cache as cc
+
+    def cpuinfo(flags):
+        text = f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n"
+
+        def fake_open(path, *args, **kwargs):
+            if str(path) == "/proc/cpuinfo":
+                return io.StringIO(text)
+            return real_open(path, *args, **kwargs)
+
+        return fake_open
+
+    real_open = builtins.open
+    monkeypatch.setattr(cc, "open", cpuinfo("fpu sse2 avx2"), raising=False)
+    with_avx2 = host_tag()
+    monkeypatch.setattr(cc, "open", cpuinfo("avx2 sse2 fpu"), raising=False)
+    assert host_tag() == with_avx2  # the order of the flags does not matter
+    monkeypatch.setattr(cc, "open", cpuinfo("fpu sse2 avx2 avx512f"), raising=False)
+    assert host_tag() != with_avx2
+    assert with_avx2.startswith(platform.machine() or "cpu")
+
+
 def test_the_default_folder_and_time(monkeypatch, tmp_path):
     """$FUSED_DYNAMICS_CACHE_DIR, then JAX's own folder, then XDG, then ~/.cache; the
     minimum compile time a user gave JAX is kept."""
@@ -108,10 +137,11 @@ def test_the_default_folder_and_time(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "jax"
     jax.config.update("jax_compilation_cache_dir", None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_cache_dir() == tmp_path / "xdg" / "fused_dynamics" / "jax"
+    host = host_tag()  # our own folders: one per kind of processor
+    assert default_cache_dir() == tmp_path / "xdg" / "fused_dynamics" / "jax" / host
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert default_cache_dir() == tmp_path / "home" / ".cache" / "fused_dynamics" / "jax"
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "fused_dynamics" / "jax" / host
     fd.enable_compilation_cache(tmp_path / "c")
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.2
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "3.0")

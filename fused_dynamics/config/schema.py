@@ -505,9 +505,10 @@ class RunConfig(_Section):
         description="keep the compiled programs on disk so that a later run of the same "
         "shapes loads them instead of compiling (JAX's persistent compilation cache): true: "
         "in $FUSED_DYNAMICS_CACHE_DIR, else the folder JAX is set to use "
-        "($JAX_COMPILATION_CACHE_DIR), else $XDG_CACHE_HOME/fused_dynamics/jax, else "
-        "~/.cache/fused_dynamics/jax (when that folder cannot be used, a warning and no "
-        "cache); a path: that folder (relative to this file), refused if it cannot be used; "
+        "($JAX_COMPILATION_CACHE_DIR), else $XDG_CACHE_HOME/fused_dynamics/jax/<host>, else "
+        "~/.cache/fused_dynamics/jax/<host>, one folder per kind of processor (when that "
+        "folder cannot be used, a warning and no cache); a path: that folder (relative to "
+        "this file), refused if it cannot be used; "
         "false: compile every time",
     )
 
