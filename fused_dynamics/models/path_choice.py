@@ -36,9 +36,9 @@ from ..batch import Batch, complete_cell
 from .pair_sums import required_images_host
 
 __all__ = [
+    "ATOM_OVERHEAD",
     "CROSSOVER",
     "DEFAULT_SKIN",
-    "ATOM_OVERHEAD",
     "FIT_SLOPE",
     "LIST_SETUP_SECONDS",
     "NEIGHBOR_CHOICES",
