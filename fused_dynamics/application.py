@@ -256,7 +256,9 @@ def preflight(
     check_compilation_cache(cfg, base_dir)
     configure_jax(cfg)
     per_system = cfg.capacity.max_atoms_per_system or max(len(a) for a in structures)
-    model, choice = choose_model_path(cfg, build_model(cfg), structures, per_system)
+    ck = next(p for p in plans if p.kind == "checkpoint")
+    layout = ck.header.get("layout") if ck.action == "resume" and ck.header else None
+    model, choice = choose_model_path(cfg, build_model(cfg), structures, per_system, layout)
     stages = build_stages(cfg, model)
     sampler = _sampler(cfg, structures, sources)
     try:  # the fused stage's own checks (sub-stages, one model, one device)

@@ -533,7 +533,8 @@ class Run:
             if header["fused"] != repr(self.fused) or header["fingerprint"] != self._fingerprint:
                 raise ValueError(
                     f"resume={path!r}: the checkpoint was written by another fused stage (its "
-                    "sub-stages, parameters, model or hooks differ); resume with the fused "
+                    "sub-stages, parameters, model or hooks differ, or its pair path: a "
+                    "neighbor list and its skin, or dense pairs); resume with the fused "
                     f"stage that wrote it:\n{header['fused']}"
                 )
             if header["dataset"] != self._dataset:

@@ -125,6 +125,29 @@ def test_the_host_tag_names_the_processor(monkeypatch):
     assert host_tag() != with_avx2
     assert with_avx2.startswith(platform.machine() or "cpu")
 
+    def block(cpu, mhz):  # other architectures name other keys; the clock does not count
+        text = f"processor\t: 0\ncpu\t\t: {cpu}\nclock\t\t: {mhz}MHz\n\nprocessor\t: 1\n"
+        return lambda path, *a, **k: io.StringIO(text) if str(path) == "/proc/cpuinfo" else None
+
+    monkeypatch.setattr(cc, "open", block("POWER9", 2000), raising=False)
+    power9 = host_tag()
+    monkeypatch.setattr(cc, "open", block("POWER9", 3800), raising=False)
+    assert host_tag() == power9
+    monkeypatch.setattr(cc, "open", block("POWER8", 2000), raising=False)
+    assert host_tag() != power9
+
+    def unreadable(path, *a, **k):
+        raise OSError("no /proc/cpuinfo")
+
+    # without /proc/cpuinfo and without a processor name: the machine's own name, never a
+    # folder every such machine would share
+    monkeypatch.setattr(cc, "open", unreadable, raising=False)
+    monkeypatch.setattr(cc.platform, "processor", lambda: "")
+    monkeypatch.setattr(cc.platform, "node", lambda: "node-a")
+    on_a = host_tag()
+    monkeypatch.setattr(cc.platform, "node", lambda: "node-b")
+    assert host_tag() != on_a
+
 
 def test_the_default_folder_and_time(monkeypatch, tmp_path):
     """$FUSED_DYNAMICS_CACHE_DIR, then JAX's own folder, then XDG, then ~/.cache; the

@@ -15,6 +15,7 @@ import math
 import ase.io
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.build import bulk
 from ase.cluster import Icosahedron
 from typer.testing import CliRunner
@@ -98,6 +99,19 @@ def test_a_cluster_within_reach_is_cheaper_dense():
     assert work_ratio([13], **kw) < 1.0
 
 
+def test_bad_ratio_inputs_are_refused_and_an_empty_system_has_a_finite_ratio():
+    """A capacity below the largest system or a negative cost per atom is refused, naming it;
+    an empty cluster (no density) next to another gives a finite ratio and a choice."""
+    kw = dict(cells=[np.eye(3) * 30], pbc=[[True] * 3], cutoff=5.0)
+    with pytest.raises(ValueError, match="max_atoms_per_system"):
+        work_ratio([100], max_atoms_per_system=50, **kw)
+    with pytest.raises(ValueError, match="overhead"):
+        work_ratio([100], overhead=-1.0, **kw)
+    empty = Atoms("", cell=[20, 20, 20])
+    choice = path_choice(LJ, [empty, _cluster(3)])
+    assert math.isfinite(choice.ratio) and choice.path in ("dense", "list"), choice
+
+
 def test_padding_counts_against_the_dense_path():
     """Systems padded to a larger capacity cost the dense path A^2 + h A, not n^2 + h n."""
     cell = 40.0 * np.eye(3)
@@ -132,7 +146,7 @@ def test_large_systems_and_small_periodic_cells_take_the_list(structure):
 
 def test_the_measured_boundary_of_the_w2_cells():
     """benchmarks/results/crossover.json: on 108-atom fcc argon cells at cutoff 7.5 Å (no image
-    shift) the list ran 0.68x the dense path per step, on 256-atom cells at 8.5 Å 2.0x; the
+    shift) the list ran 0.65x the dense path per step, on 256-atom cells at 8.5 Å 2.2x; the
     rule keeps the first dense and puts the second on the list."""
     model = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.5)
     assert path_choice(model, [_crystal(3, seed=s) for s in range(9)]).path == "dense"
@@ -265,6 +279,31 @@ def test_a_job_on_the_list_and_on_dense_pairs_writes_the_same_systems(tmp_path):
         np.testing.assert_allclose(got.positions, ref.positions, rtol=0, atol=1e-12)
 
 
+def test_a_resumed_run_keeps_the_path_its_checkpoint_was_written_on(tmp_path):
+    """--resume with model.neighbors = "auto" takes the path of the checkpoint's layout (a list
+    and its skin, or dense pairs) instead of the rule, which may have changed since the
+    checkpoint was written and would then give another fused stage; an explicit path wins."""
+    from fused_dynamics.config.build import build_model, choose_model_path
+
+    structures = [_crystal(3)] * 2
+    data = _job(tmp_path)
+    short, _ = load_config(data)  # 4 steps: the rule keeps dense pairs
+    data.write_text(data.read_text().replace("n_steps = 4", "n_steps = 200000"))
+    long, _ = load_config(data)  # the rule takes the list
+    model = build_model(short)
+    assert choose_model_path(short, model, structures, 108)[1].path == "dense"
+    assert choose_model_path(long, model, structures, 108)[1].path == "list"
+    written = {"neighbors": {"static": {"skin": 0.7}}}
+    listed, choice = choose_model_path(short, model, structures, 108, written)
+    assert listed.skin == 0.7 and choice.path == "list" and "(skin 0.7 Å)" in choice.reason
+    assert choice.reason.endswith("the checkpoint being resumed was written on it")
+    dense, choice = choose_model_path(long, model, structures, 108, {"neighbors": None})
+    assert dense.skin is None and choice.path == "dense"
+    assert choice.reason == "dense pairs: the checkpoint being resumed was written on them"
+    asked = long.model_copy(update={"model": long.model.model_copy(update={"neighbors": "dense"})})
+    assert choose_model_path(asked, model, structures, 108, written)[0].skin is None
+
+
 def test_auto_is_the_default_and_says_why(tmp_path):
     """A 32- and a 108-atom cell: the dense path would pay 27 image shifts, so a long run takes
     the list; a run of 4 steps keeps dense pairs (the list would not repay its longer start)."""
@@ -294,7 +333,8 @@ def test_a_run_too_short_to_repay_the_list_stays_dense():
     structures = [_crystal(3)] * 4
     ratio = path_choice(LJ, structures).ratio
     saved = saved_seconds(ratio, 1000, 4, 108, 27)
-    expected = 1000 * PAIR_SECONDS * 4 * 108 * 108 * 27 * (1 - 1 / (FIT_SLOPE * ratio))
+    work = 108 * 108 * 27 + ATOM_OVERHEAD * 108  # A^2 K + h A per slot
+    expected = 1000 * PAIR_SECONDS * 4 * work * (1 - 1 / (FIT_SLOPE * ratio))
     assert saved == pytest.approx(expected, rel=1e-12)
     needed = int(np.ceil(1000 * LIST_SETUP_SECONDS / saved))
     assert path_choice(LJ, structures, steps=needed - 1).path == "dense"

@@ -119,7 +119,11 @@ def _largest_budget(n_steps, structures) -> int | None:
 
 
 def choose_model_path(
-    cfg: RunConfig, model, structures, max_atoms_per_system: int | None = None
+    cfg: RunConfig,
+    model,
+    structures,
+    max_atoms_per_system: int | None = None,
+    resumed_layout: dict | None = None,
 ) -> tuple[Any, PathChoice]:
     """The model on the path ``model.neighbors`` asks for, and the choice with its reason.
 
@@ -127,7 +131,10 @@ def choose_model_path(
     structures, the batch's atom capacity per system and slots, and the most steps the run can
     take (:func:`run_steps_bound`) (docs/models.md, "Dense pairs or a neighbor list");
     ``"dense"`` and ``"list"`` force a path, ``model.skin`` (Å) is the list's skin. Host-side,
-    before anything compiles.
+    before anything compiles. ``resumed_layout`` (the ``layout`` of the checkpoint a
+    ``--resume`` continues): under ``"auto"`` the run keeps the path that checkpoint was
+    written on (a list and its skin, or dense pairs), so that a rule that changed between
+    versions cannot make the checkpoint unreadable.
 
     Raises
     ------
@@ -136,6 +143,16 @@ def choose_model_path(
         path (``eam``, ``trained``).
     """
     m = cfg.model
+    if resumed_layout is not None and m.neighbors == "auto" and hasattr(model, "with_neighbors"):
+        listed = resumed_layout.get("neighbors")
+        if listed is None:
+            why = "dense pairs: the checkpoint being resumed was written on them"
+            choice = PathChoice("dense", None, None, why)
+        else:
+            skin = float(listed["static"]["skin"])
+            why = f"neighbor list (skin {skin:g} Å): the checkpoint being resumed was written on it"
+            choice = PathChoice("list", skin, None, why)
+        return apply_choice(model, choice), choice
     try:
         choice = path_choice(
             model,

@@ -63,11 +63,12 @@ ATOM_OVERHEAD = 59.0
 FIT_SLOPE = 1.19
 CROSSOVER = 1.2
 ROW_MARGIN = 1.15
-# For a run of known length (``steps``): the dense path's seconds per pair evaluation of
-# S A^2 K (7.9-10.6 ns, median 8.9, in the rows of at least 147 atoms, float64) and the list's
-# extra seconds before the first step (attaching the list and compiling its step beyond the
-# dense path's: 3.3-4.8 s, median 4.4 s), measured in the same runs.
-PAIR_SECONDS = 9e-9
+# For a run of known length (``steps``): the dense path's seconds per unit of its work
+# ``A^2 K + h A`` per slot (7.3 ns median, 6.5-9.5 ns in 12 of the 14 rows; 3.6-3.8 ns on
+# 108-atom cells without image shifts, float64) and the list's extra seconds before the first
+# step (attaching the list and compiling its step beyond the dense path's: 3.3-4.8 s, median
+# 4.4 s), measured in the same runs.
+PAIR_SECONDS = 7.5e-9
 LIST_SETUP_SECONDS = 5.0
 
 
@@ -128,7 +129,7 @@ def _volume(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> float:
         return float(abs(np.linalg.det(cell)))
     rg2 = float(np.mean(np.sum((positions - positions.mean(axis=0)) ** 2, axis=1))) if n else 0.0
     radius = math.sqrt(5.0 / 3.0 * rg2)
-    return max(4.0 / 3.0 * math.pi * radius**3, 10.0 * n)
+    return max(4.0 / 3.0 * math.pi * radius**3, 10.0 * max(n, 1))
 
 
 def work_ratio(
@@ -170,7 +171,8 @@ def work_ratio(
     Raises
     ------
     ValueError
-        No system, or shapes that do not agree.
+        No system, shapes that do not agree, ``max_atoms_per_system`` below the largest system,
+        or ``overhead`` negative or not finite.
     """
     sizes = np.asarray(sizes, np.float64).reshape(-1)
     cells = np.asarray(cells, np.float64).reshape(-1, 3, 3)
@@ -179,6 +181,13 @@ def work_ratio(
         raise ValueError(
             f"work_ratio: needs one size, cell and pbc per system, got {len(sizes)} sizes, "
             f"{len(cells)} cells, {len(pbc)} pbc rows"
+        )
+    if not math.isfinite(float(overhead)) or float(overhead) < 0:
+        raise ValueError(f"work_ratio: overhead must be a finite number >= 0, got {overhead!r}")
+    if max_atoms_per_system is not None and max_atoms_per_system < sizes.max():
+        raise ValueError(
+            f"work_ratio: max_atoms_per_system ({max_atoms_per_system}) is below the largest "
+            f"system ({int(sizes.max())} atoms)"
         )
     if volumes is None:
         volumes = np.abs(np.linalg.det(cells))
@@ -238,7 +247,7 @@ def path_choice(
     steps : int, optional
         The most fused steps the run can take (the command line: the stages' budgets times
         the batches its structures fill). When given, ``"auto"`` keeps the dense path if the
-        time the list would save over the run, ``steps * PAIR_SECONDS * S A^2 K * (1 - 1 /
+        time the list would save over the run, ``steps * PAIR_SECONDS * S (A^2 K + h A) * (1 - 1 /
         (FIT_SLOPE R))``, is below :data:`LIST_SETUP_SECONDS`, the list's longer start.
     max_systems : int, optional
         System slots ``S`` of the batch (default: the number of systems), for ``steps``.
@@ -256,7 +265,7 @@ def path_choice(
     Notes
     -----
     Measured on 4 Dec 2026 (``benchmarks/bench_crossover.py``; 2-core CPU, load average
-    0.9-1.7, nothing else running): the fused NVE step of Lennard-Jones argon (float64, skin
+    1.2-1.7, nothing else running): the fused NVE step of Lennard-Jones argon (float64, skin
     1 Å), full batches of about 1,000 atoms of one kind each (icosahedral clusters of 13-561
     atoms at cutoff 8.5 Å; fcc cells of 32-864 atoms at 8.5 Å, of 32-256 at 5 Å, of 108 at
     7.5 Å), dense and list runs interleaved, medians of 4 rounds of 20 steps. ``dense / list``
@@ -265,9 +274,10 @@ def path_choice(
     R = 1.22) and 2.2 (256-atom cells, R = 1.8) to 20 (108-atom cells at 8.5 Å, 27 image
     shifts, R = 17). A least-squares fit of ``log(dense / list) = log(a R)`` over the 14 rows
     is flat in ``h``: four runs gave ``h`` = 59-83 and ``a`` = 1.19-1.25, root-mean-square
-    error 0.25-0.28 in the log (the rule before, ``A^2 K / mean(n (m + m0))``, fitted 0.47).
-    The constants are those of the third run (:data:`ATOM_OVERHEAD` 59, :data:`FIT_SLOPE`
-    1.19); with them the rule picked the faster path in 11 of the 14 rows of the fourth.
+    error 0.25-0.28 in the log (the rule before, ``A^2 K / mean(n (m + m0))``, re-fitted to
+    the same rows: 0.43). The constants are those of the third run (:data:`ATOM_OVERHEAD` 59,
+    :data:`FIT_SLOPE` 1.19; results/crossover_fit.json); with them the rule picked the faster
+    path in 11 of the 14 rows of the fourth (results/crossover.json).
     :data:`CROSSOVER` = 1.2 keeps the dense path for the 108-atom cells at 7.5 Å, and for three
     rows the list ran 1.2-1.7x faster (13- and 55-atom clusters, 32-atom cells at 5 Å), where
     the list's start costs about 4.4 s more. The table is in docs/models.md.
@@ -313,7 +323,7 @@ def path_choice(
         f"dense/list work {ratio:.1f} (up to {cap} atoms per system, {k} image "
         f"shift{'s' if k > 1 else ''}, cutoff {float(model.cutoff):g} Å)"
     )
-    if ratio < crossover:
+    if not ratio >= crossover:  # a ratio that is not a number (no density) keeps the reference
         return PathChoice("dense", None, ratio, f"dense pairs: {why} < {crossover:g}")
     if steps is not None:
         slots = len(sizes) if max_systems is None else int(max_systems)
@@ -334,9 +344,10 @@ def path_choice(
 
 def saved_seconds(ratio: float, steps: int, slots: int, capacity: int, shifts: int) -> float:
     """Seconds the list saves over ``steps`` steps of ``slots`` system slots of ``capacity``
-    atoms and ``shifts`` image shifts at work ratio ``ratio`` (:data:`PAIR_SECONDS`,
-    :data:`FIT_SLOPE`; 0 when the list is not expected to be faster)."""
-    dense = steps * PAIR_SECONDS * slots * capacity * capacity * shifts
+    atoms and ``shifts`` image shifts at work ratio ``ratio``: the dense path's
+    ``PAIR_SECONDS * slots * (capacity^2 shifts + ATOM_OVERHEAD capacity)`` per step times
+    ``1 - 1 / (FIT_SLOPE ratio)`` (0 when the list is not expected to be faster)."""
+    dense = steps * PAIR_SECONDS * slots * (capacity * capacity * shifts + ATOM_OVERHEAD * capacity)
     return max(0.0, dense * (1.0 - 1.0 / (FIT_SLOPE * ratio)))
 
 
