@@ -76,6 +76,16 @@ def test_work_ratio_of_a_periodic_cell_is_the_formula():
     assert small == pytest.approx(100 * 100 * 27 / (100 * (ROW_MARGIN * m_small + 2)), rel=1e-12)
 
 
+def test_the_rules_row_margin_is_the_lists_default_margin():
+    """W = ROW_MARGIN max(m) + 2 stands for the width a list allocates by default."""
+    import dataclasses
+
+    from fused_dynamics.models.neighbors import NeighborList
+
+    default = {f.name: f.default for f in dataclasses.fields(NeighborList)}["margin"]
+    assert ROW_MARGIN == default
+
+
 def test_the_densest_system_sets_the_row_width_of_the_whole_batch():
     """The list's rows have one width for every atom of the batch: a sparse system next to a
     dense one pays the dense one's width (mean size times the widest rows)."""
