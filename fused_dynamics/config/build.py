@@ -15,7 +15,7 @@ from ..convergence import ConvergenceHook
 from ..fused import FusedStage
 from ..hooks import ThermalizeOnEntryHook
 from ..models import EAM, LennardJones, Morse, SoftSphere
-from ..models.path_choice import PathChoice, apply_choice, path_choice
+from ..models.path_choice import PathChoice, apply_choice, has_list_path, path_choice
 from ..observables import initialize_velocities
 from ..stages import FIRE, FIRE2, NPH, NPT, NVE, GradientDescent, NVTLangevin, NVTNoseHoover
 from ..training import load_model, read_header
@@ -143,7 +143,7 @@ def choose_model_path(
         path (``eam``, ``trained``).
     """
     m = cfg.model
-    if resumed_layout is not None and m.neighbors == "auto" and hasattr(model, "with_neighbors"):
+    if resumed_layout is not None and m.neighbors == "auto" and has_list_path(model):
         listed = resumed_layout.get("neighbors")
         if listed is None:
             why = "dense pairs: the checkpoint being resumed was written on them"

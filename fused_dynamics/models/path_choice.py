@@ -47,6 +47,7 @@ __all__ = [
     "ROW_MARGIN",
     "apply_choice",
     "choose_neighbors",
+    "has_list_path",
     "path_choice",
     "saved_seconds",
     "work_ratio",
@@ -206,14 +207,20 @@ def work_ratio(
     list_work = float(np.mean(sizes)) * (width + float(overhead))
     if list_work <= 0.0:
         return math.inf
-    return (cap * cap * k_batch + float(overhead) * cap) / list_work
+    return _dense_work(cap, k_batch, float(overhead)) / list_work
+
+
+def _dense_work(capacity: float, shifts: int, overhead: float) -> float:
+    """The dense path's work per system slot, ``A^2 K + h A``, in pair evaluations."""
+    return capacity * capacity * shifts + overhead * capacity
 
 
 def _shifts(images) -> int:
     return int(np.prod([2 * int(n) + 1 for n in images]))
 
 
-def _has_list_path(model) -> bool:
+def has_list_path(model) -> bool:
+    """Whether ``model`` can take a neighbor list (``with_neighbors(skin)`` and a ``skin``)."""
     return callable(getattr(model, "with_neighbors", None)) and hasattr(model, "skin")
 
 
@@ -291,7 +298,7 @@ def path_choice(
     if skin < 0:
         raise ValueError(f"skin must be >= 0 Å, got {skin!r}")
     name = type(model).__name__
-    if not _has_list_path(model):
+    if not has_list_path(model):
         if neighbors == "list":
             raise ValueError(
                 f"neighbors='list': {name} has no with_neighbors(skin), so a run cannot attach "
@@ -347,7 +354,7 @@ def saved_seconds(ratio: float, steps: int, slots: int, capacity: int, shifts: i
     atoms and ``shifts`` image shifts at work ratio ``ratio``: the dense path's
     ``PAIR_SECONDS * slots * (capacity^2 shifts + ATOM_OVERHEAD capacity)`` per step times
     ``1 - 1 / (FIT_SLOPE ratio)`` (0 when the list is not expected to be faster)."""
-    dense = steps * PAIR_SECONDS * slots * (capacity * capacity * shifts + ATOM_OVERHEAD * capacity)
+    dense = steps * PAIR_SECONDS * slots * _dense_work(capacity, shifts, ATOM_OVERHEAD)
     return max(0.0, dense * (1.0 - 1.0 / (FIT_SLOPE * ratio)))
 
 
@@ -391,7 +398,7 @@ def choose_neighbors(
 
 def apply_choice(model, choice: PathChoice):
     """``model`` on the path of ``choice`` (host-side; unchanged without a list path)."""
-    if not _has_list_path(model):
+    if not has_list_path(model):
         return model
     if choice.path == "list":
         if model.skin is not None and choice.skin == model.skin:
