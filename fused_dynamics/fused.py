@@ -81,12 +81,14 @@ class FusedStage(eqx.Module):
         every output carries it (see :attr:`needs_stress`).
     output_stress : bool, default True
         When nothing in the run reads the stress, compute it once for what the run returns
-        (docs/semantics.md §6). ``False`` skips that evaluation: what the run returns has NaN
-        stress ("not computed") and outputs leave it out. The strain derivative costs about
-        2.7 force evaluations for a pair potential on CPU and about a third of a relaxation
-        program's compile time (docs/semantics.md §6), so a relaxation whose stress nobody
-        reads runs and compiles faster without it. No effect when something reads the stress
-        (a barostat, a cell filter, ``always_stress``): then it is computed at every step.
+        (docs/semantics.md §6), in one evaluation with the final energy where the steps skip
+        that too (:attr:`needs_energy`). ``False`` skips the stress there: what the run
+        returns has NaN stress ("not computed") and outputs leave it out. The strain
+        derivative costs about 2.7 force evaluations for a pair potential on CPU and about a
+        third of a relaxation program's compile time (docs/semantics.md §6), so a relaxation
+        whose stress nobody reads runs and compiles faster without it. No effect when
+        something reads the stress (a barostat, a cell filter, ``always_stress``): then it is
+        computed at every step.
     convergence_every : int, default 1
         Test the sub-stages' convergence criteria (docs/semantics.md §10) on a system only
         after every ``convergence_every``-th step it spends in a sub-stage
@@ -378,17 +380,42 @@ class FusedStage(eqx.Module):
         return any(uses)
 
     @property
+    def needs_energy(self) -> bool:
+        """Whether the steps of a run must evaluate the energy: a sub-stage's update may read
+        it (:attr:`Stage.reads_energy <fused_dynamics.stages.base.Stage.reads_energy>`), a
+        convergence criterion reads an energy (any key naming one but ``kinetic_energy``) or is
+        custom (``custom_op``), or the run has a hook (a hook may read any field). When it
+        is not, a fixed-batch run evaluates forces only at every step and the energy of the
+        final positions once, at its end (docs/semantics.md §6)."""
+        if self.all_hooks():
+            return True
+        for st in self.stages:
+            if st.reads_energy:
+                return True
+            rule = st.convergence_hook
+            if rule is None:
+                continue
+            if rule.custom_op is not None:
+                return True
+            if any("energy" in c.key and c.key != "kinetic_energy" for c in rule.criteria):
+                return True
+        return False
+
+    @property
     def computes_exit_stress(self) -> bool:
         """Whether a run computes the stress once for what it returns: ``output_stress`` and
         nothing reads it at every step (docs/semantics.md §6)."""
         return self.output_stress and not self.needs_stress
 
-    def evaluate(self, batch: Batch) -> Batch:
+    def evaluate(self, batch: Batch, energy: bool = True) -> Batch:
         """Evaluate the model once and write energy, forces and stress into the batch.
 
         The stress is computed only when something reads it (:attr:`needs_stress`); else it is
         NaN ("not computed"), and ``to_atoms`` and the sinks leave it out rather than report a
-        wrong number.
+        wrong number. ``energy=False`` (static; a run's steps when nothing reads the energy,
+        :attr:`needs_energy`): the energy is NaN ("not computed") and XLA drops its sum, so
+        the evaluation costs the forces alone (on the W1 relaxation's dense pairs the energy
+        adds about 45 % to them).
 
         A batch carrying a :class:`~fused_dynamics.NeighborList` has it refreshed first and
         stored, so that an overflow always reaches the run loop (which regrows the list and
@@ -404,7 +431,8 @@ class FusedStage(eqx.Module):
             given = batch.replace(neighbors=dataclasses.replace(fresh, refreshed=True))
         out = self.model(given, stress=self.needs_stress)
         forces = constraints.project_forces(batch, out.forces)
-        return batch.replace(energy=out.energy, forces=forces, stress=out.stress)
+        e = out.energy if energy else jnp.full_like(out.energy, jnp.nan)
+        return batch.replace(energy=e, forces=forces, stress=out.stress)
 
     def failures(self, batch: Batch, displacement: jax.Array | None = None) -> jax.Array:
         """Failure code of every slot, shape (S,) int32 (0: healthy); see
@@ -433,7 +461,7 @@ class FusedStage(eqx.Module):
         """
         return self._step(batch, step_count, records, priming=None)
 
-    def _step(self, batch: Batch, step_count, records, priming, slots=None):
+    def _step(self, batch: Batch, step_count, records, priming, slots=None, energy=True):
         """One fused step (:meth:`step`), or the priming pass of a prepared batch.
 
         Parameters
@@ -452,6 +480,9 @@ class FusedStage(eqx.Module):
         slots : Array or None, shape (S,) bool
             With ``priming``: the pass primes only these slots (refills admitted by a chunk);
             the others keep their energy, forces and stress bit for bit.
+        energy : bool
+            Static. False: forces only (:meth:`evaluate`), the energy NaN and not checked;
+            a run loop that does so computes it at its end (:func:`fused_dynamics.loop.run_steps`).
 
         Returns
         -------
@@ -485,7 +516,7 @@ class FusedStage(eqx.Module):
         batch = fire(DynamicsStage.AFTER_PRE_UPDATE, batch, ctx, True, [])
         batch = fire(DynamicsStage.BEFORE_COMPUTE, batch, ctx, True, [])
         unevaluated = batch
-        batch = self.evaluate(batch)
+        batch = self.evaluate(batch, energy)
         if slots is not None:  # a priming pass of some slots: the others keep their values
             keep = priming & ~slots
             batch = batch.replace(
@@ -502,7 +533,9 @@ class FusedStage(eqx.Module):
             batch = fire(DynamicsStage.AFTER_POST_UPDATE, batch, ctx, i == last, [i])
         batch = batch.replace(stage_state=tuple(states))
         batch = fire(DynamicsStage.AFTER_STEP, batch, ctx, True, every)
-        batch, report = migration.migrate(self, batch, status0, masks, moved, priming, slots)
+        batch, report = migration.migrate(
+            self, batch, status0, masks, moved, priming, slots, energy=energy
+        )
         batch = self._fire_on_converge(batch, ctx, report, masks, records)
         advance = 1 if priming is None else jnp.where(priming, 0, 1)
         return batch.replace(step_count=step_count + advance), report

@@ -17,7 +17,9 @@ from .status import ExitReason, Failure
 __all__ = ["system_failures", "fail_failed"]
 
 
-def system_failures(fused, batch: Batch, displacement: jax.Array | None = None) -> jax.Array:
+def system_failures(
+    fused, batch: Batch, displacement: jax.Array | None = None, energy: bool = True
+) -> jax.Array:
     """Failure code of every slot of ``batch`` under ``fused``'s bounds (0: healthy).
 
     Per-system reductions only, so one system's values never decide another's code.
@@ -29,6 +31,9 @@ def system_failures(fused, batch: Batch, displacement: jax.Array | None = None) 
     displacement : Array, shape (N, 3), optional
         How far the sub-stages moved each atom in this step (Å), checked against
         ``max_displacement`` for systems in dynamics sub-stages.
+    energy : bool
+        Static. False: the energy was not evaluated (NaN, "not computed") and is not checked
+        here; the run checks it at its end (:func:`fail_non_finite_energy`).
 
     Returns
     -------
@@ -63,10 +68,9 @@ def system_failures(fused, batch: Batch, displacement: jax.Array | None = None) 
     flags = jnp.stack([bad for bad, _ in per_atom], axis=-1) & batch.atom_mask[:, None]
     counts = batch.sum_atoms(flags.astype(jnp.int32))  # (S, 5)
     checks = [(counts[:, k] > 0, bit) for k, (_, bit) in enumerate(per_atom)]
-    checks += [
-        (~jnp.isfinite(batch.energy), Failure.ENERGY),
-        (~jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1)), Failure.CELL),
-    ]
+    if energy:
+        checks.append((~jnp.isfinite(batch.energy), Failure.ENERGY))
+    checks.append((~jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1)), Failure.CELL))
     if fused.needs_stress:
         checks.append((~jnp.all(jnp.isfinite(batch.stress), axis=(-2, -1)), Failure.STRESS))
     if fused.max_temperature is not None:
@@ -85,8 +89,11 @@ def system_failures(fused, batch: Batch, displacement: jax.Array | None = None) 
     return jnp.where(batch.system_mask, code, 0)
 
 
-def fail_failed(fused, batch: Batch, info: dict, status, running, steps, displacement=None):
-    """Move the ``running`` systems whose :func:`system_failures` code is set out of the run.
+def fail_failed(
+    fused, batch: Batch, info: dict, status, running, steps, displacement=None, energy=True
+):
+    """Move the ``running`` systems whose :func:`system_failures` code is set out of the run
+    (``energy``: as there).
 
     Returns
     -------
@@ -95,7 +102,7 @@ def fail_failed(fused, batch: Batch, info: dict, status, running, steps, displac
     info : dict
         With ``exit_reason`` FAILED, ``failure`` (the code) and ``failure_step`` (``steps``).
     """
-    code = jnp.where(running, system_failures(fused, batch, displacement), 0)
+    code = jnp.where(running, system_failures(fused, batch, displacement, energy), 0)
     failed = code != 0
     info = dict(info)
     info["exit_reason"] = jnp.where(failed, int(ExitReason.FAILED), info["exit_reason"])
@@ -103,3 +110,25 @@ def fail_failed(fused, batch: Batch, info: dict, status, running, steps, displac
     info["failure_step"] = jnp.where(failed, steps, info["failure_step"]).astype(jnp.int32)
     status = jnp.where(failed, fused.exit_status, status).astype(jnp.int32)
     return status, info
+
+
+def fail_non_finite_energy(fused, batch: Batch) -> Batch:
+    """After a run whose steps did not evaluate the energy (``FusedStage.needs_energy`` false),
+    with ``batch.energy`` now that of the final positions: every occupied system whose energy
+    is not finite leaves the run FAILED with :attr:`Failure.ENERGY` (added to the bits of a
+    system that had failed already, which keeps its failure step; the others' failure step is
+    their step count). The per-step check would have stopped such a system at the step its
+    energy went bad; forces, positions and velocities were still checked at every step.
+    """
+    bad = batch.system_mask & ~jnp.isfinite(batch.energy)
+    info = dict(batch.info)
+    before = info["exit_reason"] == int(ExitReason.FAILED)
+    steps = jnp.sum(info["stage_steps"], axis=-1)
+    info["exit_reason"] = jnp.where(bad, int(ExitReason.FAILED), info["exit_reason"]).astype(
+        jnp.int32
+    )
+    info["failure"] = jnp.where(bad, info["failure"] | int(Failure.ENERGY), info["failure"])
+    info["failure"] = info["failure"].astype(jnp.int32)
+    info["failure_step"] = jnp.where(bad & ~before, steps, info["failure_step"]).astype(jnp.int32)
+    status = jnp.where(bad, fused.exit_status, batch.status).astype(jnp.int32)
+    return batch.replace(status=status, info=info)

@@ -8,7 +8,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from . import recording
+from . import health, recording
 from .batch import Batch
 from .compiled import filter_compile
 from .inflight import admit_systems
@@ -26,6 +26,7 @@ def run_steps(
     record_steps: int | None = None,
     stress_at_exit=None,
     prime: bool | jax.Array = False,
+    energy_at_exit: bool = False,
 ):
     """At most ``limit`` steps from ``batch.step_count``, stopping when all have graduated.
 
@@ -67,6 +68,13 @@ def run_steps(
         those slots only (the others keep theirs, bit for bit). Either way the program holds
         one copy of the model, not two: the W1 relaxation's run program
         (``benchmarks/bench_peers.py``) compiles in about 30 % less time.
+    energy_at_exit : bool
+        Static. True (a whole run of a fixed batch whose fused stage does not need the energy
+        at every step, ``FusedStage.needs_energy``): the steps evaluate forces only, and the
+        energy of the final positions is computed once after the loop, with the exit stress
+        where there is one (one evaluation), then checked (a system whose energy is not finite
+        leaves FAILED, :func:`fused_dynamics.health.fail_non_finite_energy`). Not with
+        ``stress_at_exit`` (a run in chunks writes its systems as they leave).
 
     Returns
     -------
@@ -108,7 +116,7 @@ def run_steps(
         active = active + counts
         recorder = recording.Recorder(axis_name) if buffers else None
         step = batch.step_count
-        batch, _ = fused._step(batch, None, recorder, priming, slots)
+        batch, _ = fused._step(batch, None, recorder, priming, slots, not energy_at_exit)
         if buffers:
             buffers = recording.write(buffers, recorder.entries, step)
         return batch, k + one, active, buffers, jnp.ones((), bool)
@@ -126,7 +134,11 @@ def run_steps(
     else:
         bound = max_steps + (some is not False)
         batch, taken, active, buffers, _ = _checkpointed_loop(cond, body, init, bound, checkpoints)
-    if stress_at_exit is None:
+    if energy_at_exit:
+        if stress_at_exit is not None:
+            raise ValueError("run_steps: energy_at_exit is for whole runs, not chunks.")
+        batch = _energy_at_exit(fused, batch)
+    elif stress_at_exit is None:
         batch = output_stress(fused, batch)
     else:
         batch = _stress_at_exit(fused, start, batch, stress_at_exit)
@@ -190,6 +202,22 @@ def output_stress(fused, batch: Batch, systems: jax.Array | None = None) -> Batc
     return batch.replace(stress=jnp.where(systems[:, None, None], stress, batch.stress))
 
 
+def _energy_at_exit(fused, batch: Batch) -> Batch:
+    """The batch after a loop whose steps evaluated forces only: the energy of its final
+    positions (and their stress where the run computes it once, :func:`output_stress`: one
+    evaluation for both), ``prev_energy`` as the steps would have left it (the energy, or
+    ``inf`` for a system that moved on at the last step), and the energy checked. The forces are
+    the last step's, at these positions already."""
+    with_stress = fused.computes_exit_stress
+    out = fused.model(batch, stress=with_stress)
+    info = dict(batch.info)
+    prev = info["prev_energy"]
+    info["prev_energy"] = jnp.where(prev == jnp.inf, prev, out.energy)
+    stress = out.stress if with_stress else batch.stress
+    batch = batch.replace(energy=out.energy, stress=stress, info=info)
+    return health.fail_non_finite_energy(fused, batch)
+
+
 def _stress_at_exit(fused, start: Batch, end: Batch, everyone) -> Batch:
     """``end`` (a chunk's last batch) with the stress of the systems that left the run since
     ``start``; systems that had left before keep the stress they left with; with ``everyone``
@@ -222,7 +250,15 @@ def run_loop(fused, batch: Batch, limit, options: LoopOptions) -> Batch:
     prime = not options.resume
     if prime:
         batch = fused._prepare(batch)
-    out = run_steps(fused, batch, limit, options.max_steps, options.checkpoints, prime=prime)
+    out = run_steps(
+        fused,
+        batch,
+        limit,
+        options.max_steps,
+        options.checkpoints,
+        prime=prime,
+        energy_at_exit=not fused.needs_energy,
+    )
     return out[0]
 
 

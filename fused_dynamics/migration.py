@@ -39,14 +39,15 @@ class StepReport(eqx.Module):
         return StepReport(*(x & mask for x in (self.graduated, self.converged, self.budget_spent)))
 
 
-def migrate(fused, batch: Batch, status0, masks, moved, priming=None, slots=None):
+def migrate(fused, batch: Batch, status0, masks, moved, priming=None, slots=None, energy=True):
     """Step counters, the finite-or-failed check, budgets and criteria, entry into stages.
 
     ``status0`` is the status at the start of the step and ``masks[i]`` the systems sub-stage
     ``i`` updated (docs/semantics.md §5); ``moved`` is how far the sub-stages moved each atom.
     On a run's priming pass (``priming`` true, every mask empty) only the failure check acts,
     on the primed ``slots`` (S,) bool (default: every slot), and no system has a previous
-    energy yet.
+    energy yet. ``energy=False`` (static): the step did not evaluate the energy, which is then
+    not checked (:func:`fused_dynamics.health.system_failures`).
     Returns the batch with new statuses, bookkeeping and fresh state for the systems that
     entered a sub-stage, and the :class:`StepReport`.
     """
@@ -60,7 +61,9 @@ def migrate(fused, batch: Batch, status0, masks, moved, priming=None, slots=None
     if slots is not None:
         running = running & (~priming | slots)
     steps = jnp.sum(stage_steps, axis=-1)
-    status, info = health.fail_failed(fused, batch, info, status, running, steps, moved)
+    status, info = health.fail_failed(
+        fused, batch, info, status, running, steps, moved, energy=energy
+    )
     batch = batch.replace(info=info)  # criteria (custom_op) see this step's counts
     energy_change = jnp.abs(batch.energy - info["prev_energy"])
     still = [m & (status == code) for m, code in zip(masks, fused.codes, strict=True)]

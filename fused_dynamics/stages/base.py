@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -238,6 +238,12 @@ class Stage(eqx.Module):
             "kinetic_energy": obs.kinetic_energy(batch),
             "temperature": obs.temperature(batch),
         }
+
+    #: Whether :meth:`first_half` or :meth:`second_half` may read ``batch.energy``. True for
+    #: a stage this project does not know (a subclass written elsewhere); the built-in stages
+    #: read forces, never the energy, and say False, so that a run whose criteria and hooks do
+    #: not read it either evaluates forces only at every step (docs/semantics.md §6).
+    reads_energy: ClassVar[bool] = True
 
     @property
     def needs_stress(self) -> bool:

@@ -83,6 +83,7 @@ class AbstractFIRE(Stage):
     (``is_optimizer``); ``n_iter == 0`` marks its first step.
     """
 
+    reads_energy: ClassVar[bool] = False  # the updates read forces only (Stage.reads_energy)
     dt: eqx.AbstractVar[float | jax.Array | None]
     maxstep: eqx.AbstractVar[float | jax.Array]
     dtmax: eqx.AbstractVar[float | jax.Array | None]

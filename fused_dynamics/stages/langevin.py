@@ -71,6 +71,7 @@ class NVTLangevin(Stage):
     """
 
     per_system_parameters: ClassVar[tuple[str, ...]] = ("dt", "temperature", "friction")
+    reads_energy: ClassVar[bool] = False  # the updates read forces only (Stage.reads_energy)
 
     dt: float | jax.Array
     temperature: float | jax.Array

@@ -82,6 +82,7 @@ class NVTNoseHoover(Stage):
     """
 
     per_system_parameters: ClassVar[tuple[str, ...]] = ("dt", "temperature", "tdamp")
+    reads_energy: ClassVar[bool] = False  # the updates read forces only (Stage.reads_energy)
 
     dt: float | jax.Array
     temperature: float | jax.Array

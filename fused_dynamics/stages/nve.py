@@ -37,6 +37,7 @@ class NVE(Stage):
     """
 
     per_system_parameters: ClassVar[tuple[str, ...]] = ("dt",)
+    reads_energy: ClassVar[bool] = False  # the updates read forces only (Stage.reads_energy)
 
     dt: float | jax.Array
 

@@ -52,6 +52,7 @@ class GradientDescent(Stage):
     """
 
     per_system_parameters: ClassVar[tuple[str, ...]] = ("step_size", "maxstep")
+    reads_energy: ClassVar[bool] = False  # the updates read forces only (Stage.reads_energy)
 
     step_size: float | jax.Array
     maxstep: float | jax.Array | None = None
@@ -130,6 +131,7 @@ class OptaxRelax(Stage):
     """
 
     per_system_parameters: ClassVar[tuple[str, ...]] = ()
+    reads_energy: ClassVar[bool] = False  # the updates read forces only (Stage.reads_energy)
 
     optax_transform: optax.GradientTransformation = eqx.field(static=True)
 

@@ -1,0 +1,174 @@
+"""A run whose steps read no energy evaluates forces only, and the energy once at its end
+(docs/semantics.md §6): which runs do (``FusedStage.needs_energy``), that they return what a
+run evaluating the energy at every step returns, and that a system whose final energy is not
+finite leaves FAILED without touching the others.
+
+Tolerances: the forces-only step and the step that also sums the energy are two compiled
+programs, which XLA may fuse differently by an ulp, so trajectories compared across them agree
+to 1e-12 relative (float64, a few tens of FIRE steps); statuses, step counts and exit reasons
+exactly. Within one program every comparison is bitwise.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.cluster import Icosahedron
+
+import fused_dynamics as fd
+
+LJ = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.0, images=(0, 0, 0))
+FMAX = 0.05  # eV/Å
+RTOL = 1e-12  # two programs (see the module docstring)
+
+
+def clusters(n=3, seed=0):
+    """Rattled 13-atom argon icosahedra: FIRE relaxes each to fmax 0.05 in ~20-60 steps."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a = Icosahedron("Ar", 2).copy()
+        a.pbc = False
+        a.cell = np.zeros((3, 3))
+        a.positions += rng.normal(scale=0.15, size=a.positions.shape)
+        out.append(a)
+    return out
+
+
+class _Reads(fd.Stage):
+    """A sub-stage written outside the project: it may read the energy (the default)."""
+
+    def first_half(self, batch, state):
+        return batch, state
+
+    def second_half(self, batch, state):
+        return batch, state
+
+
+def _fire(key="fmax", custom=None):
+    hook = fd.ConvergenceHook([{"key": key, "threshold": FMAX}], custom_op=custom)
+    return fd.FIRE(LJ, convergence_hook=hook)
+
+
+@pytest.mark.parametrize(
+    ("make", "needs"),
+    [
+        (lambda: fd.FusedStage([_fire()]), False),
+        (lambda: _fire() + fd.NVTLangevin(LJ, dt=2.0, temperature=30.0, friction=0.02), False),
+        (lambda: _fire() + fd.NVE(LJ, dt=2.0, n_steps=5), False),
+        (lambda: _fire("temperature") + fd.NVE(LJ, dt=2.0, n_steps=5), False),
+        (lambda: _fire("kinetic_energy") + fd.NVE(LJ, dt=2.0, n_steps=5), False),
+        (lambda: fd.FusedStage([_fire("energy_change")]), True),
+        (lambda: fd.FusedStage([_fire("energy")]), True),
+        (lambda: fd.FusedStage([_fire(custom=lambda b, f: b.system_mask)]), True),
+        (lambda: _fire() + fd.NVTNoseHoover(LJ, dt=2.0, temperature=30.0, tdamp=50.0), False),
+        (lambda: _fire() + _Reads(LJ, n_steps=3), True),
+        (lambda: fd.FusedStage([_fire()], hooks=[fd.NaNDetectorHook()]), True),
+    ],
+)
+def test_which_runs_need_the_energy_at_every_step(make, needs):
+    """Built-in sub-stages read forces only; an energy criterion (not ``kinetic_energy``), a
+    custom criterion, a sub-stage the project does not know, or any hook make the steps
+    evaluate the energy."""
+    assert make().needs_energy is needs
+
+
+def _by_hand(fused, batch, n_steps):
+    """``n_steps`` fused steps by hand: ``FusedStage.step`` always evaluates the energy."""
+    b = fused.init(batch)
+    step = jax.jit(fused.step)
+    for _ in range(n_steps):
+        b, _ = step(b)
+    return b
+
+
+@pytest.mark.parametrize("output_stress", [False, True])
+def test_a_run_returns_what_steps_with_the_energy_give(output_stress):
+    """Run to convergence (every system graduates, at different steps) with the energy at the
+    end, against the same number of steps by hand with the energy at every step: energies of
+    the final positions (each system's at the step it converged: it does not move after),
+    positions and forces to ``RTOL``, and the stress (steps by hand compute none: the model's
+    at the final positions); statuses, per-stage steps, exit reasons and the previous-energy
+    bookkeeping exactly where it is infinite (moved on), to ``RTOL`` else."""
+    fused = fd.FusedStage([_fire()], output_stress=output_stress)
+    assert not fused.needs_energy
+    batch = fd.Batch.from_atoms(clusters(), max_atoms=48, max_systems=4)
+    ran = fused.run(batch, n_steps=500)
+    steps = np.asarray(ran.info["stage_steps"])[:3, 0]
+    assert len(set(steps.tolist())) > 1  # graduated at different steps
+    ref = _by_hand(fused, batch, int(ran.step_count))
+    for name in ("energy", "positions", "forces"):
+        a, b = np.asarray(getattr(ran, name)), np.asarray(getattr(ref, name))
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-14, err_msg=name)
+    if output_stress:
+        expected = np.asarray(LJ(ref, stress=True).stress)
+        np.testing.assert_allclose(ran.stress, expected, rtol=RTOL, atol=1e-14)
+    else:
+        assert np.all(np.isnan(np.asarray(ran.stress)[:3]))
+    assert np.all(np.isfinite(np.asarray(ran.energy)[:3]))
+    np.testing.assert_array_equal(ran.status, ref.status)
+    for key in ("stage_steps", "exit_reason", "failure", "failure_step"):
+        np.testing.assert_array_equal(ran.info[key], ref.info[key], err_msg=key)
+    prev, prev_ref = np.asarray(ran.info["prev_energy"]), np.asarray(ref.info["prev_energy"])
+    np.testing.assert_array_equal(np.isinf(prev), np.isinf(prev_ref))
+    finite = np.isfinite(prev_ref)
+    np.testing.assert_allclose(prev[finite], prev_ref[finite], rtol=RTOL, atol=1e-14)
+
+
+def test_a_budget_run_of_md_returns_the_final_energy():
+    """FIRE then NVE for a fixed budget (systems still running when ``n_steps`` ends the run):
+    the energy returned is that of the final positions, as steps by hand give it."""
+    fused = _fire() + fd.NVE(LJ, dt=2.0)
+    assert not fused.needs_energy
+    batch = fd.Batch.from_atoms(clusters())
+    ran = fused.run(batch, n_steps=80)
+    ref = _by_hand(fused, batch, 80)
+    assert np.any(np.asarray(ran.status) == 1)  # some systems are in NVE at the end
+    for name in ("energy", "positions", "velocities"):
+        a, b = np.asarray(getattr(ran, name)), np.asarray(getattr(ref, name))
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-14, err_msg=name)
+    np.testing.assert_array_equal(ran.status, ref.status)
+
+
+def _springs(positions, numbers, mask, cell, pbc):
+    """Atoms on springs to the origin, 1 eV/Å²; a system with krypton in it has a NaN energy
+    (a constant: its forces stay finite)."""
+    e = 0.5 * jnp.sum(jnp.where(mask[:, None], positions**2, 0.0))
+    return e + jnp.where(jnp.any(mask & (numbers == 36)), jnp.nan, 0.0)
+
+
+def _spring_systems(bad: bool):
+    rng = np.random.default_rng(4)
+    out = []
+    for k in range(3):
+        symbol = "Kr" if (bad and k == 1) else "Ar"
+        out.append(Atoms(f"{symbol}4", positions=rng.normal(scale=0.5, size=(4, 3))))
+    return out
+
+
+def test_a_non_finite_final_energy_fails_that_system_alone():
+    """A system whose energy is NaN while its forces are finite: the steps (forces only) do
+    not see it; the check after the run does, and the system leaves FAILED (``ENERGY``) with
+    its steps as failure step. The other systems converge exactly as in a run without it:
+    their positions, forces and energies bit for bit (one program, per-system arithmetic)."""
+    model = fd.models.EnergyFunctionModel(_springs)
+    fused = fd.FusedStage([fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(1e-3))])
+    assert not fused.needs_energy
+    bad = fused.run(fd.Batch.from_atoms(_spring_systems(True)), n_steps=2000)
+    good = fused.run(fd.Batch.from_atoms(_spring_systems(False)), n_steps=2000)
+    assert int(bad.info["exit_reason"][1]) == int(fd.ExitReason.FAILED)
+    assert int(bad.info["failure"][1]) & int(fd.Failure.ENERGY)
+    assert int(bad.info["failure_step"][1]) == int(bad.info["stage_steps"][1, 0]) > 0
+    assert int(bad.status[1]) == fused.exit_status
+    assert np.isnan(float(bad.energy[1]))
+    for k in (0, 2):
+        assert int(bad.info["exit_reason"][k]) == int(fd.ExitReason.CONVERGED)
+        assert int(bad.info["failure"][k]) == 0
+    rows = np.asarray(bad.system_idx) != 1
+    for name in ("positions", "forces"):
+        a, b = np.asarray(getattr(bad, name)), np.asarray(getattr(good, name))
+        np.testing.assert_array_equal(a[rows], b[rows], err_msg=name)
+    np.testing.assert_array_equal(np.asarray(bad.energy)[[0, 2]], np.asarray(good.energy)[[0, 2]])
