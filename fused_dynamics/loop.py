@@ -12,6 +12,8 @@ from . import health, recording
 from .batch import Batch
 from .compiled import filter_compile
 from .inflight import admit_systems
+from .models.base import evaluate_energy
+from .models.neighbors import NeighborList
 
 __all__ = ["run_steps", "output_stress", "compiled_chunk", "compiled_loop", "LoopOptions"]
 
@@ -208,13 +210,20 @@ def _energy_at_exit(fused, batch: Batch) -> Batch:
     evaluation for both), ``prev_energy`` as the steps would have left it (the energy, or
     ``inf`` for a system that moved on at the last step), and the energy checked. The forces are
     the last step's, at these positions already."""
-    with_stress = fused.computes_exit_stress
-    out = fused.model(batch, stress=with_stress)
+    if fused.computes_exit_stress:
+        out = fused.model(batch, stress=True)
+        energy, stress = out.energy, out.stress
+    else:  # the forward pass alone: compiles in a fraction of the time of the derivatives
+        given = batch
+        if isinstance(batch.neighbors, NeighborList):
+            # the last evaluation refreshed it at these positions: no second copy of a rebuild
+            fresh = dataclasses.replace(batch.neighbors, refreshed=True)
+            given = batch.replace(neighbors=fresh)
+        energy, stress = evaluate_energy(fused.model, given), batch.stress
     info = dict(batch.info)
     prev = info["prev_energy"]
-    info["prev_energy"] = jnp.where(prev == jnp.inf, prev, out.energy)
-    stress = out.stress if with_stress else batch.stress
-    batch = batch.replace(energy=out.energy, stress=stress, info=info)
+    info["prev_energy"] = jnp.where(prev == jnp.inf, prev, energy)
+    batch = batch.replace(energy=energy, stress=stress, info=info)
     return health.fail_non_finite_energy(fused, batch)
 
 

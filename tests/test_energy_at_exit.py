@@ -172,3 +172,27 @@ def test_a_non_finite_final_energy_fails_that_system_alone():
         a, b = np.asarray(getattr(bad, name)), np.asarray(getattr(good, name))
         np.testing.assert_array_equal(a[rows], b[rows], err_msg=name)
     np.testing.assert_array_equal(np.asarray(bad.energy)[[0, 2]], np.asarray(good.energy)[[0, 2]])
+
+
+def test_a_run_on_a_neighbor_list_returns_the_final_energy():
+    """On a neighbor list (per-atom rows in the steps; the energy after the loop from the same
+    list, which the last step refreshed at the final positions, so it is not rebuilt): the
+    energy of the final positions as steps by hand give it, to ``RTOL``."""
+    from ase.build import bulk
+
+    rng = np.random.default_rng(2)
+    systems = []
+    for _ in range(2):
+        a = bulk("Ar", "fcc", a=5.26, cubic=True).repeat((2, 2, 2))
+        a.positions += rng.normal(scale=0.1, size=a.positions.shape)
+        systems.append(a)
+    model = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=6.0).with_neighbors(1.0)
+    fused = fd.FusedStage([fd.FIRE(model)], output_stress=False)
+    assert not fused.needs_energy
+    batch = model.attach_neighbors(fd.Batch.from_atoms(systems))
+    ran = fused.run(batch, n_steps=30)
+    ref = _by_hand(fused, batch, 30)
+    for name in ("energy", "positions", "forces"):
+        a, b = np.asarray(getattr(ran, name)), np.asarray(getattr(ref, name))
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-14, err_msg=name)
+    assert int(ran.neighbors.rebuilds) == int(ref.neighbors.rebuilds)

@@ -161,29 +161,42 @@ def _count_model_calls(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize(
-    ("criterion", "output_stress", "expected"),
+    ("criterion", "output_stress", "calls_expected", "energies_expected"),
     [
-        ("energy_change", False, [False]),  # the steps evaluate the energy: one call
-        ("fmax", False, [False, False]),  # forces in the loop, the energy after it
-        ("fmax", True, [False, True]),  # the energy comes with the exit stress
+        ("energy_change", False, [False], 1),  # the steps evaluate the energy: one call
+        ("fmax", False, [False], 2),  # forces in the loop, the energy's forward pass after it
+        ("fmax", True, [False, True], 2),  # the energy comes with the exit stress
     ],
 )
-def test_run_program_holds_the_model_once(monkeypatch, criterion, output_stress, expected):
+def test_run_program_holds_the_model_once(
+    monkeypatch, criterion, output_stress, calls_expected, energies_expected
+):
     """Tracing a whole run calls the model once in its loop: the loop body's evaluation also
     primes the batch. Before the priming pass, ``init`` inside the program called it a second
     time, compiled a second time. After the loop it is called once more only where the run
-    computes something once for what it returns: the stress (``output_stress``) and, when the
-    steps skip it (``FusedStage.needs_energy`` false, docs/semantics.md §6), the energy, both
-    in that one call."""
+    computes something once for what it returns: the stress (``output_stress``), with the
+    energy in the same call; where the steps skip the energy (``FusedStage.needs_energy``
+    false, docs/semantics.md §6) and no stress is due, the energy's forward pass alone
+    (``Model.energy``, no derivative)."""
     from fused_dynamics import loop
 
     calls = _count_model_calls(monkeypatch)
+    energies = []
+    cls = type(LJ)
+    original = cls.energy
+
+    def counting(self, batch):
+        energies.append(1)
+        return original(self, batch)
+
+    monkeypatch.setattr(cls, "energy", counting)
     hook = fd.ConvergenceHook([{"key": criterion, "threshold": 1e-3}])
     fused = fd.FusedStage([fd.FIRE(LJ, convergence_hook=hook)], output_stress=output_stress)
     batch = fd.Batch.from_atoms(clusters())
     options = loop.LoopOptions(resume=False, max_steps=None)
     jax.make_jaxpr(lambda b: loop.run_loop(fused, b, 10, options).positions)(batch)
-    assert calls == expected
+    assert calls == calls_expected
+    assert len(energies) == energies_expected
 
 
 def _fail_one(batch, slot):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from ..batch import Batch
 
-__all__ = ["Model", "ModelOutput"]
+__all__ = ["Model", "ModelOutput", "evaluate_energy"]
 
 
 class ModelOutput(eqx.Module):
@@ -146,6 +146,20 @@ def _evaluate(model: Model, batch: Batch, with_stress: bool = True) -> ModelOutp
     stress = jnp.where(batch.system_mask[:, None, None], de_deps / volume[:, None, None], 0.0)
     energy = jnp.where(batch.system_mask, energy, 0.0)
     return _non_finite_input_is_nan(batch, ModelOutput(energy=energy, forces=forces, stress=stress))
+
+
+def evaluate_energy(model: Model, batch: Batch) -> jax.Array:
+    """The energy ``model(batch).energy`` gives, shape (S,) eV, from the forward pass alone.
+
+    Zero for empty slots and NaN for a system whose positions or cell are not finite, as
+    :meth:`Model.__call__`; to rounding the same numbers (a model with
+    :meth:`Model.explicit_output` sums its energy another way there). What a run whose steps
+    skip the energy computes once at its end (docs/semantics.md §6): a program of the forward
+    pass compiles in a fraction of the time of one with the derivatives.
+    """
+    energy = jnp.where(batch.system_mask, model.prepare(batch).energy(batch), 0.0)
+    bad = batch.system_mask & ~batch.finite_systems()
+    return jnp.where(bad, jnp.nan, energy)
 
 
 def _non_finite_input_is_nan(batch: Batch, out: ModelOutput) -> ModelOutput:
