@@ -130,5 +130,6 @@ def fail_non_finite_energy(fused, batch: Batch) -> Batch:
     info["failure"] = jnp.where(bad, info["failure"] | int(Failure.ENERGY), info["failure"])
     info["failure"] = info["failure"].astype(jnp.int32)
     info["failure_step"] = jnp.where(bad & ~before, steps, info["failure_step"]).astype(jnp.int32)
+    info["prev_energy"] = jnp.where(bad & ~before, jnp.inf, info["prev_energy"])  # moved on
     status = jnp.where(bad, fused.exit_status, batch.status).astype(jnp.int32)
     return batch.replace(status=status, info=info)

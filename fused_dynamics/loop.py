@@ -139,7 +139,7 @@ def run_steps(
     if energy_at_exit:
         if stress_at_exit is not None:
             raise ValueError("run_steps: energy_at_exit is for whole runs, not chunks.")
-        batch = _energy_at_exit(fused, batch)
+        batch = _energy_at_exit(fused, batch, fresh_list=prime is True)
     elif stress_at_exit is None:
         batch = output_stress(fused, batch)
     else:
@@ -204,18 +204,20 @@ def output_stress(fused, batch: Batch, systems: jax.Array | None = None) -> Batc
     return batch.replace(stress=jnp.where(systems[:, None, None], stress, batch.stress))
 
 
-def _energy_at_exit(fused, batch: Batch) -> Batch:
+def _energy_at_exit(fused, batch: Batch, fresh_list: bool = False) -> Batch:
     """The batch after a loop whose steps evaluated forces only: the energy of its final
     positions (and their stress where the run computes it once, :func:`output_stress`: one
     evaluation for both), ``prev_energy`` as the steps would have left it (the energy, or
     ``inf`` for a system that moved on at the last step), and the energy checked. The forces are
-    the last step's, at these positions already."""
+    the last step's, at these positions already. ``fresh_list`` (static): the loop evaluated
+    at least once (its priming pass), so a neighbor list is fresh at these positions and is
+    not checked again; a resumed loop may have taken no step from a batch edited since."""
     if fused.computes_exit_stress:
         out = fused.model(batch, stress=True)
         energy, stress = out.energy, out.stress
     else:  # the forward pass alone: compiles in a fraction of the time of the derivatives
         given = batch
-        if isinstance(batch.neighbors, NeighborList):
+        if fresh_list and isinstance(batch.neighbors, NeighborList):
             # the last evaluation refreshed it at these positions: no second copy of a rebuild
             fresh = dataclasses.replace(batch.neighbors, refreshed=True)
             given = batch.replace(neighbors=fresh)

@@ -485,7 +485,16 @@ def _whole_run(fused, stacked: Batch, limit, resume: bool, mesh, options=(None, 
         # systems are done (the stages leave a graduated system as it is; a hook's apply no
         # longer runs on that device: docs/semantics.md §21)
         axis = None if differentiable else AXIS
-        out = loop.run_steps(f, b, lim, max_steps, checkpoints, axis_name=axis, prime=not resume)
+        out = loop.run_steps(
+            f,
+            b,
+            lim,
+            max_steps,
+            checkpoints,
+            axis_name=axis,
+            prime=not resume,
+            energy_at_exit=not f.needs_energy,  # as one device's run (loop.run_loop)
+        )
         return out[0]
 
     if not differentiable:

@@ -76,6 +76,18 @@ def test_which_runs_need_the_energy_at_every_step(make, needs):
     assert make().needs_energy is needs
 
 
+def test_only_the_concrete_built_in_stages_say_they_read_no_energy():
+    """The abstract bases a user may subclass (``AbstractFIRE``, ``AbstractMTK``) keep the
+    default: a subclass written elsewhere may read the energy in its halves."""
+    from fused_dynamics.stages.fire import AbstractFIRE
+    from fused_dynamics.stages.mtk import AbstractMTK
+
+    assert fd.Stage.reads_energy and AbstractFIRE.reads_energy and AbstractMTK.reads_energy
+    concrete = (fd.FIRE, fd.FIRE2, fd.NVE, fd.NVTLangevin, fd.NVTNoseHoover, fd.NPT, fd.NPH)
+    assert not any(c.reads_energy for c in concrete)
+    assert not fd.GradientDescent.reads_energy and not fd.OptaxRelax.reads_energy
+
+
 def _by_hand(fused, batch, n_steps):
     """``n_steps`` fused steps by hand: ``FusedStage.step`` always evaluates the energy."""
     b = fused.init(batch)
@@ -164,6 +176,7 @@ def test_a_non_finite_final_energy_fails_that_system_alone():
     assert int(bad.info["failure_step"][1]) == int(bad.info["stage_steps"][1, 0]) > 0
     assert int(bad.status[1]) == fused.exit_status
     assert np.isnan(float(bad.energy[1]))
+    assert float(bad.info["prev_energy"][1]) == np.inf  # it moved on, as at a failing step
     for k in (0, 2):
         assert int(bad.info["exit_reason"][k]) == int(fd.ExitReason.CONVERGED)
         assert int(bad.info["failure"][k]) == 0

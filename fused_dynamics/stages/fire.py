@@ -83,7 +83,6 @@ class AbstractFIRE(Stage):
     (``is_optimizer``); ``n_iter == 0`` marks its first step.
     """
 
-    reads_energy: ClassVar[bool] = False  # the updates read forces only (Stage.reads_energy)
     dt: eqx.AbstractVar[float | jax.Array | None]
     maxstep: eqx.AbstractVar[float | jax.Array]
     dtmax: eqx.AbstractVar[float | jax.Array | None]
@@ -283,6 +282,7 @@ class FIRE(AbstractFIRE):
     rows. ASE's separate ``a`` argument (initial alpha) is ``astart`` here.
     """
 
+    reads_energy: ClassVar[bool] = False  # the updates read forces only (Stage.reads_energy)
     per_system_parameters: ClassVar[tuple[str, ...]] = _FIRE_PER_SYSTEM
 
     dt: float | jax.Array | None = None
@@ -412,6 +412,7 @@ class FIRE2(AbstractFIRE):
         parameter, the value and the rule).
     """
 
+    reads_energy: ClassVar[bool] = False  # the updates read forces only (Stage.reads_energy)
     per_system_parameters: ClassVar[tuple[str, ...]] = _FIRE_PER_SYSTEM + (
         "dtmin",
         "initialdelay",

@@ -46,7 +46,6 @@ here.
 # No ``from __future__ import annotations`` here: Equinox reads ``AbstractVar`` annotations
 # when the class is created, and refuses them as strings.
 import abc
-from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -148,7 +147,6 @@ class AbstractMTK(Stage):
         Whether the particle and barostat chains act.
     """
 
-    reads_energy: ClassVar[bool] = False  # the updates read forces only (Stage.reads_energy)
     dt: eqx.AbstractVar[float | jax.Array]
     pressure: eqx.AbstractVar[float | jax.Array]
     tdamp: eqx.AbstractVar[float | jax.Array | None]

@@ -71,6 +71,8 @@ class NPT(AbstractMTK):
     target.
     """
 
+    reads_energy: ClassVar[bool] = False  # the updates read forces only (Stage.reads_energy)
+
     per_system_parameters: ClassVar[tuple[str, ...]] = (
         "dt",
         "temperature",
@@ -156,6 +158,8 @@ class NPH(AbstractMTK):
 
     The conserved quantity is the enthalpy-like ``U + KE + Σ p_k²/2W + P_ext V``.
     """
+
+    reads_energy: ClassVar[bool] = False  # the updates read forces only (Stage.reads_energy)
 
     per_system_parameters: ClassVar[tuple[str, ...]] = (
         "dt",
