@@ -13,7 +13,9 @@ this one process, the order rotated every round so no program always runs first:
   (``FusedStage(..., convergence_every=k)``);
 - ``fused_hooks``: ``fused`` with 4 idle hooks (host hooks due every 10^6 steps);
 - ``fused_run``: ``fused.run(batch, n_steps)`` end to end (initialisation, its priming
-  evaluation and the final stress evaluation included);
+  evaluation and the final stress evaluation included; with no hook its steps evaluate forces
+  only and the energy once at the end, docs/semantics.md §6, while ``bare`` sums the energy at
+  every evaluation);
 - ``fused_tape_callback``: ``fused`` with one host hook that keeps energy, fmax, temperature and
   positions every ``--tape-every`` steps (5), sent by a host callback inside the loop (what one
   compiled call does);

@@ -14,7 +14,7 @@ from .batch import Batch
 from .models.neighbors import NeighborList
 from .status import ExitReason, Failure
 
-__all__ = ["system_failures", "fail_failed"]
+__all__ = ["system_failures", "fail_failed", "fail_non_finite_energy"]
 
 
 def system_failures(
