@@ -1022,15 +1022,7 @@ def _interleaved(prepared: dict, repeat: int, label: str, rehearse: bool = False
     best = {name: (float("inf"), None) for name in prepared}
     rounds = {name: [] for name in prepared}
     errors = {}
-    if rehearse:
-        for name, (_info, run) in prepared.items():
-            try:
-                wall, _ = _timed(run)
-            except Exception as exc:  # noqa: BLE001 - a failing peer is recorded, not fatal
-                errors[name] = _error(exc)
-                continue
-            print(f"  [{label} rehearsal, not timed] {name}: {wall:.3g} s", flush=True)
-    for r in range(repeat):
+    for r in range(-1 if rehearse else 0, repeat):  # round -1: the rehearsal
         for name, (_info, run) in prepared.items():
             if name in errors:
                 continue
@@ -1038,6 +1030,9 @@ def _interleaved(prepared: dict, repeat: int, label: str, rehearse: bool = False
                 wall, res = _timed(run)
             except Exception as exc:  # noqa: BLE001 - a failing peer is recorded, not fatal
                 errors[name] = _error(exc)
+                continue
+            if r < 0:
+                print(f"  [{label} rehearsal, not timed] {name}: {wall:.3g} s", flush=True)
                 continue
             print(f"  [{label} round {r + 1}] {name}: {wall:.3g} s", flush=True)
             rounds[name].append(wall)

@@ -16,26 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from ase import Atoms
-from ase.cluster import Icosahedron
+from test_lean_step import LJ, clusters  # tests/ is on pytest's path
 
 import fused_dynamics as fd
 
-LJ = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.0, images=(0, 0, 0))
 FMAX = 0.05  # eV/Å
 RTOL = 1e-12  # two programs (see the module docstring)
-
-
-def clusters(n=3, seed=0):
-    """Rattled 13-atom argon icosahedra: FIRE relaxes each to fmax 0.05 in ~20-60 steps."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        a = Icosahedron("Ar", 2).copy()
-        a.pbc = False
-        a.cell = np.zeros((3, 3))
-        a.positions += rng.normal(scale=0.15, size=a.positions.shape)
-        out.append(a)
-    return out
 
 
 class _Reads(fd.Stage):
