@@ -385,8 +385,8 @@ class FusedStage(eqx.Module):
         it (:attr:`Stage.reads_energy <fused_dynamics.stages.base.Stage.reads_energy>`), a
         convergence criterion reads an energy (any key naming one but ``kinetic_energy``) or is
         custom (``custom_op``), or the run has a hook (a hook may read any field). When it
-        is not, a fixed-batch run evaluates forces only at every step and the energy of the
-        final positions once, at its end (docs/semantics.md §6)."""
+        is not, a run evaluates forces only at every step and the energy of the final
+        positions once, at its end or at the end of each chunk (docs/semantics.md §6)."""
         if self.all_hooks():
             return True
         for st in self.stages:

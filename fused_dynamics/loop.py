@@ -75,8 +75,10 @@ def run_steps(
         at every step, ``FusedStage.needs_energy``): the steps evaluate forces only, and the
         energy of the final positions is computed once after the loop, with the exit stress
         where there is one (one evaluation), then checked (a system whose energy is not finite
-        leaves FAILED, :func:`fused_dynamics.health.fail_non_finite_energy`). Not with
-        ``stress_at_exit`` (a run in chunks writes its systems as they leave).
+        leaves FAILED, :func:`fused_dynamics.health.fail_non_finite_energy`). With
+        ``stress_at_exit`` (a chunk): the energy of every slot at the chunk's end, in one
+        forward pass, so that what the host reads between chunks (sinks, checkpoints, progress)
+        has it; systems that had left before the chunk keep theirs.
 
     Returns
     -------
@@ -136,14 +138,16 @@ def run_steps(
     else:
         bound = max_steps + (some is not False)
         batch, taken, active, buffers, _ = _checkpointed_loop(cond, body, init, bound, checkpoints)
-    if energy_at_exit:
-        if stress_at_exit is not None:
-            raise ValueError("run_steps: energy_at_exit is for whole runs, not chunks.")
-        batch = _energy_at_exit(fused, batch, fresh_list=prime is True)
-    elif stress_at_exit is None:
-        batch = output_stress(fused, batch)
-    else:
+    if stress_at_exit is not None:  # a chunk: its energy first, then the stress of who left
+        if energy_at_exit:
+            evaluated = (taken > 0) | jnp.any(jnp.asarray(prime))  # the list is fresh then
+            left = start.system_mask & (start.status == fused.exit_status)
+            batch = _energy_at_exit(fused, batch, True, start, left | ~evaluated)
         batch = _stress_at_exit(fused, start, batch, stress_at_exit)
+    elif energy_at_exit:
+        batch = _energy_at_exit(fused, batch, fresh_list=prime is True)
+    else:
+        batch = output_stress(fused, batch)
     out = (batch, taken, active)
     return out if record_steps is None else out + (buffers,)
 
@@ -204,15 +208,23 @@ def output_stress(fused, batch: Batch, systems: jax.Array | None = None) -> Batc
     return batch.replace(stress=jnp.where(systems[:, None, None], stress, batch.stress))
 
 
-def _energy_at_exit(fused, batch: Batch, fresh_list: bool = False) -> Batch:
+def _energy_at_exit(
+    fused, batch: Batch, fresh_list: bool = False, start: Batch | None = None, keep=None
+) -> Batch:
     """The batch after a loop whose steps evaluated forces only: the energy of its final
     positions (and their stress where the run computes it once, :func:`output_stress`: one
     evaluation for both), ``prev_energy`` as the steps would have left it (the energy, or
     ``inf`` for a system that moved on at the last step), and the energy checked. The forces are
     the last step's, at these positions already. ``fresh_list`` (static): the loop evaluated
     at least once (its priming pass), so a neighbor list is fresh at these positions and is
-    not checked again; a resumed loop may have taken no step from a batch edited since."""
-    if fused.computes_exit_stress:
+    not checked again; a resumed loop may have taken no step from a batch edited since.
+
+    ``start`` (a chunk's first batch): the forward pass alone (the chunk computes the stress of
+    the systems that leave in it, :func:`_stress_at_exit`), and the slots of ``keep`` (S,) bool
+    (the systems that had left the run before the chunk, reported when they left, or every
+    slot of a chunk that evaluated nothing) keep their energy, status, ``prev_energy`` and
+    exit record as they were at ``start``."""
+    if fused.computes_exit_stress and start is None:
         out = fused.model(batch, stress=True)
         energy, stress = out.energy, out.stress
     else:  # the forward pass alone: compiles in a fraction of the time of the derivatives
@@ -225,8 +237,17 @@ def _energy_at_exit(fused, batch: Batch, fresh_list: bool = False) -> Batch:
     info = dict(batch.info)
     prev = info["prev_energy"]
     info["prev_energy"] = jnp.where(prev == jnp.inf, prev, energy)
-    batch = batch.replace(energy=energy, stress=stress, info=info)
-    return health.fail_non_finite_energy(fused, batch)
+    out = health.fail_non_finite_energy(fused, batch.replace(energy=energy, stress=stress, info=info))
+    if start is None:
+        return out
+    info = dict(out.info)
+    for key in ("prev_energy", "exit_reason", "failure", "failure_step"):
+        info[key] = jnp.where(keep, start.info[key], info[key])
+    return out.replace(
+        energy=jnp.where(keep, start.energy, out.energy),
+        status=jnp.where(keep, start.status, out.status),
+        info=info,
+    )
 
 
 def _stress_at_exit(fused, start: Batch, end: Batch, everyone) -> Batch:
@@ -319,6 +340,7 @@ def chunk(
         record_steps=record_steps,
         stress_at_exit=last,
         prime=prime,
+        energy_at_exit=not fused.needs_energy,
     )
     return out if record_steps is not None else out + ({},)
 

@@ -195,3 +195,96 @@ def test_a_run_on_a_neighbor_list_returns_the_final_energy():
         a, b = np.asarray(getattr(ran, name)), np.asarray(getattr(ref, name))
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-14, err_msg=name)
     assert int(ran.neighbors.rebuilds) == int(ref.neighbors.rebuilds)
+
+
+# ---------------------------------------------------------------- runs in chunks
+# A run with a sampler, sinks, checkpoints or recorded host hooks runs in compiled chunks
+# between host visits; its steps skip the energy too, and each chunk ends with one forward pass
+# for the systems still in it (docs/semantics.md §6), so what the host reads has it.
+
+
+def _model_energy(model, atoms) -> float:
+    """``model``'s energy of one structure, alone in a batch of its own (the reference)."""
+    return float(model(fd.Batch.from_atoms([atoms])).energy[0])
+
+
+def test_a_chunked_fixed_batch_returns_what_steps_with_the_energy_give():
+    """Chunks of 3 steps (systems graduate in different chunks and then wait in their slots):
+    what the run returns equals the same steps by hand, which evaluate the energy at every step,
+    to ``RTOL``; a system that left in an earlier chunk keeps the energy it left with (its
+    slot's evaluations in later chunks computed none); records exactly."""
+    fused = fd.FusedStage([_fire()])
+    assert not fused.needs_energy
+    batch = fd.Batch.from_atoms(clusters(), max_atoms=48, max_systems=4)
+    sink = fd.HostMemory()
+    ran = fused.run(batch, n_steps=500, refill_frequency=3, sinks=[sink])
+    chunks = (np.asarray(ran.info["stage_steps"])[:3, 0] - 1) // 3
+    assert len(set(chunks.tolist())) > 1  # left in different chunks
+    ref = _by_hand(fused, batch, int(ran.step_count))
+    for name in ("energy", "positions", "forces"):
+        a, b = np.asarray(getattr(ran, name)), np.asarray(getattr(ref, name))
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-14, err_msg=name)
+    np.testing.assert_array_equal(ran.status, ref.status)
+    for key in ("stage_steps", "exit_reason", "failure", "failure_step"):
+        np.testing.assert_array_equal(ran.info[key], ref.info[key], err_msg=key)
+    assert len(sink) == 3
+    for atoms in sink.atoms:  # written as each left: the energy of the positions written
+        e = atoms.get_potential_energy()
+        assert np.isclose(e, _model_energy(LJ, atoms), rtol=RTOL, atol=1e-14), atoms.info
+
+
+def test_an_inflight_run_writes_the_energy_of_each_graduate():
+    """Relax then Langevin MD with a budget, 16 systems through 5 slots refilled every 7
+    steps: every system written carries the model's energy of the positions written (to
+    ``RTOL``: one structure alone against its slot in the batch), never NaN."""
+    from test_inflight import LJ as SWITCHED
+    from test_inflight import dataset, stages
+
+    fused = stages(n_md=12)
+    assert not fused.needs_energy
+    data = dataset(16, seed=5)
+    sampler = fd.SizeAwareSampler(data, max_atoms=160, max_systems=5, max_atoms_per_system=64)
+    sink = fd.HostMemory()
+    fused.run(sampler=sampler, refill_frequency=7, sinks=[sink])
+    assert sorted(a.info["system_id"] for a in sink.atoms) == list(range(16))
+    for atoms in sink.atoms:
+        e = atoms.get_potential_energy()
+        assert np.isfinite(e), atoms.info
+        assert np.isclose(e, _model_energy(SWITCHED, atoms), rtol=RTOL, atol=1e-14), atoms.info
+
+
+def _springs_late(positions, numbers, mask, cell, pbc):
+    """:func:`_springs`, with the NaN energy of the krypton system only once its atoms are
+    near the origin (after some steps of a relaxation; finite at the start)."""
+    e = 0.5 * jnp.sum(jnp.where(mask[:, None], positions**2, 0.0))
+    near = 2.0 * e < 0.3
+    return e + jnp.where(jnp.any(mask & (numbers == 36)) & near, jnp.nan, 0.0)
+
+
+def test_a_chunked_run_fails_a_non_finite_energy_at_the_end_of_its_chunk():
+    """A system whose energy turns NaN (forces finite) after some steps, in a run of 5-step
+    chunks: found at the end of the chunk in which it did, reported FAILED (``ENERGY``) with
+    its steps (a whole number of chunks) as failure step, and written so; the others as in the
+    run without it, bit for bit (one program, per-system arithmetic)."""
+    model = fd.models.EnergyFunctionModel(_springs_late)
+    fused = fd.FusedStage([fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(1e-3))])
+    sink = fd.HostMemory()
+    bad = fused.run(fd.Batch.from_atoms(_spring_systems(True)), refill_frequency=5, sinks=[sink])
+    good = fused.run(fd.Batch.from_atoms(_spring_systems(False)), refill_frequency=5, sinks=[])
+    assert int(bad.info["exit_reason"][1]) == int(fd.ExitReason.FAILED)
+    assert int(bad.info["failure"][1]) & int(fd.Failure.ENERGY)
+    steps = int(bad.info["stage_steps"][1, 0])
+    assert int(bad.info["failure_step"][1]) == steps and steps > 0 and steps % 5 == 0
+    assert steps < int(good.info["stage_steps"][1, 0])  # it stopped before converging
+    assert np.isnan(float(bad.energy[1]))
+    assert float(bad.info["prev_energy"][1]) == np.inf
+    written = {a.info["system_id"]: a for a in sink.atoms}
+    assert written[1].info["exit_reason"] == int(fd.ExitReason.FAILED)
+    assert written[1].info["failure_step"] == steps
+    for k in (0, 2):
+        assert int(bad.info["exit_reason"][k]) == int(fd.ExitReason.CONVERGED)
+    rows = np.asarray(bad.system_idx) != 1
+    for name in ("positions", "forces"):
+        a, b = np.asarray(getattr(bad, name)), np.asarray(getattr(good, name))
+        np.testing.assert_array_equal(a[rows], b[rows], err_msg=name)
+    np.testing.assert_array_equal(np.asarray(bad.energy)[[0, 2]], np.asarray(good.energy)[[0, 2]])
