@@ -237,7 +237,9 @@ def _energy_at_exit(
     info = dict(batch.info)
     prev = info["prev_energy"]
     info["prev_energy"] = jnp.where(prev == jnp.inf, prev, energy)
-    out = health.fail_non_finite_energy(fused, batch.replace(energy=energy, stress=stress, info=info))
+    out = health.fail_non_finite_energy(
+        fused, batch.replace(energy=energy, stress=stress, info=info)
+    )
     if start is None:
         return out
     info = dict(out.info)
