@@ -461,7 +461,9 @@ class FusedStage(eqx.Module):
         """
         return self._step(batch, step_count, records, priming=None)
 
-    def _step(self, batch: Batch, step_count, records, priming, slots=None, energy=True):
+    def _step(
+        self, batch: Batch, step_count, records, priming, slots=None, energy=True, fresh=None
+    ):
         """One fused step (:meth:`step`), or the priming pass of a prepared batch.
 
         Parameters
@@ -483,6 +485,11 @@ class FusedStage(eqx.Module):
         energy : bool
             Static. False: forces only (:meth:`evaluate`), the energy NaN and not checked;
             a run loop that does so computes it at its end (:func:`fused_dynamics.loop.run_steps`).
+        fresh : Array or None, shape (S,) bool
+            An ordinary step (``priming`` false) that also primes these slots (refills a chunk
+            admitted while other systems are running): they take no step (no sub-stage
+            updates them, no budget or criterion is checked), their evaluation is their first,
+            and their failure check is that of a priming pass.
 
         Returns
         -------
@@ -501,6 +508,8 @@ class FusedStage(eqx.Module):
         masks = [batch.system_mask & (status0 == code) for code in self.codes]
         if priming is not None:
             masks = [m & ~priming for m in masks]
+        if fresh is not None:
+            masks = [m & ~fresh for m in masks]
         states = list(batch.stage_state)
         every = range(len(self.sub_stages))
         last = len(self.sub_stages) - 1
@@ -534,7 +543,7 @@ class FusedStage(eqx.Module):
         batch = batch.replace(stage_state=tuple(states))
         batch = fire(DynamicsStage.AFTER_STEP, batch, ctx, True, every)
         batch, report = migration.migrate(
-            self, batch, status0, masks, moved, priming, slots, energy=energy
+            self, batch, status0, masks, moved, priming, slots, energy=energy, fresh=fresh
         )
         batch = self._fire_on_converge(batch, ctx, report, masks, records)
         advance = 1 if priming is None else jnp.where(priming, 0, 1)

@@ -65,9 +65,12 @@ def run_steps(
         without its evaluation), and the loop's first iteration is the priming pass, which
         evaluates the model, checks failures and takes no step (not counted in ``limit``,
         ``taken`` or ``active``), with the same result as ``init``. An array (S,) bool: the
-        slots admitted that way (a chunk that refilled slots); the first iteration is a priming
-        pass when any is, and it writes energy, forces and stress and checks failures for
-        those slots only (the others keep theirs, bit for bit). Either way the program holds
+        slots admitted that way (a chunk that refilled slots); when any is, the first
+        iteration primes them: where other systems are running (and the fused stage has no
+        hooks, and ``axis_name`` is None) it is those systems' step and the new ones' first
+        evaluation (they take no step in it, ``FusedStage._step``'s ``fresh``); else a
+        priming pass that writes energy, forces and stress and checks failures for those slots
+        only (the others keep theirs, bit for bit). Either way the program holds
         one copy of the model, not two: the W1 relaxation's run program
         (``benchmarks/bench_peers.py``) compiles in about 30 % less time.
     energy_at_exit : bool
@@ -109,18 +112,27 @@ def run_steps(
 
     some = prime if isinstance(prime, bool) else jnp.any(prime)
     slots = None if isinstance(prime, bool) else prime
+    # refills are primed by the chunk's first step when other systems are running (no
+    # evaluation of their own); with hooks (which see every step) or across devices (whose
+    # loops must take the same steps), by a priming pass of their own
+    merge = slots is not None and axis_name is None and not fused.all_hooks()
 
     def body(carry):
         batch, k, active, buffers, primed = carry
         priming = None if some is False else ~primed
-        counts = jnp.sum(pending(batch), dtype=jnp.int32)
+        live, fresh = pending(batch), None
+        if merge:
+            fresh = slots & priming & jnp.any(live & ~slots) & (k < limit)
+            priming = priming & ~jnp.any(fresh)
+            live = live & ~fresh
+        counts = jnp.sum(live, dtype=jnp.int32)
         one = jnp.ones((), jnp.int32)
         if priming is not None:  # the priming pass is not a step
             counts, one = jnp.where(priming, 0, counts), jnp.where(priming, 0, one)
         active = active + counts
         recorder = recording.Recorder(axis_name) if buffers else None
         step = batch.step_count
-        batch, _ = fused._step(batch, None, recorder, priming, slots, not energy_at_exit)
+        batch, _ = fused._step(batch, None, recorder, priming, slots, not energy_at_exit, fresh)
         if buffers:
             buffers = recording.write(buffers, recorder.entries, step)
         return batch, k + one, active, buffers, jnp.ones((), bool)

@@ -39,15 +39,19 @@ class StepReport(eqx.Module):
         return StepReport(*(x & mask for x in (self.graduated, self.converged, self.budget_spent)))
 
 
-def migrate(fused, batch: Batch, status0, masks, moved, priming=None, slots=None, energy=True):
+def migrate(
+    fused, batch: Batch, status0, masks, moved, priming=None, slots=None, energy=True, fresh=None
+):
     """Step counters, the finite-or-failed check, budgets and criteria, entry into stages.
 
     ``status0`` is the status at the start of the step and ``masks[i]`` the systems sub-stage
     ``i`` updated (docs/semantics.md §5); ``moved`` is how far the sub-stages moved each atom.
     On a run's priming pass (``priming`` true, every mask empty) only the failure check acts,
     on the primed ``slots`` (S,) bool (default: every slot), and no system has a previous
-    energy yet. ``energy=False`` (static): the step did not evaluate the energy, which is then
-    not checked (:func:`fused_dynamics.health.system_failures`).
+    energy yet. ``fresh`` (S,) bool: slots primed by this ordinary step (their masks empty, so
+    they are checked for failures only, at 0 steps), which have no previous energy yet either.
+    ``energy=False`` (static): the step did not evaluate the energy, which is then not checked
+    (:func:`fused_dynamics.health.system_failures`).
     Returns the batch with new statuses, bookkeeping and fresh state for the systems that
     entered a sub-stage, and the :class:`StepReport`.
     """
@@ -94,6 +98,8 @@ def migrate(fused, batch: Batch, status0, masks, moved, priming=None, slots=None
     prev_energy = jnp.where(moved_on, jnp.inf, batch.energy)
     if priming is not None:
         prev_energy = jnp.where(priming, info["prev_energy"], prev_energy)
+    if fresh is not None:
+        prev_energy = jnp.where(fresh, info["prev_energy"], prev_energy)
     info["prev_energy"] = prev_energy
     info["exit_reason"] = reason.astype(jnp.int32)
     batch = batch.replace(status=status.astype(jnp.int32), info=info)
