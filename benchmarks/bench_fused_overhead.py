@@ -7,6 +7,9 @@ this one process, the order rotated every round so no program always runs first:
 - ``bare``: a ``lax.while_loop`` of ``--steps`` bare model evaluations on the same batch
   (energy and forces, the evaluation the fused step makes; the positions move by
   ``1e-9 * forces`` every step so nothing is hoisted out of the loop);
+- ``bare_forces``: the same loop of evaluations whose energy nothing reads (XLA drops its sum:
+  the evaluation a run's steps make when nothing reads the energy, docs/semantics.md §6), the
+  like-for-like reference of ``fused_run``;
 - ``fused``: a ``lax.while_loop`` of ``--steps`` fused FIRE + NVTLangevin steps
   (:meth:`FusedStage.step`) from a prepared batch (systems migrate from FIRE to NVT during it);
 - ``fused_k``: the same with convergence observables every ``--every`` steps
@@ -25,7 +28,8 @@ this one process, the order rotated every round so no program always runs first:
   steps of each kind on the same batch, to say which part of the step costs what.
 
 Reported per program: median, min and max seconds per step over the rounds; per round the ratio
-to ``bare`` of the same round, its median and min-max (targets: fused / bare <= 1.10, idle hooks
+to ``bare`` of the same round, its median and min-max (and ``fused_run`` over ``bare_forces``,
+``over_bare_forces``) (targets: fused / bare <= 1.10, idle hooks
 < 2 %); the ratio of the fastest calls (least disturbed on a shared machine); compile times
 apart; the load average at start and end (the 2-core machine is shared).
 
@@ -175,11 +179,20 @@ def main(n_systems=64, n_steps=200, rounds=7, every=10, tape_every=5, breakdown=
 
         return jax.lax.fori_loop(0, n_steps, body, (batch, jnp.zeros((), batch.dtype)))[1]
 
+    @jax.jit
+    def bare_forces(batch):
+        def body(i, b):
+            out = model(b, stress=fused.needs_stress)
+            return b.replace(positions=b.positions + 1e-9 * out.forces)
+
+        return jax.lax.fori_loop(0, n_steps, body, batch).positions
+
     prepared = fused.init(batch)
     # idle hooks with every_n_steps=10**6 are due at step 0: start at step 1 (all programs)
     prepared = prepared.replace(step_count=prepared.step_count + 1)
     programs = {
         "bare": (bare, batch),
+        "bare_forces": (bare_forces, batch),
         "fused": (step_loop(fused, n_steps), prepared),
         "fused_hooks": (step_loop(hooked, n_steps), prepared),
         "fused_run": (jax.jit(lambda b: fused.run(b, n_steps=n_steps).positions), batch),
@@ -233,6 +246,7 @@ def main(n_systems=64, n_steps=200, rounds=7, every=10, tape_every=5, breakdown=
         "tape_every": tape_every,
         "step_ms": per_step,
         "over_bare": ratios,
+        "over_bare_forces": {"fused_run": per_round("fused_run", "bare_forces")},
         "best_over_best_bare": best,
         "idle_hook_overhead": summary(hook_cost),
         "tape": tape,

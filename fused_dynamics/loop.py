@@ -79,9 +79,9 @@ def run_steps(
         energy of the final positions is computed once after the loop, with the exit stress
         where there is one (one evaluation), then checked (a system whose energy is not finite
         leaves FAILED, :func:`fused_dynamics.health.fail_non_finite_energy`). With
-        ``stress_at_exit`` (a chunk): the energy of every slot at the chunk's end, in one
-        forward pass, so that what the host reads between chunks (sinks, checkpoints, progress)
-        has it; systems that had left before the chunk keep theirs.
+        ``stress_at_exit`` (a chunk): the energy at the chunk's end of every system that took a
+        step in it or was admitted by it, in one forward pass, so that what the host reads
+        between chunks (sinks, checkpoints, progress) has it; the others keep theirs.
 
     Returns
     -------
@@ -152,9 +152,13 @@ def run_steps(
         batch, taken, active, buffers, _ = _checkpointed_loop(cond, body, init, bound, checkpoints)
     if stress_at_exit is not None:  # a chunk: its energy first, then the stress of who left
         if energy_at_exit:
-            evaluated = (taken > 0) | jnp.any(jnp.asarray(prime))  # the list is fresh then
-            left = start.system_mask & (start.status == fused.exit_status)
-            batch = _energy_at_exit(fused, batch, True, start, left | ~evaluated)
+            # the systems that stepped or were primed here: their positions are new, and the
+            # list was refreshed at them by the chunk's last evaluation
+            def steps(b):
+                return jnp.sum(b.info["stage_steps"], axis=-1)
+
+            touched = (steps(batch) > steps(start)) | (False if slots is None else slots)
+            batch = _energy_at_exit(fused, batch, True, start, ~touched)
         batch = _stress_at_exit(fused, start, batch, stress_at_exit)
     elif energy_at_exit:
         batch = _energy_at_exit(fused, batch, fresh_list=prime is True)
@@ -233,9 +237,9 @@ def _energy_at_exit(
 
     ``start`` (a chunk's first batch): the forward pass alone (the chunk computes the stress of
     the systems that leave in it, :func:`_stress_at_exit`), and the slots of ``keep`` (S,) bool
-    (the systems that had left the run before the chunk, reported when they left, or every
-    slot of a chunk that evaluated nothing) keep their energy, status, ``prev_energy`` and
-    exit record as they were at ``start``."""
+    (those that neither took a step in the chunk nor were admitted by it: systems that had left
+    the run before, reported when they left, and every slot of a chunk that took no step) keep
+    their energy, status, ``prev_energy`` and exit record as they were at ``start``."""
     if fused.computes_exit_stress and start is None:
         out = fused.model(batch, stress=True)
         energy, stress = out.energy, out.stress
