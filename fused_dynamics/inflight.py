@@ -73,7 +73,8 @@ class RunStats:
     chunks : int
         Compiled chunks run.
     slot_steps_active : int
-        Sum over steps of the slots holding a system not yet graduated.
+        Sum over steps of the slots holding a system not yet graduated that took the step (a
+        refill primed by a chunk's first step takes no step in it).
     slot_steps_total : int
         ``steps * max_systems``.
     written : int

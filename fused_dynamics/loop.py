@@ -91,8 +91,9 @@ def run_steps(
     taken : Array
         Steps taken.
     active : Array
-        Sum over the steps of the slots holding a system not yet graduated (of this device's
-        slots under ``axis_name``).
+        Sum over the steps of the slots holding a system not yet graduated that took the step
+        (of this device's slots under ``axis_name``; a refill primed by the first step takes
+        no step in it).
     """
 
     def pending(batch):
@@ -158,7 +159,7 @@ def run_steps(
                 return jnp.sum(b.info["stage_steps"], axis=-1)
 
             touched = (steps(batch) > steps(start)) | (False if slots is None else slots)
-            batch = _energy_at_exit(fused, batch, True, start, ~touched)
+            batch = _energy_at_exit(fused, batch, True, start, ~touched, taken > 0)
         batch = _stress_at_exit(fused, start, batch, stress_at_exit)
     elif energy_at_exit:
         batch = _energy_at_exit(fused, batch, fresh_list=prime is True)
@@ -225,7 +226,12 @@ def output_stress(fused, batch: Batch, systems: jax.Array | None = None) -> Batc
 
 
 def _energy_at_exit(
-    fused, batch: Batch, fresh_list: bool = False, start: Batch | None = None, keep=None
+    fused,
+    batch: Batch,
+    fresh_list: bool = False,
+    start: Batch | None = None,
+    keep=None,
+    stepped=None,
 ) -> Batch:
     """The batch after a loop whose steps evaluated forces only: the energy of its final
     positions (and their stress where the run computes it once, :func:`output_stress`: one
@@ -239,7 +245,9 @@ def _energy_at_exit(
     the systems that leave in it, :func:`_stress_at_exit`), and the slots of ``keep`` (S,) bool
     (those that neither took a step in the chunk nor were admitted by it: systems that had left
     the run before, reported when they left, and every slot of a chunk that took no step) keep
-    their energy, status, ``prev_energy`` and exit record as they were at ``start``."""
+    their energy, status and exit record as they were at ``start``; their ``prev_energy`` is
+    what a step with the energy leaves to a system that did not move on: their energy, when
+    the chunk took a step (``stepped``, a bool scalar), else as it was."""
     if fused.computes_exit_stress and start is None:
         out = fused.model(batch, stress=True)
         energy, stress = out.energy, out.stress
@@ -259,8 +267,10 @@ def _energy_at_exit(
     if start is None:
         return out
     info = dict(out.info)
-    for key in ("prev_energy", "exit_reason", "failure", "failure_step"):
+    for key in ("exit_reason", "failure", "failure_step"):
         info[key] = jnp.where(keep, start.info[key], info[key])
+    kept_prev = jnp.where(stepped, start.energy, start.info["prev_energy"])
+    info["prev_energy"] = jnp.where(keep, kept_prev, info["prev_energy"])
     return out.replace(
         energy=jnp.where(keep, start.energy, out.energy),
         status=jnp.where(keep, start.status, out.status),

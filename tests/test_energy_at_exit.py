@@ -208,17 +208,19 @@ def _model_energy(model, atoms) -> float:
     return float(model(fd.Batch.from_atoms([atoms])).energy[0])
 
 
-def test_a_chunked_fixed_batch_returns_what_steps_with_the_energy_give():
-    """Chunks of 3 steps (systems graduate in different chunks and then wait in their slots):
-    what the run returns equals the same steps by hand, which evaluate the energy at every step,
-    to ``RTOL``; a system that left in an earlier chunk keeps the energy it left with (its
-    slot's evaluations in later chunks computed none); records exactly."""
+@pytest.mark.parametrize("every", [1, 3])
+def test_a_chunked_fixed_batch_returns_what_steps_with_the_energy_give(every):
+    """Chunks of ``every`` steps (systems graduate in different chunks and then wait in their
+    slots; with 1, each at the end of a chunk): what the run returns equals the same steps by
+    hand, which evaluate the energy at every step, to ``RTOL``; a system that left in an
+    earlier chunk keeps the energy it left with (its slot's evaluations in later chunks
+    computed none); records and the previous-energy bookkeeping as in the whole-run test."""
     fused = fd.FusedStage([_fire()])
     assert not fused.needs_energy
     batch = fd.Batch.from_atoms(clusters(), max_atoms=48, max_systems=4)
     sink = fd.HostMemory()
-    ran = fused.run(batch, n_steps=500, refill_frequency=3, sinks=[sink])
-    chunks = (np.asarray(ran.info["stage_steps"])[:3, 0] - 1) // 3
+    ran = fused.run(batch, n_steps=500, refill_frequency=every, sinks=[sink])
+    chunks = (np.asarray(ran.info["stage_steps"])[:3, 0] - 1) // every
     assert len(set(chunks.tolist())) > 1  # left in different chunks
     ref = _by_hand(fused, batch, int(ran.step_count))
     for name in ("energy", "positions", "forces"):
@@ -227,6 +229,10 @@ def test_a_chunked_fixed_batch_returns_what_steps_with_the_energy_give():
     np.testing.assert_array_equal(ran.status, ref.status)
     for key in ("stage_steps", "exit_reason", "failure", "failure_step"):
         np.testing.assert_array_equal(ran.info[key], ref.info[key], err_msg=key)
+    prev, prev_ref = np.asarray(ran.info["prev_energy"]), np.asarray(ref.info["prev_energy"])
+    np.testing.assert_array_equal(np.isinf(prev), np.isinf(prev_ref))
+    finite = np.isfinite(prev_ref)
+    np.testing.assert_allclose(prev[finite], prev_ref[finite], rtol=RTOL, atol=1e-14)
     assert len(sink) == 3
     for atoms in sink.atoms:  # written as each left: the energy of the positions written
         e = atoms.get_potential_energy()
@@ -270,14 +276,18 @@ def test_a_chunked_run_fails_a_non_finite_energy_at_the_end_of_its_chunk():
     fused = fd.FusedStage([fd.FIRE(model, convergence_hook=fd.ConvergenceHook.from_fmax(1e-3))])
     sink = fd.HostMemory()
     bad = fused.run(fd.Batch.from_atoms(_spring_systems(True)), refill_frequency=5, sinks=[sink])
-    good = fused.run(fd.Batch.from_atoms(_spring_systems(False)), refill_frequency=5, sinks=[])
+    good = fused.run(  # in chunks too: the same program
+        fd.Batch.from_atoms(_spring_systems(False)), refill_frequency=5, sinks=[fd.HostMemory()]
+    )
     assert int(bad.info["exit_reason"][1]) == int(fd.ExitReason.FAILED)
     assert int(bad.info["failure"][1]) & int(fd.Failure.ENERGY)
     steps = int(bad.info["stage_steps"][1, 0])
     assert int(bad.info["failure_step"][1]) == steps and steps > 0 and steps % 5 == 0
     assert steps < int(good.info["stage_steps"][1, 0])  # it stopped before converging
     assert np.isnan(float(bad.energy[1]))
-    assert float(bad.info["prev_energy"][1]) == np.inf
+    # the run went on after it failed: as after a step with the energy for a system that did
+    # not move on at that step, its previous energy is its energy (NaN), no longer +inf
+    assert int(bad.step_count) > steps and np.isnan(float(bad.info["prev_energy"][1]))
     written = {a.info["system_id"]: a for a in sink.atoms}
     assert written[1].info["exit_reason"] == int(fd.ExitReason.FAILED)
     assert written[1].info["failure_step"] == steps

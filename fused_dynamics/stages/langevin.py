@@ -111,13 +111,14 @@ class NVTLangevin(Stage):
         """Standard normal deviates, shape (N, 3), keyed by system id, step and local index
         (see the class docstring)."""
         s = batch.max_systems
-        base = jax.random.PRNGKey(self.seed)
+        # Threefry whatever jax_default_prng_impl says: the hash below takes its raw (2,) key
+        base = jax.random.key(self.seed, impl="threefry2x32")
 
         def system_key(sid, k):
             key = jax.random.fold_in(base, sid.astype(jnp.uint32))
-            return jax.random.fold_in(key, k.astype(jnp.uint32))
+            return jax.random.key_data(jax.random.fold_in(key, k.astype(jnp.uint32)))
 
-        keys = jax.vmap(system_key)(batch.system_id, step)  # (S, 2)
+        keys = jax.vmap(system_key)(batch.system_id, step)  # (S, 2) uint32
         atom_keys = keys[jnp.clip(batch.system_idx, 0, s - 1)]
         local = segment.local_index(batch.system_idx, s).astype(jnp.uint32)
 
