@@ -82,3 +82,39 @@ def test_refills_alone_get_a_priming_pass_that_is_not_a_step():
     assert int(taken) == 2
     assert len(EVALUATIONS) == 1 + 2 + 1  # priming, 2 steps, the energy
     np.testing.assert_array_equal(np.asarray(out.info["stage_steps"])[:, 0], [2, 2])
+
+
+def test_a_system_in_the_chunk_program_does_not_depend_on_its_atom_offset():
+    """One structure (FIRE then Langevin MD, 60 steps of the chunk program) alone and after 1
+    to 10 others, so its atoms start at offsets from 0 to about 120 of 160 rows: the same
+    positions and velocities, bit for bit. (A cheaper Langevin noise, Threefry words made
+    float32 normals, broke this by an ulp of the velocities at offset 75: XLA:CPU rounded a
+    step of that program differently there. It was not kept.)"""
+    from test_inflight_faults import LJ as SWITCHED
+    from test_inflight_faults import _dataset
+
+    frames, broken = _dataset()
+    good = [a for a in frames if a.info["system_id"] not in broken]
+    relax = fd.FIRE(SWITCHED, convergence_hook=fd.ConvergenceHook.from_fmax(0.05), n_steps=80)
+    md = fd.NVTLangevin(SWITCHED, dt=5.0, temperature=40.0, friction=0.02, seed=3, n_steps=20)
+    fused = fd.FusedStage([(0, relax), (1, md)], max_force=1e3)
+    chunk = loop.compiled_chunk(fused)
+    cap = dict(max_atoms=160, max_systems=12, max_atoms_per_system=19)
+
+    def run(systems):
+        ids = [a.info["system_id"] for a in systems]
+        b = fused.init(fd.Batch.from_atoms(systems, system_ids=ids, **cap))
+        none = jnp.zeros(12, bool)
+        return chunk(fused, b, jnp.int32(60), jnp.asarray(False), none, None)[0]
+
+    # the structure and offsets where that ulp showed (id 1126, 6 structures before it)
+    target = next(a for a in good if a.info["system_id"] == 1126)
+    others = [a for a in good if a is not target]
+    ref = run([target])
+    mine = np.asarray(ref.system_idx) == 0
+    for n_before in range(1, 11):
+        out = run(others[:n_before] + [target])
+        rows = np.asarray(out.system_idx) == n_before
+        for name in ("positions", "velocities"):
+            a, b = np.asarray(getattr(out, name))[rows], np.asarray(getattr(ref, name))[mine]
+            np.testing.assert_array_equal(a, b, err_msg=f"{name}, {n_before} before")

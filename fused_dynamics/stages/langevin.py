@@ -8,7 +8,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from ase import units
-from jax.extend.random import threefry_2x32
 
 from .. import segment
 from .. import validation as v
@@ -33,17 +32,9 @@ class NVTLangevin(Stage):
     With ``friction=0`` the O step is the identity and the step is velocity Verlet.
 
     Random numbers do not depend on the slot a system occupies nor on its neighbours in the
-    batch: the three normal deviates of atom ``i`` (its index inside its own system) of the
-    system with ``system_id`` ``sid`` at that system's ``k``-th step in this stage come from
-    the counters ``(i, 0)`` and ``(i, 1)`` hashed by Threefry-2x32 under the key
-    ``fold_in(fold_in(PRNGKey(seed), sid), k)`` (a counter-based generator: Salmon et al.,
-    "Parallel random numbers: as easy as 1, 2, 3", SC'11): three of the four 32-bit words,
-    each made a float32 standard normal as ``jax.random.normal`` does (23 bits: one of 2²³
-    values from -5.42 to 5.22, whose mean is -3.3e-7 and variance 1 - 1.1e-7), then cast to
-    the batch's dtype. Two hashes per atom
-    instead of the four of ``normal(fold_in(key, i), (3,))`` in float64: on this project's
-    2-core CPU a draw for 1,728 atoms takes 0.07 ms against 0.19 ms, which was a third of a
-    Langevin step's cost beyond its LJ forces. The per-system step counter ``k``
+    batch: the normal deviates of atom ``i`` (its index inside its own system) of the system
+    with ``system_id`` ``sid`` at that system's ``k``-th step in this stage are drawn from
+    ``fold_in(fold_in(fold_in(PRNGKey(seed), sid), k), i)``. The per-system step counter ``k``
     is the stage state (``{"step": (S,) int32}``), advanced only for the systems the stage
     updates and reset to 0 with the rest of the state for a new occupant of the slot. Two
     Langevin sub-stages of one fused stage each count from 0, so give them different seeds
@@ -108,24 +99,24 @@ class NVTLangevin(Stage):
         return 0.5 * per_system(batch, fs_to_ase_time(jnp.asarray(self.dt, batch.dtype)))
 
     def _noise(self, batch: Batch, step: jax.Array) -> jax.Array:
-        """Standard normal deviates, shape (N, 3), keyed by system id, step and local index
-        (see the class docstring)."""
+        """Standard normal deviates, shape (N, 3), keyed by system id, step and local index."""
         s = batch.max_systems
-        # Threefry whatever jax_default_prng_impl says: the hash below takes its raw (2,) key
+        # Threefry whatever jax_default_prng_impl says (the keys of PRNGKey under the default)
         base = jax.random.key(self.seed, impl="threefry2x32")
 
         def system_key(sid, k):
             key = jax.random.fold_in(base, sid.astype(jnp.uint32))
-            return jax.random.key_data(jax.random.fold_in(key, k.astype(jnp.uint32)))
+            return jax.random.fold_in(key, k.astype(jnp.uint32))
 
-        keys = jax.vmap(system_key)(batch.system_id, step)  # (S, 2) uint32
+        keys = jax.vmap(system_key)(batch.system_id, step)  # (S,) typed keys
         atom_keys = keys[jnp.clip(batch.system_idx, 0, s - 1)]
-        local = segment.local_index(batch.system_idx, s).astype(jnp.uint32)
+        local = segment.local_index(batch.system_idx, s)
+        dtype = batch.dtype
 
-        def draw(key, i):  # counters (i, 0) and (i, 1): words [(i,0)a, (i,1)a, (i,0)b, (i,1)b]
-            return threefry_2x32(key, jnp.stack([i, i, jnp.uint32(0), jnp.uint32(1)]))
+        def draw(key, i):
+            return jax.random.normal(jax.random.fold_in(key, i.astype(jnp.uint32)), (3,), dtype)
 
-        z = standard_normal(jax.vmap(draw)(atom_keys, local)[:, :3]).astype(batch.dtype)
+        z = jax.vmap(draw)(atom_keys, local)
         return jnp.where(batch.atom_mask[:, None], z, 0.0)
 
     def _ou(self, batch: Batch, step: jax.Array) -> Batch:
@@ -147,14 +138,3 @@ class NVTLangevin(Stage):
 
     def second_half(self, batch, state):
         return kick(batch, self._half_dt(batch)), state
-
-
-def standard_normal(bits: jax.Array) -> jax.Array:
-    """float32 standard normal deviates from uniform random 32-bit words (same shape), the
-    transform of ``jax.random.normal``: the top 23 bits give ``u`` uniform in ``(-1, 1)``,
-    then ``sqrt(2) erfinv(u)``."""
-    mantissa = (bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000)
-    unit = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0  # [0, 1)
-    low = jnp.nextafter(jnp.float32(-1.0), jnp.float32(0.0))
-    u = jnp.maximum(low, unit * (1.0 - low) + low)
-    return jnp.sqrt(jnp.float32(2.0)) * jax.lax.erf_inv(u)
