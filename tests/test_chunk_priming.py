@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from ase import Atoms
+from test_energy_at_exit import _by_hand, spring_energy  # tests/ is on pytest's path
 
 import fused_dynamics as fd
 from fused_dynamics import loop
@@ -25,20 +26,12 @@ EVALUATIONS: list[int] = []  # one entry per evaluation of the model (the callba
 def _springs(positions, numbers, mask, cell, pbc):
     """Atoms on springs to the origin (1 eV/Å²), plus a host callback that counts calls."""
     jax.debug.callback(lambda: EVALUATIONS.append(1))
-    return 0.5 * jnp.sum(jnp.where(mask[:, None], positions**2, 0.0))
+    return spring_energy(positions, mask)
 
 
 def _systems():
     rng = np.random.default_rng(11)
     return [Atoms("Ar4", positions=rng.normal(scale=0.5, size=(4, 3))) for _ in range(2)]
-
-
-def _by_hand(fused, atoms, n_steps):
-    b = fused.init(fd.Batch.from_atoms([atoms], dtype=jnp.float64))
-    step = jax.jit(fused.step)
-    for _ in range(n_steps):
-        b, _ = step(b)
-    return b
 
 
 def test_a_refill_is_primed_by_the_first_step_of_the_others():
@@ -59,7 +52,7 @@ def test_a_refill_is_primed_by_the_first_step_of_the_others():
     assert int(active) == 3 + 2  # slot-steps of systems that stepped
     np.testing.assert_array_equal(np.asarray(out.info["stage_steps"])[:, 0], [3, 2])
     for slot, steps in ((0, 3), (1, 2)):
-        ref = _by_hand(fused, atoms[slot], steps)
+        ref = _by_hand(fused, fd.Batch.from_atoms([atoms[slot]], dtype=jnp.float64), steps)
         rows = np.asarray(out.system_idx) == slot
         for name in ("positions", "velocities", "forces"):
             a, b = np.asarray(getattr(out, name))[rows], np.asarray(getattr(ref, name))[:4]

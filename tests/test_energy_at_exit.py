@@ -83,6 +83,23 @@ def _by_hand(fused, batch, n_steps):
     return b
 
 
+def _assert_same_run(ran, ref):
+    """``ran`` (a run whose steps skipped the energy) against ``ref`` (steps by hand with it):
+    energies, positions and forces to ``RTOL``; statuses, per-stage steps, exit reasons and
+    failures exactly; the previous energy infinite (moved on) exactly where ``ref`` has it,
+    to ``RTOL`` elsewhere."""
+    for name in ("energy", "positions", "forces"):
+        a, b = np.asarray(getattr(ran, name)), np.asarray(getattr(ref, name))
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-14, err_msg=name)
+    np.testing.assert_array_equal(ran.status, ref.status)
+    for key in ("stage_steps", "exit_reason", "failure", "failure_step"):
+        np.testing.assert_array_equal(ran.info[key], ref.info[key], err_msg=key)
+    prev, prev_ref = np.asarray(ran.info["prev_energy"]), np.asarray(ref.info["prev_energy"])
+    np.testing.assert_array_equal(np.isinf(prev), np.isinf(prev_ref))
+    finite = np.isfinite(prev_ref)
+    np.testing.assert_allclose(prev[finite], prev_ref[finite], rtol=RTOL, atol=1e-14)
+
+
 @pytest.mark.parametrize("output_stress", [False, True])
 def test_a_run_returns_what_steps_with_the_energy_give(output_stress):
     """Run to convergence (every system graduates, at different steps) with the energy at the
@@ -98,22 +115,13 @@ def test_a_run_returns_what_steps_with_the_energy_give(output_stress):
     steps = np.asarray(ran.info["stage_steps"])[:3, 0]
     assert len(set(steps.tolist())) > 1  # graduated at different steps
     ref = _by_hand(fused, batch, int(ran.step_count))
-    for name in ("energy", "positions", "forces"):
-        a, b = np.asarray(getattr(ran, name)), np.asarray(getattr(ref, name))
-        np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-14, err_msg=name)
+    _assert_same_run(ran, ref)
     if output_stress:
         expected = np.asarray(LJ(ref, stress=True).stress)
         np.testing.assert_allclose(ran.stress, expected, rtol=RTOL, atol=1e-14)
     else:
         assert np.all(np.isnan(np.asarray(ran.stress)[:3]))
     assert np.all(np.isfinite(np.asarray(ran.energy)[:3]))
-    np.testing.assert_array_equal(ran.status, ref.status)
-    for key in ("stage_steps", "exit_reason", "failure", "failure_step"):
-        np.testing.assert_array_equal(ran.info[key], ref.info[key], err_msg=key)
-    prev, prev_ref = np.asarray(ran.info["prev_energy"]), np.asarray(ref.info["prev_energy"])
-    np.testing.assert_array_equal(np.isinf(prev), np.isinf(prev_ref))
-    finite = np.isfinite(prev_ref)
-    np.testing.assert_allclose(prev[finite], prev_ref[finite], rtol=RTOL, atol=1e-14)
 
 
 def test_a_budget_run_of_md_returns_the_final_energy():
@@ -131,10 +139,15 @@ def test_a_budget_run_of_md_returns_the_final_energy():
     np.testing.assert_array_equal(ran.status, ref.status)
 
 
+def spring_energy(positions, mask):
+    """Atoms on springs to the origin, 1 eV/Å² (padded rows left out), eV."""
+    return 0.5 * jnp.sum(jnp.where(mask[:, None], positions**2, 0.0))
+
+
 def _springs(positions, numbers, mask, cell, pbc):
-    """Atoms on springs to the origin, 1 eV/Å²; a system with krypton in it has a NaN energy
-    (a constant: its forces stay finite)."""
-    e = 0.5 * jnp.sum(jnp.where(mask[:, None], positions**2, 0.0))
+    """:func:`spring_energy`; a system with krypton in it has a NaN energy (a constant: its
+    forces stay finite)."""
+    e = spring_energy(positions, mask)
     return e + jnp.where(jnp.any(mask & (numbers == 36)), jnp.nan, 0.0)
 
 
@@ -223,16 +236,7 @@ def test_a_chunked_fixed_batch_returns_what_steps_with_the_energy_give(every):
     chunks = (np.asarray(ran.info["stage_steps"])[:3, 0] - 1) // every
     assert len(set(chunks.tolist())) > 1  # left in different chunks
     ref = _by_hand(fused, batch, int(ran.step_count))
-    for name in ("energy", "positions", "forces"):
-        a, b = np.asarray(getattr(ran, name)), np.asarray(getattr(ref, name))
-        np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-14, err_msg=name)
-    np.testing.assert_array_equal(ran.status, ref.status)
-    for key in ("stage_steps", "exit_reason", "failure", "failure_step"):
-        np.testing.assert_array_equal(ran.info[key], ref.info[key], err_msg=key)
-    prev, prev_ref = np.asarray(ran.info["prev_energy"]), np.asarray(ref.info["prev_energy"])
-    np.testing.assert_array_equal(np.isinf(prev), np.isinf(prev_ref))
-    finite = np.isfinite(prev_ref)
-    np.testing.assert_allclose(prev[finite], prev_ref[finite], rtol=RTOL, atol=1e-14)
+    _assert_same_run(ran, ref)
     assert len(sink) == 3
     for atoms in sink.atoms:  # written as each left: the energy of the positions written
         e = atoms.get_potential_energy()
@@ -262,7 +266,7 @@ def test_an_inflight_run_writes_the_energy_of_each_graduate():
 def _springs_late(positions, numbers, mask, cell, pbc):
     """:func:`_springs`, with the NaN energy of the krypton system only once its atoms are
     near the origin (after some steps of a relaxation; finite at the start)."""
-    e = 0.5 * jnp.sum(jnp.where(mask[:, None], positions**2, 0.0))
+    e = spring_energy(positions, mask)
     near = 2.0 * e < 0.3
     return e + jnp.where(jnp.any(mask & (numbers == 36)) & near, jnp.nan, 0.0)
 
