@@ -30,6 +30,12 @@ network itself is untrained: every comparison here is of cost at equal size, nev
     batched steps (the fused run ends when its last system ends NVT): what (b) pays more is a
     second run (one more model evaluation to prime NVT, the run's host-side set-up, the
     transfers), not idle slots; slots freed early pay off only with refills (bench_inflight.py).
+    (c) ``bare``: a ``lax.fori_loop`` of as many bare model evaluations as the fused run takes
+    batched steps, forces only, the neighbor list refreshed before each
+    (:func:`bare_forces_loop`); ``fused_run_over_bare_forces`` = fused / bare, a time ratio
+    (issue 13's target: at most 1.10) with the fused run's priming evaluation and its energy
+    and stress at exit included: what the fused machinery and the integrators add to the
+    model's cost, for a cheap model (LJ) and for a learned one.
 
 Timing: every comparison in ONE process, interleaved rounds (A B, then B A, ...), ``--repeat``
 rounds; medians with min and max; compilation measured by the first calls (first call minus a timed
@@ -45,6 +51,7 @@ Run: ``.venv/bin/python benchmarks/bench_models.py [--quick]`` -> ``results/mode
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import statistics
@@ -466,6 +473,12 @@ def fused_gain_case(model, batch, fire_cap: int, n_nvt: int) -> tuple[dict, dict
             ],
         }
 
+    steps = int(np.asarray(fused.run(batch).step_count).max())  # the batched steps
+    bare = bare_forces_loop(model, steps)
+
+    def run_bare():
+        block(bare(batch))
+
     info = {
         "initial_fmax_eV_per_A": {"median": float(np.median(f0)), "max": float(f0.max())},
         "fire_fmax_target_eV_per_A": target,
@@ -478,7 +491,32 @@ def fused_gain_case(model, batch, fire_cap: int, n_nvt: int) -> tuple[dict, dict
             "allocated": capacity0,
             "after_warm_up": int(batch.neighbors.capacity),
         }
-    return {"fused": run_fused, "separate": run_separate}, info
+    info["bare_evaluations"] = steps
+    return {"fused": run_fused, "separate": run_separate, "bare": run_bare}, info
+
+
+def bare_forces_loop(model, n_evaluations: int):
+    """A compiled ``lax.fori_loop`` of ``n_evaluations`` bare model evaluations whose energy
+    nothing reads (XLA drops its sum): the positions move by ``1e-9 * forces`` each time (so
+    nothing is hoisted out of the loop), and a neighbor list is refreshed before each
+    evaluation (:meth:`NeighborList.update`, a rebuild only when an atom moved half the skin),
+    as a run's steps refresh it. The reference of "fused run / bare forces-only loop"
+    (``bench_fused_overhead.py``'s ``bare_forces``) for these models."""
+
+    @jax.jit
+    def run(batch):
+        def body(_, b):
+            given = b
+            if isinstance(b.neighbors, NeighborList):
+                fresh = b.neighbors.update(b)
+                b = b.replace(neighbors=fresh)
+                given = b.replace(neighbors=dataclasses.replace(fresh, refreshed=True))
+            out = model(given)
+            return b.replace(positions=b.positions + 1e-9 * out.forces)
+
+        return jax.lax.fori_loop(0, n_evaluations, body, batch).positions
+
+    return run
 
 
 def fused_gain(args, systems) -> dict:
@@ -499,6 +537,7 @@ def fused_gain(args, systems) -> dict:
         fire_steps = np.asarray(timed["fused"]["fire_steps_per_system"])
         a, b = timed["fused"]["walls_s"], timed["separate"]["walls_s"]
         ratios = [y / x for x, y in zip(a, b, strict=True)]
+        over_bare = [x / y for x, y in zip(a, timed["bare"]["walls_s"], strict=True)]
         out[name] = {
             **info,
             "load_average": {"start": load0, "end": load1},
@@ -514,6 +553,14 @@ def fused_gain(args, systems) -> dict:
                 "per_round_min": min(ratios),
                 "per_round_max": max(ratios),
             },
+            # time ratio (target <= 1.10): the whole fused run (its priming evaluation, the
+            # energy and stress at exit included) over as many bare evaluations as it took steps
+            "fused_run_over_bare_forces": {
+                "of_medians": timed["fused"]["median_s"] / timed["bare"]["median_s"],
+                "per_round_median": statistics.median(over_bare),
+                "per_round_min": min(over_bare),
+                "per_round_max": max(over_bare),
+            },
         }
         if name.startswith("nequip"):
             out[name]["config"] = model.hyperparameters()
@@ -522,7 +569,8 @@ def fused_gain(args, systems) -> dict:
         print(
             f"  {name}: fused {timed['fused']['median_s']:.2f} s, separate "
             f"{timed['separate']['median_s']:.2f} s, separate/fused "
-            f"{out[name]['separate_over_fused']['of_medians']:.3f}",
+            f"{out[name]['separate_over_fused']['of_medians']:.3f}, fused/bare "
+            f"{out[name]['fused_run_over_bare_forces']['of_medians']:.3f}",
             flush=True,
         )
     return out

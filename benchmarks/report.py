@@ -439,9 +439,9 @@ def summary_section(data: dict) -> list[str]:
         ]
     out += [
         "",
-        "Ratios above 1: fused_dynamics (or the fused mode) is faster, except "
-        '"fused step / bare evaluation loop" and "fused run (forces-only steps) / bare '
-        'forces-only loop", time ratios whose target is at most 1.10. '
+        "Ratios above 1: fused_dynamics (or the fused mode) is faster, except the rows "
+        '"fused step / bare evaluation loop" and "fused run … / bare forces-only loop", time '
+        "ratios whose target is at most 1.10. "
         "Min–max over the interleaved rounds where the script keeps them; one figure where it "
         "times one run. ✓ / ✗: the median meets / misses the target of issue 13.",
         "",

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from ..batch import Batch
+from ..compiled import filter_compile
 
 __all__ = ["Model", "ModelOutput", "evaluate_energy"]
 
@@ -177,4 +178,4 @@ def _non_finite_input_is_nan(batch: Batch, out: ModelOutput) -> ModelOutput:
     )
 
 
-_evaluate_jit = eqx.filter_jit(_evaluate)
+_evaluate_jit = filter_compile(_evaluate)
