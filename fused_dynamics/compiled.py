@@ -18,47 +18,49 @@ import jax
 import numpy as np
 
 __all__ = [
-    "default_compiler_options",
+    "library_products_only",
+    "model_options",
     "filter_compile",
     "overflowed",
     "grow_neighbors",
     "retry_on_overflow",
 ]
 
-# XLA:CPU (jaxlib 0.10) hands float32 reduce-windows, which its tree-reduction pass makes of
-# every float32 sum over more than 32 elements, to the YNNPACK library by default
-# (LIBRARY_FUSION_TYPE_REDUCE, besides INDIVIDUAL_DOT): on the dense pair kernel's sums that
-# call costs more than the loop XLA emits itself. Keeping the library for matrix products
-# only made a float32 NVE step of 8 x 108 LJ atoms 2.3x faster (0.69 -> 0.30 ms, interleaved,
-# docs/models.md "float32 on the CPU") and left NequIP's program as it was (its 233 library
-# calls are all products); float64 never goes to the library.
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-_cpu_options_known: bool | None = None
+# XLA:CPU (jaxlib 0.10) rewrites a float32 sum over more than this many elements into a
+# reduce-window of this width and a short sum (pairwise summation)
+TREE_REDUCTION_WIDTH = 32
+_PRODUCTS_ONLY = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+_products_only_known: bool | None = None
 
 
-def default_compiler_options() -> dict:
-    """XLA options every program of this project is compiled with on the current backend.
+def library_products_only() -> dict:
+    """``compiler_options`` that keep XLA:CPU's YNNPACK library for matrix products only.
 
-    On the CPU: matrix products only go to the YNNPACK library (see ``_CPU_OPTIONS``), where
-    this jaxlib knows the option (checked once, by compiling a scalar program with it);
-    elsewhere none. A ``compiler_options`` entry given to :func:`filter_compile` (or through
-    ``FusedStage(compile_kwargs=...)``) overrides the same key.
+    By default XLA:CPU (jaxlib 0.10) also hands float32 reductions to YNNPACK
+    (``LIBRARY_FUSION_TYPE_REDUCE``), including the reduce-windows its tree-reduction pass makes
+    of sums over more than :data:`TREE_REDUCTION_WIDTH` elements. Where that width does not
+    divide the summed axis, the library call costs more than the loop XLA emits itself: the
+    gradient of the dense pair kernel's 36-atom tiles (108-atom systems) ran twice as slowly in
+    float32 as in float64. Plain reductions (32-atom tiles) are faster in the library, so
+    models ask for this per batch shape (:meth:`fused_dynamics.models.base.Model.compiler_options`;
+    docs/models.md, "float32 on the CPU").
 
     Returns
     -------
     dict
-        ``compiler_options`` for ``jax.jit`` (empty: XLA's defaults).
+        The option on the CPU backend where this jaxlib knows it (checked once, by compiling a
+        scalar program with it); else empty (XLA's defaults).
     """
-    global _cpu_options_known
+    global _products_only_known
     if jax.default_backend() != "cpu":
         return {}
-    if _cpu_options_known is None:
+    if _products_only_known is None:
         try:
-            jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(dict(_CPU_OPTIONS))
-            _cpu_options_known = True
+            jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(dict(_PRODUCTS_ONLY))
+            _products_only_known = True
         except Exception:  # noqa: BLE001 - an option this jaxlib does not have: its defaults
-            _cpu_options_known = False
-    return dict(_CPU_OPTIONS) if _cpu_options_known else {}
+            _products_only_known = False
+    return dict(_PRODUCTS_ONLY) if _products_only_known else {}
 
 
 class _Static:
@@ -99,7 +101,15 @@ def _key(leaf):
     return leaf
 
 
-def filter_compile(fn: Callable, **jit_kwargs) -> Callable:
+def model_options(owner, batch, *_) -> dict:
+    """``options_for`` of an engine program called as ``(owner, batch, ...)``, ``owner`` holding
+    the model (a fused stage): the model's
+    :meth:`~fused_dynamics.models.base.Model.compiler_options` for the batch."""
+    options = getattr(owner.model, "compiler_options", None)
+    return options(batch) if options is not None else {}
+
+
+def filter_compile(fn: Callable, options_for: Callable | None = None, **jit_kwargs) -> Callable:
     """``fn`` compiled with ``jax.jit``, tracing only the array-like leaves of its arguments.
 
     Parameters
@@ -107,47 +117,53 @@ def filter_compile(fn: Callable, **jit_kwargs) -> Callable:
     fn : callable
         Called with the positional arguments; its outputs must be arrays (or pytrees of them
         whose other parts are static fields).
+    options_for : callable, optional
+        ``options_for(*args) -> dict``: XLA ``compiler_options`` for a call with these
+        arguments (host-side, from static shapes: one program per distinct answer), under those
+        of ``jit_kwargs``. Only a top-level call is compiled with options: inside ``jax.jit``,
+        ``jax.grad`` or ``jax.vmap`` the function is traced into the caller's program without
+        them (JAX refuses ``compiler_options`` on a nested jit).
     **jit_kwargs
         Forwarded to ``jax.jit``: options that do not name arguments (``inline``,
-        ``keep_unused``, ``compiler_options``; the latter over
-        :func:`default_compiler_options`, read at the first call, once the backend is known).
+        ``keep_unused``, ``compiler_options``).
 
     Returns
     -------
     callable
-        With a ``cache_size()`` method (the number of programs compiled so far) and a
-        ``lower(*args)`` method (``jax.stages.Lowered`` of the program a call with these
-        arguments runs; ``.compile().as_text()`` shows what XLA made of it).
+        With a ``cache_size()`` method (the number of programs compiled so far for top-level
+        calls) and a ``lower(*args)`` method (``jax.stages.Lowered`` of the program a call with
+        these arguments runs; ``.compile().as_text()`` shows what XLA made of it).
     """
 
     def inner(static, dynamic):
         return fn(*eqx.combine(dynamic, static.tree()))
 
-    nested = jax.jit(inner, static_argnums=0, **jit_kwargs)
-    top = None
+    nested_kwargs = {k: v for k, v in jit_kwargs.items() if k != "compiler_options"}
+    nested = jax.jit(inner, static_argnums=0, **nested_kwargs)
+    tops: dict = {}
 
-    def program():
-        """The jit for a top-level call (inside jit, grad or vmap: the outer program is
-        compiled, and ``compiler_options`` are refused on a nested jit)."""
-        nonlocal top
-        if not _top_level():
+    def program(args):
+        options = dict(options_for(*args)) if options_for is not None else {}
+        options.update(jit_kwargs.get("compiler_options") or {})
+        if options and not _top_level():
+            # without options one jit serves both: one trace (say, an eval_shape and the call)
             return nested
-        if top is None:
-            options = {**default_compiler_options(), **jit_kwargs.get("compiler_options", {})}
+        key = tuple(sorted(options.items()))
+        if key not in tops:
             kwargs = {**jit_kwargs, "compiler_options": options or None}
-            top = jax.jit(inner, static_argnums=0, **kwargs)
-        return top
+            tops[key] = jax.jit(inner, static_argnums=0, **kwargs)
+        return tops[key]
 
     @functools.wraps(fn)
     def call(*args):
         dynamic, static = eqx.partition(args, _traced)
-        return program()(_Static(static), dynamic)
+        return program(args)(_Static(static), dynamic)
 
     def lower(*args):
         dynamic, static = eqx.partition(args, _traced)
-        return program().lower(_Static(static), dynamic)
+        return program(args).lower(_Static(static), dynamic)
 
-    call.cache_size = lambda: nested._cache_size() + (0 if top is None else top._cache_size())
+    call.cache_size = lambda: sum(t._cache_size() for t in tops.values())
     call.lower = lower
     return call
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from . import composition, constraints, driver, health, migration, recording, validation
 from .batch import Batch
-from .compiled import filter_compile
+from .compiled import filter_compile, model_options
 from .convergence import ConvergenceHook
 from .hooks import DynamicsStage, Hook, HookContext, check_hook, fire_hooks
 from .migration import StepReport
@@ -711,4 +711,4 @@ def _prepare_impl(fused: FusedStage, batch: Batch) -> Batch:
     return batch
 
 
-_init = filter_compile(_init_impl)
+_init = filter_compile(_init_impl, options_for=model_options)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .batch import HOST_FIELDS, Batch, atoms_from_arrays, default_float, empty_host_arrays
-from .compiled import filter_compile, retry_on_overflow
+from .compiled import filter_compile, model_options, retry_on_overflow
 from .hooks import DynamicsStage, Hook
 from .parameters import (
     check_info_values,
@@ -208,7 +208,7 @@ def admit_systems(fused, batch: Batch, new: jax.Array, evaluate: bool = True) ->
     return batch.replace(**changes)
 
 
-_ADMIT = filter_compile(admit_systems)
+_ADMIT = filter_compile(admit_systems, options_for=model_options)
 
 
 def admit(fused, batch: Batch, new) -> Batch:

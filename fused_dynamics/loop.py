@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from . import health, recording
 from .batch import Batch
-from .compiled import filter_compile
+from .compiled import filter_compile, model_options
 from .inflight import admit_systems
 from .models.base import evaluate_energy
 from .models.neighbors import NeighborList
@@ -328,7 +328,7 @@ _COMPILED: dict = {}
 def _compiled(fn, compile_kwargs: dict):
     key = (fn, tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items())))
     if key not in _COMPILED:
-        _COMPILED[key] = filter_compile(fn, **compile_kwargs)
+        _COMPILED[key] = filter_compile(fn, options_for=model_options, **compile_kwargs)
     return _COMPILED[key]
 
 

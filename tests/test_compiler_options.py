@@ -1,8 +1,10 @@
-"""The XLA options every engine program is compiled with (docs/models.md, "float32 on the CPU").
+"""XLA options chosen per model and batch shape (docs/models.md, "float32 on the CPU").
 
-XLA:CPU (jaxlib 0.10) hands float32 reduce-windows to the YNNPACK library by default, which made
-float32 dense-pair steps about twice as slow as float64 ones; the engine keeps that library for
-matrix products only. These tests check the programs the engine compiles, not timings.
+XLA:CPU (jaxlib 0.10) hands float32 reduce-windows to the YNNPACK library by default; on the
+dense pair kernel's 36-atom tiles (108-atom systems) that made float32 steps twice as slow as
+float64 ones, while on 32-atom tiles the library is the faster. A pair potential asks for the
+library's matrix products only where its tiles are wider than 32 atoms and not a multiple of 32.
+These tests check the programs the engine compiles, not timings.
 """
 
 import jax
@@ -13,76 +15,84 @@ from ase.build import bulk
 
 import fused_dynamics as fd
 from fused_dynamics import loop
-from fused_dynamics.compiled import default_compiler_options, filter_compile
+from fused_dynamics.compiled import filter_compile, library_products_only
+from fused_dynamics.models.base import _evaluate_jit
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
 
+PRODUCTS_ONLY = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+XLA_DEFAULT = {  # what jaxlib 0.10.1 does when nothing is asked
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+    "LIBRARY_FUSION_TYPE_REDUCE"
+}
 
-def _batch(dtype):
+
+def _batch(dtype, cells=3, n_systems=3):
     rng = np.random.default_rng(0)
     systems = []
-    for _ in range(3):
-        a = bulk("Ar", "fcc", a=5.26, cubic=True) * (3, 3, 3)  # 108 atoms: sums over > 32
+    for _ in range(n_systems):
+        a = bulk("Ar", "fcc", a=5.26, cubic=True) * (cells, cells, cells)
         a.positions += rng.normal(scale=0.05, size=a.positions.shape)
         systems.append(a)
     return fd.Batch.from_atoms(systems, dtype=dtype)
 
 
-def _model(batch):
-    lj = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.5, shift=False)
+def _model(batch, cutoff=7.5):
+    lj = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=cutoff, shift=False)
     return lj.with_images(batch)
 
 
-def test_default_options_compile():
-    options = default_compiler_options()
-    # either this jaxlib knows the option (then it is ours) or the defaults are XLA's
-    assert options in (
-        {},
-        {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
-    )
+def _run_program_text(fused, batch) -> str:
+    options = loop.LoopOptions(resume=False, max_steps=None)
+    limit = jnp.asarray(5, jnp.int32)
+    return loop.compiled_loop(fused).lower(fused, batch, limit, options).compile().as_text()
+
+
+def test_library_products_only_compiles():
+    options = library_products_only()
+    assert options in ({}, PRODUCTS_ONLY)  # known to this jaxlib, or XLA's defaults
     assert float(jax.jit(lambda x: x * 2).lower(1.0).compile(options or None)(3.0)) == 6.0
 
 
-def test_float32_run_program_keeps_sums_out_of_the_library():
+def test_which_batches_ask_for_it():
+    if not library_products_only():
+        pytest.skip("this jaxlib does not know the option")
+    f32_108 = _batch(jnp.float32)  # tiles of 36 atoms
+    assert _model(f32_108).compiler_options(f32_108) == PRODUCTS_ONLY
+    f64_108 = _batch(jnp.float64)  # float64 never goes to the library
+    assert _model(f64_108).compiler_options(f64_108) == {}
+    f32_256 = _batch(jnp.float32, cells=4, n_systems=2)  # tiles of 32: the library is faster
+    assert _model(f32_256, cutoff=8.5).compiler_options(f32_256) == {}
+    listed = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.5).with_neighbors()
+    assert listed.compiler_options(f32_108) == {}  # the neighbor-list path
+
+
+def test_float32_108_atom_programs_keep_tile_sums_out_of_the_library():
     batch = _batch(jnp.float32)
     model = _model(batch)
-    forces = jax.jit(lambda b: model(b).forces)
-    if "ynn_fusion" not in forces.lower(batch).compile().as_text():
+    if "ynn_fusion" not in jax.jit(lambda b: model(b).forces).lower(batch).compile().as_text():
         pytest.skip("this jaxlib does not send float32 reduce-windows to YNNPACK")
     fused = fd.FusedStage([fd.NVE(model, dt=2.0)])
-    options = loop.LoopOptions(resume=False, max_steps=None)
-    program = loop.compiled_loop(fused).lower(fused, batch, jnp.asarray(5, jnp.int32), options)
-    assert "ynn_fusion" not in program.compile().as_text()
-    # and the evaluation outside a run (model(batch) called eagerly) likewise
-    from fused_dynamics.models.base import _evaluate_jit
-
+    assert "ynn_fusion" not in _run_program_text(fused, batch)
+    # model(batch) called outside a trace compiles the same way
     assert "ynn_fusion" not in _evaluate_jit.lower(model, batch, True).compile().as_text()
-
-
-def test_user_options_override_ours():
-    batch = _batch(jnp.float32)
-    model = _model(batch)
-    if not default_compiler_options():
-        pytest.skip("this jaxlib does not know the option")
-    xla_default = {
-        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
-        "LIBRARY_FUSION_TYPE_REDUCE"
-    }
-    ours = filter_compile(lambda m, b: m(b).forces)
-    theirs = filter_compile(lambda m, b: m(b).forces, compiler_options=xla_default)
-    text = theirs.lower(model, batch).compile().as_text()
-    assert "ynn_fusion" in text
-    assert "ynn_fusion" not in ours.lower(model, batch).compile().as_text()
+    # the user's own compile_kwargs override it key by key
+    theirs = fd.FusedStage(
+        [fd.NVE(model, dt=2.0)], compile_kwargs={"compiler_options": XLA_DEFAULT}
+    )
+    assert "ynn_fusion" in _run_program_text(theirs, batch)
 
 
 @pytest.mark.parametrize("transform", ["jit", "grad", "vmap"])
 def test_inside_another_trace(transform):
-    """Inside jit, grad or vmap the engine's programs are nested jits (which refuse
-    compiler_options): they run there, and give what the top-level program gives (float64:
-    the option never changes a float64 program)."""
+    """Inside jit, grad or vmap an engine program is a nested jit (JAX refuses
+    compiler_options there): it runs, and gives what the top-level program gives (float64: the
+    option never changes a float64 program)."""
     batch = _batch(jnp.float64)
     model = _model(batch)
-    energy = filter_compile(lambda m, b: jnp.sum(m(b).energy))
+    energy = filter_compile(
+        lambda m, b: jnp.sum(m(b).energy), options_for=lambda *_: library_products_only()
+    )
     top = energy(model, batch)
     if transform == "jit":
         assert jax.jit(energy)(model, batch) == top
@@ -93,3 +103,17 @@ def test_inside_another_trace(transform):
         positions = jnp.stack([batch.positions, batch.positions])
         out = jax.vmap(lambda p: energy(model, batch.replace(positions=p)))(positions)
         np.testing.assert_array_equal(out, jnp.stack([top, top]))
+
+
+def test_one_program_per_answer():
+    """options_for is asked at every top-level call; a repeated answer reuses its program."""
+    batch = _batch(jnp.float64)
+    model = _model(batch)
+    answers = iter([{}, PRODUCTS_ONLY, {}, PRODUCTS_ONLY])
+    energy = filter_compile(lambda m, b: m(b).energy, options_for=lambda *_: next(answers))
+    outs = [energy(model, batch), energy(model, batch)]
+    compiled = energy.cache_size()
+    outs += [energy(model, batch), energy(model, batch)]
+    assert energy.cache_size() == compiled
+    for out in outs[1:]:  # float64: the option changes nothing
+        np.testing.assert_array_equal(out, outs[0])

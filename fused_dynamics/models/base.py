@@ -62,6 +62,15 @@ class Model(eqx.Module):
         systems instead of using their (NaN) results."""
         return jnp.zeros(batch.max_systems, jnp.int32)
 
+    def compiler_options(self, batch: Batch) -> dict:
+        """XLA ``compiler_options`` for programs that evaluate this model on ``batch``'s shapes
+        (default: none, XLA's defaults). Host-side, from static shapes only: a model asks for
+        an option where it measured XLA's default to be slow for its own arithmetic (see
+        :func:`fused_dynamics.compiled.library_products_only`). Engine programs compiled at the
+        top level use it (:func:`fused_dynamics.compiled.filter_compile`); the user's own
+        ``FusedStage(compile_kwargs={"compiler_options": ...})`` override it key by key."""
+        return {}
+
     def prepare(self, batch: Batch) -> Model:
         """Resolve host-side static choices for ``batch`` (default: none). Called eagerly."""
         return self
@@ -178,4 +187,6 @@ def _non_finite_input_is_nan(batch: Batch, out: ModelOutput) -> ModelOutput:
     )
 
 
-_evaluate_jit = filter_compile(_evaluate)
+_evaluate_jit = filter_compile(
+    _evaluate, options_for=lambda model, batch, *_: model.compiler_options(batch)
+)
