@@ -88,7 +88,7 @@ from .batch import (
     empty_host_arrays,
     write_system,
 )
-from .compiled import filter_compile, retry_on_overflow
+from .compiled import filter_compile, model_options, retry_on_overflow
 from .live import Run
 from .models.neighbors import NeighborList
 
@@ -534,10 +534,10 @@ def _explained(fn):
     return call
 
 
-_CHUNK = _explained(filter_compile(_chunk))
-_WHOLE_RUN = _explained(filter_compile(_whole_run))
-_ADMIT = _explained(filter_compile(_admit))
-_INITIALIZE = _explained(filter_compile(_initialize))
+_CHUNK = _explained(filter_compile(_chunk, options_for=model_options))
+_WHOLE_RUN = _explained(filter_compile(_whole_run, options_for=model_options))
+_ADMIT = _explained(filter_compile(_admit, options_for=model_options))
+_INITIALIZE = _explained(filter_compile(_initialize, options_for=model_options))
 
 
 def chunk_hlo(fused, stacked: Batch, mesh, limit: int = 10) -> str:

@@ -3,7 +3,8 @@
 XLA:CPU (jaxlib 0.10) hands float32 reduce-windows to the YNNPACK library by default; on the
 dense pair kernel's 36-atom tiles (108-atom systems) that made float32 steps twice as slow as
 float64 ones, while on 32-atom tiles the library is the faster. A pair potential asks for the
-library's matrix products only where its tiles are wider than 32 atoms and not a multiple of 32.
+library's matrix products only where its innermost sums (a tile's atoms, or a row's atom slots)
+are wider than 32 and not a multiple of 32.
 These tests check the programs the engine compiles, not timings.
 """
 
@@ -16,6 +17,7 @@ from ase.build import bulk
 import fused_dynamics as fd
 from fused_dynamics import loop
 from fused_dynamics.compiled import filter_compile, library_products_only
+from fused_dynamics.models import blocked
 from fused_dynamics.models.base import _evaluate_jit
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
@@ -27,14 +29,29 @@ XLA_DEFAULT = {  # what jaxlib 0.10.1 does when nothing is asked
 }
 
 
-def _batch(dtype, cells=3, n_systems=3):
+def _batch(dtype, cells=3, n_systems=3, max_atoms_per_system=None):
     rng = np.random.default_rng(0)
     systems = []
     for _ in range(n_systems):
         a = bulk("Ar", "fcc", a=5.26, cubic=True) * (cells, cells, cells)
         a.positions += rng.normal(scale=0.05, size=a.positions.shape)
         systems.append(a)
-    return fd.Batch.from_atoms(systems, dtype=dtype)
+    if max_atoms_per_system is None:
+        return fd.Batch.from_atoms(systems, dtype=dtype)
+    return fd.Batch.from_atoms(  # room for larger systems: slots mostly padding
+        systems,
+        dtype=dtype,
+        max_atoms=3 * sum(map(len, systems)),
+        max_systems=3 * n_systems,
+        max_atoms_per_system=max_atoms_per_system,
+    )
+
+
+def dense_layout_of(batch):
+    model = _model(batch)
+    shifts = blocked.image_shifts(tuple(model.images), np.dtype(batch.dtype))
+    a = batch.max_atoms_per_system
+    return blocked.dense_layout(batch.max_systems, batch.max_atoms, a, len(shifts))
 
 
 def _model(batch, cutoff=7.5):
@@ -65,6 +82,11 @@ def test_which_batches_ask_for_it():
     assert _model(f32_256, cutoff=8.5).compiler_options(f32_256) == {}
     listed = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.5).with_neighbors()
     assert listed.compiler_options(f32_108) == {}  # the neighbor-list path
+    # the rows layout (slots mostly padding): its sums run over the atom slots of a system
+    for slots, asked in ((108, True), (128, False)):
+        rows = _batch(jnp.float32, cells=2, n_systems=4, max_atoms_per_system=slots)
+        assert dense_layout_of(rows) == "rows"
+        assert _model(rows).compiler_options(rows) == (PRODUCTS_ONLY if asked else {})
 
 
 def test_float32_108_atom_programs_keep_tile_sums_out_of_the_library():

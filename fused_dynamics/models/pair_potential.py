@@ -41,7 +41,7 @@ from .neighbors import NeighborList
 from .pair_sums import (
     cell_too_small,
     dense_energy,
-    dense_tile_size,
+    dense_sum_width,
     neighbor_energy,
     neighbor_rows_output,
     required_images_host,
@@ -481,19 +481,20 @@ class PairPotential(Model):
         return dataclasses.replace(self, images=images)
 
     def compiler_options(self, batch: Batch) -> dict:
-        """On the dense path in float32, where the blocked kernel's tiles are wider than
-        XLA:CPU's tree-reduction width and not a multiple of it (108-atom systems: three tiles
-        of 36): keep the YNNPACK library for matrix products only
-        (:func:`fused_dynamics.compiled.library_products_only`). The reduce-windows of those
-        tiles' gradient ran slower in the library than the whole step XLA emits without it:
-        a float32 NVE step of 8 x 108 LJ argon took 0.84 ms against 0.40 ms (and 0.41 ms in
-        float64); on 32-atom tiles (256-atom systems) the library's plain reductions are the
-        faster (0.98 against 1.45 ms), so they keep XLA's default. See docs/models.md, "float32
-        on the CPU"."""
+        """On the dense path in float32, where the innermost sums (a tile's atoms in the blocks
+        layout, a system's atom slots along a row in the rows layout) are wider than XLA:CPU's
+        tree-reduction width and not a multiple of it (108 atoms): keep the YNNPACK library
+        for matrix products only (:func:`fused_dynamics.compiled.library_products_only`). The
+        reduce-windows of those sums ran slower in the library than the whole step XLA emits
+        without it. Float32 NVE steps, LJ argon, XLA's default against this (ms): 8 x 108
+        blocks 0.84 / 0.40 (float64 0.41); rows of 108 slots 7.06 / 2.37 (float64 3.12); where
+        the width is a multiple of 32 the library's plain reductions are as fast or faster
+        (32-atom tiles of 4 x 256: 0.98 / 1.45; rows of 128 slots: 4.47 / 5.24), so those keep
+        XLA's default. See docs/models.md, "float32 on the CPU"."""
         if self.skin is not None or np.dtype(batch.dtype) != np.float32:
             return {}
-        size = dense_tile_size(self, batch)
-        if size is None or size <= TREE_REDUCTION_WIDTH or size % TREE_REDUCTION_WIDTH == 0:
+        width = dense_sum_width(self, batch)
+        if width <= TREE_REDUCTION_WIDTH or width % TREE_REDUCTION_WIDTH == 0:
             return {}
         return library_products_only()
 

@@ -45,7 +45,7 @@ from .blocked import (
 from .neighbors import NeighborList
 
 __all__ = [
-    "dense_tile_size",
+    "dense_sum_width",
     "required_images",
     "required_images_host",
     "cell_too_small",
@@ -187,15 +187,16 @@ def _row_energy(model, rows, species, shifts=None) -> jax.Array:
     return 0.5 * _shifted_sum(model, d, ok, si, sj, c, p, shifts, (1,), components=True)
 
 
-def dense_tile_size(model, batch: Batch) -> int | None:
-    """Atoms per tile of the blocked kernel :func:`dense_energy` uses for these capacities, or
-    None where it takes the rows layout (host-side, static)."""
+def dense_sum_width(model, batch: Batch) -> int:
+    """Length of the innermost sums of the dense path for these capacities (host-side, static):
+    the atoms of a tile in the blocks layout, the atom slots of a system (the partners along a
+    row) in the rows layout (:func:`.blocked.dense_layout`)."""
     n_img = (1, 1, 1) if model.images is None else tuple(model.images)
     n_shifts = len(image_shifts(n_img, np.dtype(batch.dtype)))
     buckets = getattr(model, "size_buckets", None)
     a = batch.max_atoms_per_system
     layout = dense_layout(batch.max_systems, batch.max_atoms, a, n_shifts, buckets)
-    return tile_pairs(a).size if layout == "blocks" else None
+    return tile_pairs(a).size if layout == "blocks" else a
 
 
 def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.Array:
