@@ -474,7 +474,7 @@ def fused_gain_case(model, batch, fire_cap: int, n_nvt: int) -> tuple[dict, dict
         }
 
     steps = int(np.asarray(fused.run(batch).step_count).max())  # the batched steps
-    bare = bare_forces_loop(model, steps)
+    bare = bare_forces_loop(model, steps, batch)
 
     def run_bare():
         block(bare(batch))
@@ -495,15 +495,16 @@ def fused_gain_case(model, batch, fire_cap: int, n_nvt: int) -> tuple[dict, dict
     return {"fused": run_fused, "separate": run_separate, "bare": run_bare}, info
 
 
-def bare_forces_loop(model, n_evaluations: int):
+def bare_forces_loop(model, n_evaluations: int, batch):
     """A compiled ``lax.fori_loop`` of ``n_evaluations`` bare model evaluations whose energy
     nothing reads (XLA drops its sum): the positions move by ``1e-9 * forces`` each time (so
     nothing is hoisted out of the loop), and a neighbor list is refreshed before each
     evaluation (:meth:`NeighborList.update`, a rebuild only when an atom moved half the skin),
-    as a run's steps refresh it. The reference of "fused run / bare forces-only loop"
+    as a run's steps refresh it; no stress (the steps of a FIRE -> NVT run read none),
+    compiled with the XLA options the model asks for on ``batch``'s shapes, as the run's
+    program is. The reference of "fused run / bare forces-only loop"
     (``bench_fused_overhead.py``'s ``bare_forces``) for these models."""
 
-    @jax.jit
     def run(batch):
         def body(_, b):
             given = b
@@ -511,12 +512,12 @@ def bare_forces_loop(model, n_evaluations: int):
                 fresh = b.neighbors.update(b)
                 b = b.replace(neighbors=fresh)
                 given = b.replace(neighbors=dataclasses.replace(fresh, refreshed=True))
-            out = model(given)
+            out = model(given, stress=False)
             return b.replace(positions=b.positions + 1e-9 * out.forces)
 
         return jax.lax.fori_loop(0, n_evaluations, body, batch).positions
 
-    return run
+    return jax.jit(run, compiler_options=model.compiler_options(batch) or None)
 
 
 def fused_gain(args, systems) -> dict:

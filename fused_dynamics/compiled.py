@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 __all__ = [
+    "TREE_REDUCTION_WIDTH",
     "library_products_only",
     "model_options",
     "filter_compile",
@@ -102,9 +103,20 @@ def _key(leaf):
 
 
 def model_options(owner, batch, *_) -> dict:
-    """``options_for`` of an engine program called as ``(owner, batch, ...)``, ``owner`` holding
-    the model (a fused stage): the model's
-    :meth:`~fused_dynamics.models.base.Model.compiler_options` for the batch."""
+    """The ``options_for`` of engine programs called as ``(owner, batch, ...)``.
+
+    Parameters
+    ----------
+    owner : FusedStage
+        Anything with a ``model`` attribute.
+    batch : Batch
+        Flat, or stacked per device (capacities are read from the last axes).
+
+    Returns
+    -------
+    dict
+        ``owner.model.compiler_options(batch)`` (empty for a model without the method).
+    """
     options = getattr(owner.model, "compiler_options", None)
     return options(batch) if options is not None else {}
 
@@ -120,9 +132,11 @@ def filter_compile(fn: Callable, options_for: Callable | None = None, **jit_kwar
     options_for : callable, optional
         ``options_for(*args) -> dict``: XLA ``compiler_options`` for a call with these
         arguments (host-side, from static shapes: one program per distinct answer), under those
-        of ``jit_kwargs``. Only a top-level call is compiled with options: inside ``jax.jit``,
-        ``jax.grad`` or ``jax.vmap`` the function is traced into the caller's program without
-        them (JAX refuses ``compiler_options`` on a nested jit).
+        of ``jit_kwargs``. Only a top-level call is compiled with options: inside any trace
+        (``jax.jit``, ``jax.grad``, ``jax.vmap``, ``jax.eval_shape``) the function is traced into
+        the caller's program without them (JAX refuses ``compiler_options`` on a jit nested in
+        ``jax.jit`` or ``jax.grad``). A float32 program compiled with other options may round
+        differently: the same call inside and outside a trace can differ in the last bits.
     **jit_kwargs
         Forwarded to ``jax.jit``: options that do not name arguments (``inline``,
         ``keep_unused``, ``compiler_options``).
@@ -173,7 +187,15 @@ def _top_level() -> bool:
     from jax._src import core  # no public test of the trace state in jax 0.10
 
     clean = getattr(core, "trace_state_clean", None)
-    return clean() if clean is not None else False
+    if clean is None:  # another jax: no options rather than a refused nested jit
+        warnings.warn(
+            "fused_dynamics: jax._src.core.trace_state_clean is gone; engine programs are "
+            "compiled with XLA's default options (docs/models.md, 'float32 on the CPU').",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return clean()
 
 
 def overflowed(batch, fetch: Callable = np.asarray) -> bool:

@@ -531,6 +531,7 @@ def _explained(fn):
             ) from exc
 
     call.cache_size = fn.cache_size
+    call.lower = fn.lower
     return call
 
 
@@ -541,15 +542,10 @@ _INITIALIZE = _explained(filter_compile(_initialize, options_for=model_options))
 
 
 def chunk_hlo(fused, stacked: Batch, mesh, limit: int = 10) -> str:
-    """The optimized HLO text of the compiled chunk of a sharded run (to check, for example,
-    that it moves no atom arrays between devices)."""
-    dynamic, static = eqx.partition((fused, stacked), eqx.is_array)
-
-    def program(dynamic):
-        f, b = eqx.combine(dynamic, static)
-        return _chunk(f, b, jnp.int32(limit), mesh)
-
-    return jax.jit(program).lower(dynamic).compile().as_text()
+    """The optimized HLO text of the compiled chunk of a sharded run: the program a run's
+    chunks call, with its XLA options (to check, for example, that it moves no atom arrays
+    between devices)."""
+    return _CHUNK.lower(fused, stacked, jnp.int32(limit), mesh).compile().as_text()
 
 
 def prepare(fused, flat: Batch):

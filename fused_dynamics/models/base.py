@@ -63,12 +63,25 @@ class Model(eqx.Module):
         return jnp.zeros(batch.max_systems, jnp.int32)
 
     def compiler_options(self, batch: Batch) -> dict:
-        """XLA ``compiler_options`` for programs that evaluate this model on ``batch``'s shapes
-        (default: none, XLA's defaults). Host-side, from static shapes only: a model asks for
-        an option where it measured XLA's default to be slow for its own arithmetic (see
-        :func:`fused_dynamics.compiled.library_products_only`). Engine programs compiled at the
-        top level use it (:func:`fused_dynamics.compiled.filter_compile`); the user's own
-        ``FusedStage(compile_kwargs={"compiler_options": ...})`` override it key by key."""
+        """XLA ``compiler_options`` for programs that evaluate this model on ``batch``'s shapes.
+
+        Host-side, from static capacities and the dtype only: a model asks for an option where
+        XLA's default was measured to be slow for its own arithmetic (see
+        :func:`fused_dynamics.compiled.library_products_only`). The engine's top-level programs
+        use it (:func:`fused_dynamics.compiled.filter_compile`); ``FusedStage(compile_kwargs=
+        {"compiler_options": ...})`` overrides it key by key. Ask the model a run uses
+        (``model.prepare(batch)``, its image range fitted), since the answer may depend on it.
+
+        Parameters
+        ----------
+        batch : Batch
+            Flat, or stacked per device.
+
+        Returns
+        -------
+        dict
+            Option name to value (default: empty, XLA's defaults).
+        """
         return {}
 
     def prepare(self, batch: Batch) -> Model:

@@ -490,7 +490,18 @@ class PairPotential(Model):
         blocks 0.84 / 0.40 (float64 0.41); rows of 108 slots 7.06 / 2.37 (float64 3.12); where
         the width is a multiple of 32 the library's plain reductions are as fast or faster
         (32-atom tiles of 4 x 256: 0.98 / 1.45; rows of 128 slots: 4.47 / 5.24), so those keep
-        XLA's default. See docs/models.md, "float32 on the CPU"."""
+        XLA's default. See docs/models.md, "float32 on the CPU".
+
+        Parameters
+        ----------
+        batch : Batch
+            Its capacities and dtype decide (the image range is this model's).
+
+        Returns
+        -------
+        dict
+            :func:`~fused_dynamics.compiled.library_products_only`, or empty.
+        """
         if self.skin is not None or np.dtype(batch.dtype) != np.float32:
             return {}
         width = dense_sum_width(self, batch)

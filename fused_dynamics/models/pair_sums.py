@@ -188,9 +188,20 @@ def _row_energy(model, rows, species, shifts=None) -> jax.Array:
 
 
 def dense_sum_width(model, batch: Batch) -> int:
-    """Length of the innermost sums of the dense path for these capacities (host-side, static):
-    the atoms of a tile in the blocks layout, the atom slots of a system (the partners along a
-    row) in the rows layout (:func:`.blocked.dense_layout`)."""
+    """Length of the innermost sums of the dense path for these capacities (host-side, static).
+
+    Parameters
+    ----------
+    model : PairPotential
+        Its image range and size buckets decide the layout (:func:`.blocked.dense_layout`).
+    batch : Batch
+
+    Returns
+    -------
+    int
+        The atoms of a tile in the blocks layout; the atom slots of a system (the partners
+        along a row) in the rows layout.
+    """
     n_img = (1, 1, 1) if model.images is None else tuple(model.images)
     n_shifts = len(image_shifts(n_img, np.dtype(batch.dtype)))
     buckets = getattr(model, "size_buckets", None)
