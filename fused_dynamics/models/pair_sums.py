@@ -202,12 +202,21 @@ def dense_sum_width(model, batch: Batch) -> int:
         The atoms of a tile in the blocks layout; the atom slots of a system (the partners
         along a row) in the rows layout.
     """
-    n_img = (1, 1, 1) if model.images is None else tuple(model.images)
-    n_shifts = len(image_shifts(n_img, np.dtype(batch.dtype)))
-    buckets = getattr(model, "size_buckets", None)
     a = batch.max_atoms_per_system
-    layout = dense_layout(batch.max_systems, batch.max_atoms, a, n_shifts, buckets)
-    return tile_pairs(a).size if layout == "blocks" else a
+    return tile_pairs(a).size if _dense_plan(model, batch)[2] == "blocks" else a
+
+
+def _dense_plan(model, batch: Batch):
+    """``(shifts (K - 1, 3) host array, size buckets or None, layout)`` of the dense path for
+    these capacities (host-side, static): what :func:`dense_energy` evaluates, and what
+    :func:`dense_sum_width` reports."""
+    n_img = (1, 1, 1) if model.images is None else tuple(model.images)
+    shifts = image_shifts(n_img, np.dtype(batch.dtype))
+    buckets = getattr(model, "size_buckets", None)
+    layout = dense_layout(
+        batch.max_systems, batch.max_atoms, batch.max_atoms_per_system, len(shifts), buckets
+    )
+    return shifts, buckets, layout
 
 
 def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.Array:
@@ -223,11 +232,7 @@ def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.A
     """
     n_img = (1, 1, 1) if model.images is None else tuple(model.images)
     blocks = system_blocks(batch)
-    shifts = image_shifts(n_img, np.dtype(batch.dtype))  # (K - 1, 3), host-side
-    buckets = getattr(model, "size_buckets", None)
-    layout = dense_layout(
-        batch.max_systems, batch.max_atoms, batch.max_atoms_per_system, len(shifts), buckets
-    )
+    shifts, buckets, layout = _dense_plan(model, batch)
     unplaced = jnp.zeros(batch.max_systems, bool)
     if buckets:  # a system without a place fails in either layout (the model's contract)
         slots, placed = bucket_slots(batch, buckets)
