@@ -329,23 +329,24 @@ def chain_stages(model, fmax: float, fire_cap: int, n_nvt: int):
 
 
 def sized(fused, batch):
-    """(batch, seconds): run ``fused`` once (compiling it); when the engine grew the neighbor
-    list on the way (the untrained models compress the crystals), every timed run starts from
-    the grown list, marked stale so that it is rebuilt on the initial positions. As on the
-    JAX-MD side, the capacity is found once, before the timing, not regrown in every run."""
+    """(batch, seconds, batched steps): run ``fused`` once (compiling it); when the engine grew
+    the neighbor list on the way (the untrained models compress the crystals), every timed run
+    starts from the grown list, marked stale so that it is rebuilt on the initial positions. As
+    on the JAX-MD side, the capacity is found once, before the timing, not regrown in every
+    run. The batched steps are those of this run (every timed run takes the same)."""
     t = time.perf_counter()
     final = fused.run(batch)
     block(final.positions)
     if isinstance(batch.neighbors, NeighborList):
         batch = batch.replace(neighbors=final.neighbors.invalidated())
-    return batch, time.perf_counter() - t
+    return batch, time.perf_counter() - t, int(np.asarray(final.step_count).max())
 
 
 def fd_fixed_chain(model, batch, n_fire: int, n_nvt: int):
     """Our fused FIRE (exactly n_fire steps: nothing converges) -> NVT (n_nvt steps)."""
     fused = chain_stages(model, 1e-6, n_fire, n_nvt)[2]
     capacity0 = int(batch.neighbors.capacity)
-    batch, first = sized(fused, batch)
+    batch, first, _ = sized(fused, batch)
     info = {
         "first_calls_s": first,
         "neighbor_capacity_allocated": capacity0,
@@ -447,7 +448,7 @@ def fused_gain_case(model, batch, fire_cap: int, n_nvt: int) -> tuple[dict, dict
     fire, nvt, fused = chain_stages(model, target, fire_cap, n_nvt)
     nl = batch.neighbors
     capacity0 = int(nl.capacity) if isinstance(nl, NeighborList) else None
-    batch, first = sized(fused, batch)
+    batch, first, steps = sized(fused, batch)  # steps: the batched steps of the run
 
     def run_fused():
         final = fused.run(batch)
@@ -473,7 +474,6 @@ def fused_gain_case(model, batch, fire_cap: int, n_nvt: int) -> tuple[dict, dict
             ],
         }
 
-    steps = int(np.asarray(fused.run(batch).step_count).max())  # the batched steps
     bare = bare_forces_loop(model, steps, batch)
 
     def run_bare():
