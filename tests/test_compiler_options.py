@@ -59,6 +59,12 @@ def _model(batch, cutoff=7.5):
     return lj.with_images(batch)
 
 
+def _skip_unless_the_library_reduces(model, batch):
+    """Skip where XLA's default program (a plain ``jax.jit``) makes no library call here."""
+    if "ynn_fusion" not in jax.jit(lambda b: model(b).forces).lower(batch).compile().as_text():
+        pytest.skip("this jaxlib does not send float32 reduce-windows to YNNPACK")
+
+
 def _run_program_text(fused, batch) -> str:
     options = loop.LoopOptions(resume=False, max_steps=None)
     limit = jnp.asarray(5, jnp.int32)
@@ -92,8 +98,7 @@ def test_which_batches_ask_for_it():
 def test_float32_108_atom_programs_keep_tile_sums_out_of_the_library():
     batch = _batch(jnp.float32)
     model = _model(batch)
-    if "ynn_fusion" not in jax.jit(lambda b: model(b).forces).lower(batch).compile().as_text():
-        pytest.skip("this jaxlib does not send float32 reduce-windows to YNNPACK")
+    _skip_unless_the_library_reduces(model, batch)
     fused = fd.FusedStage([fd.NVE(model, dt=2.0)])
     assert "ynn_fusion" not in _run_program_text(fused, batch)
     # model(batch) called outside a trace compiles the same way
@@ -156,8 +161,7 @@ def test_sharded_chunk_asks_the_same():
     _products_only_or_skip()
     flat = _batch(jnp.float32)
     model = _model(flat)
-    if "ynn_fusion" not in jax.jit(lambda b: model(b).forces).lower(flat).compile().as_text():
-        pytest.skip("this jaxlib does not send float32 reduce-windows to YNNPACK")
+    _skip_unless_the_library_reduces(model, flat)
     mesh = Mesh(np.array(jax.devices()[:1]), ("systems",))
     fused = fd.FusedStage([fd.NVE(model, dt=2.0)])
     final = fused.run(flat, n_steps=2, mesh=mesh)  # a stacked batch as a run leaves it
@@ -171,8 +175,7 @@ def test_one_program_per_answer():
     options = _products_only_or_skip()
     batch = _batch(jnp.float32)
     model = _model(batch)
-    if "ynn_fusion" not in jax.jit(lambda b: model(b).forces).lower(batch).compile().as_text():
-        pytest.skip("this jaxlib does not send float32 reduce-windows to YNNPACK")
+    _skip_unless_the_library_reduces(model, batch)
     answers = iter([{}, options, {}, options, {}, options])
     forces = filter_compile(lambda m, b: m(b).forces, options_for=lambda *_: next(answers))
     texts = [forces.lower(model, batch).compile().as_text() for _ in range(2)]
