@@ -224,3 +224,28 @@ def test_fitting_reads_the_layout_on_the_host_even_under_jit():
     positions_traced(batch.positions)
     all_traced(batch)
     assert seen == [((36, 3), (72, 1), (108, 1)), None]
+
+
+def test_the_buckets_share_one_copy_of_the_pair_arithmetic(mixed, monkeypatch):
+    """The tile pairs of every bucket are the rows of one kernel (docs/models.md, "Size
+    buckets"): tracing the model with three buckets calls ``pair_energy`` as often as with one
+    bucket (twice: the minimum image and the image shifts of the triclinic cell), not once per
+    bucket, so a bucket adds index arithmetic to the compiled program, not a copy of the
+    pairs and their derivative."""
+    _, batch, model, _ = mixed
+    calls = []
+    pair_energy = type(model).pair_energy
+
+    def counted(self, *args):
+        calls.append(1)
+        return pair_energy(self, *args)
+
+    monkeypatch.setattr(pair_sums, "dense_layout", lambda *capacities: "blocks")
+    monkeypatch.setattr(type(model), "pair_energy", counted)
+    assert len(model.size_buckets) == 3
+    jax.make_jaxpr(lambda b: model(b).forces)(batch)
+    with_buckets = len(calls)
+    calls.clear()
+    one = _model(size_buckets=()).prepare(batch)
+    jax.make_jaxpr(lambda b: one(b).forces)(batch)
+    assert with_buckets == len(calls) == 2

@@ -312,7 +312,7 @@ def fit_size_buckets(
     its arithmetic does not depend on the other systems. The grouping minimises the tile pairs
     formed (an exhaustive search over the contiguous groupings of the tile counts); buckets are
     used only when they save at least ``min_saving`` of the single bucket's pairs (each bucket
-    adds its own kernel to the compiled step).
+    adds index arithmetic to the compiled step; the pairs of every bucket are one kernel).
 
     Parameters
     ----------
@@ -372,17 +372,29 @@ def bucket_slots(
     placed : Array, shape (S,) bool
         Occupied systems that have a place: a system larger than the last bucket, or beyond its
         bucket's slots, has none (the model fails it, ``Failure.SIZE_BUCKET_FULL``).
+
+    Notes
+    -----
+    One running count over the slots and one scatter for all the buckets (a rank within its
+    bucket per system), not a ``jnp.nonzero`` per bucket: the places are the same, in a
+    handful of kernels whatever the number of buckets, which the compile time of every program
+    evaluating the model pays for.
     """
     s = batch.max_systems
     n_atoms = batch.n_atoms
     bounds = jnp.asarray([atoms for atoms, _ in size_buckets], n_atoms.dtype)
     which = jnp.searchsorted(bounds, n_atoms, side="left")  # first bucket with atoms >= n
-    placed = jnp.zeros(s, bool)
+    member = batch.system_mask[:, None] & (which[:, None] == jnp.arange(len(size_buckets)))
+    rank = jnp.sum(jnp.where(member, jnp.cumsum(member, axis=0, dtype=jnp.int32) - 1, 0), axis=1)
+    capacity = np.asarray([n for _, n in size_buckets], np.int32)
+    offset = np.concatenate([[0], np.cumsum(capacity)]).astype(np.int32)
+    bucket = jnp.minimum(which, len(size_buckets) - 1)
+    placed = jnp.any(member, axis=1) & (rank < jnp.asarray(capacity)[bucket])
+    total = int(offset[-1])
+    place = jnp.where(placed, jnp.asarray(offset[:-1])[bucket] + rank, total)
+    flat = jnp.full(total, s, jnp.int32).at[place].set(jnp.arange(s, dtype=jnp.int32), mode="drop")
     out = []
-    for k, (_, n_slots) in enumerate(size_buckets):
-        member = batch.system_mask & (which == k)
-        (index,) = jnp.nonzero(member, size=n_slots, fill_value=s)
-        ok = index < s
-        placed = placed.at[index].set(True, mode="drop")
-        out.append((jnp.minimum(index, s - 1).astype(jnp.int32), ok))
+    for k in range(len(size_buckets)):
+        index = flat[offset[k] : offset[k + 1]]
+        out.append((jnp.minimum(index, s - 1), index < s))
     return out, placed
