@@ -249,3 +249,30 @@ def test_the_buckets_share_one_copy_of_the_pair_arithmetic(mixed, monkeypatch):
     one = _model(size_buckets=()).prepare(batch)
     jax.make_jaxpr(lambda b: one(b).forces)(batch)
     assert with_buckets == len(calls) == 2
+
+
+def test_species_parameters_in_buckets_equal_one_bucket():
+    """Per-species-pair parameters through the buckets' kernel: each system's energy, forces and
+    stress equal those of one bucket (the same pairs, each slot's tiles in the same order) to
+    1e-12 in float64, on the structures above with every other atom made Kr."""
+    systems = [a.copy() for a in _structures()]
+    for atoms in systems:
+        atoms.numbers[1::2] = 36
+    batch = fd.Batch.from_atoms(systems, max_systems=len(systems) + 1)
+    params = dict(
+        sigma=[[3.405, 3.5], [3.5, 3.65]],
+        epsilon=[[0.0104, 0.0123], [0.0123, 0.0140]],
+        cutoff=CUTOFF,
+        shift=False,
+        species=("Ar", "Kr"),
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pair_sums, "dense_layout", lambda *capacities: "blocks")
+        bucketed = fd.models.LennardJones(**params).prepare(batch).with_size_buckets(batch)
+        assert len(bucketed.size_buckets) == 3
+        one = fd.models.LennardJones(**params, size_buckets=()).prepare(batch)
+        a, b = bucketed(batch), one(batch)
+    for slot in range(len(systems)):
+        for u, v in zip(_system(batch, a, slot), _system(batch, b, slot), strict=True):
+            np.testing.assert_allclose(u, v, rtol=0, atol=1e-12)
+    assert np.ptp(np.asarray(a.energy)[: len(systems)]) > 1e-3  # distinct systems, not zeros
