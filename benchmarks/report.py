@@ -24,7 +24,8 @@ README = HERE.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 MD_NAMES = {
-    "fused_dynamics": "fused_dynamics (dense)",
+    "fused_dynamics": "fused_dynamics (the pair path it chooses)",
+    "fused_dynamics_dense": "fused_dynamics, dense path",
     "jax_md_dense": "JAX-MD, dense pairs (vmap)",
     "jax_md_neighbor_list": "JAX-MD, neighbor list (vmap)",
     "torch_sim": "TorchSim",
@@ -34,6 +35,7 @@ MD_NAMES = {
 }
 VERSION_KEY = {
     "fused_dynamics": "fused_dynamics",
+    "fused_dynamics_dense": "fused_dynamics",
     "jax_md_dense": "jax_md",
     "jax_md_neighbor_list": "jax_md",
     "jax_md": "jax_md",
@@ -157,9 +159,11 @@ def peers_section(data: dict) -> list[str]:
         ]
         for name in [k for k in ("fused_dynamics", "jax_md", "torch_sim", "ase") if k in relax]:
             r = relax[name]
-            label = {"jax_md": "JAX-MD (vmap per shape)", "ase": "ASE (one by one)"}.get(
-                name, MD_NAMES.get(name, name)
-            )
+            label = {
+                "fused_dynamics": "fused_dynamics (dense, size buckets)",
+                "jax_md": "JAX-MD (vmap per shape)",
+                "ase": "ASE (one by one)",
+            }.get(name, MD_NAMES.get(name, name))
             out.append(
                 f"| {label} | {fmt(r['wall_s'])} | {fmt(r['model_calls'])} "
                 f"| {fmt(r['system_evals'])} | {fmt(r.get('fused_speedup'))} "
