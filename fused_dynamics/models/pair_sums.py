@@ -349,10 +349,14 @@ def _bucketed_energy(model, batch, blocks, species, buckets, slots, shifts):
     first = np.concatenate([np.tile(tp.first, c) for c, tp in plans])
     second = np.concatenate([np.tile(tp.second, c) for c, tp in plans])
 
-    def as_tiles(x):  # (C, A, ...) -> (C, count, t, ...), padding atoms zero
+    # the tiles of the concatenated blocks, flattened: (C * count, t, ...); row r pairs tiles
+    # i_tile[r] and j_tile[r]
+    i_tile, j_tile = block * full.count + first, block * full.count + second
+
+    def as_tiles(x):  # (C, A, ...) -> (C * count, t, ...), padding atoms zero
         pad = full.count * t - x.shape[1]
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(x.shape[0], full.count, t, *x.shape[2:])
+        return x.reshape(x.shape[0] * full.count, t, *x.shape[2:])
 
     index = jnp.concatenate([index for index, _ in slots])
     ok = jnp.concatenate([ok for _, ok in slots])
@@ -364,12 +368,11 @@ def _bucketed_energy(model, batch, blocks, species, buckets, slots, shifts):
     si = sj = None
     if species is not None:
         sp = as_tiles(species[blocks.index][index])
-        si, sj = sp[block, first], sp[block, second]
+        si, sj = sp[i_tile], sp[j_tile]
     rows = _TileRows(
-        positions[block, first], positions[block, second], frac[block, first],
-        frac[block, second], valid[block, first], valid[block, second], si, sj,
-        batch.cell[index][block], batch.pbc[index][block], first == second,
-        np.concatenate([np.tile(tp.weight, c) for c, tp in plans]),
+        positions[i_tile], positions[j_tile], frac[i_tile], frac[j_tile], valid[i_tile],
+        valid[j_tile], si, sj, batch.cell[index][block], batch.pbc[index][block],
+        first == second, np.concatenate([np.tile(tp.weight, c) for c, tp in plans]),
     )  # fmt: skip
     per_tile = [_tile_row_energy(model, rows)]
     if len(shifts):  # summed per slot apart, as in dense_energy without buckets
