@@ -44,7 +44,8 @@ __all__ = [
     "min_image_vectors",
     "TilePairs",
     "tile_pairs",
-    "tiled",
+    "as_tiles",
+    "pair_tiles",
     "image_shifts",
     "AtomRows",
     "atom_rows",
@@ -174,16 +175,27 @@ def tile_pairs(n_atoms: int, tile: int = 32, used: int | None = None) -> TilePai
     return TilePairs(first, second, weight, size, count, used)
 
 
-def tiled(x: jax.Array, tiles: TilePairs) -> tuple[jax.Array, jax.Array]:
-    """Per-atom block data (S, A, ...) as the two sides of the tile pairs, (S, M, size, ...).
+def as_tiles(x: jax.Array, tiles: TilePairs) -> jax.Array:
+    """Per-atom block data (C, A, ...) cut into tiles, flattened: (C * count, size, ...).
 
-    Padding atoms (beyond A) hold zeros (``False`` for masks).
+    Tile ``k`` of block ``b`` is row ``b * count + k``; padding atoms (beyond A) hold zeros
+    (``False`` for masks).
     """
-    s, a = x.shape[:2]
-    pad = tiles.count * tiles.size - a
+    pad = tiles.count * tiles.size - x.shape[1]
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape(s, tiles.count, tiles.size, *x.shape[2:])[:, : tiles.used]
-    return x[:, tiles.first], x[:, tiles.second]
+    return x.reshape(x.shape[0] * tiles.count, tiles.size, *x.shape[2:])
+
+
+def pair_tiles(blocks: np.ndarray, tiles: TilePairs) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of :func:`as_tiles` on the two sides of every tile pair of each of ``blocks``.
+
+    Returns two (len(blocks) * M,) int arrays, block by block, each block's pairs in the order
+    of ``tiles`` (host-side, static): one gather of whole tiles per side, with a flat index
+    (on XLA:CPU about 5 % faster per dense step of 4 x 256 atoms than indexing a block axis and
+    a tile axis).
+    """
+    base = np.asarray(blocks)[:, None] * tiles.count
+    return (base + tiles.first).ravel(), (base + tiles.second).ravel()
 
 
 def image_shifts(n_img: tuple[int, int, int], dtype) -> np.ndarray:

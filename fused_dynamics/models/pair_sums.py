@@ -33,6 +33,7 @@ from .. import segment
 from ..batch import Batch
 from ..linalg3 import inv3
 from .blocked import (
+    as_tiles,
     atom_rows,
     bucket_slots,
     dense_layout,
@@ -40,9 +41,9 @@ from .blocked import (
     image_shifts,
     matvec3,
     min_image,
+    pair_tiles,
     system_blocks,
     tile_pairs,
-    tiled,
 )
 from .neighbors import NeighborList
 
@@ -176,18 +177,21 @@ def _tile_rows(tiles, positions, valid, species, cell, pbc) -> _TileRows:
     """:class:`_TileRows` of blocks (C, A, 3) over ``tiles`` (:func:`.blocked.tile_pairs`)."""
     c, m = positions.shape[0], len(tiles.first)
 
-    def rows(x):  # (C, M, t, ...) -> (C * M, t, ...)
-        return x.reshape(c * m, *x.shape[2:])
-
     def per_slot(x):  # (C, ...) -> (C * M, ...), each slot's value on its M rows
         return jnp.broadcast_to(x[:, None], (c, m, *x.shape[1:])).reshape(c * m, *x.shape[1:])
 
-    pi, pj = map(rows, tiled(positions, tiles))
-    fi, fj = map(rows, tiled(fractional(positions, cell), tiles))
-    vi, vj = map(rows, tiled(valid, tiles))
+    i_tile, j_tile = pair_tiles(np.arange(c), tiles)
+
+    def sides(x):  # (C, A, ...) -> the two sides of the rows, (C * M, size, ...)
+        x = as_tiles(x, tiles)
+        return x[i_tile], x[j_tile]
+
+    pi, pj = sides(positions)
+    fi, fj = sides(fractional(positions, cell))
+    vi, vj = sides(valid)
     si = sj = None
     if species is not None:
-        si, sj = map(rows, tiled(species, tiles))
+        si, sj = sides(species)
     diagonal = np.tile(tiles.first == tiles.second, c)
     weight = np.tile(tiles.weight, c)
     return _TileRows(
@@ -339,40 +343,29 @@ def _bucketed_energy(model, batch, blocks, species, buckets, slots, shifts):
         used = min(-(-atoms // t), full.count)  # a bucket wider than A: all tiles
         plans.append((index.shape[0], tile_pairs(batch.max_atoms_per_system, used=used)))
     offsets = np.cumsum([0] + [c for c, _ in plans])[:-1]
-    # row r: the block (of the concatenated bucket slots) and the two tiles it pairs
-    block = np.concatenate(
-        [
-            o + np.repeat(np.arange(c), len(tp.first))
-            for o, (c, tp) in zip(offsets, plans, strict=True)
-        ]
-    )
-    first = np.concatenate([np.tile(tp.first, c) for c, tp in plans])
-    second = np.concatenate([np.tile(tp.second, c) for c, tp in plans])
-
-    # the tiles of the concatenated blocks, flattened: (C * count, t, ...); row r pairs tiles
-    # i_tile[r] and j_tile[r]
-    i_tile, j_tile = block * full.count + first, block * full.count + second
-
-    def as_tiles(x):  # (C, A, ...) -> (C * count, t, ...), padding atoms zero
-        pad = full.count * t - x.shape[1]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(x.shape[0] * full.count, t, *x.shape[2:])
+    # row r: a tile pair of a block of the concatenated bucket slots; the tiles of its two
+    # sides as rows of as_tiles (full tiling), bucket after bucket
+    sides = [pair_tiles(o + np.arange(c), tp) for o, (c, tp) in zip(offsets, plans, strict=True)]
+    i_tile = np.concatenate([i for i, _ in sides])
+    j_tile = np.concatenate([j for _, j in sides])
+    diagonal = i_tile == j_tile
+    block = i_tile // full.count
 
     index = jnp.concatenate([index for index, _ in slots])
     ok = jnp.concatenate([ok for _, ok in slots])
     valid = blocks.valid[index] & ok[:, None]
     # a free place of a bucket reads some slot's atoms: zeros instead, as for padding atoms
     positions = jnp.where(valid[..., None], blocks.positions[index], 0.0)
-    frac = as_tiles(fractional(positions, batch.cell[index]))
-    valid, positions = as_tiles(valid), as_tiles(positions)
+    frac = as_tiles(fractional(positions, batch.cell[index]), full)
+    valid, positions = as_tiles(valid, full), as_tiles(positions, full)
     si = sj = None
     if species is not None:
-        sp = as_tiles(species[blocks.index][index])
+        sp = as_tiles(species[blocks.index][index], full)
         si, sj = sp[i_tile], sp[j_tile]
     rows = _TileRows(
         positions[i_tile], positions[j_tile], frac[i_tile], frac[j_tile], valid[i_tile],
         valid[j_tile], si, sj, batch.cell[index][block], batch.pbc[index][block],
-        first == second, np.concatenate([np.tile(tp.weight, c) for c, tp in plans]),
+        diagonal, np.concatenate([np.tile(tp.weight, c) for c, tp in plans]),
     )  # fmt: skip
     per_tile = [_tile_row_energy(model, rows)]
     if len(shifts):  # summed per slot apart, as in dense_energy without buckets
