@@ -330,8 +330,8 @@ def _bucketed_energy(model, batch, blocks, species, buckets, slots, shifts):
     one kernel (:class:`_TileRows`): the slots of all the buckets are gathered once into blocks,
     then each slot's tile pairs taken by static indices. The program holds one copy of the pair
     arithmetic and of its derivative, not one per bucket (the W1 relaxation of
-    ``benchmarks/bench_peers.py``, three buckets, compiles in about 30 % less time, and steps
-    no slower). Each row's sum is the same whatever the other rows, so a slot's energy keeps
+    ``benchmarks/bench_peers.py``, three buckets, reaches its first step in about a third less
+    time, docs/models.md "Size buckets"). Each row's sum is the same whatever the other rows, so a slot's energy keeps
     the order of its own tiles, bit for bit as with a kernel per bucket.
 
     Returns the energies (S,), 0 for a slot in no bucket.
