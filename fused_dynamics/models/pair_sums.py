@@ -151,7 +151,7 @@ def _shifted_sum(model, d, ok, si, sj, cell, pbc, shifts, axes, components=False
 
 
 class _TileRows(NamedTuple):
-    """The tile pairs of blocks flattened to rows, one per (slot, tile pair): P = C * M rows.
+    """The tile pairs of blocks flattened to P rows, one per (slot, tile pair).
 
     ``pi``/``pj`` (P, t, 3) positions, ``fi``/``fj`` their fractional coordinates (no
     derivative), ``vi``/``vj`` (P, t) validity, ``si``/``sj`` (P, t) species or None, ``cell``
@@ -200,7 +200,8 @@ def _tile_rows(tiles, positions, valid, species, cell, pbc) -> _TileRows:
 
 
 def _tile_row_energy(model, rows: _TileRows, shifts=None) -> jax.Array:
-    """``weight * 1/2 Σ_i Σ_j φ`` of every row of :class:`_TileRows`, shape (P,).
+    """``weight * Σ φ`` over the atom pairs of every row of :class:`_TileRows`, shape (P,):
+    summed over a slot's rows, ``1/2 Σ_i Σ_j φ`` of the slot.
 
     ``shifts`` None: the minimum image (``i != j``); else the non-zero image shifts (K', 3) of
     every pair (``i == j`` included).
@@ -331,8 +332,11 @@ def _bucketed_energy(model, batch, blocks, species, buckets, slots, shifts):
     then each slot's tile pairs taken by static indices. The program holds one copy of the pair
     arithmetic and of its derivative, not one per bucket (the W1 relaxation of
     ``benchmarks/bench_peers.py``, three buckets, reaches its first step in about a third less
-    time, docs/models.md "Size buckets"). Each row's sum is the same whatever the other rows, so a slot's energy keeps
-    the order of its own tiles, bit for bit as with a kernel per bucket.
+    time, docs/models.md "Size buckets"). A slot's energy is the sum of its own rows in the
+    order of its tiles; XLA:CPU may order the additions inside a row differently for another
+    row count, so a system's last bits depend on the shapes of all the buckets (as they depend
+    on the batch's capacities), and are the same alone as beside others under the same buckets
+    (``tests/test_size_buckets.py``).
 
     Returns the energies (S,), 0 for a slot in no bucket.
     """
