@@ -77,10 +77,10 @@ class NVTLangevin(Stage):
 
     Thermostat noise needs its distribution, not 53 bits: GROMACS's stochastic dynamics draws
     from a table of 2^14 values, LAMMPS's ``fix langevin`` uniform deviates. One Threefry block
-    and a gather per atom cost a small part of ``jax.random.normal``'s float64 deviates (a key
-    per atom, three 64-bit draws, a float64 ``erfinv``, 0.19 against 0.045 ms for 1,728 atoms
-    on CPU): a Langevin step of 16 x 108 LJ argon atoms in float64 costs 1.12 bare model
-    evaluations instead of 1.36, of 64 x 108 atoms 1.15 instead of 1.31
+    and a gather per atom cost about a quarter of ``jax.random.normal``'s float64 deviates (a key
+    per atom, three 64-bit draws, a float64 ``erfinv``, 0.19 against 0.05 ms for 1,728 atoms
+    on CPU): a Langevin step of 16 x 108 LJ argon atoms in float64 costs 1.15 bare model
+    evaluations instead of 1.36, of 64 x 108 atoms 1.14 instead of 1.30
     (``benchmarks/bench_fused_overhead.py``'s systems, interleaved). The tails stop at 4.4
     standard deviations (a normal deviate passes that once in 9e4 draws); the canonical
     tests of ``tests/test_integrators.py`` (mean temperature, var(KE), per-atom kinetic
