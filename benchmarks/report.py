@@ -463,11 +463,22 @@ def summary_section(data: dict) -> list[str]:
         for k, v in peers.items()
         if v["status"] != "installed"
     ]
-    out.append("")
-    out.append("Peers installed: " + (", ".join(installed) or "none") + ".")
-    if missing:
-        out.append("Not installed, so not measured: " + "; ".join(missing) + ".")
     scripts = data.get("scripts", {})
+    carried = any(_earlier_commit(v) for v in scripts.values())
+    out.append("")
+    out.append("Peers installed for this run: " + (", ".join(installed) or "none") + ".")
+    if missing:
+        out.append(
+            "Not installed for this run, so not measured by it"
+            + (
+                " (scripts from an earlier run, below, measured what was installed then)"
+                if carried
+                else ""
+            )
+            + ": "
+            + "; ".join(missing)
+            + "."
+        )
     failed = [f"{k} ({v['status']}, exit {v['rc']})" for k, v in scripts.items() if v["rc"]]
     rows = [
         f"{k} {fmt(v['wall_s'], 3)} s, peak {fmt(v.get('peak_rss_mb'), 3)} MB"
