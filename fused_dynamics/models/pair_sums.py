@@ -173,29 +173,35 @@ class _TileRows(NamedTuple):
     weight: np.ndarray
 
 
-def _tile_rows(tiles, positions, valid, species, cell, pbc) -> _TileRows:
-    """:class:`_TileRows` of blocks (C, A, 3) over ``tiles`` (:func:`.blocked.tile_pairs`)."""
-    c, m = positions.shape[0], len(tiles.first)
+def _tile_rows(positions, valid, species, cell, pbc, plans) -> _TileRows:
+    """:class:`_TileRows` of blocks (C, A, 3), their validity (C, A), species (C, A) or None,
+    cells (C, 3, 3) and periodicity (C, 3).
 
-    def per_slot(x):  # (C, ...) -> (C * M, ...), each slot's value on its M rows
-        return jnp.broadcast_to(x[:, None], (c, m, *x.shape[1:])).reshape(c * m, *x.shape[1:])
+    ``plans``: ``(count, TilePairs)`` per run of consecutive blocks, whose sum of counts is C
+    (host-side, static): each block of a run is paired on the tile pairs of its plan, all
+    with the tile size of :func:`.blocked.tile_pairs` of A. The rows come plan after plan,
+    block after block, each block's in the order of its tile pairs. Every plan's rows are taken
+    from the same tiles (:func:`.blocked.as_tiles`) by one gather per side (the size buckets,
+    :func:`_bucketed_energy`, are rows of one kernel).
+    """
+    full = tile_pairs(positions.shape[1])
+    offsets = np.cumsum([0] + [c for c, _ in plans])[:-1]
+    sides = [pair_tiles(o + np.arange(c), tp) for o, (c, tp) in zip(offsets, plans, strict=True)]
+    i_tile = np.concatenate([i for i, _ in sides])
+    j_tile = np.concatenate([j for _, j in sides])
+    block = i_tile // full.count  # the block of each row
 
-    i_tile, j_tile = pair_tiles(np.arange(c), tiles)
-
-    def sides(x):  # (C, A, ...) -> the two sides of the rows, (C * M, size, ...)
-        x = as_tiles(x, tiles)
+    def two(x):  # (C, A, ...) -> the two sides of the rows, (P, size, ...)
+        x = as_tiles(x, full)
         return x[i_tile], x[j_tile]
 
-    pi, pj = sides(positions)
-    fi, fj = sides(fractional(positions, cell))
-    vi, vj = sides(valid)
-    si = sj = None
-    if species is not None:
-        si, sj = sides(species)
-    diagonal = np.tile(tiles.first == tiles.second, c)
-    weight = np.tile(tiles.weight, c)
+    pi, pj = two(positions)
+    fi, fj = two(fractional(positions, cell))
+    vi, vj = two(valid)
+    si, sj = (None, None) if species is None else two(species)
+    weight = np.concatenate([np.tile(tp.weight, c) for c, tp in plans])
     return _TileRows(
-        pi, pj, fi, fj, vi, vj, si, sj, per_slot(cell), per_slot(pbc), diagonal, weight
+        pi, pj, fi, fj, vi, vj, si, sj, cell[block], pbc[block], i_tile == j_tile, weight
     )
 
 
@@ -221,14 +227,22 @@ def _tile_row_energy(model, rows: _TileRows, shifts=None) -> jax.Array:
     return per_tile * jnp.asarray(rows.weight, per_tile.dtype)
 
 
-def _tiled_energy(model, tiles, positions, valid, species, cell, pbc, shifts=None) -> jax.Array:
-    """``1/2 Σ_i Σ_j φ`` of blocks (C, A, 3) over ``tiles`` (:func:`.blocked.tile_pairs`).
-
-    ``shifts`` as in :func:`_tile_row_energy`. Returns (C,).
+def _tiled_energy(model, positions, valid, species, cell, pbc, plans, shifts) -> jax.Array:
+    """``1/2 Σ_i Σ_j φ`` of each block (C, A, 3) over the tile pairs of its plan (arguments of
+    :func:`_tile_rows`), minimum image plus the non-zero image ``shifts`` (K - 1, 3) host
+    array, each summed over the block's own rows in the order of its tile pairs. Returns (C,).
     """
-    rows = _tile_rows(tiles, positions, valid, species, cell, pbc)
-    per_tile = _tile_row_energy(model, rows, shifts)
-    return jnp.sum(per_tile.reshape(positions.shape[0], len(tiles.first)), axis=-1)
+    rows = _tile_rows(positions, valid, species, cell, pbc, plans)
+    per_tile = [_tile_row_energy(model, rows)]
+    if len(shifts):  # summed per block apart: + 0.0 for a block with no image pair, same bits
+        per_tile.append(_tile_row_energy(model, rows, jnp.asarray(shifts)))
+    energies, start = [], 0
+    for c, tp in plans:
+        m = len(tp.first)
+        e = [jnp.sum(x[start : start + c * m].reshape(c, m), axis=-1) for x in per_tile]
+        energies.append(e[0] if len(e) == 1 else e[0] + e[1])
+        start += c * m
+    return jnp.concatenate(energies)
 
 
 def _row_energy(model, rows, species, shifts=None) -> jax.Array:
@@ -309,11 +323,9 @@ def dense_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.A
         energy = jnp.sum(jnp.where(blocks.valid, atom_energy[blocks.index], 0.0), axis=1)
     else:
         sp = None if species is None else species[blocks.index]  # (S, A); invalid: masked
-        tiles = tile_pairs(batch.max_atoms_per_system)
-        args = (blocks.positions, blocks.valid, sp, batch.cell, batch.pbc)
-        energy = _tiled_energy(model, tiles, *args)
-        if len(shifts):  # + 0.0 for a slot with no image pair: the same bits
-            energy = energy + _tiled_energy(model, tiles, *args, jnp.asarray(shifts))
+        plans = [(batch.max_systems, tile_pairs(batch.max_atoms_per_system))]
+        args = (blocks.positions, blocks.valid, sp, batch.cell, batch.pbc, plans, shifts)
+        energy = _tiled_energy(model, *args)
     # A cell too small for the static image range would miss pairs: that system's energy,
     # forces and stress are NaN, and a run reports it FAILED with Failure.CELL_TOO_SMALL (or
     # SIZE_BUCKET_FULL: no place in its size bucket). Other systems are untouched: it is not a
@@ -341,47 +353,20 @@ def _bucketed_energy(model, batch, blocks, species, buckets, slots, shifts):
     Returns the energies (S,), 0 for a slot in no bucket.
     """
     full = tile_pairs(batch.max_atoms_per_system)
-    s, t = batch.max_systems, full.size
-    plans = []  # per bucket: (its slots C, its tile pairs)
+    plans = []  # per bucket: (its slots, its tile pairs)
     for (atoms, _), (index, _) in zip(buckets, slots, strict=True):
-        used = min(-(-atoms // t), full.count)  # a bucket wider than A: all tiles
+        used = min(-(-atoms // full.size), full.count)  # a bucket wider than A: all tiles
         plans.append((index.shape[0], tile_pairs(batch.max_atoms_per_system, used=used)))
-    offsets = np.cumsum([0] + [c for c, _ in plans])[:-1]
-    # row r: a tile pair of a block of the concatenated bucket slots; the tiles of its two
-    # sides as rows of as_tiles (full tiling), bucket after bucket
-    sides = [pair_tiles(o + np.arange(c), tp) for o, (c, tp) in zip(offsets, plans, strict=True)]
-    i_tile = np.concatenate([i for i, _ in sides])
-    j_tile = np.concatenate([j for _, j in sides])
-    diagonal = i_tile == j_tile
-    block = i_tile // full.count
-
     index = jnp.concatenate([index for index, _ in slots])
     ok = jnp.concatenate([ok for _, ok in slots])
     valid = blocks.valid[index] & ok[:, None]
     # a free place of a bucket reads some slot's atoms: zeros instead, as for padding atoms
     positions = jnp.where(valid[..., None], blocks.positions[index], 0.0)
-    frac = as_tiles(fractional(positions, batch.cell[index]), full)
-    valid, positions = as_tiles(valid, full), as_tiles(positions, full)
-    si = sj = None
-    if species is not None:
-        sp = as_tiles(species[blocks.index][index], full)
-        si, sj = sp[i_tile], sp[j_tile]
-    rows = _TileRows(
-        positions[i_tile], positions[j_tile], frac[i_tile], frac[j_tile], valid[i_tile],
-        valid[j_tile], si, sj, batch.cell[index][block], batch.pbc[index][block],
-        diagonal, np.concatenate([np.tile(tp.weight, c) for c, tp in plans]),
-    )  # fmt: skip
-    per_tile = [_tile_row_energy(model, rows)]
-    if len(shifts):  # summed per slot apart, as in dense_energy without buckets
-        per_tile.append(_tile_row_energy(model, rows, jnp.asarray(shifts)))
-    energies, start = [], 0
-    for c, tp in plans:
-        m = len(tp.first)
-        e = [jnp.sum(x[start : start + c * m].reshape(c, m), axis=-1) for x in per_tile]
-        energies.append(e[0] if len(e) == 1 else e[0] + e[1])
-        start += c * m
-    target = jnp.where(ok, index, s)
-    return jnp.zeros(s, batch.dtype).at[target].add(jnp.concatenate(energies), mode="drop")
+    sp = None if species is None else species[blocks.index][index]
+    args = (positions, valid, sp, batch.cell[index], batch.pbc[index], plans, shifts)
+    energies = _tiled_energy(model, *args)
+    target = jnp.where(ok, index, batch.max_systems)
+    return jnp.zeros(batch.max_systems, batch.dtype).at[target].add(energies, mode="drop")
 
 
 def neighbor_energy(model, batch: Batch, species: jax.Array | None = None) -> jax.Array:
