@@ -36,9 +36,9 @@ def normal_table() -> np.ndarray:
     (the bins lose 1.5e-6 of it), as GROMACS's ``TabulatedNormalDistribution`` (14 bits there).
     A uniform 16-bit index then gives a deviate by one gather, with no floating-point
     arithmetic whose last bits XLA:CPU could round differently in another program: a float32
-    ``erfinv`` did (its multiply-adds fused into FMAs or not, its ``log`` vectorised or not), and
-    a system's trajectory differed in a pipeline and in a fused run. Mean 0, variance 1,
-    fourth moment 3 - 2e-4, ``|ξ| <= 4.4``.
+    ``erfinv`` did (XLA:CPU fuses a multiply and an add into one FMA in some programs and not
+    in others), and a system's trajectory differed in a pipeline and in a fused run. Mean 0,
+    variance 1, fourth moment 3 - 2e-4, ``|ξ| <= 4.4``.
     """
     n = 2**NORMAL_TABLE_BITS
     normal = statistics.NormalDist()
@@ -169,7 +169,10 @@ class NVTLangevin(Stage):
             atom_keys[:, 0], atom_keys[:, 1], local, jnp.zeros_like(local)
         )  # the block at counter (i, 0): two words, three 16-bit indices
         index = jnp.stack([w1 >> 16, w1 & 0xFFFF, w2 >> 16], axis=1).astype(jnp.int32)
-        z = jnp.asarray(normal_table(), batch.dtype)[index]  # float32 values, exact in either
+        # the table as a constant of the batch's dtype (float32 values, exact in either): a
+        # float32 table converted in the program changed XLA's fusions, and the select-only
+        # step (GPU form) then differed from the lax.cond step in the velocities' last bit
+        z = jnp.asarray(normal_table(), batch.dtype)[index]
         return jnp.where(batch.atom_mask[:, None], z, 0.0)
 
     def _ou(self, batch: Batch, step: jax.Array) -> Batch:
