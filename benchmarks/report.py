@@ -464,7 +464,8 @@ def summary_section(data: dict) -> list[str]:
         if v["status"] != "installed"
     ]
     scripts = data.get("scripts", {})
-    carried = any(_earlier_commit(v) for v in scripts.values())
+    # a peer script carried from an earlier run measured the peers installed then
+    carried = any(_earlier_commit(v) for k, v in scripts.items() if k.startswith(("peers", "w5")))
     out.append("")
     out.append("Peers installed for this run: " + (", ".join(installed) or "none") + ".")
     if missing:

@@ -248,7 +248,7 @@ def _tiled_energy(model, positions, valid, species, cell, pbc, plans, shifts) ->
 def _row_energy(model, rows, species, shifts=None) -> jax.Array:
     """``1/2 Σ_j φ`` of every atom (N,) against the block of its own system (:class:`AtomRows`).
 
-    ``shifts`` as in :func:`_tiled_energy`.
+    ``shifts`` as in :func:`_tile_row_energy`.
     """
     ok = rows.valid[:, None] & rows.partners.valid  # (N, A)
     if shifts is None:

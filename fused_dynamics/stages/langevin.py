@@ -23,22 +23,29 @@ from .verlet import drift, kick
 __all__ = ["NVTLangevin"]
 
 
-NORMAL_TABLE_BITS = 16
+NORMAL_TABLE_BITS = 16  # three 16-bit indices from the two 32-bit words of one block
+NOISE_TAG = 0x4C414E47  # "LANG": the noise's own keys, apart from any other draw under the seed
 
 
 @functools.cache
 def normal_table() -> np.ndarray:
-    """The standard normal distribution in ``2^16`` equally likely values, float32 (host).
+    """The standard normal distribution in ``2^16`` equally likely values (host, read-only).
 
     Entry ``k`` is the mean of the standard normal over its ``k``-th quantile bin, between
     ``Φ⁻¹(k / 2^16)`` and ``Φ⁻¹((k + 1) / 2^16)`` (``statistics.NormalDist.inv_cdf``, float64),
     made exactly odd (entry ``2^16 - 1 - k`` is ``-`` entry ``k``) and scaled to unit variance
-    (the bins lose 1.5e-6 of it), as GROMACS's ``TabulatedNormalDistribution`` (14 bits there).
-    A uniform 16-bit index then gives a deviate by one gather, with no floating-point
-    arithmetic whose last bits XLA:CPU could round differently in another program: a float32
-    ``erfinv`` did (XLA:CPU fuses a multiply and an add into one FMA in some programs and not
-    in others), and a system's trajectory differed in a pipeline and in a fused run. Mean 0,
-    variance 1, fourth moment 3 - 2e-4, ``|ξ| <= 4.4``.
+    (the bins lose 1.5e-6 of it); a tabulated normal distribution like GROMACS's
+    ``TabulatedNormalDistribution`` (14 bits there). A uniform 16-bit index then gives a
+    deviate by one gather, with no floating-point arithmetic whose last bits XLA:CPU could
+    round differently in another program: deviates computed by arithmetic did (XLA:CPU fuses
+    a multiply and an add into one FMA in some programs and not in others), and a system's
+    trajectory differed in a pipeline and in a fused run. Mean 0, variance 1, fourth moment
+    3 - 1.7e-4, ``|ξ| <= 4.39``.
+
+    Returns
+    -------
+    numpy.ndarray, shape (2^16,) float32
+        Increasing; the same array at every call.
     """
     n = 2**NORMAL_TABLE_BITS
     normal = statistics.NormalDist()
@@ -46,7 +53,9 @@ def normal_table() -> np.ndarray:
     density = np.exp(-0.5 * edges**2) / math.sqrt(2.0 * math.pi)  # 0 at the infinite edges
     mean = (density[:-1] - density[1:]) * n
     mean = 0.5 * (mean - mean[::-1])
-    return (mean / np.sqrt(np.mean(mean**2))).astype(np.float32)
+    table = (mean / np.sqrt(np.mean(mean**2))).astype(np.float32)
+    table.setflags(write=False)  # cached: shared by every caller
+    return table
 
 
 class NVTLangevin(Stage):
@@ -65,7 +74,10 @@ class NVTLangevin(Stage):
     Random numbers do not depend on the slot a system occupies nor on its neighbours in the
     batch, nor on the batch's dtype: the deviates of the system with ``system_id`` ``sid`` at
     that system's ``k``-th step in this stage come from the Threefry-2x32 key
-    ``(k1, k2) = key_data(fold_in(fold_in(PRNGKey(seed), sid), k))``. Atom ``i`` (its index
+    ``(k1, k2) = key_data(fold_in(fold_in(fold_in(key(seed), sid), k), NOISE_TAG))`` (``key``
+    with ``impl="threefry2x32"``; the tag keeps these blocks apart from other draws under the
+    same seed and ids, such as :func:`~fused_dynamics.initialize_velocities` with
+    ``PRNGKey(seed)``, whose atom ``k`` has the key before the tag). Atom ``i`` (its index
     inside its own system) takes the two 32-bit words ``(w1, w2)`` of the Threefry-2x32 block
     of ``(k1, k2)`` at counter ``(i, 0)``, and its three deviates are ``T[w1 >> 16]``,
     ``T[w1 & 0xFFFF]`` and ``T[w2 >> 16]``, where ``T`` is :func:`normal_table`, the normal
@@ -145,14 +157,21 @@ class NVTLangevin(Stage):
         return 0.5 * per_system(batch, fs_to_ase_time(jnp.asarray(self.dt, batch.dtype)))
 
     def _noise(self, batch: Batch, step: jax.Array) -> jax.Array:
-        """Standard normal deviates, shape (N, 3), in the batch's dtype (0 on padded rows),
-        keyed by system id, step and local index (the class docstring says how).
+        """Standard normal deviates keyed by system id, step and local index.
+
+        The class docstring gives the stream.
 
         Parameters
         ----------
         batch : Batch
+            The systems, their ids and atom masks.
         step : Array, shape (S,) int32
             Each slot's step counter in this stage.
+
+        Returns
+        -------
+        Array, shape (N, 3), the batch's dtype
+            0 on padded atom rows.
         """
         s = batch.max_systems
         # Threefry whatever jax_default_prng_impl says (the keys of PRNGKey under the default)
@@ -160,7 +179,7 @@ class NVTLangevin(Stage):
 
         def system_key(sid, k):
             key = jax.random.fold_in(base, sid.astype(jnp.uint32))
-            return jax.random.fold_in(key, k.astype(jnp.uint32))
+            return jax.random.fold_in(jax.random.fold_in(key, k.astype(jnp.uint32)), NOISE_TAG)
 
         keys = jax.random.key_data(jax.vmap(system_key)(batch.system_id, step))  # (S, 2)
         atom_keys = keys[jnp.clip(batch.system_idx, 0, s - 1)]
@@ -168,7 +187,8 @@ class NVTLangevin(Stage):
         w1, w2 = threefry2x32_p.bind(
             atom_keys[:, 0], atom_keys[:, 1], local, jnp.zeros_like(local)
         )  # the block at counter (i, 0): two words, three 16-bit indices
-        index = jnp.stack([w1 >> 16, w1 & 0xFFFF, w2 >> 16], axis=1).astype(jnp.int32)
+        low, high = (1 << NORMAL_TABLE_BITS) - 1, 32 - NORMAL_TABLE_BITS
+        index = jnp.stack([w1 >> high, w1 & low, w2 >> high], axis=1).astype(jnp.int32)
         # the table as a constant of the batch's dtype (float32 values, exact in either): a
         # float32 table converted in the program changed XLA's fusions, and the select-only
         # step (GPU form) then differed from the lax.cond step in the velocities' last bit
