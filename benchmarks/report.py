@@ -21,6 +21,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
+
+if str(HERE.parent) not in sys.path:  # run as a file: the package beside it
+    sys.path.insert(0, str(HERE.parent))
+from benchmarks.__main__ import SCRIPTS  # noqa: E402
+
+# the scripts that time the peers (run with the peers' interpreter)
+PEER_SCRIPTS = frozenset(s.name for s in SCRIPTS if s.peers)
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 MD_NAMES = {
@@ -465,7 +472,7 @@ def summary_section(data: dict) -> list[str]:
     ]
     scripts = data.get("scripts", {})
     # a peer script carried from an earlier run measured the peers installed then
-    carried = any(_earlier_commit(v) for k, v in scripts.items() if k.startswith(("peers", "w5")))
+    carried = any(_earlier_commit(v) for k, v in scripts.items() if k in PEER_SCRIPTS)
     out.append("")
     out.append("Peers installed for this run: " + (", ".join(installed) or "none") + ".")
     if missing:
