@@ -165,6 +165,29 @@ def test_layout_follows_the_fill_of_the_slots():
     assert dense_layout(1, 64, 64, 0) == "blocks"
 
 
+def test_the_self_pair_mask_of_the_blocks_is_no_iota_comparison():
+    """Regression (compile time, not a timing): the blocks' self-pair mask built by ``jnp.eye``
+    put an iota comparison into a (tile pairs, t, t) fusion that LLVM took 0.3 s to compile,
+    a fifth of XLA's time on the W1 relaxation's program (benchmarks/bench_peers.py); the
+    identity comes as a host constant instead. The compiled evaluation of full 55-atom blocks
+    (64-atom tiles) has no (t, t) iota left."""
+    from ase.cluster import Icosahedron
+
+    systems = [Icosahedron("Ar", noshells=3, latticeconstant=5.26) for _ in range(3)]
+    for a in systems:
+        a.set_cell([40.0] * 3)
+        a.center()
+    batch = fd.Batch.from_atoms(systems)
+    model = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.5).with_images(batch)
+    t = tile_pairs(batch.max_atoms_per_system).size
+    assert dense_layout(batch.max_systems, batch.max_atoms, batch.max_atoms_per_system, 0) == (
+        "blocks"
+    )
+    hlo = jax.jit(lambda b: model(b).forces).lower(batch).compile().as_text()
+    iotas = [line for line in hlo.splitlines() if " iota(" in line and f"[{t},{t}]" in line]
+    assert not iotas, iotas
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["rows", "blocks"])
 def test_a_float32_fused_relax_then_md_with_image_shifts_compiles_and_runs(layout, monkeypatch):
