@@ -168,9 +168,9 @@ def test_layout_follows_the_fill_of_the_slots():
 def test_the_self_pair_mask_of_the_blocks_is_no_iota_comparison():
     """Regression (compile time, not a timing): the blocks' self-pair mask built by ``jnp.eye``
     put an iota comparison into a (tile pairs, t, t) fusion that LLVM took 0.3 s to compile,
-    a fifth of XLA's time on the W1 relaxation's program (benchmarks/bench_peers.py); the
-    identity comes as a host constant instead. The compiled evaluation of full 55-atom blocks
-    (64-atom tiles) has no (t, t) iota left."""
+    a fifth of LLVM's CPU time on the W1 relaxation's program (benchmarks/bench_peers.py);
+    the identity comes as a host constant instead (docs/models.md, size buckets). The compiled
+    evaluation of full 55-atom blocks has no (t, t) iota left."""
     from ase.cluster import Icosahedron
 
     systems = [Icosahedron("Ar", noshells=3, latticeconstant=5.26) for _ in range(3)]

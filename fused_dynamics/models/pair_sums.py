@@ -221,7 +221,7 @@ def _tile_row_energy(model, rows: _TileRows, shifts=None) -> jax.Array:
     if rows.si is not None:
         si, sj = rows.si[:, :, None], rows.sj[:, None, :]
     if shifts is None:
-        # the identity as a host constant: from jnp.eye's iota comparison inside this fusion
+        # the identity as a host constant: with jnp.eye's iota comparison inside this fusion
         # LLVM took 0.3 s to compile the one kernel (W1's relaxation, 104 rows of 36 x 36)
         eye = np.eye(ok.shape[-1], dtype=bool)
         ok = ok & ~(jnp.asarray(rows.diagonal)[:, None, None] & jnp.asarray(eye))
