@@ -22,6 +22,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import loop, recording, sharding
 from .batch import Batch
@@ -180,9 +181,9 @@ def run(
         program = loop.compiled_loop(fused)
     else:
         program = loop.run_loop
-    return retry_on_overflow(
-        lambda b: program(fused, b, jnp.asarray(limit, jnp.int32), options), batch
-    )
+    # a NumPy scalar array: jnp.asarray of a Python int compiles a conversion program (jax 0.10)
+    limit = np.asarray(limit, np.int32)
+    return retry_on_overflow(lambda b: program(fused, b, limit, options), batch)
 
 
 def start(fused, batch: Batch | None = None, *, mesh=None, **options) -> Run:
