@@ -21,8 +21,6 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from . import loop, recording, sharding
 from .batch import Batch
@@ -171,7 +169,6 @@ def run(
         )  # fmt: skip
     if not isinstance(batch.cell, jax.core.Tracer):
         fused, batch = fit_to_batch(fused, batch)
-    limit = jnp.iinfo(jnp.int32).max if n_steps is None else int(n_steps)
     options = loop.LoopOptions(
         bool(resume),
         int(n_steps) if differentiable else None,
@@ -181,8 +178,7 @@ def run(
         program = loop.compiled_loop(fused)
     else:
         program = loop.run_loop
-    # a NumPy scalar array: jnp.asarray of a Python int compiles a conversion program (jax 0.10)
-    limit = np.asarray(limit, np.int32)
+    limit = loop.step_limit(n_steps)
     return retry_on_overflow(lambda b: program(fused, b, limit, options), batch)
 
 

@@ -323,14 +323,14 @@ class Run:
         fused = self.fused
         # the run stops after this chunk: every system still running gets its output stress
         last = self._stop_at is not None and self.step_count + k >= self._stop_at
-        last = jnp.asarray(last or every_stress)
+        last = np.asarray(last or every_stress)  # host scalars: no conversion program
         new = None
         if self._admits_in_chunk:
             pending = self._pending
             shape = np.shape(self.batch.system_mask)
             new = jnp.asarray(np.zeros(shape, bool) if pending is None else pending)
         batch, taken, active, records = self._retry(
-            lambda b: self._chunk(fused, b, jnp.int32(k), last, new, self._record_steps),
+            lambda b: self._chunk(fused, b, np.asarray(k, np.int32), last, new, self._record_steps),
             self.batch,
             listeners=self.listeners,
         )
@@ -349,9 +349,9 @@ class Run:
                 f"{type(self).__name__} admits in a program of its own, not through its chunk"
             )
         new = jnp.asarray(new)
-        last = jnp.asarray(False)
+        last, no_steps = np.asarray(False), np.asarray(0, np.int32)
         out = self._retry(
-            lambda b: self._chunk(self.fused, b, jnp.int32(0), last, new, self._record_steps),
+            lambda b: self._chunk(self.fused, b, no_steps, last, new, self._record_steps),
             batch,
             listeners=self.listeners,
         )

@@ -7,6 +7,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import health, recording
 from .batch import Batch
@@ -293,6 +294,13 @@ def _stress_at_exit(fused, start: Batch, end: Batch, everyone) -> Batch:
     missing = ~jnp.all(jnp.isfinite(end.stress), axis=(-2, -1))
     due = (left(end) & ~before) | (everyone & end.system_mask & missing)
     return output_stress(fused, end, due)
+
+
+def step_limit(n_steps: int | None) -> np.ndarray:
+    """The ``limit`` of :func:`run_steps` for a run of at most ``n_steps`` (None: no bound),
+    a host int32 scalar array. A NumPy array goes into the program as it is, while
+    ``jnp.asarray`` of a Python int compiles a conversion program of its own (jax 0.10)."""
+    return np.asarray(np.iinfo(np.int32).max if n_steps is None else int(n_steps), np.int32)
 
 
 @dataclasses.dataclass(frozen=True)

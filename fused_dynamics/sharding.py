@@ -639,7 +639,7 @@ def run(
         fused = prepare(fused, flat)
         stacked = batch if is_sharded(batch) else shard(batch, mesh)
         stacked = _with_model_lists(fused, stacked, mesh)
-    limit = jnp.asarray(jnp.iinfo(jnp.int32).max if n_steps is None else int(n_steps), jnp.int32)
+    limit = loop.step_limit(n_steps)
     options = (int(n_steps), checkpoints and int(checkpoints)) if differentiable else (None, None)
     return retry_on_overflow(
         lambda b: _WHOLE_RUN(fused, b, limit, bool(resume), mesh, options),
