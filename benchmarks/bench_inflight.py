@@ -20,9 +20,14 @@ Both modes use the same model: the image range the whole dataset needs and no si
 every static batch runs one compiled program (``static.compilations`` counts any other) and the
 ratio measures the scheduling alone.
 
-Reported: wall times (compile excluded: both modes are warmed up on a small dataset of the same
-capacity first, whose compile time is reported apart), the throughput ratio static / inflight
-(target >= 2 on CPU), slot utilisation of the inflight run (``stats.utilization``, target >= 0.9;
+Timing: ``--rounds`` (2) interleaved rounds in this one process, the order alternated (inflight
+then static, static then inflight, ...), so that neither mode always runs first or under the
+same load.
+
+Reported: wall times, the median of the rounds and each round's (compile excluded: both modes
+are warmed up on a small dataset of the same capacity first, whose compile time is reported
+apart), the throughput ratio static wall / inflight wall per round and its median (target >= 2
+on CPU), slot utilisation of the inflight run (``stats.utilization``, target >= 0.9;
 the same measure for the static batches), compilations during the run (``stats.compilations``).
 
 ``--workload w4`` (issue 13's W4, result ``inflight_w4[_quick].json``): ``--systems`` (2,000;
@@ -39,7 +44,7 @@ The per-system FIRE step counts (min, median, max) are reported, which is what b
 ratio.
 
 Run: ``.venv/bin/python benchmarks/bench_inflight.py [--systems 300] [--quick]
-[--workload w4]``.
+[--workload w4] [--rounds 2]``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import argparse
 import collections
 import functools
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -242,7 +248,9 @@ def run_static(data, max_atoms, max_systems, workload, images):
     }
 
 
-def main(n_systems, max_atoms, max_systems, refill, warm_systems, workload="default") -> dict:
+def main(
+    n_systems, max_atoms, max_systems, refill, warm_systems, workload="default", rounds=2
+) -> dict:
     load0 = os.getloadavg()
     make_data, fmax, budget, nvt = WORKLOADS[workload]
     data = make_data(n_systems)
@@ -258,8 +266,20 @@ def main(n_systems, max_atoms, max_systems, refill, warm_systems, workload="defa
     cold_s, _ = one_static(warm, max_atoms, max_systems)
     hot_s, _ = one_static(warm, max_atoms, max_systems)
 
-    wall_i, stats, frames = one_inflight(data, max_atoms, max_systems)
-    wall_s, static = one_static(data, max_atoms, max_systems)
+    # interleaved rounds in this one process, the order alternated (A B, B A, ...); the step
+    # counts are the same in every round (fixed seeds, deterministic programs)
+    walls_i, walls_s, stats, frames, static = [], [], None, None, None
+    for r in range(rounds):
+        for mode in ("inflight", "static") if r % 2 == 0 else ("static", "inflight"):
+            if mode == "inflight":
+                wall, stats, frames = one_inflight(data, max_atoms, max_systems)
+                walls_i.append(wall)
+            else:
+                wall, static = one_static(data, max_atoms, max_systems)
+                walls_s.append(wall)
+    # per round: inflight throughput over static
+    ratios = [s / i for s, i in zip(walls_s, walls_i, strict=True)]
+    wall_i, wall_s = statistics.median(walls_i), statistics.median(walls_s)
     n_out = stats.written
     fire = np.array(
         [
@@ -287,6 +307,7 @@ def main(n_systems, max_atoms, max_systems, refill, warm_systems, workload="defa
         "refill_frequency": refill,
         "inflight": {
             "wall_s": wall_i,
+            "wall_s_rounds": walls_i,
             "systems_per_s": n_systems / wall_i,
             "steps": stats.steps,
             "chunks": stats.chunks,
@@ -299,10 +320,14 @@ def main(n_systems, max_atoms, max_systems, refill, warm_systems, workload="defa
         },
         "static": {
             "wall_s": wall_s,
+            "wall_s_rounds": walls_s,
             "systems_per_s": n_systems / wall_s,
             **static,
         },
-        "throughput_ratio": wall_s / wall_i,
+        "throughput_ratio": statistics.median(ratios),
+        "throughput_ratios": ratios,
+        "timing": f"{rounds} interleaved rounds (inflight, static; static, inflight; ...), one "
+        "process; wall_s the median of the rounds",
         "compile_s": {
             "inflight": cold_i - hot_i,
             "static": cold_s - hot_s,
@@ -336,6 +361,7 @@ if __name__ == "__main__":
     p.add_argument("--warm-systems", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="60 systems (300 with --workload w4)")
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="default")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the two modes")
     p.add_argument("--name", default=None)
     args = p.parse_args()
     w4 = args.workload == "w4"
@@ -346,7 +372,7 @@ if __name__ == "__main__":
     t0 = time.perf_counter()
     res = main(
         args.systems, args.max_atoms, args.max_systems, args.refill, args.warm_systems,
-        args.workload,
+        args.workload, args.rounds,
     )  # fmt: skip
     res["quick"] = bool(args.quick)
     res["total_wall_s"] = time.perf_counter() - t0

@@ -204,14 +204,26 @@ def inflight_section(data: dict) -> list[str]:
         f"| static batches, one after another | {fmt(s['wall_s'])} | {fmt(s['systems_per_s'])} "
         f"| {fmt(s['steps'])} | {fmt(s['utilization'])} | – |",
         "",
-        f"Throughput ratio inflight / static: **{fmt(data['throughput_ratio'])}** "
-        f"(target >= 2). Compile (warm-up, excluded above): inflight "
+        f"Throughput ratio inflight / static: **{fmt(data['throughput_ratio'])}**"
+        + _ratio_rounds(data)
+        + " (target >= 2). "
+        f"Compile (warm-up, excluded above): inflight "
         f"{fmt(c.get('inflight'), 2)} s, static {fmt(c.get('static'), 2)} s. FIRE steps per "
         f"system: {fire.get('min', '?')}–{fire.get('max', '?')} (median "
         f"{fmt(fire.get('median'))})"
         + (" before the 200 NVT steps." if "NVT" in str(data.get("workload")) else "."),
     ]
     return out
+
+
+def _ratio_rounds(data: dict) -> str:
+    """`` (min-max over N interleaved rounds)``, or what an older file without rounds says."""
+    ratios = data.get("throughput_ratios")
+    if not ratios:
+        return " (one timed run of each mode, not interleaved: a file of an earlier version)"
+    if len(ratios) == 1:
+        return " (one round)"
+    return f" (min–max {fmt(min(ratios))}–{fmt(max(ratios))}, {len(ratios)} interleaved rounds)"
 
 
 def overhead_section(data: dict) -> list[str]:
