@@ -65,7 +65,10 @@ def run(
         steps, until the sampler is exhausted and nothing is in flight.
     refill_frequency : int, default 50
         Steps per compiled chunk between host visits (inflight, sinks, checkpoints, and the
-        delivery of host hooks' records, :mod:`fused_dynamics.recording`).
+        delivery of host hooks' records, :mod:`fused_dynamics.recording`). Without host
+        hooks, a chunk in which no system graduated goes on, in further ``refill_frequency``
+        steps, to at most ``fd.live.STRETCH`` times as many: such a visit would have had
+        nothing to write or refill (docs/semantics.md §14).
     sinks : sequence of sinks
         Where graduated systems are written, each to the first with room (§15). With a batch,
         systems are streamed out as they graduate.

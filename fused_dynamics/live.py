@@ -21,7 +21,12 @@ from .compiled import retry_on_overflow
 from .inflight import RunStats
 from .outputs.common import check_writable
 
-__all__ = ["Run", "fit_to_batch"]
+__all__ = ["Run", "fit_to_batch", "STRETCH"]
+
+# A run driven to its end goes on past a chunk of refill_frequency steps while no system
+# graduates, to at most this many times as many steps: the host still gets control (Ctrl-C,
+# host hooks' records) at least that often.
+STRETCH = 8
 
 
 def fit_to_batch(fused, batch: Batch):
@@ -304,10 +309,30 @@ class Run:
         when no step is due)."""
         return self._dispatch(n_steps, every_stress=True)
 
-    def _dispatch(self, n_steps: int | None, every_stress: bool):
+    def _stretch(self, most: int) -> tuple | None:
+        """The ``stretch`` argument of the chunk (:func:`fused_dynamics.loop.run_steps`): it may
+        go on to ``most`` steps (0: no further than asked) while no system graduates, bounded
+        by the run's budget and the next checkpoint. None for a chunk that takes no such
+        argument (a sharded run's)."""
+        if not self._admits_in_chunk:
+            return None
+        top = np.iinfo(np.int32).max
+        if most <= 0:  # the chunk as asked; its last flag says whether the run ends with it
+            return np.asarray(0, np.int32), np.asarray(top, np.int32)
+        step = self.step_count
+        to_stop = top if self._stop_at is None else self._stop_at - step
+        if self._next_checkpoint is not None:
+            most = min(most, self._next_checkpoint - step)
+        return np.asarray(min(most, to_stop), np.int32), np.asarray(to_stop, np.int32)
+
+    def _dispatch(self, n_steps: int | None, every_stress: bool, stretch: bool = False):
         """:meth:`dispatch`; ``every_stress`` False (:meth:`run_to_end`, which hands out only
         the systems that left, and the batch after its last chunk): the output stress only
-        for the systems that leave in this chunk, and for all in the run's last chunk."""
+        for the systems that leave in this chunk, and for all in the run's last chunk.
+        ``stretch`` (:meth:`run_to_end`, without host hooks): the chunk goes on past
+        ``refill_frequency`` steps, in whole multiples of it and to at most :data:`STRETCH`
+        times it, while no system graduates: a host visit would have nothing to write or
+        refill (docs/semantics.md §14)."""
         if self.batch is None:
             return None
         k = self.refill_frequency if n_steps is None else int(n_steps)
@@ -329,8 +354,14 @@ class Run:
             pending = self._pending
             shape = np.shape(self.batch.system_mask)
             new = jnp.asarray(np.zeros(shape, bool) if pending is None else pending)
+        # host hooks' records are delivered after each chunk: such runs are not stretched
+        stretch = stretch and n_steps is None and self._record_steps is None
+        more = self._stretch(STRETCH * k if stretch else 0)
+        extra = () if more is None else (more,)
         batch, taken, active, records = self._retry(
-            lambda b: self._chunk(fused, b, np.asarray(k, np.int32), last, new, self._record_steps),
+            lambda b: self._chunk(
+                fused, b, np.asarray(k, np.int32), last, new, self._record_steps, *extra
+            ),
             self.batch,
             listeners=self.listeners,
         )
@@ -350,8 +381,9 @@ class Run:
             )
         new = jnp.asarray(new)
         last, no_steps = np.asarray(False), np.asarray(0, np.int32)
+        more = self._stretch(0)  # the run's one chunk program: the same arguments
         out = self._retry(
-            lambda b: self._chunk(self.fused, b, no_steps, last, new, self._record_steps),
+            lambda b: self._chunk(self.fused, b, no_steps, last, new, self._record_steps, more),
             batch,
             listeners=self.listeners,
         )
@@ -468,7 +500,7 @@ class Run:
         """Advance and refill until :attr:`all_complete`, checkpointing as asked; returns the
         statistics."""
         while not self.all_complete:
-            taken = self.collect(self._dispatch(None, every_stress=False))
+            taken = self.collect(self._dispatch(None, every_stress=False, stretch=True))
             mask, done = self._host_status()
             left = np.any(mask & done & ~self._written)
             if left or taken == 0 or not np.any(mask & ~done):

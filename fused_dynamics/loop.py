@@ -30,6 +30,7 @@ def run_steps(
     stress_at_exit=None,
     prime: bool | jax.Array = False,
     energy_at_exit: bool = False,
+    stretch=None,
 ):
     """At most ``limit`` steps from ``batch.step_count``, stopping when all have graduated.
 
@@ -83,6 +84,14 @@ def run_steps(
         ``stress_at_exit`` (a chunk): the energy at the chunk's end of every system that took a
         step in it or was admitted by it, in one forward pass, so that what the host reads
         between chunks (sinks, checkpoints, progress) has it; the others keep theirs.
+    stretch : tuple of two int32 scalars, optional
+        A chunk of a run driven to its end (:meth:`~fused_dynamics.live.Run.run_to_end`):
+        ``(most, to_stop)``. The loop goes on past ``limit``, in whole multiples of ``limit``
+        and to at most ``most`` steps, while no system has graduated during the chunk (a host
+        visit then would have nothing to write or refill, docs/semantics.md §14); the
+        graduation of every system stops it as before. ``to_stop``: the steps
+        left before the run's step budget ends it; a chunk that reaches it computes the stress
+        of every system still without one (as ``stress_at_exit`` true).
 
     Returns
     -------
@@ -100,9 +109,19 @@ def run_steps(
     def pending(batch):
         return batch.system_mask & (batch.status != fused.exit_status)
 
+    def graduated(batch):
+        return batch.system_mask & (batch.status == fused.exit_status)
+
+    if stretch is not None:
+        before = graduated(batch)  # had left before this chunk: written by the last visit
+
     def cond(carry):
         batch, k, _, buffers, primed = carry
         go = k < limit
+        if stretch is not None:  # on, at multiples of limit, until a system has graduated
+            left = jnp.any(graduated(batch) & ~before)
+            boundary = k % jnp.maximum(limit, 1) == 0
+            go = go | ((k < stretch[0]) & ~(boundary & left))
         if buffers:
             go = go & recording.has_room(buffers)
         if axis_name is None:
@@ -152,6 +171,8 @@ def run_steps(
     else:
         bound = max_steps + (some is not False)
         batch, taken, active, buffers, _ = _checkpointed_loop(cond, body, init, bound, checkpoints)
+    if stretch is not None:  # a stretched chunk that reached the run's budget is its last
+        stress_at_exit = stress_at_exit | (taken >= stretch[1])
     if stress_at_exit is not None:  # a chunk: its energy first, then the stress of who left
         if energy_at_exit:
             # the systems that stepped or were primed here: their positions are new, and the
@@ -347,6 +368,7 @@ def chunk(
     last,
     new,
     record_steps: int | None,
+    stretch=None,
     axis_name: str | None = None,
 ):
     """At most ``limit`` steps of a run in chunks: ``(batch, taken, active, records)``.
@@ -360,7 +382,8 @@ def chunk(
     (:func:`~fused_dynamics.inflight.admit_systems`, under a ``lax.cond``, and primed by the
     loop's first iteration): one compiled call
     per visit instead of two (each call of this program touches its temporaries afresh, which
-    costs about as much as an evaluation on CPU; see docs/semantics.md §14).
+    costs about as much as an evaluation on CPU; see docs/semantics.md §14). ``stretch``: see
+    :func:`run_steps` (the chunk goes on while a host visit would have nothing to do).
     """
     prime = False
     if new is not None:
@@ -377,6 +400,7 @@ def chunk(
         stress_at_exit=last,
         prime=prime,
         energy_at_exit=not fused.needs_energy,
+        stretch=stretch,
     )
     return out if record_steps is not None else out + ({},)
 
