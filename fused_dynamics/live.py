@@ -17,7 +17,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import inflight, loop, recording
 from .batch import Batch, write_system
-from .compiled import retry_on_overflow
+from .compiled import overflowed, retry_on_overflow
 from .inflight import RunStats
 from .outputs.common import check_writable
 
@@ -110,6 +110,7 @@ class Run:
         self._held: set[int] = set()
         self._t0 = time.perf_counter()
         self._closed = False
+        self._held_list = ()  # capacities of a list that overflowed a stretched chunk
         self._chunk = self._make_chunk()
         # host hooks are recorded on the device and delivered after each chunk
         self._record_steps = self.refill_frequency if recording.records_hooks(fused) else None
@@ -309,6 +310,13 @@ class Run:
         when no step is due)."""
         return self._dispatch(n_steps, every_stress=True)
 
+    def _list_shape(self):
+        """The static capacities of the batch's neighbor list (None without one): what a
+        growth after an overflow changes (:meth:`NeighborList.grown`)."""
+        nl = getattr(self.batch, "neighbors", None)
+        fields = ("capacity", "bin_capacity", "stencil", "max_neighbors")
+        return None if nl is None else tuple(getattr(nl, f, None) for f in fields)
+
     def _stretch(self, most: int) -> tuple | None:
         """The ``stretch`` argument of the chunk (:func:`fused_dynamics.loop.run_steps`): it may
         go on to ``most`` steps (0: no further than asked) while no system graduates, bounded
@@ -356,15 +364,25 @@ class Run:
             new = jnp.asarray(np.zeros(shape, bool) if pending is None else pending)
         # host hooks' records are delivered after each chunk: such runs are not stretched
         stretch = stretch and n_steps is None and self._record_steps is None
-        more = self._stretch(STRETCH * k if stretch else 0)
-        extra = () if more is None else (more,)
-        batch, taken, active, records = self._retry(
-            lambda b: self._chunk(
-                fused, b, np.asarray(k, np.int32), last, new, self._record_steps, *extra
-            ),
-            self.batch,
-            listeners=self.listeners,
-        )
+        stretch = stretch and self._admits_in_chunk and not self.listeners
+        stretch = stretch and self._list_shape() != self._held_list
+
+        def call(b, most):
+            more = self._stretch(most)
+            extra = () if more is None else (more,)
+            steps = np.asarray(k, np.int32)
+            return self._chunk(fused, b, steps, last, new, self._record_steps, *extra)
+
+        out = call(self.batch, STRETCH * k) if stretch else None
+        if out is not None and overflowed(out[0]):
+            # Redone unstretched from the chunk's start on the same list, and not stretched
+            # again until the list has grown: it then grows at the chunk that overflows in a
+            # run visiting the host every refill_frequency steps (a grown list is stale, so
+            # where it grows decides where it is rebuilt, and the sums' rounding after it).
+            self._held_list, out = self._list_shape(), None
+        if out is None:
+            out = self._retry(lambda b: call(b, 0), self.batch, listeners=self.listeners)
+        batch, taken, active, records = out
         self.batch = batch
         self._pending = None
         return taken, active, records

@@ -156,6 +156,8 @@ def run_steps(
         batch, _ = fused._step(batch, None, recorder, priming, slots, not energy_at_exit, fresh)
         if buffers:
             buffers = recording.write(buffers, recorder.entries, step)
+        if stretch is not None and energy_at_exit:
+            batch = _energy_check_at_boundary(fused, batch, k + one, limit, stretch[0], before)
         return batch, k + one, active, buffers, jnp.ones((), bool)
 
     zero = jnp.zeros((), jnp.int32)
@@ -189,6 +191,37 @@ def run_steps(
         batch = output_stress(fused, batch)
     out = (batch, taken, active)
     return out if record_steps is None else out + (buffers,)
+
+
+def _energy_check_at_boundary(fused, batch: Batch, k, limit, most, before) -> Batch:
+    """A stretched chunk whose steps evaluate forces only, after its step ``k``: at a boundary
+    the loop may go on past (a multiple of ``limit`` below ``most``, no system having left
+    since the chunk began, ``before``), every system still running whose energy is not
+    finite leaves FAILED at this step (:func:`fused_dynamics.health.fail_non_finite_energy`),
+    as the energy pass at the end of an unstretched chunk ending here would have made it; its
+    leaving then ends the chunk here. Nothing else is written (the chunk's energy pass at its
+    end writes the energies). One forward pass under a ``lax.cond``, at boundaries only."""
+    running = batch.system_mask & (batch.status != fused.exit_status)
+    left = batch.system_mask & (batch.status == fused.exit_status) & ~before
+    due = (k >= limit) & (k % jnp.maximum(limit, 1) == 0) & (k < most) & ~jnp.any(left)
+
+    def check(b):
+        energy = _forward_energy(fused, b, fresh_list=True)
+        bad = running & ~jnp.isfinite(energy)
+        failed = health.fail_non_finite_energy(fused, b.replace(energy=jnp.where(bad, energy, 0)))
+        return failed.replace(energy=b.energy)
+
+    return jax.lax.cond(due, check, lambda b: b, batch)
+
+
+def _forward_energy(fused, batch: Batch, fresh_list: bool) -> jax.Array:
+    """The energy of ``batch``'s positions by the forward pass alone (:func:`evaluate_energy`);
+    ``fresh_list``: an evaluation at these positions refreshed the neighbor list already, so
+    it is not checked again (no second copy of a rebuild)."""
+    if fresh_list and isinstance(batch.neighbors, NeighborList):
+        fresh = dataclasses.replace(batch.neighbors, refreshed=True)
+        batch = batch.replace(neighbors=fresh)
+    return evaluate_energy(fused.model, batch)
 
 
 def _checkpointed_loop(cond, body, init, max_steps, checkpoints=None):
@@ -274,12 +307,7 @@ def _energy_at_exit(
         out = fused.model(batch, stress=True)
         energy, stress = out.energy, out.stress
     else:  # the forward pass alone: compiles in a fraction of the time of the derivatives
-        given = batch
-        if fresh_list and isinstance(batch.neighbors, NeighborList):
-            # the last evaluation refreshed it at these positions: no second copy of a rebuild
-            fresh = dataclasses.replace(batch.neighbors, refreshed=True)
-            given = batch.replace(neighbors=fresh)
-        energy, stress = evaluate_energy(fused.model, given), batch.stress
+        energy, stress = _forward_energy(fused, batch, fresh_list), batch.stress
     info = dict(batch.info)
     prev = info["prev_energy"]
     info["prev_energy"] = jnp.where(prev == jnp.inf, prev, energy)

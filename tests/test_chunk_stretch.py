@@ -120,3 +120,82 @@ def test_a_run_with_a_host_hook_visits_the_host_every_chunk(tmp_path, monkeypatc
         seen[stretch] = list(ends), log.read_text()
     assert seen[1] == seen[STRETCH]
     assert seen[1][0][-1] == 37 and len(seen[1][0]) >= 4
+
+
+def _same_batch(a, b):
+    for name in ("positions", "velocities", "forces", "energy", "stress", "status", "step_count"):
+        x, y = np.asarray(getattr(a, name)), np.asarray(getattr(b, name))
+        assert np.array_equal(x, y, equal_nan=True), name
+    for key in a.info:
+        x, y = np.asarray(a.info[key]), np.asarray(b.info[key])
+        assert np.array_equal(x, y, equal_nan=True), key
+
+
+def test_a_non_finite_energy_fails_at_the_same_boundary(monkeypatch):
+    """Steps that evaluate forces only check the energy at a chunk's end (docs/semantics.md
+    §6): a stretched chunk checks it at every boundary it goes on past, so a system whose
+    energy turns NaN while its forces stay finite fails at the same step, with the same
+    record, as in a run visiting the host every 5 steps (it failed at step 15 there; the
+    unchecked stretch let it run to step 30)."""
+    from test_energy_at_exit import _spring_systems, _springs_late
+
+    model = fd.models.EnergyFunctionModel(_springs_late)
+    criterion = fd.ConvergenceHook.from_fmax(1e-3)
+    fused = fd.FusedStage([fd.FIRE(model, convergence_hook=criterion)])
+    runs = {}
+    for stretch in (1, STRETCH):
+        monkeypatch.setattr(live, "STRETCH", stretch)
+        batch = fd.Batch.from_atoms(_spring_systems(True))
+        with fused.start(batch, refill_frequency=5, sinks=[fd.HostMemory()]) as run:
+            run.run_to_end()
+        runs[stretch] = run
+    plain, stretched = runs[1], runs[STRETCH]
+    failed = np.asarray(plain.batch.info["exit_reason"]) == int(fd.ExitReason.FAILED)
+    assert failed.sum() == 1
+    assert stretched.stats.chunks < plain.stats.chunks
+    _same_batch(plain.batch, stretched.batch)
+
+
+def test_a_neighbor_list_overflow_grows_the_list_at_the_same_chunk(monkeypatch):
+    """Two argon clusters fly into each other, so their neighbor list, sized at the start,
+    overflows mid-run. A grown list is stale, so the step from which a chunk is redone decides
+    where the list is rebuilt: a stretched chunk that overflows is redone unstretched, and the
+    run grows its list at the same chunks and ends bitwise the same as a run visiting the host
+    every 5 steps."""
+    import warnings
+
+    from ase.cluster import Icosahedron
+
+    from fused_dynamics import compiled
+
+    model = LJ.with_neighbors(skin=0.5)
+    a, b, lone = (Icosahedron("Ar", 2).copy() for _ in range(3))
+    for seed, atoms in enumerate((a, b, lone)):
+        atoms.rattle(0.05, seed=seed + 1)
+    b.positions += (22.0, 0.0, 0.0)
+    pair = a + b
+    pair.set_velocities(np.repeat([[0.5, 0, 0], [-0.5, 0, 0]], 13, axis=0))
+    grown_at = []
+    grow = compiled.grow_neighbors
+
+    def counting(batch, out=None):
+        grown_at.append(int(np.asarray(batch.step_count)))
+        return grow(batch, out)
+
+    monkeypatch.setattr(compiled, "grow_neighbors", counting)
+    fused = fd.FusedStage([fd.NVE(model, dt=4.0)])
+    runs = {}
+    for stretch in (1, STRETCH):
+        monkeypatch.setattr(live, "STRETCH", stretch)
+        grown_at.clear()
+        batch = model.attach_neighbors(fd.Batch.from_atoms([pair, lone], max_atoms=64))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the growth's warning
+            with fused.start(batch, n_steps=60, refill_frequency=5, sinks=[fd.HostMemory()]) as run:
+                run.run_to_end()
+        runs[stretch] = run, list(grown_at)
+    (plain, grown), (stretched, grown_s) = runs[1], runs[STRETCH]
+    assert grown and grown == grown_s
+    assert int(plain.batch.neighbors.rebuilds) == int(stretched.batch.neighbors.rebuilds)
+    assert stretched.stats.chunks < plain.stats.chunks
+    _same_batch(plain.batch, stretched.batch)
