@@ -32,6 +32,28 @@ def timed(fn, *args, repeat: int = 3):
     return first, best, out
 
 
+def interleaved(runs: dict, rounds: int) -> tuple[dict, dict, dict]:
+    """Call every run once (it compiles), then time ``rounds`` rounds of all of them in this
+    process, the order rotated every round so that no run always goes first.
+
+    ``runs`` maps a name to a function of no arguments; each call's result is waited for
+    (:func:`block`). Returns ``(first_s, first, walls)``: the seconds of each first call, its
+    result, and each run's seconds per round, in round order.
+    """
+    first_s, first, walls = {}, {}, {name: [] for name in runs}
+    for name, fn in runs.items():
+        t = time.perf_counter()
+        first[name] = block(fn())
+        first_s[name] = time.perf_counter() - t
+    names = list(runs)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t = time.perf_counter()
+            block(runs[name]())
+            walls[name].append(time.perf_counter() - t)
+    return first_s, first, walls
+
+
 def save(name: str, payload: dict) -> Path:
     """Write ``benchmarks/results/NAME.json`` with the machine described."""
     import jax  # here, not at the top: the benchmark command imports git_state without JAX

@@ -41,10 +41,10 @@ Run: ``.venv/bin/python benchmarks/bench_fused_overhead.py [--systems 64] [--ste
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 from ase.build import bulk  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import git_state, save  # noqa: E402
+from _common import git_state, interleaved, save  # noqa: E402
 
 import fused_dynamics as fd  # noqa: E402
 from fused_dynamics import loop, recording  # noqa: E402
@@ -134,24 +134,6 @@ def step_loop(fused: fd.FusedStage, n_steps: int):
     return run
 
 
-def interleaved(programs: dict, rounds: int) -> tuple[dict, dict]:
-    """Compile (first call) each program, then time ``rounds`` rotated rounds of all."""
-    compile_s, times = {}, {name: [] for name in programs}
-    for name, (fn, arg) in programs.items():
-        t = time.perf_counter()
-        jax.block_until_ready(fn(arg))
-        compile_s[name] = time.perf_counter() - t
-    names = list(programs)
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            fn, arg = programs[name]
-            t = time.perf_counter()
-            jax.block_until_ready(fn(arg))
-            times[name].append(time.perf_counter() - t)
-    return compile_s, times
-
-
 def summary(xs, scale=1.0) -> dict:
     return {
         "median": scale * statistics.median(xs),
@@ -215,7 +197,8 @@ def main(n_systems=64, n_steps=200, rounds=7, every=10, tape_every=5, breakdown=
             step_loop(make_fused(model, convergence_every=every), n_steps),
             prepared,
         )
-    compile_s, times = interleaved(programs, rounds)
+    runs = {name: functools.partial(fn, arg) for name, (fn, arg) in programs.items()}
+    compile_s, _, times = interleaved(runs, rounds)
     end = fused.run(batch, n_steps=n_steps)
     per_step = {name: summary(ts, 1e3 / n_steps) for name, ts in times.items()}
 

@@ -29,6 +29,7 @@ system only, up to 16,384 atoms, fewer steps, (b) with one skin; writes
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -42,7 +43,7 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import block, save  # noqa: E402
+from _common import block, interleaved, save  # noqa: E402
 from bench_peers import fcc_box  # noqa: E402
 
 import fused_dynamics as fd  # noqa: E402
@@ -139,30 +140,18 @@ def scaling(kind: str, sizes, skin: float, repeat: int, quick: bool) -> dict:
     return {"rows": rows, "slope": slope, "build_slope": build_slope}
 
 
-def _timed(fused, batch) -> tuple[float, object]:
-    t = time.perf_counter()
-    out = block(fused.run(batch))
-    return time.perf_counter() - t, out
-
-
 def versus_dense(n_steps: int, skins, repeat: int) -> dict:
     """Dense pairs against a neighbor list per skin: each program compiled by a first run, then
     ``max(repeat, 2)`` interleaved rounds in this process (the order rotated every round), each
     round's ratio dense / neighbor list; medians and min-max."""
     batch = many_systems(16)
     dense = MODEL.with_images(batch)
-    programs = {"dense": (md(dense, n_steps, False), batch)}
+    runs = {"dense": functools.partial(md(dense, n_steps, False).run, batch)}
     for skin in skins:
         model = MODEL.with_neighbors(skin=skin)
-        programs[f"skin_{skin}"] = (md(model, n_steps, True), model.attach_neighbors(batch))
-    first, outs = {}, {}
-    for name, (fused, b) in programs.items():
-        first[name], outs[name] = _timed(fused, b)
-    walls = {name: [] for name in programs}
-    names = list(programs)
-    for r in range(max(repeat, 2)):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            walls[name].append(_timed(*programs[name])[0])
+        with_nl = model.attach_neighbors(batch)
+        runs[f"skin_{skin}"] = functools.partial(md(model, n_steps, True).run, with_nl)
+    first, outs, walls = interleaved(runs, max(repeat, 2))
     t_dense = statistics.median(walls["dense"])
     out_dense = outs["dense"]
     result = {

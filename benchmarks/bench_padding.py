@@ -34,7 +34,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -45,7 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import git_state, save  # noqa: E402
+from _common import git_state, interleaved, save  # noqa: E402
 from bench_peers import EPSILON, FMAX, MAX_RELAX_STEPS, SIGMA, relax_set  # noqa: E402
 
 import fused_dynamics as fd  # noqa: E402
@@ -122,18 +121,7 @@ def main(n_systems: int = 64, rounds: int = 5, structures: str = "peers") -> dic
         }
 
     programs = {"mixed": mixed, "per_shape": per_shape, "mixed_one_bucket": one_bucket}
-    compile_s, times, results = {}, {name: [] for name in programs}, {}
-    for name, fn in programs.items():
-        t = time.perf_counter()
-        results[name] = fn()
-        compile_s[name] = time.perf_counter() - t  # compile + one run
-    for r in range(rounds):
-        names = list(programs)
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            t = time.perf_counter()
-            programs[name]()
-            times[name].append(time.perf_counter() - t)
+    compile_s, results, times = interleaved(programs, rounds)  # compile_s: compile + one run
     # the same structures, the same FIRE: the relaxed energies agree (each run stops anywhere
     # below fmax, but the batches evaluate every system alike, so they agree closely)
     de = float(np.max(np.abs(results["mixed"]["energy"] - results["per_shape"]["energy"])))
