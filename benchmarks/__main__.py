@@ -121,7 +121,7 @@ SCRIPTS: tuple[Script, ...] = (
         "padding",
         "bench_padding.py",
         ("W1",),
-        ("--systems", "16", "--rounds", "3", "--name", "padding_quick"),
+        ("--systems", "16", "--rounds", "9", "--name", "padding_quick"),
         ("--name", "padding"),
     ),
     Script("inflight", "bench_inflight.py", ("inflight",), ("--quick",), in_quick=False),
