@@ -44,6 +44,7 @@ from .hooks import (
     ThermalizeOnEntryHook,
     WrapPeriodicHook,
 )
+from .host_memory import reuse_host_memory
 from .inflight import RunStats
 from .models import ModelOutput, NeighborList, NeighborListHook
 from .observables import initialize_velocities, kinetic_energy, temperature
@@ -125,6 +126,7 @@ __all__ = [
     "kinetic_energy",
     "models",
     "observables",
+    "reuse_host_memory",
     "segment",
     "temperature",
     "train",

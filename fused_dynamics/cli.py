@@ -75,6 +75,7 @@ from .application import RunResult, execute, preflight
 from .config import ConfigError, load_config
 from .config import save_config as write_config_file
 from .demo_job import demo_config, run_demo
+from .host_memory import reuse_host_memory_if_asked
 from .inspection import inspect_command, summarize_output
 from .interrupts import INTERRUPTS, resume_command
 from .run_outputs import OutputPlan, plan_outputs
@@ -401,9 +402,16 @@ def train(
     _guarded(go, debug)
 
 
-def main() -> None:  # pragma: no cover - console entry for tools that want a function
+def main() -> None:
+    """The ``fused-dynamics`` command.
+
+    With ``FUSED_DYNAMICS_REUSE_HOST_MEMORY=1`` it first sets glibc to keep freed host memory
+    (:func:`~fused_dynamics.host_memory.reuse_host_memory_if_asked`, before any JAX
+    computation); calling ``app`` from Python (tests, notebooks) never does.
+    """
+    reuse_host_memory_if_asked()
     app()
 
 
 if __name__ == "__main__":
-    app()
+    main()

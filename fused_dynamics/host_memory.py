@@ -1,0 +1,141 @@
+"""Host memory that compiled programs get back on their next call (glibc's malloc settings).
+
+On the CPU, XLA allocates a program's temporaries with ``malloc`` at every call and frees them
+when the call returns. glibc serves a block above its largest mmap threshold (32 MiB) with a
+fresh ``mmap`` and unmaps it on free, and the worker threads of XLA have arenas of their own
+that give whole heaps back to the kernel when they empty. So a program with large temporaries
+(the dense pair blocks of a batch, a chunk of an inflight run) faults every page of them in
+again at every call, and the kernel zeroes each one: 8,500 page faults per chunk of issue 13's
+W4 workload, 3-8 % of its run time, and up to half the time of a short relaxation whose
+temporaries are hundreds of megabytes (docs/concepts.md, "Inflight batching and sinks").
+
+:func:`reuse_host_memory` sets glibc's allocator so that freed memory stays in the process
+and is handed out again: one arena for every thread (``M_ARENA_MAX`` 1), no block served by
+``mmap`` (``M_MMAP_MAX`` 0), and free memory at the top of the heap given back to the kernel
+only above 2 GiB (``M_TRIM_THRESHOLD``). These are the settings of the environment variables
+``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` (glibc's ``mallopt(3)``),
+made from inside the process. They act only on threads that have not allocated yet, so they
+must be made before JAX starts its backend (its first computation): a script calls the function
+first thing.
+
+What they cost: the process keeps its peak host memory (up to 2 GiB of it free at the top of
+the heap) instead of giving it back, every thread allocates from one arena, and a freed block
+that small allocations have split is not found whole again, so the heap grows by the size of
+the temporaries at some of the first calls before it settles: a program with one 64 MB
+temporary, called 14 times, settled 240-410 MB above the process without the settings (three
+runs), where its page faults stopped (``tests/test_host_memory.py`` counts them). So importing
+:mod:`fused_dynamics` never makes them; the command line makes them when
+``$FUSED_DYNAMICS_REUSE_HOST_MEMORY`` is ``1``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+__all__ = [
+    "ENV_REUSE",
+    "backend_started",
+    "host_memory_settings",
+    "reuse_host_memory",
+    "reuse_host_memory_if_asked",
+]
+
+ENV_REUSE = "FUSED_DYNAMICS_REUSE_HOST_MEMORY"  # "1": the command line makes the settings
+
+# mallopt(3) parameters, from glibc's <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_TRIM_THRESHOLD = 2**31 - 1  # bytes: the largest value mallopt's int takes (2 GiB)
+_SETTINGS = {"M_ARENA_MAX": 1, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": _TRIM_THRESHOLD}
+_applied: dict | None = None
+
+
+def backend_started() -> bool:
+    """Whether JAX has started a backend (run a computation) in this process.
+
+    Uses JAX's private ``xla_bridge.backends_are_initialized``; where a JAX version lacks it,
+    returns False (the settings are then made without this check).
+    """
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # pragma: no cover - a JAX without the module
+        return False
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(started()) if started is not None else False
+
+
+def reuse_host_memory() -> bool:
+    """Make glibc's malloc keep freed host memory for the next call of a compiled program.
+
+    Sets one arena for all threads, no ``mmap``-served blocks and a 2 GiB trim threshold
+    (module docstring: why, and what it costs). Call it before the first JAX computation of
+    the process, and before any other library starts threads that allocate (e.g. importing
+    torch): threads that have an arena keep it. A second call does nothing.
+
+    Returns
+    -------
+    bool
+        True when the settings are in force (Linux with glibc); False where the C library is
+        not glibc (macOS, musl), where there is nothing to set.
+
+    Raises
+    ------
+    RuntimeError
+        JAX's backend has already started in this process: its worker threads have their own
+        arenas, which the settings would not reach.
+    OSError
+        glibc refused one of the settings (``mallopt`` returned 0); the message names it.
+
+    Examples
+    --------
+    >>> import fused_dynamics as fd
+    >>> fd.reuse_host_memory()  # first thing in the script  # doctest: +SKIP
+    True
+    """
+    global _applied
+    if _applied is not None:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if backend_started():
+        raise RuntimeError(
+            "reuse_host_memory() must be called before JAX's first computation in this "
+            "process: JAX's backend has started, and its worker threads keep the allocator "
+            "arenas they already have. Call it first thing in the script, or start Python "
+            "with MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647."
+        )
+    libc = ctypes.CDLL("libc.so.6")
+    for name, param in (
+        ("M_ARENA_MAX", _M_ARENA_MAX),
+        ("M_MMAP_MAX", _M_MMAP_MAX),
+        ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD),
+    ):
+        if libc.mallopt(param, _SETTINGS[name]) != 1:
+            raise OSError(f"glibc's mallopt refused {name} = {_SETTINGS[name]}")
+    _applied = dict(_SETTINGS)
+    return True
+
+
+def reuse_host_memory_if_asked() -> bool:
+    """What the project's programs (command line, ``python -m fused_dynamics.demo``) call first.
+
+    :func:`reuse_host_memory` when ``$FUSED_DYNAMICS_REUSE_HOST_MEMORY`` is ``1`` and JAX's
+    backend has not started yet (a program called from Python after a computation goes on
+    without the settings, which could no longer reach XLA's threads); otherwise nothing.
+
+    Returns
+    -------
+    bool
+        Whether the settings are in force.
+    """
+    if os.environ.get(ENV_REUSE, "").strip() != "1":
+        return _applied is not None
+    if _applied is None and backend_started():
+        return False
+    return reuse_host_memory()
+
+
+def host_memory_settings() -> dict | None:
+    """The malloc settings :func:`reuse_host_memory` made in this process, or None."""
+    return None if _applied is None else dict(_applied)
