@@ -6,7 +6,7 @@ fresh ``mmap`` and unmaps it on free, and the worker threads of XLA have arenas 
 that give whole heaps back to the kernel when they empty. So a program with large temporaries
 (the dense pair blocks of a batch, a chunk of an inflight run) faults every page of them in
 again at every call, and the kernel zeroes each one: 8,500 page faults per chunk of issue 13's
-W4 workload, 3-8 % of its run time, and up to half the time of a short relaxation whose
+W4 workload, 2-4 % of its inflight run's time, and up to half the time of a short relaxation whose
 temporaries are hundreds of megabytes (docs/concepts.md, "Inflight batching and sinks").
 
 :func:`reuse_host_memory` sets glibc's allocator so that freed memory stays in the process
