@@ -47,7 +47,7 @@ ctypes.CDLL("libc.so.6").malloc_stats()
 
 def _probe(reuse: str) -> dict:
     env = dict(os.environ, FUSED_DYNAMICS_REUSE_HOST_MEMORY=reuse, JAX_PLATFORMS="cpu")
-    for var in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
+    for var in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
         env.pop(var, None)
     out = subprocess.run(
         [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300
@@ -70,17 +70,17 @@ def test_freed_temporaries_are_reused_without_page_faults():
     # mmap-served blocks are the few megabytes that imports allocated before the settings.
     assert default["arenas"] > 1 and default["max_mmap_bytes"] >= 64 * 2**20, default
     assert reused["arenas"] == 1 and reused["max_mmap_bytes"] < 64 * 2**20, reused
-    # Without the settings every call maps its temporary afresh: one fault per 4 KiB page,
-    # about 16,000 a call (fewer with transparent huge pages, which the 2,000 allows for).
+    # Without the settings every call maps its temporary afresh and faults it in again (16,900
+    # faults a call with 4 KiB pages; with transparent huge pages far fewer, but never none).
     # With them, a call faults only when the heap grows because small allocations split the
     # freed block; that stops after some of the first calls (at most 7 of 20 in every probe
     # run while writing this test), so after the first two calls the total is at most 0.6 of
     # the default's.
-    assert min(default["faults"][2:]) > 2000, default
+    assert min(default["faults"][2:]) > 0, default
     assert sum(reused["faults"][2:]) < 0.6 * sum(default["faults"][2:]), (default, reused)
 
 
-def test_it_refuses_once_the_backend_has_started():
+def test_it_refuses_once_the_backend_has_started(monkeypatch):
     jnp.zeros(1).block_until_ready()  # this process has computed: the backend is up
     assert host_memory.backend_started()
     if host_memory.host_memory_settings() is not None:
@@ -92,11 +92,8 @@ def test_it_refuses_once_the_backend_has_started():
         fd.reuse_host_memory()
     # what the programs call: no error, and nothing changed, asked or not
     for asked in ("1", "0"):
-        os.environ[host_memory.ENV_REUSE] = asked
-        try:
-            assert host_memory.reuse_host_memory_if_asked() is False
-        finally:
-            del os.environ[host_memory.ENV_REUSE]
+        monkeypatch.setenv(host_memory.ENV_REUSE, asked)
+        assert host_memory.reuse_host_memory_if_asked() is False
     assert host_memory.host_memory_settings() is None
 
 
