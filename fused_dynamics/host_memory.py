@@ -44,10 +44,9 @@ __all__ = [
 
 ENV_REUSE = "FUSED_DYNAMICS_REUSE_HOST_MEMORY"  # "1": the command line makes the settings
 
-# mallopt(3) parameters, from glibc's <malloc.h>
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_TRIM_THRESHOLD = 2**31 - 1  # bytes: the largest value mallopt's int takes (2 GiB)
-_SETTINGS = {"M_ARENA_MAX": 1, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": _TRIM_THRESHOLD}
+# name: (mallopt(3) parameter number from glibc's <malloc.h>, value); the trim threshold is
+# the largest value mallopt's int takes (2 GiB)
+_SETTINGS = {"M_ARENA_MAX": (-8, 1), "M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, 2**31 - 1)}
 _applied: dict | None = None
 
 
@@ -106,14 +105,10 @@ def reuse_host_memory() -> bool:
             "with MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647."
         )
     libc = ctypes.CDLL("libc.so.6")
-    for name, param in (
-        ("M_ARENA_MAX", _M_ARENA_MAX),
-        ("M_MMAP_MAX", _M_MMAP_MAX),
-        ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD),
-    ):
-        if libc.mallopt(param, _SETTINGS[name]) != 1:
-            raise OSError(f"glibc's mallopt refused {name} = {_SETTINGS[name]}")
-    _applied = dict(_SETTINGS)
+    for name, (param, value) in _SETTINGS.items():
+        if libc.mallopt(param, value) != 1:
+            raise OSError(f"glibc's mallopt refused {name} = {value}")
+    _applied = {name: value for name, (_, value) in _SETTINGS.items()}
     return True
 
 
