@@ -18,12 +18,12 @@ made from inside the process. They act only on threads that have not allocated y
 must be made before JAX starts its backend (its first computation): a script calls the function
 first thing.
 
-What they cost: the process keeps its peak host memory (up to 2 GiB of it free at the top of
-the heap) instead of giving it back, every thread allocates from one arena, and a freed block
-that small allocations have split is not found whole again, so the heap grows by the size of
-the temporaries at some of the first calls before it settles: a program with one 64 MB
-temporary, called 14 times, settled 240-410 MB above the process without the settings (three
-runs), where its page faults stopped (``tests/test_host_memory.py`` counts them). So importing
+What they cost: the process keeps its peak host memory instead of giving it back (free memory
+below the top of the heap is never returned), every thread allocates from one arena, and a freed
+block that small allocations have split is not found whole again, so the heap grows by the size
+of the temporaries at some calls before it settles, and the peak itself rises: a program with
+one 64 MB temporary settled 110-410 MB above the same process without the settings (six runs,
+three of them a reviewer's), with growth as late as its 31st-40th call in one run. So importing
 :mod:`fused_dynamics` never makes them; the command line makes them when
 ``$FUSED_DYNAMICS_REUSE_HOST_MEMORY`` is ``1``.
 """
