@@ -407,10 +407,20 @@ def main() -> None:
 
     With ``FUSED_DYNAMICS_REUSE_HOST_MEMORY=1`` it first sets glibc to keep freed host memory
     (:func:`~fused_dynamics.host_memory.reuse_host_memory_if_asked`, before any JAX
-    computation); calling ``app`` from Python (tests, notebooks) never does.
+    computation); calling ``app`` from Python (tests, notebooks) never does. Another value of
+    the variable than those it accepts exits 2 naming it.
     """
-    reuse_host_memory_if_asked()
+    host_memory_from_environment()
     app()
+
+
+def host_memory_from_environment() -> None:
+    """:func:`~fused_dynamics.host_memory.reuse_host_memory_if_asked`, a bad value exiting 2."""
+    try:
+        reuse_host_memory_if_asked()
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

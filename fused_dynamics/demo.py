@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import app
+from .cli import app, host_memory_from_environment
 from .demo_job import DEMO_CONFIG, QUICK_OVERRIDES, demo_config, run_demo
-from .host_memory import reuse_host_memory_if_asked
 from .structures import make_structures
 
 __all__ = ["DEMO_CONFIG", "QUICK_OVERRIDES", "demo_config", "make_structures", "main", "run_demo"]
@@ -59,5 +58,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    reuse_host_memory_if_asked()  # a program of its own: docs/concepts.md, inflight batching
+    host_memory_from_environment()  # a program of its own: docs/concepts.md, inflight batching
     raise SystemExit(main())

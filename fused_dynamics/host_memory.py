@@ -6,8 +6,8 @@ fresh ``mmap`` and unmaps it on free, and the worker threads of XLA have arenas 
 that give whole heaps back to the kernel when they empty. So a program with large temporaries
 (the dense pair blocks of a batch, a chunk of an inflight run) faults every page of them in
 again at every call, and the kernel zeroes each one: 8,500 page faults per chunk of issue 13's
-W4 workload, 2-4 % of its inflight run's time, and up to half the time of a short relaxation whose
-temporaries are hundreds of megabytes (docs/concepts.md, "Inflight batching and sinks").
+W4 workload, 2-4 % of its inflight run's time, and more of a short relaxation whose temporaries
+are hundreds of megabytes (docs/concepts.md, "Inflight batching and sinks").
 
 :func:`reuse_host_memory` sets glibc's allocator so that freed memory stays in the process
 and is handed out again: one arena for every thread (``M_ARENA_MAX`` 1), no block served by
@@ -15,8 +15,11 @@ and is handed out again: one arena for every thread (``M_ARENA_MAX`` 1), no bloc
 only above 2 GiB (``M_TRIM_THRESHOLD``). These are the settings of the environment variables
 ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` (glibc's ``mallopt(3)``),
 made from inside the process. They act only on threads that have not allocated yet, so they
-must be made before JAX starts its backend (its first computation): a script calls the function
-first thing.
+must be made before JAX starts its backend (its first computation) and before any other thread
+has allocated (a library that starts threads at import, such as torch): a script calls the
+function first thing. The function checks both (the backend, and the allocator's own count of
+its arenas from ``malloc_info``) and raises rather than report settings that would not reach
+XLA's threads.
 
 What they cost: the process keeps its peak host memory instead of giving it back (free memory
 below the top of the heap is never returned), every thread allocates from one arena, and a freed
@@ -25,7 +28,7 @@ of the temporaries at some calls before it settles, and the peak itself rises: a
 one 64 MB temporary settled 110-410 MB above the same process without the settings (six runs,
 three of them a reviewer's), with growth as late as its 31st-40th call in one run. So importing
 :mod:`fused_dynamics` never makes them; the command line makes them when
-``$FUSED_DYNAMICS_REUSE_HOST_MEMORY`` is ``1``.
+``$FUSED_DYNAMICS_REUSE_HOST_MEMORY`` is ``1`` (or ``true``, ``yes``, ``on``).
 """
 
 from __future__ import annotations
@@ -33,16 +36,20 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import warnings
 
 __all__ = [
     "ENV_REUSE",
     "backend_started",
     "host_memory_settings",
+    "malloc_arena_count",
     "reuse_host_memory",
     "reuse_host_memory_if_asked",
 ]
 
 ENV_REUSE = "FUSED_DYNAMICS_REUSE_HOST_MEMORY"  # "1": the command line makes the settings
+_ENV_ON = ("1", "true", "yes", "on")
+_ENV_OFF = ("", "0", "false", "no", "off")
 
 # name: (mallopt(3) parameter number from glibc's <malloc.h>, value); the trim threshold is
 # the largest value mallopt's int takes (2 GiB)
@@ -64,13 +71,46 @@ def backend_started() -> bool:
     return bool(started()) if started is not None else False
 
 
+def malloc_arena_count() -> int | None:
+    """How many arenas glibc's malloc has in this process (``malloc_info``'s ``<heap>`` count).
+
+    1 until a thread other than the main one allocates; each thread that allocates after that
+    gets an arena of its own, up to 8 per core, and keeps it, as do threads that reuse it after
+    its thread exits. None where the C library is not glibc or the count cannot be read.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.open_memstream.restype = ctypes.c_void_p
+        libc.open_memstream.argtypes = [
+            ctypes.POINTER(ctypes.c_char_p),
+            ctypes.POINTER(ctypes.c_size_t),
+        ]
+        libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.fclose.argtypes = [ctypes.c_void_p]
+        libc.free.argtypes = [ctypes.c_void_p]
+    except (OSError, AttributeError):  # pragma: no cover - a glibc without them
+        return None
+    buf, size = ctypes.c_char_p(), ctypes.c_size_t()
+    stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+    if not stream:  # pragma: no cover - out of memory
+        return None
+    ok = libc.malloc_info(0, stream) == 0
+    libc.fclose(stream)  # flushes: buf and size hold the document
+    text = ctypes.string_at(buf, size.value).decode("ascii", "replace")
+    libc.free(ctypes.cast(buf, ctypes.c_void_p))
+    return text.count("<heap nr=") if ok else None
+
+
 def reuse_host_memory() -> bool:
     """Make glibc's malloc keep freed host memory for the next call of a compiled program.
 
     Sets one arena for all threads, no ``mmap``-served blocks and a 2 GiB trim threshold
     (module docstring: why, and what it costs). Call it before the first JAX computation of
     the process, and before any other library starts threads that allocate (e.g. importing
-    torch): threads that have an arena keep it. A second call does nothing.
+    torch): threads that have an arena keep it, and later threads are handed those arenas. A
+    second call does nothing.
 
     Returns
     -------
@@ -81,8 +121,9 @@ def reuse_host_memory() -> bool:
     Raises
     ------
     RuntimeError
-        JAX's backend has already started in this process: its worker threads have their own
-        arenas, which the settings would not reach.
+        JAX's backend has already started in this process, or another thread has already
+        allocated (glibc has more than one arena, :func:`malloc_arena_count`): XLA's worker
+        threads would allocate from arenas the settings do not reach. The message says which.
     OSError
         glibc refused one of the settings (``mallopt`` returned 0); the message names it.
 
@@ -104,6 +145,16 @@ def reuse_host_memory() -> bool:
             "arenas they already have. Call it first thing in the script, or start Python "
             "with MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647."
         )
+    arenas = malloc_arena_count()
+    if arenas is not None and arenas > 1:
+        raise RuntimeError(
+            f"reuse_host_memory() must be called before any other thread allocates: glibc's "
+            f"malloc already has {arenas} arenas in this process (a library imported earlier "
+            "started threads, e.g. torch, or a thread ran and exited), and XLA's threads would "
+            "be handed those, which the settings do not reach. Call it first thing in the "
+            "script, or start Python with MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 "
+            "MALLOC_TRIM_THRESHOLD_=2147483647."
+        )
     libc = ctypes.CDLL("libc.so.6")
     for name, (param, value) in _SETTINGS.items():
         if libc.mallopt(param, value) != 1:
@@ -115,20 +166,43 @@ def reuse_host_memory() -> bool:
 def reuse_host_memory_if_asked() -> bool:
     """What the project's programs (command line, ``python -m fused_dynamics.demo``) call first.
 
-    :func:`reuse_host_memory` when ``$FUSED_DYNAMICS_REUSE_HOST_MEMORY`` is ``1`` and JAX's
-    backend has not started yet (a program called from Python after a computation goes on
-    without the settings, which could no longer reach XLA's threads); otherwise nothing.
+    :func:`reuse_host_memory` when ``$FUSED_DYNAMICS_REUSE_HOST_MEMORY`` is ``1``, ``true``,
+    ``yes`` or ``on`` (any case); nothing when it is unset, empty, ``0``, ``false``, ``no`` or
+    ``off``. Where the settings can no longer reach XLA's threads (a program called from Python
+    after a computation, or after other threads allocated) it warns and goes on without them.
 
     Returns
     -------
     bool
         Whether the settings are in force.
+
+    Raises
+    ------
+    ValueError
+        The variable has another value; the message names the variable and the value.
+
+    Warns
+    -----
+    RuntimeWarning
+        Asked, but the settings cannot be made (the reason :func:`reuse_host_memory` gives).
     """
-    if os.environ.get(ENV_REUSE, "").strip() != "1":
+    value = os.environ.get(ENV_REUSE, "").strip()
+    if value.lower() in _ENV_OFF:
         return _applied is not None
-    if _applied is None and backend_started():
+    if value.lower() not in _ENV_ON:
+        raise ValueError(
+            f"${ENV_REUSE} is {value!r}: use 1 (or true, yes, on) to make the host-memory "
+            "settings, 0 (or false, no, off, or leave it unset) for the default"
+        )
+    try:
+        return reuse_host_memory()
+    except RuntimeError as exc:
+        warnings.warn(
+            f"${ENV_REUSE} asks for the host-memory settings, but they were not made: {exc}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return False
-    return reuse_host_memory()
 
 
 def host_memory_settings() -> dict | None:
