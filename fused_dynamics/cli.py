@@ -419,8 +419,8 @@ def host_memory_from_environment() -> None:
     try:
         reuse_host_memory_if_asked()
     except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise SystemExit(2) from None
+        _err(f"error: {exc}")
+        raise SystemExit(EXIT_CONFIG) from None
 
 
 if __name__ == "__main__":
