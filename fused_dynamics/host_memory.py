@@ -14,12 +14,13 @@ and is handed out again: one arena for every thread (``M_ARENA_MAX`` 1), no bloc
 ``mmap`` (``M_MMAP_MAX`` 0), and free memory at the top of the heap given back to the kernel
 only above 2 GiB (``M_TRIM_THRESHOLD``). These are the settings of the environment variables
 ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` (glibc's ``mallopt(3)``),
-made from inside the process. They act only on threads that have not allocated yet, so they
-must be made before JAX starts its backend (its first computation) and before any other thread
-has allocated (a library that starts threads at import, such as torch): a script calls the
-function first thing. The function checks both (the backend, and the allocator's own count of
-its arenas from ``malloc_info``) and raises rather than report settings that would not reach
-XLA's threads.
+made from inside the process. ``M_ARENA_MAX`` acts only on threads that have no arena yet,
+and a thread's own arena grows in heaps of at most 64 MiB, so a larger block there is still
+served by ``mmap`` whatever the settings: they must be made before JAX starts its backend (its
+first computation) and before any other thread has allocated (a tqdm progress bar's monitor
+thread, or a library that starts threads at import): a script calls the function first thing.
+The function checks both (the backend, and the allocator's own count of its arenas from
+``malloc_info``) and raises rather than report settings that would not reach XLA's threads.
 
 What they cost: the process keeps its peak host memory instead of giving it back (free memory
 below the top of the heap is never returned), every thread allocates from one arena, and a freed
@@ -108,9 +109,9 @@ def reuse_host_memory() -> bool:
 
     Sets one arena for all threads, no ``mmap``-served blocks and a 2 GiB trim threshold
     (module docstring: why, and what it costs). Call it before the first JAX computation of
-    the process, and before any other library starts threads that allocate (e.g. importing
-    torch): threads that have an arena keep it, and later threads are handed those arenas. A
-    second call does nothing.
+    the process, and before any other thread allocates (a tqdm progress bar, a library that
+    starts threads at import): threads that have an arena keep it, and later threads are
+    handed those arenas. A second call does nothing.
 
     Returns
     -------
@@ -123,9 +124,11 @@ def reuse_host_memory() -> bool:
     RuntimeError
         JAX's backend has already started in this process, or another thread has already
         allocated (glibc has more than one arena, :func:`malloc_arena_count`): XLA's worker
-        threads would allocate from arenas the settings do not reach. The message says which.
+        threads would allocate from arenas of their own, whose heaps hold at most 64 MiB, so
+        larger temporaries would still be served by ``mmap``. The message says which.
     OSError
-        glibc refused one of the settings (``mallopt`` returned 0); the message names it.
+        glibc refused one of the settings (``mallopt`` returned 0); the message names it. The
+        settings before it in the order above stay made.
 
     Examples
     --------
@@ -149,11 +152,12 @@ def reuse_host_memory() -> bool:
     if arenas is not None and arenas > 1:
         raise RuntimeError(
             f"reuse_host_memory() must be called before any other thread allocates: glibc's "
-            f"malloc already has {arenas} arenas in this process (a library imported earlier "
-            "started threads, e.g. torch, or a thread ran and exited), and XLA's threads would "
-            "be handed those, which the settings do not reach. Call it first thing in the "
-            "script, or start Python with MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 "
-            "MALLOC_TRIM_THRESHOLD_=2147483647."
+            f"malloc already has {arenas} arenas in this process (another thread allocated: "
+            "a tqdm progress bar's monitor, a library that starts threads at import, or a "
+            "thread that ran and exited), and XLA's threads would be handed those, whose "
+            "heaps hold at most 64 MiB: larger blocks there are still served by mmap whatever "
+            "the settings. Call it first thing in the script, or start Python with "
+            "MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647."
         )
     libc = ctypes.CDLL("libc.so.6")
     for name, (param, value) in _SETTINGS.items():
@@ -167,9 +171,10 @@ def reuse_host_memory_if_asked() -> bool:
     """What the project's programs (command line, ``python -m fused_dynamics.demo``) call first.
 
     :func:`reuse_host_memory` when ``$FUSED_DYNAMICS_REUSE_HOST_MEMORY`` is ``1``, ``true``,
-    ``yes`` or ``on`` (any case); nothing when it is unset, empty, ``0``, ``false``, ``no`` or
-    ``off``. Where the settings can no longer reach XLA's threads (a program called from Python
-    after a computation, or after other threads allocated) it warns and goes on without them.
+    ``yes`` or ``on`` (any case, surrounding spaces ignored); nothing when it is unset, empty,
+    ``0``, ``false``, ``no`` or ``off``. Where the settings cannot be made or can no longer
+    reach XLA's threads (a program called from Python after a computation, or after other
+    threads allocated, or glibc refused one) it warns and goes on without them.
 
     Returns
     -------
@@ -184,7 +189,8 @@ def reuse_host_memory_if_asked() -> bool:
     Warns
     -----
     RuntimeWarning
-        Asked, but the settings cannot be made (the reason :func:`reuse_host_memory` gives).
+        Asked, but the settings cannot be made (the reason :func:`reuse_host_memory` gives,
+        its ``RuntimeError`` or ``OSError``).
     """
     value = os.environ.get(ENV_REUSE, "").strip()
     if value.lower() in _ENV_OFF:
@@ -196,7 +202,7 @@ def reuse_host_memory_if_asked() -> bool:
         )
     try:
         return reuse_host_memory()
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
         warnings.warn(
             f"${ENV_REUSE} asks for the host-memory settings, but they were not made: {exc}",
             RuntimeWarning,

@@ -45,10 +45,23 @@ ctypes.CDLL("libc.so.6").malloc_stats()
 """
 
 
-def _probe(reuse: str) -> dict:
+def _clean_env(reuse: str) -> dict:
+    """The environment of a probe: the variable set, and none of the ways a user may have set
+    the allocator already (glibc's variables and tunables, another malloc preloaded)."""
     env = dict(os.environ, FUSED_DYNAMICS_REUSE_HOST_MEMORY=reuse, JAX_PLATFORMS="cpu")
-    for var in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+    for var in (
+        "MALLOC_ARENA_MAX",
+        "MALLOC_MMAP_MAX_",
+        "MALLOC_TRIM_THRESHOLD_",
+        "GLIBC_TUNABLES",
+        "LD_PRELOAD",
+    ):
         env.pop(var, None)
+    return env
+
+
+def _probe(reuse: str) -> dict:
+    env = _clean_env(reuse)
     out = subprocess.run(
         [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300
     )
@@ -124,8 +137,7 @@ print(json.dumps({"counts": counts, "error": error, "asked": asked,
 
 @pytest.mark.skipif(not GLIBC, reason="the settings are glibc's")
 def test_it_refuses_once_another_thread_has_an_arena():
-    env = dict(os.environ, FUSED_DYNAMICS_REUSE_HOST_MEMORY="1", JAX_PLATFORMS="cpu")
-    env.pop("MALLOC_ARENA_MAX", None)
+    env = _clean_env("1")
     out = subprocess.run(
         [sys.executable, "-c", _THREAD_FIRST], env=env, capture_output=True, text=True, timeout=120
     )
@@ -137,6 +149,19 @@ def test_it_refuses_once_another_thread_has_an_arena():
     assert res["error"] is not None and "already has 2 arenas" in res["error"], res
     assert res["asked"] is False and res["settings"] is None, res
     assert len(res["warnings"]) == 1 and "already has 2 arenas" in res["warnings"][0], res
+
+
+@pytest.mark.parametrize(
+    ("value", "asked"),
+    [(v, True) for v in ("1", "yes", "ON", "on", "TRUE", " true ")]
+    + [(v, False) for v in ("", " ", "0", "no", "OFF", "off", "false", " 0 ")],
+)
+def test_the_values_that_ask_and_those_that_do_not(monkeypatch, value, asked):
+    calls = []
+    monkeypatch.setattr(host_memory, "reuse_host_memory", lambda: calls.append(1) or True)
+    monkeypatch.setenv(host_memory.ENV_REUSE, value)
+    made = host_memory.reuse_host_memory_if_asked()
+    assert calls == ([1] if asked else []) and made == asked
 
 
 @pytest.mark.parametrize("value", ["maybe", "2", "enable"])
@@ -170,10 +195,11 @@ def test_the_command_line_makes_the_settings_only_when_asked(asked, made):
     assert (last != "None") == made, last
 
 
-def test_the_command_line_refuses_an_unknown_value_with_exit_2():
+@pytest.mark.parametrize("program", ["fused_dynamics.cli", "fused_dynamics.demo"])
+def test_the_command_line_refuses_an_unknown_value_with_exit_2(program):
     env = dict(os.environ, FUSED_DYNAMICS_REUSE_HOST_MEMORY="yes please", JAX_PLATFORMS="cpu")
     out = subprocess.run(
-        [sys.executable, "-m", "fused_dynamics.cli", "--help"],
+        [sys.executable, "-m", program, "--help"],
         env=env,
         capture_output=True,
         text=True,
