@@ -671,3 +671,18 @@ def test_codes_have_their_names_and_one_legend_in_both_formats(tmp_path):
         "graduated",
         "unknown_3",
     )
+
+
+@pytest.mark.parametrize("capacity", [0, -1, 2.5, "3", True])
+def test_a_sink_that_can_hold_no_system_is_refused_when_made(tmp_path, capacity):
+    # refused before any run: otherwise the run's work is refused at its first finished system
+    makers = {
+        "HostMemory": lambda: fd.HostMemory(capacity=capacity),
+        "ExtXYZSink": lambda: fd.ExtXYZSink(tmp_path / "o.extxyz", capacity=capacity),
+        "ZarrSink": lambda: fd.ZarrSink(tmp_path / "o.zarr", capacity=capacity),
+    }
+    for name, make in makers.items():
+        with pytest.raises(ValueError, match=rf"{name}: capacity must be .*{capacity!r}"):
+            make()
+    assert not os.listdir(tmp_path)  # nothing created
+    assert fd.HostMemory(capacity=np.int64(1)).capacity == 1

@@ -16,9 +16,33 @@ import numpy as np
 
 from .order import check_order
 
-__all__ = ["HostMemory", "check_writable"]
+__all__ = ["HostMemory", "check_capacity", "check_writable"]
 
 _MODES = ("x", "a", "w")
+
+
+def check_capacity(owner: str, capacity) -> None:
+    """Refuse a sink ``capacity`` that is not ``None`` or an integer of at least 1.
+
+    A sink that can hold no system would take a whole run's work and refuse it at the first
+    system that finishes; so this is checked when the sink is made.
+
+    Raises
+    ------
+    ValueError
+        Naming the sink, the parameter and the value.
+    """
+    if capacity is None:
+        return
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)):
+        raise ValueError(
+            f"{owner}: capacity must be an integer >= 1 or None (no limit), got {capacity!r}."
+        )
+    if capacity < 1:
+        raise ValueError(
+            f"{owner}: capacity must be >= 1 (the number of systems the sink can hold) or None "
+            f"(no limit), got {capacity}."
+        )
 
 
 class HostMemory:
@@ -27,7 +51,7 @@ class HostMemory:
     Parameters
     ----------
     capacity : int, optional
-        ``None`` for no limit.
+        At least 1; ``None`` for no limit.
     order : {"completion", "input"}, default "completion"
         ``"input"``: ``atoms`` is kept in the order of ``input_ids`` (systems whose id is not
         there after the others, as they came), whatever order the systems finish in.
@@ -38,6 +62,7 @@ class HostMemory:
 
     def __init__(self, capacity: int | None = None, *, order: str = "completion", input_ids=None):
         check_order("HostMemory", order, input_ids)
+        check_capacity("HostMemory", capacity)
         self.capacity = capacity
         self.order = order
         self._position = None

@@ -26,7 +26,7 @@ from ..provenance import (
     output_legend,
     package_version,
 )
-from .common import _check_mode, _jsonable
+from .common import _check_mode, _jsonable, check_capacity
 from .order import InputOrder, check_order, pending_path
 
 __all__ = ["ExtXYZSink", "read_extxyz_frames", "read_extxyz_ids", "set_aside_tail"]
@@ -61,7 +61,8 @@ class ExtXYZSink:
     ----------
     path : str or path
     capacity : int, optional
-        Most systems this sink takes (``None``: no limit).
+        Most systems this sink takes, at least 1 (``None``: no limit; another value raises
+        ``ValueError``).
     mode : {"x", "a", "w"}, default "x"
         ``"x"``: the file must not exist (``FileExistsError``); ``"a"``: append to it (an
         earlier run's output); ``"w"``: start an empty file, replacing an existing *file*.
@@ -105,6 +106,7 @@ class ExtXYZSink:
         input_ids=None,
     ):
         self.path = os.fspath(path)
+        check_capacity("ExtXYZSink", capacity)
         self.capacity = capacity
         self.count = 0
         self.mode = mode

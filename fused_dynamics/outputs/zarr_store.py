@@ -26,7 +26,7 @@ from ..provenance import (
     output_legend,
     package_version,
 )
-from .common import _check_mode, _jsonable
+from .common import _check_mode, _jsonable, check_capacity
 from .order import InputOrder, check_order, pending_path
 
 __all__ = ["ZarrSink", "read_zarr", "zarr_ids"]
@@ -91,6 +91,8 @@ class ZarrSink:
     ----------
     path : str or path
     capacity : int, optional
+        Most systems this sink takes, at least 1 (``None``: no limit; another value raises
+        ``ValueError``).
     mode : {"x", "a"}, default "x"
         ``"x"``: the path must not exist; ``"a"``: append to a store this class wrote (to
         continue a run). A store is a directory and is never deleted or replaced.
@@ -123,6 +125,7 @@ class ZarrSink:
         input_ids=None,
     ):
         self.path = os.fspath(path)
+        check_capacity("ZarrSink", capacity)
         self.capacity = capacity
         self.order = order
         check_order("ZarrSink", order, input_ids)
