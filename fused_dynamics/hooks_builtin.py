@@ -200,13 +200,59 @@ class FreezeAtomsHook(Hook):
 
     @classmethod
     def from_batch(cls, batch, indices=None, atom_mask=None) -> "FreezeAtomsHook":
-        """Freeze atom slots ``indices`` (or ``atom_mask``) at their positions in ``batch``."""
+        """Freeze atom slots ``indices`` (or ``atom_mask``) at their positions in ``batch``.
+
+        Parameters
+        ----------
+        batch : Batch
+        indices : sequence of int, optional
+            Atom slots of ``batch`` (rows of ``batch.positions``), each holding an atom.
+        atom_mask : array of shape (N,) bool, optional
+            True for the slots to freeze, each holding an atom.
+
+        Raises
+        ------
+        ValueError
+            Not exactly one of ``indices`` and ``atom_mask``; an index that is not an integer,
+            is negative, is past the batch's ``max_atoms`` slots or names a padding slot; a
+            mask of another shape or True on a padding slot. Each would freeze nothing
+            without a word.
+        """
+        owner = "FreezeAtomsHook.from_batch"
         if (indices is None) == (atom_mask is None):
-            raise ValueError("FreezeAtomsHook.from_batch: give exactly one of indices, atom_mask.")
+            raise ValueError(f"{owner}: give exactly one of indices, atom_mask.")
+        occupied = np.asarray(batch.atom_mask)
         if atom_mask is None:
-            atom_mask = jnp.zeros(batch.max_atoms, bool).at[jnp.asarray(indices)].set(True)
-        atom_mask = jnp.asarray(atom_mask, bool) & batch.atom_mask
-        return cls(atom_mask=atom_mask, positions=batch.positions)
+            idx = np.asarray(indices)
+            if idx.ndim > 1 or (idx.size and idx.dtype.kind not in "iu"):
+                raise ValueError(
+                    f"{owner}: indices must be a sequence of integers, got {indices!r}."
+                )
+            idx = idx.reshape(-1)
+            bad = [int(i) for i in idx if not 0 <= i < batch.max_atoms or not occupied[i]]
+            if bad:
+                raise ValueError(
+                    f"{owner}: indices {bad} name no atom: slots run from 0 to "
+                    f"{batch.max_atoms - 1} and only {int(occupied.sum())} hold atoms (negative "
+                    "indices are refused; padding slots hold none)."
+                )
+            mask = np.zeros(batch.max_atoms, bool)
+            mask[idx] = True
+        else:
+            mask = np.asarray(atom_mask)
+            if mask.shape != occupied.shape:
+                raise ValueError(
+                    f"{owner}: atom_mask must have shape ({batch.max_atoms},), one entry per "
+                    f"atom slot, got {mask.shape}."
+                )
+            mask = mask.astype(bool)
+            padding = np.flatnonzero(mask & ~occupied)
+            if padding.size:
+                raise ValueError(
+                    f"{owner}: atom_mask is True on padding slots {padding.tolist()[:10]}, "
+                    "which hold no atom."
+                )
+        return cls(atom_mask=jnp.asarray(mask), positions=batch.positions)
 
     def constrain(self, batch):
         m = (self.atom_mask & batch.atom_mask)[:, None]

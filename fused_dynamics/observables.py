@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from ase import units
 
 from . import constraints, segment
+from . import validation as v
 from .batch import Batch
 
 __all__ = [
@@ -76,7 +77,8 @@ def initialize_velocities(
     ----------
     batch : Batch
     temperature : float or Array of shape (S,)
-        Target temperature in K, per system if an array.
+        Target temperature in K, finite and >= 0; per slot if an array (``S`` =
+        ``batch.max_systems``).
     key : PRNG key
         Folded with each system's ``system_id`` and the atom's index inside its system, so a
         system draws the same velocities whatever slot it occupies.
@@ -93,7 +95,27 @@ def initialize_velocities(
     -------
     Batch
         With new velocities; padding atoms keep zero velocity.
+
+    Raises
+    ------
+    ValueError
+        ``temperature`` negative, NaN or infinite, or an array that is not one value per slot
+        (checked where the values are known, outside a trace).
     """
+    v.check_real(
+        "initialize_velocities",
+        "temperature",
+        temperature,
+        v.non_negative(),
+        unit="K",
+        per_system=True,
+    )
+    shape = jnp.shape(temperature)
+    if shape not in ((), (1,), (batch.max_systems,)):
+        raise ValueError(
+            f"initialize_velocities: temperature must be one value or one per slot "
+            f"({batch.max_systems} slots), got shape {shape}."
+        )
     t = jnp.broadcast_to(jnp.asarray(temperature, batch.dtype), (batch.max_systems,))
     # Called eagerly, compile (one compilation per shape instead of op-by-op dispatch); called
     # while tracing, trace inline.

@@ -317,3 +317,25 @@ def test_constraints_touch_only_the_systems_in_the_mask():
     np.testing.assert_array_equal(ran.velocities, batch.velocities)
     np.testing.assert_array_equal(ran.velocities, ref.velocities)
     np.testing.assert_array_equal(ran.positions, ref.positions)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "text"),
+    [
+        ({"indices": [40]}, r"indices \[40\] name no atom"),
+        ({"indices": [30]}, r"indices \[30\] name no atom"),  # a padding slot
+        ({"indices": [-1]}, r"indices \[-1\] name no atom"),  # would wrap to padding
+        ({"indices": [1.5]}, "indices must be a sequence of integers"),
+        ({"atom_mask": np.ones(31, bool)}, r"atom_mask must have shape \(32,\)"),
+        ({"atom_mask": np.arange(32) == 30}, r"atom_mask is True on padding slots \[30\]"),
+    ],
+)
+def test_freeze_atoms_hook_refuses_slots_that_hold_no_atom(kwargs, text):
+    # JAX drops out-of-range scatter updates and the mask was and-ed with the occupied slots:
+    # each of these froze nothing, without a word
+    atoms = [Icosahedron("Ar", 2) for _ in range(2)]  # 26 atoms in 32 slots
+    batch = fd.Batch.from_atoms(atoms, max_atoms=32)
+    with pytest.raises(ValueError, match=f"FreezeAtomsHook.from_batch: {text}"):
+        fd.FreezeAtomsHook.from_batch(batch, **kwargs)
+    hook = fd.FreezeAtomsHook.from_batch(batch, indices=[0, 25])
+    assert np.flatnonzero(np.asarray(hook.atom_mask)).tolist() == [0, 25]

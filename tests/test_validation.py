@@ -478,3 +478,23 @@ def test_convergence_refuses_thresholds_that_do_not_fit_the_slots():
         hook.converged(b, {"fmax": jnp.zeros(3)})
     fitted = v.fit_per_system(FIRE(LJ, convergence_hook=hook), b).convergence_hook
     np.testing.assert_array_equal(fitted.converged(b, {"fmax": jnp.zeros(3)}), [True, True, False])
+
+
+@pytest.mark.parametrize(
+    ("temperature", "text"),
+    [
+        (-10.0, "must be >= 0 and finite"),
+        (float("nan"), "must be >= 0 and finite"),
+        (np.array([-1.0, 5.0]), "entry 0 is -1.0"),
+        (np.array([1.0, 2.0, 3.0]), "one value or one per slot \\(2 slots\\), got shape \\(3,\\)"),
+    ],
+)
+def test_initialize_velocities_refuses_a_bad_temperature(temperature, text):
+    # before: sqrt of a negative kT gave NaN velocities, and a run then failed every system
+    atoms = [bulk("Ar", "fcc", a=5.26, cubic=True) for _ in range(2)]
+    batch = fd.Batch.from_atoms(atoms)
+    with pytest.raises(ValueError, match=f"initialize_velocities: temperature .*{text}"):
+        fd.initialize_velocities(batch, temperature, jax.random.key(0))
+    out = fd.initialize_velocities(batch, np.array([0.0, 30.0]), jax.random.key(0))
+    assert np.all(np.asarray(out.velocities)[:4] == 0.0)
+    assert np.all(np.isfinite(np.asarray(out.velocities)))
