@@ -115,8 +115,9 @@ def _com_weights(batch) -> tuple[jax.Array, jax.Array]:
 def project_forces(batch, forces: jax.Array) -> jax.Array:
     """Forces with the constrained components removed, shape (N, 3).
 
-    Fixed components become 0; in a ``fix_com`` system ``F_i - m_i (Σ m F) / Σ m²`` (ASE).
-    Systems without constraints are returned bit for bit.
+    Fixed components become 0; in a ``fix_com`` system ``F_i - m_i (Σ m F) / Σ m²`` (ASE),
+    the sums over the free components only (per axis) when it also has fixed ones. Systems
+    without constraints are returned bit for bit.
     """
 
     def com_projection(forces):
@@ -124,6 +125,16 @@ def project_forces(batch, forces: jax.Array) -> jax.Array:
         mm = jnp.maximum(batch.sum_atoms(m * m), 1e-30)[:, None]
         lmd = batch.sum_atoms(m[:, None] * forces) / mm
         projected = forces - m[:, None] * batch.to_atoms_axis(lmd)
+        # with fixed components too: the projection over the free components only (the
+        # fixed ones' forces are removed, not part of what the centre of mass feels)
+        fixed = batch.fixed & batch.atom_mask[:, None]
+        partly = batch.to_atoms_axis(batch.sum_atoms(fixed.astype(jnp.int32)).sum(-1) > 0)
+        m_free = jnp.where(fixed, 0.0, m[:, None])
+        mm_free = jnp.maximum(batch.sum_atoms(m_free * m_free), 1e-30)
+        lmd_free = batch.sum_atoms(m_free * forces) / mm_free
+        projected = jnp.where(
+            partly[:, None], forces - m_free * batch.to_atoms_axis(lmd_free), projected
+        )
         return jnp.where(com[:, None], projected, forces)
 
     # the per-system sums only when some system has FixCom (the common case has none); either
@@ -188,7 +199,8 @@ def constrain_update(old, new, mask: jax.Array):
 
     Fixed components keep ``old`` positions and get zero velocity; a ``fix_com`` system in
     ``mask`` is shifted back to its old centre of mass and its centre-of-mass velocity removed
-    (ASE's ``adjust_positions`` and ``adjust_momenta``). Systems outside ``mask`` (where ``new``
+    (ASE's ``adjust_positions`` and ``adjust_momenta``), by its free components only when it
+    also has fixed ones, so that both constraints hold together. Systems outside ``mask`` (where ``new``
     is ``old``, as :func:`~fused_dynamics.stages.base.select_batch` leaves them) and systems
     without constraints are returned bit for bit, fixed components' velocities included.
     """
@@ -198,11 +210,23 @@ def constrain_update(old, new, mask: jax.Array):
         m, com = _com_weights(old)
         com = (com & old.to_atoms_axis(mask))[:, None]
         total = jnp.maximum(old.sum_atoms(m), 1e-30)[:, None]
-        shift = old.sum_atoms(m[:, None] * old.positions) - old.sum_atoms(m[:, None] * positions)
-        v_com = old.sum_atoms(m[:, None] * velocities) / total
+        # A system that also has fixed components moves its free ones only, by the mass of
+        # the free ones per axis, so that its centre of mass and momentum are held while the
+        # fixed ones stay put (ASE applies FixAtoms and FixCom one after the other, and the
+        # second undoes part of the first). Systems without fixed components: the plain shift.
+        fixed = old.fixed & old.atom_mask[:, None]
+        partly = old.to_atoms_axis(old.sum_atoms(fixed.astype(jnp.int32)).sum(-1) > 0)
+        m_free = jnp.where(fixed, 0.0, m[:, None])
+        free_total = jnp.maximum(old.sum_atoms(m_free), 1e-30)
+        kept = jnp.where(fixed, old.positions, positions)
+        shift = old.sum_atoms(m[:, None] * old.positions) - old.sum_atoms(m[:, None] * kept)
+        momentum = old.sum_atoms(m_free * velocities)
+        per_axis = jnp.where(
+            partly[:, None], old.to_atoms_axis(free_total), old.to_atoms_axis(total)
+        )
         return (
-            jnp.where(com, positions + old.to_atoms_axis(shift / total), positions),
-            jnp.where(com, velocities - old.to_atoms_axis(v_com), velocities),
+            jnp.where(com, positions + old.to_atoms_axis(shift) / per_axis, positions),
+            jnp.where(com, velocities - old.to_atoms_axis(momentum) / per_axis, velocities),
         )
 
     arrays = (new.positions, new.velocities)
