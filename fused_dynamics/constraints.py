@@ -200,9 +200,9 @@ def constrain_update(old, new, mask: jax.Array):
     Fixed components keep ``old`` positions and get zero velocity; a ``fix_com`` system in
     ``mask`` is shifted back to its old centre of mass and its centre-of-mass velocity removed
     (ASE's ``adjust_positions`` and ``adjust_momenta``), by its free components only when it
-    also has fixed ones, so that both constraints hold together. Systems outside ``mask`` (where ``new``
-    is ``old``, as :func:`~fused_dynamics.stages.base.select_batch` leaves them) and systems
-    without constraints are returned bit for bit, fixed components' velocities included.
+    also has fixed ones, so that both constraints hold together. Systems outside ``mask``
+    (where ``new`` is ``old``, as :func:`~fused_dynamics.stages.base.select_batch` leaves them)
+    and systems without constraints are returned bit for bit, fixed components' velocities included.
     """
 
     def com_shift(arrays):
