@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from .convergence import check_criterion_keys
 from .stages.base import Stage
 
 __all__ = ["checked_sub_stages", "same_model"]
@@ -29,7 +30,9 @@ def checked_sub_stages(sub_stages: Sequence, entry_status: int, exit_status: int
         An item that is not a :class:`~fused_dynamics.Stage`.
     ValueError
         No sub-stage, repeated codes, an exit or entry status that does not fit the codes,
-        sub-stages holding different models or arrays on different devices.
+        sub-stages holding different models or arrays on different devices, a convergence
+        criterion whose key no field gives
+        (:func:`~fused_dynamics.convergence.check_criterion_keys`).
     """
     pairs = []
     for i, item in enumerate(sub_stages):
@@ -59,6 +62,8 @@ def checked_sub_stages(sub_stages: Sequence, entry_status: int, exit_status: int
                 "from sub-stage 0; all sub-stages must share one model (one evaluation per "
                 "step)."
             )
+    for i, (_, stage) in enumerate(pairs):
+        check_criterion_keys(f"FusedStage: sub-stage {i} ({type(stage).__name__})", stage)
     devices = {i: _devices(stage) for i, (_, stage) in enumerate(pairs)}
     if len({d for d in devices.values() if d}) > 1:
         raise ValueError(

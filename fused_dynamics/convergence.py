@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from . import validation as v
 from .batch import Batch
 
-__all__ = ["ConvergenceHook", "Criterion", "DEFAULT_FMAX"]
+__all__ = ["ConvergenceHook", "Criterion", "DEFAULT_FMAX", "check_criterion_keys"]
 
 DEFAULT_FMAX = 0.05  # eV/Å, the default criterion of a stage that must converge
 
@@ -24,6 +24,8 @@ _REDUCE_OPS = {
     "sum": jnp.sum,
 }
 _ATOM_FIELDS = ("forces", "velocities", "positions")
+# what every stage's observables give (Stage.observables), and the engine's energy_change
+_EVERY_STAGE = ("fmax", "energy", "kinetic_energy", "temperature", "energy_change")
 
 
 class Criterion(eqx.Module):
@@ -192,3 +194,52 @@ class ConvergenceHook(eqx.Module):
         if self.custom_op is not None:
             ok = ok & jnp.asarray(self.custom_op(batch, fields), bool)
         return ok
+
+
+def check_criterion_keys(owner: str, stage) -> None:
+    """Refuse a criterion of ``stage``'s convergence hook whose key no field gives.
+
+    The keys are those of every stage (``fmax``, ``energy``, ``kinetic_energy``,
+    ``temperature``, ``energy_change``), the per-atom fields (``forces``, ``velocities``,
+    ``positions``), and, for any other key, those of the stage's own ``observables``, found by
+    tracing them (``jax.eval_shape``, nothing computed) on a one-system batch. Where that
+    tracing fails (a stage whose parameters are sized for the user's batch), the key is
+    checked when the run traces its step, as before.
+
+    Raises
+    ------
+    ValueError
+        Naming ``owner`` (the sub-stage), the key and the keys there are.
+    """
+    rule = getattr(stage, "convergence_hook", None)
+    if rule is None:
+        return
+    known = set(_EVERY_STAGE) | set(_ATOM_FIELDS)
+    other = [c.key for c in rule.criteria if c.key not in known]
+    if not other:
+        return
+    keys = _stage_observables(stage)
+    if keys is None:
+        return
+    known |= keys
+    for i, c in enumerate(rule.criteria):
+        if c.key not in known:
+            raise ValueError(
+                f"{owner}: convergence criterion {i}: key {c.key!r} is unknown; known keys: "
+                f"{sorted(known)}."
+            )
+
+
+def _stage_observables(stage) -> set[str] | None:
+    """The keys of ``stage.observables`` on a one-system periodic batch, or None."""
+    import ase
+    import numpy as np
+
+    atoms = ase.Atoms("Ar2", positions=[[0.0, 0.0, 0.0], [2.0, 2.0, 2.0]], cell=4.0 * np.eye(3))
+    atoms.pbc = True
+    try:
+        batch = Batch.from_atoms([atoms])
+        out = jax.eval_shape(lambda b: stage.observables(b, stage.init_state(b)), batch)
+    except Exception:  # noqa: BLE001 - any failure: leave the check to the run's trace
+        return None
+    return set(out)

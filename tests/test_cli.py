@@ -697,3 +697,21 @@ def test_application_layer_imports_only_downwards_at_module_top():
         free = [m for m in config.keys() - done if config[m] <= done]
         assert free, f"import cycle among {sorted(config.keys() - done)}"
         done.update(free)
+
+
+@pytest.mark.parametrize(
+    ("criterion", "text"),
+    [
+        ('{key = "fmax_typo", threshold = 0.1}', "criterion 1: key 'fmax_typo' is unknown"),
+        ('{key = "energy_change", threshold = nan}', "threshold must be finite, got nan"),
+    ],
+)
+def test_a_bad_criterion_is_a_configuration_error_before_compiling(tmp_path, criterion, text):
+    # the unknown key was found when the step was traced (exit 1, a KeyError), the NaN
+    # threshold raised a bare ValueError (exit 1); both passed --validate-only
+    job = TOML.replace("fmax = 0.02", f"fmax = 0.02\ncriteria = [{criterion}]")
+    path = _write(tmp_path / "job.toml", job)
+    for extra in (["--validate-only"], []):
+        res = CliRunner().invoke(app, ["run", str(path), *extra])
+        assert res.exit_code == 2, res.output
+        assert "stages" in res.output and text in res.output, res.output

@@ -565,3 +565,21 @@ def test_progress_hook_counts_graduated_systems():
     # the bar is updated at ON_CONVERGE, after migration: all three graduated at step 4
     assert hook.bar.n == 3
     hook.bar.close()
+
+
+def test_a_criterion_key_no_field_gives_is_refused_when_the_stage_is_fused():
+    # before, a KeyError when the run traced its step; each stage's own observables count
+    lj = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.5)
+    hook = fd.ConvergenceHook([{"key": "fmax_typo", "threshold": 0.1}])
+    with pytest.raises(ValueError, match="sub-stage 0 \\(FIRE\\): convergence criterion 0: key"):
+        fd.FusedStage([fd.FIRE(lj, convergence_hook=hook)])
+    for stage, key in [
+        (fd.FIRE2, "fire_stuck"),
+        (
+            lambda m, **k: fd.NVTNoseHoover(m, dt=1.0, temperature=50.0, tdamp=100.0, **k),
+            "conserved_energy",
+        ),
+        (fd.FIRE, "velocities"),
+    ]:
+        rule = fd.ConvergenceHook([{"key": key, "threshold": 1.0}])
+        fd.FusedStage([stage(lj, convergence_hook=rule)])

@@ -241,8 +241,8 @@ def build_stages(cfg: RunConfig, model=None) -> list:
             criteria.append({"key": "fmax", "threshold": info_or_value(sc.fmax)})
         for c in sc.criteria or ():
             criteria.append(c.model_dump(exclude_none=True))
-        hook = ConvergenceHook(criteria) if criteria else None
         try:
+            hook = ConvergenceHook(criteria) if criteria else None
             stage = _STAGE_CLASSES[sc.type](
                 model, n_steps=info_or_value(sc.n_steps), convergence_hook=hook, **kwargs
             )
