@@ -265,6 +265,9 @@ def preflight(
         fused = build_fused(cfg, model)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"stages: {exc}") from None
+    never = fused.why_never_graduates()
+    if never is not None:  # a run has no overall step limit: it would never end
+        raise ConfigError(f"stages: {never}. Give that stage n_steps, or a threshold >= 0.")
     _with_stress(cfg, fused)
     info_line = _check_info_values(cfg, fused, sampler)
     return Preflight(

@@ -8,11 +8,19 @@ from typing import Any, ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import validation as v
 from .batch import Batch
+from .parameters import InfoParameter
 
-__all__ = ["ConvergenceHook", "Criterion", "DEFAULT_FMAX", "check_criterion_keys"]
+__all__ = [
+    "ConvergenceHook",
+    "Criterion",
+    "DEFAULT_FMAX",
+    "check_criterion_keys",
+    "unreachable_criterion",
+]
 
 DEFAULT_FMAX = 0.05  # eV/Å, the default criterion of a stage that must converge
 
@@ -24,6 +32,8 @@ _REDUCE_OPS = {
     "sum": jnp.sum,
 }
 _ATOM_FIELDS = ("forces", "velocities", "positions")
+# keys whose value is never negative: a negative threshold on one never holds
+_NEVER_NEGATIVE = ("fmax", "kinetic_energy", "temperature", "energy_change")
 # what every stage's observables give (Stage.observables), and the engine's energy_change
 _EVERY_STAGE = ("fmax", "energy", "kinetic_energy", "temperature", "energy_change")
 
@@ -233,7 +243,6 @@ def check_criterion_keys(owner: str, stage) -> None:
 def _stage_observables(stage) -> set[str] | None:
     """The keys of ``stage.observables`` on a one-system periodic batch, or None."""
     import ase
-    import numpy as np
 
     atoms = ase.Atoms("Ar2", positions=[[0.0, 0.0, 0.0], [2.0, 2.0, 2.0]], cell=4.0 * np.eye(3))
     atoms.pbc = True
@@ -243,3 +252,25 @@ def _stage_observables(stage) -> set[str] | None:
     except Exception:  # noqa: BLE001 - any failure: leave the check to the run's trace
         return None
     return set(out)
+
+
+def unreachable_criterion(rule: ConvergenceHook) -> str | None:
+    """A criterion of ``rule`` that can never hold, in words, or None.
+
+    A negative threshold (any entry of a per-system one) on a quantity that is never
+    negative: ``fmax``, ``kinetic_energy``, ``temperature``, ``energy_change``, or a per-atom
+    field reduced to an absolute value or a norm. Traced thresholds are not judged.
+    """
+    for i, c in enumerate(rule.criteria):
+        per_atom_abs = c.key in _ATOM_FIELDS and c.reduce_op in (None, "norm")
+        if not (c.key in _NEVER_NEGATIVE or per_atom_abs):
+            continue
+        if isinstance(c.threshold, (jax.core.Tracer, InfoParameter)):
+            continue  # known per structure or under a trace only
+        t = np.asarray(c.threshold, float)
+        if np.any(t < 0):
+            return (
+                f"its convergence criterion {i} ({c.key} <= {t.min():g}) can never hold "
+                f"({c.key} is never negative)"
+            )
+    return None

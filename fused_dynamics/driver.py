@@ -157,8 +157,8 @@ def run(
         raise ValueError("FusedStage.run: give a batch (or a sampler for inflight mode).")
     if n_steps is None and not fused.graduates():  # a live run checks this in Run
         raise ValueError(
-            "FusedStage.run: the final sub-stage has neither a convergence_hook nor n_steps, "
-            "so systems never graduate; give run(..., n_steps=...) or a budget/criterion."
+            f"FusedStage.run: {fused.why_never_graduates()}; give run(..., n_steps=...) or a "
+            "budget/criterion."
         )
     if resume and not fused.is_initialized(batch):
         raise ValueError(

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from . import composition, constraints, driver, health, migration, recording, validation
 from .batch import Batch
 from .compiled import filter_compile, model_options
-from .convergence import ConvergenceHook
+from .convergence import ConvergenceHook, unreachable_criterion
 from .hooks import DynamicsStage, Hook, HookContext, check_hook, fire_hooks
 from .migration import StepReport
 from .models.neighbors import NeighborList
@@ -293,9 +293,34 @@ class FusedStage(eqx.Module):
         )
 
     def graduates(self) -> bool:
-        """Whether the final sub-stage can ever send a system to ``exit_status``."""
-        _, last = self.sub_stages[-1]
-        return last.convergence_hook is not None or last.n_steps is not None
+        """Whether systems can ever reach ``exit_status`` (:meth:`why_never_graduates`)."""
+        return self.why_never_graduates() is None
+
+    def why_never_graduates(self) -> str | None:
+        """Why no system could ever reach ``exit_status`` without a run's ``n_steps``, or None.
+
+        The final sub-stage has neither a convergence hook nor ``n_steps``; or a sub-stage
+        without ``n_steps`` has a criterion that can never hold (a negative threshold on a
+        quantity that is never negative, ``fmax`` say: a way to keep systems in a stage for a
+        budget, never an end). A run without ``n_steps`` would then never end, so
+        :meth:`run` refuses it.
+        """
+        code, last = self.sub_stages[-1]
+        if last.convergence_hook is None and last.n_steps is None:
+            return (
+                f"the final sub-stage ({type(last).__name__}) has neither a convergence_hook "
+                "nor n_steps, so systems never graduate"
+            )
+        for i, (_, stage) in enumerate(self.sub_stages):
+            if stage.n_steps is not None or stage.convergence_hook is None:
+                continue
+            never = unreachable_criterion(stage.convergence_hook)
+            if never is not None:
+                return (
+                    f"sub-stage {i} ({type(stage).__name__}) has no n_steps and {never}, so "
+                    "its systems never leave it"
+                )
+        return None
 
     # ------------------------------------------------------------------ state
     def init(self, batch: Batch) -> Batch:

@@ -693,8 +693,8 @@ def _check_options(
         check_writable(checkpoint)  # before anything is compiled or run
     if n_steps is None and resume_path is None and not fused.graduates():
         raise ValueError(
-            "FusedStage.run: the final sub-stage has neither a convergence_hook nor n_steps, "
-            "so systems never graduate; give run(..., n_steps=...) or a budget/criterion."
+            f"FusedStage.run: {fused.why_never_graduates()}; give run(..., n_steps=...) or a "
+            "budget/criterion."
         )
     if resume_path is not None and not os.path.isfile(resume_path):
         raise FileNotFoundError(f"resume={resume_path!r}: no such checkpoint file.")

@@ -715,3 +715,16 @@ def test_a_bad_criterion_is_a_configuration_error_before_compiling(tmp_path, cri
         res = CliRunner().invoke(app, ["run", str(path), *extra])
         assert res.exit_code == 2, res.output
         assert "stages" in res.output and text in res.output, res.output
+
+
+def test_a_stage_no_system_can_leave_is_refused_before_compiling(tmp_path):
+    # energy_change <= -1 never holds and the stage has no n_steps: the run would never end
+    job = TOML.replace(
+        "fmax = 0.02\nn_steps = 200", 'criteria = [{key = "energy_change", threshold = -1.0}]'
+    )
+    assert job != TOML
+    path = _write(tmp_path / "job.toml", job)
+    for extra in (["--validate-only"], []):
+        res = CliRunner().invoke(app, ["run", str(path), *extra])
+        assert res.exit_code == 2, res.output
+        assert "sub-stage 0 (FIRE2) has no n_steps and its convergence criterion 0" in res.output

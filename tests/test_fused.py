@@ -583,3 +583,23 @@ def test_a_criterion_key_no_field_gives_is_refused_when_the_stage_is_fused():
     ]:
         rule = fd.ConvergenceHook([{"key": key, "threshold": 1.0}])
         fd.FusedStage([stage(lj, convergence_hook=rule)])
+
+
+def test_a_run_without_n_steps_that_could_never_end_is_refused():
+    # a negative fmax threshold never holds: with a budget it keeps systems in the stage (a
+    # documented use), without one and without run(n_steps=...) the loop would never end
+    lj = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.5)
+    batch = fd.Batch.from_atoms([Icosahedron("Ar", 2)])
+    never = fd.ConvergenceHook.from_fmax(-1.0)
+    fused = fd.FusedStage([fd.FIRE(lj, convergence_hook=never), fd.NVE(lj, dt=1.0, n_steps=2)])
+    with pytest.raises(ValueError, match=r"sub-stage 0 \(FIRE\) has no n_steps and its conv"):
+        fused.run(batch)
+    with pytest.raises(ValueError, match=r"sub-stage 0 \(FIRE\) has no n_steps"):
+        fused.run(
+            sampler=fd.SizeAwareSampler([Icosahedron("Ar", 2)], max_atoms=13, max_systems=1),
+            sinks=[fd.HostMemory()],
+        )
+    out = fused.run(batch, n_steps=3)  # a run's limit ends it
+    assert int(out.step_count) == 3
+    kept = fd.FusedStage([fd.FIRE(lj, convergence_hook=never, n_steps=2)]).run(batch)
+    assert np.asarray(kept.info["exit_reason"])[0] == int(fd.ExitReason.BUDGET)
