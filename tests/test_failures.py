@@ -214,3 +214,25 @@ def test_model_call_on_an_overflowed_list_gives_nan_not_zeros():
         assert np.isnan(out.energy[0])
         assert np.all(np.isnan(out.forces[: len(a)]))
         assert np.all(np.isnan(out.stress[0]))
+
+
+@pytest.mark.parametrize("height", [1e-3, 1e-7])
+def test_a_cell_thinner_than_a_bond_fails_alone_instead_of_sizing_every_image_range(height):
+    """A periodic cell 1e-3 Å high (valid, non-singular) asked cutoff / height = 7,500 image
+    shifts along its axis, and the dense step compiled them for every system: the run ran out
+    of memory, the sane crystal beside it with it. Cells thinner than 0.5 Å along a periodic
+    axis no longer size the range: that system fails CELL_TOO_SMALL, the other runs as alone."""
+    good = bulk("Ar", "fcc", a=5.3, cubic=True)
+    good.rattle(0.05, seed=0)
+    thin = good.copy()
+    thin.set_cell([[5.3, 0, 0], [0, 5.3, 0], [0, 0, height]])
+    batch = fd.Batch.from_atoms([good, thin])
+    assert LJ.with_images(batch).images == LJ.with_images(fd.Batch.from_atoms([good])).images
+    out = fd.FIRE(LJ, n_steps=5).run(batch)
+    assert int(out.info["exit_reason"][1]) == FAILED
+    assert fd.Failure.CELL_TOO_SMALL in fd.Failure(int(out.info["failure"][1]))
+    assert np.isnan(float(out.energy[1]))
+    assert int(out.info["exit_reason"][0]) == fd.ExitReason.BUDGET
+    alone = fd.FIRE(LJ, n_steps=5).run(fd.Batch.from_atoms([good]))
+    np.testing.assert_array_equal(out.positions[:4], alone.positions[:4])
+    assert float(out.energy[0]) == float(alone.energy[0])
