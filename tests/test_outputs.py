@@ -686,3 +686,19 @@ def test_a_sink_that_can_hold_no_system_is_refused_when_made(tmp_path, capacity)
             make()
     assert not os.listdir(tmp_path)  # nothing created
     assert fd.HostMemory(capacity=np.int64(1)).capacity == 1
+
+
+def test_extxyz_sink_never_appends_to_a_file_it_did_not_write(tmp_path):
+    # a user's data set has no system_id: appending mixed this run's results into it
+    path = tmp_path / "dataset.extxyz"
+    ase.io.write(path, [Icosahedron("Ar", 2), Icosahedron("Ar", 2)])
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="first frame of .* has no system_id"):
+        fd.ExtXYZSink(path, mode="a")
+    assert path.read_bytes() == before
+    ours = tmp_path / "ours.extxyz"
+    sink = fd.ExtXYZSink(ours)
+    atoms = Icosahedron("Ar", 2)
+    atoms.info["system_id"] = 7
+    sink.write([atoms])
+    assert fd.ExtXYZSink(ours, mode="a").system_ids() == [7]  # its own output: accepted

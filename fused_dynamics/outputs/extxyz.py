@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
 import ase
 import ase.io
@@ -65,8 +66,10 @@ class ExtXYZSink:
         ``ValueError``).
     mode : {"x", "a", "w"}, default "x"
         ``"x"``: the file must not exist (``FileExistsError``); ``"a"``: append to it (an
-        earlier run's output); ``"w"``: start an empty file, replacing an existing *file*.
-        A directory is always refused (``IsADirectoryError``), whatever the mode.
+        earlier run's output: a file whose first frame has no ``system_id`` is refused with
+        ``ValueError``, never appended to); ``"w"``: start an empty file, replacing an
+        existing *file*. A directory is always refused (``IsADirectoryError``), whatever the
+        mode.
     metadata : dict of str, optional
         Keys written into the comment line of the first frame this sink writes (for example
         the run configuration as JSON).
@@ -125,6 +128,8 @@ class ExtXYZSink:
         only_side = order == "input" and os.path.isfile(pending_path(self.path))
         if mode == "a" and not os.path.isfile(self.path) and not only_side:
             raise ValueError(f"ExtXYZSink: mode 'a' appends to a file, and {self.path!r} is none.")
+        if mode == "a" and os.path.isfile(self.path):
+            _check_own_output(self.path)
         # the file is created (x) or replaced (w) by the first write: a reader never sees an
         # empty file, and an existing one is kept until there is something to put in its place
         self._open_mode = {"x": "x", "a": "a", "w": "w"}[mode]
@@ -207,6 +212,20 @@ class ExtXYZSink:
 
     def close(self) -> None:
         pass
+
+
+def _check_own_output(path: str) -> None:
+    """Refuse to append to an extxyz file whose first frame has no ``system_id``: a file this
+    package did not write (a data set, say), which appending would mix results into. Only
+    the first frame's comment line is read."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        count, comment = fh.readline(), fh.readline()
+    if count.strip() and not re.search(r"(^|\s)system_id=", comment):
+        raise ValueError(
+            f"ExtXYZSink: mode 'a' appends to an output of fused_dynamics, and the first frame "
+            f"of {path!r} has no system_id (not one): appending would mix this run's results "
+            "into it. Write to a new path (mode 'x')."
+        )
 
 
 def _frame_ends(text: str) -> tuple[list[int], int]:
