@@ -54,6 +54,7 @@ __all__ = [
     "Preflight",
     "RunResult",
     "check_capacity",
+    "check_output_capacity",
     "check_compilation_cache",
     "configure_jax",
     "execute",
@@ -251,6 +252,7 @@ def preflight(
     structures, sources = load_structures_with_sources(cfg, base_dir)
     species_line = check_structure_species(cfg, structures, sources)
     check_capacity(cfg, structures, sources)
+    check_output_capacity(cfg, len(structures))
     files = cfg.structures.files(base_dir)
     plans = plan_outputs(cfg, base_dir, overwrite=overwrite, resume=resume, inputs=files)
     check_compilation_cache(cfg, base_dir)
@@ -345,6 +347,26 @@ def files_line(cfg: RunConfig, sources) -> str:
         f"structures: {len(sources)} from {len(counts)} file(s), read in this order "
         f"(system_id 0 first): {', '.join(shown)}{more}"
     )
+
+
+def check_output_capacity(cfg: RunConfig, n_structures: int) -> None:
+    """Refuse an output whose ``capacity`` cannot hold every structure of the job.
+
+    Every output receives every system that leaves the run (REJECTED ones too), so an output
+    that holds fewer would stop the run with "every sink is full" after the work was done.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``outputs[i].capacity``, its value and the number of structures.
+    """
+    for i, out in enumerate(cfg.outputs):
+        if out.capacity is not None and out.capacity < n_structures:
+            raise ConfigError(
+                f"outputs[{i}].capacity = {out.capacity}: the job has {n_structures} "
+                "structures, and every output receives every system: raise it to at least "
+                f"{n_structures}, or leave it out (no limit)."
+            )
 
 
 def check_capacity(cfg: RunConfig, structures, sources) -> None:

@@ -728,3 +728,16 @@ def test_a_stage_no_system_can_leave_is_refused_before_compiling(tmp_path):
         res = CliRunner().invoke(app, ["run", str(path), *extra])
         assert res.exit_code == 2, res.output
         assert "sub-stage 0 (FIRE2) has no n_steps and its convergence criterion 0" in res.output
+
+
+def test_an_output_too_small_for_the_job_is_refused_before_compiling(tmp_path):
+    # every output receives every system: with room for fewer, the run stopped with "every
+    # sink is full" after simulating them all, and their results were lost
+    job = TOML.replace('type = "zarr"', 'type = "zarr"\ncapacity = 2')
+    assert job != TOML
+    path = _write(tmp_path / "job.toml", job)
+    for extra in (["--validate-only"], []):
+        res = CliRunner().invoke(app, ["run", str(path), *extra])
+        assert res.exit_code == 2, res.output
+        assert "outputs[0].capacity = 2: the job has 6 structures" in res.output, res.output
+    assert not (tmp_path / "out" / "run.zarr").exists()  # refused before any output was made
