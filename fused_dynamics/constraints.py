@@ -49,6 +49,8 @@ def from_ase(atoms, system: int) -> tuple[np.ndarray, bool]:
     -------
     fixed : numpy.ndarray, shape (n_atoms, 3) bool
     fix_com : bool
+        A ``FixCom`` constraint, or ``atoms.info["fix_com"]`` True: how an extxyz output of
+        this package records ``FixCom``, which ASE's extxyz format cannot hold.
 
     Raises
     ------
@@ -58,7 +60,8 @@ def from_ase(atoms, system: int) -> tuple[np.ndarray, bool]:
     """
     n = len(atoms)
     fixed = np.zeros((n, 3), bool)
-    fix_com = False
+    flag = atoms.info.get("fix_com", False)
+    fix_com = isinstance(flag, (bool, np.bool_)) and bool(flag)
     for c in atoms.constraints:
         if isinstance(c, FixCom):
             fix_com = True

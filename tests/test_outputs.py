@@ -702,3 +702,34 @@ def test_extxyz_sink_never_appends_to_a_file_it_did_not_write(tmp_path):
     atoms.info["system_id"] = 7
     sink.write([atoms])
     assert fd.ExtXYZSink(ours, mode="a").system_ids() == [7]  # its own output: accepted
+
+
+def test_every_sink_gives_back_the_constraints_a_system_ran_with(tmp_path):
+    # zarr kept none, extxyz lost FixCom (ASE's extxyz cannot hold it): a relaxation continued
+    # from the output let its fixed atoms move
+    from ase.build import bulk
+    from ase.constraints import FixAtoms, FixCartesian, FixCom
+
+    systems = []
+    for i, c in enumerate([FixAtoms(indices=[0, 1]), FixCartesian([2], mask=(1, 0, 1)), FixCom()]):
+        a = bulk("Ar", "fcc", a=5.3, cubic=True)
+        a.rattle(0.05, seed=i)
+        a.set_constraint(c)
+        systems.append(a)
+    lj = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=6.0, switch_onset=5.0)
+    stage = fd.FusedStage([fd.NVTLangevin(lj, dt=2.0, temperature=50.0, friction=0.02, n_steps=3)])
+    want = fd.Batch.from_atoms(systems)
+    for kind, make, read in [
+        ("zarr", lambda p: fd.ZarrSink(p), fd.read_zarr),
+        ("extxyz", lambda p: fd.ExtXYZSink(p), lambda p: ase.io.read(p, ":")),
+    ]:
+        path = tmp_path / f"o.{kind}"
+        sampler = fd.SizeAwareSampler(systems, max_atoms=12, max_systems=3)
+        stage.run(sampler=sampler, sinks=[make(path)], refill_frequency=3)
+        back = sorted(read(path), key=lambda a: a.info["system_id"])
+        got = fd.Batch.from_atoms(back)
+        np.testing.assert_array_equal(np.asarray(got.fixed), np.asarray(want.fixed), err_msg=kind)
+        np.testing.assert_array_equal(np.asarray(got.fix_com), [False, False, True], err_msg=kind)
+    assert [type(c).__name__ for c in fd.read_zarr(tmp_path / "o.zarr")[2].constraints] == [
+        "FixCom"
+    ]

@@ -19,6 +19,7 @@ import re
 
 import ase
 import ase.io
+from ase.constraints import FixCom
 
 from ..provenance import (
     UNITS,
@@ -37,7 +38,9 @@ _UNITS_TEXT = ", ".join(f"{k}: {v}" for k, v in UNITS.items())
 
 def _extxyz_frame(atoms: ase.Atoms, extra: dict) -> ase.Atoms:
     """A copy that ASE's extxyz writer and reader round-trip: empty strings and None left out
-    (ASE misreads ``key=``), dicts and ragged lists as JSON strings."""
+    (ASE misreads ``key=``), dicts and ragged lists as JSON strings, and a ``FixCom``
+    constraint (which ASE's extxyz drops; it keeps ``FixAtoms`` and ``FixCartesian`` as
+    ``move_mask``) as ``info["fix_com"] = True``."""
     out = atoms.copy()
     out.calc = atoms.calc
     info = {}
@@ -51,6 +54,8 @@ def _extxyz_frame(atoms: ase.Atoms, extra: dict) -> ase.Atoms:
         ):
             value = json.dumps(_jsonable(value))
         info[key] = value
+    if any(isinstance(c, FixCom) for c in atoms.constraints):
+        info["fix_com"] = True  # ASE's extxyz has no FixCom; Batch.from_atoms reads this key
     out.info = info
     return out
 

@@ -18,6 +18,7 @@ import ase
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from .. import constraints
 from ..batch import _voigt
 from ..provenance import (
     UNITS,
@@ -66,6 +67,13 @@ def _info_record(atoms: ase.Atoms) -> str:
     }
     if arrays:
         info["__arrays__"] = arrays
+    if atoms.constraints:  # what the system ran with, given back by read_zarr
+        fixed, fix_com = constraints.from_ase(atoms, 0)
+        rows = np.flatnonzero(fixed.any(axis=1))
+        info["__constraints__"] = {
+            "fixed": [[int(i), *map(bool, fixed[i])] for i in rows],
+            "fix_com": bool(fix_com),
+        }
     return json.dumps(info)
 
 
@@ -77,7 +85,8 @@ class ZarrSink:
     ``atom_start``, ``cell``, ``pbc``, ``energy``, ``stress`` (NaN where not computed),
     ``status``, ``exit_reason``, ``system_id``, ``stage_steps`` of shape (n, n_sub_stages),
     and ``info_json``: the rest of ``atoms.info`` (names, ``exit_reason_name``, ``failure``,
-    ``failure_step``, provenance) and the input's extra per-atom arrays, as JSON).
+    ``failure_step``, provenance), the input's extra per-atom arrays and the system's
+    constraints (fixed components, ``FixCom``), as JSON).
     :func:`read_zarr` gives the systems back as ``ase.Atoms``.
 
     The store's attributes hold ``count`` and ``atom_count`` (the committed systems and atoms:
@@ -355,7 +364,8 @@ def read_zarr(path: str | os.PathLike) -> list[ase.Atoms]:
 
     Only committed systems are returned (a record cut short by a kill is ignored). The stress
     is attached where it was computed (finite); ``info`` and the input's extra per-atom arrays
-    come back from ``info_json``.
+    come back from ``info_json``, and so do the constraints the system ran with (``FixAtoms``,
+    ``FixCartesian``, ``FixCom``).
     """
     root = _open_store(os.fspath(path), "r")
     n = _committed(root)
@@ -391,6 +401,12 @@ def read_zarr(path: str | os.PathLike) -> list[ase.Atoms]:
             extra = json.loads(str(records[i]))
             for key, spec in extra.pop("__arrays__", {}).items():
                 a.arrays[key] = np.asarray(spec["data"], dtype=np.dtype(spec["dtype"]))
+            held = extra.pop("__constraints__", None)
+            if held is not None:
+                fixed = np.zeros((len(a), 3), bool)
+                for i, *mask in held["fixed"]:
+                    fixed[i] = mask
+                a.set_constraint(constraints.to_ase(fixed, held["fix_com"]))
             a.info.update(extra)
         out.append(a)
     return out
