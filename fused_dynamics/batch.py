@@ -348,6 +348,12 @@ class Batch(eqx.Module):
         non-finite or out-of-bound quantities, ``""`` if none, see
         :class:`~fused_dynamics.Failure`) with ``failure_step``.
 
+        A batch holds arrays only: the inputs' own ``info`` and extra per-atom ``arrays`` are
+        not carried (nor by the sinks of a fixed-batch run). Give the structures through a
+        :class:`~fused_dynamics.SizeAwareSampler` to have every written system carry them
+        (with ``source_index``), or copy them onto these with
+        :func:`fused_dynamics.provenance.copy_provenance`.
+
         In float64, positions, numbers, masses, cells, pbc and velocities come back bit for bit
         as :meth:`from_atoms` read them (zero-length non-periodic cell vectors included, see
         ``virtual_cell``). Momenta are ``m * v`` and can differ from the original ones in the last
