@@ -13,6 +13,7 @@ import textwrap
 
 import ase.io
 import pytest
+from ase.cluster import Icosahedron
 from typer.testing import CliRunner
 
 from fused_dynamics.cli import app
@@ -741,3 +742,15 @@ def test_an_output_too_small_for_the_job_is_refused_before_compiling(tmp_path):
         assert res.exit_code == 2, res.output
         assert "outputs[0].capacity = 2: the job has 6 structures" in res.output, res.output
     assert not (tmp_path / "out" / "run.zarr").exists()  # refused before any output was made
+
+
+@pytest.mark.parametrize("index", ["abc", "1.5", "7"])
+def test_a_structures_index_that_selects_nothing_is_a_configuration_error(tmp_path, index):
+    # "abc" and "1.5" raised a TypeError inside the run (exit 1); "7" of 2 frames an IndexError
+    ase.io.write(tmp_path / "in.extxyz", [Icosahedron("Ar", 1), Icosahedron("Ar", 1)])
+    job = TOML.replace('generate = "argon"\ncount = 6\nmax_size = 8', 'path = "in.extxyz"')
+    job = job.replace('path = "in.extxyz"', f'path = "in.extxyz"\nindex = "{index}"')
+    assert job != TOML
+    rc, msg = _bad(tmp_path, job)
+    assert rc == 2, msg
+    assert f"structures.index: '{index}' does not select frames" in msg, msg

@@ -65,7 +65,7 @@ def load_structures_with_sources(
         frames = frames if isinstance(frames, list) else [frames]
         try:
             keep = _frame_numbers(s.index, len(frames))
-        except (ValueError, IndexError) as exc:
+        except (ValueError, IndexError, TypeError) as exc:  # TypeError: "abc", "1.5"
             raise ConfigError(
                 f"structures.index: {s.index!r} does not select frames of {f!r} "
                 f"({len(frames)} frames): {exc}"
