@@ -32,6 +32,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from . import constraints, segment
 from .linalg3 import det3
 from .parameters import read_info_values
+from .provenance import batch_inputs
 from .status import exit_reason_name, failure_names
 
 __all__ = ["Batch", "default_float"]
@@ -335,8 +336,13 @@ class Batch(eqx.Module):
         }
         return cls(**arrays, parameters=parameters, max_atoms_per_system=int(max_atoms_per_system))
 
-    def to_atoms(self) -> list[ase.Atoms]:
+    def to_atoms(self, inputs=None) -> list[ase.Atoms]:
         """The occupied slots as ``ase.Atoms``, in slot order.
+
+        ``inputs``: the structures this batch was made from (``Batch.from_atoms(inputs)``, in
+        that order); each output then carries its input's ``info``, per-atom ``arrays`` and
+        ``source_index`` (:func:`fused_dynamics.provenance.batch_inputs`, which raises
+        ``ValueError`` when they do not match the batch's systems).
 
         Each carries velocities and a ``SinglePointCalculator`` with energy, forces and stress
         (stress in Voigt order, eV/Å³, as ASE returns it; present when the system's cell as given
@@ -348,11 +354,9 @@ class Batch(eqx.Module):
         non-finite or out-of-bound quantities, ``""`` if none, see
         :class:`~fused_dynamics.Failure`) with ``failure_step``.
 
-        A batch holds arrays only: the inputs' own ``info`` and extra per-atom ``arrays`` are
-        not carried (nor by the sinks of a fixed-batch run). Give the structures through a
-        :class:`~fused_dynamics.SizeAwareSampler` to have every written system carry them
-        (with ``source_index``), or copy them onto these with
-        :func:`fused_dynamics.provenance.copy_provenance`.
+        A batch holds arrays only: without ``inputs`` the inputs' own ``info`` and extra
+        per-atom ``arrays`` are not carried (a run of a batch with sinks takes the same
+        ``inputs``, :func:`fused_dynamics.driver.run`; a sampler carries them itself).
 
         In float64, positions, numbers, masses, cells, pbc and velocities come back bit for bit
         as :meth:`from_atoms` read them (zero-length non-periodic cell vectors included, see
@@ -367,6 +371,8 @@ class Batch(eqx.Module):
         for atoms, slot in zip(out, slots, strict=True):
             for key, values in host.parameters.items():  # never over what the engine wrote
                 atoms.info.setdefault(key, np.asarray(values)[slot].item())
+        if inputs is not None:
+            out = batch_inputs(host, inputs)(out)
         return out
 
 

@@ -47,6 +47,7 @@ def run(
     dtype=None,
     listeners=(),
     mesh=None,
+    inputs=None,
 ):
     """Run ``fused`` until every occupied slot has graduated, or for at most ``n_steps`` steps.
 
@@ -72,6 +73,12 @@ def run(
     sinks : sequence of sinks
         Where graduated systems are written, each to the first with room (§15). With a batch,
         systems are streamed out as they graduate.
+    inputs : sequence of ase.Atoms, optional
+        With a batch and sinks: the structures the batch was made from
+        (``Batch.from_atoms(inputs)``, in that order). Each written system then carries its
+        input's ``info``, per-atom ``arrays`` and ``source_index``, as a sampler's do
+        (:func:`fused_dynamics.provenance.batch_inputs`); without it a batch's records carry
+        the engine's fields only. For the returned batch: ``final.to_atoms(inputs)``.
     resume : bool or path, default False
         ``True``: continue a batch returned by an earlier run of this fused stage where it
         stopped (its step count carries on). A path: continue the run saved in that checkpoint
@@ -131,6 +138,12 @@ def run(
     )
     if mesh is not None:
         sharding.devices_of(mesh)  # a bad mesh is refused before anything else
+    if inputs is not None and (not sinks or mesh is not None):
+        raise ValueError(
+            "FusedStage.run: inputs are copied onto what the sinks write, in a run of a batch "
+            "with sinks on one device; for the batch a run returns, use "
+            "final.to_atoms(inputs)."
+        )
     if live:
         if differentiable:
             raise ValueError(
@@ -150,6 +163,7 @@ def run(
             dtype=dtype,
             listeners=listeners,
             mesh=mesh,
+            **({} if inputs is None else {"inputs": inputs}),
         ) as live_run:
             live_run.run_to_end()
         return live_run.stats if live_run.inflight_mode else live_run.batch

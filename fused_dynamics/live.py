@@ -20,6 +20,7 @@ from .batch import Batch, write_system
 from .compiled import overflowed, retry_on_overflow
 from .inflight import RunStats
 from .outputs.common import check_writable
+from .provenance import batch_inputs
 
 __all__ = ["Run", "fit_to_batch", "STRETCH"]
 
@@ -90,6 +91,7 @@ class Run:
         checkpoint_every: int | None = None,
         dtype=None,
         listeners=(),
+        inputs=None,
     ):
         resume_path = None if isinstance(resume, bool) else os.fspath(resume)
         _check_options(
@@ -107,6 +109,13 @@ class Run:
         self.checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
         self.stats = RunStats()
         self._annotate = getattr(sampler, "annotate", None)
+        if inputs is not None:
+            if sampler is not None or batch is None:
+                raise ValueError(
+                    "inputs: the structures a batch was made from, given with that batch; a "
+                    "sampler carries its inputs' info and arrays itself."
+                )
+            self._annotate = batch_inputs(batch, inputs)
         self._held: set[int] = set()
         self._t0 = time.perf_counter()
         self._closed = False

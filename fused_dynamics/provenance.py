@@ -35,6 +35,7 @@ output; the names come from :mod:`fused_dynamics.status` (one table).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import ase
 import numpy as np
@@ -42,6 +43,7 @@ import numpy as np
 from .status import LEGEND, exit_reason_name, status_name
 
 __all__ = [
+    "batch_inputs",
     "ENGINE_ARRAY_KEYS",
     "ENGINE_INFO_KEYS",
     "INPUT_PREFIX",
@@ -266,3 +268,53 @@ def copy_provenance(
     if system_id is not None:
         info["system_id"] = int(system_id)
     return restore_unchanged(source, target)
+
+
+def batch_inputs(batch, inputs) -> Callable[[list[ase.Atoms]], list[ase.Atoms]]:
+    """``annotate(frames)``: copy the input structures' provenance onto a batch's outputs.
+
+    Parameters
+    ----------
+    batch : Batch
+        Made by ``Batch.from_atoms(inputs)``: its occupied slots hold the inputs in order.
+    inputs : sequence of ase.Atoms
+        The structures the batch was made from, in the same order.
+
+    Returns
+    -------
+    callable
+        ``annotate(frames) -> frames``: each frame whose ``info["system_id"]`` is one of the
+        batch's systems gets its input's ``info``, per-atom ``arrays`` and calculator results
+        (:func:`copy_provenance`, with ``source_index`` its position in ``inputs``).
+
+    Raises
+    ------
+    ValueError
+        ``inputs`` does not hold one structure per occupied slot, or a structure's number of
+        atoms differs from its slot's (naming the index).
+    """
+    mask = np.asarray(batch.system_mask)
+    ids = np.asarray(batch.system_id)[mask]
+    sizes = np.asarray(batch.n_atoms)[mask]
+    inputs = list(inputs)
+    if len(inputs) != len(ids):
+        raise ValueError(
+            f"inputs: {len(inputs)} structures for a batch of {len(ids)} systems; give the "
+            "list the batch was made from (Batch.from_atoms), in its order."
+        )
+    for k, (a, n) in enumerate(zip(inputs, sizes, strict=True)):
+        if len(a) != int(n):
+            raise ValueError(
+                f"inputs[{k}] has {len(a)} atoms and the batch's system {k} has {int(n)}; give "
+                "the list the batch was made from (Batch.from_atoms), in its order."
+            )
+    by_id = {int(sid): k for k, sid in enumerate(ids)}
+
+    def annotate(frames):
+        for a in frames:
+            k = by_id.get(int(a.info.get("system_id", -1)))
+            if k is not None:
+                copy_provenance(inputs[k], a, source_index=k, system_id=int(ids[k]))
+        return list(frames)
+
+    return annotate

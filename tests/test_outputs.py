@@ -733,3 +733,30 @@ def test_every_sink_gives_back_the_constraints_a_system_ran_with(tmp_path):
     assert [type(c).__name__ for c in fd.read_zarr(tmp_path / "o.zarr")[2].constraints] == [
         "FixCom"
     ]
+
+
+def test_a_batch_run_given_its_inputs_writes_their_info_and_arrays(tmp_path):
+    # a Batch holds arrays only: without inputs, a batch's records carried none of the
+    # input's tags, where the same structures through a sampler kept them
+    atoms = []
+    for i in range(2):
+        a = Icosahedron("Ar", 2)
+        a.center(vacuum=6.0)
+        a.rattle(0.05, seed=i)
+        a.info["name"] = f"c{i}"
+        a.arrays["lab"] = np.arange(13) + i
+        atoms.append(a)
+    lj = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.5, switch_onset=6.5)
+    batch = fd.Batch.from_atoms(atoms)
+    sink = fd.HostMemory()
+    final = fd.FIRE(lj, n_steps=5).run(batch, sinks=[sink], inputs=atoms)
+    for out in (sorted(sink.atoms, key=lambda a: a.info["system_id"]), final.to_atoms(atoms)):
+        assert [a.info["name"] for a in out] == ["c0", "c1"]
+        assert [a.info["source_index"] for a in out] == [0, 1]
+        for k, a in enumerate(out):
+            np.testing.assert_array_equal(a.arrays["lab"], np.arange(13) + k)
+    assert "name" not in fd.FIRE(lj, n_steps=5).run(batch).to_atoms()[0].info  # opt-in
+    with pytest.raises(ValueError, match="inputs: 1 structures for a batch of 2 systems"):
+        final.to_atoms(atoms[:1])
+    with pytest.raises(ValueError, match="inputs are copied onto what the sinks write"):
+        fd.FIRE(lj, n_steps=5).run(batch, inputs=atoms)
