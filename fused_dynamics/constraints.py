@@ -115,6 +115,15 @@ def _com_weights(batch) -> tuple[jax.Array, jax.Array]:
     return m, batch.to_atoms_axis(batch.fix_com)
 
 
+def _free_weights(batch, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per atom, whether its system has a fixed component, shape (N,); and the masses of the
+    free components (0 where fixed), shape (N, 3): the weights of a ``fix_com`` system that
+    also has fixed components."""
+    fixed = batch.fixed & batch.atom_mask[:, None]
+    partly = batch.to_atoms_axis(batch.sum_atoms(fixed.astype(jnp.int32)).sum(-1) > 0)
+    return partly, jnp.where(fixed, 0.0, m[:, None])
+
+
 def project_forces(batch, forces: jax.Array) -> jax.Array:
     """Forces with the constrained components removed, shape (N, 3).
 
@@ -130,9 +139,7 @@ def project_forces(batch, forces: jax.Array) -> jax.Array:
         projected = forces - m[:, None] * batch.to_atoms_axis(lmd)
         # with fixed components too: the projection over the free components only (the
         # fixed ones' forces are removed, not part of what the centre of mass feels)
-        fixed = batch.fixed & batch.atom_mask[:, None]
-        partly = batch.to_atoms_axis(batch.sum_atoms(fixed.astype(jnp.int32)).sum(-1) > 0)
-        m_free = jnp.where(fixed, 0.0, m[:, None])
+        partly, m_free = _free_weights(batch, m)
         mm_free = jnp.maximum(batch.sum_atoms(m_free * m_free), 1e-30)
         lmd_free = batch.sum_atoms(m_free * forces) / mm_free
         projected = jnp.where(
@@ -217,11 +224,9 @@ def constrain_update(old, new, mask: jax.Array):
         # the free ones per axis, so that its centre of mass and momentum are held while the
         # fixed ones stay put (ASE applies FixAtoms and FixCom one after the other, and the
         # second undoes part of the first). Systems without fixed components: the plain shift.
-        fixed = old.fixed & old.atom_mask[:, None]
-        partly = old.to_atoms_axis(old.sum_atoms(fixed.astype(jnp.int32)).sum(-1) > 0)
-        m_free = jnp.where(fixed, 0.0, m[:, None])
+        partly, m_free = _free_weights(old, m)
         free_total = jnp.maximum(old.sum_atoms(m_free), 1e-30)
-        kept = jnp.where(fixed, old.positions, positions)
+        kept = jnp.where(old.fixed & old.atom_mask[:, None], old.positions, positions)
         shift = old.sum_atoms(m[:, None] * old.positions) - old.sum_atoms(m[:, None] * kept)
         momentum = old.sum_atoms(m_free * velocities)
         per_axis = jnp.where(

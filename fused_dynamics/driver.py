@@ -169,11 +169,8 @@ def run(
         return live_run.stats if live_run.inflight_mode else live_run.batch
     if batch is None:
         raise ValueError("FusedStage.run: give a batch (or a sampler for inflight mode).")
-    if n_steps is None and not fused.graduates():  # a live run checks this in Run
-        raise ValueError(
-            f"FusedStage.run: {fused.why_never_graduates()}; give run(..., n_steps=...) or a "
-            "budget/criterion."
-        )
+    if n_steps is None:  # a live run checks this in Run
+        fused.check_ends()
     if resume and not fused.is_initialized(batch):
         raise ValueError(
             "FusedStage.run(resume=True): the batch was not prepared by this fused stage "

@@ -305,7 +305,7 @@ class FusedStage(eqx.Module):
         budget, never an end). A run without ``n_steps`` would then never end, so
         :meth:`run` refuses it.
         """
-        code, last = self.sub_stages[-1]
+        _, last = self.sub_stages[-1]
         if last.convergence_hook is None and last.n_steps is None:
             return (
                 f"the final sub-stage ({type(last).__name__}) has neither a convergence_hook "
@@ -321,6 +321,15 @@ class FusedStage(eqx.Module):
                     "its systems never leave it"
                 )
         return None
+
+    def check_ends(self) -> None:
+        """Raise ``ValueError`` (:meth:`why_never_graduates`) for a run without ``n_steps``
+        that would never end; what :meth:`run` and :meth:`start` check first."""
+        never = self.why_never_graduates()
+        if never is not None:
+            raise ValueError(
+                f"FusedStage.run: {never}; give run(..., n_steps=...) or a budget/criterion."
+            )
 
     # ------------------------------------------------------------------ state
     def init(self, batch: Batch) -> Batch:

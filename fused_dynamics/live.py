@@ -700,11 +700,8 @@ def _check_options(
                 f"checkpoint={os.fspath(checkpoint)!r} is a directory; give a file path."
             )
         check_writable(checkpoint)  # before anything is compiled or run
-    if n_steps is None and resume_path is None and not fused.graduates():
-        raise ValueError(
-            f"FusedStage.run: {fused.why_never_graduates()}; give run(..., n_steps=...) or a "
-            "budget/criterion."
-        )
+    if n_steps is None and resume_path is None:
+        fused.check_ends()
     if resume_path is not None and not os.path.isfile(resume_path):
         raise FileNotFoundError(f"resume={resume_path!r}: no such checkpoint file.")
 
