@@ -13,6 +13,11 @@ An output in input order (``OutputPlan.order == "input"``, from ``outputs[i].ord
 configuration has that key) keeps the systems that finished early in ``<name>.pending.<suffix>``
 (:mod:`fused_dynamics.outputs.order`): the plan treats that side file as part of the output
 (refused, overwritten or resumed with it) and counts its systems as held.
+
+Every path a run writes (outputs, side files, stage outputs, report files, the checkpoint)
+is its own and never an input structure file: two that are one file (the same resolved path,
+or a hard link of it) or one that is an input are refused before anything else, even with
+``--overwrite`` or ``--resume``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ __all__ = ["OutputPlan", "TeeSink", "checkpoint_path", "open_sink", "plan_output
 
 # the keys of a configuration a checkpoint must be continued with (the rest, such as the
 # report, refill_frequency or checkpoint_every, may change between a run and its resumption)
+_CHECKPOINT = "the checkpoint (outputs[0].path + '.ckpt')"
 _RUN_KEYS = ("structures", "model", "stages", "capacity", "seed", "dtype", "initial_temperature")
 
 
@@ -240,10 +246,16 @@ def plan_outputs(
     """Check every path the run writes before anything compiles, and say what happens to it.
 
     Outputs (``outputs[i].path``), stage outputs (``stages[i].write``) and report files
-    (``report.plot``, ``report.record``) are checked: no two the same, none an input file,
-    none an existing directory (unless a zarr store being resumed), an existing path only with
-    ``overwrite`` or ``resume``, and every folder writable (a probe file is created and
-    removed; folders are created).
+    (``report.plot``, ``report.record``) are checked: none an existing directory (unless a
+    zarr store being resumed), an existing path only with ``overwrite`` or ``resume``, and
+    every folder writable (a probe file is created and removed; folders are created).
+
+    First, whatever ``overwrite`` or ``resume`` say, every path the run writes (those, the
+    side file of waiting systems of an output in input order, ``<name>.pending.<suffix>``,
+    and the checkpoint) must be its own: no two the same file, none an input file of
+    ``inputs``, none inside a zarr store the run writes. Paths are compared resolved
+    (symbolic links followed, ``..`` removed) and, where both exist, as files (a hard link
+    is the same file, as :func:`os.path.samefile` says).
 
     Raises
     ------
@@ -271,25 +283,104 @@ def plan_outputs(
         value = getattr(cfg.report, kind)
         if value:
             plans.append(OutputPlan(f"report.{kind}", _output_path(value, base_dir), kind))
-    # a checkpoint that exists first: a run that did not finish is what the user must know
     ck = OutputPlan("checkpoint_every", checkpoint_path(cfg, base_dir), "checkpoint")
+    # every path the run writes is its own, and none is an input, whatever the flags say
+    _check_distinct(_written_paths(plans, ck), inputs)
+    # a checkpoint that exists first: a run that did not finish is what the user must know
     _plan_checkpoint(ck, overwrite, resume)
-    seen: dict[Path, str] = {ck.path: "the checkpoint (outputs[0].path + '.ckpt')"}
-    inputs = {Path(f).resolve(): None for f in inputs}
     for p in plans:
-        if p.path in seen:
-            raise ConfigError(f"{p.key} and {seen[p.path]} are the same path {os.fspath(p.path)!r}")
-        if p.path in inputs:
-            raise ConfigError(
-                f"{p.key}: {os.fspath(p.path)!r} is an input structure file; an output never "
-                "replaces an input: choose another path"
-            )
-        seen[p.path] = p.key
         _plan_one(p, overwrite, resume)
     if ck.action == "resume":
         _check_checkpoint_fits(ck, cfg, [p for p in plans if p.key.startswith("outputs")])
     plans.append(ck)
     return plans
+
+
+@dataclass(frozen=True)
+class _Written:
+    """One path a run writes: who names it (for messages), where it is, which file it is."""
+
+    what: str
+    path: Path  # resolved (symbolic links followed)
+    identity: tuple[int, int] | None  # (device, inode) of what is there now, else None
+    store: bool  # a zarr store: a folder the run writes into
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the file or folder at ``path`` (links followed); None if none."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _written(what: str, path: str | os.PathLike, store: bool = False) -> _Written:
+    path = Path(path).resolve()
+    return _Written(what, path, _identity(path), store)
+
+
+def _written_paths(plans: list[OutputPlan], ck: OutputPlan) -> list[_Written]:
+    """Every path the run writes: the checkpoint, each planned path and, for an output in
+    input order, its side file of waiting systems (:func:`pending_path`)."""
+    out = [_written(_CHECKPOINT, ck.path)]
+    for p in plans:
+        out.append(_written(p.key, p.path, p.kind == "zarr"))
+        if p.order == "input":
+            side = (
+                f"the side file of {p.key} (where systems that finished early wait for the "
+                "ones before them, order = 'input')"
+            )
+            out.append(_written(side, pending_path(p.path), p.kind == "zarr"))
+    return out
+
+
+def _same(a: _Written, path: Path, identity: tuple[int, int] | None) -> bool:
+    """One file: the same resolved path, or (both there) the same inode: a hard link, or
+    another name of the same file (``os.path.samefile``)."""
+    return a.path == path or (a.identity is not None and a.identity == identity)
+
+
+def _check_distinct(written: list[_Written], inputs) -> None:
+    """Refuse two paths the run writes that are one file, one that is an input structure file
+    and one inside a zarr store the run writes: a configuration error naming both, whatever
+    ``--overwrite`` or ``--resume`` say (an input is never an output)."""
+    files = [(os.fspath(f), Path(f).resolve(), _identity(f)) for f in inputs]
+    for k, w in enumerate(written):
+        for other in written[:k]:
+            if _same(other, w.path, w.identity):
+                both = (
+                    f"{w.what} and {other.what} are the same path {os.fspath(w.path)!r}"
+                    if w.path == other.path
+                    else f"{w.what} ({os.fspath(w.path)!r}) and {other.what} "
+                    f"({os.fspath(other.path)!r}) are the same file (a hard link)"
+                )
+                raise ConfigError(
+                    f"{both}; their writes would clobber each other: choose another path"
+                )
+        for name, path, identity in files:
+            if _same(w, path, identity):
+                same = "" if w.path == path else f" ({name!r}, the same file by a hard link)"
+                raise ConfigError(
+                    f"{w.what}: {os.fspath(w.path)!r} is an input structure file{same}; an "
+                    "output never replaces an input, even with --overwrite or --resume: "
+                    "choose another path"
+                )
+    for store in (w for w in written if w.store):
+        for w in written:
+            if w is not store and w.path != store.path and w.path.is_relative_to(store.path):
+                raise ConfigError(
+                    f"{w.what}: {os.fspath(w.path)!r} is inside {store.what} "
+                    f"{os.fspath(store.path)!r}, a zarr store (a folder the run writes): "
+                    "choose a path outside it"
+                )
+        for name, path, _ in files:
+            if path.is_relative_to(store.path):
+                raise ConfigError(
+                    f"{store.what}: {os.fspath(store.path)!r} is a zarr store the run writes, "
+                    f"and the input structure file {name!r} is inside it; an output never "
+                    "holds an input: choose another path"
+                )
 
 
 def _plan_checkpoint(p: OutputPlan, overwrite: bool, resume: bool) -> None:
