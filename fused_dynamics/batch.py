@@ -372,7 +372,7 @@ class Batch(eqx.Module):
             for key, values in host.parameters.items():  # never over what the engine wrote
                 atoms.info.setdefault(key, np.asarray(values)[slot].item())
         if inputs is not None:
-            out = batch_inputs(host, inputs)(out)
+            out = batch_inputs(host, inputs, in_order=True)(out)
         return out
 
 

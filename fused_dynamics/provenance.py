@@ -270,7 +270,9 @@ def copy_provenance(
     return restore_unchanged(source, target)
 
 
-def batch_inputs(batch, inputs) -> Callable[[list[ase.Atoms]], list[ase.Atoms]]:
+def batch_inputs(
+    batch, inputs, *, in_order: bool = False
+) -> Callable[[list[ase.Atoms]], list[ase.Atoms]]:
     """``annotate(frames)``: copy the input structures' provenance onto a batch's outputs.
 
     Parameters
@@ -279,19 +281,25 @@ def batch_inputs(batch, inputs) -> Callable[[list[ase.Atoms]], list[ase.Atoms]]:
         Made by ``Batch.from_atoms(inputs)``: its occupied slots hold the inputs in order.
     inputs : sequence of ase.Atoms
         The structures the batch was made from, in the same order.
+    in_order : bool, default False
+        The frames are the batch's occupied slots in order (``Batch.to_atoms``): the k-th
+        frame is the k-th input's, whatever the ids. Otherwise (a run's sinks, which write
+        systems as they finish) frames are matched by their ``info["system_id"]``.
 
     Returns
     -------
     callable
         ``annotate(frames) -> frames``: each frame whose ``info["system_id"]`` is one of the
-        batch's systems gets its input's ``info``, per-atom ``arrays`` and calculator results
-        (:func:`copy_provenance`, with ``source_index`` its position in ``inputs``).
+        batch's systems (or, ``in_order``, each frame) gets its input's ``info``, per-atom
+        ``arrays`` and calculator results (:func:`copy_provenance`, with ``source_index`` its
+        position in ``inputs``).
 
     Raises
     ------
     ValueError
         ``inputs`` does not hold one structure per occupied slot, or a structure's number of
-        atoms differs from its slot's (naming the index).
+        atoms differs from its slot's (naming the index); or, matched by id, the batch's
+        system ids repeat (naming the id), so that an output could not name its input.
     """
     mask = np.asarray(batch.system_mask)
     ids = np.asarray(batch.system_id)[mask]
@@ -309,10 +317,17 @@ def batch_inputs(batch, inputs) -> Callable[[list[ase.Atoms]], list[ase.Atoms]]:
                 "the list the batch was made from (Batch.from_atoms), in its order."
             )
     by_id = {int(sid): k for k, sid in enumerate(ids)}
+    if not in_order and len(by_id) < len(ids):
+        repeated = sorted({int(i) for i in ids if np.sum(ids == i) > 1})
+        raise ValueError(
+            f"inputs: the batch's system ids {repeated} repeat, so a written system cannot be "
+            "matched to its input; give Batch.from_atoms(..., system_ids=...) distinct ids, or "
+            "copy the inputs' info from Batch.to_atoms(inputs) (matched by slot)."
+        )
 
     def annotate(frames):
-        for a in frames:
-            k = by_id.get(int(a.info.get("system_id", -1)))
+        for j, a in enumerate(frames):
+            k = j if in_order else by_id.get(int(a.info.get("system_id", -1)))
             if k is not None:
                 copy_provenance(inputs[k], a, source_index=k, system_id=int(ids[k]))
         return list(frames)

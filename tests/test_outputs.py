@@ -760,3 +760,22 @@ def test_a_batch_run_given_its_inputs_writes_their_info_and_arrays(tmp_path):
         final.to_atoms(atoms[:1])
     with pytest.raises(ValueError, match="inputs are copied onto what the sinks write"):
         fd.FIRE(lj, n_steps=5).run(batch, inputs=atoms)
+
+
+def test_inputs_with_repeated_system_ids_pair_by_slot_or_are_refused():
+    # repeated ids (a legitimate batch: replicas sharing an id) gave the second system the
+    # first one's provenance; to_atoms pairs by slot, sinks (matched by id) refuse
+    atoms = []
+    for i in range(2):
+        a = Icosahedron("Ar", 2)
+        a.center(vacuum=6.0)
+        a.rattle(0.05, seed=i)
+        a.info["name"] = f"c{i}"
+        atoms.append(a)
+    lj = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.5, switch_onset=6.5)
+    batch = fd.Batch.from_atoms(atoms, system_ids=[3, 3])
+    out = batch.to_atoms(atoms)
+    assert [a.info["name"] for a in out] == ["c0", "c1"]
+    assert [a.info["source_index"] for a in out] == [0, 1]
+    with pytest.raises(ValueError, match=r"system ids \[3\] repeat"):
+        fd.FIRE(lj, n_steps=2).run(batch, sinks=[fd.HostMemory()], inputs=atoms)
