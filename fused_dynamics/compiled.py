@@ -210,12 +210,30 @@ def overflowed(batch, fetch: Callable = np.asarray) -> bool:
     return bool(np.any(fetch(flag)))
 
 
-def grow_neighbors(batch, out=None):
+def grow_neighbors(batch, out=None, can_fail: bool = True):
     """``batch`` with a larger neighbor list (one recompilation follows), with a warning.
 
     ``out`` is the batch the overflowing call returned: its list recorded what was needed.
+    When the larger list would have no int32 pair codes (a cell that collapsed, or atoms
+    piled into one bin), and ``can_fail``, the list keeps its size and leaves out the systems
+    that ask it instead (:meth:`~fused_dynamics.models.neighbors.NeighborList.crowding_systems`,
+    measured on ``out``): they fail ``NEIGHBOR_OVERFLOW`` at the first step of the re-run, and
+    the others re-run from the last good state.
     """
-    grown = batch.neighbors.grown(seen=None if out is None else out.neighbors)
+    nl = batch.neighbors
+    grown = nl.grown(seen=None if out is None else out.neighbors)
+    if can_fail and not grown.codes_fit(batch.max_atoms):
+        candidates = np.asarray(batch.system_mask & ~nl.excluded(batch))
+        crowded = grown.crowding_systems(batch if out is None else out, candidates)
+        if crowded.any():
+            warnings.warn(
+                f"fused_dynamics: systems {np.asarray(batch.system_id)[crowded].tolist()} "
+                "fail NEIGHBOR_OVERFLOW: the neighbor list they need (stencil, atoms per bin) "
+                "has no int32 pair codes; the others re-run from the last good state.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return batch.replace(neighbors=nl.excluding(batch, crowded))
     warnings.warn(
         f"fused_dynamics: the neighbor list overflowed its capacity; grown to "
         f"{grown.capacity} pairs and re-run from the last good state (one recompilation).",
@@ -253,5 +271,7 @@ def retry_on_overflow(fn: Callable, batch, *args, listeners=(), fetch=None, plac
             batch = grow_neighbors(batch, result)
             continue
         host = jax.tree_util.tree_map(fetch, (batch.neighbors, result.neighbors))
-        grown = grow_neighbors(batch.replace(neighbors=host[0]), result.replace(neighbors=host[1]))
+        grown = grow_neighbors(
+            batch.replace(neighbors=host[0]), result.replace(neighbors=host[1]), can_fail=False
+        )
         batch = batch.replace(neighbors=place(grown.neighbors))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from . import observables
 from .batch import Batch
+from .models.cell_list import thin_systems
 from .models.neighbors import NeighborList
 from .status import ExitReason, Failure
 
@@ -83,6 +84,9 @@ def system_failures(
         # grad, a caller's jit) cannot, and its systems end FAILED instead of wrong.
         overflow = jnp.broadcast_to(batch.neighbors.overflow, batch.energy.shape)
         checks.append((overflow, Failure.NEIGHBOR_OVERFLOW))
+        # left out of the build (they would size the stencil of every system): no pairs
+        checks.append((thin_systems(batch), Failure.CELL_TOO_SMALL))
+        checks.append((batch.neighbors.excluded(batch), Failure.NEIGHBOR_OVERFLOW))
     code = jnp.zeros(batch.energy.shape, jnp.int32)
     for bad, bit in checks:
         code = code | (bad if bit is None else jnp.where(bad, int(bit), 0))
@@ -133,3 +137,4 @@ def fail_non_finite_energy(fused, batch: Batch) -> Batch:
     info["prev_energy"] = jnp.where(bad & ~before, jnp.inf, info["prev_energy"])  # moved on
     status = jnp.where(bad, fused.exit_status, batch.status).astype(jnp.int32)
     return batch.replace(status=status, info=info)
+

@@ -45,8 +45,10 @@ class Failure(enum.IntFlag):
     bound (``FusedStage(max_force=...)``). ``TEMPERATURE``: in a dynamics sub-stage, the kinetic
     temperature exceeded the run's bound (``FusedStage(max_temperature=...)``): the dynamics blew
     up even if every number is still finite. ``NEIGHBOR_OVERFLOW``: the system's pairs did not fit
-    the neighbor list and could not be regrown. ``CELL_TOO_SMALL``: the cell needs more periodic
-    images than the model's static range (a cell that shrank during the run).
+    the neighbor list and could not be regrown (under a caller's transform, or a list that would
+    have no int32 pair codes for it). ``CELL_TOO_SMALL``: the cell needs more periodic images than
+    the model's static range (a cell that shrank during the run), or is thinner than 0.5 Å along
+    a periodic axis, or singular (either path).
     ``DISPLACEMENT``: in a dynamics sub-stage, an atom moved farther in one step than the run's
     bound (``FusedStage(max_displacement=...)``). ``ENERGY_DRIFT``: an
     ``EnergyDriftMonitorHook(action="fail")`` saw the conserved quantity drift past its threshold.

@@ -50,6 +50,15 @@ _PAIRS, _OCCUPANCY, _BINS, _STENCIL, _ROWS = range(5)
 # correct, and the table then has a static number of rows (BINS_PER_ATOM * N + S).
 BINS_PER_ATOM = 2
 _MAX_STENCIL = 64
+#: Å. A periodic cell whose lattice planes are closer than this puts every atom within that
+#: distance of its own image, closer than any bond: neither the dense image range nor the
+#: neighbor list's stencil is sized for it, and its system fails ``CELL_TOO_SMALL``
+#: (:func:`thin_systems`) instead of costing every system of the batch (a 1e-3 Å cell asked
+#: thousands of image shifts, or a stencil of 64 bins, of all of them).
+MIN_PERIODIC_SPACING = 0.5
+#: Pair codes ``(offset, i, column)`` of a build are int32: the bin offsets of the stencil,
+#: times the atoms, times the atoms per bin must stay below this.
+PAIR_CODE_LIMIT = 2**31 - 1
 
 
 # ============================================================================ construction
@@ -67,16 +76,51 @@ def _max_occupancy(global_bin: np.ndarray) -> int:
     return int(np.bincount(real).max()) if real.size else 0
 
 
-def _geometry_inputs(batch) -> dict:
+def periodic_spacing_host(cells, pbc) -> tuple[np.ndarray, np.ndarray]:
+    """Host-side (NumPy) distances between lattice planes of ``cells`` (n, 3, 3), and which
+    cells size a range (n,) bool: every periodic axis at least :data:`MIN_PERIODIC_SPACING`
+    apart, the cell finite and not singular. The spacing of the others is 1 (a placeholder).
+
+    NumPy, not ``jnp``: it sizes static ranges before compiling, possibly while an outer
+    ``jax.jit`` is tracing (where every ``jnp`` operation is staged out).
+    """
+    cells = np.asarray(cells, np.float64).reshape(-1, 3, 3)
+    pbc = np.asarray(pbc, bool).reshape(-1, 3)
+    with np.errstate(all="ignore"):
+        det = np.linalg.det(np.where(np.isfinite(cells), cells, 0.0))
+        regular = np.all(np.isfinite(cells), axis=(-2, -1)) & np.isfinite(det) & (det != 0)
+        inv = np.linalg.inv(np.where(regular[:, None, None], cells, np.eye(3)))
+        spacing = 1.0 / np.linalg.norm(inv, axis=-2)
+    wide = np.isfinite(spacing) & (spacing >= MIN_PERIODIC_SPACING)
+    sized = regular & np.all(np.where(pbc, wide, True), axis=-1)
+    return np.where(sized[:, None], spacing, 1.0), sized
+
+
+def thin_systems(batch) -> jax.Array:
+    """Systems with a finite cell thinner than :data:`MIN_PERIODIC_SPACING` along a periodic
+    axis, or singular, shape (S,) bool (traced). The neighbor-list build leaves their atoms out
+    and the run fails them ``CELL_TOO_SMALL`` (:func:`fused_dynamics.health.system_failures`);
+    non-finite cells are a failure of their own."""
+    spacing = 1.0 / jnp.linalg.norm(inv3(batch.cell), axis=-2)
+    thin = jnp.any(batch.pbc & ~(spacing >= MIN_PERIODIC_SPACING), axis=-1)
+    finite = jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))
+    return batch.system_mask & finite & thin
+
+
+def _geometry_inputs(batch, nl=None) -> dict:
+    # atoms of a system with non-finite positions or cell, or a thin cell, are left out of the
+    # build: they would crowd one bin (or ask a huge stencil) and overflow the list for everyone;
+    # so are those the list excludes (``nl.excluded``: no int32 pair codes for them)
+    built = batch.finite_systems() & ~thin_systems(batch)
+    if nl is not None:
+        built = built & ~nl.excluded(batch)
     return {
         "positions": batch.positions,
         "cell": batch.cell,
         "pbc": batch.pbc,
         "system_idx": batch.system_idx,
-        # atoms of a system with non-finite positions or cell are left out of the build: they
-        # would crowd one bin and overflow the list for everyone
-        "atom_mask": batch.atom_mask & batch.to_atoms_axis(batch.finite_systems()),
-        "system_mask": batch.system_mask & batch.finite_systems(),
+        "atom_mask": batch.atom_mask & batch.to_atoms_axis(built),
+        "system_mask": batch.system_mask & built,
     }
 
 
@@ -86,7 +130,8 @@ def _bin_geometry(g: dict, rc: float, stencil: int) -> dict:
     Returns a dict with ``frac`` (N, 3) fractional positions, ``image`` (N, 3) int32 (the whole
     cells wrapped away along periodic directions), ``coord`` (N, 3) int32 bin coordinates,
     ``n_bins`` (S, 3) int32, ``offset`` (S,) int32 first global bin of each system,
-    ``global_bin`` (N,) int32 (-1 for padding), ``bins_total`` and ``stencil_needed`` (scalars).
+    ``global_bin`` (N,) int32 (-1 for padding), ``bins_total`` and ``stencil_needed`` (scalars),
+    ``system_stencil`` (S,) int32 (the stencil each system needs).
     """
     pos = jax.lax.stop_gradient(g["positions"])
     cell = jax.lax.stop_gradient(g["cell"])
@@ -117,6 +162,7 @@ def _bin_geometry(g: dict, rc: float, stencil: int) -> dict:
     need = jnp.where(pbc & g["system_mask"][:, None], jnp.ceil(rc / spacing), 1.0)
     need = jnp.where(jnp.isfinite(need), jnp.clip(need, 1.0, _MAX_STENCIL), _MAX_STENCIL)
     stencil_needed = jnp.max(need, initial=1.0).astype(jnp.int32)
+    system_stencil = jnp.max(need, axis=-1).astype(jnp.int32)
 
     n_atom = n[sys]
     u = jnp.where(extent[sys] > 0, (w - lo[sys]) / jnp.where(extent[sys] > 0, extent[sys], 1), 0)
@@ -134,6 +180,7 @@ def _bin_geometry(g: dict, rc: float, stencil: int) -> dict:
         "global_bin": global_bin,
         "bins_total": jnp.minimum(bins_total, 2.0**31 - 1).astype(jnp.int32),
         "stencil_needed": stencil_needed,
+        "system_stencil": system_stencil,
     }
 
 
@@ -157,12 +204,55 @@ def stencil_for_cells(cells, pbc, interaction_range: float) -> int:
         return 1
     cells = np.asarray(cells, np.float64).reshape(-1, 3, 3)
     pbc = np.ones(cells.shape[:2], bool) if pbc is None else np.asarray(pbc, bool).reshape(-1, 3)
-    keep = pbc.any(axis=1)
+    spacing, sized = periodic_spacing_host(cells, pbc)  # thin cells fail, and size nothing
+    keep = pbc.any(axis=1) & sized
     if not keep.any():
         return 1
-    spacing = 1.0 / np.linalg.norm(np.linalg.inv(cells[keep]), axis=-2)
-    need = np.where(pbc[keep], np.ceil(interaction_range / spacing), 1.0)
+    need = np.where(pbc[keep], np.ceil(interaction_range / spacing[keep]), 1.0)
     return int(min(max(need.max(), 1.0), _MAX_STENCIL))
+
+
+def stencil_size(k: int, half: bool) -> int:
+    """Number of bin offsets a stencil of half-width ``k`` searches (:func:`_stencil`)."""
+    full = (2 * k + 1) ** 3
+    return full // 2 + 1 if half else full
+
+
+def crowding_systems(nl, batch, candidates=None) -> np.ndarray:
+    """Host-side: the systems to fail when ``nl`` (already grown) has no int32 pair codes.
+
+    The demand of each of the ``candidates`` (S,) bool (default: the occupied slots) is
+    measured on ``batch``: the stencil its cell needs and the most atoms in one of its bins at
+    that stencil. The candidates whose demand alone leaves no int32 codes (as
+    :func:`pair_codes_fit`) are returned; when none does alone, the one of largest ``stencil
+    size x occupancy``. Shape (S,) bool.
+    """
+    n, s = batch.max_atoms, batch.max_systems
+    geo = _bin_geometry_jit(_geometry_inputs(batch, nl), nl.interaction_range, nl.stencil)
+    gb = np.asarray(geo["global_bin"])
+    counts = np.bincount(gb[gb >= 0], minlength=1)
+    per_atom = np.where(gb >= 0, counts[np.maximum(gb, 0)], 0)
+    occupancy = np.zeros(s + 1, np.int64)
+    np.maximum.at(occupancy, np.minimum(np.asarray(batch.system_idx), s), per_atom)
+    occupancy = occupancy[:s]
+    stencil = np.asarray(geo["system_stencil"])
+    size = np.array([stencil_size(int(k), nl.half) for k in stencil], np.int64)
+    bins = np.ceil(nl.margin * occupancy).astype(np.int64) + 2
+    occupied = np.asarray(batch.system_mask if candidates is None else candidates)
+    occupied = occupied & (occupancy > 0)  # excluded systems are not binned: occupancy 0
+    alone = occupied & (size * n * bins >= PAIR_CODE_LIMIT)
+    if alone.any():
+        return alone
+    worst = np.zeros(s, bool)
+    if occupied.any():
+        worst[np.argmax(np.where(occupied, size * occupancy, -1))] = True
+    return worst
+
+
+def pair_codes_fit(nl, n_atoms: int) -> bool:
+    """Whether a build of ``nl``'s static sizes on ``n_atoms`` atom slots has int32 pair codes
+    (:data:`PAIR_CODE_LIMIT`)."""
+    return stencil_size(nl.stencil, nl.half) * n_atoms * nl.bin_capacity < PAIR_CODE_LIMIT
 
 
 def _bin_table(global_bin, n_atoms: int, max_bins: int, bin_capacity: int):
@@ -379,7 +469,7 @@ def _build(nl, batch, per_system: bool = False):
     n, s = batch.max_atoms, batch.max_systems
     k, p, m, b = nl.stencil, nl.capacity, nl.bin_capacity, nl.max_bins
     rc = nl.interaction_range
-    geo = _bin_geometry(_geometry_inputs(batch), rc, k)
+    geo = _bin_geometry(_geometry_inputs(batch, nl), rc, k)
     pos = jax.lax.stop_gradient(batch.positions)
     cell = jax.lax.stop_gradient(batch.cell)
     system_idx = batch.system_idx
@@ -401,7 +491,7 @@ def _build(nl, batch, per_system: bool = False):
     float_floor = 2 * b + k < 2**21  # bins per axis <= b, |bin coordinate + offset| < b + k
     # the image shift of an offset bin is within -k..k: int8 in the (offset, atom) table
     wrap_dtype = jnp.int8 if k <= 127 else jnp.int32
-    if n_off * n * m >= 2**31 - 1:
+    if not pair_codes_fit(nl, n):
         raise ValueError(
             f"NeighborList: {n_off} bin offsets x {n} atoms x {m} atoms per bin do not fit int32 "
             "pair codes; use a smaller stencil or split the batch."

@@ -69,6 +69,8 @@ from .cell_list import (
     _check_range,
     _geometry_inputs,
     _max_occupancy,
+    crowding_systems,
+    pair_codes_fit,
     stencil_for_cells,
 )
 
@@ -126,6 +128,10 @@ class NeighborList(eqx.Module):
     needed : Array, shape (5,) int32
         Largest pairs, bin occupancy, bins, stencil and neighbors of one atom needed by the
         builds so far (up to the first overflow), see ``NEEDED_FIELDS``; used by :meth:`grown`.
+    excluded_ids : Array, shape (S,) int32
+        ``system_id`` of the systems left out of the builds (-1: none), so that a list that
+        would have no int32 pair codes for them does not stop the others: a run fails them
+        ``NEIGHBOR_OVERFLOW`` (:meth:`excluded`, :func:`fused_dynamics.compiled.grow_neighbors`).
     cutoff, skin : float
         Static. Pairs are stored within ``cutoff + skin``.
     half : bool
@@ -161,6 +167,7 @@ class NeighborList(eqx.Module):
     rebuilds: jax.Array
     n_pairs: jax.Array
     needed: jax.Array
+    excluded_ids: jax.Array
     cutoff: float = eqx.field(static=True)
     skin: float = eqx.field(static=True)
     half: bool = eqx.field(static=True, default=False)
@@ -232,6 +239,7 @@ class NeighborList(eqx.Module):
             rebuilds=jnp.zeros((), jnp.int32),
             n_pairs=jnp.zeros((), jnp.int32),
             needed=jnp.zeros((len(NEEDED_FIELDS),), jnp.int32),
+            excluded_ids=jnp.full((s,), -1, jnp.int32),
             cutoff=float(cutoff),
             skin=float(skin),
             half=bool(half),
@@ -380,6 +388,37 @@ class NeighborList(eqx.Module):
         return _build_jit(cls.empty(batch, cutoff, skin, int(capacity), **kw), batch)
 
     # ------------------------------------------------------------------ state changes
+    def codes_fit(self, n_atoms: int) -> bool:
+        """Whether a build of this list's static sizes on ``n_atoms`` atom slots has int32 pair
+        codes (bin offsets x atoms x atoms per bin below 2**31 - 1; host-side)."""
+        return pair_codes_fit(self, n_atoms)
+
+    def excluded(self, batch) -> jax.Array:
+        """Occupied systems of ``batch`` this list leaves out (``excluded_ids``), (S,) bool."""
+        ids = self.excluded_ids
+        hit = (batch.system_id[..., :, None] == ids[..., None, :]) & (ids[..., None, :] >= 0)
+        return batch.system_mask & jnp.any(hit, axis=-1)
+
+    def excluding(self, batch, crowded) -> NeighborList:
+        """Host-side: the same capacities, stale, also leaving out the systems of ``batch`` in
+        the slots ``crowded`` (S,) bool (by their ``system_id``; ids no longer in the batch are
+        forgotten)."""
+        out = np.asarray(crowded) | np.asarray(self.excluded(batch))
+        ids = np.asarray(batch.system_id)[out]
+        kept = np.full(self.excluded_ids.shape, -1, np.int32)
+        kept[: len(ids)] = ids
+        return dataclasses.replace(
+            self, excluded_ids=jnp.asarray(kept), stale=jnp.ones_like(self.stale)
+        )
+
+    def crowding_systems(self, batch, candidates=None) -> np.ndarray:
+        """Host-side: the ``candidates`` of ``batch`` (S,) bool (default: every occupied
+        slot) whose own stencil and bin occupancy leave this
+        list no int32 pair codes (or, when none does alone, the most demanding one), shape
+        (S,) bool: what a run fails ``NEIGHBOR_OVERFLOW`` instead of growing the list for
+        every system (:func:`~fused_dynamics.models.cell_list.crowding_systems`)."""
+        return crowding_systems(self, batch, candidates)
+
     def invalidated(self) -> NeighborList:
         """The same list marked stale: the next :meth:`update` rebuilds it.
 

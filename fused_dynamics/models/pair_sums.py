@@ -45,6 +45,7 @@ from .blocked import (
     system_blocks,
     tile_pairs,
 )
+from .cell_list import periodic_spacing_host, thin_systems
 from .neighbors import NeighborList
 
 __all__ = [
@@ -76,45 +77,31 @@ def required_images(cell: jax.Array, pbc: jax.Array, cutoff: float) -> jax.Array
     return jnp.where(pbc, n, 0)
 
 
-MIN_PERIODIC_SPACING = 0.5  # Å: thinner periodic cells do not size an image range
-
-
 def required_images_host(cells, pbc, cutoff: float) -> tuple[int, int, int]:
     """Host-side (NumPy) :func:`required_images` of cells (n, 3, 3), maximum over the cells.
 
     Cells whose lattice planes along a periodic axis are closer than
-    :data:`MIN_PERIODIC_SPACING` (0.5 Å: every atom within that distance of its own image,
-    closer than any bond) are left out, as are singular and non-finite ones: a run reports
-    those systems ``CELL_TOO_SMALL`` (:func:`cell_too_small`) rather than compile a range of
-    thousands of shifts for every system of the batch.
-
-    NumPy, not ``jnp``: it sizes a static image range before compiling, and may be called while
-    an outer ``jax.jit`` is tracing (where every ``jnp`` operation is staged out, even on
-    concrete inputs).
+    :data:`~fused_dynamics.models.cell_list.MIN_PERIODIC_SPACING` (0.5 Å: every atom within
+    that distance of its own image, closer than any bond) are left out, as are singular and
+    non-finite ones: a run reports those systems ``CELL_TOO_SMALL`` (:func:`cell_too_small`)
+    rather than compile a range of thousands of shifts for every system of the batch
+    (:func:`~fused_dynamics.models.cell_list.periodic_spacing_host`).
     """
-    cells = np.asarray(cells, np.float64).reshape(-1, 3, 3)
+    spacing, sized = periodic_spacing_host(cells, pbc)
     pbc = np.asarray(pbc, bool).reshape(-1, 3)
-    if not len(cells):
-        return (0, 0, 0)
-    with np.errstate(all="ignore"):  # singular or non-finite cells: their own failures
-        spacing = 1.0 / np.linalg.norm(np.linalg.inv(cells), axis=-2)
-    # A cell thinner than MIN_PERIODIC_SPACING along a periodic axis puts every atom within
-    # that distance of its own image: it fails (CELL_TOO_SMALL, cell_too_small) instead of
-    # sizing every system's range (a 1e-3 Å cell asked 6,000 shifts per axis of all of them)
-    sized = np.all(
-        np.where(pbc, np.isfinite(spacing) & (spacing >= MIN_PERIODIC_SPACING), True), -1
-    )
     if not sized.any():
         return (0, 0, 0)
-    need = np.where(pbc, np.floor(cutoff / np.where(sized[:, None], spacing, 1.0) + 0.5), 0)
+    need = np.where(pbc, np.floor(cutoff / spacing + 0.5), 0)
     return tuple(int(n) for n in need[sized].astype(int).max(axis=0))
 
 
 def cell_too_small(batch: Batch, cutoff: float, n_img: tuple[int, int, int]) -> jax.Array:
-    """Systems whose cell needs more periodic images than ``n_img``, shape (S,) bool."""
+    """Systems whose cell needs more periodic images than ``n_img``, or is thin or singular
+    (:func:`~fused_dynamics.models.cell_list.thin_systems`), shape (S,) bool."""
     need = required_images(batch.cell, batch.pbc, cutoff)
     finite = jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))  # non-finite: its own failure
-    return batch.system_mask & finite & jnp.any(need > jnp.asarray(n_img), axis=-1)
+    more = batch.system_mask & finite & jnp.any(need > jnp.asarray(n_img), axis=-1)
+    return more | thin_systems(batch)
 
 
 def poison_systems(batch: Batch, energy: jax.Array, bad: jax.Array) -> jax.Array:
