@@ -31,6 +31,7 @@ from .batch import Batch
 from .compiled import filter_compile, model_options
 from .convergence import ConvergenceHook, unreachable_criterion
 from .hooks import DynamicsStage, Hook, HookContext, check_hook, fire_hooks
+from .linalg3 import inv3, matvec3
 from .migration import StepReport
 from .models.neighbors import NeighborList
 from .parameters import resolve_info
@@ -67,10 +68,12 @@ class FusedStage(eqx.Module):
         it can blow up; ``None`` checks finiteness only. The default is far above any force of
         a structure that relaxes or simulates sensibly (bonds break at O(10) eV/Å).
     max_displacement : float or None, default 2.0
-        Å per step. A system in a dynamics sub-stage that moves an atom farther in one step fails
-        (``Failure.DISPLACEMENT``): the time step is far too large for it (a cluster flying
-        apart keeps finite numbers and a plausible 0 eV). Thermal motion moves atoms ~0.01-0.1 Å
-        per step. ``None``: no bound.
+        Å per step. A system whose sub-stage moves an atom farther in one step fails
+        (``Failure.DISPLACEMENT``): the time step (or an optimizer's step) is far too large for
+        it (a cluster flying apart keeps finite numbers and a plausible 0 eV, and an optimizer
+        would report its zero forces converged). Thermal motion moves atoms ~0.01-0.1 Å per
+        step, ASE's optimizers at most 0.2 Å. A variable-cell step (a barostat, a cell filter)
+        is measured net of the cell's change (docs/semantics.md §17). ``None``: no bound.
     max_temperature : float or None, default 1e5
         K. A system in a dynamics (not optimizer) sub-stage whose kinetic temperature exceeds it
         fails (``Failure.TEMPERATURE``): its dynamics blew up (a time step far too large, a
@@ -107,8 +110,8 @@ class FusedStage(eqx.Module):
     Finite or failed: after the first evaluation and after every step, each running system is
     checked (one per-system reduction): a non-finite energy, forces, stress (where computed),
     positions, velocities or cell, a force above ``max_force``, a step longer than
-    ``max_displacement`` or a temperature above ``max_temperature`` (both in dynamics
-    sub-stages), or a fault the model reports
+    ``max_displacement``, a temperature above ``max_temperature`` (in dynamics sub-stages),
+    or a fault the model reports
     (:meth:`~fused_dynamics.models.base.Model.system_faults`), moves the system out of the
     run with ``info["exit_reason"] == ExitReason.FAILED``, ``info["failure"]`` (a
     :class:`~fused_dynamics.Failure` bit set naming the quantities) and ``info["failure_step"]``
@@ -553,8 +556,13 @@ class FusedStage(eqx.Module):
         moved = jnp.zeros_like(batch.positions)  # by the sub-stages (not by hooks) this step
         for i, (_, stage) in enumerate(self.sub_stages):
             batch = fire(DynamicsStage.BEFORE_PRE_UPDATE, batch, ctx, i == 0, [i])
-            before = batch.positions
+            before, cell = batch.positions, batch.cell
             batch, states[i] = stage.pre_update(batch, states[i], masks[i], skip_empty=several)
+            if stage.needs_stress:  # a variable-cell step: the move net of the cell's own
+                # (the affine move of atoms far from the origin is no blow-up; docs/semantics.md
+                # §17): the old positions carried by the strain C_old^-1 C_new
+                strain = batch.to_atoms_axis(jnp.matmul(inv3(cell), batch.cell))
+                before = matvec3(before, strain)
             moved = moved + (batch.positions - before)
         batch = fire(DynamicsStage.AFTER_PRE_UPDATE, batch, ctx, True, [])
         batch = fire(DynamicsStage.BEFORE_COMPUTE, batch, ctx, True, [])

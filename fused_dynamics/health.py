@@ -30,8 +30,8 @@ def system_failures(
     fused : FusedStage
     batch : Batch
     displacement : Array, shape (N, 3), optional
-        How far the sub-stages moved each atom in this step (Å), checked against
-        ``max_displacement`` for systems in dynamics sub-stages.
+        How far the sub-stages moved each atom in this step (Å; net of the cell's change in a
+        variable-cell sub-stage), checked against ``max_displacement`` in every sub-stage.
     energy : bool
         Static. False: the energy was not evaluated (NaN, "not computed") and is not checked
         here; the run checks it at its end (:func:`fail_non_finite_energy`).
@@ -56,8 +56,10 @@ def system_failures(
     )
     far = jnp.zeros_like(batch.atom_mask)
     if displacement is not None and fused.max_displacement is not None:
+        # every sub-stage, optimizers too: a step that long has blown up either way (ASE's
+        # optimizers step at most 0.2 Å; a gradient descent with too large a step threw a
+        # cluster 380 Å apart, to zero forces, "converged")
         far = jnp.sum(displacement**2, axis=-1) > fused.max_displacement**2
-        far = far & batch.to_atoms_axis(in_dynamics)
     per_atom = (
         (bad_rows(batch.forces), Failure.FORCES),
         (bad_rows(batch.positions), Failure.POSITIONS),
@@ -137,4 +139,3 @@ def fail_non_finite_energy(fused, batch: Batch) -> Batch:
     info["prev_energy"] = jnp.where(bad & ~before, jnp.inf, info["prev_energy"])  # moved on
     status = jnp.where(bad, fused.exit_status, batch.status).astype(jnp.int32)
     return batch.replace(status=status, info=info)
-

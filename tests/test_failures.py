@@ -236,3 +236,49 @@ def test_a_cell_thinner_than_a_bond_fails_alone_instead_of_sizing_every_image_ra
     alone = fd.FIRE(LJ, n_steps=5).run(fd.Batch.from_atoms([good]))
     np.testing.assert_array_equal(out.positions[:4], alone.positions[:4])
     assert float(out.energy[0]) == float(alone.energy[0])
+
+
+def test_an_optimizer_step_that_throws_atoms_apart_fails_instead_of_converging():
+    """Gradient descent with a step size 1000x too large throws a cluster hundreds of Å apart
+    in one step: forces 0, energy 0, and it was reported converged (fmax 0 <= 0.05). The
+    displacement bound now holds in optimizers too; the sane cluster beside it is untouched."""
+    systems = [_cluster(0), _cluster(1)]
+    rule = fd.ConvergenceHook.from_fmax(0.05)
+    step = jnp.asarray([2.0, 2000.0])  # Å²/eV
+    out = fd.GradientDescent(LJ, step_size=step, convergence_hook=rule, n_steps=200).run(
+        fd.Batch.from_atoms(systems)
+    )
+    assert int(out.info["exit_reason"][1]) == FAILED
+    assert fd.Failure.DISPLACEMENT in fd.Failure(int(out.info["failure"][1]))
+    assert int(out.info["exit_reason"][0]) != FAILED
+    alone = fd.GradientDescent(LJ, step_size=2.0, convergence_hook=rule, n_steps=200).run(
+        fd.Batch.from_atoms(systems[:1])
+    )
+    np.testing.assert_array_equal(out.positions[:13], alone.positions[:13])
+
+
+@pytest.mark.parametrize("stage", ["FIRE-frechet", "NPT"])
+def test_a_variable_cell_step_far_from_the_origin_is_not_a_blow_up(stage):
+    """The displacement bound measures a variable-cell step net of the cell's change: atoms
+    1000 Å from the origin are carried several Å in one step by a strain of a few 1e-3 (a
+    review found a cell-filter FIRE failing DISPLACEMENT with the default bound when it
+    counted that move). The same crystal at the origin, in the same batch, takes the same
+    steps: the translation changes its energy by rounding only."""
+    crystal = bulk("Ar", "fcc", a=5.6, cubic=True)  # strained: the cell moves
+    crystal.rattle(0.05, seed=3)
+    far = crystal.copy()
+    far.positions += 1000.0
+    batch = fd.Batch.from_atoms([crystal, far])
+    model = LJ.with_images(batch)
+    if stage == "NPT":
+        run = fd.NPT(
+            model, dt=2.0, temperature=50.0, pressure=0.0, tdamp=50.0, pdamp=100.0, n_steps=60
+        )
+    else:
+        run = fd.FIRE(model, cell_filter="frechet", n_steps=60)
+    out = run.run(batch)
+    assert FAILED not in np.asarray(out.info["exit_reason"]).tolist(), out.info["failure"]
+    cell_change = np.abs(np.asarray(out.cell[1]) - np.asarray(batch.cell[1])).max()
+    assert cell_change > 0.05  # the cell did move: the far atoms were carried
+    # 1000 Å positions carry ~1e-13 Å of rounding into every pair distance
+    np.testing.assert_allclose(float(out.energy[1]), float(out.energy[0]), rtol=0, atol=1e-8)

@@ -222,8 +222,8 @@ def crowding_systems(nl, batch, candidates=None) -> np.ndarray:
     """Host-side: the systems to fail when ``nl`` (already grown) has no int32 pair codes.
 
     The demand of each of the ``candidates`` (S,) bool (default: the occupied slots) is
-    measured on ``batch``: the stencil its cell needs and the most atoms in one of its bins at
-    that stencil. The candidates whose demand alone leaves no int32 codes (as
+    measured on ``batch``: the stencil its cell needs and the most atoms in one of its bins (at
+    ``nl``'s stencil). The candidates whose demand alone leaves no int32 codes (as
     :func:`pair_codes_fit`) are returned; when none does alone, the one of largest ``stencil
     size x occupancy``. Shape (S,) bool.
     """
