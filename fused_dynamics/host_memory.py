@@ -48,7 +48,7 @@ __all__ = [
     "reuse_host_memory_if_asked",
 ]
 
-ENV_REUSE = "FUSED_DYNAMICS_REUSE_HOST_MEMORY"  # "1": the command line makes the settings
+ENV_REUSE = "FUSED_DYNAMICS_REUSE_HOST_MEMORY"  # 1/true/yes/on: the programs make them
 _ENV_ON = ("1", "true", "yes", "on")
 _ENV_OFF = ("", "0", "false", "no", "off")
 
@@ -111,7 +111,10 @@ def reuse_host_memory() -> bool:
     (module docstring: why, and what it costs). Call it before the first JAX computation of
     the process, and before any other thread allocates (a tqdm progress bar, a library that
     starts threads at import): threads that have an arena keep it, and later threads are
-    handed those arenas. A second call does nothing.
+    handed those arenas. Call it from the main thread: the arena count it checks first is
+    taken in the calling thread, which another thread's count would include. A second call
+    does nothing. With another allocator preloaded (``LD_PRELOAD`` of jemalloc or tcmalloc)
+    glibc's settings reach nothing, and this call cannot tell.
 
     Returns
     -------

@@ -172,21 +172,26 @@ def test_an_unknown_value_of_the_variable_is_refused(monkeypatch, value):
 
 
 @pytest.mark.skipif(not GLIBC, reason="the settings are glibc's")
+@pytest.mark.parametrize("program", ["fused_dynamics.cli", "fused_dynamics.demo"])
 @pytest.mark.parametrize(
     ("asked", "made"), [("1", True), ("True", True), ("0", False), ("", False)]
 )
-def test_the_command_line_makes_the_settings_only_when_asked(asked, made):
+def test_the_command_line_makes_the_settings_only_when_asked(program, asked, made):
+    # each program is run as `python -m` runs it (its __main__ block), with --help so that no
+    # job starts; a program that only validated the variable would leave the settings unmade
     script = (
-        "import sys\n"
-        "from fused_dynamics import cli, host_memory\n"
-        "sys.argv = ['fused-dynamics', '--help']\n"
+        "import runpy, sys\n"
+        "from fused_dynamics import host_memory\n"
+        f"sys.argv = [{program!r}, '--help']\n"
         "try:\n"
-        "    cli.main()\n"
+        f"    runpy.run_module({program!r}, run_name='__main__', alter_sys=True)\n"
         "except SystemExit:\n"
         "    pass\n"
         "print(host_memory.host_memory_settings())\n"
     )
     env = dict(os.environ, FUSED_DYNAMICS_REUSE_HOST_MEMORY=asked, JAX_PLATFORMS="cpu")
+    for key in ("GLIBC_TUNABLES", "LD_PRELOAD"):  # either changes what the settings see
+        env.pop(key, None)
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
