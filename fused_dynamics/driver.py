@@ -22,7 +22,7 @@ import os
 
 import jax
 
-from . import loop, recording, sharding
+from . import loop, recording, sharding, validation
 from .batch import Batch
 from .compiled import retry_on_overflow
 from .live import Run, fit_to_batch
@@ -138,6 +138,9 @@ def run(
     )
     if mesh is not None:
         sharding.devices_of(mesh)  # a bad mesh is refused before anything else
+    validation.check_integer(
+        "FusedStage.run", "n_steps", n_steps, 0, validation.MAX_STEPS, allow_none=True
+    )
     if inputs is not None and (not sinks or mesh is not None):
         raise ValueError(
             "FusedStage.run: inputs are copied onto what the sinks write, in a run of a batch "

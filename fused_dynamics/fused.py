@@ -168,6 +168,7 @@ class FusedStage(eqx.Module):
         pairs, codes, exit_status = composition.checked_sub_stages(
             sub_stages, entry_status, exit_status
         )
+        validation.check_total_budget([stage for _, stage in pairs])
         self.stages = tuple(stage for _, stage in pairs)
         self.codes = tuple(codes)
         self.entry_status = int(entry_status)

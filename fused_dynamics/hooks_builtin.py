@@ -13,7 +13,7 @@ import csv
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -188,10 +188,12 @@ class FreezeAtomsHook(Hook):
     batch's constraint mask ``fixed`` (:mod:`fused_dynamics.constraints`, the same mechanism as
     ASE's ``FixAtoms``): every sub-stage then leaves them in place, their forces are zero, and
     they do not count as degrees of freedom in temperatures and thermostats. Atom slots are
-    fixed, so use it with a static batch, not with inflight refills (give ``FixAtoms``
+    fixed, so use it with a static batch: an inflight run (a sampler) refuses it, since a
+    refilled system would be put at the previous occupant's positions (give ``FixAtoms``
     constraints on the ``ase.Atoms`` instead; they travel with the system).
     """
 
+    holds_slots: ClassVar[bool] = True
     atom_mask: jax.Array
     positions: jax.Array
     stage: DynamicsStage = eqx.field(

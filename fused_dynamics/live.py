@@ -675,6 +675,14 @@ def _check_options(
             raise ValueError("FusedStage.run: n_steps is not used in inflight mode.")
         if not sinks:
             raise ValueError("An inflight run needs at least one sink to write systems to.")
+        held = [type(h).__name__ for h in fused.all_hooks() if getattr(h, "holds_slots", False)]
+        if held:
+            raise ValueError(
+                f"FusedStage.run: {', '.join(held)} holds atom slots of one batch, and an "
+                "inflight run refills slots with other systems (they would be moved to the "
+                "previous occupant's positions); give FixAtoms constraints on the ase.Atoms "
+                "instead (they travel with each system), or run a fixed batch."
+            )
     elif resume_path is None and batch is None:
         raise ValueError("FusedStage.run: give a batch (or a sampler for inflight mode).")
     if resume_path is not None and batch is not None:

@@ -88,8 +88,10 @@ def initialize_velocities(
         Rescale each system to exactly ``temperature`` (ASE's convention, ``3 n_atoms`` dof).
         A one-atom system with ``remove_com`` has no motion left and keeps zero velocity.
         Fixed components (``batch.fixed``) get zero velocity, and a system with fixed atoms keeps
-        its centre-of-mass velocity (its momentum is not conserved anyway); the rescale uses
-        the constrained degrees of freedom (:func:`degrees_of_freedom`).
+        its centre-of-mass velocity (its momentum is not conserved anyway), unless it has
+        ``FixCom`` (``batch.fix_com``), which holds its momentum at zero: the free components
+        then carry the correction, per axis and weighted by mass, as the constraint does. The
+        rescale uses the constrained degrees of freedom (:func:`degrees_of_freedom`).
 
     Returns
     -------
@@ -151,6 +153,13 @@ def _initialize_velocities(
         keep = batch.atom_mask & (batch.to_atoms_axis(batch.n_atoms) > 1)
         v = jnp.where(keep[:, None], v - batch.to_atoms_axis(v_com), 0.0)
         v = jnp.where(batch.to_atoms_axis(pinned)[:, None], v0, v)
+    # FixCom holds the momentum at zero whatever remove_com says; with fixed components too,
+    # over the free ones per axis, as the constraint does (constraints.constrain_update)
+    held = batch.fix_com & (pinned | (not remove_com))
+    m_free = jnp.where(batch.atom_mask[:, None] & ~batch.fixed, batch.masses[:, None], 0.0)
+    shift = batch.sum_atoms(m_free * v) / jnp.maximum(batch.sum_atoms(m_free), 1e-30)
+    move = batch.to_atoms_axis(held)[:, None] & (m_free > 0)
+    v = jnp.where(move, v - batch.to_atoms_axis(shift), v)
     new = batch.replace(velocities=v)
     if rescale:
         current = temperature(new)

@@ -55,6 +55,9 @@ __all__ = [
     "seed_leaf",
 ]
 
+#: The most steps of a budget, of a fused stage's budgets together, or of one run call: step
+#: counters (``step_count``, ``info["stage_steps"]``) are int32, and a larger value would wrap.
+MAX_STEPS = 2**31 - 1
 SEED_LIMIT = 2**32  # seeds at or above it collide without jax_enable_x64 (PRNGKey keeps 32 bits)
 
 
@@ -433,13 +436,38 @@ def check_order(
         )
 
 
+def check_total_budget(stages) -> None:
+    """Refuse sub-stage budgets whose sum passes :data:`MAX_STEPS`: a system that spends them
+    all counts its steps in one int32 (``step_count``). A budget read from ``atoms.info``
+    counts as its largest value, ``2**24``.
+
+    Raises
+    ------
+    ValueError
+        Naming each sub-stage's budget and the sum.
+    """
+    budgets = []
+    for stage in stages:
+        n = getattr(stage, "n_steps", None)
+        if n is not None:
+            budgets.append((type(stage).__name__, 2**24 if isinstance(n, InfoParameter) else n))
+    total = sum(int(n) for _, n in budgets)
+    if total > MAX_STEPS:
+        each = ", ".join(f"{name} n_steps={int(n)}" for name, n in budgets)
+        raise ValueError(
+            f"FusedStage: the sub-stages' budgets ({each}) add up to {total} steps, more than "
+            f"the {MAX_STEPS} (2**31 - 1) a step counter holds; give smaller budgets."
+        )
+
+
 def check_stage(stage: Any) -> None:
     """Checks every sub-stage shares: ``n_steps`` and ``convergence_hook``.
 
     Parameters
     ----------
     stage : Stage
-        ``n_steps`` must be None or an integer >= 1 (a per-system budget of steps);
+        ``n_steps`` must be None or an integer in ``[1, MAX_STEPS]`` (a per-system budget of
+        steps; step counters are int32);
         ``convergence_hook`` None or an object with a ``converged`` method (a
         :class:`~fused_dynamics.ConvergenceHook`).
 
@@ -450,7 +478,7 @@ def check_stage(stage: Any) -> None:
     owner = type(stage).__name__
     n_steps = getattr(stage, "n_steps", None)
     if not isinstance(n_steps, InfoParameter):  # else checked when the structures are read
-        check_integer(owner, "n_steps", n_steps, 1, allow_none=True)
+        check_integer(owner, "n_steps", n_steps, 1, MAX_STEPS, allow_none=True)
     hook = getattr(stage, "convergence_hook", None)
     if hook is not None and not callable(getattr(hook, "converged", None)):
         raise ValueError(

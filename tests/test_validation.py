@@ -215,7 +215,10 @@ def test_bad_parameter_is_refused_with_class_parameter_and_value(case):
 def test_message_states_the_rule_and_unit():
     with pytest.raises(ValueError, match=r"^NVE: dt must be > 0 and finite \(fs\), got -5\.0\.$"):
         NVE(LJ, dt=-5.0)
-    with pytest.raises(ValueError, match=r"^FIRE: n_steps must be an integer >= 1 or None, got -3"):
+    with pytest.raises(
+        ValueError,
+        match=r"^FIRE: n_steps must be an integer >= 1 and <= 2147483647 or None, got -3",
+    ):
         FIRE(LJ, n_steps=-3)
     with pytest.raises(ValueError, match=r"temperature must be >= 0 and finite \(K\)"):
         NVTLangevin(LJ, dt=1.0, temperature=-60.0, friction=0.02)
@@ -498,3 +501,44 @@ def test_initialize_velocities_refuses_a_bad_temperature(temperature, text):
     out = fd.initialize_velocities(batch, np.array([0.0, 30.0]), jax.random.key(0))
     assert np.all(np.asarray(out.velocities)[:4] == 0.0)
     assert np.all(np.isfinite(np.asarray(out.velocities)))
+
+
+def test_step_budgets_past_int32_are_refused_instead_of_wrapping():
+    # a budget of 2**32 + 3 ran 3 steps and was reported spent (BUDGET): the step counters
+    # are int32
+    model = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=5.0)
+    assert fd.NVE(model, dt=1.0, n_steps=v.MAX_STEPS).n_steps == 2**31 - 1
+    for n in (2**31, 2**32 + 3, 2**40):
+        with pytest.raises(
+            ValueError, match=r"NVE: n_steps must be an integer >= 1 and <= 2147483647"
+        ):
+            fd.NVE(model, dt=1.0, n_steps=n)
+    half = fd.NVE(model, dt=1.0, n_steps=2**30)
+    fd.FusedStage([(0, half), (1, fd.NVE(model, dt=1.0, n_steps=2**30 - 1))])  # 2**31 - 1
+    with pytest.raises(
+        ValueError,
+        match=r"budgets \(NVE n_steps=1073741824, NVE n_steps=1073741824\) add up to 2147483648",
+    ):
+        fd.FusedStage([(0, half), (1, half)])
+    with pytest.raises(ValueError, match=r"budgets .* add up"):
+        half + half
+    atoms = bulk("Ar", "fcc", a=5.3, cubic=True)
+    with pytest.raises(
+        ValueError, match=r"FusedStage.run: n_steps must be an integer >= 0 and <= 2147483647"
+    ):
+        fd.NVE(model, dt=1.0).run(fd.Batch.from_atoms([atoms]), n_steps=2**32 + 3)
+
+
+def test_an_inflight_run_refuses_a_hook_that_holds_atom_slots():
+    # FreezeAtomsHook held slots at the first batch's positions: a refilled system landing in
+    # them was moved onto the previous occupant's atoms (1.5 Å in 5 steps) and held there
+    model = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=5.0)
+    structures = [bulk("Ar", "fcc", a=5.3, cubic=True) for _ in range(4)]
+    first = fd.Batch.from_atoms(structures[:2], max_atoms=8, max_systems=2)
+    hook = fd.FreezeAtomsHook.from_batch(first, indices=[0, 1])
+    fused = fd.FusedStage([(0, fd.NVE(model, dt=1.0, n_steps=5))], hooks=(hook,))
+    sampler = fd.SizeAwareSampler(structures, max_atoms=8, max_systems=2)
+    with pytest.raises(ValueError, match="FreezeAtomsHook holds atom slots of one batch"):
+        fused.run(sampler=sampler, sinks=[fd.HostMemory()], refill_frequency=5)
+    out = fused.run(first)  # a fixed batch keeps it: the frozen atoms stay put
+    np.testing.assert_array_equal(np.asarray(out.positions)[:2], np.asarray(first.positions)[:2])
