@@ -55,7 +55,8 @@ _ENV_OFF = ("", "0", "false", "no", "off")
 # name: (mallopt(3) parameter number from glibc's <malloc.h>, value); the trim threshold is
 # the largest value mallopt's int takes (2 GiB)
 _SETTINGS = {"M_ARENA_MAX": (-8, 1), "M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, 2**31 - 1)}
-_applied: dict | None = None
+_made: dict = {}  # name: value of each setting made so far (all of _SETTINGS once complete)
+_complete = False  # all of _SETTINGS made: a second call does nothing
 
 
 def backend_started() -> bool:
@@ -78,6 +79,11 @@ def malloc_arena_count() -> int | None:
     1 until a thread other than the main one allocates; each thread that allocates after that
     gets an arena of its own, up to 8 per core, and keeps it, as do threads that reuse it after
     its thread exits. None where the C library is not glibc or the count cannot be read.
+
+    Call it from the main thread, before other threads start: the count allocates (its
+    ``open_memstream`` buffer) in the calling thread, so from a thread that had not allocated
+    it gives that thread an arena and counts it, and a thread that allocates after the count
+    is not in it.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -111,10 +117,12 @@ def reuse_host_memory() -> bool:
     (module docstring: why, and what it costs). Call it before the first JAX computation of
     the process, and before any other thread allocates (a tqdm progress bar, a library that
     starts threads at import): threads that have an arena keep it, and later threads are
-    handed those arenas. Call it from the main thread: the arena count it checks first is
-    taken in the calling thread, which another thread's count would include. A second call
-    does nothing. With another allocator preloaded (``LD_PRELOAD`` of jemalloc or tcmalloc)
-    glibc's settings reach nothing, and this call cannot tell.
+    handed those arenas. Call it from the main thread, before other threads start: the arena
+    count it checks first is taken in the calling thread (from another thread the count's own
+    allocation gives that thread an arena, and the call raises), and a thread that allocates
+    between the count and the settings is not caught. A second call after the settings were
+    made does nothing. With another allocator preloaded (``LD_PRELOAD`` of jemalloc or
+    tcmalloc) glibc's settings have no effect, and this call cannot tell.
 
     Returns
     -------
@@ -130,8 +138,9 @@ def reuse_host_memory() -> bool:
         threads would allocate from arenas of their own, whose heaps hold at most 64 MiB, so
         larger temporaries would still be served by ``mmap``. The message says which.
     OSError
-        glibc refused one of the settings (``mallopt`` returned 0); the message names it. The
-        settings before it in the order above stay made.
+        glibc refused one of the settings (``mallopt`` returned 0); the message names it and
+        the settings made before it (in the order above), which stay made and which
+        :func:`host_memory_settings` reports. A later call tries again those not made.
 
     Examples
     --------
@@ -139,8 +148,8 @@ def reuse_host_memory() -> bool:
     >>> fd.reuse_host_memory()  # first thing in the script  # doctest: +SKIP
     True
     """
-    global _applied
-    if _applied is not None:
+    global _complete
+    if _complete:
         return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -162,12 +171,23 @@ def reuse_host_memory() -> bool:
             "the settings. Call it first thing in the script, or start Python with "
             "MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647."
         )
-    libc = ctypes.CDLL("libc.so.6")
     for name, (param, value) in _SETTINGS.items():
-        if libc.mallopt(param, value) != 1:
-            raise OSError(f"glibc's mallopt refused {name} = {value}")
-    _applied = {name: value for name, (_, value) in _SETTINGS.items()}
+        if name in _made:  # made by an earlier call that glibc refused a later setting
+            continue
+        if _mallopt(param, value) != 1:
+            made = ", ".join(f"{n} = {v}" for n, v in _made.items())
+            raise OSError(
+                f"glibc's mallopt refused {name} = {value}; "
+                + (f"made before it, and still in force: {made}" if made else "none was made")
+            )
+        _made[name] = value
+    _complete = True
     return True
+
+
+def _mallopt(param: int, value: int) -> int:
+    """glibc's ``mallopt(param, value)``: 1 where it made the setting, 0 where it refused."""
+    return ctypes.CDLL("libc.so.6").mallopt(param, value)
 
 
 def reuse_host_memory_if_asked() -> bool:
@@ -193,11 +213,12 @@ def reuse_host_memory_if_asked() -> bool:
     -----
     RuntimeWarning
         Asked, but the settings cannot be made (the reason :func:`reuse_host_memory` gives,
-        its ``RuntimeError`` or ``OSError``).
+        its ``RuntimeError`` or ``OSError``): "were not made", or, where glibc refused one
+        after others were made, "were made only in part", naming those made.
     """
     value = os.environ.get(ENV_REUSE, "").strip()
     if value.lower() in _ENV_OFF:
-        return _applied is not None
+        return _complete
     if value.lower() not in _ENV_ON:
         raise ValueError(
             f"${ENV_REUSE} is {value!r}: use 1 (or true, yes, on) to make the host-memory "
@@ -206,8 +227,9 @@ def reuse_host_memory_if_asked() -> bool:
     try:
         return reuse_host_memory()
     except (RuntimeError, OSError) as exc:
+        outcome = "were made only in part" if _made else "were not made"
         warnings.warn(
-            f"${ENV_REUSE} asks for the host-memory settings, but they were not made: {exc}",
+            f"${ENV_REUSE} asks for the host-memory settings, but they {outcome}: {exc}",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -215,5 +237,13 @@ def reuse_host_memory_if_asked() -> bool:
 
 
 def host_memory_settings() -> dict | None:
-    """The malloc settings :func:`reuse_host_memory` made in this process, or None."""
-    return None if _applied is None else dict(_applied)
+    """The malloc settings :func:`reuse_host_memory` made in this process, or None.
+
+    Returns
+    -------
+    dict or None
+        ``{name: value}`` of each setting made: all three once the call succeeded, only those
+        made before glibc refused one where it raised ``OSError`` (then
+        ``len(host_memory_settings()) < 3``); None where none was made.
+    """
+    return dict(_made) if _made else None

@@ -189,15 +189,18 @@ def test_the_command_line_makes_the_settings_only_when_asked(program, asked, mad
         "    pass\n"
         "print(host_memory.host_memory_settings())\n"
     )
-    env = dict(os.environ, FUSED_DYNAMICS_REUSE_HOST_MEMORY=asked, JAX_PLATFORMS="cpu")
-    for key in ("GLIBC_TUNABLES", "LD_PRELOAD"):  # either changes what the settings see
-        env.pop(key, None)
     out = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script],
+        env=_clean_env(asked),  # no GLIBC_TUNABLES, LD_PRELOAD or MALLOC_* of the user's
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage:" in out.stdout.lower(), out.stdout[-2000:]  # --help answered: no job ran
     last = out.stdout.strip().splitlines()[-1]
-    assert (last != "None") == made, last
+    expected = {"M_ARENA_MAX": 1, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1}
+    assert last == (repr(expected) if made else "None"), last
 
 
 @pytest.mark.parametrize("program", ["fused_dynamics.cli", "fused_dynamics.demo"])
@@ -212,3 +215,48 @@ def test_the_command_line_refuses_an_unknown_value_with_exit_2(program):
     )
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert "FUSED_DYNAMICS_REUSE_HOST_MEMORY is 'yes please'" in out.stderr, out.stderr
+
+
+@pytest.mark.skipif(not GLIBC, reason="the settings are glibc's")
+def test_a_setting_refused_after_another_was_made_is_reported_as_made_in_part(monkeypatch):
+    # glibc makes M_ARENA_MAX, then refuses M_MMAP_MAX: the error, the warning and
+    # host_memory_settings() all say that M_ARENA_MAX is in force and the others are not.
+    # mallopt is faked (this test process keeps its allocator), as are the checks that run
+    # before it (this process has computed and has threads).
+    calls = []
+
+    def mallopt(param, value):
+        calls.append((param, value))
+        return 1 if len(calls) == 1 else 0
+
+    monkeypatch.setattr(host_memory, "_mallopt", mallopt)
+    monkeypatch.setattr(host_memory, "backend_started", lambda: False)
+    monkeypatch.setattr(host_memory, "malloc_arena_count", lambda: 1)
+    monkeypatch.setattr(host_memory, "_made", {})
+    monkeypatch.setattr(host_memory, "_complete", False)
+    with pytest.raises(
+        OSError, match="refused M_MMAP_MAX = 0; made before it, and still in force: M_ARENA_MAX = 1"
+    ):
+        fd.reuse_host_memory()
+    assert calls == [(-8, 1), (-4, 0)]
+    assert host_memory.host_memory_settings() == {"M_ARENA_MAX": 1}
+    monkeypatch.setenv(host_memory.ENV_REUSE, "1")
+    with pytest.warns(RuntimeWarning, match="were made only in part: .*in force: M_ARENA_MAX = 1"):
+        assert host_memory.reuse_host_memory_if_asked() is False
+    assert calls[2:] == [(-4, 0)]  # the second call tried only the setting not made
+    assert host_memory.host_memory_settings() == {"M_ARENA_MAX": 1}
+    monkeypatch.setenv(host_memory.ENV_REUSE, "0")
+    assert host_memory.reuse_host_memory_if_asked() is False  # not in force: not all made
+
+
+@pytest.mark.skipif(not GLIBC, reason="the settings are glibc's")
+def test_a_first_setting_refused_is_reported_as_not_made(monkeypatch):
+    monkeypatch.setattr(host_memory, "_mallopt", lambda param, value: 0)
+    monkeypatch.setattr(host_memory, "backend_started", lambda: False)
+    monkeypatch.setattr(host_memory, "malloc_arena_count", lambda: 1)
+    monkeypatch.setattr(host_memory, "_made", {})
+    monkeypatch.setattr(host_memory, "_complete", False)
+    monkeypatch.setenv(host_memory.ENV_REUSE, "1")
+    with pytest.warns(RuntimeWarning, match="were not made: .*refused M_ARENA_MAX = 1; none was"):
+        assert host_memory.reuse_host_memory_if_asked() is False
+    assert host_memory.host_memory_settings() is None
