@@ -388,3 +388,45 @@ def test_fused_run_and_validation():
         NPT(lj(), 5.0, jnp.asarray([50.0, 0.0]), 0.0, 250.0, 1000.0)
     with pytest.raises(ValueError, match="pdamp"):
         NPH(lj(), 5.0, 0.0, -1.0)
+
+
+@pytest.mark.parametrize("stage", ["NPT", "NPH", "FIRE-frechet"])
+def test_a_system_not_periodic_everywhere_keeps_its_cell(stage):
+    """A barostat or cell filter moved the vacuum box of a cluster (pbc False; 16.4 -> 14.0 Å in
+    30 steps at 0.001 eV/Å³) and squeezed the cluster with it (-0.27 -> +0.42 eV), and the
+    non-periodic axis of a slab. Such a system now keeps its cell bit for bit and moves as in
+    the fixed-cell method (NPH: velocity Verlet, FIRE-frechet: FIRE), while the crystal beside
+    it still changes its cell."""
+    from ase.build import fcc111
+    from ase.cluster import Icosahedron
+
+    lj = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=5.0)
+    crystal = bulk("Ar", "fcc", a=5.3, cubic=True) * (2, 2, 2)
+    crystal.rattle(0.05, seed=0)
+    cluster = Icosahedron("Ar", 2)
+    cluster.rattle(0.05, seed=1)
+    cluster.center(vacuum=5.0)
+    slab = fcc111("Ar", size=(2, 2, 3), a=5.3, vacuum=5.0)  # pbc (True, True, False)
+    slab.rattle(0.05, seed=2)
+    systems = [crystal, cluster, slab]
+    batch = fd.Batch.from_atoms(systems)
+    model = lj.with_images(batch)
+    if stage == "FIRE-frechet":
+        run, plain = fd.FIRE(model, cell_filter="frechet", scalar_pressure=0.001), fd.FIRE(model)
+    elif stage == "NPH":
+        run, plain = fd.NPH(model, dt=2.0, pressure=0.001, pdamp=200.0), fd.NVE(model, dt=2.0)
+    else:
+        run = fd.NPT(model, dt=2.0, temperature=50.0, pressure=0.001, tdamp=50.0, pdamp=200.0)
+        plain = None
+    out = run.run(batch, n_steps=30)
+    cells = np.asarray(out.cell)
+    np.testing.assert_array_equal(cells[1:], np.asarray(batch.cell)[1:])
+    assert np.abs(cells[0] - np.asarray(batch.cell)[0]).max() > 1e-4  # the crystal's moved
+    assert (np.asarray(out.info["exit_reason"]) != int(fd.ExitReason.FAILED)).all()
+    if plain is not None:  # the same map as the fixed-cell method, to rounding
+        ref = plain.run(fd.Batch.from_atoms(systems[1:]), n_steps=30)
+        rows = np.asarray(out.system_idx) > 0
+        np.testing.assert_allclose(
+            np.asarray(out.positions)[rows], np.asarray(ref.positions)[: rows.sum()],
+            rtol=0, atol=1e-10,
+        )  # fmt: skip

@@ -18,6 +18,11 @@ This is ASE's ``FrechetCellFilter`` (ase/filters.py and ase/_4/optimize/cellutil
 a system has when it enters the owning stage (``ASE``: when the filter is built): the engine
 selects the stage's ``init_state``, computed at entry, for every system that enters it.
 
+A system that is not periodic along all three lattice vectors (a cluster in a vacuum box, a
+slab) has zero cell force, so its cell never moves: a box that is not a period carries no
+pressure (ASE's calculators give such a system no stress; LAMMPS refuses a barostat on a
+non-periodic dimension), and the relaxation is that of the atoms alone.
+
 Optimizers only ever move along generalized displacements (:meth:`FrechetCellFilter.displace`),
 so they never need the absolute generalized positions.
 """
@@ -177,7 +182,8 @@ class FrechetCellFilter(eqx.Module):
         atoms : Array, shape (N, 3)
             ``f F`` (zero on padding).
         cell : Array, shape (S, 3, 3)
-            The three cell rows of each system (zero for empty slots).
+            The three cell rows of each system (zero for empty slots and for systems not
+            periodic along every lattice vector: their cell is held).
         """
         deform = self.deformation(batch, state)
         f_atoms = _atoms_matmul(batch, batch.forces, deform)
@@ -187,7 +193,8 @@ class FrechetCellFilter(eqx.Module):
         # <L(X, E_mn), G> over all (m, n) is the adjoint Fréchet derivative L(X^T, G).
         log_force = jax.vmap(expm3_frechet_adjoint)(state.log_deform, grad)
         f_cell = log_force / self.cell_factor(batch)[:, None, None]
-        return f_atoms, jnp.where(batch.system_mask[:, None, None], f_cell, 0.0)
+        moves = batch.system_mask & jnp.all(batch.pbc, axis=-1)
+        return f_atoms, jnp.where(moves[:, None, None], f_cell, 0.0)
 
     def displace(
         self,

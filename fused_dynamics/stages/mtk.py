@@ -38,6 +38,12 @@ map as ASE's ``IsotropicMTKNPT`` (``MaskedMTKNPT(mask=(True, True, True))``) giv
 freedom). ``"triclinic"`` differs from ASE's ``MTKNPT``, which moves a symmetric 3x3 rate: here the
 six lower-triangular entries move, so the cell never rotates and keeps ASE's standard form.
 
+A system that is not periodic along all three lattice vectors (a cluster in a vacuum box, a
+slab) keeps its cell: its barostat force is zero and its barostat chain has no degrees of
+freedom, so it runs at fixed cell (NPT: Nosé–Hoover chain NVT, NPH: NVE). A pressure on a box
+that is not a period has no meaning, and a slab's in-plane pressure would need a cell mask that
+this barostat does not have; LAMMPS refuses ``fix npt`` on a non-periodic dimension instead.
+
 :class:`~fused_dynamics.stages.npt.NPT` and :class:`~fused_dynamics.stages.npt.NPH` (in
 :mod:`fused_dynamics.stages.npt`) are final; the barostat they share is :class:`AbstractMTK`,
 here.
@@ -179,6 +185,12 @@ class AbstractMTK(Stage):
     def _n_dof(batch: Batch) -> jax.Array:
         return jnp.maximum(obs.degrees_of_freedom(batch), 1.0)
 
+    def _n_cell_dof(self, batch: Batch) -> jax.Array:
+        """Cell degrees of freedom of each system, (S,): none for a system that is not
+        periodic along every lattice vector (its cell is held; module docstring)."""
+        periodic = jnp.all(batch.pbc, axis=-1)
+        return jnp.where(periodic, float(self.n_cell_dof), 0.0).astype(batch.dtype)
+
     # ------------------------------------------------------------------ state
     def init_state(self, batch: Batch) -> NPTState:
         v.check_fits(self, batch.max_systems)
@@ -237,6 +249,7 @@ class AbstractMTK(Stage):
             + (two_ke / self._n_dof(batch))[:, None, None] * eye
         )
         g = jnp.einsum("sij,kij->sk", force, cell_basis(self.coupling, batch.dtype))
+        g = jnp.where(jnp.all(batch.pbc, axis=-1)[:, None], g, 0.0)  # non-periodic: held
         return eqx.tree_at(lambda st: st.p_cell, state, state.p_cell + delta[:, None] * g)
 
     def _kick_particles(self, batch: Batch, state: NPTState, delta: jax.Array) -> Batch:
@@ -290,9 +303,9 @@ class AbstractMTK(Stage):
         state = eqx.tree_at(lambda st: (st.p_eta, st.eta), state, (p_eta, eta))
         return batch.replace(velocities=v), state
 
-    def _thermostat_cell(self, state: NPTState, delta) -> NPTState:
+    def _thermostat_cell(self, batch: Batch, state: NPTState, delta) -> NPTState:
         two_ke = jnp.sum(state.p_cell**2, axis=-1) / state.W
-        n = jnp.full_like(state.kT, float(self.n_cell_dof))
+        n = self._n_cell_dof(batch)
         p_xi, xi, scale = chains.nose_hoover_chain(
             state.p_xi, state.xi, state.R, two_ke, n, state.kT, delta, _SY, unroll=True
         )
@@ -307,7 +320,7 @@ class AbstractMTK(Stage):
         dt = self._dt(batch)
         half = 0.5 * dt
         if self.thermostat:
-            state = self._thermostat_cell(state, half)
+            state = self._thermostat_cell(batch, state, half)
             batch, state = self._thermostat_particles(batch, state, half)
         state = self._kick_cell(batch, state, half)
         batch = self._kick_particles(batch, state, half)
@@ -319,7 +332,7 @@ class AbstractMTK(Stage):
         state = self._kick_cell(batch, state, half)
         if self.thermostat:
             batch, state = self._thermostat_particles(batch, state, half)
-            state = self._thermostat_cell(state, half)
+            state = self._thermostat_cell(batch, state, half)
         return batch, state
 
     # ------------------------------------------------------------------ observables
@@ -335,7 +348,8 @@ class AbstractMTK(Stage):
         if self.thermostat:
             n_dof = self._n_dof(batch)
             h = h + chains.chain_energy(state.p_eta, state.eta, state.Q, n_dof, state.kT)
-            h = h + chains.chain_energy(state.p_xi, state.xi, state.R, self.n_cell_dof, state.kT)
+            n_cell = self._n_cell_dof(batch)
+            h = h + chains.chain_energy(state.p_xi, state.xi, state.R, n_cell, state.kT)
         return jnp.where(batch.system_mask, h, 0.0)
 
     @property
