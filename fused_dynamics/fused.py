@@ -156,7 +156,9 @@ class FusedStage(eqx.Module):
         output_stress: bool = True,
         convergence_every: int = 1,
     ):
-        validation.check_integer("FusedStage", "convergence_every", convergence_every, 1)
+        validation.check_integer(
+            "FusedStage", "convergence_every", convergence_every, 1, validation.MAX_STEPS
+        )
         for name, value, unit in (
             ("max_force", max_force, "eV/Å"),
             ("max_temperature", max_temperature, "K"),

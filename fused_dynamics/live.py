@@ -21,6 +21,7 @@ from .compiled import overflowed, retry_on_overflow
 from .inflight import RunStats
 from .outputs.common import check_writable
 from .provenance import batch_inputs
+from .validation import MAX_STEPS
 
 __all__ = ["Run", "fit_to_batch", "STRETCH"]
 
@@ -666,8 +667,10 @@ def _check_options(
     fused, batch, n_steps, sampler, sinks, refill_frequency, resume, resume_path, checkpoint,
     checkpoint_every,
 ) -> None:  # fmt: skip
-    if refill_frequency < 1:
-        raise ValueError(f"refill_frequency must be >= 1, got {refill_frequency}.")
+    if not 1 <= refill_frequency <= MAX_STEPS:  # a chunk's steps are an int32
+        raise ValueError(
+            f"refill_frequency must be >= 1 and <= {MAX_STEPS}, got {refill_frequency}."
+        )
     if sampler is not None:
         if batch is not None:
             raise ValueError("FusedStage.run: give either a batch or a sampler, not both.")

@@ -181,26 +181,3 @@ def test_rescale_false_keeps_drawn_scale(remove_com):
     b = fd.initialize_velocities(batch, 400.0, jax.random.key(3), rescale=False, **kw)
     # The draw scales as sqrt(T): four times the temperature, twice the velocities.
     np.testing.assert_allclose(b.velocities, 2.0 * a.velocities, rtol=1e-14, atol=1e-300)
-
-
-@pytest.mark.parametrize("remove_com", [True, False])
-def test_initialize_velocities_hold_the_momentum_of_a_fixcom_system_with_fixed_atoms(remove_com):
-    # FixCom + FixAtoms: the centre of mass moved (1-3 amu Å/fs-units of momentum) although
-    # FixCom holds it, and the first step's constraint then cooled the system below the target
-    from ase.constraints import FixAtoms, FixCom
-
-    held = ase.build.bulk("Ar", "fcc", a=5.3, cubic=True) * (2, 1, 1)
-    held.set_constraint([FixAtoms(indices=[0, 3]), FixCom()])
-    free = ase.build.bulk("Ar", "fcc", a=5.3, cubic=True)
-    batch = fd.Batch.from_atoms([held, free])
-    out = obs.initialize_velocities(batch, 100.0, jax.random.PRNGKey(7), remove_com=remove_com)
-    v = np.asarray(out.velocities)
-    m = np.asarray(out.masses)[:, None]
-    np.testing.assert_allclose((m * v)[:8].sum(0), 0.0, rtol=0, atol=1e-12)  # held at zero
-    assert not v[[0, 3]].any()  # fixed atoms: zero velocity
-    np.testing.assert_allclose(float(obs.temperature(out)[0]), 100.0, rtol=1e-12)
-    alone = obs.initialize_velocities(
-        fd.Batch.from_atoms([free], system_ids=[1]), 100.0, jax.random.PRNGKey(7),
-        remove_com=remove_com,
-    )  # fmt: skip
-    np.testing.assert_array_equal(v[8:12], np.asarray(alone.velocities)[:4])  # untouched

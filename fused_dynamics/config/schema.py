@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from ..parameters import from_info
-from ..validation import SEED_LIMIT
+from ..validation import MAX_STEPS, SEED_LIMIT
 from .base import ConfigError, _Section, output_format
 from .model_keys import ModelConfig
 
@@ -88,8 +88,12 @@ class CriterionConfig(_Section):
     )
 
 
+# a stage's step budget: the step counters are int32 (validation.MAX_STEPS, 2**31 - 1)
+StepBudget = Annotated[int, Field(gt=0, le=MAX_STEPS)]
+
+
 class _StageBase(_Section):
-    n_steps: PositiveInt | InfoValue | None = Field(
+    n_steps: StepBudget | InfoValue | None = Field(
         None, description="steps: the step budget of each system in this stage" + _PER
     )
     fmax: PositiveFloat | InfoValue | None = Field(
