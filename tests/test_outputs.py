@@ -735,9 +735,8 @@ def test_every_sink_gives_back_the_constraints_a_system_ran_with(tmp_path):
     ]
 
 
-def test_a_batch_run_given_its_inputs_writes_their_info_and_arrays(tmp_path):
-    # a Batch holds arrays only: without inputs, a batch's records carried none of the
-    # input's tags, where the same structures through a sampler kept them
+def _tagged_clusters():
+    """Two 13-atom clusters, each with an info tag ``name`` and a per-atom array ``lab``."""
     atoms = []
     for i in range(2):
         a = Icosahedron("Ar", 2)
@@ -746,7 +745,13 @@ def test_a_batch_run_given_its_inputs_writes_their_info_and_arrays(tmp_path):
         a.info["name"] = f"c{i}"
         a.arrays["lab"] = np.arange(13) + i
         atoms.append(a)
-    lj = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.5, switch_onset=6.5)
+    return atoms, fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.5, switch_onset=6.5)
+
+
+def test_a_batch_run_given_its_inputs_writes_their_info_and_arrays(tmp_path):
+    # a Batch holds arrays only: without inputs, a batch's records carried none of the
+    # input's tags, where the same structures through a sampler kept them
+    atoms, lj = _tagged_clusters()
     batch = fd.Batch.from_atoms(atoms)
     sink = fd.HostMemory()
     final = fd.FIRE(lj, n_steps=5).run(batch, sinks=[sink], inputs=atoms)
@@ -765,14 +770,7 @@ def test_a_batch_run_given_its_inputs_writes_their_info_and_arrays(tmp_path):
 def test_inputs_with_repeated_system_ids_pair_by_slot_or_are_refused():
     # repeated ids (a legitimate batch: replicas sharing an id) gave the second system the
     # first one's provenance; to_atoms pairs by slot, sinks (matched by id) refuse
-    atoms = []
-    for i in range(2):
-        a = Icosahedron("Ar", 2)
-        a.center(vacuum=6.0)
-        a.rattle(0.05, seed=i)
-        a.info["name"] = f"c{i}"
-        atoms.append(a)
-    lj = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=7.5, switch_onset=6.5)
+    atoms, lj = _tagged_clusters()
     batch = fd.Batch.from_atoms(atoms, system_ids=[3, 3])
     out = batch.to_atoms(atoms)
     assert [a.info["name"] for a in out] == ["c0", "c1"]
