@@ -225,7 +225,9 @@ def grow_neighbors(batch, out=None, can_fail: bool = True):
     if can_fail and not grown.codes_fit(batch.max_atoms):
         candidates = np.asarray(batch.system_mask & ~nl.excluded(batch))
         crowded = grown.crowding_systems(batch if out is None else out, candidates)
-        if crowded.any():
+        excluded = nl.excluding(batch, crowded)
+        # progress: each pass leaves out one system more (else the list grows, and may raise)
+        if np.sum(excluded.excluded(batch)) > np.sum(nl.excluded(batch)):
             warnings.warn(
                 f"fused_dynamics: systems {np.asarray(batch.system_id)[crowded].tolist()} "
                 "fail NEIGHBOR_OVERFLOW: the neighbor list they need (stencil, atoms per bin) "
@@ -233,7 +235,7 @@ def grow_neighbors(batch, out=None, can_fail: bool = True):
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return batch.replace(neighbors=nl.excluding(batch, crowded))
+            return batch.replace(neighbors=excluded)
     warnings.warn(
         f"fused_dynamics: the neighbor list overflowed its capacity; grown to "
         f"{grown.capacity} pairs and re-run from the last good state (one recompilation).",

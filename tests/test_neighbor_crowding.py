@@ -131,3 +131,18 @@ def test_a_thin_cell_fails_cell_too_small_on_the_neighbor_list_path():
     np.testing.assert_allclose(
         np.asarray(out.positions)[:n0], np.asarray(alone.positions)[:n0], rtol=0, atol=TOL
     )
+
+
+def test_excluded_systems_are_matched_by_their_id_whatever_it_is():
+    # matched by system_id, so a slot refilled with another system is built again; -1 is an
+    # id like any other (the "none" marker is the smallest int32)
+    lj = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=5.0).with_neighbors(1.0)
+    batch = lj.attach_neighbors(fd.Batch.from_atoms([_argon(0), _argon(1)], system_ids=[-1, 5]))
+    nl = batch.neighbors
+    assert not np.asarray(nl.excluded(batch)).any()
+    one = nl.excluding(batch, np.array([True, False]))
+    assert np.asarray(one.excluded(batch)).tolist() == [True, False]
+    both = one.excluding(batch, np.array([False, True]))
+    assert np.asarray(both.excluded(batch)).tolist() == [True, True]
+    refilled = batch.replace(system_id=batch.system_id.at[0].set(9))
+    assert np.asarray(one.excluded(refilled)).tolist() == [False, False]

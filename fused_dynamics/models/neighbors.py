@@ -74,7 +74,10 @@ from .cell_list import (
     stencil_for_cells,
 )
 
-__all__ = ["NeighborList", "NeighborListHook", "refresh_neighbors"]
+__all__ = ["NeighborList", "NeighborListHook", "refresh_neighbors", "NO_SYSTEM"]
+
+#: ``NeighborList.excluded_ids`` where no system is excluded (no batch's ``system_id``).
+NO_SYSTEM = np.iinfo(np.int32).min
 
 
 def _check_width(max_neighbors, half: bool) -> int:
@@ -129,7 +132,8 @@ class NeighborList(eqx.Module):
         Largest pairs, bin occupancy, bins, stencil and neighbors of one atom needed by the
         builds so far (up to the first overflow), see ``NEEDED_FIELDS``; used by :meth:`grown`.
     excluded_ids : Array, shape (S,) int32
-        ``system_id`` of the systems left out of the builds (-1: none), so that a list that
+        ``system_id`` of the systems left out of the builds (``NO_SYSTEM``, the smallest
+        int32, where none), so that a list that
         would have no int32 pair codes for them does not stop the others: a run fails them
         ``NEIGHBOR_OVERFLOW`` (:meth:`excluded`, :func:`fused_dynamics.compiled.grow_neighbors`).
     cutoff, skin : float
@@ -239,7 +243,7 @@ class NeighborList(eqx.Module):
             rebuilds=jnp.zeros((), jnp.int32),
             n_pairs=jnp.zeros((), jnp.int32),
             needed=jnp.zeros((len(NEEDED_FIELDS),), jnp.int32),
-            excluded_ids=jnp.full((s,), -1, jnp.int32),
+            excluded_ids=jnp.full((s,), NO_SYSTEM, jnp.int32),
             cutoff=float(cutoff),
             skin=float(skin),
             half=bool(half),
@@ -396,7 +400,9 @@ class NeighborList(eqx.Module):
     def excluded(self, batch) -> jax.Array:
         """Occupied systems of ``batch`` this list leaves out (``excluded_ids``), (S,) bool."""
         ids = self.excluded_ids
-        hit = (batch.system_id[..., :, None] == ids[..., None, :]) & (ids[..., None, :] >= 0)
+        hit = (batch.system_id[..., :, None] == ids[..., None, :]) & (ids != NO_SYSTEM)[
+            ..., None, :
+        ]
         return batch.system_mask & jnp.any(hit, axis=-1)
 
     def excluding(self, batch, crowded) -> NeighborList:
@@ -405,7 +411,7 @@ class NeighborList(eqx.Module):
         forgotten)."""
         out = np.asarray(crowded) | np.asarray(self.excluded(batch))
         ids = np.asarray(batch.system_id)[out]
-        kept = np.full(self.excluded_ids.shape, -1, np.int32)
+        kept = np.full(self.excluded_ids.shape, NO_SYSTEM, np.int32)
         kept[: len(ids)] = ids
         return dataclasses.replace(
             self, excluded_ids=jnp.asarray(kept), stale=jnp.ones_like(self.stale)
@@ -413,10 +419,10 @@ class NeighborList(eqx.Module):
 
     def crowding_systems(self, batch, candidates=None) -> np.ndarray:
         """Host-side: the ``candidates`` of ``batch`` (S,) bool (default: every occupied
-        slot) whose own stencil and bin occupancy leave this
-        list no int32 pair codes (or, when none does alone, the most demanding one), shape
-        (S,) bool: what a run fails ``NEIGHBOR_OVERFLOW`` instead of growing the list for
-        every system (:func:`~fused_dynamics.models.cell_list.crowding_systems`)."""
+        slot) whose own stencil and bin occupancy leave this list no int32 pair codes (or,
+        when none does alone, the most demanding one), shape (S,) bool: what a run fails
+        ``NEIGHBOR_OVERFLOW`` instead of growing the list for every system
+        (:func:`~fused_dynamics.models.cell_list.crowding_systems`)."""
         return crowding_systems(self, batch, candidates)
 
     def invalidated(self) -> NeighborList:
