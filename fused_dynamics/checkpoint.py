@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .batch import Batch, empty_host_arrays
-from .models.neighbors import NEEDED_FIELDS, NeighborList
+from .models.neighbors import NEEDED_FIELDS, NO_SYSTEM, NeighborList
 from .parameters import resolve_info
 
 __all__ = ["save", "load", "read_header", "layout_of", "fingerprint", "FORMAT", "VERSION"]
@@ -98,8 +98,8 @@ def _skeleton(fused, layout: dict) -> Batch:
         module, name = spec["class"].split(":")
         cls = getattr(importlib.import_module(module), name)
         fields = {k: jnp.zeros(()) for k in spec["arrays"]}
-        if cls is NeighborList:  # a list saved before it had per-atom rows: read without them
-            fields.update({k: None for k in _ROW_FIELDS if k not in fields})
+        if cls is NeighborList:  # a list saved before it had per-atom rows or exclusions
+            fields.update({k: None for k in (*_ROW_FIELDS, "excluded_ids") if k not in fields})
         neighbors = cls(**fields, **spec["static"])
     skeleton = blank.replace(
         stage_state=stage_state,
@@ -206,10 +206,22 @@ def load(path: str | os.PathLike, fused, check=None) -> tuple[dict, Batch]:
             ) from exc
         if f.read(1):
             raise ValueError(f"checkpoint {path!r} has data after its end (damaged).")
-    return header, _with_rows(batch)
+    return header, _with_exclusions(_with_rows(batch))
 
 
 _ROW_FIELDS = ("row_receivers", "row_shifts")
+
+
+def _with_exclusions(batch: Batch) -> Batch:
+    """A batch read from a checkpoint written before neighbor lists could leave systems out
+    (``excluded_ids``), with a list that leaves none out."""
+    nl = batch.neighbors
+    if not isinstance(nl, NeighborList) or nl.excluded_ids is not None:
+        return batch
+    lead = np.shape(nl.senders)[:-1]
+    s = int(np.shape(nl.reference_cell)[-3])
+    none = jnp.full(lead + (s,), NO_SYSTEM, jnp.int32)
+    return batch.replace(neighbors=dataclasses.replace(nl, excluded_ids=none))
 
 
 def _with_rows(batch: Batch) -> Batch:

@@ -133,11 +133,12 @@ def test_a_thin_cell_fails_cell_too_small_on_the_neighbor_list_path():
     )
 
 
-def test_excluded_systems_are_matched_by_their_id_whatever_it_is():
-    # matched by system_id, so a slot refilled with another system is built again; -1 is an
-    # id like any other (the "none" marker is the smallest int32)
+def test_excluded_systems_are_matched_per_slot_by_their_id():
+    # per slot: a slot refilled with another system is built again, and a replica that shares
+    # the id in another slot is not left out (matched across slots, it failed with the other);
+    # -1 is an id like any other (the "none" marker is the smallest int32)
     lj = fd.models.LennardJones(sigma=3.405, epsilon=0.0104, cutoff=5.0).with_neighbors(1.0)
-    batch = lj.attach_neighbors(fd.Batch.from_atoms([_argon(0), _argon(1)], system_ids=[-1, 5]))
+    batch = lj.attach_neighbors(fd.Batch.from_atoms([_argon(0), _argon(1)], system_ids=[-1, -1]))
     nl = batch.neighbors
     assert not np.asarray(nl.excluded(batch)).any()
     one = nl.excluding(batch, np.array([True, False]))

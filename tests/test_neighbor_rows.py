@@ -149,7 +149,8 @@ def test_the_lists_of_a_sharded_batch_share_one_row_width():
 
 def _as_written_before_rows(src, dst, fused):
     """Rewrite checkpoint ``src`` as the version before per-atom rows wrote it: the list has
-    no ``row_receivers``, ``row_shifts`` or ``refreshed``, and ``needed`` holds 4 entries."""
+    no ``row_receivers``, ``row_shifts``, ``excluded_ids`` (added later still) or
+    ``refreshed``, and ``needed`` holds 4 entries."""
     from fused_dynamics import checkpoint as ckpt
 
     header, batch = ckpt.load(src, fused)
@@ -159,7 +160,7 @@ def _as_written_before_rows(src, dst, fused):
     leaves, shapes = [], []
     for name, (_, x), shape in zip(names, flat, layout["leaves"], strict=True):
         x = np.asarray(x)
-        if name.endswith(("row_receivers", "row_shifts")):
+        if name.endswith(("row_receivers", "row_shifts", "excluded_ids")):
             continue
         if name.endswith("neighbors.needed"):
             x = x[..., :4]
@@ -168,7 +169,8 @@ def _as_written_before_rows(src, dst, fused):
         shapes.append(shape)
     layout["leaves"] = shapes
     spec = layout["neighbors"]
-    spec["arrays"] = [a for a in spec["arrays"] if a not in ("row_receivers", "row_shifts")]
+    old = ("row_receivers", "row_shifts", "excluded_ids")
+    spec["arrays"] = [a for a in spec["arrays"] if a not in old]
     spec["static"].pop("refreshed")
     text = json.dumps(header, sort_keys=True).encode()
     with open(dst, "wb") as f:

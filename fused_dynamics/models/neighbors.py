@@ -132,8 +132,8 @@ class NeighborList(eqx.Module):
         Largest pairs, bin occupancy, bins, stencil and neighbors of one atom needed by the
         builds so far (up to the first overflow), see ``NEEDED_FIELDS``; used by :meth:`grown`.
     excluded_ids : Array, shape (S,) int32
-        ``system_id`` of the systems left out of the builds (``NO_SYSTEM``, the smallest
-        int32, where none), so that a list that
+        Per slot, the ``system_id`` of the system left out of the builds (``NO_SYSTEM``, the
+        smallest int32, where none), so that a list that
         would have no int32 pair codes for them does not stop the others: a run fails them
         ``NEIGHBOR_OVERFLOW`` (:meth:`excluded`, :func:`fused_dynamics.compiled.grow_neighbors`).
     cutoff, skin : float
@@ -398,21 +398,16 @@ class NeighborList(eqx.Module):
         return pair_codes_fit(self, n_atoms)
 
     def excluded(self, batch) -> jax.Array:
-        """Occupied systems of ``batch`` this list leaves out (``excluded_ids``), (S,) bool."""
-        ids = self.excluded_ids
-        hit = (batch.system_id[..., :, None] == ids[..., None, :]) & (ids != NO_SYSTEM)[
-            ..., None, :
-        ]
-        return batch.system_mask & jnp.any(hit, axis=-1)
+        """Occupied systems of ``batch`` this list leaves out, (S,) bool: per slot, the one
+        whose ``system_id`` is that slot's ``excluded_ids`` entry (a slot refilled with another
+        system is built again; a replica sharing the id in another slot is not concerned)."""
+        return batch.system_mask & (batch.system_id == self.excluded_ids)
 
     def excluding(self, batch, crowded) -> NeighborList:
         """Host-side: the same capacities, stale, also leaving out the systems of ``batch`` in
-        the slots ``crowded`` (S,) bool (by their ``system_id``; ids no longer in the batch are
-        forgotten)."""
+        the slots ``crowded`` (S,) bool (each slot keeps the ``system_id`` it leaves out)."""
         out = np.asarray(crowded) | np.asarray(self.excluded(batch))
-        ids = np.asarray(batch.system_id)[out]
-        kept = np.full(self.excluded_ids.shape, NO_SYSTEM, np.int32)
-        kept[: len(ids)] = ids
+        kept = np.where(out, np.asarray(batch.system_id), NO_SYSTEM).astype(np.int32)
         return dataclasses.replace(
             self, excluded_ids=jnp.asarray(kept), stale=jnp.ones_like(self.stale)
         )

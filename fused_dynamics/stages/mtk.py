@@ -40,9 +40,10 @@ six lower-triangular entries move, so the cell never rotates and keeps ASE's sta
 
 A system that is not periodic along all three lattice vectors (a cluster in a vacuum box, a
 slab) keeps its cell: its barostat force is zero and its barostat chain has no degrees of
-freedom, so it runs at fixed cell (NPT: Nosé–Hoover chain NVT, NPH: NVE). A pressure on a box
-that is not a period has no meaning, and a slab's in-plane pressure would need a cell mask that
-this barostat does not have; LAMMPS refuses ``fix npt`` on a non-periodic dimension instead.
+freedom and is held still, so it runs at fixed cell (NPT: Nosé–Hoover chain NVT, NPH: NVE). A
+pressure on a box that is not a period has no meaning, and a slab's in-plane pressure would
+need a cell mask that this barostat does not have; LAMMPS refuses ``fix npt`` on a
+non-periodic dimension instead.
 
 :class:`~fused_dynamics.stages.npt.NPT` and :class:`~fused_dynamics.stages.npt.NPH` (in
 :mod:`fused_dynamics.stages.npt`) are final; the barostat they share is :class:`AbstractMTK`,
@@ -309,6 +310,11 @@ class AbstractMTK(Stage):
         p_xi, xi, scale = chains.nose_hoover_chain(
             state.p_xi, state.xi, state.R, two_ke, n, state.kT, delta, _SY, unroll=True
         )
+        # a held cell has no barostat chain: its links stay put (driven by -kT alone they
+        # would drift without bound, cancelling in the conserved energy but not in float32)
+        periodic = jnp.all(batch.pbc, axis=-1)[:, None]
+        p_xi = jnp.where(periodic, p_xi, state.p_xi)
+        xi = jnp.where(periodic, xi, state.xi)
         return eqx.tree_at(
             lambda st: (st.p_xi, st.xi, st.p_cell),
             state,
