@@ -31,7 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 from ase.constraints import FixAtoms, FixCartesian, FixCom
 
-__all__ = ["from_ase", "to_ase", "project_forces", "constrain_update", "keep_fixed", "removed_dof"]
+__all__ = [
+    "from_ase",
+    "to_ase",
+    "project_forces",
+    "constrain_update",
+    "keep_fixed",
+    "removed_dof",
+    "free_masses",
+]
 
 SUPPORTED = (FixAtoms, FixCartesian, FixCom)
 
@@ -122,6 +130,13 @@ def _free_weights(batch, m: jax.Array) -> tuple[jax.Array, jax.Array]:
     fixed = batch.fixed & batch.atom_mask[:, None]
     partly = batch.to_atoms_axis(batch.sum_atoms(fixed.astype(jnp.int32)).sum(-1) > 0)
     return partly, jnp.where(fixed, 0.0, m[:, None])
+
+
+def free_masses(batch) -> jax.Array:
+    """Each atom's mass on its free components, 0 on fixed ones and on padding, shape (N, 3):
+    the weights over which a ``fix_com`` system with fixed components holds its centre of mass
+    and momentum (amu)."""
+    return _free_weights(batch, _com_weights(batch)[0])[1]
 
 
 def project_forces(batch, forces: jax.Array) -> jax.Array:

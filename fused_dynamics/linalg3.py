@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["det3", "inv3", "matvec3"]
+__all__ = ["det3", "inv3", "matvec3", "plane_spacing"]
 
 
 def _cofactors(m: jax.Array) -> jax.Array:
@@ -57,3 +57,10 @@ def matvec3(x: jax.Array, m: jax.Array) -> jax.Array:
     several times slower than these three fused multiply-adds.
     """
     return x[..., 0:1] * m[..., 0, :] + x[..., 1:2] * m[..., 1, :] + x[..., 2:3] * m[..., 2, :]
+
+
+def plane_spacing(cell: jax.Array) -> jax.Array:
+    """Distances between the lattice planes of cells (..., 3, 3) (rows are lattice vectors),
+    shape (..., 3): along lattice vector k, ``1 / |b_k|`` with ``b_k`` the k-th column of the
+    inverse (the reciprocal vector without 2π). Infinite or NaN for a singular cell."""
+    return 1.0 / jnp.linalg.norm(inv3(cell), axis=-2)

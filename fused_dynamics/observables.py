@@ -156,7 +156,7 @@ def _initialize_velocities(
     # FixCom holds the momentum at zero whatever remove_com says; with fixed components too,
     # over the free ones per axis, as the constraint does (constraints.constrain_update)
     held = batch.fix_com & (pinned | (not remove_com))
-    m_free = jnp.where(batch.atom_mask[:, None] & ~batch.fixed, batch.masses[:, None], 0.0)
+    m_free = constraints.free_masses(batch)
     shift = batch.sum_atoms(m_free * v) / jnp.maximum(batch.sum_atoms(m_free), 1e-30)
     move = batch.to_atoms_axis(held)[:, None] & (m_free > 0)
     v = jnp.where(move, v - batch.to_atoms_axis(shift), v)

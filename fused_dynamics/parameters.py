@@ -365,7 +365,8 @@ def fit_per_system(stage: Any, batch: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- values from info
-_BUDGET_LIMIT = 2**24  # the largest budget: exact in a float32 batch
+#: The largest step budget read from ``atoms.info``: exact in a float32 batch.
+INFO_BUDGET_LIMIT = 2**24
 
 
 def read_info_values(info: dict, keys, where: str, readers=None) -> dict[str, float | int]:
@@ -482,10 +483,10 @@ def check_info_values(tree: Any, values: dict, where: str, dtype: Any = None) ->
             if name == "n_steps":
                 exact = float(value) == float(given[key])  # not rounded by the dtype
                 whole = math.isfinite(value) and float(value).is_integer()
-                if not (whole and exact and 1 <= value <= _BUDGET_LIMIT):
+                if not (whole and exact and 1 <= value <= INFO_BUDGET_LIMIT):
                     raise ValueError(
                         f"{where}: atoms.info[{key!r}] (read by {owner}.n_steps) must be an "
-                        f"integer in [1, {_BUDGET_LIMIT}], got {given[key]!r}"
+                        f"integer in [1, {INFO_BUDGET_LIMIT}], got {given[key]!r}"
                         + _rounding(given[key], value, dtype)
                         + "."
                     )

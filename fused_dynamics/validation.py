@@ -32,7 +32,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from .parameters import InfoParameter, check_fits, fit_per_system, fit_value, is_traced
+from .parameters import (
+    INFO_BUDGET_LIMIT,
+    InfoParameter,
+    check_fits,
+    fit_per_system,
+    fit_value,
+    is_traced,
+)
 
 __all__ = [
     "Rule",
@@ -439,7 +446,7 @@ def check_order(
 def check_total_budget(stages) -> None:
     """Refuse sub-stage budgets whose sum passes :data:`MAX_STEPS`: a system that spends them
     all counts its steps in one int32 (``step_count``). A budget read from ``atoms.info``
-    counts as its largest value, ``2**24``.
+    counts as its largest value, ``INFO_BUDGET_LIMIT`` (``2**24``).
 
     Raises
     ------
@@ -450,7 +457,8 @@ def check_total_budget(stages) -> None:
     for stage in stages:
         n = getattr(stage, "n_steps", None)
         if n is not None:
-            budgets.append((type(stage).__name__, 2**24 if isinstance(n, InfoParameter) else n))
+            largest = INFO_BUDGET_LIMIT if isinstance(n, InfoParameter) else n
+            budgets.append((type(stage).__name__, largest))
     total = sum(int(n) for _, n in budgets)
     if total > MAX_STEPS:
         each = ", ".join(f"{name} n_steps={int(n)}" for name, n in budgets)

@@ -16,7 +16,7 @@ import os
 
 import ase.io
 import pytest
-from ase.cluster import Icosahedron
+from test_outputs import cluster, job_toml  # tests/ is on pytest's path
 from typer.testing import CliRunner
 
 from fused_dynamics.cli import app, plan_outputs
@@ -24,13 +24,6 @@ from fused_dynamics.config import ConfigError, validate_config
 
 FLAGS = ({}, {"overwrite": True}, {"resume": True})
 CLI_FLAGS = ([], ["--overwrite"], ["--resume"])
-
-
-def cluster(seed: int, n: int = 13) -> ase.Atoms:
-    a = Icosahedron("Ar", 2)[:n]
-    a.center(vacuum=5.0)
-    a.rattle(0.05, seed=seed)
-    return a
 
 
 def job(tmp_path, **extra):
@@ -231,14 +224,7 @@ def test_an_input_given_by_a_hard_link_is_never_written_by_the_command_line(tmp_
     ase.io.write(tmp_path / "in.extxyz", [cluster(i) for i in range(2)])
     os.link(tmp_path / "in.extxyz", tmp_path / "copy.extxyz")
     toml = tmp_path / "job.toml"
-    toml.write_text(
-        'structures = {path = "in.extxyz"}\n'
-        'model = {type = "lennard_jones", sigma = 3.4, epsilon = 0.01, cutoff = 6.0}\n'
-        "capacity = {max_atoms = 64, max_systems = 2}\n"
-        '[[stages]]\ntype = "nve"\ndt = 2.0\nn_steps = 2\n'
-        '[[outputs]]\ntype = "extxyz"\npath = "copy.extxyz"\n'
-        "[report]\nprogress = false\n"
-    )
+    toml.write_text(job_toml("copy.extxyz", "[report]\nprogress = false\n"))
     before = _snapshot(tmp_path)
     for flags in CLI_FLAGS:
         for extra in (["--validate-only"], []):
@@ -253,13 +239,12 @@ def test_an_output_at_a_side_file_is_refused_by_the_command_line(tmp_path):
     ase.io.write(tmp_path / "in.extxyz", [cluster(i) for i in range(2)])
     toml = tmp_path / "job.toml"
     toml.write_text(
-        'structures = {path = "in.extxyz"}\n'
-        'model = {type = "lennard_jones", sigma = 3.4, epsilon = 0.01, cutoff = 6.0}\n'
-        "capacity = {max_atoms = 64, max_systems = 2}\n"
-        '[[stages]]\ntype = "nve"\ndt = 2.0\nn_steps = 2\n'
-        '[[outputs]]\ntype = "extxyz"\npath = "out/run.extxyz"\norder = "input"\n'
-        '[[outputs]]\ntype = "extxyz"\npath = "out/run.pending.extxyz"\n'
-        "[report]\nprogress = false\n"
+        job_toml(
+            "out/run.extxyz",
+            'order = "input"\n'
+            '[[outputs]]\ntype = "extxyz"\npath = "out/run.pending.extxyz"\n'
+            "[report]\nprogress = false\n",
+        )
     )
     for extra in (["--validate-only"], []):
         res = CliRunner().invoke(app, ["run", str(toml), *extra])

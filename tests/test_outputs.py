@@ -236,6 +236,17 @@ def test_check_writable_probes_instead_of_trusting_os_access(tmp_path):
 
 
 # ============================================================================ the output plan
+def job_toml(output: str, extra: str = "") -> str:
+    """A small command-line job, as TOML: NVE on ``in.extxyz``, written to ``output``."""
+    return (
+        'structures = {path = "in.extxyz"}\n'
+        'model = {type = "lennard_jones", sigma = 3.4, epsilon = 0.01, cutoff = 6.0}\n'
+        "capacity = {max_atoms = 64, max_systems = 2}\n"
+        '[[stages]]\ntype = "nve"\ndt = 2.0\nn_steps = 2\n'
+        f'[[outputs]]\ntype = "extxyz"\npath = "{output}"\n' + extra
+    )
+
+
 def job(tmp_path, **extra):
     ase.io.write(tmp_path / "in.extxyz", [cluster(i) for i in range(3)])
     data = {
@@ -403,13 +414,7 @@ def test_cli_refuses_before_compiling_and_keeps_the_data(tmp_path):
     """Exit 2 with the key, the path and both options; nothing on disk changes."""
     job(tmp_path)  # writes in.extxyz
     toml = tmp_path / "job.toml"
-    toml.write_text(
-        'structures = {path = "in.extxyz"}\n'
-        'model = {type = "lennard_jones", sigma = 3.4, epsilon = 0.01, cutoff = 6.0}\n'
-        "capacity = {max_atoms = 64, max_systems = 2}\n"
-        '[[stages]]\ntype = "nve"\ndt = 2.0\nn_steps = 2\n'
-        '[[outputs]]\ntype = "extxyz"\npath = "results"\n'
-    )
+    toml.write_text(job_toml("results"))
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "precious.txt").write_text("months of work")
     for flags in ([], ["--overwrite"], ["--resume"]):

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import segment
-from ..linalg3 import inv3, matvec3
+from ..linalg3 import inv3, matvec3, plane_spacing
 
 #: ``NeighborList.needed`` holds, in this order, the largest values seen by the builds since the
 #: allocation up to the first overflow: pairs, atoms in one bin, bins used (never more than the
@@ -96,12 +96,13 @@ def periodic_spacing_host(cells, pbc) -> tuple[np.ndarray, np.ndarray]:
     return np.where(sized[:, None], spacing, 1.0), sized
 
 
-def thin_systems(batch) -> jax.Array:
+def thin_systems(batch, spacing: jax.Array | None = None) -> jax.Array:
     """Systems with a finite cell thinner than :data:`MIN_PERIODIC_SPACING` along a periodic
     axis, or singular, shape (S,) bool (traced). The neighbor-list build leaves their atoms out
     and the run fails them ``CELL_TOO_SMALL`` (:func:`fused_dynamics.health.system_failures`);
-    non-finite cells are a failure of their own."""
-    spacing = 1.0 / jnp.linalg.norm(inv3(batch.cell), axis=-2)
+    non-finite cells are a failure of their own. ``spacing``: the cells'
+    :func:`~fused_dynamics.linalg3.plane_spacing`, where the caller has it."""
+    spacing = plane_spacing(batch.cell) if spacing is None else spacing
     thin = jnp.any(batch.pbc & ~(spacing >= MIN_PERIODIC_SPACING), axis=-1)
     finite = jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))
     return batch.system_mask & finite & thin

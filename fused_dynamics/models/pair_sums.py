@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import segment
 from ..batch import Batch
-from ..linalg3 import inv3
+from ..linalg3 import plane_spacing
 from .blocked import (
     as_tiles,
     atom_rows,
@@ -71,8 +71,11 @@ def required_images(cell: jax.Array, pbc: jax.Array, cutoff: float) -> jax.Array
     -------
     Array, shape (S, 3) int32 (0 along non-periodic directions).
     """
-    recip = inv3(cell)  # columns are reciprocal vectors b_k (without 2π)
-    spacing = 1.0 / jnp.linalg.norm(recip, axis=-2)
+    return _images(plane_spacing(cell), pbc, cutoff)
+
+
+def _images(spacing: jax.Array, pbc: jax.Array, cutoff: float) -> jax.Array:
+    """:func:`required_images` from the cells' plane spacing (S, 3)."""
     n = jnp.floor(cutoff / spacing + 0.5).astype(jnp.int32)
     return jnp.where(pbc, n, 0)
 
@@ -98,10 +101,11 @@ def required_images_host(cells, pbc, cutoff: float) -> tuple[int, int, int]:
 def cell_too_small(batch: Batch, cutoff: float, n_img: tuple[int, int, int]) -> jax.Array:
     """Systems whose cell needs more periodic images than ``n_img``, or is thin or singular
     (:func:`~fused_dynamics.models.cell_list.thin_systems`), shape (S,) bool."""
-    need = required_images(batch.cell, batch.pbc, cutoff)
+    spacing = plane_spacing(batch.cell)
+    need = _images(spacing, batch.pbc, cutoff)
     finite = jnp.all(jnp.isfinite(batch.cell), axis=(-2, -1))  # non-finite: its own failure
     more = batch.system_mask & finite & jnp.any(need > jnp.asarray(n_img), axis=-1)
-    return more | thin_systems(batch)
+    return more | thin_systems(batch, spacing)
 
 
 def poison_systems(batch: Batch, energy: jax.Array, bad: jax.Array) -> jax.Array:
