@@ -31,7 +31,16 @@ from .batch import Batch, empty_host_arrays
 from .models.neighbors import NEEDED_FIELDS, NO_SYSTEM, NeighborList
 from .parameters import resolve_info
 
-__all__ = ["save", "load", "read_header", "layout_of", "fingerprint", "FORMAT", "VERSION"]
+__all__ = [
+    "save",
+    "load",
+    "read_header",
+    "is_checkpoint",
+    "layout_of",
+    "fingerprint",
+    "FORMAT",
+    "VERSION",
+]
 
 FORMAT = "fused_dynamics-checkpoint"
 VERSION = 1
@@ -126,10 +135,18 @@ def save(path: str | os.PathLike, batch: Batch, header: dict[str, Any]) -> None:
     TypeError
         When the header is not JSON-able or the batch's neighbor list is not a
         fused_dynamics one.
+    FileExistsError
+        When something other than a fused_dynamics checkpoint file is at ``path`` (a
+        checkpoint replaces only a checkpoint).
     OSError
         When the folder cannot be written (the previous checkpoint is left as it was).
     """
     path = os.fspath(path)
+    if os.path.lexists(path) and not is_checkpoint(path):
+        raise FileExistsError(
+            f"checkpoint {path!r}: a file or folder that is not a fused_dynamics checkpoint is "
+            "there; a checkpoint replaces only a checkpoint. Remove it or give another path."
+        )
     header = dict(header, format=FORMAT, version=VERSION, layout=layout_of(batch))
     text = json.dumps(header, sort_keys=True).encode()
     host = jax.device_get(batch)
@@ -155,6 +172,19 @@ def save(path: str | os.PathLike, batch: Batch, header: dict[str, Any]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file (not a link) that begins as a checkpoint does."""
+    path = os.fspath(path)
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    magic = f"{FORMAT} ".encode()
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def _read_header(f, path) -> dict:

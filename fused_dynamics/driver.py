@@ -84,7 +84,9 @@ def run(
         stopped (its step count carries on). A path: continue the run saved in that checkpoint
         (no batch or sampler state needed; give the same sampler and sinks).
     checkpoint : path, optional
-        Where to write checkpoints (atomically; see :mod:`fused_dynamics.checkpoint`).
+        Where to write checkpoints (atomically; see :mod:`fused_dynamics.checkpoint`). No
+        file may be there already, unless it is ``resume`` (a resumed run goes on writing
+        where it was saved): a run never replaces a file it did not write.
     checkpoint_every : int, optional
         Steps between checkpoints (required with ``checkpoint``).
     differentiable : bool, default False
@@ -118,6 +120,8 @@ def run(
     ------
     ValueError
         Contradictory options (named in the message), before anything is compiled.
+    FileExistsError
+        Something is at ``checkpoint`` and it is not ``resume``, before anything is compiled.
     """
     if differentiable and n_steps is None:
         raise ValueError("FusedStage.run(differentiable=True) needs n_steps.")

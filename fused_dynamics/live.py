@@ -710,11 +710,24 @@ def _check_options(
             raise IsADirectoryError(
                 f"checkpoint={os.fspath(checkpoint)!r} is a directory; give a file path."
             )
+        if os.path.lexists(checkpoint) and not _same_file(checkpoint, resume_path):
+            raise FileExistsError(
+                f"checkpoint={os.fspath(checkpoint)!r} exists; a run never replaces a file it "
+                "did not write: continue the run saved there with resume=PATH, or remove the "
+                "file, or give another path (docs/semantics.md §19)."
+            )
         check_writable(checkpoint)  # before anything is compiled or run
     if n_steps is None and resume_path is None:
         fused.check_ends()
     if resume_path is not None and not os.path.isfile(resume_path):
         raise FileNotFoundError(f"resume={resume_path!r}: no such checkpoint file.")
+
+
+def _same_file(path, other) -> bool:
+    """Whether ``other`` (a path or None) names the file at ``path``."""
+    if other is None or not os.path.exists(path) or not os.path.exists(other):
+        return False
+    return os.path.samefile(path, other)
 
 
 def _cache_size(fn) -> int:

@@ -487,7 +487,8 @@ class DistributedPipeline:
         dtype : float dtype, optional
         checkpoint : path, optional
             A directory to write the whole pipeline to every ``checkpoint_every`` rounds
-            (:meth:`save`).
+            (:meth:`save`). Nothing may be there already, unless it is ``resume`` (the run
+            goes on writing where it was saved).
         checkpoint_every : int, optional
             Rounds (one chunk of every stage and its host visit) between checkpoints.
         resume : path, optional
@@ -506,6 +507,8 @@ class DistributedPipeline:
             ``checkpoint_every`` (or the reverse), or a checkpoint of another pipeline.
         FileNotFoundError
             ``resume`` names no checkpoint.
+        FileExistsError
+            Something is at ``checkpoint`` and it is not ``resume``.
         NotImplementedError
             Several processes with a stage spread over more than one.
         """
@@ -515,6 +518,14 @@ class DistributedPipeline:
             )
         if checkpoint_every is not None and int(checkpoint_every) < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
+        if checkpoint is not None and os.path.lexists(checkpoint):
+            same = resume is not None and os.path.exists(resume)
+            if not (same and os.path.samefile(checkpoint, resume)):
+                raise FileExistsError(
+                    f"DistributedPipeline.run: checkpoint={os.fspath(checkpoint)!r} exists; a "
+                    "run never replaces what it did not write: continue the run saved there "
+                    "with resume=DIR, or remove it, or give another path."
+                )
         self.start(
             sampler, sinks, refill_frequency=refill_frequency, buffer_size=buffer_size,
             dtype=dtype, resume=resume,
@@ -536,7 +547,9 @@ class DistributedPipeline:
         its graduates), then the rows waiting in each buffer, then a JSON header. The new
         directory is written next to ``path`` and renamed over it (the previous one is kept
         as ``path + ".previous"`` until the rename is done, and :meth:`run` falls back to it),
-        so a run killed at any moment leaves a whole checkpoint.
+        so a run killed at any moment leaves a whole checkpoint. Only a pipeline checkpoint is
+        replaced: anything else at ``path`` (or at ``path + ".previous"``) raises
+        ``FileExistsError`` and is left as it was.
 
         Several processes (every one calls it, after the same round): each writes its own
         part, ``path/process<i>``, the same way (its stages, the buffers as it holds them,
@@ -562,6 +575,14 @@ class DistributedPipeline:
         """This process's stages and buffers into the directory ``path`` (renamed into place,
         the old one kept as ``path + ".previous"`` until then, or after with
         ``keep_previous``)."""
+        previous = path + ".previous"
+        for name in (path, previous):
+            if os.path.lexists(name) and not _is_pipeline_checkpoint(name):
+                raise FileExistsError(
+                    f"pipeline checkpoint {name!r}: a file or folder that is not a pipeline "
+                    "checkpoint is there; a checkpoint replaces only a checkpoint. Remove it "
+                    "or give another path."
+                )
         parent = os.path.dirname(path)
         for name in os.listdir(parent):  # what a save killed while writing left behind
             if name.startswith(os.path.basename(path) + ".tmp-"):
@@ -595,7 +616,6 @@ class DistributedPipeline:
             json.dump(header, f)
             f.flush()
             os.fsync(f.fileno())
-        previous = path + ".previous"
         if os.path.exists(path):
             _remove(previous)
             os.replace(path, previous)
@@ -698,6 +718,18 @@ def _part(path: str) -> str:
     if jax.process_count() == 1:
         return path
     return os.path.join(path, f"process{jax.process_index()}")
+
+
+def _is_pipeline_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a folder (not a link) holding a pipeline checkpoint's header."""
+    header = os.path.join(path, "pipeline.json")
+    if os.path.islink(path) or not os.path.isfile(header):
+        return False
+    try:
+        with open(header) as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _remove(path: str) -> None:

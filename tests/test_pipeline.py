@@ -85,6 +85,21 @@ def test_or_builds_a_pipeline_and_checks_its_arguments(tmp_path):
         pipe.run(sampler(1), [fd.HostMemory()], checkpoint=tmp_path / "c")
     with pytest.raises(FileNotFoundError, match="no pipeline checkpoint"):
         pipe.run(sampler(1), [fd.HostMemory()], resume=tmp_path / "none")
+    # a checkpoint never replaces what it did not write (docs/semantics.md §19)
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "data.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="results"):
+        pipe.run(sampler(1), [fd.HostMemory()], checkpoint=mine, checkpoint_every=1)
+    pipe.start(sampler(1), [fd.HostMemory()])
+    for where in (mine, tmp_path / "ckpt"):
+        if where != mine:
+            (tmp_path / "ckpt.previous").write_text("keep")  # not a checkpoint either
+        with pytest.raises(FileExistsError, match="not a pipeline checkpoint"):
+            pipe.save(where)
+    assert (mine / "data.txt").read_text() == "keep"
+    assert (tmp_path / "ckpt.previous").read_text() == "keep"
+    assert not (tmp_path / "ckpt").exists()
 
 
 CODE = """

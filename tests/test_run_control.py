@@ -253,8 +253,12 @@ def test_n_steps_counts_steps_of_this_call_on_every_path(tmp_path):
     assert int(out.step_count) == 20 and ckpt.read_header(path)["step_count"] == 20
     assert int(md.run(resume=path, n_steps=5).step_count) == 25
     # without n_steps a never-graduating run goes on to where the checkpointed call would stop
-    md.start(first, resume=True, n_steps=10, checkpoint=path, checkpoint_every=5).advance(5)
-    assert int(md.run(resume=path).step_count) == 20
+    again = tmp_path / "again.ckpt"  # a new file: a run never replaces one it did not write
+    run = md.start(first, resume=True, n_steps=10, checkpoint=again, checkpoint_every=5)
+    run.advance(5)
+    run.advance(1)  # the checkpoint of step 15 is written before this chunk
+    assert ckpt.read_header(again)["step_count"] == 15
+    assert int(md.run(resume=again).step_count) == 20
 
 
 class FailingOnce:
@@ -338,6 +342,38 @@ def test_resume_refuses_other_parameters_or_another_dataset(tmp_path):
         fused.run(sampler=sampler(moved), sinks=[fd.HostMemory()], resume=path)
     stats = fused.run(sampler=sampler(data), sinks=[fd.HostMemory()], resume=path)
     assert stats.checkpoints >= 1
+
+
+def test_a_run_never_replaces_a_file_at_its_checkpoint_path(tmp_path):
+    """docs/semantics.md §19: ``checkpoint=PATH`` is refused before anything runs when a file
+    is there (a user's file, or the checkpoint of a run that did not finish, re-run without
+    ``resume``), and the file keeps every byte; ``resume=PATH`` with the same path goes on
+    writing it; ``Run.save`` replaces only a checkpoint."""
+    fused = relax_then_md(n_md=20)
+    mine = tmp_path / "thesis.tex"
+    mine.write_text("\\section{Results}\n")
+    with pytest.raises(FileExistsError, match="thesis.tex"):
+        fused.run(batch_of(clusters(2)), checkpoint=mine, checkpoint_every=5)
+    with pytest.raises(FileExistsError, match="thesis.tex"):
+        queue = fd.SizeAwareSampler(clusters(3), max_atoms=26, max_systems=2)
+        fused.run(sampler=queue, sinks=[fd.HostMemory()], checkpoint=mine, checkpoint_every=5)
+    assert mine.read_text() == "\\section{Results}\n"
+    path = tmp_path / "run.ckpt"
+    run = fused.start(batch_of(clusters(2)), refill_frequency=5, checkpoint=path,
+                      checkpoint_every=5)  # fmt: skip
+    run.advance()
+    run.advance()  # the checkpoint of step 5 is written; the run stops here, unfinished
+    saved = path.read_bytes()
+    with pytest.raises(FileExistsError, match="resume=PATH"):
+        fused.run(batch_of(clusters(2)), checkpoint=path, checkpoint_every=5)
+    assert path.read_bytes() == saved
+    with pytest.raises(FileExistsError, match="not a fused_dynamics checkpoint"):
+        run.save(mine)
+    assert mine.read_text() == "\\section{Results}\n"
+    run.save(path)  # a checkpoint is replaced by a checkpoint
+    at = ckpt.read_header(path)["step_count"]
+    done = fused.run(resume=path, checkpoint=path, checkpoint_every=5)  # goes on writing it
+    assert at < ckpt.read_header(path)["step_count"] <= int(done.step_count)
 
 
 def test_bad_checkpoint_paths_and_damaged_files_are_named(tmp_path):
