@@ -727,11 +727,12 @@ def _execute(cfg, base_dir, *, echo, warn, title, overwrite, resume) -> RunResul
             echo(f"{p.key}: kept the existing {os.fspath(p.path)!r} (not rewritten on --resume)")
             continue
         if kind == "record":
-            record.write_csv(p.path)
+            record.write_csv(p.path, overwrite=True)  # planned: new, or --overwrite
         else:
             plot_run(
                 record,
                 p.path,
+                overwrite=True,
                 title=title
                 and f"{title}: {len(record.left)} systems, {stats.steps} fused steps, "
                 f"{run_time:.1f} s",

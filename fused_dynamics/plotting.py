@@ -19,6 +19,7 @@ Example
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -180,8 +181,15 @@ class RunRecord:
             return {k: np.zeros(0) for k in _SAMPLE_KEYS}
         return {k: np.concatenate([s[k] for s in self._samples]) for k in _SAMPLE_KEYS}
 
-    def write_csv(self, path) -> None:
-        """Write :attr:`samples` to a CSV file (one row per system per recorded step)."""
+    def write_csv(self, path, overwrite: bool = False) -> None:
+        """Write :attr:`samples` to a CSV file (one row per system per recorded step).
+
+        Raises
+        ------
+        FileExistsError
+            ``path`` exists and ``overwrite`` is False (nothing is written).
+        """
+        _refuse_existing(path, overwrite)
         cols = self.samples
         names = list(_SAMPLE_KEYS)
         stage = np.asarray(self.stage_names, dtype=object)
@@ -292,12 +300,24 @@ def summary_table(record: RunRecord, wall_time: float | None = None) -> str:
 
 
 # ============================================================================ figure
-def plot_run(record: RunRecord, path, title: str | None = None, max_lines: int = 400):
+def plot_run(
+    record: RunRecord,
+    path,
+    title: str | None = None,
+    max_lines: int = 400,
+    overwrite: bool = False,
+):
     """Save a 2x2 PNG: fmax and energy/atom during relaxation, temperature during MD, and
     systems per stage (with the graduated count) over the fused steps.
 
     Returns the path. Uses matplotlib's Agg backend (no display needed).
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists and ``overwrite`` is False (checked before anything is drawn).
     """
+    _refuse_existing(path, overwrite)
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -409,6 +429,15 @@ def plot_run(record: RunRecord, path, title: str | None = None, max_lines: int =
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _refuse_existing(path, overwrite: bool) -> None:
+    """A report never replaces a file (or anything else) the user has, unless asked."""
+    if os.path.lexists(path) and (not overwrite or os.path.isdir(path)):
+        raise FileExistsError(
+            f"{os.fspath(path)!r} exists; pass overwrite=True to replace a file (a directory "
+            "never is), or give another path."
+        )
 
 
 def _number(value) -> float | None:

@@ -60,3 +60,28 @@ def test_plot_of_a_small_run_emits_no_warning(case, tmp_path):
         warnings.simplefilter("error")  # any warning fails the test
         path = plot_run(rec, tmp_path / "run.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reports_never_replace_a_file_unless_asked(tmp_path):
+    """``RunRecord.write_csv`` and ``plot_run`` refuse a path that exists (the file keeps every
+    byte) unless ``overwrite=True``, and never replace a directory."""
+    rec = _record(SMALL_RUNS[next(iter(SMALL_RUNS))])
+    mine = tmp_path / "notes.txt"
+    mine.write_text("keep")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        rec.write_csv(mine)
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        plot_run(rec, mine)
+    assert mine.read_text() == "keep"
+    for write in (rec.write_csv, lambda p, **kw: plot_run(rec, p, **kw)):
+        with pytest.raises(FileExistsError, match="directory"):
+            write(tmp_path, overwrite=True)
+    rec.write_csv(mine, overwrite=True)
+    assert mine.read_text().startswith("step,")
+    picture = tmp_path / "run.png"
+    picture.write_text("keep")
+    with pytest.raises(FileExistsError, match="run.png"):
+        plot_run(rec, picture)
+    assert picture.read_text() == "keep"
+    plot_run(rec, picture, overwrite=True)
+    assert picture.read_bytes()[:4] == b"\x89PNG"
