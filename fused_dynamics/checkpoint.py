@@ -175,9 +175,10 @@ def save(path: str | os.PathLike, batch: Batch, header: dict[str, Any]) -> None:
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a regular file (not a link) that begins as a checkpoint does."""
+    """Whether ``path`` is a file (or a link to one) that begins as a checkpoint does. A link is
+    replaced by the new checkpoint, its target left as it was."""
     path = os.fspath(path)
-    if os.path.islink(path) or not os.path.isfile(path):
+    if not os.path.isfile(path):
         return False
     magic = f"{FORMAT} ".encode()
     try:

@@ -86,7 +86,8 @@ def run(
     checkpoint : path, optional
         Where to write checkpoints (atomically; see :mod:`fused_dynamics.checkpoint`). No
         file may be there already, unless it is ``resume`` (a resumed run goes on writing
-        where it was saved): a run never replaces a file it did not write.
+        where it was saved), or, with ``resume=True``, the checkpoint of the run that returned
+        ``batch`` (at its step or before): a run never replaces a file it did not write.
     checkpoint_every : int, optional
         Steps between checkpoints (required with ``checkpoint``).
     differentiable : bool, default False

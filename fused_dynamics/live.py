@@ -710,10 +710,15 @@ def _check_options(
             raise IsADirectoryError(
                 f"checkpoint={os.fspath(checkpoint)!r} is a directory; give a file path."
             )
-        if os.path.lexists(checkpoint) and not _same_file(checkpoint, resume_path):
+        if (
+            os.path.lexists(checkpoint)
+            and not _same_file(checkpoint, resume_path)
+            and not (resume is True and _continued_by(checkpoint, fused, batch))
+        ):
             raise FileExistsError(
                 f"checkpoint={os.fspath(checkpoint)!r} exists; a run never replaces a file it "
-                "did not write: continue the run saved there with resume=PATH, or remove the "
+                "did not write: continue the run saved there with resume=PATH (or a batch it "
+                "returned, at or after the checkpoint's step, with resume=True), or remove the "
                 "file, or give another path (docs/semantics.md §19)."
             )
         check_writable(checkpoint)  # before anything is compiled or run
@@ -728,6 +733,23 @@ def _same_file(path, other) -> bool:
     if other is None or not os.path.exists(path) or not os.path.exists(other):
         return False
     return os.path.samefile(path, other)
+
+
+def _continued_by(path, fused, batch) -> bool:
+    """Whether the checkpoint at ``path`` is of a fixed-batch run of ``fused`` at a step no
+    later than ``batch``'s: a ``resume=True`` call continuing that run goes on writing it."""
+    step = None if batch is None else batch.step_count
+    if step is None or not ckpt.is_checkpoint(path):
+        return False
+    try:
+        header = ckpt.read_header(path)
+    except (OSError, ValueError):
+        return False
+    return (
+        not header.get("inflight")
+        and header.get("fingerprint") == ckpt.fingerprint(fused)
+        and int(header.get("step_count", step + 1)) <= int(step)
+    )
 
 
 def _cache_size(fn) -> int:

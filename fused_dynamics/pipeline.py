@@ -518,14 +518,17 @@ class DistributedPipeline:
             )
         if checkpoint_every is not None and int(checkpoint_every) < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
-        if checkpoint is not None and os.path.lexists(checkpoint):
-            same = resume is not None and os.path.exists(resume)
-            if not (same and os.path.samefile(checkpoint, resume)):
-                raise FileExistsError(
-                    f"DistributedPipeline.run: checkpoint={os.fspath(checkpoint)!r} exists; a "
-                    "run never replaces what it did not write: continue the run saved there "
-                    "with resume=DIR, or remove it, or give another path."
-                )
+        if checkpoint is not None:
+            where = os.path.realpath(checkpoint)
+            same = resume is not None and os.path.realpath(resume) == where
+            for name in (os.fspath(checkpoint), os.fspath(checkpoint) + ".previous"):
+                if os.path.lexists(name) and not same:
+                    raise FileExistsError(
+                        f"DistributedPipeline.run: checkpoint={os.fspath(checkpoint)!r}: "
+                        f"{name!r} exists; a run never replaces what it did not write: "
+                        "continue the run saved there with resume=DIR, or remove it, or give "
+                        "another path."
+                    )
         self.start(
             sampler, sinks, refill_frequency=refill_frequency, buffer_size=buffer_size,
             dtype=dtype, resume=resume,
@@ -584,10 +587,13 @@ class DistributedPipeline:
                     "or give another path."
                 )
         parent = os.path.dirname(path)
-        for name in os.listdir(parent):  # what a save killed while writing left behind
-            if name.startswith(os.path.basename(path) + ".tmp-"):
-                _remove(os.path.join(parent, name))
-        tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+        # what a save killed while writing left behind: folders of this library's own prefix
+        prefix = os.path.basename(path) + _TMP_TAG
+        for name in os.listdir(parent):
+            left = os.path.join(parent, name)
+            if name.startswith(prefix) and os.path.isdir(left) and not os.path.islink(left):
+                _remove(left)
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
         for k, run in enumerate(self._runs):
             if run is not None:
                 run.save(os.path.join(tmp, f"stage{k}.ckpt"))
@@ -720,10 +726,14 @@ def _part(path: str) -> str:
     return os.path.join(path, f"process{jax.process_index()}")
 
 
+_TMP_TAG = ".fused-dynamics-tmp-"  # a save's folder being written, next to the checkpoint
+
+
 def _is_pipeline_checkpoint(path: str) -> bool:
-    """Whether ``path`` is a folder (not a link) holding a pipeline checkpoint's header."""
+    """Whether ``path`` is a folder (or a link to one) holding a pipeline checkpoint's header.
+    A link is replaced by the new checkpoint, its target left as it was."""
     header = os.path.join(path, "pipeline.json")
-    if os.path.islink(path) or not os.path.isfile(header):
+    if not os.path.isfile(header):
         return False
     try:
         with open(header) as f:

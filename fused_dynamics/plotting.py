@@ -193,7 +193,7 @@ class RunRecord:
         cols = self.samples
         names = list(_SAMPLE_KEYS)
         stage = np.asarray(self.stage_names, dtype=object)
-        with open(path, "w") as fh:
+        with open(path, "w" if overwrite else "x") as fh:  # "x": not one created meanwhile
             fh.write(",".join(names + ["stage"]) + "\n")
             for i in range(len(cols["step"])):
                 row = [repr(cols[k][i].item()) for k in names]
@@ -426,8 +426,25 @@ def plot_run(
         or f"fused_dynamics: {n} systems, {record.last_step} fused steps"
         + (f", {wall:.1f} s" if wall else "")
     )
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    # the format named: matplotlib then writes ``path`` itself (it appends ".png" to a name
+    # without a suffix otherwise), into a file opened here ("xb": not one created meanwhile)
+    fmt = os.path.splitext(os.fspath(path))[1][1:].lower() or "png"
+    created = False
+    try:
+        if fmt not in fig.canvas.get_supported_filetypes():
+            raise ValueError(
+                f"plot_run: {os.fspath(path)!r}: matplotlib writes no {fmt!r} files; give a "
+                "path ending in .png, .pdf or .svg (or no suffix: PNG)."
+            )
+        with open(path, "wb" if overwrite else "xb") as fh:
+            created = not overwrite
+            fig.savefig(fh, dpi=110, format=fmt)
+    except BaseException:
+        if created:  # the file this call made, half written
+            os.unlink(path)
+        raise
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -100,6 +100,18 @@ def test_or_builds_a_pipeline_and_checks_its_arguments(tmp_path):
     assert (mine / "data.txt").read_text() == "keep"
     assert (tmp_path / "ckpt.previous").read_text() == "keep"
     assert not (tmp_path / "ckpt").exists()
+    # a "DIR.previous" (a user's, or the one whole checkpoint of a run killed between two
+    # renames) refuses a run that does not resume from DIR
+    with pytest.raises(FileExistsError, match="ckpt.previous"):
+        pipe.run(sampler(1), [fd.HostMemory()], checkpoint=tmp_path / "ckpt", checkpoint_every=1)
+    # a save's leftovers are its own folders only: a user's names that look alike stay
+    (tmp_path / "new.tmp-notes").mkdir()
+    (tmp_path / "new.tmp-list.txt").write_text("keep")
+    pipe.save(tmp_path / "new")
+    pipe.save(tmp_path / "new")  # a pipeline checkpoint is replaced by the next
+    assert (tmp_path / "new" / "pipeline.json").is_file()
+    assert (tmp_path / "new.tmp-notes").is_dir()
+    assert (tmp_path / "new.tmp-list.txt").read_text() == "keep"
 
 
 CODE = """

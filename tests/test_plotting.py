@@ -85,3 +85,12 @@ def test_reports_never_replace_a_file_unless_asked(tmp_path):
     assert picture.read_text() == "keep"
     plot_run(rec, picture, overwrite=True)
     assert picture.read_bytes()[:4] == b"\x89PNG"
+    # a name without a suffix is written as it is, a PNG (matplotlib alone would write
+    # "report.png", over the user's file of that name)
+    (tmp_path / "report.png").write_text("keep")
+    plot_run(rec, tmp_path / "report")
+    assert (tmp_path / "report").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "report.png").read_text() == "keep"
+    with pytest.raises(ValueError, match="txt"):  # refused before any file is made
+        plot_run(rec, tmp_path / "plot.txt")
+    assert not (tmp_path / "plot.txt").exists()

@@ -251,9 +251,18 @@ def test_n_steps_counts_steps_of_this_call_on_every_path(tmp_path):
     path = tmp_path / "md.ckpt"
     out = md.run(first, n_steps=10, resume=True, checkpoint=path, checkpoint_every=5)
     assert int(out.step_count) == 20 and ckpt.read_header(path)["step_count"] == 20
-    assert int(md.run(resume=path, n_steps=5).step_count) == 25
     # without n_steps a never-graduating run goes on to where the checkpointed call would stop
-    again = tmp_path / "again.ckpt"  # a new file: a run never replaces one it did not write
+    # a batch the run returned goes on writing the run's checkpoint; an earlier one may not
+    # (it would replace the later state, docs/semantics.md §19)
+    assert (
+        int(md.run(out, n_steps=5, resume=True, checkpoint=path, checkpoint_every=5).step_count)
+        == 25
+    )
+    assert ckpt.read_header(path)["step_count"] == 25
+    assert int(md.run(resume=path, n_steps=5).step_count) == 30
+    with pytest.raises(FileExistsError, match="resume=True"):
+        md.start(first, resume=True, n_steps=10, checkpoint=path, checkpoint_every=5)
+    again = tmp_path / "again.ckpt"
     run = md.start(first, resume=True, n_steps=10, checkpoint=again, checkpoint_every=5)
     run.advance(5)
     run.advance(1)  # the checkpoint of step 15 is written before this chunk
@@ -372,8 +381,11 @@ def test_a_run_never_replaces_a_file_at_its_checkpoint_path(tmp_path):
     assert mine.read_text() == "\\section{Results}\n"
     run.save(path)  # a checkpoint is replaced by a checkpoint
     at = ckpt.read_header(path)["step_count"]
-    done = fused.run(resume=path, checkpoint=path, checkpoint_every=5)  # goes on writing it
-    assert at < ckpt.read_header(path)["step_count"] <= int(done.step_count)
+    link = tmp_path / "link.ckpt"  # a link to a checkpoint: replaced, its target kept
+    link.symlink_to(path)
+    done = fused.run(resume=link, checkpoint=link, checkpoint_every=5)  # goes on writing it
+    assert at < ckpt.read_header(link)["step_count"] <= int(done.step_count)
+    assert not link.is_symlink() and ckpt.read_header(path)["step_count"] == at
 
 
 def test_bad_checkpoint_paths_and_damaged_files_are_named(tmp_path):
