@@ -215,6 +215,36 @@ def test_early_stopping_returns_the_best_parameters(lj_data):
     assert float(result.model.sigma) != float(result.last_model.sigma)
 
 
+def test_without_validation_the_best_model_has_the_loss_reported_for_it():
+    """No validation set: the model returned as best is the one whose loss selected it (the
+    training set evaluated after its epoch, ``train_end``), not the parameters one epoch
+    later. LJ dimers from σ=2.5, ε=0.5, one batch per epoch and a learning rate that makes
+    the parameters overshoot: the loss accumulated during an epoch is of the parameters before
+    its update (epochs' ``train`` 0.23, 25.7, 0.076, 0.27, ...; ``train_end`` 25.7, 0.076,
+    0.27, ...); the returned model had 0.27 where 0.076 was reported. Equal to 1e-10
+    relative: the same evaluation twice."""
+    ref = LennardJones(sigma=2.5, epsilon=0.5, cutoff=6.0)
+    dimers = [ase.Atoms("Ar2", positions=[[0, 0, 0], [d, 0, 0]]) for d in np.linspace(2.6, 3.6, 8)]
+    data = _label(ref, dimers)
+    start = LennardJones(sigma=2.3, epsilon=0.3, cutoff=6.0)
+    result = train(
+        start, data, epochs=6, batch_size=8, learning_rate=0.5, validation_fraction=0.0,
+        progress=False,
+    )  # fmt: skip
+    ends = [h["train_end"]["loss"] for h in result.history]
+    assert result.best_epoch == int(np.argmin(ends)) + 1
+    best = evaluate(result.model, data)["loss"]
+    assert best == pytest.approx(result.best_metrics["train_end"]["loss"], rel=1e-10)
+    assert best == pytest.approx(min(ends), rel=1e-10)
+    # no parameters the training measured did better than the ones it returns
+    assert best <= min(h["train"]["loss"] for h in result.history) * (1 + 1e-10)
+    bad = {"learning_rate": float("nan"), "weight_decay": -1.0, "clip_norm": 0.0,
+           "plateau_factor": 2.0}  # fmt: skip
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=name):
+            train(ref, data, epochs=1, progress=False, **{name: value})
+
+
 # ---------------------------------------------------------------------- model files
 class TinyModel(Model):
     """A small learned model with hyper-parameters: E = Σ_i MLP(|r_i - r_c|²) per system."""

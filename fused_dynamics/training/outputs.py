@@ -41,8 +41,8 @@ def history_rows(history: list[dict]) -> list[dict]:
     rows = []
     for entry in history:
         row = {"epoch": entry["epoch"], "learning_rate": entry["learning_rate"]}
-        for split in ("train", "validation"):
-            for k, v in (entry[split] or {}).items():
+        for split in ("train", "validation", "train_end"):
+            for k, v in (entry.get(split) or {}).items():
                 row[f"{split}_{k}"] = v
         rows.append(row)
     return rows

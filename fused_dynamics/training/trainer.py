@@ -39,17 +39,20 @@ class TrainResult:
     Attributes
     ----------
     model : Model
-        The model with the best parameters (lowest validation loss; lowest training loss
-        without a validation set).
+        The model with the best parameters (lowest validation loss; without a validation set,
+        lowest training loss evaluated after the epoch, ``train_end``).
     last_model : Model
         The model after the last epoch run.
     best_epoch : int
         Epoch (1-based) of ``model``.
     history : list of dict
         One entry per epoch: ``epoch``, ``learning_rate`` (the scale of the last step),
-        ``train`` and ``validation`` (dicts of :func:`~.loss.metrics_from_sums`; ``train`` is
-        accumulated over the epoch's steps with the parameters before each update,
-        ``validation`` is evaluated after the epoch; None without a validation set).
+        ``train``, ``validation`` and ``train_end`` (dicts of
+        :func:`~.loss.metrics_from_sums`): ``train`` is accumulated over the epoch's steps with
+        the parameters before each update; ``validation`` is evaluated after the epoch (None
+        without a validation set); ``train_end``, without a validation set only (else None),
+        is the training set evaluated after the epoch: the loss of the parameters the epoch
+        ends with, which selects ``model``.
     stopped_early : bool
         Early stopping ended the training before ``epochs``.
     train_indices, validation_indices : list of int
@@ -220,6 +223,21 @@ def _lr_scale(opt_state) -> float:
     return float("nan")
 
 
+def _check_rates(**values) -> None:
+    """The optimizer's numbers: finite; rates, decay and tolerance >= 0 (the learning rate and
+    a clipping norm > 0); the plateau factor in (0, 1]."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        x = float(value)
+        positive = name in ("learning_rate", "clip_norm", "plateau_factor")
+        if not math.isfinite(x) or (x <= 0 if positive else x < 0):
+            rule = "> 0" if positive else ">= 0"
+            raise ValueError(f"{name} must be finite and {rule}, got {value}.")
+    if values.get("plateau_factor") is not None and float(values["plateau_factor"]) > 1:
+        raise ValueError(f"plateau_factor must be in (0, 1], got {values['plateau_factor']}.")
+
+
 def evaluate(
     model,
     data,
@@ -364,6 +382,11 @@ clip_norm, plateau_factor, plateau_patience
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
     if patience is not None and int(patience) < 1:
         raise ValueError(f"patience must be >= 1, got {patience}.")
+    _check_rates(
+        learning_rate=learning_rate, final_learning_rate=final_learning_rate,
+        weight_decay=weight_decay, clip_norm=clip_norm, plateau_factor=plateau_factor,
+        min_delta=min_delta,
+    )  # fmt: skip
     keys = (energy_key, forces_key, stress_key)
     atoms, labels = _load(data, index, keys)
     n_data = len(atoms)
@@ -432,6 +455,10 @@ clip_norm, plateau_factor, plateau_patience
             end_value=final_learning_rate,
         )
 
+    # without a validation set the monitor is the training set evaluated after each epoch: the
+    # loss of the parameters the epoch ends with, the ones `best` keeps (the epoch's
+    # accumulated loss is of the parameters before each of its updates)
+    end_batches = [] if val_batches else make_batches(atoms, labels, train_idx, cap, dtype)
     history: list[dict] = []
     best = (math.inf, 0, params)
     since_best = 0
@@ -461,10 +488,15 @@ clip_norm, plateau_factor, plateau_patience
             lr = float(learning_rate) * (_lr_scale(opt_state) if schedule == "plateau" else 1.0)
         else:
             lr = float("nan")
+        end_metrics = None
+        if end_batches:
+            es = [_eval_step(params, static, b, t, with_stress) for b, t in end_batches]
+            end_metrics = metrics_from_sums(_total(es), weights)
         entry = {"epoch": epoch, "learning_rate": lr, "train": train_metrics}
         entry["validation"] = val_metrics
+        entry["train_end"] = end_metrics
         history.append(entry)
-        monitored = (val_metrics or train_metrics)["loss"]
+        monitored = (val_metrics or end_metrics)["loss"]
         if monitored < best[0] - float(min_delta):
             best, since_best = (monitored, epoch, params), 0
         else:
