@@ -119,6 +119,26 @@ def test_the_command_line_refuses_a_budget_past_int32(tmp_path):
     assert rc == 0, msg
 
 
+@pytest.mark.parametrize(
+    "line, key",
+    [
+        ("refill_frequency = 2147483648", "refill_frequency"),
+        ("convergence_every = 4294967299", "convergence_every"),
+        ("initial_temperature = inf", "initial_temperature"),
+        ("initial_temperature = nan", "initial_temperature"),
+    ],
+)
+def test_the_command_line_refuses_what_the_run_would_refuse(tmp_path, line, key):
+    """``--validate-only`` refuses (exit 2, naming the key) the values the run refused only
+    after validation passed (exit 1): a chunk past int32 steps, an infinite temperature."""
+    path = tmp_path / "job.toml"
+    text = _TOML.format(first=30, second=10).replace("refill_frequency = 5", line)
+    path.write_text(text)
+    res = CliRunner().invoke(app, ["run", str(path), "--validate-only"])
+    assert res.exit_code == 2, res.output
+    assert key in res.output
+
+
 # ------------------------------------------------------- 2. FreezeAtomsHook in an inflight run
 def test_freeze_atoms_hook_is_refused_in_an_inflight_run():
     # it holds atom slots: a refilled system would be moved to the previous occupant's positions

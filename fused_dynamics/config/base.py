@@ -26,10 +26,12 @@ class _Section(BaseModel):
 
     Types are strict (pydantic's strict mode): a boolean or a string is never taken for a
     number (``cutoff = true`` and ``cutoff = "7.5"`` are refused, naming the key), a float is
-    never truncated to an integer; an integer is a valid float.
+    never truncated to an integer; an integer is a valid float. No number of a configuration is
+    infinite or NaN (``initial_temperature = inf`` passed ``--validate-only`` and failed the
+    run).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

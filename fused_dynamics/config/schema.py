@@ -471,10 +471,10 @@ class RunConfig(_Section):
         min_length=1, description="where every system is written when it leaves the run"
     )
     report: ReportConfig = Field(ReportConfig(), description="figure, record and summary")
-    refill_frequency: PositiveInt = Field(
+    refill_frequency: StepBudget = Field(
         20, description="steps per compiled chunk between host visits (writes and refills)"
     )
-    convergence_every: PositiveInt = Field(
+    convergence_every: StepBudget = Field(
         1,
         description="steps (of each system in its stage) between tests of the stages' "
         "criteria (fmax, ...); 1 tests every step; k > 1 saves the observables' cost and lets "

@@ -202,7 +202,10 @@ def work_ratio(
             for c, p in zip(cells, pbc, strict=True)
         ]
     )
-    neighbors = np.minimum(sizes / volumes * reach, sizes * k_each)
+    # a singular cell (volume 0; the run fails that system) gives inf here, bounded by its
+    # dense count: no warning for it
+    with np.errstate(divide="ignore"):
+        neighbors = np.minimum(sizes / volumes * reach, sizes * k_each)
     width = ROW_MARGIN * float(neighbors.max()) + 2.0
     list_work = float(np.mean(sizes)) * (width + float(overhead))
     if list_work <= 0.0:
