@@ -215,7 +215,7 @@ def test_early_stopping_returns_the_best_parameters(lj_data):
     assert float(result.model.sigma) != float(result.last_model.sigma)
 
 
-def test_without_validation_the_best_model_has_the_loss_reported_for_it():
+def test_without_validation_the_best_model_has_the_loss_reported_for_it_and_is_valid():
     """No validation set: the model returned as best is the one whose loss selected it (the
     training set evaluated after its epoch, ``train_end``), not the parameters one epoch
     later. LJ dimers from σ=2.5, ε=0.5, one batch per epoch and a learning rate that makes
@@ -227,10 +227,16 @@ def test_without_validation_the_best_model_has_the_loss_reported_for_it():
     dimers = [ase.Atoms("Ar2", positions=[[0, 0, 0], [d, 0, 0]]) for d in np.linspace(2.6, 3.6, 8)]
     data = _label(ref, dimers)
     start = LennardJones(sigma=2.3, epsilon=0.3, cutoff=6.0)
-    result = train(
-        start, data, epochs=6, batch_size=8, learning_rate=0.5, validation_fraction=0.0,
-        progress=False,
-    )  # fmt: skip
+    # the overshooting steps then take ε below 0 (at epoch 4): training stops there, warning,
+    # and that model is never the best (no run or evaluation would take it)
+    with pytest.warns(UserWarning, match="left the model's domain"):
+        result = train(
+            start, data, epochs=6, batch_size=8, learning_rate=0.5, validation_fraction=0.0,
+            progress=False,
+        )  # fmt: skip
+    assert result.stopped_early and len(result.history) < 6
+    with pytest.raises(ValueError, match="epsilon must be >= 0"):
+        evaluate(result.last_model, data)
     ends = [h["train_end"]["loss"] for h in result.history]
     assert result.best_epoch == int(np.argmin(ends)) + 1
     best = evaluate(result.model, data)["loss"]
@@ -238,6 +244,9 @@ def test_without_validation_the_best_model_has_the_loss_reported_for_it():
     assert best == pytest.approx(min(ends), rel=1e-10)
     # no parameters the training measured did better than the ones it returns
     assert best <= min(h["train"]["loss"] for h in result.history) * (1 + 1e-10)
+    with pytest.raises(ValueError, match="epoch 1 left the model's domain"):
+        train(LennardJones(sigma=2.5, epsilon=0.9, cutoff=6.0), data, epochs=3, batch_size=8,
+              learning_rate=2.0, validation_fraction=0.0, progress=False)  # fmt: skip
     bad = {"learning_rate": float("nan"), "weight_decay": -1.0, "clip_norm": 0.0,
            "plateau_factor": 2.0}  # fmt: skip
     for name, value in bad.items():

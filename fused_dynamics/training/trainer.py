@@ -54,7 +54,9 @@ class TrainResult:
         is the training set evaluated after the epoch: the loss of the parameters the epoch
         ends with, which selects ``model``.
     stopped_early : bool
-        Early stopping ended the training before ``epochs``.
+        The training ended before ``epochs``: early stopping (``patience``), a loss that is not
+        finite, or an epoch whose parameters left the model's domain (its own parameter
+        checks, e.g. a negative ε; with a warning, and ``last_model`` holds them).
     train_indices, validation_indices : list of int
         The structures of each split (indices into the training data; validation structures
         given explicitly are numbered after the training data).
@@ -223,6 +225,19 @@ def _lr_scale(opt_state) -> float:
     return float("nan")
 
 
+def _outside_domain(model) -> str | None:
+    """What the model's own checks (its classes' ``__check_init__``, which a model rebuilt from
+    trained leaves does not run) say of its parameters, or None when they pass."""
+    for cls in reversed(type(model).__mro__):
+        check = cls.__dict__.get("__check_init__")
+        if check is not None:
+            try:
+                check(model)
+            except ValueError as exc:
+                return str(exc)
+    return None
+
+
 def _check_rates(**values) -> None:
     """The optimizer's numbers: finite; rates, decay and tolerance >= 0 (the learning rate and
     a clipping norm > 0); the plateau factor in (0, 1]."""
@@ -368,9 +383,16 @@ clip_norm, plateau_factor, plateau_patience
     ------
     ValueError
         No structures, no reference values, bad capacities or options (named), an element the
-        model has no parameters for (``model.check_batch``).
+        model has no parameters for (``model.check_batch``); the first epoch's parameters
+        already outside the model's domain (lower the learning rate).
     FileExistsError
         An output file exists and not ``overwrite``.
+
+    Warns
+    -----
+    UserWarning
+        An epoch's parameters left the model's domain (the model's own parameter checks fail
+        on them): the training stops there; ``model`` is the best epoch before it.
     """
     if output_dir is not None:
         check_savable(model)  # before reading data or training, not after the last epoch
@@ -459,6 +481,14 @@ clip_norm, plateau_factor, plateau_patience
     # loss of the parameters the epoch ends with, the ones `best` keeps (the epoch's
     # accumulated loss is of the parameters before each of its updates)
     end_batches = [] if val_batches else make_batches(atoms, labels, train_idx, cap, dtype)
+    treedef = jax.tree_util.tree_structure(_as_trainable(original, dtype))
+
+    def rebuild(p):  # trained leaves in the static structure of the model as given
+        leaves = jax.tree_util.tree_leaves(eqx.combine(p, static))
+        if len(leaves) == treedef.num_leaves:
+            return jax.tree_util.tree_unflatten(treedef, leaves)
+        return eqx.combine(p, static)
+
     history: list[dict] = []
     best = (math.inf, 0, params)
     since_best = 0
@@ -497,6 +527,23 @@ clip_norm, plateau_factor, plateau_patience
         entry["train_end"] = end_metrics
         history.append(entry)
         monitored = (val_metrics or end_metrics)["loss"]
+        outside = _outside_domain(rebuild(params))
+        if outside is not None:  # never a candidate for the best model
+            if best[1] == 0:
+                raise ValueError(
+                    f"training: epoch {epoch} left the model's domain ({outside}) before any "
+                    "epoch stayed in it; lower the learning rate."
+                )
+            warnings.warn(
+                f"training: epoch {epoch} left the model's domain ({outside}); stopping. "
+                f"The model returned is epoch {best[1]}'s; last_model holds these parameters "
+                "(lower the learning rate).",
+                stacklevel=2,
+            )
+            if callback is not None:
+                callback(copy.deepcopy(entry))
+            stopped = True
+            break
         if monitored < best[0] - float(min_delta):
             best, since_best = (monitored, epoch, params), 0
         else:
@@ -514,14 +561,6 @@ clip_norm, plateau_factor, plateau_patience
     bar.close()
     if best[1] == 0:  # nothing finite: keep the last
         best = (math.nan, len(history), params)
-
-    treedef = jax.tree_util.tree_structure(_as_trainable(original, dtype))
-
-    def rebuild(p):  # trained leaves in the static structure of the model as given
-        leaves = jax.tree_util.tree_leaves(eqx.combine(p, static))
-        if len(leaves) == treedef.num_leaves:
-            return jax.tree_util.tree_unflatten(treedef, leaves)
-        return eqx.combine(p, static)
 
     result = TrainResult(
         model=rebuild(best[2]),
