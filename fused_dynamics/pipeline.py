@@ -519,16 +519,16 @@ class DistributedPipeline:
         if checkpoint_every is not None and int(checkpoint_every) < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
         if checkpoint is not None:
-            where = os.path.realpath(checkpoint)
-            same = resume is not None and os.path.realpath(resume) == where
-            for name in (os.fspath(checkpoint), os.fspath(checkpoint) + ".previous"):
-                if os.path.lexists(name) and not same:
-                    raise FileExistsError(
-                        f"DistributedPipeline.run: checkpoint={os.fspath(checkpoint)!r}: "
-                        f"{name!r} exists; a run never replaces what it did not write: "
-                        "continue the run saved there with resume=DIR, or remove it, or give "
-                        "another path."
-                    )
+            same = resume is not None and os.path.realpath(resume) == os.path.realpath(checkpoint)
+            names = (os.fspath(checkpoint), os.fspath(checkpoint) + ".previous")
+            found = [name for name in names if os.path.lexists(name) and not same]
+            if _anywhere(bool(found)):  # every process raises, none left waiting at a barrier
+                where = repr(found[0]) if found else "another process's copy of it"
+                raise FileExistsError(
+                    f"DistributedPipeline.run: checkpoint={os.fspath(checkpoint)!r}: {where} "
+                    "exists; a run never replaces what it did not write: continue the run saved "
+                    "there with resume=DIR, or remove it, or give another path."
+                )
         self.start(
             sampler, sinks, refill_frequency=refill_frequency, buffer_size=buffer_size,
             dtype=dtype, resume=resume,
@@ -568,6 +568,11 @@ class DistributedPipeline:
             return
         os.makedirs(path, exist_ok=True)
         part = _part(path)
+        clash = _clash(part)
+        if _anywhere(clash is not None):  # every process raises, none left at the barrier
+            raise FileExistsError(
+                clash or f"pipeline checkpoint {path!r}: another process's part cannot be written."
+            )
         self._write_part(part, keep_previous=True)
         self._saves += 1  # the same count on every process (barrier names)
         client = jax_distributed.global_state.client
@@ -579,13 +584,9 @@ class DistributedPipeline:
         the old one kept as ``path + ".previous"`` until then, or after with
         ``keep_previous``)."""
         previous = path + ".previous"
-        for name in (path, previous):
-            if os.path.lexists(name) and not _is_pipeline_checkpoint(name):
-                raise FileExistsError(
-                    f"pipeline checkpoint {name!r}: a file or folder that is not a pipeline "
-                    "checkpoint is there; a checkpoint replaces only a checkpoint. Remove it "
-                    "or give another path."
-                )
+        clash = _clash(path)
+        if clash is not None:
+            raise FileExistsError(clash)
         parent = os.path.dirname(path)
         # what a save killed while writing left behind: folders of this library's own prefix
         prefix = os.path.basename(path) + _TMP_TAG
@@ -727,6 +728,27 @@ def _part(path: str) -> str:
 
 
 _TMP_TAG = ".fused-dynamics-tmp-"  # a save's folder being written, next to the checkpoint
+
+
+def _clash(path: str) -> str | None:
+    """Why a save may not write ``path`` (something not a pipeline checkpoint there or at
+    ``path + ".previous"``), or None."""
+    for name in (path, path + ".previous"):
+        if os.path.lexists(name) and not _is_pipeline_checkpoint(name):
+            return (
+                f"pipeline checkpoint {name!r}: a file or folder that is not a pipeline "
+                "checkpoint is there; a checkpoint replaces only a checkpoint. Remove it or "
+                "give another path."
+            )
+    return None
+
+
+def _anywhere(flag: bool) -> bool:
+    """``flag`` of any process (this one's alone on one process)."""
+    if jax.process_count() == 1:
+        return flag
+    every = multihost_utils.process_allgather(np.asarray(flag, np.int32))
+    return bool(np.any(np.asarray(every)))
 
 
 def _is_pipeline_checkpoint(path: str) -> bool:

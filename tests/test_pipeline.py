@@ -223,6 +223,25 @@ TWO_PROCESSES = """
     print("process", pid, "wrote", before, "before the resume,", len(part), "in all")
     if len(part):
         _frames_npz(f"{out}/resumed{pid}.npz", part.atoms)
+
+    # something at one process's checkpoint path only: every process refuses, so none is left
+    # waiting at a barrier for the one that raised (each process its own path here)
+    import os
+    import pytest
+    mine = f"{out}/clash{pid}"
+    if pid == 1:
+        os.makedirs(f"{mine}/process1")
+        with open(f"{mine}/process1/notes.txt", "w") as f:
+            f.write("keep")
+    with DistributedPipeline(pipe.stages, devices=groups, buffer_size=2) as p:
+        with pytest.raises(FileExistsError):
+            p.run(sampler(N_SMALL), [fd.HostMemory()], checkpoint=mine, checkpoint_every=1)
+        p.start(sampler(N_SMALL), [fd.HostMemory()], refill_frequency=10)
+        with pytest.raises(FileExistsError):
+            p.save(mine)
+    if pid == 1:
+        with open(f"{mine}/process1/notes.txt") as f:
+            assert f.read() == "keep"
     print("ok")
     """
 
@@ -280,7 +299,9 @@ def test_fire_then_nvt_on_two_processes(runs):
     process writes every system exactly once, equal to the fused run on lists, and calls its
     host hook (a log). Checkpointed
     in parts (one per process) and resumed, from the round before when one process's latest
-    part is missing (a run killed between the two processes' writes), the same holds."""
+    part is missing (a run killed between the two processes' writes), the same holds. A
+    checkpoint path that one process finds taken is refused by both (none waits at a barrier
+    for the one that raised)."""
     out, procs, _, ref = runs
     for proc in procs[1:]:
         print(_check(proc))
