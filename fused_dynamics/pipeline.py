@@ -566,13 +566,15 @@ class DistributedPipeline:
         if jax.process_count() == 1:
             self._write_part(path)
             return
-        os.makedirs(path, exist_ok=True)
         part = _part(path)
         clash = _clash(part)
+        if clash is None and os.path.lexists(path) and not os.path.isdir(path):
+            clash = f"pipeline checkpoint {path!r}: a file is there, not a folder of parts."
         if _anywhere(clash is not None):  # every process raises, none left at the barrier
             raise FileExistsError(
                 clash or f"pipeline checkpoint {path!r}: another process's part cannot be written."
             )
+        os.makedirs(path, exist_ok=True)
         self._write_part(part, keep_previous=True)
         self._saves += 1  # the same count on every process (barrier names)
         client = jax_distributed.global_state.client

@@ -239,6 +239,12 @@ TWO_PROCESSES = """
         p.start(sampler(N_SMALL), [fd.HostMemory()], refill_frequency=10)
         with pytest.raises(FileExistsError):
             p.save(mine)
+        taken = f"{out}/file{pid}"  # a file at one process's DIR (not a folder of parts)
+        if pid == 1:
+            with open(taken, "w") as f:
+                f.write("keep")
+        with pytest.raises(FileExistsError):
+            p.save(taken)
     if pid == 1:
         with open(f"{mine}/process1/notes.txt") as f:
             assert f.read() == "keep"

@@ -247,6 +247,16 @@ def test_without_validation_the_best_model_has_the_loss_reported_for_it_and_is_v
     with pytest.raises(ValueError, match="epoch 1 left the model's domain"):
         train(LennardJones(sigma=2.5, epsilon=0.9, cutoff=6.0), data, epochs=3, batch_size=8,
               learning_rate=2.0, validation_fraction=0.0, progress=False)  # fmt: skip
+
+    # a check of the model's own that is not a ValueError stops the training the same way
+    # (epoch 1 takes ε from 0.3 to 0.8)
+    class Capped(LennardJones):
+        def __check_init__(self):
+            assert float(self.epsilon) < 0.6, "epsilon past the cap"
+
+    with pytest.raises(ValueError, match="epoch 1 .*AssertionError: epsilon past the cap"):
+        train(Capped(sigma=2.3, epsilon=0.3, cutoff=6.0), data, epochs=3, batch_size=8,
+              learning_rate=0.5, validation_fraction=0.0, progress=False)  # fmt: skip
     bad = {"learning_rate": float("nan"), "weight_decay": -1.0, "clip_norm": 0.0,
            "plateau_factor": 2.0}  # fmt: skip
     for name, value in bad.items():
@@ -492,6 +502,7 @@ def test_cli_train(tmp_path, lj_data):
         (("sigma = 2.3", "sigma = -2.3"), "model: lennard_jones: LennardJones: sigma"),
         (("fraction = 0.25", "fraction = 1.5"), "validation.fraction"),
         (('path = "data.extxyz"', 'path = "missing.extxyz"'), "data.path"),
+        (("learning_rate = 0.02", "learning_rate = inf"), "optimizer.learning_rate"),
         (('output_dir = "out"\n', ""), "output_dir: required key is missing"),
     ],
 )

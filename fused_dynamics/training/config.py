@@ -54,7 +54,7 @@ class TrainConfigError(ValueError):
 class _Section(BaseModel):
     """A section that refuses unknown keys, listing the allowed ones."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -377,7 +377,8 @@ def run_train_config(
     except ValueError as exc:  # data or model problems found before training
         raise TrainConfigError(f"{exc}") from None
     best = result.best_metrics
-    split = "validation" if best["validation"] else "train"
+    # the metrics that selected the model: validation, else the training set after the epoch
+    split = "validation" if best["validation"] else "train_end"
     m = best[split]
     echo(
         f"trained {len(result.history)} epochs (best: epoch {result.best_epoch}"

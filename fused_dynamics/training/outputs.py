@@ -112,7 +112,7 @@ def plot_history(result: Any) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # log scale of all-NaN or zero curves
         for ax, (key, label) in zip(axes, panels, strict=True):
-            for split, style in (("train", "-"), ("validation", "--")):
+            for split, style in (("train", "-"), ("validation", "--"), ("train_end", ":")):
                 ys = np.array([r.get(f"{split}_{key}", np.nan) for r in rows], float)
                 if np.any(np.isfinite(ys)):
                     ax.plot(epochs, ys, style, label=split)

@@ -233,8 +233,10 @@ def _outside_domain(model) -> str | None:
         if check is not None:
             try:
                 check(model)
-            except ValueError as exc:
-                return str(exc)
+            except (ValueError, TypeError, ArithmeticError, AssertionError) as exc:
+                return (
+                    f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
+                )
     return None
 
 
