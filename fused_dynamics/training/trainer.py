@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from .. import validation as v
 from ..batch import Batch, _check_dtype
 from ..models.graph import GraphModel
 from .data import Capacity, Labels, make_batches, read_labels, read_structures
@@ -233,26 +234,21 @@ def _outside_domain(model) -> str | None:
         if check is not None:
             try:
                 check(model)
-            except (ValueError, TypeError, ArithmeticError, AssertionError) as exc:
-                return (
-                    f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
-                )
+            except ValueError as exc:
+                return str(exc)
+            except (TypeError, ArithmeticError, AssertionError) as exc:
+                return f"{type(exc).__name__}: {exc}"
     return None
 
 
 def _check_rates(**values) -> None:
-    """The optimizer's numbers: finite; rates, decay and tolerance >= 0 (the learning rate and
-    a clipping norm > 0); the plateau factor in (0, 1]."""
+    """The optimizer's numbers, by the rules of :func:`~fused_dynamics.validation.check_real`:
+    the learning rate and a clipping norm > 0, the plateau factor in (0, 1], the others >= 0;
+    all finite."""
+    rules = {"learning_rate": v.positive(), "clip_norm": v.positive()}
+    rules["plateau_factor"] = v.interval(0.0, 1.0, closed="right")
     for name, value in values.items():
-        if value is None:
-            continue
-        x = float(value)
-        positive = name in ("learning_rate", "clip_norm", "plateau_factor")
-        if not math.isfinite(x) or (x <= 0 if positive else x < 0):
-            rule = "> 0" if positive else ">= 0"
-            raise ValueError(f"{name} must be finite and {rule}, got {value}.")
-    if values.get("plateau_factor") is not None and float(values["plateau_factor"]) > 1:
-        raise ValueError(f"plateau_factor must be in (0, 1], got {values['plateau_factor']}.")
+        v.check_real("train", name, value, rules.get(name, v.non_negative()), allow_none=True)
 
 
 def evaluate(
